@@ -1,0 +1,178 @@
+"""Hugging Face tokenizer folder -> TokenizerFile (the `.t` contents), as the reference converter does.
+
+Sources (FORMAT.md §4): a sentencepiece `tokenizer.model`, or `tokenizer.json` alone, either
+byte-level BPE (GPT-2 byte alphabet: Llama 3, Qwen) or sentencepiece-style BPE with byte
+fallback (Llama 2, TinyLlama). The original files are embedded after the vocabulary so our
+runtime can tokenize exactly like Hugging Face (docs/FORMAT.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from dllama.formats import EmbeddedKind, EmbeddedSource, TokenizerFile
+
+
+class TokenizerConversionError(ValueError):
+    """The tokenizer files cannot be turned into a `.t`."""
+
+
+SENTENCEPIECE_SPACE = "\u2581"
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@lru_cache(maxsize=1)
+def byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable character -> the byte it stands for."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TokenizerConversionError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _optional_json(path: Path) -> dict:
+    return _read_json(path) if path.is_file() else {}
+
+
+def chat_template_of(folder: Path, tokenizer_config: dict) -> str | None:
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    jinja_file = folder / "chat_template.jinja"
+    if not template and jinja_file.is_file():  # transformers 5 keeps it beside the config
+        template = jinja_file.read_text(encoding="utf-8")
+    return template or None
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def convert_tokenizer(folder: str | os.PathLike, embed: bool = True) -> TokenizerFile:
+    """Build the `.t` contents for a Hugging Face model folder."""
+    folder = Path(folder)
+    tokenizer_config = _optional_json(folder / "tokenizer_config.json")
+    model_config = _optional_json(folder / "config.json")
+    if (folder / "tokenizer.model").is_file():
+        tf = _from_sentencepiece(folder / "tokenizer.model")
+        kind = EmbeddedKind.SENTENCEPIECE
+        source = (folder / "tokenizer.model").read_bytes()
+    elif (folder / "tokenizer.json").is_file():
+        tf = _from_tokenizer_json(folder / "tokenizer.json", tokenizer_config, model_config)
+        kind = EmbeddedKind.TOKENIZER_JSON
+        source = (folder / "tokenizer.json").read_bytes()
+    else:
+        raise TokenizerConversionError(f"{folder} has neither tokenizer.model nor tokenizer.json; copy the model's tokenizer files there")
+    tf.chat_template = chat_template_of(folder, tokenizer_config)
+    tf.add_bos = bool(tokenizer_config.get("add_bos_token", True))
+    if embed:
+        tf.embedded = [EmbeddedSource(kind, source)]
+        if tokenizer_config:
+            tf.embedded.append(EmbeddedSource(EmbeddedKind.TOKENIZER_CONFIG, json.dumps(tokenizer_config).encode("utf-8")))
+    return tf
+
+
+def _from_sentencepiece(path: Path) -> TokenizerFile:
+    import sentencepiece
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise TokenizerConversionError(f"{path} is not a readable sentencepiece model ({e})") from None
+    tokens, scores = [], []
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        match = _BYTE_PIECE.match(piece) if sp.is_byte(i) else None
+        tokens.append(bytes([int(match.group(1), 16)]) if match else piece.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8"))
+        scores.append(sp.get_score(i))
+    eos = sp.eos_id()
+    return TokenizerFile(tokens=tokens, scores=scores, bos_id=sp.bos_id(), eos_ids=[eos] if eos >= 0 else [])
+
+
+def _is_byte_level(tok: dict) -> bool:
+    def has_byte_level(node) -> bool:
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == "ByteLevel":
+            return True
+        return any(has_byte_level(n) for n in node.get("pretokenizers", []) + node.get("decoders", []))
+
+    return has_byte_level(tok.get("pre_tokenizer")) or has_byte_level(tok.get("decoder"))
+
+
+def _from_tokenizer_json(path: Path, tokenizer_config: dict, model_config: dict) -> TokenizerFile:
+    tok = _read_json(path)
+    model = tok.get("model") or {}
+    vocab: dict[str, int] = dict(model.get("vocab") or {})
+    if model.get("type") == "Unigram":  # vocab is a list of [piece, score]
+        vocab = {piece: i for i, (piece, _score) in enumerate(model.get("vocab") or [])}
+    added = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    by_id: dict[int, str] = {i: piece for piece, i in vocab.items()}
+    by_id.update({i: text for text, i in added.items()})
+    size = max(by_id) + 1 if by_id else 0
+    holes = [i for i in range(size) if i not in by_id]
+    if holes:
+        raise TokenizerConversionError(f"{path} has no token for id {holes[0]} ({len(holes)} ids missing); the vocabulary must be contiguous")
+    byte_level = _is_byte_level(tok)
+    byte_map = byte_level_decoder()
+    added_ids = set(added.values())
+    tokens, scores = [], []
+    for i in range(size):
+        piece = by_id[i]
+        if i in added_ids:
+            data = piece.encode("utf-8")
+        elif byte_level:
+            data = bytes(b for ch in piece for b in ([byte_map[ch]] if ch in byte_map else ch.encode("utf-8")))
+        else:
+            match = _BYTE_PIECE.match(piece) if model.get("byte_fallback") else None
+            data = bytes([int(match.group(1), 16)]) if match else piece.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8")
+        tokens.append(data)
+        scores.append(-float(i))
+    return TokenizerFile(
+        tokens=tokens, scores=scores,
+        bos_id=_special_id("bos", model_config, tokenizer_config, added, vocab, path),
+        eos_ids=_eos_ids(model_config, tokenizer_config, added, vocab, path),
+    )
+
+
+def _lookup(text: str | None, added: dict[str, int], vocab: dict[str, int]) -> int | None:
+    if text is None:
+        return None
+    return added.get(text, vocab.get(text))
+
+
+def _special_id(kind: str, model_config: dict, tokenizer_config: dict, added, vocab, path: Path) -> int:
+    value = model_config.get(f"{kind}_token_id")
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if value is None:
+        value = _lookup(_token_text(tokenizer_config.get(f"{kind}_token")), added, vocab)
+    if value is None:
+        raise TokenizerConversionError(
+            f"no {kind} token: set {kind}_token_id in config.json or {kind}_token in tokenizer_config.json beside {path.name}")
+    return int(value)
+
+
+def _eos_ids(model_config: dict, tokenizer_config: dict, added, vocab, path: Path) -> list[int]:
+    value = model_config.get("eos_token_id")
+    if value is None:
+        return [_special_id("eos", model_config, tokenizer_config, added, vocab, path)]
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
