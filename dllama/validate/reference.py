@@ -1,0 +1,278 @@
+"""Reference logits: the ORIGINAL Hugging Face checkpoint run in float32 numpy.
+
+Deliberately independent of dllama.runtime: it reads the Hugging Face layout (q/k rows NOT
+permuted, `rotate_half` rope on pairs (i, i + head_dim/2)), so a converter bug that the runtime
+shares (a wrong permute, a wrong rope_theta) still shows up as a logit difference. Each block is
+one short function, readable next to FORMAT.md §2 and transformers' modeling_llama/qwen3(_moe).
+
+The REF.npz layout matches ../shared/fixtures/conformance/*/reference_logits.npz, so those
+files are valid `--reference` inputs: `ids{j}` (int, bos first), `logits{j}` (float32, one row
+per position), and optionally `prompts` (the texts) and `source` (where the logits came from).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from dllama.checkpoint import Checkpoint, _rope_settings
+from dllama.formats import atomic_output
+
+# Short, varied prompts: prose, code, numbers, non-English. Few and short on purpose: a small
+# board validates a 1B model in under a minute (benchmarks/validate.py).
+DEFAULT_PROMPTS = (
+    "The capital of France is Paris, and the capital of Germany is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Once upon a time, in a small village by the sea, there lived",
+    "1, 2, 3, 5, 8, 13, 21,",
+    "Der schnelle braune Fuchs springt über den faulen Hund. 東京は",
+)
+DEFAULT_MAX_TOKENS = 24
+
+
+class ReferenceError(ValueError):
+    """The reference logits cannot be computed or read."""
+
+
+# --------------------------------------------------------------------------------------------
+# The blocks (FORMAT.md §2, in the Hugging Face layout)
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * weight
+
+
+def rope_frequencies(config: dict, head_dim: int) -> np.ndarray:
+    """inv_freq of transformers' rope init, with llama3 scaling when the config asks for it."""
+    theta, scaling = _rope_settings(config)
+    theta = 10000.0 if theta is None else float(theta)
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    orig = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return np.where(medium, blended, scaled)
+
+
+def rope(x: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """x: (T, heads, head_dim). HF rotate_half: pairs (i, i + head_dim/2) share frequency i."""
+    angles = np.arange(x.shape[0], dtype=np.float64)[:, None] * inv_freq[None, :]
+    cos = np.cos(np.concatenate([angles, angles], axis=-1)).astype(np.float32)[:, None, :]
+    sin = np.sin(np.concatenate([angles, angles], axis=-1)).astype(np.float32)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Causal grouped-query attention. q: (T, H, hd); k, v: (T, KVH, hd) -> (T, H * hd)."""
+    T, n_heads, hd = q.shape
+    group = n_heads // k.shape[1]
+    k = np.repeat(k, group, axis=1)
+    v = np.repeat(v, group, axis=1)
+    scores = np.einsum("thd,shd->hts", q, k) / np.float32(math.sqrt(hd))
+    scores = scores + np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)
+    weights = softmax(scores)
+    return np.einsum("hts,shd->thd", weights, v).reshape(T, n_heads * hd)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1) + np.exp(-x))
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """Exact (erf) gelu, transformers' "gelu"."""
+    return (0.5 * x * (1 + _erf(x / math.sqrt(2)).astype(np.float32))).astype(np.float32)
+
+
+ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"silu": silu, "gelu": gelu}
+
+
+def ffn(y: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray, act) -> np.ndarray:
+    return (act(y @ w_gate.T) * (y @ w_up.T)) @ w_down.T
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """What the forward pass needs from config.json, read the way transformers reads it."""
+
+    model_type: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    act: str
+    n_experts: int
+    n_active_experts: int
+    norm_topk_prob: bool
+
+    @classmethod
+    def from_config(cls, c: dict) -> "ReferenceConfig":
+        n_heads = int(c["num_attention_heads"])
+        return cls(
+            model_type=c.get("model_type", "llama"),
+            n_layers=int(c["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+            head_dim=int(c.get("head_dim") or int(c["hidden_size"]) // n_heads),
+            eps=float(c.get("rms_norm_eps", 1e-6)),
+            act=c.get("hidden_act", "silu"),
+            n_experts=int(c.get("num_experts") or c.get("num_local_experts") or 0),
+            n_active_experts=int(c.get("num_experts_per_tok") or 0),
+            norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+        )
+
+
+class ReferenceModel:
+    """Float32 forward of a Hugging Face checkpoint; weights are read one layer at a time."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.ckpt = checkpoint
+        self.cfg = ReferenceConfig.from_config(checkpoint.config)
+        if self.cfg.act not in ACTIVATIONS:
+            raise ReferenceError(f"hidden_act {self.cfg.act!r} has no reference implementation (silu, gelu)")
+        self.inv_freq = rope_frequencies(checkpoint.config, self.cfg.head_dim)
+
+    def w(self, name: str) -> np.ndarray:
+        return self.ckpt.get(name)
+
+    def logits(self, prompts: Sequence[Sequence[int]], progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        """Logits (T, vocab) for every prompt. All prompts go through a layer together, so each
+        weight is read and widened to float32 once."""
+        embedding = self.w("model.embed_tokens.weight")
+        xs = [embedding[np.asarray(ids, dtype=np.int64)] for ids in prompts]
+        del embedding
+        for layer in range(self.cfg.n_layers):
+            xs = self.layer(layer, xs)
+            if progress:
+                progress(layer + 1, self.cfg.n_layers + 1)
+        norm = self.w("model.norm.weight")
+        head_name = "lm_head.weight" if "lm_head.weight" in self.ckpt else "model.embed_tokens.weight"
+        head = self.w(head_name)
+        out = [rmsnorm(x, norm, self.cfg.eps) @ head.T for x in xs]
+        if progress:
+            progress(self.cfg.n_layers + 1, self.cfg.n_layers + 1)
+        return out
+
+    def layer(self, l: int, xs: list[np.ndarray]) -> list[np.ndarray]:
+        p = f"model.layers.{l}."
+        c = self.cfg
+        wq, wk, wv, wo = (self.w(p + f"self_attn.{n}_proj.weight") for n in "qkvo")
+        qk_norm = (self.w(p + "self_attn.q_norm.weight"), self.w(p + "self_attn.k_norm.weight")) \
+            if p + "self_attn.q_norm.weight" in self.ckpt else None
+        attn_norm, ffn_norm = self.w(p + "input_layernorm.weight"), self.w(p + "post_attention_layernorm.weight")
+        out = []
+        for x in xs:
+            T = x.shape[0]
+            y = rmsnorm(x, attn_norm, c.eps)
+            q = (y @ wq.T).reshape(T, c.n_heads, c.head_dim)
+            k = (y @ wk.T).reshape(T, c.n_kv_heads, c.head_dim)
+            v = (y @ wv.T).reshape(T, c.n_kv_heads, c.head_dim)
+            if qk_norm is not None:  # qwen3: per-head rmsnorm before rope
+                q, k = rmsnorm(q, qk_norm[0], c.eps), rmsnorm(k, qk_norm[1], c.eps)
+            z = attention(rope(q, self.inv_freq), rope(k, self.inv_freq), v)
+            out.append(x + z @ wo.T)
+        del wq, wk, wv, wo
+        ys = [rmsnorm(x, ffn_norm, c.eps) for x in out]
+        deltas = self.moe(p, ys) if c.n_experts else self.dense(p, ys)
+        return [x + d for x, d in zip(out, deltas)]
+
+    def dense(self, p: str, ys: list[np.ndarray]) -> list[np.ndarray]:
+        w1, w3, w2 = (self.w(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
+        act = ACTIVATIONS[self.cfg.act]
+        return [ffn(y, w1, w3, w2, act) for y in ys]
+
+    def moe(self, p: str, ys: list[np.ndarray]) -> list[np.ndarray]:
+        """transformers' Qwen3MoeSparseMoeBlock: softmax router, top-k, optional renormalisation."""
+        c = self.cfg
+        gate = self.w(p + "mlp.gate.weight")
+        y = np.concatenate(ys)
+        probs = softmax(y @ gate.T)
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :c.n_active_experts]
+        top_p = np.take_along_axis(probs, top, axis=-1)
+        if c.norm_topk_prob:
+            top_p = top_p / top_p.sum(axis=-1, keepdims=True)
+        out = np.zeros_like(y)
+        act = ACTIVATIONS[c.act]
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)
+            x = f"{p}mlp.experts.{e}."
+            w1, w3, w2 = (self.w(x + f"{n}_proj.weight") for n in ("gate", "up", "down"))
+            out[rows] += top_p[rows, slot][:, None] * ffn(y[rows], w1, w3, w2, act)
+        return np.split(out, np.cumsum([len(v) for v in ys])[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# REF.npz
+
+@dataclass
+class ReferenceLogits:
+    ids: list[np.ndarray]
+    logits: list[np.ndarray]
+    prompts: list[str] | None = None
+    source: str | None = None
+
+    def save(self, path: str | os.PathLike) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        for j, (ids, logits) in enumerate(zip(self.ids, self.logits)):
+            arrays[f"ids{j}"] = np.asarray(ids, dtype=np.int64)
+            arrays[f"logits{j}"] = np.asarray(logits, dtype=np.float32)
+        if self.prompts is not None:
+            arrays["prompts"] = np.array(self.prompts, dtype=np.str_)
+        if self.source is not None:
+            arrays["source"] = np.array(self.source, dtype=np.str_)
+        with atomic_output(path) as f:
+            np.savez_compressed(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ReferenceLogits":
+        path = Path(path)
+        try:
+            data = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise ReferenceError(f"reference file {path} does not exist") from None
+        except (OSError, ValueError) as e:
+            raise ReferenceError(f"{path} is not a readable .npz of reference logits ({e})") from None
+        with data:
+            n = sum(1 for k in data.files if k.startswith("logits"))
+            if n == 0 or any(f"ids{j}" not in data.files or f"logits{j}" not in data.files for j in range(n)):
+                raise ReferenceError(f"{path} lacks ids0/logits0...: write it with `dllama-validate reference --hf SOURCE --out {path.name}`")
+            ids = [data[f"ids{j}"].astype(np.int64) for j in range(n)]
+            logits = [data[f"logits{j}"].astype(np.float32) for j in range(n)]
+            prompts = [str(s) for s in data["prompts"]] if "prompts" in data.files else None
+            source = str(data["source"]) if "source" in data.files else None
+        for j, (i, l) in enumerate(zip(ids, logits)):
+            if l.ndim != 2 or l.shape[0] != len(i):
+                raise ReferenceError(f"{path}: logits{j} has shape {l.shape} for {len(i)} ids; the file is corrupt")
+        return cls(ids, logits, prompts, source)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.logits[0].shape[1]
+
+
+def compute_reference(checkpoint: Checkpoint, prompt_ids: Iterable[Sequence[int]], prompts: list[str] | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> ReferenceLogits:
+    ids = [np.asarray(p, dtype=np.int64) for p in prompt_ids]
+    logits = ReferenceModel(checkpoint).logits(ids, progress=progress)
+    return ReferenceLogits(ids, logits, prompts, source=str(checkpoint.folder))
