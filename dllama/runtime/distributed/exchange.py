@@ -1,0 +1,68 @@
+"""The exchange seams (FORMAT.md §3): partial `dim` vectors and logits on the wire.
+
+Partials are quantized to q80 (the reference's buffer type) or sent as f32; every node adds all
+partials, its own included after the same round trip, in node order, so x is bit-identical on
+every node. Logits go back as f16 with q80 buffers (their error is far below the q80 partials')
+and as f32 with f32 buffers, where results must equal one node's.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dllama.formats import BLOCK_FORMATS, FloatType, dequantize_q80, quantize_q80
+from dllama.runtime.distributed.protocol import LOGITS_HEAD, PARTIAL_HEAD, BufferType, ProtocolError
+
+
+def partial_nbytes(n_tokens: int, dim: int, buffer_type: BufferType) -> int:
+    ft = FloatType.Q80 if buffer_type == BufferType.Q80 else FloatType.F32
+    fmt = BLOCK_FORMATS[ft]
+    return n_tokens * dim // fmt.values * fmt.nbytes
+
+
+def encode_partial(p: np.ndarray, buffer_type: BufferType) -> memoryview:
+    if buffer_type == BufferType.Q80:
+        return memoryview(quantize_q80(p))
+    return memoryview(np.ascontiguousarray(p, dtype="<f4")).cast("B")
+
+
+def decode_partial(data: memoryview, n_tokens: int, dim: int, buffer_type: BufferType) -> np.ndarray:
+    if len(data) != partial_nbytes(n_tokens, dim, buffer_type):
+        raise ProtocolError(f"partial of {len(data)} bytes, expected {partial_nbytes(n_tokens, dim, buffer_type)}")
+    if buffer_type == BufferType.Q80:
+        return dequantize_q80(np.frombuffer(data, dtype=np.uint8)).reshape(n_tokens, dim)
+    return np.frombuffer(data, dtype="<f4").reshape(n_tokens, dim)
+
+
+def parse_partial(payload: memoryview, layer: int, seam: int, n_nodes: int) -> tuple[int, memoryview]:
+    if len(payload) < PARTIAL_HEAD.size:
+        raise ProtocolError("PARTIAL frame too short")
+    got_layer, got_seam, node = PARTIAL_HEAD.unpack_from(payload)
+    if (got_layer, got_seam) != (layer, seam) or not 0 <= node < n_nodes:
+        raise ProtocolError(f"PARTIAL for layer {got_layer} seam {got_seam} node {node} while at layer {layer} "
+                            f"seam {seam}: the peers are out of step")
+    return node, payload[PARTIAL_HEAD.size:]
+
+
+def add_partials(x: np.ndarray, partials: list[np.ndarray]) -> None:
+    for p in partials:  # node order, one add at a time: the same float sums on every node
+        x += p
+
+
+LOGITS_F32, LOGITS_F16 = 0, 1
+
+
+def encode_logits(logits: np.ndarray, buffer_type: BufferType) -> tuple[bytes, memoryview]:
+    if buffer_type == BufferType.Q80:
+        return LOGITS_HEAD.pack(LOGITS_F16), memoryview(np.ascontiguousarray(logits, dtype="<f2")).cast("B")
+    return LOGITS_HEAD.pack(LOGITS_F32), memoryview(np.ascontiguousarray(logits, dtype="<f4")).cast("B")
+
+
+def decode_logits(payload: memoryview, n_tokens: int, width: int) -> np.ndarray:
+    if len(payload) < LOGITS_HEAD.size:
+        raise ProtocolError("LOGITS frame too short")
+    (kind,) = LOGITS_HEAD.unpack_from(payload)
+    dtype = {LOGITS_F32: "<f4", LOGITS_F16: "<f2"}.get(kind)
+    data = payload[LOGITS_HEAD.size:]
+    if dtype is None or len(data) != n_tokens * width * np.dtype(dtype).itemsize:
+        raise ProtocolError(f"LOGITS frame of kind {kind} and {len(data)} bytes does not hold {n_tokens} x {width} values")
+    return np.frombuffer(data, dtype=dtype).reshape(n_tokens, width).astype(np.float32)

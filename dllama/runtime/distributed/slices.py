@@ -1,0 +1,144 @@
+"""Moving a node's weight slices (FORMAT.md §3) from the `.m` file to where they are used.
+
+The root streams each worker exactly its slice bytes with `pread` into one reused chunk buffer,
+so it never maps, let alone holds, another node's slice; the worker receives them into its own
+buffers (`SliceReceiver`). A worker with its own copy of the file loads them with
+`load_local_slices` instead. Row slices are contiguous in the file and stay memory-mapped;
+column slices (wo, w2) interleave with other nodes' columns inside every row and page, so they
+are copied out row block by row block.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from dllama.formats import ModelHeader, Split, TensorSpec, tensor_layout
+from dllama.runtime.distributed.plan import SliceGeometry, slice_geometry, worker_tensors
+from dllama.runtime.distributed.protocol import WEIGHT_CHUNK, WEIGHTS_HEAD, Frame, ProtocolError, send_frame
+
+
+def _slice_chunks(fd: int, offset: int, geo: SliceGeometry, chunk: int) -> Iterator[tuple[int, memoryview]]:
+    """(byte offset inside the slice, bytes) pieces of a slice, at most `chunk` bytes each."""
+    if geo.n_rows == 1 or geo.run_bytes == geo.stride:
+        start = offset + geo.first_byte
+        buf = bytearray(min(chunk, geo.nbytes))
+        done = 0
+        while done < geo.nbytes:
+            n = min(len(buf), geo.nbytes - done)
+            view = memoryview(buf)[:n]
+            _pread_into(fd, view, start + done)
+            yield done, view
+            done += n
+        return
+    rows_per_chunk = max(1, chunk // geo.stride)
+    whole = np.empty(rows_per_chunk * geo.stride, dtype=np.uint8)
+    part = np.empty(rows_per_chunk * geo.run_bytes, dtype=np.uint8)
+    for r0 in range(0, geo.n_rows, rows_per_chunk):
+        n = min(rows_per_chunk, geo.n_rows - r0)
+        _pread_into(fd, memoryview(whole)[:n * geo.stride], offset + r0 * geo.stride)
+        cols = whole[:n * geo.stride].reshape(n, geo.stride)[:, geo.first_byte:geo.first_byte + geo.run_bytes]
+        out = part[:n * geo.run_bytes].reshape(n, geo.run_bytes)
+        out[...] = cols
+        yield r0 * geo.run_bytes, memoryview(part)[:n * geo.run_bytes]
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise ProtocolError("model file ended while reading a slice: it changed or is truncated")
+        got += n
+
+
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    # a board's RAM is mostly the model: let the kernel forget pages only a worker needs
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def stream_slices(sock: socket.socket, model_path: str | os.PathLike, header: ModelHeader, node: int,
+                  n_nodes: int, chunk: int = WEIGHT_CHUNK) -> int:
+    """Send node `node` every slice it holds (WEIGHTS frames, then WEIGHTS_DONE). Returns bytes sent."""
+    offsets = [t.offset for t in tensor_layout(header)]
+    sent = 0
+    fd = os.open(model_path, os.O_RDONLY)
+    try:
+        for index, spec in worker_tensors(header):
+            geo = slice_geometry(spec, node, n_nodes)
+            for at, data in _slice_chunks(fd, offsets[index], geo, chunk):
+                sent += send_frame(sock, Frame.WEIGHTS, WEIGHTS_HEAD.pack(index, at), data)
+            if spec.split != Split.WHOLE:
+                _drop_cache(fd, offsets[index], spec.nbytes)
+        sent += send_frame(sock, Frame.WEIGHTS_DONE)
+    finally:
+        os.close(fd)
+    return sent
+
+
+class SliceReceiver:
+    """Worker side of `stream_slices`: one buffer per tensor, every chunk bounds-checked."""
+
+    def __init__(self, header: ModelHeader, node: int, n_nodes: int):
+        self.specs = dict(worker_tensors(header))
+        self.geometry = {i: slice_geometry(s, node, n_nodes) for i, s in self.specs.items()}
+        self.buffers = {i: np.empty(g.nbytes, dtype=np.uint8) for i, g in self.geometry.items()}
+        self.received = {i: 0 for i in self.specs}
+
+    @staticmethod
+    def total_bytes(header: ModelHeader, node: int, n_nodes: int) -> int:
+        return sum(slice_geometry(s, node, n_nodes).nbytes for _, s in worker_tensors(header))
+
+    def accept(self, payload: memoryview) -> None:
+        if len(payload) < WEIGHTS_HEAD.size:
+            raise ProtocolError("WEIGHTS frame too short")
+        index, at = WEIGHTS_HEAD.unpack_from(payload)
+        data = payload[WEIGHTS_HEAD.size:]
+        buf = self.buffers.get(index)
+        if buf is None:
+            raise ProtocolError(f"WEIGHTS for tensor {index}, which this worker does not hold")
+        if at + len(data) > len(buf):
+            raise ProtocolError(f"WEIGHTS chunk [{at}, {at + len(data)}) overruns tensor {index} slice of {len(buf)} bytes")
+        buf[at:at + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self.received[index] += len(data)
+
+    def slices(self) -> dict[str, np.ndarray]:
+        missing = [self.specs[i].name for i, n in self.received.items() if n != len(self.buffers[i])]
+        if missing:
+            raise ProtocolError(f"root finished streaming but {len(missing)} slices are incomplete ({missing[0]}, ...)")
+        return {self.specs[i].name: buf for i, buf in self.buffers.items()}
+
+
+def load_local_slices(model_path: str | os.PathLike, header: ModelHeader, node: int, n_nodes: int,
+                      names: set[str] | None = None) -> dict[str, np.ndarray]:
+    """A node's slice bytes from its own copy of the file: views into the map for whole tensors and
+    row slices, copies for column slices (whose file pages are shared with other nodes' columns)."""
+    path = Path(model_path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out: dict[str, np.ndarray] = {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for t in tensor_layout(header):
+            spec = t.spec
+            if names is not None and spec.name not in names:
+                continue
+            geo = slice_geometry(spec, node, n_nodes)
+            if geo.n_rows == 1:
+                out[spec.name] = data[t.offset + geo.first_byte:t.offset + geo.first_byte + geo.nbytes]
+            else:
+                buf = np.empty(geo.nbytes, dtype=np.uint8)
+                for at, piece in _slice_chunks(fd, t.offset, geo, WEIGHT_CHUNK):
+                    buf[at:at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                out[spec.name] = buf
+    finally:
+        os.close(fd)
+    return out
+
+
+def node_tensor_names(header: ModelHeader, node: int) -> set[str]:
+    names = {s.name for _, s in worker_tensors(header)}
+    return names | {"embedding"} if node == 0 else names

@@ -1,0 +1,198 @@
+"""`dllama-run worker`: wait for a root, take a node's share of the model, compute it per token.
+
+One root at a time. Whatever a connection does wrong (garbage, another protocol version, sizes
+beyond the limits, a model that does not match `--model`), the worker answers one ERROR line,
+closes that connection and goes back to waiting; so does it when the root vanishes.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from dllama.formats import ModelHeader
+from dllama.runtime.distributed.compute import SliceCompute
+from dllama.runtime.distributed.exchange import (
+    add_partials, decode_partial, encode_logits, encode_partial, parse_partial, partial_nbytes,
+)
+from dllama.runtime.distributed.plan import SplitError, kv_cache_bytes, split_check
+from dllama.runtime.distributed.protocol import (
+    FORWARD_HEAD, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT_S, IO_TIMEOUT_S, PARTIAL_HEAD, WEIGHT_CHUNK, WEIGHTS_HEAD,
+    BufferType, Frame, Hello, ModelIdentity, PeerClosed, ProtocolError, check_preamble, configure_socket,
+    model_identity, ready_payload, recv_frame, send_error, send_frame, send_preamble,
+)
+from dllama.runtime.distributed.slices import SliceReceiver, load_local_slices, node_tensor_names
+
+MAX_BATCH = 64  # tokens per FORWARD; the root splits longer prompts
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+@dataclass
+class Session:
+    """What one root asked for, checked."""
+
+    hello: Hello
+    header: ModelHeader
+
+    @property
+    def node(self) -> int:
+        return self.hello.node_index
+
+    @property
+    def n_nodes(self) -> int:
+        return self.hello.n_nodes
+
+    def forward_limit(self) -> int:
+        h = self.header
+        return max(FORWARD_HEAD.size + MAX_BATCH * h.dim * 4,
+                   PARTIAL_HEAD.size + partial_nbytes(MAX_BATCH, h.dim, self.hello.buffer_type))
+
+
+class Worker:
+    def __init__(self, host: str = "0.0.0.0", port: int = 9999, model_path: str | os.PathLike | None = None,
+                 nthreads: int | None = None, log: Callable[[str], None] | None = None):
+        self.model_path = Path(model_path) if model_path else None
+        self.identity: ModelIdentity | None = model_identity(self.model_path) if self.model_path else None
+        self.nthreads = nthreads
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.listener = socket.create_server((host, port), backlog=4)
+        self.stop_event = threading.Event()
+        self.sessions_served = 0
+        self.refused: list[str] = []
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.listener.getsockname()[:2]
+
+    def serve_forever(self) -> None:
+        self.log(f"worker listening on {self.address[0]}:{self.address[1]}")
+        self.listener.settimeout(0.2)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    conn, addr = self.listener.accept()
+                except socket.timeout:
+                    continue
+                self.serve_connection(conn, f"{addr[0]}:{addr[1]}")
+        finally:
+            self.listener.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def serve_connection(self, conn: socket.socket, peer: str) -> None:
+        try:
+            self._serve(conn, peer)
+            self.log(f"root {peer} finished; waiting for the next root")
+        except PeerClosed as e:
+            self.log(f"root {peer} went away ({e}); waiting for the next root")
+        except (ProtocolError, SplitError) as e:
+            self.refused.append(str(e))
+            self.log(f"refused {peer}: {e}")
+            send_error(conn, str(e))
+        except Exception as e:  # a bug must not take the board offline: report it and keep serving
+            self.refused.append(repr(e))
+            self.log(f"internal error serving {peer}: {e!r}")
+            send_error(conn, f"worker internal error: {e!r}")
+        finally:
+            self.sessions_served += 1
+            conn.close()
+
+    # ----------------------------------------------------------------------------------------
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        configure_socket(conn, HANDSHAKE_TIMEOUT_S)
+        send_preamble(conn)
+        check_preamble(conn, f"peer {peer}")
+        _, payload = recv_frame(conn, HANDSHAKE_MAX_FRAME, expect=(Frame.HELLO,))
+        session = self._accept_hello(Hello.parse(payload))
+        self.log(f"root {peer}: node {session.node} of {session.n_nodes}, {session.hello.identity.short()}")
+        conn.settimeout(IO_TIMEOUT_S)
+        slices = self._load_slices(conn, session)
+        compute = SliceCompute(session.header, slices, session.node, session.n_nodes, session.hello.max_seq_len)
+        send_frame(conn, Frame.LOADED)
+        self._serve_tokens(conn, session, compute)
+
+    def _accept_hello(self, hello: Hello) -> Session:
+        header = hello.header()
+        split_check(header, hello.n_nodes)
+        if not 1 <= hello.max_seq_len <= header.max_seq_len:
+            raise ProtocolError(f"max_seq_len {hello.max_seq_len} is outside 1..{header.max_seq_len} of the model")
+        need = SliceReceiver.total_bytes(header, hello.node_index, hello.n_nodes) \
+            + kv_cache_bytes(header, hello.n_nodes, hello.max_seq_len)
+        if self.identity is None and need > physical_memory():
+            raise ProtocolError(f"node {hello.node_index}'s slice and cache need {need >> 20} MiB but this machine has "
+                                f"{physical_memory() >> 20} MiB: use more nodes or a smaller --max-seq-len")
+        if self.identity is not None and self.identity != hello.identity:
+            raise ProtocolError(f"this worker's --model {self.model_path} ({self.identity.short()}) is not the root's "
+                                f"model ({hello.identity.short()}): copy the same file or start the worker without --model")
+        return Session(hello, header)
+
+    def _load_slices(self, conn: socket.socket, s: Session) -> dict[str, np.ndarray]:
+        local = self.identity is not None
+        send_frame(conn, Frame.READY, ready_payload(local))
+        if local:
+            return load_local_slices(self.model_path, s.header, s.node, s.n_nodes,
+                                     names=node_tensor_names(s.header, s.node))
+        receiver = SliceReceiver(s.header, s.node, s.n_nodes)
+        while True:
+            kind, payload = recv_frame(conn, WEIGHTS_HEAD.size + WEIGHT_CHUNK, expect=(Frame.WEIGHTS, Frame.WEIGHTS_DONE))
+            if kind == Frame.WEIGHTS_DONE:
+                return receiver.slices()
+            receiver.accept(payload)
+
+    def _serve_tokens(self, conn: socket.socket, s: Session, compute: SliceCompute) -> None:
+        limit = s.forward_limit()
+        h = s.header
+        while True:
+            conn.settimeout(None)  # a chat root may think for as long as its user types
+            kind, payload = recv_frame(conn, limit, expect=(Frame.FORWARD, Frame.BYE))
+            conn.settimeout(IO_TIMEOUT_S)
+            if kind == Frame.BYE:
+                return
+            if len(payload) < FORWARD_HEAD.size:
+                raise ProtocolError("FORWARD frame too short")
+            pos, n = FORWARD_HEAD.unpack_from(payload)
+            if not 1 <= n <= MAX_BATCH or pos + n > s.hello.max_seq_len:
+                raise ProtocolError(f"FORWARD of {n} tokens at position {pos} is outside the batch limit {MAX_BATCH} "
+                                    f"or max_seq_len {s.hello.max_seq_len}")
+            x_bytes = payload[FORWARD_HEAD.size:]
+            if len(x_bytes) != n * h.dim * 4:
+                raise ProtocolError(f"FORWARD carries {len(x_bytes)} bytes, expected {n * h.dim * 4}")
+            x = np.frombuffer(x_bytes, dtype="<f4").reshape(n, h.dim).copy()
+            forward_slice(conn, s.node, s.n_nodes, s.hello.buffer_type, compute, x, pos)
+            send_frame(conn, Frame.LOGITS, *encode_logits(compute.logits(x), s.hello.buffer_type))
+
+
+def forward_slice(conn: socket.socket, node: int, n_nodes: int, buffer_type: BufferType, compute: SliceCompute,
+                  x: np.ndarray, pos: int) -> None:
+    """All layers on a worker: compute a seam's partial, send it, then take every other node's.
+
+    Sending first and receiving after (the root does the opposite) means no two peers ever wait
+    on each other's full socket buffers."""
+    n, dim = x.shape
+    for layer in range(compute.h.n_layers):
+        for seam in (0, 1):
+            p = compute.attention(layer, x, pos) if seam == 0 else compute.ffn(layer, x)
+            own = encode_partial(p, buffer_type)
+            send_frame(conn, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, node), own)
+            parts: dict[int, np.ndarray] = {node: decode_partial(own, n, dim, buffer_type)}
+            limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, buffer_type)
+            while len(parts) < n_nodes:
+                _, payload = recv_frame(conn, limit, expect=(Frame.PARTIAL,))
+                sender, data = parse_partial(payload, layer, seam, n_nodes)
+                if sender in parts:
+                    raise ProtocolError(f"second partial from node {sender} at layer {layer}")
+                parts[sender] = decode_partial(data, n, dim, buffer_type)
+            add_partials(x, [parts[i] for i in range(n_nodes)])
