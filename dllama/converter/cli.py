@@ -1,0 +1,170 @@
+"""`dllama-convert`: Hugging Face checkpoint or tokenizer -> distributed-llama `.m` / `.t`.
+
+Progress goes to stderr, the summary to stdout; every expected failure is one line on stderr
+and exit code 1, with no output file left behind.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dllama.checkpoint import CheckpointError
+from dllama.converter.convert import (
+    ConversionError, ConversionPlan, ConversionResult, default_name, plan_conversion, write_outputs,
+)
+from dllama.converter.hub import SourceError, resolve_source
+from dllama.formats import FloatType, FormatError
+from dllama.tokenizer.convert import TokenizerConversionError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="Convert Hugging Face checkpoints to the distributed-llama format (.m model, .t tokenizer).",
+)
+EXPECTED_ERRORS = (ConversionError, CheckpointError, TokenizerConversionError, FormatError, SourceError, OSError)
+PROGRESS_MIN_BYTES = 64 << 20  # below this a conversion is too quick for a progress bar
+QUANTS = ("q40", "q80", "f32", "f16")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("hf", epilog="Example: dllama-convert hf TinyLlama/TinyLlama-1.1B-Chat-v1.0 --quant q40 --output-dir models/")
+def hf(
+    source: str = typer.Argument(..., help="Checkpoint folder, or a hub repo id (org/name) to download."),
+    quant: str = typer.Option(..., "--quant", "-q", help="Weight type: q40, q80, f32 or f16."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Model name in the output file names (default: the source's)."),
+    output_dir: Path = typer.Option(Path("."), "--output-dir", "-o", help="Folder for the .m and .t files."),
+    embed_tokenizer: bool = typer.Option(True, "--embed-tokenizer/--no-embed-tokenizer",
+                                         help="Embed the source tokenizer after the .t vocabulary (docs/FORMAT.md)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Convert a model: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t."""
+    if quant.lower() not in QUANTS:
+        _fail(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")
+    _run(source, FloatType.parse(quant), name, output_dir, embed_tokenizer, revision, as_json)
+
+
+@app.command("tokenizer", epilog="Example: dllama-convert tokenizer meta-llama/Llama-3.2-1B --output-dir models/")
+def tokenizer(
+    source: str = typer.Argument(..., help="Folder with tokenizer.json or tokenizer.model, or a hub repo id."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Name in the output file name (default: the source's)."),
+    output_dir: Path = typer.Option(Path("."), "--output-dir", "-o", help="Folder for the .t file."),
+    embed_tokenizer: bool = typer.Option(True, "--embed-tokenizer/--no-embed-tokenizer",
+                                         help="Embed the source tokenizer after the .t vocabulary (docs/FORMAT.md)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Convert only the tokenizer: writes dllama_tokenizer_{name}.t."""
+    _run(source, None, name, output_dir, embed_tokenizer, revision, as_json)
+
+
+def _run(source: str, float_type: FloatType | None, name: str | None, output_dir: Path, embed: bool,
+         revision: str | None, as_json: bool) -> None:
+    try:
+        folder = resolve_source(source, revision)
+        plan = plan_conversion(folder, float_type, name or default_name(source), output_dir,
+                               with_tokenizer=True, embed_tokenizer=embed)
+        for note in plan.notes:
+            typer.echo(f"note: {note}", err=True)
+        result = _write_with_progress(plan)
+    except EXPECTED_ERRORS as e:
+        _fail(_one_line(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; no output was written")
+    if as_json:
+        typer.echo(json.dumps(summary_dict(result), indent=2))
+    else:
+        typer.echo(summary_text(result))
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, (ConversionError,)):
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _write_with_progress(plan: ConversionPlan) -> ConversionResult:
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    console = Console(stderr=True)
+    if plan.source_bytes < PROGRESS_MIN_BYTES or not console.is_terminal:
+        return write_outputs(plan)
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"converting to {plan.model_path.name}", total=plan.source_bytes)
+        return write_outputs(plan, lambda n: progress.advance(task, n))
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+
+def summary_dict(result: ConversionResult) -> dict:
+    plan = result.plan
+    out: dict = {"source": str(plan.source), "seconds": round(result.seconds, 3),
+                 "outputs": {str(p): size for p, size in result.sizes.items()}}
+    h = plan.header
+    if h is not None:
+        out["model"] = {
+            "model_type": plan.config.get("model_type"), "arch": h.arch.name.lower(), "quant": h.weights_float_type.name.lower(),
+            "dim": h.dim, "hidden_dim": h.hidden_dim, "head_dim": h.head_dim, "n_layers": h.n_layers,
+            "n_heads": h.n_heads, "n_kv_heads": h.n_kv_heads, "n_experts": h.n_experts,
+            "n_active_experts": h.n_active_experts, "vocab_size": h.vocab_size, "max_seq_len": h.max_seq_len,
+            "rope_theta": h.theta, "norm_epsilon": h.norm_epsilon, "source_bytes": plan.source_bytes,
+        }
+    if plan.tokenizer is not None:
+        t = plan.tokenizer
+        out["tokenizer"] = {"vocab_size": t.vocab_size, "bos_id": t.bos_id, "eos_ids": t.eos_ids,
+                            "chat_template": bool(t.chat_template), "embedded_source": plan.embed_tokenizer and bool(t.embedded)}
+    out["notes"] = plan.notes
+    return out
+
+
+def summary_text(result: ConversionResult) -> str:
+    plan = result.plan
+    lines = []
+    h = plan.header
+    if h is not None:
+        experts = f", {h.n_experts} experts ({h.n_active_experts} active, hidden {h.ffn_dim})" if h.is_moe else ""
+        lines += [
+            f"model      {plan.config.get('model_type')} (arch {h.arch.name.lower()}), {h.weights_float_type.name.lower()} weights",
+            f"dims       dim {h.dim}, hidden {h.hidden_dim}, head {h.head_dim} (q {h.q_dim}, kv {h.kv_dim}){experts}",
+            f"layers     {h.n_layers}, heads {h.n_heads}, kv heads {h.n_kv_heads}",
+            f"vocab      {h.vocab_size}, max seq len {h.max_seq_len}, rope theta {h.theta:g}, norm eps {h.norm_epsilon:g}",
+            f"source     {plan.source} ({_size(plan.source_bytes)} of tensors)",
+        ]
+    if plan.tokenizer is not None:
+        t = plan.tokenizer
+        embedded = "with the source tokenizer embedded" if plan.embed_tokenizer and t.embedded else "no embedded source"
+        lines.append(f"tokenizer  {t.vocab_size} tokens, bos {t.bos_id}, eos {t.eos_ids}, "
+                     f"{'chat template' if t.chat_template else 'no chat template'}, {embedded}")
+    for path, size in result.sizes.items():
+        lines.append(f"wrote      {path} ({_size(size)})")
+    lines.append(f"time       {result.seconds:.2f} s")
+    lines += [f"note       {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

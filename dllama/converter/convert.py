@@ -1,0 +1,287 @@
+"""Hugging Face checkpoint -> `.m` model and `.t` tokenizer, validated first, then streamed.
+
+`plan_conversion` checks everything that can be checked before a byte is written (config,
+every tensor's presence and shape, block alignment, tokenizer vs model vocabulary); the
+writer then streams each tensor in row chunks: pread into a reused buffer, one numba kernel
+pass to the output type, write, next chunk. Page-cache reads instead of memory maps keep the
+resident set at a few chunk buffers whatever the model size.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from dllama.checkpoint import Checkpoint, CheckpointError, TensorEntry, header_from_config
+from dllama.converter import kernels
+from dllama.formats import (
+    BLOCK_SIZE, FloatType, ModelHeader, TensorSpec, TokenizerFile, atomic_output, permute_rotary_rows,
+    tensor_plan,
+)
+from dllama.tokenizer.convert import convert_tokenizer
+
+
+class ConversionError(ValueError):
+    """The checkpoint cannot be converted as asked; the message names the problem and the fix."""
+
+
+CHUNK_SOURCE_BYTES = 16 << 20  # source bytes per step: bounds the resident set (two buffers)
+_SOURCE_KIND = {"BF16": kernels.SRC_BF16, "F16": kernels.SRC_F16, "F32": kernels.SRC_F32}
+_ENCODERS = {
+    FloatType.F32: (kernels.encode_f32, np.uint32),
+    FloatType.F16: (kernels.encode_f16, np.uint16),
+    FloatType.Q40: (kernels.encode_q40, np.uint8),
+    FloatType.Q80: (kernels.encode_q80, np.uint8),
+}
+
+
+def model_filename(name: str, float_type: FloatType) -> str:
+    return f"dllama_model_{name}_{float_type.name.lower()}.m"
+
+
+def tokenizer_filename(name: str) -> str:
+    return f"dllama_tokenizer_{name}.t"
+
+
+def default_name(source: str) -> str:
+    """A file-name-safe model name from a folder path or hub repo id."""
+    base = source.rstrip("/").split("/")[-1] or "model"
+    return re.sub(r"[^a-z0-9._-]+", "_", base.lower())
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    spec: TensorSpec
+    entry: TensorEntry  # where its source bytes lie
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        shape = self.spec.shape
+        return (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+
+
+@dataclass
+class ConversionPlan:
+    source: Path
+    config: dict
+    header: ModelHeader | None
+    tensors: list[PlannedTensor]
+    tokenizer: TokenizerFile | None
+    model_path: Path | None
+    tokenizer_path: Path | None
+    embed_tokenizer: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(t.entry.end - t.entry.start for t in self.tensors)
+
+
+@dataclass
+class ConversionResult:
+    plan: ConversionPlan
+    seconds: float
+    sizes: dict[Path, int]
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: every check before any output
+
+def plan_model(checkpoint: Checkpoint, float_type: FloatType) -> tuple[ModelHeader, list[PlannedTensor]]:
+    header = header_from_config(checkpoint.config, float_type)
+    n_files = len(checkpoint.files)
+    looked_in = f"looked in {n_files} safetensors file{'s' if n_files != 1 else ''}"
+    planned = []
+    for spec in tensor_plan(header):
+        entry = checkpoint.entries.get(spec.hf_name)
+        if entry is None and spec.fallback_hf_name:  # tied or absent lm_head: the embedding (§1.3)
+            entry = checkpoint.entries.get(spec.fallback_hf_name)
+        if entry is None:
+            raise ConversionError(f"{spec.hf_name} is missing from the checkpoint ({looked_in} in {checkpoint.folder})")
+        if entry.shape != spec.shape:
+            raise ConversionError(f"{spec.hf_name} has shape {list(entry.shape)} but config.json implies "
+                                  f"{list(spec.shape)}; the config does not belong to these weights")
+        _check_blocks(spec)
+        planned.append(PlannedTensor(spec, entry))
+    return header, planned
+
+
+def _check_blocks(spec: TensorSpec) -> None:
+    if spec.float_type in (FloatType.Q40, FloatType.Q80) and spec.shape[-1] % BLOCK_SIZE:
+        quant = spec.float_type.name.lower()
+        raise ConversionError(f"{spec.hf_name} has rows of {spec.shape[-1]} values, not a multiple of {BLOCK_SIZE}, "
+                              f"so it cannot be stored as {quant}; convert with --quant f32 or f16")
+
+
+def _check_vocab(header: ModelHeader, tokenizer: TokenizerFile, notes: list[str]) -> None:
+    if tokenizer.vocab_size > header.vocab_size:
+        raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json vocab_size is "
+                              f"{header.vocab_size}; the tokenizer does not belong to this model")
+    if tokenizer.vocab_size < header.vocab_size:
+        # Qwen-style checkpoints pad the embedding beyond the tokenizer: harmless, but say so
+        notes.append(f"the model's vocabulary ({header.vocab_size}) is padded beyond the tokenizer's ({tokenizer.vocab_size} tokens)")
+
+
+def plan_conversion(folder: Path, float_type: FloatType | None, name: str, output_dir: Path,
+                    with_tokenizer: bool = True, embed_tokenizer: bool = True) -> ConversionPlan:
+    """Check the source and decide every output byte's origin. float_type None: tokenizer only."""
+    folder = Path(folder)
+    header, tensors, config = None, [], {}
+    if float_type is not None:
+        checkpoint = Checkpoint(folder)
+        config = checkpoint.config
+        header, tensors = plan_model(checkpoint, float_type)
+    tokenizer = convert_tokenizer(folder, embed=embed_tokenizer) if with_tokenizer else None
+    plan = ConversionPlan(
+        source=folder, config=config, header=header, tensors=tensors, tokenizer=tokenizer,
+        model_path=output_dir / model_filename(name, float_type) if float_type is not None else None,
+        tokenizer_path=output_dir / tokenizer_filename(name) if with_tokenizer else None,
+        embed_tokenizer=embed_tokenizer,
+    )
+    if header is not None and tokenizer is not None:
+        _check_vocab(header, tokenizer, plan.notes)
+    _check_output_dir(output_dir)
+    return plan
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot create the output folder {output_dir} ({e.strerror}); choose a writable --output-dir") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise ConversionError(f"the output folder {output_dir} is not writable; choose a writable --output-dir")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+Progress = Callable[[int], None]  # called with source bytes done since the last call
+
+
+def write_outputs(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
+    """Write the planned files; on any failure no output file (partial or complete) is left."""
+    started = time.perf_counter()
+    progress = progress or (lambda n: None)
+    tokenizer_bytes = plan.tokenizer.to_bytes(with_extension=plan.embed_tokenizer) if plan.tokenizer else None
+    if plan.model_path is None:
+        with atomic_output(plan.tokenizer_path) as ft:
+            ft.write(tokenizer_bytes)
+    elif plan.tokenizer_path is None:
+        with atomic_output(plan.model_path) as fm:
+            _write_model(fm, plan, progress)
+    else:
+        # the tokenizer is renamed into place only after the model succeeded
+        with atomic_output(plan.tokenizer_path) as ft:
+            ft.write(tokenizer_bytes)
+            with atomic_output(plan.model_path) as fm:
+                _write_model(fm, plan, progress)
+    outputs = [p for p in (plan.model_path, plan.tokenizer_path) if p is not None]
+    return ConversionResult(plan, time.perf_counter() - started, {p: p.stat().st_size for p in outputs})
+
+
+def _write_model(f, plan: ConversionPlan, progress: Progress) -> None:
+    f.write(plan.header.to_bytes())
+    with SourceReader() as reader:
+        for t in plan.tensors:
+            _write_tensor(f, t, reader, progress)
+
+
+class SourceReader:
+    """pread-based access to safetensors byte ranges through one reused buffer."""
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+        self._buffer = np.empty(0, np.uint8)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def read(self, entry: TensorEntry, offset: int, nbytes: int) -> np.ndarray:
+        """nbytes of the tensor starting `offset` bytes into it; valid until the next read."""
+        if self._buffer.size < nbytes:
+            self._buffer = np.empty(nbytes, np.uint8)
+        view = memoryview(self._buffer[:nbytes])
+        fd = self._fd(entry.file)
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], entry.start + offset + done)
+            if n <= 0:
+                raise ConversionError(f"{entry.file} ended while reading a tensor: the file is truncated; download it again")
+            done += n
+        return self._buffer[:nbytes]
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+
+def _write_tensor(f, t: PlannedTensor, reader: SourceReader, progress: Progress) -> None:
+    rows, cols = t.rows_cols
+    dtype = t.entry.dtype
+    itemsize = 2 if dtype in ("BF16", "F16") else 4 if dtype == "F32" else 8
+    encode, out_dtype = _ENCODERS[t.spec.float_type]
+    out_row_bytes = t.spec.nbytes // rows
+    chunk_rows = _chunk_rows(t, cols * itemsize)
+    out_buffer = np.empty(chunk_rows * out_row_bytes, np.uint8)
+    for r0 in range(0, rows, chunk_rows):
+        n = min(chunk_rows, rows - r0)
+        raw = reader.read(t.entry, r0 * cols * itemsize, n * cols * itemsize)
+        src, kind = _source_rows(raw, dtype, n, cols)
+        out = out_buffer[:n * out_row_bytes].view(out_dtype).reshape(n, -1)
+        encode(src, kind, _row_order(t, n), out)
+        f.write(memoryview(out_buffer[:n * out_row_bytes]))
+        progress(n * cols * itemsize)
+
+
+def _chunk_rows(t: PlannedTensor, row_bytes: int) -> int:
+    rows, _ = t.rows_cols
+    chunk = max(1, min(rows, CHUNK_SOURCE_BYTES // row_bytes))
+    if t.spec.permute_heads:  # the rotary permute stays within a head: chunk whole heads
+        head_rows = rows // t.spec.permute_heads
+        chunk = max(head_rows, chunk // head_rows * head_rows)
+    return chunk
+
+
+def _row_order(t: PlannedTensor, n: int) -> np.ndarray:
+    order = np.arange(n, dtype=np.int64)
+    if t.spec.permute_heads:
+        head_rows = t.rows_cols[0] // t.spec.permute_heads
+        order = permute_rotary_rows(order[:, None], n // head_rows)[:, 0].copy()
+    return order
+
+
+def _source_rows(raw: np.ndarray, dtype: str, n: int, cols: int) -> tuple[np.ndarray, int]:
+    if dtype in ("BF16", "F16"):
+        return raw.view("<u2").reshape(n, cols), _SOURCE_KIND[dtype]
+    if dtype == "F32":
+        return raw.view("<u4").reshape(n, cols), kernels.SRC_F32
+    # F64 and anything wider: narrow in numpy first (rare; costs a copy)
+    return raw.view("<f8").astype(np.float32).view(np.uint32).reshape(n, cols), kernels.SRC_F32
+
+
+# --------------------------------------------------------------------------------------------
+# One call for library users and tests
+
+def convert(folder: str | os.PathLike, quant: str | FloatType | None, output_dir: str | os.PathLike, name: str | None = None,
+            with_tokenizer: bool = True, embed_tokenizer: bool = True, progress: Progress | None = None) -> ConversionResult:
+    """Convert a local checkpoint folder; quant None converts only the tokenizer."""
+    folder = Path(folder)
+    float_type = FloatType.parse(quant) if isinstance(quant, str) else quant
+    name = name or default_name(str(folder.resolve()))
+    plan = plan_conversion(folder, float_type, name, Path(output_dir), with_tokenizer, embed_tokenizer)
+    return write_outputs(plan, progress)
+
+
+CONVERSION_ERRORS = (ConversionError, CheckpointError)

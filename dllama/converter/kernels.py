@@ -1,0 +1,193 @@
+"""numba kernels: source tensor bits (bf16 / f16 / f32) -> `.m` bytes (f32 / f16 / q40 / q80) in one pass.
+
+Array in, array out; the converter decides chunking and order. Each kernel reads rows of a
+source chunk in the order given by `order` (the rotary permute of FORMAT.md §1.3 is a row
+gather) and writes one output row per entry, in parallel over rows. The arithmetic is the
+float32 arithmetic of formats.quantize_q40 / quantize_q80 / numpy's float16 cast, step for
+step, so the bytes are identical (tests/test_convert_kernels.py checks it).
+
+Source rows arrive as unsigned integers: uint16 for bf16 and f16, uint32 for f32 (its bits).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+SRC_BF16 = 0
+SRC_F16 = 1
+SRC_F32 = 2
+
+_jit = dict(nogil=True, cache=True)
+
+
+@numba.njit(inline="always", **_jit)
+def _f16_bits_to_f32_bits(h):
+    h = np.uint32(h)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    exp = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mant = h & np.uint32(0x3FF)
+    if exp == 0x1F:
+        return sign | np.uint32(0x7F800000) | (mant << np.uint32(13))
+    if exp == 0:
+        if mant == 0:
+            return sign
+        e = np.int32(1)
+        while (mant & np.uint32(0x400)) == 0:  # normalize a subnormal half
+            mant = mant << np.uint32(1)
+            e -= 1
+        mant &= np.uint32(0x3FF)
+        return sign | (np.uint32(e + 112) << np.uint32(23)) | (mant << np.uint32(13))
+    return sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))
+
+
+@numba.njit(inline="always", **_jit)
+def _f32_bits_to_f16_bits(f):
+    """Round to nearest even, as numpy's astype(float16): overflow to inf, subnormals kept."""
+    f = np.uint32(f)
+    sign = np.uint16((f >> np.uint32(16)) & np.uint32(0x8000))
+    a = f & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x7F800000):  # inf or nan
+        if a > np.uint32(0x7F800000):
+            return sign | np.uint16(0x7E00) | np.uint16((a >> np.uint32(13)) & np.uint32(0x3FF))
+        return sign | np.uint16(0x7C00)
+    if a >= np.uint32(0x47800000):  # >= 65536: inf (65504..65536 round up through the normal path)
+        return sign | np.uint16(0x7C00)
+    if a >= np.uint32(0x38800000):  # a normal half
+        odd = (a >> np.uint32(13)) & np.uint32(1)
+        a = a - np.uint32(0x38000000) + np.uint32(0xFFF) + odd  # rebias exponent 127 -> 15, round
+        return sign | np.uint16(a >> np.uint32(13))
+    exp = np.int64(a >> np.uint32(23))
+    shift = 126 - exp  # the half subnormal is mant24 * 2^(exp-126) units of 2^-24
+    if exp == 0 or shift > 24:
+        return sign
+    mant = np.uint32((a & np.uint32(0x7FFFFF)) | np.uint32(0x800000))
+    q = mant >> np.uint32(shift)
+    rem = mant & np.uint32((1 << shift) - 1)
+    half = np.uint32(1 << (shift - 1))
+    if rem > half or (rem == half and (q & np.uint32(1)) == 1):
+        q += np.uint32(1)
+    return sign | np.uint16(q)
+
+
+@numba.njit(inline="always", **_jit)
+def _widen_row(src_row, kind, out_bits):
+    """One source row -> float32 bits in out_bits (exact: bf16 and f16 embed in f32)."""
+    n = src_row.shape[0]
+    if kind == SRC_BF16:
+        for j in range(n):
+            out_bits[j] = np.uint32(src_row[j]) << np.uint32(16)
+    elif kind == SRC_F16:
+        for j in range(n):
+            out_bits[j] = _f16_bits_to_f32_bits(src_row[j])
+    else:
+        for j in range(n):
+            out_bits[j] = np.uint32(src_row[j])
+
+
+@numba.njit(parallel=True, **_jit)
+def encode_f32(src, kind, order, out):
+    """out: (len(order), cols) uint32 bits of float32."""
+    for r in prange(order.shape[0]):
+        _widen_row(src[order[r]], kind, out[r])
+
+
+@numba.njit(parallel=True, **_jit)
+def encode_f16(src, kind, order, out):
+    """out: (len(order), cols) uint16 bits of float16."""
+    cols = src.shape[1]
+    for r in prange(order.shape[0]):
+        bits = np.empty(cols, np.uint32)
+        _widen_row(src[order[r]], kind, bits)
+        row = out[r]
+        for j in range(cols):
+            row[j] = _f32_bits_to_f16_bits(bits[j])
+
+
+@numba.njit(parallel=True, **_jit)
+def encode_q40(src, kind, order, out):
+    """out: (len(order), cols / 32 * 18) uint8 q40 blocks (FORMAT.md §1.2)."""
+    cols = src.shape[1]
+    n_blocks = cols // 32
+    for r in prange(order.shape[0]):
+        values = np.empty(cols, np.float32)
+        scales = np.empty(n_blocks, np.float32)
+        _widen_row(src[order[r]], kind, values.view(np.uint32))
+        row = out[r]
+        for b in range(n_blocks):
+            x = values[b * 32:(b + 1) * 32]
+            mx = x[0]
+            mn = x[0]
+            for j in range(1, 32):
+                v = x[j]
+                if v > mx:
+                    mx = v
+                if v < mn:
+                    mn = v
+            m = mn if -mn > mx else mx  # a tie |min| == max takes max
+            d = m / np.float32(-8.0)
+            scales[b] = d
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            o = b * 18
+            for j in range(16):
+                lo = _q40_nibble(x[j], inv)
+                hi = _q40_nibble(x[j + 16], inv)
+                row[o + 2 + j] = lo | (hi << np.uint8(4))
+        scale_bits = scales.view(np.uint32)
+        for b in range(n_blocks):
+            h = _f32_bits_to_f16_bits(scale_bits[b])
+            row[b * 18] = np.uint8(h & np.uint16(0xFF))
+            row[b * 18 + 1] = np.uint8(h >> np.uint16(8))
+
+
+@numba.njit(inline="always", **_jit)
+def _q40_nibble(v, inv):
+    q = v * inv + np.float32(8.5)
+    if q < np.float32(0.0):
+        q = np.float32(0.0)
+    elif q > np.float32(15.0):
+        q = np.float32(15.0)
+    return np.uint8(q)  # truncates, like numpy's astype
+
+
+@numba.njit(parallel=True, **_jit)
+def encode_q80(src, kind, order, out):
+    """out: (len(order), cols / 32 * 34) uint8 q80 blocks (FORMAT.md §1.2)."""
+    cols = src.shape[1]
+    n_blocks = cols // 32
+    for r in prange(order.shape[0]):
+        values = np.empty(cols, np.float32)
+        scales = np.empty(n_blocks, np.float32)
+        _widen_row(src[order[r]], kind, values.view(np.uint32))
+        row = out[r]
+        for b in range(n_blocks):
+            x = values[b * 32:(b + 1) * 32]
+            amax = np.float32(0.0)
+            for j in range(32):
+                a = abs(x[j])
+                if a > amax:
+                    amax = a
+            d = amax / np.float32(127.0)
+            scales[b] = d
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            o = b * 34 + 2
+            for j in range(32):
+                row[o + j] = np.uint8(np.int8(np.rint(x[j] * inv)) & 0xFF)
+        scale_bits = scales.view(np.uint32)
+        for b in range(n_blocks):
+            h = _f32_bits_to_f16_bits(scale_bits[b])
+            row[b * 34] = np.uint8(h & np.uint16(0xFF))
+            row[b * 34 + 1] = np.uint8(h >> np.uint16(8))
+
+
+@numba.njit(parallel=True, **_jit)
+def f32_bits_to_f16_bits(bits, out):
+    """Elementwise numpy-compatible float32 -> float16 rounding on raw bits (for tests and tools)."""
+    for i in prange(bits.shape[0]):
+        out[i] = _f32_bits_to_f16_bits(bits[i])
+
+
+@numba.njit(parallel=True, **_jit)
+def f16_bits_to_f32_bits(bits, out):
+    for i in prange(bits.shape[0]):
+        out[i] = _f16_bits_to_f32_bits(bits[i])
