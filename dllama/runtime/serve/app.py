@@ -18,19 +18,9 @@ from starlette.routing import Route
 
 from dllama.runtime.serve import protocol
 from dllama.runtime.serve.protocol import ApiError, GenerationRequest
+from dllama.runtime.serve.health import cluster_fault_types
 from dllama.runtime.serve.scheduler import Running, Scheduler
 from dllama.runtime.serve.session import EngineFailure, Job, Outcome, Session
-
-
-def _cluster_fault_types() -> tuple[type[BaseException], ...]:
-    # a lost socket, or the distributed runtime's protocol error: the cluster is gone, not the request
-    faults: tuple[type[BaseException], ...] = (OSError,)
-    with contextlib.suppress(ImportError):
-        from dllama.runtime.distributed.protocol import ProtocolError
-        faults += (ProtocolError,)
-    return faults
-
-MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -66,7 +56,7 @@ def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_que
                api_key: str | None = None, health_probe: Callable[[], str | None] | None = None) -> Starlette:
     state = ServerState(session=Session(engine, tokenizer, context_length), scheduler=Scheduler(max_queue),
                         model_id=model_id, api_key=api_key, health_probe=health_probe, created=int(time.time()))
-    faults = _cluster_fault_types()
+    faults = cluster_fault_types()
 
     def authorize(request: Request) -> None:
         if state.api_key is None:

@@ -133,6 +133,8 @@ class Session:
 
     def _run(self, job: Job, cancelled: threading.Event, emit: Callable[[str], None]) -> Outcome:
         prompt = job.prompt_ids
+        if cancelled.is_set():  # the client left while it waited in the queue
+            return Outcome("cancelled", len(prompt), 0, 0)
         reused = min(common_prefix_length(self.cached, prompt), len(prompt) - 1)
         budget = min(job.max_tokens, self.context_length - len(prompt))
         rng = np.random.default_rng(job.sampling.seed)
