@@ -1,0 +1,101 @@
+"""`dllama-run worker` and `dllama-run plan` (registered on the runtime's typer app by `register`).
+
+Also runnable alone: `python -m dllama.runtime.distributed.cli worker --port 9999`.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dllama.formats import FormatError, read_model_header
+from dllama.runtime.distributed.plan import SplitError, memory_plan, parse_size
+from dllama.runtime.distributed.protocol import DEFAULT_PORT
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(1)
+
+
+def worker_command(
+    host: str = typer.Option("0.0.0.0", help="address to listen on"),
+    port: int = typer.Option(DEFAULT_PORT, help="TCP port to listen on (0: any free port, printed on stderr)"),
+    nthreads: Optional[int] = typer.Option(None, help="threads for this node's share of the work"),
+    model: Optional[Path] = typer.Option(None, help="this board's own copy of the root's .m: load slices from it "
+                                                    "instead of receiving them (checked against the root's)"),
+) -> None:
+    """Wait for a root and compute a share of each token.
+
+    Example: dllama-run worker --port 9999   (then on the root: dllama-run --workers pi1:9999 ...)
+    """
+    from dllama.runtime.distributed.worker import Worker
+
+    try:
+        worker = Worker(host, port, model_path=model, nthreads=nthreads)
+    except (OSError, FormatError) as e:
+        _fail(f"cannot start the worker on {host}:{port}: {getattr(e, 'strerror', None) or e}")
+    try:
+        worker.serve_forever()
+    except KeyboardInterrupt:
+        print("worker stopped", file=sys.stderr)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def plan_command(
+    model: Path = typer.Option(..., help="the .m model file"),
+    nodes: int = typer.Option(..., help="number of nodes (root + workers): 1, 2, 4, ..."),
+    max_seq_len: int = typer.Option(2048, help="positions of KV cache each node holds"),
+    ram: Optional[str] = typer.Option(None, help="memory of one board, e.g. 1G or 512M: say whether each node fits"),
+    batch: int = typer.Option(1, help="prompt tokens per forward batch the buffers are sized for"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Print each node's memory (weights, KV cache, buffers) for a split of MODEL over NODES.
+
+    Example: dllama-run plan --model tinyllama_q40.m --nodes 2 --max-seq-len 1024 --ram 1G
+    """
+    try:
+        header = read_model_header(model)
+        seq = min(max_seq_len, header.max_seq_len)
+        plan = memory_plan(header, nodes, seq, batch)
+        limit = parse_size(ram) if ram else None
+    except FileNotFoundError:
+        _fail(f"model file {model} does not exist")
+    except (FormatError, SplitError) as e:
+        _fail(str(e))
+    rows = [{
+        "node": m.node, "role": "root" if m.node == 0 else "worker", "weights": m.weights, "kv_cache": m.kv_cache,
+        "buffers": m.buffers, "runtime": m.runtime, "total": m.total, "mapped_only": m.mapped_only,
+        "fits": None if limit is None else m.total <= limit,
+    } for m in plan]
+    if as_json:
+        print(json.dumps({"model": str(model), "nodes": nodes, "max_seq_len": seq, "ram": limit, "per_node": rows}))
+        return
+    print(f"{model}: {nodes} node(s), max_seq_len {seq}")
+    print(f"{'node':<10}{'weights':>14}{'kv cache':>14}{'buffers':>12}{'runtime':>12}{'total':>14}  fits")
+    for r in rows:
+        fits = "-" if r["fits"] is None else ("yes" if r["fits"] else f"NO (> {_mib(limit)})")
+        label = f"{r['node']} {r['role']}"
+        print(f"{label:<10}{_mib(r['weights']):>14}{_mib(r['kv_cache']):>14}{_mib(r['buffers']):>12}"
+              f"{_mib(r['runtime']):>12}{_mib(r['total']):>14}  {fits}")
+    print(f"the root also maps the {_mib(plan[0].mapped_only)} embedding but reads only the rows of tokens it sees")
+    if limit is not None and not all(r["fits"] for r in rows):
+        raise typer.Exit(2)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("worker")(worker_command)
+    app.command("plan")(plan_command)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+register(app)
+
+if __name__ == "__main__":
+    app()

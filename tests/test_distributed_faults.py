@@ -1,0 +1,177 @@
+"""Faults (issue 6, must-hold 2): bad peers are refused without harm, lost peers are named fast."""
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from conftest import CONFORMANCE, require_fixtures
+from distributed_helpers import loopback_workers, write_random_model
+from dllama.formats import FloatType
+from dllama.runtime.distributed.protocol import (
+    FORWARD_HEAD, FRAME_HEADER, PREAMBLE, PROTOCOL_MAGIC, PROTOCOL_VERSION, Frame, Hello, ModelIdentity, BufferType,
+    model_identity,
+)
+from dllama.runtime.distributed.root import DistributedEngine, WorkerError
+
+
+@pytest.fixture
+def f32_model():
+    return require_fixtures(CONFORMANCE / "tiny-llama") / "expected_f32.m"
+
+
+def talk(address, *chunks: bytes) -> bytes:
+    """Connect, send raw bytes, return whatever the worker says before it hangs up."""
+    with socket.create_connection(address, timeout=5) as s:
+        try:
+            for c in chunks:
+                s.sendall(c)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the worker may hang up before reading all we send: its answer is what counts
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
+        return out
+
+
+def error_text(reply: bytes) -> str:
+    """The worker's ERROR frame after its preamble."""
+    body = reply[PREAMBLE.size:]
+    length, kind, _ = FRAME_HEADER.unpack_from(body)
+    assert kind == Frame.ERROR
+    return body[FRAME_HEADER.size:FRAME_HEADER.size + length].decode()
+
+
+def still_serves(worker, model) -> None:
+    ids = np.array([1, 5, 9])
+    with DistributedEngine(model, [worker.address], max_seq_len=32, buffer_type="f32") as two, \
+            DistributedEngine(model, [], max_seq_len=32, buffer_type="f32") as one:
+        assert np.abs(two.forward(ids, 0) - one.forward(ids, 0)).max() <= 1e-4
+
+
+def hello_bytes(model, **overrides) -> bytes:
+    from dllama.formats import read_model_header
+    fields = dict(node_index=1, n_nodes=2, max_seq_len=32, buffer_type=BufferType.F32,
+                  identity=model_identity(model), header_bytes=read_model_header(model).to_bytes())
+    fields.update(overrides)
+    return Hello(**fields).to_bytes()
+
+
+def frame(kind: int, payload: bytes, length: int | None = None) -> bytes:
+    return FRAME_HEADER.pack(len(payload) if length is None else length, kind, 0) + payload
+
+
+GOOD_PREAMBLE = PREAMBLE.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION)
+
+
+def test_garbage_is_refused_and_the_worker_keeps_serving(f32_model):
+    with loopback_workers(1) as (worker,):
+        assert "not a dllama peer" in error_text(talk(worker.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert "unknown frame type" in error_text(talk(worker.address, GOOD_PREAMBLE + bytes(range(64))))
+        talk(worker.address, b"\x00")  # a half preamble, then hang up
+        still_serves(worker, f32_model)
+
+
+def test_wrong_protocol_version_is_refused_with_the_fix(f32_model):
+    with loopback_workers(1) as (worker,):
+        text = error_text(talk(worker.address, PREAMBLE.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION + 1)))
+        assert f"version {PROTOCOL_VERSION + 1}" in text and "same dllama version" in text
+        still_serves(worker, f32_model)
+
+
+def test_oversized_frames_are_refused_before_allocating(f32_model):
+    with loopback_workers(1) as (worker,):
+        tracemalloc.start()
+        try:
+            text = error_text(talk(worker.address, GOOD_PREAMBLE + FRAME_HEADER.pack(0xFFFFFFF0, Frame.HELLO, 0)))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert "exceeds the limit" in text
+        assert peak < 1 << 20  # not the 4 GiB it asked for
+        # a HELLO whose model claims more memory than the machine has is refused, not allocated
+        from dllama.formats import read_model_header
+        from dataclasses import replace
+        huge = replace(read_model_header(f32_model), dim=1 << 20, hidden_dim=1 << 22, n_layers=1024, vocab_size=1 << 20)
+        from dllama.formats import model_file_size
+        lying = hello_bytes(f32_model, header_bytes=huge.to_bytes(), identity=ModelIdentity(model_file_size(huge), bytes(32)))
+        text = error_text(talk(worker.address, GOOD_PREAMBLE + frame(Frame.HELLO, lying)))
+        assert "MiB but this machine has" in text
+        still_serves(worker, f32_model)
+
+
+def test_an_oversized_forward_after_the_handshake_is_refused(f32_model):
+    with loopback_workers(1, model_path=f32_model) as (worker,):  # its own copy: no weights to stream
+        huge_batch = FORWARD_HEAD.pack(0, 1 << 20)
+        reply = talk(worker.address, GOOD_PREAMBLE, frame(Frame.HELLO, hello_bytes(f32_model)),
+                     frame(Frame.FORWARD, huge_batch, length=0x7FFFFFFF))
+        assert b"FORWARD frame of 2147483647 bytes exceeds the limit" in reply
+        reply = talk(worker.address, GOOD_PREAMBLE, frame(Frame.HELLO, hello_bytes(f32_model)),
+                     frame(Frame.FORWARD, FORWARD_HEAD.pack(30, 5) + bytes(5 * 64 * 4)))
+        assert b"outside the batch limit" in reply  # positions 30..34 past max_seq_len 32
+        still_serves(worker, f32_model)
+
+
+def test_a_model_that_differs_from_the_workers_copy_is_refused(tmp_path, f32_model):
+    other = write_random_model(tmp_path / "other.m", FloatType.F32, n_kv_heads=2)
+    with loopback_workers(1, model_path=other) as (worker,):
+        with pytest.raises(WorkerError, match=rf"127\.0\.0\.1:{worker.address[1]}.*is not the root's model"):
+            DistributedEngine(f32_model, [worker.address], max_seq_len=32, buffer_type="f32")
+
+
+def test_root_names_a_worker_that_is_not_there(f32_model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens here once the socket closes
+    with pytest.raises(WorkerError, match=rf"worker 127\.0\.0\.1:{port} \(node 1\)"):
+        DistributedEngine(f32_model, [("127.0.0.1", port)], max_seq_len=32, buffer_type="f32")
+
+
+def test_worker_serves_the_next_root_after_one_vanishes(f32_model):
+    with loopback_workers(1) as (worker,):
+        first = DistributedEngine(f32_model, [worker.address], max_seq_len=32, buffer_type="f32")
+        first.forward([1, 2, 3], 0)
+        first.links[0].sock.close()  # the root dies without a goodbye
+        first.links[0].sock = None
+        still_serves(worker, f32_model)
+        assert worker.sessions_served >= 2
+
+
+def start_worker_process() -> tuple[subprocess.Popen, tuple[str, int]]:
+    proc = subprocess.Popen([sys.executable, "-m", "dllama.runtime.distributed.cli", "worker", "--host", "127.0.0.1",
+                             "--port", "0"], stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    match = re.search(r"listening on ([\d.]+):(\d+)", line)
+    assert match, line
+    return proc, (match.group(1), int(match.group(2)))
+
+
+def test_killing_a_worker_mid_generation_names_it_within_5_s(f32_model):
+    proc, address = start_worker_process()
+    try:
+        engine = DistributedEngine(f32_model, [address], max_seq_len=64, buffer_type="f32")
+        token, started = 1, None
+        with pytest.raises(WorkerError, match=rf"worker 127\.0\.0\.1:{address[1]} \(node 1\)"):
+            for pos in range(60):
+                if pos == 5:
+                    proc.send_signal(signal.SIGKILL)
+                    started = time.monotonic()
+                token = int(np.argmax(engine.forward([token], pos)[-1]))
+        assert started is not None and time.monotonic() - started < 5
+        engine.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
