@@ -1,0 +1,129 @@
+"""The inference engine: embedding, layers, logits, with explicit exchange seams (FORMAT.md §2, §3).
+
+    eng = Engine.load("model.m", max_seq_len=2048, nthreads=2)
+    logits = eng.forward([1, 15043, 3186], pos=0)    # (3, vocab) float32, fills the KV cache
+    eng.reset()
+
+Per layer the node computes its partial `dim` vector after wo and after w2 (model.NodeLayers);
+`Exchange.reduce_into` adds every node's partial into x in node order and
+`Exchange.gather_logits` assembles the vocabulary slices. `LocalExchange` is the one-node case;
+the distributed runtime supplies its own Exchange over the network.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numba
+import numpy as np
+
+from dllama.formats import FloatType, FormatError, ModelFile, ModelHeader
+from dllama.runtime import kernels
+from dllama.runtime.model import NodeLayers, NodeSlice, load_node_weights, rmsnorm
+
+DEFAULT_MAX_SEQ_LEN = 2048  # models declare up to 131072 positions; the KV cache must fit a small board
+PREFILL_BATCH = 32          # prompt tokens per pass over the weights
+
+
+class EngineError(ValueError):
+    """The engine cannot run this request (too long for the KV cache, bad token id, ...)."""
+
+
+class Exchange(Protocol):
+    """Where nodes meet (FORMAT.md §3). Stages are "attention" (after wo) and "ffn" (after w2)."""
+
+    def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
+        """x += every node's partial (T, dim), in node order; this node's is `partial`."""
+
+    def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
+        """This node's (T, vocab / n) slice -> the full (T, vocab) logits (on the root)."""
+
+
+class LocalExchange:
+    """One node: the partial is its own sum. With q80 buffers (q40/q80 weights) it is still
+    quantized to q80 before it is added, as the reference does on a single node (FORMAT.md §2)."""
+
+    def __init__(self, quantize_partials: bool):
+        self.quantize_partials = quantize_partials
+
+    def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
+        if self.quantize_partials:
+            kernels.q80_roundtrip(partial)
+        x += partial
+
+    def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
+        return logits_slice
+
+
+def uses_q80_buffers(h: ModelHeader) -> bool:
+    return h.weights_float_type in (FloatType.Q40, FloatType.Q80)
+
+
+class Engine:
+    def __init__(self, model: ModelFile, layers: NodeLayers, exchange: Exchange, max_seq_len: int,
+                 nthreads: int | None = None):
+        self.model = model
+        self.header = model.header
+        self.layers = layers
+        self.exchange = exchange
+        self.max_seq_len = max_seq_len
+        self.nthreads = nthreads or numba.config.NUMBA_NUM_THREADS
+        self.pos = 0  # tokens currently in the KV cache
+
+    @classmethod
+    def load(cls, model_path: str | os.PathLike, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+             nthreads: int | None = None) -> "Engine":
+        """Memory-map the model (weights stay packed) and allocate a KV cache of `max_seq_len` positions."""
+        model = ModelFile(model_path)
+        h = model.header
+        max_seq_len = min(max_seq_len, h.max_seq_len) if h.max_seq_len > 0 else max_seq_len
+        if max_seq_len < 1:
+            raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
+        if nthreads is not None and not 1 <= nthreads <= numba.config.NUMBA_NUM_THREADS:
+            raise EngineError(f"nthreads {nthreads} is outside 1..{numba.config.NUMBA_NUM_THREADS} (this machine's cores)")
+        node = NodeSlice(0, 1)
+        layers = NodeLayers(h, load_node_weights(model, node), node, max_seq_len)
+        return cls(model, layers, LocalExchange(uses_q80_buffers(h)), max_seq_len, nthreads)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.header.vocab_size
+
+    def reset(self) -> None:
+        """Forget the cached tokens; the next forward starts at position 0."""
+        self.pos = 0
+
+    def forward(self, token_ids: Sequence[int], pos: int) -> np.ndarray:
+        """Evaluate tokens at positions pos.. (the cache must hold positions < pos); (T, vocab) float32."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        self._check(ids, pos)
+        numba.set_num_threads(self.nthreads)  # numba's thread count is per calling thread
+        out = np.empty((len(ids), self.vocab_size), dtype=np.float32)
+        for start in range(0, len(ids), PREFILL_BATCH):
+            batch = ids[start:start + PREFILL_BATCH]
+            out[start:start + len(batch)] = self._forward_batch(batch, pos + start)
+        self.pos = pos + len(ids)
+        return out
+
+    def _check(self, ids: np.ndarray, pos: int) -> None:
+        if len(ids) == 0:
+            raise EngineError("forward needs at least one token")
+        if not 0 <= pos <= self.pos:
+            raise EngineError(f"position {pos} is past the {self.pos} tokens in the KV cache; call reset() or continue at {self.pos}")
+        if pos + len(ids) > self.max_seq_len:
+            raise EngineError(f"{pos + len(ids)} tokens do not fit the KV cache of {self.max_seq_len} positions: "
+                              "raise --max-seq-len or shorten the prompt")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise EngineError(f"token id {int(ids.max() if ids.max() >= self.vocab_size else ids.min())} is outside the "
+                              f"model's vocabulary of {self.vocab_size}")
+
+    def _forward_batch(self, ids: np.ndarray, pos: int) -> np.ndarray:
+        lw_all, eps = self.layers.w.layers, self.header.norm_epsilon
+        x = np.array(self.layers.w.embedding[ids], dtype=np.float32)
+        for l, lw in enumerate(lw_all):
+            partial = self.layers.attention(l, rmsnorm(x, lw.attn_norm, eps), pos)
+            self.exchange.reduce_into(x, partial, l, "attention")
+            partial = self.layers.ffn(l, rmsnorm(x, lw.ffn_norm, eps))
+            self.exchange.reduce_into(x, partial, l, "ffn")
+        return self.exchange.gather_logits(self.layers.logits(x))

@@ -1,0 +1,221 @@
+"""One node's share of the forward pass (FORMAT.md §2), parameterised for tensor parallelism (§3).
+
+`NodeSlice(node_index, n_nodes)` names the share: whole heads of q/k/v (and their KV cache),
+rows of w1/w3/lm_head, columns of wo/w2. `NodeLayers` computes, per layer, the node's partial
+`dim` vector after wo (`attention`) and after w2 (`ffn`), and its slice of the logits
+(`logits`). Summing partials across nodes and gathering logits is not done here: that is the
+exchange's job (engine.py), so the single-node engine is simply n_nodes = 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dllama.formats import FloatType, ModelFile, ModelHeader, RopeType
+from dllama.runtime import kernels
+from dllama.runtime.tensors import Matrix, QuantizedInput
+
+
+@dataclass(frozen=True)
+class NodeSlice:
+    node_index: int = 0
+    n_nodes: int = 1
+
+    def share(self, total: int) -> tuple[int, int]:
+        """[start, stop) of this node's contiguous share of `total` (rows, columns or heads)."""
+        per = total // self.n_nodes
+        return self.node_index * per, (self.node_index + 1) * per
+
+
+@dataclass
+class Expert:
+    w1: Matrix
+    w2: Matrix
+    w3: Matrix
+
+
+@dataclass
+class LayerWeights:
+    """A node's weights for one layer; matrices are already cut to the node's slice."""
+
+    q: Matrix
+    k: Matrix
+    v: Matrix
+    wo: Matrix
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    w1: Matrix | None = None  # dense FFN
+    w2: Matrix | None = None
+    w3: Matrix | None = None
+    gate: np.ndarray | None = None  # moe: (n_experts, dim) float32, whole on every node
+    experts: list[Expert] = field(default_factory=list)
+    q_norm: np.ndarray | None = None  # qwen3
+    k_norm: np.ndarray | None = None
+
+
+@dataclass
+class NodeWeights:
+    layers: list[LayerWeights]
+    norm: np.ndarray
+    lm_head: Matrix  # this node's rows of the vocabulary
+    embedding: np.ndarray | None = None  # (vocab, dim) float32; needed by the node that embeds tokens
+
+
+def load_node_weights(model: ModelFile, node: NodeSlice = NodeSlice()) -> NodeWeights:
+    """Zero-copy views of the node's slices of every tensor in the memory-mapped file."""
+    h = model.header
+
+    def rows(name: str, total: int) -> Matrix:
+        return Matrix.from_file(model, name).row_slice(*node.share(total))
+
+    def cols(name: str, total: int) -> Matrix:
+        return Matrix.from_file(model, name).column_slice(*node.share(total))
+
+    def vector(name: str) -> np.ndarray:
+        return model.blocks(name)
+
+    layers = []
+    for l in range(h.n_layers):
+        p = f"layers.{l}."
+        lw = LayerWeights(
+            q=rows(p + "q", h.q_dim), k=rows(p + "k", h.kv_dim), v=rows(p + "v", h.kv_dim),
+            wo=cols(p + "wo", h.q_dim), attn_norm=vector(p + "attn_norm"), ffn_norm=vector(p + "ffn_norm"),
+        )
+        if h.is_moe:
+            lw.gate = vector(p + "gate")
+            lw.experts = [Expert(rows(f"{p}experts.{e}.w1", h.ffn_dim), cols(f"{p}experts.{e}.w2", h.ffn_dim),
+                                 rows(f"{p}experts.{e}.w3", h.ffn_dim)) for e in range(h.n_experts)]
+        else:
+            lw.w1, lw.w2, lw.w3 = rows(p + "w1", h.hidden_dim), cols(p + "w2", h.hidden_dim), rows(p + "w3", h.hidden_dim)
+        if h.has_qk_norm:
+            lw.q_norm, lw.k_norm = vector(p + "q_norm"), vector(p + "k_norm")
+        layers.append(lw)
+    return NodeWeights(layers=layers, norm=vector("norm"), lm_head=rows("lm_head", h.vocab_size),
+                       embedding=vector("embedding"))
+
+
+# --------------------------------------------------------------------------------------------
+# The blocks
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(ms + np.float32(eps))) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def rope_frequencies(h: ModelHeader) -> np.ndarray:
+    """theta^(-2i/head_dim), with Llama 3.1 scaling when the header asks for it (FORMAT.md §2)."""
+    hd = h.head_dim
+    freqs = 1.0 / h.theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    if h.effective_rope_type != RopeType.LLAMA3_1:
+        return freqs
+    factor = float(h.rope_scaling_factor or 1)
+    low = float(h.rope_scaling_low_freq_factor or 1)
+    high = float(h.rope_scaling_high_freq_factor or 4)
+    orig = float(h.rope_scaling_orig_max_seq_len or h.max_seq_len)
+    wavelen = 2 * math.pi / freqs
+    smooth = (orig / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    return np.where(wavelen < orig / high, freqs, np.where(wavelen > orig / low, freqs / factor, blended))
+
+
+class Rope:
+    """Rotations for positions [0, max_seq_len): llama pairs (2i, 2i+1), falcon (i, i + hd/2)."""
+
+    def __init__(self, h: ModelHeader, max_seq_len: int):
+        angles = np.arange(max_seq_len, dtype=np.float64)[:, None] * rope_frequencies(h)[None, :]
+        self.cos = np.cos(angles).astype(np.float32)
+        self.sin = np.sin(angles).astype(np.float32)
+        self.falcon = h.effective_rope_type == RopeType.FALCON
+
+    def __call__(self, x: np.ndarray, pos: int) -> np.ndarray:
+        """x (T, heads, hd) at positions pos.. -> rotated copy."""
+        T, _, hd = x.shape
+        cos = self.cos[pos:pos + T, None, :]
+        sin = self.sin[pos:pos + T, None, :]
+        if self.falcon:
+            a, b = x[..., :hd // 2], x[..., hd // 2:]
+            return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = a * cos - b * sin
+        out[..., 1::2] = a * sin + b * cos
+        return out
+
+
+class NodeLayers:
+    """The node's per-layer computations and its slice of the KV cache."""
+
+    def __init__(self, h: ModelHeader, weights: NodeWeights, node: NodeSlice, max_seq_len: int):
+        self.h, self.w, self.node = h, weights, node
+        self.heads = h.n_heads // node.n_nodes
+        self.kv_heads = h.n_kv_heads // node.n_nodes
+        self.eps = h.norm_epsilon
+        self.rope = Rope(h, max_seq_len)
+        cache_shape = (h.n_layers, max_seq_len, self.kv_heads, h.head_dim)
+        self.k_cache = np.zeros(cache_shape, dtype=np.float32)
+        self.v_cache = np.zeros(cache_shape, dtype=np.float32)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.k_cache.nbytes + self.v_cache.nbytes
+
+    def attention(self, l: int, y: np.ndarray, pos: int) -> np.ndarray:
+        """y (T, dim) normed input at positions pos.. -> the node's partial Wo z (T, dim)."""
+        lw = self.w.layers[l]
+        T, hd = y.shape[0], self.h.head_dim
+        x_in = lw.q.prepare(y)
+        q = (lw.q @ x_in).reshape(T, self.heads, hd)
+        k = (lw.k @ x_in).reshape(T, self.kv_heads, hd)
+        v = (lw.v @ x_in).reshape(T, self.kv_heads, hd)
+        if lw.q_norm is not None:
+            q = rmsnorm(q, lw.q_norm, self.eps)
+            k = rmsnorm(k, lw.k_norm, self.eps)
+        self.k_cache[l, pos:pos + T] = self.rope(k, pos)
+        self.v_cache[l, pos:pos + T] = v
+        z = np.empty((T, self.heads * hd), dtype=np.float32)
+        kernels.attention(np.ascontiguousarray(self.rope(q, pos)), self.k_cache[l], self.v_cache[l], pos, z)
+        return lw.wo @ lw.wo.prepare(z)
+
+    def ffn(self, l: int, y: np.ndarray) -> np.ndarray:
+        """y (T, dim) normed input -> the node's partial FFN output (T, dim)."""
+        lw = self.w.layers[l]
+        if lw.gate is None:
+            return self._ffn(lw.w1, lw.w2, lw.w3, lw.w1.prepare(y))
+        return self._moe(lw, y)
+
+    @staticmethod
+    def _ffn(w1: Matrix, w2: Matrix, w3: Matrix, x_in) -> np.ndarray:
+        hidden = silu(w1 @ x_in) * (w3 @ x_in)  # the reference always uses silu (FORMAT.md §2)
+        return w2 @ w2.prepare(hidden)
+
+    def _moe(self, lw: LayerWeights, y: np.ndarray) -> np.ndarray:
+        """softmax gate, top n_active experts, weights renormalised (FORMAT.md §2)."""
+        T = y.shape[0]
+        probs = softmax(y @ lw.gate.T)
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :self.h.n_active_experts]
+        top_p = np.take_along_axis(probs, top, axis=-1)
+        weights = top_p / top_p.sum(axis=-1, keepdims=True)
+        out = np.zeros((T, self.h.dim), dtype=np.float32)
+        for e in np.unique(top):
+            tokens, slot = np.nonzero(top == e)
+            ex = lw.experts[e]
+            partial = self._ffn(ex.w1, ex.w2, ex.w3, ex.w1.prepare(y[tokens]))
+            out[tokens] += weights[tokens, slot][:, None] * partial
+        return out
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """x (T, dim) after the last layer -> the node's slice of the logits (T, vocab / n_nodes)."""
+        y = rmsnorm(x, self.w.norm, self.eps)
+        return self.w.lm_head @ self.w.lm_head.prepare(y)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)

@@ -1,0 +1,103 @@
+"""Weight matrices as stored, and the activations they multiply (FORMAT.md §1.2, §2).
+
+A `Matrix` is a zero-copy view of a `.m` tensor (or of a node's slice of it, FORMAT.md §3):
+quantized weights stay packed bytes, f32 weights a float view. Like the reference, q40 and q80
+weights meet q80-quantized activations (`QuantizedInput`) and f32 weights meet f32 ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dllama.formats import BLOCK_FORMATS, BLOCK_SIZE, FloatType, FormatError, ModelFile
+from dllama.runtime import kernels
+
+RUNNABLE_TYPES = (FloatType.F32, FloatType.Q40, FloatType.Q80)
+
+
+@dataclass(frozen=True)
+class QuantizedInput:
+    """Activations (T, n) quantized to q80 once, shared by every matmul that reads them."""
+
+    xq: np.ndarray  # (T, n) int8
+    xd: np.ndarray  # (T, n/32) float32 block scales (f16-rounded)
+    xs: np.ndarray  # (T, n/32) int32 block sums of xq
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> "QuantizedInput":
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        T, n = x.shape
+        xq = np.empty((T, n), dtype=np.int8)
+        xd = np.empty((T, n // BLOCK_SIZE), dtype=np.float32)
+        xs = np.empty((T, n // BLOCK_SIZE), dtype=np.int32)
+        kernels.quantize_q80(x, xq, xd, xs)
+        return cls(xq, xd, xs)
+
+    def dequantized(self) -> np.ndarray:
+        T, n = self.xq.shape
+        return (self.xq.reshape(T, -1, BLOCK_SIZE) * self.xd[:, :, None]).reshape(T, n)
+
+
+Input = "np.ndarray | QuantizedInput"
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """(rows, cols) weights: `data` is (rows, row_bytes) uint8 for q40/q80, (rows, cols) float32 for f32."""
+
+    data: np.ndarray
+    float_type: FloatType
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_file(cls, model: ModelFile, name: str) -> "Matrix":
+        spec = model.layout[name].spec
+        if spec.float_type not in RUNNABLE_TYPES:
+            raise FormatError(f"{model.path} stores {name} as {spec.float_type.name.lower()}, which the runtime (like the "
+                              "reference) does not run: reconvert with --weights-float-type q40, q80 or f32")
+        rows, cols = spec.shape
+        raw = model.raw(name)
+        data = raw.view("<f4").reshape(rows, cols) if spec.float_type == FloatType.F32 else raw.reshape(rows, -1)
+        return cls(data, spec.float_type, (rows, cols))
+
+    @property
+    def quantized(self) -> bool:
+        return self.float_type != FloatType.F32
+
+    def row_slice(self, start: int, stop: int) -> "Matrix":
+        return Matrix(self.data[start:stop], self.float_type, (stop - start, self.shape[1]))
+
+    def column_slice(self, start: int, stop: int) -> "Matrix":
+        """Columns [start, stop) of every row: a strided view, no copy (FORMAT.md §3 wo/w2)."""
+        fmt = BLOCK_FORMATS[self.float_type]
+        if self.quantized and (start % BLOCK_SIZE or stop % BLOCK_SIZE):
+            raise FormatError(f"column slice [{start}, {stop}) does not fall on {BLOCK_SIZE}-value block boundaries")
+        b0, b1 = start // fmt.values * fmt.nbytes, stop // fmt.values * fmt.nbytes
+        data = self.data[:, start:stop] if not self.quantized else self.data[:, b0:b1]
+        return Matrix(data, self.float_type, (self.shape[0], stop - start))
+
+    def prepare(self, x: np.ndarray) -> "np.ndarray | QuantizedInput":
+        """The activation form this matrix multiplies: q80 for quantized weights, else float32."""
+        return QuantizedInput.of(x) if self.quantized else np.ascontiguousarray(x, dtype=np.float32)
+
+    def __matmul__(self, x: "np.ndarray | QuantizedInput") -> np.ndarray:
+        """(T, cols) activations -> (T, rows) float32."""
+        if not self.quantized:
+            return np.asarray(x, dtype=np.float32) @ self.data.T
+        if not isinstance(x, QuantizedInput):
+            x = QuantizedInput.of(x)
+        T = x.xq.shape[0]
+        out = np.empty((T, self.shape[0]), dtype=np.float32)
+        table = kernels.F16_TO_F32
+        if self.float_type == FloatType.Q40:
+            if T == 1:
+                kernels.matvec_q40(self.data, x.xq[0], x.xd[0], x.xs[0], table, out[0])
+            else:
+                kernels.matmul_q40(self.data, x.xq, x.xd, table, out)
+        else:
+            if T == 1:
+                kernels.matvec_q80(self.data, x.xq[0], x.xd[0], table, out[0])
+            else:
+                kernels.matmul_q80(self.data, x.xq, x.xd, table, out)
+        return out
