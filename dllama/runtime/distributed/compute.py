@@ -2,8 +2,9 @@
 logits rows. Each step returns the node's partial `dim` vectors; summing the partials of all
 nodes in node order is the caller's job (the exchange seams).
 
-Provisional numpy arithmetic of the same quantized maths (q80 activations against q40/q80
-weights, f32 against f32) until the single-node runtime's kernels can be called per slice.
+Matrix products and attention run in the single-node runtime's numba kernels
+(dllama/runtime/tensors.py Matrix, kernels.attention) on the node's slice bytes; q80 activations against q40/q80 weights,
+f32 against f32, as FORMAT.md §2.
 """
 from __future__ import annotations
 
@@ -11,39 +12,24 @@ import math
 
 import numpy as np
 
-from dllama.formats import (
-    Q40_BLOCK, Q80_BLOCK, FloatType, ModelHeader, RopeType, dequantize_q80, quantize_q80, tensor_plan,
-)
+
+from dllama.formats import FloatType, ModelHeader, RopeType, dequantize_q80, quantize_q80, tensor_plan
+from dllama.runtime import kernels
+from dllama.runtime.tensors import Matrix
 from dllama.runtime.distributed.plan import slice_shape
 
 
-def typed_slice(raw: np.ndarray, shape: tuple[int, ...], float_type: FloatType) -> np.ndarray:
-    """Slice bytes -> float array of `shape`, or (rows, blocks) records for quantized matrices."""
-    if float_type == FloatType.F32:
+def typed_slice(raw: np.ndarray, shape: tuple[int, ...], float_type: FloatType) -> np.ndarray | Matrix:
+    """Slice bytes -> the runtime's Matrix for weights, a float32 array for norms."""
+    if len(shape) == 1:
         return raw.view("<f4").reshape(shape)
-    if float_type == FloatType.F16:
-        return raw.view("<f2").astype(np.float32).reshape(shape)
-    block = Q40_BLOCK if float_type == FloatType.Q40 else Q80_BLOCK
-    return raw.view(block).reshape(shape[0], -1)
+    data = raw.view("<f4").reshape(shape) if float_type == FloatType.F32 else raw.reshape(shape[0], -1)
+    return Matrix(data, float_type, shape)
 
 
-def _block_ints(w: np.ndarray) -> np.ndarray:
-    if w.dtype == Q40_BLOCK:
-        qs = w["qs"]
-        return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int8) - np.int8(8)
-    return w["qs"]
-
-
-def matmul(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+def matmul(w: Matrix, x: np.ndarray) -> np.ndarray:
     """(T, in) activations times a (out, in) weight -> (T, out); quantized weights meet q80 activations."""
-    if w.dtype.names is None:
-        return x @ w.T
-    xq = quantize_q80(x).view(Q80_BLOCK).reshape(x.shape[0], -1)
-    wi = _block_ints(w).astype(np.int32)                      # (out, nb, 32)
-    xi = xq["qs"].astype(np.int32)                             # (T, nb, 32)
-    dots = np.einsum("onk,tnk->ton", wi, xi).astype(np.float32)
-    scale = w["d"].astype(np.float32)[None, :, :] * xq["d"].astype(np.float32)[:, None, :]
-    return (dots * scale).sum(axis=-1, dtype=np.float32)
+    return w @ x
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -121,17 +107,11 @@ class SliceCompute:
 
     def _attend(self, layer: int, q: np.ndarray, pos: int) -> np.ndarray:
         T, hd = q.shape[0], self.h.head_dim
-        keys = self.k_cache[layer, :pos + T].reshape(pos + T, self.kv_heads, hd)
-        values = self.v_cache[layer, :pos + T].reshape(pos + T, self.kv_heads, hd)
-        group = self.heads // self.kv_heads
-        kv_of = np.arange(self.heads) // group
-        scores = np.einsum("thd,shd->hts", q, keys[:, kv_of]) / np.float32(math.sqrt(hd))
-        causal = np.arange(pos + T)[None, :] > (pos + np.arange(T))[:, None]
-        scores[:, causal] = -np.inf
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        scores /= scores.sum(axis=-1, keepdims=True)
-        z = np.einsum("hts,shd->thd", scores.astype(np.float32), values[:, kv_of])
-        return z.reshape(T, -1).astype(np.float32)
+        keys = self.k_cache[layer].reshape(self.max_seq_len, self.kv_heads, hd)
+        values = self.v_cache[layer].reshape(self.max_seq_len, self.kv_heads, hd)
+        out = np.empty((T, self.heads * hd), dtype=np.float32)
+        kernels.attention(np.ascontiguousarray(q, dtype=np.float32), keys, values, pos, out)
+        return out
 
     def ffn(self, layer: int, x: np.ndarray) -> np.ndarray:
         h, w, p = self.h, self.w, f"layers.{layer}."
