@@ -125,6 +125,10 @@ def encode_q40(src, kind, order, out):
                 if v < mn:
                     mn = v
             m = mn if -mn > mx else mx  # a tie |min| == max takes max
+            if m == 0:
+                # all-zero block: numpy's max picks a signed zero by SIMD lane order; we always
+                # take +0 (d = -0), numpy's answer for the common all-+0 block
+                m = np.float32(0.0)
             d = m / np.float32(-8.0)
             scales[b] = d
             inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
