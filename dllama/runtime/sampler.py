@@ -1,0 +1,29 @@
+"""Next-token choice from logits: greedy at temperature 0, else temperature + top-p (nucleus)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Sampler:
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+        if temperature < 0:
+            raise ValueError(f"temperature {temperature} is negative: use 0 for greedy or a positive value")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p {top_p} is outside (0, 1]")
+        self.temperature = temperature
+        self.top_p = top_p
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / self.temperature
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        if self.top_p < 1.0:
+            # the smallest prefix of the most likely tokens whose mass reaches top_p
+            cut = int(np.searchsorted(np.cumsum(probs[order]), self.top_p)) + 1
+            order = order[:cut]
+        kept = probs[order]
+        return int(order[self.rng.choice(len(order), p=kept / kept.sum())])
