@@ -22,7 +22,7 @@ EXAMPLE_TOKENIZER = ROOT / "examples" / "tokenizer"  # 512 tokens, bos 510, eos 
 
 
 def small_config(model_type: str = "llama", **overrides) -> dict:
-    return tiny_config(model_type, vocab_size=512, bos_token_id=510, eos_token_id=511, **overrides)
+    return tiny_config(model_type, **{"vocab_size": 512, "bos_token_id": 510, "eos_token_id": 511, **overrides})
 
 
 def numpy_reference_bytes(folder: Path, quant: str) -> bytes:

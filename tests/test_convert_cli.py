@@ -1,0 +1,234 @@
+"""dllama-convert through its CLI: bad input is one clear line, exit 1, and no output file left behind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from typer.testing import CliRunner
+
+from dllama.converter.cli import app
+from dllama.converter.convert import ConversionError, plan_conversion, write_outputs
+from dllama.converter.synthetic import write_checkpoint
+from dllama.formats import FloatType
+
+from conftest import CONFORMANCE, require_fixtures
+from test_convert import EXAMPLE_TOKENIZER, small_config
+
+runner = CliRunner()
+
+
+def run_cli(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def checkpoint(tmp_path: Path, dtype: str = "bf16", **config) -> Path:
+    return write_checkpoint(tmp_path / "ck", small_config(**config), dtype=dtype, tokenizer=EXAMPLE_TOKENIZER)
+
+
+def edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def assert_fails_cleanly(result, out_dir: Path, *phrases: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0]
+    assert result.stdout == ""
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []  # not even a .partial
+
+
+def test_conversion_prints_the_summary_and_writes_both_files(tmp_path):
+    folder = checkpoint(tmp_path)
+    out = tmp_path / "out"
+    result = run_cli("hf", folder, "--quant", "q40", "--name", "tiny", "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["dllama_model_tiny_q40.m", "dllama_tokenizer_tiny.t"]
+    for fact in ("arch llama", "q40 weights", "dim 64", "layers     2", "kv heads 2", "vocab      512",
+                 str(out / "dllama_model_tiny_q40.m")):
+        assert fact in result.stdout
+
+
+def test_json_summary_is_machine_readable(tmp_path):
+    folder = checkpoint(tmp_path)
+    result = run_cli("hf", folder, "-q", "f32", "-o", tmp_path / "out", "--json", "--no-embed-tokenizer")
+    summary = json.loads(result.stdout)
+    assert summary["model"]["quant"] == "f32" and summary["model"]["n_layers"] == 2
+    assert summary["tokenizer"]["embedded_source"] is False
+    assert sum(summary["outputs"].values()) == sum(p.stat().st_size for p in (tmp_path / "out").iterdir())
+
+
+def test_tokenizer_command_writes_only_the_t_file(tmp_path):
+    result = run_cli("tokenizer", EXAMPLE_TOKENIZER, "--name", "ex", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["dllama_tokenizer_ex.t"]
+
+
+# -- one test per bad input (issue 2, "Must hold" 4)
+
+def test_missing_config_is_named(tmp_path):
+    folder = checkpoint(tmp_path)
+    (folder / "config.json").unlink()
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out", "config.json is missing")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    folder = checkpoint(tmp_path, dtype="f32")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out",
+                         "model.layers.1.mlp.up_proj.weight is missing")
+
+
+def test_tensor_with_the_wrong_shape_is_named(tmp_path):
+    folder = checkpoint(tmp_path)
+    edit_config(folder, intermediate_size=96)
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out",
+                         "model.layers.0.mlp.gate_proj.weight has shape [128, 64]")
+
+
+def test_missing_shard_is_named(tmp_path):
+    folder = write_checkpoint(tmp_path / "ck", small_config(), shards=2, tokenizer=EXAMPLE_TOKENIZER)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out",
+                         "model-00002-of-00002.safetensors", "missing")
+
+
+@pytest.mark.parametrize("key,value,phrase", [
+    ("model_type", "gpt2", "unsupported model_type 'gpt2'"),
+    ("hidden_act", "gelu_pytorch_tanh", "unsupported hidden_act 'gelu_pytorch_tanh'"),
+    ("rms_norm_eps", 1e-8, "unsupported rms_norm_eps 1e-08"),
+])
+def test_unsupported_config_values_are_named(tmp_path, key, value, phrase):
+    folder = checkpoint(tmp_path)
+    edit_config(folder, **{key: value})
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out", phrase)
+
+
+@pytest.mark.parametrize("quant", ["q40", "q80"])
+def test_row_length_not_a_multiple_of_32_is_refused_for_block_types(tmp_path, quant):
+    folder = checkpoint(tmp_path, hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
+    assert_fails_cleanly(run_cli("hf", folder, "-q", quant, "-o", tmp_path / "out"), tmp_path / "out",
+                         "rows of 48 values, not a multiple of 32", "--quant f32 or f16")
+    # the fix the message suggests works
+    assert run_cli("hf", folder, "-q", "f16", "-o", tmp_path / "out").exit_code == 0
+
+
+def test_truncated_safetensors_is_refused(tmp_path):
+    folder = checkpoint(tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:len(data) - 1000])
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out", "truncated")
+
+
+def test_corrupt_safetensors_header_is_refused(tmp_path):
+    folder = checkpoint(tmp_path)
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.seek(8)
+        f.write(b"\xff\xfe not json")
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out", "corrupt")
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    folder = checkpoint(tmp_path, vocab_size=384)
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out",
+                         "512 tokens", "vocab_size is 384")
+
+
+def test_model_vocabulary_padded_beyond_the_tokenizer_is_accepted_with_a_note(tmp_path):
+    folder = checkpoint(tmp_path, vocab_size=640)  # as Qwen pads its embedding
+    result = run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out")
+    assert result.exit_code == 0 and "padded beyond the tokenizer" in result.stderr
+
+
+def test_missing_tokenizer_is_named(tmp_path):
+    folder = write_checkpoint(tmp_path / "ck", small_config())
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out",
+                         "neither tokenizer.model nor tokenizer.json")
+
+
+def test_unknown_quant_is_refused(tmp_path):
+    folder = checkpoint(tmp_path)
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q4_k", "-o", tmp_path / "out"), tmp_path / "out", "q40, q80, f32, f16")
+
+
+def test_output_folder_that_cannot_be_created_is_refused(tmp_path):
+    folder = checkpoint(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = run_cli("hf", folder, "-q", "q40", "-o", blocker / "out")
+    assert_fails_cleanly(result, blocker / "out", "--output-dir")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_refused(tmp_path):
+    folder = checkpoint(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", out), out, "not writable")
+    finally:
+        out.chmod(0o700)
+
+
+def test_failure_while_streaming_leaves_no_file(tmp_path):
+    folder = checkpoint(tmp_path)
+    out = tmp_path / "out"
+    plan = plan_conversion(folder, FloatType.Q40, "m", out)
+    os.truncate(folder / "model.safetensors", (folder / "model.safetensors").stat().st_size // 2)  # after the checks
+    with pytest.raises(ConversionError, match="truncated"):
+        write_outputs(plan)
+    assert list(out.iterdir()) == []
+
+
+# -- hub ids, without network
+
+def run_subprocess(args: list[str], hf_home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    return subprocess.run([sys.executable, "-m", "dllama.converter.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_hub_id_offline_and_not_cached_fails_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    proc = run_subprocess(["hf", "acme/tiny-llama", "-q", "q40", "-o", str(out)], tmp_path / "hf")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: acme/tiny-llama is not in the Hugging Face cache and offline mode is on (HF_HUB_OFFLINE); "
+        "download it once with network access, or pass a local folder"]
+    assert not out.exists()
+
+
+def test_hub_id_found_in_the_offline_cache_converts(tmp_path):
+    source = require_fixtures(CONFORMANCE / "tiny-llama")
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-llama"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(source / name, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    out = tmp_path / "out"
+    proc = run_subprocess(["hf", "acme/tiny-llama", "-q", "q40", "-o", str(out)], tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "dllama_model_tiny-llama_q40.m").read_bytes() == (source / "expected_q40.m").read_bytes()
+
+
+def test_path_that_does_not_exist_is_not_mistaken_for_a_hub_id(tmp_path):
+    result = run_cli("hf", tmp_path / "nowhere", "-q", "q40", "-o", tmp_path / "out")
+    assert_fails_cleanly(result, tmp_path / "out", "does not exist")
