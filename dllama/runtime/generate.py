@@ -27,14 +27,14 @@ def generate(engine: Engine, prompt_ids: Sequence[int], max_tokens: int, tempera
     if cancel is not None and cancel():
         return
     logits = engine.forward(prompt_ids[start_pos:], start_pos)[-1]
-    for _ in range(max_tokens):
+    for i in range(max_tokens):
         if cancel is not None and cancel():
             return
         token = sample(logits)
         if token in eos:
             return
         yield token
-        if pos >= engine.max_seq_len:
+        if i + 1 == max_tokens or pos >= engine.max_seq_len:
             return
         logits = engine.forward([token], pos)[0]
         pos += 1
