@@ -172,12 +172,16 @@ class LogitThresholds:
         return f"top1>={self.min_top1:g} KL mean<={self.max_mean_kl:g} p99<={self.max_p99_kl:g} abs<={self.max_abs:g}"
 
 
-# Chosen from measurements on the conformance fixtures and synthetic models (docs/VALIDATE.md).
+# From `python benchmarks/validate.py thresholds` (docs/VALIDATE.md): correct fixture conversions
+# measure f32 KL 1e-13 / abs 8e-7, q80 KL 1.3e-4 / p99 4e-4 / abs 0.043, q40 KL 0.016 / p99 0.034 /
+# abs 0.375 (top-1 0.48: random tiny models have near-tied logits). The smallest bug measured
+# (rope_theta x100 on tiny-llama) gives KL 0.004 / p99 0.024 / abs 0.32 at f32 and q80, so those
+# bounds sit well between. At q40 only gross bugs clear the quantization noise of a 2-layer
+# random model; the --hf structure checks catch the subtle ones exactly.
 LOGIT_THRESHOLDS = {
-    FloatType.F32: LogitThresholds(min_top1=0.99, max_mean_kl=1e-5, max_p99_kl=1e-4, max_abs=1e-3),
-    FloatType.F16: LogitThresholds(min_top1=0.95, max_mean_kl=1e-3, max_p99_kl=5e-3, max_abs=0.02),
-    FloatType.Q80: LogitThresholds(min_top1=0.90, max_mean_kl=5e-3, max_p99_kl=0.03, max_abs=0.1),
-    FloatType.Q40: LogitThresholds(min_top1=0.75, max_mean_kl=0.05, max_p99_kl=0.25, max_abs=0.5),
+    FloatType.F32: LogitThresholds(min_top1=0.99, max_mean_kl=1e-6, max_p99_kl=1e-5, max_abs=1e-3),
+    FloatType.Q80: LogitThresholds(min_top1=0.85, max_mean_kl=1e-3, max_p99_kl=5e-3, max_abs=0.15),
+    FloatType.Q40: LogitThresholds(min_top1=0.25, max_mean_kl=0.05, max_p99_kl=0.5, max_abs=0.6),
 }
 
 
@@ -219,7 +223,7 @@ def logit_fidelity(run_model: Callable[[np.ndarray], np.ndarray], float_type: Fl
     summary = {"top1": sum(p["top1"] * p["positions"] for p in per_prompt) / positions,
                "mean_kl": float(all_kl.mean()), "p99_kl": float(np.percentile(all_kl, 99)),
                "max_abs": max(p["max_abs"] for p in per_prompt)}
-    t = LOGIT_THRESHOLDS[float_type]
+    t = LOGIT_THRESHOLDS.get(float_type, LOGIT_THRESHOLDS[FloatType.Q80])  # f16: no runtime runs it (yet)
     measured = (f"top1 {summary['top1']:.3f} KL mean {summary['mean_kl']:.2g} p99 {summary['p99_kl']:.2g} "
                 f"abs {summary['max_abs']:.2g}")
     details = dict(summary=summary, per_prompt=per_prompt, prompts=reference.prompts, weights=float_type.name.lower(),

@@ -28,26 +28,13 @@ class Options:
     nthreads: int | None = None                # runtime threads
 
 
-def resolve_source(source: str | os.PathLike) -> Path:
-    """A local Hugging Face folder, or a hub repo id fetched through huggingface_hub's cache."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    if path.exists() or os.sep in str(source) and not str(source).count("/") == 1:
-        raise InputError(f"--hf {source} is not a folder; give the Hugging Face model folder or a repo id like org/name")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]))
-    except Exception as e:  # offline, unknown repo, gated: all mean the same to the user
-        raise InputError(f"--hf {source} is neither a folder nor a downloadable repo id ({type(e).__name__}); "
-                         "pass the local model folder") from None
-
-
 def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
+    """SOURCE as dllama-convert reads it: a local folder or a hub repo id (converter/hub.py)."""
+    from dllama.converter.hub import SourceError, resolve_source
+
     try:
-        return Checkpoint(resolve_source(source))
-    except CheckpointError as e:
+        return Checkpoint(resolve_source(str(source)))
+    except (CheckpointError, SourceError) as e:
         raise InputError(f"--hf: {e}") from None
 
 
