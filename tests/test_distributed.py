@@ -1,6 +1,8 @@
 """Root + workers on loopback give the single node's results (issue 6, must-hold 1)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 
@@ -9,9 +11,13 @@ from distributed_helpers import greedy, loopback_workers, write_random_model
 from dllama.formats import FloatType, ModelFile, read_model_header
 from dllama.runtime.distributed.plan import SplitError, memory_plan, slice_geometry, split_check
 from dllama.runtime.distributed.root import DistributedEngine, parse_workers
+from dllama.runtime.engine import Engine
 
 
-def single_node(path, buffer_type):
+def single_node(path, buffer_type=None):
+    """The single-node runtime (issue 4), or, for an exchange type it does not use, our own one node."""
+    if buffer_type is None:
+        return nullcontext(Engine.load(path, max_seq_len=64))
     return DistributedEngine(path, [], max_seq_len=64, buffer_type=buffer_type)
 
 
@@ -24,7 +30,7 @@ def test_two_nodes_f32_logits_equal_one_node_and_reference(checkpoint):
     folder = require_fixtures(CONFORMANCE / checkpoint)
     ref = np.load(folder / "reference_logits.npz")
     path = folder / "expected_f32.m"
-    with loopback_workers(1) as workers, single_node(path, "f32") as one, cluster(path, workers, "f32") as two:
+    with loopback_workers(1) as workers, single_node(path) as one, cluster(path, workers, "f32") as two:
         for j in range(3):
             ids = ref[f"ids{j}"]
             want = one.forward(ids, 0)
@@ -38,7 +44,7 @@ def test_two_nodes_f32_logits_equal_one_node_and_reference(checkpoint):
 def test_four_nodes_f32_logits_equal_one_node(tmp_path):
     path = write_random_model(tmp_path / "kv4_f32.m", FloatType.F32)
     ids = np.array([1, 17, 42, 99, 3, 250, 7])
-    with loopback_workers(3) as workers, single_node(path, "f32") as one, cluster(path, workers, "f32") as four:
+    with loopback_workers(3) as workers, single_node(path) as one, cluster(path, workers, "f32") as four:
         assert np.abs(four.forward(ids, 0) - one.forward(ids, 0)).max() <= 1e-4
         assert np.abs(four.forward([5], 7) - one.forward([5], 7)).max() <= 1e-4
 
@@ -60,7 +66,7 @@ def test_two_nodes_q40_with_q80_exchange_keeps_greedy_tokens():
     folder = require_fixtures(CONFORMANCE / "tiny-llama")
     ref = np.load(folder / "reference_logits.npz")
     path = folder / "expected_q40.m"
-    with loopback_workers(1) as workers, single_node(path, "q80") as one, cluster(path, workers, "q80") as two:
+    with loopback_workers(1) as workers, single_node(path) as one, cluster(path, workers, "q80") as two:
         identical = 0
         for j in range(3):
             ids = ref[f"ids{j}"]
@@ -81,7 +87,7 @@ def test_two_nodes_q40_with_q80_exchange_keeps_greedy_tokens():
 def test_four_nodes_q40_keeps_greedy_tokens(tmp_path):
     path = write_random_model(tmp_path / "kv4_q40.m", FloatType.Q40)
     ids = np.array([1, 17, 42, 99, 3])
-    with loopback_workers(3) as workers, single_node(path, "q80") as one, cluster(path, workers, "q80") as four:
+    with loopback_workers(3) as workers, single_node(path) as one, cluster(path, workers, "q80") as four:
         assert greedy(four, ids, 12) == greedy(one, ids, 12)
 
 
@@ -89,7 +95,7 @@ def test_worker_with_its_own_copy_loads_locally_and_agrees():
     folder = require_fixtures(CONFORMANCE / "tiny-llama")
     path = folder / "expected_f32.m"
     ids = np.load(folder / "reference_logits.npz")["ids0"]
-    with loopback_workers(1, model_path=path) as workers, single_node(path, "f32") as one, \
+    with loopback_workers(1, model_path=path) as workers, single_node(path) as one, \
             cluster(path, workers, "f32") as two:
         assert two.links[0].streamed_bytes == 0
         assert np.abs(two.forward(ids, 0) - one.forward(ids, 0)).max() <= 1e-4

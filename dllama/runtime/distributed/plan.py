@@ -65,10 +65,11 @@ def slice_geometry(spec: TensorSpec, node: int, n_nodes: int) -> SliceGeometry:
 
 
 def slice_shape(spec: TensorSpec, n_nodes: int) -> tuple[int, ...]:
+    """Rows or columns of the node's share, as model.NodeSlice.share cuts them."""
     if spec.split == Split.ROWS:
         return (spec.shape[0] // n_nodes,) + tuple(spec.shape[1:])
     if spec.split == Split.COLUMNS:
-        return (spec.shape[0], spec.shape[1] // n_nodes)
+        return spec.shape[0], spec.shape[1] // n_nodes
     return spec.shape
 
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numba
 import numpy as np
 
 from dllama.formats import ModelHeader
-from dllama.runtime.distributed.compute import SliceCompute
 from dllama.runtime.distributed.exchange import (
     add_partials, decode_partial, encode_logits, encode_partial, parse_partial, partial_nbytes,
 )
@@ -28,8 +28,11 @@ from dllama.runtime.distributed.protocol import (
     model_identity, ready_payload, recv_frame, send_error, send_frame, send_preamble,
 )
 from dllama.runtime.distributed.slices import SliceReceiver, load_local_slices, node_tensor_names
+from dllama.runtime.distributed.weights import node_weights
+from dllama.runtime.engine import PREFILL_BATCH
+from dllama.runtime.model import NodeLayers, NodeSlice, rmsnorm
 
-MAX_BATCH = 64  # tokens per FORWARD; the root splits longer prompts
+MAX_BATCH = max(64, PREFILL_BATCH)  # tokens per FORWARD; the root's Engine sends PREFILL_BATCH at most
 
 
 def physical_memory() -> int:
@@ -120,9 +123,13 @@ class Worker:
         self.log(f"root {peer}: node {session.node} of {session.n_nodes}, {session.hello.identity.short()}")
         conn.settimeout(IO_TIMEOUT_S)
         slices = self._load_slices(conn, session)
-        compute = SliceCompute(session.header, slices, session.node, session.n_nodes, session.hello.max_seq_len)
+        node = NodeSlice(session.node, session.n_nodes)
+        layers = NodeLayers(session.header, node_weights(session.header, slices, session.n_nodes), node,
+                            session.hello.max_seq_len)
         send_frame(conn, Frame.LOADED)
-        self._serve_tokens(conn, session, compute)
+        if self.nthreads:
+            numba.set_num_threads(self.nthreads)  # per calling thread
+        self._serve_tokens(conn, session, layers)
 
     def _accept_hello(self, hello: Hello) -> Session:
         header = hello.header()
@@ -152,7 +159,7 @@ class Worker:
                 return receiver.slices()
             receiver.accept(payload)
 
-    def _serve_tokens(self, conn: socket.socket, s: Session, compute: SliceCompute) -> None:
+    def _serve_tokens(self, conn: socket.socket, s: Session, layers: NodeLayers) -> None:
         limit = s.forward_limit()
         h = s.header
         while True:
@@ -171,28 +178,33 @@ class Worker:
             if len(x_bytes) != n * h.dim * 4:
                 raise ProtocolError(f"FORWARD carries {len(x_bytes)} bytes, expected {n * h.dim * 4}")
             x = np.frombuffer(x_bytes, dtype="<f4").reshape(n, h.dim).copy()
-            forward_slice(conn, s.node, s.n_nodes, s.hello.buffer_type, compute, x, pos)
-            send_frame(conn, Frame.LOGITS, *encode_logits(compute.logits(x), s.hello.buffer_type))
+            forward_slice(conn, s, layers, x, pos)
+            send_frame(conn, Frame.LOGITS, *encode_logits(layers.logits(x), s.hello.buffer_type))
 
 
-def forward_slice(conn: socket.socket, node: int, n_nodes: int, buffer_type: BufferType, compute: SliceCompute,
-                  x: np.ndarray, pos: int) -> None:
-    """All layers on a worker: compute a seam's partial, send it, then take every other node's.
+def forward_slice(conn: socket.socket, s: Session, layers: NodeLayers, x: np.ndarray, pos: int) -> None:
+    """Every layer of the node's share, as engine.Engine._forward_batch runs them on the root."""
+    eps = s.header.norm_epsilon
+    for l, lw in enumerate(layers.w.layers):
+        exchange_partial(conn, s, l, 0, layers.attention(l, rmsnorm(x, lw.attn_norm, eps), pos), x)
+        exchange_partial(conn, s, l, 1, layers.ffn(l, rmsnorm(x, lw.ffn_norm, eps)), x)
+
+
+def exchange_partial(conn: socket.socket, s: Session, layer: int, seam: int, partial: np.ndarray, x: np.ndarray) -> None:
+    """Send this node's partial, take every other node's, add all into x in node order.
 
     Sending first and receiving after (the root does the opposite) means no two peers ever wait
     on each other's full socket buffers."""
     n, dim = x.shape
-    for layer in range(compute.h.n_layers):
-        for seam in (0, 1):
-            p = compute.attention(layer, x, pos) if seam == 0 else compute.ffn(layer, x)
-            own = encode_partial(p, buffer_type)
-            send_frame(conn, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, node), own)
-            parts: dict[int, np.ndarray] = {node: decode_partial(own, n, dim, buffer_type)}
-            limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, buffer_type)
-            while len(parts) < n_nodes:
-                _, payload = recv_frame(conn, limit, expect=(Frame.PARTIAL,))
-                sender, data = parse_partial(payload, layer, seam, n_nodes)
-                if sender in parts:
-                    raise ProtocolError(f"second partial from node {sender} at layer {layer}")
-                parts[sender] = decode_partial(data, n, dim, buffer_type)
-            add_partials(x, [parts[i] for i in range(n_nodes)])
+    bt = s.hello.buffer_type
+    own = encode_partial(partial, bt)
+    send_frame(conn, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, s.node), own)
+    parts: dict[int, np.ndarray] = {s.node: decode_partial(own, n, dim, bt)}
+    limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, bt)
+    while len(parts) < s.n_nodes:
+        _, payload = recv_frame(conn, limit, expect=(Frame.PARTIAL,))
+        sender, data = parse_partial(payload, layer, seam, s.n_nodes)
+        if sender in parts:
+            raise ProtocolError(f"second partial from node {sender} at layer {layer}")
+        parts[sender] = decode_partial(data, n, dim, bt)
+    add_partials(x, [parts[i] for i in range(s.n_nodes)])
