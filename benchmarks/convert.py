@@ -1,0 +1,125 @@
+"""Conversion speed and memory: a TinyLlama-1.1B-shaped bf16 checkpoint (~2.2 GB) -> q40.
+
+    python benchmarks/convert.py [--runs 3] [--quant q40]
+
+Builds the checkpoint once under .bench/ (ignored by git) and reuses it. Each run is a fresh
+child process running `dllama-convert hf` exactly as a user would; wall time is measured
+around it and peak RSS is the child's ru_maxrss. The numba kernels are compiled (or loaded
+from their cache) in a warm-up conversion of a tiny model first, as after any first use.
+Target (issue 2): <= 10 s wall and <= 400 MB peak RSS on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / ".bench"
+CHECKPOINT = BENCH / "tinyllama-bf16"
+LLAMA2_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "tokenizers" / "llama2"  # TinyLlama's tokenizer
+EXAMPLE_TOKENIZER = ROOT / "examples" / "tokenizer"
+
+
+def ensure_checkpoint() -> Path:
+    from dllama.converter.synthetic import tinyllama_config, write_checkpoint
+
+    config = tinyllama_config()
+    marker = CHECKPOINT / "config.json"
+    if marker.is_file() and json.loads(marker.read_text()) | {"torch_dtype": "bfloat16"} == config:
+        return CHECKPOINT
+    tokenizer = LLAMA2_TOKENIZER if LLAMA2_TOKENIZER.is_dir() else EXAMPLE_TOKENIZER
+    print(f"building {CHECKPOINT} (once) ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    write_checkpoint(CHECKPOINT, config, dtype="bf16", seed=0, tokenizer=tokenizer)
+    print(f"  built in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return CHECKPOINT
+
+
+def convert_in_child(source: Path, quant: str, out: Path) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stdout) of one `dllama-convert hf` in a fresh process."""
+    cmd = [sys.executable, "-m", "dllama.converter.cli", "hf", str(source), "--quant", quant, "--name", "bench",
+           "--output-dir", str(out)]
+    log = BENCH / "convert.log"
+    with open(log, "w") as stdout:
+        started = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage: ru_maxrss in KB on Linux
+        wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        sys.exit(f"conversion failed: {log.read_text().strip()}")
+    return wall, usage.ru_maxrss * 1024, log.read_text()
+
+
+def warm_up(out: Path) -> None:
+    from dllama.converter.synthetic import tiny_config, write_checkpoint
+
+    tiny = write_checkpoint(BENCH / "warmup", tiny_config(vocab_size=512, bos_token_id=510, eos_token_id=511),
+                            tokenizer=EXAMPLE_TOKENIZER)
+    for quant in ("q40", "q80", "f32", "f16"):
+        subprocess.run([sys.executable, "-m", "dllama.converter.cli", "hf", str(tiny), "-q", quant, "-o", str(out)],
+                       check=True, capture_output=True)
+
+
+def spot_check(model_path: Path, source: Path) -> None:
+    """The benchmark's output is a correct file: exact size, and layer 0 / lm_head equal the numpy codec."""
+    from dllama.checkpoint import Checkpoint
+    from dllama.formats import ModelFile, encode_tensor, model_file_size, permute_rotary_rows
+
+    model = ModelFile(model_path)
+    assert model_path.stat().st_size == model_file_size(model.header)
+    ck = Checkpoint(source)
+    for name, hf, heads in (("layers.0.q", "model.layers.0.self_attn.q_proj.weight", model.header.n_heads),
+                            ("layers.21.w2", "model.layers.21.mlp.down_proj.weight", None),
+                            ("lm_head", "lm_head.weight", None)):
+        w = ck.get(hf)
+        if heads:
+            w = permute_rotary_rows(w, heads)
+        spec = model.layout[name].spec
+        assert np.array_equal(model.raw(name), encode_tensor(w, spec.float_type)), name
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
+    except OSError:
+        model = platform.processor() or "?"
+    return f"{model}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quant", default="q40")
+    args = parser.parse_args()
+    source = ensure_checkpoint()
+    out = BENCH / "out"
+    warm_up(out)
+    source_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    print(f"machine: {machine()}; load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    print(f"source: {source} ({source_bytes / 1e9:.2f} GB bf16), target {args.quant}")
+    walls, peaks = [], []
+    for i in range(args.runs):
+        wall, peak, stdout = convert_in_child(source, args.quant, out)
+        walls.append(wall)
+        peaks.append(peak)
+        print(f"run {i + 1}: {wall:.2f} s wall, peak RSS <= {peak / 1e6:.0f} MB")
+    model_path = out / f"dllama_model_bench_{args.quant}.m"
+    spot_check(model_path, source)
+    print(f"result: median {statistics.median(walls):.2f} s (min {min(walls):.2f}), "
+          f"{source_bytes / 1e9 / statistics.median(walls):.2f} GB/s of source, peak RSS {max(peaks) / 1e6:.0f} MB, "
+          f"output {model_path.stat().st_size / 1e9:.3f} GB; spot check vs numpy codec: identical")
+
+
+if __name__ == "__main__":
+    main()
