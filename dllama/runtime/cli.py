@@ -27,6 +27,9 @@ TOKENIZER_HELP = "the .t tokenizer file (from dllama-convert)"
 SEQ_HELP = (f"KV cache positions, prompt and answer together (default {DEFAULT_MAX_SEQ_LEN}; models declare up to "
             "131072, far more than a small board holds; capped at the model's own limit)")
 THREADS_HELP = "compute threads (default: all cores)"
+WORKERS_HELP = ("run as the root of a cluster: the workers' host:port list, e.g. pi1:9999,pi2:9999 (each started with "
+                "`dllama-run worker`); nodes = 1 + workers, a power of two")
+BUFFER_HELP = "how nodes exchange activations: q80 (default for q40/q80 models) or f32 (default for f32 models)"
 
 
 class CliError(Exception):
@@ -48,7 +51,8 @@ class Session:
     tokenizer: object
 
 
-def load_session(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optional[int]) -> Session:
+def load_session(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optional[int],
+                 workers: Optional[str] = None, buffer_float_type: Optional[str] = None) -> Session:
     """Engine + tokenizer, checked against each other; raises CliError/FormatError/EngineError."""
     for path, what, ext in ((model, "model", "m"), (tokenizer, "tokenizer", "t")):
         if not Path(path).is_file():
@@ -56,7 +60,13 @@ def load_session(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optio
     from dllama.tokenizer import Tokenizer
 
     tok = Tokenizer.load(str(tokenizer))
-    engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads)
+    if workers:  # issue 6: the same Engine interface, node 0 of a cluster
+        from dllama.runtime.distributed.root import DistributedEngine, parse_workers
+
+        engine = DistributedEngine(model, parse_workers(workers), max_seq_len=max_seq_len, nthreads=nthreads,
+                                   buffer_type=buffer_float_type)
+    else:
+        engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads)
     check_vocab(tok.vocab_size, engine.vocab_size, tokenizer, model)
     return Session(engine, tok)
 
@@ -117,9 +127,12 @@ def stream_text(session: Session, prompt_ids: list[int], steps: int, temperature
 
 
 def _run_safely(body: Callable[[], None]) -> None:
+    from dllama.runtime.distributed.protocol import ProtocolError
+    from dllama.runtime.distributed.root import WorkerError
+
     try:
         body()
-    except (CliError, FormatError, EngineError, ValueError) as e:
+    except (CliError, FormatError, EngineError, ValueError, WorkerError, ProtocolError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _note("\ninterrupted")
@@ -143,8 +156,10 @@ def main_command(
     seed: Optional[int] = typer.Option(None, help="random seed for sampling (default: from the OS)"),
     max_seq_len: int = typer.Option(DEFAULT_MAX_SEQ_LEN, min=1, help=SEQ_HELP),
     nthreads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    workers: Optional[str] = typer.Option(None, help=WORKERS_HELP),
+    buffer_float_type: Optional[str] = typer.Option(None, help=BUFFER_HELP),
 ) -> None:
-    """Generate text from a prompt on this machine.
+    """Generate text from a prompt on this machine (or as the root of --workers).
 
     Example: dllama-run --model tinyllama_q40.m --tokenizer tinyllama.t --prompt "Hello" --steps 32 --temperature 0
     """
@@ -154,7 +169,7 @@ def main_command(
         _fail("--model, --tokenizer and --prompt are required (or use a subcommand: dllama-run --help)")
 
     def body() -> None:
-        session = load_session(model, tokenizer, max_seq_len, nthreads)
+        session = load_session(model, tokenizer, max_seq_len, nthreads, workers, buffer_float_type)
         _note(f"max_seq_len {session.engine.max_seq_len} (--max-seq-len), {session.engine.nthreads} threads")
         ids = session.tokenizer.encode(prompt)
         if len(ids) >= session.engine.max_seq_len:
@@ -180,13 +195,15 @@ def chat_command(
     seed: Optional[int] = typer.Option(None, help="random seed for sampling"),
     max_seq_len: int = typer.Option(DEFAULT_MAX_SEQ_LEN, min=1, help=SEQ_HELP),
     nthreads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    workers: Optional[str] = typer.Option(None, help=WORKERS_HELP),
+    buffer_float_type: Optional[str] = typer.Option(None, help=BUFFER_HELP),
 ) -> None:
     """Chat interactively with the model's chat template; the KV cache carries the conversation.
 
     Example: dllama-run chat --model qwen3_q40.m --tokenizer qwen3.t --temperature 0.7
     """
     def body() -> None:
-        session = load_session(model, tokenizer, max_seq_len, nthreads)
+        session = load_session(model, tokenizer, max_seq_len, nthreads, workers, buffer_float_type)
         _note(f"max_seq_len {session.engine.max_seq_len} (--max-seq-len); empty line or Ctrl-D ends the chat")
         messages = [{"role": "system", "content": system}] if system else []
         cached: list[int] = []
