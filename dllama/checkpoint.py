@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,34 @@ def read_safetensors_index(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+_FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)(?:\.weight)?$")
+
+
+def fused_expert_views(entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+    """Per-expert names for MoE experts saved fused, as transformers 5 may save them.
+
+    `experts.gate_up_proj` [E, 2I, H] holds each expert's gate rows then its up rows and
+    `experts.down_proj` [E, H, I] each expert's down matrix: every per-expert matrix is a
+    contiguous byte range of the fused tensor, so a view is just an offset.
+    """
+    views = {}
+    for name, entry in entries.items():
+        match = _FUSED_EXPERTS.match(name)
+        if not match or len(entry.shape) != 3:
+            continue
+        n_experts, rows, cols = entry.shape
+        nbytes = rows * cols * _DTYPES[entry.dtype].itemsize
+        parts = [("gate_proj", 0, rows // 2), ("up_proj", rows // 2, rows // 2)] if match["kind"] == "gate_up_proj" \
+            else [("down_proj", 0, rows)]
+        row_bytes = nbytes // rows
+        for e in range(n_experts):
+            for hf_name, first_row, n_rows in parts:
+                start = entry.start + e * nbytes + first_row * row_bytes
+                views[f"{match['prefix']}.{e}.{hf_name}.weight"] = TensorEntry(
+                    entry.file, entry.dtype, (n_rows, cols), start, start + n_rows * row_bytes)
+    return views
+
+
 class Checkpoint:
     """A Hugging Face checkpoint folder: config plus every tensor, each loaded on demand."""
 
@@ -180,6 +209,8 @@ class Checkpoint:
         self.entries: dict[str, TensorEntry] = {}
         for file in self.files:
             self.entries.update(read_safetensors_index(file))
+        for name, view in fused_expert_views(self.entries).items():
+            self.entries.setdefault(name, view)
         self._maps: dict[Path, np.memmap] = {}
 
     def _shard_files(self) -> list[Path]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from dllama.checkpoint import Checkpoint, header_from_config
 from dllama.converter import convert as convert_module
@@ -128,6 +129,28 @@ def test_transformers5_config_layout_writes_the_same_file_as_transformers4(tmp_p
     assert model_bytes(v5) == v4
     header = read_model_header(v5.plan.model_path)
     assert header.n_experts == 4 and header.rope_theta == 1_000_000
+
+
+def fuse_experts(folder: Path, n_layers: int, n_experts: int) -> None:
+    """Rewrite an f32 checkpoint with experts fused as transformers 5 saves them (gate_up_proj, down_proj)."""
+    tensors = load_file(folder / "model.safetensors")
+    for l in range(n_layers):
+        p = f"model.layers.{l}.mlp.experts"
+        take = lambda e, kind: tensors.pop(f"{p}.{e}.{kind}.weight")
+        gate_up = [np.concatenate([take(e, "gate_proj"), take(e, "up_proj")]) for e in range(n_experts)]
+        tensors[f"{p}.gate_up_proj"] = np.stack(gate_up)
+        tensors[f"{p}.down_proj"] = np.stack([take(e, "down_proj") for e in range(n_experts)])
+    save_file(tensors, folder / "model.safetensors")
+
+
+def test_transformers5_fused_moe_experts_convert_like_per_expert_tensors(tmp_path):
+    config = small_config("qwen3_moe")
+    folder = write_checkpoint(tmp_path / "ck", config, dtype="f32", tokenizer=EXAMPLE_TOKENIZER)
+    per_expert = model_bytes(convert(folder, "q40", tmp_path / "out1", name="m"))
+    fuse_experts(folder, config["num_hidden_layers"], config["num_experts"])
+    (folder / "config.json").write_text(json.dumps(transformers5_layout(config)))
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" not in load_file(folder / "model.safetensors")
+    assert model_bytes(convert(folder, "q40", tmp_path / "out2", name="m")) == per_expert
 
 
 def test_llama3_rope_scaling_inside_rope_parameters_reaches_the_header(tmp_path):
