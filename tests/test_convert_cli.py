@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from dllama.converter.cli import app
 from dllama.converter.convert import ConversionError, plan_conversion, write_outputs
 from dllama.converter.synthetic import write_checkpoint
-from dllama.formats import FloatType
+from dllama.formats import EmbeddedKind, FloatType, read_tokenizer
 
 from conftest import CONFORMANCE, require_fixtures
 from test_convert import EXAMPLE_TOKENIZER, small_config
@@ -72,6 +72,26 @@ def test_tokenizer_command_writes_only_the_t_file(tmp_path):
     result = run_cli("tokenizer", EXAMPLE_TOKENIZER, "--name", "ex", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["dllama_tokenizer_ex.t"]
+
+
+def test_sentencepiece_tokenizer_model_source_is_converted_and_embedded(tmp_path):
+    import io
+
+    import sentencepiece
+
+    words = "the quick brown fox jumps over a lazy dog while small boards run large models in parallel".split()
+    sentences = [" ".join(words[i % len(words):] + words[:i % len(words)]) for i in range(200)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=400,
+                                             model_type="bpe", byte_fallback=True, minloglevel=2)
+    folder = write_checkpoint(tmp_path / "ck", small_config(vocab_size=400, bos_token_id=1, eos_token_id=2))
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    result = run_cli("hf", folder, "-q", "q40", "-n", "sp", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    tok = read_tokenizer(tmp_path / "out" / "dllama_tokenizer_sp.t")
+    assert (tok.vocab_size, tok.bos_id, tok.eos_ids) == (400, 1, [2])
+    assert tok.tokens[3 + 0x41] == b"A"  # byte-fallback piece <0x41>
+    assert tok.embedded_source(EmbeddedKind.SENTENCEPIECE) == model.getvalue()
 
 
 # -- one test per bad input (issue 2, "Must hold" 4)
