@@ -226,38 +226,39 @@ def matmul_q80(w, xq, xd, scale_table, out):
 # --------------------------------------------------------------------------------------------
 # Attention over the KV cache (FORMAT.md §2)
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def attention(q, k_cache, v_cache, pos0, out):
     """q (T, H, hd) of tokens at positions pos0..pos0+T-1; caches (S, KVH, hd) already hold them.
 
-    out (T, H * hd): per head, softmax(q.k_t / sqrt(hd)) over t <= pos, times v.
+    out (T, H * hd): per head, softmax(q.k_t / sqrt(hd)) over t <= pos, times v. Sums run in
+    float64 so the float32 result does not depend on their order (see model.py).
     """
     T, H, hd = q.shape
     group = H // k_cache.shape[1]
-    inv_sqrt = np.float32(1.0 / np.sqrt(hd))
+    inv_sqrt = 1.0 / np.sqrt(hd)
     for task in prange(T * H):
         t = task // H
         h = task % H
         kv = h // group
         n = pos0 + t + 1
-        scores = np.empty(n, dtype=np.float32)
-        smax = np.float32(-np.inf)
+        scores = np.empty(n, dtype=np.float64)
+        smax = -np.inf
         for s in range(n):
-            acc = np.float32(0.0)
+            acc = 0.0
             for i in range(hd):
-                acc += q[t, h, i] * k_cache[s, kv, i]
+                acc += np.float64(q[t, h, i]) * k_cache[s, kv, i]
             acc *= inv_sqrt
             scores[s] = acc
             smax = max(smax, acc)
-        total = np.float32(0.0)
+        total = 0.0
         for s in range(n):
             e = np.exp(scores[s] - smax)
             scores[s] = e
             total += e
-        o = h * hd
-        for i in range(hd):
-            out[t, o + i] = 0.0
+        z = np.zeros(hd, dtype=np.float64)
         for s in range(n):
             a = scores[s] / total
             for i in range(hd):
-                out[t, o + i] += a * v_cache[s, kv, i]
+                z[i] += a * v_cache[s, kv, i]
+        for i in range(hd):
+            out[t, h * hd + i] = z[i]

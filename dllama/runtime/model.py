@@ -99,14 +99,19 @@ def load_node_weights(model: ModelFile, node: NodeSlice = NodeSlice()) -> NodeWe
 # --------------------------------------------------------------------------------------------
 # The blocks
 
+# The small elementwise stages compute in float64 and round to float32 once at their output:
+# a last-bit difference before a q80 rounding would flip a quantized value (a whole step of
+# amax/127), so the runtime's result should not depend on the summation order of these stages.
+
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    x = x.astype(np.float32, copy=False)
-    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
-    return (x / np.sqrt(ms + np.float32(eps))) * weight
+    x = x.astype(np.float64)
+    return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight).astype(np.float32)
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
+def silu_gate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """silu(a) * b, the FFN's hidden activation."""
+    a = a.astype(np.float64)
+    return (a / (1.0 + np.exp(-a)) * b).astype(np.float32)
 
 
 def rope_frequencies(h: ModelHeader) -> np.ndarray:
@@ -130,20 +135,21 @@ class Rope:
 
     def __init__(self, h: ModelHeader, max_seq_len: int):
         angles = np.arange(max_seq_len, dtype=np.float64)[:, None] * rope_frequencies(h)[None, :]
-        self.cos = np.cos(angles).astype(np.float32)
-        self.sin = np.sin(angles).astype(np.float32)
+        self.cos = np.cos(angles)
+        self.sin = np.sin(angles)
         self.falcon = h.effective_rope_type == RopeType.FALCON
 
     def __call__(self, x: np.ndarray, pos: int) -> np.ndarray:
-        """x (T, heads, hd) at positions pos.. -> rotated copy."""
+        """x (T, heads, hd) at positions pos.. -> rotated float32 copy."""
         T, _, hd = x.shape
+        x = x.astype(np.float64)
         cos = self.cos[pos:pos + T, None, :]
         sin = self.sin[pos:pos + T, None, :]
         if self.falcon:
             a, b = x[..., :hd // 2], x[..., hd // 2:]
-            return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+            return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(np.float32)
         a, b = x[..., 0::2], x[..., 1::2]
-        out = np.empty_like(x)
+        out = np.empty(x.shape, dtype=np.float32)
         out[..., 0::2] = a * cos - b * sin
         out[..., 1::2] = a * sin + b * cos
         return out
@@ -192,23 +198,23 @@ class NodeLayers:
 
     @staticmethod
     def _ffn(w1: Matrix, w2: Matrix, w3: Matrix, x_in) -> np.ndarray:
-        hidden = silu(w1 @ x_in) * (w3 @ x_in)  # the reference always uses silu (FORMAT.md §2)
+        hidden = silu_gate(w1 @ x_in, w3 @ x_in)  # the reference always uses silu (FORMAT.md §2)
         return w2 @ w2.prepare(hidden)
 
     def _moe(self, lw: LayerWeights, y: np.ndarray) -> np.ndarray:
         """softmax gate, top n_active experts, weights renormalised (FORMAT.md §2)."""
         T = y.shape[0]
-        probs = softmax(y @ lw.gate.T)
+        probs = softmax(y.astype(np.float64) @ lw.gate.T)
         top = np.argsort(-probs, axis=-1, kind="stable")[:, :self.h.n_active_experts]
         top_p = np.take_along_axis(probs, top, axis=-1)
         weights = top_p / top_p.sum(axis=-1, keepdims=True)
-        out = np.zeros((T, self.h.dim), dtype=np.float32)
+        out = np.zeros((T, self.h.dim), dtype=np.float64)
         for e in np.unique(top):
             tokens, slot = np.nonzero(top == e)
             ex = lw.experts[e]
             partial = self._ffn(ex.w1, ex.w2, ex.w3, ex.w1.prepare(y[tokens]))
             out[tokens] += weights[tokens, slot][:, None] * partial
-        return out
+        return out.astype(np.float32)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """x (T, dim) after the last layer -> the node's slice of the logits (T, vocab / n_nodes)."""

@@ -1,0 +1,303 @@
+"""The runtime's forward pass against Hugging Face logits (f32) and a plain numpy model of the
+quantized arithmetic (q40/q80), for llama, qwen3 and qwen3_moe (FORMAT.md §2, §3)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CONFORMANCE, require_fixtures
+from dllama.formats import (Q80_BLOCK, ArchType, FloatType, ModelFile, ModelHeader, RopeType, dequantize_q80,
+                            encode_tensor, quantize_q80, tensor_plan)
+from dllama.runtime.engine import Engine, EngineError, LocalExchange
+from dllama.runtime.generate import generate
+from dllama.runtime.model import NodeLayers, NodeSlice, load_node_weights, rmsnorm, rope_frequencies
+
+
+def reference_logits(folder: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    data = np.load(folder / "reference_logits.npz")
+    n = sum(1 for k in data.files if k.startswith("logits"))
+    return [(data[f"ids{j}"], data[f"logits{j}"], data[f"greedy{j}"]) for j in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# A plain numpy model of FORMAT.md §2: weights decoded with the format's codecs, activations
+# passed through the reference q80 quantizer, one token at a time. Stages compute in float64 and
+# round to float32 where the runtime does (matmul outputs, norms, rope, attention, residual), so
+# float noise never flips a q80 rounding and the two agree to ~1e-6, not just on average.
+
+class NumpyModel:
+    def __init__(self, path: Path):
+        self.m = ModelFile(path)
+        self.h = self.m.header
+        self.q80 = self.h.weights_float_type in (FloatType.Q40, FloatType.Q80)
+        self.w = {name: self.m.tensor(name).astype(np.float64) for name in self.m.names}
+        self.cache: list[tuple[list, list]] = [([], []) for _ in range(self.h.n_layers)]
+
+    def partial(self, x: np.ndarray) -> np.ndarray:
+        """A layer's output as it is added to the float32 residual: q80 round trip with q80 buffers."""
+        return self.quant(x).astype(np.float32)
+
+    def quant(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        return dequantize_q80(quantize_q80(x)).astype(np.float64) if self.q80 else x.astype(np.float64)
+
+    def mm(self, name: str, x: np.ndarray) -> np.ndarray:
+        if not self.q80 or self.m.layout[name].spec.float_type == FloatType.F32:
+            return (self.w[name] @ self.quant(x)).astype(np.float32)
+        # per block: the exact integer dot times d_w * d_x, summed block after block in float32
+        # (the kernels' order), so float noise cannot flip a later q80 rounding
+        xq = np.frombuffer(quantize_q80(np.asarray(x, dtype=np.float32)), dtype=Q80_BLOCK)
+        dx = xq["d"].astype(np.float32)
+        dw = self.m.blocks(name)["d"].astype(np.float32)
+        rows = dw.shape[0]
+        exact = (self.w[name].reshape(rows, -1, 32) * (xq["qs"] * dx[:, None]).astype(np.float64)).sum(-1)
+        scale = (dw * dx[None, :]).astype(np.float32)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            isum = np.where(scale != 0, np.rint(exact / (dw.astype(np.float64) * dx)), 0).astype(np.float32)
+        return np.cumsum(isum * scale, axis=1, dtype=np.float32)[:, -1]
+
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        return (x / np.sqrt(np.mean(x * x) + self.h.norm_epsilon) * weight).astype(np.float32)
+
+    def rope(self, x: np.ndarray, pos: int) -> np.ndarray:
+        hd = self.h.head_dim
+        freqs = np.array([self.h.theta ** (-2 * i / hd) for i in range(hd // 2)])
+        if self.h.effective_rope_type == RopeType.LLAMA3_1:
+            freqs = np.array([llama31_scale(f, self.h) for f in freqs])
+        out = x.astype(np.float64).copy()
+        for head in out.reshape(-1, hd):
+            for i, f in enumerate(freqs):
+                a, b = (i, i + hd // 2) if self.h.effective_rope_type == RopeType.FALCON else (2 * i, 2 * i + 1)
+                c, s = math.cos(pos * f), math.sin(pos * f)
+                head[a], head[b] = head[a] * c - head[b] * s, head[a] * s + head[b] * c
+        return out.astype(np.float32)
+
+    def token(self, token: int, pos: int) -> np.ndarray:
+        h, hd = self.h, self.h.head_dim
+        x = self.w["embedding"][token].astype(np.float32)
+        for l in range(h.n_layers):
+            p = f"layers.{l}."
+            y = self.rmsnorm(x, self.w[p + "attn_norm"])
+            q = self.mm(p + "q", y).reshape(h.n_heads, hd)
+            k = self.mm(p + "k", y).reshape(h.n_kv_heads, hd)
+            v = self.mm(p + "v", y).reshape(h.n_kv_heads, hd)
+            if h.has_qk_norm:
+                q = np.stack([self.rmsnorm(qh, self.w[p + "q_norm"]) for qh in q])
+                k = np.stack([self.rmsnorm(kh, self.w[p + "k_norm"]) for kh in k])
+            keys, values = self.cache[l]
+            keys.append(self.rope(k, pos))
+            values.append(v)
+            q = self.rope(q, pos).astype(np.float64)
+            z = np.zeros((h.n_heads, hd))
+            for head in range(h.n_heads):
+                kv = head // (h.n_heads // h.n_kv_heads)
+                scores = np.array([q[head] @ kk[kv].astype(np.float64) / math.sqrt(hd) for kk in keys])
+                a = np.exp(scores - scores.max())
+                a /= a.sum()
+                z[head] = sum(a_t * vv[kv].astype(np.float64) for a_t, vv in zip(a, values))
+            x = x + self.partial(self.mm(p + "wo", z.reshape(-1)))
+            y = self.rmsnorm(x, self.w[p + "ffn_norm"])
+            x = x + self.partial(self.moe(p, y) if h.is_moe else self.ffn(p, y))
+        return self.mm("lm_head", self.rmsnorm(x, self.w["norm"]))
+
+    def ffn(self, p: str, y: np.ndarray) -> np.ndarray:
+        a = self.mm(p + "w1", y)
+        hidden = a / (1 + np.exp(-a.astype(np.float64))) * self.mm(p + "w3", y)
+        return self.mm(p + "w2", hidden)
+
+    def moe(self, p: str, y: np.ndarray) -> np.ndarray:
+        g = self.w[p + "gate"] @ y.astype(np.float64)
+        g = np.exp(g - g.max()) / np.exp(g - g.max()).sum()
+        top = np.argsort(-g, kind="stable")[:self.h.n_active_experts]
+        weights = g[top] / g[top].sum()
+        return sum(wt * self.ffn(f"{p}experts.{e}.", y) for e, wt in zip(top, weights)).astype(np.float32)
+
+    def logits(self, ids) -> np.ndarray:
+        return np.stack([self.token(int(t), pos) for pos, t in enumerate(ids)])
+
+
+def assert_matches_quantized_arithmetic(got: np.ndarray, expected: np.ndarray) -> None:
+    assert np.abs(got - expected).max() <= 1e-3
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def llama31_scale(f: float, h: ModelHeader) -> float:
+    factor, low, high = h.rope_scaling_factor, h.rope_scaling_low_freq_factor, h.rope_scaling_high_freq_factor
+    orig = h.rope_scaling_orig_max_seq_len
+    wavelen = 2 * math.pi / f
+    if wavelen < orig / high:
+        return f
+    if wavelen > orig / low:
+        return f / factor
+    smooth = (orig / wavelen - low) / (high - low)
+    return (1 - smooth) * f / factor + smooth * f
+
+
+def write_random_model(path: Path, header: ModelHeader, seed: int = 0) -> Path:
+    """A `.m` of random weights for `header`, written with the format module's plan and codecs."""
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        f.write(header.to_bytes())
+        for spec in tensor_plan(header):
+            if len(spec.shape) == 1:
+                values = 1.0 + 0.1 * rng.standard_normal(spec.shape)
+            else:
+                values = rng.standard_normal(spec.shape) / math.sqrt(spec.shape[1])
+            f.write(encode_tensor(values.astype(np.float32), spec.float_type).tobytes())
+    return path
+
+
+def moe_header(float_type: FloatType) -> ModelHeader:
+    return ModelHeader(arch=ArchType.QWEN3_MOE, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
+                       vocab_size=96, max_seq_len=128, weights_float_type=float_type, n_experts=4, n_active_experts=2,
+                       rope_theta=1000000, head_dim_value=32, norm_epsilon_code=6, moe_hidden_dim=64)
+
+
+def llama31_header(float_type: FloatType) -> ModelHeader:
+    # orig 16 positions so the scaling changes frequencies that matter within a short prompt
+    return ModelHeader(arch=ArchType.LLAMA, dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                       vocab_size=96, max_seq_len=128, weights_float_type=float_type, rope_theta=500000,
+                       rope_scaling_factor=8, rope_scaling_low_freq_factor=1, rope_scaling_high_freq_factor=4,
+                       rope_scaling_orig_max_seq_len=16, rope_type=RopeType.LLAMA3_1)
+
+
+PROMPT = [1, 17, 42, 5, 88, 3, 9, 60, 31, 2, 77, 14]
+
+
+# --------------------------------------------------------------------------------------------
+# f32: Hugging Face logits and greedy continuations
+
+def test_f32_logits_match_hugging_face_at_every_position(conformance_dir):
+    engine = Engine.load(conformance_dir / "expected_f32.m")
+    for ids, expected, _ in reference_logits(conformance_dir):
+        engine.reset()
+        got = engine.forward(ids.tolist(), 0)
+        assert np.abs(got - expected).max() <= 1e-3
+        assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_f32_greedy_generation_reproduces_hugging_face(conformance_dir):
+    engine = Engine.load(conformance_dir / "expected_f32.m")
+    for ids, _, greedy in reference_logits(conformance_dir):
+        engine.reset()
+        assert list(generate(engine, ids.tolist(), len(greedy), temperature=0.0)) == greedy.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# q40/q80: the numpy model of the same quantized arithmetic
+
+@pytest.mark.parametrize("float_type", ["q40", "q80"])
+def test_quantized_fixture_logits_match_numpy_arithmetic(conformance_dir, float_type):
+    path = conformance_dir / f"expected_{float_type}.m"
+    ids = reference_logits(conformance_dir)[0][0].tolist()
+    got = Engine.load(path).forward(ids, 0)
+    assert_matches_quantized_arithmetic(got, NumpyModel(path).logits(ids))
+
+
+@pytest.mark.parametrize("float_type", [FloatType.Q40, FloatType.F32])
+def test_qwen3_moe_matches_numpy_arithmetic(tmp_path, float_type):
+    path = write_random_model(tmp_path / "moe.m", moe_header(float_type))
+    got = Engine.load(path).forward(PROMPT, 0)
+    expected = NumpyModel(path).logits(PROMPT)
+    assert_matches_quantized_arithmetic(got, expected)
+    assert np.abs(expected).max() > 0.1  # the comparison is not between two near-zero outputs
+
+
+@pytest.mark.parametrize("float_type", [FloatType.Q80, FloatType.F32])
+def test_llama31_rope_scaling_matches_numpy_arithmetic(tmp_path, float_type):
+    path = write_random_model(tmp_path / "llama31.m", llama31_header(float_type))
+    got = Engine.load(path).forward(PROMPT, 0)
+    assert_matches_quantized_arithmetic(got, NumpyModel(path).logits(PROMPT))
+
+
+def test_llama31_frequencies_match_the_hugging_face_formula():
+    from dllama.validate.reference import rope_frequencies as hf_frequencies
+
+    h = llama31_header(FloatType.F32)
+    config = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}
+    ours = rope_frequencies(h)
+    assert np.allclose(ours, hf_frequencies(config, h.head_dim), rtol=1e-12)
+    assert not np.allclose(ours, 500000.0 ** (-np.arange(0, 16, 2) / 16))  # scaling did something
+
+
+# --------------------------------------------------------------------------------------------
+# Batches, positions, the tensor-parallel seams
+
+@pytest.mark.parametrize("float_type", ["f32", "q40"])
+def test_batched_prefill_equals_token_by_token(float_type):
+    path = require_fixtures(CONFORMANCE / "tiny-qwen3") / f"expected_{float_type}.m"
+    engine = Engine.load(path)
+    batched = engine.forward(PROMPT, 0)
+    engine.reset()
+    stepwise = np.concatenate([engine.forward([t], i) for i, t in enumerate(PROMPT)])
+    assert np.abs(batched - stepwise).max() <= 1e-4
+
+
+def test_continuing_from_a_cached_prefix_equals_a_fresh_run():
+    path = require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m"
+    engine = Engine.load(path)
+    fresh = engine.forward(PROMPT, 0)
+    engine.reset()
+    engine.forward(PROMPT[:5], 0)
+    rest = engine.forward(PROMPT[5:], 5)
+    assert np.array_equal(rest, fresh[5:])
+
+
+def test_two_node_slices_sum_to_the_single_node_result():
+    path = require_fixtures(CONFORMANCE / "tiny-llama") / "expected_f32.m"
+    model = ModelFile(path)
+    h = model.header
+    nodes = [NodeLayers(h, load_node_weights(model, NodeSlice(i, 2)), NodeSlice(i, 2), 64) for i in range(2)]
+    x = model.tensor("embedding")[PROMPT].astype(np.float32)
+    for l in range(h.n_layers):
+        lw = nodes[0].w.layers[l]
+        y = rmsnorm(x, lw.attn_norm, h.norm_epsilon)
+        x = x + sum(node.attention(l, y, 0) for node in nodes)
+        y = rmsnorm(x, lw.ffn_norm, h.norm_epsilon)
+        x = x + sum(node.ffn(l, y) for node in nodes)
+    logits = np.concatenate([node.logits(x) for node in nodes], axis=1)
+    assert nodes[0].k_cache.shape[2] == h.n_kv_heads // 2
+    assert np.abs(logits - Engine.load(path).forward(PROMPT, 0)).max() <= 1e-4
+
+
+def test_q80_partials_are_quantized_on_a_single_node():
+    exchange = LocalExchange(quantize_partials=True)
+    x = np.zeros((1, 64), dtype=np.float32)
+    partial = np.linspace(-1, 1, 64, dtype=np.float32)[None, :] * np.float32(0.37)
+    expected = dequantize_q80(quantize_q80(partial))
+    exchange.reduce_into(x, partial.copy(), 0, "attention")
+    assert np.array_equal(x[0], expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Engine errors
+
+def test_forward_past_the_kv_cache_is_refused():
+    engine = Engine.load(require_fixtures(CONFORMANCE / "tiny-llama") / "expected_f32.m", max_seq_len=8)
+    with pytest.raises(EngineError, match="do not fit the KV cache of 8 positions"):
+        engine.forward(list(range(9)), 0)
+
+
+def test_forward_with_a_gap_in_positions_is_refused():
+    engine = Engine.load(require_fixtures(CONFORMANCE / "tiny-llama") / "expected_f32.m")
+    engine.forward([1, 2], 0)
+    with pytest.raises(EngineError, match="past the 2 tokens"):
+        engine.forward([3], 5)
+
+
+def test_max_seq_len_is_capped_at_the_models_limit():
+    engine = Engine.load(require_fixtures(CONFORMANCE / "tiny-llama") / "expected_f32.m", max_seq_len=100000)
+    assert engine.max_seq_len == engine.header.max_seq_len
+
+
+def test_f16_weights_are_refused_with_the_fix(tmp_path):
+    from dllama.formats import FormatError
+
+    path = write_random_model(tmp_path / "f16.m", llama31_header(FloatType.F16))
+    with pytest.raises(FormatError, match="reconvert with --weights-float-type q40, q80 or f32"):
+        Engine.load(path)
