@@ -118,6 +118,15 @@ def test_tensor_with_the_wrong_shape_is_named(tmp_path):
                          "model.layers.0.mlp.gate_proj.weight has shape [128, 64]")
 
 
+def test_bias_tensors_are_refused_rather_than_dropped(tmp_path):
+    folder = checkpoint(tmp_path, dtype="f32", attention_bias=True)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    save_file(tensors, folder / "model.safetensors")
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out",
+                         "model.layers.0.self_attn.q_proj.bias is a bias")
+
+
 def test_missing_shard_is_named(tmp_path):
     folder = write_checkpoint(tmp_path / "ck", small_config(), shards=2, tokenizer=EXAMPLE_TOKENIZER)
     (folder / "model-00002-of-00002.safetensors").unlink()

@@ -108,7 +108,17 @@ def plan_model(checkpoint: Checkpoint, float_type: FloatType) -> tuple[ModelHead
                                   f"{list(spec.shape)}; the config does not belong to these weights")
         _check_blocks(spec)
         planned.append(PlannedTensor(spec, entry))
+    _check_no_biases(checkpoint, planned)
     return header, planned
+
+
+def _check_no_biases(checkpoint: Checkpoint, planned: list[PlannedTensor]) -> None:
+    """Biases would be silently dropped: the format has none (FORMAT.md §1.3), so refuse instead."""
+    weights = {t.spec.hf_name for t in planned}
+    biases = [n for n in checkpoint.entries if n.endswith(".bias") and n[:-len(".bias")] + ".weight" in weights]
+    if biases:
+        raise ConversionError(f"{biases[0]} is a bias ({len(biases)} in the checkpoint) and the distributed-llama "
+                              f"format has no bias tensors, so this model cannot be converted faithfully")
 
 
 def _check_blocks(spec: TensorSpec) -> None:
