@@ -2,25 +2,28 @@
 uvicorn server, and local generation with the same engine to compare against."""
 from __future__ import annotations
 
-import importlib.util
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 from dllama.runtime.serve.protocol import Sampling
-from dllama.runtime.serve.session import sample_token
+from dllama.runtime.generate import generate
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 120  # first start compiles (or loads cached) numba kernels
+
+
+def load_engine_and_tokenizer(model: Path, tokenizer: Path, max_seq_len: int):
+    from dllama.runtime.engine import Engine
+    from dllama.tokenizer import Tokenizer
+
+    return Engine.load(str(model), max_seq_len=max_seq_len), Tokenizer.load(str(tokenizer))
 
 
 def free_port() -> int:
@@ -43,21 +46,13 @@ def wait_for_health(url: str, proc: subprocess.Popen | None = None, timeout: flo
     raise RuntimeError(f"no answer from {url}/health after {timeout} s")
 
 
-def dllama_run() -> list[str]:
-    """`dllama-run`, or the serve CLI module alone while the runtime CLI is absent."""
-    exe = shutil.which("dllama-run")
-    if exe and importlib.util.find_spec("dllama.runtime.cli") is not None:
-        return [exe]
-    return [sys.executable, "-m", "dllama.runtime.serve.cli"]
-
-
 class ServerProcess:
     """`dllama-run serve ...` as a subprocess on a free loopback port."""
 
     def __init__(self, *args: str):
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
-        self.proc = subprocess.Popen([*dllama_run(), "serve", *args, "--port", str(self.port)],
+        self.proc = subprocess.Popen(["dllama-run", "serve", *args, "--port", str(self.port)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             wait_for_health(self.url, self.proc)
@@ -105,30 +100,24 @@ class RecordingEngine:
     def __init__(self, engine, delay_s: float = 0.0):
         self.engine = engine
         self.delay_s = delay_s
-        self.calls: list[tuple[int, int]] = []  # (pos, number of tokens)
+        self.calls: list[tuple[int, list[int]]] = []  # (pos, token ids)
 
     def forward(self, token_ids, pos: int):
-        self.calls.append((pos, len(token_ids)))
+        self.calls.append((pos, [int(t) for t in token_ids]))
         if self.delay_s:
             time.sleep(self.delay_s)
         return self.engine.forward(token_ids, pos)
 
-    @property
-    def evaluated(self) -> int:
-        return sum(n for _, n in self.calls)
+    def cache_contents(self) -> list[int]:
+        """The token ids the engine's KV cache holds after the recorded calls."""
+        cache: list[int] = []
+        for pos, ids in self.calls:
+            cache[pos:] = ids
+        return cache
 
 
 def local_generation(engine, tokenizer, prompt_ids: list[int], max_tokens: int, sampling: Sampling) -> list[int]:
-    """The tokens the server should produce: a fresh run from position 0, eos included if reached."""
-    rng = np.random.default_rng(sampling.seed)
-    logits = engine.forward(prompt_ids, 0)[-1]
-    out: list[int] = []
-    while len(out) < max_tokens:
-        token = sample_token(logits, sampling, rng)
-        out.append(token)
-        if tokenizer.is_eos(token) or len(out) == max_tokens:
-            break
-        logits = engine.forward([token], len(prompt_ids) + len(out) - 1)[-1]
-    return out
-
-
+    """The tokens the server should produce: the runtime's generate() from position 0 (eos not included)."""
+    engine.reset()
+    return list(generate(engine, prompt_ids, max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                         seed=sampling.seed, eos_ids=tokenizer.eos_ids))

@@ -1,14 +1,13 @@
-"""The serve layer's pure parts: stop sequences across token boundaries, sampling, request validation."""
+"""The serve layer's pure parts: stop sequences across token boundaries, prefix matching, request validation."""
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from dllama.runtime.serve import protocol
-from dllama.runtime.serve.protocol import ApiError, Sampling
-from dllama.runtime.serve.session import StopScanner, common_prefix_length, sample_token
+from dllama.runtime.serve.protocol import ApiError
+from dllama.runtime.serve.session import StopScanner, common_prefix_length
 
 
 def scan(pieces, stops):
@@ -42,22 +41,6 @@ def test_stop_scanner_never_emits_part_of_a_stop_sequence():
     assert "".join(emitted) == "ok"
     assert scanner.push("d|>more") == ""
     assert scanner.stopped
-
-
-def test_greedy_sampling_is_argmax_and_seeded_sampling_repeats():
-    logits = np.array([0.1, 3.0, -1.0, 2.9], dtype=np.float32)
-    assert sample_token(logits, Sampling(temperature=0.0), np.random.default_rng(0)) == 1
-    draws = lambda seed: [sample_token(logits, Sampling(temperature=1.0), rng)
-                          for rng in [np.random.default_rng(seed)] for _ in range(20)]
-    assert draws(7) == draws(7)
-    assert set(draws(7)) <= {0, 1, 2, 3} and len(set(draws(7))) > 1
-
-
-def test_top_p_keeps_only_the_nucleus():
-    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    rng = np.random.default_rng(0)
-    picks = {sample_token(logits, Sampling(temperature=1.0, top_p=0.7), rng) for _ in range(200)}
-    assert picks == {0, 1}
 
 
 def test_common_prefix_length():

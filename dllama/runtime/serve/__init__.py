@@ -14,7 +14,7 @@ from dllama.runtime.serve.app import create_app
 from dllama.runtime.serve.health import worker_probe
 from dllama.runtime.serve.protocol import ApiError
 
-__all__ = ["ApiError", "create_app", "run_server", "serve_model"]
+__all__ = ["ApiError", "create_app", "run_server", "worker_probe"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -36,24 +36,3 @@ def run_server(engine, tokenizer, *, model_id: str, context_length: int, host: s
           f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     server.run()
 
-
-def serve_model(model: str, tokenizer: str, *, workers: str | None = None, max_seq_len: int = 2048,
-                nthreads: int | None = None, buffer_float_type: str | None = None, **server_options) -> None:
-    """Loads the model (on this machine, or as the root of `workers`) and the tokenizer, then serves."""
-    from pathlib import Path
-
-    from dllama.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(tokenizer)
-    if workers:
-        from dllama.runtime.distributed.root import DistributedEngine, parse_workers
-
-        options = {"buffer_type": buffer_float_type} if buffer_float_type else {}
-        engine = DistributedEngine(model, parse_workers(workers), max_seq_len=max_seq_len, nthreads=nthreads, **options)
-    else:
-        from dllama.runtime.engine import Engine
-
-        engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads)
-    context = int(getattr(engine, "max_seq_len", max_seq_len))
-    run_server(engine, tok, model_id=Path(model).stem, context_length=context,
-               health_probe=worker_probe(engine), **server_options)

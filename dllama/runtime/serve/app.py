@@ -22,6 +22,8 @@ from dllama.runtime.serve.health import cluster_fault_types
 from dllama.runtime.serve.scheduler import Running, Scheduler
 from dllama.runtime.serve.session import EngineFailure, Job, Outcome, Session
 
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
 
 @dataclass
 class ServerState:

@@ -1,23 +1,13 @@
-"""`dllama-run serve` (registered on the runtime's typer app by `register`).
-
-Also runnable alone: `python -m dllama.runtime.serve.cli serve --model M --tokenizer T`.
-"""
+"""`dllama-run serve` (registered on the runtime's typer app by `register`)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from dllama.runtime.serve import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT, serve_model
-
-DEFAULT_MAX_SEQ_LEN = 2048
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise typer.Exit(1)
+from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN
+from dllama.runtime.serve import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT, run_server, worker_probe
 
 
 def serve_command(
@@ -37,25 +27,16 @@ def serve_command(
 
     Example: dllama-run serve --model tinyllama_q40.m --tokenizer tinyllama.t --port 8080
     """
-    for path, what in ((model, "model"), (tokenizer, "tokenizer")):
-        if not path.is_file():
-            _fail(f"{what} file {path} does not exist: pass the converted .{'m' if what == 'model' else 't'} file")
-    try:
-        serve_model(str(model), str(tokenizer), workers=workers, max_seq_len=max_seq_len, nthreads=nthreads,
-                    buffer_float_type=buffer_float_type, host=host, port=port, api_key=api_key, max_queue=max_queue)
-    except KeyboardInterrupt:
-        pass
-    except (ValueError, OSError, RuntimeError) as e:  # bad files, unreachable workers, port in use
-        _fail(str(e) or type(e).__name__)
+    from dllama.runtime.cli import _run_safely, load_session
+
+    def body() -> None:
+        session = load_session(model, tokenizer, max_seq_len, nthreads, workers, buffer_float_type)
+        run_server(session.engine, session.tokenizer, model_id=model.stem, context_length=session.engine.max_seq_len,
+                   host=host, port=port, api_key=api_key, max_queue=max_queue, health_probe=worker_probe(session.engine))
+
+    _run_safely(body)  # the runtime CLI's one-line errors for bad files and unreachable workers
 
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_command)
 
-
-app = typer.Typer(add_completion=False, no_args_is_help=True)
-app.callback()(lambda: None)  # keep `serve` a subcommand when run alone
-register(app)
-
-if __name__ == "__main__":
-    app()

@@ -12,6 +12,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from dllama.runtime.generate import generate
 from dllama.runtime.serve.protocol import Sampling
 
 
@@ -23,7 +24,7 @@ class TokenizerLike(Protocol):
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]: ...
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
     def stream_decoder(self): ...
-    def is_eos(self, token_id: int) -> bool: ...
+    eos_ids: list[int]
 
 
 class EngineFailure(RuntimeError):
@@ -83,22 +84,6 @@ class StopScanner:
         return 0
 
 
-def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    """Temperature 0 is greedy; otherwise softmax(logits / T) cut to the top_p nucleus."""
-    if sampling.temperature == 0.0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / sampling.temperature
-    probs = np.exp(z - z.max())
-    probs /= probs.sum()
-    if sampling.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cumulative, sampling.top_p)) + 1]
-        nucleus = probs[keep] / probs[keep].sum()
-        return int(keep[rng.choice(len(keep), p=nucleus)])
-    return int(rng.choice(len(probs), p=probs))
-
-
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -115,7 +100,6 @@ class Session:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.cached: list[int] = []      # token ids at KV positions 0..len-1
-        self.evaluated_tokens = 0        # tokens run through forward(), for tests and stats
         self._lock = threading.Lock()    # belt and braces: the scheduler already serialises jobs
 
     def prompt_ids(self, kind: str, messages: list[dict], prompt: str | list[int]) -> list[int]:
@@ -133,50 +117,52 @@ class Session:
 
     def _run(self, job: Job, cancelled: threading.Event, emit: Callable[[str], None]) -> Outcome:
         prompt = job.prompt_ids
-        if cancelled.is_set():  # the client left while it waited in the queue
-            return Outcome("cancelled", len(prompt), 0, 0)
+        # at least the last prompt token is evaluated: its logits give the first new token
         reused = min(common_prefix_length(self.cached, prompt), len(prompt) - 1)
-        budget = min(job.max_tokens, self.context_length - len(prompt))
-        rng = np.random.default_rng(job.sampling.seed)
         decoder = self.tokenizer.stream_decoder()
         scanner = StopScanner(job.stop)
-        logits = self._evaluate(prompt[reused:], reused)
+        tokens = generate(_CacheTracking(self), prompt, job.max_tokens, temperature=job.sampling.temperature,
+                          top_p=job.sampling.top_p, seed=job.sampling.seed, eos_ids=self.tokenizer.eos_ids,
+                          cancel=cancelled.is_set, start_pos=reused)
         generated = 0
-        finish = "length"
-        while generated < budget:
-            if cancelled.is_set():
-                finish = "cancelled"
-                break
-            token = sample_token(logits, job.sampling, rng)
-            generated += 1
-            if self.tokenizer.is_eos(token):
-                finish = "stop"
-                break
-            text = scanner.push(decoder.push(token))
-            if text:
-                emit(text)
-            if scanner.stopped:
-                finish = "stop"
-                break
-            if generated < budget:
-                logits = self._evaluate([token], len(prompt) + generated - 1)
-        if not scanner.stopped and finish != "cancelled":
+        try:
+            for token in tokens:
+                generated += 1
+                text = scanner.push(decoder.push(token))
+                if text:
+                    emit(text)
+                if scanner.stopped:
+                    break
+        finally:
+            tokens.close()
+        if cancelled.is_set() and not scanner.stopped:
+            return Outcome("cancelled", len(prompt), generated, reused)
+        if not scanner.stopped:
             tail = scanner.push(decoder.flush())
             tail += "" if scanner.stopped else scanner.flush()
             if tail:
                 emit(tail)
-            if scanner.stopped:
-                finish = "stop"
+        ran_out = generated == job.max_tokens or len(prompt) + generated >= self.context_length
+        finish = "length" if ran_out and not scanner.stopped else "stop"  # else: an eos token or a stop sequence
         return Outcome(finish, len(prompt), generated, reused)
 
-    def _evaluate(self, token_ids: list[int], pos: int) -> np.ndarray:
-        """Runs token_ids at positions pos.. and returns the logits of the last one."""
+    def _forward(self, token_ids: Sequence[int], pos: int) -> np.ndarray:
         del self.cached[pos:]
         try:
             logits = self.engine.forward(token_ids, pos)
         except Exception as e:
             self.cached = []
             raise EngineFailure(str(e) or type(e).__name__) from e
-        self.cached.extend(token_ids)
-        self.evaluated_tokens += len(token_ids)
-        return np.asarray(logits)[-1]
+        self.cached.extend(int(t) for t in token_ids)
+        return logits
+
+
+class _CacheTracking:
+    """The engine as generate() sees it, with every forward noted in the session's cache record."""
+
+    def __init__(self, session: Session):
+        self._session = session
+        self.max_seq_len = session.context_length
+
+    def forward(self, token_ids: Sequence[int], pos: int) -> np.ndarray:
+        return self._session._forward(token_ids, pos)

@@ -1,0 +1,172 @@
+"""The server's hold on the engine, seen through a recording wrapper around the real tiny-llama
+engine: KV cache reuse across turns, cancellation on disconnect, the bounded queue, API keys,
+and a failing engine. The app runs on uvicorn in a thread with real loopback sockets."""
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import CONFORMANCE, require_fixtures
+from dllama.runtime.serve import create_app
+from dllama.runtime.serve.session import common_prefix_length
+from dllama.tokenizer.convert import convert_tokenizer
+from serve_helpers import RecordingEngine, in_process_server, load_engine_and_tokenizer
+
+MODEL_DIR = CONFORMANCE / "tiny-llama"
+CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def engine_and_tokenizer(tmp_path_factory):
+    require_fixtures(MODEL_DIR)
+    path = tmp_path_factory.mktemp("serve") / "tiny-llama.t"
+    path.write_bytes(convert_tokenizer(MODEL_DIR).to_bytes())  # with the embedded HF tokenizer
+    return load_engine_and_tokenizer(MODEL_DIR / "expected_f32.m", path, CONTEXT)
+
+
+def serve(engine_and_tokenizer, delay_s: float = 0.0, **options):
+    engine, tok = engine_and_tokenizer
+    recording = RecordingEngine(engine, delay_s)
+    app = create_app(recording, tok, model_id="tiny-llama", context_length=CONTEXT, **options)
+    return recording, app
+
+
+def client_for(url: str, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=60, **kw)
+
+
+def test_follow_up_turn_evaluates_only_the_new_tokens(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    recording, app = serve(engine_and_tokenizer)
+    first_turn = [{"role": "user", "content": "Hello, who are you? Tell me about your day."}]
+    with in_process_server(app) as url:
+        client = client_for(url)
+        answer = client.chat.completions.create(model="m", messages=first_turn, max_tokens=8, temperature=0)
+        history = [*first_turn, {"role": "assistant", "content": answer.choices[0].message.content},
+                   {"role": "user", "content": "Tell me more."}]
+        cached = recording.cache_contents()
+        recording.calls.clear()
+        follow_up = client.chat.completions.create(model="m", messages=history, max_tokens=8, temperature=0)
+    second_ids = tok.encode(tok.render_chat(history), add_bos=False)
+    shared = common_prefix_length(cached, second_ids)
+    prefill_pos, prefill_ids = recording.calls[0]
+    assert prefill_pos == shared >= 30                        # the shared history came from the cache
+    assert prefill_ids == second_ids[shared:]                 # and only the rest was evaluated
+    assert follow_up.usage.prompt_tokens == len(second_ids)
+    # the reused cache gives the answer a fresh run gives
+    fresh_recording, fresh_app = serve(engine_and_tokenizer)
+    with in_process_server(fresh_app) as url:
+        fresh = client_for(url).chat.completions.create(model="m", messages=history, max_tokens=8, temperature=0)
+    assert fresh_recording.calls[0] == (0, second_ids)
+    assert fresh.choices[0].message.content == follow_up.choices[0].message.content
+
+
+def test_identical_prompt_reuses_all_but_the_last_token(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    recording, app = serve(engine_and_tokenizer)
+    with in_process_server(app) as url:
+        client = client_for(url)
+        a = client.completions.create(model="m", prompt="The same prompt", max_tokens=6, temperature=0)
+        recording.calls.clear()
+        b = client.completions.create(model="m", prompt="The same prompt", max_tokens=6, temperature=0)
+    n = len(tok.encode("The same prompt"))
+    assert recording.calls[0] == (n - 1, tok.encode("The same prompt")[-1:])
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_client_leaving_mid_stream_frees_the_engine_at_once(engine_and_tokenizer):
+    recording, app = serve(engine_and_tokenizer, delay_s=0.02)  # 20 ms per token, like a slow board
+    with in_process_server(app) as url:
+        body = {"prompt": "Stream for a long time", "max_tokens": 200, "temperature": 1.0, "seed": 3, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        left = time.monotonic()                         # the connection is closed here
+        while httpx.get(f"{url}/health").json()["busy"]:
+            assert time.monotonic() - left < 2.0, "the engine stayed busy after the client left"
+            time.sleep(0.01)
+        evaluated = len(recording.calls)
+        time.sleep(0.2)
+        assert len(recording.calls) == evaluated         # nothing runs for the departed client
+        assert evaluated < 50                            # far from the 200 tokens it asked for
+        quick = client_for(url).completions.create(model="m", prompt="next", max_tokens=3, temperature=0)
+        assert quick.choices[0].finish_reason in ("stop", "length")
+
+
+def test_full_queue_answers_429_and_the_rest_complete(engine_and_tokenizer):
+    recording, app = serve(engine_and_tokenizer, delay_s=0.2, max_queue=1)
+    with in_process_server(app) as url:
+        statuses = []
+
+        def post(i):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": f"job {i}", "max_tokens": 5, "temperature": 0}, timeout=60)
+            statuses.append((r.status_code, r.json()))
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)  # in order: one runs, one waits, the rest find the queue full
+        for t in threads:
+            t.join()
+    codes = sorted(code for code, _ in statuses)
+    assert codes == [200, 200, 429, 429]
+    for code, body in statuses:
+        if code == 429:
+            assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "queue_full"
+
+
+def test_api_key_is_required_when_set(engine_and_tokenizer):
+    _, app = serve(engine_and_tokenizer, api_key="s3cret")
+    with in_process_server(app) as url:
+        with pytest.raises(openai.AuthenticationError) as info:
+            client_for(url, api_key="wrong").models.list()
+        assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "x"}).status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200       # health needs no key
+        reply = client_for(url, api_key="s3cret").completions.create(model="m", prompt="x", max_tokens=2)
+        assert reply.usage.prompt_tokens > 0
+
+
+class LosesConnection:
+    """A root engine whose worker connection drops after `ok_calls` forwards."""
+
+    def __init__(self, engine, ok_calls: int):
+        self.engine, self.ok_calls = engine, ok_calls
+
+    def forward(self, token_ids, pos):
+        if self.ok_calls == 0:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        self.ok_calls -= 1
+        return self.engine.forward(token_ids, pos)
+
+
+def test_lost_connection_gives_503_and_health_down(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    app = create_app(LosesConnection(engine, ok_calls=3), tok, model_id="m", context_length=CONTEXT)
+    with in_process_server(app) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 10}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "cluster_unavailable"
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "down"
+        assert "Connection reset" in health.json()["error"]
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=30).status_code == 503
+
+
+class Broken:
+    def forward(self, token_ids, pos):
+        raise FloatingPointError("nan in layer 0")
+
+
+def test_engine_bug_gives_500_and_server_keeps_serving(engine_and_tokenizer):
+    _, tok = engine_and_tokenizer
+    app = create_app(Broken(), tok, model_id="m", context_length=CONTEXT)
+    with in_process_server(app) as url:
+        for _ in range(2):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=30)
+            assert r.status_code == 500 and "nan in layer 0" in r.json()["error"]["message"]
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
