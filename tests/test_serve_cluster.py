@@ -1,0 +1,107 @@
+"""`dllama-run serve --workers`: the API in front of a 2-node loopback cluster (root + one
+`dllama-run worker` process), and what a lost worker does to a request and to /health."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import CONFORMANCE, require_fixtures
+from dllama.runtime.serve.protocol import Sampling
+from dllama.tokenizer.convert import convert_tokenizer
+from serve_helpers import LOOPBACK, ServerProcess, load_engine_and_tokenizer, local_generation
+
+MODEL_DIR = CONFORMANCE / "tiny-llama"   # 2 kv heads: splits over 2 nodes
+MODEL = MODEL_DIR / "expected_f32.m"
+CONTEXT = 256
+
+
+def start_worker() -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(["dllama-run", "worker", "--host", LOOPBACK, "--port", "0", "--nthreads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()  # "worker listening on 127.0.0.1:PORT"
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"the worker did not start: {line}")
+    # keep draining its log so it never blocks on a full pipe
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    require_fixtures(MODEL_DIR)
+    tokenizer = tmp_path / "tiny-llama.t"
+    tokenizer.write_bytes(convert_tokenizer(MODEL_DIR).to_bytes())
+    worker, port = start_worker()
+    server = None
+    try:
+        server = ServerProcess("--model", str(MODEL), "--tokenizer", str(tokenizer), "--max-seq-len", str(CONTEXT),
+                               "--workers", f"{LOOPBACK}:{port}", "--buffer-float-type", "f32")
+        yield server, worker, tokenizer
+    finally:
+        if server is not None:
+            server.stop()
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+
+
+def test_two_node_cluster_answers_like_one_node(cluster):
+    server, _, tokenizer = cluster
+    engine, tok = load_engine_and_tokenizer(MODEL, tokenizer, CONTEXT)
+    messages = [{"role": "user", "content": "Hello from the cluster"}]
+    ids = tok.encode(tok.render_chat(messages), add_bos=False)
+    single_node = tok.decode(local_generation(engine, tok, ids, 12, Sampling(temperature=0.0)))
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    reply = client.chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == single_node
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="m", messages=messages, max_tokens=12, temperature=0, stream=True))
+    assert streamed == single_node
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_worker_lost_during_a_request_gives_503_and_health_down(cluster):
+    server, worker, _ = cluster
+    os.kill(worker.pid, signal.SIGSTOP)  # freeze the worker so the request is surely in flight
+    result = {}
+
+    def request():
+        result["response"] = httpx.post(f"{server.url}/v1/completions", timeout=30,
+                                        json={"prompt": "Once upon a time", "max_tokens": 50})
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive()                 # the root waits on the frozen worker
+    killed = time.monotonic()
+    os.kill(worker.pid, signal.SIGKILL)
+    thread.join(15)
+    assert not thread.is_alive(), "the request hung after its worker was lost"
+    assert time.monotonic() - killed < 5
+    response = result["response"]
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "cluster_unavailable"
+    health = httpx.get(f"{server.url}/health", timeout=5)
+    assert health.status_code == 503 and health.json()["status"] == "down"
+    assert f"{LOOPBACK}:" in health.json()["error"]          # names the lost worker
+    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "again"}, timeout=10).status_code == 503
+
+
+def test_health_reports_a_worker_lost_while_idle(cluster):
+    server, worker, _ = cluster
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    worker.kill()
+    worker.wait()
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{server.url}/health").status_code != 503:
+        assert time.monotonic() < deadline, "/health still says ok 5 s after the worker died"
+        time.sleep(0.05)
+    assert "closed the connection" in httpx.get(f"{server.url}/health").json()["error"]
