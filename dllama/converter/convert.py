@@ -229,11 +229,20 @@ class SourceReader:
             if n <= 0:
                 raise ConversionError(f"{entry.file} ended while reading a tensor: the file is truncated; download it again")
             done += n
+        self._read_ahead(fd, entry.start + offset + nbytes, nbytes)
         return self._buffer[:nbytes]
+
+    @staticmethod
+    def _read_ahead(fd: int, offset: int, nbytes: int) -> None:
+        # let the kernel fetch the next chunk from disk while this one is encoded (cold caches)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
 
     def _fd(self, path: Path) -> int:
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return self._fds[path]
 
 
