@@ -81,9 +81,10 @@ def worker_tensors(h: ModelHeader) -> list[tuple[int, TensorSpec]]:
 # --------------------------------------------------------------------------------------------
 # Memory per node
 
-# What the Python interpreter with numpy, numba and our compiled kernels occupies before any
-# weight is touched (measured by benchmarks/distributed.py on x86-64 Linux, see BENCHMARKS.md).
-RUNTIME_BASE_BYTES = 95 * 1024 * 1024
+# The interpreter with numpy, numba, llvmlite and the loaded kernels, on any node: 97 MiB after
+# the imports, about 165 MiB once the kernels have run (benchmarks/distributed.py on x86-64
+# Linux, docs/BENCHMARKS.md); most of it is shared-library code.
+RUNTIME_BASE_BYTES = 165 * 1024 * 1024
 KV_BYTES_PER_VALUE = 4  # f32 cache (FORMAT.md §3)
 
 

@@ -1,0 +1,179 @@
+"""Distributed runtime on loopback: peak RSS per node, ms/token, bytes per token (issue 6).
+
+    python benchmarks/distributed.py                      # 1 (single-node Engine), 2 and 4 nodes
+    python benchmarks/distributed.py --nodes 2 --steps 16
+
+Builds (once, into .bench/) a TinyLlama-1.1B-shaped q40 model with random weights written
+straight in the q40 block layout, then for each node count starts the workers as
+`dllama-run worker` processes on 127.0.0.1 and the root in its own process, one thread each
+(NUMBA_NUM_THREADS=1). Peak RSS is each process's VmHWM. Results go to stdout as a markdown
+table, and the plan's prediction (`dllama-run plan`) sits beside each measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / ".bench"
+MODEL = BENCH / "tinyllama_random_q40.m"
+TINYLLAMA = dict(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, max_seq_len=2048)
+PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975]
+
+
+def single_thread_env() -> dict:
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def build_model(path: Path) -> None:
+    """Random q40 blocks with sane scales: what matters here is the shape, not the text."""
+    from dllama.formats import ArchType, FloatType, ModelHeader, Q40_BLOCK, atomic_output, tensor_plan
+
+    h = ModelHeader(arch=ArchType.LLAMA, weights_float_type=FloatType.Q40, rope_theta=10000, norm_epsilon_code=5,
+                    **TINYLLAMA)
+    rng = np.random.default_rng(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as f:
+        f.write(h.to_bytes())
+        for spec in tensor_plan(h):
+            if spec.float_type == FloatType.F32:
+                values = rng.standard_normal(spec.shape, dtype=np.float32)
+                (values * 0.02 if len(spec.shape) == 2 else 1 + 0.05 * values).astype("<f4").tofile(f)
+                continue
+            blocks = np.empty(spec.nbytes // Q40_BLOCK.itemsize, dtype=Q40_BLOCK)
+            blocks["qs"] = rng.integers(0, 256, size=blocks["qs"].shape, dtype=np.uint8)
+            blocks["d"] = (rng.random(len(blocks), dtype=np.float32) * 0.004 + 0.001).astype(np.float16)
+            blocks.tofile(f)
+
+
+def vm_hwm(pid: int | str = "self", field: str = "VmHWM") -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(field + r":\s+(\d+) kB", text).group(1)) * 1024
+
+
+def start_worker() -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "dllama.runtime.distributed.cli", "worker", "--host", "127.0.0.1",
+                             "--port", "0", "--nthreads", "1"], stderr=subprocess.PIPE, text=True, env=single_thread_env())
+    line = proc.stderr.readline()
+    m = re.search(r"listening on ([\d.]+:\d+)", line)
+    if not m:
+        raise SystemExit(f"worker did not start: {line}")
+    return proc, m.group(1)
+
+
+def run_root(workers: list[str], steps: int, max_seq_len: int, buffer_type: str | None) -> dict:
+    cmd = [sys.executable, __file__, "--role", "root", "--steps", str(steps), "--max-seq-len", str(max_seq_len),
+           "--workers", ",".join(workers)]
+    if buffer_type:
+        cmd += ["--buffer-float-type", buffer_type]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=single_thread_env())
+    if out.returncode:
+        raise SystemExit(f"root failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def root_role(args) -> None:
+    """Inside the root process: load, prefill the prompt, decode `steps` greedy tokens, report."""
+    t0 = time.perf_counter()
+    workers = [w for w in args.workers.split(",") if w]
+    if workers:
+        from dllama.runtime.distributed.root import DistributedEngine, parse_workers
+        engine = DistributedEngine(MODEL, parse_workers(",".join(workers)), max_seq_len=args.max_seq_len,
+                                   buffer_type=args.buffer_float_type, nthreads=1, log=lambda m: None)
+    else:
+        from dllama.runtime.engine import Engine
+        engine = Engine.load(MODEL, max_seq_len=args.max_seq_len, nthreads=1)
+    startup = time.perf_counter() - t0
+    phases = {"loaded": vm_hwm()}
+    logits = engine.forward(PROMPT, 0)
+    phases["prefill"] = vm_hwm()
+    token = int(np.argmax(logits[-1]))
+    traffic = getattr(engine, "traffic", None)
+    sent0, recv0 = (traffic.sent, traffic.received) if traffic else (0, 0)
+    t1 = time.perf_counter()
+    for i in range(args.steps):
+        token = int(np.argmax(engine.forward([token], len(PROMPT) + i)[-1]))
+    decode = time.perf_counter() - t1
+    phases["decode"] = vm_hwm()
+    phases["anon"] = vm_hwm(field="RssAnon")
+    phases["file"] = vm_hwm(field="RssFile")
+    result = {
+        "nodes": 1 + len(workers), "startup_s": startup, "ms_per_token": 1000 * decode / args.steps,
+        "root_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "sent_per_token": (traffic.sent - sent0) / args.steps if traffic else 0,
+        "received_per_token": (traffic.received - recv0) / args.steps if traffic else 0,
+        "streamed_bytes": sum(l.streamed_bytes for l in getattr(engine, "links", [])),
+        "root_hwm_by_phase": phases,
+    }
+    if workers:
+        engine.close()
+    print(json.dumps(result))
+
+
+def measure(n_nodes: int, args) -> dict:
+    procs = [start_worker() for _ in range(n_nodes - 1)]
+    try:
+        result = run_root([addr for _, addr in procs], args.steps, args.max_seq_len, args.buffer_float_type)
+        time.sleep(0.2)
+        result["worker_peak_rss"] = [vm_hwm(p.pid) for p, _ in procs]
+    finally:
+        for p, _ in procs:
+            p.terminate()
+            p.wait()
+    return result
+
+
+def planned(n_nodes: int, max_seq_len: int) -> list[int]:
+    from dllama.formats import read_model_header
+    from dllama.runtime.distributed.plan import memory_plan
+    return [m.total for m in memory_plan(read_model_header(MODEL), n_nodes, max_seq_len)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--role", default="driver", choices=["driver", "root"])
+    p.add_argument("--nodes", default="1,2,4", help="node counts to measure; 1 is the single-node Engine")
+    p.add_argument("--steps", type=int, default=24, help="generated tokens timed per run")
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--buffer-float-type", default=None)
+    p.add_argument("--workers", default="")
+    args = p.parse_args()
+    if args.role == "root":
+        return root_role(args)
+    if not MODEL.exists():
+        print(f"building {MODEL} ...", file=sys.stderr)
+        build_model(MODEL)
+    print(f"load: {os.getloadavg()[0]:.2f} (1-min average) on {os.cpu_count()} cores; model {MODEL.stat().st_size / 1e6:.0f} MB",
+          file=sys.stderr)
+    rows = []
+    for n in [int(x) for x in args.nodes.split(",")]:
+        r = measure(n, args)
+        r["plan"] = planned(n, args.max_seq_len)
+        rows.append(r)
+        print(json.dumps(r), file=sys.stderr)
+    single = next((r["root_peak_rss"] for r in rows if r["nodes"] == 1), None)
+    mb = lambda b: f"{b / 2**20:.0f} MiB"
+    print("| nodes | ms/token | root sent/token | root received/token | root peak RSS (plan) | worker peak RSS (plan) | start-up |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        share = f" = {100 * r['root_peak_rss'] / single:.0f}% of 1 node" if single and r["nodes"] > 1 else ""
+        workers = ", ".join(mb(w) for w in r["worker_peak_rss"]) or "-"
+        wplan = f" ({mb(r['plan'][1])})" if r["nodes"] > 1 else ""
+        print(f"| {r['nodes']} | {r['ms_per_token']:.1f} | {r['sent_per_token'] / 1000:.1f} kB | "
+              f"{r['received_per_token'] / 1000:.1f} kB | {mb(r['root_peak_rss'])} ({mb(r['plan'][0])}){share} | "
+              f"{workers}{wplan} | {r['startup_s']:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
