@@ -87,7 +87,7 @@ def mutations(model: Path, workdir: Path) -> dict[str, Path]:
             for name, heads in ((f"layers.{layer}.q", h.n_heads), (f"layers.{layer}.k", h.n_kv_heads)):
                 rows = np.frombuffer(original[span(name)], np.uint8).reshape(mf.layout[name].spec.shape[0], -1)
                 order = np.arange(len(rows)).reshape(heads, -1, 2).swapaxes(1, 2).reshape(-1)
-                data[span(name)] = rows[np.argsort(order)].tobytes()
+                data[span(name)] = rows[order].tobytes()
         variants["q/k not permuted"] = bytes(data)
     paths = {}
     for label, data in variants.items():

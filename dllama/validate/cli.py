@@ -41,7 +41,7 @@ class StderrProgress:
         now = time.monotonic()
         if stage != self.stage:
             self._finish()
-            self.stage, self.started = stage, now
+            self.stage = stage  # timed from the previous stage's end: its first update comes late
         if self.tty and (done >= total or now - self.last_draw > 0.1):
             width = 30
             filled = int(width * done / max(total, 1))
@@ -54,6 +54,7 @@ class StderrProgress:
             elapsed = time.monotonic() - self.started
             sys.stderr.write(("\r" if self.tty else "") + f"{self.stage:<30} done in {elapsed:.1f}s" + " " * 30 + "\n")
             sys.stderr.flush()
+            self.started = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:

@@ -76,33 +76,37 @@ class SourceTokenizer:
 # Tokenizer fidelity
 
 def corpus_texts() -> list[str]:
-    """The tokenizer engineer's built-in corpus (dllama/tokenizer/corpus.py)."""
-    from dllama.tokenizer import corpus
+    """The tokenizer's built-in corpus (dllama/tokenizer/corpus.py: >= 300 varied texts)."""
+    from dllama.tokenizer.corpus import corpus
 
-    for name in ("texts", "corpus_texts", "load_corpus"):
-        fn = getattr(corpus, name, None)
-        if callable(fn):
-            return list(fn())
-    return list(getattr(corpus, "CORPUS", getattr(corpus, "TEXTS")))
+    return corpus()
 
 
 def agreement(encode: Callable[[str], list[int]], source: SourceTokenizer, texts: Sequence[str],
-              progress: Progress | None = None) -> tuple[int, list[tuple[str, list[int], list[int]]]]:
-    """(texts encoded identically, [(text, ours, theirs) for each mismatch])."""
+              progress: Progress | None = None) -> tuple[int, list[tuple[str, list[int] | str, list[int]]]]:
+    """(texts encoded identically, [(text, ours, theirs) for each mismatch]); `ours` is the error
+    message when our side raises (the reference runtime's algorithm aborts on some inputs)."""
     same, mismatches = 0, []
     for i, text in enumerate(texts):
-        ours, theirs = list(encode(text)), list(source.encode(text))
+        theirs = list(source.encode(text))
+        try:
+            ours: list[int] | str = list(encode(text))
+        except ValueError as e:
+            ours = str(e)
         if ours == theirs:
             same += 1
         else:
             mismatches.append((text, ours, theirs))
-        if progress and i % 32 == 31:
+        if progress and (i % 32 == 31 or i + 1 == len(texts)):
             progress(i + 1, len(texts))
     return same, mismatches
 
 
-def side_by_side(tf: TokenizerFile, text: str, ours: list[int], theirs: list[int], width: int = 6) -> str:
-    """The first differing stretch as token strings: `text -> ours | hugging face`."""
+def side_by_side(tf: TokenizerFile, text: str, ours: list[int] | str, theirs: list[int], width: int = 6) -> str:
+    """The first differing stretch as token strings: `text: ours [...] | hf [...]`."""
+    snippet = text[:40].replace("\n", "\\n")
+    if isinstance(ours, str):
+        return f"{snippet!r}: ours fails ({ours[:120]})"
     start = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
     start = max(0, start - 1)
 
@@ -110,7 +114,6 @@ def side_by_side(tf: TokenizerFile, text: str, ours: list[int], theirs: list[int
         return " ".join(repr(tf.tokens[i].decode("utf-8", "replace")) if 0 <= i < tf.vocab_size else f"#{i}"
                         for i in ids[start:start + width])
 
-    snippet = text[:40].replace("\n", "\\n")
     return f"{snippet!r}: ours [{show(ours)}] | hf [{show(theirs)}]"
 
 
@@ -142,15 +145,21 @@ def reference_runtime_fidelity(tokenizer, tf: TokenizerFile, source: SourceToken
     rate = same / max(len(texts), 1)
     measured = f"{same}/{len(texts)} texts ({rate:.1%})"
     shown = [side_by_side(tf, *m) for m in mismatches[:3]]
-    details = dict(agreement=rate, texts=len(texts), first_mismatches=shown, bos_id=tf.bos_id)
+    details = dict(agreement=rate, texts=len(texts), first_mismatches=shown, bos_id=tf.bos_id,
+                   aborts=sum(isinstance(m[1], str) for m in mismatches))
     special = tf.vocab_size - tf.bos_id
     warnings = []
     if special > max(16, tf.vocab_size // 10):
         warnings.append(f"bos_id is {tf.bos_id}, so the reference C++ runtime treats {special} of {tf.vocab_size} "
                         "tokens as special and mangles every prompt")
-    if mismatches:
-        warnings.append(f"the reference C++ runtime would tokenize {len(mismatches)} of {len(texts)} texts differently "
-                        f"from Hugging Face (no pre-tokenizer), e.g. {shown[0]}")
+    aborts = sum(isinstance(m[1], str) for m in mismatches)
+    if aborts:
+        warnings.append(f"the reference C++ runtime aborts on {aborts} of {len(texts)} texts "
+                        f"(e.g. {next(side_by_side(tf, *m) for m in mismatches if isinstance(m[1], str))})")
+    if len(mismatches) > aborts:
+        first = next(side_by_side(tf, *m) for m in mismatches if not isinstance(m[1], str))
+        warnings.append(f"the reference C++ runtime would tokenize {len(mismatches) - aborts} of {len(texts)} texts differently "
+                        f"from Hugging Face (no pre-tokenizer), e.g. {first}")
     if warnings:
         return warned("tokenizer.reference_runtime", measured, "informational",
                       "; ".join(warnings) + "; its answers will be worse than the original model's: run this pair with dllama-run",

@@ -92,14 +92,14 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         notes = [f"{c.status.value.upper()} {c.name}: {c.reason}" for c in self.checks
                  if c.reason and c.status in (Status.FAIL, Status.WARN, Status.SKIP)]
-        counts = ", ".join(f"{n} {s.value}" for s, n in self.to_json()["counts"].items() if n)
+        counts = ", ".join(f"{n} {s}" for s, n in self.to_json()["counts"].items() if n)
         summary = f"verdict: {self.verdict.upper()} ({counts})"
         return "\n".join(lines + ([""] + notes if notes else []) + ["", summary])
 
 
 def _cell(value: str, width: int) -> str:
     value = value.replace("\n", " ")
-    return value if len(value) <= width else value[:width - 1] + "…"
+    return value.ljust(width) if len(value) <= width else value[:width - 1] + "…"
 
 
 def _jsonable(value):

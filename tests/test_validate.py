@@ -1,0 +1,283 @@
+"""dllama-validate: correct conversions pass; each classic conversion bug fails with its reason.
+
+Every bad input is a correct fixture conversion (../shared/fixtures/conformance) mutated through
+dllama.formats, so the only thing wrong with it is the bug named by the test.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CONFORMANCE, FIXTURES, require_fixtures
+from dllama.checkpoint import Checkpoint
+from dllama.formats import ModelFile, parse_model_header, read_tokenizer
+from dllama.tokenizer.convert import convert_tokenizer
+from dllama.validate.cli import main
+from dllama.validate.reference import ReferenceLogits, compute_reference
+from dllama.validate.report import Status
+from dllama.validate.validator import Options, validate
+
+QUANTS = ("f32", "q80", "q40")
+FAST = Options(corpus_limit=60, max_tokens=16)
+
+
+def fixture(name: str) -> Path:
+    return require_fixtures(CONFORMANCE / name)
+
+
+def failing(report) -> dict[str, str]:
+    return {c.name: c.reason for c in report.checks if c.status == Status.FAIL}
+
+
+def write_model_with(tmp_path: Path, source: Path, edit) -> Path:
+    """Copy a `.m`, let `edit(bytearray, ModelFile)` change its bytes, return the new path."""
+    mf = ModelFile(source)
+    data = bytearray(source.read_bytes())
+    edit(data, mf)
+    out = tmp_path / f"mutated_{source.name}"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def tensor_slice(mf: ModelFile, name: str) -> slice:
+    t = mf.layout[name]
+    return slice(t.offset, t.offset + t.spec.nbytes)
+
+
+def write_tokenizer(tmp_path: Path, tf, name: str = "mutated.t") -> Path:
+    out = tmp_path / name
+    out.write_bytes(tf.to_bytes())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The reference forward itself
+
+def test_reference_forward_matches_transformers_logits(conformance_dir):
+    expected = ReferenceLogits.load(conformance_dir / "reference_logits.npz")
+    ours = compute_reference(Checkpoint(conformance_dir), expected.ids)
+    for got, want in zip(ours.logits, expected.logits):
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_reference_npz_round_trips_prompts_and_logits(tmp_path, conformance_dir):
+    ref = ReferenceLogits.load(conformance_dir / "reference_logits.npz")
+    ref.prompts = [f"prompt {j}" for j in range(len(ref.ids))]
+    ref.save(tmp_path / "ref.npz")
+    back = ReferenceLogits.load(tmp_path / "ref.npz")
+    assert back.prompts == ref.prompts
+    assert all(np.array_equal(a, b) for a, b in zip(back.logits, ref.logits))
+    assert all(np.array_equal(a, b) for a, b in zip(back.ids, ref.ids))
+
+
+# --------------------------------------------------------------------------------------------
+# Must hold 1: correct conversions pass
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_correct_conversion_passes(conformance_dir, quant):
+    report = validate(conformance_dir / f"expected_{quant}.m", conformance_dir / "expected.t", hf=conformance_dir,
+                      options=FAST)
+    assert report.ok, failing(report)
+    ran = {c.name for c in report.checks if c.status != Status.SKIP}
+    assert {"model.weights_vs_checkpoint", "logits.fidelity", "tokenizer.faithful", "tokenizer.vs_source"} <= ran
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_correct_conversion_passes_against_a_reference_file(conformance_dir, quant):
+    report = validate(conformance_dir / f"expected_{quant}.m", conformance_dir / "expected.t",
+                      reference=conformance_dir / "reference_logits.npz", options=FAST)
+    assert report.ok, failing(report)
+    assert report.get("logits.fidelity").status == Status.PASS
+
+
+# --------------------------------------------------------------------------------------------
+# Must hold 2: each classic failure, with the right reason
+
+def unpermute_qk(data: bytearray, mf: ModelFile) -> None:
+    """Undo FORMAT.md §1.3's permute by moving whole stored rows (blocks run along columns)."""
+    h = mf.header
+    for layer in range(h.n_layers):
+        for name, heads in ((f"layers.{layer}.q", h.n_heads), (f"layers.{layer}.k", h.n_kv_heads)):
+            spec = mf.layout[name].spec
+            rows = np.frombuffer(mf.raw(name), np.uint8).reshape(spec.shape[0], -1)
+            hd = spec.shape[0] // heads
+            order = np.arange(spec.shape[0]).reshape(heads, hd // 2, 2).swapaxes(1, 2).reshape(-1)
+            data[tensor_slice(mf, name)] = rows[order].tobytes()
+
+
+def logits_alone_catch(src: Path, tmp_path: Path, edit) -> None:
+    """Without --hf only the logits can tell; at f32 the margin over a correct file is huge
+    (benchmarks/validate.py thresholds), so the bug must fail logits.fidelity and nothing else."""
+    bad = write_model_with(tmp_path, src / "expected_f32.m", edit)
+    report = validate(bad, src / "expected.t", reference=src / "reference_logits.npz", options=FAST)
+    assert set(failing(report)) == {"logits.fidelity"}
+
+
+def test_qk_rows_not_permuted_is_caught(tmp_path):
+    src = fixture("tiny-llama")
+    bad = write_model_with(tmp_path, src / "expected_q40.m", unpermute_qk)
+    with_hf = validate(bad, src / "expected.t", hf=src, options=FAST)
+    assert "NOT permuted" in failing(with_hf)["model.weights_vs_checkpoint"]
+    logits_alone_catch(src, tmp_path, unpermute_qk)
+
+
+def test_wrong_rope_theta_is_caught(tmp_path):
+    src = fixture("tiny-qwen3")  # rope_theta 1e6; the classic bug writes the 10000 default
+
+    def set_theta(data: bytearray, mf: ModelFile) -> None:
+        header = replace(mf.header, rope_theta=10000)
+        data[:header.nbytes] = header.to_bytes()
+
+    bad = write_model_with(tmp_path, src / "expected_q40.m", set_theta)
+    reasons = failing(validate(bad, src / "expected.t", hf=src, options=FAST))
+    assert "rope_theta is 10000 in the .m but 1000000" in reasons["model.header_vs_config"]
+    assert "model.weights_vs_checkpoint" not in reasons
+    logits_alone_catch(src, tmp_path, set_theta)
+
+
+def test_tokenizer_of_another_model_is_caught(tmp_path):
+    src = fixture("tiny-llama")
+    other = write_tokenizer(tmp_path, convert_tokenizer(require_fixtures(FIXTURES / "tokenizers" / "llama2")))
+    report = validate(src / "expected_q40.m", other, hf=src, options=FAST)
+    reasons = failing(report)
+    assert "belongs to another model" in reasons["tokenizer.vocab_size"]
+    assert "converted from another tokenizer" in reasons["tokenizer.vs_source"]
+
+
+def test_vocab_differing_by_one_token_is_caught(tmp_path):
+    src = fixture("tiny-llama")
+    tf = read_tokenizer(src / "expected.t")
+    tf.tokens.append(b"<|extra|>")
+    tf.scores.append(-float(len(tf.scores)))
+    report = validate(src / "expected_q40.m", write_tokenizer(tmp_path, tf), options=FAST)
+    assert "differ by one token" in failing(report)["tokenizer.vocab_size"]
+
+
+def test_bos_eos_swapped_is_caught(tmp_path):
+    src = fixture("tiny-llama")
+    tf = read_tokenizer(src / "expected.t")
+    tf.bos_id, tf.eos_ids = tf.eos_ids[0], [tf.bos_id]
+    report = validate(src / "expected_q40.m", write_tokenizer(tmp_path, tf), hf=src, options=FAST)
+    assert set(failing(report)) == {"tokenizer.special_ids"}
+    assert "swapped" in failing(report)["tokenizer.special_ids"]
+
+
+def test_truncated_model_file_is_caught(tmp_path):
+    src = fixture("tiny-llama")
+    bad = tmp_path / "truncated.m"
+    bad.write_bytes((src / "expected_q40.m").read_bytes()[:-1000])
+    report = validate(bad, src / "expected.t", hf=src, options=FAST)
+    reasons = failing(report)
+    assert "truncated" in reasons["model.file_size"]
+    assert report.get("logits.fidelity").status == Status.SKIP
+
+
+def swap_tensors(a: str, b: str):
+    def edit(data: bytearray, mf: ModelFile) -> None:
+        sa, sb = tensor_slice(mf, a), tensor_slice(mf, b)
+        data[sa], data[sb] = bytes(mf.raw(b)), bytes(mf.raw(a))
+    return edit
+
+
+@pytest.mark.parametrize("a, b, holds", [
+    ("layers.1.w1", "layers.1.w3", "holds model.layers.1.mlp.up_proj.weight instead of model.layers.1.mlp.gate_proj.weight"),
+    ("layers.0.wo", "layers.1.wo", "holds model.layers.1.self_attn.o_proj.weight instead of model.layers.0.self_attn.o_proj.weight"),
+])
+def test_swapped_layer_tensors_are_caught(tmp_path, a, b, holds):
+    src = fixture("tiny-qwen3")
+    bad = write_model_with(tmp_path, src / "expected_q40.m", swap_tensors(a, b))
+    assert holds in failing(validate(bad, src / "expected.t", hf=src, options=FAST))["model.weights_vs_checkpoint"]
+    logits_alone_catch(src, tmp_path, swap_tensors(a, b))
+
+
+# --------------------------------------------------------------------------------------------
+# sentencepiece with byte fallback
+
+WORDS = ("model tensor layer quantize block scale token vocabulary merge piece byte head rope cache node "
+         "cluster board convert validate prompt logits attention norm weight expert router").split()
+
+
+def train_byte_fallback_sentencepiece(folder: Path) -> Path:
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(0)
+    sentences = [" ".join(rng.choice(WORDS, size=12)) + "." for _ in range(300)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=384,
+                                   byte_fallback=True, model_type="bpe", minloglevel=2)
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    return folder
+
+
+def test_sentencepiece_converted_without_byte_fallback_is_caught(tmp_path):
+    src = fixture("tiny-llama")  # only its .m (vocab 384) is used; no --hf: the .t embeds its source
+    tf = convert_tokenizer(train_byte_fallback_sentencepiece(tmp_path / "sp"))
+    good = validate(src / "expected_f32.m", write_tokenizer(tmp_path, tf, "good.t"), options=FAST)
+    assert good.ok, failing(good)
+    assert "bos_id is 1" in good.get("tokenizer.reference_runtime").reason  # the plain-language warning
+    # what a converter ignoring byte fallback writes: the piece's text instead of its byte
+    tf.tokens = [f"<0x{t[0]:02X}>".encode() if len(t) == 1 and i >= 3 and i < 259 else t for i, t in enumerate(tf.tokens)]
+    bad = validate(src / "expected_f32.m", write_tokenizer(tmp_path, tf, "bad.t"), options=FAST)
+    reasons = failing(bad)
+    assert "converted without byte fallback" in reasons["tokenizer.byte_fallback"]
+
+
+# --------------------------------------------------------------------------------------------
+# Must hold 3: the CLI, its JSON and exit codes
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_cli_json_and_exit_code_for_a_passing_pair(capsys):
+    src = fixture("tiny-llama")
+    code, out, _ = run_cli(capsys, str(src / "expected_q40.m"), str(src / "expected.t"), "--reference",
+                           str(src / "reference_logits.npz"), "--json", "--corpus-limit", "40", "-q")
+    doc = json.loads(out)
+    assert code == 0 and doc["verdict"] == "pass" and doc["schema"] == "dllama-validate/1"
+    assert {"name", "status", "measured", "threshold", "reason", "details"} <= set(doc["checks"][0])
+    assert doc["counts"]["fail"] == 0
+
+
+def test_cli_exit_code_1_and_table_for_a_failing_pair(capsys, tmp_path):
+    src = fixture("tiny-llama")
+    bad = tmp_path / "truncated.m"
+    bad.write_bytes((src / "expected_q40.m").read_bytes()[:-18])
+    code, out, _ = run_cli(capsys, str(bad), str(src / "expected.t"), "-q", "--corpus-limit", "20")
+    assert code == 1
+    assert "model.file_size" in out and "FAIL" in out and "verdict: FAIL" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (("missing.m", "{t}"), "does not exist"),
+    (("{t}", "{m}"), "is not a distributed-llama .m model"),
+    (("{m}", "{t}", "--reference", "{t}"), "not a readable .npz"),
+    (("{m}",), "Missing argument"),
+])
+def test_cli_exit_code_2_for_unreadable_input(capsys, args, message):
+    src = fixture("tiny-llama")
+    paths = {"m": str(src / "expected_q40.m"), "t": str(src / "expected.t")}
+    code, _, err = run_cli(capsys, *[a.format(**paths) for a in args])
+    assert code == 2
+    assert message in err
+
+
+def test_cli_reference_subcommand_writes_a_usable_ref_npz(capsys, tmp_path):
+    src = fixture("tiny-qwen3")
+    code, out, _ = run_cli(capsys, "reference", "--hf", str(src), "--out", str(tmp_path / "ref.npz"),
+                           "--prompt", "Hello there", "--prompt", "1 2 3", "-q")
+    assert code in (0, None)
+    ref = ReferenceLogits.load(tmp_path / "ref.npz")
+    assert ref.prompts == ["Hello there", "1 2 3"] and ref.ids[0][0] == 382  # bos first
+    report = validate(src / "expected_f32.m", src / "expected.t", reference=tmp_path / "ref.npz", options=FAST)
+    assert report.get("logits.fidelity").status == Status.PASS
