@@ -6,6 +6,7 @@ it did; later steps (validate, run, a 2-node cluster) append here in the same st
   1. build a small random Llama-shaped Hugging Face checkpoint under examples/tiny-hf/
      (weights from dllama.converter.synthetic, the bundled byte-level BPE tokenizer)
   2. convert it to examples/out/dllama_model_tiny_{q40,f32}.m and dllama_tokenizer_tiny.t
+  -  run the q40 model on a local 2-node cluster (a worker process on 127.0.0.1 + this root)
 """
 from __future__ import annotations
 
@@ -56,10 +57,56 @@ def convert_checkpoint(checkpoint: Path) -> dict[str, Path]:
     return outputs
 
 
+def run_two_nodes(outputs: dict[str, Path], steps: int = 16) -> None:
+    """A worker process on 127.0.0.1 plus this process as the root: the same tokens as one node."""
+    import re
+    import subprocess
+
+    import numpy as np
+
+    from dllama.runtime.distributed.root import DistributedEngine
+    from dllama.runtime.engine import Engine
+
+    model = outputs["q40"]
+    step(f"2-node cluster on this machine (dllama-run worker --host 127.0.0.1 --port P; "
+         f"dllama-run --workers 127.0.0.1:P --model {model.relative_to(HERE.parent)} ...)")
+    worker = subprocess.Popen([sys.executable, "-m", "dllama.runtime.cli", "worker", "--host", "127.0.0.1", "--port", "0"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        line = worker.stderr.readline()
+        match = re.search(r"listening on ([\d.]+):(\d+)", line)
+        if not match:
+            raise RuntimeError(f"the worker did not start: {line.strip()}")
+        address = (match.group(1), int(match.group(2)))
+        prompt = [510, 72, 101, 108, 108, 111]
+
+        def greedy(engine) -> list[int]:
+            tokens = list(prompt)
+            for _ in range(steps):
+                logits = engine.forward(tokens if len(tokens) == len(prompt) else tokens[-1:],
+                                        0 if len(tokens) == len(prompt) else len(tokens) - 1)
+                tokens.append(int(np.argmax(logits[-1])))
+            return tokens[len(prompt):]
+
+        one = greedy(Engine.load(model, max_seq_len=64))
+        with DistributedEngine(model, [address], max_seq_len=64, log=lambda msg: None) as root:
+            two = greedy(root)
+            t = root.traffic
+            print(f"  worker {address[0]}:{address[1]} received its slices ({root.links[0].streamed_bytes} bytes)")
+            print(f"  1 node : {one}")
+            print(f"  2 nodes: {two}")
+            print(f"  {'the same' if one == two else 'DIFFERENT'} {steps} greedy tokens; per token the root sent "
+                  f"{t.sent / t.tokens / 1000:.1f} kB and received {t.received / t.tokens / 1000:.1f} kB")
+    finally:
+        worker.terminate()
+        worker.wait()
+
+
 def main() -> int:
     started = time.perf_counter()
     checkpoint = build_checkpoint()
     outputs = convert_checkpoint(checkpoint)
+    run_two_nodes(outputs)
     print(f"\ndone in {time.perf_counter() - started:.1f} s: {', '.join(str(p.relative_to(HERE.parent)) for p in outputs.values())}")
     return 0
 
