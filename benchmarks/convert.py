@@ -113,7 +113,7 @@ def main() -> None:
         wall, peak, stdout = convert_in_child(source, args.quant, out)
         walls.append(wall)
         peaks.append(peak)
-        print(f"run {i + 1}: {wall:.2f} s wall, peak RSS <= {peak / 1e6:.0f} MB")
+        print(f"run {i + 1}: {wall:.2f} s wall, peak RSS {peak / 1e6:.0f} MB")
     model_path = out / f"dllama_model_bench_{args.quant}.m"
     spot_check(model_path, source)
     print(f"result: median {statistics.median(walls):.2f} s (min {min(walls):.2f}), "
