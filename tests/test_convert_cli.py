@@ -222,6 +222,33 @@ def test_failure_while_streaming_leaves_no_file(tmp_path):
     assert list(out.iterdir()) == []
 
 
+def test_disk_full_while_writing_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    import errno
+
+    from dllama.converter import convert as convert_module
+
+    real_write = convert_module._write_tensor
+    written = []
+
+    def write_then_fail(f, t, reader, progress):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(t)
+        real_write(f, t, reader, progress)
+
+    monkeypatch.setattr(convert_module, "_write_tensor", write_then_fail)
+    folder = checkpoint(tmp_path)
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-n", "m", "-o", tmp_path / "out"), tmp_path / "out",
+                         "writing", "dllama_model_m_q40.m", "No space left on device", "--output-dir")
+
+
+def test_default_name_of_the_current_folder_is_its_real_name(tmp_path, monkeypatch):
+    folder = checkpoint(tmp_path)
+    monkeypatch.chdir(folder)
+    assert run_cli("hf", ".", "-q", "q40", "-o", tmp_path / "out").exit_code == 0
+    assert (tmp_path / "out" / "dllama_model_ck_q40.m").is_file()
+
+
 # -- hub ids, without network
 
 def run_subprocess(args: list[str], hf_home: Path) -> subprocess.CompletedProcess:

@@ -69,7 +69,9 @@ def _run(source: str, float_type: FloatType | None, name: str | None, output_dir
          revision: str | None, as_json: bool) -> None:
     try:
         folder = resolve_source(source, revision)
-        plan = plan_conversion(folder, float_type, name or default_name(source), output_dir,
+        local = Path(source).expanduser()
+        name = name or default_name(str(local.resolve()) if local.is_dir() else source)
+        plan = plan_conversion(folder, float_type, name, output_dir,
                                with_tokenizer=True, embed_tokenizer=embed)
         for note in plan.notes:
             typer.echo(f"note: {note}", err=True)

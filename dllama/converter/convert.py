@@ -177,7 +177,16 @@ Progress = Callable[[int], None]  # called with source bytes done since the last
 def write_outputs(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
     """Write the planned files; on any failure no output file (partial or complete) is left."""
     started = time.perf_counter()
-    progress = progress or (lambda n: None)
+    try:
+        _write_planned_files(plan, progress or (lambda n: None))
+    except OSError as e:  # disk full, I/O error: name the file and the fix
+        target = plan.model_path or plan.tokenizer_path
+        raise ConversionError(f"writing {target} failed: {e.strerror or e}; free some space or choose another --output-dir") from None
+    outputs = [p for p in (plan.model_path, plan.tokenizer_path) if p is not None]
+    return ConversionResult(plan, time.perf_counter() - started, {p: p.stat().st_size for p in outputs})
+
+
+def _write_planned_files(plan: ConversionPlan, progress: Progress) -> None:
     tokenizer_bytes = plan.tokenizer.to_bytes(with_extension=plan.embed_tokenizer) if plan.tokenizer else None
     if plan.model_path is None:
         with atomic_output(plan.tokenizer_path) as ft:
@@ -191,8 +200,6 @@ def write_outputs(plan: ConversionPlan, progress: Progress | None = None) -> Con
             ft.write(tokenizer_bytes)
             with atomic_output(plan.model_path) as fm:
                 _write_model(fm, plan, progress)
-    outputs = [p for p in (plan.model_path, plan.tokenizer_path) if p is not None]
-    return ConversionResult(plan, time.perf_counter() - started, {p: p.stat().st_size for p in outputs})
 
 
 def _write_model(f, plan: ConversionPlan, progress: Progress) -> None:
