@@ -85,6 +85,14 @@ def test_f16_f32_and_bf16_sources_match_the_numpy_reference(tmp_path, dtype, qua
     assert model_bytes(convert(folder, quant, tmp_path / "out", name="m")) == numpy_reference_bytes(folder, quant)
 
 
+def test_f64_source_converts_like_its_f32_values(tmp_path):
+    folder = write_checkpoint(tmp_path / "ck", small_config(), dtype="f32", tokenizer=EXAMPLE_TOKENIZER)
+    f32 = model_bytes(convert(folder, "q40", tmp_path / "out32", name="m"))
+    tensors = load_file(folder / "model.safetensors")
+    save_file({k: v.astype(np.float64) for k, v in tensors.items()}, folder / "model.safetensors")
+    assert model_bytes(convert(folder, "q40", tmp_path / "out64", name="m")) == f32
+
+
 def test_tied_embeddings_store_the_embedding_as_lm_head(tmp_path):
     folder = write_checkpoint(tmp_path / "ck", small_config(), tie_embeddings=True, tokenizer=EXAMPLE_TOKENIZER)
     assert "lm_head.weight" not in Checkpoint(folder)
