@@ -47,17 +47,17 @@ class NumpyModel:
     def mm(self, name: str, x: np.ndarray) -> np.ndarray:
         if not self.q80 or self.m.layout[name].spec.float_type == FloatType.F32:
             return (self.w[name] @ self.quant(x)).astype(np.float32)
-        # per block: the exact integer dot times d_w * d_x, summed block after block in float32
-        # (the kernels' order), so float noise cannot flip a later q80 rounding
+        # the kernels' order (kernels.py): per block 16 exact integer pair sums times
+        # f32(d_w * d_x), added block after block into 16 float32 lanes, lanes summed in order;
+        # mirroring it keeps float noise from flipping a later q80 rounding
         xq = np.frombuffer(quantize_q80(np.asarray(x, dtype=np.float32)), dtype=Q80_BLOCK)
         dx = xq["d"].astype(np.float32)
         dw = self.m.blocks(name)["d"].astype(np.float32)
         rows = dw.shape[0]
-        exact = (self.w[name].reshape(rows, -1, 32) * (xq["qs"] * dx[:, None]).astype(np.float64)).sum(-1)
-        scale = (dw * dx[None, :]).astype(np.float32)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            isum = np.where(scale != 0, np.rint(exact / (dw.astype(np.float64) * dx)), 0).astype(np.float32)
-        return np.cumsum(isum * scale, axis=1, dtype=np.float32)[:, -1]
+        w_int = np.rint(self.w[name].reshape(rows, -1, 32) / np.where(dw == 0, 1, dw)[..., None].astype(np.float64))
+        pairs = (w_int * xq["qs"].astype(np.float64)).reshape(rows, -1, 16, 2).sum(-1).astype(np.float32)
+        lanes = np.cumsum(pairs * (dw * dx[None, :])[..., None], axis=1, dtype=np.float32)[:, -1]
+        return np.cumsum(lanes, axis=1, dtype=np.float32)[:, -1]
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         x = x.astype(np.float64)

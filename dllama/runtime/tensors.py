@@ -22,7 +22,6 @@ class QuantizedInput:
 
     xq: np.ndarray  # (T, n) int8
     xd: np.ndarray  # (T, n/32) float32 block scales (f16-rounded)
-    xs: np.ndarray  # (T, n/32) int32 block sums of xq
 
     @classmethod
     def of(cls, x: np.ndarray) -> "QuantizedInput":
@@ -30,9 +29,8 @@ class QuantizedInput:
         T, n = x.shape
         xq = np.empty((T, n), dtype=np.int8)
         xd = np.empty((T, n // BLOCK_SIZE), dtype=np.float32)
-        xs = np.empty((T, n // BLOCK_SIZE), dtype=np.int32)
-        kernels.quantize_q80(x, xq, xd, xs)
-        return cls(xq, xd, xs)
+        kernels.quantize_q80(x, xq, xd)
+        return cls(xq, xd)
 
     def dequantized(self) -> np.ndarray:
         T, n = self.xq.shape
@@ -92,7 +90,7 @@ class Matrix:
         table = kernels.F16_TO_F32
         if self.float_type == FloatType.Q40:
             if T == 1:
-                kernels.matvec_q40(self.data, x.xq[0], x.xd[0], x.xs[0], table, out[0])
+                kernels.matvec_q40(self.data, x.xq[0], x.xd[0], table, out[0])
             else:
                 kernels.matmul_q40(self.data, x.xq, x.xd, table, out)
         else:
