@@ -58,13 +58,16 @@ def _added(tf: TokenizerFile, ids: list[int]) -> list[dict]:
              "rstrip": False, "normalized": False, "special": True} for i in ids]
 
 
-def _digits_grouping(tokens: list[bytes]) -> str | None:
+def _split_regex(tokens: list[bytes]) -> str | None:
+    """The pre-tokenizer regex, judged from tokens only one of them can produce: GPT-2's keeps
+    digit runs whole with a leading space and lets spaces follow a newline; Llama 3's groups
+    digits by three; Qwen's takes them one by one."""
+    if any(re.search(rb"\n[ \t]|^ [0-9]|[0-9]{4}", tok) for tok in tokens):
+        return GPT2_SPLIT
     longest = max((len(m) for tok in tokens for m in re.findall(rb"[0-9]+", tok)), default=0)
     if longest <= 1:
         return QWEN_SPLIT
-    if longest <= 3:
-        return LLAMA3_SPLIT
-    return GPT2_SPLIT
+    return LLAMA3_SPLIT
 
 
 def byte_level_json(tf: TokenizerFile) -> dict:
@@ -76,7 +79,7 @@ def byte_level_json(tf: TokenizerFile) -> dict:
         if i not in skip:
             vocab.setdefault("".join(to_char[b] for b in tok), i)
     rank = {piece: float(i) for piece, i in vocab.items()}
-    split = _digits_grouping([t for i, t in enumerate(tf.tokens) if i not in skip])
+    split = _split_regex([t for i, t in enumerate(tf.tokens) if i not in skip])
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": split is None}
     pre = byte_level if split is None else {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False}, byte_level]}
@@ -110,8 +113,11 @@ def sentencepiece_json(tf: TokenizerFile, byte_start: int) -> dict:
     unk = next((i for i in specials if tf.tokens[i] == b"<unk>"), None)
     unk_text = None if unk is None else "<unk>"
     normal = [i for i in range(byte_start + 256, tf.vocab_size) if i not in skip]
-    scores_fall = all(tf.scores[a] >= tf.scores[b] for a, b in zip(normal, normal[1:]))
-    if scores_fall:
+    # sentencepiece BPE scores are -rank (whole numbers); unigram scores are log probabilities
+    # (also sorted, so only their fractions tell them apart)
+    ranked = all(float(tf.scores[i]).is_integer() for i in normal)
+    ranked = ranked and all(tf.scores[a] >= tf.scores[b] for a, b in zip(normal, normal[1:]))
+    if ranked:
         rank = {piece: -tf.scores[i] for piece, i in pieces.items()}
         vocab = dict(pieces) | {tf.tokens[i].decode("utf-8", "replace"): i for i in specials}
         model = {"type": "BPE", "dropout": None, "unk_token": unk_text, "continuing_subword_prefix": None,
