@@ -230,11 +230,11 @@ def test_disk_full_while_writing_is_one_line_and_leaves_no_file(tmp_path, monkey
     real_write = convert_module._write_tensor
     written = []
 
-    def write_then_fail(f, t, reader, progress):
+    def write_then_fail(f, t, *args):
         if written:
             raise OSError(errno.ENOSPC, "No space left on device")
         written.append(t)
-        real_write(f, t, reader, progress)
+        real_write(f, t, *args)
 
     monkeypatch.setattr(convert_module, "_write_tensor", write_then_fail)
     folder = checkpoint(tmp_path)

@@ -204,9 +204,22 @@ def _write_planned_files(plan: ConversionPlan, progress: Progress) -> None:
 
 def _write_model(f, plan: ConversionPlan, progress: Progress) -> None:
     f.write(plan.header.to_bytes())
+    out = ReusedBuffer()
     with SourceReader() as reader:
         for t in plan.tensors:
-            _write_tensor(f, t, reader, progress)
+            _write_tensor(f, t, reader, out, progress)
+
+
+class ReusedBuffer:
+    """One growing byte buffer: fresh pages would cost a page fault per 4 KB on every tensor."""
+
+    def __init__(self):
+        self._data = np.empty(0, np.uint8)
+
+    def get(self, nbytes: int) -> np.ndarray:
+        if self._data.size < nbytes:
+            self._data = np.empty(nbytes, np.uint8)
+        return self._data[:nbytes]
 
 
 class SourceReader:
@@ -214,7 +227,7 @@ class SourceReader:
 
     def __init__(self):
         self._fds: dict[Path, int] = {}
-        self._buffer = np.empty(0, np.uint8)
+        self._buffer = ReusedBuffer()
 
     def __enter__(self):
         return self
@@ -226,9 +239,8 @@ class SourceReader:
 
     def read(self, entry: TensorEntry, offset: int, nbytes: int) -> np.ndarray:
         """nbytes of the tensor starting `offset` bytes into it; valid until the next read."""
-        if self._buffer.size < nbytes:
-            self._buffer = np.empty(nbytes, np.uint8)
-        view = memoryview(self._buffer[:nbytes])
+        data = self._buffer.get(nbytes)
+        view = memoryview(data)
         fd = self._fd(entry.file)
         done = 0
         while done < nbytes:
@@ -237,7 +249,7 @@ class SourceReader:
                 raise ConversionError(f"{entry.file} ended while reading a tensor: the file is truncated; download it again")
             done += n
         self._read_ahead(fd, entry.start + offset + nbytes, nbytes)
-        return self._buffer[:nbytes]
+        return data
 
     @staticmethod
     def _read_ahead(fd: int, offset: int, nbytes: int) -> None:
@@ -253,21 +265,20 @@ class SourceReader:
         return self._fds[path]
 
 
-def _write_tensor(f, t: PlannedTensor, reader: SourceReader, progress: Progress) -> None:
+def _write_tensor(f, t: PlannedTensor, reader: SourceReader, out_buffer: ReusedBuffer, progress: Progress) -> None:
     rows, cols = t.rows_cols
     dtype = t.entry.dtype
     itemsize = 2 if dtype in ("BF16", "F16") else 4 if dtype == "F32" else 8
     encode, out_dtype = _ENCODERS[t.spec.float_type]
     out_row_bytes = t.spec.nbytes // rows
     chunk_rows = _chunk_rows(t, cols * itemsize)
-    out_buffer = np.empty(chunk_rows * out_row_bytes, np.uint8)
     for r0 in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - r0)
         raw = reader.read(t.entry, r0 * cols * itemsize, n * cols * itemsize)
         src, kind = _source_rows(raw, dtype, n, cols)
-        out = out_buffer[:n * out_row_bytes].view(out_dtype).reshape(n, -1)
-        encode(src, kind, _row_order(t, n), out)
-        f.write(memoryview(out_buffer[:n * out_row_bytes]))
+        out = out_buffer.get(n * out_row_bytes)
+        encode(src, kind, _row_order(t, n), out.view(out_dtype).reshape(n, -1))
+        f.write(memoryview(out))
         progress(n * cols * itemsize)
 
 
