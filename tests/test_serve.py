@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from dllama.runtime.serve.protocol import Sampling
+from dllama.runtime.serve.session import common_prefix_length
 from dllama.tokenizer.convert import convert_tokenizer
 from conftest import CONFORMANCE, require_fixtures
 from serve_helpers import ServerProcess, load_engine_and_tokenizer, local_generation
@@ -149,6 +150,23 @@ def test_eos_ends_generation_with_stop_and_is_not_shown(client, local):
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].text == text
     assert reply.usage.completion_tokens == len(tokens) < 60
+
+
+def test_follow_up_prompt_reuses_the_kv_cache_and_says_so(client, local):
+    engine, tok = local
+    first = "Once upon a time there was a"
+    text, tokens, finish = expected(local, tok.encode(first), 8, Sampling(temperature=0.0))
+    assert finish == "length"
+    reply = client.completions.create(model="tiny", prompt=first, max_tokens=8, temperature=0)
+    assert reply.choices[0].text == text
+    follow_up = first + text + " and then"
+    ids = tok.encode(follow_up)
+    evaluated = tok.encode(first) + tokens[:-1]   # the last sampled token was never run through the model
+    shared = common_prefix_length(evaluated, ids)
+    again = client.completions.create(model="tiny", prompt=follow_up, max_tokens=4, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == shared >= len(tok.encode(first))
+    fresh_text, _, _ = expected(local, ids, 4, Sampling(temperature=0.0))
+    assert again.choices[0].text == fresh_text
 
 
 BAD_REQUESTS = [

@@ -237,4 +237,4 @@ def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_que
 
 
 def _usage(outcome: Outcome) -> dict:
-    return protocol.usage(outcome.prompt_tokens, outcome.completion_tokens)
+    return protocol.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)

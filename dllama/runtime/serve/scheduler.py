@@ -32,7 +32,8 @@ class Scheduler:
         return self._turn.locked()
 
     async def acquire(self) -> None:
-        if self._turn.locked() and self.waiting >= self.max_queue:
+        # waiters can outlive locked() for a moment after a release: they still hold their places
+        if self.waiting >= self.max_queue and (self._turn.locked() or self.waiting > 0):
             raise ApiError(429, f"the server is busy: {self.waiting} requests are already waiting for the model "
                                 f"(queue limit {self.max_queue}); retry later",
                            type="rate_limit_error", code="queue_full")

@@ -119,11 +119,24 @@ class Session:
         prompt = job.prompt_ids
         # at least the last prompt token is evaluated: its logits give the first new token
         reused = min(common_prefix_length(self.cached, prompt), len(prompt) - 1)
-        decoder = self.tokenizer.stream_decoder()
-        scanner = StopScanner(job.stop)
         tokens = generate(_CacheTracking(self), prompt, job.max_tokens, temperature=job.sampling.temperature,
                           top_p=job.sampling.top_p, seed=job.sampling.seed, eos_ids=self.tokenizer.eos_ids,
                           cancel=cancelled.is_set, start_pos=reused)
+        scanner = StopScanner(job.stop)
+        generated = self._relay_text(tokens, scanner, emit)
+        if cancelled.is_set() and not scanner.stopped:
+            finish = "cancelled"
+        elif scanner.stopped:
+            finish = "stop"
+        elif generated == job.max_tokens or len(prompt) + generated >= self.context_length:
+            finish = "length"
+        else:
+            finish = "stop"  # generate() ended at an eos token
+        return Outcome(finish, len(prompt), generated, reused)
+
+    def _relay_text(self, tokens, scanner: StopScanner, emit: Callable[[str], None]) -> int:
+        """Decodes the tokens through the stop scanner into emit(); returns how many were generated."""
+        decoder = self.tokenizer.stream_decoder()
         generated = 0
         try:
             for token in tokens:
@@ -132,19 +145,14 @@ class Session:
                 if text:
                     emit(text)
                 if scanner.stopped:
-                    break
+                    return generated
         finally:
             tokens.close()
-        if cancelled.is_set() and not scanner.stopped:
-            return Outcome("cancelled", len(prompt), generated, reused)
-        if not scanner.stopped:
-            tail = scanner.push(decoder.flush())
-            tail += "" if scanner.stopped else scanner.flush()
-            if tail:
-                emit(tail)
-        ran_out = generated == job.max_tokens or len(prompt) + generated >= self.context_length
-        finish = "length" if ran_out and not scanner.stopped else "stop"  # else: an eos token or a stop sequence
-        return Outcome(finish, len(prompt), generated, reused)
+        tail = scanner.push(decoder.flush())
+        tail += "" if scanner.stopped else scanner.flush()
+        if tail:
+            emit(tail)
+        return generated
 
     def _forward(self, token_ids: Sequence[int], pos: int) -> np.ndarray:
         del self.cached[pos:]
