@@ -181,6 +181,12 @@ def test_model_vocabulary_padded_beyond_the_tokenizer_is_accepted_with_a_note(tm
     assert result.exit_code == 0 and "padded beyond the tokenizer" in result.stderr
 
 
+def test_eos_id_outside_the_tokenizer_is_refused(tmp_path):
+    folder = checkpoint(tmp_path, eos_token_id=[511, 128009])
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out",
+                         "eos token id 128009", "eos_token_id in config.json")
+
+
 def test_missing_tokenizer_is_named(tmp_path):
     folder = write_checkpoint(tmp_path / "ck", small_config())
     assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out",

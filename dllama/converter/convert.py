@@ -128,6 +128,14 @@ def _check_blocks(spec: TensorSpec) -> None:
                               f"so it cannot be stored as {quant}; convert with --quant f32 or f16")
 
 
+def _check_special_ids(tokenizer: TokenizerFile) -> None:
+    """bos/eos come from config.json for tokenizer.json sources (FORMAT.md §4): they must be tokens."""
+    for what, token_id in [("bos", tokenizer.bos_id)] + [("eos", e) for e in tokenizer.eos_ids]:
+        if not 0 <= token_id < tokenizer.vocab_size:
+            raise ConversionError(f"{what} token id {token_id} is outside the tokenizer's {tokenizer.vocab_size} tokens; "
+                                  f"fix {what}_token_id in config.json")
+
+
 def _check_vocab(header: ModelHeader, tokenizer: TokenizerFile, notes: list[str]) -> None:
     if tokenizer.vocab_size > header.vocab_size:
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json vocab_size is "
@@ -153,6 +161,8 @@ def plan_conversion(folder: Path, float_type: FloatType | None, name: str, outpu
         tokenizer_path=output_dir / tokenizer_filename(name) if with_tokenizer else None,
         embed_tokenizer=embed_tokenizer,
     )
+    if tokenizer is not None:
+        _check_special_ids(tokenizer)
     if header is not None and tokenizer is not None:
         _check_vocab(header, tokenizer, plan.notes)
     _check_output_dir(output_dir)
