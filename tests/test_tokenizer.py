@@ -11,7 +11,7 @@ from typing import Callable
 import pytest
 
 from conftest import CONFORMANCE, FIXTURES, require_fixtures
-from dllama.formats import FormatError, TokenizerFile, parse_tokenizer
+from dllama.formats import EmbeddedKind, EmbeddedSource, FormatError, TokenizerFile, parse_tokenizer
 from dllama.tokenizer import ChatTemplateError, InexactTokenizerWarning, Tokenizer, TokenizerError
 from dllama.tokenizer.convert import convert_tokenizer
 from dllama.tokenizer.corpus import SPECIAL, corpus
@@ -338,6 +338,17 @@ def test_decoding_an_id_outside_the_vocabulary_is_refused(tiny_tok, mode):
         tok.decode([5, 384])
     with pytest.raises(TokenizerError, match="token id -1"):
         tok.stream_decoder().push(-1)
+
+
+def test_an_embedded_tokenizer_that_does_not_fit_is_refused(tiny_tok, llama2_tokenizer_dir):
+    tf = tiny_tok.tf
+    foreign = (llama2_tokenizer_dir / "tokenizer.json").read_bytes()
+    tf.embedded = [EmbeddedSource(EmbeddedKind.TOKENIZER_JSON, foreign)]
+    with pytest.raises(TokenizerError, match="embeds a tokenizer of 32000 tokens but its vocabulary has 384"):
+        Tokenizer.from_file(tf)
+    tf.embedded = [EmbeddedSource(EmbeddedKind.TOKENIZER_JSON, b"{not json")]
+    with pytest.raises(TokenizerError, match="embeds a tokenizer that cannot be loaded"):
+        Tokenizer.from_file(tf)
 
 
 def test_missing_file_and_unknown_mode_are_refused(tmp_path, tiny_tok):

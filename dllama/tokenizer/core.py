@@ -14,6 +14,7 @@ from typing import Iterable
 
 from dllama.formats import TokenizerFile, read_tokenizer
 from dllama.tokenizer.chat import ChatTemplateError, render_chat
+from dllama.tokenizer.errors import TokenizerError
 from dllama.tokenizer.faithful import (Backend, HFTokenizersBackend, SpecialRules, embedded_backend, embedded_config,
                                        special_rules)
 from dllama.tokenizer.reconstruct import reconstruct_tokenizer_json
@@ -21,10 +22,6 @@ from dllama.tokenizer.reference import ReferenceDecoder, ReferenceEncoder
 from dllama.tokenizer.stream import ReferenceStreamDecoder, StreamDecoder
 
 MODES = ("faithful", "reference")
-
-
-class TokenizerError(ValueError):
-    """A request the tokenizer cannot serve (bad mode, id outside the vocabulary, ...)."""
 
 
 class InexactTokenizerWarning(UserWarning):
@@ -44,7 +41,7 @@ class Tokenizer:
         self._rules: SpecialRules | None = None
         self._reference: ReferenceEncoder | None = None
         if mode == "faithful":
-            self._backend = embedded_backend(tf)
+            self._backend = embedded_backend(tf, where)
             if self._backend is None:
                 self._backend = self._reconstruction()
             self._rules = special_rules(tf, self._backend, self.config)

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dllama.formats import EmbeddedKind, TokenizerFile
+from dllama.tokenizer.errors import TokenizerError
+
+
+class EmbeddedTokenizerError(TokenizerError):
+    """The tokenizer embedded in a `.t` cannot be used."""
 
 
 class Backend(Protocol):
@@ -137,15 +142,26 @@ def config_special_texts(config: dict) -> list[str]:
     return [t for t in texts if isinstance(t, str)]
 
 
-def embedded_backend(tf: TokenizerFile) -> Backend | None:
+def embedded_backend(tf: TokenizerFile, where: str = "tokenizer file") -> Backend | None:
     """The backend for the tokenizer embedded in `tf`, or None when it carries none."""
     js = tf.embedded_source(EmbeddedKind.TOKENIZER_JSON)
-    if js is not None:
-        return HFTokenizersBackend(js.decode("utf-8"))
     sp = tf.embedded_source(EmbeddedKind.SENTENCEPIECE)
-    if sp is not None:
-        return SentencePieceBackend(sp, config_special_texts(embedded_config(tf)))
-    return None
+    try:
+        if js is not None:
+            backend, size = HFTokenizersBackend(js.decode("utf-8")), None
+            size = backend.tok.get_vocab_size(with_added_tokens=True)
+        elif sp is not None:
+            backend = SentencePieceBackend(sp, config_special_texts(embedded_config(tf)))
+            size = backend.sp.get_piece_size()
+        else:
+            return None
+    except Exception as e:  # tokenizers raises plain Exception, sentencepiece RuntimeError
+        raise EmbeddedTokenizerError(f"{where} embeds a tokenizer that cannot be loaded ({e}); "
+                                     "reconvert it with dllama-convert") from None
+    if size != tf.vocab_size:
+        raise EmbeddedTokenizerError(f"{where} embeds a tokenizer of {size} tokens but its vocabulary has "
+                                     f"{tf.vocab_size}; the extension belongs to another tokenizer: reconvert it")
+    return backend
 
 
 def special_rules(tf: TokenizerFile, backend: Backend, config: dict) -> SpecialRules:
