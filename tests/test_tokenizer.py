@@ -15,7 +15,7 @@ from dllama.formats import EmbeddedKind, EmbeddedSource, FormatError, TokenizerF
 from dllama.tokenizer import ChatTemplateError, InexactTokenizerWarning, Tokenizer, TokenizerError
 from dllama.tokenizer.convert import convert_tokenizer
 from dllama.tokenizer.corpus import SPECIAL, corpus
-from tokenizer_helpers import train_byte_level_bpe, train_sentencepiece
+from tokenizer_helpers import train_byte_level_bpe, train_metaspace_unigram, train_sentencepiece
 
 SP_SPECIALS = ("<s>", "</s>", "<unk>")
 CORPUS = corpus()
@@ -66,7 +66,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 CASES = ("llama2", "byte_level", "byte_level_post_processor_and_config", "byte_level_post_processor_only",
-         "sentencepiece_bpe", "sentencepiece_unigram")
+         "sentencepiece_bpe", "sentencepiece_unigram", "metaspace_unigram_tokenizer_json")
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -82,6 +82,8 @@ def case(request, trained) -> Case:
         return tokenizers_case(folder, bos_by_config=False)
     if name == "byte_level_post_processor_only":
         return tokenizers_case(train_byte_level_bpe(trained / name, bos_post_processor=True), bos_by_config=False)
+    if name == "metaspace_unigram_tokenizer_json":
+        return tokenizers_case(train_metaspace_unigram(trained / name), bos_by_config=True)
     if name == "sentencepiece_bpe":
         return sentencepiece_case(train_sentencepiece(trained / name, "bpe"))
     return sentencepiece_case(train_sentencepiece(trained / name, "unigram", normalization="nmt_nfkc",

@@ -133,6 +133,14 @@ def test_text_the_regular_vocabulary_cannot_spell_aborts_like_the_c_assert():
         vocab([b"a", b"<s>", b"</s>"]).encode("ab")
 
 
+def test_duplicate_strings_resolve_as_glibc_bsearch_over_a_stable_sort():
+    """Sentencepiece's "<0x20>" and "▁" both become b" ": the C code's bsearch picks one of them.
+    glibc sorts stably (ids in order) and probes the middle (lo + hi) // 2 first."""
+    assert vocab([b"a", b"a", b"<s>", b"</s>"]).encode("a") == [1]
+    assert vocab([b"a", b"a", b"a", b"<s>", b"</s>"]).encode("a") == [1]
+    assert vocab([b"b", b"a", b"a", b"a", b"a", b"<s>", b"</s>"]).encode("a") == [3]
+
+
 def test_text_is_cut_at_a_nul_as_the_c_string_is():
     assert vocab([b"a", b"b", b"<s>", b"</s>"]).encode("a\0b") == [0]
 

@@ -64,3 +64,18 @@ def train_sentencepiece(folder: Path, model_type: str, vocab_size: int = 1000, n
     if tokenizer_config is not None:
         (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return folder
+
+
+def train_metaspace_unigram(folder: Path, vocab_size: int = 800) -> Path:
+    """A tokenizer.json in sentencepiece's style (Metaspace, Unigram, NFKC) from tokenizers'
+    SentencePieceUnigramTokenizer trainer: no byte fallback, bos from tokenizer_config."""
+    from tokenizers import SentencePieceUnigramTokenizer
+
+    tok = SentencePieceUnigramTokenizer()
+    tok.train_from_iterator(training_texts(), vocab_size=vocab_size, show_progress=False,
+                            special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>")
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder

@@ -4,8 +4,9 @@ A `.t` keeps only token bytes and scores, so what the original did around them i
 - a block of 256 single-byte tokens in byte order means sentencepiece with byte fallback
   (Llama 2 / TinyLlama): BPE when the scores fall with the id, Unigram otherwise, with the
   "▁" dummy prefix and space replacement of Llama 2's tokenizer.json;
-- anything else is byte-level BPE (GPT-2 alphabet), its split regex guessed from how the
-  vocabulary groups digits (GPT-2 keeps runs, Llama 3 groups of three, Qwen single digits).
+- all 256 bytes as tokens in another order is byte-level BPE (GPT-2 alphabet), its split regex
+  guessed from tokens only one regex can produce (_split_regex);
+- anything else is sentencepiece-style without byte fallback (unknown characters -> <unk>).
 Merges come from the ranks the way transformers rebuilds tiktoken vocabularies: every split of
 a token into two tokens is a merge, ordered by the rank of the result. The result is a
 tokenizers.Tokenizer; `Tokenizer.exact` is False and a warning says so.
@@ -99,12 +100,20 @@ def _sentencepiece_piece(tok: bytes) -> str | None:
         return None  # not a whole piece of text: no merge can reach it
 
 
-def sentencepiece_json(tf: TokenizerFile, byte_start: int) -> dict:
+def has_every_byte(tf: TokenizerFile) -> bool:
+    """Byte-level BPE keeps all 256 bytes as tokens (in GPT-2's order, not byte order)."""
+    return len({tok for tok in tf.tokens if len(tok) == 1}) == 256
+
+
+def sentencepiece_json(tf: TokenizerFile, byte_start: int | None) -> dict:
+    """byte_start None: no byte fallback (unknown characters become <unk>)."""
+    fallback = byte_start is not None
+    byte_start = byte_start if fallback else 0
     specials = special_ids(tf, below=byte_start)
     skip = set(specials)
     pieces: dict[str, int] = {}
     for i, tok in enumerate(tf.tokens):
-        if byte_start <= i < byte_start + 256:
+        if fallback and byte_start <= i < byte_start + 256:
             pieces[f"<0x{i - byte_start:02X}>"] = i
         elif i not in skip:
             piece = _sentencepiece_piece(tok)
@@ -112,7 +121,7 @@ def sentencepiece_json(tf: TokenizerFile, byte_start: int) -> dict:
                 pieces.setdefault(piece, i)
     unk = next((i for i in specials if tf.tokens[i] == b"<unk>"), None)
     unk_text = None if unk is None else "<unk>"
-    normal = [i for i in range(byte_start + 256, tf.vocab_size) if i not in skip]
+    normal = [i for i in range(byte_start + 256 if fallback else 0, tf.vocab_size) if i not in skip]
     # sentencepiece BPE scores are -rank (whole numbers); unigram scores are log probabilities
     # (also sorted, so only their fractions tell them apart)
     ranked = all(float(tf.scores[i]).is_integer() for i in normal)
@@ -121,13 +130,13 @@ def sentencepiece_json(tf: TokenizerFile, byte_start: int) -> dict:
         rank = {piece: -tf.scores[i] for piece, i in pieces.items()}
         vocab = dict(pieces) | {tf.tokens[i].decode("utf-8", "replace"): i for i in specials}
         model = {"type": "BPE", "dropout": None, "unk_token": unk_text, "continuing_subword_prefix": None,
-                 "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                 "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": fallback, "ignore_merges": False,
                  "vocab": vocab, "merges": derive_merges(pieces, rank)}
     else:
         by_id = {i: piece for piece, i in pieces.items()}
         by_id.update({i: tf.tokens[i].decode("utf-8", "replace") for i in specials})
         entries = [[by_id.get(i, f"<unused{i}>"), float(tf.scores[i])] for i in range(tf.vocab_size)]
-        model = {"type": "Unigram", "unk_id": unk, "vocab": entries, "byte_fallback": True}
+        model = {"type": "Unigram", "unk_id": unk, "vocab": entries, "byte_fallback": fallback}
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": _added(tf, specials),
             "normalizer": {"type": "Sequence", "normalizers": [
                 {"type": "Prepend", "prepend": SENTENCEPIECE_SPACE},
@@ -145,4 +154,6 @@ def reconstruct_tokenizer_json(tf: TokenizerFile) -> tuple[str, str]:
     start = byte_fallback_start(tf)
     if start is not None:
         return json.dumps(sentencepiece_json(tf, start)), "sentencepiece-style BPE/Unigram with byte fallback"
-    return json.dumps(byte_level_json(tf)), "byte-level BPE"
+    if has_every_byte(tf):
+        return json.dumps(byte_level_json(tf)), "byte-level BPE"
+    return json.dumps(sentencepiece_json(tf, None)), "sentencepiece-style BPE without byte fallback"
