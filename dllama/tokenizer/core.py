@@ -64,7 +64,11 @@ class Tokenizer:
                               f"{family} tokenizer from the vocabulary and may differ from the original; "
                               "reconvert with dllama-convert to embed it")
         warnings.warn(self.approximation, InexactTokenizerWarning, stacklevel=3)
-        backend = HFTokenizersBackend(text, origin="a reconstruction from the .t vocabulary")
+        try:
+            backend = HFTokenizersBackend(text, origin="a reconstruction from the .t vocabulary")
+        except Exception as e:  # tokenizers raises plain Exception
+            raise TokenizerError(f"{self.where} carries no embedded Hugging Face tokenizer and its vocabulary cannot "
+                                 f"be rebuilt into one ({e}); reconvert it with dllama-convert") from None
         backend.reconstructed = True
         return backend
 
