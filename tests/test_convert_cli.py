@@ -257,8 +257,9 @@ def test_default_name_of_the_current_folder_is_its_real_name(tmp_path, monkeypat
 
 # -- hub ids, without network
 
-def run_subprocess(args: list[str], hf_home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+def run_subprocess(args: list[str], hf_home: Path, offline: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1" if offline else "0",
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # never the real hub: port 9 refuses connections
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
     return subprocess.run([sys.executable, "-m", "dllama.converter.cli", *args], env=env, capture_output=True,
@@ -273,6 +274,15 @@ def test_hub_id_offline_and_not_cached_fails_with_one_line(tmp_path):
         "error: acme/tiny-llama is not in the Hugging Face cache and offline mode is on (HF_HUB_OFFLINE); "
         "download it once with network access, or pass a local folder"]
     assert not out.exists()
+
+
+def test_hub_unreachable_and_not_cached_fails_with_one_line(tmp_path):
+    proc = run_subprocess(["hf", "acme/tiny-llama", "-q", "q40", "-o", str(tmp_path / "out")], tmp_path / "hf", offline=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: cannot reach the Hugging Face hub to download acme/tiny-llama and it is not cached; "
+        "check the network, or pass a local folder"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_hub_id_found_in_the_offline_cache_converts(tmp_path):
