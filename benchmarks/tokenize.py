@@ -62,8 +62,8 @@ def main(mb: float = typer.Option(4.0, help="megabytes of English text to encode
         raise SystemExit(f"no tokenizer to measure: {FIXTURES} is absent; pass --tokenizer model.t")
     for name, tf in cases.items():
         print(f"encoding with {name}", file=sys.stderr)
-        measure(name, Tokenizer.from_file(tf, "faithful"), text, paragraphs)
-        measure(name, Tokenizer.from_file(tf, "reference"), ref_text, ref_text.split("\n\n"))
+        measure(name, Tokenizer(tf, "faithful", where=name), text, paragraphs)
+        measure(name, Tokenizer(tf, "reference", where=name), ref_text, ref_text.split("\n\n"))
 
 
 if __name__ == "__main__":
