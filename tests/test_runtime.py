@@ -47,16 +47,21 @@ class NumpyModel:
     def mm(self, name: str, x: np.ndarray) -> np.ndarray:
         if not self.q80 or self.m.layout[name].spec.float_type == FloatType.F32:
             return (self.w[name] @ self.quant(x)).astype(np.float32)
-        # the kernels' order (kernels.py): per block 16 exact integer pair sums times
-        # f32(d_w * d_x), added block after block into 16 float32 lanes, lanes summed in order;
-        # mirroring it keeps float noise from flipping a later q80 rounding
+        # the kernels' order (kernels.py "Quantized matmuls"): per block 8 exact integer quad
+        # sums times f32(d_w * d_x); even blocks accumulate into float32 lanes 0-7, odd blocks
+        # into lanes 8-15, block after block; then the 16 lanes are summed in order. Mirroring
+        # it keeps float noise from flipping a later q80 rounding.
         xq = np.frombuffer(quantize_q80(np.asarray(x, dtype=np.float32)), dtype=Q80_BLOCK)
         dx = xq["d"].astype(np.float32)
         dw = self.m.blocks(name)["d"].astype(np.float32)
-        rows = dw.shape[0]
-        w_int = np.rint(self.w[name].reshape(rows, -1, 32) / np.where(dw == 0, 1, dw)[..., None].astype(np.float64))
-        pairs = (w_int * xq["qs"].astype(np.float64)).reshape(rows, -1, 16, 2).sum(-1).astype(np.float32)
-        lanes = np.cumsum(pairs * (dw * dx[None, :])[..., None], axis=1, dtype=np.float32)[:, -1]
+        rows, nb = dw.shape
+        w_int = np.rint(self.w[name].reshape(rows, nb, 32) / np.where(dw == 0, 1, dw)[..., None].astype(np.float64))
+        quads = (w_int * xq["qs"].astype(np.float64)).reshape(rows, nb, 8, 4).sum(-1).astype(np.float32)
+        terms = quads * (dw * dx[None, :])[..., None]
+        lanes = np.zeros((rows, 16), dtype=np.float32)
+        for b in range(nb):
+            half = slice(0, 8) if b % 2 == 0 else slice(8, 16)
+            lanes[:, half] += terms[:, b]
         return np.cumsum(lanes, axis=1, dtype=np.float32)[:, -1]
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -301,3 +306,18 @@ def test_f16_weights_are_refused_with_the_fix(tmp_path):
     path = write_random_model(tmp_path / "f16.m", llama31_header(FloatType.F16))
     with pytest.raises(FormatError, match="reconvert with --weights-float-type q40, q80 or f32"):
         Engine.load(path)
+
+
+@pytest.mark.slow
+def test_portable_kernels_compute_the_same_bits_as_vnni(tmp_path):
+    """The generic LLVM vector path (ARM boards, x86 without VNNI) gives identical logits."""
+    import os
+    import subprocess
+    import sys
+
+    path = require_fixtures(CONFORMANCE / "tiny-qwen3") / "expected_q40.m"
+    script = ("import sys, numpy as np; from dllama.runtime.engine import Engine; from dllama.runtime import kernels; "
+              f"assert not kernels.VNNI512; np.save(sys.argv[1], Engine.load({str(path)!r}).forward({PROMPT}, 0))")
+    env = dict(os.environ, DLLAMA_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.npy")], env=env, check=True)
+    assert np.array_equal(np.load(tmp_path / "out.npy"), Engine.load(path).forward(PROMPT, 0))

@@ -4,18 +4,21 @@ Quantized weights arrive as their stored bytes viewed as a 2-D uint8 array (rows
 memory-mapped and never dequantized as a whole (FORMAT.md §1.2 block layouts). A column slice
 (wo, w2 under tensor parallelism, FORMAT.md §3) is a strided view of the same bytes.
 Activations headed for a quantized matmul are q80: int8 values xq (T, n), float32 block scales
-xd (T, n/32) already rounded through f16 as the reference stores them.
+xd (T, n/32) already rounded through f16 as the reference stores them, and xc (T, n/4).
 
-The inner block products are written as LLVM vector IR (`_q40_block`, `_i8_block`): numba promotes int8/int32
+The inner block products are written as LLVM vector IR (`_block_kernel`, `_nibble_pair_all_tokens`): numba promotes int8/int32
 arithmetic to int64, which stops LLVM from vectorising a plain loop; the IR is generic (no
 x86 intrinsics), so the same code vectorises on ARM boards. Which kernel runs, on which
 slice, with how many threads is decided by the caller (`tensors.py`).
 """
 from __future__ import annotations
 
+import os
 import numpy as np
+import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 BLOCK = 32
@@ -26,63 +29,135 @@ ROWS_PER_TASK = 16  # rows one thread takes at a time in the batched kernels
 # f16 bits -> float32, so kernels decode block scales with one lookup (numba has no CPU half)
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
-_i8, _i32, _f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
-LANES = 16  # float32 accumulator lanes per (row, token): lane i sums the products 2i, 2i+1 of each block
+_i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+LANES = 16  # float32 accumulator lanes per (row, token), see "Quantized matmuls" below
+# x86 with AVX512-VNNI: one vpdpbusd per 64 products (LLVM >= 22 spells its operands <64 x i8>)
+VNNI512 = (llvm.llvm_version_info[0] >= 22 and bool(llvm.get_host_cpu_features().get("avx512vnni"))
+           and not os.environ.get("DLLAMA_NO_VNNI"))  # tests force the portable path (same numbers)
 
 
 def _vec(t: ir.Type, n: int) -> ir.VectorType:
     return ir.VectorType(t, n)
 
 
-def _pointer(context, builder, arrty, arr, offset, vt):
-    data = context.make_array(arrty)(context, builder, arr).data
-    return builder.bitcast(builder.gep(data, [offset]), vt.as_pointer())
+def _const(t: ir.Type, values) -> ir.Constant:
+    return ir.Constant(t, values)
 
 
-def _accumulate_pairs(builder, w32, x32, scale, acc_ptr):
-    """acc[i] += float(w[2i] x[2i] + w[2i+1] x[2i+1]) * scale for i < 16 (LLVM emits pmaddwd-like code)."""
-    products = builder.mul(w32, x32)
-    even = builder.shuffle_vector(products, products, ir.Constant(_vec(_i32, LANES), list(range(0, 32, 2))))
-    odd = builder.shuffle_vector(products, products, ir.Constant(_vec(_i32, LANES), list(range(1, 32, 2))))
-    pairs = builder.sitofp(builder.add(even, odd), _vec(_f32, LANES))
-    splat = builder.insert_element(ir.Constant(_vec(_f32, LANES), ir.Undefined), scale, ir.Constant(_i32, 0))
-    splat = builder.shuffle_vector(splat, splat, ir.Constant(_vec(_i32, LANES), [0] * LANES))
-    acc = builder.load(acc_ptr, align=4)
-    builder.store(builder.fadd(acc, builder.fmul(pairs, splat)), acc_ptr, align=4)
+def _data(context, builder, arrty, arr):
+    return context.make_array(arrty)(context, builder, arr).data
+
+
+def _load(builder, data, offset, vt, align=1):
+    return builder.load(builder.bitcast(builder.gep(data, [offset]), vt.as_pointer()), align=align)
+
+
+def _quad_sums(builder, a, x, init, a_unsigned: bool):
+    """init[i] + sum_k a[4i+k] * x[4i+k] (a: u8 or s8 vector, x: s8 vector) as an i32 vector."""
+    n = a.type.count
+    if a_unsigned and n == 64 and VNNI512:
+        name = "llvm.x86.avx512.vpdpbusd.512"
+        fnty = ir.FunctionType(_vec(_i32, 16), [_vec(_i32, 16), _vec(_i8, 64), _vec(_i8, 64)])
+        fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
+        return builder.call(fn, [init, a, x])
+    extend = builder.zext if a_unsigned else builder.sext
+    p = builder.mul(extend(a, _vec(_i32, n)), builder.sext(x, _vec(_i32, n)))
+    parts = [builder.shuffle_vector(p, p, _const(_vec(_i32, n // 4), list(range(k, n, 4)))) for k in range(4)]
+    return builder.add(init, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
+
+
+def _splat_halves(builder, values):
+    """[v0] * 16 (one value) or [v0] * 8 + [v1] * 8 (two): a block's scale over its 8 lanes."""
+    n = 8 * len(values)
+    v = ir.Constant(_vec(_f32, n), ir.Undefined)
+    for i, value in enumerate(values):
+        v = builder.insert_element(v, value, _const(_i32, i))
+    return builder.shuffle_vector(v, v, _const(_vec(_i32, n), [i // 8 for i in range(n)]))
+
+
+def _accumulate(builder, acc_data, acc_offset, quads, scale):
+    """acc[acc_offset:+n] += f32(quads) * scale."""
+    n = quads.type.count
+    ptr = builder.bitcast(builder.gep(acc_data, [acc_offset]), _vec(_f32, n).as_pointer())
+    builder.store(builder.fadd(builder.load(ptr, align=4), builder.fmul(builder.sitofp(quads, _vec(_f32, n)), scale)),
+                  ptr, align=4)
+
+
+def _nibbles(builder, packed16):
+    # byte j holds value j (low nibble) and value j + 16 (high nibble), FORMAT.md §1.2
+    lo = builder.and_(packed16, _const(_vec(_i8, 16), [15] * 16))
+    hi = builder.lshr(packed16, _const(_vec(_i8, 16), [4] * 16))
+    return builder.shuffle_vector(lo, hi, _const(_vec(_i32, 32), list(range(32))))
+
+
+def _block_kernel(kind: str, pair: bool):
+    """acc[acc_off:+8|16] += f32(quad sums of one or two blocks) * their scales.
+
+    kind "q40": packed q40 blocks at w[w_off] and w[w_off + stride] (u8 nibbles, the -8 comes
+    from init = xc, -8 * quad sums of x); "s8": int8 values (q80 blocks or pre-unpacked rows).
+    """
+    n = 64 if pair else 32
+
+    def typer(typingctx, w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off):
+        sig = types.void(w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off)
+
+        def codegen(context, builder, sig, args):
+            w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off = args
+            wd = _data(context, builder, sig.args[0], w)
+
+            def block(offset):
+                if kind == "q40":
+                    return _nibbles(builder, _load(builder, wd, offset, _vec(_i8, 16)))
+                return _load(builder, wd, offset, _vec(_i8, 32))
+
+            a = block(w_off)
+            if pair:
+                a = builder.shuffle_vector(a, block(builder.add(w_off, stride)), _const(_vec(_i32, 64), list(range(64))))
+            xv = _load(builder, _data(context, builder, sig.args[3], x), x_off, _vec(_i8, n))
+            if kind == "q40":
+                init = _load(builder, _data(context, builder, sig.args[5], xc), xc_off, _vec(_i32, n // 4), align=4)
+            else:
+                init = _const(_vec(_i32, n // 4), [0] * (n // 4))
+            quads = _quad_sums(builder, a, xv, init, a_unsigned=kind == "q40")
+            _accumulate(builder, _data(context, builder, sig.args[9], acc), acc_off, quads,
+                        _splat_halves(builder, [s0, s1] if pair else [s0]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = f"_{kind}_{'pair' if pair else 'block'}"
+    return intrinsic(typer)
+
+
+_q40_pair, _q40_block = _block_kernel("q40", True), _block_kernel("q40", False)
+_s8_pair, _s8_block = _block_kernel("s8", True), _block_kernel("s8", False)
 
 
 @intrinsic
-def _q40_block(typingctx, w, w_off, x, x_off, scale, acc, acc_off):
-    """acc[acc_off:+16] += pair sums of (nibble - 8) * x over one q40 block at w[w_off] (its 16 bytes), times scale."""
-    sig = types.void(w, w_off, x, x_off, scale, acc, acc_off)
+def _nibble_pair_all_tokens(typingctx, nib, off, xq, xc, xd, s0, s1, acc, T):
+    """For every token t < T: acc[16t:+16] += f32(quad sums of nib[off:+64] (u8, init xc)) * scales.
+
+    The batched kernel's inner loop, written in IR so the pair of weight blocks stays in a
+    register while the tokens stream past. nib: the row's unpacked nibbles (n,) uint8; xq
+    (T * n,) int8, xc (T * n/4,) int32, xd (T * n/32,) float32: flat views of the activations.
+    """
+    sig = types.void(nib, off, xq, xc, xd, s0, s1, acc, T)
 
     def codegen(context, builder, sig, args):
-        w, w_off, x, x_off, scale, acc, acc_off = args
-        wv = builder.load(_pointer(context, builder, sig.args[0], w, w_off, _vec(_i8, 16)), align=1)
-        xv = builder.load(_pointer(context, builder, sig.args[2], x, x_off, _vec(_i8, 32)), align=1)
-        lo = builder.and_(wv, ir.Constant(_vec(_i8, 16), [15] * 16))
-        hi = builder.lshr(wv, ir.Constant(_vec(_i8, 16), [4] * 16))
-        # byte j holds value j (low nibble) and value j + 16 (high nibble), FORMAT.md §1.2
-        nibbles = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 32), list(range(32))))
-        values = builder.sub(builder.zext(nibbles, _vec(_i32, 32)), ir.Constant(_vec(_i32, 32), [8] * 32))
-        acc_ptr = _pointer(context, builder, sig.args[5], acc, acc_off, _vec(_f32, LANES))
-        _accumulate_pairs(builder, values, builder.sext(xv, _vec(_i32, 32)), scale, acc_ptr)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _i8_block(typingctx, w, w_off, x, x_off, scale, acc, acc_off):
-    """acc[acc_off:+16] += pair sums of w * x over 32 int8 values (w may be uint8 bytes holding int8), times scale."""
-    sig = types.void(w, w_off, x, x_off, scale, acc, acc_off)
-
-    def codegen(context, builder, sig, args):
-        w, w_off, x, x_off, scale, acc, acc_off = args
-        wv = builder.load(_pointer(context, builder, sig.args[0], w, w_off, _vec(_i8, 32)), align=1)
-        xv = builder.load(_pointer(context, builder, sig.args[2], x, x_off, _vec(_i8, 32)), align=1)
-        acc_ptr = _pointer(context, builder, sig.args[5], acc, acc_off, _vec(_f32, LANES))
-        _accumulate_pairs(builder, builder.sext(wv, _vec(_i32, 32)), builder.sext(xv, _vec(_i32, 32)), scale, acc_ptr)
+        nib, off, xq, xc, xd, s0, s1, acc, T = args
+        n = context.make_array(sig.args[0])(context, builder, nib).nitems
+        a = _load(builder, _data(context, builder, sig.args[0], nib), off, _vec(_i8, 64))
+        w_scale = _splat_halves(builder, [s0, s1])
+        xq_d, xc_d, xd_d, acc_d = (_data(context, builder, sig.args[i], v) for i, v in ((2, xq), (3, xc), (4, xd), (7, acc)))
+        four, thirty_two = _const(_i64, 4), _const(_i64, 32)
+        with cgutils.for_range(builder, T) as loop:
+            t = loop.index
+            xv = _load(builder, xq_d, builder.add(builder.mul(t, n), off), _vec(_i8, 64))
+            init = _load(builder, xc_d, builder.udiv(builder.add(builder.mul(t, n), off), four), _vec(_i32, 16), align=4)
+            d = builder.gep(xd_d, [builder.udiv(builder.add(builder.mul(t, n), off), thirty_two)])
+            x_scale = _splat_halves(builder, [builder.load(d), builder.load(builder.gep(d, [_const(_i64, 1)]))])
+            quads = _quad_sums(builder, a, xv, init, a_unsigned=True)
+            _accumulate(builder, acc_d, builder.mul(t, _const(_i64, LANES)), quads, builder.fmul(w_scale, x_scale))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -111,8 +186,9 @@ def _scale(row, offset, scale_table):
 # Activation quantization (the reference q80 quantizer, FORMAT.md §1.2)
 
 @njit(cache=True, parallel=True)
-def quantize_q80(x, xq, xd):
-    """x (T, n) float32 -> xq (T, n) int8, xd (T, n/32) float32 scales (f16-rounded)."""
+def quantize_q80(x, xq, xd, xc):
+    """x (T, n) float32 -> xq (T, n) int8, xd (T, n/32) float32 scales (f16-rounded), and
+    xc (T, n/4) int32 = -8 * sums of 4 consecutive xq (the q40 nibble offset, folded out)."""
     T, n = x.shape
     nb = n // BLOCK
     for task in prange(T * nb):
@@ -127,6 +203,9 @@ def quantize_q80(x, xq, xd):
         for j in range(BLOCK):
             xq[t, x0 + j] = np.int8(np.rint(x[t, x0 + j] * inv))
         xd[t, b] = _f16_round(d)
+        for i in range(BLOCK // 4):
+            k = x0 + 4 * i
+            xc[t, k // 4] = -8 * (np.int32(xq[t, k]) + np.int32(xq[t, k + 1]) + np.int32(xq[t, k + 2]) + np.int32(xq[t, k + 3]))
 
 
 @njit(cache=True)
@@ -149,9 +228,10 @@ def q80_roundtrip(x):
 # --------------------------------------------------------------------------------------------
 # Quantized matmuls: out (T, rows) = x (T, n) . w (rows, n)^T
 #
-# Every kernel computes the same numbers in the same order (so a batched prompt equals the
-# token-by-token result bit for bit): per block, 16 exact integer pair sums, each times
-# f32(d_w * d_x), added block after block into 16 float32 lanes; the lanes are summed in order.
+# Every kernel computes the same numbers in the same order, so a batched prompt equals the
+# token-by-token result bit for bit: a block's 32 products form 8 exact integer quad sums;
+# each times f32(d_w * d_x) is added into 8 float32 lanes, even blocks into lanes 0-7 and odd
+# blocks into lanes 8-15, block after block; the 16 lanes are summed in order at the end.
 
 @njit(cache=True, inline="always")
 def _lane_sum(acc, offset):
@@ -162,42 +242,34 @@ def _lane_sum(acc, offset):
 
 
 @njit(cache=True, parallel=True)
-def matvec_q40(w, xq, xd, scale_table, out):
-    """One token: w (rows, nb * 18) uint8, xq (n,) int8, xd (nb,) -> out (rows,)."""
+def matvec_q40(w, xq, xd, xc, scale_table, out):
+    """One token: w (rows, nb * 18) uint8, xq (n,) int8, xd (nb,), xc (n/4,) -> out (rows,)."""
     rows = w.shape[0]
     nb = xd.shape[0]
     for r in prange(rows):
         acc = np.zeros(LANES, dtype=np.float32)
         row = w[r]
-        for b in range(nb):
+        for b in range(0, nb - 1, 2):
             o = b * Q40_BYTES
-            _q40_block(row, o + 2, xq, b * BLOCK, _scale(row, o, scale_table) * xd[b], acc, 0)
+            _q40_pair(row, o + 2, Q40_BYTES, xq, b * BLOCK, xc, b * 8, _scale(row, o, scale_table) * xd[b],
+                      _scale(row, o + Q40_BYTES, scale_table) * xd[b + 1], acc, 0)
+        if nb % 2:
+            b = nb - 1
+            o = b * Q40_BYTES
+            _q40_block(row, o + 2, 0, xq, b * BLOCK, xc, b * 8, _scale(row, o, scale_table) * xd[b], np.float32(0), acc, 0)
         out[r] = _lane_sum(acc, 0)
 
 
 @njit(cache=True, parallel=True)
-def matvec_q80(w, xq, xd, scale_table, out):
-    """One token: w (rows, nb * 34) uint8 (q80 weights)."""
-    rows = w.shape[0]
-    nb = xd.shape[0]
-    for r in prange(rows):
-        acc = np.zeros(LANES, dtype=np.float32)
-        row = w[r]
-        for b in range(nb):
-            o = b * Q80_BYTES
-            _i8_block(row, o + 2, xq, b * BLOCK, _scale(row, o, scale_table) * xd[b], acc, 0)
-        out[r] = _lane_sum(acc, 0)
-
-
-@njit(cache=True, parallel=True)
-def matmul_q40(w, xq, xd, scale_table, out):
-    """T tokens per pass over the weights: each row is unpacked once to int8 (value - 8) and its
-    scales decoded once, then multiplied with every token while it sits in L1."""
+def matmul_q40(w, xq, xd, xc, scale_table, out):
+    """T tokens per pass over the weights: a row is unpacked once to nibbles and its scales
+    decoded once; each pair of blocks then meets every token while it sits in a register."""
     rows = w.shape[0]
     T, nb = xd.shape
+    xq_flat, xc_flat, xd_flat = xq.reshape(-1), xc.reshape(-1), xd.reshape(-1)
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(n_tasks):
-        unpacked = np.empty(nb * BLOCK, dtype=np.int8)
+        nibbles = np.empty(nb * BLOCK, dtype=np.uint8)
         scales = np.empty(nb, dtype=np.float32)
         acc = np.empty(T * LANES, dtype=np.float32)
         for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
@@ -207,18 +279,24 @@ def matmul_q40(w, xq, xd, scale_table, out):
                 scales[b] = _scale(row, o, scale_table)
                 for j in range(16):
                     byte = row[o + 2 + j]
-                    unpacked[b * BLOCK + j] = np.int8(byte & 15) - 8
-                    unpacked[b * BLOCK + 16 + j] = np.int8(byte >> 4) - 8
+                    nibbles[b * BLOCK + j] = byte & 15
+                    nibbles[b * BLOCK + 16 + j] = byte >> 4
             acc[:] = 0.0
-            for b in range(nb):
+            for b in range(0, nb - 1, 2):
+                _nibble_pair_all_tokens(nibbles, b * BLOCK, xq_flat, xc_flat, xd_flat, scales[b], scales[b + 1], acc, T)
+            if nb % 2:
+                b = nb - 1
+                o = b * Q40_BYTES
                 for t in range(T):
-                    _i8_block(unpacked, b * BLOCK, xq[t], b * BLOCK, scales[b] * xd[t, b], acc, t * LANES)
+                    _q40_block(row, o + 2, 0, xq[t], b * BLOCK, xc[t], b * 8, scales[b] * xd[t, b], np.float32(0),
+                               acc, t * LANES)
             for t in range(T):
                 out[t, r] = _lane_sum(acc, t * LANES)
 
 
 @njit(cache=True, parallel=True)
-def matmul_q80(w, xq, xd, scale_table, out):
+def matmul_q80(w, xq, xd, xc, scale_table, out):
+    """q80 weights (rows, nb * 34) x T tokens (T = 1 included)."""
     rows = w.shape[0]
     T, nb = xd.shape
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
@@ -230,9 +308,15 @@ def matmul_q80(w, xq, xd, scale_table, out):
             for b in range(nb):
                 scales[b] = _scale(row, b * Q80_BYTES, scale_table)
             acc[:] = 0.0
-            for b in range(nb):
-                for t in range(T):
-                    _i8_block(row, b * Q80_BYTES + 2, xq[t], b * BLOCK, scales[b] * xd[t, b], acc, t * LANES)
+            for t in range(T):
+                xqt = xq[t]
+                for b in range(0, nb - 1, 2):
+                    _s8_pair(row, b * Q80_BYTES + 2, Q80_BYTES, xqt, b * BLOCK, xc, 0, scales[b] * xd[t, b],
+                             scales[b + 1] * xd[t, b + 1], acc, t * LANES)
+                if nb % 2:
+                    b = nb - 1
+                    _s8_block(row, b * Q80_BYTES + 2, 0, xqt, b * BLOCK, xc, 0, scales[b] * xd[t, b], np.float32(0),
+                              acc, t * LANES)
             for t in range(T):
                 out[t, r] = _lane_sum(acc, t * LANES)
 

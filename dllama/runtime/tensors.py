@@ -22,6 +22,7 @@ class QuantizedInput:
 
     xq: np.ndarray  # (T, n) int8
     xd: np.ndarray  # (T, n/32) float32 block scales (f16-rounded)
+    xc: np.ndarray  # (T, n/4) int32: -8 * sums of 4 consecutive xq (kernels.quantize_q80)
 
     @classmethod
     def of(cls, x: np.ndarray) -> "QuantizedInput":
@@ -29,8 +30,9 @@ class QuantizedInput:
         T, n = x.shape
         xq = np.empty((T, n), dtype=np.int8)
         xd = np.empty((T, n // BLOCK_SIZE), dtype=np.float32)
-        kernels.quantize_q80(x, xq, xd)
-        return cls(xq, xd)
+        xc = np.empty((T, n // 4), dtype=np.int32)
+        kernels.quantize_q80(x, xq, xd, xc)
+        return cls(xq, xd, xc)
 
     def dequantized(self) -> np.ndarray:
         T, n = self.xq.shape
@@ -88,14 +90,10 @@ class Matrix:
         T = x.xq.shape[0]
         out = np.empty((T, self.shape[0]), dtype=np.float32)
         table = kernels.F16_TO_F32
-        if self.float_type == FloatType.Q40:
-            if T == 1:
-                kernels.matvec_q40(self.data, x.xq[0], x.xd[0], table, out[0])
-            else:
-                kernels.matmul_q40(self.data, x.xq, x.xd, table, out)
+        if self.float_type == FloatType.Q40 and T == 1:
+            kernels.matvec_q40(self.data, x.xq[0], x.xd[0], x.xc[0], table, out[0])
+        elif self.float_type == FloatType.Q40:
+            kernels.matmul_q40(self.data, x.xq, x.xd, x.xc, table, out)
         else:
-            if T == 1:
-                kernels.matvec_q80(self.data, x.xq[0], x.xd[0], table, out[0])
-            else:
-                kernels.matmul_q80(self.data, x.xq, x.xd, table, out)
+            kernels.matmul_q80(self.data, x.xq, x.xd, x.xc, table, out)
         return out
