@@ -87,7 +87,7 @@ def _run(source: str, float_type: FloatType | None, name: str | None, output_dir
 
 
 def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and not isinstance(e, (ConversionError,)):
+    if isinstance(e, OSError):  # an unexpected file-system failure: its reason and the file
         where = f" ({e.filename})" if e.filename else ""
         return f"{e.strerror or e}{where}"
     return str(e).splitlines()[0] if str(e) else type(e).__name__
