@@ -190,6 +190,16 @@ def test_converting_in_small_row_chunks_gives_the_same_bytes(tmp_path, monkeypat
     assert model_bytes(convert(folder, quant, tmp_path / "out", name="m")) == numpy_reference_bytes(folder, quant)
 
 
+def test_progress_reports_every_source_byte_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(convert_module, "CHUNK_SOURCE_BYTES", 4096)
+    folder = write_checkpoint(tmp_path / "ck", small_config(), tokenizer=EXAMPLE_TOKENIZER)
+    steps = []
+    result = convert(folder, "q40", tmp_path / "out", name="m", progress=steps.append)
+    assert sum(steps) == result.plan.source_bytes == (folder / "model.safetensors").stat().st_size - \
+        min(e.start for e in Checkpoint(folder).entries.values())
+    assert len(steps) > len(result.plan.tensors)  # chunked, so the bar moves within big tensors
+
+
 def test_output_file_names_follow_the_reference_convention(tmp_path):
     folder = write_checkpoint(tmp_path / "ck", small_config(), tokenizer=EXAMPLE_TOKENIZER)
     result = convert(folder, "q80", tmp_path / "out", name="tiny")
