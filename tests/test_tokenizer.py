@@ -214,6 +214,33 @@ def test_render_chat_uses_the_stored_template(tiny_tok):
     assert tiny_tok.render_chat(messages[:1], add_generation_prompt=False) == "<|bos|>user: hi\n"
 
 
+LLAMA2_CHAT = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_llama2_chat_template_renders_and_its_bos_text_encodes_to_the_bos_id(llama2_tokenizer_dir):
+    tf = convert_tokenizer(llama2_tokenizer_dir)
+    tf.chat_template = LLAMA2_CHAT
+    tok = Tokenizer.from_file(tf)
+    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi "},
+                {"role": "assistant", "content": "yo"}, {"role": "user", "content": "again"}]
+    prompt = tok.render_chat(messages)
+    assert prompt == "<s>[INST] <<SYS>>\nsys\n<</SYS>>\n\nhi [/INST] yo </s><s>[INST] again [/INST]"
+    ids = tok.encode(prompt, add_bos=False)  # as the server does: the template wrote the bos
+    assert ids[0] == 1 and ids.count(1) == 2 and ids.count(2) == 1
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        tok.render_chat(messages[1:2] * 2)
+
+
 def test_render_chat_passes_hugging_face_variables_and_raise_exception():
     tf = TokenizerFile(tokens=[b"a", b"<s>", b"</s>"], scores=[0.0, 0.0, 0.0], bos_id=1, eos_ids=[2])
     tf.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be user') }}"

@@ -22,6 +22,7 @@ from dllama.tokenizer.reference import ReferenceDecoder, ReferenceEncoder
 from dllama.tokenizer.stream import ReferenceStreamDecoder, StreamDecoder
 
 MODES = ("faithful", "reference")
+OTHER_SPECIAL_TOKENS = ("unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
 class InexactTokenizerWarning(UserWarning):
@@ -169,10 +170,12 @@ class Tokenizer:
         if not self.tf.chat_template:
             raise ChatTemplateError(f"{self.where} has no chat template; convert a model whose tokenizer_config.json "
                                     "has chat_template, or send plain completions")
+        # transformers passes every special token of the tokenizer's map to the template
+        specials = {key: self._special_text(key, None) for key in OTHER_SPECIAL_TOKENS if key in self.config}
         return render_chat(self.tf.chat_template, messages, add_generation_prompt,
                            bos_token=self._special_text("bos_token", self.tf.bos_id),
                            eos_token=self._special_text("eos_token", self.tf.eos_ids[0] if self.tf.eos_ids else None),
-                           **extra)
+                           **(specials | extra))
 
     def _special_text(self, key: str, token: int | None) -> str:
         value = self.config.get(key)
