@@ -301,6 +301,19 @@ def test_hub_id_found_in_the_offline_cache_converts(tmp_path):
     assert (out / "dllama_model_tiny-llama_q40.m").read_bytes() == (source / "expected_q40.m").read_bytes()
 
 
+def test_hub_download_takes_only_the_top_level_files_a_conversion_reads():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from dllama.converter.hub import DOWNLOAD_PATTERNS, IGNORE_PATTERNS
+
+    repo = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+            "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja", "pytorch_model.bin",
+            "original/consolidated.00.pth", "original/params.json", "onnx/model.safetensors", "README.md"]
+    assert list(filter_repo_objects(repo, allow_patterns=DOWNLOAD_PATTERNS, ignore_patterns=IGNORE_PATTERNS)) == [
+        "config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+        "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"]
+
+
 def test_path_that_does_not_exist_is_not_mistaken_for_a_hub_id(tmp_path):
     result = run_cli("hf", tmp_path / "nowhere", "-q", "q40", "-o", tmp_path / "out")
     assert_fails_cleanly(result, tmp_path / "out", "does not exist")

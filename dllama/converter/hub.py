@@ -11,6 +11,8 @@ from pathlib import Path
 
 # weights, config/index/tokenizer json, sentencepiece model, transformers-5 chat template
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja"]
+# only the top level is read; hub patterns match across "/", so skip subfolders (onnx/, original/...)
+IGNORE_PATTERNS = ["*/*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -40,7 +42,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
     offline = _offline_mode()
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS, local_files_only=offline)
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
+                                   ignore_patterns=IGNORE_PATTERNS, local_files_only=offline)
     except errors.LocalEntryNotFoundError:
         if offline:
             raise SourceError(f"{repo_id} is not in the Hugging Face cache and offline mode is on (HF_HUB_OFFLINE); "
