@@ -16,11 +16,15 @@ Results go to docs/BENCHMARKS.md ("## Validation").
 """
 from __future__ import annotations
 
+import sys
+
+# benchmarks/tokenize.py would shadow the standard library's tokenize for this script's imports
+sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
+
 import argparse
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +33,7 @@ LLAMA2_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "tokenizers" / "llama2"
 TARGET_SECONDS = 60.0
 
 
-def prepare(workdir: Path) -> tuple[Path, Path, Path]:
+def prepare(workdir: Path, tokenizer_dir: Path = LLAMA2_TOKENIZER) -> tuple[Path, Path, Path]:
     from dllama.converter.convert import convert
     from dllama.converter.synthetic import tinyllama_config, write_checkpoint
 
@@ -37,7 +41,7 @@ def prepare(workdir: Path) -> tuple[Path, Path, Path]:
     out = workdir / "converted"
     if not (source / "config.json").is_file():
         print(f"writing a TinyLlama-shaped bf16 checkpoint to {source} ...", file=sys.stderr)
-        write_checkpoint(source, tinyllama_config(), dtype="bf16", seed=0, tokenizer=LLAMA2_TOKENIZER)
+        write_checkpoint(source, tinyllama_config(), dtype="bf16", seed=0, tokenizer=tokenizer_dir)
     models = list(out.glob("*_q40.m"))
     if not models:
         print("converting it to q40 ...", file=sys.stderr)
@@ -100,24 +104,33 @@ def mutations(model: Path, workdir: Path) -> dict[str, Path]:
 def thresholds(workdir: Path) -> None:
     import numpy as np
 
+    from dllama.checkpoint import Checkpoint
+    from dllama.formats import FloatType
     from dllama.runtime.engine import Engine
     from dllama.validate.fidelity import compare_logits
-    from dllama.validate.reference import ReferenceLogits
+    from dllama.validate.reference import ReferenceLogits, ReferenceModel
 
-    print("| fixture | weights | variant | top1 | mean KL | p99 KL | max abs (rel) |\n|---|---|---|---|---|---|---|")
+    def summary(ours: list, reference: list) -> str:
+        metrics = [compare_logits(got, want) for got, want in zip(ours, reference)]
+        kl = np.concatenate([m["kl"] for m in metrics])
+        top1 = sum(m["top1"] * m["positions"] for m in metrics) / len(kl)
+        return f"{top1:.3f} | {kl.mean():.2g} | {np.percentile(kl, 99):.2g} | {max(m['max_abs'] for m in metrics):.3g}"
+
+    print("| fixture | weights | variant | vs original: top1 | mean KL | p99 KL | max abs (rel) "
+          "| vs rounded original: top1 | mean KL | p99 KL | max abs (rel) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for fixture in sorted(FIXTURES.iterdir()):
         ref = ReferenceLogits.load(fixture / "reference_logits.npz")
         for quant in ("f32", "q80", "q40"):
+            rounded = (ReferenceModel(Checkpoint(fixture), FloatType.parse(quant)).logits(ref.ids)
+                       if quant != "f32" else None)
             for label, path in mutations(fixture / f"expected_{quant}.m", workdir).items():
                 engine = Engine.load(path, max_seq_len=max(len(i) for i in ref.ids))
-                metrics = []
-                for ids, logits in zip(ref.ids, ref.logits):
+                ours = []
+                for ids in ref.ids:
                     engine.reset()
-                    metrics.append(compare_logits(engine.forward([int(i) for i in ids], 0), logits))
-                kl = np.concatenate([m["kl"] for m in metrics])
-                top1 = sum(m["top1"] * m["positions"] for m in metrics) / len(kl)
-                print(f"| {fixture.name} | {quant} | {label} | {top1:.3f} | {kl.mean():.2g} | "
-                      f"{np.percentile(kl, 99):.2g} | {max(m['max_abs'] for m in metrics):.3g} |")
+                    ours.append(engine.forward([int(i) for i in ids], 0))
+                vs_rounded = summary(ours, rounded) if rounded else "- | - | - | -"
+                print(f"| {fixture.name} | {quant} | {label} | {summary(ours, ref.logits)} | {vs_rounded} |")
 
 
 def main() -> None:
@@ -128,9 +141,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "validate")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tokenizer-dir", type=Path, default=LLAMA2_TOKENIZER, help="the Llama 2 tokenizer fixture folder")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    source, model, tokenizer = prepare(args.workdir)
+    source, model, tokenizer = prepare(args.workdir, args.tokenizer_dir)
     cli = [sys.executable, "-m", "dllama.validate.cli"]
     extra = ["--threads", str(args.threads)] if args.threads else []
     ref = args.workdir / "tinyllama_ref.npz"

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import CONFORMANCE, FIXTURES, require_fixtures
 from dllama.checkpoint import Checkpoint
-from dllama.formats import ModelFile, parse_model_header, read_tokenizer
+from dllama.formats import FloatType, ModelFile, read_tokenizer
 from dllama.tokenizer.convert import convert_tokenizer
 from dllama.validate.cli import main
 from dllama.validate.reference import ReferenceLogits, compute_reference
@@ -86,14 +86,16 @@ def test_correct_conversion_passes(conformance_dir, quant):
     assert report.ok, failing(report)
     ran = {c.name for c in report.checks if c.status != Status.SKIP}
     assert {"model.weights_vs_checkpoint", "logits.fidelity", "tokenizer.faithful", "tokenizer.vs_source"} <= ran
+    assert ("logits.vs_rounded" in ran) == (quant != "f32")
 
 
 @pytest.mark.parametrize("quant", QUANTS)
-def test_correct_conversion_passes_against_a_reference_file(conformance_dir, quant):
-    report = validate(conformance_dir / f"expected_{quant}.m", conformance_dir / "expected.t",
-                      reference=conformance_dir / "reference_logits.npz", options=FAST)
+def test_correct_conversion_passes_against_a_reference_file(conformance_dir, quant, tmp_path):
+    ref = rounded_reference(conformance_dir, tmp_path) if quant == "q40" else conformance_dir / "reference_logits.npz"
+    report = validate(conformance_dir / f"expected_{quant}.m", conformance_dir / "expected.t", reference=ref, options=FAST)
     assert report.ok, failing(report)
     assert report.get("logits.fidelity").status == Status.PASS
+    assert report.get("logits.vs_rounded").status == (Status.PASS if quant == "q40" else Status.SKIP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,12 +113,30 @@ def unpermute_qk(data: bytearray, mf: ModelFile) -> None:
             data[tensor_slice(mf, name)] = rows[order].tobytes()
 
 
+_ROUNDED_REFS: dict[Path, ReferenceLogits] = {}
+
+
+def rounded_reference(src: Path, tmp_path: Path) -> Path:
+    """The fixture's prompts as REF.npz with q40-rounded logits too (`dllama-validate reference`)."""
+    if src not in _ROUNDED_REFS:
+        ids = ReferenceLogits.load(src / "reference_logits.npz").ids
+        _ROUNDED_REFS[src] = compute_reference(Checkpoint(src), ids, roundings=[FloatType.Q40])
+    path = tmp_path / "ref_rounded.npz"
+    _ROUNDED_REFS[src].save(path)
+    return path
+
+
 def logits_alone_catch(src: Path, tmp_path: Path, edit) -> None:
-    """Without --hf only the logits can tell; at f32 the margin over a correct file is huge
-    (benchmarks/validate.py thresholds), so the bug must fail logits.fidelity and nothing else."""
-    bad = write_model_with(tmp_path, src / "expected_f32.m", edit)
-    report = validate(bad, src / "expected.t", reference=src / "reference_logits.npz", options=FAST)
+    """Without --hf only the logits can tell. At f32 the margin over a correct file is huge; at
+    q40 the comparison with q40-rounded reference logits has the same margin
+    (benchmarks/validate.py thresholds), so the bug must fail there and nothing else may."""
+    bad_f32 = write_model_with(tmp_path, src / "expected_f32.m", edit)
+    report = validate(bad_f32, src / "expected.t", reference=src / "reference_logits.npz", options=FAST)
     assert set(failing(report)) == {"logits.fidelity"}
+    bad_q40 = write_model_with(tmp_path, src / "expected_q40.m", edit)
+    report = validate(bad_q40, src / "expected.t", reference=rounded_reference(src, tmp_path), options=FAST)
+    assert "logits.vs_rounded" in failing(report)
+    assert set(failing(report)) <= {"logits.vs_rounded", "logits.fidelity"}
 
 
 def test_qk_rows_not_permuted_is_caught(tmp_path):
@@ -279,5 +299,6 @@ def test_cli_reference_subcommand_writes_a_usable_ref_npz(capsys, tmp_path):
     assert code in (0, None)
     ref = ReferenceLogits.load(tmp_path / "ref.npz")
     assert ref.prompts == ["Hello there", "1 2 3"] and ref.ids[0][0] == 382  # bos first
+    assert set(ref.rounded) == {"q40", "q80"}
     report = validate(src / "expected_f32.m", src / "expected.t", reference=tmp_path / "ref.npz", options=FAST)
     assert report.get("logits.fidelity").status == Status.PASS

@@ -1,7 +1,7 @@
 """`dllama-validate`: will this `.m` / `.t` pair produce what the original model would?
 
     dllama-validate MODEL.m TOKENIZER.t [--hf SOURCE] [--reference REF.npz] [--json]
-    dllama-validate reference --hf SOURCE --out REF.npz
+    dllama-validate reference --hf SOURCE --out REF.npz [--rounded q40,q80]
 
 Verdict table (or JSON) on stdout, progress on stderr. Exit codes: 0 every check passed,
 1 a check failed, 2 usage error or unreadable input (docs/VALIDATE.md).
@@ -15,8 +15,8 @@ from typing import List, Optional
 
 import typer
 
-from dllama.formats import FormatError
-from dllama.validate.reference import DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS
+from dllama.formats import FloatType, FormatError
+from dllama.validate.reference import DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS, ROUNDABLE
 from dllama.validate.report import InputError
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -103,6 +103,7 @@ def reference_command(
     out: Path = typer.Option(..., "--out", help="where to write REF.npz"),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="a prompt (repeatable); default: built-in prompts"),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="tokens per prompt, bos included"),
+    rounded: str = typer.Option("q40,q80", help="also the logits with weights rounded like these file types ('' for none)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr"),
 ) -> None:
     """Compute float32 reference logits of the original checkpoint, for validating elsewhere.
@@ -123,13 +124,18 @@ def reference_command(
             raise InputError(f"{ckpt.folder} has no tokenizer.json or tokenizer.model to tokenize the prompts")
         tf = convert_tokenizer(ckpt.folder, embed=False)
         ids = reference_prompt_ids(source, tf.bos_id, tf.add_bos, prompts, max_tokens)
-        ref = compute_reference(ckpt, ids, prompts, progress=lambda d, t: progress("reference logits", d, t))
+        roundings = [FloatType.parse(r) for r in rounded.split(",") if r.strip()]
+        if any(r not in ROUNDABLE for r in roundings):
+            raise InputError(f"--rounded {rounded}: only q40 and q80 files round their weights")
+        ref = compute_reference(ckpt, ids, prompts, roundings=roundings,
+                                progress=lambda d, t: progress("reference logits", d, t))
         ref.save(out)
     except (InputError, FormatError, TokenizerConversionError) as e:
         raise _error(str(e))
     finally:
         progress.close()
-    typer.echo(f"wrote {out}: {len(ids)} prompts, {sum(len(i) for i in ids)} positions, vocab {ref.vocab_size}")
+    extra = f", rounded: {', '.join(ref.rounded)}" if ref.rounded else ""
+    typer.echo(f"wrote {out}: {len(ids)} prompts, {sum(len(i) for i in ids)} positions, vocab {ref.vocab_size}{extra}")
 
 
 def main(argv: list[str] | None = None) -> None:

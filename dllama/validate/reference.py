@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from dllama.checkpoint import Checkpoint, _rope_settings
-from dllama.formats import atomic_output
+from dllama.formats import FloatType, atomic_output, decode_tensor, encode_tensor
 
 # Short, varied prompts: prose, code, numbers, non-English. Few and short on purpose: a small
 # board validates a 1B model in under a minute (benchmarks/validate.py).
@@ -144,17 +144,30 @@ class ReferenceConfig:
 
 
 class ReferenceModel:
-    """Float32 forward of a Hugging Face checkpoint; weights are read one layer at a time."""
+    """Float32 forward of a Hugging Face checkpoint; weights are read one layer at a time.
 
-    def __init__(self, checkpoint: Checkpoint):
+    `rounding` (q40/q80) first rounds every matrix the `.m` stores in its weight type (FORMAT.md
+    §1.3: all but the embedding and the moe gate) through that codec, in the Hugging Face layout:
+    the original model as a quantized file should compute it, without reading that file."""
+
+    def __init__(self, checkpoint: Checkpoint, rounding: FloatType | None = None):
         self.ckpt = checkpoint
+        self.rounding = rounding
         self.cfg = ReferenceConfig.from_config(checkpoint.config)
         if self.cfg.act not in ACTIVATIONS:
             raise ReferenceError(f"hidden_act {self.cfg.act!r} has no reference implementation (silu, gelu)")
         self.inv_freq = rope_frequencies(checkpoint.config, self.cfg.head_dim)
 
     def w(self, name: str) -> np.ndarray:
+        """A float32 tensor (embedding, norms, moe gate)."""
         return self.ckpt.get(name)
+
+    def matrix(self, name: str) -> np.ndarray:
+        """A weight matrix, rounded like the file's weight type when simulating one."""
+        w = self.ckpt.get(name)
+        if self.rounding is None or self.rounding == FloatType.F32:
+            return w
+        return decode_tensor(encode_tensor(w, self.rounding), self.rounding, w.shape)
 
     def logits(self, prompts: Sequence[Sequence[int]], progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
         """Logits (T, vocab) for every prompt. All prompts go through a layer together, so each
@@ -168,7 +181,7 @@ class ReferenceModel:
                 progress(layer + 1, self.cfg.n_layers + 1)
         norm = self.w("model.norm.weight")
         head_name = "lm_head.weight" if "lm_head.weight" in self.ckpt else "model.embed_tokens.weight"
-        head = self.w(head_name)
+        head = self.matrix(head_name)
         out = [rmsnorm(x, norm, self.cfg.eps) @ head.T for x in xs]
         if progress:
             progress(self.cfg.n_layers + 1, self.cfg.n_layers + 1)
@@ -177,7 +190,7 @@ class ReferenceModel:
     def layer(self, l: int, xs: list[np.ndarray]) -> list[np.ndarray]:
         p = f"model.layers.{l}."
         c = self.cfg
-        wq, wk, wv, wo = (self.w(p + f"self_attn.{n}_proj.weight") for n in "qkvo")
+        wq, wk, wv, wo = (self.matrix(p + f"self_attn.{n}_proj.weight") for n in "qkvo")
         qk_norm = (self.w(p + "self_attn.q_norm.weight"), self.w(p + "self_attn.k_norm.weight")) \
             if p + "self_attn.q_norm.weight" in self.ckpt else None
         attn_norm, ffn_norm = self.w(p + "input_layernorm.weight"), self.w(p + "post_attention_layernorm.weight")
@@ -198,7 +211,7 @@ class ReferenceModel:
         return [x + d for x, d in zip(out, deltas)]
 
     def dense(self, p: str, ys: list[np.ndarray]) -> list[np.ndarray]:
-        w1, w3, w2 = (self.w(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
+        w1, w3, w2 = (self.matrix(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
         act = ACTIVATIONS[self.cfg.act]
         return [ffn(y, w1, w3, w2, act) for y in ys]
 
@@ -217,7 +230,7 @@ class ReferenceModel:
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)
             x = f"{p}mlp.experts.{e}."
-            w1, w3, w2 = (self.w(x + f"{n}_proj.weight") for n in ("gate", "up", "down"))
+            w1, w3, w2 = (self.matrix(x + f"{n}_proj.weight") for n in ("gate", "up", "down"))
             out[rows] += top_p[rows, slot][:, None] * ffn(y[rows], w1, w3, w2, act)
         return np.split(out, np.cumsum([len(v) for v in ys])[:-1])
 
@@ -225,18 +238,28 @@ class ReferenceModel:
 # --------------------------------------------------------------------------------------------
 # REF.npz
 
+ROUNDABLE = (FloatType.Q40, FloatType.Q80)  # weight types a rounded reference exists for
+
+
 @dataclass
 class ReferenceLogits:
+    """Reference logits per prompt; `rounded["q40"]` etc.: the same prompts with the weights
+    rounded like a q40 / q80 file (ReferenceModel's `rounding`)."""
+
     ids: list[np.ndarray]
     logits: list[np.ndarray]
     prompts: list[str] | None = None
     source: str | None = None
+    rounded: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> None:
         arrays: dict[str, np.ndarray] = {}
         for j, (ids, logits) in enumerate(zip(self.ids, self.logits)):
             arrays[f"ids{j}"] = np.asarray(ids, dtype=np.int64)
             arrays[f"logits{j}"] = np.asarray(logits, dtype=np.float32)
+        for name, per_prompt in self.rounded.items():
+            for j, logits in enumerate(per_prompt):
+                arrays[f"{name}_logits{j}"] = np.asarray(logits, dtype=np.float32)
         if self.prompts is not None:
             arrays["prompts"] = np.array(self.prompts, dtype=np.str_)
         if self.source is not None:
@@ -259,12 +282,15 @@ class ReferenceLogits:
                 raise ReferenceError(f"{path} lacks ids0/logits0...: write it with `dllama-validate reference --hf SOURCE --out {path.name}`")
             ids = [data[f"ids{j}"].astype(np.int64) for j in range(n)]
             logits = [data[f"logits{j}"].astype(np.float32) for j in range(n)]
+            rounded = {ft.name.lower(): [data[f"{ft.name.lower()}_logits{j}"].astype(np.float32) for j in range(n)]
+                       for ft in ROUNDABLE if all(f"{ft.name.lower()}_logits{j}" in data.files for j in range(n))}
             prompts = [str(s) for s in data["prompts"]] if "prompts" in data.files else None
             source = str(data["source"]) if "source" in data.files else None
-        for j, (i, l) in enumerate(zip(ids, logits)):
-            if l.ndim != 2 or l.shape[0] != len(i):
-                raise ReferenceError(f"{path}: logits{j} has shape {l.shape} for {len(i)} ids; the file is corrupt")
-        return cls(ids, logits, prompts, source)
+        for j, i in enumerate(ids):
+            for name, per_prompt in [("", logits)] + [(f"{k}_", v) for k, v in rounded.items()]:
+                if per_prompt[j].ndim != 2 or per_prompt[j].shape != (len(i), logits[0].shape[1]):
+                    raise ReferenceError(f"{path}: {name}logits{j} has shape {per_prompt[j].shape} for {len(i)} ids; the file is corrupt")
+        return cls(ids, logits, prompts, source, rounded)
 
     @property
     def vocab_size(self) -> int:
@@ -272,7 +298,19 @@ class ReferenceLogits:
 
 
 def compute_reference(checkpoint: Checkpoint, prompt_ids: Iterable[Sequence[int]], prompts: list[str] | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> ReferenceLogits:
+                      roundings: Sequence[FloatType] = (), progress: Callable[[int, int], None] | None = None) -> ReferenceLogits:
+    """Exact float32 logits, plus the rounded-weights logits for each of `roundings` (q40, q80)."""
     ids = [np.asarray(p, dtype=np.int64) for p in prompt_ids]
-    logits = ReferenceModel(checkpoint).logits(ids, progress=progress)
-    return ReferenceLogits(ids, logits, prompts, source=str(checkpoint.folder))
+    passes = [None, *roundings]
+    done = [0]
+
+    def step(i: int, total: int) -> None:
+        if progress:
+            progress(done[0] * total + i, total * len(passes))
+
+    out = {}
+    for k, rounding in enumerate(passes):
+        done[0] = k
+        out[rounding] = ReferenceModel(checkpoint, rounding).logits(ids, progress=step)
+    return ReferenceLogits(ids, out.pop(None), prompts, source=str(checkpoint.folder),
+                           rounded={ft.name.lower(): v for ft, v in out.items()})

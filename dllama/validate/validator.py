@@ -10,11 +10,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dllama.checkpoint import Checkpoint, CheckpointError
-from dllama.formats import FormatError, ModelFile, ModelHeader, TokenizerFile
+from dllama.formats import FloatType, FormatError, ModelHeader, TokenizerFile
 from dllama.tokenizer.convert import TokenizerConversionError, convert_tokenizer
 from dllama.validate import checks, fidelity
 from dllama.validate.reference import (
-    DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS, ReferenceError, ReferenceLogits, compute_reference,
+    DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS, ROUNDABLE, ReferenceError, ReferenceLogits, compute_reference,
 )
 from dllama.validate.report import CheckResult, InputError, Report, Status, failed, skipped
 
@@ -82,13 +82,14 @@ def validate(model_path: str | os.PathLike, tokenizer_path: str | os.PathLike, h
     report.checks += tokenizer_fidelity(tokenizer_path, tf, source_tok, options, step)
 
     if ref is None and ckpt is not None and model_ok:
-        ref = reference_from_checkpoint(ckpt, source_tok, source_tf or tf, options, step("reference logits"))
+        roundings = [header.weights_float_type] if header.weights_float_type in ROUNDABLE else []
+        ref = reference_from_checkpoint(ckpt, source_tok, source_tf or tf, options, roundings, step("reference logits"))
     if not model_ok:
-        add(fidelity.skip_logits("the model file failed the checks above"))
+        report.checks += fidelity.skip_logits("the model file failed the checks above")
     elif ref is None:
-        add(fidelity.skip_logits("give --hf SOURCE or --reference REF.npz to compare logits with the original model"))
+        report.checks += fidelity.skip_logits("give --hf SOURCE or --reference REF.npz to compare logits with the original model")
     else:
-        add(run_logit_fidelity(model_path, header, ref, options, step("logit fidelity")))
+        report.checks += run_logit_fidelity(model_path, header, ref, options, step("logit fidelity"))
     return report
 
 
@@ -154,21 +155,23 @@ def load_tokenizer(path: Path, mode: str):
 
 
 def reference_from_checkpoint(ckpt: Checkpoint, source_tok, tf: TokenizerFile | None, options: Options,
-                              progress) -> ReferenceLogits | None:
+                              roundings: list[FloatType], progress) -> ReferenceLogits | None:
     if source_tok is None or tf is None:
         return None
     ids = fidelity.reference_prompt_ids(source_tok, tf.bos_id, tf.add_bos, options.prompts, options.max_tokens)
-    return compute_reference(ckpt, ids, list(options.prompts), progress=progress)
+    return compute_reference(ckpt, ids, list(options.prompts), roundings=roundings, progress=progress)
 
 
-def run_logit_fidelity(model_path: Path, header: ModelHeader, ref: ReferenceLogits, options: Options, progress) -> CheckResult:
+def run_logit_fidelity(model_path: Path, header: ModelHeader, ref: ReferenceLogits, options: Options,
+                       progress) -> list[CheckResult]:
     from dllama.runtime.engine import Engine
 
     longest = max(len(i) for i in ref.ids)
     try:
         engine = Engine.load(model_path, max_seq_len=max(longest, 1), nthreads=options.nthreads)
     except (FormatError, ValueError) as e:
-        return failed("logits.fidelity", "-", "-", f"our runtime cannot load the model: {e}")
+        return [failed("logits.fidelity", "-", "-", f"our runtime cannot load the model: {e}"),
+                skipped("logits.vs_rounded", "our runtime cannot load the model")]
 
     def run(ids: np.ndarray) -> np.ndarray:
         engine.reset()
