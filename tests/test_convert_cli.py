@@ -301,17 +301,28 @@ def test_hub_id_found_in_the_offline_cache_converts(tmp_path):
     assert (out / "dllama_model_tiny-llama_q40.m").read_bytes() == (source / "expected_q40.m").read_bytes()
 
 
-def test_hub_download_takes_only_the_top_level_files_a_conversion_reads():
+def test_hub_download_takes_only_the_top_level_files_a_conversion_reads(tmp_path):
     from huggingface_hub.utils import filter_repo_objects
 
-    from dllama.converter.hub import DOWNLOAD_PATTERNS, IGNORE_PATTERNS
+    from dllama.converter.hub import IGNORE_PATTERNS, METADATA_PATTERNS, _weight_patterns
 
-    repo = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-            "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja", "pytorch_model.bin",
-            "original/consolidated.00.pth", "original/params.json", "onnx/model.safetensors", "README.md"]
-    assert list(filter_repo_objects(repo, allow_patterns=DOWNLOAD_PATTERNS, ignore_patterns=IGNORE_PATTERNS)) == [
-        "config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-        "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"]
+    repo = ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors", "model-fp8.safetensors", "consolidated.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "tokenizer.model", "chat_template.jinja", "pytorch_model.bin",
+            "original/params.json", "onnx/model.safetensors", "README.md"]
+
+    def fetched(patterns):
+        return list(filter_repo_objects(repo, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS))
+
+    assert fetched(METADATA_PATTERNS) == ["config.json", "model.safetensors.index.json", "tokenizer.json",
+                                          "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"]
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert [f for f in fetched(_weight_patterns(tmp_path)) if f.endswith(".safetensors")] == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (tmp_path / "model.safetensors.index.json").unlink()  # no index: every top-level file but consolidated*
+    assert fetched(_weight_patterns(tmp_path)) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model-fp8.safetensors"]
 
 
 def test_path_that_does_not_exist_is_not_mistaken_for_a_hub_id(tmp_path):

@@ -5,14 +5,19 @@ Only the files a conversion reads are downloaded; huggingface_hub's cache and of
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
 import re
 from pathlib import Path
 
-# weights, config/index/tokenizer json, sentencepiece model, transformers-5 chat template
-DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja"]
-# only the top level is read; hub patterns match across "/", so skip subfolders (onnx/, original/...)
-IGNORE_PATTERNS = ["*/*"]
+# config/index/tokenizer json, sentencepiece model, transformers-5 chat template, then the weights
+METADATA_PATTERNS = ["*.json", "tokenizer.model", "*.jinja"]
+DOWNLOAD_PATTERNS = ["*.safetensors", *METADATA_PATTERNS]
+# only the top level is read; hub patterns match across "/", so skip subfolders (onnx/, original/...),
+# and Mistral's consolidated*.safetensors (its own tensor names, a second copy of the weights)
+IGNORE_PATTERNS = ["*/*", "consolidated*.safetensors"]
+INDEX_FILE = "model.safetensors.index.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -41,9 +46,14 @@ def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import errors
 
     offline = _offline_mode()
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                      ignore_patterns=IGNORE_PATTERNS, local_files_only=offline))
+
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
-                                   ignore_patterns=IGNORE_PATTERNS, local_files_only=offline)
+        folder = fetch(METADATA_PATTERNS)
+        folder = fetch(_weight_patterns(folder) + METADATA_PATTERNS)
     except errors.LocalEntryNotFoundError:
         if offline:
             raise SourceError(f"{repo_id} is not in the Hugging Face cache and offline mode is on (HF_HUB_OFFLINE); "
@@ -59,7 +69,19 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise SourceError(f"revision {revision!r} does not exist in {repo_id}") from None
     except errors.HfHubHTTPError as e:
         raise SourceError(f"downloading {repo_id} failed: {str(e).splitlines()[0]}") from None
-    return Path(folder)
+    return folder
+
+
+def _weight_patterns(folder: Path) -> list[str]:
+    """The shards the index names (exactly those), or every top-level safetensors file."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise SourceError(f"{INDEX_FILE} of this repository is not a valid safetensors index") from None
+        return [glob.escape(shard) for shard in shards]
+    return ["*.safetensors"]
 
 
 def _offline_mode() -> bool:
