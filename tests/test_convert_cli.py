@@ -138,6 +138,7 @@ def test_missing_shard_is_named(tmp_path):
     ("model_type", "gpt2", "unsupported model_type 'gpt2'"),
     ("hidden_act", "gelu_pytorch_tanh", "unsupported hidden_act 'gelu_pytorch_tanh'"),
     ("rms_norm_eps", 1e-8, "unsupported rms_norm_eps 1e-08"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "unsupported rope scaling type 'yarn'"),
 ])
 def test_unsupported_config_values_are_named(tmp_path, key, value, phrase):
     folder = checkpoint(tmp_path)
