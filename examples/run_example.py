@@ -6,6 +6,7 @@ it did; later steps (validate, run, a 2-node cluster) append here in the same st
   1. build a small random Llama-shaped Hugging Face checkpoint under examples/tiny-hf/
      (weights from dllama.converter.synthetic, the bundled byte-level BPE tokenizer)
   2. convert it to examples/out/dllama_model_tiny_{q40,f32}.m and dllama_tokenizer_tiny.t
+  3. validate both conversions against the original checkpoint (dllama-validate --hf)
   -  run the q40 model on a local 2-node cluster (a worker process on 127.0.0.1 + this root)
 """
 from __future__ import annotations
@@ -57,6 +58,21 @@ def convert_checkpoint(checkpoint: Path) -> dict[str, Path]:
     return outputs
 
 
+def validate_outputs(checkpoint: Path, outputs: dict[str, Path]) -> bool:
+    """dllama-validate MODEL.m TOKENIZER.t --hf SOURCE for each conversion; the table for q40."""
+    from dllama.validate.validator import validate
+
+    ok = True
+    for quant in ("q40", "f32"):
+        model = outputs[quant]
+        step(f"3. validate it (dllama-validate {model.relative_to(HERE.parent)} "
+             f"{outputs['tokenizer'].relative_to(HERE.parent)} --hf {checkpoint.relative_to(HERE.parent)})")
+        report = validate(model, outputs["tokenizer"], hf=checkpoint)
+        print(report.table() if quant == "q40" else report.table().splitlines()[-1])
+        ok = ok and report.ok
+    return ok
+
+
 def run_two_nodes(outputs: dict[str, Path], steps: int = 16) -> None:
     """A worker process on 127.0.0.1 plus this process as the root: the same tokens as one node."""
     import re
@@ -106,6 +122,9 @@ def main() -> int:
     started = time.perf_counter()
     checkpoint = build_checkpoint()
     outputs = convert_checkpoint(checkpoint)
+    if not validate_outputs(checkpoint, outputs):
+        print("\nvalidation failed: see the FAIL lines above", file=sys.stderr)
+        return 1
     run_two_nodes(outputs)
     print(f"\ndone in {time.perf_counter() - started:.1f} s: {', '.join(str(p.relative_to(HERE.parent)) for p in outputs.values())}")
     return 0
