@@ -23,7 +23,7 @@ from dllama.runtime import kernels
 from dllama.runtime.model import NodeLayers, NodeSlice, load_node_weights, rmsnorm
 
 DEFAULT_MAX_SEQ_LEN = 2048  # models declare up to 131072 positions; the KV cache must fit a small board
-PREFILL_BATCH = 32          # prompt tokens per pass over the weights
+PREFILL_BATCH = 64          # prompt tokens per pass over the weights
 
 
 class EngineError(ValueError):

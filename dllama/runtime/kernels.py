@@ -134,30 +134,47 @@ _s8_pair, _s8_block = _block_kernel("s8", True), _block_kernel("s8", False)
 
 
 @intrinsic
-def _nibble_pair_all_tokens(typingctx, nib, off, xq, xc, xd, s0, s1, acc, T):
-    """For every token t < T: acc[16t:+16] += f32(quad sums of nib[off:+64] (u8, init xc)) * scales.
-
-    The batched kernel's inner loop, written in IR so the pair of weight blocks stays in a
-    register while the tokens stream past. nib: the row's unpacked nibbles (n,) uint8; xq
-    (T * n,) int8, xc (T * n/4,) int32, xd (T * n/32,) float32: flat views of the activations.
-    """
-    sig = types.void(nib, off, xq, xc, xd, s0, s1, acc, T)
+def _unpack_q40_block(typingctx, w, w_off, out, out_off):
+    """out[out_off:+32] = the 32 nibbles (u8, value order) of the q40 block whose 16 bytes are at w[w_off]."""
+    sig = types.void(w, w_off, out, out_off)
 
     def codegen(context, builder, sig, args):
-        nib, off, xq, xc, xd, s0, s1, acc, T = args
-        n = context.make_array(sig.args[0])(context, builder, nib).nitems
-        a = _load(builder, _data(context, builder, sig.args[0], nib), off, _vec(_i8, 64))
-        w_scale = _splat_halves(builder, [s0, s1])
-        xq_d, xc_d, xd_d, acc_d = (_data(context, builder, sig.args[i], v) for i, v in ((2, xq), (3, xc), (4, xd), (7, acc)))
-        four, thirty_two = _const(_i64, 4), _const(_i64, 32)
-        with cgutils.for_range(builder, T) as loop:
-            t = loop.index
-            xv = _load(builder, xq_d, builder.add(builder.mul(t, n), off), _vec(_i8, 64))
-            init = _load(builder, xc_d, builder.udiv(builder.add(builder.mul(t, n), off), four), _vec(_i32, 16), align=4)
-            d = builder.gep(xd_d, [builder.udiv(builder.add(builder.mul(t, n), off), thirty_two)])
-            x_scale = _splat_halves(builder, [builder.load(d), builder.load(builder.gep(d, [_const(_i64, 1)]))])
-            quads = _quad_sums(builder, a, xv, init, a_unsigned=True)
-            _accumulate(builder, acc_d, builder.mul(t, _const(_i64, LANES)), quads, builder.fmul(w_scale, x_scale))
+        w, w_off, out, out_off = args
+        nibbles = _nibbles(builder, _load(builder, _data(context, builder, sig.args[0], w), w_off, _vec(_i8, 16)))
+        ptr = builder.gep(_data(context, builder, sig.args[2], out), [out_off])
+        builder.store(nibbles, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _nibble_row_lanes(typingctx, nib, w_scales, x, xc, x_scales, n_pairs, acc):
+    """acc[0:16] = the lanes of one row (pre-unpacked nibbles) times one token, block pairs 0..n_pairs-1.
+
+    The batched kernel's inner loop, in IR so the 16 lanes stay in a register: per pair, one
+    load each of weights, activations, their -8 correction and the two 16-lane scale vectors
+    (w_scales[16p:+16] = [d_w(2p)] * 8 + [d_w(2p+1)] * 8, x_scales likewise), then quad sums,
+    convert, scale, add: the same operations, in the same order, as `_q40_pair`.
+    """
+    sig = types.void(nib, w_scales, x, xc, x_scales, n_pairs, acc)
+
+    def codegen(context, builder, sig, args):
+        nib, w_scales, x, xc, x_scales, n_pairs, acc = args
+        nib_d, ws_d, x_d, xc_d, xs_d, acc_d = (_data(context, builder, sig.args[i], v) for i, v in
+                                               ((0, nib), (1, w_scales), (2, x), (3, xc), (4, x_scales), (6, acc)))
+        lanes_ty = _vec(_f32, LANES)
+        lanes = cgutils.alloca_once_value(builder, _const(lanes_ty, [0.0] * LANES))
+        with cgutils.for_range(builder, n_pairs) as loop:
+            p = loop.index
+            v64 = builder.mul(p, _const(_i64, 64))
+            v16 = builder.mul(p, _const(_i64, 16))
+            quads = _quad_sums(builder, _load(builder, nib_d, v64, _vec(_i8, 64)), _load(builder, x_d, v64, _vec(_i8, 64)),
+                               _load(builder, xc_d, v16, _vec(_i32, 16), align=4), a_unsigned=True)
+            scale = builder.fmul(_load(builder, ws_d, v16, lanes_ty, align=4), _load(builder, xs_d, v16, lanes_ty, align=4))
+            builder.store(builder.fadd(builder.load(lanes), builder.fmul(builder.sitofp(quads, lanes_ty), scale)), lanes)
+        ptr = builder.bitcast(acc_d, lanes_ty.as_pointer())
+        builder.store(builder.load(lanes), ptr, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -260,38 +277,45 @@ def matvec_q40(w, xq, xd, xc, scale_table, out):
         out[r] = _lane_sum(acc, 0)
 
 
+@njit(cache=True)
+def _pair_scales(scales, n_pairs, out):
+    """out[16p:+16] = [scales[2p]] * 8 + [scales[2p+1]] * 8: one block's scale per lane."""
+    for p in range(n_pairs):
+        for i in range(8):
+            out[16 * p + i] = scales[2 * p]
+            out[16 * p + 8 + i] = scales[2 * p + 1]
+
+
 @njit(cache=True, parallel=True)
 def matmul_q40(w, xq, xd, xc, scale_table, out):
-    """T tokens per pass over the weights: a row is unpacked once to nibbles and its scales
-    decoded once; each pair of blocks then meets every token while it sits in a register."""
+    """T tokens per pass over the weights: a row is unpacked once to nibbles (and its scales
+    decoded once) and stays in L1 while every token's dot product runs over it."""
     rows = w.shape[0]
     T, nb = xd.shape
-    xq_flat, xc_flat, xd_flat = xq.reshape(-1), xc.reshape(-1), xd.reshape(-1)
+    n_pairs = nb // 2
+    x_scales = np.empty((T, n_pairs * LANES), dtype=np.float32)
+    for t in range(T):
+        _pair_scales(xd[t], n_pairs, x_scales[t])
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(n_tasks):
         nibbles = np.empty(nb * BLOCK, dtype=np.uint8)
         scales = np.empty(nb, dtype=np.float32)
-        acc = np.empty(T * LANES, dtype=np.float32)
+        w_scales = np.empty(n_pairs * LANES, dtype=np.float32)
+        acc = np.empty(LANES, dtype=np.float32)
         for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             row = w[r]
             for b in range(nb):
                 o = b * Q40_BYTES
                 scales[b] = _scale(row, o, scale_table)
-                for j in range(16):
-                    byte = row[o + 2 + j]
-                    nibbles[b * BLOCK + j] = byte & 15
-                    nibbles[b * BLOCK + 16 + j] = byte >> 4
-            acc[:] = 0.0
-            for b in range(0, nb - 1, 2):
-                _nibble_pair_all_tokens(nibbles, b * BLOCK, xq_flat, xc_flat, xd_flat, scales[b], scales[b + 1], acc, T)
-            if nb % 2:
-                b = nb - 1
-                o = b * Q40_BYTES
-                for t in range(T):
-                    _q40_block(row, o + 2, 0, xq[t], b * BLOCK, xc[t], b * 8, scales[b] * xd[t, b], np.float32(0),
-                               acc, t * LANES)
+                _unpack_q40_block(row, o + 2, nibbles, b * BLOCK)
+            _pair_scales(scales, n_pairs, w_scales)
             for t in range(T):
-                out[t, r] = _lane_sum(acc, t * LANES)
+                _nibble_row_lanes(nibbles, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
+                if nb % 2:
+                    b = nb - 1
+                    o = b * Q40_BYTES
+                    _q40_block(row, o + 2, 0, xq[t], b * BLOCK, xc[t], b * 8, scales[b] * xd[t, b], np.float32(0), acc, 0)
+                out[t, r] = _lane_sum(acc, 0)
 
 
 @njit(cache=True, parallel=True)

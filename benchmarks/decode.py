@@ -1,0 +1,160 @@
+"""Single-node inference speed, memory and start-up on a TinyLlama-1.1B-shaped random q40 model.
+
+    python benchmarks/decode.py [--threads 1,2] [--prompt-tokens 64] [--steps 32] [--max-seq-len 2048]
+
+Builds (once, under .bench/, ignored by git) a random bf16 TinyLlama-shaped checkpoint with
+dllama.converter.synthetic and converts it to q40 with `dllama-convert`, then runs each thread
+count in a fresh child process, as a user's `dllama-run` would: start-up to first generated
+token (imports, cached kernels, mapping the model, prefill), prompt tokens/s (batched prefill),
+generated tokens/s and ms/token (greedy decode), peak RSS (the child's ru_maxrss) and the share
+of decode time spent inside the numba kernels. A warm-up child compiles or loads the kernels
+first. Targets (issue 4), 2-core x86-64, 2 threads: >= 8.5 generated tokens/s (reference C++
+7.05), >= 75 prompt tokens/s (reference 72.6); peak RSS <= file + KV cache + 100 MB; start-up
+< 5 s with cached kernels.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# benchmarks/ holds tokenize.py, which would shadow the standard library's module of that name
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / ".bench"
+CHECKPOINT = BENCH / "tinyllama-bf16"  # shared with benchmarks/convert.py (same config and seed)
+MODEL = BENCH / "decode" / "dllama_model_tinyllama_q40.m"  # what `dllama-convert --name tinyllama` writes
+
+
+def ensure_model() -> Path:
+    from dllama.converter.synthetic import tinyllama_config, write_checkpoint
+
+    if MODEL.is_file():
+        return MODEL
+    config = tinyllama_config()
+    marker = CHECKPOINT / "config.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) | {"torch_dtype": "bfloat16"} == config):
+        print(f"building {CHECKPOINT} (once) ...", file=sys.stderr, flush=True)
+        write_checkpoint(CHECKPOINT, config, dtype="bf16", seed=0)
+    print(f"converting to {MODEL} (once) ...", file=sys.stderr, flush=True)
+    MODEL.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "dllama.converter.cli", "hf", str(CHECKPOINT), "--quant", "q40",
+                    "--name", "tinyllama", "--output-dir", str(MODEL.parent)], check=True, stdout=subprocess.DEVNULL)
+    return MODEL
+
+
+# --------------------------------------------------------------------------------------------
+# The child: one measured run
+
+def child(model: str, nthreads: int, prompt_tokens: int, steps: int, max_seq_len: int) -> dict:
+    started = time.perf_counter()
+    import numpy as np
+
+    from dllama.runtime import kernels, model as model_mod, tensors
+    from dllama.runtime.engine import Engine
+
+    engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, engine.vocab_size, prompt_tokens).tolist()
+    t0 = time.perf_counter()
+    logits = engine.forward(prompt, 0)
+    token = int(logits[-1].argmax())
+    t1 = time.perf_counter()
+    first_token = t1 - started
+    pos, step_times = prompt_tokens, []
+    for _ in range(steps):
+        a = time.perf_counter()
+        token = int(engine.forward([token], pos)[0].argmax())
+        step_times.append(time.perf_counter() - a)
+        pos += 1
+    kernel_share = _kernel_share(engine, kernels, model_mod, tensors, token, pos, 8)
+    import resource
+
+    return {
+        "nthreads": nthreads, "prompt_tokens": prompt_tokens, "steps": steps,
+        "prompt_tok_s": prompt_tokens / (t1 - t0),
+        "gen_tok_s": steps / sum(step_times), "ms_per_token": 1000 * sum(step_times) / steps,
+        "ms_per_token_median": 1000 * float(np.median(step_times)),
+        "startup_to_first_token_s": first_token, "kernel_share": kernel_share,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "kv_cache_bytes": engine.layers.kv_cache_bytes, "model_bytes": os.path.getsize(model),
+        "vnni": bool(kernels.VNNI512),
+    }
+
+
+def _kernel_share(engine, kernels, model_mod, tensors, token: int, pos: int, steps: int) -> float:
+    """Share of decode wall time inside the numba kernels (matmuls, quantization, attention)."""
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            a = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - a
+        return wrapper
+
+    matmul, attention = tensors.Matrix.__matmul__, kernels.attention
+    prepare, roundtrip = tensors.QuantizedInput.of, kernels.q80_roundtrip
+    tensors.Matrix.__matmul__ = timed(matmul)
+    tensors.QuantizedInput.of = timed(prepare)
+    model_mod.kernels.attention = timed(attention)
+    kernels.q80_roundtrip = timed(roundtrip)
+    try:
+        a = time.perf_counter()
+        for i in range(steps):
+            token = int(engine.forward([token], pos + i)[0].argmax())
+        total = time.perf_counter() - a
+    finally:
+        tensors.Matrix.__matmul__, tensors.QuantizedInput.of = matmul, prepare
+        model_mod.kernels.attention, kernels.q80_roundtrip = attention, roundtrip
+    return spent[0] / total
+
+
+# --------------------------------------------------------------------------------------------
+
+def run_child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--model", help="use this .m instead of building the TinyLlama-shaped one")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--nthreads", type=int, default=1, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(a.model, a.nthreads, a.prompt_tokens, a.steps, a.max_seq_len)))
+        return
+    model = Path(a.model) if a.model else ensure_model()
+    common = ["--model", str(model), "--prompt-tokens", str(a.prompt_tokens), "--max-seq-len", str(a.max_seq_len)]
+    run_child(common + ["--steps", "2", "--nthreads", "1", "--prompt-tokens", "4"])  # compile / load kernels
+    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f} before the runs; model {model.name} {model.stat().st_size / 1e6:.0f} MB",
+          flush=True)
+    print("| threads | prompt tok/s | generated tok/s | ms/token | kernel share | start-up to 1st token | peak RSS | budget (file+KV+100MB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in [int(t) for t in a.threads.split(",")]:
+        r = run_child(common + ["--steps", str(a.steps), "--nthreads", str(n)])
+        budget = r["model_bytes"] + r["kv_cache_bytes"] + 100e6
+        print(f"| {n} | {r['prompt_tok_s']:.1f} | {r['gen_tok_s']:.2f} | {r['ms_per_token']:.1f} | "
+              f"{100 * r['kernel_share']:.0f}% | {r['startup_to_first_token_s']:.2f} s | {r['peak_rss_bytes'] / 1e6:.0f} MB | "
+              f"{budget / 1e6:.0f} MB |", flush=True)
+    print(f"load after the runs: {os.getloadavg()[0]:.2f}; vnni: {r['vnni']}")
+
+
+if __name__ == "__main__":
+    main()
