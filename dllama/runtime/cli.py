@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -82,14 +83,15 @@ def check_vocab(tokenizer_vocab: int, model_vocab: int, tokenizer: Path, model: 
 @dataclass
 class Timing:
     prompt_tokens: int = 0
-    prompt_seconds: float = 0.0
+    prompt_seconds: float = 0.0   # until the first generated token: the batched prefill
     generated_tokens: int = 0
-    generate_seconds: float = 0.0
+    decode_steps: int = 0         # tokens after the first, each one forward pass
+    decode_seconds: float = 0.0
 
     def summary(self) -> str:
         p_rate = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
-        g_rate = self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
-        ms = 1000 * self.generate_seconds / self.generated_tokens if self.generated_tokens else 0.0
+        g_rate = self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+        ms = 1000 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
         return (f"prompt: {self.prompt_tokens} tokens, {p_rate:.2f} tokens/s | generated: {self.generated_tokens} "
                 f"tokens, {g_rate:.2f} tokens/s, {ms:.1f} ms/token")
 
@@ -104,8 +106,9 @@ def timed_tokens(tokens: Iterator[int], prompt_tokens: int, timing: Timing) -> I
             timing.prompt_tokens += prompt_tokens
             timing.prompt_seconds += now - start
         else:
-            timing.generated_tokens += 1
-            timing.generate_seconds += now - last
+            timing.decode_steps += 1
+            timing.decode_seconds += now - last
+        timing.generated_tokens += 1
         last = now
         yield token
 

@@ -1,0 +1,126 @@
+"""`dllama-run`: streaming generation, chat, and one clear error line per bad input."""
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CONFORMANCE, require_fixtures
+from dllama.formats import read_tokenizer
+from dllama.runtime.cli import app
+from dllama.runtime.engine import Engine
+from dllama.runtime.generate import generate
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def llama() -> Path:
+    return require_fixtures(CONFORMANCE / "tiny-llama")
+
+
+def run(*args: str, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: "), result.stderr
+    assert [line for line in lines if line.startswith("error: ")] == [lines[-1]]
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+def test_greedy_generation_streams_the_engines_tokens_then_a_timing_summary(llama):
+    from dllama.tokenizer import Tokenizer
+
+    result = run("--model", llama / "expected_f32.m", "--tokenizer", llama / "expected.t", "--prompt", "Hello world",
+                 "--steps", 12, "--temperature", 0)
+    assert result.exit_code == 0, result.output
+    tok = Tokenizer.load(str(llama / "expected.t"))
+    ids = tok.encode("Hello world")
+    expected = list(generate(Engine.load(llama / "expected_f32.m"), ids, 12, eos_ids=tok.eos_ids))
+    assert result.stdout == "Hello world" + tok.decode(expected) + "\n"
+    summary = result.stderr.strip().splitlines()[-1]
+    assert summary.startswith(f"prompt: {len(ids)} tokens,") and f"generated: {len(expected)} tokens" in summary
+    assert "ms/token" in summary
+
+
+def test_seeded_sampling_is_reproducible(llama):
+    args = ("--model", llama / "expected_q40.m", "--tokenizer", llama / "expected.t", "--prompt", "Once",
+            "--steps", 16, "--temperature", 1.0, "--topp", 0.95, "--seed", 7)
+    first, second = run(*args), run(*args)
+    assert first.exit_code == 0 and first.stdout == second.stdout
+
+
+def test_chat_answers_each_turn_and_ends_on_an_empty_line(llama):
+    result = run("chat", "--model", llama / "expected_q40.m", "--tokenizer", llama / "expected.t", "--steps", 6,
+                 "--temperature", 0, input="hello\nand again\n\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("> ") == 3  # two answered turns, then the empty line
+    assert result.stderr.count("prompt: ") == 2
+
+
+def test_help_names_the_default_kv_cache_size():
+    result = run("--help")
+    assert result.exit_code == 0 and "default 2048" in result.stdout and "chat" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line naming the problem and the fix, exit code 1
+
+def corrupt_copy(src: Path, dst: Path, edit) -> Path:
+    data = bytearray(src.read_bytes())
+    edit(data)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_bad_magic(llama, tmp_path):
+    model = corrupt_copy(llama / "expected_q40.m", tmp_path / "bad.m", lambda d: struct.pack_into("<i", d, 0, 0x1234))
+    result = run("--model", model, "--tokenizer", llama / "expected.t", "--prompt", "hi")
+    assert_one_line_error(result, "bad magic 0x1234", "not a distributed-llama model")
+
+
+def test_unknown_header_key(llama, tmp_path):
+    model = corrupt_copy(llama / "expected_q40.m", tmp_path / "key.m", lambda d: struct.pack_into("<i", d, 8, 99))
+    result = run("--model", model, "--tokenizer", llama / "expected.t", "--prompt", "hi")
+    assert_one_line_error(result, "unknown header key 99")
+
+
+def test_truncated_tensors(llama, tmp_path):
+    model = tmp_path / "short.m"
+    model.write_bytes((llama / "expected_q40.m").read_bytes()[:-100])
+    result = run("--model", model, "--tokenizer", llama / "expected.t", "--prompt", "hi")
+    assert_one_line_error(result, "truncated", "the header needs exactly")
+
+
+def test_tokenizer_from_another_model(llama, tmp_path):
+    tf = read_tokenizer(llama / "expected.t")
+    tf.tokens += [f"<extra{i}>".encode() for i in range(16)]
+    tf.scores += [0.0] * 16
+    other = tmp_path / "other.t"
+    other.write_bytes(tf.to_bytes())
+    result = run("--model", llama / "expected_q40.m", "--tokenizer", other, "--prompt", "hi")
+    assert_one_line_error(result, f"has {tf.vocab_size} tokens", "vocabulary of 384", "same checkpoint")
+
+
+def test_prompt_longer_than_max_seq_len(llama):
+    result = run("--model", llama / "expected_q40.m", "--tokenizer", llama / "expected.t",
+                 "--prompt", "a rather long prompt " * 4, "--max-seq-len", 8)
+    assert_one_line_error(result, "--max-seq-len is 8", "raise --max-seq-len or shorten the prompt")
+
+
+def test_missing_model_file(llama, tmp_path):
+    result = run("--model", tmp_path / "nope.m", "--tokenizer", llama / "expected.t", "--prompt", "hi")
+    assert_one_line_error(result, "does not exist")
+
+
+def test_missing_prompt_names_the_required_options(llama):
+    result = run("--model", llama / "expected_q40.m", "--tokenizer", llama / "expected.t")
+    assert_one_line_error(result, "--prompt")
