@@ -141,3 +141,22 @@ def test_memory_plan_halves_weights_and_cache():
 
 def test_parse_workers():
     assert parse_workers("pi1:9999, pi2:10000,pi3") == [("pi1", 9999), ("pi2", 10000), ("pi3", 9999)]
+
+
+def test_plan_command_prints_every_node_and_whether_it_fits():
+    from typer.testing import CliRunner
+
+    from dllama.runtime.cli import app
+
+    path = str(require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["plan", "--model", path, "--nodes", "2", "--max-seq-len", "128", "--ram", "1G"])
+    assert ok.exit_code == 0, ok.output
+    assert "0 root" in ok.output and "1 worker" in ok.output and ok.output.count(" yes") == 2
+    small = runner.invoke(app, ["plan", "--model", path, "--nodes", "2", "--ram", "100M"])
+    assert small.exit_code == 2 and "NO (> 100.0 MiB)" in small.output
+    bad = runner.invoke(app, ["plan", "--model", path, "--nodes", "3"])
+    assert bad.exit_code == 1 and "power of two" in bad.output
+    as_json = runner.invoke(app, ["plan", "--model", path, "--nodes", "2", "--json"])
+    rows = __import__("json").loads(as_json.output)["per_node"]
+    assert [r["role"] for r in rows] == ["root", "worker"] and rows[0]["kv_cache"] == rows[1]["kv_cache"]

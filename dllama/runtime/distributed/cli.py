@@ -34,9 +34,11 @@ def worker_command(
     """
     from dllama.runtime.distributed.worker import Worker
 
+    if model is not None and not model.is_file():
+        _fail(f"--model {model} does not exist: copy the root's .m there, or start the worker without --model")
     try:
         worker = Worker(host, port, model_path=model, nthreads=nthreads)
-    except (OSError, FormatError) as e:
+    except (OSError, FormatError, ValueError) as e:
         _fail(f"cannot start the worker on {host}:{port}: {getattr(e, 'strerror', None) or e}")
     try:
         worker.serve_forever()

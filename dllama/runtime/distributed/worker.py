@@ -66,6 +66,8 @@ class Session:
 class Worker:
     def __init__(self, host: str = "0.0.0.0", port: int = 9999, model_path: str | os.PathLike | None = None,
                  nthreads: int | None = None, log: Callable[[str], None] | None = None):
+        if nthreads is not None and not 1 <= nthreads <= numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(f"--nthreads {nthreads} is outside 1..{numba.config.NUMBA_NUM_THREADS} (this machine's cores)")
         self.model_path = Path(model_path) if model_path else None
         self.identity: ModelIdentity | None = model_identity(self.model_path) if self.model_path else None
         self.nthreads = nthreads
