@@ -7,6 +7,7 @@ it did; later steps (validate, run, a 2-node cluster) append here in the same st
      (weights from dllama.converter.synthetic, the bundled byte-level BPE tokenizer)
   2. convert it to examples/out/dllama_model_tiny_{q40,f32}.m and dllama_tokenizer_tiny.t
   3. validate both conversions against the original checkpoint (dllama-validate --hf)
+  4. generate text from the q40 model with dllama-run (greedy)
   -  run the q40 model on a local 2-node cluster (a worker process on 127.0.0.1 + this root)
 """
 from __future__ import annotations
@@ -73,6 +74,22 @@ def validate_outputs(checkpoint: Path, outputs: dict[str, Path]) -> bool:
     return ok
 
 
+def generate_text(outputs: dict[str, Path], prompt: str = "Once upon a time", steps: int = 24) -> None:
+    """`dllama-run` exactly as a user types it: text on stdout, the timing summary on stderr."""
+    import subprocess
+
+    model, tokenizer = outputs["q40"], outputs["tokenizer"]
+    args = ["--model", str(model), "--tokenizer", str(tokenizer), "--prompt", prompt, "--steps", str(steps),
+            "--temperature", "0"]
+    step(f"4. generate text (dllama-run --model {model.relative_to(HERE.parent)} --tokenizer "
+         f"{tokenizer.relative_to(HERE.parent)} --prompt {prompt!r} --steps {steps} --temperature 0)")
+    result = subprocess.run([sys.executable, "-m", "dllama.runtime.cli", *args], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"dllama-run failed: {result.stderr.strip()}")
+    print(f"  text  : {result.stdout.strip()!r}  (random weights: gibberish is expected)")
+    print(f"  timing: {result.stderr.strip().splitlines()[-1]}")
+
+
 def run_two_nodes(outputs: dict[str, Path], steps: int = 16) -> None:
     """A worker process on 127.0.0.1 plus this process as the root: the same tokens as one node."""
     import re
@@ -125,6 +142,7 @@ def main() -> int:
     if not validate_outputs(checkpoint, outputs):
         print("\nvalidation failed: see the FAIL lines above", file=sys.stderr)
         return 1
+    generate_text(outputs)
     run_two_nodes(outputs)
     print(f"\ndone in {time.perf_counter() - started:.1f} s: {', '.join(str(p.relative_to(HERE.parent)) for p in outputs.values())}")
     return 0
