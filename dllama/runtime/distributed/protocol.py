@@ -26,6 +26,7 @@ HANDSHAKE_MAX_FRAME = 4096                 # HELLO and its answers are tiny; ref
 MAX_FRAME = 64 * 1024 * 1024               # hard ceiling for any frame after the handshake
 WEIGHT_CHUNK = 4 * 1024 * 1024             # bytes of weights per WEIGHTS frame
 MAX_ERROR_MESSAGE = 1024
+SMALL_FRAME = 256 * 1024                   # frames up to this size are copied into one send
 
 CONNECT_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -130,10 +131,15 @@ def send_frame(sock: socket.socket, kind: Frame, *parts: bytes | bytearray | mem
     length = sum(memoryview(p).nbytes for p in parts)
     if length > MAX_FRAME:
         raise ProtocolError(f"refusing to send a {length}-byte frame: the limit is {MAX_FRAME}")
+    header = FRAME_HEADER.pack(length, int(kind), 0)
     try:
-        sock.sendall(FRAME_HEADER.pack(length, int(kind), 0))
-        for p in parts:
-            sock.sendall(p)
+        if length <= SMALL_FRAME:
+            # one send per frame: with TCP_NODELAY every send is a packet and a wake-up of the peer
+            sock.sendall(b"".join([header, *parts]))
+        else:
+            sock.sendall(header)
+            for p in parts:
+                sock.sendall(p)
     except socket.timeout:
         raise ProtocolError(f"peer accepted nothing for {sock.gettimeout():.0f} s") from None
     except OSError as e:
