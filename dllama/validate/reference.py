@@ -170,57 +170,47 @@ class ReferenceModel:
         return decode_tensor(encode_tensor(w, self.rounding), self.rounding, w.shape)
 
     def logits(self, prompts: Sequence[Sequence[int]], progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
-        """Logits (T, vocab) for every prompt. All prompts go through a layer together, so each
-        weight is read and widened to float32 once."""
+        """Logits (T, vocab) for every prompt. The prompts' rows are stacked for every matmul
+        (each weight is read once per pass) and kept apart only inside attention."""
+        lengths = [len(ids) for ids in prompts]
         embedding = self.w("model.embed_tokens.weight")
-        xs = [embedding[np.asarray(ids, dtype=np.int64)] for ids in prompts]
+        x = embedding[np.concatenate([np.asarray(ids, dtype=np.int64) for ids in prompts])]
         del embedding
         for layer in range(self.cfg.n_layers):
-            xs = self.layer(layer, xs)
+            x = self.layer(layer, x, lengths)
             if progress:
                 progress(layer + 1, self.cfg.n_layers + 1)
-        norm = self.w("model.norm.weight")
         head_name = "lm_head.weight" if "lm_head.weight" in self.ckpt else "model.embed_tokens.weight"
-        head = self.matrix(head_name)
-        out = [rmsnorm(x, norm, self.cfg.eps) @ head.T for x in xs]
+        logits = rmsnorm(x, self.w("model.norm.weight"), self.cfg.eps) @ self.matrix(head_name).T
         if progress:
             progress(self.cfg.n_layers + 1, self.cfg.n_layers + 1)
-        return out
+        return np.split(logits, np.cumsum(lengths)[:-1])
 
-    def layer(self, l: int, xs: list[np.ndarray]) -> list[np.ndarray]:
+    def layer(self, l: int, x: np.ndarray, lengths: list[int]) -> np.ndarray:
+        """x: the stacked prompts' rows; `lengths` says where each prompt's rows end."""
         p = f"model.layers.{l}."
         c = self.cfg
-        wq, wk, wv, wo = (self.matrix(p + f"self_attn.{n}_proj.weight") for n in "qkvo")
-        qk_norm = (self.w(p + "self_attn.q_norm.weight"), self.w(p + "self_attn.k_norm.weight")) \
-            if p + "self_attn.q_norm.weight" in self.ckpt else None
-        attn_norm, ffn_norm = self.w(p + "input_layernorm.weight"), self.w(p + "post_attention_layernorm.weight")
-        out = []
-        for x in xs:
-            T = x.shape[0]
-            y = rmsnorm(x, attn_norm, c.eps)
-            q = (y @ wq.T).reshape(T, c.n_heads, c.head_dim)
-            k = (y @ wk.T).reshape(T, c.n_kv_heads, c.head_dim)
-            v = (y @ wv.T).reshape(T, c.n_kv_heads, c.head_dim)
-            if qk_norm is not None:  # qwen3: per-head rmsnorm before rope
-                q, k = rmsnorm(q, qk_norm[0], c.eps), rmsnorm(k, qk_norm[1], c.eps)
-            z = attention(rope(q, self.inv_freq), rope(k, self.inv_freq), v)
-            out.append(x + z @ wo.T)
-        del wq, wk, wv, wo
-        ys = [rmsnorm(x, ffn_norm, c.eps) for x in out]
-        deltas = self.moe(p, ys) if c.n_experts else self.dense(p, ys)
-        return [x + d for x, d in zip(out, deltas)]
+        y = rmsnorm(x, self.w(p + "input_layernorm.weight"), c.eps)
+        q = (y @ self.matrix(p + "self_attn.q_proj.weight").T).reshape(-1, c.n_heads, c.head_dim)
+        k = (y @ self.matrix(p + "self_attn.k_proj.weight").T).reshape(-1, c.n_kv_heads, c.head_dim)
+        v = (y @ self.matrix(p + "self_attn.v_proj.weight").T).reshape(-1, c.n_kv_heads, c.head_dim)
+        if p + "self_attn.q_norm.weight" in self.ckpt:  # qwen3: per-head rmsnorm before rope
+            q = rmsnorm(q, self.w(p + "self_attn.q_norm.weight"), c.eps)
+            k = rmsnorm(k, self.w(p + "self_attn.k_norm.weight"), c.eps)
+        z = np.concatenate([attention(rope(qs, self.inv_freq), rope(ks, self.inv_freq), vs)  # positions from 0 per prompt
+                            for qs, ks, vs in zip(*(np.split(t, np.cumsum(lengths)[:-1]) for t in (q, k, v)))])
+        x = x + z @ self.matrix(p + "self_attn.o_proj.weight").T
+        y = rmsnorm(x, self.w(p + "post_attention_layernorm.weight"), c.eps)
+        return x + (self.moe(p, y) if c.n_experts else self.dense(p, y))
 
-    def dense(self, p: str, ys: list[np.ndarray]) -> list[np.ndarray]:
+    def dense(self, p: str, y: np.ndarray) -> np.ndarray:
         w1, w3, w2 = (self.matrix(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
-        act = ACTIVATIONS[self.cfg.act]
-        return [ffn(y, w1, w3, w2, act) for y in ys]
+        return ffn(y, w1, w3, w2, ACTIVATIONS[self.cfg.act])
 
-    def moe(self, p: str, ys: list[np.ndarray]) -> list[np.ndarray]:
+    def moe(self, p: str, y: np.ndarray) -> np.ndarray:
         """transformers' Qwen3MoeSparseMoeBlock: softmax router, top-k, optional renormalisation."""
         c = self.cfg
-        gate = self.w(p + "mlp.gate.weight")
-        y = np.concatenate(ys)
-        probs = softmax(y @ gate.T)
+        probs = softmax(y @ self.w(p + "mlp.gate.weight").T)
         top = np.argsort(-probs, axis=-1, kind="stable")[:, :c.n_active_experts]
         top_p = np.take_along_axis(probs, top, axis=-1)
         if c.norm_topk_prob:
@@ -232,7 +222,7 @@ class ReferenceModel:
             x = f"{p}mlp.experts.{e}."
             w1, w3, w2 = (self.matrix(x + f"{n}_proj.weight") for n in ("gate", "up", "down"))
             out[rows] += top_p[rows, slot][:, None] * ffn(y[rows], w1, w3, w2, act)
-        return np.split(out, np.cumsum([len(v) for v in ys])[:-1])
+        return out
 
 
 # --------------------------------------------------------------------------------------------
