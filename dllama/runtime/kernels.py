@@ -148,36 +148,53 @@ def _unpack_q40_block(typingctx, w, w_off, out, out_off):
     return sig, codegen
 
 
-@intrinsic
-def _nibble_row_lanes(typingctx, nib, w_scales, x, xc, x_scales, n_pairs, acc):
-    """acc[0:16] = the lanes of one row (pre-unpacked nibbles) times one token, block pairs 0..n_pairs-1.
+def _rows_lanes_kernel(n_rows: int):
+    """acc[16i:+16] = the lanes of row i < n_rows (pre-unpacked nibbles) times one token.
 
-    The batched kernel's inner loop, in IR so the 16 lanes stay in a register: per pair, one
-    load each of weights, activations, their -8 correction and the two 16-lane scale vectors
-    (w_scales[16p:+16] = [d_w(2p)] * 8 + [d_w(2p+1)] * 8, x_scales likewise), then quad sums,
-    convert, scale, add: the same operations, in the same order, as `_q40_pair`.
+    The batched kernel's inner loop, in IR so the lanes stay in registers and one load of the
+    token's values serves n_rows rows: per block pair p, quad sums of nib[i * row_len + 64p:+64] (u8)
+    with x[64p:+64] (init xc[16p:+16], the -8 correction), converted, times w_scales[i] pair
+    vector ([d_w(2p)] * 8 + [d_w(2p+1)] * 8) times x_scales likewise, added: the operations of
+    `_q40_pair`, in its order, so every kernel gives the same bits.
     """
-    sig = types.void(nib, w_scales, x, xc, x_scales, n_pairs, acc)
+    def typer(typingctx, nib, row_len, w_scales, x, xc, x_scales, n_pairs, acc):
+        sig = types.void(nib, row_len, w_scales, x, xc, x_scales, n_pairs, acc)
 
-    def codegen(context, builder, sig, args):
-        nib, w_scales, x, xc, x_scales, n_pairs, acc = args
-        nib_d, ws_d, x_d, xc_d, xs_d, acc_d = (_data(context, builder, sig.args[i], v) for i, v in
-                                               ((0, nib), (1, w_scales), (2, x), (3, xc), (4, x_scales), (6, acc)))
-        lanes_ty = _vec(_f32, LANES)
-        lanes = cgutils.alloca_once_value(builder, _const(lanes_ty, [0.0] * LANES))
-        with cgutils.for_range(builder, n_pairs) as loop:
-            p = loop.index
-            v64 = builder.mul(p, _const(_i64, 64))
-            v16 = builder.mul(p, _const(_i64, 16))
-            quads = _quad_sums(builder, _load(builder, nib_d, v64, _vec(_i8, 64)), _load(builder, x_d, v64, _vec(_i8, 64)),
-                               _load(builder, xc_d, v16, _vec(_i32, 16), align=4), a_unsigned=True)
-            scale = builder.fmul(_load(builder, ws_d, v16, lanes_ty, align=4), _load(builder, xs_d, v16, lanes_ty, align=4))
-            builder.store(builder.fadd(builder.load(lanes), builder.fmul(builder.sitofp(quads, lanes_ty), scale)), lanes)
-        ptr = builder.bitcast(acc_d, lanes_ty.as_pointer())
-        builder.store(builder.load(lanes), ptr, align=4)
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            nib, row_len, w_scales, x, xc, x_scales, n_pairs, acc = args
+            nib_d, ws_d, x_d, xc_d, xs_d, acc_d = (_data(context, builder, sig.args[i], v) for i, v in
+                                                   ((0, nib), (2, w_scales), (3, x), (4, xc), (5, x_scales), (7, acc)))
+            lanes_ty = _vec(_f32, LANES)
+            lanes = [cgutils.alloca_once_value(builder, _const(lanes_ty, [0.0] * LANES)) for _ in range(n_rows)]
+            row_bytes = row_len
+            row_scales = builder.mul(n_pairs, _const(_i64, 16))
+            with cgutils.for_range(builder, n_pairs) as loop:
+                p = loop.index
+                v64 = builder.mul(p, _const(_i64, 64))
+                v16 = builder.mul(p, _const(_i64, 16))
+                xv = _load(builder, x_d, v64, _vec(_i8, 64))
+                init = _load(builder, xc_d, v16, _vec(_i32, 16), align=4)
+                x_scale = _load(builder, xs_d, v16, lanes_ty, align=4)
+                for i in range(n_rows):
+                    a = _load(builder, nib_d, builder.add(builder.mul(row_bytes, _const(_i64, i)), v64), _vec(_i8, 64))
+                    w_scale = _load(builder, ws_d, builder.add(builder.mul(row_scales, _const(_i64, i)), v16), lanes_ty, align=4)
+                    quads = _quad_sums(builder, a, xv, init, a_unsigned=True)
+                    term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
+                    builder.store(builder.fadd(builder.load(lanes[i]), term), lanes[i])
+            for i in range(n_rows):
+                ptr = builder.bitcast(builder.gep(acc_d, [_const(_i64, LANES * i)]), lanes_ty.as_pointer())
+                builder.store(builder.load(lanes[i]), ptr, align=4)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    typer.__name__ = f"_nibble_{n_rows}rows_lanes"
+    return intrinsic(typer)
+
+
+ROW_GROUP = 4  # rows that share one load of a token's values in the batched q40 kernel
+_nibble_group_lanes = _rows_lanes_kernel(ROW_GROUP)
+_nibble_row_lanes = _rows_lanes_kernel(1)
 
 
 @njit(cache=True, inline="always")
@@ -288,34 +305,45 @@ def _pair_scales(scales, n_pairs, out):
 
 @njit(cache=True, parallel=True)
 def matmul_q40(w, xq, xd, xc, scale_table, out):
-    """T tokens per pass over the weights: a row is unpacked once to nibbles (and its scales
-    decoded once) and stays in L1 while every token's dot product runs over it."""
+    """T tokens per pass over the weights: rows are unpacked to nibbles (and their scales
+    decoded) once, ROW_GROUP at a time, and stay in L1 while every token streams past them."""
     rows = w.shape[0]
     T, nb = xd.shape
     n_pairs = nb // 2
+    n = nb * BLOCK
     x_scales = np.empty((T, n_pairs * LANES), dtype=np.float32)
     for t in range(T):
         _pair_scales(xd[t], n_pairs, x_scales[t])
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(n_tasks):
-        nibbles = np.empty(nb * BLOCK, dtype=np.uint8)
-        scales = np.empty(nb, dtype=np.float32)
-        w_scales = np.empty(n_pairs * LANES, dtype=np.float32)
-        acc = np.empty(LANES, dtype=np.float32)
-        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            row = w[r]
-            for b in range(nb):
-                o = b * Q40_BYTES
-                scales[b] = _scale(row, o, scale_table)
-                _unpack_q40_block(row, o + 2, nibbles, b * BLOCK)
-            _pair_scales(scales, n_pairs, w_scales)
-            for t in range(T):
-                _nibble_row_lanes(nibbles, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
-                if nb % 2:
-                    b = nb - 1
+        nibbles = np.empty(ROW_GROUP * n, dtype=np.uint8)
+        scales = np.empty((ROW_GROUP, nb), dtype=np.float32)
+        w_scales = np.empty(ROW_GROUP * n_pairs * LANES, dtype=np.float32)
+        acc = np.empty(ROW_GROUP * LANES, dtype=np.float32)
+        r0 = task * ROWS_PER_TASK
+        r_end = min(rows, r0 + ROWS_PER_TASK)
+        while r0 < r_end:
+            group = ROW_GROUP if r_end - r0 >= ROW_GROUP else 1
+            for i in range(group):
+                row = w[r0 + i]
+                for b in range(nb):
                     o = b * Q40_BYTES
-                    _q40_block(row, o + 2, 0, xq[t], b * BLOCK, xc[t], b * 8, scales[b] * xd[t, b], np.float32(0), acc, 0)
-                out[t, r] = _lane_sum(acc, 0)
+                    scales[i, b] = _scale(row, o, scale_table)
+                    _unpack_q40_block(row, o + 2, nibbles, i * n + b * BLOCK)
+                _pair_scales(scales[i], n_pairs, w_scales[i * n_pairs * LANES:])
+            for t in range(T):
+                if group == ROW_GROUP:
+                    _nibble_group_lanes(nibbles, n, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
+                else:
+                    _nibble_row_lanes(nibbles, n, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
+                for i in range(group):
+                    if nb % 2:
+                        b = nb - 1
+                        o = b * Q40_BYTES
+                        _q40_block(w[r0 + i], o + 2, 0, xq[t], b * BLOCK, xc[t], b * 8, scales[i, b] * xd[t, b],
+                                   np.float32(0), acc, i * LANES)
+                    out[t, r0 + i] = _lane_sum(acc, i * LANES)
+            r0 += group
 
 
 @njit(cache=True, parallel=True)
