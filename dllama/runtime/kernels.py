@@ -377,6 +377,18 @@ def matmul_q80(w, xq, xd, xc, scale_table, out):
 # Attention over the KV cache (FORMAT.md §2)
 
 @njit(cache=True, parallel=True)
+def silu_gate(a, b, out):
+    """out = silu(a) * b elementwise, in float64, rounded once to float32 (see model.py)."""
+    T, n = a.shape
+    for t in prange(T):
+        for i in range(n):
+            x = np.float64(a[t, i])
+            out[t, i] = x / (1.0 + np.exp(-x)) * b[t, i]
+
+
+# fastmath lets LLVM vectorise the float64 sums; their order then varies with the vector width,
+# which float64 absorbs before the float32 rounding of the result
+@njit(cache=True, parallel=True, fastmath=True)
 def attention(q, k_cache, v_cache, pos0, out):
     """q (T, H, hd) of tokens at positions pos0..pos0+T-1; caches (S, KVH, hd) already hold them.
 
