@@ -79,6 +79,13 @@ class _Blame:
         return self
 
     def __exit__(self, kind, err, tb):
+        if isinstance(err, ConnectionRefusedError):
+            host, port = self.link.address
+            raise WorkerError(f"{self.link.name}: connection refused; start `dllama-run worker --port {port}` "
+                              f"on {host} first") from None
+        if isinstance(err, (socket.timeout, TimeoutError)):
+            raise WorkerError(f"{self.link.name}: no answer in time; check the address and that nothing "
+                              "blocks the port") from None
         if isinstance(err, (ProtocolError, OSError)):
             what = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
             raise WorkerError(f"{self.link.name}: {what}") from None
