@@ -16,7 +16,7 @@ from conftest import CONFORMANCE, require_fixtures
 from distributed_helpers import loopback_workers, write_random_model
 from dllama.formats import FloatType
 from dllama.runtime.distributed.protocol import (
-    FORWARD_HEAD, FRAME_HEADER, PREAMBLE, PROTOCOL_MAGIC, PROTOCOL_VERSION, Frame, Hello, ModelIdentity, BufferType,
+    FORWARD_HEAD, FRAME_HEADER, WEIGHTS_HEAD, PREAMBLE, PROTOCOL_MAGIC, PROTOCOL_VERSION, Frame, Hello, ModelIdentity, BufferType,
     model_identity,
 )
 from dllama.runtime.distributed.root import DistributedEngine, WorkerError
@@ -120,6 +120,18 @@ def test_an_oversized_forward_after_the_handshake_is_refused(f32_model):
         reply = talk(worker.address, GOOD_PREAMBLE, frame(Frame.HELLO, hello_bytes(f32_model)),
                      frame(Frame.FORWARD, FORWARD_HEAD.pack(30, 5) + bytes(5 * 64 * 4)))
         assert b"outside the batch limit" in reply  # positions 30..34 past max_seq_len 32
+        still_serves(worker, f32_model)
+
+
+def test_weights_outside_the_workers_slices_are_refused(f32_model):
+    with loopback_workers(1) as (worker,):  # no copy of its own: expects WEIGHTS
+        start = GOOD_PREAMBLE + frame(Frame.HELLO, hello_bytes(f32_model))
+        reply = talk(worker.address, start + frame(Frame.WEIGHTS, WEIGHTS_HEAD.pack(9999, 0) + bytes(16)))
+        assert b"WEIGHTS for tensor 9999, which this worker does not hold" in reply
+        reply = talk(worker.address, start + frame(Frame.WEIGHTS, WEIGHTS_HEAD.pack(1, 1 << 40) + bytes(16)))
+        assert b"overruns tensor 1 slice" in reply
+        reply = talk(worker.address, start + frame(Frame.WEIGHTS_DONE, b""))
+        assert b"slices are incomplete" in reply
         still_serves(worker, f32_model)
 
 

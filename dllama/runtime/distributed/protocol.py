@@ -147,8 +147,9 @@ def send_frame(sock: socket.socket, kind: Frame, *parts: bytes | bytearray | mem
     return FRAME_HEADER.size + length
 
 
-def recv_frame(sock: socket.socket, max_len: int, expect: tuple[Frame, ...] | None = None) -> tuple[Frame, memoryview]:
-    """Receive one frame, refusing unknown types and lengths over `max_len` before allocating."""
+def recv_header(sock: socket.socket, max_len: int, expect: tuple[Frame, ...] | None = None) -> tuple[Frame, int]:
+    """Receive a frame header, refusing unknown types and lengths over `max_len` before allocating.
+    An ERROR frame (unless expected) becomes a ProtocolError carrying the peer's message."""
     length, kind, reserved = FRAME_HEADER.unpack(recv_exact(sock, FRAME_HEADER.size))
     try:
         kind = Frame(kind)
@@ -156,15 +157,21 @@ def recv_frame(sock: socket.socket, max_len: int, expect: tuple[Frame, ...] | No
         raise ProtocolError(f"unknown frame type {kind}: the peer speaks another protocol") from None
     if reserved != 0:
         raise ProtocolError(f"frame header has reserved field {reserved}, expected 0: corrupt stream")
+    if kind == Frame.ERROR and (expect is None or Frame.ERROR not in expect):
+        message = recv_exact(sock, min(length, MAX_ERROR_MESSAGE))
+        raise ProtocolError(bytes(message).decode("utf-8", "replace"))
     if length > max_len:
         raise ProtocolError(f"{kind.name} frame of {length} bytes exceeds the limit of {max_len} bytes")
-    payload = recv_exact(sock, length)
-    if kind == Frame.ERROR and (expect is None or Frame.ERROR not in expect):
-        raise ProtocolError(bytes(payload[:MAX_ERROR_MESSAGE]).decode("utf-8", "replace"))
     if expect is not None and kind not in expect:
         names = " or ".join(e.name for e in expect)
         raise ProtocolError(f"expected {names}, got {kind.name}: the peers are out of step")
-    return kind, payload
+    return kind, length
+
+
+def recv_frame(sock: socket.socket, max_len: int, expect: tuple[Frame, ...] | None = None) -> tuple[Frame, memoryview]:
+    """Receive one whole frame (see recv_header for the checks)."""
+    kind, length = recv_header(sock, max_len, expect)
+    return kind, recv_exact(sock, length)
 
 
 def send_error(sock: socket.socket, message: str) -> None:

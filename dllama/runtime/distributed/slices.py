@@ -16,9 +16,11 @@ from typing import Iterator
 
 import numpy as np
 
-from dllama.formats import ModelHeader, Split, TensorSpec, tensor_layout
+from dllama.formats import ModelHeader, Split, tensor_layout
 from dllama.runtime.distributed.plan import SliceGeometry, slice_geometry, worker_tensors
-from dllama.runtime.distributed.protocol import WEIGHT_CHUNK, WEIGHTS_HEAD, Frame, ProtocolError, send_frame
+from dllama.runtime.distributed.protocol import (
+    WEIGHT_CHUNK, WEIGHTS_HEAD, Frame, ProtocolError, recv_exact, send_frame,
+)
 
 
 def _slice_chunks(fd: int, offset: int, geo: SliceGeometry, chunk: int) -> Iterator[tuple[int, memoryview]]:
@@ -93,18 +95,19 @@ class SliceReceiver:
     def total_bytes(header: ModelHeader, node: int, n_nodes: int) -> int:
         return sum(slice_geometry(s, node, n_nodes).nbytes for _, s in worker_tensors(header))
 
-    def accept(self, payload: memoryview) -> None:
-        if len(payload) < WEIGHTS_HEAD.size:
+    def receive(self, sock: socket.socket, length: int) -> None:
+        """The rest of a WEIGHTS frame of `length` bytes, read straight into its slice buffer."""
+        if length < WEIGHTS_HEAD.size:
             raise ProtocolError("WEIGHTS frame too short")
-        index, at = WEIGHTS_HEAD.unpack_from(payload)
-        data = payload[WEIGHTS_HEAD.size:]
+        index, at = WEIGHTS_HEAD.unpack(recv_exact(sock, WEIGHTS_HEAD.size))
+        n = length - WEIGHTS_HEAD.size
         buf = self.buffers.get(index)
         if buf is None:
             raise ProtocolError(f"WEIGHTS for tensor {index}, which this worker does not hold")
-        if at + len(data) > len(buf):
-            raise ProtocolError(f"WEIGHTS chunk [{at}, {at + len(data)}) overruns tensor {index} slice of {len(buf)} bytes")
-        buf[at:at + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        self.received[index] += len(data)
+        if at + n > len(buf):
+            raise ProtocolError(f"WEIGHTS chunk [{at}, {at + n}) overruns tensor {index} slice of {len(buf)} bytes")
+        recv_exact(sock, n, into=memoryview(buf)[at:at + n])
+        self.received[index] += n
 
     def slices(self) -> dict[str, np.ndarray]:
         missing = [self.specs[i].name for i, n in self.received.items() if n != len(self.buffers[i])]

@@ -24,8 +24,8 @@ from dllama.runtime.distributed.exchange import (
 from dllama.runtime.distributed.plan import SplitError, kv_cache_bytes, split_check
 from dllama.runtime.distributed.protocol import (
     FORWARD_HEAD, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT_S, IO_TIMEOUT_S, PARTIAL_HEAD, WEIGHT_CHUNK, WEIGHTS_HEAD,
-    BufferType, Frame, Hello, ModelIdentity, PeerClosed, ProtocolError, check_preamble, configure_socket,
-    model_identity, ready_payload, recv_frame, send_error, send_frame, send_preamble,
+    Frame, Hello, ModelIdentity, PeerClosed, ProtocolError, check_preamble, configure_socket,
+    model_identity, ready_payload, recv_exact, recv_frame, recv_header, send_error, send_frame, send_preamble,
 )
 from dllama.runtime.distributed.slices import SliceReceiver, load_local_slices, node_tensor_names
 from dllama.runtime.distributed.weights import node_weights
@@ -156,10 +156,11 @@ class Worker:
                                      names=node_tensor_names(s.header, s.node))
         receiver = SliceReceiver(s.header, s.node, s.n_nodes)
         while True:
-            kind, payload = recv_frame(conn, WEIGHTS_HEAD.size + WEIGHT_CHUNK, expect=(Frame.WEIGHTS, Frame.WEIGHTS_DONE))
+            kind, length = recv_header(conn, WEIGHTS_HEAD.size + WEIGHT_CHUNK, expect=(Frame.WEIGHTS, Frame.WEIGHTS_DONE))
             if kind == Frame.WEIGHTS_DONE:
+                recv_exact(conn, length)
                 return receiver.slices()
-            receiver.accept(payload)
+            receiver.receive(conn, length)
 
     def _serve_tokens(self, conn: socket.socket, s: Session, layers: NodeLayers) -> None:
         limit = s.forward_limit()
