@@ -189,6 +189,13 @@ def test_bad_requests_get_400_with_openai_error_and_server_keeps_serving(server,
     assert client.completions.create(model="tiny", prompt="still there?", max_tokens=2).choices[0].finish_reason
 
 
+def test_unknown_route_and_wrong_method_get_openai_errors(server):
+    missing = httpx.get(f"{server.url}/v1/engines")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = httpx.get(f"{server.url}/v1/chat/completions")
+    assert wrong.status_code == 405 and "GET is not allowed" in wrong.json()["error"]["message"]
+
+
 def test_openai_client_raises_bad_request_for_a_long_prompt(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tiny", prompt="many words " * 300, max_tokens=4)

@@ -7,7 +7,7 @@ import hmac
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import anyio
 from starlette.applications import Starlette
@@ -17,224 +17,251 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dllama.runtime.serve import protocol
-from dllama.runtime.serve.protocol import ApiError, GenerationRequest
 from dllama.runtime.serve.health import cluster_fault_types
-from dllama.runtime.serve.scheduler import Running, Scheduler
+from dllama.runtime.serve.protocol import ApiError, GenerationRequest
+from dllama.runtime.serve.scheduler import Event, Running, Scheduler
 from dllama.runtime.serve.session import EngineFailure, Job, Outcome, Session
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
-class ServerState:
-    session: Session
-    scheduler: Scheduler
-    model_id: str
-    api_key: str | None
-    health_probe: Callable[[], str | None] | None  # returns why the engine is down, or None
-    down_reason: str | None = None
-    created: int = 0
+class Generation:
+    """One admitted request: its job on the engine thread and the watcher of its client."""
+    request: GenerationRequest
+    running: Running
+    watcher: asyncio.Task
+    rid: str
+    model: str
+    created: int
+
+    async def close(self) -> None:
+        self.watcher.cancel()
+        await self.running.close()
 
 
 class _EngineStream(StreamingResponse):
     """A streaming response that always frees the engine when it ends, however it ends."""
 
-    def __init__(self, content, running: Running, on_close: Callable[[], None]):
+    def __init__(self, content: AsyncIterator[bytes], generation: Generation):
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._running = running
-        self._on_close = on_close
+        self._generation = generation
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._running.cancelled.set()
-            self._on_close()
-            with anyio.CancelScope(shield=True):
-                await self._running.close()
+            self._generation.running.cancelled.set()
+            with anyio.CancelScope(shield=True):  # the client may be gone and this task cancelled
+                await self._generation.close()
 
 
-def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_queue: int = 16,
-               api_key: str | None = None, health_probe: Callable[[], str | None] | None = None) -> Starlette:
-    state = ServerState(session=Session(engine, tokenizer, context_length), scheduler=Scheduler(max_queue),
-                        model_id=model_id, api_key=api_key, health_probe=health_probe, created=int(time.time()))
-    faults = cluster_fault_types()
+class OpenAIServer:
+    """The routes, over one Session (engine + tokenizer + KV cache record) and one Scheduler."""
 
-    def authorize(request: Request) -> None:
-        if state.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
-                                "with the key given to dllama-run serve --api-key", code="invalid_api_key")
+    def __init__(self, session: Session, scheduler: Scheduler, model_id: str, api_key: str | None,
+                 health_probe: Callable[[], str | None] | None):
+        self.session = session
+        self.scheduler = scheduler
+        self.model_id = model_id
+        self.api_key = api_key
+        self.health_probe = health_probe    # returns why the engine is down, or None
+        self.down_reason: str | None = None  # sticky: a cluster that lost a worker stays down
+        self.created = int(time.time())
+        self.faults = cluster_fault_types()
 
-    def down_reason() -> str | None:
-        if state.down_reason is None and state.health_probe is not None:
-            state.down_reason = state.health_probe()
-        return state.down_reason
+    # ---------------------------------------------------------------------------------------
+    # routes
 
-    def service_unavailable(reason: str) -> ApiError:
-        return ApiError(503, f"the model is unavailable: {reason}; restart dllama-run serve once the cluster is back",
-                        type="server_error", code="cluster_unavailable")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, protocol.parse_chat_request)
 
-    def engine_error(error: BaseException) -> ApiError:
-        cause = error.__cause__ if isinstance(error, EngineFailure) and error.__cause__ else error
-        if isinstance(cause, faults):
-            state.down_reason = f"{type(cause).__name__}: {cause}"
-            return service_unavailable(state.down_reason)
-        return ApiError(500, f"generation failed: {type(cause).__name__}: {cause}", type="server_error", code="engine_error")
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, protocol.parse_completion_request)
 
-    def make_job(req: GenerationRequest) -> Job:
-        param = "messages" if req.kind == "chat" else "prompt"
-        try:
-            ids = state.session.prompt_ids(req.kind, req.messages, req.prompt)
-        except Exception as e:  # a chat template that rejects these messages, for example
-            raise protocol.invalid(param, f"could not build the prompt: {e}", code="invalid_prompt") from None
-        if not ids:
-            raise protocol.invalid(param, f"'{param}' produced no tokens", code="empty_prompt")
-        vocab = getattr(state.session.tokenizer, "vocab_size", None)
-        if vocab is not None and not all(0 <= t < vocab for t in ids):
-            raise protocol.invalid(param, f"token ids must be in [0, {vocab})", code="invalid_token_id")
-        room = state.session.context_length - len(ids)
-        if room < 1:
-            raise protocol.invalid(param, f"the prompt is {len(ids)} tokens but the context holds {state.session.context_length} "
-                                          f"(including at least 1 generated token): shorten the prompt or start the server "
-                                          f"with a larger --max-seq-len", code="context_length_exceeded")
-        return Job(prompt_ids=ids, max_tokens=min(req.max_tokens or room, room), stop=req.stop, sampling=req.sampling)
-
-    async def watch_disconnect(request: Request, cancelled: threading.Event) -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                cancelled.set()
-                return
-
-    async def start_generation(request: Request, job: Job) -> tuple[Running, asyncio.Task]:
-        reason = down_reason()
-        if reason:
-            raise service_unavailable(reason)
-        cancelled = threading.Event()
-        watcher = asyncio.create_task(watch_disconnect(request, cancelled))
-        try:
-            await state.scheduler.acquire()
-        except BaseException:
-            watcher.cancel()
-            raise
-        running = state.scheduler.start(lambda c, emit: state.session.run(job, c, emit), cancelled)
-        return running, watcher
-
-    async def generate(request: Request, parse: Callable[[bytes], GenerationRequest]) -> Response:
-        authorize(request)
-        req = parse(await request.body())
-        job = make_job(req)
-        running, watcher = await start_generation(request, job)
-        rid = protocol.new_id(req.kind)
-        model = req.model or state.model_id
-        if req.stream:
-            return await stream(req, running, watcher, rid, model)
-        try:
-            texts, outcome = [], None
-            while outcome is None:
-                event = await running.next()
-                if event.kind == "text":
-                    texts.append(event.value)
-                elif event.kind == "error":
-                    raise engine_error(event.value)
-                else:
-                    outcome = event.value
-        finally:
-            watcher.cancel()
-            await running.close()
-        return JSONResponse(protocol.completion_body(req.kind, rid, model, "".join(texts), outcome.finish_reason,
-                                                     _usage(outcome)))
-
-    async def stream(req: GenerationRequest, running: Running, watcher: asyncio.Task, rid: str, model: str) -> Response:
-        created = int(time.time())
-        # wait for the first event before sending headers, so a failing start still gets its status code
-        try:
-            first = await running.next()
-            if first.kind == "error":
-                raise engine_error(first.value)
-        except BaseException:
-            watcher.cancel()
-            await running.close()
-            raise
-
-        async def events():
-            try:
-                if req.kind == "chat":
-                    yield protocol.sse(protocol.chunk_body("chat", rid, created, model, "", role=True))
-                event = first
-                while True:
-                    if event.kind == "text":
-                        yield protocol.sse(protocol.chunk_body(req.kind, rid, created, model, event.value))
-                    elif event.kind == "error":
-                        yield protocol.sse(engine_error(event.value).body())
-                        return
-                    else:
-                        outcome: Outcome = event.value
-                        yield protocol.sse(protocol.chunk_body(req.kind, rid, created, model, None if req.kind == "chat" else "",
-                                                               finish_reason=outcome.finish_reason))
-                        if req.include_usage:
-                            yield protocol.sse(protocol.usage_chunk_body(req.kind, rid, created, model, _usage(outcome)))
-                        yield protocol.sse("[DONE]")
-                        return
-                    event = await running.next()
-            finally:
-                running.cancelled.set()  # a client gone mid-stream frees the engine at the next token
-
-        return _EngineStream(events(), running, on_close=watcher.cancel)
-
-    async def chat_completions(request: Request) -> Response:
-        return await generate(request, protocol.parse_chat_request)
-
-    async def completions(request: Request) -> Response:
-        return await generate(request, protocol.parse_completion_request)
-
-    async def models(request: Request) -> Response:
-        authorize(request)
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
         return JSONResponse({"object": "list", "data": [
-            {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "dllama",
-             "context_length": state.session.context_length}]})
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "dllama",
+             "context_length": self.session.context_length}]})
 
-    async def health(request: Request) -> Response:
-        reason = down_reason()
-        body = {"status": "down" if reason else "ok", "model": state.model_id, "busy": state.scheduler.busy,
-                "queued": state.scheduler.waiting, "max_queue": state.scheduler.max_queue}
+    async def health(self, request: Request) -> Response:
+        reason = self._down_reason()
+        body = {"status": "down" if reason else "ok", "model": self.model_id, "busy": self.scheduler.busy,
+                "queued": self.scheduler.waiting, "max_queue": self.scheduler.max_queue}
         if reason:
             body["error"] = reason
         return JSONResponse(body, status_code=503 if reason else 200)
 
-    async def api_error(request: Request, exc: ApiError) -> Response:
-        return JSONResponse(exc.body(), status_code=exc.status)
+    # ---------------------------------------------------------------------------------------
+    # generation
 
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        message = {404: f"no route {request.url.path}: see docs/API.md for the endpoints",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
-        return JSONResponse(ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None).body(),
-                            status_code=exc.status_code)
+    async def _generate(self, request: Request, parse: Callable[[bytes], GenerationRequest]) -> Response:
+        self._authorize(request)
+        req = parse(await request.body())
+        generation = await self._admit(request, req, self._job(req))
+        if req.stream:
+            return await self._stream(generation)
+        try:
+            texts = []
+            while (event := await generation.running.next()).kind == "text":
+                texts.append(event.value)
+            outcome = self._outcome(event)
+        finally:
+            await generation.close()
+        return JSONResponse(protocol.completion_body(req.kind, generation.rid, generation.model, "".join(texts),
+                                                     outcome.finish_reason, _usage(outcome)))
 
-    async def server_error(request: Request, exc: Exception) -> Response:
-        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body(),
-                            status_code=500)
+    def _job(self, req: GenerationRequest) -> Job:
+        param = "messages" if req.kind == "chat" else "prompt"
+        try:
+            ids = self.session.prompt_ids(req.kind, req.messages, req.prompt)
+        except Exception as e:  # a chat template that rejects these messages, for example
+            raise protocol.invalid(param, f"could not build the prompt: {e}", code="invalid_prompt") from None
+        if not ids:
+            raise protocol.invalid(param, f"'{param}' produced no tokens", code="empty_prompt")
+        vocab = getattr(self.session.tokenizer, "vocab_size", None)
+        if vocab is not None and not all(0 <= t < vocab for t in ids):
+            raise protocol.invalid(param, f"token ids must be in [0, {vocab})", code="invalid_token_id")
+        context = self.session.context_length
+        room = context - len(ids)
+        if room < 1:
+            raise protocol.invalid(param, f"the prompt is {len(ids)} tokens but the context holds {context} (including at "
+                                          f"least 1 generated token): shorten the prompt or start the server with a larger "
+                                          f"--max-seq-len", code="context_length_exceeded")
+        return Job(prompt_ids=ids, max_tokens=min(req.max_tokens or room, room), stop=req.stop, sampling=req.sampling)
 
-    routes = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ]
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        state.scheduler.shutdown()
+    async def _admit(self, request: Request, req: GenerationRequest, job: Job) -> Generation:
+        """Waits for the engine (or refuses: 429 when the queue is full, 503 when down) and starts the job."""
+        reason = self._down_reason()
+        if reason:
+            raise self._unavailable(reason)
+        cancelled = threading.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, cancelled))
+        try:
+            await self.scheduler.acquire()
+        except BaseException:
+            watcher.cancel()
+            raise
+        running = self.scheduler.start(lambda c, emit: self.session.run(job, c, emit), cancelled)
+        return Generation(req, running, watcher, protocol.new_id(req.kind), req.model or self.model_id, int(time.time()))
 
-    app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
-                    lifespan=lifespan, max_body_size=MAX_BODY_BYTES)
-    app.state.serve = state
-    return app
+    async def _stream(self, generation: Generation) -> Response:
+        # wait for the first event before sending headers, so a failing start still gets its status code
+        try:
+            first = await generation.running.next()
+            if first.kind == "error":
+                raise self._engine_error(first.value)
+        except BaseException:
+            await generation.close()
+            raise
+        return _EngineStream(self._sse_events(generation, first), generation)
+
+    async def _sse_events(self, generation: Generation, event: Event) -> AsyncIterator[bytes]:
+        kind, chunk = generation.request.kind, self._chunk_maker(generation)
+        try:
+            if kind == "chat":
+                yield protocol.sse(chunk("", role=True))
+            while event.kind == "text":
+                yield protocol.sse(chunk(event.value))
+                event = await generation.running.next()
+            if event.kind == "error":  # headers are gone: the error travels as an event, without [DONE]
+                yield protocol.sse(self._engine_error(event.value).body())
+                return
+            outcome: Outcome = event.value
+            yield protocol.sse(chunk(None if kind == "chat" else "", finish_reason=outcome.finish_reason))
+            if generation.request.include_usage:
+                yield protocol.sse(protocol.usage_chunk_body(kind, generation.rid, generation.created, generation.model,
+                                                             _usage(outcome)))
+            yield protocol.sse("[DONE]")
+        finally:
+            generation.running.cancelled.set()  # a client gone mid-stream frees the engine at the next token
+
+    @staticmethod
+    def _chunk_maker(generation: Generation) -> Callable[..., dict]:
+        def chunk(text: str | None, **extra) -> dict:
+            return protocol.chunk_body(generation.request.kind, generation.rid, generation.created, generation.model,
+                                       text, **extra)
+        return chunk
+
+    def _outcome(self, event: Event) -> Outcome:
+        if event.kind == "error":
+            raise self._engine_error(event.value)
+        return event.value
+
+    # ---------------------------------------------------------------------------------------
+    # access and failures
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+                                "with the key given to dllama-run serve --api-key", code="invalid_api_key")
+
+    def _down_reason(self) -> str | None:
+        if self.down_reason is None and self.health_probe is not None:
+            self.down_reason = self.health_probe()
+        return self.down_reason
+
+    @staticmethod
+    def _unavailable(reason: str) -> ApiError:
+        return ApiError(503, f"the model is unavailable: {reason}; restart dllama-run serve once the cluster is back",
+                        type="server_error", code="cluster_unavailable")
+
+    def _engine_error(self, error: BaseException) -> ApiError:
+        cause = error.__cause__ if isinstance(error, EngineFailure) and error.__cause__ else error
+        if isinstance(cause, self.faults):
+            self.down_reason = f"{type(cause).__name__}: {cause}"
+            return self._unavailable(self.down_reason)
+        return ApiError(500, f"generation failed: {type(cause).__name__}: {cause}", type="server_error", code="engine_error")
+
+
+async def _watch_disconnect(request: Request, cancelled: threading.Event) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancelled.set()
+            return
 
 
 def _usage(outcome: Outcome) -> dict:
     return protocol.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)
+
+
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    message = {404: f"no route {request.url.path}: see docs/API.md for the endpoints",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+    code = "not_found" if exc.status_code == 404 else None
+    return JSONResponse(ApiError(exc.status_code, message, code=code).body(), status_code=exc.status_code)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body(),
+                        status_code=500)
+
+
+def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_queue: int = 16,
+               api_key: str | None = None, health_probe: Callable[[], str | None] | None = None) -> Starlette:
+    server = OpenAIServer(Session(engine, tokenizer, context_length), Scheduler(max_queue), model_id, api_key, health_probe)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.scheduler.shutdown()
+
+    routes = [
+        Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+    ]
+    handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _server_error}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, max_body_size=MAX_BODY_BYTES)
+    app.state.server = server
+    return app
