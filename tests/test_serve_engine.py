@@ -98,6 +98,41 @@ def test_client_leaving_mid_stream_frees_the_engine_at_once(engine_and_tokenizer
         assert quick.choices[0].finish_reason in ("stop", "length")
 
 
+def wait_until_idle(url: str, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while httpx.get(f"{url}/health").json()["busy"]:
+        assert time.monotonic() < deadline, f"the engine was still busy after {within_s} s"
+        time.sleep(0.01)
+
+
+def test_client_giving_up_on_a_plain_request_frees_the_engine(engine_and_tokenizer):
+    recording, app = serve(engine_and_tokenizer, delay_s=0.02)
+    with in_process_server(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "long", "max_tokens": 200, "temperature": 1.0, "seed": 3},
+                       timeout=0.3)
+        wait_until_idle(url, within_s=1.0)
+        assert len(recording.calls) < 50
+
+
+def test_request_whose_client_left_while_queued_never_runs(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    recording, app = serve(engine_and_tokenizer, delay_s=0.05)
+    with in_process_server(app) as url:
+        first = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),
+                                 kwargs={"json": {"prompt": "first", "max_tokens": 20, "temperature": 1.0, "seed": 1},
+                                         "timeout": 30})
+        first.start()
+        time.sleep(0.1)
+        with pytest.raises(httpx.ReadTimeout):  # waits behind the first request, then gives up
+            httpx.post(f"{url}/v1/completions", json={"prompt": "queued and gone", "max_tokens": 5}, timeout=0.3)
+        first.join()
+        wait_until_idle(url, within_s=1.0)
+    gone = tok.encode("queued and gone")
+    assert all(ids != gone[pos:] for pos, ids in recording.calls)  # its prompt was never evaluated
+    assert recording.calls[0][1] == tok.encode("first")
+
+
 def test_full_queue_answers_429_and_the_rest_complete(engine_and_tokenizer):
     recording, app = serve(engine_and_tokenizer, delay_s=0.2, max_queue=1)
     with in_process_server(app) as url:
