@@ -72,6 +72,9 @@ CHAT_OK = {"messages": [{"role": "user", "content": "hi"}]}
     ({**CHAT_OK, "stop": ["a", 1]}, "stop", "invalid_type"),
     ({**CHAT_OK, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
     ({**CHAT_OK, "n": 2}, "n", "unsupported_value"),
+    ({**CHAT_OK, "presence_penalty": 0.5}, "presence_penalty", "unsupported_value"),
+    ({**CHAT_OK, "logprobs": True}, "logprobs", "unsupported_value"),
+    ({**CHAT_OK, "logit_bias": {"5": 10}}, "logit_bias", "unsupported_value"),
     ({"messages": []}, "messages", "empty_messages"),
     ({"messages": "hi"}, "messages", "invalid_type"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "invalid_value"),
@@ -102,5 +105,8 @@ def test_valid_requests_get_defaults():
     completion = protocol.parse_completion_request(b'{"prompt": ["once upon"], "temperature": 0}')
     assert completion.prompt == "once upon" and completion.max_tokens == protocol.COMPLETIONS_DEFAULT_MAX_TOKENS
     assert completion.sampling.temperature == 0.0
+    neutral = protocol.parse_chat_request(json.dumps({**CHAT_OK, "presence_penalty": 0, "frequency_penalty": 0.0,
+                                                      "logit_bias": {}, "logprobs": False, "n": 1}).encode())
+    assert neutral.messages == CHAT_OK["messages"]
     parts = protocol.parse_chat_request(b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}')
     assert parts.messages == [{"role": "user", "content": "ab"}]

@@ -109,6 +109,22 @@ def _only_one_choice(name: str, value: Any) -> int:
     return 1
 
 
+def _only_neutral(neutral: Any, check: Callable[[str, Any], Any]):
+    # OpenAI fields that chat UIs send at their neutral value: accepted only at that value
+    def checked(name: str, value: Any):
+        if check(name, value) != neutral:
+            raise invalid(name, f"'{name}' is not supported by this server: leave it out or send {json.dumps(neutral)}",
+                          code="unsupported_value")
+        return neutral
+    return checked
+
+
+def _object(name: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise _wrong_type(name, value, "an object")
+    return value
+
+
 def _stream_options(name: str, value: Any) -> bool:
     if not isinstance(value, dict):
         raise _wrong_type(name, value, "an object")
@@ -192,6 +208,10 @@ SAMPLING_FIELDS = {
     "seed": Field(_optional(_integer)),
     "n": Field(_optional(_only_one_choice), 1),
     "user": Field(_optional(_string)),
+    "presence_penalty": Field(_optional(_only_neutral(0.0, _number)), 0.0),
+    "frequency_penalty": Field(_optional(_only_neutral(0.0, _number)), 0.0),
+    "logit_bias": Field(_optional(_only_neutral({}, _object)), {}),
+    "logprobs": Field(_optional(_only_neutral(False, _boolean)), False),
 }
 
 CHAT_FIELDS = {
