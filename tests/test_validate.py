@@ -302,3 +302,25 @@ def test_cli_reference_subcommand_writes_a_usable_ref_npz(capsys, tmp_path):
     assert set(ref.rounded) == {"q40", "q80"}
     report = validate(src / "expected_f32.m", src / "expected.t", reference=tmp_path / "ref.npz", options=FAST)
     assert report.get("logits.fidelity").status == Status.PASS
+
+
+# --------------------------------------------------------------------------------------------
+# Paths the fixtures lack (moe, llama3.1 rope scaling, tied q80): two independent forwards agree
+
+@pytest.mark.parametrize("model_type, overrides, quant", [
+    ("qwen3_moe", {}, "f32"),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, "f32"),
+    ("llama", {"tie_word_embeddings": True}, "q80"),
+])
+def test_synthetic_conversion_passes(tmp_path, model_type, overrides, quant):
+    from dllama.converter.convert import convert
+    from dllama.converter.synthetic import tiny_config, write_checkpoint
+
+    source = write_checkpoint(tmp_path / "hf", tiny_config(model_type, **overrides), seed=1,
+                              tokenizer=fixture("tiny-llama") / "tokenizer.json")
+    (source / "tokenizer_config.json").write_bytes((fixture("tiny-llama") / "tokenizer_config.json").read_bytes())
+    plan = convert(source, quant, tmp_path / "out", name="synthetic").plan
+    report = validate(plan.model_path, plan.tokenizer_path, hf=source, options=FAST)
+    assert report.ok, failing(report)
+    assert report.get("logits.fidelity").status == Status.PASS
