@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 

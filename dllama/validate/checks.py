@@ -5,6 +5,7 @@ and the fix. Everything reads through dllama.formats (the one owner of the layou
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -13,9 +14,9 @@ import numpy as np
 
 from dllama.checkpoint import Checkpoint, CheckpointError, header_from_config
 from dllama.formats import (
-    MODEL_MAGIC, OLD_MODEL_MAGICS, OLD_TOKENIZER_MAGIC, TOKENIZER_MAGIC, ArchType, FloatType, FormatError,
+    MODEL_MAGIC, OLD_MODEL_MAGICS, OLD_TOKENIZER_MAGIC, TOKENIZER_MAGIC, ArchType, EmbeddedKind, FloatType, FormatError,
     HiddenAct, ModelFile, ModelHeader, RopeType, TensorSpec, TokenizerFile, decode_tensor, model_file_size,
-    parse_model_header, permute_rotary_rows, read_model_header, read_tokenizer, tensor_plan,
+    permute_rotary_rows, read_model_header, read_tokenizer, tensor_plan,
 )
 from dllama.validate.report import CheckResult, InputError, failed, passed, skipped, warned
 
@@ -205,7 +206,7 @@ def weights_vs_checkpoint(mf: ModelFile, ckpt: Checkpoint, progress=None) -> Che
         err = relative_error(stored, expected)
         errors[spec.name] = err
         if err > _tolerance(spec):
-            problems.append(f"{spec.name} {diagnose(mf, ckpt, spec, plan, rows, stored, tol)} (relative error {err:.3g})")
+            problems.append(f"{spec.name} {diagnose(mf, ckpt, spec, plan, rows, stored)} (relative error {err:.3g})")
         if progress:
             progress(i + 1, len(plan))
     worst = max(errors.values(), default=0.0)
@@ -267,7 +268,7 @@ def relative_error(stored: np.ndarray, expected: np.ndarray) -> float:
 
 
 def diagnose(mf: ModelFile, ckpt: Checkpoint, spec: TensorSpec, plan: list[TensorSpec], rows: np.ndarray,
-             stored: np.ndarray, tol: float) -> str:
+             stored: np.ndarray) -> str:
     if spec.name.endswith((".q", ".k")):
         flipped = expected_rows(ckpt, spec, rows, permute=not spec.permute_heads)
         if flipped is not None and relative_error(stored, flipped) <= _tolerance(spec):
@@ -331,10 +332,6 @@ def _tok(tf: TokenizerFile, i: int | None) -> str:
 
 def expected_special_ids_from_embedded(tf: TokenizerFile) -> tuple[int | None, list[int] | None]:
     """bos/eos as the embedded tokenizer_config names them, looked up by their text in the .t."""
-    import json
-
-    from dllama.formats import EmbeddedKind
-
     raw = tf.embedded_source(EmbeddedKind.TOKENIZER_CONFIG)
     if raw is None:
         return None, None
