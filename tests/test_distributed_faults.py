@@ -150,6 +150,16 @@ def test_root_names_a_worker_that_is_not_there(f32_model):
         DistributedEngine(f32_model, [("127.0.0.1", port)], max_seq_len=32, buffer_type="f32")
 
 
+def test_a_second_root_is_told_at_once_that_the_worker_is_busy(f32_model):
+    with loopback_workers(1) as (worker,):
+        with DistributedEngine(f32_model, [worker.address], max_seq_len=32, buffer_type="f32"):
+            started = time.monotonic()
+            with pytest.raises(WorkerError, match="busy serving the root at 127.0.0.1"):
+                DistributedEngine(f32_model, [worker.address], max_seq_len=32, buffer_type="f32")
+            assert time.monotonic() - started < 3
+        still_serves(worker, f32_model)
+
+
 def test_worker_serves_the_next_root_after_one_vanishes(f32_model):
     with loopback_workers(1) as (worker,):
         first = DistributedEngine(f32_model, [worker.address], max_seq_len=32, buffer_type="f32")

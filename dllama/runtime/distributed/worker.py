@@ -75,6 +75,9 @@ class Worker:
         self.listener = socket.create_server((host, port), backlog=4)
         self.stop_event = threading.Event()
         self.sessions_served = 0
+        self.busy_with: str | None = None  # the root being served
+        self.idle = threading.Event()
+        self.idle.set()
         self.refused: list[str] = []
 
     @property
@@ -82,6 +85,7 @@ class Worker:
         return self.listener.getsockname()[:2]
 
     def serve_forever(self) -> None:
+        """Serve one root at a time (in a thread), answering anyone else at once that we are busy."""
         self.log(f"worker listening on {self.address[0]}:{self.address[1]}")
         self.listener.settimeout(0.2)
         try:
@@ -90,7 +94,15 @@ class Worker:
                     conn, addr = self.listener.accept()
                 except socket.timeout:
                     continue
-                self.serve_connection(conn, f"{addr[0]}:{addr[1]}")
+                peer = f"{addr[0]}:{addr[1]}"
+                busy_with = self.busy_with
+                # a root that just vanished may not have been noticed yet: give its session a moment
+                if busy_with is not None and not self.idle.wait(1.0):
+                    threading.Thread(target=refuse_busy, args=(conn, busy_with), daemon=True).start()
+                    continue
+                self.busy_with = peer
+                self.idle.clear()
+                threading.Thread(target=self.serve_connection, args=(conn, peer), daemon=True).start()
         finally:
             self.listener.close()
 
@@ -113,6 +125,8 @@ class Worker:
             send_error(conn, f"worker internal error: {e!r}")
         finally:
             self.sessions_served += 1
+            self.busy_with = None  # before the close: a root that sees it may reconnect at once
+            self.idle.set()
             conn.close()
 
     # ----------------------------------------------------------------------------------------
@@ -183,6 +197,21 @@ class Worker:
             x = np.frombuffer(x_bytes, dtype="<f4").reshape(n, h.dim).copy()
             forward_slice(conn, s, layers, x, pos)
             send_frame(conn, Frame.LOGITS, *encode_logits(layers.logits(x), s.hello.buffer_type))
+
+
+def refuse_busy(conn: socket.socket, current_root: str) -> None:
+    try:
+        configure_socket(conn, 2.0)
+        send_preamble(conn)
+        send_error(conn, f"this worker is busy serving the root at {current_root}: stop that root first "
+                         "or start another worker")
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(4096):  # drain what the root sent, so closing does not reset the connection
+            pass
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def forward_slice(conn: socket.socket, s: Session, layers: NodeLayers, x: np.ndarray, pos: int) -> None:
