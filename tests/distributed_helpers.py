@@ -11,11 +11,14 @@ from dllama.formats import ArchType, FloatType, ModelHeader, encode_tensor, tens
 from dllama.runtime.distributed.worker import Worker
 
 
-def write_random_model(path: Path, float_type: FloatType, n_kv_heads: int = 4, seed: int = 0) -> Path:
-    """A llama-shaped .m with 4 kv heads (the fixtures have 2), so 4 nodes can split it."""
-    header = ModelHeader(arch=ArchType.LLAMA, dim=128, hidden_dim=256, n_layers=2, n_heads=8, n_kv_heads=n_kv_heads,
-                         vocab_size=256, max_seq_len=128, weights_float_type=float_type, rope_theta=10000,
-                         norm_epsilon_code=5)
+def write_random_model(path: Path, float_type: FloatType, n_kv_heads: int = 4, seed: int = 0, moe: bool = False) -> Path:
+    """A llama-shaped .m with 4 kv heads (the fixtures have 2), so 4 nodes can split it; or a
+    qwen3_moe-shaped one (4 experts, 2 active, q/k norms)."""
+    header = ModelHeader(arch=ArchType.QWEN3_MOE if moe else ArchType.LLAMA, dim=128, hidden_dim=256, n_layers=2,
+                         n_heads=8, n_kv_heads=n_kv_heads, vocab_size=256, max_seq_len=128,
+                         weights_float_type=float_type, rope_theta=10000, norm_epsilon_code=5,
+                         n_experts=4 if moe else 0, n_active_experts=2 if moe else 0,
+                         moe_hidden_dim=128 if moe else None)
     rng = np.random.default_rng(seed)
     with open(path, "wb") as f:
         f.write(header.to_bytes())

@@ -49,6 +49,13 @@ def test_four_nodes_f32_logits_equal_one_node(tmp_path):
         assert np.abs(four.forward([5], 7) - one.forward([5], 7)).max() <= 1e-4
 
 
+def test_moe_model_on_two_nodes_equals_one_node(tmp_path):
+    path = write_random_model(tmp_path / "moe_f32.m", FloatType.F32, moe=True)
+    ids = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+    with loopback_workers(1) as workers, single_node(path) as one, cluster(path, workers, "f32") as two:
+        assert np.abs(two.forward(ids, 0) - one.forward(ids, 0)).max() <= 1e-4
+
+
 def test_two_nodes_q40_with_f32_exchange_is_bit_identical_to_one_node():
     folder = require_fixtures(CONFORMANCE / "tiny-llama")
     ids = np.load(folder / "reference_logits.npz")["ids2"]
