@@ -108,6 +108,11 @@ def test_oversized_frames_are_refused_before_allocating(f32_model):
         lying = hello_bytes(f32_model, header_bytes=huge.to_bytes(), identity=ModelIdentity(model_file_size(huge), bytes(32)))
         text = error_text(talk(worker.address, GOOD_PREAMBLE + frame(Frame.HELLO, lying)))
         assert "MiB but this machine has" in text
+        endless = replace(read_model_header(f32_model), n_layers=1 << 30)
+        forged = hello_bytes(f32_model, header_bytes=endless.to_bytes())
+        started = time.monotonic()
+        text = error_text(talk(worker.address, GOOD_PREAMBLE + frame(Frame.HELLO, forged)))
+        assert "impossible model (1073741824 layers" in text and time.monotonic() - started < 1
         still_serves(worker, f32_model)
 
 

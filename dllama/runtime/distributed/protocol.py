@@ -26,6 +26,7 @@ HANDSHAKE_MAX_FRAME = 4096                 # HELLO and its answers are tiny; ref
 MAX_FRAME = 64 * 1024 * 1024               # hard ceiling for any frame after the handshake
 WEIGHT_CHUNK = 4 * 1024 * 1024             # bytes of weights per WEIGHTS frame
 MAX_ERROR_MESSAGE = 1024
+MAX_PLAN_TENSORS = 1 << 20                 # tensors a HELLO's header may describe
 SMALL_FRAME = 256 * 1024                   # frames up to this size are copied into one send
 
 CONNECT_TIMEOUT_S = 10.0
@@ -238,6 +239,11 @@ class Hello:
             header = parse_model_header(self.header_bytes, where="the root's model header")
         except FormatError as e:
             raise ProtocolError(str(e)) from None
+        sizes = (header.dim, header.hidden_dim, header.n_layers, header.n_heads, header.n_kv_heads, header.vocab_size)
+        # bound the tensor plan before building it: a forged header must not make us loop or allocate
+        if min(sizes) <= 0 or header.n_experts < 0 or header.n_layers * (8 + 3 * header.n_experts) > MAX_PLAN_TENSORS:
+            raise ProtocolError(f"the root's model header describes an impossible model ({header.n_layers} layers, "
+                                f"{header.n_experts} experts, dim {header.dim})")
         if model_file_size(header) != self.identity.size:
             raise ProtocolError("the root's model header does not describe a file of the announced size")
         return header
