@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -138,7 +139,11 @@ class Worker:
         session = self._accept_hello(Hello.parse(payload))
         self.log(f"root {peer}: node {session.node} of {session.n_nodes}, {session.hello.identity.short()}")
         conn.settimeout(IO_TIMEOUT_S)
+        started = time.perf_counter()
         slices = self._load_slices(conn, session)
+        how = f"loaded from {self.model_path}" if self.identity is not None else "received"
+        self.log(f"{sum(a.nbytes for a in slices.values()) / 1e6:.0f} MB of slices {how} in "
+                 f"{time.perf_counter() - started:.1f} s")
         node = NodeSlice(session.node, session.n_nodes)
         layers = NodeLayers(session.header, node_weights(session.header, slices, session.n_nodes), node,
                             session.hello.max_seq_len)
