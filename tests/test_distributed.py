@@ -10,7 +10,7 @@ from conftest import CONFORMANCE, require_fixtures
 from distributed_helpers import greedy, loopback_workers, write_random_model
 from dllama.formats import FloatType, ModelFile, read_model_header
 from dllama.runtime.distributed.plan import SplitError, memory_plan, slice_geometry, split_check
-from dllama.runtime.distributed.root import DistributedEngine, parse_workers
+from dllama.runtime.distributed.root import DistributedEngine, WorkerError, parse_workers
 from dllama.runtime.engine import Engine
 
 
@@ -148,6 +148,9 @@ def test_memory_plan_halves_weights_and_cache():
 
 def test_parse_workers():
     assert parse_workers("pi1:9999, pi2:10000,pi3") == [("pi1", 9999), ("pi2", 10000), ("pi3", 9999)]
+    for bad in ("pi1:99999", "pi1:http", ":9999"):
+        with pytest.raises(WorkerError, match="write host:port"):
+            parse_workers(bad)
 
 
 def test_plan_command_prints_every_node_and_whether_it_fits():

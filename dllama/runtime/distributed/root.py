@@ -41,10 +41,9 @@ def parse_workers(text: str) -> list[tuple[str, int]]:
     out = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         host, _, port = item.rpartition(":") if ":" in item else (item, "", str(DEFAULT_PORT))
-        try:
-            out.append((host.strip("[]"), int(port)))
-        except ValueError:
-            raise WorkerError(f"cannot read worker address {item!r}: write host:port, e.g. pi1:9999") from None
+        if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+            raise WorkerError(f"cannot read worker address {item!r}: write host:port, e.g. pi1:9999")
+        out.append((host.strip("[]"), int(port)))
     return out
 
 
