@@ -142,7 +142,7 @@ def measure(n_nodes: int, args) -> dict:
 def planned(n_nodes: int, max_seq_len: int) -> list[int]:
     from dllama.formats import read_model_header
     from dllama.runtime.distributed.plan import memory_plan
-    return [m.total for m in memory_plan(read_model_header(MODEL), n_nodes, max_seq_len)]
+    return [m.total for m in memory_plan(read_model_header(MODEL), n_nodes, max_seq_len, batch=len(PROMPT))]
 
 
 def main() -> None:

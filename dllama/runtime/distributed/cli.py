@@ -55,7 +55,8 @@ def plan_command(
     nodes: int = typer.Option(..., help="number of nodes (root + workers): 1, 2, 4, ..."),
     max_seq_len: int = typer.Option(2048, help="positions of KV cache each node holds"),
     ram: Optional[str] = typer.Option(None, help="memory of one board, e.g. 1G or 512M: say whether each node fits"),
-    batch: int = typer.Option(1, help="prompt tokens per forward batch the buffers are sized for"),
+    batch: int = typer.Option(32, min=1, help="prompt tokens per forward batch the buffers are sized for "
+                                             "(the runtime evaluates prompts 32 at a time)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Print each node's memory (weights, KV cache, buffers) for a split of MODEL over NODES.
