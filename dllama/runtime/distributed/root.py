@@ -67,6 +67,7 @@ class Traffic:
 
 
 SEAMS = {"attention": 0, "ffn": 1}
+EARLY_SEND_BYTES = 16 * 1024  # below the smallest default TCP send buffer
 
 
 class _Blame:
@@ -108,11 +109,20 @@ class TcpExchange:
         self.traffic.tokens += len(x)
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
-        """Receive every worker's partial, send each worker all the partials it lacks, add all in node order."""
+        """Receive every worker's partial, send each worker all the partials it lacks, add all in node order.
+
+        The root's own partial goes out first when it is small enough to sit in the socket buffer
+        (a decode step's always is): a worker slower than the root then finds it already there.
+        Large (prefill) partials wait until the workers' have been read, so that the root and a
+        worker never both block sending to each other (docs/PROTOCOL.md)."""
         n, dim = x.shape
         seam = SEAMS[stage]
         wire = {0: encode_partial(partial, self.buffer_type)}
         limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, self.buffer_type)
+        early = limit <= EARLY_SEND_BYTES
+        if early:
+            for link in self.links:
+                self._send(link, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, 0), wire[0])
         for link in self.links:
             payload = self._recv(link, Frame.PARTIAL, limit)
             with _Blame(link):
@@ -121,7 +131,7 @@ class TcpExchange:
                     raise ProtocolError(f"sent the partial of node {sender}")
             wire[sender] = data
         for link in self.links:
-            for node in range(self.n_nodes):
+            for node in range(1 if early else 0, self.n_nodes):
                 if node != link.node:
                     self._send(link, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, node), wire[node])
         add_partials(x, [decode_partial(wire[i], n, dim, self.buffer_type) for i in range(self.n_nodes)])
