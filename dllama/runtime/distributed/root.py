@@ -11,7 +11,8 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numba
 import numpy as np
@@ -70,27 +71,20 @@ SEAMS = {"attention": 0, "ffn": 1}
 EARLY_SEND_BYTES = 16 * 1024  # below the smallest default TCP send buffer
 
 
-class _Blame:
-    """Turn any failure on a link into a WorkerError naming the worker."""
-
-    def __init__(self, link: WorkerLink):
-        self.link = link
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if isinstance(err, ConnectionRefusedError):
-            host, port = self.link.address
-            raise WorkerError(f"{self.link.name}: connection refused; start `dllama-run worker --port {port}` "
-                              f"on {host} first") from None
-        if isinstance(err, (socket.timeout, TimeoutError)):
-            raise WorkerError(f"{self.link.name}: no answer in time; check the address and that nothing "
-                              "blocks the port") from None
-        if isinstance(err, (ProtocolError, OSError)):
-            what = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
-            raise WorkerError(f"{self.link.name}: {what}") from None
-        return False
+@contextmanager
+def blame(link: WorkerLink) -> Iterator[None]:
+    """Turn any failure on a link into a WorkerError naming the worker (and the fix, where known)."""
+    host, port = link.address
+    try:
+        yield
+    except ConnectionRefusedError:
+        raise WorkerError(f"{link.name}: connection refused; start `dllama-run worker --port {port}` "
+                          f"on {host} first") from None
+    except (socket.timeout, TimeoutError):
+        raise WorkerError(f"{link.name}: no answer in time; check the address and that nothing blocks the port") from None
+    except (ProtocolError, OSError) as err:
+        what = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+        raise WorkerError(f"{link.name}: {what}") from None
 
 
 class TcpExchange:
@@ -125,7 +119,7 @@ class TcpExchange:
                 self._send(link, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, 0), wire[0])
         for link in self.links:
             payload = self._recv(link, Frame.PARTIAL, limit)
-            with _Blame(link):
+            with blame(link):
                 sender, data = parse_partial(payload, layer, seam, self.n_nodes)
                 if sender != link.node:
                     raise ProtocolError(f"sent the partial of node {sender}")
@@ -141,16 +135,16 @@ class TcpExchange:
         parts = [logits_slice]
         for link in self.links:
             payload = self._recv(link, Frame.LOGITS, LOGITS_HEAD.size + n * width * 4)
-            with _Blame(link):
+            with blame(link):
                 parts.append(decode_logits(payload, n, width))
         return np.concatenate(parts, axis=1)
 
     def _send(self, link: WorkerLink, kind: Frame, *parts) -> None:
-        with _Blame(link):
+        with blame(link):
             self.traffic.sent += send_frame(link.sock, kind, *parts)
 
     def _recv(self, link: WorkerLink, kind: Frame, limit: int) -> memoryview:
-        with _Blame(link):
+        with blame(link):
             _, payload = recv_frame(link.sock, limit, expect=(kind,))
         self.traffic.received += 8 + len(payload)
         return payload
@@ -184,7 +178,7 @@ class DistributedEngine(Engine):
             weights = node_weights(h, slices, n_nodes, embedding=model.blocks("embedding"))
             layers = NodeLayers(h, weights, NodeSlice(0, n_nodes), max_seq_len)
             for link in self.links:
-                with _Blame(link):
+                with blame(link):
                     recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.LOADED,))
         except BaseException:
             self.close()
@@ -199,7 +193,7 @@ class DistributedEngine(Engine):
         identity = model_identity(model.path)
         for link in self.links:
             hello = Hello(link.node, n_nodes, max_seq_len, buffer_type, identity, model.header.to_bytes())
-            with _Blame(link):
+            with blame(link):
                 link.sock = socket.create_connection(link.address, timeout=CONNECT_TIMEOUT_S)
                 configure_socket(link.sock, HANDSHAKE_TIMEOUT_S)
                 send_preamble(link.sock)
