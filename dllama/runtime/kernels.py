@@ -6,16 +6,18 @@ memory-mapped and never dequantized as a whole (FORMAT.md §1.2 block layouts). 
 Activations headed for a quantized matmul are q80: int8 values xq (T, n), float32 block scales
 xd (T, n/32) already rounded through f16 as the reference stores them, and xc (T, n/4).
 
-The inner block products are written as LLVM vector IR (`_block_kernel`, `_nibble_pair_all_tokens`): numba promotes int8/int32
-arithmetic to int64, which stops LLVM from vectorising a plain loop; the IR is generic (no
-x86 intrinsics), so the same code vectorises on ARM boards. Which kernel runs, on which
-slice, with how many threads is decided by the caller (`tensors.py`).
+The inner block products are LLVM vector IR (`_block_kernel`, `_rows_lanes_kernel`): numba
+promotes int8/int32 arithmetic to int64, which stops LLVM from vectorising a plain loop. The IR
+is generic except one instruction, AVX512-VNNI `vpdpbusd`, used where the CPU has it; the
+generic path computes the same integers, so results are bit-identical on ARM boards. Which
+kernel runs, on which slice, with how many threads is decided by the caller (`tensors.py`).
 """
 from __future__ import annotations
 
 import os
-import numpy as np
+
 import llvmlite.binding as llvm
+import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
