@@ -243,6 +243,15 @@ def test_batched_prefill_equals_token_by_token(float_type):
     assert np.abs(batched - stepwise).max() <= 1e-4
 
 
+def test_prompts_longer_than_a_batch_are_split_without_changing_the_result(monkeypatch):
+    from dllama.runtime import engine as engine_module
+
+    path = require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m"
+    whole = Engine.load(path).forward(PROMPT, 0)
+    monkeypatch.setattr(engine_module, "PREFILL_BATCH", 5)
+    assert np.array_equal(Engine.load(path).forward(PROMPT, 0), whole)
+
+
 def test_continuing_from_a_cached_prefix_equals_a_fresh_run():
     path = require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m"
     engine = Engine.load(path)
