@@ -281,6 +281,7 @@ def test_cli_exit_code_1_and_table_for_a_failing_pair(capsys, tmp_path):
     (("missing.m", "{t}"), "does not exist"),
     (("{t}", "{m}"), "is not a distributed-llama .m model"),
     (("{m}", "{t}", "--reference", "{t}"), "not a readable .npz"),
+    (("{m}", "{t}", "--hf", "./no/such/folder"), "--hf"),
     (("{m}",), "Missing argument"),
 ])
 def test_cli_exit_code_2_for_unreadable_input(capsys, args, message):
