@@ -8,7 +8,7 @@ it did; later steps (validate, run, a 2-node cluster) append here in the same st
   2. convert it to examples/out/dllama_model_tiny_{q40,f32}.m and dllama_tokenizer_tiny.t
   3. validate both conversions against the original checkpoint (dllama-validate --hf)
   4. generate text from the q40 model with dllama-run (greedy)
-  -  run the q40 model on a local 2-node cluster (a worker process on 127.0.0.1 + this root)
+  5. run the q40 model on a local 2-node cluster (a worker process on 127.0.0.1 + the root)
 """
 from __future__ import annotations
 
@@ -90,49 +90,58 @@ def generate_text(outputs: dict[str, Path], prompt: str = "Once upon a time", st
     print(f"  timing: {result.stderr.strip().splitlines()[-1]}")
 
 
-def run_two_nodes(outputs: dict[str, Path], steps: int = 16) -> None:
-    """A worker process on 127.0.0.1 plus this process as the root: the same tokens as one node."""
+def run_two_nodes(outputs: dict[str, Path], prompt: str = "Once upon a time", steps: int = 24) -> None:
+    """A `dllama-run worker` process on 127.0.0.1 and `dllama-run --workers` as the root: the
+    user's commands; then the same greedy tokens checked against one node in-process."""
     import re
     import subprocess
 
-    import numpy as np
-
-    from dllama.runtime.distributed.root import DistributedEngine
-    from dllama.runtime.engine import Engine
-
-    model = outputs["q40"]
-    step(f"2-node cluster on this machine (dllama-run worker --host 127.0.0.1 --port P; "
-         f"dllama-run --workers 127.0.0.1:P --model {model.relative_to(HERE.parent)} ...)")
-    worker = subprocess.Popen([sys.executable, "-m", "dllama.runtime.cli", "worker", "--host", "127.0.0.1", "--port", "0"],
-                              stderr=subprocess.PIPE, text=True)
+    model, tokenizer = outputs["q40"], outputs["tokenizer"]
+    step(f"5. the same on a local 2-node cluster (dllama-run worker --host 127.0.0.1 --port P --nthreads 1; "
+         f"dllama-run --workers 127.0.0.1:P --nthreads 1 --model {model.relative_to(HERE.parent)} ...)")
+    # both nodes share this machine: one thread each
+    worker = subprocess.Popen([sys.executable, "-m", "dllama.runtime.cli", "worker", "--host", "127.0.0.1", "--port", "0",
+                               "--nthreads", "1"], stderr=subprocess.PIPE, text=True)
     try:
-        line = worker.stderr.readline()
-        match = re.search(r"listening on ([\d.]+):(\d+)", line)
+        match = re.search(r"listening on ([\d.]+):(\d+)", worker.stderr.readline())
         if not match:
-            raise RuntimeError(f"the worker did not start: {line.strip()}")
-        address = (match.group(1), int(match.group(2)))
-        prompt = [510, 72, 101, 108, 108, 111]
-
-        def greedy(engine) -> list[int]:
-            tokens = list(prompt)
-            for _ in range(steps):
-                logits = engine.forward(tokens if len(tokens) == len(prompt) else tokens[-1:],
-                                        0 if len(tokens) == len(prompt) else len(tokens) - 1)
-                tokens.append(int(np.argmax(logits[-1])))
-            return tokens[len(prompt):]
-
-        one = greedy(Engine.load(model, max_seq_len=64))
-        with DistributedEngine(model, [address], max_seq_len=64, log=lambda msg: None) as root:
-            two = greedy(root)
-            t = root.traffic
-            print(f"  worker {address[0]}:{address[1]} received its slices ({root.links[0].streamed_bytes} bytes)")
-            print(f"  1 node : {one}")
-            print(f"  2 nodes: {two}")
-            print(f"  {'the same' if one == two else 'DIFFERENT'} {steps} greedy tokens; per token the root sent "
-                  f"{t.sent / t.tokens / 1000:.1f} kB and received {t.received / t.tokens / 1000:.1f} kB")
+            raise RuntimeError("the worker did not start")
+        address = f"{match.group(1)}:{match.group(2)}"
+        args = ["--model", str(model), "--tokenizer", str(tokenizer), "--prompt", prompt, "--steps", str(steps),
+                "--temperature", "0", "--workers", address, "--nthreads", "1"]
+        result = subprocess.run([sys.executable, "-m", "dllama.runtime.cli", *args], capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"dllama-run --workers failed: {result.stderr.strip()}")
+        print(f"  worker: {address}")
+        print(f"  text  : {result.stdout.strip()!r}")
+        print(f"  timing: {result.stderr.strip().splitlines()[-1]}")
+        compare_with_one_node(model, address, steps)
     finally:
         worker.terminate()
         worker.wait()
+
+
+def compare_with_one_node(model: Path, address: str, steps: int) -> None:
+    import numpy as np
+
+    from dllama.runtime.distributed.root import DistributedEngine, parse_workers
+    from dllama.runtime.engine import Engine
+
+    prompt = [510, 72, 101, 108, 108, 111]
+
+    def greedy(engine) -> list[int]:
+        tokens = [int(np.argmax(engine.forward(prompt, 0)[-1]))]
+        for i in range(steps - 1):
+            tokens.append(int(np.argmax(engine.forward(tokens[-1:], len(prompt) + i)[-1])))
+        return tokens
+
+    one = greedy(Engine.load(model, max_seq_len=64, nthreads=1))
+    with DistributedEngine(model, parse_workers(address), max_seq_len=64, nthreads=1, log=lambda msg: None) as root:
+        two = greedy(root)
+        t = root.traffic
+    verdict = "the same" if one == two else "NOT the same (a near-tie: q80 partials depend on the node count)"
+    print(f"  {verdict} {steps} greedy tokens as one node; per token the root sent {t.sent / t.tokens / 1000:.1f} kB "
+          f"and received {t.received / t.tokens / 1000:.1f} kB")
 
 
 def main() -> int:
