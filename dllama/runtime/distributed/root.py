@@ -25,7 +25,7 @@ from dllama.runtime.distributed.plan import split_check
 from dllama.runtime.distributed.protocol import (
     CONNECT_TIMEOUT_S, DEFAULT_PORT, FORWARD_HEAD, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT_S, IO_TIMEOUT_S,
     LOGITS_HEAD, PARTIAL_HEAD, BufferType, Frame, Hello, ProtocolError, check_preamble, configure_socket,
-    model_identity, parse_ready, recv_frame, send_frame, send_preamble,
+    model_identity, parse_ready, recv_frame, send_frame, send_frames, send_preamble,
 )
 from dllama.runtime.distributed.slices import load_local_slices, node_tensor_names, stream_slices
 from dllama.runtime.distributed.weights import node_weights
@@ -125,9 +125,13 @@ class TcpExchange:
                     raise ProtocolError(f"sent the partial of node {sender}")
             wire[sender] = data
         for link in self.links:
-            for node in range(1 if early else 0, self.n_nodes):
-                if node != link.node:
-                    self._send(link, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, node), wire[node])
+            frames = [(Frame.PARTIAL, (PARTIAL_HEAD.pack(layer, seam, node), wire[node]))
+                      for node in range(1 if early else 0, self.n_nodes) if node != link.node]
+            if not frames:
+                continue
+            with blame(link):
+                self.traffic.sent += send_frames(link.sock, frames) if early else \
+                    sum(send_frame(link.sock, kind, *parts) for kind, parts in frames)
         add_partials(x, [decode_partial(wire[i], n, dim, self.buffer_type) for i in range(self.n_nodes)])
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
