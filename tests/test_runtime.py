@@ -313,7 +313,7 @@ def test_f16_weights_are_refused_with_the_fix(tmp_path):
     from dllama.formats import FormatError
 
     path = write_random_model(tmp_path / "f16.m", llama31_header(FloatType.F16))
-    with pytest.raises(FormatError, match="reconvert with --weights-float-type q40, q80 or f32"):
+    with pytest.raises(FormatError, match="reconvert with dllama-convert --quant q40, q80 or f32"):
         Engine.load(path)
 
 

@@ -55,7 +55,7 @@ class Matrix:
         spec = model.layout[name].spec
         if spec.float_type not in RUNNABLE_TYPES:
             raise FormatError(f"{model.path} stores {name} as {spec.float_type.name.lower()}, which the runtime (like the "
-                              "reference) does not run: reconvert with --weights-float-type q40, q80 or f32")
+                              "reference) does not run: reconvert with dllama-convert --quant q40, q80 or f32")
         rows, cols = spec.shape
         raw = model.raw(name)
         data = raw.view("<f4").reshape(rows, cols) if spec.float_type == FloatType.F32 else raw.reshape(rows, -1)
