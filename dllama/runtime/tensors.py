@@ -34,13 +34,6 @@ class QuantizedInput:
         kernels.quantize_q80(x, xq, xd, xc)
         return cls(xq, xd, xc)
 
-    def dequantized(self) -> np.ndarray:
-        T, n = self.xq.shape
-        return (self.xq.reshape(T, -1, BLOCK_SIZE) * self.xd[:, :, None]).reshape(T, n)
-
-
-Input = "np.ndarray | QuantizedInput"
-
 
 @dataclass(frozen=True)
 class Matrix:
