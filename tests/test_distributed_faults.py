@@ -137,6 +137,8 @@ def test_weights_outside_the_workers_slices_are_refused(f32_model):
         assert b"overruns tensor 1 slice" in reply
         reply = talk(worker.address, start + frame(Frame.WEIGHTS_DONE, b""))
         assert b"slices are incomplete" in reply
+        reply = talk(worker.address, start + frame(Frame.WEIGHTS, WEIGHTS_HEAD.pack(1, 16) + bytes(16)))
+        assert b"WEIGHTS chunk at 16 of tensor 1, expected 0" in reply
         still_serves(worker, f32_model)
 
 

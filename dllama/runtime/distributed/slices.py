@@ -106,6 +106,8 @@ class SliceReceiver:
             raise ProtocolError(f"WEIGHTS for tensor {index}, which this worker does not hold")
         if at + n > len(buf):
             raise ProtocolError(f"WEIGHTS chunk [{at}, {at + n}) overruns tensor {index} slice of {len(buf)} bytes")
+        if at != self.received[index]:  # in order, so that complete means every byte arrived once
+            raise ProtocolError(f"WEIGHTS chunk at {at} of tensor {index}, expected {self.received[index]}")
         recv_exact(sock, n, into=memoryview(buf)[at:at + n])
         self.received[index] += n
 
