@@ -42,7 +42,7 @@ def load_config(folder: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def _rope_settings(config: dict) -> tuple[float | None, dict | None]:
+def rope_settings(config: dict) -> tuple[float | None, dict | None]:
     """(rope_theta, rope_scaling) from either transformers 4 (top level) or 5 (`rope_parameters`)."""
     theta = config.get("rope_theta")
     scaling = config.get("rope_scaling")
@@ -80,7 +80,7 @@ def header_from_config(config: dict, float_type: FloatType) -> ModelHeader:
     n_experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
     if arch == ArchType.QWEN3_MOE and n_experts == 0:
         raise CheckpointError("config.json of a qwen3_moe model names no experts (num_experts / num_local_experts)")
-    theta, scaling = _rope_settings(config)
+    theta, scaling = rope_settings(config)
     fields: dict = {}
     if theta is not None:
         fields["rope_theta"] = int(theta)

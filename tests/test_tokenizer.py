@@ -398,3 +398,10 @@ def test_missing_file_and_unknown_mode_are_refused(tmp_path, tiny_tok):
         Tokenizer.load(tmp_path / "nope.t")
     with pytest.raises(TokenizerError, match="unknown tokenizer mode 'fast'"):
         Tokenizer.from_file(tiny_tok.tf, mode="fast")
+
+
+def test_encode_chat_adds_no_second_bos(tiny_tok):
+    # the template writes "<|bos|>" itself; the file's add_bos must not add another
+    ids = tiny_tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids[0] == tiny_tok.bos_id and ids.count(tiny_tok.bos_id) == 1
+    assert tiny_tok.encode("user: hi\nassistant:", add_bos=True) == ids

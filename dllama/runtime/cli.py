@@ -218,7 +218,7 @@ def chat_command(
             if not user.strip():
                 break
             messages.append({"role": "user", "content": user})
-            ids = session.tokenizer.encode(session.tokenizer.render_chat(messages, add_generation_prompt=True))
+            ids = session.tokenizer.encode_chat(messages)
             start = min(_common_prefix(cached, ids), session.engine.pos)
             if len(ids) >= session.engine.max_seq_len:
                 raise CliError(f"the conversation has {len(ids)} tokens, more than --max-seq-len "

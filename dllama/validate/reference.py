@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from dllama.checkpoint import Checkpoint, _rope_settings
+from dllama.checkpoint import Checkpoint, rope_settings
 from dllama.formats import FloatType, atomic_output, decode_tensor, encode_tensor
 
 # Short, varied prompts: prose, code, numbers, non-English. Few and short on purpose: a small
@@ -47,7 +47,7 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def rope_frequencies(config: dict, head_dim: int) -> np.ndarray:
     """inv_freq of transformers' rope init, with llama3 scaling when the config asks for it."""
-    theta, scaling = _rope_settings(config)
+    theta, scaling = rope_settings(config)
     theta = 10000.0 if theta is None else float(theta)
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if scaling is None:

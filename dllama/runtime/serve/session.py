@@ -22,7 +22,7 @@ class EngineLike(Protocol):
 
 class TokenizerLike(Protocol):
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]: ...
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]: ...
     def stream_decoder(self): ...
     eos_ids: list[int]
 
@@ -105,7 +105,7 @@ class Session:
     def prompt_ids(self, kind: str, messages: list[dict], prompt: str | list[int]) -> list[int]:
         if kind == "chat":
             # the chat template writes its own bos (as Hugging Face's apply_chat_template does)
-            return self.tokenizer.encode(self.tokenizer.render_chat(messages, add_generation_prompt=True), add_bos=False)
+            return self.tokenizer.encode_chat(messages)
         if isinstance(prompt, list):
             return list(prompt)
         return self.tokenizer.encode(prompt)
