@@ -48,3 +48,15 @@ def test_root_cli_names_an_unreachable_worker_in_one_line():
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"worker 127.0.0.1:{port} (node 1)" in errors[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_chat_with_a_worker_answers_like_one_node(worker_address):
+    folder = require_fixtures(CONFORMANCE / "tiny-llama")
+    args = RUN + ["chat", "--model", str(folder / "expected_f32.m"), "--tokenizer", str(folder / "expected.t"),
+                  "--temperature", "0", "--steps", "8", "--nthreads", "1"]
+    turns = "Hello\nAnd then?\n\n"  # two turns: the second reuses the cluster's KV cache
+    one = subprocess.run(args, input=turns, capture_output=True, text=True, timeout=120)
+    two = subprocess.run(args + ["--workers", worker_address], input=turns, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and one.stdout.count(">") == 3
