@@ -13,20 +13,16 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/tokenize.py shadows the standard library's `tokenize` (imported by numpy through
-# inspect) when a script here runs: drop this folder from the import path first.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"

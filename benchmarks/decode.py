@@ -18,15 +18,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# benchmarks/ holds tokenize.py, which would shadow the standard library's module of that name
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"

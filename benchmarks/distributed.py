@@ -22,11 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-# run as a script, this folder comes first on sys.path, where a sibling benchmark named like a
-# stdlib module (tokenize.py) would shadow it
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import sys
 
-# benchmarks/tokenize.py would shadow the standard library's tokenize for this script's imports
-sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
 
 import argparse
 import os

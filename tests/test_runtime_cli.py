@@ -1,11 +1,9 @@
 """`dllama-run`: streaming generation, chat, and one clear error line per bad input."""
 from __future__ import annotations
 
-import shutil
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 

@@ -6,7 +6,6 @@ and exit code 1, with no output file left behind.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 

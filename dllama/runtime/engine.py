@@ -12,13 +12,12 @@ the distributed runtime supplies its own Exchange over the network.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Protocol, Sequence
 
 import numba
 import numpy as np
 
-from dllama.formats import FloatType, FormatError, ModelFile, ModelHeader
+from dllama.formats import FloatType, ModelFile, ModelHeader
 from dllama.runtime import kernels
 from dllama.runtime.model import NodeLayers, NodeSlice, load_node_weights, rmsnorm
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dllama.formats import FloatType, ModelFile, ModelHeader, RopeType
+from dllama.formats import ModelFile, ModelHeader, RopeType
 from dllama.runtime import kernels
-from dllama.runtime.tensors import Matrix, QuantizedInput
+from dllama.runtime.tensors import Matrix
 
 
 @dataclass(frozen=True)

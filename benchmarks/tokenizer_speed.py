@@ -1,7 +1,7 @@
 """Tokenizer encoding speed: faithful mode (target >= 1 MB/s of English text) and reference mode.
 
-    python benchmarks/tokenize.py                 # Llama 2 fixture + tiny byte-level fixture, 4 MB
-    python benchmarks/tokenize.py --mb 8 --tokenizer model.t
+    python benchmarks/tokenizer_speed.py                 # Llama 2 fixture + tiny byte-level fixture, 4 MB
+    python benchmarks/tokenizer_speed.py --mb 8 --tokenizer model.t
 
 Converts the fixture tokenizers in memory (embedding the Hugging Face tokenizer), encodes
 English prose and code from dllama.tokenizer.corpus.english_text, and prints MB/s per case on
@@ -9,25 +9,20 @@ stdout. Progress goes to stderr.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-# This file's name shadows the standard library's `tokenize` (which inspect imports) when run as
-# a script: drop the script's folder from the import path before importing anything else.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
-import platform  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable, Optional  # noqa: E402
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Optional
 
-import typer  # noqa: E402
+import typer
 
-from dllama.formats import read_tokenizer  # noqa: E402
-from dllama.tokenizer import Tokenizer  # noqa: E402
-from dllama.tokenizer.convert import convert_tokenizer  # noqa: E402
-from dllama.tokenizer.corpus import english_text  # noqa: E402
+from dllama.formats import read_tokenizer
+from dllama.tokenizer import Tokenizer
+from dllama.tokenizer.convert import convert_tokenizer
+from dllama.tokenizer.corpus import english_text
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 SOURCES = {"llama2 (sentencepiece-style BPE)": FIXTURES / "tokenizers" / "llama2",
