@@ -1,4 +1,4 @@
-"""The Tokenizer other components use (docs/TEAM.md): load a `.t`, encode, decode, stream, chat.
+"""The Tokenizer other components use (docs/ARCHITECTURE.md): load a `.t`, encode, decode, stream, chat.
 
 mode="faithful" tokenizes exactly like Hugging Face with the tokenizer embedded in the `.t`
 (faithful.py), or with the best reconstruction from the vocabulary when none is embedded
