@@ -81,6 +81,11 @@ def follow_up_turn(client: openai.OpenAI, tokens: int) -> dict:
             "follow_up_ms_without_cache": round(fresh_ms, 1)}
 
 
+# RssFile grows as sampled tokens touch new rows of the memory-mapped embedding (clean page
+# cache, bounded by the file); a leak would show in RssAnon
+RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+
 def load_test(server: ServerProcess, requests: int, clients: int, tokens: int) -> dict:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=5, timeout=600)
 
@@ -91,16 +96,17 @@ def load_test(server: ServerProcess, requests: int, clients: int, tokens: int) -
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, range(clients * 2)))
-    rss_before = server.rss_bytes()
+    rss_before = {field: server.rss_bytes(field) for field in RSS_FIELDS}
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         latencies = sorted(pool.map(one, range(requests)))
     wall = time.perf_counter() - start
-    rss_after = server.rss_bytes()
+    rss_after = {field: server.rss_bytes(field) for field in RSS_FIELDS}
     return {"load_requests": requests, "load_clients": clients, "load_requests_per_s": round(requests / wall, 2),
             "load_latency_p50_ms": round(1000 * statistics.median(latencies), 1),
             "load_latency_p95_ms": round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 1),
-            "rss_before_mib": round(rss_before / 2**20, 1), "rss_after_mib": round(rss_after / 2**20, 1)}
+            **{f"{field}_before_mib": round(rss_before[field] / 2**20, 1) for field in RSS_FIELDS},
+            **{f"{field}_after_mib": round(rss_after[field] / 2**20, 1) for field in RSS_FIELDS}}
 
 
 def main() -> None:

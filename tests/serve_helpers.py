@@ -60,11 +60,12 @@ class ServerProcess:
             self.stop()
             raise
 
-    def rss_bytes(self) -> int:
+    def rss_bytes(self, field: str = "VmRSS") -> int:
+        """The server's resident memory; field RssAnon or RssFile splits it into heap and mapped files."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        raise RuntimeError(f"no {field}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
