@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dllama.formats import ArchType, FloatType, ModelHeader, encode_tensor, tensor_plan
+from dllama.converter import synthetic
+from dllama.formats import ArchType, FloatType, ModelHeader
 from dllama.runtime.distributed.worker import Worker
 
 
@@ -19,16 +20,7 @@ def write_random_model(path: Path, float_type: FloatType, n_kv_heads: int = 4, s
                          weights_float_type=float_type, rope_theta=10000, norm_epsilon_code=5,
                          n_experts=4 if moe else 0, n_active_experts=2 if moe else 0,
                          moe_hidden_dim=128 if moe else None)
-    rng = np.random.default_rng(seed)
-    with open(path, "wb") as f:
-        f.write(header.to_bytes())
-        for spec in tensor_plan(header):
-            if len(spec.shape) == 1:
-                values = 1 + 0.1 * rng.standard_normal(spec.shape)
-            else:
-                values = rng.standard_normal(spec.shape) / np.sqrt(spec.shape[-1])
-            encode_tensor(values.astype(np.float32), spec.float_type).tofile(f)
-    return path
+    return synthetic.write_random_model(path, header, seed)
 
 
 @contextmanager

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import CONFORMANCE, require_fixtures
+from dllama.converter.synthetic import write_random_model
 from dllama.formats import (Q80_BLOCK, ArchType, FloatType, ModelFile, ModelHeader, RopeType, dequantize_q80,
-                            encode_tensor, quantize_q80, tensor_plan)
+                            quantize_q80)
 from dllama.runtime.engine import Engine, EngineError, LocalExchange
 from dllama.runtime.generate import generate
 from dllama.runtime.model import NodeLayers, NodeSlice, load_node_weights, rmsnorm, rope_frequencies
@@ -140,20 +141,6 @@ def llama31_scale(f: float, h: ModelHeader) -> float:
         return f / factor
     smooth = (orig / wavelen - low) / (high - low)
     return (1 - smooth) * f / factor + smooth * f
-
-
-def write_random_model(path: Path, header: ModelHeader, seed: int = 0) -> Path:
-    """A `.m` of random weights for `header`, written with the format module's plan and codecs."""
-    rng = np.random.default_rng(seed)
-    with open(path, "wb") as f:
-        f.write(header.to_bytes())
-        for spec in tensor_plan(header):
-            if len(spec.shape) == 1:
-                values = 1.0 + 0.1 * rng.standard_normal(spec.shape)
-            else:
-                values = rng.standard_normal(spec.shape) / math.sqrt(spec.shape[1])
-            f.write(encode_tensor(values.astype(np.float32), spec.float_type).tobytes())
-    return path
 
 
 def moe_header(float_type: FloatType) -> ModelHeader:

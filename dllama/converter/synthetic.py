@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dllama.checkpoint import header_from_config
-from dllama.formats import FloatType, tensor_plan
+from dllama.formats import FloatType, ModelHeader, encode_tensor, tensor_plan
 
 SOURCE_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
@@ -126,6 +126,22 @@ def write_checkpoint(folder: str | os.PathLike, config: dict, dtype: str = "bf16
     if source is not None:
         copy_tokenizer(source, folder)
     return folder
+
+
+def write_random_model(path: str | os.PathLike, header: ModelHeader, seed: int = 0) -> Path:
+    """A `.m` of random weights for `header` (norms near 1, matrices scaled by 1/sqrt(cols)), written
+    straight with the format module's plan and codecs: for runtime tests of shapes no checkpoint has."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        f.write(header.to_bytes())
+        for spec in tensor_plan(header):
+            if len(spec.shape) == 1:
+                values = 1.0 + 0.1 * rng.standard_normal(spec.shape)
+            else:
+                values = rng.standard_normal(spec.shape) / np.sqrt(spec.shape[1])
+            f.write(encode_tensor(values.astype(np.float32), spec.float_type).tobytes())
+    return path
 
 
 def copy_tokenizer(source: str | os.PathLike, folder: Path) -> None:

@@ -221,6 +221,16 @@ def _scale(row, offset, scale_table):
 # --------------------------------------------------------------------------------------------
 # Activation quantization (the reference q80 quantizer, FORMAT.md §1.2)
 
+@njit(cache=True, inline="always")
+def _q80_scale(x, t, x0):
+    """The reference q80 scale of the block x[t, x0:x0+32] (FORMAT.md §1.2): d = amax / 127, and 1/d."""
+    amax = np.float32(0.0)
+    for j in range(BLOCK):
+        amax = max(amax, abs(x[t, x0 + j]))
+    d = amax / np.float32(127.0)
+    return d, (np.float32(1.0) / d if d != 0 else np.float32(0.0))
+
+
 @njit(cache=True, parallel=True)
 def quantize_q80(x, xq, xd, xc):
     """x (T, n) float32 -> xq (T, n) int8, xd (T, n/32) float32 scales (f16-rounded), and
@@ -231,11 +241,7 @@ def quantize_q80(x, xq, xd, xc):
         t = task // nb
         b = task % nb
         x0 = b * BLOCK
-        amax = np.float32(0.0)
-        for j in range(BLOCK):
-            amax = max(amax, abs(x[t, x0 + j]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        d, inv = _q80_scale(x, t, x0)
         for j in range(BLOCK):
             xq[t, x0 + j] = np.int8(np.rint(x[t, x0 + j] * inv))
         xd[t, b] = _f16_round(d)
@@ -251,11 +257,7 @@ def q80_roundtrip(x):
     for t in range(T):
         for b in range(n // BLOCK):
             x0 = b * BLOCK
-            amax = np.float32(0.0)
-            for j in range(BLOCK):
-                amax = max(amax, abs(x[t, x0 + j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            d, inv = _q80_scale(x, t, x0)
             ds = _f16_round(d)
             for j in range(BLOCK):
                 x[t, x0 + j] = np.float32(np.rint(x[t, x0 + j] * inv)) * ds
