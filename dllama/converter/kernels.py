@@ -14,60 +14,14 @@ import numba
 import numpy as np
 from numba import prange
 
+from dllama.f16bits import f16_bits_to_f32_bits as _f16_bits_to_f32_bits
+from dllama.f16bits import f32_bits_to_f16_bits as _f32_bits_to_f16_bits
+
 SRC_BF16 = 0
 SRC_F16 = 1
 SRC_F32 = 2
 
 _jit = dict(nogil=True, cache=True)
-
-
-@numba.njit(inline="always", **_jit)
-def _f16_bits_to_f32_bits(h):
-    h = np.uint32(h)
-    sign = (h & np.uint32(0x8000)) << np.uint32(16)
-    exp = (h >> np.uint32(10)) & np.uint32(0x1F)
-    mant = h & np.uint32(0x3FF)
-    if exp == 0x1F:
-        return sign | np.uint32(0x7F800000) | (mant << np.uint32(13))
-    if exp == 0:
-        if mant == 0:
-            return sign
-        e = np.int32(1)
-        while (mant & np.uint32(0x400)) == 0:  # normalize a subnormal half
-            mant = mant << np.uint32(1)
-            e -= 1
-        mant &= np.uint32(0x3FF)
-        return sign | (np.uint32(e + 112) << np.uint32(23)) | (mant << np.uint32(13))
-    return sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))
-
-
-@numba.njit(inline="always", **_jit)
-def _f32_bits_to_f16_bits(f):
-    """Round to nearest even, as numpy's astype(float16): overflow to inf, subnormals kept."""
-    f = np.uint32(f)
-    sign = np.uint16((f >> np.uint32(16)) & np.uint32(0x8000))
-    a = f & np.uint32(0x7FFFFFFF)
-    if a >= np.uint32(0x7F800000):  # inf or nan
-        if a > np.uint32(0x7F800000):
-            return sign | np.uint16(0x7E00) | np.uint16((a >> np.uint32(13)) & np.uint32(0x3FF))
-        return sign | np.uint16(0x7C00)
-    if a >= np.uint32(0x47800000):  # >= 65536: inf (65504..65536 round up through the normal path)
-        return sign | np.uint16(0x7C00)
-    if a >= np.uint32(0x38800000):  # a normal half
-        odd = (a >> np.uint32(13)) & np.uint32(1)
-        a = a - np.uint32(0x38000000) + np.uint32(0xFFF) + odd  # rebias exponent 127 -> 15, round
-        return sign | np.uint16(a >> np.uint32(13))
-    exp = np.int64(a >> np.uint32(23))
-    shift = 126 - exp  # the half subnormal is mant24 * 2^(exp-126) units of 2^-24
-    if exp == 0 or shift > 24:
-        return sign
-    mant = np.uint32((a & np.uint32(0x7FFFFF)) | np.uint32(0x800000))
-    q = mant >> np.uint32(shift)
-    rem = mant & np.uint32((1 << shift) - 1)
-    half = np.uint32(1 << (shift - 1))
-    if rem > half or (rem == half and (q & np.uint32(1)) == 1):
-        q += np.uint32(1)
-    return sign | np.uint16(q)
 
 
 @numba.njit(inline="always", **_jit)
@@ -137,11 +91,17 @@ def encode_q40(src, kind, order, out):
                 lo = _q40_nibble(x[j], inv)
                 hi = _q40_nibble(x[j + 16], inv)
                 row[o + 2 + j] = lo | (hi << np.uint8(4))
-        scale_bits = scales.view(np.uint32)
-        for b in range(n_blocks):
-            h = _f32_bits_to_f16_bits(scale_bits[b])
-            row[b * 18] = np.uint8(h & np.uint16(0xFF))
-            row[b * 18 + 1] = np.uint8(h >> np.uint16(8))
+        _store_scales(row, scales, 18)
+
+
+@numba.njit(inline="always", **_jit)
+def _store_scales(row, scales, block_bytes):
+    """Each block's float32 scale as little-endian f16 bits at the start of its block."""
+    scale_bits = scales.view(np.uint32)
+    for b in range(scales.shape[0]):
+        h = _f32_bits_to_f16_bits(scale_bits[b])
+        row[b * block_bytes] = np.uint8(h & np.uint16(0xFF))
+        row[b * block_bytes + 1] = np.uint8(h >> np.uint16(8))
 
 
 @numba.njit(inline="always", **_jit)
@@ -177,11 +137,7 @@ def encode_q80(src, kind, order, out):
             o = b * 34 + 2
             for j in range(32):
                 row[o + j] = np.uint8(np.int8(np.rint(x[j] * inv)) & 0xFF)
-        scale_bits = scales.view(np.uint32)
-        for b in range(n_blocks):
-            h = _f32_bits_to_f16_bits(scale_bits[b])
-            row[b * 34] = np.uint8(h & np.uint16(0xFF))
-            row[b * 34 + 1] = np.uint8(h >> np.uint16(8))
+        _store_scales(row, scales, 34)
 
 
 @numba.njit(parallel=True, **_jit)

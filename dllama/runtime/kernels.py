@@ -23,6 +23,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from dllama.f16bits import round_to_f16
+
 BLOCK = 32
 Q40_BYTES = 18
 Q80_BYTES = 34
@@ -200,20 +202,6 @@ _nibble_row_lanes = _rows_lanes_kernel(1)
 
 
 @njit(cache=True, inline="always")
-def _f16_round(x):
-    """float32 -> nearest f16 (ties to even) -> float32: the value the reference stores as a scale."""
-    ax = abs(x)
-    if ax < np.float32(6.103515625e-05):  # f16 subnormal range: a fixed quantum of 2^-24
-        return np.float32(np.rint(np.float64(x) * 16777216.0) / 16777216.0)
-    if ax >= np.float32(65520.0):
-        return np.float32(np.inf) if x > 0 else np.float32(-np.inf)
-    bits = np.array([x], dtype=np.float32).view(np.uint32)[0]
-    lsb = (bits >> np.uint32(13)) & np.uint32(1)
-    bits = (bits + np.uint32(0xFFF) + lsb) & np.uint32(0xFFFFE000)
-    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
-
-
-@njit(cache=True, inline="always")
 def _scale(row, offset, scale_table):
     return scale_table[np.int32(row[offset]) | (np.int32(row[offset + 1]) << 8)]
 
@@ -244,7 +232,7 @@ def quantize_q80(x, xq, xd, xc):
         d, inv = _q80_scale(x, t, x0)
         for j in range(BLOCK):
             xq[t, x0 + j] = np.int8(np.rint(x[t, x0 + j] * inv))
-        xd[t, b] = _f16_round(d)
+        xd[t, b] = round_to_f16(d)
         for i in range(BLOCK // 4):
             k = x0 + 4 * i
             xc[t, k // 4] = -8 * (np.int32(xq[t, k]) + np.int32(xq[t, k + 1]) + np.int32(xq[t, k + 2]) + np.int32(xq[t, k + 3]))
@@ -258,7 +246,7 @@ def q80_roundtrip(x):
         for b in range(n // BLOCK):
             x0 = b * BLOCK
             d, inv = _q80_scale(x, t, x0)
-            ds = _f16_round(d)
+            ds = round_to_f16(d)
             for j in range(BLOCK):
                 x[t, x0 + j] = np.float32(np.rint(x[t, x0 + j] * inv)) * ds
 
