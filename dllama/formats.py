@@ -550,6 +550,13 @@ class TokKey(enum.IntEnum):
     ADD_BOS = 10
 
 
+def padded_vocabulary(model_vocab: int, tokenizer_vocab: int) -> bool:
+    """A tokenizer smaller than the model's embedding, as in checkpoints that pad it (Qwen3: 151936
+    rows, 151669 tokens): the extra rows are never produced and the reference runtime only notes it.
+    A tokenizer larger than the embedding, or under half of it, belongs to another model."""
+    return model_vocab // 2 <= tokenizer_vocab < model_vocab
+
+
 EXTENSION_MAGIC = b"DLXT"
 EXTENSION_VERSION = 1
 

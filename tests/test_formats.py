@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 from dllama.checkpoint import Checkpoint, header_from_config
 from dllama.formats import (
     FloatType, FormatError, ModelFile, decode_tensor, dequantize_q40, dequantize_q80, encode_tensor,
-    parse_model_header, parse_tokenizer, quantize_q40, quantize_q80,
+    padded_vocabulary, parse_model_header, parse_tokenizer, quantize_q40, quantize_q80,
 )
 
 # magnitudes where the f16 block scale stays a normal number
@@ -90,3 +90,10 @@ def test_tokenizer_file_round_trips(conformance_dir):
     tf = parse_tokenizer(data)
     assert tf.vocab_size == 384 and tf.eos_ids == [383] and tf.bos_id == 382
     assert tf.to_bytes() == data
+
+
+def test_a_tokenizer_may_be_smaller_than_a_padded_embedding_but_never_larger():
+    assert padded_vocabulary(151936, 151669)          # Qwen3
+    assert not padded_vocabulary(32000, 32000)       # equal is no padding
+    assert not padded_vocabulary(32000, 32001)       # ids past the embedding
+    assert not padded_vocabulary(128256, 32000)      # another model's tokenizer

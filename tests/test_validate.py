@@ -17,6 +17,7 @@ from conftest import CONFORMANCE, FIXTURES, require_fixtures
 from dllama.checkpoint import Checkpoint
 from dllama.formats import FloatType, ModelFile, read_tokenizer
 from dllama.tokenizer.convert import convert_tokenizer
+from dllama.validate import checks
 from dllama.validate.cli import main
 from dllama.validate.reference import ReferenceLogits, compute_reference
 from dllama.validate.report import Status
@@ -176,6 +177,17 @@ def test_vocab_differing_by_one_token_is_caught(tmp_path):
     tf.scores.append(-float(len(tf.scores)))
     report = validate(src / "expected_q40.m", write_tokenizer(tmp_path, tf), options=FAST)
     assert "differ by one token" in failing(report)["tokenizer.vocab_size"]
+
+
+def test_padded_model_vocabulary_warns_but_one_token_fewer_fails():
+    # Qwen3 pads its embedding (151936 rows) beyond its 151669 tokens: the converter and runtime accept
+    # that pair, so the validator must not fail it; one token fewer is still a lost token
+    tf = read_tokenizer(fixture("tiny-llama") / "expected.t")
+    header = ModelFile(fixture("tiny-llama") / "expected_q40.m").header
+    padded = checks.vocab_sizes_equal(replace(header, vocab_size=tf.vocab_size + 128), tf)
+    assert padded.status == Status.WARN and "128 rows the tokenizer never produces" in padded.reason
+    one_fewer = checks.vocab_sizes_equal(replace(header, vocab_size=tf.vocab_size + 1), tf)
+    assert one_fewer.status == Status.FAIL and "one fewer" in one_fewer.reason
 
 
 def test_bos_eos_swapped_is_caught(tmp_path):

@@ -20,8 +20,8 @@ import numpy as np
 from dllama.checkpoint import Checkpoint, CheckpointError, TensorEntry, header_from_config
 from dllama.converter import kernels
 from dllama.formats import (
-    BLOCK_SIZE, FloatType, ModelHeader, TensorSpec, TokenizerFile, atomic_output, permute_rotary_rows,
-    tensor_plan,
+    BLOCK_SIZE, FloatType, ModelHeader, TensorSpec, TokenizerFile, atomic_output, padded_vocabulary,
+    permute_rotary_rows, tensor_plan,
 )
 from dllama.tokenizer.convert import convert_tokenizer
 
@@ -137,12 +137,11 @@ def _check_special_ids(tokenizer: TokenizerFile) -> None:
 
 
 def _check_vocab(header: ModelHeader, tokenizer: TokenizerFile, notes: list[str]) -> None:
-    if tokenizer.vocab_size > header.vocab_size:
+    if padded_vocabulary(header.vocab_size, tokenizer.vocab_size):
+        notes.append(f"the model's vocabulary ({header.vocab_size}) is padded beyond the tokenizer's ({tokenizer.vocab_size} tokens)")
+    elif tokenizer.vocab_size != header.vocab_size:
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json vocab_size is "
                               f"{header.vocab_size}; the tokenizer does not belong to this model")
-    if tokenizer.vocab_size < header.vocab_size:
-        # Qwen-style checkpoints pad the embedding beyond the tokenizer: harmless, but say so
-        notes.append(f"the model's vocabulary ({header.vocab_size}) is padded beyond the tokenizer's ({tokenizer.vocab_size} tokens)")
 
 
 def plan_conversion(folder: Path, float_type: FloatType | None, name: str, output_dir: Path,

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional
 
 import typer
 
-from dllama.formats import FormatError
+from dllama.formats import FormatError, padded_vocabulary
 from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN, Engine, EngineError
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None,
@@ -72,9 +72,7 @@ def load_session(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optio
 
 
 def check_vocab(tokenizer_vocab: int, model_vocab: int, tokenizer: Path, model: Path) -> None:
-    # a model may pad its embedding past the tokenizer (Qwen3: 151936 rows, 151669 tokens);
-    # a tokenizer with more tokens than the model has rows is from another model
-    if tokenizer_vocab > model_vocab or tokenizer_vocab < model_vocab // 2:
+    if tokenizer_vocab != model_vocab and not padded_vocabulary(model_vocab, tokenizer_vocab):
         raise CliError(f"tokenizer {tokenizer} has {tokenizer_vocab} tokens but model {model} has a vocabulary of "
                        f"{model_vocab}: pass the .t converted from the same checkpoint as the .m")
 

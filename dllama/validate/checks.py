@@ -16,7 +16,7 @@ from dllama.checkpoint import Checkpoint, CheckpointError, header_from_config
 from dllama.formats import (
     MODEL_MAGIC, OLD_MODEL_MAGICS, OLD_TOKENIZER_MAGIC, TOKENIZER_MAGIC, ArchType, EmbeddedKind, FloatType, FormatError,
     HiddenAct, ModelFile, ModelHeader, RopeType, TensorSpec, TokenizerFile, decode_tensor, model_file_size,
-    permute_rotary_rows, read_model_header, read_tokenizer, tensor_plan,
+    padded_vocabulary, permute_rotary_rows, read_model_header, read_tokenizer, tensor_plan,
 )
 from dllama.validate.report import CheckResult, InputError, failed, passed, skipped, warned
 
@@ -297,6 +297,10 @@ def vocab_sizes_equal(h: ModelHeader, tf: TokenizerFile) -> CheckResult:
     if h.vocab_size == tf.vocab_size:
         return passed("tokenizer.vocab_size", measured, "equal")
     diff = tf.vocab_size - h.vocab_size
+    if diff < -1 and padded_vocabulary(h.vocab_size, tf.vocab_size):
+        return warned("tokenizer.vocab_size", measured, "equal",
+                      f"the model's embedding has {-diff} rows the tokenizer never produces: fine for a checkpoint "
+                      "that pads its vocabulary (Qwen does); otherwise the tokenizer lost tokens")
     if abs(diff) == 1:
         why = (f"the vocabularies differ by one token (an added or dropped special token?): the .t has "
                f"{'one more' if diff > 0 else 'one fewer'}; convert the tokenizer from the same model folder")
