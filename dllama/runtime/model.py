@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from dllama.formats import ModelFile, ModelHeader, RopeType
+from dllama.formats import ModelFile, ModelHeader, RopeType, Split
 from dllama.runtime import kernels
 from dllama.runtime.tensors import Matrix
 
@@ -63,37 +64,38 @@ class NodeWeights:
     embedding: np.ndarray | None = None  # (vocab, dim) float32; needed by the node that embeds tokens
 
 
-def load_node_weights(model: ModelFile, node: NodeSlice = NodeSlice()) -> NodeWeights:
-    """Zero-copy views of the node's slices of every tensor in the memory-mapped file."""
-    h = model.header
-
-    def rows(name: str, total: int) -> Matrix:
-        return Matrix.from_file(model, name).row_slice(*node.share(total))
-
-    def cols(name: str, total: int) -> Matrix:
-        return Matrix.from_file(model, name).column_slice(*node.share(total))
-
-    def vector(name: str) -> np.ndarray:
-        return model.blocks(name)
-
+def assemble_node_weights(h: ModelHeader, matrix: Callable[[str], Matrix], vector: Callable[[str], np.ndarray],
+                          embedding: np.ndarray | None = None) -> NodeWeights:
+    """A node's weights by tensor name (FORMAT.md §1.3): `matrix(name)` gives its slice of a split
+    matrix, `vector(name)` a whole tensor (norms, moe gate)."""
     layers = []
     for l in range(h.n_layers):
         p = f"layers.{l}."
-        lw = LayerWeights(
-            q=rows(p + "q", h.q_dim), k=rows(p + "k", h.kv_dim), v=rows(p + "v", h.kv_dim),
-            wo=cols(p + "wo", h.q_dim), attn_norm=vector(p + "attn_norm"), ffn_norm=vector(p + "ffn_norm"),
-        )
+        lw = LayerWeights(q=matrix(p + "q"), k=matrix(p + "k"), v=matrix(p + "v"), wo=matrix(p + "wo"),
+                          attn_norm=vector(p + "attn_norm"), ffn_norm=vector(p + "ffn_norm"))
         if h.is_moe:
             lw.gate = vector(p + "gate")
-            lw.experts = [Expert(rows(f"{p}experts.{e}.w1", h.ffn_dim), cols(f"{p}experts.{e}.w2", h.ffn_dim),
-                                 rows(f"{p}experts.{e}.w3", h.ffn_dim)) for e in range(h.n_experts)]
+            lw.experts = [Expert(matrix(f"{p}experts.{e}.w1"), matrix(f"{p}experts.{e}.w2"), matrix(f"{p}experts.{e}.w3"))
+                          for e in range(h.n_experts)]
         else:
-            lw.w1, lw.w2, lw.w3 = rows(p + "w1", h.hidden_dim), cols(p + "w2", h.hidden_dim), rows(p + "w3", h.hidden_dim)
+            lw.w1, lw.w2, lw.w3 = matrix(p + "w1"), matrix(p + "w2"), matrix(p + "w3")
         if h.has_qk_norm:
             lw.q_norm, lw.k_norm = vector(p + "q_norm"), vector(p + "k_norm")
         layers.append(lw)
-    return NodeWeights(layers=layers, norm=vector("norm"), lm_head=rows("lm_head", h.vocab_size),
-                       embedding=vector("embedding"))
+    return NodeWeights(layers=layers, norm=vector("norm"), lm_head=matrix("lm_head"), embedding=embedding)
+
+
+def load_node_weights(model: ModelFile, node: NodeSlice = NodeSlice()) -> NodeWeights:
+    """Zero-copy views of the node's slices of every tensor in the memory-mapped file."""
+
+    def matrix(name: str) -> Matrix:
+        spec = model.layout[name].spec
+        whole = Matrix.from_file(model, name)
+        if spec.split == Split.ROWS:
+            return whole.row_slice(*node.share(spec.shape[0]))
+        return whole.column_slice(*node.share(spec.shape[1]))
+
+    return assemble_node_weights(model.header, matrix, model.blocks, embedding=model.blocks("embedding"))
 
 
 # --------------------------------------------------------------------------------------------
