@@ -122,3 +122,11 @@ def local_generation(engine, tokenizer, prompt_ids: list[int], max_tokens: int, 
     engine.reset()
     return list(generate(engine, prompt_ids, max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                          seed=sampling.seed, eos_ids=tokenizer.eos_ids))
+
+
+def common_prefix(a, b) -> int:
+    """Leading tokens two id lists share (the tests' own count, independent of the server's)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

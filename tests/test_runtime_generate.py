@@ -6,7 +6,7 @@ import pytest
 
 from conftest import CONFORMANCE, require_fixtures
 from dllama.runtime.engine import Engine, EngineError
-from dllama.runtime.generate import generate
+from dllama.runtime.generate import generate, reusable_prefix
 from dllama.runtime.sampler import Sampler
 
 
@@ -70,3 +70,9 @@ def test_sampler_greedy_seeded_and_nucleus():
         Sampler(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         Sampler(temperature=-1)
+
+
+def test_reusable_prefix_keeps_the_last_prompt_token_to_evaluate():
+    assert reusable_prefix([1, 2, 3, 9], [1, 2, 3, 4, 5]) == 3   # diverges at the fourth token
+    assert reusable_prefix([1, 2, 3, 4, 5, 6], [1, 2, 3]) == 2   # whole prompt cached: its last token runs again
+    assert reusable_prefix([], [7]) == 0

@@ -11,10 +11,9 @@ import openai
 import pytest
 
 from dllama.runtime.serve.protocol import Sampling
-from dllama.runtime.serve.session import common_prefix_length
 from dllama.tokenizer.convert import convert_tokenizer
 from conftest import CONFORMANCE, require_fixtures
-from serve_helpers import ServerProcess, load_engine_and_tokenizer, local_generation
+from serve_helpers import ServerProcess, common_prefix, load_engine_and_tokenizer, local_generation
 
 MODEL_DIR = CONFORMANCE / "tiny-llama"
 MODEL = MODEL_DIR / "expected_f32.m"
@@ -162,7 +161,7 @@ def test_follow_up_prompt_reuses_the_kv_cache_and_says_so(client, local):
     follow_up = first + text + " and then"
     ids = tok.encode(follow_up)
     evaluated = tok.encode(first) + tokens[:-1]   # the last sampled token was never run through the model
-    shared = common_prefix_length(evaluated, ids)
+    shared = common_prefix(evaluated, ids)
     again = client.completions.create(model="tiny", prompt=follow_up, max_tokens=4, temperature=0)
     assert again.usage.prompt_tokens_details.cached_tokens == shared >= len(tok.encode(first))
     fresh_text, _, _ = expected(local, ids, 4, Sampling(temperature=0.0))

@@ -12,9 +12,8 @@ import pytest
 
 from conftest import CONFORMANCE, require_fixtures
 from dllama.runtime.serve import create_app
-from dllama.runtime.serve.session import common_prefix_length
 from dllama.tokenizer.convert import convert_tokenizer
-from serve_helpers import RecordingEngine, in_process_server, load_engine_and_tokenizer
+from serve_helpers import RecordingEngine, common_prefix, in_process_server, load_engine_and_tokenizer
 
 MODEL_DIR = CONFORMANCE / "tiny-llama"
 CONTEXT = 256
@@ -52,7 +51,7 @@ def test_follow_up_turn_evaluates_only_the_new_tokens(engine_and_tokenizer):
         recording.calls.clear()
         follow_up = client.chat.completions.create(model="m", messages=history, max_tokens=8, temperature=0)
     second_ids = tok.encode(tok.render_chat(history), add_bos=False)
-    shared = common_prefix_length(cached, second_ids)
+    shared = common_prefix(cached, second_ids)
     prefill_pos, prefill_ids = recording.calls[0]
     assert prefill_pos == shared >= 30                        # the shared history came from the cache
     assert prefill_ids == second_ids[shared:]                 # and only the rest was evaluated

@@ -7,7 +7,7 @@ import pytest
 
 from dllama.runtime.serve import protocol
 from dllama.runtime.serve.protocol import ApiError
-from dllama.runtime.serve.session import StopScanner, common_prefix_length
+from dllama.runtime.serve.session import StopScanner
 
 
 def scan(pieces, stops):
@@ -41,12 +41,6 @@ def test_stop_scanner_never_emits_part_of_a_stop_sequence():
     assert "".join(emitted) == "ok"
     assert scanner.push("d|>more") == ""
     assert scanner.stopped
-
-
-def test_common_prefix_length():
-    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
-    assert common_prefix_length([], [1]) == 0
-    assert common_prefix_length([1, 2], [1, 2, 3]) == 2
 
 
 def error_of(parse, body) -> ApiError:

@@ -18,6 +18,7 @@ import typer
 
 from dllama.formats import FormatError, padded_vocabulary
 from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN, Engine, EngineError
+from dllama.runtime.generate import reusable_prefix
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None,
                   help="Run a converted model: text generation (default), chat, and the serve/worker/plan subcommands.")
@@ -216,7 +217,7 @@ def chat_command(
                 break
             messages.append({"role": "user", "content": user})
             ids = session.tokenizer.encode_chat(messages)
-            start = min(_common_prefix(cached, ids), session.engine.pos)
+            start = min(reusable_prefix(cached, ids), session.engine.pos)
             if len(ids) >= session.engine.max_seq_len:
                 raise CliError(f"the conversation has {len(ids)} tokens, more than --max-seq-len "
                                f"{session.engine.max_seq_len}: start a new chat or raise --max-seq-len")
@@ -229,14 +230,6 @@ def chat_command(
 
     _run_safely(body)
 
-
-def _common_prefix(cached: list[int], ids: list[int]) -> int:
-    n = 0
-    for a, b in zip(cached, ids):
-        if a != b:
-            break
-        n += 1
-    return min(n, len(ids) - 1)  # at least one token is evaluated to get logits
 
 
 def _register_subcommands() -> None:

@@ -7,6 +7,17 @@ from dllama.runtime.engine import Engine, EngineError
 from dllama.runtime.sampler import Sampler
 
 
+def reusable_prefix(cached: Sequence[int], prompt_ids: Sequence[int]) -> int:
+    """How many leading prompt tokens a KV cache holding `cached` already has: generate()'s start_pos.
+    The last prompt token is always evaluated again, since its logits give the first new token."""
+    n = 0
+    for a, b in zip(cached, prompt_ids):
+        if a != b:
+            break
+        n += 1
+    return min(n, len(prompt_ids) - 1)
+
+
 def generate(engine: Engine, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, eos_ids: Iterable[int] = (),
              cancel: Callable[[], bool] | None = None, start_pos: int = 0) -> Iterator[int]:

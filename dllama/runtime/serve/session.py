@@ -12,7 +12,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from dllama.runtime.generate import generate
+from dllama.runtime.generate import generate, reusable_prefix
 from dllama.runtime.serve.protocol import Sampling
 
 
@@ -84,14 +84,6 @@ class StopScanner:
         return 0
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 class Session:
     """The engine, the tokenizer, and which tokens the engine's KV cache currently holds."""
 
@@ -117,8 +109,7 @@ class Session:
 
     def _run(self, job: Job, cancelled: threading.Event, emit: Callable[[str], None]) -> Outcome:
         prompt = job.prompt_ids
-        # at least the last prompt token is evaluated: its logits give the first new token
-        reused = min(common_prefix_length(self.cached, prompt), len(prompt) - 1)
+        reused = reusable_prefix(self.cached, prompt)
         tokens = generate(_CacheTracking(self), prompt, job.max_tokens, temperature=job.sampling.temperature,
                           top_p=job.sampling.top_p, seed=job.sampling.seed, eos_ids=self.tokenizer.eos_ids,
                           cancel=cancelled.is_set, start_pos=reused)
