@@ -14,7 +14,7 @@ import struct
 import tempfile
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -316,9 +316,6 @@ class ModelHeader:
     @property
     def nbytes(self) -> int:
         return 8 + 8 * len(self.key_values())
-
-    def with_float_type(self, float_type: FloatType) -> "ModelHeader":
-        return replace(self, weights_float_type=float_type)
 
 
 _FIELD_BY_KEY = {

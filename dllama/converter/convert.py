@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from dllama.checkpoint import Checkpoint, CheckpointError, TensorEntry, header_from_config
+from dllama.checkpoint import Checkpoint, TensorEntry, header_from_config
 from dllama.converter import kernels
 from dllama.formats import (
     BLOCK_SIZE, FloatType, ModelHeader, TensorSpec, TokenizerFile, atomic_output, padded_vocabulary,
@@ -328,6 +328,3 @@ def convert(folder: str | os.PathLike, quant: str | FloatType | None, output_dir
     name = name or default_name(str(folder.resolve()))
     plan = plan_conversion(folder, float_type, name, Path(output_dir), with_tokenizer, embed_tokenizer)
     return write_outputs(plan, progress)
-
-
-CONVERSION_ERRORS = (ConversionError, CheckpointError)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 # config/index/tokenizer json, sentencepiece model, transformers-5 chat template, then the weights
 METADATA_PATTERNS = ["*.json", "tokenizer.model", "*.jinja"]
-DOWNLOAD_PATTERNS = ["*.safetensors", *METADATA_PATTERNS]
 # only the top level is read; hub patterns match across "/", so skip subfolders (onnx/, original/...),
 # and Mistral's consolidated*.safetensors (its own tensor names, a second copy of the weights)
 IGNORE_PATTERNS = ["*/*", "consolidated*.safetensors"]

@@ -73,9 +73,6 @@ class Report:
                 return c
         raise KeyError(name)
 
-    def failures(self) -> list[CheckResult]:
-        return [c for c in self.checks if c.status == Status.FAIL]
-
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "verdict": self.verdict, "inputs": self.inputs,
                 "counts": {s.value: sum(c.status == s for c in self.checks) for s in Status},
