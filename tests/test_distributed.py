@@ -163,8 +163,8 @@ def test_plan_command_prints_every_node_and_whether_it_fits():
     ok = runner.invoke(app, ["plan", "--model", path, "--nodes", "2", "--max-seq-len", "128", "--ram", "1G"])
     assert ok.exit_code == 0, ok.output
     assert "0 root" in ok.output and "1 worker" in ok.output and ok.output.count(" yes") == 2
-    small = runner.invoke(app, ["plan", "--model", path, "--nodes", "2", "--ram", "100M"])
-    assert small.exit_code == 2 and "NO (> 100.0 MiB)" in small.output
+    small = runner.invoke(app, ["plan", "--model", path, "--nodes", "2", "--ram", "30M"])
+    assert small.exit_code == 2 and "NO (> 30.0 MiB)" in small.output
     bad = runner.invoke(app, ["plan", "--model", path, "--nodes", "3"])
     assert bad.exit_code == 1 and "power of two" in bad.output
     as_json = runner.invoke(app, ["plan", "--model", path, "--nodes", "2", "--json"])

@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 from typing import Protocol, Sequence
 
-import numba
 import numpy as np
 
 from dllama.formats import FloatType, ModelFile, ModelHeader
-from dllama.runtime import kernels
+from dllama.runtime import compute
 from dllama.runtime.model import NodeLayers, NodeSlice, load_node_weights, rmsnorm
 
 DEFAULT_MAX_SEQ_LEN = 2048  # models declare up to 131072 positions; the KV cache must fit a small board
@@ -48,7 +47,7 @@ class LocalExchange:
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
         if self.quantize_partials:
-            kernels.q80_roundtrip(partial)
+            compute.q80_roundtrip(partial)
         x += partial
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
@@ -67,7 +66,7 @@ class Engine:
         self.layers = layers
         self.exchange = exchange
         self.max_seq_len = max_seq_len
-        self.nthreads = nthreads or numba.config.NUMBA_NUM_THREADS
+        self.nthreads = nthreads or compute.max_threads()
         self.pos = 0  # tokens currently in the KV cache
 
     @classmethod
@@ -79,8 +78,8 @@ class Engine:
         max_seq_len = min(max_seq_len, h.max_seq_len) if h.max_seq_len > 0 else max_seq_len
         if max_seq_len < 1:
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
-        if nthreads is not None and not 1 <= nthreads <= numba.config.NUMBA_NUM_THREADS:
-            raise EngineError(f"nthreads {nthreads} is outside 1..{numba.config.NUMBA_NUM_THREADS} (this machine's cores)")
+        if nthreads is not None and not 1 <= nthreads <= compute.max_threads():
+            raise EngineError(f"nthreads {nthreads} is outside 1..{compute.max_threads()} (this machine's cores)")
         node = NodeSlice(0, 1)
         layers = NodeLayers(h, load_node_weights(model, node), node, max_seq_len)
         return cls(model, layers, LocalExchange(uses_q80_buffers(h)), max_seq_len, nthreads)
@@ -97,7 +96,7 @@ class Engine:
         """Evaluate tokens at positions pos.. (the cache must hold positions < pos); (T, vocab) float32."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         self._check(ids, pos)
-        numba.set_num_threads(self.nthreads)  # numba's thread count is per calling thread
+        compute.set_threads(self.nthreads)  # per calling thread, like numba's
         out = np.empty((len(ids), self.vocab_size), dtype=np.float32)
         for start in range(0, len(ids), PREFILL_BATCH):
             batch = ids[start:start + PREFILL_BATCH]

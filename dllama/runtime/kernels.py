@@ -28,10 +28,8 @@ from dllama.f16bits import round_to_f16
 BLOCK = 32
 Q40_BYTES = 18
 Q80_BYTES = 34
-ROWS_PER_TASK = 16  # rows one thread takes at a time in the batched kernels
-
-# f16 bits -> float32, so kernels decode block scales with one lookup (numba has no CPU half)
-F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+ROWS_PER_TASK = 16     # rows one thread takes at a time in the matmuls
+BLOCKS_PER_TASK = 64   # q80 blocks one thread quantizes at a time
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 LANES = 16  # float32 accumulator lanes per (row, token), see "Quantized matmuls" below
@@ -219,13 +217,13 @@ def _q80_scale(x, t, x0):
     return d, (np.float32(1.0) / d if d != 0 else np.float32(0.0))
 
 
-@njit(cache=True, parallel=True)
-def quantize_q80(x, xq, xd, xc):
-    """x (T, n) float32 -> xq (T, n) int8, xd (T, n/32) float32 scales (f16-rounded), and
-    xc (T, n/4) int32 = -8 * sums of 4 consecutive xq (the q40 nibble offset, folded out)."""
-    T, n = x.shape
-    nb = n // BLOCK
-    for task in prange(T * nb):
+@njit(cache=True)
+def quantize_q80_tasks(x, xq, xd, xc, task0, task1):
+    """Blocks task0..task1 (numbered t * n/32 + b) of x (T, n) float32 -> xq (T, n) int8, xd (T, n/32)
+    float32 scales (f16-rounded) and xc (T, n/4) int32 = -8 * sums of 4 consecutive xq (the q40
+    nibble offset, folded out)."""
+    nb = x.shape[1] // BLOCK
+    for task in range(task0, task1):
         t = task // nb
         b = task % nb
         x0 = b * BLOCK
@@ -236,6 +234,14 @@ def quantize_q80(x, xq, xd, xc):
         for i in range(BLOCK // 4):
             k = x0 + 4 * i
             xc[t, k // 4] = -8 * (np.int32(xq[t, k]) + np.int32(xq[t, k + 1]) + np.int32(xq[t, k + 2]) + np.int32(xq[t, k + 3]))
+
+
+@njit(cache=True, parallel=True)
+def quantize_q80(x, xq, xd, xc):
+    """All of x, a chunk of blocks per thread (quantize_q80_tasks)."""
+    n_tasks = x.shape[0] * (x.shape[1] // BLOCK)
+    for chunk in prange((n_tasks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
+        quantize_q80_tasks(x, xq, xd, xc, chunk * BLOCKS_PER_TASK, min(n_tasks, (chunk + 1) * BLOCKS_PER_TASK))
 
 
 @njit(cache=True)
@@ -267,13 +273,13 @@ def _lane_sum(acc, offset):
     return total
 
 
-@njit(cache=True, parallel=True)
-def matvec_q40(w, xq, xd, xc, scale_table, out):
-    """One token: w (rows, nb * 18) uint8, xq (n,) int8, xd (nb,), xc (n/4,) -> out (rows,)."""
-    rows = w.shape[0]
+@njit(cache=True)
+def matvec_q40_rows(w, xq, xd, xc, scale_table, out, r0, r1):
+    """One token, rows r0..r1: w (rows, nb * 18) uint8, xq (n,) int8, xd (nb,), xc (n/4,) -> out (rows,)."""
     nb = xd.shape[0]
-    for r in prange(rows):
-        acc = np.zeros(LANES, dtype=np.float32)
+    acc = np.empty(LANES, dtype=np.float32)
+    for r in range(r0, r1):
+        acc[:] = 0.0
         row = w[r]
         for b in range(0, nb - 1, 2):
             o = b * Q40_BYTES
@@ -295,94 +301,114 @@ def _pair_scales(scales, n_pairs, out):
             out[16 * p + 8 + i] = scales[2 * p + 1]
 
 
-@njit(cache=True, parallel=True)
-def matmul_q40(w, xq, xd, xc, scale_table, out):
-    """T tokens per pass over the weights: rows are unpacked to nibbles (and their scales
-    decoded) once, ROW_GROUP at a time, and stay in L1 while every token streams past them."""
-    rows = w.shape[0]
+@njit(cache=True)
+def matmul_q40_rows(w, xq, xd, xc, x_scales, scale_table, out, r0, r1):
+    """T tokens, rows r0..r1, one pass over them: rows are unpacked to nibbles (and their scales
+    decoded) once, ROW_GROUP at a time, and stay in L1 while every token streams past them.
+    x_scales is pair_scales(xd)."""
     T, nb = xd.shape
     n_pairs = nb // 2
     n = nb * BLOCK
-    x_scales = np.empty((T, n_pairs * LANES), dtype=np.float32)
-    for t in range(T):
-        _pair_scales(xd[t], n_pairs, x_scales[t])
-    n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(n_tasks):
-        nibbles = np.empty(ROW_GROUP * n, dtype=np.uint8)
-        scales = np.empty((ROW_GROUP, nb), dtype=np.float32)
-        w_scales = np.empty(ROW_GROUP * n_pairs * LANES, dtype=np.float32)
-        acc = np.empty(ROW_GROUP * LANES, dtype=np.float32)
-        r0 = task * ROWS_PER_TASK
-        r_end = min(rows, r0 + ROWS_PER_TASK)
-        while r0 < r_end:
-            group = ROW_GROUP if r_end - r0 >= ROW_GROUP else 1
+    nibbles = np.empty(ROW_GROUP * n, dtype=np.uint8)
+    scales = np.empty((ROW_GROUP, nb), dtype=np.float32)
+    w_scales = np.empty(ROW_GROUP * n_pairs * LANES, dtype=np.float32)
+    acc = np.empty(ROW_GROUP * LANES, dtype=np.float32)
+    while r0 < r1:
+        group = ROW_GROUP if r1 - r0 >= ROW_GROUP else 1
+        for i in range(group):
+            row = w[r0 + i]
+            for b in range(nb):
+                o = b * Q40_BYTES
+                scales[i, b] = _scale(row, o, scale_table)
+                _unpack_q40_block(row, o + 2, nibbles, i * n + b * BLOCK)
+            _pair_scales(scales[i], n_pairs, w_scales[i * n_pairs * LANES:])
+        for t in range(T):
+            if group == ROW_GROUP:
+                _nibble_group_lanes(nibbles, n, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
+            else:
+                _nibble_row_lanes(nibbles, n, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
             for i in range(group):
-                row = w[r0 + i]
-                for b in range(nb):
+                if nb % 2:
+                    b = nb - 1
                     o = b * Q40_BYTES
-                    scales[i, b] = _scale(row, o, scale_table)
-                    _unpack_q40_block(row, o + 2, nibbles, i * n + b * BLOCK)
-                _pair_scales(scales[i], n_pairs, w_scales[i * n_pairs * LANES:])
-            for t in range(T):
-                if group == ROW_GROUP:
-                    _nibble_group_lanes(nibbles, n, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
-                else:
-                    _nibble_row_lanes(nibbles, n, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
-                for i in range(group):
-                    if nb % 2:
-                        b = nb - 1
-                        o = b * Q40_BYTES
-                        _q40_block(w[r0 + i], o + 2, 0, xq[t], b * BLOCK, xc[t], b * 8, scales[i, b] * xd[t, b],
-                                   np.float32(0), acc, i * LANES)
-                    out[t, r0 + i] = _lane_sum(acc, i * LANES)
-            r0 += group
+                    _q40_block(w[r0 + i], o + 2, 0, xq[t], b * BLOCK, xc[t], b * 8, scales[i, b] * xd[t, b],
+                               np.float32(0), acc, i * LANES)
+                out[t, r0 + i] = _lane_sum(acc, i * LANES)
+        r0 += group
+
+
+@njit(cache=True)
+def matmul_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1):
+    """q80 weights (rows, nb * 34) x T tokens (T = 1 included), rows r0..r1."""
+    T, nb = xd.shape
+    scales = np.empty(nb, dtype=np.float32)
+    acc = np.empty(T * LANES, dtype=np.float32)
+    for r in range(r0, r1):
+        row = w[r]
+        for b in range(nb):
+            scales[b] = _scale(row, b * Q80_BYTES, scale_table)
+        acc[:] = 0.0
+        for t in range(T):
+            xqt = xq[t]
+            for b in range(0, nb - 1, 2):
+                _s8_pair(row, b * Q80_BYTES + 2, Q80_BYTES, xqt, b * BLOCK, xc, 0, scales[b] * xd[t, b],
+                         scales[b + 1] * xd[t, b + 1], acc, t * LANES)
+            if nb % 2:
+                b = nb - 1
+                _s8_block(row, b * Q80_BYTES + 2, 0, xqt, b * BLOCK, xc, 0, scales[b] * xd[t, b], np.float32(0),
+                          acc, t * LANES)
+        for t in range(T):
+            out[t, r] = _lane_sum(acc, t * LANES)
+
+
+# The numba-parallel forms: ROWS_PER_TASK rows per task, each through the serial kernel above.
+
+@njit(cache=True, parallel=True)
+def matvec_q40(w, xq, xd, xc, scale_table, out):
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        matvec_q40_rows(w, xq, xd, xc, scale_table, out, task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK))
+
+
+@njit(cache=True, parallel=True)
+def matmul_q40(w, xq, xd, xc, x_scales, scale_table, out):
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        matmul_q40_rows(w, xq, xd, xc, x_scales, scale_table, out, task * ROWS_PER_TASK,
+                        min(rows, (task + 1) * ROWS_PER_TASK))
 
 
 @njit(cache=True, parallel=True)
 def matmul_q80(w, xq, xd, xc, scale_table, out):
-    """q80 weights (rows, nb * 34) x T tokens (T = 1 included)."""
     rows = w.shape[0]
-    T, nb = xd.shape
-    n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(n_tasks):
-        scales = np.empty(nb, dtype=np.float32)
-        acc = np.empty(T * LANES, dtype=np.float32)
-        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            row = w[r]
-            for b in range(nb):
-                scales[b] = _scale(row, b * Q80_BYTES, scale_table)
-            acc[:] = 0.0
-            for t in range(T):
-                xqt = xq[t]
-                for b in range(0, nb - 1, 2):
-                    _s8_pair(row, b * Q80_BYTES + 2, Q80_BYTES, xqt, b * BLOCK, xc, 0, scales[b] * xd[t, b],
-                             scales[b + 1] * xd[t, b + 1], acc, t * LANES)
-                if nb % 2:
-                    b = nb - 1
-                    _s8_block(row, b * Q80_BYTES + 2, 0, xqt, b * BLOCK, xc, 0, scales[b] * xd[t, b], np.float32(0),
-                              acc, t * LANES)
-            for t in range(T):
-                out[t, r] = _lane_sum(acc, t * LANES)
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        matmul_q80_rows(w, xq, xd, xc, scale_table, out, task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK))
 
 
 # --------------------------------------------------------------------------------------------
 # Attention over the KV cache (FORMAT.md §2)
 
-@njit(cache=True, parallel=True)
-def silu_gate(a, b, out):
-    """out = silu(a) * b elementwise, in float64, rounded once to float32 (see model.py)."""
-    T, n = a.shape
-    for t in prange(T):
-        for i in range(n):
+@njit(cache=True)
+def silu_gate_rows(a, b, out, t0, t1):
+    """out = silu(a) * b elementwise for tokens t0..t1, in float64, rounded once to float32 (see model.py)."""
+    for t in range(t0, t1):
+        for i in range(a.shape[1]):
             x = np.float64(a[t, i])
             out[t, i] = x / (1.0 + np.exp(-x)) * b[t, i]
 
 
+@njit(cache=True, parallel=True)
+def silu_gate(a, b, out):
+    for t in prange(a.shape[0]):
+        silu_gate_rows(a, b, out, t, t + 1)
+
+
 # fastmath lets LLVM vectorise the float64 sums; their order then varies with the vector width,
 # which float64 absorbs before the float32 rounding of the result
-@njit(cache=True, parallel=True, fastmath=True)
-def attention(q, k_cache, v_cache, pos0, out):
-    """q (T, H, hd) of tokens at positions pos0..pos0+T-1; caches (S, KVH, hd) already hold them.
+@njit(cache=True, fastmath=True)
+def attention_tasks(q, k_cache, v_cache, pos0, out, task0, task1):
+    """Heads task0..task1 (numbered t * H + h) of q (T, H, hd), tokens at positions pos0..pos0+T-1;
+    the caches (S, KVH, hd) already hold them.
 
     out (T, H * hd): per head, softmax(q.k_t / sqrt(hd)) over t <= pos, times v. Sums run in
     float64 so the float32 result does not depend on their order (see model.py).
@@ -390,7 +416,8 @@ def attention(q, k_cache, v_cache, pos0, out):
     T, H, hd = q.shape
     group = H // k_cache.shape[1]
     inv_sqrt = 1.0 / np.sqrt(hd)
-    for task in prange(T * H):
+    z = np.empty(hd, dtype=np.float64)
+    for task in range(task0, task1):
         t = task // H
         h = task % H
         kv = h // group
@@ -409,10 +436,17 @@ def attention(q, k_cache, v_cache, pos0, out):
             e = np.exp(scores[s] - smax)
             scores[s] = e
             total += e
-        z = np.zeros(hd, dtype=np.float64)
+        z[:] = 0.0
         for s in range(n):
             a = scores[s] / total
             for i in range(hd):
                 z[i] += a * v_cache[s, kv, i]
         for i in range(hd):
             out[t, h * hd + i] = z[i]
+
+
+@njit(cache=True, parallel=True)
+def attention(q, k_cache, v_cache, pos0, out):
+    n_tasks = q.shape[0] * q.shape[1]
+    for task in prange(n_tasks):
+        attention_tasks(q, k_cache, v_cache, pos0, out, task, task + 1)

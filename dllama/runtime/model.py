@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from dllama.formats import ModelFile, ModelHeader, RopeType, Split
-from dllama.runtime import kernels
+from dllama.runtime import compute
 from dllama.runtime.tensors import Matrix
 
 
@@ -111,9 +111,9 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def silu_gate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """silu(a) * b, the FFN's hidden activation (float64 inside, kernels.silu_gate)."""
+    """silu(a) * b, the FFN's hidden activation (float64 inside, compute.silu_gate)."""
     out = np.empty(a.shape, dtype=np.float32)
-    kernels.silu_gate(np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32), out)
+    compute.silu_gate(np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32), out)
     return out
 
 
@@ -189,7 +189,7 @@ class NodeLayers:
         self.k_cache[l, pos:pos + T] = self.rope(k, pos)
         self.v_cache[l, pos:pos + T] = v
         z = np.empty((T, self.heads * hd), dtype=np.float32)
-        kernels.attention(np.ascontiguousarray(self.rope(q, pos)), self.k_cache[l], self.v_cache[l], pos, z)
+        compute.attention(np.ascontiguousarray(self.rope(q, pos)), self.k_cache[l], self.v_cache[l], pos, z)
         return lw.wo @ lw.wo.prepare(z)
 
     def ffn(self, l: int, y: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dllama.formats import BLOCK_FORMATS, BLOCK_SIZE, FloatType, FormatError, ModelFile
-from dllama.runtime import kernels
+from dllama.runtime import compute
 
 RUNNABLE_TYPES = (FloatType.F32, FloatType.Q40, FloatType.Q80)
 
@@ -22,7 +22,7 @@ class QuantizedInput:
 
     xq: np.ndarray  # (T, n) int8
     xd: np.ndarray  # (T, n/32) float32 block scales (f16-rounded)
-    xc: np.ndarray  # (T, n/4) int32: -8 * sums of 4 consecutive xq (kernels.quantize_q80)
+    xc: np.ndarray  # (T, n/4) int32: -8 * sums of 4 consecutive xq (compute.quantize_q80)
 
     @classmethod
     def of(cls, x: np.ndarray) -> "QuantizedInput":
@@ -31,7 +31,7 @@ class QuantizedInput:
         xq = np.empty((T, n), dtype=np.int8)
         xd = np.empty((T, n // BLOCK_SIZE), dtype=np.float32)
         xc = np.empty((T, n // 4), dtype=np.int32)
-        kernels.quantize_q80(x, xq, xd, xc)
+        compute.quantize_q80(x, xq, xd, xc)
         return cls(xq, xd, xc)
 
 
@@ -82,11 +82,10 @@ class Matrix:
             x = QuantizedInput.of(x)
         T = x.xq.shape[0]
         out = np.empty((T, self.shape[0]), dtype=np.float32)
-        table = kernels.F16_TO_F32
         if self.float_type == FloatType.Q40 and T == 1:
-            kernels.matvec_q40(self.data, x.xq[0], x.xd[0], x.xc[0], table, out[0])
+            compute.matvec_q40(self.data, x.xq[0], x.xd[0], x.xc[0], out[0])
         elif self.float_type == FloatType.Q40:
-            kernels.matmul_q40(self.data, x.xq, x.xd, x.xc, table, out)
+            compute.matmul_q40(self.data, x.xq, x.xd, x.xc, out)
         else:
-            kernels.matmul_q80(self.data, x.xq, x.xd, x.xc, table, out)
+            compute.matmul_q80(self.data, x.xq, x.xd, x.xc, out)
         return out

@@ -81,10 +81,10 @@ def worker_tensors(h: ModelHeader) -> list[tuple[int, TensorSpec]]:
 # --------------------------------------------------------------------------------------------
 # Memory per node
 
-# The interpreter with numpy, numba, llvmlite and the loaded kernels, on any node: 97 MiB after
-# the imports, about 165 MiB once the kernels have run (benchmarks/distributed.py on x86-64
-# Linux, docs/BENCHMARKS.md); most of it is shared-library code.
-RUNTIME_BASE_BYTES = 165 * 1024 * 1024
+# The interpreter, numpy and the compiled kernels (compute.py), on any node: about 36 MiB
+# (benchmarks/distributed.py on x86-64 Linux, docs/BENCHMARKS.md). Where the compiled kernels
+# cannot be built the runtime runs numba's JIT kernels, and numba and LLVM bring it to ~165 MiB.
+RUNTIME_BASE_BYTES = 36 * 1024 * 1024
 KV_BYTES_PER_VALUE = 4  # f32 cache (FORMAT.md §3)
 
 
@@ -94,7 +94,7 @@ class NodeMemory:
     weights: int     # this node's slices (+ the norms everybody holds)
     kv_cache: int    # its kv heads' cache for max_seq_len positions
     buffers: int     # activations of one batch, exchange buffers, logits
-    runtime: int     # interpreter, numpy, numba
+    runtime: int     # interpreter, numpy, compiled kernels
     mapped_only: int # mapped but not resident (the root's embedding: only looked-up rows are read)
 
     @property

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-import numba
 import numpy as np
 
 from dllama.formats import ModelFile, ModelHeader
@@ -29,6 +28,7 @@ from dllama.runtime.distributed.protocol import (
 )
 from dllama.runtime.distributed.slices import load_local_slices, node_tensor_names, stream_slices
 from dllama.runtime.distributed.weights import node_weights
+from dllama.runtime import compute
 from dllama.runtime.engine import Engine, EngineError, uses_q80_buffers
 from dllama.runtime.model import NodeLayers, NodeSlice
 
@@ -166,8 +166,8 @@ class DistributedEngine(Engine):
         max_seq_len = min(max_seq_len, h.max_seq_len)
         if max_seq_len < 1:
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
-        if nthreads is not None and not 1 <= nthreads <= numba.config.NUMBA_NUM_THREADS:
-            raise EngineError(f"nthreads {nthreads} is outside 1..{numba.config.NUMBA_NUM_THREADS} (this machine's cores)")
+        if nthreads is not None and not 1 <= nthreads <= compute.max_threads():
+            raise EngineError(f"nthreads {nthreads} is outside 1..{compute.max_threads()} (this machine's cores)")
         if buffer_type is None:  # as the reference: q80 buffers for quantized weights, f32 for f32 (FORMAT.md §2)
             buffer_type = BufferType.Q80 if uses_q80_buffers(h) else BufferType.F32
         elif isinstance(buffer_type, str):

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numba
 import numpy as np
 
 from dllama.formats import ModelHeader
@@ -30,6 +29,7 @@ from dllama.runtime.distributed.protocol import (
 )
 from dllama.runtime.distributed.slices import SliceReceiver, load_local_slices, node_tensor_names
 from dllama.runtime.distributed.weights import node_weights
+from dllama.runtime import compute
 from dllama.runtime.engine import PREFILL_BATCH
 from dllama.runtime.model import NodeLayers, NodeSlice, rmsnorm
 
@@ -67,8 +67,8 @@ class Session:
 class Worker:
     def __init__(self, host: str = "0.0.0.0", port: int = 9999, model_path: str | os.PathLike | None = None,
                  nthreads: int | None = None, log: Callable[[str], None] | None = None):
-        if nthreads is not None and not 1 <= nthreads <= numba.config.NUMBA_NUM_THREADS:
-            raise ValueError(f"--nthreads {nthreads} is outside 1..{numba.config.NUMBA_NUM_THREADS} (this machine's cores)")
+        if nthreads is not None and not 1 <= nthreads <= compute.max_threads():
+            raise ValueError(f"--nthreads {nthreads} is outside 1..{compute.max_threads()} (this machine's cores)")
         self.model_path = Path(model_path) if model_path else None
         self.identity: ModelIdentity | None = model_identity(self.model_path) if self.model_path else None
         self.nthreads = nthreads
@@ -149,7 +149,7 @@ class Worker:
                             session.hello.max_seq_len)
         send_frame(conn, Frame.LOADED)
         if self.nthreads:
-            numba.set_num_threads(self.nthreads)  # per calling thread
+            compute.set_threads(self.nthreads)  # per calling thread
         self._serve_tokens(conn, session, layers)
 
     def _accept_hello(self, hello: Hello) -> Session:

@@ -1,0 +1,213 @@
+"""Which compiled kernels run, on how many threads: the one door from the runtime to kernels.py.
+
+    compute.set_threads(2)                                   # for calls from this thread
+    compute.matvec_q40(w, xq, xd, xc, out)
+
+Two implementations of the same kernels, giving the same bits:
+- "compiled" (the default where it can be built): the module native.py builds once per machine.
+  No numba or LLVM in the process; work is split into contiguous row (or head) ranges, one per
+  thread, on a small pool of Python threads (the kernels release the GIL).
+- "jit": numba's parallel kernels, imported on first use (and with them numba and LLVM).
+DLLAMA_KERNELS=compiled|jit|auto (default auto: compiled if it builds, else jit) chooses.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# f16 bits -> float32, so kernels decode block scales with one lookup (numba has no CPU half)
+F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+BLOCK = 32
+ROW_ALIGN = 16          # thread ranges of rows start on multiples of this (the JIT kernels' task size)
+MIN_WORK = 1 << 17      # multiply-adds below which a call stays on one thread (a hand-off costs ~30 us)
+
+
+class KernelsUnavailable(RuntimeError):
+    pass
+
+
+def max_threads() -> int:
+    """This machine's cores (NUMBA_NUM_THREADS caps it, for either implementation)."""
+    return int(os.environ.get("NUMBA_NUM_THREADS") or os.cpu_count() or 1)
+
+
+_local = threading.local()
+
+
+def set_threads(n: int) -> None:
+    """Threads for kernel calls made from the calling thread (like numba.set_num_threads)."""
+    if not 1 <= n <= max_threads():
+        raise ValueError(f"{n} threads is outside 1..{max_threads()} (this machine's cores)")
+    _local.threads = n
+    if _backend().name == "jit":
+        import numba
+        numba.set_num_threads(n)
+
+
+def threads() -> int:
+    return getattr(_local, "threads", max_threads())
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels (argument shapes as in kernels.py)
+
+def quantize_q80(x, xq, xd, xc) -> None:
+    _backend().quantize_q80(x, xq, xd, xc)
+
+
+def q80_roundtrip(x) -> None:
+    _backend().q80_roundtrip(x)
+
+
+def matvec_q40(w, xq, xd, xc, out) -> None:
+    _backend().matvec_q40(w, xq, xd, xc, out)
+
+
+def matmul_q40(w, xq, xd, xc, out) -> None:
+    _backend().matmul_q40(w, xq, xd, xc, out)
+
+
+def matmul_q80(w, xq, xd, xc, out) -> None:
+    _backend().matmul_q80(w, xq, xd, xc, out)
+
+
+def silu_gate(a, b, out) -> None:
+    _backend().silu_gate(a, b, out)
+
+
+def attention(q, k_cache, v_cache, pos0: int, out) -> None:
+    _backend().attention(q, k_cache, v_cache, pos0, out)
+
+
+def pair_scales(xd: np.ndarray) -> np.ndarray:
+    """(T, nb) block scales -> (T, nb // 2 * 16): [d(2p)] * 8 + [d(2p+1)] * 8 per block pair p, the
+    lane layout matmul_q40 reads (copies only, so both implementations see the same values)."""
+    T, nb = xd.shape
+    pairs = xd[:, :nb // 2 * 2].reshape(T, nb // 2, 2, 1)
+    return np.ascontiguousarray(np.broadcast_to(pairs, (T, nb // 2, 2, 8)).reshape(T, -1), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The implementations
+
+class JitKernels:
+    name = "jit"
+
+    def __init__(self):
+        from dllama.runtime import kernels
+        self.k = kernels
+
+    def quantize_q80(self, x, xq, xd, xc):
+        self.k.quantize_q80(x, xq, xd, xc)
+
+    def q80_roundtrip(self, x):
+        self.k.q80_roundtrip(x)
+
+    def matvec_q40(self, w, xq, xd, xc, out):
+        self.k.matvec_q40(w, xq, xd, xc, F16_TO_F32, out)
+
+    def matmul_q40(self, w, xq, xd, xc, out):
+        self.k.matmul_q40(w, xq, xd, xc, pair_scales(xd), F16_TO_F32, out)
+
+    def matmul_q80(self, w, xq, xd, xc, out):
+        self.k.matmul_q80(w, xq, xd, xc, F16_TO_F32, out)
+
+    def silu_gate(self, a, b, out):
+        self.k.silu_gate(a, b, out)
+
+    def attention(self, q, k_cache, v_cache, pos0, out):
+        self.k.attention(q, k_cache, v_cache, pos0, out)
+
+
+class CompiledKernels:
+    name = "compiled"
+
+    def __init__(self, module):
+        self.m = module
+        self._pool: ThreadPoolExecutor | None = None
+
+    def quantize_q80(self, x, xq, xd, xc):
+        n_blocks = x.shape[0] * (x.shape[1] // BLOCK)
+        self._split(self.m.quantize_q80_tasks, (x, xq, xd, xc), n_blocks, work_per_item=4 * BLOCK, align=1)
+
+    def q80_roundtrip(self, x):
+        self.m.q80_roundtrip(x)
+
+    def matvec_q40(self, w, xq, xd, xc, out):
+        self._split(self.m.matvec_q40_rows, (_rows(w), xq, xd, xc, F16_TO_F32, out), w.shape[0], work_per_item=xq.shape[0])
+
+    def matmul_q40(self, w, xq, xd, xc, out):
+        args = (_rows(w), xq, xd, xc, pair_scales(xd), F16_TO_F32, out)
+        self._split(self.m.matmul_q40_rows, args, w.shape[0], work_per_item=xq.size)
+
+    def matmul_q80(self, w, xq, xd, xc, out):
+        self._split(self.m.matmul_q80_rows, (_rows(w), xq, xd, xc, F16_TO_F32, out), w.shape[0], work_per_item=xq.size)
+
+    def silu_gate(self, a, b, out):
+        self._split(self.m.silu_gate_rows, (a, b, out), a.shape[0], work_per_item=8 * a.shape[1], align=1)
+
+    def attention(self, q, k_cache, v_cache, pos0, out):
+        T, H, hd = q.shape
+        self._split(self.m.attention_tasks, (q, k_cache, v_cache, pos0, out), T * H,
+                    work_per_item=2 * hd * (pos0 + T), align=1)
+
+    def _split(self, kernel, args, n_items: int, work_per_item: int, align: int = ROW_ALIGN) -> None:
+        """kernel(*args, start, stop) over [0, n_items), in one contiguous range per thread."""
+        n_threads = min(threads(), max(1, n_items * work_per_item // MIN_WORK), max(1, n_items // align))
+        if n_threads == 1:
+            kernel(*args, 0, n_items)
+            return
+        step = -(-n_items // n_threads // align) * align if align > 1 else -(-n_items // n_threads)
+        bounds = [(start, min(n_items, start + step)) for start in range(0, n_items, step)]
+        pool = self._threads()
+        futures = [pool.submit(kernel, *args, start, stop) for start, stop in bounds[1:]]
+        kernel(*args, *bounds[0])
+        for f in futures:
+            f.result()
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, max_threads() - 1), thread_name_prefix="dllama-kernel")
+        return self._pool
+
+
+def _rows(w: np.ndarray) -> np.ndarray:
+    """The compiled matmuls take C-contiguous weights. The runtime's slices are (row slices of the
+    file, column slices copied by the distributed root); a strided column view is copied per call."""
+    return w if w.flags.c_contiguous else np.ascontiguousarray(w)
+
+
+_chosen: list = []
+_choosing = threading.Lock()
+
+
+def _backend():
+    if _chosen:
+        return _chosen[0]
+    with _choosing:
+        if not _chosen:
+            _chosen.append(_choose(os.environ.get("DLLAMA_KERNELS", "auto")))
+    return _chosen[0]
+
+
+def _choose(wanted: str):
+    if wanted not in ("auto", "compiled", "jit"):
+        raise KernelsUnavailable(f"DLLAMA_KERNELS={wanted} is not one of auto, compiled, jit")
+    if wanted == "jit":
+        return JitKernels()
+    from dllama.runtime import native
+    module = native.load()
+    if module is not None:
+        return CompiledKernels(module)
+    if wanted == "compiled":
+        raise KernelsUnavailable("DLLAMA_KERNELS=compiled but the compiled kernels cannot be built on this machine "
+                                 "(see the message above); unset it to use numba's JIT kernels")
+    return JitKernels()
+
+
+def implementation() -> str:
+    """"compiled" or "jit": which kernels this process runs (choosing them if not done yet)."""
+    return _backend().name

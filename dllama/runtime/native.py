@@ -1,0 +1,177 @@
+"""The kernels of kernels.py compiled ahead of time, once per machine, into an extension module.
+
+    module = native.load()    # built on first use; None where it cannot be built (the JIT runs then)
+
+A runtime process that imports numba carries the compiler with it: numba's Python modules and
+LLVM's code, about 120 MiB of a 160 MiB process, on every node (docs/BENCHMARKS.md). On a 1 GB
+board that is an eighth of the memory, and it is most of what keeps the root from holding just
+its share of the model. So the runtime runs the same kernels from a module that numba's
+ahead-of-time compiler (numba.pycc) builds: the serial `*_rows` / `*_tasks` kernels, compiled
+for this CPU, releasing the GIL so compute.py can run them on several threads at once. Only the
+build, in a child process (`python -m dllama.runtime.native DIR`), imports numba.
+
+The module is cached under $DLLAMA_CACHE (default ~/.cache/dllama) in kernels/<key>/, keyed by
+the kernel sources, numba, Python and the CPU, and written to a temp folder then renamed. A
+build needs a C compiler and Python's headers (pycc links numba's small C runtime in); without
+them `load` says so once and returns None.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+MODULE = "dllama_kernels"
+_W = "u1[:, ::1]"  # quantized weights: rows of packed blocks (an "A" layout here runs 1.7x slower)
+EXPORTS = {  # kernel in kernels.py -> its one signature in the compiled module
+    "quantize_q80_tasks": "void(f4[:, ::1], i1[:, ::1], f4[:, ::1], i4[:, ::1], i8, i8)",
+    "q80_roundtrip": "void(f4[:, ::1])",
+    "matvec_q40_rows": f"void({_W}, i1[::1], f4[::1], i4[::1], f4[::1], f4[::1], i8, i8)",
+    "matmul_q40_rows": f"void({_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
+    "matmul_q80_rows": f"void({_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
+    "silu_gate_rows": "void(f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
+    "attention_tasks": "void(f4[:, :, ::1], f4[:, :, ::1], f4[:, :, ::1], i8, f4[:, ::1], i8, i8)",
+}
+_SOURCES = ("runtime/kernels.py", "runtime/native.py", "f16bits.py")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DLLAMA_CACHE") or Path.home() / ".cache" / "dllama")
+
+
+def _cpu_key() -> str:
+    """The CPU as the kernels see it: model name and flags (x86 VNNI, ARM dot products)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    lines = [l for l in cpuinfo.splitlines() if l.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    return platform.machine() + "\n" + "\n".join(sorted(set(lines))) + os.environ.get("DLLAMA_NO_VNNI", "")
+
+
+def build_key() -> str:
+    package = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update((package / name).read_bytes())
+    h.update(_numba_fingerprint())
+    for part in (np.__version__, sys.version, _cpu_key()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _numba_fingerprint() -> bytes:
+    """numba's version, without importing numba (that is what the compiled module saves)."""
+    package = Path(importlib.util.find_spec("numba").origin).parent
+    version_file = package / "_version.py"
+    if version_file.exists():
+        return version_file.read_bytes()
+    stat = (package / "__init__.py").stat()
+    return f"{stat.st_size} {stat.st_mtime_ns}".encode()
+
+
+def module_dir() -> Path:
+    return cache_root() / "kernels" / build_key()
+
+
+def _import(folder: Path):
+    for path in folder.glob(MODULE + ".*"):
+        spec = importlib.util.spec_from_file_location(MODULE, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return None
+
+
+_loaded: dict[str, object] = {}
+
+
+def load(log=lambda message: print(message, file=sys.stderr)):
+    """The compiled kernels for this machine, building them (once, ~30 s) if needed; None if that fails."""
+    if "module" in _loaded:
+        return _loaded["module"]
+    folder = module_dir()
+    module = _import(folder) if folder.is_dir() else None
+    if module is None:
+        log("dllama: compiling the kernels for this CPU (once, about half a minute) ...")
+        error = build(folder)
+        module = None if error else _import(folder)
+        if module is None:
+            log(f"dllama: cannot build the compiled kernels ({error or 'no module'}); running numba's JIT kernels "
+                "instead, same results, ~120 MiB more per process: install a C compiler and Python's headers "
+                "(e.g. apt install gcc python3-dev) to get them")
+    _loaded["module"] = module
+    return module
+
+
+def build(folder: Path) -> str | None:
+    """Build the module into `folder` in a child process; None on success, else the error's last line."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        done = subprocess.run([sys.executable, "-m", "dllama.runtime.native", str(staging)], capture_output=True,
+                              text=True, env=_child_env())
+        if done.returncode:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            return lines[-1] if lines else f"exit status {done.returncode}"
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not folder.is_dir():  # another process may have built it at the same time: theirs is as good
+                raise
+        return None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    package_parent = str(Path(__file__).resolve().parent.parent.parent)
+    env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _compile(output_dir: str) -> None:
+    """In the child: compile EXPORTS with numba.pycc, GIL released, for this CPU."""
+    import numba.pycc.compiler as pycc_compiler
+    from numba.core.compiler import Flags
+    from numba.pycc import CC
+
+    from dllama.runtime import kernels
+
+    class ThreadFriendlyFlags(Flags):
+        # pycc's wrappers keep the GIL and check integer division for zero; compute.py runs the
+        # kernels on several threads, and their divisors are shapes (never zero)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.release_gil = True
+            self.error_model = "numpy"
+
+    pycc_compiler.Flags = ThreadFriendlyFlags
+    cc = CC(MODULE)
+    cc.output_dir = output_dir
+    cc.target_cpu = "host"
+    for name, signature in EXPORTS.items():
+        cc.export(name, signature)(_calling(getattr(kernels, name)))
+    cc.compile()
+
+
+def _calling(kernel):
+    """A plain function that calls the jitted kernel, so the kernel keeps its own options (fastmath)."""
+    n_args = len(kernel.py_func.__code__.co_varnames[:kernel.py_func.__code__.co_argcount])
+    args = ", ".join(f"a{i}" for i in range(n_args))
+    namespace = {"kernel": kernel}
+    exec(f"def call({args}):\n    kernel({args})\n", namespace)  # pycc compiles Python functions, not dispatchers
+    return namespace["call"]
+
+
+if __name__ == "__main__":
+    _compile(sys.argv[1])

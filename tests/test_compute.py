@@ -1,0 +1,142 @@
+"""The compiled kernels (native.py) against numba's JIT kernels: same bits, any thread count, and a
+runtime process that never loads numba (issue 6, memory)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed_helpers import write_random_model
+
+from dllama.formats import FloatType, quantize_q40, quantize_q80
+from dllama.runtime import compute, native
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def both():
+    module = native.load()
+    if module is None:
+        pytest.skip("the compiled kernels cannot be built here (no C compiler or Python headers)")
+    return compute.JitKernels(), compute.CompiledKernels(module)
+
+
+def quantized_input(rng, T: int, n: int):
+    x = (rng.standard_normal((T, n)) * rng.uniform(0.1, 3, size=(T, 1))).astype(np.float32)
+    xq, xd, xc = np.empty((T, n), np.int8), np.empty((T, n // 32), np.float32), np.empty((T, n // 4), np.int32)
+    compute.JitKernels().quantize_q80(x, xq, xd, xc)
+    return x, xq, xd, xc
+
+
+def packed(quantize, rng, rows: int, n: int) -> np.ndarray:
+    return quantize(rng.standard_normal((rows, n)).astype(np.float32)).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T, rows, n", [(1, 300, 256), (1, 64, 96), (5, 203, 160), (12, 64, 2048)])
+def test_matmuls_and_quantizer_are_bit_identical(both, threads, T, rows, n):
+    jit, compiled = both
+    compute.set_threads(threads)
+    rng = np.random.default_rng(T * rows + n)
+    x, xq, xd, xc = quantized_input(rng, T, n)
+    got = [np.empty_like(a) for a in (xq, xd, xc)]
+    compiled.quantize_q80(x, *got)
+    for want, have in zip((xq, xd, xc), got):
+        assert np.array_equal(want, have)
+    for quantize, name in ((quantize_q40, "matmul_q40"), (quantize_q80, "matmul_q80")):
+        w = packed(quantize, rng, rows, n)
+        want, have = np.empty((T, rows), np.float32), np.full((T, rows), np.nan, np.float32)
+        getattr(jit, name)(w, xq, xd, xc, want)
+        getattr(compiled, name)(w, xq, xd, xc, have)
+        assert np.array_equal(want, have), name
+        assert np.abs(want).max() > 0
+    if T == 1:
+        w = packed(quantize_q40, rng, rows, n)
+        want, have = np.empty(rows, np.float32), np.full(rows, np.nan, np.float32)
+        jit.matvec_q40(w, xq[0], xd[0], xc[0], want)
+        compiled.matvec_q40(w, xq[0], xd[0], xc[0], have)
+        assert np.array_equal(want, have)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_silu_and_roundtrip_are_bit_identical(both, threads):
+    jit, compiled = both
+    compute.set_threads(threads)
+    rng = np.random.default_rng(7)
+    T, H, KVH, hd, S, pos0 = 3, 8, 2, 32, 40, 29
+    q = rng.standard_normal((T, H, hd)).astype(np.float32)
+    k, v = (rng.standard_normal((S, KVH, hd)).astype(np.float32) for _ in range(2))
+    want, have = np.empty((T, H * hd), np.float32), np.full((T, H * hd), np.nan, np.float32)
+    jit.attention(q, k, v, pos0, want)
+    compiled.attention(q, k, v, pos0, have)
+    assert np.array_equal(want, have)
+    a, b = (rng.standard_normal((4, 4096)).astype(np.float32) for _ in range(2))
+    want, have = np.empty_like(a), np.full_like(a, np.nan)
+    jit.silu_gate(a, b, want)
+    compiled.silu_gate(a, b, have)
+    assert np.array_equal(want, have)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    want, have = x.copy(), x.copy()
+    jit.q80_roundtrip(want)
+    compiled.q80_roundtrip(have)
+    assert np.array_equal(want, have) and not np.array_equal(want, x)
+
+
+def test_strided_weights_are_accepted(both):
+    jit, compiled = both
+    rng = np.random.default_rng(3)
+    _, xq, xd, xc = quantized_input(rng, 1, 128)
+    w = packed(quantize_q40, rng, 32, 256)[:, :4 * 18]  # the first 128 columns: a strided view
+    want, have = np.empty(32, np.float32), np.empty(32, np.float32)
+    jit.matvec_q40(w, xq[0], xd[0], xc[0], want)
+    compiled.matvec_q40(w, xq[0], xd[0], xc[0], have)
+    assert np.array_equal(want, have)
+
+
+RUN_ENGINE = """
+import json, sys
+import numpy as np
+from dllama.runtime import compute
+from dllama.runtime.engine import Engine
+logits = Engine.load(sys.argv[1], max_seq_len=32, nthreads=2).forward([1, 5, 9, 2, 7], 0)
+np.save(sys.argv[2], logits)
+print(json.dumps({"kernels": compute.implementation(), "numba_loaded": "numba" in sys.modules}))
+"""
+
+
+def run_engine(model: Path, out: Path, **env) -> dict:
+    done = subprocess.run([sys.executable, "-c", RUN_ENGINE, str(model), str(out)], capture_output=True, text=True,
+                          env=dict(os.environ, NUMBA_NUM_THREADS="2", **env), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_runtime_process_runs_without_numba_and_agrees_with_the_jit(both, tmp_path):
+    model = write_random_model(tmp_path / "m.m", FloatType.Q40)
+    compiled = run_engine(model, tmp_path / "compiled.npy", DLLAMA_KERNELS="compiled")
+    jit = run_engine(model, tmp_path / "jit.npy", DLLAMA_KERNELS="jit")
+    assert compiled == {"kernels": "compiled", "numba_loaded": False}
+    assert jit == {"kernels": "jit", "numba_loaded": True}
+    assert np.array_equal(np.load(tmp_path / "compiled.npy"), np.load(tmp_path / "jit.npy"))
+
+
+@pytest.mark.slow
+def test_without_a_c_compiler_the_runtime_falls_back_to_the_jit_with_one_message(tmp_path):
+    model = write_random_model(tmp_path / "m.m", FloatType.Q40)
+    env = dict(os.environ, DLLAMA_CACHE=str(tmp_path / "cache"), CC="false", NUMBA_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", RUN_ENGINE, str(model), str(tmp_path / "out.npy")],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["kernels"] == "jit"
+    notes = [l for l in done.stderr.splitlines() if "cannot build the compiled kernels" in l]
+    assert len(notes) == 1 and "C compiler" in notes[0]
+    assert not list((tmp_path / "cache" / "kernels").iterdir())  # no half-built module left behind
+    env["DLLAMA_KERNELS"] = "compiled"
+    done = subprocess.run([sys.executable, "-c", RUN_ENGINE, str(model), str(tmp_path / "out.npy")],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode != 0 and "DLLAMA_KERNELS=compiled but the compiled kernels cannot be built" in done.stderr
