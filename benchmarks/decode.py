@@ -8,7 +8,7 @@ count in a fresh child process, as a user's `dllama-run` would: start-up to firs
 token (imports, cached kernels, mapping the model, prefill), prompt tokens/s (the batched
 prefill run again, warm),
 generated tokens/s and ms/token (greedy decode), peak RSS (the child's ru_maxrss) and the share
-of decode time spent inside the numba kernels. A warm-up child compiles or loads the kernels
+of decode time spent inside the kernels. A warm-up child compiles or loads the kernels
 first. Targets (issue 4), 2-core x86-64, 2 threads: >= 8.5 generated tokens/s (reference C++
 7.05), >= 75 prompt tokens/s (reference 72.6); peak RSS <= file + KV cache + 100 MB; start-up
 < 5 s with cached kernels.
@@ -56,7 +56,7 @@ def child(model: str, nthreads: int, prompt_tokens: int, steps: int, max_seq_len
     started = time.perf_counter()
     import numpy as np
 
-    from dllama.runtime import kernels, model as model_mod, tensors
+    from dllama.runtime import compute, tensors
     from dllama.runtime.engine import Engine
 
     engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads)
@@ -74,7 +74,7 @@ def child(model: str, nthreads: int, prompt_tokens: int, steps: int, max_seq_len
         token = int(engine.forward([token], pos)[0].argmax())
         step_times.append(time.perf_counter() - a)
         pos += 1
-    kernel_share = _kernel_share(engine, kernels, model_mod, tensors, token, pos, 8)
+    kernel_share = _kernel_share(engine, compute, tensors, token, pos, 8)
     import resource
 
     return {
@@ -85,12 +85,12 @@ def child(model: str, nthreads: int, prompt_tokens: int, steps: int, max_seq_len
         "startup_to_first_token_s": first_token, "kernel_share": kernel_share,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "kv_cache_bytes": engine.layers.kv_cache_bytes, "model_bytes": os.path.getsize(model),
-        "vnni": bool(kernels.VNNI512),
+        "kernels": compute.implementation(), "numba_loaded": "numba" in sys.modules,
     }
 
 
-def _kernel_share(engine, kernels, model_mod, tensors, token: int, pos: int, steps: int) -> float:
-    """Share of decode wall time inside the numba kernels (matmuls, quantization, attention)."""
+def _kernel_share(engine, compute, tensors, token: int, pos: int, steps: int) -> float:
+    """Share of decode wall time inside the kernels (matmuls, quantization, attention)."""
     spent = [0.0]
 
     def timed(fn):
@@ -102,12 +102,12 @@ def _kernel_share(engine, kernels, model_mod, tensors, token: int, pos: int, ste
                 spent[0] += time.perf_counter() - a
         return wrapper
 
-    matmul, attention = tensors.Matrix.__matmul__, kernels.attention
-    prepare, roundtrip = tensors.QuantizedInput.of, kernels.q80_roundtrip
+    matmul, attention = tensors.Matrix.__matmul__, compute.attention
+    prepare, roundtrip = tensors.QuantizedInput.of, compute.q80_roundtrip
     tensors.Matrix.__matmul__ = timed(matmul)
     tensors.QuantizedInput.of = timed(prepare)
-    model_mod.kernels.attention = timed(attention)
-    kernels.q80_roundtrip = timed(roundtrip)
+    compute.attention = timed(attention)
+    compute.q80_roundtrip = timed(roundtrip)
     try:
         a = time.perf_counter()
         for i in range(steps):
@@ -115,7 +115,7 @@ def _kernel_share(engine, kernels, model_mod, tensors, token: int, pos: int, ste
         total = time.perf_counter() - a
     finally:
         tensors.Matrix.__matmul__, tensors.QuantizedInput.of = matmul, prepare
-        model_mod.kernels.attention, kernels.q80_roundtrip = attention, roundtrip
+        compute.attention, compute.q80_roundtrip = attention, roundtrip
     return spent[0] / total
 
 
@@ -133,6 +133,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--model", help="use this .m instead of building the TinyLlama-shaped one")
+    p.add_argument("--kernels", default="auto", choices=["auto", "compiled", "jit"],
+                   help="which kernels the runs use (DLLAMA_KERNELS, dllama/runtime/compute.py)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--nthreads", type=int, default=1, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -140,6 +142,7 @@ def main() -> None:
         print(json.dumps(child(a.model, a.nthreads, a.prompt_tokens, a.steps, a.max_seq_len)))
         return
     model = Path(a.model) if a.model else ensure_model()
+    os.environ["DLLAMA_KERNELS"] = a.kernels
     common = ["--model", str(model), "--prompt-tokens", str(a.prompt_tokens), "--max-seq-len", str(a.max_seq_len)]
     run_child(common + ["--steps", "2", "--nthreads", "1", "--prompt-tokens", "4"])  # compile / load kernels
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
@@ -153,7 +156,9 @@ def main() -> None:
         print(f"| {n} | {r['prompt_tok_s']:.1f} | {r['gen_tok_s']:.2f} | {r['ms_per_token']:.1f} | "
               f"{100 * r['kernel_share']:.0f}% | {r['startup_to_first_token_s']:.2f} s | {r['peak_rss_bytes'] / 1e6:.0f} MB | "
               f"{budget / 1e6:.0f} MB |", flush=True)
-    print(f"load after the runs: {os.getloadavg()[0]:.2f}; vnni: {r['vnni']}")
+    vnni = "avx512_vnni" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    print(f"load after the runs: {os.getloadavg()[0]:.2f}; kernels: {r['kernels']} (numba loaded: {r['numba_loaded']}); "
+          f"CPU has AVX512-VNNI: {vnni}")
 
 
 if __name__ == "__main__":

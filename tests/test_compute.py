@@ -140,3 +140,32 @@ def test_without_a_c_compiler_the_runtime_falls_back_to_the_jit_with_one_message
     done = subprocess.run([sys.executable, "-c", RUN_ENGINE, str(model), str(tmp_path / "out.npy")],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode != 0 and "DLLAMA_KERNELS=compiled but the compiled kernels cannot be built" in done.stderr
+
+
+def test_two_callers_at_once_share_the_thread_team_safely(both):
+    """The serve scheduler runs one engine thread, but nothing stops two: the team then runs one
+    caller's ranges on helpers and the other's on its own thread."""
+    import threading
+
+    jit, compiled = both
+    rng = np.random.default_rng(11)
+    _, xq, xd, xc = quantized_input(rng, 1, 2048)
+    w = packed(quantize_q40, rng, 512, 2048)
+    want = np.empty(512, np.float32)
+    jit.matvec_q40(w, xq[0], xd[0], xc[0], want)
+    failures = []
+
+    def caller():
+        compute.set_threads(2)
+        for _ in range(200):
+            have = np.full(512, np.nan, np.float32)
+            compiled.matvec_q40(w, xq[0], xd[0], xc[0], have)
+            if not np.array_equal(want, have):
+                failures.append(have)
+
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures

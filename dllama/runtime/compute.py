@@ -6,7 +6,7 @@
 Two implementations of the same kernels, giving the same bits:
 - "compiled" (the default where it can be built): the module native.py builds once per machine.
   No numba or LLVM in the process; work is split into contiguous row (or head) ranges, one per
-  thread, on a small pool of Python threads (the kernels release the GIL).
+  thread, run by a `Team` of helper threads (the kernels release the GIL).
 - "jit": numba's parallel kernels, imported on first use (and with them numba and LLVM).
 DLLAMA_KERNELS=compiled|jit|auto (default auto: compiled if it builds, else jit) chooses.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -127,51 +126,104 @@ class CompiledKernels:
 
     def __init__(self, module):
         self.m = module
-        self._pool: ThreadPoolExecutor | None = None
+        self._team: Team | None = None
 
     def quantize_q80(self, x, xq, xd, xc):
         n_blocks = x.shape[0] * (x.shape[1] // BLOCK)
-        self._split(self.m.quantize_q80_tasks, (x, xq, xd, xc), n_blocks, work_per_item=4 * BLOCK, align=1)
+        self._split("quantize_q80_tasks", "job_quantize", (x, xq, xd, xc), n_blocks, work_per_item=4 * BLOCK, align=1)
 
     def q80_roundtrip(self, x):
         self.m.q80_roundtrip(x)
 
     def matvec_q40(self, w, xq, xd, xc, out):
-        self._split(self.m.matvec_q40_rows, (_rows(w), xq, xd, xc, F16_TO_F32, out), w.shape[0], work_per_item=xq.shape[0])
+        self._split("matvec_q40_rows", "job_matvec_q40", (_rows(w), xq, xd, xc, F16_TO_F32, out), w.shape[0],
+                    work_per_item=xq.shape[0])
 
     def matmul_q40(self, w, xq, xd, xc, out):
-        args = (_rows(w), xq, xd, xc, pair_scales(xd), F16_TO_F32, out)
-        self._split(self.m.matmul_q40_rows, args, w.shape[0], work_per_item=xq.size)
+        self._split("matmul_q40_rows", "job_matmul_q40", (_rows(w), xq, xd, xc, pair_scales(xd), F16_TO_F32, out),
+                    w.shape[0], work_per_item=xq.size)
 
     def matmul_q80(self, w, xq, xd, xc, out):
-        self._split(self.m.matmul_q80_rows, (_rows(w), xq, xd, xc, F16_TO_F32, out), w.shape[0], work_per_item=xq.size)
+        self._split("matmul_q80_rows", "job_matmul_q80", (_rows(w), xq, xd, xc, F16_TO_F32, out), w.shape[0],
+                    work_per_item=xq.size)
 
     def silu_gate(self, a, b, out):
-        self._split(self.m.silu_gate_rows, (a, b, out), a.shape[0], work_per_item=8 * a.shape[1], align=1)
+        self._split("silu_gate_rows", "job_silu_gate", (a, b, out), a.shape[0], work_per_item=8 * a.shape[1], align=1)
 
     def attention(self, q, k_cache, v_cache, pos0, out):
         T, H, hd = q.shape
-        self._split(self.m.attention_tasks, (q, k_cache, v_cache, pos0, out), T * H,
+        self._split("attention_tasks", "job_attention", (q, k_cache, v_cache, pos0, out), T * H,
                     work_per_item=2 * hd * (pos0 + T), align=1)
 
-    def _split(self, kernel, args, n_items: int, work_per_item: int, align: int = ROW_ALIGN) -> None:
+    def _split(self, kernel: str, job: str, args, n_items: int, work_per_item: int, align: int = ROW_ALIGN) -> None:
         """kernel(*args, start, stop) over [0, n_items), in one contiguous range per thread."""
         n_threads = min(threads(), max(1, n_items * work_per_item // MIN_WORK), max(1, n_items // align))
         if n_threads == 1:
-            kernel(*args, 0, n_items)
+            getattr(self.m, kernel)(*args, 0, n_items)
             return
         step = -(-n_items // n_threads // align) * align if align > 1 else -(-n_items // n_threads)
-        bounds = [(start, min(n_items, start + step)) for start in range(0, n_items, step)]
-        pool = self._threads()
-        futures = [pool.submit(kernel, *args, start, stop) for start, stop in bounds[1:]]
-        kernel(*args, *bounds[0])
-        for f in futures:
-            f.result()
+        ranges = [(start, min(n_items, start + step)) for start in range(0, n_items, step)]
+        if self._team is None:
+            self._team = Team(self.m, max_threads() - 1)
+        self._team.run(getattr(self.m, kernel), getattr(self.m, job), args, ranges)
 
-    def _threads(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=max(1, max_threads() - 1), thread_name_prefix="dllama-kernel")
-        return self._pool
+
+JOB_WORDS = 32  # kernels.JOB_WORDS (this module does not import numba's kernels)
+
+
+class Team:
+    """Helper threads for the compiled kernels. They live in compiled code without the GIL
+    (kernels.team_helper): like OpenMP's threads they spin a while on a job number, run the job
+    described in their row of a job table, and only sleep after ~0.3 ms without one. A thread that
+    sleeps (on a lock, or waiting for the GIL) costs tens of microseconds to wake, and a token
+    makes ~100 kernel calls."""
+
+    SPINS = 1 << 20  # reads of the job number, ~0.3 ms on x86
+
+    def __init__(self, module, n_helpers: int):
+        self.m = module
+        self.n_helpers = n_helpers
+        self.job_number = np.zeros(1, dtype=np.int64)
+        self.finished = np.zeros(n_helpers, dtype=np.int64)  # the job number each helper last finished
+        self.jobs = np.zeros((n_helpers, JOB_WORDS), dtype=np.int64)
+        self.number = 0
+        self.wake = threading.Condition()
+        self.busy = threading.Lock()
+        for i in range(n_helpers):
+            threading.Thread(target=self._helper, args=(i,), name=f"dllama-kernel-{i + 1}", daemon=True).start()
+
+    def run(self, kernel, describe, args, ranges: list[tuple[int, int]]) -> None:
+        """kernel(*args, *r) for every range r: the first on the calling thread, the others on helpers
+        (describe(job_row, *args, *r) writes the job)."""
+        if len(ranges) - 1 > self.n_helpers or not self.busy.acquire(blocking=False):
+            for r in ranges:  # another thread is using the team (or it is too small): run them here
+                kernel(*args, *r)
+            return
+        try:
+            for i in range(self.n_helpers):
+                if i + 1 < len(ranges):
+                    describe(self.jobs[i], *args, *ranges[i + 1])
+                else:
+                    self.jobs[i, 0] = 0  # kernels.NO_JOB
+            self.number += 1
+            self.m.publish(self.job_number, self.number)
+            with self.wake:
+                self.wake.notify_all()
+            kernel(*args, *ranges[0])
+            while not self.m.spin_until_all_equal(self.finished, self.n_helpers, self.number, self.SPINS):
+                pass
+        finally:
+            self.busy.release()
+
+    def _helper(self, i: int) -> None:
+        seen = 0
+        while True:
+            seen = self.m.team_helper(self.job_number, self.finished, self.jobs, i, seen, self.SPINS)
+            if seen < 0:
+                return
+            with self.wake:
+                while int(self.job_number[0]) == seen:
+                    self.wake.wait()
 
 
 def _rows(w: np.ndarray) -> np.ndarray:

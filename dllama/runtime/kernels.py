@@ -19,6 +19,7 @@ import os
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
+import numba
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
@@ -450,3 +451,198 @@ def attention(q, k_cache, v_cache, pos0, out):
     n_tasks = q.shape[0] * q.shape[1]
     for task in prange(n_tasks):
         attention_tasks(q, k_cache, v_cache, pos0, out, task, task + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The thread team of the compiled kernels (compute.Team)
+#
+# Helper threads live in `team_helper`, compiled code that holds no GIL: it spins on a job number,
+# runs the job the caller described in its row of the job table (kind, range, then each array as
+# address and shape), and publishes that it finished. Python is only involved in publishing a job
+# and in sleeping after a while without one; a thread that waits for the GIL or a lock sleeps, and
+# waking it costs tens of microseconds, against ~100 kernel calls per token.
+
+JOB_WORDS = 32
+NO_JOB, JOB_QUANTIZE, JOB_MATVEC_Q40, JOB_MATMUL_Q40, JOB_MATMUL_Q80, JOB_SILU, JOB_ATTENTION = range(7)
+
+
+@intrinsic
+def _load_acquire(typingctx, arr, index):
+    """arr[index] as an atomic acquire load: re-read on every call, never hoisted out of a loop."""
+    sig = arr.dtype(arr, index)
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.gep(_data(context, builder, sig.args[0], args[0]), [args[1]])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def _store_release(typingctx, arr, index, value):
+    """arr[index] = value as an atomic release store: every write before it is visible first."""
+    sig = types.void(arr, index, value)
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.gep(_data(context, builder, sig.args[0], args[0]), [args[1]])
+        builder.store_atomic(context.cast(builder, args[2], sig.args[2], sig.args[0].dtype), ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _address(typingctx, arr):
+    sig = types.int64(arr)
+
+    def codegen(context, builder, sig, args):
+        return builder.ptrtoint(_data(context, builder, sig.args[0], args[0]), _i64)
+
+    return sig, codegen
+
+
+@intrinsic
+def _pointer(typingctx, address, dtype):
+    """The address as a pointer to dtype (np.uint8, np.float32, ...), for numba.carray."""
+    target = dtype.instance_type
+    sig = types.CPointer(target)(address, dtype)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(target).as_pointer())
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _put(job, slot, arr):
+    base = 4 + 4 * slot
+    job[base] = _address(arr)
+    for d in range(arr.ndim):
+        job[base + 1 + d] = arr.shape[d]
+
+
+@njit(cache=True, inline="always")
+def _job(job, kind, start, stop, scalar):
+    job[0], job[1], job[2], job[3] = kind, start, stop, scalar
+
+
+@njit(cache=True)
+def job_quantize(job, x, xq, xd, xc, start, stop):
+    _job(job, JOB_QUANTIZE, start, stop, 0)
+    _put(job, 0, x); _put(job, 1, xq); _put(job, 2, xd); _put(job, 3, xc)  # noqa: E702
+
+
+@njit(cache=True)
+def job_matvec_q40(job, w, xq, xd, xc, scale_table, out, start, stop):
+    _job(job, JOB_MATVEC_Q40, start, stop, 0)
+    _put(job, 0, w); _put(job, 1, xq); _put(job, 2, xd); _put(job, 3, xc); _put(job, 4, scale_table)  # noqa: E702
+    _put(job, 5, out)
+
+
+@njit(cache=True)
+def job_matmul_q40(job, w, xq, xd, xc, x_scales, scale_table, out, start, stop):
+    _job(job, JOB_MATMUL_Q40, start, stop, 0)
+    _put(job, 0, w); _put(job, 1, xq); _put(job, 2, xd); _put(job, 3, xc); _put(job, 4, scale_table)  # noqa: E702
+    _put(job, 5, out); _put(job, 6, x_scales)  # noqa: E702
+
+
+@njit(cache=True)
+def job_matmul_q80(job, w, xq, xd, xc, scale_table, out, start, stop):
+    _job(job, JOB_MATMUL_Q80, start, stop, 0)
+    _put(job, 0, w); _put(job, 1, xq); _put(job, 2, xd); _put(job, 3, xc); _put(job, 4, scale_table)  # noqa: E702
+    _put(job, 5, out)
+
+
+@njit(cache=True)
+def job_silu_gate(job, a, b, out, start, stop):
+    _job(job, JOB_SILU, start, stop, 0)
+    _put(job, 0, a); _put(job, 1, b); _put(job, 2, out)  # noqa: E702
+
+
+@njit(cache=True)
+def job_attention(job, q, k_cache, v_cache, pos0, out, start, stop):
+    _job(job, JOB_ATTENTION, start, stop, pos0)
+    _put(job, 0, q); _put(job, 1, k_cache); _put(job, 2, v_cache); _put(job, 3, out)  # noqa: E702
+
+
+@njit(cache=True, inline="always")
+def _arg1(job, slot, dtype):
+    base = 4 + 4 * slot
+    return numba.carray(_pointer(job[base], dtype), (job[base + 1],))
+
+
+@njit(cache=True, inline="always")
+def _arg2(job, slot, dtype):
+    base = 4 + 4 * slot
+    return numba.carray(_pointer(job[base], dtype), (job[base + 1], job[base + 2]))
+
+
+@njit(cache=True, inline="always")
+def _arg3(job, slot, dtype):
+    base = 4 + 4 * slot
+    return numba.carray(_pointer(job[base], dtype), (job[base + 1], job[base + 2], job[base + 3]))
+
+
+@njit(cache=True)
+def _run_job(job):
+    kind, start, stop = job[0], job[1], job[2]
+    if kind == JOB_QUANTIZE:
+        quantize_q80_tasks(_arg2(job, 0, np.float32), _arg2(job, 1, np.int8), _arg2(job, 2, np.float32),
+                           _arg2(job, 3, np.int32), start, stop)
+    elif kind == JOB_MATVEC_Q40:
+        matvec_q40_rows(_arg2(job, 0, np.uint8), _arg1(job, 1, np.int8), _arg1(job, 2, np.float32),
+                        _arg1(job, 3, np.int32), _arg1(job, 4, np.float32), _arg1(job, 5, np.float32), start, stop)
+    elif kind == JOB_MATMUL_Q40:
+        matmul_q40_rows(_arg2(job, 0, np.uint8), _arg2(job, 1, np.int8), _arg2(job, 2, np.float32),
+                        _arg2(job, 3, np.int32), _arg2(job, 6, np.float32), _arg1(job, 4, np.float32),
+                        _arg2(job, 5, np.float32), start, stop)
+    elif kind == JOB_MATMUL_Q80:
+        matmul_q80_rows(_arg2(job, 0, np.uint8), _arg2(job, 1, np.int8), _arg2(job, 2, np.float32),
+                        _arg2(job, 3, np.int32), _arg1(job, 4, np.float32), _arg2(job, 5, np.float32), start, stop)
+    elif kind == JOB_SILU:
+        silu_gate_rows(_arg2(job, 0, np.float32), _arg2(job, 1, np.float32), _arg2(job, 2, np.float32), start, stop)
+    elif kind == JOB_ATTENTION:
+        attention_tasks(_arg3(job, 0, np.float32), _arg3(job, 1, np.float32), _arg3(job, 2, np.float32), job[3],
+                        _arg2(job, 3, np.float32), start, stop)
+
+
+@njit(cache=True)
+def publish(job_number, number):
+    """Start job `number` (the job table is written): a release store the helpers see."""
+    _store_release(job_number, 0, number)
+
+
+@njit(cache=True)
+def spin_until_changed(flags, index, seen, max_spins):
+    """True once flags[index] != seen, False after max_spins reads."""
+    for _ in range(max_spins):
+        if _load_acquire(flags, index) != seen:
+            return True
+    return False
+
+
+@njit(cache=True)
+def spin_until_all_equal(flags, count, value, max_spins):
+    """True once flags[:count] all equal value, False after max_spins rounds."""
+    for _ in range(max_spins):
+        i = 0
+        while i < count and _load_acquire(flags, i) == value:
+            i += 1
+        if i == count:
+            return True
+    return False
+
+
+@njit(cache=True)
+def team_helper(job_number, finished, jobs, me, seen, max_spins):
+    """A helper thread's loop: run each published job (row `me` of the table), then mark it finished.
+    Returns the last job number seen once none came for max_spins reads (the thread then sleeps),
+    or -1 when the job number is negative (stop)."""
+    while True:
+        if not spin_until_changed(job_number, 0, seen, max_spins):
+            return seen
+        seen = _load_acquire(job_number, 0)
+        if seen < 0:
+            return -1
+        _run_job(jobs[me])
+        _store_release(finished, me, seen)

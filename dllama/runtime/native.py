@@ -39,6 +39,16 @@ EXPORTS = {  # kernel in kernels.py -> its one signature in the compiled module
     "matmul_q80_rows": f"void({_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
     "silu_gate_rows": "void(f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
     "attention_tasks": "void(f4[:, :, ::1], f4[:, :, ::1], f4[:, :, ::1], i8, f4[:, ::1], i8, i8)",
+    # the thread team (compute.Team): job table rows, publishing, the helpers' loop
+    "job_quantize": "void(i8[::1], f4[:, ::1], i1[:, ::1], f4[:, ::1], i4[:, ::1], i8, i8)",
+    "job_matvec_q40": f"void(i8[::1], {_W}, i1[::1], f4[::1], i4[::1], f4[::1], f4[::1], i8, i8)",
+    "job_matmul_q40": f"void(i8[::1], {_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
+    "job_matmul_q80": f"void(i8[::1], {_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
+    "job_silu_gate": "void(i8[::1], f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
+    "job_attention": "void(i8[::1], f4[:, :, ::1], f4[:, :, ::1], f4[:, :, ::1], i8, f4[:, ::1], i8, i8)",
+    "publish": "void(i8[::1], i8)",
+    "spin_until_all_equal": "b1(i8[::1], i8, i8, i8)",
+    "team_helper": "i8(i8[::1], i8[::1], i8[:, ::1], i8, i8, i8)",
 }
 _SOURCES = ("runtime/kernels.py", "runtime/native.py", "f16bits.py")
 
@@ -169,7 +179,7 @@ def _calling(kernel):
     n_args = len(kernel.py_func.__code__.co_varnames[:kernel.py_func.__code__.co_argcount])
     args = ", ".join(f"a{i}" for i in range(n_args))
     namespace = {"kernel": kernel}
-    exec(f"def call({args}):\n    kernel({args})\n", namespace)  # pycc compiles Python functions, not dispatchers
+    exec(f"def call({args}):\n    return kernel({args})\n", namespace)  # pycc compiles Python functions, not dispatchers
     return namespace["call"]
 
 
