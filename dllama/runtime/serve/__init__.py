@@ -10,11 +10,21 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from dllama.runtime.serve.app import create_app
-from dllama.runtime.serve.health import worker_probe
-from dllama.runtime.serve.protocol import ApiError
-
 __all__ = ["ApiError", "create_app", "run_server", "worker_probe"]
+
+
+def __getattr__(name: str):
+    # imported on first use, so `dllama-run worker` and friends do not load the HTTP stack (~6 MiB)
+    if name == "create_app":
+        from dllama.runtime.serve.app import create_app
+        return create_app
+    if name == "worker_probe":
+        from dllama.runtime.serve.health import worker_probe
+        return worker_probe
+    if name == "ApiError":
+        from dllama.runtime.serve.protocol import ApiError
+        return ApiError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -26,6 +36,8 @@ def run_server(engine, tokenizer, *, model_id: str, context_length: int, host: s
                health_probe: Callable[[], str | None] | None = None) -> None:
     """Serves until interrupted. Progress and the address go to stderr."""
     import uvicorn
+
+    from dllama.runtime.serve.app import create_app
 
     app = create_app(engine, tokenizer, model_id=model_id, context_length=context_length, max_queue=max_queue,
                      api_key=api_key, health_probe=health_probe)

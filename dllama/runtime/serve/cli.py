@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN
-from dllama.runtime.serve import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT, run_server, worker_probe
+from dllama.runtime.serve import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT
 
 
 def serve_command(
@@ -28,6 +28,7 @@ def serve_command(
     Example: dllama-run serve --model tinyllama_q40.m --tokenizer tinyllama.t --port 8080
     """
     from dllama.runtime.cli import _run_safely, load_session
+    from dllama.runtime.serve import run_server, worker_probe
 
     def body() -> None:
         session = load_session(model, tokenizer, max_seq_len, nthreads, workers, buffer_float_type)
