@@ -61,6 +61,7 @@ def uses_q80_buffers(h: ModelHeader) -> bool:
 class Engine:
     def __init__(self, model: ModelFile, layers: NodeLayers, exchange: Exchange, max_seq_len: int,
                  nthreads: int | None = None):
+        compute.implementation()  # choose (on a first run, build) the kernels now, not inside the first forward
         self.model = model
         self.header = model.header
         self.layers = layers

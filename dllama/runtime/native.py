@@ -111,7 +111,7 @@ def load(log=lambda message: print(message, file=sys.stderr)):
     folder = module_dir()
     module = _import(folder) if folder.is_dir() else None
     if module is None:
-        log("dllama: compiling the kernels for this CPU (once, about half a minute) ...")
+        log("dllama: compiling the kernels for this CPU (once: seconds on a PC, a few minutes on a small board) ...")
         error = build(folder)
         module = None if error else _import(folder)
         if module is None:

@@ -159,6 +159,7 @@ class DistributedEngine(Engine):
                  buffer_type: BufferType | str | None = None, nthreads: int | None = None,
                  log: Callable[[str], None] | None = None):
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        compute.implementation()  # builds the compiled kernels on a first run, before workers wait for them
         model = ModelFile(model_path)
         h = model.header
         n_nodes = 1 + len(workers)

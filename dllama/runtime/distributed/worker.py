@@ -87,6 +87,7 @@ class Worker:
 
     def serve_forever(self) -> None:
         """Serve one root at a time (in a thread), answering anyone else at once that we are busy."""
+        compute.implementation()  # builds the compiled kernels on a first run, before a root waits for them
         self.log(f"worker listening on {self.address[0]}:{self.address[1]}")
         self.listener.settimeout(0.2)
         try:
