@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional
 import typer
 
 from dllama.formats import FormatError, padded_vocabulary
-from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN, Engine, EngineError
+from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN, Engine, EngineError, release_freed_heap
 from dllama.runtime.generate import reusable_prefix
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None,
@@ -69,6 +69,7 @@ def load_session(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optio
     else:
         engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads)
     check_vocab(tok.vocab_size, engine.vocab_size, tokenizer, model)
+    release_freed_heap()
     return Session(engine, tok)
 
 
