@@ -30,6 +30,8 @@ BENCH = ROOT / ".bench"
 MODEL = BENCH / "tinyllama_random_q40.m"
 TINYLLAMA = dict(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, max_seq_len=2048)
 PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975]
+LLAMA2_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "tokenizers" / "llama2"
+TOKENIZER = BENCH / "dllama_tokenizer_llama2.t"
 
 
 def single_thread_env() -> dict:
@@ -136,6 +138,39 @@ def measure(n_nodes: int, args) -> dict:
     return result
 
 
+def ensure_tokenizer() -> Path | None:
+    """The Llama 2 tokenizer (TinyLlama's) as a .t, for the CLI runs; None without the fixtures."""
+    if not TOKENIZER.is_file() and LLAMA2_TOKENIZER.is_dir():
+        subprocess.run([sys.executable, "-m", "dllama.converter.cli", "tokenizer", str(LLAMA2_TOKENIZER), "--name",
+                        "llama2", "--output-dir", str(BENCH)], check=True, stdout=subprocess.DEVNULL, env=single_thread_env())
+    return TOKENIZER if TOKENIZER.is_file() else None
+
+
+def peak_rss_of(cmd: list[str]) -> int:
+    """Run cmd to completion; its peak RSS in bytes (from wait4)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=single_thread_env())
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss * 1024
+
+
+def measure_cli(tokenizer: Path, steps: int, max_seq_len: int) -> dict:
+    """What a user runs: `dllama-run` (tokenizer, CLI) on one node, and as the root of 2 nodes."""
+    cmd = [sys.executable, "-m", "dllama.runtime.cli", "--model", str(MODEL), "--tokenizer", str(tokenizer), "--prompt",
+           "Once upon a time", "--steps", str(steps), "--nthreads", "1", "--max-seq-len", str(max_seq_len),
+           "--temperature", "0"]
+    single = peak_rss_of(cmd)
+    worker, address = start_worker()
+    try:
+        root = peak_rss_of(cmd + ["--workers", address])
+        time.sleep(0.2)
+        return {"single": single, "root": root, "worker": vm_hwm(worker.pid)}
+    finally:
+        worker.terminate()
+        worker.wait()
+
+
 def planned(n_nodes: int, max_seq_len: int) -> list[int]:
     from dllama.formats import read_model_header
     from dllama.runtime.distributed.plan import memory_plan
@@ -180,6 +215,14 @@ def main() -> None:
         print(f"| {r['nodes']} | {r['ms_per_token']:.1f} | {r['sent_per_token'] / 1000:.1f} kB | "
               f"{r['received_per_token'] / 1000:.1f} kB | {mb(r['root_peak_rss'])} ({mb(r['plan'][0])}){share} | "
               f"{workers}{wplan} | {r['startup_s']:.1f} s |")
+    tokenizer = ensure_tokenizer()
+    if tokenizer is None:
+        print(f"\n(no {LLAMA2_TOKENIZER}: the CLI runs are skipped)")
+        return
+    c = measure_cli(tokenizer, args.steps, args.max_seq_len)
+    print("\nThrough the CLI (`dllama-run`, which also loads the tokenizer), 2 nodes:\n")
+    print("| one node peak RSS | root peak RSS | worker peak RSS |\n|---|---|---|")
+    print(f"| {mb(c['single'])} | {mb(c['root'])} = {100 * c['root'] / c['single']:.1f}% of 1 node | {mb(c['worker'])} |")
 
 
 if __name__ == "__main__":
