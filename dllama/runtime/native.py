@@ -112,12 +112,15 @@ def load(log=lambda message: print(message, file=sys.stderr)):
     module = _import(folder) if folder.is_dir() else None
     if module is None:
         log("dllama: compiling the kernels for this CPU (once: seconds on a PC, a few minutes on a small board) ...")
-        error = build(folder)
+        fix = "install a C compiler and Python's headers (e.g. apt install gcc python3-dev) to get them"
+        try:
+            error = build(folder)
+        except OSError as e:  # an unwritable cache folder, a full disk
+            error, fix = f"{e.strerror or e}: {e.filename or folder}", "set DLLAMA_CACHE to a writable folder"
         module = None if error else _import(folder)
         if module is None:
             log(f"dllama: cannot build the compiled kernels ({error or 'no module'}); running numba's JIT kernels "
-                "instead, same results, ~120 MiB more per process: install a C compiler and Python's headers "
-                "(e.g. apt install gcc python3-dev) to get them")
+                f"instead (same results, ~120 MiB more per process): {fix}")
     _loaded["module"] = module
     return module
 
