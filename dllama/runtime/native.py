@@ -112,9 +112,9 @@ def load(log=lambda message: print(message, file=sys.stderr)):
     module = _import(folder) if folder.is_dir() else None
     if module is None:
         log("dllama: compiling the kernels for this CPU (once: seconds on a PC, a few minutes on a small board) ...")
-        fix = "install a C compiler and Python's headers (e.g. apt install gcc python3-dev) to get them"
         try:
             error = build(folder)
+            fix = _fix_for(error or "")
         except OSError as e:  # an unwritable cache folder, a full disk
             error, fix = f"{e.strerror or e}: {e.filename or folder}", "set DLLAMA_CACHE to a writable folder"
         module = None if error else _import(folder)
@@ -123,6 +123,14 @@ def load(log=lambda message: print(message, file=sys.stderr)):
                 f"instead (same results, ~120 MiB more per process): {fix}")
     _loaded["module"] = module
     return module
+
+
+def _fix_for(error: str) -> str:
+    if "numba.pycc" in error:
+        return "this numba has no ahead-of-time compiler (numba.pycc); install numba<=0.68 to get them"
+    if "setuptools" in error:
+        return "pip install setuptools (numba.pycc drives the C compiler through it) to get them"
+    return "install a C compiler and Python's headers (e.g. apt install gcc python3-dev) to get them"
 
 
 def build(folder: Path) -> str | None:
