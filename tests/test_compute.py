@@ -169,3 +169,10 @@ def test_two_callers_at_once_share_the_thread_team_safely(both):
     for t in threads:
         t.join()
     assert not failures
+
+
+def test_the_team_and_the_kernels_agree_on_the_job_table():
+    from dllama.runtime import kernels
+
+    assert compute.JOB_WORDS == kernels.JOB_WORDS and kernels.NO_JOB == 0
+    assert 4 + 4 * 7 <= kernels.JOB_WORDS  # kind, range, scalar, then up to 7 arrays (address + 3 dims)

@@ -105,11 +105,17 @@ _loaded: dict[str, object] = {}
 
 
 def load(log=lambda message: print(message, file=sys.stderr)):
-    """The compiled kernels for this machine, building them (once, ~30 s) if needed; None if that fails."""
+    """The compiled kernels for this machine, building them once if needed; None where that fails (one message)."""
     if "module" in _loaded:
         return _loaded["module"]
     folder = module_dir()
-    module = _import(folder) if folder.is_dir() else None
+    try:
+        module = _import(folder) if folder.is_dir() else None
+    except (ImportError, OSError) as e:  # damaged by hand or by a disk error: built modules are renamed in whole
+        log(f"dllama: cannot load the compiled kernels in {folder} ({e}); running numba's JIT kernels instead: "
+            "delete that folder to rebuild them")
+        _loaded["module"] = None
+        return None
     if module is None:
         log("dllama: compiling the kernels for this CPU (once: seconds on a PC, a few minutes on a small board) ...")
         try:
@@ -187,8 +193,7 @@ def _compile(output_dir: str) -> None:
 
 def _calling(kernel):
     """A plain function that calls the jitted kernel, so the kernel keeps its own options (fastmath)."""
-    n_args = len(kernel.py_func.__code__.co_varnames[:kernel.py_func.__code__.co_argcount])
-    args = ", ".join(f"a{i}" for i in range(n_args))
+    args = ", ".join(f"a{i}" for i in range(kernel.py_func.__code__.co_argcount))
     namespace = {"kernel": kernel}
     exec(f"def call({args}):\n    return kernel({args})\n", namespace)  # pycc compiles Python functions, not dispatchers
     return namespace["call"]
