@@ -176,3 +176,26 @@ def test_the_team_and_the_kernels_agree_on_the_job_table():
 
     assert compute.JOB_WORDS == kernels.JOB_WORDS and kernels.NO_JOB == 0
     assert 4 + 4 * 7 <= kernels.JOB_WORDS  # kind, range, scalar, then up to 7 arrays (address + 3 dims)
+
+
+def test_the_team_grows_to_the_threads_asked_for_and_old_helpers_stop(both):
+    _, compiled = both
+    compiled = compute.CompiledKernels(compiled.m)
+    rng = np.random.default_rng(5)
+    _, xq, xd, xc = quantized_input(rng, 1, 2048)
+    w = packed(quantize_q40, rng, 512, 2048)
+    out = np.empty(512, np.float32)
+    compute.set_threads(1)
+    compiled.matvec_q40(w, xq[0], xd[0], xc[0], out)
+    assert compiled._team is None  # one thread: no helpers at all
+    compute.set_threads(2)
+    compiled.matvec_q40(w, xq[0], xd[0], xc[0], out)
+    assert compiled._team.n_helpers == 1
+    first = compiled._team
+    first.stop()
+    for t in first.threads:
+        t.join(timeout=5)
+        assert not t.is_alive()
+    compiled._team = None
+    compiled.matvec_q40(w, xq[0], xd[0], xc[0], out)  # a fresh team works after the old one stopped
+    assert compiled._team is not first

@@ -163,8 +163,10 @@ class CompiledKernels:
             return
         step = -(-n_items // n_threads // align) * align if align > 1 else -(-n_items // n_threads)
         ranges = [(start, min(n_items, start + step)) for start in range(0, n_items, step)]
-        if self._team is None:
-            self._team = Team(self.m, max_threads() - 1)
+        if self._team is None or self._team.n_helpers < len(ranges) - 1:  # as many helpers as asked for, no more
+            if self._team is not None:
+                self._team.stop()
+            self._team = Team(self.m, len(ranges) - 1)
         self._team.run(getattr(self.m, kernel), getattr(self.m, job), args, ranges)
 
 
@@ -189,8 +191,10 @@ class Team:
         self.number = 0
         self.wake = threading.Condition()
         self.busy = threading.Lock()
-        for i in range(n_helpers):
-            threading.Thread(target=self._helper, args=(i,), name=f"dllama-kernel-{i + 1}", daemon=True).start()
+        self.threads = [threading.Thread(target=self._helper, args=(i,), name=f"dllama-kernel-{i + 1}", daemon=True)
+                        for i in range(n_helpers)]
+        for t in self.threads:
+            t.start()
 
     def run(self, kernel, describe, args, ranges: list[tuple[int, int]]) -> None:
         """kernel(*args, *r) for every range r: the first on the calling thread, the others on helpers
@@ -214,6 +218,13 @@ class Team:
                 pass
         finally:
             self.busy.release()
+
+    def stop(self) -> None:
+        """End the helper threads (after any job in progress)."""
+        with self.busy:
+            self.m.publish(self.job_number, -1)
+            with self.wake:
+                self.wake.notify_all()
 
     def _helper(self, i: int) -> None:
         seen = 0
