@@ -20,7 +20,7 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 import numba
-from numba import njit, prange, types
+from numba import literal_unroll, njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
@@ -513,56 +513,47 @@ def _pointer(typingctx, address, dtype):
     return sig, codegen
 
 
-@njit(cache=True, inline="always")
-def _put(job, slot, arr):
-    base = 4 + 4 * slot
-    job[base] = _address(arr)
-    for d in range(arr.ndim):
-        job[base + 1 + d] = arr.shape[d]
-
-
-@njit(cache=True, inline="always")
-def _job(job, kind, start, stop, scalar):
+@njit(cache=True)
+def _describe(job, kind, start, stop, scalar, arrays):
+    """Row `job` of the table = kind, range, scalar, then each array (in argument order) as its
+    address and shape in 4 words."""
     job[0], job[1], job[2], job[3] = kind, start, stop, scalar
+    base = 4
+    for arr in literal_unroll(arrays):
+        job[base] = _address(arr)
+        for d in range(arr.ndim):
+            job[base + 1 + d] = arr.shape[d]
+        base += 4
 
 
 @njit(cache=True)
 def job_quantize(job, x, xq, xd, xc, start, stop):
-    _job(job, JOB_QUANTIZE, start, stop, 0)
-    _put(job, 0, x); _put(job, 1, xq); _put(job, 2, xd); _put(job, 3, xc)  # noqa: E702
+    _describe(job, JOB_QUANTIZE, start, stop, 0, (x, xq, xd, xc))
 
 
 @njit(cache=True)
 def job_matvec_q40(job, w, xq, xd, xc, scale_table, out, start, stop):
-    _job(job, JOB_MATVEC_Q40, start, stop, 0)
-    _put(job, 0, w); _put(job, 1, xq); _put(job, 2, xd); _put(job, 3, xc); _put(job, 4, scale_table)  # noqa: E702
-    _put(job, 5, out)
+    _describe(job, JOB_MATVEC_Q40, start, stop, 0, (w, xq, xd, xc, scale_table, out))
 
 
 @njit(cache=True)
 def job_matmul_q40(job, w, xq, xd, xc, x_scales, scale_table, out, start, stop):
-    _job(job, JOB_MATMUL_Q40, start, stop, 0)
-    _put(job, 0, w); _put(job, 1, xq); _put(job, 2, xd); _put(job, 3, xc); _put(job, 4, scale_table)  # noqa: E702
-    _put(job, 5, out); _put(job, 6, x_scales)  # noqa: E702
+    _describe(job, JOB_MATMUL_Q40, start, stop, 0, (w, xq, xd, xc, x_scales, scale_table, out))
 
 
 @njit(cache=True)
 def job_matmul_q80(job, w, xq, xd, xc, scale_table, out, start, stop):
-    _job(job, JOB_MATMUL_Q80, start, stop, 0)
-    _put(job, 0, w); _put(job, 1, xq); _put(job, 2, xd); _put(job, 3, xc); _put(job, 4, scale_table)  # noqa: E702
-    _put(job, 5, out)
+    _describe(job, JOB_MATMUL_Q80, start, stop, 0, (w, xq, xd, xc, scale_table, out))
 
 
 @njit(cache=True)
 def job_silu_gate(job, a, b, out, start, stop):
-    _job(job, JOB_SILU, start, stop, 0)
-    _put(job, 0, a); _put(job, 1, b); _put(job, 2, out)  # noqa: E702
+    _describe(job, JOB_SILU, start, stop, 0, (a, b, out))
 
 
 @njit(cache=True)
 def job_attention(job, q, k_cache, v_cache, pos0, out, start, stop):
-    _job(job, JOB_ATTENTION, start, stop, pos0)
-    _put(job, 0, q); _put(job, 1, k_cache); _put(job, 2, v_cache); _put(job, 3, out)  # noqa: E702
+    _describe(job, JOB_ATTENTION, start, stop, pos0, (q, k_cache, v_cache, out))
 
 
 @njit(cache=True, inline="always")
@@ -594,8 +585,8 @@ def _run_job(job):
                         _arg1(job, 3, np.int32), _arg1(job, 4, np.float32), _arg1(job, 5, np.float32), start, stop)
     elif kind == JOB_MATMUL_Q40:
         matmul_q40_rows(_arg2(job, 0, np.uint8), _arg2(job, 1, np.int8), _arg2(job, 2, np.float32),
-                        _arg2(job, 3, np.int32), _arg2(job, 6, np.float32), _arg1(job, 4, np.float32),
-                        _arg2(job, 5, np.float32), start, stop)
+                        _arg2(job, 3, np.int32), _arg2(job, 4, np.float32), _arg1(job, 5, np.float32),
+                        _arg2(job, 6, np.float32), start, stop)
     elif kind == JOB_MATMUL_Q80:
         matmul_q80_rows(_arg2(job, 0, np.uint8), _arg2(job, 1, np.int8), _arg2(job, 2, np.float32),
                         _arg2(job, 3, np.int32), _arg1(job, 4, np.float32), _arg2(job, 5, np.float32), start, stop)
