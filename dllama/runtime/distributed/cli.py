@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from dllama.formats import FormatError, read_model_header
-from dllama.runtime.distributed.plan import SplitError, memory_plan, parse_size
+from dllama.runtime.distributed.plan import TOKENIZER_BYTES_PER_TOKEN, SplitError, memory_plan, parse_size
 from dllama.runtime.distributed.protocol import DEFAULT_PORT
 
 
@@ -87,7 +87,8 @@ def plan_command(
         label = f"{r['node']} {r['role']}"
         print(f"{label:<10}{_mib(r['weights']):>14}{_mib(r['kv_cache']):>14}{_mib(r['buffers']):>12}"
               f"{_mib(r['runtime']):>12}{_mib(r['total']):>14}  {fits}")
-    print(f"the root also maps the {_mib(plan[0].mapped_only)} embedding but reads only the rows of tokens it sees")
+    print(f"the root also maps the {_mib(plan[0].mapped_only)} embedding but reads only the rows of tokens it sees, "
+          f"and dllama-run's tokenizer adds ~{_mib(TOKENIZER_BYTES_PER_TOKEN * header.vocab_size)} to it")
     if limit is not None and not all(r["fits"] for r in rows):
         raise typer.Exit(2)
 

@@ -85,6 +85,9 @@ def worker_tensors(h: ModelHeader) -> list[tuple[int, TensorSpec]]:
 # (benchmarks/distributed.py on x86-64 Linux, docs/BENCHMARKS.md). Where the compiled kernels
 # cannot be built the runtime runs numba's JIT kernels, and numba and LLVM bring it to ~165 MiB.
 RUNTIME_BASE_BYTES = 36 * 1024 * 1024
+# What the root's tokenizer holds per vocabulary entry (Hugging Face `tokenizers` with its merges,
+# plus the .t vocabulary): Llama 2's 32000 tokens ~25 MiB (measured, docs/BENCHMARKS.md).
+TOKENIZER_BYTES_PER_TOKEN = 800
 KV_BYTES_PER_VALUE = 4  # f32 cache (FORMAT.md §3)
 
 
