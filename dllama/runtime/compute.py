@@ -24,8 +24,8 @@ ROW_ALIGN = 16          # thread ranges of rows start on multiples of this (the 
 MIN_WORK = 1 << 17      # multiply-adds below which a call stays on one thread (a hand-off costs ~30 us)
 
 
-class KernelsUnavailable(RuntimeError):
-    pass
+class KernelsUnavailable(ValueError):
+    """DLLAMA_KERNELS asks for something this machine cannot give."""
 
 
 def max_threads() -> int:

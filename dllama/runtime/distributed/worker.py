@@ -69,6 +69,7 @@ class Worker:
                  nthreads: int | None = None, log: Callable[[str], None] | None = None):
         if nthreads is not None and not 1 <= nthreads <= compute.max_threads():
             raise ValueError(f"--nthreads {nthreads} is outside 1..{compute.max_threads()} (this machine's cores)")
+        compute.implementation()  # builds the compiled kernels on a first run, before a root waits for them
         self.model_path = Path(model_path) if model_path else None
         self.identity: ModelIdentity | None = model_identity(self.model_path) if self.model_path else None
         self.nthreads = nthreads
@@ -87,7 +88,6 @@ class Worker:
 
     def serve_forever(self) -> None:
         """Serve one root at a time (in a thread), answering anyone else at once that we are busy."""
-        compute.implementation()  # builds the compiled kernels on a first run, before a root waits for them
         self.log(f"worker listening on {self.address[0]}:{self.address[1]}")
         self.listener.settimeout(0.2)
         try:
