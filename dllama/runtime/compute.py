@@ -36,10 +36,17 @@ def max_threads() -> int:
 _local = threading.local()
 
 
+def threads_problem(n: int | None) -> str | None:
+    """Why `n` threads (None: all cores) cannot run here, or None."""
+    if n is not None and not 1 <= n <= max_threads():
+        return f"nthreads {n} is outside 1..{max_threads()} (this machine's cores)"
+    return None
+
+
 def set_threads(n: int) -> None:
     """Threads for kernel calls made from the calling thread (like numba.set_num_threads)."""
-    if not 1 <= n <= max_threads():
-        raise ValueError(f"{n} threads is outside 1..{max_threads()} (this machine's cores)")
+    if problem := threads_problem(n):
+        raise ValueError(problem)
     _local.threads = n
     if _backend().name == "jit":
         import numba

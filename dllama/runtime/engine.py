@@ -93,8 +93,8 @@ class Engine:
         max_seq_len = min(max_seq_len, h.max_seq_len) if h.max_seq_len > 0 else max_seq_len
         if max_seq_len < 1:
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
-        if nthreads is not None and not 1 <= nthreads <= compute.max_threads():
-            raise EngineError(f"nthreads {nthreads} is outside 1..{compute.max_threads()} (this machine's cores)")
+        if problem := compute.threads_problem(nthreads):
+            raise EngineError(problem)
         node = NodeSlice(0, 1)
         layers = NodeLayers(h, load_node_weights(model, node), node, max_seq_len)
         return cls(model, layers, LocalExchange(uses_q80_buffers(h)), max_seq_len, nthreads)

@@ -167,8 +167,8 @@ class DistributedEngine(Engine):
         max_seq_len = min(max_seq_len, h.max_seq_len)
         if max_seq_len < 1:
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
-        if nthreads is not None and not 1 <= nthreads <= compute.max_threads():
-            raise EngineError(f"nthreads {nthreads} is outside 1..{compute.max_threads()} (this machine's cores)")
+        if problem := compute.threads_problem(nthreads):
+            raise EngineError(problem)
         if buffer_type is None:  # as the reference: q80 buffers for quantized weights, f32 for f32 (FORMAT.md §2)
             buffer_type = BufferType.Q80 if uses_q80_buffers(h) else BufferType.F32
         elif isinstance(buffer_type, str):

@@ -67,8 +67,8 @@ class Session:
 class Worker:
     def __init__(self, host: str = "0.0.0.0", port: int = 9999, model_path: str | os.PathLike | None = None,
                  nthreads: int | None = None, log: Callable[[str], None] | None = None):
-        if nthreads is not None and not 1 <= nthreads <= compute.max_threads():
-            raise ValueError(f"--nthreads {nthreads} is outside 1..{compute.max_threads()} (this machine's cores)")
+        if problem := compute.threads_problem(nthreads):
+            raise ValueError(f"--{problem}")
         compute.implementation()  # builds the compiled kernels on a first run, before a root waits for them
         self.model_path = Path(model_path) if model_path else None
         self.identity: ModelIdentity | None = model_identity(self.model_path) if self.model_path else None
