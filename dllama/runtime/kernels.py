@@ -9,8 +9,12 @@ xd (T, n/32) already rounded through f16 as the reference stores them, and xc (T
 The inner block products are LLVM vector IR (`_block_kernel`, `_rows_lanes_kernel`): numba
 promotes int8/int32 arithmetic to int64, which stops LLVM from vectorising a plain loop. The IR
 is generic except one instruction, AVX512-VNNI `vpdpbusd`, used where the CPU has it; the
-generic path computes the same integers, so results are bit-identical on ARM boards. Which
-kernel runs, on which slice, with how many threads is decided by the caller (`tensors.py`).
+generic path computes the same integers, so results are bit-identical on ARM boards.
+
+Each kernel is a serial function over a range of rows (heads, blocks): `*_rows` / `*_tasks`.
+numba's parallel forms below (matvec_q40, ...) run them a task at a time with prange; native.py
+compiles the serial ones ahead of time, and compute.py, the runtime's one entry point, runs
+either form on its threads. Which kernel runs on which slice is decided by `tensors.py`.
 """
 from __future__ import annotations
 
