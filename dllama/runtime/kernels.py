@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 
 import llvmlite.binding as llvm
+import numba
 import numpy as np
 from llvmlite import ir
-import numba
 from numba import literal_unroll, njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from dllama.formats import ModelFile, ModelHeader
+from dllama.runtime import compute
 from dllama.runtime.distributed.exchange import (
     add_partials, decode_logits, decode_partial, encode_partial, parse_partial, partial_nbytes,
 )
@@ -28,7 +29,6 @@ from dllama.runtime.distributed.protocol import (
 )
 from dllama.runtime.distributed.slices import load_local_slices, node_tensor_names, stream_slices
 from dllama.runtime.distributed.weights import node_weights
-from dllama.runtime import compute
 from dllama.runtime.engine import Engine, EngineError, uses_q80_buffers
 from dllama.runtime.model import NodeLayers, NodeSlice
 

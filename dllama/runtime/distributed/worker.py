@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from dllama.formats import ModelHeader
+from dllama.runtime import compute
 from dllama.runtime.distributed.exchange import (
     add_partials, decode_partial, encode_logits, encode_partial, parse_partial, partial_nbytes,
 )
@@ -29,7 +30,6 @@ from dllama.runtime.distributed.protocol import (
 )
 from dllama.runtime.distributed.slices import SliceReceiver, load_local_slices, node_tensor_names
 from dllama.runtime.distributed.weights import node_weights
-from dllama.runtime import compute
 from dllama.runtime.engine import PREFILL_BATCH
 from dllama.runtime.model import NodeLayers, NodeSlice, rmsnorm
 
