@@ -88,14 +88,6 @@ def attention(q, k_cache, v_cache, pos0: int, out) -> None:
     _backend().attention(q, k_cache, v_cache, pos0, out)
 
 
-def pair_scales(xd: np.ndarray) -> np.ndarray:
-    """(T, nb) block scales -> (T, nb // 2 * 16): [d(2p)] * 8 + [d(2p+1)] * 8 per block pair p, the
-    lane layout matmul_q40 reads (copies only, so both implementations see the same values)."""
-    T, nb = xd.shape
-    pairs = xd[:, :nb // 2 * 2].reshape(T, nb // 2, 2, 1)
-    return np.ascontiguousarray(np.broadcast_to(pairs, (T, nb // 2, 2, 8)).reshape(T, -1), dtype=np.float32)
-
-
 # --------------------------------------------------------------------------------------------
 # The implementations
 
@@ -116,7 +108,7 @@ class JitKernels:
         self.k.matvec_q40(w, xq, xd, xc, F16_TO_F32, out)
 
     def matmul_q40(self, w, xq, xd, xc, out):
-        self.k.matmul_q40(w, xq, xd, xc, pair_scales(xd), F16_TO_F32, out)
+        self.k.matmul_q40(w, xq, xd, xc, _pair_scales(self.k, xd), F16_TO_F32, out)
 
     def matmul_q80(self, w, xq, xd, xc, out):
         self.k.matmul_q80(w, xq, xd, xc, F16_TO_F32, out)
@@ -147,8 +139,8 @@ class CompiledKernels:
                     work_per_item=xq.shape[0])
 
     def matmul_q40(self, w, xq, xd, xc, out):
-        self._split("matmul_q40_rows", "job_matmul_q40", (_rows(w), xq, xd, xc, pair_scales(xd), F16_TO_F32, out),
-                    w.shape[0], work_per_item=xq.size)
+        args = (_rows(w), xq, xd, xc, _pair_scales(self.m, xd), F16_TO_F32, out)
+        self._split("matmul_q40_rows", "job_matmul_q40", args, w.shape[0], work_per_item=xq.size)
 
     def matmul_q80(self, w, xq, xd, xc, out):
         self._split("matmul_q80_rows", "job_matmul_q80", (_rows(w), xq, xd, xc, F16_TO_F32, out), w.shape[0],
@@ -206,8 +198,8 @@ class Team:
     def run(self, kernel, describe, args, ranges: list[tuple[int, int]]) -> None:
         """kernel(*args, *r) for every range r: the first on the calling thread, the others on helpers
         (describe(job_row, *args, *r) writes the job)."""
-        if len(ranges) - 1 > self.n_helpers or not self.busy.acquire(blocking=False):
-            for r in ranges:  # another thread is using the team (or it is too small): run them here
+        if not self.busy.acquire(blocking=False):
+            for r in ranges:  # another thread is using the team: run them all here
                 kernel(*args, *r)
             return
         try:
@@ -242,6 +234,13 @@ class Team:
             with self.wake:
                 while int(self.job_number[0]) == seen:
                     self.wake.wait()
+
+
+def _pair_scales(kernels, xd: np.ndarray) -> np.ndarray:
+    """The x_scales argument of matmul_q40: xd's block scales in the kernels' lane layout."""
+    out = np.empty((xd.shape[0], xd.shape[1] // 2 * 16), dtype=np.float32)
+    kernels.token_pair_scales(xd, out)
+    return out
 
 
 def _rows(w: np.ndarray) -> np.ndarray:

@@ -307,10 +307,17 @@ def _pair_scales(scales, n_pairs, out):
 
 
 @njit(cache=True)
+def token_pair_scales(xd, out):
+    """out (T, nb // 2 * 16): each token's block scales xd (T, nb) in matmul_q40_rows' lane layout."""
+    for t in range(xd.shape[0]):
+        _pair_scales(xd[t], xd.shape[1] // 2, out[t])
+
+
+@njit(cache=True)
 def matmul_q40_rows(w, xq, xd, xc, x_scales, scale_table, out, r0, r1):
     """T tokens, rows r0..r1, one pass over them: rows are unpacked to nibbles (and their scales
     decoded) once, ROW_GROUP at a time, and stay in L1 while every token streams past them.
-    x_scales is pair_scales(xd)."""
+    x_scales is token_pair_scales(xd)."""
     T, nb = xd.shape
     n_pairs = nb // 2
     n = nb * BLOCK
