@@ -36,7 +36,10 @@ def llama2_tokenizer_dir() -> Path:
 
 CI_MAY_SKIP = {
     "tests/test_convert_cli.py::test_read_only_output_folder_is_refused": "root (as CI runs) can write into read-only folders",
-    "tests/test_runtime.py::test_portable_kernels_compute_the_same_bits_as_vnni": "the CPU has no AVX512-VNNI",
+    "tests/test_runtime.py::test_portable_kernels_compute_the_same_bits_as_the_cpus_dot_products":
+        "the CPU has no dot-product instructions (x86 without AVX512-VNNI, Pi 3B+/4): only the portable path",
+    "tests/test_compute.py::test_the_dot_product_path_gives_the_portable_paths_bits*":
+        "the CPU has no dot-product instructions (x86 without AVX512-VNNI, Pi 3B+/4): only the portable path",
 }
 _skipped: list[str] = []
 

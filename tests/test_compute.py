@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from distributed_helpers import write_random_model
 
 from dllama.formats import FloatType, quantize_q40, quantize_q80
-from dllama.runtime import compute, native
+from dllama.runtime import compute, cpu, native
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -199,3 +201,82 @@ def test_the_team_grows_to_the_threads_asked_for_and_old_helpers_stop(both):
     compiled._team = None
     compiled.matvec_q40(w, xq[0], xd[0], xc[0], out)  # a fresh team works after the old one stopped
     assert compiled._team is not first
+
+
+# --------------------------------------------------------------------------------------------
+# The int8 dot-product paths (cpu.KERNEL_PATHS): chosen from what the CPU reports, same bits
+
+def fake_auxv(path: Path, hwcap: int, hwcap2: int) -> str:
+    words = [cpu.AT_HWCAP, hwcap, cpu.AT_HWCAP2, hwcap2, 0, 0]  # AT_NULL ends the vector
+    path.write_bytes(np.array(words, dtype=np.uint64).tobytes())
+    return str(path)
+
+
+def test_hwcap_bits_choose_the_arm_kernels_features(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "is_aarch64", lambda: True)
+    monkeypatch.delenv("DLLAMA_NO_DOTPROD", raising=False)
+    asimd = 1 << 1
+    pi3 = fake_auxv(tmp_path / "a53", asimd, 0)
+    pi5 = fake_auxv(tmp_path / "a76", asimd | cpu.HWCAP_ASIMDDP, 0)
+    i8mm = fake_auxv(tmp_path / "a710", asimd | cpu.HWCAP_ASIMDDP, cpu.HWCAP2_I8MM)
+    assert cpu.hwcaps(pi5) == (asimd | cpu.HWCAP_ASIMDDP, 0)
+    assert [cpu.arm_target_features(a) for a in (pi3, pi5, i8mm)] == ["+neon", "+neon,+dotprod", "+neon,+dotprod,+i8mm"]
+    monkeypatch.setenv("DLLAMA_NO_DOTPROD", "1")
+    assert cpu.arm_target_features(pi5) == "+neon"
+    monkeypatch.setattr(cpu, "is_aarch64", lambda: False)
+    assert cpu.arm_target_features(pi5) == ""
+
+
+DOT_PRODUCT_INSTRUCTIONS = {"vnni512": "vpdpbusd", "sdot": "sdot"}
+
+
+def test_the_compiled_module_holds_the_dot_product_instructions_of_its_path_only(both):
+    """A Pi 5 (cortex-a76) module has sdot, a Pi 3B+ (cortex-a53) one none: read in its machine code."""
+    _, compiled = both
+    objdump = shutil.which("objdump")
+    assert objdump, "objdump (binutils) is missing: the C compiler that built the kernels needs it too"
+    code = subprocess.run([objdump, "-d", compiled.m.__file__], capture_output=True, text=True, check=True).stdout
+    found = {path: len(re.findall(rf"\s{instruction}\s", code)) for path, instruction in DOT_PRODUCT_INSTRUCTIONS.items()}
+    assert {path: count > 0 for path, count in found.items()} == {path: path == compiled.path for path in found}
+
+
+PORTABLE_RUN = """
+import sys, numpy as np
+from dllama.runtime import compute
+a = np.load(sys.argv[1])
+out = {}
+for name in ("matmul_q40", "matmul_q80"):
+    out[name] = np.empty((a["xq"].shape[0], a[name].shape[0]), np.float32)
+    getattr(compute, name)(a[name], a["xq"], a["xd"], a["xc"], out[name])
+out["matvec_q40"] = np.empty(a["matmul_q40"].shape[0], np.float32)
+compute.matvec_q40(a["matmul_q40"], a["xq"][0], a["xd"][0], a["xc"][0], out["matvec_q40"])
+assert compute.kernel_path() == "portable", compute.kernel_path()
+np.savez(sys.argv[2], **out)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("T, rows, n", [(5, 203, 160), (12, 64, 2048)])
+def test_the_dot_product_path_gives_the_portable_paths_bits(both, tmp_path, T, rows, n):
+    """This CPU's vpdpbusd/sdot kernels against the portable ones (a second module, built with
+    them switched off) on the same inputs: odd block counts, row groups and single rows."""
+    _, compiled = both
+    if compiled.path == "portable":
+        pytest.skip("this CPU's kernels are the portable path: there is no dot-product path to compare")
+    rng = np.random.default_rng(n + T)
+    _, xq, xd, xc = quantized_input(rng, T, n)
+    weights = {"matmul_q40": packed(quantize_q40, rng, rows, n), "matmul_q80": packed(quantize_q80, rng, rows, n)}
+    np.savez(tmp_path / "in.npz", xq=xq, xd=xd, xc=xc, **weights)
+    env = dict(os.environ, DLLAMA_KERNELS="compiled", DLLAMA_NO_VNNI="1", DLLAMA_NO_DOTPROD="1",
+               NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    done = subprocess.run([sys.executable, "-c", PORTABLE_RUN, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    portable = np.load(tmp_path / "out.npz")
+    for name, w in weights.items():
+        have = np.full((T, rows), np.nan, np.float32)
+        getattr(compiled, name)(w, xq, xd, xc, have)
+        assert np.array_equal(portable[name], have), name
+    have = np.full(rows, np.nan, np.float32)
+    compiled.matvec_q40(weights["matmul_q40"], xq[0], xd[0], xc[0], have)
+    assert np.array_equal(portable["matvec_q40"], have)

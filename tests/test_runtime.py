@@ -305,15 +305,21 @@ def test_f16_weights_are_refused_with_the_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_portable_kernels_compute_the_same_bits_as_vnni(tmp_path):
-    """The generic LLVM vector path (ARM boards, x86 without VNNI) gives identical logits."""
+def test_portable_kernels_compute_the_same_bits_as_the_cpus_dot_products(tmp_path):
+    """The generic LLVM vector path (Pi 3B+/4, x86 without VNNI) gives the logits of this CPU's
+    dot-product path (AVX512-VNNI vpdpbusd, aarch64 sdot) bit for bit."""
     import os
     import subprocess
     import sys
 
+    from dllama.runtime import compute
+
+    if compute.kernel_path() == "portable":
+        pytest.skip("this CPU's kernels are the portable path: there is no dot-product path to compare")
     path = require_fixtures(CONFORMANCE / "tiny-qwen3") / "expected_q40.m"
-    script = ("import sys, numpy as np; from dllama.runtime.engine import Engine; from dllama.runtime import kernels; "
-              f"assert not kernels.VNNI512; np.save(sys.argv[1], Engine.load({str(path)!r}).forward({PROMPT}, 0))")
-    env = dict(os.environ, DLLAMA_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    script = ("import sys, numpy as np; from dllama.runtime.engine import Engine; from dllama.runtime import compute; "
+              f"logits = Engine.load({str(path)!r}).forward({PROMPT}, 0); assert compute.kernel_path() == 'portable'; "
+              "np.save(sys.argv[1], logits)")
+    env = dict(os.environ, DLLAMA_NO_VNNI="1", DLLAMA_NO_DOTPROD="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.npy")], env=env, check=True)
     assert np.array_equal(np.load(tmp_path / "out.npy"), Engine.load(path).forward(PROMPT, 0))

@@ -17,6 +17,8 @@ import threading
 
 import numpy as np
 
+from dllama.runtime.cpu import KERNEL_PATHS
+
 # f16 bits -> float32, so kernels decode block scales with one lookup (numba has no CPU half)
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 BLOCK = 32
@@ -97,6 +99,7 @@ class JitKernels:
     def __init__(self):
         from dllama.runtime import kernels
         self.k = kernels
+        self.path = kernels.KERNEL_PATH
 
     def quantize_q80(self, x, xq, xd, xc):
         self.k.quantize_q80(x, xq, xd, xc)
@@ -126,6 +129,7 @@ class CompiledKernels:
     def __init__(self, module):
         self.m = module
         self._team: Team | None = None
+        self.path = KERNEL_PATHS[module.kernel_path_code()]
 
     def quantize_q80(self, x, xq, xd, xc):
         n_blocks = x.shape[0] * (x.shape[1] // BLOCK)
@@ -280,3 +284,8 @@ def _choose(wanted: str):
 def implementation() -> str:
     """"compiled" or "jit": which kernels this process runs (choosing them if not done yet)."""
     return _backend().name
+
+
+def kernel_path() -> str:
+    """The int8 dot products those kernels use: "portable", "vnni512" or "sdot" (cpu.KERNEL_PATHS)."""
+    return _backend().path

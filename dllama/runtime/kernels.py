@@ -8,8 +8,10 @@ xd (T, n/32) already rounded through f16 as the reference stores them, and xc (T
 
 The inner block products are LLVM vector IR (`_block_kernel`, `_rows_lanes_kernel`): numba
 promotes int8/int32 arithmetic to int64, which stops LLVM from vectorising a plain loop. The IR
-is generic except one instruction, AVX512-VNNI `vpdpbusd`, used where the CPU has it; the
-generic path computes the same integers, so results are bit-identical on ARM boards.
+is generic except the one instruction that sums 4 int8 products into an int32 lane, taken where
+the target CPU has it (KERNEL_PATH): AVX512-VNNI `vpdpbusd` on x86, `sdot` on ARM boards with
+dot products (Pi 5, Cortex-A55/A76); the portable path (Pi 3B+, Pi 4, other x86) computes the
+same exact integers, so every path gives the same bits.
 
 Each kernel is a serial function over a range of rows (heads, blocks): `*_rows` / `*_tasks`.
 numba's parallel forms below (matvec_q40, ...) run them a task at a time with prange; native.py
@@ -29,6 +31,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from dllama.f16bits import round_to_f16
+from dllama.runtime.cpu import KERNEL_PATHS, is_aarch64
 
 BLOCK = 32
 Q40_BYTES = 18
@@ -38,9 +41,27 @@ BLOCKS_PER_TASK = 64   # q80 blocks one thread quantizes at a time
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 LANES = 16  # float32 accumulator lanes per (row, token), see "Quantized matmuls" below
+
+
+def _target_features() -> set[str]:
+    """The features numba compiles for: a build's (native.py sets NUMBA_CPU_FEATURES from the
+    CPU's HWCAP on ARM), else LLVM's view of this CPU."""
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        try:
+            features = llvm.get_host_cpu_features().flatten()
+        except RuntimeError:  # LLVM cannot tell on this CPU: the portable path
+            features = ""
+    return {f[1:] for f in features.split(",") if f.startswith("+")}
+
+
+_TARGET = _target_features()
 # x86 with AVX512-VNNI: one vpdpbusd per 64 products (LLVM >= 22 spells its operands <64 x i8>)
-VNNI512 = (llvm.llvm_version_info[0] >= 22 and bool(llvm.get_host_cpu_features().get("avx512vnni"))
+VNNI512 = (llvm.llvm_version_info[0] >= 22 and "avx512vnni" in _TARGET
            and not os.environ.get("DLLAMA_NO_VNNI"))  # tests force the portable path (same numbers)
+# aarch64 with dot products: one sdot per 16 products (DLLAMA_NO_DOTPROD: cpu.arm_target_features)
+DOTPROD = is_aarch64() and "dotprod" in _TARGET and not os.environ.get("DLLAMA_NO_DOTPROD")
+KERNEL_PATH = "vnni512" if VNNI512 else "sdot" if DOTPROD else "portable"
 
 
 def _vec(t: ir.Type, n: int) -> ir.VectorType:
@@ -67,10 +88,31 @@ def _quad_sums(builder, a, x, init, a_unsigned: bool):
         fnty = ir.FunctionType(_vec(_i32, 16), [_vec(_i32, 16), _vec(_i8, 64), _vec(_i8, 64)])
         fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
         return builder.call(fn, [init, a, x])
+    if DOTPROD:  # q40 nibbles are 0..15: as int8 they have the same value
+        return _sdot_quad_sums(builder, a, x, init)
     extend = builder.zext if a_unsigned else builder.sext
     p = builder.mul(extend(a, _vec(_i32, n)), builder.sext(x, _vec(_i32, n)))
     parts = [builder.shuffle_vector(p, p, _const(_vec(_i32, n // 4), list(range(k, n, 4)))) for k in range(4)]
     return builder.add(init, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
+
+
+def _sdot_quad_sums(builder, a, x, init):
+    """_quad_sums by one aarch64 sdot per 16 products: lane i of sdot is init[i] + the 4 products
+    4i..4i+3, the same exact integer as the generic path's."""
+    n = a.type.count
+    name = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+    fnty = ir.FunctionType(_vec(_i32, 4), [_vec(_i32, 4), _vec(_i8, 16), _vec(_i8, 16)])
+    fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
+
+    def part(v, width, c):
+        return builder.shuffle_vector(v, v, _const(_vec(_i32, width), list(range(c * width, (c + 1) * width))))
+
+    sums = [builder.call(fn, [part(init, 4, c), part(a, 16, c), part(x, 16, c)]) for c in range(n // 16)]
+    while len(sums) > 1:  # concatenate, lanes in order
+        width = 2 * sums[0].type.count
+        sums = [builder.shuffle_vector(sums[i], sums[i + 1], _const(_vec(_i32, width), list(range(width))))
+                for i in range(0, len(sums), 2)]
+    return sums[0]
 
 
 def _splat_halves(builder, values):
@@ -207,6 +249,15 @@ _nibble_row_lanes = _rows_lanes_kernel(1)
 @njit(cache=True, inline="always")
 def _scale(row, offset, scale_table):
     return scale_table[np.int32(row[offset]) | (np.int32(row[offset + 1]) << 8)]
+
+
+_PATH_CODE = KERNEL_PATHS.index(KERNEL_PATH)
+
+
+@njit  # not cached: the constant is the path of this process's compile (env and CPU)
+def kernel_path_code():
+    """KERNEL_PATHS.index of the path these kernels were compiled with (native.kernel_path)."""
+    return _PATH_CODE
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ for this CPU, releasing the GIL so compute.py can run them on several threads at
 build, in a child process (`python -m dllama.runtime.native DIR`), imports numba.
 
 The module is cached under $DLLAMA_CACHE (default ~/.cache/dllama) in kernels/<key>/, keyed by
-the kernel sources, numba, Python and the CPU, and written to a temp folder then renamed. A
+the kernel sources, numba, Python and the CPU, and written to a temp folder then renamed. On ARM
+the CPU is what its HWCAP bits say (cpu.py), not LLVM's name for it: a Cortex-A76/A55 (Pi 5)
+gets the dot-product kernels, a Cortex-A53/A72 (Pi 3B+, Pi 4) the portable NEON ones;
+`kernel_path()` tells which the module holds. A
 build needs a C compiler and Python's headers (pycc links numba's small C runtime in); without
 them `load` says so once and returns None.
 """
@@ -28,6 +31,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from dllama.runtime import cpu
 
 MODULE = "dllama_kernels"
 _W = "u1[:, ::1]"  # quantized weights: rows of packed blocks (an "A" layout here runs 1.7x slower)
@@ -50,8 +55,9 @@ EXPORTS = {  # kernel in kernels.py -> its one signature in the compiled module
     "publish": "void(i8[::1], i8)",
     "spin_until_all_equal": "b1(i8[::1], i8, i8, i8)",
     "team_helper": "i8(i8[::1], i8[::1], i8[:, ::1], i8, i8, i8)",
+    "kernel_path_code": "i8()",
 }
-_SOURCES = ("runtime/kernels.py", "runtime/native.py", "f16bits.py")
+_SOURCES = ("runtime/kernels.py", "runtime/native.py", "runtime/cpu.py", "f16bits.py")
 
 
 def cache_root() -> Path:
@@ -65,7 +71,8 @@ def _cpu_key() -> str:
     except OSError:
         cpuinfo = ""
     lines = [l for l in cpuinfo.splitlines() if l.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
-    return platform.machine() + "\n" + "\n".join(sorted(set(lines))) + os.environ.get("DLLAMA_NO_VNNI", "")
+    return (platform.machine() + "\n" + "\n".join(sorted(set(lines))) + os.environ.get("DLLAMA_NO_VNNI", "")
+            + cpu.arm_target_features())  # under emulation /proc/cpuinfo is the host's: HWCAP tells
 
 
 def build_key() -> str:
@@ -164,12 +171,21 @@ def _child_env() -> dict:
     env = dict(os.environ)
     package_parent = str(Path(__file__).resolve().parent.parent.parent)
     env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
+    if features := cpu.arm_target_features():
+        env["NUMBA_CPU_FEATURES"] = features  # kernels.py and the compiler both read it (see _compile)
     return env
+
+
+def kernel_path() -> str | None:
+    """The int8 dot-product path of this machine's compiled kernels (cpu.KERNEL_PATHS), None without them."""
+    module = load()
+    return None if module is None else cpu.KERNEL_PATHS[module.kernel_path_code()]
 
 
 def _compile(output_dir: str) -> None:
     """In the child: compile EXPORTS with numba.pycc, GIL released, for this CPU."""
     import numba.pycc.compiler as pycc_compiler
+    from numba.core import codegen, config
     from numba.core.compiler import Flags
     from numba.pycc import CC
 
@@ -184,6 +200,8 @@ def _compile(output_dir: str) -> None:
             self.error_model = "numpy"
 
     pycc_compiler.Flags = ThreadFriendlyFlags
+    if config.CPU_FEATURES:  # ARM: the HWCAP's features (_child_env); pycc would take only the CPU name's
+        codegen.AOTCPUCodegen._customize_tm_features = lambda self: config.CPU_FEATURES
     cc = CC(MODULE)
     cc.output_dir = output_dir
     cc.target_cpu = "host"
