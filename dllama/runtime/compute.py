@@ -19,8 +19,10 @@ import numpy as np
 
 from dllama.runtime.cpu import KERNEL_PATHS
 
-# f16 bits -> float32, so kernels decode block scales with one lookup (numba has no CPU half)
-F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+# f16 bits -> float32, so kernels decode block scales with one lookup (numba has no CPU half);
+# aarch64's numpy warns about the NaN patterns in the cast (x86's does not): they stay NaN
+with np.errstate(invalid="ignore"):
+    F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 BLOCK = 32
 ROW_ALIGN = 16          # thread ranges of rows start on multiples of this (the JIT kernels' task size)
 MIN_WORK = 1 << 17      # multiply-adds below which a call stays on one thread (a hand-off costs ~30 us)

@@ -144,7 +144,7 @@ def _fix_for(error: str) -> str:
         return "this numba has no ahead-of-time compiler (numba.pycc); install numba<=0.68 to get them"
     if "setuptools" in error:
         return "pip install setuptools (numba.pycc drives the C compiler through it) to get them"
-    return "install a C compiler and Python's headers (e.g. apt install gcc python3-dev) to get them"
+    return "install a C compiler (and C++, which numba.pycc checks for) and Python's headers (e.g. apt install gcc g++ python3-dev) to get them"
 
 
 def build(folder: Path) -> str | None:
