@@ -36,9 +36,10 @@ def hf_folder_from_gguf(gguf_path: Path, folder: Path, hf_files_from: Path) -> P
 
 def write_gguf_like(source: Path, target: Path, retype: dict[str, str] | None = None,
                     drop_fields: tuple[str, ...] = (), arch: str | None = None,
-                    tensor_type: str | None = None) -> Path:
+                    tensor_type: str | None = None, labelled: str | None = None) -> Path:
     """A copy of a GGUF file through gguf.GGUFWriter, changing what a test needs changed:
-    `tensor_type` re-encodes every 2-D weight as Q4_0 / Q8_0 (with gguf.quants.quantize),
+    `tensor_type` re-encodes every 2-D weight as Q4_0 / Q8_0 (with gguf.quants.quantize) and
+    `labelled` then names that type something else of the same block size (IQ4_NL for Q4_0),
     `drop_fields` leaves metadata keys out, `arch` renames general.architecture."""
     import gguf
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
@@ -63,7 +64,8 @@ def write_gguf_like(source: Path, target: Path, retype: dict[str, str] | None = 
             ckpt_values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(shape)
             qtype = GGMLQuantizationType[tensor_type]
             data = gguf.quants.quantize(ckpt_values.astype(np.float32), qtype)
-            writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=qtype)
+            label = GGMLQuantizationType[labelled] if labelled else qtype
+            writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=label)
         else:
             writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_shape=np.asarray(tensor.data).shape,
                               raw_dtype=tensor.tensor_type)
