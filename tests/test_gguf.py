@@ -49,6 +49,18 @@ def test_embedded_tokenizer_json_is_byte_identical_to_transformers(smollm2_files
     assert (tf.bos_id, tf.eos_ids, tf.add_bos) == (1, [2], False)  # the tokenizer adds no bos, as transformers
 
 
+def test_metadata_and_tensor_infos_equal_gguf_readers(smollm2_gguf):
+    from gguf import GGUFReader
+
+    ours = GGUFCheckpoint(smollm2_gguf).file
+    reader = GGUFReader(smollm2_gguf)
+    theirs = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    assert ours.fields == theirs
+    assert [(t.name, t.qtype, t.shape, t.start, t.nbytes) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, tuple(int(n) for n in reversed(t.shape)), int(t.data_offset), int(t.n_bytes))
+         for t in reader.tensors]
+
+
 def test_header_comes_from_the_gguf_metadata(smollm2_files):
     h = ModelFile(smollm2_files["q40"]).header
     assert (h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, h.head_dim, h.vocab_size, h.max_seq_len) == \
@@ -118,8 +130,10 @@ def test_serve_answers_the_openai_client_like_transformers(smollm2_files, smollm
 
 @pytest.mark.parametrize("gguf_type,quant", [("Q8_0", "q80"), ("Q4_0", "q40")])
 def test_q8_0_and_q4_0_blocks_are_copied_without_a_second_rounding(smollm2_gguf, tmp_path, gguf_type, quant):
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
+    qtype = GGMLQuantizationType[gguf_type]
     source = write_gguf_like(smollm2_gguf, tmp_path / f"smollm2.{gguf_type}.gguf", tensor_type=gguf_type)
     result = convert_cli("gguf", source, "--quant", quant, "--name", "blocks", "--output-dir", tmp_path)
     assert result.exit_code == 0, result.output
@@ -134,7 +148,6 @@ def test_q8_0_and_q4_0_blocks_are_copied_without_a_second_rounding(smollm2_gguf,
         stored = ckpt.raw(entry)
         assert np.array_equal(model.raw(name), stored), name
         # the blocks mean the same values to our decoder and to llama.cpp's
-        qtype = ckpt.reader.tensors[0].tensor_type.__class__[gguf_type]
         theirs = dequantize(np.asarray(stored).reshape(spec.shape[0], -1), qtype)
         assert np.array_equal(model.tensor(name), theirs), name
         compared += 1
