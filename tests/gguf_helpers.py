@@ -74,3 +74,38 @@ def write_gguf_like(source: Path, target: Path, retype: dict[str, str] | None = 
     writer.write_tensors_to_file()
     writer.close()
     return target
+
+
+def write_sentencepiece_gguf(spm_model: Path, target: Path, add_bos: bool = True) -> Path:
+    """A metadata-only llama GGUF whose tokenizer is a sentencepiece model, stored as llama.cpp's
+    convert_hf_to_gguf.py stores one (`_set_vocab_sentencepiece`: pieces, scores, token types)."""
+    import sentencepiece as spm
+    from gguf import GGUFWriter
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                     else 5 if sp.is_unused(i) else 1)
+    writer = GGUFWriter(target, "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_add_bos_token(add_bos)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target

@@ -245,3 +245,30 @@ def test_reference_runtime_loads_and_runs_our_q40_file(smollm2_files, reference_
     pieces = run_inference(reference_dllama, smollm2_files["q40"], smollm2_files["tokenizer"], "Hello",
                            steps=12, buffer_float_type="q80")
     assert len(pieces) == 12 - len("Hello") + 1 and "".join(pieces).strip()
+
+
+# --------------------------------------------------------------------------------------------
+# A sentencepiece ("llama") tokenizer in a GGUF: Llama 2 and TinyLlama files
+
+def test_sentencepiece_gguf_tokenizes_like_the_tokenizer_model_it_came_from(tmp_path):
+    import sentencepiece as spm
+
+    from dllama.converter.convert import convert
+    from dllama.tokenizer import Tokenizer
+    from dllama.tokenizer.corpus import corpus
+    from gguf_helpers import write_sentencepiece_gguf
+    from tokenizer_helpers import train_sentencepiece
+
+    folder = train_sentencepiece(tmp_path / "spm", "bpe")
+    gguf_file = write_sentencepiece_gguf(folder / "tokenizer.model", tmp_path / "spm.gguf")
+    from_gguf = convert(gguf_file, None, tmp_path / "a", name="spm").plan.tokenizer_path
+    from_model = convert(folder, None, tmp_path / "b", name="spm").plan.tokenizer_path
+    a, b = read_tokenizer(from_gguf), read_tokenizer(from_model)
+    assert (a.tokens, a.scores, a.bos_id, a.eos_ids, a.add_bos) == (b.tokens, b.scores, b.bos_id, b.eos_ids, b.add_bos)
+    ours, theirs = Tokenizer.load(str(from_gguf)), Tokenizer.load(str(from_model))
+    assert ours.exact
+    texts = corpus()
+    assert ours.encode_batch(texts) == theirs.encode_batch(texts)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    plain = [t for t in texts if "<" not in t]  # no special-token markup, which sentencepiece alone reads as text
+    assert len(plain) > 500 and [ours.encode(t) for t in plain] == [[sp.bos_id()] + sp.encode(t) for t in plain]
