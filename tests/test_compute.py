@@ -57,6 +57,14 @@ def test_matmuls_and_quantizer_are_bit_identical(both, threads, T, rows, n):
         getattr(compiled, name)(w, xq, xd, xc, have)
         assert np.array_equal(want, have), name
         assert np.abs(want).max() > 0
+    nf = n + 5  # f32 rows need not fill whole 16-value lanes: a scalar tail too
+    w = rng.standard_normal((rows, nf + 7)).astype(np.float32)[:, :nf]  # strided, as a column slice is
+    xf = rng.standard_normal((T, nf)).astype(np.float32)
+    want, have = np.empty((T, rows), np.float32), np.full((T, rows), np.nan, np.float32)
+    jit.matmul_f32(w, xf, want)
+    compiled.matmul_f32(w, xf, have)
+    assert np.array_equal(want, have), "matmul_f32"
+    assert np.allclose(want, xf.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4 * np.sqrt(nf))
     if T == 1:
         w = packed(quantize_q40, rng, rows, n)
         want, have = np.empty(rows, np.float32), np.full(rows, np.nan, np.float32)

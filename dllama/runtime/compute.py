@@ -84,6 +84,11 @@ def matmul_q80(w, xq, xd, xc, out) -> None:
     _backend().matmul_q80(w, xq, xd, xc, out)
 
 
+def matmul_f32(w, x, out) -> None:
+    """out (T, rows) = x (T, n) . w (rows, n)^T in float32, the same bits on every CPU (not BLAS)."""
+    _backend().matmul_f32(w, x, out)
+
+
 def silu_gate(a, b, out) -> None:
     _backend().silu_gate(a, b, out)
 
@@ -118,6 +123,9 @@ class JitKernels:
     def matmul_q80(self, w, xq, xd, xc, out):
         self.k.matmul_q80(w, xq, xd, xc, F16_TO_F32, out)
 
+    def matmul_f32(self, w, x, out):
+        self.k.matmul_f32(w, x, out)
+
     def silu_gate(self, a, b, out):
         self.k.silu_gate(a, b, out)
 
@@ -151,6 +159,9 @@ class CompiledKernels:
     def matmul_q80(self, w, xq, xd, xc, out):
         self._split("matmul_q80_rows", "job_matmul_q80", (_rows(w), xq, xd, xc, F16_TO_F32, out), w.shape[0],
                     work_per_item=xq.size)
+
+    def matmul_f32(self, w, x, out):
+        self._split("matmul_f32_rows", "job_matmul_f32", (_rows(w), x, out), w.shape[0], work_per_item=x.size)
 
     def silu_gate(self, a, b, out):
         self._split("silu_gate_rows", "job_silu_gate", (a, b, out), a.shape[0], work_per_item=8 * a.shape[1], align=1)

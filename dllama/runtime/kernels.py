@@ -449,6 +449,38 @@ def matmul_q80(w, xq, xd, xc, scale_table, out):
 
 
 # --------------------------------------------------------------------------------------------
+# f32 weights: the same sums on every CPU. numpy's matmul hands them to BLAS, whose summation
+# order depends on the library and the CPU's vector width (x86 and aarch64 logits differed in
+# the last bits); here product j of a dot goes into lane j % 16, lanes are summed in order.
+
+@njit(cache=True)
+def matmul_f32_rows(w, x, out, r0, r1):
+    """f32 weights (rows, n) x T tokens (T, n) float32 -> out (T, rows), rows r0..r1."""
+    T, n = x.shape
+    whole = n - n % LANES
+    acc = np.empty(LANES, dtype=np.float32)
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(T):
+            xt = x[t]
+            acc[:] = 0.0
+            for j in range(0, whole, LANES):
+                for i in range(LANES):
+                    acc[i] += row[j + i] * xt[j + i]
+            total = _lane_sum(acc, 0)
+            for j in range(whole, n):
+                total += row[j] * xt[j]
+            out[t, r] = total
+
+
+@njit(cache=True, parallel=True)
+def matmul_f32(w, x, out):
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        matmul_f32_rows(w, x, out, task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK))
+
+
+# --------------------------------------------------------------------------------------------
 # Attention over the KV cache (FORMAT.md §2)
 
 @njit(cache=True)
@@ -525,7 +557,7 @@ def attention(q, k_cache, v_cache, pos0, out):
 # waking it costs tens of microseconds, against ~100 kernel calls per token.
 
 JOB_WORDS = 32
-NO_JOB, JOB_QUANTIZE, JOB_MATVEC_Q40, JOB_MATMUL_Q40, JOB_MATMUL_Q80, JOB_SILU, JOB_ATTENTION = range(7)
+NO_JOB, JOB_QUANTIZE, JOB_MATVEC_Q40, JOB_MATMUL_Q40, JOB_MATMUL_Q80, JOB_SILU, JOB_ATTENTION, JOB_MATMUL_F32 = range(8)
 
 
 @intrinsic
@@ -618,6 +650,11 @@ def job_attention(job, q, k_cache, v_cache, pos0, out, start, stop):
     _describe(job, JOB_ATTENTION, start, stop, pos0, (q, k_cache, v_cache, out))
 
 
+@njit(cache=True)
+def job_matmul_f32(job, w, x, out, start, stop):
+    _describe(job, JOB_MATMUL_F32, start, stop, 0, (w, x, out))
+
+
 @njit(cache=True, inline="always")
 def _arg1(job, slot, dtype):
     base = 4 + 4 * slot
@@ -654,6 +691,8 @@ def _run_job(job):
                         _arg2(job, 3, np.int32), _arg1(job, 4, np.float32), _arg2(job, 5, np.float32), start, stop)
     elif kind == JOB_SILU:
         silu_gate_rows(_arg2(job, 0, np.float32), _arg2(job, 1, np.float32), _arg2(job, 2, np.float32), start, stop)
+    elif kind == JOB_MATMUL_F32:
+        matmul_f32_rows(_arg2(job, 0, np.float32), _arg2(job, 1, np.float32), _arg2(job, 2, np.float32), start, stop)
     elif kind == JOB_ATTENTION:
         attention_tasks(_arg3(job, 0, np.float32), _arg3(job, 1, np.float32), _arg3(job, 2, np.float32), job[3],
                         _arg2(job, 3, np.float32), start, stop)

@@ -77,7 +77,10 @@ class Matrix:
     def __matmul__(self, x: "np.ndarray | QuantizedInput") -> np.ndarray:
         """(T, cols) activations -> (T, rows) float32."""
         if not self.quantized:
-            return np.asarray(x, dtype=np.float32) @ self.data.T
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+            compute.matmul_f32(self.data, x, out)  # not numpy's BLAS: the same bits on every CPU
+            return out
         if not isinstance(x, QuantizedInput):
             x = QuantizedInput.of(x)
         T = x.xq.shape[0]
