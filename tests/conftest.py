@@ -35,7 +35,7 @@ def llama2_tokenizer_dir() -> Path:
 # fetched into the cache by `python -m dllama.samples` (the README's test command and .ci/run do
 # it); tests never download. In CI a missing file fails instead of skipping.
 
-SMOLLM2 = FIXTURES / "smollm2"
+SMOLLM2 = CONFORMANCE.parent / "smollm2"  # copied from FIXTURES (Apache-2.0, tests/fixtures/README.md)
 SMOLLM2_QUANTS = ("f32", "q80", "q40")
 
 
