@@ -64,6 +64,10 @@ def test_matmuls_and_quantizer_are_bit_identical(both, threads, T, rows, n):
     jit.matmul_f32(w, xf, want)
     compiled.matmul_f32(w, xf, have)
     assert np.array_equal(want, have), "matmul_f32"
+    for t in range(T):  # 4 tokens at a time, or 1: the same bits
+        one = np.empty((1, rows), np.float32)
+        compiled.matmul_f32(w, xf[t:t + 1], one)
+        assert np.array_equal(one[0], have[t])
     assert np.allclose(want, xf.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4 * np.sqrt(nf))
     if T == 1:
         w = packed(quantize_q40, rng, rows, n)
