@@ -232,6 +232,16 @@ def test_swapped_layer_tensors_are_caught(tmp_path, a, b, holds):
     logits_alone_catch(src, tmp_path, swap_tensors(a, b))
 
 
+def test_bf16_read_as_f16_is_named_against_the_checkpoint(tmp_path):
+    from validate_helpers import read_bf16_as_f16, write_model_with as write_with
+
+    src = fixture("tiny-llama")  # a bf16 checkpoint
+    bad = write_with(tmp_path / "bf16_as_f16.m", src / "expected_f32.m", read_bf16_as_f16)
+    reasons = failing(validate(bad, src / "expected.t", hf=src, options=FAST))
+    assert "bf16 bytes read as f16" in reasons["model.tensors"]
+    assert "bf16 bytes read as f16" in reasons["model.weights_vs_checkpoint"]
+
+
 # --------------------------------------------------------------------------------------------
 # sentencepiece with byte fallback
 
