@@ -76,6 +76,21 @@ def test_reference_npz_round_trips_prompts_and_logits(tmp_path, conformance_dir)
     assert all(np.array_equal(a, b) for a, b in zip(back.ids, ref.ids))
 
 
+def test_reference_npz_round_trips_arithmetic_runs_and_the_original_config(tmp_path):
+    src = fixture("tiny-qwen3")
+    ids = ReferenceLogits.load(src / "reference_logits.npz").ids
+    ref = compute_reference(Checkpoint(src), ids, arithmetics=[FloatType.Q40], traced=2, quality_prompt=2)
+    ref.bos_id, ref.eos_ids = 1, [2, 3]
+    ref.save(tmp_path / "ref.npz")
+    back = ReferenceLogits.load(tmp_path / "ref.npz")
+    trace = back.traces["q40"]
+    assert trace.lengths == [len(i) for i in ids[:2]] and trace.states.shape[0] == 2 * 2 + 1
+    assert np.array_equal(trace.states, ref.traces["q40"].states)
+    assert back.config == Checkpoint(src).config and (back.bos_id, back.eos_ids, back.quality_prompt) == (1, [2, 3], 2)
+    # the q40 run differs from the exact one by quantization, and its last state gives its logits
+    assert not np.allclose(trace.logits, np.concatenate(back.logits[:2]))
+
+
 # --------------------------------------------------------------------------------------------
 # Must hold 1: correct conversions pass
 

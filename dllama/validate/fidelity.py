@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dllama.formats import EmbeddedKind, FloatType, TokenizerFile
+from dllama.formats import EmbeddedKind, TokenizerFile
 from dllama.validate.reference import DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS, QUALITY_MAX_TOKENS, QUALITY_TEXT
-from dllama.validate.report import CheckResult, failed, passed, skipped, warned
+from dllama.validate.report import CheckResult, failed, passed, warned
 
 Progress = Callable[[int, int], None]
 

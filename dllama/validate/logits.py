@@ -130,11 +130,11 @@ def block_errors(blocks: RuntimeBlocks, trace: Trace, progress: Progress | None 
     states, bounds = trace.states, np.cumsum(trace.lengths)[:-1]
     errors = []
     for l in range(blocks.n_layers):
-        for k, (name, block) in enumerate((("attention", blocks.attention), ("ffn", blocks.ffn))):
-            before, after = states[2 * l + k], states[2 * l + k + 1]
-            got = np.concatenate([block(l, x) for x in np.split(before, bounds)])
-            want = after - before
-            errors.append((f"layer {l} {name}", relative_rms(got, want)))
+        before = states[2 * l]
+        got = np.concatenate([blocks.attention(l, x) for x in np.split(before, bounds)])  # positions from 0 per prompt
+        errors.append((f"layer {l} attention", relative_rms(got, states[2 * l + 1] - before)))
+        before = states[2 * l + 1]
+        errors.append((f"layer {l} ffn", relative_rms(blocks.ffn(l, before), states[2 * l + 2] - before)))
         if progress:
             progress(l + 1, blocks.n_layers + 1)
     head = np.asarray(blocks.logits(states[-1]), dtype=np.float32)
