@@ -80,3 +80,13 @@ def smollm2_expected(smollm2_fixture_dir) -> dict:
     import json
 
     return json.loads((smollm2_fixture_dir / "expected_greedy.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def reference_dllama() -> Path:
+    """The reference C++ runtime built from ../shared/reference (cached per machine)."""
+    from reference_runtime import build_reference, tarball
+
+    if tarball() is None:
+        _missing("../shared/reference is absent: the reference runtime's source is not beside this clone")
+    return build_reference()
