@@ -44,6 +44,32 @@ class Original:
         return str(self.checkpoint.folder)
 
 
+class RememberedReads:
+    """A checkpoint whose tensors, once read, are kept while they fit `budget` bytes: the weights
+    check and the reference runs then dequantize a GGUF (or decode bf16) once, not twice."""
+
+    def __init__(self, checkpoint, budget: int = 1 << 30):
+        self.ckpt = checkpoint
+        self.budget = budget
+        self.kept: dict[str, np.ndarray] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.ckpt, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ckpt
+
+    def get(self, name: str) -> np.ndarray:
+        if name in self.kept:
+            return self.kept[name]
+        w = self.ckpt.get(name)
+        if w.nbytes <= self.budget:
+            w.setflags(write=False)  # shared: nobody may change it in place
+            self.kept[name] = w
+            self.budget -= w.nbytes
+        return w
+
+
 def open_original(source: str | os.PathLike) -> Original:
     """SOURCE as dllama-convert reads it: a local folder, a GGUF file or a hub repo id."""
     from dllama.converter.hub import SourceError, resolve_source
@@ -60,7 +86,7 @@ def open_original(source: str | os.PathLike) -> Original:
                 tok = fidelity.SourceTokenizer._tokenizer_json(gguf_tok.tokenizer_json(), f"the tokenizer of {path.name}")
             except TokenizerConversionError:
                 tf, tok = None, None
-            return Original(ckpt, tok, tf)
+            return Original(RememberedReads(ckpt), tok, tf)
         ckpt = Checkpoint(resolve_source(str(source)))
     except (CheckpointError, SourceError) as e:
         raise InputError(f"--hf: {e}") from None
@@ -68,7 +94,7 @@ def open_original(source: str | os.PathLike) -> Original:
         tf = convert_tokenizer(ckpt.folder, embed=False)
     except TokenizerConversionError:
         tf = None
-    return Original(ckpt, fidelity.SourceTokenizer.from_folder(ckpt.folder), tf)
+    return Original(RememberedReads(ckpt), fidelity.SourceTokenizer.from_folder(ckpt.folder), tf)
 
 
 def load_reference(path: str | os.PathLike) -> ReferenceLogits:
