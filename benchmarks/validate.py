@@ -77,9 +77,8 @@ def thresholds(workdir: Path) -> None:
     from dllama.formats import FloatType
     from dllama.validate.reference import ReferenceLogits, compute_reference
     from dllama.validate.validator import Options, validate
-    from validate_helpers import write_model_with
-
     mutations = fixture_mutations()
+    from validate_helpers import write_model_with
     print("| fixture | weights | variant | logits.correctness | measured | logits.quality |\n|---|---|---|---|---|---|")
     for fixture in sorted(FIXTURES.iterdir()):
         ids = ReferenceLogits.load(fixture / "reference_logits.npz").ids
