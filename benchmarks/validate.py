@@ -65,9 +65,20 @@ def fixture_mutations() -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from validate_helpers import set_header, swap_tensors, unpermute_qk
 
-    return {"correct": None, "q/k not permuted": unpermute_qk, "rope_theta 10000": set_header(rope_theta=10000),
+    return {"correct": None, "q/k not permuted": unpermute_qk,
+            "rope_theta x100 (10000 for qwen3)": None,  # fixture-dependent, see rope_mutation
             "w1/w3 swapped (layer 1)": swap_tensors("layers.1.w1", "layers.1.w3"),
             "wo of layers 0/1 swapped": swap_tensors("layers.0.wo", "layers.1.wo")}
+
+
+def rope_mutation(fixture: Path):
+    """rope_theta x100 where the fixture has the 10000 default (tiny-llama), else the classic
+    bug of writing the 10000 default (tiny-qwen3's 1e6)."""
+    from dllama.formats import read_model_header
+    from validate_helpers import set_header
+
+    theta = read_model_header(fixture / "expected_f32.m").theta
+    return set_header(rope_theta=int(theta * 100) if theta <= 10000 else 10000)
 
 
 def thresholds(workdir: Path) -> None:
@@ -88,6 +99,7 @@ def thresholds(workdir: Path) -> None:
             for label, edit in mutations.items():
                 if label == "q/k not permuted" and "qwen3" in fixture.name:
                     continue  # qwen3 is not permuted
+                edit = rope_mutation(fixture) if label.startswith("rope_theta") else edit
                 path = fixture / f"expected_{quant}.m"
                 if edit is not None:
                     path = write_model_with(workdir / "mutated.m", path, edit)

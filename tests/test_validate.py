@@ -79,16 +79,28 @@ def test_reference_npz_round_trips_prompts_and_logits(tmp_path, conformance_dir)
 def test_reference_npz_round_trips_arithmetic_runs_and_the_original_config(tmp_path):
     src = fixture("tiny-qwen3")
     ids = ReferenceLogits.load(src / "reference_logits.npz").ids
-    ref = compute_reference(Checkpoint(src), ids, arithmetics=[FloatType.Q40], traced=2, quality_prompt=2)
+    ref = compute_reference(Checkpoint(src), ids, arithmetics=[FloatType.Q40], traced=2)
     ref.bos_id, ref.eos_ids = 1, [2, 3]
     ref.save(tmp_path / "ref.npz")
     back = ReferenceLogits.load(tmp_path / "ref.npz")
     trace = back.traces["q40"]
     assert trace.lengths == [len(i) for i in ids[:2]] and trace.states.shape[0] == 2 * 2 + 1
     assert np.array_equal(trace.states, ref.traces["q40"].states)
-    assert back.config == Checkpoint(src).config and (back.bos_id, back.eos_ids, back.quality_prompt) == (1, [2, 3], 2)
+    assert back.config == Checkpoint(src).config and (back.bos_id, back.eos_ids) == (1, [2, 3])
     # the q40 run differs from the exact one by quantization, and its last state gives its logits
     assert not np.allclose(trace.logits, np.concatenate(back.logits[:2]))
+
+
+@pytest.mark.parametrize("float_type", [FloatType.Q40, FloatType.Q80])
+def test_reference_codecs_round_like_the_format_module(float_type):
+    from dllama.formats import decode_tensor, encode_tensor
+    from dllama.validate.reference import ROUNDING
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 256)) * rng.choice([1e-3, 0.05, 3.0], (64, 1))).astype(np.float32)
+    x[0, :32] = 0  # an all-zero block
+    x[1, :32] = np.linspace(-1, 1, 32)  # a tie of |min| and max
+    assert np.array_equal(ROUNDING[float_type](x), decode_tensor(encode_tensor(x, float_type), float_type, x.shape))
 
 
 # --------------------------------------------------------------------------------------------

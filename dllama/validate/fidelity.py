@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dllama.formats import EmbeddedKind, TokenizerFile
-from dllama.validate.reference import DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS, QUALITY_MAX_TOKENS, QUALITY_TEXT
+from dllama.validate.reference import DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS
 from dllama.validate.report import CheckResult, failed, passed, warned
 
 Progress = Callable[[int, int], None]
@@ -171,12 +171,7 @@ def reference_runtime_fidelity(tokenizer, tf: TokenizerFile, source: SourceToken
 # The reference's prompts, tokenized like the original
 
 def reference_prompt_ids(source: SourceTokenizer, bos_id: int | None, add_bos: bool,
-                         prompts: Sequence[str] = DEFAULT_PROMPTS, max_tokens: int = DEFAULT_MAX_TOKENS,
-                         quality_text: str | None = QUALITY_TEXT) -> list[np.ndarray]:
-    """Each prompt's ids (bos first when the tokenizer adds one), cut to max_tokens; then the
-    quality text's, cut to QUALITY_MAX_TOKENS."""
+                         prompts: Sequence[str] = DEFAULT_PROMPTS, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[np.ndarray]:
+    """Each prompt's ids (bos first when the tokenizer adds one), cut to max_tokens."""
     prefix = [bos_id] if add_bos and bos_id is not None else []
-    ids = [np.asarray((prefix + source.encode(p))[:max_tokens], dtype=np.int64) for p in prompts]
-    if quality_text:
-        ids.append(np.asarray((prefix + source.encode(quality_text))[:QUALITY_MAX_TOKENS], dtype=np.int64))
-    return ids
+    return [np.asarray((prefix + source.encode(p))[:max_tokens], dtype=np.int64) for p in prompts]

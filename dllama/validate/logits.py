@@ -10,7 +10,7 @@ carry independent quantization noise (docs/VALIDATE.md). An f32 file's arithmeti
 original's: there whole runs are compared.
 
 logits.quality: our runtime's whole run against the exact original: top-1 agreement, mean and
-p99 KL, perplexity ratio on a built-in text, graded in words. Only garbage fails.
+p99 KL, perplexity ratio on the built-in prompts, graded in words. Only garbage fails.
 """
 from __future__ import annotations
 
@@ -75,12 +75,6 @@ class LogitStats:
 
     def describe(self) -> str:
         return f"top1 {self.top1:.3f} KL mean {self.mean_kl:.2g} p99 {self.p99_kl:.2g} abs {self.max_abs:.2g}"
-
-
-def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
-    """exp(mean negative log-likelihood of each next token)."""
-    lp = log_softmax(logits[:-1])
-    return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
 
 
 def reference_problem(vocab_size: int, reference: ReferenceLogits) -> str | None:
@@ -251,10 +245,17 @@ def better_type(float_type: FloatType, n_params: int | None = None) -> str:
 
 
 def perplexity_ratio(ours: list[np.ndarray], reference: ReferenceLogits) -> float | None:
-    j = reference.quality_prompt
-    if j is None or not 0 <= j < len(ours) or len(reference.ids[j]) < 2:
+    """Our perplexity over the reference prompts (built-in texts) divided by the original's."""
+    pairs = [(o, r, i) for o, r, i in zip(ours, reference.logits, reference.ids) if len(i) >= 2]
+    if not pairs:
         return None
-    return perplexity(ours[j], reference.ids[j]) / perplexity(reference.logits[j], reference.ids[j])
+    return perplexity_of(pairs, 0) / perplexity_of(pairs, 1)
+
+
+def perplexity_of(pairs, k: int) -> float:
+    """exp(mean negative log-likelihood of each next token over all prompts) of pairs[.][k]'s logits."""
+    nll = np.concatenate([-log_softmax(p[k][:-1])[np.arange(len(p[2]) - 1), p[2][1:]] for p in pairs])
+    return float(np.exp(nll.mean()))
 
 
 # --------------------------------------------------------------------------------------------

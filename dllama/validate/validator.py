@@ -15,7 +15,7 @@ from dllama.tokenizer.convert import TokenizerConversionError, convert_tokenizer
 from dllama.tokenizer.errors import TokenizerError
 from dllama.validate import checks, fidelity, logits
 from dllama.validate.reference import (
-    ARITHMETIC_TYPES, DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS, QUALITY_TEXT, ReferenceError, ReferenceLogits, compute_reference,
+    ARITHMETIC_TYPES, DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS, DEFAULT_TRACED, ReferenceError, ReferenceLogits, compute_reference,
 )
 from dllama.validate.report import CheckResult, InputError, Report, Status, failed, passed, skipped
 
@@ -228,7 +228,7 @@ def tokenizer_vs_reference(path: Path, tf: TokenizerFile | None, ref: ReferenceL
         tok = load_tokenizer(path, "faithful")
     except TokenizerError as e:
         return skipped(name, f"dllama-run cannot load this tokenizer ({e})")
-    texts = list(ref.prompts) + ([QUALITY_TEXT] if ref.quality_prompt == len(ref.prompts) else [])
+    texts = list(ref.prompts)
     differ = []
     for text, want in zip(texts, ref.ids):
         got = ([tf.bos_id] if tf.add_bos else []) + tok.encode(text, add_bos=False)
@@ -243,8 +243,8 @@ def tokenizer_vs_reference(path: Path, tf: TokenizerFile | None, ref: ReferenceL
 
 def reference_from_original(original: Original, float_type: FloatType, tf: TokenizerFile | None, options: Options,
                             progress) -> ReferenceLogits | None:
-    """Exact runs on every prompt and the quality text, and a traced run with the file's
-    arithmetic on the prompts (a q40/q80 file), computed here."""
+    """An exact run on every prompt and a traced run with the file's arithmetic on the first
+    ones (a q40/q80 file), computed here."""
     source_tf = original.tokenizer_file or tf
     if original.tokenizer is None or source_tf is None:
         return None
@@ -255,8 +255,8 @@ def reference_from_original(original: Original, float_type: FloatType, tf: Token
 def make_reference(original: Original, source_tf: TokenizerFile, prompts: Sequence[str], max_tokens: int,
                    arithmetics: Sequence[FloatType], progress) -> ReferenceLogits:
     ids = fidelity.reference_prompt_ids(original.tokenizer, source_tf.bos_id, source_tf.add_bos, prompts, max_tokens)
-    ref = compute_reference(original.checkpoint, ids, list(prompts), arithmetics=arithmetics, traced=len(prompts),
-                            quality_prompt=len(prompts), progress=progress)
+    ref = compute_reference(original.checkpoint, ids, list(prompts), arithmetics=arithmetics,
+                            traced=min(DEFAULT_TRACED, len(prompts)), progress=progress)
     ref.bos_id, ref.eos_ids = source_tf.bos_id, list(source_tf.eos_ids)
     return ref
 
