@@ -89,8 +89,12 @@ def test_dllama_run_greedy_text_equals_transformers(smollm2_files, smollm2_expec
 
     story = smollm2_expected["story"]
     for quant in ("f32", "q80"):
+        # q80 with the reference runtime's q80 round trip of partials: one node's default (float32
+        # partials, issue 12; half the KL on average) flips token 4, where the original's top two
+        # differ by 0.16 (' Nova' 5.77, ' New' 5.61), to ' New' by 0.013 (docs/VALIDATE.md)
+        buffers = ["--buffer-float-type", "q80"] if quant == "q80" else []
         result = runner.invoke(run_app, ["--model", str(smollm2_files[quant]), "--tokenizer", str(smollm2_files["tokenizer"]),
-                                         "--prompt", story["prompt"], "--steps", "40", "--temperature", "0"])
+                                         "--prompt", story["prompt"], "--steps", "40", "--temperature", "0", *buffers])
         assert result.exit_code == 0, result.output
         assert result.stdout == story["prompt"] + story["greedy"] + "\n", quant
 
@@ -100,8 +104,11 @@ def test_dllama_run_chat_answers_like_transformers(smollm2_files, smollm2_expect
 
     chat = smollm2_expected["chat"]
     for quant in ("f32", "q80"):
+        # the first token is a near tie in the original (' The' 25.33, ' L' 25.24): q80 with float32
+        # partials (one node's default since issue 12) picks ' L'; the reference's q80 round trip ' The'
+        buffers = ["--buffer-float-type", "q80"] if quant == "q80" else []
         result = runner.invoke(run_app, ["chat", "--model", str(smollm2_files[quant]), "--tokenizer",
-                                         str(smollm2_files["tokenizer"]), "--temperature", "0", "--steps", "32"],
+                                         str(smollm2_files["tokenizer"]), "--temperature", "0", "--steps", "32", *buffers],
                                input=chat["messages"][0]["content"] + "\n\n")
         assert result.exit_code == 0, result.output
         assert chat["greedy"] in result.stdout, (quant, result.stdout)
@@ -113,7 +120,8 @@ def test_serve_answers_the_openai_client_like_transformers(smollm2_files, smollm
     from serve_helpers import ServerProcess
 
     chat, story = smollm2_expected["chat"], smollm2_expected["story"]
-    server = ServerProcess("--model", str(smollm2_files["q80"]), "--tokenizer", str(smollm2_files["tokenizer"]))
+    server = ServerProcess("--model", str(smollm2_files["q80"]), "--tokenizer", str(smollm2_files["tokenizer"]),
+                           "--buffer-float-type", "q80")  # the near ties of the two tests above
     try:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         answer = client.chat.completions.create(model="smollm2", messages=chat["messages"], temperature=0, max_tokens=32)
