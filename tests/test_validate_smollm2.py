@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dllama.formats import FloatType
-from dllama.validate.reference import DEFAULT_PROMPTS
+from dllama.validate.cli import main
+from dllama.validate.reference import DEFAULT_PROMPTS, ReferenceLogits
 from dllama.validate.report import Status
-from dllama.validate.validator import Options, make_reference, open_original, validate
+from dllama.validate.validator import Options, validate
 from validate_helpers import (
     MODEL_MUTATIONS, TOKENIZER_MUTATIONS, write_model_with, write_tokenizer_with,
 )
@@ -28,11 +28,23 @@ def failing(report) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def smollm2_ref(smollm2_gguf, tmp_path_factory) -> Path:
-    original = open_original(smollm2_gguf)
-    ref = make_reference(original, original.tokenizer_file, DEFAULT_PROMPTS, 24, [FloatType.Q40, FloatType.Q80], None)
+    """`dllama-validate reference --hf SmolLM2.gguf --out ref.npz` (q40 and q80 runs by default)."""
     path = tmp_path_factory.mktemp("smollm2_ref") / "ref.npz"
-    ref.save(path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reference", "--hf", str(smollm2_gguf), "--out", str(path), "-q"])
+    assert exit_info.value.code in (0, None)
     return path
+
+
+def test_reference_file_made_from_the_gguf_carries_what_a_board_needs(smollm2_ref, smollm2_files):
+    from dllama.checkpoint import header_from_config
+    from dllama.formats import FloatType, read_model_header
+
+    ref = ReferenceLogits.load(smollm2_ref)
+    assert set(ref.traces) == {"q40", "q80"} and ref.prompts == list(DEFAULT_PROMPTS)
+    assert header_from_config(ref.config, FloatType.Q40) == read_model_header(smollm2_files["q40"])
+    assert (ref.bos_id, ref.eos_ids) == (1, [2])
+    assert ref.traces["q40"].states.shape[0] == 2 * 30 + 1
 
 
 # --------------------------------------------------------------------------------------------
