@@ -30,7 +30,8 @@ SEQ_HELP = (f"KV cache positions, prompt and answer together (default {DEFAULT_M
 THREADS_HELP = "compute threads (default: all cores)"
 WORKERS_HELP = ("run as the root of a cluster: the workers' host:port list, e.g. pi1:9999,pi2:9999 (each started with "
                 "`dllama-run worker`); nodes = 1 + workers, a power of two")
-BUFFER_HELP = "how nodes exchange activations: q80 (default for q40/q80 models) or f32 (default for f32 models)"
+BUFFER_HELP = ("how nodes exchange activations: q80 (default for q40/q80 models on a cluster) or f32 (default for f32 "
+               "models, and on one node, where nothing crosses a network; q80 there rounds like the reference)")
 
 
 class CliError(Exception):
@@ -67,7 +68,7 @@ def load_session(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optio
         engine = DistributedEngine(model, parse_workers(workers), max_seq_len=max_seq_len, nthreads=nthreads,
                                    buffer_type=buffer_float_type)
     else:
-        engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads)
+        engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads, buffer_float_type=buffer_float_type)
     check_vocab(tok.vocab_size, engine.vocab_size, tokenizer, model)
     release_freed_heap()
     return Session(engine, tok)

@@ -41,10 +41,11 @@ class Exchange(Protocol):
 
 
 class LocalExchange:
-    """One node: the partial is its own sum. With q80 buffers (q40/q80 weights) it is still
-    quantized to q80 before it is added, as the reference does on a single node (FORMAT.md §2)."""
+    """One node: the partial is its own sum and crosses no network, so it is added as computed.
+    The reference rounds it through q80 even here (FORMAT.md §2), which costs accuracy for
+    nothing; `quantize_partials` (--buffer-float-type q80) does the same, to compare with it."""
 
-    def __init__(self, quantize_partials: bool):
+    def __init__(self, quantize_partials: bool = False):
         self.quantize_partials = quantize_partials
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
@@ -69,7 +70,18 @@ def release_freed_heap() -> None:
 
 
 def uses_q80_buffers(h: ModelHeader) -> bool:
+    """The reference's default sync buffers for a cluster: q80 for q40/q80 weights (FORMAT.md §2)."""
     return h.weights_float_type in (FloatType.Q40, FloatType.Q80)
+
+
+BUFFER_FLOAT_TYPES = ("f32", "q80")
+
+
+def rounds_partials_on_one_node(buffer_float_type: str | None) -> bool:
+    """One node exchanges nothing: partials stay float32 unless q80 buffers are asked for."""
+    if buffer_float_type is not None and buffer_float_type.lower() not in BUFFER_FLOAT_TYPES:
+        raise EngineError(f"unknown buffer float type {buffer_float_type!r}: use q80 or f32")
+    return buffer_float_type is not None and buffer_float_type.lower() == "q80"
 
 
 class Engine:
@@ -86,8 +98,9 @@ class Engine:
 
     @classmethod
     def load(cls, model_path: str | os.PathLike, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-             nthreads: int | None = None) -> "Engine":
-        """Memory-map the model (weights stay packed) and allocate a KV cache of `max_seq_len` positions."""
+             nthreads: int | None = None, buffer_float_type: str | None = None) -> "Engine":
+        """Memory-map the model (weights stay packed) and allocate a KV cache of `max_seq_len` positions.
+        buffer_float_type "q80" rounds each partial through q80 as the reference does (default: not)."""
         model = ModelFile(model_path)
         h = model.header
         max_seq_len = min(max_seq_len, h.max_seq_len) if h.max_seq_len > 0 else max_seq_len
@@ -95,9 +108,10 @@ class Engine:
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
         if problem := compute.threads_problem(nthreads):
             raise EngineError(problem)
+        quantize_partials = rounds_partials_on_one_node(buffer_float_type)
         node = NodeSlice(0, 1)
         layers = NodeLayers(h, load_node_weights(model, node), node, max_seq_len)
-        return cls(model, layers, LocalExchange(uses_q80_buffers(h)), max_seq_len, nthreads)
+        return cls(model, layers, LocalExchange(quantize_partials), max_seq_len, nthreads)
 
     @property
     def vocab_size(self) -> int:
