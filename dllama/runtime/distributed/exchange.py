@@ -1,8 +1,8 @@
 """The exchange seams (FORMAT.md §3): partial `dim` vectors and logits on the wire.
 
 Partials are quantized to q80 (the reference's buffer type) or sent as f32; every node adds all
-partials, its own included after the same round trip, in node order, so x is bit-identical on
-every node. Logits go back as f16 with q80 buffers (their error is far below the q80 partials')
+partials of the computing nodes, its own included after the same round trip, in node order, so x
+is bit-identical on every node (a coordinator root adds the workers' partials only). Logits go back as f16 with q80 buffers (their error is far below the q80 partials')
 and as f32 with f32 buffers, where results must equal one node's.
 """
 from __future__ import annotations
@@ -11,6 +11,9 @@ import numpy as np
 
 from dllama.formats import BLOCK_FORMATS, FloatType, dequantize_q80, quantize_q80
 from dllama.runtime.distributed.protocol import LOGITS_HEAD, PARTIAL_HEAD, BufferType, ProtocolError
+
+
+SEAMS = {"attention": 0, "ffn": 1}  # engine.Exchange stage -> PARTIAL seam number
 
 
 def partial_nbytes(n_tokens: int, dim: int, buffer_type: BufferType) -> int:
@@ -33,11 +36,12 @@ def decode_partial(data: memoryview, n_tokens: int, dim: int, buffer_type: Buffe
     return np.frombuffer(data, dtype="<f4").reshape(n_tokens, dim)
 
 
-def parse_partial(payload: memoryview, layer: int, seam: int, n_nodes: int) -> tuple[int, memoryview]:
+def parse_partial(payload: memoryview, layer: int, seam: int, computing: list[int]) -> tuple[int, memoryview]:
+    """(sender, data) of a PARTIAL frame that must be for this layer and seam, from a computing node."""
     if len(payload) < PARTIAL_HEAD.size:
         raise ProtocolError("PARTIAL frame too short")
     got_layer, got_seam, node = PARTIAL_HEAD.unpack_from(payload)
-    if (got_layer, got_seam) != (layer, seam) or not 0 <= node < n_nodes:
+    if (got_layer, got_seam) != (layer, seam) or node not in computing:
         raise ProtocolError(f"PARTIAL for layer {got_layer} seam {got_seam} node {node} while at layer {layer} "
                             f"seam {seam}: the peers are out of step")
     return node, payload[PARTIAL_HEAD.size:]
