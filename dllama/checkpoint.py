@@ -227,6 +227,14 @@ class Checkpoint:
             raise CheckpointError(f"no .safetensors files in {self.folder}; dllama reads safetensors checkpoints only")
         return files
 
+    config_source = "config.json"
+    rows_in_file_order = False  # llama q/k rows get the rotary permute on the way to the `.m`
+
+    @property
+    def looked_in(self) -> str:
+        n = len(self.files)
+        return f"looked in {n} safetensors file{'s' if n != 1 else ''} in {self.folder}"
+
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 

@@ -21,7 +21,7 @@ from dllama.tokenizer.convert import TokenizerConversionError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
-    help="Convert Hugging Face checkpoints to the distributed-llama format (.m model, .t tokenizer).",
+    help="Convert Hugging Face checkpoints and GGUF files to the distributed-llama format (.m model, .t tokenizer).",
 )
 EXPECTED_ERRORS = (ConversionError, CheckpointError, TokenizerConversionError, FormatError, SourceError, OSError)
 PROGRESS_MIN_BYTES = 64 << 20  # below this a conversion is too quick for a progress bar
@@ -47,7 +47,27 @@ def hf(
     """Convert a model: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t."""
     if quant.lower() not in QUANTS:
         _fail(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")
+    if Path(source).expanduser().is_file():
+        _fail(f"{source} is a file; for a GGUF file use `dllama-convert gguf {source}`")
     _run(source, FloatType.parse(quant), name, output_dir, embed_tokenizer, revision, as_json)
+
+
+@app.command("gguf", epilog="Example: dllama-convert gguf SmolLM2-135M-Instruct.Q4_1.gguf --quant q40 --output-dir models/")
+def gguf(
+    source: Path = typer.Argument(..., help="A llama.cpp GGUF model file (llama, mistral, qwen3, qwen3moe)."),
+    quant: str = typer.Option(..., "--quant", "-q", help="Weight type: q40, q80, f32 or f16. Q4_0 -> q40 and Q8_0 -> q80 copy blocks as they are."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Model name in the output file names (default: the file's, less its quant tag)."),
+    output_dir: Path = typer.Option(Path("."), "--output-dir", "-o", help="Folder for the .m and .t files."),
+    embed_tokenizer: bool = typer.Option(True, "--embed-tokenizer/--no-embed-tokenizer",
+                                         help="Embed a Hugging Face tokenizer.json built from the GGUF after the .t vocabulary."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Convert a GGUF file: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t."""
+    if quant.lower() not in QUANTS:
+        _fail(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")
+    if not source.is_file():
+        _fail(f"{source} is not a file; `dllama-convert gguf` takes a .gguf file (use `dllama-convert hf` for a folder)")
+    _run(str(source), FloatType.parse(quant), name, output_dir, embed_tokenizer, None, as_json)
 
 
 @app.command("tokenizer", epilog="Example: dllama-convert tokenizer meta-llama/Llama-3.2-1B --output-dir models/")
@@ -67,9 +87,9 @@ def tokenizer(
 def _run(source: str, float_type: FloatType | None, name: str | None, output_dir: Path, embed: bool,
          revision: str | None, as_json: bool) -> None:
     try:
-        folder = resolve_source(source, revision)
         local = Path(source).expanduser()
-        name = name or default_name(str(local.resolve()) if local.is_dir() else source)
+        folder = local if local.is_file() else resolve_source(source, revision)
+        name = name or default_name(str(local.resolve()) if local.exists() else source)
         plan = plan_conversion(folder, float_type, name, output_dir,
                                with_tokenizer=True, embed_tokenizer=embed)
         for note in plan.notes:

@@ -19,11 +19,13 @@ import numpy as np
 
 from dllama.checkpoint import Checkpoint, TensorEntry, header_from_config
 from dllama.converter import kernels
+from dllama.gguf_checkpoint import DEQUANTIZABLE, GGUFCheckpoint, dequantize
 from dllama.formats import (
     BLOCK_SIZE, FloatType, ModelHeader, TensorSpec, TokenizerFile, atomic_output, padded_vocabulary,
     permute_rotary_rows, tensor_plan,
 )
 from dllama.tokenizer.convert import convert_tokenizer
+from dllama.tokenizer.from_gguf import GGUFTokenizer
 
 
 class ConversionError(ValueError):
@@ -32,6 +34,8 @@ class ConversionError(ValueError):
 
 CHUNK_SOURCE_BYTES = 16 << 20  # source bytes per step: bounds the resident set (two buffers)
 _SOURCE_KIND = {"BF16": kernels.SRC_BF16, "F16": kernels.SRC_F16, "F32": kernels.SRC_F32}
+SOURCE_TYPES = ("BF16", "F16", "F32", "F64") + DEQUANTIZABLE
+STORED_AS = {"F32": FloatType.F32, "F16": FloatType.F16, "Q4_0": FloatType.Q40, "Q8_0": FloatType.Q80}
 _ENCODERS = {
     FloatType.F32: (kernels.encode_f32, np.uint32),
     FloatType.F16: (kernels.encode_f16, np.uint16),
@@ -49,15 +53,17 @@ def tokenizer_filename(name: str) -> str:
 
 
 def default_name(source: str) -> str:
-    """A file-name-safe model name from a folder path or hub repo id."""
+    """A file-name-safe model name from a folder path, hub repo id or GGUF file (less its quant tag)."""
     base = source.rstrip("/").split("/")[-1] or "model"
+    base = re.sub(r"([.-](i?q\d\w*|bf16|f16|f32))?\.gguf$", "", base, flags=re.IGNORECASE) or "model"
     return re.sub(r"[^a-z0-9._-]+", "_", base.lower())
 
 
 @dataclass(frozen=True)
 class PlannedTensor:
     spec: TensorSpec
-    entry: TensorEntry  # where its source bytes lie
+    entry: TensorEntry  # where its source bytes lie, in the type entry.dtype names
+    permute_heads: int | None = None  # heads to apply the rotary permute over (Hugging Face q/k of llama)
 
     @property
     def rows_cols(self) -> tuple[int, int]:
@@ -94,20 +100,20 @@ class ConversionResult:
 
 def plan_model(checkpoint: Checkpoint, float_type: FloatType) -> tuple[ModelHeader, list[PlannedTensor]]:
     header = header_from_config(checkpoint.config, float_type)
-    n_files = len(checkpoint.files)
-    looked_in = f"looked in {n_files} safetensors file{'s' if n_files != 1 else ''}"
     planned = []
     for spec in tensor_plan(header):
         entry = checkpoint.entries.get(spec.hf_name)
         if entry is None and spec.fallback_hf_name:  # tied or absent lm_head: the embedding (§1.3)
             entry = checkpoint.entries.get(spec.fallback_hf_name)
         if entry is None:
-            raise ConversionError(f"{spec.hf_name} is missing from the checkpoint ({looked_in} in {checkpoint.folder})")
+            raise ConversionError(f"{spec.hf_name} is missing from the checkpoint ({checkpoint.looked_in})")
         if entry.shape != spec.shape:
-            raise ConversionError(f"{spec.hf_name} has shape {list(entry.shape)} but config.json implies "
+            raise ConversionError(f"{spec.hf_name} has shape {list(entry.shape)} but {checkpoint.config_source} implies "
                                   f"{list(spec.shape)}; the config does not belong to these weights")
         _check_blocks(spec)
-        planned.append(PlannedTensor(spec, entry))
+        _check_source_type(spec, entry)
+        permute = None if checkpoint.rows_in_file_order else spec.permute_heads
+        planned.append(PlannedTensor(spec, entry, permute))
     _check_no_biases(checkpoint, planned)
     return header, planned
 
@@ -128,6 +134,12 @@ def _check_blocks(spec: TensorSpec) -> None:
                               f"so it cannot be stored as {quant}; convert with --quant f32 or f16")
 
 
+def _check_source_type(spec: TensorSpec, entry: TensorEntry) -> None:
+    if entry.dtype not in SOURCE_TYPES:
+        raise ConversionError(f"{spec.hf_name} is stored as {entry.dtype}, which dllama cannot read; "
+                              f"supported: {', '.join(SOURCE_TYPES)}")
+
+
 def _check_special_ids(tokenizer: TokenizerFile) -> None:
     """bos/eos come from config.json for tokenizer.json sources (FORMAT.md §4): they must be tokens."""
     for what, token_id in [("bos", tokenizer.bos_id)] + [("eos", e) for e in tokenizer.eos_ids]:
@@ -144,18 +156,27 @@ def _check_vocab(header: ModelHeader, tokenizer: TokenizerFile, notes: list[str]
                               f"{header.vocab_size}; the tokenizer does not belong to this model")
 
 
-def plan_conversion(folder: Path, float_type: FloatType | None, name: str, output_dir: Path,
+def open_checkpoint(source: Path) -> Checkpoint | GGUFCheckpoint:
+    """A Hugging Face folder, or a GGUF file."""
+    return GGUFCheckpoint(source) if source.is_file() else Checkpoint(source)
+
+
+def plan_conversion(source: Path, float_type: FloatType | None, name: str, output_dir: Path,
                     with_tokenizer: bool = True, embed_tokenizer: bool = True) -> ConversionPlan:
-    """Check the source and decide every output byte's origin. float_type None: tokenizer only."""
-    folder = Path(folder)
+    """Check the source (a Hugging Face folder or a GGUF file) and decide every output byte's origin.
+    float_type None: tokenizer only."""
+    source = Path(source)
     header, tensors, config = None, [], {}
+    checkpoint = open_checkpoint(source) if float_type is not None or source.is_file() else None
     if float_type is not None:
-        checkpoint = Checkpoint(folder)
         config = checkpoint.config
         header, tensors = plan_model(checkpoint, float_type)
-    tokenizer = convert_tokenizer(folder, embed=embed_tokenizer) if with_tokenizer else None
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = GGUFTokenizer(checkpoint).tokenizer_file(embed_tokenizer) if isinstance(checkpoint, GGUFCheckpoint) \
+            else convert_tokenizer(source, embed=embed_tokenizer)
     plan = ConversionPlan(
-        source=folder, config=config, header=header, tensors=tensors, tokenizer=tokenizer,
+        source=source, config=config, header=header, tensors=tensors, tokenizer=tokenizer,
         model_path=output_dir / model_filename(name, float_type) if float_type is not None else None,
         tokenizer_path=output_dir / tokenizer_filename(name) if with_tokenizer else None,
         embed_tokenizer=embed_tokenizer,
@@ -276,34 +297,37 @@ class SourceReader:
 
 def _write_tensor(f, t: PlannedTensor, reader: SourceReader, out_buffer: ReusedBuffer, progress: Progress) -> None:
     rows, cols = t.rows_cols
-    dtype = t.entry.dtype
-    itemsize = 2 if dtype in ("BF16", "F16") else 4 if dtype == "F32" else 8
+    row_bytes = (t.entry.end - t.entry.start) // rows
     encode, out_dtype = _ENCODERS[t.spec.float_type]
     out_row_bytes = t.spec.nbytes // rows
-    chunk_rows = _chunk_rows(t, cols * itemsize)
+    copy_as_stored = t.permute_heads is None and STORED_AS.get(t.entry.dtype) == t.spec.float_type
+    chunk_rows = _chunk_rows(t, row_bytes)
     for r0 in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - r0)
-        raw = reader.read(t.entry, r0 * cols * itemsize, n * cols * itemsize)
-        src, kind = _source_rows(raw, dtype, n, cols)
-        out = out_buffer.get(n * out_row_bytes)
-        encode(src, kind, _row_order(t, n), out.view(out_dtype).reshape(n, -1))
-        f.write(memoryview(out))
-        progress(n * cols * itemsize)
+        raw = reader.read(t.entry, r0 * row_bytes, n * row_bytes)
+        if copy_as_stored:  # same values and block layout (FORMAT.md §1.2): no second rounding
+            f.write(memoryview(raw))
+        else:
+            src, kind = _source_rows(raw, t.entry.dtype, n, cols)
+            out = out_buffer.get(n * out_row_bytes)
+            encode(src, kind, _row_order(t, n), out.view(out_dtype).reshape(n, -1))
+            f.write(memoryview(out))
+        progress(n * row_bytes)
 
 
 def _chunk_rows(t: PlannedTensor, row_bytes: int) -> int:
     rows, _ = t.rows_cols
     chunk = max(1, min(rows, CHUNK_SOURCE_BYTES // row_bytes))
-    if t.spec.permute_heads:  # the rotary permute stays within a head: chunk whole heads
-        head_rows = rows // t.spec.permute_heads
+    if t.permute_heads:  # the rotary permute stays within a head: chunk whole heads
+        head_rows = rows // t.permute_heads
         chunk = max(head_rows, chunk // head_rows * head_rows)
     return chunk
 
 
 def _row_order(t: PlannedTensor, n: int) -> np.ndarray:
     order = np.arange(n, dtype=np.int64)
-    if t.spec.permute_heads:
-        head_rows = t.rows_cols[0] // t.spec.permute_heads
+    if t.permute_heads:
+        head_rows = t.rows_cols[0] // t.permute_heads
         order = permute_rotary_rows(order[:, None], n // head_rows)[:, 0].copy()
     return order
 
@@ -313,18 +337,20 @@ def _source_rows(raw: np.ndarray, dtype: str, n: int, cols: int) -> tuple[np.nda
         return raw.view("<u2").reshape(n, cols), _SOURCE_KIND[dtype]
     if dtype == "F32":
         return raw.view("<u4").reshape(n, cols), kernels.SRC_F32
-    # F64 and anything wider: narrow in numpy first (rare; costs a copy)
-    return raw.view("<f8").astype(np.float32).view(np.uint32).reshape(n, cols), kernels.SRC_F32
+    if dtype == "F64":  # rare; narrowing in numpy costs a copy
+        return raw.view("<f8").astype(np.float32).view(np.uint32).reshape(n, cols), kernels.SRC_F32
+    # a GGUF block type: dequantize with llama.cpp's own gguf.quants, then encode like float32
+    return dequantize(raw, dtype, (n, cols)).view(np.uint32), kernels.SRC_F32
 
 
 # --------------------------------------------------------------------------------------------
 # One call for library users and tests
 
-def convert(folder: str | os.PathLike, quant: str | FloatType | None, output_dir: str | os.PathLike, name: str | None = None,
+def convert(source: str | os.PathLike, quant: str | FloatType | None, output_dir: str | os.PathLike, name: str | None = None,
             with_tokenizer: bool = True, embed_tokenizer: bool = True, progress: Progress | None = None) -> ConversionResult:
-    """Convert a local checkpoint folder; quant None converts only the tokenizer."""
-    folder = Path(folder)
+    """Convert a local checkpoint folder or GGUF file; quant None converts only the tokenizer."""
+    source = Path(source)
     float_type = FloatType.parse(quant) if isinstance(quant, str) else quant
-    name = name or default_name(str(folder.resolve()))
-    plan = plan_conversion(folder, float_type, name, Path(output_dir), with_tokenizer, embed_tokenizer)
+    name = name or default_name(str(source.resolve()))
+    plan = plan_conversion(source, float_type, name, Path(output_dir), with_tokenizer, embed_tokenizer)
     return write_outputs(plan, progress)

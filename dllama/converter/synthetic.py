@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -174,7 +175,13 @@ def _split_into_shards(tensors, shards: int, itemsize: int) -> list[list]:
 
 def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], st_dtype: str,
                        rng: np.random.Generator) -> int:
-    """Header first (offsets are known from the shapes), then each tensor in chunks. Returns data bytes."""
+    return write_safetensors(path, tensors, st_dtype, lambda f, name, shape: _write_random_tensor(f, name, shape, st_dtype, rng))
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], st_dtype: str,
+                      write_tensor: Callable[[BinaryIO, str, tuple[int, ...]], None]) -> int:
+    """Header first (offsets are known from the shapes), then `write_tensor(f, name, shape)` writes
+    each tensor's bytes in `st_dtype` (see `encode_values`). Returns the data bytes."""
     itemsize = _ITEMSIZE[st_dtype]
     meta: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -188,7 +195,7 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], s
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         for name, shape in tensors:
-            _write_random_tensor(f, name, shape, st_dtype, rng)
+            write_tensor(f, name, shape)
     return offset
 
 
@@ -204,11 +211,12 @@ def _write_random_tensor(f, name: str, shape: tuple[int, ...], st_dtype: str, rn
             values += np.float32(1.0)
         else:
             values *= np.float32(0.02)
-        f.write(_encode(values, st_dtype).tobytes())
+        f.write(encode_values(values, st_dtype).tobytes())
         done += n
 
 
-def _encode(values: np.ndarray, st_dtype: str) -> np.ndarray:
+def encode_values(values: np.ndarray, st_dtype: str) -> np.ndarray:
+    """float32 values -> safetensors bytes of st_dtype (bf16 rounded to nearest even)."""
     if st_dtype == "F32":
         return values.astype("<f4", copy=False)
     if st_dtype == "F16":

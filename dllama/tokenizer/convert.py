@@ -20,6 +20,11 @@ class TokenizerConversionError(ValueError):
     """The tokenizer files cannot be turned into a `.t`."""
 
 
+# tokenizer_config.json keys our runtime reads back from the extension (dllama/tokenizer/faithful.py, core.py)
+EMBEDDED_CONFIG_KEYS = ("add_bos_token", "add_eos_token", "additional_special_tokens", "added_tokens_decoder",
+                        "bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
 SENTENCEPIECE_SPACE = "\u2581"
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -75,19 +80,44 @@ def convert_tokenizer(folder: str | os.PathLike, embed: bool = True) -> Tokenize
         tf = _from_sentencepiece(folder / "tokenizer.model")
         kind = EmbeddedKind.SENTENCEPIECE
         source = (folder / "tokenizer.model").read_bytes()
+        tf.add_bos = bool(tokenizer_config.get("add_bos_token", True))
     elif (folder / "tokenizer.json").is_file():
-        tf = _from_tokenizer_json(folder / "tokenizer.json", tokenizer_config, model_config)
-        kind = EmbeddedKind.TOKENIZER_JSON
         source = (folder / "tokenizer.json").read_bytes()
+        tf = tokenizer_file_from_json(_read_json(folder / "tokenizer.json"), tokenizer_config, model_config,
+                                      folder / "tokenizer.json")
+        kind = EmbeddedKind.TOKENIZER_JSON
+        tf.add_bos = bos_added(source.decode("utf-8"), tokenizer_config)
     else:
         raise TokenizerConversionError(f"{folder} has neither tokenizer.model nor tokenizer.json; copy the model's tokenizer files there")
     tf.chat_template = chat_template_of(folder, tokenizer_config)
-    tf.add_bos = bool(tokenizer_config.get("add_bos_token", True))
     if embed:
-        tf.embedded = [EmbeddedSource(kind, source)]
-        if tokenizer_config:
-            tf.embedded.append(EmbeddedSource(EmbeddedKind.TOKENIZER_CONFIG, json.dumps(tokenizer_config).encode("utf-8")))
+        tf.embedded = embedded_sources(kind, source, tokenizer_config)
     return tf
+
+
+def embedded_sources(kind: EmbeddedKind, source: bytes, tokenizer_config: dict) -> list[EmbeddedSource]:
+    """The extension sections: the tokenizer itself, then the tokenizer_config keys faithful mode reads
+    (sorted, so a `.t` does not depend on which tool wrote the config's other keys)."""
+    sections = [EmbeddedSource(kind, source)]
+    kept = {key: tokenizer_config[key] for key in sorted(EMBEDDED_CONFIG_KEYS) if key in tokenizer_config}
+    if kept:
+        sections.append(EmbeddedSource(EmbeddedKind.TOKENIZER_CONFIG, json.dumps(kept).encode("utf-8")))
+    return sections
+
+
+def bos_added(tokenizer_json: str, tokenizer_config: dict) -> bool:
+    """The `.t` ADD_BOS flag. The reference converter writes add_bos_token, defaulting to true; when
+    the config does not say, a tokenizer.json decides by its post-processor, as transformers does,
+    so that the reference runtime does not put a bos before prompts Hugging Face leaves without."""
+    if "add_bos_token" in tokenizer_config:
+        return bool(tokenizer_config["add_bos_token"])
+    from dllama.tokenizer.faithful import HFTokenizersBackend
+
+    try:
+        first, _last = HFTokenizersBackend(tokenizer_json).post_processor_specials()
+    except Exception:  # tokenizers raises plain Exception; the reference's default then stands
+        return True
+    return first is not None
 
 
 def _from_sentencepiece(path: Path) -> TokenizerFile:
@@ -118,8 +148,8 @@ def _is_byte_level(tok: dict) -> bool:
     return has_byte_level(tok.get("pre_tokenizer")) or has_byte_level(tok.get("decoder"))
 
 
-def _from_tokenizer_json(path: Path, tokenizer_config: dict, model_config: dict) -> TokenizerFile:
-    tok = _read_json(path)
+def tokenizer_file_from_json(tok: dict, tokenizer_config: dict, model_config: dict, path: Path) -> TokenizerFile:
+    """A parsed tokenizer.json -> `.t` vocabulary as the reference converter builds it (scores -id)."""
     model = tok.get("model") or {}
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     if model.get("type") == "Unigram":  # vocab is a list of [piece, score]
