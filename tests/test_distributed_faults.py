@@ -63,7 +63,7 @@ def still_serves(worker, model) -> None:
 def hello_bytes(model, **overrides) -> bytes:
     from dllama.formats import read_model_header
     fields = dict(node_index=1, n_nodes=2, max_seq_len=32, buffer_type=BufferType.F32,
-                  identity=model_identity(model), header_bytes=read_model_header(model).to_bytes())
+                  identity=model_identity(model), header_bytes=read_model_header(model).to_bytes(), weights=(1.0, 1.0))
     fields.update(overrides)
     return Hello(**fields).to_bytes()
 
@@ -204,3 +204,39 @@ def test_killing_a_worker_mid_generation_names_it_within_5_s(f32_model):
         proc.wait()
 
 
+
+
+def test_a_silent_peer_such_as_a_reference_worker_is_named_at_once_and_reads_none_of_our_bytes(f32_model):
+    """A reference distributed-llama worker accepts and waits for its root's bytes (which it would read
+    as socket counts and sizes): the root sends nothing before a dllama greeting, and says so."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match=r"node 1\): accepted the connection but sent no dllama greeting .*"
+                                              r"reference distributed-llama worker"):
+            DistributedEngine(f32_model, [silent.getsockname()[:2]], max_seq_len=32, buffer_type="f32")
+        assert time.monotonic() - started < 3
+        conn, _ = silent.accept()
+        with conn:
+            conn.settimeout(1)
+            assert conn.recv(64) == b""  # the root closed without sending a byte
+
+
+def test_a_hello_that_gives_a_worker_no_share_is_refused(f32_model):
+    with loopback_workers(1) as (worker,):
+        hello = hello_bytes(f32_model, n_nodes=3, weights=(1.0, 0.0, 1.0))
+        assert "every worker needs a positive weight" in error_text(
+            talk(worker.address, GOOD_PREAMBLE + frame(Frame.HELLO, hello)))
+        still_serves(worker, f32_model)
+
+
+def test_a_worker_answers_a_probe_with_its_memory_and_speed(f32_model):
+    from dllama.runtime.distributed.protocol import NodeInfo
+
+    with loopback_workers(1) as (worker,):
+        reply = talk(worker.address, GOOD_PREAMBLE + frame(Frame.PROBE, b""))
+        body = reply[PREAMBLE.size:]
+        length, kind, _ = FRAME_HEADER.unpack_from(body)
+        assert kind == Frame.INFO
+        info = NodeInfo.parse(memoryview(body[FRAME_HEADER.size:FRAME_HEADER.size + length]))
+        assert 0 < info.available <= info.memory and info.speed > 1e6
+        still_serves(worker, f32_model)

@@ -167,18 +167,19 @@ class Units:
 
 
 def proportional(total: int, weights: Sequence[float]) -> list[int]:
-    """`total` units over the nodes in proportion to `weights`: at least one per positive weight,
-    none for a zero weight, the rest by largest remainder (ties to the lower node)."""
-    active = [i for i, w in enumerate(weights) if w > 0]
-    counts = [1 if w > 0 else 0 for w in weights]
-    rest = total - len(active)
-    wsum = sum(weights[i] for i in active)
-    ideal = {i: rest * weights[i] / wsum for i in active}
-    for i in active:
-        counts[i] += int(ideal[i])
-    left = total - sum(counts)
-    for i in sorted(active, key=lambda i: (-(ideal[i] - int(ideal[i])), i))[:left]:
+    """`total` units over the nodes in proportion to `weights` (largest remainder, ties to the lower
+    node); none for a zero weight, and at least one for a positive weight (taken from the largest)."""
+    wsum = sum(w for w in weights if w > 0)
+    ideal = [total * w / wsum if w > 0 else 0.0 for w in weights]
+    counts = [int(x) for x in ideal]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(ideal[i] - counts[i]), i))
+    for i in by_remainder[:total - sum(counts)]:
         counts[i] += 1
+    for i, w in enumerate(weights):
+        if w > 0 and counts[i] == 0:
+            donor = max(range(len(counts)), key=lambda k: (counts[k], -k))
+            counts[donor] -= 1
+            counts[i] = 1
     return counts
 
 

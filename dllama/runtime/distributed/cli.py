@@ -12,8 +12,15 @@ from typing import Optional
 import typer
 
 from dllama.formats import FormatError, read_model_header
-from dllama.runtime.distributed.plan import TOKENIZER_BYTES_PER_TOKEN, SplitError, memory_plan, parse_size
+from dllama.runtime.distributed.plan import (
+    TOKENIZER_BYTES_PER_TOKEN, SplitError, cluster_weights, memory_plan, parse_size,
+)
 from dllama.runtime.distributed.protocol import DEFAULT_PORT
+
+
+WEIGHTS_HELP = ("relative share of each node, the root's first, e.g. 2,1,1 for a root twice as fast as its two "
+                "workers; `auto` (when running) from each node's free memory and a short speed probe")
+ROOT_COMPUTE_HELP = "all: the root computes a share too; none: it only coordinates (tokenizer, embedding, sampling, API)"
 
 
 def _fail(message: str) -> None:
@@ -52,28 +59,35 @@ def _mib(n: int) -> str:
 
 def plan_command(
     model: Path = typer.Option(..., help="the .m model file"),
-    nodes: int = typer.Option(..., help="number of nodes (root + workers): 1, 2, 4, ..."),
+    nodes: int = typer.Option(..., help="number of nodes (root + workers); any count up to the model's heads"),
     max_seq_len: int = typer.Option(2048, help="positions of KV cache each node holds"),
     ram: Optional[str] = typer.Option(None, help="memory of one board, e.g. 1G or 512M: say whether each node fits"),
     batch: int = typer.Option(32, min=1, help="prompt tokens per forward batch the buffers are sized for "
                                              "(the runtime evaluates prompts 32 at a time)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    root_compute: str = typer.Option("all", help=ROOT_COMPUTE_HELP),
 ) -> None:
-    """Print each node's memory (weights, KV cache, buffers) for a split of MODEL over NODES.
+    """Print each node's share and memory (weights, KV cache, buffers) for a split of MODEL over NODES.
 
-    Example: dllama-run plan --model tinyllama_q40.m --nodes 2 --max-seq-len 1024 --ram 1G
+    Example: dllama-run plan --model tinyllama_q40.m --nodes 3 --weights 2,1,1 --max-seq-len 1024 --ram 1G
     """
     try:
+        if weights is not None and weights.strip().lower() == "auto":
+            raise SplitError("--weights auto is measured when the root connects to its workers (the root prints the "
+                             "split it chose): give plan numbers, e.g. --weights 2,1,1")
         header = read_model_header(model)
         seq = min(max_seq_len, header.max_seq_len)
-        plan = memory_plan(header, nodes, seq, batch)
+        plan = memory_plan(header, nodes, seq, batch, weights=cluster_weights(nodes, weights, root_compute))
         limit = parse_size(ram) if ram else None
     except FileNotFoundError:
         _fail(f"model file {model} does not exist")
     except (FormatError, SplitError) as e:
         _fail(str(e))
     rows = [{
-        "node": m.node, "role": "root" if m.node == 0 else "worker", "weights": m.weights, "kv_cache": m.kv_cache,
+        "node": m.node, "role": "root" if m.node == 0 else "worker", "share": m.share.describe(),
+        "heads": list(m.share.heads), "kv_heads": list(m.share.kv_heads), "ffn_rows": list(m.share.ffn),
+        "vocab_rows": list(m.share.vocab), "weights": m.weights, "kv_cache": m.kv_cache,
         "buffers": m.buffers, "runtime": m.runtime, "total": m.total, "mapped_only": m.mapped_only,
         "fits": None if limit is None else m.total <= limit,
     } for m in plan]
@@ -87,6 +101,8 @@ def plan_command(
         label = f"{r['node']} {r['role']}"
         print(f"{label:<10}{_mib(r['weights']):>14}{_mib(r['kv_cache']):>14}{_mib(r['buffers']):>12}"
               f"{_mib(r['runtime']):>12}{_mib(r['total']):>14}  {fits}")
+    for r in rows:
+        print(f"node {r['node']}: {r['share']}")
     print(f"the root also maps the {_mib(plan[0].mapped_only)} embedding but reads only the rows of tokens it sees, "
           f"and dllama-run's tokenizer adds ~{_mib(TOKENIZER_BYTES_PER_TOKEN * header.vocab_size)} to it")
     if limit is not None and not all(r["fits"] for r in rows):

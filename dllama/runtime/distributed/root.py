@@ -57,6 +57,7 @@ class WorkerLink:
     address: tuple[str, int]
     sock: socket.socket | None = None
     streamed_bytes: int = 0
+    greeted: bool = False  # the peer proved to be a dllama worker: only then does it get our bytes
 
     @property
     def name(self) -> str:
@@ -236,6 +237,7 @@ class DistributedEngine(Engine):
             link.sock = socket.create_connection(link.address, timeout=CONNECT_TIMEOUT_S)
             configure_socket(link.sock, HANDSHAKE_TIMEOUT_S)
             check_greeting(link.sock, link.name)
+            link.greeted = True
             send_preamble(link.sock)
 
     def _probe(self, link: WorkerLink) -> NodeInfo:
@@ -272,12 +274,14 @@ class DistributedEngine(Engine):
         for link in getattr(self, "links", []):
             if link.sock is not None:
                 try:
-                    link.sock.settimeout(1.0)
-                    send_frame(link.sock, Frame.BYE)
+                    if link.greeted:
+                        link.sock.settimeout(1.0)
+                        send_frame(link.sock, Frame.BYE)
                 except (ProtocolError, OSError):
                     pass
                 link.sock.close()
                 link.sock = None
+                link.greeted = False
 
     def __enter__(self) -> "DistributedEngine":
         return self
