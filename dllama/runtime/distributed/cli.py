@@ -13,14 +13,9 @@ import typer
 
 from dllama.formats import FormatError, read_model_header
 from dllama.runtime.distributed.plan import (
-    TOKENIZER_BYTES_PER_TOKEN, SplitError, cluster_weights, memory_plan, parse_size,
+    ROOT_COMPUTE_HELP, TOKENIZER_BYTES_PER_TOKEN, WEIGHTS_HELP, SplitError, cluster_weights, memory_plan, parse_size,
 )
 from dllama.runtime.distributed.protocol import DEFAULT_PORT
-
-
-WEIGHTS_HELP = ("relative share of each node, the root's first, e.g. 2,1,1 for a root twice as fast as its two "
-                "workers; `auto` (when running) from each node's free memory and a short speed probe")
-ROOT_COMPUTE_HELP = "all: the root computes a share too; none: it only coordinates (tokenizer, embedding, sampling, API)"
 
 
 def _fail(message: str) -> None:

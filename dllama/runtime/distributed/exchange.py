@@ -48,8 +48,16 @@ def parse_partial(payload: memoryview, layer: int, seam: int, computing: list[in
 
 
 def add_partials(x: np.ndarray, partials: list[np.ndarray]) -> None:
-    for p in partials:  # node order, one add at a time: the same float sums on every node
-        x += p
+    """x += the sum of the partials, summed in float64 in node order and rounded once (the same bits on
+    every node, and as close as float32 gets to the one-node sum: a single partial is added exactly
+    as one node adds its own)."""
+    if len(partials) == 1:
+        x += partials[0]
+        return
+    total = partials[0].astype(np.float64)
+    for p in partials[1:]:
+        total += p
+    x += total.astype(np.float32)
 
 
 LOGITS_F32, LOGITS_F16 = 0, 1
