@@ -1,0 +1,63 @@
+"""SmolLM2-135M (9 heads, 3 kv heads, 30 layers), a real model whose heads split unevenly (issue 14).
+
+f32: any node count gives one node's logits (float32 rounding only). q40 with q80 buffers: every
+node's partial is rounded to q80 on its own (FORMAT.md §2), and SmolLM2's FFN outputs reach ~470,
+so a rounding step of a block with such a value moves logits by up to ~6 between node counts
+(measured, docs/BENCHMARKS.md) while the q40 model itself is ~19 off the f32 model at worst. The
+test there is that a cluster is as close to the f32 model as one node is.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distributed_helpers import loopback_workers
+from dllama.runtime.distributed.root import DistributedEngine
+from dllama.runtime.distributed.plan import memory_plan
+from dllama.runtime.engine import Engine
+from dllama.formats import read_model_header
+from dllama.tokenizer import Tokenizer
+
+PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. Once upon a time, there was"
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm2_files):
+    return np.array(Tokenizer.load(str(smollm2_files["tokenizer"])).encode(PROMPT))
+
+
+def root_of(path, workers, **kw):
+    return DistributedEngine(path, [w.address for w in workers], max_seq_len=64, nthreads=1, log=lambda msg: None, **kw)
+
+
+@pytest.mark.parametrize("n_nodes", [3, 9])
+def test_smollm2_f32_on_3_and_9_nodes_equals_one_node(smollm2_files, prompt_ids, n_nodes):
+    path = smollm2_files["f32"]
+    one = Engine.load(path, max_seq_len=64, nthreads=1)
+    want = np.concatenate([one.forward(prompt_ids, 0), one.forward([42], len(prompt_ids))])
+    with loopback_workers(n_nodes - 1, model_path=path) as workers, root_of(path, workers) as many:
+        got = np.concatenate([many.forward(prompt_ids, 0), many.forward([42], len(prompt_ids))])
+        assert [s.heads for s in many.split.nodes][:2] == ([(0, 3), (3, 6)] if n_nodes == 3 else [(0, 1), (1, 2)])
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kw", [dict(n_nodes=2), dict(n_nodes=3), dict(n_nodes=9),
+                                dict(n_nodes=3, weights=(2, 1, 1)), dict(n_nodes=3, root_compute="none")],
+                         ids=["2-nodes-uneven-heads", "3-nodes", "9-nodes", "weights-2-1-1", "coordinator-root"])
+def test_smollm2_q40_cluster_is_as_close_to_the_f32_model_as_one_node(smollm2_files, prompt_ids, kw):
+    kw = dict(kw)
+    n_nodes = kw.pop("n_nodes")
+    f32 = Engine.load(smollm2_files["f32"], max_seq_len=64, nthreads=1).forward(prompt_ids, 0)
+    path = smollm2_files["q40"]
+    one_error = np.abs(Engine.load(path, max_seq_len=64, nthreads=1).forward(prompt_ids, 0) - f32).mean()
+    with loopback_workers(n_nodes - 1, model_path=path) as workers, root_of(path, workers, **kw) as many:
+        many_error = np.abs(many.forward(prompt_ids, 0) - f32).mean()
+    # measured: one node 2.65, clusters 2.48-2.58 (a split bug, e.g. a wrong kv head, gives > 10)
+    assert many_error <= 1.1 * one_error
+
+
+def test_smollm2_two_nodes_plan_matches_what_the_root_runs(smollm2_files):
+    h = read_model_header(smollm2_files["q40"])
+    root, worker = memory_plan(h, 2, 64)
+    assert root.share.heads == (0, 5) and worker.share.heads == (5, 9)
+    assert worker.share.kv_heads == (1, 3)  # kv head 1 on both nodes
