@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dllama.formats import ModelHeader, TensorSpec, tensor_plan
+from dllama.runtime.distributed.protocol import WEIGHT_CHUNK
 from dllama.runtime.split import ClusterSplit, NodeShare, SliceGeometry, SplitError  # noqa: F401 (re-exported)
 
 # The interpreter, numpy and the compiled kernels (compute.py), on any node: about 36 MiB
@@ -18,6 +19,9 @@ RUNTIME_BASE_BYTES = 36 * 1024 * 1024
 # plus the .t vocabulary): Llama 2's 32000 tokens ~25 MiB (measured, docs/BENCHMARKS.md).
 TOKENIZER_BYTES_PER_TOKEN = 800
 KV_BYTES_PER_VALUE = 4  # f32 cache (FORMAT.md §3)
+# The root streams each worker its slices through a 4 MiB read buffer, and column slices through a
+# row-block buffer beside it (slices.py): ~8 MiB at start-up, which on a coordinator root is its peak.
+STREAM_BUFFER_BYTES = 2 * WEIGHT_CHUNK
 ROOT_COMPUTE_CHOICES = ("all", "none")
 WEIGHTS_HELP = ("with --workers: each node's relative share, the root's first (e.g. 2,1,1 for a root twice as fast as "
                 "its two workers), or auto (from each node's free memory and a short speed probe when the root "
@@ -95,7 +99,8 @@ def buffer_bytes(h: ModelHeader, split: ClusterSplit, share: NodeShare, max_seq_
         + len(split.computing) * h.dim                         # the partials of every node
     )
     logits = 4 * (h.vocab_size if share.node == 0 else share.vocab[1] - share.vocab[0])
-    return batch * (per_token + logits)
+    streaming = STREAM_BUFFER_BYTES if share.node == 0 and split.n_nodes > 1 else 0
+    return batch * (per_token + logits) + streaming
 
 
 def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1,
