@@ -264,3 +264,45 @@ def test_plan_command_prints_every_node_and_whether_it_fits():
     as_json = runner.invoke(app, ["plan", "--model", path, "--nodes", "2", "--json"])
     rows = __import__("json").loads(as_json.output)["per_node"]
     assert [r["role"] for r in rows] == ["root", "worker"] and rows[0]["kv_cache"] == rows[1]["kv_cache"]
+
+
+def test_weights_options_are_read_or_refused_with_the_fix():
+    from dllama.runtime.distributed.plan import cluster_weights
+
+    assert cluster_weights(3, "2,1,1") == (2.0, 1.0, 1.0)
+    assert cluster_weights(3, None, "none") == (0.0, 1.0, 1.0)
+    for bad, message in (("2,1", "gives 2 weights for 3 nodes"), ("1,0,1", "must be positive"),
+                         ("a,b,c", "cannot read --weights")):
+        with pytest.raises(SplitError, match=message):
+            cluster_weights(3, bad)
+    with pytest.raises(SplitError, match="--root-compute 'some'"):
+        cluster_weights(2, None, "some")
+
+
+def test_proportional_shares_hand_out_every_unit_and_follow_the_weights():
+    from dllama.runtime.split import proportional
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(1, 10))
+        weights = list(rng.choice([0.0, 0.5, 1.0, 2.0, 3.7], size=n))
+        weights[-1] = weights[-1] or 1.0
+        total = int(rng.integers(sum(w > 0 for w in weights), 200))
+        counts = proportional(total, weights)
+        assert sum(counts) == total
+        assert all((c == 0) == (w == 0) for c, w in zip(counts, weights))
+        for i in range(n):
+            for j in range(n):
+                if weights[i] > weights[j]:
+                    assert counts[i] >= counts[j], (total, weights, counts)
+
+
+def test_runtime_cli_refuses_weights_without_workers():
+    from typer.testing import CliRunner
+
+    from dllama.runtime.cli import app
+
+    folder = require_fixtures(CONFORMANCE / "tiny-llama")
+    out = CliRunner().invoke(app, ["--model", str(folder / "expected_q40.m"), "--tokenizer", str(folder / "expected.t"),
+                                   "--prompt", "Hi", "--weights", "2,1"])
+    assert out.exit_code == 1 and "add --workers" in out.output

@@ -240,3 +240,18 @@ def test_a_worker_answers_a_probe_with_its_memory_and_speed(f32_model):
         info = NodeInfo.parse(memoryview(body[FRAME_HEADER.size:FRAME_HEADER.size + length]))
         assert 0 < info.available <= info.memory and info.speed > 1e6
         still_serves(worker, f32_model)
+
+
+def test_reconnect_rebuilds_the_cluster_after_a_lost_link(f32_model):
+    ids = np.array([1, 5, 9])
+    with loopback_workers(2) as workers, \
+            DistributedEngine(f32_model, [], max_seq_len=32, buffer_type="f32") as one, \
+            DistributedEngine(f32_model, [w.address for w in workers], max_seq_len=32, buffer_type="f32") as three:
+        want = one.forward(ids, 0)
+        three.forward(ids, 0)
+        three.links[1].sock.close()  # node 2's link dies; node 1's worker is still in the old session
+        with pytest.raises(WorkerError, match=r"\(node 2\)"):
+            three.forward([4], 3)
+        three.reconnect()
+        assert three.pos == 0 and all(link.streamed_bytes > 0 for link in three.links)
+        assert np.abs(three.forward(ids, 0) - want).max() <= 1e-4

@@ -177,7 +177,7 @@ def proportional(total: int, weights: Sequence[float]) -> list[int]:
         counts[i] += 1
     for i, w in enumerate(weights):
         if w > 0 and counts[i] == 0:
-            donor = max(range(len(counts)), key=lambda k: (counts[k], -k))
+            donor = max(range(len(counts)), key=lambda k: (counts[k], -weights[k], k))
             counts[donor] -= 1
             counts[i] = 1
     return counts
