@@ -30,7 +30,7 @@ ROOT_COMPUTE_HELP = ("with --workers: all (the root computes a share too) or non
                      "embedding, sampling, API; the workers hold every layer)")
 
 
-def cluster_weights(n_nodes: int, weights: str | None, root_compute: str = "all") -> tuple[float, ...] | None:
+def cluster_weights(n_nodes: int, weights: str | None, root_compute: str = "all") -> tuple[float, ...]:
     """`--weights 2,1,1` and `--root-compute none` -> one weight per node (None: equal shares).
     "auto" is resolved at connect time by the root (root.py), not here."""
     if root_compute not in ROOT_COMPUTE_CHOICES:

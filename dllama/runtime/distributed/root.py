@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from dllama.formats import ModelFile, ModelHeader
+from dllama.formats import ModelFile
 from dllama.runtime import compute
 from dllama.runtime.distributed.exchange import (
     SEAMS, add_partials, decode_logits, decode_partial, encode_partial, parse_partial, partial_nbytes,
@@ -159,6 +159,18 @@ class TcpExchange:
         return payload
 
 
+def fixed_weights(n_nodes: int, weights: Sequence[float] | str | None, root_compute: str) -> tuple[float, ...]:
+    """One weight per node as a HELLO carries them (float32), from (2, 1, 1), "2,1,1" or None (equal)."""
+    text = weights if weights is None or isinstance(weights, str) else ",".join(repr(float(w)) for w in weights)
+    return as_float32(cluster_weights(n_nodes, text, root_compute))
+
+
+def exchange_type(h, buffer_type: BufferType | str | None) -> BufferType:
+    if buffer_type is None:  # as the reference: q80 buffers for quantized weights, f32 for f32 (FORMAT.md §2)
+        return BufferType.Q80 if uses_q80_buffers(h) else BufferType.F32
+    return BufferType.parse(buffer_type) if isinstance(buffer_type, str) else buffer_type
+
+
 class DistributedEngine(Engine):
     """The root of a cluster. `weights`: None (equal shares), one number per node (root first),
     "2,1,1", or "auto" (from each node's memory and speed, probed at connect time);
@@ -174,19 +186,15 @@ class DistributedEngine(Engine):
         h = model.header
         n_nodes = 1 + len(workers)
         self.auto_weights = isinstance(weights, str) and weights.strip().lower() == "auto"
-        text = None if weights is None or self.auto_weights else \
-            weights if isinstance(weights, str) else ",".join(repr(float(w)) for w in weights)
-        fixed = cluster_weights(n_nodes, text, root_compute)
-        self.split = ClusterSplit.plan(h, n_nodes, as_float32(fixed))  # refuses a bad split before connecting
+        # a bad split is refused before connecting to anyone (with auto weights: the node count)
+        self.split = ClusterSplit.plan(h, n_nodes, fixed_weights(n_nodes, None if self.auto_weights else weights,
+                                                                  root_compute))
         max_seq_len = min(max_seq_len, h.max_seq_len)
         if max_seq_len < 1:
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
         if problem := compute.threads_problem(nthreads):
             raise EngineError(problem)
-        if buffer_type is None:  # as the reference: q80 buffers for quantized weights, f32 for f32 (FORMAT.md §2)
-            buffer_type = BufferType.Q80 if uses_q80_buffers(h) else BufferType.F32
-        elif isinstance(buffer_type, str):
-            buffer_type = BufferType.parse(buffer_type)
+        buffer_type = exchange_type(h, buffer_type)
         self.links = [WorkerLink(i + 1, addr) for i, addr in enumerate(workers)]
         self.n_nodes = n_nodes
         self.model_file, self.buffer_type = model, buffer_type
