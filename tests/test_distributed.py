@@ -306,3 +306,11 @@ def test_runtime_cli_refuses_weights_without_workers():
     out = CliRunner().invoke(app, ["--model", str(folder / "expected_q40.m"), "--tokenizer", str(folder / "expected.t"),
                                    "--prompt", "Hi", "--weights", "2,1"])
     assert out.exit_code == 1 and "add --workers" in out.output
+
+
+def test_the_root_sends_a_sum_instead_of_partials_only_where_it_is_smaller():
+    from dllama.runtime.distributed.exchange import relays_sums
+    from dllama.runtime.distributed.protocol import BufferType
+
+    assert [relays_sums(n, 2048, BufferType.Q80) for n in (2, 3, 4, 5, 8)] == [False, False, False, True, True]
+    assert [relays_sums(n, 2048, BufferType.F32) for n in (2, 3)] == [False, True]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from dllama.formats import BLOCK_FORMATS, FloatType, dequantize_q80, quantize_q80
-from dllama.runtime.distributed.protocol import LOGITS_HEAD, PARTIAL_HEAD, BufferType, ProtocolError
+from dllama.runtime.distributed.protocol import LOGITS_HEAD, PARTIAL_HEAD, SUM_HEAD, BufferType, ProtocolError
 
 
 SEAMS = {"attention": 0, "ffn": 1}  # engine.Exchange stage -> PARTIAL seam number
@@ -47,17 +47,36 @@ def parse_partial(payload: memoryview, layer: int, seam: int, computing: list[in
     return node, payload[PARTIAL_HEAD.size:]
 
 
-def add_partials(x: np.ndarray, partials: list[np.ndarray]) -> None:
-    """x += the sum of the partials, summed in float64 in node order and rounded once (the same bits on
-    every node, and as close as float32 gets to the one-node sum: a single partial is added exactly
-    as one node adds its own)."""
+def sum_partials(partials: list[np.ndarray]) -> np.ndarray:
+    """The partials summed in float64 in node order and rounded once: the same bits on every node, and
+    as close as float32 gets to the one-node sum (a single partial is returned as it is)."""
     if len(partials) == 1:
-        x += partials[0]
-        return
+        return partials[0]
     total = partials[0].astype(np.float64)
     for p in partials[1:]:
         total += p
-    x += total.astype(np.float32)
+    return total.astype(np.float32)
+
+
+def relays_sums(n_computing: int, dim: int, buffer_type: BufferType) -> bool:
+    """Whether the root sends each worker the float32 sum of the partials (SUM) rather than the
+    partials it lacks (PARTIAL): the sum is 4 bytes per value, the partials n_computing - 1 times a
+    q80 or f32 vector, so the sum wins from 5 computing nodes with q80 and from 3 with f32. Every
+    node adds the same float32 sum either way, so x stays bit-identical on every node."""
+    return (n_computing - 1) * partial_nbytes(1, dim, buffer_type) > 4 * dim
+
+
+def encode_sum(total: np.ndarray, layer: int, seam: int) -> tuple[bytes, memoryview]:
+    return SUM_HEAD.pack(layer, seam), memoryview(np.ascontiguousarray(total, dtype="<f4")).cast("B")
+
+
+def decode_sum(payload: memoryview, layer: int, seam: int, n_tokens: int, dim: int) -> np.ndarray:
+    if len(payload) != SUM_HEAD.size + n_tokens * dim * 4:
+        raise ProtocolError(f"SUM frame of {len(payload)} bytes does not hold {n_tokens} x {dim} float32 values")
+    if SUM_HEAD.unpack_from(payload) != (layer, seam):
+        raise ProtocolError(f"SUM for layer/seam {SUM_HEAD.unpack_from(payload)} while at layer {layer} seam {seam}: "
+                            "the peers are out of step")
+    return np.frombuffer(payload[SUM_HEAD.size:], dtype="<f4").reshape(n_tokens, dim)
 
 
 LOGITS_F32, LOGITS_F16 = 0, 1

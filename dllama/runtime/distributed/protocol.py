@@ -65,6 +65,7 @@ class Frame(enum.IntEnum):
     BYE = 10          # root -> worker: session over, go back to waiting
     PROBE = 11        # root -> worker, before HELLO: report memory and speed (--weights auto)
     INFO = 12         # worker -> root: the answer to PROBE
+    SUM = 13          # root -> worker: the sum of every computing node's partials (float32), instead of them
 
 
 class BufferType(enum.IntEnum):
@@ -348,4 +349,5 @@ WEIGHTS_HEAD = struct.Struct("<IQ")   # tensor index in the plan, byte offset in
 FORWARD_HEAD = struct.Struct("<II")   # position of the first token, number of tokens
 PARTIAL_HEAD = struct.Struct("<HBB")  # layer, seam (0 after wo, 1 after w2), node whose partial this is
 LOGITS_HEAD = struct.Struct("<B")     # 0: f32 values, 1: f16 values
+SUM_HEAD = struct.Struct("<HB")       # layer, seam
 

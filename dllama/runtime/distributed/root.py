@@ -20,7 +20,8 @@ import numpy as np
 from dllama.formats import ModelFile
 from dllama.runtime import compute
 from dllama.runtime.distributed.exchange import (
-    SEAMS, add_partials, decode_logits, decode_partial, encode_partial, parse_partial, partial_nbytes,
+    SEAMS, decode_logits, decode_partial, encode_partial, encode_sum, parse_partial, partial_nbytes, relays_sums,
+    sum_partials,
 )
 from dllama.runtime.distributed.plan import cluster_weights
 from dllama.runtime.distributed.probe import auto_weights, node_info
@@ -106,37 +107,52 @@ class TcpExchange:
         self.traffic.tokens += len(x)
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
-        """Receive every worker's partial, send each worker all the partials it lacks, add all in node order.
+        """Receive every worker's partial, send each worker what it lacks, add all in node order.
 
-        The root's own partial goes out first when it is small enough to sit in the socket buffer
-        (a decode step's always is): a worker slower than the root then finds it already there.
-        Large (prefill) partials wait until the workers' have been read, so that the root and a
-        worker never both block sending to each other (docs/PROTOCOL.md). A coordinator root has
-        no partial of its own."""
+        What a worker lacks goes out as the other nodes' partials, or, from 5 computing nodes with
+        q80 (3 with f32), as their float32 sum, which is smaller (exchange.relays_sums). The root's
+        own partial goes out first when it is small enough to sit in the socket buffer (a decode
+        step's always is): a worker slower than the root then finds it already there. Large
+        (prefill) partials wait until the workers' have been read, so that the root and a worker
+        never both block sending to each other (docs/PROTOCOL.md). A coordinator root has no
+        partial of its own."""
         n, dim = x.shape
         seam = SEAMS[stage]
+        sums = relays_sums(len(self.computing), dim, self.buffer_type)
         wire = {0: encode_partial(partial, self.buffer_type)} if partial is not None else {}
         limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, self.buffer_type)
-        early = partial is not None and limit <= EARLY_SEND_BYTES
+        early = not sums and partial is not None and limit <= EARLY_SEND_BYTES
         if early:
             for link in self.links:
                 self._send(link, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, 0), wire[0])
         for link in self.links:
-            payload = self._recv(link, Frame.PARTIAL, limit)
-            with blame(link):
-                sender, data = parse_partial(payload, layer, seam, self.computing)
-                if sender != link.node:
-                    raise ProtocolError(f"sent the partial of node {sender}")
-            wire[sender] = data
+            wire[link.node] = self._recv_partial(link, layer, seam, limit)
+        total = sum_partials([decode_partial(wire[i], n, dim, self.buffer_type) for i in self.computing])
+        if sums:
+            for link in self.links:
+                self._send(link, Frame.SUM, *encode_sum(total, layer, seam))
+        else:
+            self._relay_partials(wire, layer, seam, skip_root=early)
+        x += total
+
+    def _recv_partial(self, link: WorkerLink, layer: int, seam: int, limit: int) -> memoryview:
+        payload = self._recv(link, Frame.PARTIAL, limit)
+        with blame(link):
+            sender, data = parse_partial(payload, layer, seam, self.computing)
+            if sender != link.node:
+                raise ProtocolError(f"sent the partial of node {sender}")
+        return data
+
+    def _relay_partials(self, wire: dict[int, memoryview], layer: int, seam: int, skip_root: bool) -> None:
+        """Every worker gets every other computing node's partial (the root's already, if sent early)."""
         for link in self.links:
             frames = [(Frame.PARTIAL, (PARTIAL_HEAD.pack(layer, seam, node), wire[node]))
-                      for node in self.computing if node != link.node and not (early and node == 0)]
+                      for node in self.computing if node != link.node and not (skip_root and node == 0)]
             if not frames:
                 continue
             with blame(link):
-                self.traffic.sent += send_frames(link.sock, frames) if early else \
+                self.traffic.sent += send_frames(link.sock, frames) if skip_root else \
                     sum(send_frame(link.sock, kind, *parts) for kind, parts in frames)
-        add_partials(x, [decode_partial(wire[i], n, dim, self.buffer_type) for i in self.computing])
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
         n = len(logits_slice)

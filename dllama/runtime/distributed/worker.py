@@ -21,12 +21,14 @@ import numpy as np
 from dllama.formats import ModelHeader
 from dllama.runtime import compute
 from dllama.runtime.distributed.exchange import (
-    SEAMS, add_partials, decode_partial, encode_logits, encode_partial, parse_partial, partial_nbytes,
+    SEAMS, decode_partial, decode_sum, encode_logits, encode_partial, parse_partial, partial_nbytes, relays_sums,
+    sum_partials,
 )
 from dllama.runtime.distributed.plan import SplitError, kv_cache_bytes, node_weight_bytes
 from dllama.runtime.distributed.probe import node_info, physical_memory
 from dllama.runtime.distributed.protocol import (
-    FORWARD_HEAD, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT_S, IO_TIMEOUT_S, PARTIAL_HEAD, WEIGHT_CHUNK, WEIGHTS_HEAD,
+    FORWARD_HEAD, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT_S, IO_TIMEOUT_S, PARTIAL_HEAD, SUM_HEAD, WEIGHT_CHUNK,
+    WEIGHTS_HEAD,
     Frame, Hello, ModelIdentity, PeerClosed, ProtocolError, check_preamble, configure_socket,
     model_identity, ready_payload, recv_exact, recv_frame, recv_header, send_error, send_frame, send_preamble,
 )
@@ -222,18 +224,21 @@ class WorkerExchange:
         pass  # the root sent x
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
-        """Send this node's partial, take every other computing node's, add all into x in node order.
+        """Send this node's partial, then take every other computing node's (or the root's float32 sum of
+        all of them, exchange.relays_sums) and add them into x in node order.
 
         Sending first and receiving after (the root does the opposite) means no two peers ever wait
         on each other's full socket buffers."""
         n, dim = x.shape
         s, seam, bt = self.s, SEAMS[stage], self.s.hello.buffer_type
         computing = s.split.computing
-        parts: dict[int, np.ndarray] = {}
-        if partial is not None:
-            own = encode_partial(partial, bt)
-            send_frame(self.conn, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, s.node), own)
-            parts[s.node] = decode_partial(own, n, dim, bt)
+        own = encode_partial(partial, bt)
+        send_frame(self.conn, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, s.node), own)
+        if relays_sums(len(computing), dim, bt):
+            _, payload = recv_frame(self.conn, SUM_HEAD.size + n * dim * 4, expect=(Frame.SUM,))
+            x += decode_sum(payload, layer, seam, n, dim)
+            return
+        parts: dict[int, np.ndarray] = {s.node: decode_partial(own, n, dim, bt)}
         limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, bt)
         while len(parts) < len(computing):
             _, payload = recv_frame(self.conn, limit, expect=(Frame.PARTIAL,))
@@ -241,7 +246,7 @@ class WorkerExchange:
             if sender in parts:
                 raise ProtocolError(f"second partial from node {sender} at layer {layer}")
             parts[sender] = decode_partial(data, n, dim, bt)
-        add_partials(x, [parts[i] for i in computing])
+        x += sum_partials([parts[i] for i in computing])
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
         send_frame(self.conn, Frame.LOGITS, *encode_logits(logits_slice, self.s.hello.buffer_type))
