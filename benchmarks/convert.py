@@ -1,6 +1,8 @@
-"""Conversion speed and memory: a TinyLlama-1.1B-shaped bf16 checkpoint (~2.2 GB) -> q40.
+"""Conversion speed and memory: a TinyLlama-1.1B-shaped bf16 checkpoint (~2.2 GB) -> q40, or SmolLM2.
 
     python benchmarks/convert.py [--runs 3] [--quant q40] [--cold]
+    python benchmarks/convert.py --source smollm2-gguf    # SmolLM2-135M's GGUF (Q4_1, 98 MB): dllama-convert gguf
+    python benchmarks/convert.py --source smollm2-hf      # the f32 folder transformers saves from it: dllama-convert hf
 
 Builds the checkpoint once under .bench/ (ignored by git) and reuses it. Each run is a fresh
 child process running `dllama-convert hf` exactly as a user would; wall time is measured
@@ -46,9 +48,31 @@ def ensure_checkpoint() -> Path:
     return CHECKPOINT
 
 
+def smollm2_gguf() -> Path:
+    from dllama.samples import fetch
+
+    return fetch(quiet=True)
+
+
+def smollm2_hf() -> Path:
+    """The float32 Hugging Face folder transformers saves from SmolLM2's GGUF (built once under .bench/)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from gguf_helpers import hf_folder_from_gguf
+
+    folder = BENCH / "smollm2-hf"
+    if not (folder / "model.safetensors").is_file():
+        print(f"building {folder} (once) ...", file=sys.stderr, flush=True)
+        hf_folder_from_gguf(smollm2_gguf(), folder, ROOT.parent / "shared" / "fixtures" / "smollm2")
+    return folder
+
+
+SOURCES = {"tinyllama": ensure_checkpoint, "smollm2-gguf": smollm2_gguf, "smollm2-hf": smollm2_hf}
+
+
 def convert_in_child(source: Path, quant: str, out: Path) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of one `dllama-convert hf` in a fresh process."""
-    cmd = [sys.executable, "-m", "dllama.converter.cli", "hf", str(source), "--quant", quant, "--name", "bench",
+    """(wall seconds, peak RSS bytes, stdout) of one `dllama-convert hf|gguf` in a fresh process."""
+    command = "gguf" if source.is_file() else "hf"
+    cmd = [sys.executable, "-m", "dllama.converter.cli", command, str(source), "--quant", quant, "--name", "bench",
            "--output-dir", str(out)]
     log = BENCH / "convert.log"
     with open(log, "w") as stdout:
@@ -64,7 +88,7 @@ def convert_in_child(source: Path, quant: str, out: Path) -> tuple[float, int, s
 
 def evict_from_page_cache(folder: Path) -> None:
     """Drop only these files' cached pages (POSIX_FADV_DONTNEED), for a cold-read run without touching others'."""
-    for path in folder.glob("*.safetensors"):
+    for path in [folder] if folder.is_file() else folder.glob("*.safetensors"):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -114,13 +138,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quant", default="q40")
     parser.add_argument("--cold", action="store_true", help="evict the source from the page cache before each run")
+    parser.add_argument("--source", choices=sorted(SOURCES), default="tinyllama")
     args = parser.parse_args()
-    source = ensure_checkpoint()
+    source = SOURCES[args.source]()
     out = BENCH / "out"
     warm_up(out)
-    source_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    source_bytes = source.stat().st_size if source.is_file() else sum(f.stat().st_size for f in source.glob("*.safetensors"))
     print(f"machine: {machine()}; load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
-    print(f"source: {source} ({source_bytes / 1e9:.2f} GB bf16, {'evicted from' if args.cold else 'in'} the page cache), "
+    print(f"source: {source} ({source_bytes / 1e9:.2f} GB, {'evicted from' if args.cold else 'in'} the page cache), "
           f"target {args.quant}")
     walls, peaks = [], []
     for i in range(args.runs):
@@ -131,10 +156,11 @@ def main() -> None:
         peaks.append(peak)
         print(f"run {i + 1}: {wall:.2f} s wall, peak RSS {peak / 1e6:.0f} MB")
     model_path = out / f"dllama_model_bench_{args.quant}.m"
-    spot_check(model_path, source)
+    if args.source == "tinyllama":
+        spot_check(model_path, source)
     print(f"result: median {statistics.median(walls):.2f} s (min {min(walls):.2f}), "
           f"{source_bytes / 1e9 / statistics.median(walls):.2f} GB/s of source, peak RSS {max(peaks) / 1e6:.0f} MB, "
-          f"output {model_path.stat().st_size / 1e9:.3f} GB; spot check vs numpy codec: identical")
+          f"output {model_path.stat().st_size / 1e9:.3f} GB" + ("; spot check vs numpy codec: identical" if args.source == "tinyllama" else ""))
 
 
 if __name__ == "__main__":

@@ -43,9 +43,9 @@ def ensure_model() -> Path:
         print(f"building {CHECKPOINT} (once) ...", file=sys.stderr, flush=True)
         write_checkpoint(CHECKPOINT, config, dtype="bf16", seed=0)
     print(f"converting to {MODEL} (once) ...", file=sys.stderr, flush=True)
-    MODEL.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "dllama.converter.cli", "hf", str(CHECKPOINT), "--quant", "q40",
-                    "--name", "tinyllama", "--output-dir", str(MODEL.parent)], check=True, stdout=subprocess.DEVNULL)
+    from dllama.converter.convert import convert
+
+    convert(CHECKPOINT, "q40", MODEL.parent, name="tinyllama", with_tokenizer=False)  # random weights: no tokenizer needed
     return MODEL
 
 

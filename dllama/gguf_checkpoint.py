@@ -1,6 +1,12 @@
 """GGUF files (llama.cpp's format) as a checkpoint: metadata -> config, tensors by Hugging Face name.
 
-Read with the `gguf` package, llama.cpp's own reader. `GGUFCheckpoint` answers like
+The `gguf` package (llama.cpp's own gguf-py) owns the format's tables (value types, tensor types
+and their block sizes) and dequantizes (`gguf.quants`). Its GGUFReader, though, builds a numpy
+view per metadata value: SmolLM2's 98k vocabulary strings cost it 170 MB and 5 s, more than the
+whole conversion. So `GGUFFile` walks the header, metadata and tensor infos with `struct` into
+plain Python values, against gguf's tables (tests check it against GGUFReader field for field).
+
+`GGUFCheckpoint` answers like
 `checkpoint.Checkpoint` (config, entries, get) so the converter and the validator take either:
 - `config` is a config.json-style dict built from the `{arch}.*` metadata;
 - `entries` maps Hugging Face tensor names to byte ranges of the file, in the tensor's stored
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import os
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +85,13 @@ class GGUFCheckpoint:
         self.path = Path(path)
         self.folder = self.path  # where the converter's messages say it looked
         self.files = [self.path]
-        self.reader = _open_reader(self.path)
+        self.file = _open_gguf(self.path)
         self.arch = self.string("general.architecture")
         if self.arch not in MODEL_TYPE_BY_ARCH:
             raise GGUFError(f"{self.path} holds a {self.arch!r} model; dllama converts GGUF architectures "
                             f"{', '.join(MODEL_TYPE_BY_ARCH)}")
-        self._tensors = {t.name: t for t in self.reader.tensors}
+        self._tensors = {t.name: t for t in self.file.tensors}
+        self._map = None
         self.entries = self._hf_entries()
         self.config = self._config()
 
@@ -93,13 +102,7 @@ class GGUFCheckpoint:
     # -- metadata
 
     def value(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        try:
-            return field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError):
-            raise GGUFError(f"{self.path} has an unreadable metadata value {key}; the file is corrupt") from None
+        return self.file.fields.get(key, default)
 
     def string(self, key: str) -> str:
         value = self.value(key)
@@ -170,23 +173,19 @@ class GGUFCheckpoint:
     # -- tensors
 
     def _hf_entries(self) -> dict[str, TensorEntry]:
-        size = self.path.stat().st_size
         entries = {}
-        for tensor in self.reader.tensors:
-            start = int(tensor.data_offset)
-            end = start + int(tensor.n_bytes)
-            if end > size:
+        for tensor in self.file.tensors:
+            end = tensor.start + tensor.nbytes
+            if end > self.file.size:
                 raise GGUFError(f"{self.path} is truncated: tensor {tensor.name} ends past the end of the file; download it again")
-            shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists ne[0] (the row length) first
-            names = hf_names(tensor.name, shape)
-            row_bytes = (end - start) // int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else end - start
-            for hf_name, expert in names.items():
+            shape = tensor.shape
+            for hf_name, expert in hf_names(tensor.name, shape).items():
                 if expert is None:
-                    entries[hf_name] = TensorEntry(self.path, tensor.tensor_type.name, shape, start, end)
+                    entries[hf_name] = TensorEntry(self.path, tensor.qtype.name, shape, tensor.start, end)
                 else:
-                    rows = shape[1]
-                    first = start + expert[0] * rows * row_bytes
-                    entries[hf_name] = TensorEntry(self.path, tensor.tensor_type.name, shape[1:], first, first + rows * row_bytes)
+                    part = tensor.nbytes // shape[0]
+                    first = tensor.start + expert[0] * part
+                    entries[hf_name] = TensorEntry(self.path, tensor.qtype.name, shape[1:], first, first + part)
         return entries
 
     def __contains__(self, name: str) -> bool:
@@ -205,12 +204,14 @@ class GGUFCheckpoint:
 
     def get_gguf(self, gguf_name: str) -> np.ndarray:
         tensor = self._tensors[gguf_name]
-        shape = tuple(int(n) for n in reversed(tensor.shape))
-        return dequantize(np.asarray(tensor.data).reshape(-1).view(np.uint8), tensor.tensor_type.name, shape)
+        entry = TensorEntry(self.path, tensor.qtype.name, tensor.shape, tensor.start, tensor.start + tensor.nbytes)
+        return dequantize(self.raw(entry), entry.dtype, entry.shape)
 
     def raw(self, entry: TensorEntry) -> np.ndarray:
-        """The stored bytes of an entry (a view of the reader's memory map)."""
-        return self.reader.data[entry.start:entry.end]
+        """The stored bytes of an entry (a view of a memory map of the file)."""
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._map[entry.start:entry.end]
 
     def rotary_heads(self, hf_name: str) -> int | None:
         """Heads over which llama.cpp permuted this tensor's rows, or None."""
@@ -223,12 +224,118 @@ class GGUFCheckpoint:
         return None
 
     def release(self) -> None:
-        """Nothing to drop: the reader's map lives as long as the checkpoint."""
+        """Drop the memory map so its pages stop counting towards this process."""
+        self._map = None
 
 
-def _open_reader(path: Path):
-    from gguf import GGUFReader
+class GGUFFile:
+    """A GGUF file's metadata (`fields`: key -> Python value) and tensor infos, read once."""
 
+    def __init__(self, path: Path):
+        from gguf import GGUF_DEFAULT_ALIGNMENT
+
+        self.path = path
+        self.size = path.stat().st_size
+        with open(path, "rb") as f:
+            self._buf = f.read(min(self.size, 64 << 20))  # metadata sits before the tensors; grown on demand
+        self._pos = 0
+        self._read_header()
+        self.fields = dict(self._field() for _ in range(self._n_fields))
+        infos = [self._tensor_info() for _ in range(self._n_tensors)]
+        alignment = int(self.fields.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+        data_start = -(-self._pos // alignment) * alignment
+        self.tensors = [GGUFTensorInfo(name, qtype, shape, data_start + offset, _nbytes(qtype, shape))
+                        for name, qtype, shape, offset in infos]
+        self._buf = b""
+
+    def _read_header(self) -> None:
+        from gguf import GGUF_MAGIC
+
+        magic, version = self._unpack("<II")
+        if magic != GGUF_MAGIC:
+            raise GGUFError(f"{self.path} is not a GGUF file (bad magic {magic:#x}); use `dllama-convert hf` for a Hugging Face folder")
+        if version not in (2, 3):
+            raise GGUFError(f"{self.path} is GGUF version {version}; dllama reads versions 2 and 3")
+        self._n_tensors, self._n_fields = self._unpack("<QQ")
+
+    def _need(self, n: int) -> None:
+        if self._pos + n > len(self._buf):
+            if len(self._buf) >= self.size:
+                raise GGUFError(f"{self.path} is truncated inside its metadata; download it again")
+            with open(self.path, "rb") as f:
+                self._buf = f.read(min(self.size, max(2 * len(self._buf), self._pos + n)))
+            self._need(n)
+
+    def _unpack(self, fmt: str) -> tuple:
+        n = struct.calcsize(fmt)
+        self._need(n)
+        values = struct.unpack_from(fmt, self._buf, self._pos)
+        self._pos += n
+        return values
+
+    def _string(self) -> str:
+        (n,) = self._unpack("<Q")
+        self._need(n)
+        raw = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def _field(self) -> tuple[str, object]:
+        key = self._string()
+        (vtype,) = self._unpack("<I")
+        return key, self._value(vtype)
+
+    def _value(self, vtype: int):
+        from gguf import GGUFValueType
+
+        if vtype == GGUFValueType.STRING:
+            return self._string()
+        if vtype == GGUFValueType.ARRAY:
+            item_type, count = self._unpack("<IQ")
+            if item_type in _SCALAR_FORMATS:  # one unpack for the whole array
+                values = list(self._unpack(f"<{count}{_SCALAR_FORMATS[item_type]}"))
+                return [bool(v) for v in values] if item_type == GGUFValueType.BOOL else values
+            return [self._value(item_type) for _ in range(count)]
+        if vtype not in _SCALAR_FORMATS:
+            raise GGUFError(f"{self.path} has a metadata value of unknown type {vtype}; the file is corrupt")
+        (value,) = self._unpack("<" + _SCALAR_FORMATS[vtype])
+        return bool(value) if vtype == GGUFValueType.BOOL else value
+
+    def _tensor_info(self) -> tuple[str, object, tuple[int, ...], int]:
+        from gguf import GGMLQuantizationType
+
+        name = self._string()
+        (n_dims,) = self._unpack("<I")
+        dims = self._unpack(f"<{n_dims}Q")
+        qtype_id, offset = self._unpack("<IQ")
+        try:
+            qtype = GGMLQuantizationType(qtype_id)
+        except ValueError:
+            raise GGUFError(f"tensor {name} in {self.path} has an unknown type {qtype_id}; "
+                            "a newer llama.cpp wrote it, or the file is corrupt") from None
+        return name, qtype, tuple(int(d) for d in reversed(dims)), int(offset)  # GGUF lists ne[0] (the row length) first
+
+
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}  # GGUFValueType
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    qtype: object  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # row-major, as numpy and Hugging Face order it
+    start: int  # absolute offset in the file
+    nbytes: int
+
+
+def _nbytes(qtype, shape: tuple[int, ...]) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape, dtype=np.int64)) // block * block_bytes
+
+
+def _open_gguf(path: Path) -> GGUFFile:
     if not path.is_file():
         raise GGUFError(f"{path} does not exist or is not a file")
     with open(path, "rb") as f:
@@ -237,10 +344,9 @@ def _open_reader(path: Path):
         raise GGUFError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
                         "use `dllama-convert hf` for a Hugging Face folder")
     try:
-        return GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
-        raise GGUFError(f"{path} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                        "download it again") from None
+        return GGUFFile(path)
+    except (struct.error, OverflowError, MemoryError):
+        raise GGUFError(f"{path} is truncated or corrupt in its metadata; download it again") from None
 
 
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:

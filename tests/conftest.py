@@ -1,6 +1,7 @@
 """Shared test fixtures: paths into ../shared/fixtures, skipping with a reason when absent."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,67 @@ def conformance_dir(request) -> Path:
 @pytest.fixture
 def llama2_tokenizer_dir() -> Path:
     return require_fixtures(FIXTURES / "tokenizers" / "llama2")
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct, a real trained model (../shared/fixtures/smollm2/README.md). Its GGUF is
+# fetched into the cache by `python -m dllama.samples` (the README's test command and .ci/run do
+# it); tests never download. In CI a missing file fails instead of skipping.
+
+SMOLLM2 = FIXTURES / "smollm2"
+SMOLLM2_QUANTS = ("f32", "q80", "q40")
+
+
+def _missing(reason: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI must provide it)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from dllama.samples import cached
+
+    path = cached()
+    if path is None:
+        _missing("SmolLM2's GGUF is not in the cache: run `python -m dllama.samples` once")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_fixture_dir() -> Path:
+    if not SMOLLM2.is_dir():
+        _missing(f"{SMOLLM2} is absent: the shared fixtures are not checked out beside this clone")
+    return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def smollm2_files(smollm2_gguf, tmp_path_factory) -> dict[str, Path]:
+    """SmolLM2 converted from its GGUF once per session: "f32", "q80", "q40" -> .m, "tokenizer" -> .t."""
+    from dllama.converter.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2")
+    files: dict[str, Path] = {}
+    for quant in SMOLLM2_QUANTS:
+        result = convert(smollm2_gguf, quant, out, name="smollm2")
+        files[quant] = result.plan.model_path
+        files["tokenizer"] = result.plan.tokenizer_path
+    return files
+
+
+@pytest.fixture(scope="session")
+def smollm2_expected(smollm2_fixture_dir) -> dict:
+    """transformers' greedy continuations on SmolLM2's float32 weights."""
+    import json
+
+    return json.loads((smollm2_fixture_dir / "expected_greedy.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def reference_dllama() -> Path:
+    """The reference C++ runtime built from ../shared/reference (cached per machine)."""
+    from reference_runtime import build_reference, tarball
+
+    if tarball() is None:
+        _missing("../shared/reference is absent: the reference runtime's source is not beside this clone")
+    return build_reference()

@@ -36,9 +36,10 @@ def hf_folder_from_gguf(gguf_path: Path, folder: Path, hf_files_from: Path) -> P
 
 def write_gguf_like(source: Path, target: Path, retype: dict[str, str] | None = None,
                     drop_fields: tuple[str, ...] = (), arch: str | None = None,
-                    tensor_type: str | None = None) -> Path:
+                    tensor_type: str | None = None, labelled: str | None = None) -> Path:
     """A copy of a GGUF file through gguf.GGUFWriter, changing what a test needs changed:
-    `tensor_type` re-encodes every 2-D weight as Q4_0 / Q8_0 (with gguf.quants.quantize),
+    `tensor_type` re-encodes every 2-D weight as Q4_0 / Q8_0 (with gguf.quants.quantize) and
+    `labelled` then names that type something else of the same block size (IQ4_NL for Q4_0),
     `drop_fields` leaves metadata keys out, `arch` renames general.architecture."""
     import gguf
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
@@ -63,10 +64,46 @@ def write_gguf_like(source: Path, target: Path, retype: dict[str, str] | None = 
             ckpt_values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(shape)
             qtype = GGMLQuantizationType[tensor_type]
             data = gguf.quants.quantize(ckpt_values.astype(np.float32), qtype)
-            writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=qtype)
+            label = GGMLQuantizationType[labelled] if labelled else qtype
+            writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=label)
         else:
             writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_shape=np.asarray(tensor.data).shape,
                               raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def write_sentencepiece_gguf(spm_model: Path, target: Path, add_bos: bool = True) -> Path:
+    """A metadata-only llama GGUF whose tokenizer is a sentencepiece model, stored as llama.cpp's
+    convert_hf_to_gguf.py stores one (`_set_vocab_sentencepiece`: pieces, scores, token types)."""
+    import sentencepiece as spm
+    from gguf import GGUFWriter
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                     else 5 if sp.is_unused(i) else 1)
+    writer = GGUFWriter(target, "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_add_bos_token(add_bos)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

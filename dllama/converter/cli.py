@@ -33,55 +33,55 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+# options every command shares
+QUANT = typer.Option(..., "--quant", "-q", help="Weight type: q40, q80, f32 or f16.")
+NAME = typer.Option(None, "--name", "-n", help="Model name in the output file names (default: the source's).")
+OUTPUT_DIR = typer.Option(Path("."), "--output-dir", "-o", help="Folder for the output files.")
+EMBED = typer.Option(True, "--embed-tokenizer/--no-embed-tokenizer",
+                     help="Embed the source tokenizer after the .t vocabulary (docs/FORMAT.md).")
+REVISION = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit).")
+AS_JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
+
+
 @app.command("hf", epilog="Example: dllama-convert hf TinyLlama/TinyLlama-1.1B-Chat-v1.0 --quant q40 --output-dir models/")
 def hf(
     source: str = typer.Argument(..., help="Checkpoint folder, or a hub repo id (org/name) to download."),
-    quant: str = typer.Option(..., "--quant", "-q", help="Weight type: q40, q80, f32 or f16."),
-    name: Optional[str] = typer.Option(None, "--name", "-n", help="Model name in the output file names (default: the source's)."),
-    output_dir: Path = typer.Option(Path("."), "--output-dir", "-o", help="Folder for the .m and .t files."),
-    embed_tokenizer: bool = typer.Option(True, "--embed-tokenizer/--no-embed-tokenizer",
-                                         help="Embed the source tokenizer after the .t vocabulary (docs/FORMAT.md)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    quant: str = QUANT, name: Optional[str] = NAME, output_dir: Path = OUTPUT_DIR, embed_tokenizer: bool = EMBED,
+    revision: Optional[str] = REVISION, as_json: bool = AS_JSON,
 ) -> None:
     """Convert a model: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t."""
-    if quant.lower() not in QUANTS:
-        _fail(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")
     if Path(source).expanduser().is_file():
         _fail(f"{source} is a file; for a GGUF file use `dllama-convert gguf {source}`")
-    _run(source, FloatType.parse(quant), name, output_dir, embed_tokenizer, revision, as_json)
+    _run(source, _float_type(quant), name, output_dir, embed_tokenizer, revision, as_json)
 
 
 @app.command("gguf", epilog="Example: dllama-convert gguf SmolLM2-135M-Instruct.Q4_1.gguf --quant q40 --output-dir models/")
 def gguf(
-    source: Path = typer.Argument(..., help="A llama.cpp GGUF model file (llama, mistral, qwen3, qwen3moe)."),
-    quant: str = typer.Option(..., "--quant", "-q", help="Weight type: q40, q80, f32 or f16. Q4_0 -> q40 and Q8_0 -> q80 copy blocks as they are."),
-    name: Optional[str] = typer.Option(None, "--name", "-n", help="Model name in the output file names (default: the file's, less its quant tag)."),
-    output_dir: Path = typer.Option(Path("."), "--output-dir", "-o", help="Folder for the .m and .t files."),
-    embed_tokenizer: bool = typer.Option(True, "--embed-tokenizer/--no-embed-tokenizer",
-                                         help="Embed a Hugging Face tokenizer.json built from the GGUF after the .t vocabulary."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    source: Path = typer.Argument(..., help="A llama.cpp GGUF model file (llama, mistral, qwen3, qwen3moe). "
+                                            "Q4_0 -> q40 and Q8_0 -> q80 copy the blocks as they are."),
+    quant: str = QUANT, name: Optional[str] = NAME, output_dir: Path = OUTPUT_DIR, embed_tokenizer: bool = EMBED,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Convert a GGUF file: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t."""
-    if quant.lower() not in QUANTS:
-        _fail(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")
     if not source.is_file():
         _fail(f"{source} is not a file; `dllama-convert gguf` takes a .gguf file (use `dllama-convert hf` for a folder)")
-    _run(str(source), FloatType.parse(quant), name, output_dir, embed_tokenizer, None, as_json)
+    _run(str(source), _float_type(quant), name, output_dir, embed_tokenizer, None, as_json)
 
 
 @app.command("tokenizer", epilog="Example: dllama-convert tokenizer meta-llama/Llama-3.2-1B --output-dir models/")
 def tokenizer(
-    source: str = typer.Argument(..., help="Folder with tokenizer.json or tokenizer.model, or a hub repo id."),
-    name: Optional[str] = typer.Option(None, "--name", "-n", help="Name in the output file name (default: the source's)."),
-    output_dir: Path = typer.Option(Path("."), "--output-dir", "-o", help="Folder for the .t file."),
-    embed_tokenizer: bool = typer.Option(True, "--embed-tokenizer/--no-embed-tokenizer",
-                                         help="Embed the source tokenizer after the .t vocabulary (docs/FORMAT.md)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    source: str = typer.Argument(..., help="Folder with tokenizer.json or tokenizer.model, a hub repo id, or a GGUF file."),
+    name: Optional[str] = NAME, output_dir: Path = OUTPUT_DIR, embed_tokenizer: bool = EMBED,
+    revision: Optional[str] = REVISION, as_json: bool = AS_JSON,
 ) -> None:
     """Convert only the tokenizer: writes dllama_tokenizer_{name}.t."""
     _run(source, None, name, output_dir, embed_tokenizer, revision, as_json)
+
+
+def _float_type(quant: str) -> FloatType:
+    if quant.lower() not in QUANTS:
+        _fail(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")
+    return FloatType.parse(quant)
 
 
 def _run(source: str, float_type: FloatType | None, name: str | None, output_dir: Path, embed: bool,

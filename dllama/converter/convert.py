@@ -33,6 +33,7 @@ class ConversionError(ValueError):
 
 
 CHUNK_SOURCE_BYTES = 16 << 20  # source bytes per step: bounds the resident set (two buffers)
+CHUNK_VALUES = 4 << 20  # and values per step: a dequantized GGUF chunk is float32 plus gguf.quants' temporaries
 _SOURCE_KIND = {"BF16": kernels.SRC_BF16, "F16": kernels.SRC_F16, "F32": kernels.SRC_F32}
 SOURCE_TYPES = ("BF16", "F16", "F32", "F64") + DEQUANTIZABLE
 STORED_AS = {"F32": FloatType.F32, "F16": FloatType.F16, "Q4_0": FloatType.Q40, "Q8_0": FloatType.Q80}
@@ -317,7 +318,7 @@ def _write_tensor(f, t: PlannedTensor, reader: SourceReader, out_buffer: ReusedB
 
 def _chunk_rows(t: PlannedTensor, row_bytes: int) -> int:
     rows, _ = t.rows_cols
-    chunk = max(1, min(rows, CHUNK_SOURCE_BYTES // row_bytes))
+    chunk = max(1, min(rows, CHUNK_SOURCE_BYTES // row_bytes, CHUNK_VALUES // t.rows_cols[1]))
     if t.permute_heads:  # the rotary permute stays within a head: chunk whole heads
         head_rows = rows // t.permute_heads
         chunk = max(head_rows, chunk // head_rows * head_rows)

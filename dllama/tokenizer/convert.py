@@ -83,10 +83,10 @@ def convert_tokenizer(folder: str | os.PathLike, embed: bool = True) -> Tokenize
         tf.add_bos = bool(tokenizer_config.get("add_bos_token", True))
     elif (folder / "tokenizer.json").is_file():
         source = (folder / "tokenizer.json").read_bytes()
-        tf = tokenizer_file_from_json(_read_json(folder / "tokenizer.json"), tokenizer_config, model_config,
-                                      folder / "tokenizer.json")
+        tokenizer_json = _read_json(folder / "tokenizer.json")
+        tf = tokenizer_file_from_json(tokenizer_json, tokenizer_config, model_config, folder / "tokenizer.json")
         kind = EmbeddedKind.TOKENIZER_JSON
-        tf.add_bos = bos_added(source.decode("utf-8"), tokenizer_config)
+        tf.add_bos = bos_added(tokenizer_json, tokenizer_config)
     else:
         raise TokenizerConversionError(f"{folder} has neither tokenizer.model nor tokenizer.json; copy the model's tokenizer files there")
     tf.chat_template = chat_template_of(folder, tokenizer_config)
@@ -105,19 +105,26 @@ def embedded_sources(kind: EmbeddedKind, source: bytes, tokenizer_config: dict) 
     return sections
 
 
-def bos_added(tokenizer_json: str, tokenizer_config: dict) -> bool:
+def bos_added(tokenizer_json: dict, tokenizer_config: dict) -> bool:
     """The `.t` ADD_BOS flag. The reference converter writes add_bos_token, defaulting to true; when
     the config does not say, a tokenizer.json decides by its post-processor, as transformers does,
     so that the reference runtime does not put a bos before prompts Hugging Face leaves without."""
     if "add_bos_token" in tokenizer_config:
         return bool(tokenizer_config["add_bos_token"])
-    from dllama.tokenizer.faithful import HFTokenizersBackend
+    return _adds_leading_special(tokenizer_json.get("post_processor"))
 
-    try:
-        first, _last = HFTokenizersBackend(tokenizer_json).post_processor_specials()
-    except Exception:  # tokenizers raises plain Exception; the reference's default then stands
-        return True
-    return first is not None
+
+def _adds_leading_special(processor) -> bool:
+    """Whether a tokenizer.json post-processor puts a special token before the text."""
+    if not isinstance(processor, dict):
+        return False
+    kind = processor.get("type")
+    if kind == "TemplateProcessing":
+        single = processor.get("single") or []
+        return bool(single) and isinstance(single[0], dict) and "SpecialToken" in single[0]
+    if kind == "Sequence":
+        return any(_adds_leading_special(p) for p in processor.get("processors") or [])
+    return kind in ("BertProcessing", "RobertaProcessing")
 
 
 def _from_sentencepiece(path: Path) -> TokenizerFile:

