@@ -255,3 +255,33 @@ def test_reconnect_rebuilds_the_cluster_after_a_lost_link(f32_model):
         three.reconnect()
         assert three.pos == 0 and all(link.streamed_bytes > 0 for link in three.links)
         assert np.abs(three.forward(ids, 0) - want).max() <= 1e-4
+
+
+def test_a_reference_cpp_worker_is_named_in_one_line_and_gets_none_of_our_bytes(reference_dllama, f32_model):
+    """Protocol 1 sent first, and the C++ worker read our preamble as its socket count (1.3 billion)."""
+    from serve_helpers import free_port
+
+    port = free_port()
+    cpp = subprocess.Popen(["stdbuf", "-o0", str(reference_dllama), "worker", "--port", str(port), "--nthreads", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while not listening(port):  # not by connecting: a connection that closes unread ends the C++ worker
+            assert time.monotonic() < deadline and cpp.poll() is None, "the reference worker did not start"
+            time.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match="sent no dllama greeting.*reference distributed-llama worker"):
+            DistributedEngine(f32_model, [("127.0.0.1", port)], max_seq_len=32, buffer_type="f32")
+        assert time.monotonic() - started < 3
+    finally:
+        cpp.kill()
+        cpp.wait()
+    said = cpp.stdout.read().decode("utf-8", "replace")
+    # it saw a root connect, then the connection close before any byte: it never read a node count
+    assert "The root node has connected" in said and "nNodes" not in said, said
+
+
+def listening(port: int) -> bool:
+    """Whether some socket listens on TCP `port` (Linux /proc/net/tcp, state 0A)."""
+    with open("/proc/net/tcp") as f:
+        return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A" for line in list(f)[1:])
