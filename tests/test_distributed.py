@@ -314,3 +314,22 @@ def test_the_root_sends_a_sum_instead_of_partials_only_where_it_is_smaller():
 
     assert [relays_sums(n, 2048, BufferType.Q80) for n in (2, 3, 4, 5, 8)] == [False, False, False, True, True]
     assert [relays_sums(n, 2048, BufferType.F32) for n in (2, 3)] == [False, True]
+
+
+def test_plan_with_auto_weights_probes_the_workers_and_leaves_them_waiting(smol_f32):
+    from typer.testing import CliRunner
+
+    from dllama.runtime.cli import app
+
+    with loopback_workers(2) as workers:
+        addresses = ",".join(f"{h}:{p}" for h, p in (w.address for w in workers))
+        out = CliRunner().invoke(app, ["plan", "--model", str(smol_f32), "--nodes", "3", "--weights", "auto",
+                                       "--workers", addresses, "--root-compute", "none", "--json"])
+        assert out.exit_code == 0, out.output
+        planned = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+        assert planned["weights"][0] == 0 and all(w > 0 for w in planned["weights"][1:])
+        assert planned["per_node"][0]["share"] == "coordinates only (no layer slices)"
+        missing = CliRunner().invoke(app, ["plan", "--model", str(smol_f32), "--nodes", "3", "--weights", "auto"])
+        assert missing.exit_code == 1 and "give --workers with 2 addresses" in missing.output
+        with cluster(smol_f32, workers, "f32") as three:  # the probed workers serve the next root
+            assert three.forward([1, 2], 0).shape == (2, 512)

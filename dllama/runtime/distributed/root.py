@@ -175,6 +175,43 @@ class TcpExchange:
         return payload
 
 
+def open_link(link: WorkerLink) -> None:
+    """Connect and exchange preambles: the worker greets first, the root answers."""
+    with blame(link):
+        link.sock = socket.create_connection(link.address, timeout=CONNECT_TIMEOUT_S)
+        configure_socket(link.sock, HANDSHAKE_TIMEOUT_S)
+        check_greeting(link.sock, link.name)
+        link.greeted = True
+        send_preamble(link.sock)
+
+
+def probe_link(link: WorkerLink, log: Callable[[str], None]) -> NodeInfo:
+    """--weights auto: the worker's memory and speed (PROBE/INFO, before HELLO)."""
+    with blame(link):
+        send_frame(link.sock, Frame.PROBE)
+        _, payload = recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.INFO,))
+        info = NodeInfo.parse(payload)
+    log(f"{link.name}: {info.available >> 20} MiB free, {info.speed / 1e9:.2f} G q40 weights/s")
+    return info
+
+
+def measure_weights(workers: list[tuple[str, int]], root_compute: str = "all", nthreads: int | None = None,
+                    log: Callable[[str], None] = lambda msg: None) -> tuple[float, ...]:
+    """What --weights auto would choose for this root and these workers, without starting a session
+    (`dllama-run plan --weights auto --workers ...`): each worker goes back to waiting."""
+    links = [WorkerLink(i + 1, address) for i, address in enumerate(workers)]
+    try:
+        infos = [node_info(nthreads)]
+        for link in links:
+            open_link(link)
+            infos.append(probe_link(link, log))
+    finally:
+        for link in links:
+            if link.sock is not None:
+                link.sock.close()
+    return as_float32(auto_weights(infos, root_compute != "none"))
+
+
 def fixed_weights(n_nodes: int, weights: Sequence[float] | str | None, root_compute: str) -> tuple[float, ...]:
     """One weight per node as a HELLO carries them (float32), from (2, 1, 1), "2,1,1" or None (equal)."""
     text = weights if weights is None or isinstance(weights, str) else ",".join(repr(float(w)) for w in weights)
@@ -246,37 +283,20 @@ class DistributedEngine(Engine):
 
     def _connect_all(self, max_seq_len: int, nthreads: int | None, root_compute: str) -> None:
         for link in self.links:
-            self._open(link)
+            open_link(link)
         if self.auto_weights:
-            infos = [node_info(nthreads)] + [self._probe(link) for link in self.links]
+            infos = [node_info(nthreads)] + [probe_link(link, self.log) for link in self.links]
             self.split = ClusterSplit.plan(self.model_file.header, self.n_nodes,
                                            as_float32(auto_weights(infos, root_compute != "none")))
         for share in self.split.nodes:
             self.log(f"node {share.node}: {share.describe()}")
         self._handshake_all(max_seq_len, opened=True)
 
-    def _open(self, link: WorkerLink) -> None:
-        """Connect and exchange preambles: the worker greets first, the root answers."""
-        with blame(link):
-            link.sock = socket.create_connection(link.address, timeout=CONNECT_TIMEOUT_S)
-            configure_socket(link.sock, HANDSHAKE_TIMEOUT_S)
-            check_greeting(link.sock, link.name)
-            link.greeted = True
-            send_preamble(link.sock)
-
-    def _probe(self, link: WorkerLink) -> NodeInfo:
-        with blame(link):
-            send_frame(link.sock, Frame.PROBE)
-            _, payload = recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.INFO,))
-            info = NodeInfo.parse(payload)
-        self.log(f"{link.name}: {info.available >> 20} MiB free, {info.speed / 1e9:.2f} G q40 weights/s")
-        return info
-
     def _handshake_all(self, max_seq_len: int, opened: bool = False) -> None:
         h = self.model_file.header
         for link in self.links:
             if not opened:
-                self._open(link)
+                open_link(link)
             hello = Hello(link.node, self.n_nodes, max_seq_len, self.buffer_type, self.identity, h.to_bytes(),
                           self.split.weights)
             with blame(link):
