@@ -186,6 +186,16 @@ def test_any_node_count_f32_logits_equal_one_node(h12, n_nodes):
         assert np.abs(many.forward([5], 7) - one.forward([5], 7)).max() <= 1e-4
 
 
+def test_tinyllama_heads_on_8_nodes_share_each_kv_head_between_two_nodes(tmp_path):
+    # TinyLlama's 32 heads and 4 kv heads (narrow heads to stay small): 4 query heads per node
+    path = write_random_model(tmp_path / "h32.m", FloatType.F32, n_heads=32, n_kv_heads=4, head_dim=8)
+    ids = np.array([1, 17, 42, 99, 3])
+    with loopback_workers(7) as workers, single_node(path) as one, cluster(path, workers, "f32") as eight:
+        assert [s.kv_heads for s in eight.split.nodes] == [(i // 2, i // 2 + 1) for i in range(8)]
+        assert np.abs(eight.forward(ids, 0) - one.forward(ids, 0)).max() <= 1e-4
+        assert np.abs(eight.forward([5], 5) - one.forward([5], 5)).max() <= 1e-4
+
+
 @pytest.mark.parametrize("n_nodes", [2, 3, 9])
 def test_smollm2_shaped_f32_logits_equal_one_node(smol_f32, n_nodes):
     ids = np.array([1, 17, 42, 99, 3])
