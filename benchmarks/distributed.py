@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
-MODEL = BENCH / "tinyllama_random_q40.m"
+MODEL = BENCH / "tinyllama_random_q40.m"  # --model replaces it (e.g. SmolLM2 q40: a real model, uneven splits)
 TINYLLAMA = dict(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, max_seq_len=2048)
 PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975]
 LLAMA2_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "tokenizers" / "llama2"
@@ -90,7 +90,7 @@ def parse_shape(entry: str) -> tuple[int, dict]:
 
 def run_root(workers: list[str], steps: int, max_seq_len: int, buffer_type: str | None, extra: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--role", "root", "--steps", str(steps), "--max-seq-len", str(max_seq_len),
-           "--workers", ",".join(workers)]
+           "--workers", ",".join(workers), "--model", str(MODEL)]
     if buffer_type:
         cmd += ["--buffer-float-type", buffer_type]
     for key, value in (extra or {}).items():
@@ -214,7 +214,12 @@ def main() -> None:
     p.add_argument("--workers", default="")
     p.add_argument("--weights", default=None)
     p.add_argument("--root-compute", default="all")
+    p.add_argument("--model", default=None, help="measure this .m instead of the TinyLlama-shaped random model "
+                                                 "(the CLI runs, which need its tokenizer, are skipped)")
     args = p.parse_args()
+    global MODEL
+    if args.model:
+        MODEL = Path(args.model)
     if args.role == "root":
         return root_role(args)
     if not MODEL.exists():
@@ -244,9 +249,9 @@ def main() -> None:
         deviation = worst if abs(worst) >= abs(worst_low) else worst_low
         print(f"| {r['shape']} | {r['ms_per_token']:.1f} | {r['sent_per_token'] / 1000:.1f} kB | "
               f"{r['received_per_token'] / 1000:.1f} kB | {per_node} | {100 * deviation:+.1f}% | {r['startup_s']:.1f} s |")
-    tokenizer = ensure_tokenizer()
+    tokenizer = ensure_tokenizer() if not args.model else None
     if tokenizer is None:
-        print(f"\n(no {LLAMA2_TOKENIZER}: the CLI runs are skipped)")
+        print("\n(the CLI runs are skipped: " + ("--model given)" if args.model else f"no {LLAMA2_TOKENIZER})"))
         return
     c = measure_cli(tokenizer, args.steps, args.max_seq_len)
     print("\nThrough the CLI (`dllama-run`, which also loads the tokenizer): 2 nodes, and a coordinator root of 2 workers:\n")

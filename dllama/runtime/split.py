@@ -242,9 +242,9 @@ def check_weights(h: ModelHeader, n_nodes: int, weights: tuple[float, ...]) -> N
     units = Units.of(h)
     computing = sum(1 for w in weights if w > 0)
     if computing > units.max_computing_nodes:
+        ffn = f"{h.ffn_dim} FFN rows" + (f" in blocks of {units.ffn}" if units.ffn > 1 else "")
         why = (f"{h.n_heads} heads" if units.n_heads == units.max_computing_nodes
-               else f"{h.ffn_dim} FFN rows in blocks of {units.ffn}" if units.n_ffn == units.max_computing_nodes
-               else f"{h.vocab_size} vocabulary rows")
+               else ffn if units.n_ffn == units.max_computing_nodes else f"{h.vocab_size} vocabulary rows")
         if units.head > 1 and units.n_heads == units.max_computing_nodes:
             why = f"{h.n_heads} heads in groups of {units.head} (whole {BLOCK_SIZE}-value blocks of wo)"
         raise SplitError(f"{n_nodes} nodes ({computing} computing) is more than this model's {why} allow: "
