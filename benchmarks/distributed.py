@@ -7,7 +7,9 @@
 Builds (once, into .bench/) a TinyLlama-1.1B-shaped q40 model with random weights written
 straight in the q40 block layout, then for each node count starts the workers as
 `dllama-run worker` processes on 127.0.0.1 and the root in its own process, one thread each
-(NUMBA_NUM_THREADS=1). Peak RSS is each process's VmHWM. Each node count runs --repeat times
+(NUMBA_NUM_THREADS=1); the root imports dllama-run's CLI module as `dllama-run` would (typer and
+what it loads), and the KV cache holds exactly the prompt and the generated tokens, so that the
+whole cache the plan counts is in use. Peak RSS is each process's VmHWM. Each node count runs --repeat times
 and the fastest run is reported (the others are on stderr). Results go to stdout as a markdown
 table, and the plan's prediction (`dllama-run plan`) sits beside each measurement.
 """
@@ -103,6 +105,8 @@ def run_root(workers: list[str], steps: int, max_seq_len: int, buffer_type: str 
 
 def root_role(args) -> None:
     """Inside the root process: load, prefill the prompt, decode `steps` greedy tokens, report."""
+    import dllama.runtime.cli  # noqa: F401 (what dllama-run loads to read its arguments: typer, click, pydantic)
+
     t0 = time.perf_counter()
     workers = [w for w in args.workers.split(",") if w]
     if workers:
@@ -209,7 +213,9 @@ def main() -> None:
                         "with c: --root-compute none")
     p.add_argument("--steps", type=int, default=24, help="generated tokens timed per run")
     p.add_argument("--repeat", type=int, default=3, help="runs per node count; the fastest is reported")
-    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="KV cache positions (default: the prompt and the generated tokens, so that the whole cache "
+                        "the plan counts is used)")
     p.add_argument("--buffer-float-type", default=None)
     p.add_argument("--workers", default="")
     p.add_argument("--weights", default=None)
@@ -217,6 +223,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="measure this .m instead of the TinyLlama-shaped random model "
                                                  "(the CLI runs, which need its tokenizer, are skipped)")
     args = p.parse_args()
+    args.max_seq_len = args.max_seq_len or len(PROMPT) + args.steps
     global MODEL
     if args.model:
         MODEL = Path(args.model)

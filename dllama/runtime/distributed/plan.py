@@ -8,20 +8,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dllama.formats import ModelHeader, TensorSpec, tensor_plan
-from dllama.runtime.distributed.protocol import WEIGHT_CHUNK
 from dllama.runtime.split import ClusterSplit, NodeShare, SliceGeometry, SplitError  # noqa: F401 (re-exported)
 
 # The interpreter, numpy and the compiled kernels (compute.py), on any node: about 36 MiB
 # (benchmarks/distributed.py on x86-64 Linux, docs/BENCHMARKS.md). Where the compiled kernels
 # cannot be built the runtime runs numba's JIT kernels, and numba and LLVM bring it to ~165 MiB.
-RUNTIME_BASE_BYTES = 36 * 1024 * 1024
+# `dllama-run` adds its command line parser: typer, click and the pydantic typer imports, ~8 MiB
+# (an idle `dllama-run worker` peaks at 44 MiB).
+RUNTIME_BASE_BYTES = (36 + 8) * 1024 * 1024
 # What the root's tokenizer holds per vocabulary entry (Hugging Face `tokenizers` with its merges,
 # plus the .t vocabulary): Llama 2's 32000 tokens ~25 MiB (measured, docs/BENCHMARKS.md).
 TOKENIZER_BYTES_PER_TOKEN = 800
 KV_BYTES_PER_VALUE = 4  # f32 cache (FORMAT.md §3)
-# The root streams each worker its slices through a 4 MiB read buffer, and column slices through a
-# row-block buffer beside it (slices.py): ~8 MiB at start-up, which on a coordinator root is its peak.
-STREAM_BUFFER_BYTES = 2 * WEIGHT_CHUNK
+# The root streams each worker its slices through a read buffer of up to 4 MiB, and column slices
+# through a row block and its columns (slices.stream_buffer_bytes): the allocator keeps those pages
+# for the root's later use, so they add to its peak (and are most of a coordinator root's).
 ROOT_COMPUTE_CHOICES = ("all", "none")
 WEIGHTS_HELP = ("with --workers: each node's relative share, the root's first (e.g. 2,1,1 for a root twice as fast as "
                 "its two workers), or auto (from each node's free memory and a short speed probe when the root "
@@ -99,8 +100,17 @@ def buffer_bytes(h: ModelHeader, split: ClusterSplit, share: NodeShare, max_seq_
         + len(split.computing) * h.dim                         # the partials of every node
     )
     logits = 4 * (h.vocab_size if share.node == 0 else share.vocab[1] - share.vocab[0])
-    streaming = STREAM_BUFFER_BYTES if share.node == 0 and split.n_nodes > 1 else 0
-    return batch * (per_token + logits) + streaming
+    return batch * (per_token + logits) + (streaming_bytes(h, split) if share.node == 0 else 0)
+
+
+def streaming_bytes(h: ModelHeader, split: ClusterSplit) -> int:
+    """The root's buffers for streaming every worker its slices: twice the largest one slice needs
+    (slices.stream_buffer_bytes; measured: freed buffers stay with the allocator), at most 8 MiB."""
+    from dllama.runtime.distributed.slices import stream_buffer_bytes
+
+    largest = max((stream_buffer_bytes(share.geometry(spec)) for share in split.nodes[1:]
+                   for _, spec in shard_tensors(h, share)), default=0)
+    return min(2 * largest, 8 << 20)
 
 
 def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1,

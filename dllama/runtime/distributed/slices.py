@@ -38,7 +38,7 @@ def _slice_chunks(fd: int, offset: int, geo: SliceGeometry, chunk: int) -> Itera
             yield done, view
             done += n
         return
-    rows_per_chunk = max(1, chunk // geo.stride)
+    rows_per_chunk = chunk_rows(geo, chunk)
     whole = np.empty(rows_per_chunk * geo.stride, dtype=np.uint8)
     part = np.empty(rows_per_chunk * geo.run_bytes, dtype=np.uint8)
     for r0 in range(0, geo.n_rows, rows_per_chunk):
@@ -48,6 +48,18 @@ def _slice_chunks(fd: int, offset: int, geo: SliceGeometry, chunk: int) -> Itera
         out = part[:n * geo.run_bytes].reshape(n, geo.run_bytes)
         out[...] = cols
         yield r0 * geo.run_bytes, memoryview(part)[:n * geo.run_bytes]
+
+
+def chunk_rows(geo: SliceGeometry, chunk: int = WEIGHT_CHUNK) -> int:
+    """Rows of a column slice read per pread: as many whole rows as fit `chunk`, at most all of them."""
+    return min(geo.n_rows, max(1, chunk // geo.stride))
+
+
+def stream_buffer_bytes(geo: SliceGeometry, chunk: int = WEIGHT_CHUNK) -> int:
+    """What `_slice_chunks` allocates to move one slice: one run buffer, or a row block and its columns."""
+    if geo.n_rows == 1 or geo.run_bytes == geo.stride:
+        return min(chunk, geo.nbytes)
+    return chunk_rows(geo, chunk) * (geo.stride + geo.run_bytes)
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
