@@ -8,14 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dllama.formats import ModelHeader, TensorSpec, tensor_plan
+from dllama.runtime.distributed.protocol import WEIGHT_CHUNK
 from dllama.runtime.split import ClusterSplit, NodeShare, SliceGeometry, SplitError  # noqa: F401 (re-exported)
 
-# The interpreter, numpy and the compiled kernels (compute.py), on any node: about 36 MiB
-# (benchmarks/distributed.py on x86-64 Linux, docs/BENCHMARKS.md). Where the compiled kernels
-# cannot be built the runtime runs numba's JIT kernels, and numba and LLVM bring it to ~165 MiB.
-# `dllama-run` adds its command line parser: typer, click and the pydantic typer imports, ~8 MiB
-# (an idle `dllama-run worker` peaks at 44 MiB).
-RUNTIME_BASE_BYTES = (36 + 8) * 1024 * 1024
+# A `dllama-run` process before its share of the model: the interpreter, numpy and the compiled
+# kernels (compute.py, ~36 MiB) and its command line parser (typer, click and the pydantic typer
+# imports, ~8 MiB). 42 MiB fits the measured peaks of 13 cluster shapes of two models within 8%
+# (benchmarks/distributed.py, docs/BENCHMARKS.md). Where the compiled kernels cannot be built the
+# runtime runs numba's JIT kernels, and numba and LLVM add ~130 MiB.
+RUNTIME_BASE_BYTES = 42 * 1024 * 1024
 # What the root's tokenizer holds per vocabulary entry (Hugging Face `tokenizers` with its merges,
 # plus the .t vocabulary): Llama 2's 32000 tokens ~25 MiB (measured, docs/BENCHMARKS.md).
 TOKENIZER_BYTES_PER_TOKEN = 800
@@ -104,13 +105,13 @@ def buffer_bytes(h: ModelHeader, split: ClusterSplit, share: NodeShare, max_seq_
 
 
 def streaming_bytes(h: ModelHeader, split: ClusterSplit) -> int:
-    """The root's buffers for streaming every worker its slices: twice the largest one slice needs
-    (slices.stream_buffer_bytes; measured: freed buffers stay with the allocator), at most 8 MiB."""
+    """What streaming every worker its slices leaves in the root: the buffers are freed, but the
+    allocator keeps about one read buffer's pages (measured), the largest a slice needs up to 4 MiB."""
     from dllama.runtime.distributed.slices import stream_buffer_bytes
 
     largest = max((stream_buffer_bytes(share.geometry(spec)) for share in split.nodes[1:]
                    for _, spec in shard_tensors(h, share)), default=0)
-    return min(2 * largest, 8 << 20)
+    return min(largest, WEIGHT_CHUNK)
 
 
 def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1,
