@@ -80,3 +80,17 @@ def test_smollm2_q40_greedy_answers_equal_one_nodes_up_to_near_ties(smollm2_file
         for question in ("What is the capital of France?", "List three prime numbers."):
             ids = np.array(tok.encode_chat([{"role": "user", "content": question}]))
             assert_greedy_matches_up_to_near_ties(one, many, ids, 20, near_tie=SMOLLM2_NEAR_TIE)
+
+
+def test_smollm2_plan_and_root_refuse_10_nodes_naming_1_to_9_before_connecting(smollm2_files):
+    from typer.testing import CliRunner
+
+    from dllama.runtime.cli import app
+    from dllama.runtime.split import SplitError
+
+    out = CliRunner().invoke(app, ["plan", "--model", str(smollm2_files["q40"]), "--nodes", "10"])
+    assert out.exit_code == 1 and "more than this model's 9 heads allow: it runs on 1 to 9 nodes" in out.output
+    ok = CliRunner().invoke(app, ["plan", "--model", str(smollm2_files["q40"]), "--nodes", "10", "--root-compute", "none"])
+    assert ok.exit_code == 0, ok.output  # a coordinator root and 9 computing workers
+    with pytest.raises(SplitError, match="1 to 9 nodes"):  # nothing listens on these ports: refused before connecting
+        DistributedEngine(smollm2_files["q40"], [("127.0.0.1", 1)] * 9)
