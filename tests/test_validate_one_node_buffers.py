@@ -39,5 +39,6 @@ def test_dllama_run_honours_buffer_float_type_on_one_node(monkeypatch, tmp_path)
 
     monkeypatch.setattr(Engine, "load", load)
     folder = require_fixtures(CONFORMANCE / "tiny-llama")
-    session = cli.load_session(folder / "expected_q40.m", folder / "expected.t", 64, 1, buffer_float_type="q80")
+    session = cli.load_session(folder / "expected_q40.m", folder / "expected.t", 64, 1,
+                               cli.ClusterOptions(buffer_float_type="q80"))
     assert seen["buffer_float_type"] == "q80" and session.engine.exchange.quantize_partials
