@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import CONFORMANCE, FIXTURES, require_fixtures
+from validate_helpers import swap_tensors, tensor_slice, unpermute_qk
 from dllama.checkpoint import Checkpoint
 from dllama.formats import FloatType, ModelFile, read_tokenizer
 from dllama.tokenizer.convert import convert_tokenizer
@@ -43,11 +44,6 @@ def write_model_with(tmp_path: Path, source: Path, edit) -> Path:
     out = tmp_path / f"mutated_{source.name}"
     out.write_bytes(bytes(data))
     return out
-
-
-def tensor_slice(mf: ModelFile, name: str) -> slice:
-    t = mf.layout[name]
-    return slice(t.offset, t.offset + t.spec.nbytes)
 
 
 def write_tokenizer(tmp_path: Path, tf, name: str = "mutated.t") -> Path:
@@ -134,18 +130,6 @@ def test_a_transformers_reference_file_without_arithmetic_runs_skips_correctness
 
 # --------------------------------------------------------------------------------------------
 # Must hold 2: each classic failure, with the right reason
-
-def unpermute_qk(data: bytearray, mf: ModelFile) -> None:
-    """Undo FORMAT.md §1.3's permute by moving whole stored rows (blocks run along columns)."""
-    h = mf.header
-    for layer in range(h.n_layers):
-        for name, heads in ((f"layers.{layer}.q", h.n_heads), (f"layers.{layer}.k", h.n_kv_heads)):
-            spec = mf.layout[name].spec
-            rows = np.frombuffer(mf.raw(name), np.uint8).reshape(spec.shape[0], -1)
-            hd = spec.shape[0] // heads
-            order = np.arange(spec.shape[0]).reshape(heads, hd // 2, 2).swapaxes(1, 2).reshape(-1)
-            data[tensor_slice(mf, name)] = rows[order].tobytes()
-
 
 _ARITHMETIC_REFS: dict[Path, ReferenceLogits] = {}
 
@@ -239,13 +223,6 @@ def test_truncated_model_file_is_caught(tmp_path):
     reasons = failing(report)
     assert "truncated" in reasons["model.file_size"]
     assert report.get("logits.correctness").status == Status.SKIP
-
-
-def swap_tensors(a: str, b: str):
-    def edit(data: bytearray, mf: ModelFile) -> None:
-        sa, sb = tensor_slice(mf, a), tensor_slice(mf, b)
-        data[sa], data[sb] = bytes(mf.raw(b)), bytes(mf.raw(a))
-    return edit
 
 
 @pytest.mark.parametrize("a, b, holds", [
