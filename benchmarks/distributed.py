@@ -1,12 +1,15 @@
-"""Distributed runtime on loopback: peak RSS per node, ms/token, bytes per token (issue 6).
+"""Distributed runtime on loopback: peak RSS per node against the plan, ms/token, bytes per token
+(issues 6 and 14).
 
-    python benchmarks/distributed.py                      # 1 (single-node Engine), 2 and 4 nodes
-    python benchmarks/distributed.py --nodes 2 --steps 16
+    python benchmarks/distributed.py                                  # 1 (single-node Engine), 2, 3, 4, 8 nodes
+    python benchmarks/distributed.py --nodes 2,3w,3c --steps 16       # 3w: --weights 2,1,1; 3c: --root-compute none
 
 Builds (once, into .bench/) a TinyLlama-1.1B-shaped q40 model with random weights written
 straight in the q40 block layout, then for each node count starts the workers as
 `dllama-run worker` processes on 127.0.0.1 and the root in its own process, one thread each
-(NUMBA_NUM_THREADS=1). Peak RSS is each process's VmHWM. Each node count runs --repeat times
+(NUMBA_NUM_THREADS=1); the root imports dllama-run's CLI module as `dllama-run` would (typer and
+what it loads), and the KV cache holds exactly the prompt and the generated tokens, so that the
+whole cache the plan counts is in use. Peak RSS is each process's VmHWM. Each node count runs --repeat times
 and the fastest run is reported (the others are on stderr). Results go to stdout as a markdown
 table, and the plan's prediction (`dllama-run plan`) sits beside each measurement.
 """
@@ -16,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -27,7 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
-MODEL = BENCH / "tinyllama_random_q40.m"
+MODEL = BENCH / "tinyllama_random_q40.m"  # --model replaces it (e.g. SmolLM2 q40: a real model, uneven splits)
 TINYLLAMA = dict(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, max_seq_len=2048)
 PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975]
 LLAMA2_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "tokenizers" / "llama2"
@@ -76,11 +78,25 @@ def start_worker() -> tuple[subprocess.Popen, str]:
     return proc, m.group(1)
 
 
-def run_root(workers: list[str], steps: int, max_seq_len: int, buffer_type: str | None) -> dict:
+SHAPES = {"w": dict(weights="2,1,1"), "c": dict(root_compute="none")}  # suffixes of --nodes entries
+
+
+def parse_shape(entry: str) -> tuple[int, dict]:
+    """'3' -> (3, {}); '3w' -> (3, weights 2,1,1 (twice the root's share)); '3c' -> (3, coordinator root)."""
+    n = int(entry.rstrip("".join(SHAPES)))
+    extra = SHAPES.get(entry[-1], {}) if not entry[-1].isdigit() else {}
+    if "weights" in extra:
+        extra = dict(weights=",".join(["2"] + ["1"] * (n - 1)))
+    return n, extra
+
+
+def run_root(workers: list[str], steps: int, max_seq_len: int, buffer_type: str | None, extra: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--role", "root", "--steps", str(steps), "--max-seq-len", str(max_seq_len),
-           "--workers", ",".join(workers)]
+           "--workers", ",".join(workers), "--model", str(MODEL)]
     if buffer_type:
         cmd += ["--buffer-float-type", buffer_type]
+    for key, value in (extra or {}).items():
+        cmd += [f"--{key.replace('_', '-')}", value]
     out = subprocess.run(cmd, capture_output=True, text=True, env=single_thread_env())
     if out.returncode:
         raise SystemExit(f"root failed: {out.stderr[-2000:]}")
@@ -89,12 +105,15 @@ def run_root(workers: list[str], steps: int, max_seq_len: int, buffer_type: str 
 
 def root_role(args) -> None:
     """Inside the root process: load, prefill the prompt, decode `steps` greedy tokens, report."""
+    import dllama.runtime.cli  # noqa: F401 (what dllama-run loads to read its arguments: typer, click, pydantic)
+
     t0 = time.perf_counter()
     workers = [w for w in args.workers.split(",") if w]
     if workers:
         from dllama.runtime.distributed.root import DistributedEngine, parse_workers
         engine = DistributedEngine(MODEL, parse_workers(",".join(workers)), max_seq_len=args.max_seq_len,
-                                   buffer_type=args.buffer_float_type, nthreads=1, log=lambda m: None)
+                                   buffer_type=args.buffer_float_type, nthreads=1, log=lambda m: None,
+                                   weights=args.weights, root_compute=args.root_compute)
     else:
         from dllama.runtime.engine import Engine
         engine = Engine.load(MODEL, max_seq_len=args.max_seq_len, nthreads=1)
@@ -114,7 +133,7 @@ def root_role(args) -> None:
     phases["file"] = vm_hwm(field="RssFile")
     result = {
         "nodes": 1 + len(workers), "startup_s": startup, "ms_per_token": 1000 * decode / args.steps,
-        "root_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "root_peak_rss": vm_hwm(),  # not ru_maxrss: Linux carries the parent's peak across fork + exec
         "sent_per_token": (traffic.sent - sent0) / args.steps if traffic else 0,
         "received_per_token": (traffic.received - recv0) / args.steps if traffic else 0,
         "streamed_bytes": sum(l.streamed_bytes for l in getattr(engine, "links", [])),
@@ -125,12 +144,14 @@ def root_role(args) -> None:
     print(json.dumps(result))
 
 
-def measure(n_nodes: int, args) -> dict:
+def measure(shape: str, args) -> dict:
+    n_nodes, extra = parse_shape(shape)
     procs = [start_worker() for _ in range(n_nodes - 1)]
     try:
-        result = run_root([addr for _, addr in procs], args.steps, args.max_seq_len, args.buffer_float_type)
+        result = run_root([addr for _, addr in procs], args.steps, args.max_seq_len, args.buffer_float_type, extra)
         time.sleep(0.2)
         result["worker_peak_rss"] = [vm_hwm(p.pid) for p, _ in procs]
+        result["shape"] = shape
     finally:
         for p, _ in procs:
             p.terminate()
@@ -156,37 +177,56 @@ def peak_rss_of(cmd: list[str]) -> int:
 
 
 def measure_cli(tokenizer: Path, steps: int, max_seq_len: int) -> dict:
-    """What a user runs: `dllama-run` (tokenizer, CLI) on one node, and as the root of 2 nodes."""
+    """What a user runs: `dllama-run` (tokenizer, CLI) on one node, as the root of 2 nodes, and as a
+    coordinator root (--root-compute none) of 2 workers."""
     cmd = [sys.executable, "-m", "dllama.runtime.cli", "--model", str(MODEL), "--tokenizer", str(tokenizer), "--prompt",
            "Once upon a time", "--steps", str(steps), "--nthreads", "1", "--max-seq-len", str(max_seq_len),
            "--temperature", "0"]
     single = peak_rss_of(cmd)
-    worker, address = start_worker()
+    workers = [start_worker() for _ in range(2)]
     try:
-        root = peak_rss_of(cmd + ["--workers", address])
+        root = peak_rss_of(cmd + ["--workers", workers[0][1]])
         time.sleep(0.2)
-        return {"single": single, "root": root, "worker": vm_hwm(worker.pid)}
+        worker = vm_hwm(workers[0][0].pid)
+        coordinator = peak_rss_of(cmd + ["--workers", ",".join(a for _, a in workers), "--root-compute", "none"])
+        return {"single": single, "root": root, "worker": worker, "coordinator": coordinator}
     finally:
-        worker.terminate()
-        worker.wait()
+        for proc, _ in workers:
+            proc.terminate()
+            proc.wait()
 
 
-def planned(n_nodes: int, max_seq_len: int) -> list[int]:
+def planned(shape: str, max_seq_len: int) -> list[int]:
     from dllama.formats import read_model_header
-    from dllama.runtime.distributed.plan import memory_plan
-    return [m.total for m in memory_plan(read_model_header(MODEL), n_nodes, max_seq_len, batch=len(PROMPT))]
+    from dllama.runtime.distributed.plan import cluster_weights, memory_plan
+    n_nodes, extra = parse_shape(shape)
+    weights = cluster_weights(n_nodes, extra.get("weights"), extra.get("root_compute", "all"))
+    return [m.total for m in memory_plan(read_model_header(MODEL), n_nodes, max_seq_len, batch=len(PROMPT),
+                                         weights=weights)]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--role", default="driver", choices=["driver", "root"])
-    p.add_argument("--nodes", default="1,2,4", help="node counts to measure; 1 is the single-node Engine")
+    p.add_argument("--nodes", default="1,2,3,4,8,3w,3c",
+                   help="shapes to measure: a node count (1 is the single-node Engine), with w: --weights 2,1,..; "
+                        "with c: --root-compute none")
     p.add_argument("--steps", type=int, default=24, help="generated tokens timed per run")
     p.add_argument("--repeat", type=int, default=3, help="runs per node count; the fastest is reported")
-    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="KV cache positions (default: the prompt and the generated tokens, so that the whole cache "
+                        "the plan counts is used)")
     p.add_argument("--buffer-float-type", default=None)
     p.add_argument("--workers", default="")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--root-compute", default="all")
+    p.add_argument("--model", default=None, help="measure this .m instead of the TinyLlama-shaped random model "
+                                                 "(the CLI runs, which need its tokenizer, are skipped)")
     args = p.parse_args()
+    args.max_seq_len = args.max_seq_len or len(PROMPT) + args.steps
+    global MODEL
+    if args.model:
+        MODEL = Path(args.model)
     if args.role == "root":
         return root_role(args)
     if not MODEL.exists():
@@ -197,32 +237,34 @@ def main() -> None:
     # compile (or load) the kernels into numba's cache first, so no measured process pays for LLVM
     run_root([], 2, args.max_seq_len, None)
     rows = []
-    for n in [int(x) for x in args.nodes.split(",")]:
-        runs = [measure(n, args) for _ in range(args.repeat)]
+    for shape in args.nodes.split(","):
+        runs = [measure(shape, args) for _ in range(args.repeat)]
         for r in runs:
             print(json.dumps(r), file=sys.stderr)
         r = min(runs, key=lambda r: r["ms_per_token"])  # the least disturbed by other load
-        r["plan"] = planned(n, args.max_seq_len)
+        r["plan"] = planned(shape, args.max_seq_len)
         rows.append(r)
-    single = next((r["root_peak_rss"] for r in rows if r["nodes"] == 1), None)
     mb = lambda b: f"{b / 2**20:.0f} MiB"
-    print("| nodes | ms/token | root sent/token | root received/token | root peak RSS (plan) | worker peak RSS (plan) | start-up |")
+    print("| shape | ms/token | root sent/token | root received/token | peak RSS per node, root first (plan) | "
+          "worst vs plan | start-up |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        share = f" = {100 * r['root_peak_rss'] / single:.0f}% of 1 node" if single and r["nodes"] > 1 else ""
-        workers = ", ".join(mb(w) for w in r["worker_peak_rss"]) or "-"
-        wplan = f" ({mb(r['plan'][1])})" if r["nodes"] > 1 else ""
-        print(f"| {r['nodes']} | {r['ms_per_token']:.1f} | {r['sent_per_token'] / 1000:.1f} kB | "
-              f"{r['received_per_token'] / 1000:.1f} kB | {mb(r['root_peak_rss'])} ({mb(r['plan'][0])}){share} | "
-              f"{workers}{wplan} | {r['startup_s']:.1f} s |")
-    tokenizer = ensure_tokenizer()
+        measured = [r["root_peak_rss"]] + r["worker_peak_rss"]
+        per_node = ", ".join(f"{mb(m)} ({mb(p)})" for m, p in zip(measured, r["plan"]))
+        worst = max((m - p) / p for m, p in zip(measured, r["plan"]))
+        worst_low = min((m - p) / p for m, p in zip(measured, r["plan"]))
+        deviation = worst if abs(worst) >= abs(worst_low) else worst_low
+        print(f"| {r['shape']} | {r['ms_per_token']:.1f} | {r['sent_per_token'] / 1000:.1f} kB | "
+              f"{r['received_per_token'] / 1000:.1f} kB | {per_node} | {100 * deviation:+.1f}% | {r['startup_s']:.1f} s |")
+    tokenizer = ensure_tokenizer() if not args.model else None
     if tokenizer is None:
-        print(f"\n(no {LLAMA2_TOKENIZER}: the CLI runs are skipped)")
+        print("\n(the CLI runs are skipped: " + ("--model given)" if args.model else f"no {LLAMA2_TOKENIZER})"))
         return
     c = measure_cli(tokenizer, args.steps, args.max_seq_len)
-    print("\nThrough the CLI (`dllama-run`, which also loads the tokenizer), 2 nodes:\n")
-    print("| one node peak RSS | root peak RSS | worker peak RSS |\n|---|---|---|")
-    print(f"| {mb(c['single'])} | {mb(c['root'])} = {100 * c['root'] / c['single']:.1f}% of 1 node | {mb(c['worker'])} |")
+    print("\nThrough the CLI (`dllama-run`, which also loads the tokenizer): 2 nodes, and a coordinator root of 2 workers:\n")
+    print("| one node peak RSS | root peak RSS | worker peak RSS | coordinator root peak RSS |\n|---|---|---|---|")
+    print(f"| {mb(c['single'])} | {mb(c['root'])} = {100 * c['root'] / c['single']:.1f}% of 1 node | {mb(c['worker'])} | "
+          f"{mb(c['coordinator'])} |")
 
 
 if __name__ == "__main__":

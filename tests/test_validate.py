@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import CONFORMANCE, FIXTURES, require_fixtures
+from validate_helpers import swap_tensors, tensor_slice, unpermute_qk
 from dllama.checkpoint import Checkpoint
 from dllama.formats import FloatType, ModelFile, read_tokenizer
 from dllama.tokenizer.convert import convert_tokenizer
@@ -45,11 +46,6 @@ def write_model_with(tmp_path: Path, source: Path, edit) -> Path:
     return out
 
 
-def tensor_slice(mf: ModelFile, name: str) -> slice:
-    t = mf.layout[name]
-    return slice(t.offset, t.offset + t.spec.nbytes)
-
-
 def write_tokenizer(tmp_path: Path, tf, name: str = "mutated.t") -> Path:
     out = tmp_path / name
     out.write_bytes(tf.to_bytes())
@@ -76,6 +72,33 @@ def test_reference_npz_round_trips_prompts_and_logits(tmp_path, conformance_dir)
     assert all(np.array_equal(a, b) for a, b in zip(back.ids, ref.ids))
 
 
+def test_reference_npz_round_trips_arithmetic_runs_and_the_original_config(tmp_path):
+    src = fixture("tiny-qwen3")
+    ids = ReferenceLogits.load(src / "reference_logits.npz").ids
+    ref = compute_reference(Checkpoint(src), ids, arithmetics=[FloatType.Q40], traced=2)
+    ref.bos_id, ref.eos_ids = 1, [2, 3]
+    ref.save(tmp_path / "ref.npz")
+    back = ReferenceLogits.load(tmp_path / "ref.npz")
+    trace = back.traces["q40"]
+    assert trace.lengths == [len(i) for i in ids[:2]] and trace.states.shape[0] == 2 * 2 + 1
+    assert np.array_equal(trace.states, ref.traces["q40"].states)
+    assert back.config == Checkpoint(src).config and (back.bos_id, back.eos_ids) == (1, [2, 3])
+    # the q40 run differs from the exact one by quantization, and its last state gives its logits
+    assert not np.allclose(trace.logits, np.concatenate(back.logits[:2]))
+
+
+@pytest.mark.parametrize("float_type", [FloatType.Q40, FloatType.Q80])
+def test_reference_codecs_round_like_the_format_module(float_type):
+    from dllama.formats import decode_tensor, encode_tensor
+    from dllama.validate.reference import ROUNDING
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 256)) * rng.choice([1e-3, 0.05, 3.0], (64, 1))).astype(np.float32)
+    x[0, :32] = 0  # an all-zero block
+    x[1, :32] = np.linspace(-1, 1, 32)  # a tie of |min| and max
+    assert np.array_equal(ROUNDING[float_type](x), decode_tensor(encode_tensor(x, float_type), float_type, x.shape))
+
+
 # --------------------------------------------------------------------------------------------
 # Must hold 1: correct conversions pass
 
@@ -85,58 +108,51 @@ def test_correct_conversion_passes(conformance_dir, quant):
                       options=FAST)
     assert report.ok, failing(report)
     ran = {c.name for c in report.checks if c.status != Status.SKIP}
-    assert {"model.weights_vs_checkpoint", "logits.fidelity", "tokenizer.faithful", "tokenizer.vs_source"} <= ran
-    assert ("logits.vs_rounded" in ran) == (quant != "f32")
+    assert {"model.weights_vs_checkpoint", "logits.correctness", "logits.quality", "tokenizer.faithful",
+            "tokenizer.vs_source"} <= ran
 
 
 @pytest.mark.parametrize("quant", QUANTS)
 def test_correct_conversion_passes_against_a_reference_file(conformance_dir, quant, tmp_path):
-    ref = rounded_reference(conformance_dir, tmp_path) if quant == "q40" else conformance_dir / "reference_logits.npz"
+    ref = arithmetic_reference(conformance_dir, tmp_path) if quant != "f32" else conformance_dir / "reference_logits.npz"
     report = validate(conformance_dir / f"expected_{quant}.m", conformance_dir / "expected.t", reference=ref, options=FAST)
     assert report.ok, failing(report)
-    assert report.get("logits.fidelity").status == Status.PASS
-    assert report.get("logits.vs_rounded").status == (Status.PASS if quant == "q40" else Status.SKIP)
+    assert report.get("logits.correctness").status == Status.PASS
+    assert report.get("logits.quality").status == Status.PASS
+
+
+def test_a_transformers_reference_file_without_arithmetic_runs_skips_correctness_for_q40(conformance_dir):
+    report = validate(conformance_dir / "expected_q40.m", conformance_dir / "expected.t",
+                      reference=conformance_dir / "reference_logits.npz", options=FAST)
+    assert report.get("logits.correctness").status == Status.SKIP
+    assert "--arithmetic q40" in report.get("logits.correctness").reason
 
 
 # --------------------------------------------------------------------------------------------
 # Must hold 2: each classic failure, with the right reason
 
-def unpermute_qk(data: bytearray, mf: ModelFile) -> None:
-    """Undo FORMAT.md §1.3's permute by moving whole stored rows (blocks run along columns)."""
-    h = mf.header
-    for layer in range(h.n_layers):
-        for name, heads in ((f"layers.{layer}.q", h.n_heads), (f"layers.{layer}.k", h.n_kv_heads)):
-            spec = mf.layout[name].spec
-            rows = np.frombuffer(mf.raw(name), np.uint8).reshape(spec.shape[0], -1)
-            hd = spec.shape[0] // heads
-            order = np.arange(spec.shape[0]).reshape(heads, hd // 2, 2).swapaxes(1, 2).reshape(-1)
-            data[tensor_slice(mf, name)] = rows[order].tobytes()
+_ARITHMETIC_REFS: dict[Path, ReferenceLogits] = {}
 
 
-_ROUNDED_REFS: dict[Path, ReferenceLogits] = {}
-
-
-def rounded_reference(src: Path, tmp_path: Path) -> Path:
-    """The fixture's prompts as REF.npz with q40-rounded logits too (`dllama-validate reference`)."""
-    if src not in _ROUNDED_REFS:
+def arithmetic_reference(src: Path, tmp_path: Path) -> Path:
+    """The fixture's prompts as REF.npz with q40 and q80 arithmetic runs (`dllama-validate reference`)."""
+    if src not in _ARITHMETIC_REFS:
         ids = ReferenceLogits.load(src / "reference_logits.npz").ids
-        _ROUNDED_REFS[src] = compute_reference(Checkpoint(src), ids, roundings=[FloatType.Q40])
-    path = tmp_path / "ref_rounded.npz"
-    _ROUNDED_REFS[src].save(path)
+        _ARITHMETIC_REFS[src] = compute_reference(Checkpoint(src), ids, arithmetics=[FloatType.Q40, FloatType.Q80])
+    path = tmp_path / "ref_arithmetic.npz"
+    _ARITHMETIC_REFS[src].save(path)
     return path
 
 
 def logits_alone_catch(src: Path, tmp_path: Path, edit) -> None:
-    """Without --hf only the logits can tell. At f32 the margin over a correct file is huge; at
-    q40 the comparison with q40-rounded reference logits has the same margin
-    (benchmarks/validate.py thresholds), so the bug must fail there and nothing else may."""
-    bad_f32 = write_model_with(tmp_path, src / "expected_f32.m", edit)
-    report = validate(bad_f32, src / "expected.t", reference=src / "reference_logits.npz", options=FAST)
-    assert set(failing(report)) == {"logits.fidelity"}
-    bad_q40 = write_model_with(tmp_path, src / "expected_q40.m", edit)
-    report = validate(bad_q40, src / "expected.t", reference=rounded_reference(src, tmp_path), options=FAST)
-    assert "logits.vs_rounded" in failing(report)
-    assert set(failing(report)) <= {"logits.vs_rounded", "logits.fidelity"}
+    """Without --hf only the logits (and the config a REF.npz of ours carries) can tell: the f32
+    file against the exact original, the q40 file block by block against the original run with
+    q40 arithmetic (benchmarks/validate.py thresholds)."""
+    for quant, ref in (("f32", src / "reference_logits.npz"), ("q40", arithmetic_reference(src, tmp_path))):
+        bad = write_model_with(tmp_path, src / f"expected_{quant}.m", edit)
+        report = validate(bad, src / "expected.t", reference=ref, options=FAST)
+        assert "logits.correctness" in failing(report), quant
+        assert set(failing(report)) <= {"logits.correctness", "logits.quality", "model.header_vs_config"}, quant
 
 
 def test_qk_rows_not_permuted_is_caught(tmp_path):
@@ -206,14 +222,7 @@ def test_truncated_model_file_is_caught(tmp_path):
     report = validate(bad, src / "expected.t", hf=src, options=FAST)
     reasons = failing(report)
     assert "truncated" in reasons["model.file_size"]
-    assert report.get("logits.fidelity").status == Status.SKIP
-
-
-def swap_tensors(a: str, b: str):
-    def edit(data: bytearray, mf: ModelFile) -> None:
-        sa, sb = tensor_slice(mf, a), tensor_slice(mf, b)
-        data[sa], data[sb] = bytes(mf.raw(b)), bytes(mf.raw(a))
-    return edit
+    assert report.get("logits.correctness").status == Status.SKIP
 
 
 @pytest.mark.parametrize("a, b, holds", [
@@ -225,6 +234,16 @@ def test_swapped_layer_tensors_are_caught(tmp_path, a, b, holds):
     bad = write_model_with(tmp_path, src / "expected_q40.m", swap_tensors(a, b))
     assert holds in failing(validate(bad, src / "expected.t", hf=src, options=FAST))["model.weights_vs_checkpoint"]
     logits_alone_catch(src, tmp_path, swap_tensors(a, b))
+
+
+def test_bf16_read_as_f16_is_named_against_the_checkpoint(tmp_path):
+    from validate_helpers import read_bf16_as_f16, write_model_with as write_with
+
+    src = fixture("tiny-llama")  # a bf16 checkpoint
+    bad = write_with(tmp_path / "bf16_as_f16.m", src / "expected_f32.m", read_bf16_as_f16)
+    reasons = failing(validate(bad, src / "expected.t", hf=src, options=FAST))
+    assert "bf16 bytes read as f16" in reasons["model.tensors"]
+    assert "bf16 bytes read as f16" in reasons["model.weights_vs_checkpoint"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +294,7 @@ def test_cli_json_and_exit_code_for_a_passing_pair(capsys):
     code, out, _ = run_cli(capsys, str(src / "expected_q40.m"), str(src / "expected.t"), "--reference",
                            str(src / "reference_logits.npz"), "--json", "--corpus-limit", "40", "-q")
     doc = json.loads(out)
-    assert code == 0 and doc["verdict"] == "pass" and doc["schema"] == "dllama-validate/1"
+    assert code == 0 and doc["verdict"] == "pass" and doc["schema"] == "dllama-validate/2"
     assert {"name", "status", "measured", "threshold", "reason", "details"} <= set(doc["checks"][0])
     assert doc["counts"]["fail"] == 0
 
@@ -311,9 +330,11 @@ def test_cli_reference_subcommand_writes_a_usable_ref_npz(capsys, tmp_path):
     assert code in (0, None)
     ref = ReferenceLogits.load(tmp_path / "ref.npz")
     assert ref.prompts == ["Hello there", "1 2 3"] and ref.ids[0][0] == 382  # bos first
-    assert set(ref.rounded) == {"q40", "q80"}
-    report = validate(src / "expected_f32.m", src / "expected.t", reference=tmp_path / "ref.npz", options=FAST)
-    assert report.get("logits.fidelity").status == Status.PASS
+    assert set(ref.traces) == {"q40", "q80"} and ref.config["model_type"] == "qwen3"
+    for quant in ("f32", "q40"):
+        report = validate(src / f"expected_{quant}.m", src / "expected.t", reference=tmp_path / "ref.npz", options=FAST)
+        assert report.ok, failing(report)
+        assert report.get("logits.correctness").status == Status.PASS
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,4 +356,4 @@ def test_synthetic_conversion_passes(tmp_path, model_type, overrides, quant):
     plan = convert(source, quant, tmp_path / "out", name="synthetic").plan
     report = validate(plan.model_path, plan.tokenizer_path, hf=source, options=FAST)
     assert report.ok, failing(report)
-    assert report.get("logits.fidelity").status == Status.PASS
+    assert report.get("logits.correctness").status == Status.PASS

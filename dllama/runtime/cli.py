@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional
 import typer
 
 from dllama.formats import FormatError, padded_vocabulary
+from dllama.runtime.distributed.plan import ROOT_COMPUTE_HELP, WEIGHTS_HELP
 from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN, Engine, EngineError, release_freed_heap
 from dllama.runtime.generate import reusable_prefix
 
@@ -29,8 +30,19 @@ SEQ_HELP = (f"KV cache positions, prompt and answer together (default {DEFAULT_M
             "131072, far more than a small board holds; capped at the model's own limit)")
 THREADS_HELP = "compute threads (default: all cores)"
 WORKERS_HELP = ("run as the root of a cluster: the workers' host:port list, e.g. pi1:9999,pi2:9999 (each started with "
-                "`dllama-run worker`); nodes = 1 + workers, a power of two")
-BUFFER_HELP = "how nodes exchange activations: q80 (default for q40/q80 models) or f32 (default for f32 models)"
+                "`dllama-run worker`); nodes = 1 + workers, any count up to the model's heads (dllama-run plan)")
+BUFFER_HELP = ("how nodes exchange activations: q80 (default for q40/q80 models on a cluster) or f32 (default for f32 "
+               "models, and on one node, where nothing crosses a network; q80 there rounds like the reference)")
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How the root of --workers splits the model (None workers: one node)."""
+
+    workers: Optional[str] = None
+    buffer_float_type: Optional[str] = None
+    weights: Optional[str] = None
+    root_compute: str = "all"
 
 
 class CliError(Exception):
@@ -53,7 +65,7 @@ class Session:
 
 
 def load_session(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optional[int],
-                 workers: Optional[str] = None, buffer_float_type: Optional[str] = None) -> Session:
+                 cluster: ClusterOptions = ClusterOptions()) -> Session:
     """Engine + tokenizer, checked against each other; raises CliError/FormatError/EngineError."""
     for path, what, ext in ((model, "model", "m"), (tokenizer, "tokenizer", "t")):
         if not Path(path).is_file():
@@ -61,13 +73,16 @@ def load_session(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optio
     from dllama.tokenizer import Tokenizer
 
     tok = Tokenizer.load(str(tokenizer))
-    if workers:  # issue 6: the same Engine interface, node 0 of a cluster
+    if cluster.workers:  # issue 6: the same Engine interface, node 0 of a cluster
         from dllama.runtime.distributed.root import DistributedEngine, parse_workers
 
-        engine = DistributedEngine(model, parse_workers(workers), max_seq_len=max_seq_len, nthreads=nthreads,
-                                   buffer_type=buffer_float_type)
+        engine = DistributedEngine(model, parse_workers(cluster.workers), max_seq_len=max_seq_len, nthreads=nthreads,
+                                   buffer_type=cluster.buffer_float_type, weights=cluster.weights,
+                                   root_compute=cluster.root_compute)
+    elif cluster.weights is not None or cluster.root_compute != "all":
+        raise CliError("--weights and --root-compute split the model over a cluster: add --workers host:port,...")
     else:
-        engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads)
+        engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads, buffer_float_type=cluster.buffer_float_type)
     check_vocab(tok.vocab_size, engine.vocab_size, tokenizer, model)
     release_freed_heap()
     return Session(engine, tok)
@@ -160,6 +175,8 @@ def main_command(
     nthreads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     workers: Optional[str] = typer.Option(None, help=WORKERS_HELP),
     buffer_float_type: Optional[str] = typer.Option(None, help=BUFFER_HELP),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    root_compute: str = typer.Option("all", help=ROOT_COMPUTE_HELP),
 ) -> None:
     """Generate text from a prompt on this machine (or as the root of --workers).
 
@@ -171,7 +188,8 @@ def main_command(
         _fail("--model, --tokenizer and --prompt are required (or use a subcommand: dllama-run --help)")
 
     def body() -> None:
-        session = load_session(model, tokenizer, max_seq_len, nthreads, workers, buffer_float_type)
+        session = load_session(model, tokenizer, max_seq_len, nthreads,
+                               ClusterOptions(workers, buffer_float_type, weights, root_compute))
         _note(f"max_seq_len {session.engine.max_seq_len} (--max-seq-len), {session.engine.nthreads} threads")
         ids = session.tokenizer.encode(prompt)
         if len(ids) >= session.engine.max_seq_len:
@@ -199,13 +217,16 @@ def chat_command(
     nthreads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     workers: Optional[str] = typer.Option(None, help=WORKERS_HELP),
     buffer_float_type: Optional[str] = typer.Option(None, help=BUFFER_HELP),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    root_compute: str = typer.Option("all", help=ROOT_COMPUTE_HELP),
 ) -> None:
     """Chat interactively with the model's chat template; the KV cache carries the conversation.
 
     Example: dllama-run chat --model qwen3_q40.m --tokenizer qwen3.t --temperature 0.7
     """
     def body() -> None:
-        session = load_session(model, tokenizer, max_seq_len, nthreads, workers, buffer_float_type)
+        session = load_session(model, tokenizer, max_seq_len, nthreads,
+                               ClusterOptions(workers, buffer_float_type, weights, root_compute))
         _note(f"max_seq_len {session.engine.max_seq_len} (--max-seq-len); empty line or Ctrl-D ends the chat")
         messages = [{"role": "system", "content": system}] if system else []
         cached: list[int] = []

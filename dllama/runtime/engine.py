@@ -7,7 +7,9 @@
 Per layer the node computes its partial `dim` vector after wo and after w2 (model.NodeLayers);
 `Exchange.reduce_into` adds every node's partial into x in node order and
 `Exchange.gather_logits` assembles the vocabulary slices. `LocalExchange` is the one-node case;
-the distributed runtime supplies its own Exchange over the network.
+the distributed runtime supplies its own Exchanges over the network: the root's and each
+worker's run this same layer loop (`Engine.run_layers`), the worker starting from the x the root
+sent it.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from dllama.formats import FloatType, ModelFile, ModelHeader
 from dllama.runtime import compute
-from dllama.runtime.model import NodeLayers, NodeSlice, load_node_weights, rmsnorm
+from dllama.runtime.model import NodeLayers, load_node_weights, whole_model_share
 
 DEFAULT_MAX_SEQ_LEN = 2048  # models declare up to 131072 positions; the KV cache must fit a small board
 PREFILL_BATCH = 64          # prompt tokens per pass over the weights
@@ -33,19 +35,27 @@ class EngineError(ValueError):
 class Exchange(Protocol):
     """Where nodes meet (FORMAT.md §3). Stages are "attention" (after wo) and "ffn" (after w2)."""
 
-    def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
-        """x += every node's partial (T, dim), in node order; this node's is `partial`."""
+    def begin(self, x: np.ndarray, pos: int) -> None:
+        """A batch starts: x (T, dim) are the embedding rows of tokens at positions pos.. (the root
+        sends them to the workers)."""
+
+    def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
+        """x += every node's partial (T, dim), in node order; this node's is `partial` (None: it has none)."""
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
-        """This node's (T, vocab / n) slice -> the full (T, vocab) logits (on the root)."""
+        """This node's (T, its vocabulary rows) slice -> the full (T, vocab) logits (on the root)."""
 
 
 class LocalExchange:
-    """One node: the partial is its own sum. With q80 buffers (q40/q80 weights) it is still
-    quantized to q80 before it is added, as the reference does on a single node (FORMAT.md §2)."""
+    """One node: the partial is its own sum and crosses no network, so it is added as computed.
+    The reference rounds it through q80 even here (FORMAT.md §2), which costs accuracy for
+    nothing; `quantize_partials` (--buffer-float-type q80) does the same, to compare with it."""
 
-    def __init__(self, quantize_partials: bool):
+    def __init__(self, quantize_partials: bool = False):
         self.quantize_partials = quantize_partials
+
+    def begin(self, x: np.ndarray, pos: int) -> None:
+        pass
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
         if self.quantize_partials:
@@ -69,15 +79,29 @@ def release_freed_heap() -> None:
 
 
 def uses_q80_buffers(h: ModelHeader) -> bool:
+    """The reference's default sync buffers for a cluster: q80 for q40/q80 weights (FORMAT.md §2)."""
     return h.weights_float_type in (FloatType.Q40, FloatType.Q80)
 
 
+BUFFER_FLOAT_TYPES = ("f32", "q80")
+
+
+def rounds_partials_on_one_node(buffer_float_type: str | None) -> bool:
+    """One node exchanges nothing: partials stay float32 unless q80 buffers are asked for."""
+    if buffer_float_type is not None and buffer_float_type.lower() not in BUFFER_FLOAT_TYPES:
+        raise EngineError(f"unknown buffer float type {buffer_float_type!r}: use q80 or f32")
+    return buffer_float_type is not None and buffer_float_type.lower() == "q80"
+
+
 class Engine:
-    def __init__(self, model: ModelFile, layers: NodeLayers, exchange: Exchange, max_seq_len: int,
-                 nthreads: int | None = None):
+    def __init__(self, header: ModelHeader, layers: NodeLayers, exchange: Exchange, max_seq_len: int,
+                 nthreads: int | None = None, embedding: np.ndarray | None = None, model: ModelFile | None = None):
+        """`embedding` (vocab, dim): on the node that looks up tokens; a worker runs `run_layers` only.
+        `model`: the file it was loaded from, if any."""
         compute.implementation()  # choose (on a first run, build) the kernels now, not inside the first forward
+        self.header = header
+        self.embedding = embedding
         self.model = model
-        self.header = model.header
         self.layers = layers
         self.exchange = exchange
         self.max_seq_len = max_seq_len
@@ -86,8 +110,9 @@ class Engine:
 
     @classmethod
     def load(cls, model_path: str | os.PathLike, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-             nthreads: int | None = None) -> "Engine":
-        """Memory-map the model (weights stay packed) and allocate a KV cache of `max_seq_len` positions."""
+             nthreads: int | None = None, buffer_float_type: str | None = None) -> "Engine":
+        """Memory-map the model (weights stay packed) and allocate a KV cache of `max_seq_len` positions.
+        buffer_float_type "q80" rounds each partial through q80 as the reference does (default: not)."""
         model = ModelFile(model_path)
         h = model.header
         max_seq_len = min(max_seq_len, h.max_seq_len) if h.max_seq_len > 0 else max_seq_len
@@ -95,9 +120,11 @@ class Engine:
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
         if problem := compute.threads_problem(nthreads):
             raise EngineError(problem)
-        node = NodeSlice(0, 1)
-        layers = NodeLayers(h, load_node_weights(model, node), node, max_seq_len)
-        return cls(model, layers, LocalExchange(uses_q80_buffers(h)), max_seq_len, nthreads)
+        quantize_partials = rounds_partials_on_one_node(buffer_float_type)
+        share = whole_model_share(h)
+        layers = NodeLayers(h, load_node_weights(model, share), share, max_seq_len)
+        return cls(h, layers, LocalExchange(quantize_partials), max_seq_len, nthreads,
+                   embedding=model.blocks("embedding"), model=model)
 
     @property
     def vocab_size(self) -> int:
@@ -132,11 +159,14 @@ class Engine:
                               f"model's vocabulary of {self.vocab_size}")
 
     def _forward_batch(self, ids: np.ndarray, pos: int) -> np.ndarray:
-        lw_all, eps = self.layers.w.layers, self.header.norm_epsilon
-        x = np.array(self.layers.w.embedding[ids], dtype=np.float32)
-        for l, lw in enumerate(lw_all):
-            partial = self.layers.attention(l, rmsnorm(x, lw.attn_norm, eps), pos)
-            self.exchange.reduce_into(x, partial, l, "attention")
-            partial = self.layers.ffn(l, rmsnorm(x, lw.ffn_norm, eps))
-            self.exchange.reduce_into(x, partial, l, "ffn")
+        x = np.array(self.embedding[ids], dtype=np.float32)  # the batch's one lookup of embedding rows
+        self.exchange.begin(x, pos)
+        return self.run_layers(x, pos)
+
+    def run_layers(self, x: np.ndarray, pos: int) -> np.ndarray:
+        """The layer loop, the same on every node: x (T, dim) at positions pos.. -> logits (on the root;
+        a worker's exchange returns its own slice)."""
+        for l in range(self.header.n_layers):
+            self.exchange.reduce_into(x, self.layers.attention_block(l, x, pos), l, "attention")
+            self.exchange.reduce_into(x, self.layers.ffn_block(l, x), l, "ffn")
         return self.exchange.gather_logits(self.layers.logits(x))

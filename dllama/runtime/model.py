@@ -1,10 +1,12 @@
 """One node's share of the forward pass (FORMAT.md §2), parameterised for tensor parallelism (§3).
 
-`NodeSlice(node_index, n_nodes)` names the share: whole heads of q/k/v (and their KV cache),
-rows of w1/w3/lm_head, columns of wo/w2. `NodeLayers` computes, per layer, the node's partial
-`dim` vector after wo (`attention`) and after w2 (`ffn`), and its slice of the logits
-(`logits`). Summing partials across nodes and gathering logits is not done here: that is the
-exchange's job (engine.py), so the single-node engine is simply n_nodes = 1.
+A `split.NodeShare` names the node's share (dllama/runtime/split.py owns the geometry): whole
+query heads and the kv heads they read (and their KV cache), rows of w1/w3/lm_head, columns of
+wo/w2. `NodeLayers` computes, per layer, the node's partial `dim` vector after wo (`attention`)
+and after w2 (`ffn`), and its slice of the logits (`logits`); a node with no share (a
+coordinator root) returns None for both partials. Summing partials across nodes and gathering
+logits is not done here: that is the exchange's job (engine.py), so the single-node engine is
+simply a one-node split.
 """
 from __future__ import annotations
 
@@ -16,18 +18,13 @@ import numpy as np
 
 from dllama.formats import ModelFile, ModelHeader, RopeType, Split
 from dllama.runtime import compute
+from dllama.runtime.split import ClusterSplit, NodeShare
 from dllama.runtime.tensors import Matrix
 
 
-@dataclass(frozen=True)
-class NodeSlice:
-    node_index: int = 0
-    n_nodes: int = 1
-
-    def share(self, total: int) -> tuple[int, int]:
-        """[start, stop) of this node's contiguous share of `total` (rows, columns or heads)."""
-        per = total // self.n_nodes
-        return self.node_index * per, (self.node_index + 1) * per
+def whole_model_share(h: ModelHeader) -> NodeShare:
+    """Everything: the share of the only node of a one-node run."""
+    return ClusterSplit.plan(h, 1).nodes[0]
 
 
 @dataclass
@@ -61,11 +58,10 @@ class NodeWeights:
     layers: list[LayerWeights]
     norm: np.ndarray
     lm_head: Matrix  # this node's rows of the vocabulary
-    embedding: np.ndarray | None = None  # (vocab, dim) float32; needed by the node that embeds tokens
 
 
-def assemble_node_weights(h: ModelHeader, matrix: Callable[[str], Matrix], vector: Callable[[str], np.ndarray],
-                          embedding: np.ndarray | None = None) -> NodeWeights:
+def assemble_node_weights(h: ModelHeader, matrix: Callable[[str], Matrix],
+                          vector: Callable[[str], np.ndarray]) -> NodeWeights:
     """A node's weights by tensor name (FORMAT.md §1.3): `matrix(name)` gives its slice of a split
     matrix, `vector(name)` a whole tensor (norms, moe gate)."""
     layers = []
@@ -82,20 +78,22 @@ def assemble_node_weights(h: ModelHeader, matrix: Callable[[str], Matrix], vecto
         if h.has_qk_norm:
             lw.q_norm, lw.k_norm = vector(p + "q_norm"), vector(p + "k_norm")
         layers.append(lw)
-    return NodeWeights(layers=layers, norm=vector("norm"), lm_head=matrix("lm_head"), embedding=embedding)
+    return NodeWeights(layers=layers, norm=vector("norm"), lm_head=matrix("lm_head"))
 
 
-def load_node_weights(model: ModelFile, node: NodeSlice = NodeSlice()) -> NodeWeights:
+def load_node_weights(model: ModelFile, share: NodeShare | None = None) -> NodeWeights:
     """Zero-copy views of the node's slices of every tensor in the memory-mapped file."""
+    share = share or whole_model_share(model.header)
 
     def matrix(name: str) -> Matrix:
         spec = model.layout[name].spec
         whole = Matrix.from_file(model, name)
-        if spec.split == Split.ROWS:
-            return whole.row_slice(*node.share(spec.shape[0]))
-        return whole.column_slice(*node.share(spec.shape[1]))
+        span = share.tensor_range(spec)
+        if span is None:
+            return whole
+        return whole.row_slice(*span) if spec.split == Split.ROWS else whole.column_slice(*span)
 
-    return assemble_node_weights(model.header, matrix, model.blocks, embedding=model.blocks("embedding"))
+    return assemble_node_weights(model.header, matrix, model.blocks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,10 +159,13 @@ class Rope:
 class NodeLayers:
     """The node's per-layer computations and its slice of the KV cache."""
 
-    def __init__(self, h: ModelHeader, weights: NodeWeights, node: NodeSlice, max_seq_len: int):
-        self.h, self.w, self.node = h, weights, node
-        self.heads = h.n_heads // node.n_nodes
-        self.kv_heads = h.n_kv_heads // node.n_nodes
+    def __init__(self, h: ModelHeader, weights: NodeWeights | None, share: NodeShare, max_seq_len: int):
+        self.h, self.w, self.share = h, weights, share
+        self.heads = share.n_heads
+        self.kv_heads = share.n_kv_heads
+        self.head_offset, self.padded_heads = share.attention_layout
+        self.has_ffn = share.ffn[1] > share.ffn[0]
+        self.has_vocab = share.vocab[1] > share.vocab[0]
         self.eps = h.norm_epsilon
         self.rope = Rope(h, max_seq_len)
         cache_shape = (h.n_layers, max_seq_len, self.kv_heads, h.head_dim)
@@ -175,8 +176,18 @@ class NodeLayers:
     def kv_cache_bytes(self) -> int:
         return self.k_cache.nbytes + self.v_cache.nbytes
 
-    def attention(self, l: int, y: np.ndarray, pos: int) -> np.ndarray:
-        """y (T, dim) normed input at positions pos.. -> the node's partial Wo z (T, dim)."""
+    def attention_block(self, l: int, x: np.ndarray, pos: int) -> np.ndarray | None:
+        """x (T, dim) residual stream -> the node's partial after wo (None: the node has no heads)."""
+        return self.attention(l, rmsnorm(x, self.w.layers[l].attn_norm, self.eps), pos) if self.heads else None
+
+    def ffn_block(self, l: int, x: np.ndarray) -> np.ndarray | None:
+        """x (T, dim) residual stream -> the node's partial after w2 (None: the node has no FFN rows)."""
+        return self.ffn(l, rmsnorm(x, self.w.layers[l].ffn_norm, self.eps)) if self.has_ffn else None
+
+    def attention(self, l: int, y: np.ndarray, pos: int) -> np.ndarray | None:
+        """y (T, dim) normed input at positions pos.. -> the node's partial Wo z (T, dim); None without heads."""
+        if not self.heads:
+            return None
         lw = self.w.layers[l]
         T, hd = y.shape[0], self.h.head_dim
         x_in = lw.q.prepare(y)
@@ -188,12 +199,24 @@ class NodeLayers:
             k = rmsnorm(k, lw.k_norm, self.eps)
         self.k_cache[l, pos:pos + T] = self.rope(k, pos)
         self.v_cache[l, pos:pos + T] = v
-        z = np.empty((T, self.heads * hd), dtype=np.float32)
-        compute.attention(np.ascontiguousarray(self.rope(q, pos)), self.k_cache[l], self.v_cache[l], pos, z)
-        return lw.wo @ lw.wo.prepare(z)
+        return lw.wo @ lw.wo.prepare(self._attend(l, self.rope(q, pos), pos))
 
-    def ffn(self, l: int, y: np.ndarray) -> np.ndarray:
-        """y (T, dim) normed input -> the node's partial FFN output (T, dim)."""
+    def _attend(self, l: int, q: np.ndarray, pos: int) -> np.ndarray:
+        """softmax(q k) v for the node's query heads (T, heads * hd). The kernel maps head h to kv head
+        h // (heads / kv heads); a node whose heads cut a kv group runs them among unused padding heads."""
+        T, hd, off = q.shape[0], self.h.head_dim, self.head_offset
+        if self.padded_heads != self.heads:
+            padded = np.zeros((T, self.padded_heads, hd), dtype=np.float32)
+            padded[:, off:off + self.heads] = q
+            q = padded
+        z = np.empty((T, self.padded_heads * hd), dtype=np.float32)
+        compute.attention(np.ascontiguousarray(q), self.k_cache[l], self.v_cache[l], pos, z)
+        return z if self.padded_heads == self.heads else np.ascontiguousarray(z[:, off * hd:(off + self.heads) * hd])
+
+    def ffn(self, l: int, y: np.ndarray) -> np.ndarray | None:
+        """y (T, dim) normed input -> the node's partial FFN output (T, dim); None without FFN rows."""
+        if not self.has_ffn:
+            return None
         lw = self.w.layers[l]
         if lw.gate is None:
             return self._ffn(lw.w1, lw.w2, lw.w3, lw.w1.prepare(y))
@@ -220,7 +243,9 @@ class NodeLayers:
         return out.astype(np.float32)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """x (T, dim) after the last layer -> the node's slice of the logits (T, vocab / n_nodes)."""
+        """x (T, dim) after the last layer -> the node's slice of the logits (T, its vocabulary rows)."""
+        if not self.has_vocab:
+            return np.empty((x.shape[0], 0), dtype=np.float32)
         y = rmsnorm(x, self.w.norm, self.eps)
         return self.w.lm_head @ self.w.lm_head.prepare(y)
 

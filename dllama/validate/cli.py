@@ -1,7 +1,7 @@
 """`dllama-validate`: will this `.m` / `.t` pair produce what the original model would?
 
     dllama-validate MODEL.m TOKENIZER.t [--hf SOURCE] [--reference REF.npz] [--json]
-    dllama-validate reference --hf SOURCE --out REF.npz [--rounded q40,q80]
+    dllama-validate reference --hf SOURCE --out REF.npz [--arithmetic q40,q80]
 
 Verdict table (or JSON) on stdout, progress on stderr. Exit codes: 0 every check passed,
 1 a check failed, 2 usage error or unreadable input (docs/VALIDATE.md).
@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from dllama.formats import FloatType, FormatError
-from dllama.validate.reference import DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS, ROUNDABLE
+from dllama.validate.reference import ARITHMETIC_TYPES, DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS
 from dllama.validate.report import InputError
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -71,7 +71,7 @@ def _error(message: str) -> "typer.Exit":
 def validate_command(
     model: Path = typer.Argument(..., help="the converted model, MODEL.m"),
     tokenizer: Path = typer.Argument(..., help="the converted tokenizer, TOKENIZER.t"),
-    hf: Optional[str] = typer.Option(None, "--hf", help="the original Hugging Face folder or repo id"),
+    hf: Optional[str] = typer.Option(None, "--hf", help="the original: a Hugging Face folder, repo id or GGUF file"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="REF.npz from `dllama-validate reference`"),
     json_output: bool = typer.Option(False, "--json", help="print the report as JSON (docs/VALIDATE.md)"),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="tokens per logit prompt when computing the reference here"),
@@ -99,43 +99,38 @@ def validate_command(
 
 @reference_app.command()
 def reference_command(
-    hf: str = typer.Option(..., "--hf", help="the original Hugging Face folder or repo id"),
+    hf: str = typer.Option(..., "--hf", help="the original: a Hugging Face folder, repo id or GGUF file"),
     out: Path = typer.Option(..., "--out", help="where to write REF.npz"),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="a prompt (repeatable); default: built-in prompts"),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="tokens per prompt, bos included"),
-    rounded: str = typer.Option("q40,q80", help="also the logits with weights rounded like these file types ('' for none)"),
+    arithmetic: str = typer.Option("q40,q80", help="also a run with these file types' arithmetic, for "
+                                                   "logits.correctness ('' for none)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr"),
 ) -> None:
-    """Compute float32 reference logits of the original checkpoint, for validating elsewhere.
+    """Compute the original model's reference runs, for validating elsewhere without it.
 
     Example: dllama-validate reference --hf TinyLlama/TinyLlama-1.1B-Chat-v1.0 --out tinyllama_ref.npz
     """
-    from dllama.tokenizer.convert import TokenizerConversionError, convert_tokenizer
-    from dllama.validate.fidelity import SourceTokenizer, reference_prompt_ids
-    from dllama.validate.reference import compute_reference
-    from dllama.validate.validator import open_checkpoint
+    from dllama.validate.validator import make_reference, open_original
 
     progress = StderrProgress(enabled=not quiet)
     prompts = list(prompt) if prompt else list(DEFAULT_PROMPTS)
     try:
-        ckpt = open_checkpoint(hf)
-        source = SourceTokenizer.from_folder(ckpt.folder)
-        if source is None:
-            raise InputError(f"{ckpt.folder} has no tokenizer.json or tokenizer.model to tokenize the prompts")
-        tf = convert_tokenizer(ckpt.folder, embed=False)
-        ids = reference_prompt_ids(source, tf.bos_id, tf.add_bos, prompts, max_tokens)
-        roundings = [FloatType.parse(r) for r in rounded.split(",") if r.strip()]
-        if any(r not in ROUNDABLE for r in roundings):
-            raise InputError(f"--rounded {rounded}: only q40 and q80 files round their weights")
-        ref = compute_reference(ckpt, ids, prompts, roundings=roundings,
-                                progress=lambda d, t: progress("reference logits", d, t))
+        types = [FloatType.parse(r.strip()) for r in arithmetic.split(",") if r.strip()]
+        if any(t not in ARITHMETIC_TYPES for t in types):
+            raise InputError(f"--arithmetic {arithmetic}: only q40 and q80 files have their own arithmetic (f32 is exact)")
+        original = open_original(hf)
+        if original.tokenizer is None or original.tokenizer_file is None:
+            raise InputError(f"{original.where} has no usable tokenizer to tokenize the prompts")
+        ref = make_reference(original, original.tokenizer_file, prompts, max_tokens, types,
+                             lambda d, t: progress("reference runs", d, t))
         ref.save(out)
-    except (InputError, FormatError, TokenizerConversionError) as e:
+    except (InputError, FormatError) as e:
         raise _error(str(e))
     finally:
         progress.close()
-    extra = f", rounded: {', '.join(ref.rounded)}" if ref.rounded else ""
-    typer.echo(f"wrote {out}: {len(ids)} prompts, {sum(len(i) for i in ids)} positions, vocab {ref.vocab_size}{extra}")
+    extra = f", arithmetic: {', '.join(ref.traces)}" if ref.traces else ""
+    typer.echo(f"wrote {out}: {len(ref.ids)} prompts, {sum(len(i) for i in ref.ids)} positions, vocab {ref.vocab_size}{extra}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA = "dllama-validate/1"
+SCHEMA = "dllama-validate/2"
 
 
 class Status(str, enum.Enum):

@@ -12,7 +12,9 @@ from typing import Optional
 import typer
 
 from dllama.formats import FormatError, read_model_header
-from dllama.runtime.distributed.plan import TOKENIZER_BYTES_PER_TOKEN, SplitError, memory_plan, parse_size
+from dllama.runtime.distributed.plan import (
+    ROOT_COMPUTE_HELP, TOKENIZER_BYTES_PER_TOKEN, WEIGHTS_HELP, SplitError, cluster_weights, memory_plan, parse_size,
+)
 from dllama.runtime.distributed.protocol import DEFAULT_PORT
 
 
@@ -52,45 +54,72 @@ def _mib(n: int) -> str:
 
 def plan_command(
     model: Path = typer.Option(..., help="the .m model file"),
-    nodes: int = typer.Option(..., help="number of nodes (root + workers): 1, 2, 4, ..."),
+    nodes: int = typer.Option(..., help="number of nodes (root + workers); any count up to the model's heads"),
     max_seq_len: int = typer.Option(2048, help="positions of KV cache each node holds"),
     ram: Optional[str] = typer.Option(None, help="memory of one board, e.g. 1G or 512M: say whether each node fits"),
     batch: int = typer.Option(32, min=1, help="prompt tokens per forward batch the buffers are sized for "
                                              "(the runtime evaluates prompts 32 at a time)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    root_compute: str = typer.Option("all", help=ROOT_COMPUTE_HELP),
+    workers: Optional[str] = typer.Option(None, help="with --weights auto: the workers to probe (host:port,...); "
+                                                     "--nodes must be 1 + their number"),
 ) -> None:
-    """Print each node's memory (weights, KV cache, buffers) for a split of MODEL over NODES.
+    """Print each node's share and memory (weights, KV cache, buffers) for a split of MODEL over NODES.
 
-    Example: dllama-run plan --model tinyllama_q40.m --nodes 2 --max-seq-len 1024 --ram 1G
+    Example: dllama-run plan --model tinyllama_q40.m --nodes 3 --weights 2,1,1 --max-seq-len 1024 --ram 1G
     """
+    from dllama.runtime.distributed.root import WorkerError
+
     try:
         header = read_model_header(model)
         seq = min(max_seq_len, header.max_seq_len)
-        plan = memory_plan(header, nodes, seq, batch)
+        split_weights = _plan_weights(nodes, weights, root_compute, workers)
+        plan = memory_plan(header, nodes, seq, batch, weights=split_weights)
         limit = parse_size(ram) if ram else None
     except FileNotFoundError:
         _fail(f"model file {model} does not exist")
-    except (FormatError, SplitError) as e:
+    except (FormatError, SplitError, WorkerError) as e:
         _fail(str(e))
     rows = [{
-        "node": m.node, "role": "root" if m.node == 0 else "worker", "weights": m.weights, "kv_cache": m.kv_cache,
+        "node": m.node, "role": "root" if m.node == 0 else "worker", "share": m.share.describe(),
+        "heads": list(m.share.heads), "kv_heads": list(m.share.kv_heads), "ffn_rows": list(m.share.ffn),
+        "vocab_rows": list(m.share.vocab), "weights": m.weights, "kv_cache": m.kv_cache,
         "buffers": m.buffers, "runtime": m.runtime, "total": m.total, "mapped_only": m.mapped_only,
         "fits": None if limit is None else m.total <= limit,
     } for m in plan]
     if as_json:
-        print(json.dumps({"model": str(model), "nodes": nodes, "max_seq_len": seq, "ram": limit, "per_node": rows}))
+        print(json.dumps({"model": str(model), "nodes": nodes, "max_seq_len": seq, "ram": limit,
+                          "weights": list(split_weights), "per_node": rows}))
         return
-    print(f"{model}: {nodes} node(s), max_seq_len {seq}")
+    print(f"{model}: {nodes} node(s), max_seq_len {seq}, weights {','.join(f'{w:.3g}' for w in split_weights)}")
     print(f"{'node':<10}{'weights':>14}{'kv cache':>14}{'buffers':>12}{'runtime':>12}{'total':>14}  fits")
     for r in rows:
         fits = "-" if r["fits"] is None else ("yes" if r["fits"] else f"NO (> {_mib(limit)})")
         label = f"{r['node']} {r['role']}"
         print(f"{label:<10}{_mib(r['weights']):>14}{_mib(r['kv_cache']):>14}{_mib(r['buffers']):>12}"
               f"{_mib(r['runtime']):>12}{_mib(r['total']):>14}  {fits}")
+    for r in rows:
+        print(f"node {r['node']}: {r['share']}")
     print(f"the root also maps the {_mib(plan[0].mapped_only)} embedding but reads only the rows of tokens it sees, "
           f"and dllama-run's tokenizer adds ~{_mib(TOKENIZER_BYTES_PER_TOKEN * header.vocab_size)} to it")
     if limit is not None and not all(r["fits"] for r in rows):
         raise typer.Exit(2)
+
+
+def _plan_weights(nodes: int, weights: Optional[str], root_compute: str, workers: Optional[str]) -> tuple[float, ...]:
+    """--weights as numbers, or (auto) measured by probing --workers as the root would when it connects."""
+    if weights is None or weights.strip().lower() != "auto":
+        return cluster_weights(nodes, weights, root_compute)
+    from dllama.runtime.distributed.root import measure_weights, parse_workers
+
+    addresses = parse_workers(workers or "")
+    if len(addresses) != nodes - 1:
+        raise SplitError(f"--weights auto probes the workers: give --workers with {nodes - 1} addresses for "
+                         f"{nodes} nodes (it got {len(addresses)})")
+    cluster_weights(nodes, None, root_compute)  # checks --root-compute
+    return measure_weights(addresses, root_compute,
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 def register(app: typer.Typer) -> None:

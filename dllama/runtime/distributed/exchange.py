@@ -1,8 +1,8 @@
 """The exchange seams (FORMAT.md §3): partial `dim` vectors and logits on the wire.
 
 Partials are quantized to q80 (the reference's buffer type) or sent as f32; every node adds all
-partials, its own included after the same round trip, in node order, so x is bit-identical on
-every node. Logits go back as f16 with q80 buffers (their error is far below the q80 partials')
+partials of the computing nodes, its own included after the same round trip, in node order, so x
+is bit-identical on every node (a coordinator root adds the workers' partials only). Logits go back as f16 with q80 buffers (their error is far below the q80 partials')
 and as f32 with f32 buffers, where results must equal one node's.
 """
 from __future__ import annotations
@@ -10,7 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from dllama.formats import BLOCK_FORMATS, FloatType, dequantize_q80, quantize_q80
-from dllama.runtime.distributed.protocol import LOGITS_HEAD, PARTIAL_HEAD, BufferType, ProtocolError
+from dllama.runtime.distributed.protocol import LOGITS_HEAD, PARTIAL_HEAD, SUM_HEAD, BufferType, ProtocolError
+
+
+SEAMS = {"attention": 0, "ffn": 1}  # engine.Exchange stage -> PARTIAL seam number
 
 
 def partial_nbytes(n_tokens: int, dim: int, buffer_type: BufferType) -> int:
@@ -33,19 +36,47 @@ def decode_partial(data: memoryview, n_tokens: int, dim: int, buffer_type: Buffe
     return np.frombuffer(data, dtype="<f4").reshape(n_tokens, dim)
 
 
-def parse_partial(payload: memoryview, layer: int, seam: int, n_nodes: int) -> tuple[int, memoryview]:
+def parse_partial(payload: memoryview, layer: int, seam: int, computing: list[int]) -> tuple[int, memoryview]:
+    """(sender, data) of a PARTIAL frame that must be for this layer and seam, from a computing node."""
     if len(payload) < PARTIAL_HEAD.size:
         raise ProtocolError("PARTIAL frame too short")
     got_layer, got_seam, node = PARTIAL_HEAD.unpack_from(payload)
-    if (got_layer, got_seam) != (layer, seam) or not 0 <= node < n_nodes:
+    if (got_layer, got_seam) != (layer, seam) or node not in computing:
         raise ProtocolError(f"PARTIAL for layer {got_layer} seam {got_seam} node {node} while at layer {layer} "
                             f"seam {seam}: the peers are out of step")
     return node, payload[PARTIAL_HEAD.size:]
 
 
-def add_partials(x: np.ndarray, partials: list[np.ndarray]) -> None:
-    for p in partials:  # node order, one add at a time: the same float sums on every node
-        x += p
+def sum_partials(partials: list[np.ndarray]) -> np.ndarray:
+    """The partials summed in float64 in node order and rounded once: the same bits on every node, and
+    as close as float32 gets to the one-node sum (a single partial is returned as it is)."""
+    if len(partials) == 1:
+        return partials[0]
+    total = partials[0].astype(np.float64)
+    for p in partials[1:]:
+        total += p
+    return total.astype(np.float32)
+
+
+def relays_sums(n_computing: int, dim: int, buffer_type: BufferType) -> bool:
+    """Whether the root sends each worker the float32 sum of the partials (SUM) rather than the
+    partials it lacks (PARTIAL): the sum is 4 bytes per value, the partials n_computing - 1 times a
+    q80 or f32 vector, so the sum wins from 5 computing nodes with q80 and from 3 with f32. Every
+    node adds the same float32 sum either way, so x stays bit-identical on every node."""
+    return (n_computing - 1) * partial_nbytes(1, dim, buffer_type) > 4 * dim
+
+
+def encode_sum(total: np.ndarray, layer: int, seam: int) -> tuple[bytes, memoryview]:
+    return SUM_HEAD.pack(layer, seam), memoryview(np.ascontiguousarray(total, dtype="<f4")).cast("B")
+
+
+def decode_sum(payload: memoryview, layer: int, seam: int, n_tokens: int, dim: int) -> np.ndarray:
+    if len(payload) != SUM_HEAD.size + n_tokens * dim * 4:
+        raise ProtocolError(f"SUM frame of {len(payload)} bytes does not hold {n_tokens} x {dim} float32 values")
+    if SUM_HEAD.unpack_from(payload) != (layer, seam):
+        raise ProtocolError(f"SUM for layer/seam {SUM_HEAD.unpack_from(payload)} while at layer {layer} seam {seam}: "
+                            "the peers are out of step")
+    return np.frombuffer(payload[SUM_HEAD.size:], dtype="<f4").reshape(n_tokens, dim)
 
 
 LOGITS_F32, LOGITS_F16 = 0, 1

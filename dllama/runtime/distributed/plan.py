@@ -1,100 +1,81 @@
-"""How a model splits across nodes (FORMAT.md §3) and what each node must hold in memory.
+"""What each node of a split must hold in memory (`dllama-run plan`), and the cluster's weights.
 
-`split_check` states the constraints with a fix; `slice_geometry` says which bytes of a stored
-tensor belong to a node (the root streams exactly those); `memory_plan` sums each node's share
-for `dllama-run plan`.
+The split itself (who holds which rows, columns and heads) is dllama/runtime/split.py's; this
+module sums each node's share of it, and reads `--weights` / `--root-compute`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dllama.formats import BLOCK_FORMATS, BLOCK_SIZE, FloatType, ModelHeader, Split, TensorSpec, tensor_plan
+from dllama.formats import ModelHeader, TensorSpec, tensor_plan
+from dllama.runtime.distributed.protocol import WEIGHT_CHUNK
+from dllama.runtime.split import ClusterSplit, NodeShare, SliceGeometry, SplitError  # noqa: F401 (re-exported)
+
+# A `dllama-run` process before its share of the model: the interpreter, numpy and the compiled
+# kernels (compute.py, ~36 MiB) and its command line parser (typer, click and the pydantic typer
+# imports, ~8 MiB). 42 MiB fits the measured peaks of 13 cluster shapes of two models within 8%
+# (benchmarks/distributed.py, docs/BENCHMARKS.md). Where the compiled kernels cannot be built the
+# runtime runs numba's JIT kernels, and numba and LLVM add ~130 MiB.
+RUNTIME_BASE_BYTES = 42 * 1024 * 1024
+# What the root's tokenizer holds per vocabulary entry (Hugging Face `tokenizers` with its merges,
+# plus the .t vocabulary): Llama 2's 32000 tokens ~25 MiB (measured, docs/BENCHMARKS.md).
+TOKENIZER_BYTES_PER_TOKEN = 800
+KV_BYTES_PER_VALUE = 4  # f32 cache (FORMAT.md §3)
+# The root streams each worker its slices through a read buffer of up to 4 MiB, and column slices
+# through a row block and its columns (slices.stream_buffer_bytes): the allocator keeps those pages
+# for the root's later use, so they add to its peak (and are most of a coordinator root's).
+ROOT_COMPUTE_CHOICES = ("all", "none")
+WEIGHTS_HELP = ("with --workers: each node's relative share, the root's first (e.g. 2,1,1 for a root twice as fast as "
+                "its two workers), or auto (from each node's free memory and a short speed probe when the root "
+                "connects); default equal shares")
+ROOT_COMPUTE_HELP = ("with --workers: all (the root computes a share too) or none (it only coordinates: tokenizer, "
+                     "embedding, sampling, API; the workers hold every layer)")
 
 
-class SplitError(ValueError):
-    """The model cannot be split over the requested number of nodes."""
+def cluster_weights(n_nodes: int, weights: str | None, root_compute: str = "all") -> tuple[float, ...]:
+    """`--weights 2,1,1` and `--root-compute none` -> one weight per node (None: equal shares).
+    "auto" is resolved at connect time by the root (root.py), not here."""
+    if root_compute not in ROOT_COMPUTE_CHOICES:
+        raise SplitError(f"--root-compute {root_compute!r}: use all (the root computes a share) or none (it only "
+                         "coordinates: tokenizer, embedding, sampling, API)")
+    if weights is None or weights.strip() == "":
+        values = [1.0] * n_nodes
+    else:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise SplitError(f"cannot read --weights {weights!r}: write one number per node, the root's first, "
+                             "e.g. 2,1,1 (or auto)") from None
+        if len(values) != n_nodes:
+            raise SplitError(f"--weights {weights} gives {len(values)} weights for {n_nodes} nodes (root + "
+                             f"{n_nodes - 1} workers): give one per node, the root's first")
+        if any(not v > 0 for v in values):
+            raise SplitError(f"--weights {weights}: every weight must be positive (a root that computes nothing is "
+                             "--root-compute none)")
+    if root_compute == "none":
+        values[0] = 0.0
+    return tuple(values)
 
 
-def split_check(h: ModelHeader, n_nodes: int) -> None:
-    """Raise SplitError naming the first constraint of FORMAT.md §3 that `n_nodes` breaks."""
-    if n_nodes < 1 or n_nodes & (n_nodes - 1):
-        raise SplitError(f"{n_nodes} nodes: the node count (root + workers) must be a power of two (1, 2, 4, 8, ...)")
-    if n_nodes > h.n_kv_heads:
-        raise SplitError(f"{n_nodes} nodes but the model has only {h.n_kv_heads} kv heads: "
-                         f"use at most {h.n_kv_heads} nodes (root + {h.n_kv_heads - 1} workers)")
-    for name, size in (("q_dim", h.q_dim), ("kv_dim", h.kv_dim), ("hidden_dim", h.ffn_dim), ("vocab_size", h.vocab_size)):
-        if size % n_nodes:
-            raise SplitError(f"{name} {size} is not divisible by {n_nodes} nodes: use fewer nodes")
-    if h.weights_float_type in (FloatType.Q40, FloatType.Q80):
-        for name, size in (("wo", h.q_dim), ("w2", h.ffn_dim)):
-            if (size // n_nodes) % BLOCK_SIZE:
-                raise SplitError(f"{name} column slices of {size // n_nodes} values are not whole {BLOCK_SIZE}-value "
-                                 f"blocks at {n_nodes} nodes: use fewer nodes")
+def split_check(h: ModelHeader, n_nodes: int, weights: tuple[float, ...] | None = None) -> None:
+    """Raise SplitError (naming the node counts that work) when `h` cannot be split this way."""
+    ClusterSplit.plan(h, n_nodes, weights)
 
 
-@dataclass(frozen=True)
-class SliceGeometry:
-    """The bytes of one stored tensor that node `node` owns: `n_rows` runs of `run_bytes` bytes,
-    starting `first_byte` into the tensor and `stride` bytes apart."""
-
-    n_rows: int
-    run_bytes: int
-    first_byte: int
-    stride: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.n_rows * self.run_bytes
-
-
-def row_bytes(spec: TensorSpec) -> int:
-    fmt = BLOCK_FORMATS[spec.float_type]
-    return spec.shape[-1] // fmt.values * fmt.nbytes
-
-
-def slice_geometry(spec: TensorSpec, node: int, n_nodes: int) -> SliceGeometry:
-    rows = spec.shape[0] if len(spec.shape) == 2 else 1
-    rb = row_bytes(spec)
-    if spec.split == Split.ROWS:
-        per = rows // n_nodes  # a row block is contiguous in the file: one run
-        return SliceGeometry(1, per * rb, node * per * rb, per * rb)
-    if spec.split == Split.COLUMNS:
-        per = rb // n_nodes
-        return SliceGeometry(rows, per, node * per, rb)
-    return SliceGeometry(1, spec.nbytes, 0, spec.nbytes)
-
-
-def slice_shape(spec: TensorSpec, n_nodes: int) -> tuple[int, ...]:
-    """Rows or columns of the node's share, as model.NodeSlice.share cuts them."""
-    if spec.split == Split.ROWS:
-        return (spec.shape[0] // n_nodes,) + tuple(spec.shape[1:])
-    if spec.split == Split.COLUMNS:
-        return spec.shape[0], spec.shape[1] // n_nodes
-    return spec.shape
-
-
-def worker_tensors(h: ModelHeader) -> list[tuple[int, TensorSpec]]:
-    """(plan index, spec) of every tensor a worker holds: all but the embedding (the root looks up x)."""
-    return [(i, s) for i, s in enumerate(tensor_plan(h)) if s.name != "embedding"]
+def shard_tensors(h: ModelHeader, share: NodeShare) -> list[tuple[int, TensorSpec]]:
+    """(plan index, spec) of every tensor node `share.node` holds as slices: all but the embedding
+    (the root looks up x), nothing for a coordinator root."""
+    return [(i, s) for i, s in enumerate(tensor_plan(h)) if s.name != "embedding" and share.holds(s)]
 
 
 # --------------------------------------------------------------------------------------------
 # Memory per node
 
-# The interpreter, numpy and the compiled kernels (compute.py), on any node: about 36 MiB
-# (benchmarks/distributed.py on x86-64 Linux, docs/BENCHMARKS.md). Where the compiled kernels
-# cannot be built the runtime runs numba's JIT kernels, and numba and LLVM bring it to ~165 MiB.
-RUNTIME_BASE_BYTES = 36 * 1024 * 1024
-# What the root's tokenizer holds per vocabulary entry (Hugging Face `tokenizers` with its merges,
-# plus the .t vocabulary): Llama 2's 32000 tokens ~25 MiB (measured, docs/BENCHMARKS.md).
-TOKENIZER_BYTES_PER_TOKEN = 800
-KV_BYTES_PER_VALUE = 4  # f32 cache (FORMAT.md §3)
-
-
 @dataclass(frozen=True)
 class NodeMemory:
     node: int
-    weights: int     # this node's slices (+ the norms everybody holds)
+    share: NodeShare
+    weights: int     # this node's slices (+ the norms every computing node holds)
     kv_cache: int    # its kv heads' cache for max_seq_len positions
     buffers: int     # activations of one batch, exchange buffers, logits
     runtime: int     # interpreter, numpy, compiled kernels
@@ -105,46 +86,52 @@ class NodeMemory:
         return self.weights + self.kv_cache + self.buffers + self.runtime
 
 
-def node_weight_bytes(h: ModelHeader, n_nodes: int) -> int:
-    total = 0
-    for spec in tensor_plan(h):
-        if spec.name == "embedding":
-            continue
-        total += slice_geometry(spec, 0, n_nodes).nbytes
-    return total
+def node_weight_bytes(h: ModelHeader, share: NodeShare) -> int:
+    return sum(share.geometry(spec).nbytes for _, spec in shard_tensors(h, share))
 
 
-def kv_cache_bytes(h: ModelHeader, n_nodes: int, max_seq_len: int) -> int:
-    return 2 * h.n_layers * max_seq_len * (h.kv_dim // n_nodes) * KV_BYTES_PER_VALUE
+def kv_cache_bytes(h: ModelHeader, share: NodeShare, max_seq_len: int) -> int:
+    return 2 * h.n_layers * max_seq_len * share.n_kv_heads * h.head_dim * KV_BYTES_PER_VALUE
 
 
-def buffer_bytes(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int, is_root: bool) -> int:
+def buffer_bytes(h: ModelHeader, split: ClusterSplit, share: NodeShare, max_seq_len: int, batch: int) -> int:
+    _, padded_heads = share.attention_layout
+    ffn = share.ffn[1] - share.ffn[0]
     per_token = 4 * (
-        3 * h.dim                              # x, normed x, summed partials
-        + (h.q_dim + 2 * h.kv_dim) // n_nodes  # q, k, v of its heads
-        + h.q_dim // n_nodes                   # attention output
-        + (h.n_heads // n_nodes) * max_seq_len # attention scores
-        + 3 * h.ffn_dim // n_nodes             # w1, w3 outputs and their product
-        + n_nodes * h.dim                      # the partials of every node
+        3 * h.dim                                              # x, normed x, summed partials
+        + (share.n_heads + 2 * share.n_kv_heads) * h.head_dim  # q, k, v of its heads
+        + padded_heads * h.head_dim                            # attention output
+        + padded_heads * max_seq_len                           # attention scores
+        + 3 * ffn                                              # w1, w3 outputs and their product
+        + len(split.computing) * h.dim                         # the partials of every node
     )
-    logits = 4 * (h.vocab_size if is_root else h.vocab_size // n_nodes)
-    return batch * (per_token + logits)
+    logits = 4 * (h.vocab_size if share.node == 0 else share.vocab[1] - share.vocab[0])
+    return batch * (per_token + logits) + (streaming_bytes(h, split) if share.node == 0 else 0)
 
 
-def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1) -> list[NodeMemory]:
-    split_check(h, n_nodes)
+def streaming_bytes(h: ModelHeader, split: ClusterSplit) -> int:
+    """What streaming every worker its slices leaves in the root: the buffers are freed, but the
+    allocator keeps about one read buffer's pages (measured), the largest a slice needs up to 4 MiB."""
+    from dllama.runtime.distributed.slices import stream_buffer_bytes
+
+    largest = max((stream_buffer_bytes(share.geometry(spec)) for share in split.nodes[1:]
+                   for _, spec in shard_tensors(h, share)), default=0)
+    return min(largest, WEIGHT_CHUNK)
+
+
+def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1,
+                weights: tuple[float, ...] | None = None) -> list[NodeMemory]:
+    split = ClusterSplit.plan(h, n_nodes, weights)
     embedding = h.vocab_size * h.dim * 4
-    plan = []
-    for node in range(n_nodes):
-        plan.append(NodeMemory(
-            node=node,
-            weights=node_weight_bytes(h, n_nodes),
-            kv_cache=kv_cache_bytes(h, n_nodes, max_seq_len),
-            buffers=buffer_bytes(h, n_nodes, max_seq_len, batch, is_root=node == 0),
-            runtime=RUNTIME_BASE_BYTES,
-            mapped_only=embedding if node == 0 else 0,
-        ))
-    return plan
+    return [NodeMemory(
+        node=share.node,
+        share=share,
+        weights=node_weight_bytes(h, share),
+        kv_cache=kv_cache_bytes(h, share, max_seq_len),
+        buffers=buffer_bytes(h, split, share, max_seq_len, batch),
+        runtime=RUNTIME_BASE_BYTES,
+        mapped_only=embedding if share.node == 0 else 0,
+    ) for share in split.nodes]
 
 
 def parse_size(text: str) -> int:

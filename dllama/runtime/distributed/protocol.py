@@ -17,7 +17,7 @@ from pathlib import Path
 from dllama.formats import FormatError, ModelHeader, model_file_size, parse_model_header
 
 PROTOCOL_MAGIC = b"DLLM"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: uneven and weighted splits (HELLO carries the weights), PROBE/INFO
 DEFAULT_PORT = 9999
 
 PREAMBLE = struct.Struct("<4sI")           # magic, protocol version; sent by both sides first
@@ -30,6 +30,10 @@ MAX_PLAN_TENSORS = 1 << 20                 # tensors a HELLO's header may descri
 SMALL_FRAME = 256 * 1024                   # frames up to this size are copied into one send (send_frames)
 
 CONNECT_TIMEOUT_S = 10.0
+# A dllama worker greets the moment it accepts; the root says nothing before that greeting, so a
+# peer that stays silent (a reference distributed-llama worker waits for its root's bytes) is told
+# apart quickly and never reads our bytes as its own protocol's sizes.
+GREETING_TIMEOUT_S = 2.0
 HANDSHAKE_TIMEOUT_S = 10.0
 # A worker's answer to one FORWARD can take a long prefill batch on a slow board; a dead peer is
 # noticed at once anyway (the kernel closes its socket), this only bounds a silent hang.
@@ -44,6 +48,10 @@ class PeerClosed(ProtocolError):
     """The peer closed the connection (a root going away is normal for a worker)."""
 
 
+class PeerSilent(ProtocolError):
+    """The peer sent nothing within the socket's timeout."""
+
+
 class Frame(enum.IntEnum):
     HELLO = 1         # root -> worker: node assignment, settings, model identity and header
     READY = 2         # worker -> root: whether it loaded its slices from its own copy
@@ -55,6 +63,9 @@ class Frame(enum.IntEnum):
     PARTIAL = 8       # both ways: a node's partial dim vectors after wo or w2 (FORMAT.md §3)
     LOGITS = 9        # worker -> root: its slice of the logits
     BYE = 10          # root -> worker: session over, go back to waiting
+    PROBE = 11        # root -> worker, before HELLO: report memory and speed (--weights auto)
+    INFO = 12         # worker -> root: the answer to PROBE
+    SUM = 13          # root -> worker: the sum of every computing node's partials (float32), instead of them
 
 
 class BufferType(enum.IntEnum):
@@ -126,7 +137,7 @@ def recv_exact(sock: socket.socket, n: int, into: bytearray | memoryview | None 
         try:
             k = sock.recv_into(buf[got:n], n - got)
         except socket.timeout:
-            raise ProtocolError(f"peer sent nothing for {sock.gettimeout():.0f} s") from None
+            raise PeerSilent(f"peer sent nothing for {sock.gettimeout():.0f} s") from None
         except OSError as e:
             raise PeerClosed(f"connection lost ({e.strerror or e})") from None
         if k == 0:
@@ -212,6 +223,20 @@ def send_preamble(sock: socket.socket) -> None:
     sock.sendall(PREAMBLE.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION))
 
 
+def check_greeting(sock: socket.socket, peer: str) -> None:
+    """The root's first read: the worker's preamble, which a dllama worker sends the moment it accepts."""
+    timeout = sock.gettimeout()
+    sock.settimeout(GREETING_TIMEOUT_S)
+    try:
+        check_preamble(sock, peer)
+    except PeerSilent:
+        raise ProtocolError(f"accepted the connection but sent no dllama greeting within {GREETING_TIMEOUT_S:.0f} s: "
+                            "it is not `dllama-run worker` (a reference distributed-llama worker waits silently for "
+                            "its root); start `dllama-run worker` there") from None
+    finally:
+        sock.settimeout(timeout)
+
+
 def check_preamble(sock: socket.socket, peer: str) -> None:
     magic, version = PREAMBLE.unpack(recv_exact(sock, PREAMBLE.size))
     if magic != PROTOCOL_MAGIC:
@@ -225,6 +250,7 @@ def check_preamble(sock: socket.socket, peer: str) -> None:
 # HELLO: what the root tells a worker
 
 _HELLO = struct.Struct("<IIIBxxxQ32sI")  # node_index, n_nodes, max_seq_len, buffer_type, size, digest, header_len
+# then the header bytes, then n_nodes float32 weights (the split, dllama/runtime/split.py)
 
 
 @dataclass(frozen=True)
@@ -235,26 +261,29 @@ class Hello:
     buffer_type: BufferType
     identity: ModelIdentity
     header_bytes: bytes
+    weights: tuple[float, ...]  # one per node, as float32 so both sides compute the same split
 
     def to_bytes(self) -> bytes:
-        return _HELLO.pack(self.node_index, self.n_nodes, self.max_seq_len, int(self.buffer_type),
-                           self.identity.size, self.identity.digest, len(self.header_bytes)) + self.header_bytes
+        return (_HELLO.pack(self.node_index, self.n_nodes, self.max_seq_len, int(self.buffer_type),
+                            self.identity.size, self.identity.digest, len(self.header_bytes))
+                + self.header_bytes + struct.pack(f"<{self.n_nodes}f", *self.weights))
 
     @classmethod
     def parse(cls, payload: memoryview) -> "Hello":
         if len(payload) < _HELLO.size:
             raise ProtocolError(f"HELLO of {len(payload)} bytes is too short")
         index, n_nodes, seq_len, buffer_type, size, digest, header_len = _HELLO.unpack_from(payload)
-        header_bytes = bytes(payload[_HELLO.size:])
-        if header_len != len(header_bytes):
-            raise ProtocolError("HELLO header length does not match its payload")
+        if len(payload) != _HELLO.size + header_len + 4 * n_nodes:
+            raise ProtocolError("HELLO header length and node count do not match its payload")
+        header_bytes = bytes(payload[_HELLO.size:_HELLO.size + header_len])
+        weights = struct.unpack_from(f"<{n_nodes}f", payload, _HELLO.size + header_len)
         if not 1 <= index < n_nodes:
             raise ProtocolError(f"HELLO assigns node {index} of {n_nodes}: a worker is node 1..n-1")
         try:
             buffer_type = BufferType(buffer_type)
         except ValueError:
             raise ProtocolError(f"HELLO names unknown buffer type {buffer_type}") from None
-        return cls(index, n_nodes, seq_len, buffer_type, ModelIdentity(size, digest), header_bytes)
+        return cls(index, n_nodes, seq_len, buffer_type, ModelIdentity(size, digest), header_bytes, weights)
 
     def header(self) -> ModelHeader:
         try:
@@ -284,6 +313,35 @@ def parse_ready(payload: memoryview) -> bool:
     return bool(_READY.unpack(payload)[0])
 
 
+def as_float32(weights) -> tuple[float, ...]:
+    """Weights exactly as a HELLO carries them (the root splits with these very values)."""
+    return struct.unpack(f"<{len(weights)}f", struct.pack(f"<{len(weights)}f", *weights))
+
+
+_INFO = struct.Struct("<QQd")  # physical memory, available memory (bytes), speed (q40 weights/s)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a worker reports about itself for --weights auto."""
+
+    memory: int
+    available: int
+    speed: float
+
+    def to_bytes(self) -> bytes:
+        return _INFO.pack(self.memory, self.available, self.speed)
+
+    @classmethod
+    def parse(cls, payload: memoryview) -> "NodeInfo":
+        if len(payload) != _INFO.size:
+            raise ProtocolError("INFO payload has the wrong size")
+        memory, available, speed = _INFO.unpack(payload)
+        if not speed > 0:
+            raise ProtocolError(f"INFO reports a speed of {speed}")
+        return cls(memory, available, speed)
+
+
 # --------------------------------------------------------------------------------------------
 # Per-token frames
 
@@ -291,4 +349,5 @@ WEIGHTS_HEAD = struct.Struct("<IQ")   # tensor index in the plan, byte offset in
 FORWARD_HEAD = struct.Struct("<II")   # position of the first token, number of tokens
 PARTIAL_HEAD = struct.Struct("<HBB")  # layer, seam (0 after wo, 1 after w2), node whose partial this is
 LOGITS_HEAD = struct.Struct("<B")     # 0: f32 values, 1: f16 values
+SUM_HEAD = struct.Struct("<HB")       # layer, seam
 

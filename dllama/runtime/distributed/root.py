@@ -1,9 +1,10 @@
 """The root node: `dllama-run --workers host:port,...`.
 
 `DistributedEngine` is the single-node `Engine` (forward(token_ids, pos) -> logits, reset()) with
-node 0's share of the layers and a TCP `Exchange`, so generation, chat and the API server run
-unchanged on a cluster. The root looks up the embedding, sends x to the workers, relays every
-node's partials to every worker and gathers the logits.
+node 0's share of the layers (none for a coordinator root) and a TCP `Exchange`, so generation,
+chat and the API server run unchanged on a cluster. The root looks up the embedding, sends x to
+the workers, relays every computing node's partials to every worker and gathers the logits. After
+a worker is lost, `reconnect()` builds the same cluster again (dllama-run serve calls it).
 """
 from __future__ import annotations
 
@@ -12,25 +13,28 @@ import socket
 import sys
 from dataclasses import dataclass
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from dllama.formats import ModelFile, ModelHeader
+from dllama.formats import ModelFile
 from dllama.runtime import compute
 from dllama.runtime.distributed.exchange import (
-    add_partials, decode_logits, decode_partial, encode_partial, parse_partial, partial_nbytes,
+    SEAMS, decode_logits, decode_partial, encode_partial, encode_sum, parse_partial, partial_nbytes, relays_sums,
+    sum_partials,
 )
-from dllama.runtime.distributed.plan import split_check
+from dllama.runtime.distributed.plan import cluster_weights
+from dllama.runtime.distributed.probe import auto_weights, node_info
 from dllama.runtime.distributed.protocol import (
     CONNECT_TIMEOUT_S, DEFAULT_PORT, FORWARD_HEAD, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT_S, IO_TIMEOUT_S,
-    LOGITS_HEAD, PARTIAL_HEAD, BufferType, Frame, Hello, ProtocolError, check_preamble, configure_socket,
-    model_identity, parse_ready, recv_frame, send_frame, send_frames, send_preamble,
+    LOGITS_HEAD, PARTIAL_HEAD, BufferType, Frame, Hello, NodeInfo, ProtocolError, as_float32, check_greeting,
+    configure_socket, model_identity, parse_ready, recv_frame, send_frame, send_frames, send_preamble,
 )
-from dllama.runtime.distributed.slices import load_local_slices, node_tensor_names, stream_slices
+from dllama.runtime.distributed.slices import load_local_slices, stream_slices
 from dllama.runtime.distributed.weights import node_weights
 from dllama.runtime.engine import Engine, EngineError, uses_q80_buffers
-from dllama.runtime.model import NodeLayers, NodeSlice
+from dllama.runtime.model import NodeLayers
+from dllama.runtime.split import ClusterSplit
 
 
 class WorkerError(RuntimeError):
@@ -54,6 +58,7 @@ class WorkerLink:
     address: tuple[str, int]
     sock: socket.socket | None = None
     streamed_bytes: int = 0
+    greeted: bool = False  # the peer proved to be a dllama worker: only then does it get our bytes
 
     @property
     def name(self) -> str:
@@ -67,7 +72,6 @@ class Traffic:
     tokens: int = 0
 
 
-SEAMS = {"attention": 0, "ffn": 1}
 EARLY_SEND_BYTES = 16 * 1024  # below the smallest default TCP send buffer
 
 
@@ -90,57 +94,74 @@ def blame(link: WorkerLink) -> Iterator[None]:
 class TcpExchange:
     """The root's side of the exchange seams (engine.Exchange) over one socket per worker."""
 
-    def __init__(self, header: ModelHeader, links: list[WorkerLink], buffer_type: BufferType):
-        self.header = header
+    def __init__(self, split: ClusterSplit, links: list[WorkerLink], buffer_type: BufferType):
+        self.split = split
+        self.computing = split.computing
         self.links = links
-        self.n_nodes = 1 + len(links)
         self.buffer_type = buffer_type
         self.traffic = Traffic()
 
-    def start(self, x: np.ndarray, pos: int) -> None:
+    def begin(self, x: np.ndarray, pos: int) -> None:
         for link in self.links:
             self._send(link, Frame.FORWARD, FORWARD_HEAD.pack(pos, len(x)), memoryview(np.ascontiguousarray(x)).cast("B"))
         self.traffic.tokens += len(x)
 
-    def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
-        """Receive every worker's partial, send each worker all the partials it lacks, add all in node order.
+    def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
+        """Receive every worker's partial, send each worker what it lacks, add all in node order.
 
-        The root's own partial goes out first when it is small enough to sit in the socket buffer
-        (a decode step's always is): a worker slower than the root then finds it already there.
-        Large (prefill) partials wait until the workers' have been read, so that the root and a
-        worker never both block sending to each other (docs/PROTOCOL.md)."""
+        What a worker lacks goes out as the other nodes' partials, or, from 5 computing nodes with
+        q80 (3 with f32), as their float32 sum, which is smaller (exchange.relays_sums). The root's
+        own partial goes out first when it is small enough to sit in the socket buffer (a decode
+        step's always is): a worker slower than the root then finds it already there. Large
+        (prefill) partials wait until the workers' have been read, so that the root and a worker
+        never both block sending to each other (docs/PROTOCOL.md). A coordinator root has no
+        partial of its own."""
         n, dim = x.shape
         seam = SEAMS[stage]
-        wire = {0: encode_partial(partial, self.buffer_type)}
+        sums = relays_sums(len(self.computing), dim, self.buffer_type)
+        wire = {0: encode_partial(partial, self.buffer_type)} if partial is not None else {}
         limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, self.buffer_type)
-        early = limit <= EARLY_SEND_BYTES
+        early = not sums and partial is not None and limit <= EARLY_SEND_BYTES
         if early:
             for link in self.links:
                 self._send(link, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, 0), wire[0])
         for link in self.links:
-            payload = self._recv(link, Frame.PARTIAL, limit)
-            with blame(link):
-                sender, data = parse_partial(payload, layer, seam, self.n_nodes)
-                if sender != link.node:
-                    raise ProtocolError(f"sent the partial of node {sender}")
-            wire[sender] = data
+            wire[link.node] = self._recv_partial(link, layer, seam, limit)
+        total = sum_partials([decode_partial(wire[i], n, dim, self.buffer_type) for i in self.computing])
+        if sums:
+            for link in self.links:
+                self._send(link, Frame.SUM, *encode_sum(total, layer, seam))
+        else:
+            self._relay_partials(wire, layer, seam, skip_root=early)
+        x += total
+
+    def _recv_partial(self, link: WorkerLink, layer: int, seam: int, limit: int) -> memoryview:
+        payload = self._recv(link, Frame.PARTIAL, limit)
+        with blame(link):
+            sender, data = parse_partial(payload, layer, seam, self.computing)
+            if sender != link.node:
+                raise ProtocolError(f"sent the partial of node {sender}")
+        return data
+
+    def _relay_partials(self, wire: dict[int, memoryview], layer: int, seam: int, skip_root: bool) -> None:
+        """Every worker gets every other computing node's partial (the root's already, if sent early)."""
         for link in self.links:
             frames = [(Frame.PARTIAL, (PARTIAL_HEAD.pack(layer, seam, node), wire[node]))
-                      for node in range(1 if early else 0, self.n_nodes) if node != link.node]
+                      for node in self.computing if node != link.node and not (skip_root and node == 0)]
             if not frames:
                 continue
             with blame(link):
-                self.traffic.sent += send_frames(link.sock, frames) if early else \
+                self.traffic.sent += send_frames(link.sock, frames) if skip_root else \
                     sum(send_frame(link.sock, kind, *parts) for kind, parts in frames)
-        add_partials(x, [decode_partial(wire[i], n, dim, self.buffer_type) for i in range(self.n_nodes)])
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
-        n, width = logits_slice.shape
+        n = len(logits_slice)
         parts = [logits_slice]
         for link in self.links:
-            payload = self._recv(link, Frame.LOGITS, LOGITS_HEAD.size + n * width * 4)
+            v0, v1 = self.split.nodes[link.node].vocab
+            payload = self._recv(link, Frame.LOGITS, LOGITS_HEAD.size + n * (v1 - v0) * 4)
             with blame(link):
-                parts.append(decode_logits(payload, n, width))
+                parts.append(decode_logits(payload, n, v1 - v0))
         return np.concatenate(parts, axis=1)
 
     def _send(self, link: WorkerLink, kind: Frame, *parts) -> None:
@@ -154,55 +175,131 @@ class TcpExchange:
         return payload
 
 
+def open_link(link: WorkerLink) -> None:
+    """Connect and exchange preambles: the worker greets first, the root answers."""
+    with blame(link):
+        link.sock = socket.create_connection(link.address, timeout=CONNECT_TIMEOUT_S)
+        configure_socket(link.sock, HANDSHAKE_TIMEOUT_S)
+        check_greeting(link.sock, link.name)
+        link.greeted = True
+        send_preamble(link.sock)
+
+
+def probe_link(link: WorkerLink, log: Callable[[str], None]) -> NodeInfo:
+    """--weights auto: the worker's memory and speed (PROBE/INFO, before HELLO)."""
+    with blame(link):
+        send_frame(link.sock, Frame.PROBE)
+        _, payload = recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.INFO,))
+        info = NodeInfo.parse(payload)
+    log(f"{link.name}: {info.available >> 20} MiB free, {info.speed / 1e9:.2f} G q40 weights/s")
+    return info
+
+
+def measure_weights(workers: list[tuple[str, int]], root_compute: str = "all", nthreads: int | None = None,
+                    log: Callable[[str], None] = lambda msg: None) -> tuple[float, ...]:
+    """What --weights auto would choose for this root and these workers, without starting a session
+    (`dllama-run plan --weights auto --workers ...`): each worker goes back to waiting."""
+    links = [WorkerLink(i + 1, address) for i, address in enumerate(workers)]
+    try:
+        infos = [node_info(nthreads)]
+        for link in links:
+            open_link(link)
+            infos.append(probe_link(link, log))
+    finally:
+        for link in links:
+            if link.sock is not None:
+                link.sock.close()
+    return as_float32(auto_weights(infos, root_compute != "none"))
+
+
+def fixed_weights(n_nodes: int, weights: Sequence[float] | str | None, root_compute: str) -> tuple[float, ...]:
+    """One weight per node as a HELLO carries them (float32), from (2, 1, 1), "2,1,1" or None (equal)."""
+    text = weights if weights is None or isinstance(weights, str) else ",".join(repr(float(w)) for w in weights)
+    return as_float32(cluster_weights(n_nodes, text, root_compute))
+
+
+def exchange_type(h, buffer_type: BufferType | str | None) -> BufferType:
+    if buffer_type is None:  # as the reference: q80 buffers for quantized weights, f32 for f32 (FORMAT.md §2)
+        return BufferType.Q80 if uses_q80_buffers(h) else BufferType.F32
+    return BufferType.parse(buffer_type) if isinstance(buffer_type, str) else buffer_type
+
+
 class DistributedEngine(Engine):
+    """The root of a cluster. `weights`: None (equal shares), one number per node (root first),
+    "2,1,1", or "auto" (from each node's memory and speed, probed at connect time);
+    `root_compute="none"`: the root holds no layer slices and only coordinates."""
+
     def __init__(self, model_path: str | os.PathLike, workers: list[tuple[str, int]], max_seq_len: int = 2048,
                  buffer_type: BufferType | str | None = None, nthreads: int | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, weights: Sequence[float] | str | None = None,
+                 root_compute: str = "all"):
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         compute.implementation()  # builds the compiled kernels on a first run, before workers wait for them
         model = ModelFile(model_path)
         h = model.header
         n_nodes = 1 + len(workers)
-        split_check(h, n_nodes)
+        self.auto_weights = isinstance(weights, str) and weights.strip().lower() == "auto"
+        # a bad split is refused before connecting to anyone (with auto weights: the node count)
+        self.split = ClusterSplit.plan(h, n_nodes, fixed_weights(n_nodes, None if self.auto_weights else weights,
+                                                                  root_compute))
         max_seq_len = min(max_seq_len, h.max_seq_len)
         if max_seq_len < 1:
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
         if problem := compute.threads_problem(nthreads):
             raise EngineError(problem)
-        if buffer_type is None:  # as the reference: q80 buffers for quantized weights, f32 for f32 (FORMAT.md §2)
-            buffer_type = BufferType.Q80 if uses_q80_buffers(h) else BufferType.F32
-        elif isinstance(buffer_type, str):
-            buffer_type = BufferType.parse(buffer_type)
+        buffer_type = exchange_type(h, buffer_type)
         self.links = [WorkerLink(i + 1, addr) for i, addr in enumerate(workers)]
         self.n_nodes = n_nodes
+        self.model_file, self.buffer_type = model, buffer_type
+        self.identity = model_identity(model.path)
         try:
-            self._connect_all(model, n_nodes, max_seq_len, buffer_type)
-            names = node_tensor_names(h, 0) - {"embedding"}
-            slices = load_local_slices(model.path, h, 0, n_nodes, names=names)
-            # only looked-up rows of the memory-mapped embedding are ever read
-            weights = node_weights(h, slices, n_nodes, embedding=model.blocks("embedding"))
-            layers = NodeLayers(h, weights, NodeSlice(0, n_nodes), max_seq_len)
-            for link in self.links:
-                with blame(link):
-                    recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.LOADED,))
+            self._connect_all(max_seq_len, nthreads, root_compute)
+            share = self.split.nodes[0]
+            weights_0 = node_weights(h, load_local_slices(model.path, h, share), share)
+            layers = NodeLayers(h, weights_0, share, max_seq_len)
+            self._wait_loaded()
         except BaseException:
             self.close()
             raise
-        super().__init__(model, layers, TcpExchange(h, self.links, buffer_type), max_seq_len, nthreads)
+        # only looked-up rows of the memory-mapped embedding are ever read
+        super().__init__(h, layers, TcpExchange(self.split, self.links, buffer_type), max_seq_len, nthreads,
+                         embedding=model.blocks("embedding"), model=model)
 
     @property
     def traffic(self) -> Traffic:
         return self.exchange.traffic
 
-    def _connect_all(self, model: ModelFile, n_nodes: int, max_seq_len: int, buffer_type: BufferType) -> None:
-        identity = model_identity(model.path)
+    def reconnect(self) -> None:
+        """After a lost worker: close every link, then handshake (and stream slices) again with the same
+        split. The KV cache starts empty. Raises WorkerError while a worker is still unreachable."""
+        self.close()
+        try:
+            self._handshake_all(self.max_seq_len)
+            self._wait_loaded()
+        except BaseException:
+            self.close()
+            raise
+        self.reset()
+
+    def _connect_all(self, max_seq_len: int, nthreads: int | None, root_compute: str) -> None:
         for link in self.links:
-            hello = Hello(link.node, n_nodes, max_seq_len, buffer_type, identity, model.header.to_bytes())
+            open_link(link)
+        if self.auto_weights:
+            infos = [node_info(nthreads)] + [probe_link(link, self.log) for link in self.links]
+            self.split = ClusterSplit.plan(self.model_file.header, self.n_nodes,
+                                           as_float32(auto_weights(infos, root_compute != "none")))
+        for share in self.split.nodes:
+            self.log(f"node {share.node}: {share.describe()}")
+        self._handshake_all(max_seq_len, opened=True)
+
+    def _handshake_all(self, max_seq_len: int, opened: bool = False) -> None:
+        h = self.model_file.header
+        for link in self.links:
+            if not opened:
+                open_link(link)
+            hello = Hello(link.node, self.n_nodes, max_seq_len, self.buffer_type, self.identity, h.to_bytes(),
+                          self.split.weights)
             with blame(link):
-                link.sock = socket.create_connection(link.address, timeout=CONNECT_TIMEOUT_S)
-                configure_socket(link.sock, HANDSHAKE_TIMEOUT_S)
-                send_preamble(link.sock)
-                check_preamble(link.sock, link.name)
                 send_frame(link.sock, Frame.HELLO, hello.to_bytes())
                 _, payload = recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.READY,))
                 link.sock.settimeout(IO_TIMEOUT_S)
@@ -210,22 +307,25 @@ class DistributedEngine(Engine):
                     self.log(f"{link.name} loads its slices from its own copy of the model")
                 else:
                     self.log(f"streaming node {link.node}'s slices to {link.name}")
-                    link.streamed_bytes = stream_slices(link.sock, model.path, model.header, link.node, n_nodes)
+                    link.streamed_bytes = stream_slices(link.sock, self.model_file.path, h, self.split.nodes[link.node])
 
-    def _forward_batch(self, ids: np.ndarray, pos: int) -> np.ndarray:
-        self.exchange.start(np.array(self.layers.w.embedding[ids], dtype=np.float32), pos)
-        return super()._forward_batch(ids, pos)
+    def _wait_loaded(self) -> None:
+        for link in self.links:
+            with blame(link):
+                recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.LOADED,))
 
     def close(self) -> None:
         for link in getattr(self, "links", []):
             if link.sock is not None:
                 try:
-                    link.sock.settimeout(1.0)
-                    send_frame(link.sock, Frame.BYE)
+                    if link.greeted:
+                        link.sock.settimeout(1.0)
+                        send_frame(link.sock, Frame.BYE)
                 except (ProtocolError, OSError):
                     pass
                 link.sock.close()
                 link.sock = None
+                link.greeted = False
 
     def __enter__(self) -> "DistributedEngine":
         return self
@@ -238,5 +338,3 @@ class DistributedEngine(Engine):
             self.close()
         except Exception:
             pass
-
-

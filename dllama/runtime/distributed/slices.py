@@ -18,7 +18,8 @@ from typing import Iterator
 import numpy as np
 
 from dllama.formats import ModelHeader, Split, tensor_layout
-from dllama.runtime.distributed.plan import SliceGeometry, slice_geometry, worker_tensors
+from dllama.runtime.distributed.plan import shard_tensors
+from dllama.runtime.split import NodeShare, SliceGeometry
 from dllama.runtime.distributed.protocol import (
     WEIGHT_CHUNK, WEIGHTS_HEAD, Frame, ProtocolError, recv_exact, send_frame,
 )
@@ -37,7 +38,7 @@ def _slice_chunks(fd: int, offset: int, geo: SliceGeometry, chunk: int) -> Itera
             yield done, view
             done += n
         return
-    rows_per_chunk = max(1, chunk // geo.stride)
+    rows_per_chunk = chunk_rows(geo, chunk)
     whole = np.empty(rows_per_chunk * geo.stride, dtype=np.uint8)
     part = np.empty(rows_per_chunk * geo.run_bytes, dtype=np.uint8)
     for r0 in range(0, geo.n_rows, rows_per_chunk):
@@ -47,6 +48,18 @@ def _slice_chunks(fd: int, offset: int, geo: SliceGeometry, chunk: int) -> Itera
         out = part[:n * geo.run_bytes].reshape(n, geo.run_bytes)
         out[...] = cols
         yield r0 * geo.run_bytes, memoryview(part)[:n * geo.run_bytes]
+
+
+def chunk_rows(geo: SliceGeometry, chunk: int = WEIGHT_CHUNK) -> int:
+    """Rows of a column slice read per pread: as many whole rows as fit `chunk`, at most all of them."""
+    return min(geo.n_rows, max(1, chunk // geo.stride))
+
+
+def stream_buffer_bytes(geo: SliceGeometry, chunk: int = WEIGHT_CHUNK) -> int:
+    """What `_slice_chunks` allocates to move one slice: one run buffer, or a row block and its columns."""
+    if geo.n_rows == 1 or geo.run_bytes == geo.stride:
+        return min(chunk, geo.nbytes)
+    return chunk_rows(geo, chunk) * (geo.stride + geo.run_bytes)
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
@@ -64,15 +77,15 @@ def _drop_cache(fd: int, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def stream_slices(sock: socket.socket, model_path: str | os.PathLike, header: ModelHeader, node: int,
-                  n_nodes: int, chunk: int = WEIGHT_CHUNK) -> int:
-    """Send node `node` every slice it holds (WEIGHTS frames, then WEIGHTS_DONE). Returns bytes sent."""
+def stream_slices(sock: socket.socket, model_path: str | os.PathLike, header: ModelHeader, share: NodeShare,
+                  chunk: int = WEIGHT_CHUNK) -> int:
+    """Send node `share.node` every slice it holds (WEIGHTS frames, then WEIGHTS_DONE). Returns bytes sent."""
     offsets = [t.offset for t in tensor_layout(header)]
     sent = 0
     fd = os.open(model_path, os.O_RDONLY)
     try:
-        for index, spec in worker_tensors(header):
-            geo = slice_geometry(spec, node, n_nodes)
+        for index, spec in shard_tensors(header, share):
+            geo = share.geometry(spec)
             for at, data in _slice_chunks(fd, offsets[index], geo, chunk):
                 sent += send_frame(sock, Frame.WEIGHTS, WEIGHTS_HEAD.pack(index, at), data)
             if spec.split != Split.WHOLE:
@@ -86,15 +99,10 @@ def stream_slices(sock: socket.socket, model_path: str | os.PathLike, header: Mo
 class SliceReceiver:
     """Worker side of `stream_slices`: one buffer per tensor, every chunk bounds-checked."""
 
-    def __init__(self, header: ModelHeader, node: int, n_nodes: int):
-        self.specs = dict(worker_tensors(header))
-        self.geometry = {i: slice_geometry(s, node, n_nodes) for i, s in self.specs.items()}
-        self.buffers = {i: np.empty(g.nbytes, dtype=np.uint8) for i, g in self.geometry.items()}
+    def __init__(self, header: ModelHeader, share: NodeShare):
+        self.specs = dict(shard_tensors(header, share))
+        self.buffers = {i: np.empty(share.geometry(s).nbytes, dtype=np.uint8) for i, s in self.specs.items()}
         self.received = {i: 0 for i in self.specs}
-
-    @staticmethod
-    def total_bytes(header: ModelHeader, node: int, n_nodes: int) -> int:
-        return sum(slice_geometry(s, node, n_nodes).nbytes for _, s in worker_tensors(header))
 
     def receive(self, sock: socket.socket, length: int) -> None:
         """The rest of a WEIGHTS frame of `length` bytes, read straight into its slice buffer."""
@@ -119,11 +127,14 @@ class SliceReceiver:
         return {self.specs[i].name: buf for i, buf in self.buffers.items()}
 
 
-def load_local_slices(model_path: str | os.PathLike, header: ModelHeader, node: int, n_nodes: int,
-                      names: set[str] | None = None) -> dict[str, np.ndarray]:
-    """A node's slice bytes from its own copy of the file: views into the map for whole tensors and
-    row slices, copies for column slices (whose file pages are shared with other nodes' columns)."""
+def load_local_slices(model_path: str | os.PathLike, header: ModelHeader, share: NodeShare) -> dict[str, np.ndarray]:
+    """A node's slice bytes (all but the embedding) from its own copy of the file: views into the map
+    for whole tensors and row slices, copies for column slices (whose file pages are shared with
+    other nodes' columns)."""
     out: dict[str, np.ndarray] = {}
+    names = {s.name for _, s in shard_tensors(header, share)}
+    if not names:
+        return out
     fd = os.open(Path(model_path), os.O_RDONLY)
     try:
         file_map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
@@ -134,9 +145,9 @@ def load_local_slices(model_path: str | os.PathLike, header: ModelHeader, node: 
         data = np.frombuffer(file_map, dtype=np.uint8)
         for t in tensor_layout(header):
             spec = t.spec
-            if names is not None and spec.name not in names:
+            if spec.name not in names:
                 continue
-            geo = slice_geometry(spec, node, n_nodes)
+            geo = share.geometry(spec)
             if geo.n_rows == 1:
                 start = t.offset + geo.first_byte
                 out[spec.name] = data[start:start + geo.nbytes]
@@ -151,7 +162,3 @@ def load_local_slices(model_path: str | os.PathLike, header: ModelHeader, node: 
         os.close(fd)
     return out
 
-
-def node_tensor_names(header: ModelHeader, node: int) -> set[str]:
-    names = {s.name for _, s in worker_tensors(header)}
-    return names | {"embedding"} if node == 0 else names

@@ -4,18 +4,20 @@ from __future__ import annotations
 import numpy as np
 
 from dllama.formats import FloatType, ModelHeader, tensor_plan
-from dllama.runtime.distributed.plan import slice_shape
 from dllama.runtime.model import NodeWeights, assemble_node_weights
+from dllama.runtime.split import NodeShare
 from dllama.runtime.tensors import Matrix
 
 
-def node_weights(h: ModelHeader, slices: dict[str, np.ndarray], n_nodes: int,
-                 embedding: np.ndarray | None = None) -> NodeWeights:
+def node_weights(h: ModelHeader, slices: dict[str, np.ndarray], share: NodeShare) -> NodeWeights | None:
+    """None for a node that holds no slices (a coordinator root)."""
+    if not share.computes:
+        return None
     specs = {s.name: s for s in tensor_plan(h)}
 
     def matrix(name: str) -> Matrix:
         spec = specs[name]
-        shape = slice_shape(spec, n_nodes)
+        shape = share.slice_shape(spec)
         raw = slices[name]
         data = raw.view("<f4").reshape(shape) if spec.float_type == FloatType.F32 else raw.reshape(shape[0], -1)
         return Matrix(data, spec.float_type, shape)
@@ -23,4 +25,4 @@ def node_weights(h: ModelHeader, slices: dict[str, np.ndarray], n_nodes: int,
     def vector(name: str) -> np.ndarray:
         return slices[name].view("<f4").reshape(specs[name].shape)
 
-    return assemble_node_weights(h, matrix, vector, embedding)
+    return assemble_node_weights(h, matrix, vector)

@@ -1,6 +1,7 @@
 """`dllama-run worker`: wait for a root, take a node's share of the model, compute it per token.
 
-One root at a time. Whatever a connection does wrong (garbage, another protocol version, sizes
+The worker runs the root's own layer loop (engine.Engine.run_layers) through a `WorkerExchange`
+that talks to the root. One root at a time. Whatever a connection does wrong (garbage, another protocol version, sizes
 beyond the limits, a model that does not match `--model`), the worker answers one ERROR line,
 closes that connection and goes back to waiting; so does it when the root vanishes.
 """
@@ -20,27 +21,24 @@ import numpy as np
 from dllama.formats import ModelHeader
 from dllama.runtime import compute
 from dllama.runtime.distributed.exchange import (
-    add_partials, decode_partial, encode_logits, encode_partial, parse_partial, partial_nbytes,
+    SEAMS, decode_partial, decode_sum, encode_logits, encode_partial, parse_partial, partial_nbytes, relays_sums,
+    sum_partials,
 )
-from dllama.runtime.distributed.plan import SplitError, kv_cache_bytes, split_check
+from dllama.runtime.distributed.plan import SplitError, kv_cache_bytes, node_weight_bytes
+from dllama.runtime.distributed.probe import node_info, physical_memory
 from dllama.runtime.distributed.protocol import (
-    FORWARD_HEAD, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT_S, IO_TIMEOUT_S, PARTIAL_HEAD, WEIGHT_CHUNK, WEIGHTS_HEAD,
+    FORWARD_HEAD, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT_S, IO_TIMEOUT_S, PARTIAL_HEAD, SUM_HEAD, WEIGHT_CHUNK,
+    WEIGHTS_HEAD,
     Frame, Hello, ModelIdentity, PeerClosed, ProtocolError, check_preamble, configure_socket,
     model_identity, ready_payload, recv_exact, recv_frame, recv_header, send_error, send_frame, send_preamble,
 )
-from dllama.runtime.distributed.slices import SliceReceiver, load_local_slices, node_tensor_names
+from dllama.runtime.distributed.slices import SliceReceiver, load_local_slices
 from dllama.runtime.distributed.weights import node_weights
-from dllama.runtime.engine import PREFILL_BATCH
-from dllama.runtime.model import NodeLayers, NodeSlice, rmsnorm
+from dllama.runtime.engine import PREFILL_BATCH, Engine
+from dllama.runtime.model import NodeLayers
+from dllama.runtime.split import ClusterSplit, NodeShare
 
 MAX_BATCH = max(64, PREFILL_BATCH)  # tokens per FORWARD; the root's Engine sends PREFILL_BATCH at most
-
-
-def physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
 
 
 @dataclass
@@ -49,6 +47,11 @@ class Session:
 
     hello: Hello
     header: ModelHeader
+    split: ClusterSplit
+
+    @property
+    def share(self) -> NodeShare:
+        return self.split.nodes[self.node]
 
     @property
     def node(self) -> int:
@@ -97,6 +100,7 @@ class Worker:
                 except socket.timeout:
                     continue
                 peer = f"{addr[0]}:{addr[1]}"
+                greet(conn)  # at once: a root sends nothing before it hears us (docs/PROTOCOL.md)
                 busy_with = self.busy_with
                 # a root that just vanished may not have been noticed yet: give its session a moment
                 if busy_with is not None and not self.idle.wait(1.0):
@@ -134,47 +138,52 @@ class Worker:
     # ----------------------------------------------------------------------------------------
     def _serve(self, conn: socket.socket, peer: str) -> None:
         configure_socket(conn, HANDSHAKE_TIMEOUT_S)
-        send_preamble(conn)
         check_preamble(conn, f"peer {peer}")
-        _, payload = recv_frame(conn, HANDSHAKE_MAX_FRAME, expect=(Frame.HELLO,))
+        kind, payload = recv_frame(conn, HANDSHAKE_MAX_FRAME, expect=(Frame.HELLO, Frame.PROBE))
+        if kind == Frame.PROBE:  # --weights auto: what this board offers, then the HELLO
+            send_frame(conn, Frame.INFO, node_info(self.nthreads).to_bytes())
+            _, payload = recv_frame(conn, HANDSHAKE_MAX_FRAME, expect=(Frame.HELLO,))
         session = self._accept_hello(Hello.parse(payload))
-        self.log(f"root {peer}: node {session.node} of {session.n_nodes}, {session.hello.identity.short()}")
+        self.log(f"root {peer}: node {session.node} of {session.n_nodes} ({session.share.describe()}), "
+                 f"{session.hello.identity.short()}")
         conn.settimeout(IO_TIMEOUT_S)
         started = time.perf_counter()
         slices = self._load_slices(conn, session)
         how = f"loaded from {self.model_path}" if self.identity is not None else "received"
         self.log(f"{sum(a.nbytes for a in slices.values()) / 1e6:.0f} MB of slices {how} in "
                  f"{time.perf_counter() - started:.1f} s")
-        node = NodeSlice(session.node, session.n_nodes)
-        layers = NodeLayers(session.header, node_weights(session.header, slices, session.n_nodes), node,
-                            session.hello.max_seq_len)
+        h, share = session.header, session.share
+        layers = NodeLayers(h, node_weights(h, slices, share), share, session.hello.max_seq_len)
+        engine = Engine(h, layers, WorkerExchange(conn, session), session.hello.max_seq_len, self.nthreads)
         send_frame(conn, Frame.LOADED)
         if self.nthreads:
             compute.set_threads(self.nthreads)  # per calling thread
-        self._serve_tokens(conn, session, layers)
+        self._serve_tokens(conn, session, engine)
 
     def _accept_hello(self, hello: Hello) -> Session:
         header = hello.header()
-        split_check(header, hello.n_nodes)
+        split = ClusterSplit.plan(header, hello.n_nodes, hello.weights)
+        share = split.nodes[hello.node_index]
+        if not share.computes:
+            raise ProtocolError(f"the root gives node {hello.node_index} no share of the model (weight 0): "
+                                "give every worker a positive weight")
         if not 1 <= hello.max_seq_len <= header.max_seq_len:
             raise ProtocolError(f"max_seq_len {hello.max_seq_len} is outside 1..{header.max_seq_len} of the model")
-        need = SliceReceiver.total_bytes(header, hello.node_index, hello.n_nodes) \
-            + kv_cache_bytes(header, hello.n_nodes, hello.max_seq_len)
+        need = node_weight_bytes(header, share) + kv_cache_bytes(header, share, hello.max_seq_len)
         if self.identity is None and need > physical_memory():
             raise ProtocolError(f"node {hello.node_index}'s slice and cache need {need >> 20} MiB but this machine has "
                                 f"{physical_memory() >> 20} MiB: use more nodes or a smaller --max-seq-len")
         if self.identity is not None and self.identity != hello.identity:
             raise ProtocolError(f"this worker's --model {self.model_path} ({self.identity.short()}) is not the root's "
                                 f"model ({hello.identity.short()}): copy the same file or start the worker without --model")
-        return Session(hello, header)
+        return Session(hello, header, split)
 
     def _load_slices(self, conn: socket.socket, s: Session) -> dict[str, np.ndarray]:
         local = self.identity is not None
         send_frame(conn, Frame.READY, ready_payload(local))
         if local:
-            return load_local_slices(self.model_path, s.header, s.node, s.n_nodes,
-                                     names=node_tensor_names(s.header, s.node))
-        receiver = SliceReceiver(s.header, s.node, s.n_nodes)
+            return load_local_slices(self.model_path, s.header, s.share)
+        receiver = SliceReceiver(s.header, s.share)
         while True:
             kind, length = recv_header(conn, WEIGHTS_HEAD.size + WEIGHT_CHUNK, expect=(Frame.WEIGHTS, Frame.WEIGHTS_DONE))
             if kind == Frame.WEIGHTS_DONE:
@@ -182,7 +191,7 @@ class Worker:
                 return receiver.slices()
             receiver.receive(conn, length)
 
-    def _serve_tokens(self, conn: socket.socket, s: Session, layers: NodeLayers) -> None:
+    def _serve_tokens(self, conn: socket.socket, s: Session, engine: Engine) -> None:
         limit = s.forward_limit()
         h = s.header
         while True:
@@ -201,14 +210,61 @@ class Worker:
             if len(x_bytes) != n * h.dim * 4:
                 raise ProtocolError(f"FORWARD carries {len(x_bytes)} bytes, expected {n * h.dim * 4}")
             x = np.frombuffer(x_bytes, dtype="<f4").reshape(n, h.dim).copy()
-            forward_slice(conn, s, layers, x, pos)
-            send_frame(conn, Frame.LOGITS, *encode_logits(layers.logits(x), s.hello.buffer_type))
+            engine.run_layers(x, pos)  # the exchange sends the partials and, at the end, the logits
+
+
+class WorkerExchange:
+    """A worker's side of the exchange seams (engine.Exchange): its partial to the root, every other
+    computing node's partial from the root, and its logits slice to the root."""
+
+    def __init__(self, conn: socket.socket, session: Session):
+        self.conn, self.s = conn, session
+
+    def begin(self, x: np.ndarray, pos: int) -> None:
+        pass  # the root sent x
+
+    def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
+        """Send this node's partial, then take every other computing node's (or the root's float32 sum of
+        all of them, exchange.relays_sums) and add them into x in node order.
+
+        Sending first and receiving after (the root does the opposite) means no two peers ever wait
+        on each other's full socket buffers."""
+        n, dim = x.shape
+        s, seam, bt = self.s, SEAMS[stage], self.s.hello.buffer_type
+        computing = s.split.computing
+        own = encode_partial(partial, bt)
+        send_frame(self.conn, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, s.node), own)
+        if relays_sums(len(computing), dim, bt):
+            _, payload = recv_frame(self.conn, SUM_HEAD.size + n * dim * 4, expect=(Frame.SUM,))
+            x += decode_sum(payload, layer, seam, n, dim)
+            return
+        parts: dict[int, np.ndarray] = {s.node: decode_partial(own, n, dim, bt)}
+        limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, bt)
+        while len(parts) < len(computing):
+            _, payload = recv_frame(self.conn, limit, expect=(Frame.PARTIAL,))
+            sender, data = parse_partial(payload, layer, seam, computing)
+            if sender in parts:
+                raise ProtocolError(f"second partial from node {sender} at layer {layer}")
+            parts[sender] = decode_partial(data, n, dim, bt)
+        x += sum_partials([parts[i] for i in computing])
+
+    def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
+        send_frame(self.conn, Frame.LOGITS, *encode_logits(logits_slice, self.s.hello.buffer_type))
+        return logits_slice
+
+
+def greet(conn: socket.socket) -> None:
+    """Our preamble, sent the moment a connection is accepted (a small send never blocks)."""
+    try:
+        conn.settimeout(2.0)
+        send_preamble(conn)
+    except OSError:
+        pass
 
 
 def refuse_busy(conn: socket.socket, current_root: str) -> None:
     try:
         configure_socket(conn, 2.0)
-        send_preamble(conn)
         send_error(conn, f"this worker is busy serving the root at {current_root}: stop that root first "
                          "or start another worker")
         conn.shutdown(socket.SHUT_WR)
@@ -218,31 +274,3 @@ def refuse_busy(conn: socket.socket, current_root: str) -> None:
         pass
     finally:
         conn.close()
-
-
-def forward_slice(conn: socket.socket, s: Session, layers: NodeLayers, x: np.ndarray, pos: int) -> None:
-    """Every layer of the node's share, as engine.Engine._forward_batch runs them on the root."""
-    eps = s.header.norm_epsilon
-    for l, lw in enumerate(layers.w.layers):
-        exchange_partial(conn, s, l, 0, layers.attention(l, rmsnorm(x, lw.attn_norm, eps), pos), x)
-        exchange_partial(conn, s, l, 1, layers.ffn(l, rmsnorm(x, lw.ffn_norm, eps)), x)
-
-
-def exchange_partial(conn: socket.socket, s: Session, layer: int, seam: int, partial: np.ndarray, x: np.ndarray) -> None:
-    """Send this node's partial, take every other node's, add all into x in node order.
-
-    Sending first and receiving after (the root does the opposite) means no two peers ever wait
-    on each other's full socket buffers."""
-    n, dim = x.shape
-    bt = s.hello.buffer_type
-    own = encode_partial(partial, bt)
-    send_frame(conn, Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, s.node), own)
-    parts: dict[int, np.ndarray] = {s.node: decode_partial(own, n, dim, bt)}
-    limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, bt)
-    while len(parts) < s.n_nodes:
-        _, payload = recv_frame(conn, limit, expect=(Frame.PARTIAL,))
-        sender, data = parse_partial(payload, layer, seam, s.n_nodes)
-        if sender in parts:
-            raise ProtocolError(f"second partial from node {sender} at layer {layer}")
-        parts[sender] = decode_partial(data, n, dim, bt)
-    add_partials(x, [parts[i] for i in range(s.n_nodes)])

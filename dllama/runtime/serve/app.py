@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from dllama.runtime.serve.scheduler import Event, Running, Scheduler
 from dllama.runtime.serve.session import EngineFailure, Job, Outcome, Session
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+RECONNECT_INTERVAL_S = 1.0  # how often a server whose cluster lost a worker tries to rebuild it
 
 
 @dataclass
@@ -66,7 +68,10 @@ class OpenAIServer:
         self.model_id = model_id
         self.api_key = api_key
         self.health_probe = health_probe    # returns why the engine is down, or None
-        self.down_reason: str | None = None  # sticky: a cluster that lost a worker stays down
+        self.down_reason: str | None = None  # sticky until the cluster is rebuilt (or for good without reconnect)
+        self.reconnect = getattr(session.engine, "reconnect", None)  # a cluster root rebuilds itself
+        self.reconnect_error: str | None = None  # why the last attempt failed
+        self.reconnects = 0
         self.created = int(time.time())
         self.faults = cluster_fault_types()
 
@@ -91,6 +96,11 @@ class OpenAIServer:
                 "queued": self.scheduler.waiting, "max_queue": self.scheduler.max_queue}
         if reason:
             body["error"] = reason
+        if self.reconnect is not None:
+            body["reconnects"] = self.reconnects  # times the cluster was rebuilt after losing a worker
+            if reason:
+                body["reconnecting"] = (f"every {RECONNECT_INTERVAL_S:g} s; last attempt: {self.reconnect_error}"
+                                        if self.reconnect_error else f"every {RECONNECT_INTERVAL_S:g} s")
         return JSONResponse(body, status_code=503 if reason else 200)
 
     # ---------------------------------------------------------------------------------------
@@ -200,15 +210,37 @@ class OpenAIServer:
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
                                 "with the key given to dllama-run serve --api-key", code="invalid_api_key")
 
+    async def watch_cluster(self) -> None:
+        """While the cluster is down, rebuild it (re-handshake, slices streamed again) every second,
+        on the engine thread so that no generation runs meanwhile."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(RECONNECT_INTERVAL_S)
+            if self._down_reason() is not None:
+                await loop.run_in_executor(self.scheduler._executor, self._try_reconnect)
+
+    def _try_reconnect(self) -> None:
+        try:
+            self.reconnect()
+        except self.faults as e:
+            self.reconnect_error = str(e)
+            return
+        self.session.cached = []  # the rebuilt cluster's KV cache is empty
+        self.reconnect_error = None
+        self.reconnects += 1
+        self.down_reason = None
+        print(f"the cluster is back (reconnect {self.reconnects})", file=sys.stderr, flush=True)
+
     def _down_reason(self) -> str | None:
         if self.down_reason is None and self.health_probe is not None:
             self.down_reason = self.health_probe()
         return self.down_reason
 
-    @staticmethod
-    def _unavailable(reason: str) -> ApiError:
-        return ApiError(503, f"the model is unavailable: {reason}; restart dllama-run serve once the cluster is back",
-                        type="server_error", code="cluster_unavailable")
+    def _unavailable(self, reason: str) -> ApiError:
+        then = ("the server reconnects by itself once the worker is back: retry later" if self.reconnect is not None
+                else "restart dllama-run serve once the cluster is back")
+        return ApiError(503, f"the model is unavailable: {reason}; {then}", type="server_error",
+                        code="cluster_unavailable")
 
     def _engine_error(self, error: BaseException) -> ApiError:
         cause = error.__cause__ if isinstance(error, EngineFailure) and error.__cause__ else error
@@ -252,7 +284,10 @@ def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_que
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        watcher = asyncio.create_task(server.watch_cluster()) if server.reconnect is not None else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         server.scheduler.shutdown()
 
     routes = [

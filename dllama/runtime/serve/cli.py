@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from dllama.runtime.distributed.plan import ROOT_COMPUTE_HELP, WEIGHTS_HELP
 from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN
 from dllama.runtime.serve import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT
 
@@ -21,17 +22,21 @@ def serve_command(
     max_seq_len: int = typer.Option(DEFAULT_MAX_SEQ_LEN, min=2, help="context (KV cache) positions, prompt and answer together"),
     nthreads: Optional[int] = typer.Option(None, help="compute threads on this node"),
     workers: Optional[str] = typer.Option(None, help="run as the root of a cluster: host:port,host:port,..."),
-    buffer_float_type: Optional[str] = typer.Option(None, help="with --workers: q80 (default) or f32 activations on the wire"),
+    buffer_float_type: Optional[str] = typer.Option(None, help="q80 or f32 partials: on the wire with --workers (default q80 for q40/q80 "
+                                                                  "models), on one node f32 unless q80 is asked for"),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    root_compute: str = typer.Option("all", help=ROOT_COMPUTE_HELP),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (docs/API.md).
 
     Example: dllama-run serve --model tinyllama_q40.m --tokenizer tinyllama.t --port 8080
     """
-    from dllama.runtime.cli import _run_safely, load_session
+    from dllama.runtime.cli import ClusterOptions, _run_safely, load_session
     from dllama.runtime.serve import run_server, worker_probe
 
     def body() -> None:
-        session = load_session(model, tokenizer, max_seq_len, nthreads, workers, buffer_float_type)
+        session = load_session(model, tokenizer, max_seq_len, nthreads,
+                               ClusterOptions(workers, buffer_float_type, weights, root_compute))
         run_server(session.engine, session.tokenizer, model_id=model.stem, context_length=session.engine.max_seq_len,
                    host=host, port=port, api_key=api_key, max_queue=max_queue, health_probe=worker_probe(session.engine))
 
