@@ -109,3 +109,111 @@ def write_sentencepiece_gguf(spm_model: Path, target: Path, add_bos: bool = True
     writer.write_tensors_to_file()
     writer.close()
     return target
+
+
+# llama.cpp's tensor names (gguf-py/gguf/tensor_mapping.py), written out here independently of
+# dllama/gguf_checkpoint.py's table so the tests check that table
+LLAMA_CPP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LLAMA_CPP_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+LLAMA_CPP_EXPERT_NAMES = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight",
+                          "down_proj": "ffn_down_exps.weight"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
+
+
+def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute, as llama.cpp writes q and k."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_from_hf_folder(folder: Path, target: Path) -> Path:
+    """What convert_hf_to_gguf.py writes for a Hugging Face folder (float32 tensors), enough for
+    dllama: the {arch}.* metadata, the gpt2 tokenizer from tokenizer.json, tensors by llama.cpp's
+    names (llama q/k permuted, each layer's experts stacked)."""
+    import json
+
+    from gguf import GGUFWriter
+
+    from dllama.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(folder)
+    c = ckpt.config
+    arch = GGUF_ARCH[c["model_type"]]
+    writer = GGUFWriter(target, arch)
+    writer.add_block_count(c["num_hidden_layers"])
+    writer.add_context_length(c["max_position_embeddings"])
+    writer.add_embedding_length(c["hidden_size"])
+    writer.add_feed_forward_length(c["intermediate_size"])
+    writer.add_head_count(c["num_attention_heads"])
+    writer.add_head_count_kv(c["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    writer.add_rope_freq_base(c["rope_theta"])
+    if c.get("head_dim"):
+        writer.add_key_length(c["head_dim"])
+        writer.add_value_length(c["head_dim"])
+    if c.get("num_experts"):
+        writer.add_expert_count(c["num_experts"])
+        writer.add_expert_used_count(c["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(c["moe_intermediate_size"])
+    _add_gpt2_tokenizer(writer, folder, c)
+    for name, values in _llama_cpp_tensors(ckpt, arch):
+        writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def _add_gpt2_tokenizer(writer, folder: Path, config: dict) -> None:
+    import json
+
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = dict(tok["model"]["vocab"]) | {t["content"]: t["id"] for t in tok["added_tokens"]}
+    tokens = [piece for piece, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {t["id"] for t in tok["added_tokens"]}
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_add_bos_token(bool(tokenizer_config.get("add_bos_token", False)))
+    if tokenizer_config.get("chat_template"):
+        writer.add_chat_template(tokenizer_config["chat_template"])
+
+
+def _llama_cpp_tensors(ckpt, arch: str):
+    c = ckpt.config
+    names = list(ckpt.entries)
+    yield "token_embd.weight", ckpt.get("model.embed_tokens.weight")
+    for layer in range(c["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}."
+        for hf, gguf_name in LLAMA_CPP_LAYER_NAMES.items():
+            if prefix + hf not in ckpt.entries:
+                continue
+            values = ckpt.get(prefix + hf)
+            if arch == "llama" and hf.startswith("self_attn.q_proj"):
+                values = llama_cpp_permute(values, c["num_attention_heads"])
+            if arch == "llama" and hf.startswith("self_attn.k_proj"):
+                values = llama_cpp_permute(values, c["num_key_value_heads"])
+            yield f"blk.{layer}.{gguf_name}", values
+        for hf, gguf_name in LLAMA_CPP_EXPERT_NAMES.items():
+            experts = [n for n in names if n.startswith(f"{prefix}mlp.experts.") and n.endswith(f".{hf}.weight")]
+            if experts:
+                stacked = np.stack([ckpt.get(f"{prefix}mlp.experts.{e}.{hf}.weight") for e in range(len(experts))])
+                yield f"blk.{layer}.{gguf_name}", stacked
+    yield "output_norm.weight", ckpt.get("model.norm.weight")
+    if "lm_head.weight" in ckpt.entries:
+        yield "output.weight", ckpt.get("lm_head.weight")

@@ -304,3 +304,34 @@ def test_sentencepiece_gguf_tokenizes_like_the_tokenizer_model_it_came_from(tmp_
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     plain = [t for t in texts if "<" not in t]  # no special-token markup, which sentencepiece alone reads as text
     assert len(plain) > 500 and [ours.encode(t) for t in plain] == [[sp.bos_id()] + sp.encode(t) for t in plain]
+
+
+# --------------------------------------------------------------------------------------------
+# The other architectures: a GGUF written from a Hugging Face folder as llama.cpp writes it
+# converts to the reference converter's own bytes
+
+@pytest.mark.parametrize("quant", ["f32", "q40", "q80"])
+def test_gguf_of_a_conformance_checkpoint_converts_to_the_reference_converters_bytes(conformance_dir, tmp_path, quant):
+    from gguf_helpers import gguf_from_hf_folder
+
+    source = gguf_from_hf_folder(conformance_dir, tmp_path / "model.gguf")
+    result = convert_cli("gguf", source, "--quant", quant, "--name", "c", "--output-dir", tmp_path, "--no-embed-tokenizer")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / f"dllama_model_c_{quant}.m").read_bytes() == (conformance_dir / f"expected_{quant}.m").read_bytes()
+    assert (tmp_path / "dllama_tokenizer_c.t").read_bytes() == (conformance_dir / "expected.t").read_bytes()
+
+
+def test_gguf_of_a_qwen3_moe_checkpoint_equals_the_hf_route(tmp_path):
+    from dllama.converter.synthetic import tiny_config, write_checkpoint
+    from gguf_helpers import gguf_from_hf_folder
+
+    from conftest import CONFORMANCE
+
+    folder = write_checkpoint(tmp_path / "moe", tiny_config("qwen3_moe", bos_token_id=382, eos_token_id=383),
+                              dtype="f32", seed=3, tokenizer=CONFORMANCE / "tiny-qwen3")
+    source = gguf_from_hf_folder(folder, tmp_path / "moe.gguf")
+    for command, path, name in (("hf", folder, "hf"), ("gguf", source, "gguf")):
+        result = convert_cli(command, path, "--quant", "q40", "--name", name, "--output-dir", tmp_path)
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "dllama_model_gguf_q40.m").read_bytes() == (tmp_path / "dllama_model_hf_q40.m").read_bytes()
+    assert ModelFile(tmp_path / "dllama_model_gguf_q40.m").header.n_experts == 4
