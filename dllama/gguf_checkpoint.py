@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dllama.checkpoint import CheckpointError, TensorEntry
-from dllama.formats import ModelHeader
+from dllama.formats import FloatType, ModelHeader, tensor_plan
 
 
 class GGUFError(CheckpointError):
@@ -37,7 +37,6 @@ class GGUFError(CheckpointError):
 
 # GGUF general.architecture -> config.json model_type
 MODEL_TYPE_BY_ARCH = {"llama": "llama", "mistral": "mistral", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
-ROTARY_PERMUTED_ARCHS = ("llama", "mistral")  # llama.cpp permutes q/k rows for these (see above)
 
 # Hugging Face tensor name -> GGUF tensor name (llama.cpp gguf-py/gguf/tensor_mapping.py)
 _GLOBAL_NAMES = {
@@ -92,6 +91,7 @@ class GGUFCheckpoint:
                             f"{', '.join(MODEL_TYPE_BY_ARCH)}")
         self._tensors = {t.name: t for t in self.file.tensors}
         self._map = None
+        self._permuted: dict[str, int] | None = None
         self.entries = self._hf_entries()
         self.config = self._config()
 
@@ -123,6 +123,8 @@ class GGUFCheckpoint:
         """A config.json-style dict; head_dim, eps and rope theta always stated, as the header needs them."""
         heads = int(self._need("attention.head_count"))
         dim = int(self._need("embedding_length"))
+        head_dim = int(self.arch_value("attention.key_length") or dim // heads)
+        theta = float(self.arch_value("rope.freq_base", 10000.0))
         tokens = self.value("tokenizer.ggml.tokens")
         embedding = self.entries.get("model.embed_tokens.weight")
         vocab = self.arch_value("vocab_size") or (len(tokens) if tokens else None) or (embedding.shape[0] if embedding else None)
@@ -133,11 +135,11 @@ class GGUFCheckpoint:
             "num_hidden_layers": int(self._need("block_count")),
             "num_attention_heads": heads,
             "num_key_value_heads": int(self.arch_value("attention.head_count_kv", heads)),
-            "head_dim": int(self.arch_value("attention.key_length") or dim // heads),
+            "head_dim": head_dim,
             "vocab_size": int(vocab) if vocab else None,
             "max_position_embeddings": int(self._need("context_length")),
             "rms_norm_eps": float(self._need("attention.layer_norm_rms_epsilon")),
-            "rope_theta": float(self.arch_value("rope.freq_base", 10000.0)),
+            "rope_theta": theta,
             "hidden_act": "silu",
             "tie_word_embeddings": "lm_head.weight" not in self.entries,
             "bos_token_id": self.value("tokenizer.ggml.bos_token_id"),
@@ -147,23 +149,18 @@ class GGUFCheckpoint:
             config.update(num_experts=int(self._need("expert_count")),
                           num_experts_per_tok=int(self._need("expert_used_count")),
                           moe_intermediate_size=int(self._need("expert_feed_forward_length")))
-        scaling = self._rope_scaling()
+        scaling = self._rope_scaling(head_dim, theta)
         if scaling:
             config["rope_scaling"] = scaling
         return config
 
-    def _rope_scaling(self) -> dict | None:
+    def _rope_scaling(self, head_dim: int, theta: float) -> dict | None:
         kind = self.arch_value("rope.scaling.type")
         if kind not in (None, "none"):
             raise GGUFError(f"{self.path} uses {kind} rope scaling; the distributed-llama format has only llama3 scaling")
         if "rope_freqs.weight" not in self._tensors:
             return None
-        return llama3_scaling_from_freqs(self.get_gguf("rope_freqs.weight"), self.config_head_dim(),
-                                         float(self.arch_value("rope.freq_base", 10000.0)), self.path)
-
-    def config_head_dim(self) -> int:
-        heads = int(self._need("attention.head_count"))
-        return int(self.arch_value("attention.key_length") or int(self._need("embedding_length")) // heads)
+        return llama3_scaling_from_freqs(self.get_gguf("rope_freqs.weight"), head_dim, theta, self.path)
 
     def header(self, float_type) -> ModelHeader:
         from dllama.checkpoint import header_from_config
@@ -197,7 +194,7 @@ class GGUFCheckpoint:
         if entry is None:
             raise GGUFError(f"{name} is missing from {self.path}")
         values = dequantize(self.raw(entry), entry.dtype, entry.shape)
-        permute_heads = self.rotary_heads(name)
+        permute_heads = self._rotary_heads().get(name)
         if permute_heads:
             values = unpermute_rotary_rows(values, permute_heads)
         return values
@@ -213,15 +210,12 @@ class GGUFCheckpoint:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._map[entry.start:entry.end]
 
-    def rotary_heads(self, hf_name: str) -> int | None:
-        """Heads over which llama.cpp permuted this tensor's rows, or None."""
-        if self.arch not in ROTARY_PERMUTED_ARCHS or not hf_name.endswith(".weight"):
-            return None
-        if ".self_attn.q_proj." in hf_name:
-            return self.config["num_attention_heads"]
-        if ".self_attn.k_proj." in hf_name:
-            return self.config["num_key_value_heads"]
-        return None
+    def _rotary_heads(self) -> dict[str, int]:
+        """Tensors whose rows the `.m` (and so llama.cpp) stores rotary-permuted -> heads (the tensor plan's rule)."""
+        if self._permuted is None:
+            plan = tensor_plan(self.header(FloatType.F32))
+            self._permuted = {spec.hf_name: spec.permute_heads for spec in plan if spec.permute_heads}
+        return self._permuted
 
     def release(self) -> None:
         """Drop the memory map so its pages stop counting towards this process."""
@@ -237,7 +231,7 @@ class GGUFFile:
         self.path = path
         self.size = path.stat().st_size
         with open(path, "rb") as f:
-            self._buf = f.read(min(self.size, 64 << 20))  # metadata sits before the tensors; grown on demand
+            self._buf = f.read(min(self.size, 4 << 20))  # the metadata, before the tensors; grown on demand
         self._pos = 0
         self._read_header()
         self.fields = dict(self._field() for _ in range(self._n_fields))
@@ -249,11 +243,11 @@ class GGUFFile:
         self._buf = b""
 
     def _read_header(self) -> None:
-        from gguf import GGUF_MAGIC
-
-        magic, version = self._unpack("<II")
-        if magic != GGUF_MAGIC:
-            raise GGUFError(f"{self.path} is not a GGUF file (bad magic {magic:#x}); use `dllama-convert hf` for a Hugging Face folder")
+        magic = self._buf[:4]
+        if magic != b"GGUF":
+            raise GGUFError(f"{self.path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
+                            "use `dllama-convert hf` for a Hugging Face folder")
+        _magic, version = self._unpack("<II")
         if version not in (2, 3):
             raise GGUFError(f"{self.path} is GGUF version {version}; dllama reads versions 2 and 3")
         self._n_tensors, self._n_fields = self._unpack("<QQ")
@@ -338,11 +332,6 @@ def _nbytes(qtype, shape: tuple[int, ...]) -> int:
 def _open_gguf(path: Path) -> GGUFFile:
     if not path.is_file():
         raise GGUFError(f"{path} does not exist or is not a file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
-                        "use `dllama-convert hf` for a Hugging Face folder")
     try:
         return GGUFFile(path)
     except (struct.error, OverflowError, MemoryError):
