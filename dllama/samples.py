@@ -38,8 +38,9 @@ SAMPLES = {SMOLLM2.name: SMOLLM2}
 
 
 def samples_dir() -> Path:
-    root = os.environ.get("DLLAMA_CACHE") or Path.home() / ".cache" / "dllama"
-    return Path(root) / "samples"
+    from dllama.runtime.native import cache_root
+
+    return cache_root() / "samples"
 
 
 def cached(sample: SampleModel = SMOLLM2) -> Path | None:

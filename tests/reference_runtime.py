@@ -14,6 +14,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from dllama.runtime.native import cache_root
+
 SHARED_REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 _PRED_PIECE = re.compile(r"🔶 Pred[^|]*\|[^|]*\| (.*?)\n(?=🔶 Pred|\nEvaluation)", re.DOTALL)
 
@@ -29,7 +31,7 @@ def build_reference(binary: str = "dllama") -> Path:
     if source is None:
         raise FileNotFoundError(f"no distributed-llama-*.tar.gz in {SHARED_REFERENCE}")
     name = source.name.removesuffix(".tar.gz")
-    root = Path(os.environ.get("DLLAMA_CACHE") or Path.home() / ".cache" / "dllama") / "reference"
+    root = cache_root() / "reference"
     folder = root / name
     if (folder / binary).is_file():
         return folder / binary
