@@ -131,12 +131,12 @@ def ask(source: Source, outputs: dict[str, Path]) -> None:
 def largest_cluster(model: Path, most: int = 4) -> int:
     """The most nodes (up to `most`: this machine's cores are few) the runtime can split the model over."""
     from dllama.formats import read_model_header
-    from dllama.runtime.distributed.plan import SplitError, split_check
+    from dllama.runtime.split import ClusterSplit, SplitError
 
     header = read_model_header(model)
     for n in range(most, 1, -1):
         try:
-            split_check(header, n)
+            ClusterSplit.plan(header, n)
             return n
         except SplitError:
             continue

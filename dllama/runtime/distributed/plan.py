@@ -57,11 +57,6 @@ def cluster_weights(n_nodes: int, weights: str | None, root_compute: str = "all"
     return tuple(values)
 
 
-def split_check(h: ModelHeader, n_nodes: int, weights: tuple[float, ...] | None = None) -> None:
-    """Raise SplitError (naming the node counts that work) when `h` cannot be split this way."""
-    ClusterSplit.plan(h, n_nodes, weights)
-
-
 def shard_tensors(h: ModelHeader, share: NodeShare) -> list[tuple[int, TensorSpec]]:
     """(plan index, spec) of every tensor node `share.node` holds as slices: all but the embedding
     (the root looks up x), nothing for a coordinator root."""
