@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from dllama.converter.synthetic import encode_values, write_safetensors
-from dllama.formats import tensor_plan
+from dllama.formats import FloatType, tensor_plan
 from dllama.gguf_checkpoint import GGUFCheckpoint
-from dllama.formats import FloatType
 
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
@@ -139,8 +138,6 @@ def gguf_from_hf_folder(folder: Path, target: Path) -> Path:
     """What convert_hf_to_gguf.py writes for a Hugging Face folder (float32 tensors), enough for
     dllama: the {arch}.* metadata, the gpt2 tokenizer from tokenizer.json, tensors by llama.cpp's
     names (llama q/k permuted, each layer's experts stacked)."""
-    import json
-
     from gguf import GGUFWriter
 
     from dllama.checkpoint import Checkpoint
@@ -196,7 +193,6 @@ def _add_gpt2_tokenizer(writer, folder: Path, config: dict) -> None:
 
 def _llama_cpp_tensors(ckpt, arch: str):
     c = ckpt.config
-    names = list(ckpt.entries)
     yield "token_embd.weight", ckpt.get("model.embed_tokens.weight")
     for layer in range(c["num_hidden_layers"]):
         prefix = f"model.layers.{layer}."
@@ -210,7 +206,7 @@ def _llama_cpp_tensors(ckpt, arch: str):
                 values = llama_cpp_permute(values, c["num_key_value_heads"])
             yield f"blk.{layer}.{gguf_name}", values
         for hf, gguf_name in LLAMA_CPP_EXPERT_NAMES.items():
-            experts = [n for n in names if n.startswith(f"{prefix}mlp.experts.") and n.endswith(f".{hf}.weight")]
+            experts = [n for n in ckpt.entries if n.startswith(f"{prefix}mlp.experts.") and n.endswith(f".{hf}.weight")]
             if experts:
                 stacked = np.stack([ckpt.get(f"{prefix}mlp.experts.{e}.{hf}.weight") for e in range(len(experts))])
                 yield f"blk.{layer}.{gguf_name}", stacked

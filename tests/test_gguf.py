@@ -6,7 +6,6 @@ fixture tokenizer.json run by `tokenizers`, and llama.cpp's own gguf.quants.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
