@@ -128,6 +128,14 @@ def header_from_config(config: dict, float_type: FloatType) -> ModelHeader:
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F64": np.dtype("<f8")}
 
 
+def widen_to_float32(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Stored F32/F16/BF16/F64 bytes -> a fresh float32 array of `shape` (bf16 and f16 widened exactly)."""
+    raw = np.ascontiguousarray(data).view(np.uint8).view(_DTYPES[dtype]).reshape(shape)
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     file: Path
@@ -246,11 +254,7 @@ class Checkpoint:
         entry = self.entries.get(name)
         if entry is None:
             raise CheckpointError(f"{name} is missing from the checkpoint (looked in {len(self.files)} file{'s' if len(self.files) != 1 else ''})")
-        data = self._map(entry.file)[entry.start:entry.end]
-        raw = data.view(_DTYPES[entry.dtype]).reshape(entry.shape)
-        if entry.dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
+        return widen_to_float32(self._map(entry.file)[entry.start:entry.end], entry.dtype, entry.shape)
 
     def _map(self, file: Path) -> np.memmap:
         if file not in self._maps:

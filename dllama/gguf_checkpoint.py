@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dllama.checkpoint import CheckpointError, TensorEntry
+from dllama.checkpoint import CheckpointError, TensorEntry, widen_to_float32
 from dllama.formats import FloatType, ModelHeader, tensor_plan
 
 
@@ -60,14 +60,14 @@ FLOAT_TYPES = ("F32", "F16", "BF16")  # read directly by the converter's kernels
 DEQUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
-def hf_names(gguf_name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
+def hf_names(gguf_name: str, shape: tuple[int, ...]) -> dict[str, int | None]:
     """Hugging Face names stored in one GGUF tensor -> their expert index (None: the whole tensor)."""
     match = _LAYER_TENSOR.match(gguf_name)
     if match:
         layer, part, kind = match.groups()
         prefix = f"model.layers.{layer}."
         if part in _HF_BY_GGUF_EXPERTS and len(shape) == 3:
-            return {f"{prefix}mlp.experts.{e}.{_HF_BY_GGUF_EXPERTS[part]}.{kind}": (e,) for e in range(shape[0])}
+            return {f"{prefix}mlp.experts.{e}.{_HF_BY_GGUF_EXPERTS[part]}.{kind}": e for e in range(shape[0])}
         if part in _HF_BY_GGUF_LAYER:
             return {f"{prefix}{_HF_BY_GGUF_LAYER[part]}.{kind}": None}
         return {}
@@ -181,7 +181,7 @@ class GGUFCheckpoint:
                     entries[hf_name] = TensorEntry(self.path, tensor.qtype.name, shape, tensor.start, end)
                 else:
                     part = tensor.nbytes // shape[0]
-                    first = tensor.start + expert[0] * part
+                    first = tensor.start + expert * part
                     entries[hf_name] = TensorEntry(self.path, tensor.qtype.name, shape[1:], first, first + part)
         return entries
 
@@ -340,13 +340,9 @@ def _open_gguf(path: Path) -> GGUFFile:
 
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Stored GGUF bytes of `type_name` -> float32 values of `shape`."""
+    if type_name in FLOAT_TYPES:
+        return widen_to_float32(raw, type_name, shape)
     raw = np.ascontiguousarray(raw).view(np.uint8)
-    if type_name == "F32":
-        return raw.view("<f4").reshape(shape).astype(np.float32)
-    if type_name == "F16":
-        return raw.view("<f2").reshape(shape).astype(np.float32)
-    if type_name == "BF16":
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
     if type_name not in DEQUANTIZABLE:
         raise GGUFError(f"tensor type {type_name} is not supported; dllama reads {', '.join(FLOAT_TYPES + DEQUANTIZABLE)}")
     from gguf import GGMLQuantizationType
