@@ -67,13 +67,21 @@ class Session:
 def load_session(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optional[int],
                  cluster: ClusterOptions = ClusterOptions()) -> Session:
     """Engine + tokenizer, checked against each other; raises CliError/FormatError/EngineError."""
+    mpi_engine = None
+    if cluster.workers == "@mpi":  # distributed.mpi.MPI_WORKERS: dllama-run mpi (issue 15): ranks > 0 serve in here and exit, rank 0 is the root
+        from dllama.runtime.distributed.mpi import open_mpi_engine
+
+        mpi_engine = open_mpi_engine(model, max_seq_len, nthreads, cluster.buffer_float_type, cluster.weights,
+                                     cluster.root_compute)
     for path, what, ext in ((model, "model", "m"), (tokenizer, "tokenizer", "t")):
         if not Path(path).is_file():
             raise CliError(f"{what} file {path} does not exist: pass the converted .{ext} file")
     from dllama.tokenizer import Tokenizer
 
     tok = Tokenizer.load(str(tokenizer))
-    if cluster.workers:  # issue 6: the same Engine interface, node 0 of a cluster
+    if mpi_engine is not None:
+        engine = mpi_engine
+    elif cluster.workers:  # issue 6: the same Engine interface, node 0 of a cluster
         from dllama.runtime.distributed.root import DistributedEngine, parse_workers
 
         engine = DistributedEngine(model, parse_workers(cluster.workers), max_seq_len=max_seq_len, nthreads=nthreads,
@@ -256,7 +264,7 @@ def chat_command(
 
 def _register_subcommands() -> None:
     # serve (issue 7) and worker/plan (issue 6) live in their own packages
-    for module in ("dllama.runtime.serve.cli", "dllama.runtime.distributed.cli"):
+    for module in ("dllama.runtime.serve.cli", "dllama.runtime.distributed.cli", "dllama.runtime.distributed.mpi_cli"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except (ImportError, AttributeError):

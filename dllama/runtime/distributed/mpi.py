@@ -1,0 +1,456 @@
+"""The cluster under MPI: `mpiexec -n N dllama-run mpi --model M --tokenizer T ...` (issue 15).
+
+Every rank runs the same command line. Rank 0 is the root (prompt, sampling, API) and gets an
+`MpiEngine`, the single-node `Engine` with an MPI `Exchange`; ranks 1..N-1 run the same layer
+loop (`Engine.run_layers`) on the x rank 0 broadcasts, until rank 0 says stop. Each rank maps its
+own copy of the `.m` (the same path on every board) and takes its share of `ClusterSplit.plan`,
+exactly the node of the same index in the TCP mode.
+
+Same bits as the TCP mode (docs/PROTOCOL.md "MPI"): at each seam every rank contributes its
+partial encoded as it would travel in a PARTIAL frame (q80 blocks or float32) to one Allgather,
+then decodes every computing rank's and adds them with `exchange.sum_partials`, in rank order,
+its own after the same round trip; logits slices travel as LOGITS would (f16 with q80 buffers)
+in one Gatherv to rank 0.
+
+Before any collective of the model, one allgather of every rank's status (host, pid, model
+identity, or the problem it found) lets rank 0 refuse a missing or different model, naming the
+rank and host. A rank that dies is named by `mpi_watch`, a small process rank 0 starts outside
+the MPI job (mpiexec kills every rank, rank 0 included, the moment one dies).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from dllama.formats import FormatError, ModelFile, ModelHeader
+from dllama.runtime import compute
+from dllama.runtime.distributed.exchange import decode_partial, encode_logits, encode_partial, partial_nbytes, sum_partials
+from dllama.runtime.distributed.probe import NodeInfo, auto_weights, node_info
+from dllama.runtime.distributed.protocol import BufferType, as_float32, model_identity
+from dllama.runtime.distributed.root import Traffic, WorkerError, exchange_type, fixed_weights
+from dllama.runtime.distributed.slices import load_local_slices
+from dllama.runtime.distributed.weights import node_weights
+from dllama.runtime.engine import Engine, EngineError
+from dllama.runtime.model import NodeLayers
+from dllama.runtime.split import ClusterSplit, SplitError
+
+MPI_WORKERS = "@mpi"  # ClusterOptions.workers of `dllama-run mpi`: not a host name, so never a TCP worker
+INSTALL_HINT = 'pip install "dllama[mpi]" (mpi4py and an MPI library) on every board'
+
+# A command: kind, position of the first token, token count; padded so that x's first row, which
+# travels in the same broadcast (a decode step is one message), starts 16-byte aligned.
+COMMAND_WORDS = 4
+FORWARD, STOP = 1, 2
+IDLE_SPIN_S = 0.002      # a worker waiting for the next token polls at full speed this long, then sleeps
+IDLE_SLEEP_MAX_S = 0.005  # (a chat root may wait minutes for its user; a busy-wait would burn a core)
+
+
+class MpiError(WorkerError):
+    """A rank refused, died or MPI failed; the message names the rank and its host."""
+
+
+def import_mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise MpiError(f"dllama-run mpi needs mpi4py and an MPI library ({e}): {INSTALL_HINT}") from None
+    return MPI
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up: every rank checks its own model, then one allgather tells everyone about everyone
+
+@dataclass
+class RankStatus:
+    rank: int
+    host: str
+    pid: int
+    problem: str | None = None
+    identity: tuple[int, bytes] | None = None   # model_identity (size, digest)
+    info: NodeInfo | None = None                 # memory and speed, for --weights auto
+    addresses: list[str] = field(default_factory=list)  # rank 0's, where the others dial its lifeline
+    lifeline_port: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"rank {self.rank} on {self.host} (pid {self.pid})"
+
+
+def local_status(comm, model_path: Path, probe: bool, nthreads: int | None) -> tuple[RankStatus, ModelFile | None]:
+    """What this rank found: its model's identity, or the one-line problem."""
+    MPI = import_mpi()
+    status = RankStatus(comm.rank, MPI.Get_processor_name(), os.getpid())
+    model = None
+    try:
+        if not model_path.is_file():
+            raise FormatError(f"model file {model_path} does not exist on {status.host}: copy the same .m to the same "
+                              "path on every board")
+        model = ModelFile(model_path)
+        identity = model_identity(model_path)
+        status.identity = (identity.size, identity.digest)
+        if probe:
+            status.info = node_info(nthreads)
+    except OSError as e:
+        status.problem = f"cannot read {model_path}: {e.strerror or e}"
+    except (FormatError, ValueError) as e:
+        status.problem = str(e)
+    return status, model
+
+
+def refusal(statuses: list[RankStatus], model_path: Path) -> str | None:
+    """The one line rank 0 prints when a rank cannot take part (every rank computes the same answer)."""
+    for s in statuses:
+        if s.problem:
+            return f"{s.name}: {s.problem}"
+    root = statuses[0]
+    for s in statuses[1:]:
+        if s.identity != root.identity:
+            return (f"{s.name} has a different {model_path} ({s.identity[0]} bytes, sha256 {s.identity[1].hex()[:12]}) "
+                    f"than rank 0 ({root.identity[0]} bytes, sha256 {root.identity[1].hex()[:12]}): copy the same .m "
+                    "to every board")
+    return None
+
+
+def cluster_split(h: ModelHeader, statuses: list[RankStatus], weights: str | None, root_compute: str) -> ClusterSplit:
+    n = len(statuses)
+    if isinstance(weights, str) and weights.strip().lower() == "auto":
+        return ClusterSplit.plan(h, n, as_float32(auto_weights([s.info for s in statuses], root_compute != "none")))
+    return ClusterSplit.plan(h, n, fixed_weights(n, weights, root_compute))
+
+
+# --------------------------------------------------------------------------------------------
+# The exchange: the same protocol as the TCP mode's, over collectives
+
+def wait(request, idle: Callable[[], None] = os.sched_yield) -> None:
+    """Complete a non-blocking MPI request. Between tests the rank yields the core: a board runs one
+    rank and spins as a blocking call would, an oversubscribed machine lets the other ranks run."""
+    while not request.Test():
+        idle()
+
+
+class MpiExchange:
+    """engine.Exchange over MPI collectives; the same object on every rank (rank 0 also calls begin)."""
+
+    def __init__(self, comm, split: ClusterSplit, h: ModelHeader, buffer_type: BufferType):
+        self.comm = comm
+        self.split = split
+        self.computing = split.computing
+        self.dim = h.dim
+        self.buffer_type = buffer_type
+        self.traffic = Traffic()
+        self.collectives = 0  # per-layer exchanges, broadcasts and gathers: each at least one network latency
+        self.broken = False
+        self.command = np.zeros(COMMAND_WORDS + h.dim, dtype=np.int32)  # x's first row as int32 bits
+
+    # -- root: what the workers wait for
+    def begin(self, x: np.ndarray, pos: int) -> None:
+        self._command(FORWARD, pos, x)
+        self.traffic.tokens += len(x)
+
+    def stop(self) -> None:
+        self._command(STOP, 0, np.zeros((1, self.dim), dtype=np.float32))
+
+    def _command(self, kind: int, pos: int, x: np.ndarray) -> None:
+        self.command[:3] = (kind, pos, len(x))
+        self.command[COMMAND_WORDS:] = np.ascontiguousarray(x[0], dtype=np.float32).view(np.int32)
+        self._bcast(self.command)
+        if len(x) > 1:
+            self._bcast(np.ascontiguousarray(x[1:], dtype=np.float32))
+
+    # -- workers: wait for it
+    def next_command(self, lifeline: socket.socket | None) -> tuple[int, int, np.ndarray | None]:
+        """(kind, pos, x) from rank 0; polls, then sleeps between polls while rank 0 is idle."""
+        request = self.comm.Ibcast(self.command, root=0)
+        started, pause = time.monotonic(), 0.0001
+
+        def idle() -> None:
+            nonlocal pause
+            if time.monotonic() - started < IDLE_SPIN_S:
+                os.sched_yield()
+                return
+            if lifeline is not None and select.select([lifeline], [], [], pause)[0] and not lifeline.recv(1):
+                raise MpiError("rank 0 went away")
+            elif lifeline is None:
+                time.sleep(pause)
+            pause = min(2 * pause, IDLE_SLEEP_MAX_S)
+
+        wait(request, idle)
+        self.collectives += 1
+        kind, pos, n = (int(v) for v in self.command[:3])
+        if kind != FORWARD:
+            return kind, pos, None
+        x = np.empty((n, self.dim), dtype=np.float32)
+        x[0] = self.command[COMMAND_WORDS:].view(np.float32)
+        self.traffic.received += self.command.nbytes
+        if n > 1:
+            self._bcast(x[1:])
+        return kind, pos, x
+
+    def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
+        """Allgather every rank's partial as its PARTIAL frame would carry it, then add the computing
+        ranks' in rank order (exchange.sum_partials): the TCP mode's bits on every rank."""
+        n, dim = x.shape
+        size = partial_nbytes(n, dim, self.buffer_type)
+        own = (np.frombuffer(encode_partial(partial, self.buffer_type), dtype=np.uint8) if partial is not None
+               else np.zeros(size, dtype=np.uint8))  # a coordinator root contributes a placeholder nobody adds
+        every = np.empty((self.comm.size, size), dtype=np.uint8)
+        self._run(lambda: self.comm.Iallgather(own, every))
+        self.traffic.sent += size
+        self.traffic.received += size * (self.comm.size - 1)
+        # no layer or seam number travels: every rank runs the same loop, so the collectives pair up in order
+        x += sum_partials([decode_partial(memoryview(every[i]), n, dim, self.buffer_type) for i in self.computing])
+
+    def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
+        """Rank 0 gets every rank's vocabulary rows, the workers' encoded as LOGITS frames would be."""
+        n = len(logits_slice)
+        widths = [node.vocab[1] - node.vocab[0] for node in self.split.nodes]
+        itemsize = 2 if self.buffer_type == BufferType.Q80 else 4
+        if self.comm.rank != 0:
+            data = np.frombuffer(encode_logits(logits_slice, self.buffer_type)[1], dtype=np.uint8)
+            self._run(lambda: self.comm.Igatherv(data, None, root=0))
+            self.traffic.sent += len(data)
+            return logits_slice
+        counts = [0] + [n * w * itemsize for w in widths[1:]]
+        received = np.empty(sum(counts), dtype=np.uint8)
+        self._run(lambda: self.comm.Igatherv(np.empty(0, dtype=np.uint8), [received, counts], root=0))
+        self.traffic.received += len(received)
+        dtype = "<f2" if itemsize == 2 else "<f4"
+        parts, at = [logits_slice], 0
+        for count, width in zip(counts[1:], widths[1:]):
+            parts.append(received[at:at + count].view(dtype).reshape(n, width).astype(np.float32))
+            at += count
+        return np.concatenate(parts, axis=1)
+
+    def _bcast(self, buffer: np.ndarray) -> None:
+        self._run(lambda: self.comm.Ibcast(buffer, root=0))
+        nbytes = buffer.nbytes * (self.comm.size - 1)
+        if self.comm.rank == 0:
+            self.traffic.sent += nbytes
+        else:
+            self.traffic.received += buffer.nbytes
+
+    def _run(self, start: Callable) -> None:
+        MPI = import_mpi()
+        try:
+            wait(start())
+        except MPI.Exception as e:
+            self.broken = True
+            raise MpiError(f"MPI failed during the exchange: {e.Get_error_string()}") from None
+        self.collectives += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Lifelines: a TCP connection from every rank to rank 0, watched by `mpi_watch`
+
+def local_addresses() -> list[str]:
+    """This host's IPv4 addresses, loopback last (where the other ranks may reach rank 0)."""
+    import fcntl
+    import struct
+
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+            except OSError:
+                continue
+            found.append(socket.inet_ntoa(packed[20:24]))
+    return sorted(set(found), key=lambda a: a.startswith("127."))
+
+
+def dial_lifeline(addresses: list[str], port: int, rank: int) -> socket.socket:
+    last = None
+    for address in addresses:
+        try:
+            sock = socket.create_connection((address, port), timeout=2.0)
+        except OSError as e:
+            last = e
+            continue
+        sock.sendall(rank.to_bytes(4, "little"))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return sock
+    raise MpiError(f"rank {rank} cannot reach rank 0's lifeline at {', '.join(addresses)} port {port}: {last}")
+
+
+@dataclass
+class Watch:
+    """Rank 0's side: the watcher process and its pipe (closed = the session ended normally)."""
+
+    proc: subprocess.Popen
+
+    def quiet(self) -> None:
+        """The job is about to end normally: lifelines closing from now on are no news."""
+        try:
+            self.proc.stdin.write(b"quiet\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(2)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+
+
+def start_watch(listener: socket.socket, statuses: list[RankStatus]) -> Watch:
+    """Accept every rank's lifeline and hand them to `mpi_watch`, started in its own session so that
+    mpiexec, which SIGKILLs every rank when one dies, leaves it to say which one."""
+    names = {s.rank: s.name for s in statuses}
+    listener.settimeout(30)
+    conns = []
+    while len(conns) < len(statuses) - 1:
+        conn, _ = listener.accept()
+        rank = int.from_bytes(conn.recv(4), "little")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        conns.append((conn, names.get(rank, f"rank {rank}")))
+    listener.close()
+    table = "\n".join(f"{c.fileno()}\t{name}" for c, name in conns)
+    proc = subprocess.Popen([sys.executable, "-m", "dllama.runtime.distributed.mpi_watch", str(os.getpid())],
+                            stdin=subprocess.PIPE, pass_fds=[c.fileno() for c, _ in conns], start_new_session=True)
+    proc.stdin.write(table.encode() + b"\n\n")
+    proc.stdin.flush()
+    for c, _ in conns:
+        c.close()  # the watcher holds them now
+    return Watch(proc)
+
+
+# --------------------------------------------------------------------------------------------
+# The engines
+
+@dataclass
+class RankSetup:
+    comm: object
+    model: ModelFile
+    split: ClusterSplit
+    buffer_type: BufferType
+    max_seq_len: int
+    statuses: list[RankStatus]
+    lifeline: socket.socket | None = None
+    listener: socket.socket | None = None
+
+
+def join_cluster(comm, model_path: Path, max_seq_len: int, nthreads: int | None, buffer_float_type: str | None,
+                 weights: str | None, root_compute: str) -> RankSetup:
+    """Every rank: check its own model, allgather the statuses, agree on the split (or all refuse)."""
+    auto = isinstance(weights, str) and weights.strip().lower() == "auto"
+    status, model = local_status(comm, model_path, auto, nthreads)
+    listener = None
+    if comm.rank == 0:
+        listener = socket.create_server(("0.0.0.0", 0))
+        status.addresses, status.lifeline_port = local_addresses(), listener.getsockname()[1]
+    statuses = comm.allgather(status)  # the first collective: nothing of the model has moved yet
+    if problem := refusal(statuses, model_path):
+        raise MpiError(problem)
+    h = model.header
+    split = cluster_split(h, statuses, weights, root_compute)  # the same on every rank, or the same SplitError
+    max_seq_len = min(max_seq_len, h.max_seq_len)
+    if max_seq_len < 1:
+        raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
+    setup = RankSetup(comm, model, split, exchange_type(h, buffer_float_type), max_seq_len, statuses, listener=listener)
+    if comm.rank != 0:
+        setup.lifeline = dial_lifeline(statuses[0].addresses, statuses[0].lifeline_port, comm.rank)
+    return setup
+
+
+def rank_layers(setup: RankSetup) -> tuple[NodeLayers, MpiExchange]:
+    """This rank's share of the layers, from its own copy of the model, and its exchange."""
+    h, share = setup.model.header, setup.split.nodes[setup.comm.rank]
+    layers = NodeLayers(h, node_weights(h, load_local_slices(setup.model.path, h, share), share), share,
+                        setup.max_seq_len)
+    return layers, MpiExchange(setup.comm, setup.split, h, setup.buffer_type)
+
+
+class MpiEngine(Engine):
+    """Rank 0: an Engine whose exchange is MPI. close() (also at exit) lets the other ranks go."""
+
+    def __init__(self, setup: RankSetup, nthreads: int | None, log: Callable[[str], None]):
+        layers, exchange = rank_layers(setup)
+        super().__init__(setup.model.header, layers, exchange, setup.max_seq_len, nthreads,
+                         embedding=setup.model.blocks("embedding"), model=setup.model)
+        self.split, self.statuses = setup.split, setup.statuses
+        for s, share in zip(setup.statuses, setup.split.nodes):
+            log(f"{s.name}: {share.describe()}")
+        self.watch = start_watch(setup.listener, setup.statuses) if setup.comm.size > 1 else None
+        self.closed = False
+        atexit.register(self.close)
+
+    @property
+    def traffic(self) -> Traffic:
+        return self.exchange.traffic
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.watch is not None:
+            self.watch.quiet()
+        if not self.exchange.broken:
+            try:
+                self.exchange.stop()
+            except MpiError:
+                pass
+        if self.watch is not None:
+            self.watch.finish()
+
+
+def serve_rank(setup: RankSetup, nthreads: int | None) -> None:
+    """Ranks 1..N-1: run the layer loop on every batch rank 0 broadcasts, until it says stop."""
+    layers, exchange = rank_layers(setup)
+    engine = Engine(setup.model.header, layers, exchange, setup.max_seq_len, nthreads, model=setup.model)
+    compute.set_threads(engine.nthreads)
+    while True:
+        kind, pos, x = exchange.next_command(setup.lifeline)
+        if kind != FORWARD:
+            return
+        engine.run_layers(x, pos)
+
+
+def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, buffer_float_type: str | None = None,
+                    weights: str | None = None, root_compute: str = "all",
+                    log: Callable[[str], None] | None = None) -> MpiEngine:
+    """On rank 0: the root's engine. On any other rank: serve until rank 0 stops, then exit the process
+    (a worker has nothing to return to: the command line it shares with rank 0 is the root's)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    MPI = import_mpi()
+    comm = MPI.COMM_WORLD
+    comm.Set_errhandler(MPI.ERRORS_RETURN)  # a failed call raises here instead of aborting without a word
+    if problem := compute.threads_problem(nthreads):
+        raise EngineError(problem)
+    compute.implementation()  # builds the kernels on a first run, before the other ranks wait for them
+    try:
+        setup = join_cluster(comm, Path(model_path), max_seq_len, nthreads, buffer_float_type, weights, root_compute)
+    except (MpiError, SplitError, EngineError, FormatError):
+        if comm.rank == 0:
+            raise  # every rank found the same problem: rank 0 names it
+        exit_worker(1)
+    if comm.rank == 0:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(1))  # mpi_watch ends rank 0 once it has said why
+        return MpiEngine(setup, nthreads, log)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 decides, then says stop
+    try:
+        serve_rank(setup, nthreads)
+    except MpiError:
+        exit_worker(1)
+    exit_worker(0)
+
+
+def exit_worker(code: int) -> None:
+    """End a rank other than 0 (past typer, which would go on to the root's work; rank 0 speaks for the job)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 0:
+        import_mpi().Finalize()
+    os._exit(code)
