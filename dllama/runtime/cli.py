@@ -68,7 +68,7 @@ def load_session(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optio
                  cluster: ClusterOptions = ClusterOptions()) -> Session:
     """Engine + tokenizer, checked against each other; raises CliError/FormatError/EngineError."""
     mpi_engine = None
-    if cluster.workers == "@mpi":  # distributed.mpi.MPI_WORKERS: dllama-run mpi (issue 15): ranks > 0 serve in here and exit, rank 0 is the root
+    if cluster.workers == "@mpi":  # distributed.mpi.MPI_WORKERS (dllama-run mpi): ranks > 0 serve in here and exit
         from dllama.runtime.distributed.mpi import open_mpi_engine
 
         mpi_engine = open_mpi_engine(model, max_seq_len, nthreads, cluster.buffer_float_type, cluster.weights,

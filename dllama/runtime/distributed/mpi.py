@@ -35,7 +35,13 @@ import numpy as np
 
 from dllama.formats import FormatError, ModelFile, ModelHeader
 from dllama.runtime import compute
-from dllama.runtime.distributed.exchange import decode_partial, encode_logits, encode_partial, partial_nbytes, sum_partials
+from dllama.runtime.distributed.exchange import (
+    decode_partial,
+    encode_logits,
+    encode_partial,
+    partial_nbytes,
+    sum_partials,
+)
 from dllama.runtime.distributed.probe import NodeInfo, auto_weights, node_info
 from dllama.runtime.distributed.protocol import BufferType, as_float32, model_identity
 from dllama.runtime.distributed.root import Traffic, WorkerError, exchange_type, fixed_weights
@@ -54,6 +60,8 @@ COMMAND_WORDS = 4
 FORWARD, STOP = 1, 2
 IDLE_SPIN_S = 0.002      # a worker waiting for the next token polls at full speed this long, then sleeps
 IDLE_SLEEP_MAX_S = 0.005  # (a chat root may wait minutes for its user; a busy-wait would burn a core)
+REFUSAL_WAIT_S = 5.0     # a worker that refuses to start leaves the job's last word to rank 0
+ORPHAN_GRACE_S = 2.0     # a worker whose lifeline closed waits this long for a last command before leaving
 
 
 class MpiError(WorkerError):
@@ -172,16 +180,20 @@ class MpiExchange:
     def next_command(self, lifeline: socket.socket | None) -> tuple[int, int, np.ndarray | None]:
         """(kind, pos, x) from rank 0; polls, then sleeps between polls while rank 0 is idle."""
         request = self.comm.Ibcast(self.command, root=0)
-        started, pause = time.monotonic(), 0.0001
+        started, pause, orphaned = time.monotonic(), 0.0001, None
 
         def idle() -> None:
-            nonlocal pause
-            if time.monotonic() - started < IDLE_SPIN_S:
+            nonlocal pause, orphaned
+            now = time.monotonic()
+            if now - started < IDLE_SPIN_S:
                 os.sched_yield()
                 return
-            if lifeline is not None and select.select([lifeline], [], [], pause)[0] and not lifeline.recv(1):
+            if orphaned is None and lifeline is not None and select.select([lifeline], [], [], pause)[0] \
+                    and not lifeline.recv(1):
+                orphaned = now  # rank 0's STOP may still be on its way: the lifeline closes right after it
+            elif orphaned is not None and now - orphaned > ORPHAN_GRACE_S:
                 raise MpiError("rank 0 went away")
-            elif lifeline is None:
+            else:
                 time.sleep(pause)
             pause = min(2 * pause, IDLE_SLEEP_MAX_S)
 
@@ -361,7 +373,11 @@ def join_cluster(comm, model_path: Path, max_seq_len: int, nthreads: int | None,
         raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
     setup = RankSetup(comm, model, split, exchange_type(h, buffer_float_type), max_seq_len, statuses, listener=listener)
     if comm.rank != 0:
-        setup.lifeline = dial_lifeline(statuses[0].addresses, statuses[0].lifeline_port, comm.rank)
+        try:
+            setup.lifeline = dial_lifeline(statuses[0].addresses, statuses[0].lifeline_port, comm.rank)
+        except MpiError as e:  # only this rank knows: say it before rank 0 is taken down with it
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise
     return setup
 
 
@@ -435,6 +451,7 @@ def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, bu
     except (MpiError, SplitError, EngineError, FormatError):
         if comm.rank == 0:
             raise  # every rank found the same problem: rank 0 names it
+        time.sleep(REFUSAL_WAIT_S)  # mpiexec kills every rank once one exits non-zero: let rank 0 speak first
         exit_worker(1)
     if comm.rank == 0:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(1))  # mpi_watch ends rank 0 once it has said why
@@ -442,15 +459,15 @@ def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, bu
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 decides, then says stop
     try:
         serve_rank(setup, nthreads)
-    except MpiError:
+    except MpiError as e:
+        print(f"error: {setup.statuses[comm.rank].name}: {e}", file=sys.stderr, flush=True)
         exit_worker(1)
     exit_worker(0)
 
 
 def exit_worker(code: int) -> None:
-    """End a rank other than 0 (past typer, which would go on to the root's work; rank 0 speaks for the job)."""
+    """End a rank other than 0, past typer, which would go on to the root's work (rank 0 speaks for the job).
+    SystemExit, not os._exit: mpi4py finalizes MPI at exit, and MPICH's mpiexec took an os._exit right
+    after MPI_Finalize for a crash now and then, killing the job."""
     sys.stdout.flush()
-    sys.stderr.flush()
-    if code == 0:
-        import_mpi().Finalize()
-    os._exit(code)
+    raise SystemExit(code)

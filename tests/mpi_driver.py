@@ -1,0 +1,60 @@
+"""Run under mpiexec by tests/test_mpi.py: rank 0 evaluates a prompt and greedy tokens on the MPI cluster
+and saves its logits; the other ranks serve it (distributed.mpi.open_mpi_engine never returns there).
+
+    mpiexec -n 3 python tests/mpi_driver.py MODEL OUT.npz --ids 1,17,42 --steps 4 [--buffer-float-type f32]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dllama.runtime.distributed.mpi import MpiError, open_mpi_engine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--ids", default="1,17,42,99,3,250,7")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--buffer-float-type", default=None)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--root-compute", default="all")
+    p.add_argument("--until-killed", choices=["busy", "idle"], default=None,
+                   help="after loading, print each rank's pid and host, then decode forever (busy) or wait (idle)")
+    args = p.parse_args()
+    try:
+        engine = open_mpi_engine(args.model, 64, 1, args.buffer_float_type, args.weights, args.root_compute,
+                                 log=lambda msg: None)
+    except (MpiError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    ids = [int(t) for t in args.ids.split(",")]
+    if args.until_killed:
+        run_until_killed(engine, ids, args.until_killed == "busy")
+    logits = [engine.forward(ids, 0)]
+    tokens = [int(np.argmax(logits[-1][-1]))]
+    for i in range(args.steps - 1):
+        logits.append(engine.forward([tokens[-1]], len(ids) + i))
+        tokens.append(int(np.argmax(logits[-1][-1])))
+    np.savez(args.out, logits=np.concatenate(logits), tokens=np.array(tokens), sent=engine.traffic.sent,
+             collectives=engine.exchange.collectives)
+    engine.close()
+
+
+def run_until_killed(engine, ids: list[int], busy: bool) -> None:
+    for s in engine.statuses:
+        print(f"rank {s.rank} pid {s.pid} host {s.host}", flush=True)
+    while True:
+        if busy:
+            engine.forward(ids, 0)
+        else:
+            time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()
