@@ -51,10 +51,10 @@ def env() -> dict:
     return dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), NUMBA_NUM_THREADS="1")
 
 
-def run_driver(n: int, model: Path, out: Path, *extra: str) -> dict:
+def run_driver(n: int, model: Path, out: Path, *extra: str, algorithm: str = "direct") -> dict:
     proc = subprocess.run([*mpiexec_command(n), sys.executable, str(DRIVER), str(model), str(out),
                            "--ids", ",".join(map(str, IDS)), "--steps", str(STEPS), *extra],
-                          capture_output=True, text=True, timeout=180, env=env())
+                          capture_output=True, text=True, timeout=180, env=dict(env(), DLLAMA_MPI_EXCHANGE=algorithm))
     assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-3000:]
     return dict(np.load(out))
 
@@ -89,9 +89,10 @@ def test_f32_logits_equal_one_node(h12, tmp_path, n):
     assert np.abs(got["logits"][:len(IDS)] - one.forward(IDS, 0)).max() <= 1e-4
 
 
-@pytest.mark.parametrize("n", [2, 3, 4, 5])  # 5: the TCP root sends SUM frames instead of partials
-def test_q40_gives_the_tcp_modes_bits(h12, tmp_path, n):
-    got = run_driver(n, h12[FloatType.Q40], tmp_path / "out.npz")
+@pytest.mark.parametrize("n, algorithm", [(2, "direct"), (3, "direct"), (4, "direct"), (3, "allgather"),
+                                          (5, "direct")])  # 5: the TCP root sends SUM frames instead of partials
+def test_q40_gives_the_tcp_modes_bits(h12, tmp_path, n, algorithm):
+    got = run_driver(n, h12[FloatType.Q40], tmp_path / "out.npz", algorithm=algorithm)
     logits, tokens = tcp_run(h12[FloatType.Q40], n)
     assert list(got["tokens"]) == tokens
     assert np.array_equal(got["logits"], logits)

@@ -58,6 +58,8 @@ INSTALL_HINT = 'pip install "dllama[mpi]" (mpi4py and an MPI library) on every b
 # travels in the same broadcast (a decode step is one message), starts 16-byte aligned.
 COMMAND_WORDS = 4
 FORWARD, STOP = 1, 2
+PARTIAL_TAG = 8            # PARTIAL, as the TCP frame
+EXCHANGE_ALGORITHMS = ("direct", "allgather")
 IDLE_SPIN_S = 0.002      # a worker waiting for the next token polls at full speed this long, then sleeps
 IDLE_SLEEP_MAX_S = 0.005  # (a chat root may wait minutes for its user; a busy-wait would burn a core)
 REFUSAL_WAIT_S = 5.0     # a worker that refuses to start leaves the job's last word to rank 0
@@ -150,7 +152,13 @@ def wait(request, idle: Callable[[], None] = os.sched_yield) -> None:
 class MpiExchange:
     """engine.Exchange over MPI collectives; the same object on every rank (rank 0 also calls begin)."""
 
-    def __init__(self, comm, split: ClusterSplit, h: ModelHeader, buffer_type: BufferType):
+    def __init__(self, comm, split: ClusterSplit, h: ModelHeader, buffer_type: BufferType,
+                 algorithm: str = "direct"):
+        """algorithm: how partials meet, "direct" (every rank to every rank, one step) or "allgather"
+        (MPI_Iallgather, the library's algorithm); both give the same bits."""
+        if algorithm not in EXCHANGE_ALGORITHMS:
+            raise ValueError(f"unknown MPI exchange {algorithm!r}: use one of {', '.join(EXCHANGE_ALGORITHMS)}")
+        self.algorithm = algorithm
         self.comm = comm
         self.split = split
         self.computing = split.computing
@@ -217,11 +225,31 @@ class MpiExchange:
         own = (np.frombuffer(encode_partial(partial, self.buffer_type), dtype=np.uint8) if partial is not None
                else np.zeros(size, dtype=np.uint8))  # a coordinator root contributes a placeholder nobody adds
         every = np.empty((self.comm.size, size), dtype=np.uint8)
-        self._run(lambda: self.comm.Iallgather(own, every))
-        self.traffic.sent += size
-        self.traffic.received += size * (self.comm.size - 1)
+        if self.algorithm == "allgather":
+            self._run(lambda: self.comm.Iallgather(own, every))
+            self.traffic.sent += size
+            self.traffic.received += size * (self.comm.size - 1)
+        else:
+            every[self.comm.rank] = own
+            self._run_all(self._direct(own, every))
         # no layer or seam number travels: every rank runs the same loop, so the collectives pair up in order
         x += sum_partials([decode_partial(memoryview(every[i]), n, dim, self.buffer_type) for i in self.computing])
+
+    def _direct(self, own: np.ndarray, every: np.ndarray) -> list:
+        """Every computing rank's partial straight to every other rank: one network latency per seam,
+        where a library allgather takes log2(ranks) steps (recursive doubling) for these small vectors.
+        MPI keeps messages between two ranks in order, so one tag serves every seam."""
+        me, requests = self.comm.rank, []
+        for r in self.computing:
+            if r != me:
+                requests.append(self.comm.Irecv(every[r], source=r, tag=PARTIAL_TAG))
+                self.traffic.received += every[r].nbytes
+        if me in self.computing:
+            for r in range(self.comm.size):
+                if r != me:
+                    requests.append(self.comm.Isend(own, dest=r, tag=PARTIAL_TAG))
+                    self.traffic.sent += own.nbytes
+        return requests
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
         """Rank 0 gets every rank's vocabulary rows, the workers' encoded as LOGITS frames would be."""
@@ -253,9 +281,14 @@ class MpiExchange:
             self.traffic.received += buffer.nbytes
 
     def _run(self, start: Callable) -> None:
+        self._run_all(lambda: [start()])
+
+    def _run_all(self, start: Callable | list) -> None:
         MPI = import_mpi()
         try:
-            wait(start())
+            requests = start() if callable(start) else start
+            while not MPI.Request.Testall(requests):
+                os.sched_yield()
         except MPI.Exception as e:
             self.broken = True
             raise MpiError(f"MPI failed during the exchange: {e.Get_error_string()}") from None
@@ -386,7 +419,8 @@ def rank_layers(setup: RankSetup) -> tuple[NodeLayers, MpiExchange]:
     h, share = setup.model.header, setup.split.nodes[setup.comm.rank]
     layers = NodeLayers(h, node_weights(h, load_local_slices(setup.model.path, h, share), share), share,
                         setup.max_seq_len)
-    return layers, MpiExchange(setup.comm, setup.split, h, setup.buffer_type)
+    algorithm = os.environ.get("DLLAMA_MPI_EXCHANGE", "direct")  # mpiexec passes it to every rank
+    return layers, MpiExchange(setup.comm, setup.split, h, setup.buffer_type, algorithm)
 
 
 class MpiEngine(Engine):
