@@ -58,7 +58,7 @@ INSTALL_HINT = 'pip install "dllama[mpi]" (mpi4py and an MPI library) on every b
 # travels in the same broadcast (a decode step is one message), starts 16-byte aligned.
 COMMAND_WORDS = 4
 FORWARD, STOP = 1, 2
-PARTIAL_TAG = 8            # PARTIAL, as the TCP frame
+PARTIAL_TAG, COMMAND_TAG = 8, 7  # as the TCP frames PARTIAL and FORWARD
 EXCHANGE_ALGORITHMS = ("direct", "allgather")
 IDLE_SPIN_S = 0.002      # a worker waiting for the next token polls at full speed this long, then sleeps
 IDLE_SLEEP_MAX_S = 0.005  # (a chat root may wait minutes for its user; a busy-wait would burn a core)
@@ -142,13 +142,6 @@ def cluster_split(h: ModelHeader, statuses: list[RankStatus], weights: str | Non
 # --------------------------------------------------------------------------------------------
 # The exchange: the same protocol as the TCP mode's, over collectives
 
-def wait(request, idle: Callable[[], None] = os.sched_yield) -> None:
-    """Complete a non-blocking MPI request. Between tests the rank yields the core: a board runs one
-    rank and spins as a blocking call would, an oversubscribed machine lets the other ranks run."""
-    while not request.Test():
-        idle()
-
-
 class MpiExchange:
     """engine.Exchange over MPI collectives; the same object on every rank (rank 0 also calls begin)."""
 
@@ -187,7 +180,7 @@ class MpiExchange:
     # -- workers: wait for it
     def next_command(self, lifeline: socket.socket | None) -> tuple[int, int, np.ndarray | None]:
         """(kind, pos, x) from rank 0; polls, then sleeps between polls while rank 0 is idle."""
-        request = self.comm.Ibcast(self.command, root=0)
+        requests = self._start_bcast(self.command)
         started, pause, orphaned = time.monotonic(), 0.0001, None
 
         def idle() -> None:
@@ -205,7 +198,9 @@ class MpiExchange:
                 time.sleep(pause)
             pause = min(2 * pause, IDLE_SLEEP_MAX_S)
 
-        wait(request, idle)
+        MPI = import_mpi()
+        while not MPI.Request.Testall(requests):
+            idle()
         self.collectives += 1
         kind, pos, n = (int(v) for v in self.command[:3])
         if kind != FORWARD:
@@ -273,12 +268,19 @@ class MpiExchange:
         return np.concatenate(parts, axis=1)
 
     def _bcast(self, buffer: np.ndarray) -> None:
-        self._run(lambda: self.comm.Ibcast(buffer, root=0))
-        nbytes = buffer.nbytes * (self.comm.size - 1)
+        self._run_all(self._start_bcast(buffer))
         if self.comm.rank == 0:
-            self.traffic.sent += nbytes
+            self.traffic.sent += buffer.nbytes * (self.comm.size - 1)
         else:
             self.traffic.received += buffer.nbytes
+
+    def _start_bcast(self, buffer: np.ndarray) -> list:
+        """Rank 0's buffer to every rank: straight from rank 0 ("direct", one step) or MPI_Ibcast (a tree)."""
+        if self.algorithm == "allgather":
+            return [self.comm.Ibcast(buffer, root=0)]
+        if self.comm.rank != 0:
+            return [self.comm.Irecv(buffer, source=0, tag=COMMAND_TAG)]
+        return [self.comm.Isend(buffer, dest=r, tag=COMMAND_TAG) for r in range(1, self.comm.size)]
 
     def _run(self, start: Callable) -> None:
         self._run_all(lambda: [start()])
@@ -288,7 +290,7 @@ class MpiExchange:
         try:
             requests = start() if callable(start) else start
             while not MPI.Request.Testall(requests):
-                os.sched_yield()
+                os.sched_yield()  # a board's one rank spins on; an oversubscribed machine lets the others run
         except MPI.Exception as e:
             self.broken = True
             raise MpiError(f"MPI failed during the exchange: {e.Get_error_string()}") from None
