@@ -3,6 +3,7 @@
 
     python benchmarks/distributed.py                                  # 1 (single-node Engine), 2, 3, 4, 8 nodes
     python benchmarks/distributed.py --nodes 2,3w,3c --steps 16       # 3w: --weights 2,1,1; 3c: --root-compute none
+    python benchmarks/distributed.py --netem --nodes 2,4,8           # TCP star vs MPI over emulated Pi networks (root)
 
 Builds (once, into .bench/) a TinyLlama-1.1B-shaped q40 model with random weights written
 straight in the q40 block layout, then for each node count starts the workers as
@@ -12,6 +13,14 @@ what it loads), and the KV cache holds exactly the prompt and the generated toke
 whole cache the plan counts is in use. Peak RSS is each process's VmHWM. Each node count runs --repeat times
 and the fastest run is reported (the others are on stderr). Results go to stdout as a markdown
 table, and the plan's prediction (`dllama-run plan`) sits beside each measurement.
+
+--netem (issue 15) puts every node in its own network namespace behind an emulated Pi 5 or Pi 3B+
+link (benchmarks/netem.py) and compares the TCP star (`dllama-run worker`s and a root) with MPI
+(`dllama-run mpi`'s engine under mpiexec, "direct" and "allgather" exchanges). Per token: the
+transfer time (the same cluster with the layers replaced by a stub that returns its partial at
+once, so that only the exchange is timed), the bytes all nodes put on their links (kernel
+counters), the network steps on the critical path (one-way latencies: counted from the
+protocol), and ms/token with the real layers.
 """
 from __future__ import annotations
 
@@ -205,9 +214,182 @@ def planned(shape: str, max_seq_len: int) -> list[int]:
                                          weights=weights)]
 
 
+# --------------------------------------------------------------------------------------------
+# --netem (issue 15): TCP star against MPI across emulated links
+
+NETEM_MODES = ("tcp", "mpi-direct", "mpi-allgather")
+LAYERS_PER_TOKEN = 2 * TINYLLAMA["n_layers"]  # exchange seams per token
+
+
+class StubLayers:
+    """model.NodeLayers with no arithmetic: each seam's partial is ready at once, so a run times only the
+    exchange (what the network costs per token, apart from compute)."""
+
+    def __init__(self, h, weights, share, max_seq_len):
+        self.dim, self.share = h.dim, share
+        self.width = share.vocab[1] - share.vocab[0]
+
+    def attention_block(self, l, x, pos):
+        return np.full_like(x, 1e-3) if self.share.computes else None
+
+    def ffn_block(self, l, x):
+        return self.attention_block(l, x, 0)
+
+    def logits(self, x):
+        return np.zeros((len(x), self.width), dtype=np.float32)
+
+
+def use_stub_layers() -> None:
+    from dllama.runtime.distributed import mpi, root, worker
+    for module in (mpi, root, worker):
+        module.NodeLayers = StubLayers
+
+
+def network_steps(mode: str, n: int) -> int:
+    """One-way network latencies on a token's critical path. TCP star: x out (1), per seam worker ->
+    root -> worker (2), logits back (1). MPI direct: x out (1), per seam every rank to every rank (1),
+    logits gathered (1). MPI allgather: MPICH's recursive doubling / Bruck take ceil(log2 n) steps per
+    seam and its binomial broadcast as many; the gather is one."""
+    log2 = max(1, (n - 1).bit_length())
+    if mode == "tcp":
+        return 2 + 2 * LAYERS_PER_TOKEN
+    if mode == "mpi-direct":
+        return 2 + LAYERS_PER_TOKEN
+    return log2 + log2 * LAYERS_PER_TOKEN + 1
+
+
+def timed_decode(engine, steps: int, mark) -> dict:
+    """Prefill, then `steps` greedy tokens between two marks (where the driver reads the link counters)."""
+    token = int(np.argmax(engine.forward(PROMPT, 0)[-1]))
+    mark()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        token = int(np.argmax(engine.forward([token], len(PROMPT) + i)[-1]))
+    elapsed = time.perf_counter() - t0
+    mark()
+    return {"ms_per_token": 1000 * elapsed / steps}
+
+
+def wait_for_driver() -> None:
+    print("MARK", flush=True)
+    sys.stdin.readline()
+
+
+def netem_root_role(args) -> None:
+    """Node 0 inside its namespace: the TCP root, or rank 0 under mpiexec (other ranks serve inside)."""
+    if args.stub:
+        use_stub_layers()
+    if args.role == "mpi-root":
+        from dllama.runtime.distributed.mpi import open_mpi_engine
+        engine = open_mpi_engine(MODEL, args.max_seq_len, 1, log=lambda m: None)
+    else:
+        from dllama.runtime.distributed.root import DistributedEngine, parse_workers
+        engine = DistributedEngine(MODEL, parse_workers(args.workers), max_seq_len=args.max_seq_len, nthreads=1,
+                                   log=lambda m: None)
+    result = timed_decode(engine, args.steps, wait_for_driver)
+    engine.close()
+    print(json.dumps(result), flush=True)
+
+
+def netem_worker_role(args) -> None:
+    if args.stub:
+        use_stub_layers()
+    from dllama.runtime.distributed.worker import Worker
+    Worker("0.0.0.0", 9999, model_path=MODEL, nthreads=1).serve_forever()
+
+
+def run_netem(net, mode: str, stub: bool, steps: int, max_seq_len: int) -> dict:
+    """One cluster run in the namespaces; returns ms/token and the bytes on all links per token."""
+    import tempfile
+
+    from netem import MPI_OVER_ETH0, mpiexec_command
+    env = single_thread_env()
+    me = [sys.executable, __file__, "--steps", str(steps), "--max-seq-len", str(max_seq_len), "--model", str(MODEL)]
+    me += ["--stub"] if stub else []
+    workers = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            if mode == "tcp":
+                for i in range(1, net.n):
+                    w = net.popen(i, me + ["--role", "netem-worker"], stderr=subprocess.PIPE, text=True, env=env)
+                    w.stderr.readline()  # listening
+                    workers.append(w)
+                addresses = ",".join(f"{net.address(i)}:9999" for i in range(1, net.n))
+                cmd = net.command(0, me + ["--role", "netem-root", "--workers", addresses])
+                env_root = env
+            else:
+                cmd = net.command(0, mpiexec_command(net, tmp) + me + ["--role", "mpi-root"])
+                env_root = dict(env, **MPI_OVER_ETH0, DLLAMA_MPI_EXCHANGE=mode.split("-")[1])
+            root = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=env_root)
+            counters = []
+            for line in root.stdout:
+                if line.startswith("MARK"):
+                    counters.append(net.link_bytes())
+                    root.stdin.write("go\n")
+                    root.stdin.flush()
+                elif line.startswith("{"):
+                    result = json.loads(line)
+            if root.wait() or len(counters) != 2:
+                raise SystemExit(f"{mode} on {net.n} nodes failed: {root.stderr.read()[-2000:]}")
+        finally:
+            for w in workers:
+                w.terminate()
+                w.wait()
+    per_node = [((t1 - t0) / steps, (r1 - r0) / steps) for (t0, r0), (t1, r1) in zip(*counters)]
+    result["wire_bytes_per_token"] = sum(sent for sent, _ in per_node)
+    result["busiest_link_bytes_per_token"] = max(max(pair) for pair in per_node)  # one direction of one link
+    return result
+
+
+def netem_table(args) -> None:
+    """Per token: bytes on all links and on the busiest link (measured), one-way steps (counted), and
+    the transfer time those give on the profile's link: steps x (delay + the stack's measured cost of
+    one step) + busiest link bytes / rate. Beside it the wall time of the stub run here, where n
+    single-thread nodes share 2 cores, and ms/token with the real layers."""
+    import tempfile
+
+    from netem import PROFILES, NetemCluster, mpi_step_us, ping_pong_us
+    rows = []
+    with NetemCluster(2, PROFILES["none"]) as net, tempfile.TemporaryDirectory() as tmp:
+        stack_us = {"tcp": ping_pong_us(net) / 2, "mpi": mpi_step_us(net, launcher_dir=tmp)}
+    print(f"one step between two namespaces, no shaping: TCP {stack_us['tcp']:.0f} us (half a 2.2 kB round trip), "
+          f"MPI {stack_us['mpi']:.0f} us (2.2 kB each way)", file=sys.stderr)
+    for key in args.profiles.split(","):
+        profile = PROFILES[key]
+        for shape in args.nodes.split(","):
+            n = int(shape)
+            for mode in args.modes.split(","):
+                with NetemCluster(n, profile) as net:
+                    stub = run_netem(net, mode, True, args.steps, args.max_seq_len)
+                    full = run_netem(net, mode, False, args.steps, args.max_seq_len) if args.compute else None
+                step_ms = (profile.delay_ms if not net.emulates_delay else 0) + stack_us[mode[:3]] / 1000
+                busiest = stub["busiest_link_bytes_per_token"]
+                row = {"profile": key, "nodes": n, "mode": mode, "bytes": stub["wire_bytes_per_token"],
+                       "busiest": busiest, "steps": network_steps(mode, n),
+                       "wall_ms": stub["ms_per_token"], "ms_per_token": full["ms_per_token"] if full else None,
+                       "delay_emulated": net.emulates_delay, "stack_us": stack_us[mode[:3]]}
+                row["transfer_ms"] = row["steps"] * step_ms + busiest * 8 / (profile.rate_mbit * 1000)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                rows.append(row)
+    print("| profile | nodes | exchange | bytes/token, all links | busiest link | one-way steps | transfer ms/token "
+          "| stub wall ms/token here | ms/token with compute here |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        full = f"{r['ms_per_token']:.1f}" if r["ms_per_token"] is not None else "-"
+        print(f"| {r['profile']} | {r['nodes']} | {r['mode']} | {r['bytes'] / 1000:.0f} kB | {r['busiest'] / 1000:.0f} kB"
+              f" | {r['steps']} | {r['transfer_ms']:.1f} | {r['wall_ms']:.1f} | {full} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--role", default="driver", choices=["driver", "root"])
+    p.add_argument("--role", default="driver", choices=["driver", "root", "netem-root", "netem-worker", "mpi-root"])
+    p.add_argument("--netem", action="store_true", help="TCP star vs MPI in network namespaces (needs root)")
+    p.add_argument("--profiles", default="pi5,pi3", help="--netem: link profiles (benchmarks/netem.py)")
+    p.add_argument("--modes", default=",".join(NETEM_MODES), help="--netem: exchanges to compare")
+    p.add_argument("--no-compute", dest="compute", action="store_false",
+                   help="--netem: time the exchange only (skip the runs with the real layers)")
+    p.add_argument("--stub", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--nodes", default="1,2,3,4,8,3w,3c",
                    help="shapes to measure: a node count (1 is the single-node Engine), with w: --weights 2,1,..; "
                         "with c: --root-compute none")
@@ -229,6 +411,10 @@ def main() -> None:
         MODEL = Path(args.model)
     if args.role == "root":
         return root_role(args)
+    if args.role in ("netem-root", "mpi-root"):
+        return netem_root_role(args)
+    if args.role == "netem-worker":
+        return netem_worker_role(args)
     if not MODEL.exists():
         print(f"building {MODEL} ...", file=sys.stderr)
         build_model(MODEL)
@@ -236,6 +422,9 @@ def main() -> None:
           file=sys.stderr)
     # compile (or load) the kernels into numba's cache first, so no measured process pays for LLVM
     run_root([], 2, args.max_seq_len, None)
+    if args.netem:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        return netem_table(args)
     rows = []
     for shape in args.nodes.split(","):
         runs = [measure(shape, args) for _ in range(args.repeat)]
