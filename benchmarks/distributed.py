@@ -229,11 +229,11 @@ class StubLayers:
         self.dim, self.share = h.dim, share
         self.width = share.vocab[1] - share.vocab[0]
 
-    def attention_block(self, l, x, pos):
+    def attention_block(self, layer, x, pos):
         return np.full_like(x, 1e-3) if self.share.computes else None
 
-    def ffn_block(self, l, x):
-        return self.attention_block(l, x, 0)
+    def ffn_block(self, layer, x):
+        return self.attention_block(layer, x, 0)
 
     def logits(self, x):
         return np.zeros((len(x), self.width), dtype=np.float32)
@@ -377,8 +377,8 @@ def netem_table(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         full = f"{r['ms_per_token']:.1f}" if r["ms_per_token"] is not None else "-"
-        print(f"| {r['profile']} | {r['nodes']} | {r['mode']} | {r['bytes'] / 1000:.0f} kB | {r['busiest'] / 1000:.0f} kB"
-              f" | {r['steps']} | {r['transfer_ms']:.1f} | {r['wall_ms']:.1f} | {full} |")
+        print(f"| {r['profile']} | {r['nodes']} | {r['mode']} | {r['bytes'] / 1000:.0f} kB | "
+              f"{r['busiest'] / 1000:.0f} kB | {r['steps']} | {r['transfer_ms']:.1f} | {r['wall_ms']:.1f} | {full} |")
 
 
 def main() -> None:

@@ -58,7 +58,8 @@ def kernel_has_netem() -> bool:
     probe = f"{PREFIX}probe"
     sh("ip", "netns", "add", probe)
     try:
-        return sh("tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", check=False).returncode == 0
+        added = sh("tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", check=False)
+        return added.returncode == 0
     finally:
         sh("ip", "netns", "del", probe, check=False)
 
@@ -220,8 +221,8 @@ def ping_pong_us(net: NetemCluster, a: int = 0, b: int = 1, nbytes: int = 2176) 
     server = net.popen(b, [sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
     try:
         server.stdout.readline()
-        out = subprocess.run(net.command(a, [sys.executable, "-c", PING, net.address(b), str(nbytes)]), capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(net.command(a, [sys.executable, "-c", PING, net.address(b), str(nbytes)]),
+                             capture_output=True, text=True, check=True)
         return float(out.stdout)
     finally:
         server.kill()
