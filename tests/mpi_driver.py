@@ -24,12 +24,13 @@ def main() -> None:
     p.add_argument("--buffer-float-type", default=None)
     p.add_argument("--weights", default=None)
     p.add_argument("--root-compute", default="all")
+    p.add_argument("--stream-weights", action="store_true", help="rank 0 sends the other ranks their slices")
     p.add_argument("--until-killed", choices=["busy", "idle"], default=None,
                    help="after loading, print each rank's pid and host, then decode forever (busy) or wait (idle)")
     args = p.parse_args()
     try:
         engine = open_mpi_engine(args.model, 64, 1, args.buffer_float_type, args.weights, args.root_compute,
-                                 log=lambda msg: None)
+                                 log=lambda msg: None, stream=args.stream_weights)
     except (MpiError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

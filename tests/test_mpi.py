@@ -105,6 +105,17 @@ def test_coordinator_root_and_weights_give_the_tcp_modes_bits(h12, tmp_path):
     assert np.array_equal(got["logits"], tcp_run(h12[FloatType.Q40], 3, weights="2,1,1")[0])
 
 
+def test_streamed_weights_give_the_same_bits_with_no_model_on_the_other_ranks(h12, tmp_path):
+    model = h12[FloatType.Q40]
+    local = run_driver(3, model, tmp_path / "local.npz")
+    out = tmp_path / "streamed.npz"
+    cmd = mpiexec_command(1) + [sys.executable, str(DRIVER), str(model), str(out), "--stream-weights", ":", "-n", "2",
+                                sys.executable, str(DRIVER), str(tmp_path / "absent.m"), str(out), "--stream-weights"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert np.array_equal(np.load(out)["logits"], local["logits"])
+
+
 def test_serve_under_mpiexec_answers_the_openai_client(tmp_path):
     from dllama.tokenizer.convert import convert_tokenizer
 

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from dllama.formats import FormatError, ModelFile, ModelHeader
+from dllama.formats import FormatError, ModelFile, ModelHeader, parse_model_header, tensor_layout
 from dllama.runtime import compute
 from dllama.runtime.distributed.exchange import (
     decode_partial,
@@ -42,14 +42,15 @@ from dllama.runtime.distributed.exchange import (
     partial_nbytes,
     sum_partials,
 )
+from dllama.runtime.distributed.plan import shard_tensors
 from dllama.runtime.distributed.probe import NodeInfo, auto_weights, node_info
-from dllama.runtime.distributed.protocol import BufferType, as_float32, model_identity
+from dllama.runtime.distributed.protocol import WEIGHT_CHUNK, BufferType, as_float32, model_identity
 from dllama.runtime.distributed.root import Traffic, WorkerError, exchange_type, fixed_weights
-from dllama.runtime.distributed.slices import load_local_slices
+from dllama.runtime.distributed.slices import _slice_chunks, load_local_slices  # the TCP root's slice reader
 from dllama.runtime.distributed.weights import node_weights
 from dllama.runtime.engine import Engine, EngineError
 from dllama.runtime.model import NodeLayers
-from dllama.runtime.split import ClusterSplit, SplitError
+from dllama.runtime.split import ClusterSplit, NodeShare, SplitError
 
 MPI_WORKERS = "@mpi"  # ClusterOptions.workers of `dllama-run mpi`: not a host name, so never a TCP worker
 INSTALL_HINT = 'pip install "dllama[mpi]" (mpi4py and an MPI library) on every board'
@@ -58,7 +59,8 @@ INSTALL_HINT = 'pip install "dllama[mpi]" (mpi4py and an MPI library) on every b
 # travels in the same broadcast (a decode step is one message), starts 16-byte aligned.
 COMMAND_WORDS = 4
 FORWARD, STOP = 1, 2
-PARTIAL_TAG, COMMAND_TAG = 8, 7  # as the TCP frames PARTIAL and FORWARD
+PARTIAL_TAG, COMMAND_TAG, WEIGHTS_TAG = 8, 7, 4  # as the TCP frames PARTIAL, FORWARD and WEIGHTS
+STREAM_WEIGHTS = False  # dllama-run mpi --stream-weights: only rank 0 needs the .m
 EXCHANGE_ALGORITHMS = ("direct", "allgather")
 IDLE_SPIN_S = 0.002      # a worker waiting for the next token polls at full speed this long, then sleeps
 IDLE_SLEEP_MAX_S = 0.005  # (a chat root may wait minutes for its user; a busy-wait would burn a core)
@@ -97,20 +99,23 @@ class RankStatus:
         return f"rank {self.rank} on {self.host} (pid {self.pid})"
 
 
-def local_status(comm, model_path: Path, probe: bool, nthreads: int | None) -> tuple[RankStatus, ModelFile | None]:
+def local_status(comm, model_path: Path, probe: bool, nthreads: int | None,
+                 needs_model: bool = True) -> tuple[RankStatus, ModelFile | None]:
     """What this rank found: its model's identity, or the one-line problem."""
     MPI = import_mpi()
     status = RankStatus(comm.rank, MPI.Get_processor_name(), os.getpid())
     model = None
     try:
+        if probe:
+            status.info = node_info(nthreads)
+        if not needs_model:
+            return status, None
         if not model_path.is_file():
             raise FormatError(f"model file {model_path} does not exist on {status.host}: copy the same .m to the same "
                               "path on every board")
         model = ModelFile(model_path)
         identity = model_identity(model_path)
         status.identity = (identity.size, identity.digest)
-        if probe:
-            status.info = node_info(nthreads)
     except OSError as e:
         status.problem = f"cannot read {model_path}: {e.strerror or e}"
     except (FormatError, ValueError) as e:
@@ -125,7 +130,7 @@ def refusal(statuses: list[RankStatus], model_path: Path) -> str | None:
             return f"{s.name}: {s.problem}"
     root = statuses[0]
     for s in statuses[1:]:
-        if s.identity != root.identity:
+        if s.identity is not None and s.identity != root.identity:  # None: it receives rank 0's slices
             return (f"{s.name} has a different {model_path} ({s.identity[0]} bytes, sha256 {s.identity[1].hex()[:12]}) "
                     f"than rank 0 ({root.identity[0]} bytes, sha256 {root.identity[1].hex()[:12]}): copy the same .m "
                     "to every board")
@@ -380,20 +385,23 @@ def start_watch(listener: socket.socket, statuses: list[RankStatus]) -> Watch:
 @dataclass
 class RankSetup:
     comm: object
-    model: ModelFile
+    header: ModelHeader
+    model: ModelFile | None  # None: a rank that receives its slices from rank 0 (--stream-weights)
     split: ClusterSplit
     buffer_type: BufferType
     max_seq_len: int
     statuses: list[RankStatus]
+    stream: bool = False
     lifeline: socket.socket | None = None
     listener: socket.socket | None = None
 
 
 def join_cluster(comm, model_path: Path, max_seq_len: int, nthreads: int | None, buffer_float_type: str | None,
-                 weights: str | None, root_compute: str) -> RankSetup:
-    """Every rank: check its own model, allgather the statuses, agree on the split (or all refuse)."""
+                 weights: str | None, root_compute: str, stream: bool = False) -> RankSetup:
+    """Every rank: check its own model (with `stream`, only rank 0 has one), allgather the statuses,
+    agree on the split (or all refuse)."""
     auto = isinstance(weights, str) and weights.strip().lower() == "auto"
-    status, model = local_status(comm, model_path, auto, nthreads)
+    status, model = local_status(comm, model_path, auto, nthreads, needs_model=comm.rank == 0 or not stream)
     listener = None
     if comm.rank == 0:
         listener = socket.create_server(("0.0.0.0", 0))
@@ -401,12 +409,13 @@ def join_cluster(comm, model_path: Path, max_seq_len: int, nthreads: int | None,
     statuses = comm.allgather(status)  # the first collective: nothing of the model has moved yet
     if problem := refusal(statuses, model_path):
         raise MpiError(problem)
-    h = model.header
+    h = model.header if not stream else parse_model_header(comm.bcast(model.header.to_bytes() if model else None))
     split = cluster_split(h, statuses, weights, root_compute)  # the same on every rank, or the same SplitError
     max_seq_len = min(max_seq_len, h.max_seq_len)
     if max_seq_len < 1:
         raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
-    setup = RankSetup(comm, model, split, exchange_type(h, buffer_float_type), max_seq_len, statuses, listener=listener)
+    setup = RankSetup(comm, h, model, split, exchange_type(h, buffer_float_type), max_seq_len, statuses, stream,
+                      listener=listener)
     if comm.rank != 0:
         try:
             setup.lifeline = dial_lifeline(statuses[0].addresses, statuses[0].lifeline_port, comm.rank)
@@ -417,12 +426,44 @@ def join_cluster(comm, model_path: Path, max_seq_len: int, nthreads: int | None,
 
 
 def rank_layers(setup: RankSetup) -> tuple[NodeLayers, MpiExchange]:
-    """This rank's share of the layers, from its own copy of the model, and its exchange."""
-    h, share = setup.model.header, setup.split.nodes[setup.comm.rank]
-    layers = NodeLayers(h, node_weights(h, load_local_slices(setup.model.path, h, share), share), share,
-                        setup.max_seq_len)
+    """This rank's share of the layers, from its own copy of the model (or streamed by rank 0), and its exchange."""
+    h, share, comm = setup.header, setup.split.nodes[setup.comm.rank], setup.comm
+    if setup.stream and comm.rank == 0:
+        stream_slices_to_ranks(comm, setup.model.path, h, setup.split)
+    if setup.stream and comm.rank != 0:
+        slices = receive_slices(comm, h, share)
+    else:
+        slices = load_local_slices(setup.model.path, h, share)
+    layers = NodeLayers(h, node_weights(h, slices, share), share, setup.max_seq_len)
     algorithm = os.environ.get("DLLAMA_MPI_EXCHANGE", "direct")  # mpiexec passes it to every rank
     return layers, MpiExchange(setup.comm, setup.split, h, setup.buffer_type, algorithm)
+
+
+def stream_slices_to_ranks(comm, model_path: Path, h: ModelHeader, split: ClusterSplit) -> None:
+    """Rank 0 sends every other rank exactly its slices, read with pread a chunk at a time (as the TCP
+    root streams them: slices._slice_chunks), in the order `receive_slices` expects them."""
+    offsets = [t.offset for t in tensor_layout(h)]
+    fd = os.open(model_path, os.O_RDONLY)
+    try:
+        for share in split.nodes[1:]:
+            for index, spec in shard_tensors(h, share):
+                for _, data in _slice_chunks(fd, offsets[index], share.geometry(spec), WEIGHT_CHUNK):
+                    comm.Send(np.frombuffer(data, dtype=np.uint8), dest=share.node, tag=WEIGHTS_TAG)
+    finally:
+        os.close(fd)
+
+
+def receive_slices(comm, h: ModelHeader, share: NodeShare) -> dict[str, np.ndarray]:
+    MPI = import_mpi()
+    out, status = {}, MPI.Status()
+    for _, spec in shard_tensors(h, share):
+        buf = np.empty(share.geometry(spec).nbytes, dtype=np.uint8)
+        got = 0
+        while got < len(buf):
+            comm.Recv(buf[got:], source=0, tag=WEIGHTS_TAG, status=status)
+            got += status.Get_count(MPI.BYTE)
+        out[spec.name] = buf
+    return out
 
 
 class MpiEngine(Engine):
@@ -430,7 +471,7 @@ class MpiEngine(Engine):
 
     def __init__(self, setup: RankSetup, nthreads: int | None, log: Callable[[str], None]):
         layers, exchange = rank_layers(setup)
-        super().__init__(setup.model.header, layers, exchange, setup.max_seq_len, nthreads,
+        super().__init__(setup.header, layers, exchange, setup.max_seq_len, nthreads,
                          embedding=setup.model.blocks("embedding"), model=setup.model)
         self.split, self.statuses = setup.split, setup.statuses
         for s, share in zip(setup.statuses, setup.split.nodes):
@@ -461,7 +502,7 @@ class MpiEngine(Engine):
 def serve_rank(setup: RankSetup, nthreads: int | None) -> None:
     """Ranks 1..N-1: run the layer loop on every batch rank 0 broadcasts, until it says stop."""
     layers, exchange = rank_layers(setup)
-    engine = Engine(setup.model.header, layers, exchange, setup.max_seq_len, nthreads, model=setup.model)
+    engine = Engine(setup.header, layers, exchange, setup.max_seq_len, nthreads, model=setup.model)
     compute.set_threads(engine.nthreads)
     while True:
         kind, pos, x = exchange.next_command(setup.lifeline)
@@ -472,9 +513,10 @@ def serve_rank(setup: RankSetup, nthreads: int | None) -> None:
 
 def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, buffer_float_type: str | None = None,
                     weights: str | None = None, root_compute: str = "all",
-                    log: Callable[[str], None] | None = None) -> MpiEngine:
+                    log: Callable[[str], None] | None = None, stream: bool | None = None) -> MpiEngine:
     """On rank 0: the root's engine. On any other rank: serve until rank 0 stops, then exit the process
-    (a worker has nothing to return to: the command line it shares with rank 0 is the root's)."""
+    (a worker has nothing to return to: the command line it shares with rank 0 is the root's).
+    stream: rank 0 sends every rank its slices (default: `STREAM_WEIGHTS`, which --stream-weights sets)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     MPI = import_mpi()
     comm = MPI.COMM_WORLD
@@ -483,7 +525,9 @@ def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, bu
         raise EngineError(problem)
     compute.implementation()  # builds the kernels on a first run, before the other ranks wait for them
     try:
-        setup = join_cluster(comm, Path(model_path), max_seq_len, nthreads, buffer_float_type, weights, root_compute)
+        stream = STREAM_WEIGHTS if stream is None else stream
+        setup = join_cluster(comm, Path(model_path), max_seq_len, nthreads, buffer_float_type, weights, root_compute,
+                             stream)
     except (MpiError, SplitError, EngineError, FormatError):
         if comm.rank == 0:
             raise  # every rank found the same problem: rank 0 names it

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import typer
 
-from dllama.runtime.distributed.mpi import MPI_WORKERS
+from dllama.runtime.distributed import mpi
 
 
 def mpi_command(ctx: typer.Context) -> None:
     """Run generate (default), chat or serve under mpiexec: rank 0 is the root, every rank a node.
 
-    Every board needs the same .m at the same path, and pip install "dllama[mpi]".
+    The options are those of `dllama-run --help`, `dllama-run chat --help` or `dllama-run serve --help`
+    (without --workers), plus --stream-weights: rank 0 sends every rank its slices, so only rank 0
+    needs the .m. Otherwise every board needs the same .m at the same path. pip install "dllama[mpi]".
     Example: mpiexec -n 4 -hosts pi1,pi2,pi3,pi4 dllama-run mpi --model /srv/m.m --tokenizer /srv/t.t --prompt Hi
     """
     from dllama.runtime.cli import _fail, app
@@ -26,7 +28,10 @@ def mpi_command(ctx: typer.Context) -> None:
     args = list(ctx.args)
     if "--workers" in args:
         _fail("dllama-run mpi takes its nodes from mpiexec (-n, -hosts, -f): drop --workers")
-    typer.main.get_command(app).main(args + ["--workers", MPI_WORKERS], prog_name="dllama-run mpi")
+    if "--stream-weights" in args:
+        args.remove("--stream-weights")
+        mpi.STREAM_WEIGHTS = True
+    typer.main.get_command(app).main(args + ["--workers", mpi.MPI_WORKERS], prog_name="dllama-run mpi")
 
 
 def register(app: typer.Typer) -> None:
