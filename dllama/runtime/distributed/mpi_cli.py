@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import typer
 
-from dllama.runtime.distributed import mpi
-
 
 def mpi_command(ctx: typer.Context) -> None:
     """Run generate (default), chat or serve under mpiexec: rank 0 is the root, every rank a node.
@@ -24,6 +22,7 @@ def mpi_command(ctx: typer.Context) -> None:
     Example: mpiexec -n 4 -hosts pi1,pi2,pi3,pi4 dllama-run mpi --model /srv/m.m --tokenizer /srv/t.t --prompt Hi
     """
     from dllama.runtime.cli import _fail, app
+    from dllama.runtime.distributed import mpi  # only now: every dllama-run start registers this command
 
     args = list(ctx.args)
     if "--workers" in args:
