@@ -105,6 +105,11 @@ def test_coordinator_root_and_weights_give_the_tcp_modes_bits(h12, tmp_path):
     assert np.array_equal(got["logits"], tcp_run(h12[FloatType.Q40], 3, weights="2,1,1")[0])
 
 
+def test_auto_weights_split_by_each_ranks_memory_and_speed(h12, tmp_path):
+    got = run_driver(3, h12[FloatType.Q40], tmp_path / "auto.npz", "--weights", "auto")
+    assert got["logits"].shape == (len(IDS) + STEPS - 1, 256) and np.isfinite(got["logits"]).all()
+
+
 def test_streamed_weights_give_the_same_bits_with_no_model_on_the_other_ranks(h12, tmp_path):
     model = h12[FloatType.Q40]
     local = run_driver(3, model, tmp_path / "local.npz")
