@@ -318,7 +318,11 @@ def local_addresses() -> list[str]:
             except OSError:
                 continue
             found.append(socket.inet_ntoa(packed[20:24]))
-    return sorted(set(found), key=lambda a: a.startswith("127."))
+    try:  # the address this host's name resolves to is the likeliest to be reachable from the others
+        named = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        named = None
+    return sorted(set(found), key=lambda a: (a.startswith("127."), a != named))
 
 
 def dial_lifeline(addresses: list[str], port: int, rank: int) -> socket.socket:
