@@ -12,15 +12,13 @@ Target (issue 2): <= 10 s wall and <= 400 MB peak RSS on 2 cores.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,7 +70,7 @@ SOURCES = {"tinyllama": ensure_checkpoint, "smollm2-gguf": smollm2_gguf, "smollm
 def convert_in_child(source: Path, quant: str, out: Path) -> tuple[float, int, str]:
     """(wall seconds, peak RSS bytes, stdout) of one `dllama-convert hf|gguf` in a fresh process."""
     command = "gguf" if source.is_file() else "hf"
-    cmd = [sys.executable, "-m", "dllama.converter.cli", command, str(source), "--quant", quant, "--name", "bench",
+    cmd = [sys.executable, "-m", "dllama.cli.dllama_convert", command, str(source), "--quant", quant, "--name", "bench",
            "--output-dir", str(out)]
     log = BENCH / "convert.log"
     with open(log, "w") as stdout:
@@ -102,7 +100,7 @@ def warm_up(out: Path) -> None:
     tiny = write_checkpoint(BENCH / "warmup", tiny_config(vocab_size=512, bos_token_id=510, eos_token_id=511),
                             tokenizer=EXAMPLE_TOKENIZER)
     for quant in ("q40", "q80", "f32", "f16"):
-        subprocess.run([sys.executable, "-m", "dllama.converter.cli", "hf", str(tiny), "-q", quant, "-o", str(out)],
+        subprocess.run([sys.executable, "-m", "dllama.cli.dllama_convert", "hf", str(tiny), "-q", quant, "-o", str(out)],
                        check=True, capture_output=True)
 
 

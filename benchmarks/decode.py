@@ -15,16 +15,14 @@ first. Targets (issue 4), 2-core x86-64, 2 threads: >= 8.5 generated tokens/s (r
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-
 import argparse
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"

@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +43,7 @@ def single_thread_env() -> dict:
 
 def build_model(path: Path) -> None:
     """Random q40 blocks with sane scales: what matters here is the shape, not the text."""
-    from dllama.formats import ArchType, FloatType, ModelHeader, Q40_BLOCK, atomic_output, tensor_plan
+    from dllama.formats import Q40_BLOCK, ArchType, FloatType, ModelHeader, atomic_output, tensor_plan
 
     h = ModelHeader(arch=ArchType.LLAMA, weights_float_type=FloatType.Q40, rope_theta=10000, norm_epsilon_code=5,
                     **TINYLLAMA)
@@ -69,7 +68,7 @@ def vm_hwm(pid: int | str = "self", field: str = "VmHWM") -> int:
 
 
 def start_worker() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "dllama.runtime.distributed.cli", "worker", "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "dllama.cli.dllama_run", "worker", "--host", "127.0.0.1",
                              "--port", "0", "--nthreads", "1"], stderr=subprocess.PIPE, text=True, env=single_thread_env())
     line = proc.stderr.readline()
     m = re.search(r"listening on ([\d.]+:\d+)", line)
@@ -105,7 +104,7 @@ def run_root(workers: list[str], steps: int, max_seq_len: int, buffer_type: str 
 
 def root_role(args) -> None:
     """Inside the root process: load, prefill the prompt, decode `steps` greedy tokens, report."""
-    import dllama.runtime.cli  # noqa: F401 (what dllama-run loads to read its arguments: typer, click, pydantic)
+    import dllama.cli.dllama_run  # noqa: F401 (what dllama-run loads to read its arguments: typer, click, pydantic)
 
     t0 = time.perf_counter()
     workers = [w for w in args.workers.split(",") if w]
@@ -162,7 +161,7 @@ def measure(shape: str, args) -> dict:
 def ensure_tokenizer() -> Path | None:
     """The Llama 2 tokenizer (TinyLlama's) as a .t, for the CLI runs; None without the fixtures."""
     if not TOKENIZER.is_file() and LLAMA2_TOKENIZER.is_dir():
-        subprocess.run([sys.executable, "-m", "dllama.converter.cli", "tokenizer", str(LLAMA2_TOKENIZER), "--name",
+        subprocess.run([sys.executable, "-m", "dllama.cli.dllama_convert", "tokenizer", str(LLAMA2_TOKENIZER), "--name",
                         "llama2", "--output-dir", str(BENCH)], check=True, stdout=subprocess.DEVNULL, env=single_thread_env())
     return TOKENIZER if TOKENIZER.is_file() else None
 
@@ -179,7 +178,7 @@ def peak_rss_of(cmd: list[str]) -> int:
 def measure_cli(tokenizer: Path, steps: int, max_seq_len: int) -> dict:
     """What a user runs: `dllama-run` (tokenizer, CLI) on one node, as the root of 2 nodes, and as a
     coordinator root (--root-compute none) of 2 workers."""
-    cmd = [sys.executable, "-m", "dllama.runtime.cli", "--model", str(MODEL), "--tokenizer", str(tokenizer), "--prompt",
+    cmd = [sys.executable, "-m", "dllama.cli.dllama_run", "--model", str(MODEL), "--tokenizer", str(tokenizer), "--prompt",
            "Once upon a time", "--steps", str(steps), "--nthreads", "1", "--max-seq-len", str(max_seq_len),
            "--temperature", "0"]
     single = peak_rss_of(cmd)

@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import openai  # noqa: E402
+from serve_helpers import ServerProcess  # noqa: E402
 
 from dllama.runtime.engine import Engine  # noqa: E402
 from dllama.runtime.generate import generate  # noqa: E402
 from dllama.tokenizer import Tokenizer  # noqa: E402
 from dllama.tokenizer.convert import convert_tokenizer  # noqa: E402
-from serve_helpers import ServerProcess  # noqa: E402
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "conformance" / "tiny-llama"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"

@@ -9,10 +9,8 @@ stdout. Progress goes to stderr.
 """
 from __future__ import annotations
 
-import sys
-
-
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional

@@ -17,13 +17,11 @@ Results go to docs/BENCHMARKS.md ("## Validation").
 """
 from __future__ import annotations
 
-import sys
-
-
 import argparse
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +61,7 @@ SMOLLM2_TARGET_SECONDS = 30.0
 
 def fixture_mutations() -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
-    from validate_helpers import set_header, swap_tensors, unpermute_qk
+    from validate_helpers import swap_tensors, unpermute_qk
 
     return {"correct": None, "q/k not permuted": unpermute_qk,
             "rope_theta x100 (10000 for qwen3)": None,  # fixture-dependent, see rope_mutation
@@ -74,8 +72,9 @@ def fixture_mutations() -> dict:
 def rope_mutation(fixture: Path):
     """rope_theta x100 where the fixture has the 10000 default (tiny-llama), else the classic
     bug of writing the 10000 default (tiny-qwen3's 1e6)."""
-    from dllama.formats import read_model_header
     from validate_helpers import set_header
+
+    from dllama.formats import read_model_header
 
     theta = read_model_header(fixture / "expected_f32.m").theta
     return set_header(rope_theta=int(theta * 100) if theta <= 10000 else 10000)
@@ -122,7 +121,7 @@ def smollm2(workdir: Path) -> None:
         for quant in ("q80", "q40"):
             convert(SMOLLM2_GGUF, quant, out, name="smollm2")
     tokenizer = next(out.glob("*.t"))
-    cli = [sys.executable, "-m", "dllama.validate.cli"]
+    cli = [sys.executable, "-m", "dllama.cli.dllama_validate"]
     seconds, code, table = timed(cli + [str(out / "dllama_model_smollm2_q40.m"), str(tokenizer), "--hf", str(SMOLLM2_GGUF)])
     print(table)
     print(f"dllama-validate SmolLM2 q40 --hf GGUF: {seconds:.1f} s, exit {code} "
@@ -153,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     source, model, tokenizer = prepare(args.workdir, args.tokenizer_dir)
-    cli = [sys.executable, "-m", "dllama.validate.cli"]
+    cli = [sys.executable, "-m", "dllama.cli.dllama_validate"]
     extra = ["--threads", str(args.threads)] if args.threads else []
     ref = args.workdir / "tinyllama_ref.npz"
 

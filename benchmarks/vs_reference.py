@@ -79,7 +79,7 @@ def run_reference(binary: Path, model: Path, tokenizer: Path, threads: int, prom
 
 
 def run_ours(model: Path, tokenizer: Path, threads: int) -> tuple[float, float, int]:
-    out = subprocess.run([sys.executable, "-m", "dllama.runtime.cli", "--model", str(model), "--tokenizer", str(tokenizer),
+    out = subprocess.run([sys.executable, "-m", "dllama.cli.dllama_run", "--model", str(model), "--tokenizer", str(tokenizer),
                           "--prompt", PROMPT, "--steps", str(GENERATED), "--temperature", "0", "--nthreads", str(threads)],
                          capture_output=True, text=True, check=True)
     match = OURS.search(out.stderr)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dllama.errors import DllamaError
 from dllama.formats import ArchType, FloatType, HiddenAct, ModelHeader, RopeType
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DllamaError, ValueError):
     """The Hugging Face checkpoint is missing something or holds something we cannot convert."""
 
 

@@ -17,8 +17,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dllama.errors import DllamaError
 
-class FetchError(RuntimeError):
+
+class FetchError(DllamaError, RuntimeError):
     """The sample model could not be fetched; the message says why and what to do."""
 
 

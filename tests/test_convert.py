@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from safetensors.numpy import load_file, save_file
 
 from dllama.checkpoint import Checkpoint, header_from_config
@@ -13,11 +14,16 @@ from dllama.converter import convert as convert_module
 from dllama.converter.convert import convert
 from dllama.converter.synthetic import tiny_config, write_checkpoint
 from dllama.formats import (
-    EmbeddedKind, FloatType, ModelFile, encode_tensor, permute_rotary_rows, read_model_header, read_tokenizer,
-    tensor_plan, vocabulary_end,
+    EmbeddedKind,
+    FloatType,
+    ModelFile,
+    encode_tensor,
+    permute_rotary_rows,
+    read_model_header,
+    read_tokenizer,
+    tensor_plan,
+    vocabulary_end,
 )
-
-from conftest import ROOT
 
 EXAMPLE_TOKENIZER = ROOT / "examples" / "tokenizer"  # 512 tokens, bos 510, eos 511
 

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CONFORMANCE, require_fixtures
 from safetensors.numpy import load_file, save_file
+from test_convert import EXAMPLE_TOKENIZER, small_config
 from typer.testing import CliRunner
 
-from dllama.converter.cli import app
+from dllama.cli.dllama_convert import app
 from dllama.converter.convert import ConversionError, plan_conversion, write_outputs
 from dllama.converter.synthetic import write_checkpoint
 from dllama.formats import EmbeddedKind, FloatType, read_tokenizer
-
-from conftest import CONFORMANCE, require_fixtures
-from test_convert import EXAMPLE_TOKENIZER, small_config
 
 runner = CliRunner()
 
@@ -263,7 +262,7 @@ def run_subprocess(args: list[str], hf_home: Path, offline: bool = True) -> subp
            "HF_ENDPOINT": "http://127.0.0.1:9"}  # never the real hub: port 9 refuses connections
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
-    return subprocess.run([sys.executable, "-m", "dllama.converter.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dllama.cli.dllama_convert", *args], env=env, capture_output=True,
                           text=True, timeout=120)
 
 

@@ -9,8 +9,18 @@ from hypothesis.extra.numpy import arrays
 
 from dllama.checkpoint import Checkpoint, header_from_config
 from dllama.formats import (
-    FloatType, FormatError, ModelFile, decode_tensor, dequantize_q40, dequantize_q80, encode_tensor,
-    padded_vocabulary, parse_model_header, parse_tokenizer, quantize_q40, quantize_q80,
+    FloatType,
+    FormatError,
+    ModelFile,
+    decode_tensor,
+    dequantize_q40,
+    dequantize_q80,
+    encode_tensor,
+    padded_vocabulary,
+    parse_model_header,
+    parse_tokenizer,
+    quantize_q40,
+    quantize_q80,
 )
 
 # magnitudes where the f16 block scale stays a normal number

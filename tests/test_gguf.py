@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf_helpers import hf_folder_from_gguf, write_gguf_like
 from typer.testing import CliRunner
 
-from dllama.converter.cli import app as convert_app
+from dllama.cli.dllama_convert import app as convert_app
 from dllama.formats import FloatType, ModelFile, read_tokenizer
 from dllama.gguf_checkpoint import GGUFCheckpoint
-from gguf_helpers import hf_folder_from_gguf, write_gguf_like
 
 runner = CliRunner()
 
@@ -94,7 +94,7 @@ REFERENCE_ARITHMETIC = {"f32": [], "q80": ["--buffer-float-type", "q80"]}
 
 
 def test_dllama_run_greedy_text_equals_transformers(smollm2_files, smollm2_expected):
-    from dllama.runtime.cli import app as run_app
+    from dllama.cli.dllama_run import app as run_app
 
     story = smollm2_expected["story"]
     for quant, options in REFERENCE_ARITHMETIC.items():
@@ -105,7 +105,7 @@ def test_dllama_run_greedy_text_equals_transformers(smollm2_files, smollm2_expec
 
 
 def test_dllama_run_chat_answers_like_transformers(smollm2_files, smollm2_expected):
-    from dllama.runtime.cli import app as run_app
+    from dllama.cli.dllama_run import app as run_app
 
     chat = smollm2_expected["chat"]
     for quant, options in REFERENCE_ARITHMETIC.items():
@@ -118,7 +118,6 @@ def test_dllama_run_chat_answers_like_transformers(smollm2_files, smollm2_expect
 
 def test_serve_answers_the_openai_client_like_transformers(smollm2_files, smollm2_expected):
     from openai import OpenAI
-
     from serve_helpers import ServerProcess
 
     chat, story = smollm2_expected["chat"], smollm2_expected["story"]
@@ -283,12 +282,12 @@ def test_reference_runtime_loads_and_runs_our_q40_file(smollm2_files, reference_
 
 def test_sentencepiece_gguf_tokenizes_like_the_tokenizer_model_it_came_from(tmp_path):
     import sentencepiece as spm
+    from gguf_helpers import write_sentencepiece_gguf
+    from tokenizer_helpers import train_sentencepiece
 
     from dllama.converter.convert import convert
     from dllama.tokenizer import Tokenizer
     from dllama.tokenizer.corpus import corpus
-    from gguf_helpers import write_sentencepiece_gguf
-    from tokenizer_helpers import train_sentencepiece
 
     folder = train_sentencepiece(tmp_path / "spm", "bpe")
     gguf_file = write_sentencepiece_gguf(folder / "tokenizer.model", tmp_path / "spm.gguf")
@@ -321,10 +320,10 @@ def test_gguf_of_a_conformance_checkpoint_converts_to_the_reference_converters_b
 
 
 def test_gguf_of_a_qwen3_moe_checkpoint_equals_the_hf_route(tmp_path):
-    from dllama.converter.synthetic import tiny_config, write_checkpoint
+    from conftest import CONFORMANCE
     from gguf_helpers import gguf_from_hf_folder
 
-    from conftest import CONFORMANCE
+    from dllama.converter.synthetic import tiny_config, write_checkpoint
 
     folder = write_checkpoint(tmp_path / "moe", tiny_config("qwen3_moe", bos_token_id=382, eos_token_id=383),
                               dtype="f32", seed=3, tokenizer=CONFORMANCE / "tiny-qwen3")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import CONFORMANCE, require_fixtures
+
 from dllama.runtime.engine import Engine, EngineError
 from dllama.runtime.generate import generate, reusable_prefix
 from dllama.runtime.sampler import Sampler

@@ -9,11 +9,11 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import CONFORMANCE, require_fixtures
+from serve_helpers import ServerProcess, common_prefix, load_engine_and_tokenizer, local_generation
 
 from dllama.runtime.serve.protocol import Sampling
 from dllama.tokenizer.convert import convert_tokenizer
-from conftest import CONFORMANCE, require_fixtures
-from serve_helpers import ServerProcess, common_prefix, load_engine_and_tokenizer, local_generation
 
 MODEL_DIR = CONFORMANCE / "tiny-llama"
 MODEL = MODEL_DIR / "expected_f32.m"

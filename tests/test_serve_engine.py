@@ -9,11 +9,11 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import CONFORMANCE, require_fixtures
+from serve_helpers import RecordingEngine, common_prefix, in_process_server, load_engine_and_tokenizer
+
 from dllama.runtime.serve import create_app
 from dllama.tokenizer.convert import convert_tokenizer
-from serve_helpers import RecordingEngine, common_prefix, in_process_server, load_engine_and_tokenizer
 
 MODEL_DIR = CONFORMANCE / "tiny-llama"
 CONTEXT = 256

@@ -7,7 +7,7 @@ import pytest
 
 from dllama.runtime.serve import protocol
 from dllama.runtime.serve.protocol import ApiError
-from dllama.runtime.serve.session import StopScanner
+from dllama.runtime.serve.runner import StopScanner
 
 
 def scan(pieces, stops):

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from conftest import CONFORMANCE, FIXTURES, require_fixtures
+from tokenizer_helpers import train_byte_level_bpe, train_metaspace_unigram, train_sentencepiece
+
 from dllama.formats import EmbeddedKind, EmbeddedSource, FormatError, TokenizerFile, parse_tokenizer
 from dllama.tokenizer import ChatTemplateError, InexactTokenizerWarning, Tokenizer, TokenizerError
 from dllama.tokenizer.convert import convert_tokenizer
 from dllama.tokenizer.corpus import SPECIAL, corpus
-from tokenizer_helpers import train_byte_level_bpe, train_metaspace_unigram, train_sentencepiece
 
 SP_SPECIALS = ("<s>", "</s>", "<unk>")
 CORPUS = corpus()

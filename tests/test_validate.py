@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import CONFORMANCE, FIXTURES, require_fixtures
-from validate_helpers import swap_tensors, tensor_slice, unpermute_qk
+from validate_helpers import swap_tensors, unpermute_qk
+
 from dllama.checkpoint import Checkpoint
+from dllama.cli.dllama_validate import main
 from dllama.formats import FloatType, ModelFile, read_tokenizer
 from dllama.tokenizer.convert import convert_tokenizer
 from dllama.validate import checks
-from dllama.validate.cli import main
 from dllama.validate.reference import ReferenceLogits, compute_reference
 from dllama.validate.report import Status
 from dllama.validate.validator import Options, validate
@@ -237,7 +237,8 @@ def test_swapped_layer_tensors_are_caught(tmp_path, a, b, holds):
 
 
 def test_bf16_read_as_f16_is_named_against_the_checkpoint(tmp_path):
-    from validate_helpers import read_bf16_as_f16, write_model_with as write_with
+    from validate_helpers import read_bf16_as_f16
+    from validate_helpers import write_model_with as write_with
 
     src = fixture("tiny-llama")  # a bf16 checkpoint
     bad = write_with(tmp_path / "bf16_as_f16.m", src / "expected_f32.m", read_bf16_as_f16)

@@ -10,14 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from validate_helpers import (
+    MODEL_MUTATIONS,
+    TOKENIZER_MUTATIONS,
+    write_model_with,
+    write_tokenizer_with,
+)
 
-from dllama.validate.cli import main
+from dllama.cli.dllama_validate import main
 from dllama.validate.reference import DEFAULT_PROMPTS, ReferenceLogits
 from dllama.validate.report import Status
 from dllama.validate.validator import Options, validate
-from validate_helpers import (
-    MODEL_MUTATIONS, TOKENIZER_MUTATIONS, write_model_with, write_tokenizer_with,
-)
 
 FAST = Options(corpus_limit=60)
 

@@ -19,16 +19,24 @@ import numpy as np
 
 from dllama.checkpoint import Checkpoint, TensorEntry, header_from_config
 from dllama.converter import kernels
-from dllama.gguf_checkpoint import DEQUANTIZABLE, GGUFCheckpoint, dequantize
+from dllama.errors import DllamaError
 from dllama.formats import (
-    BLOCK_SIZE, FloatType, ModelHeader, TensorSpec, TokenizerFile, atomic_output, padded_vocabulary,
-    permute_rotary_rows, tensor_plan,
+    BLOCK_SIZE,
+    FloatType,
+    ModelHeader,
+    TensorSpec,
+    TokenizerFile,
+    atomic_output,
+    padded_vocabulary,
+    permute_rotary_rows,
+    tensor_plan,
 )
+from dllama.gguf_checkpoint import DEQUANTIZABLE, GGUFCheckpoint, dequantize
 from dllama.tokenizer.convert import convert_tokenizer
 from dllama.tokenizer.from_gguf import GGUFTokenizer
 
 
-class ConversionError(ValueError):
+class ConversionError(DllamaError, ValueError):
     """The checkpoint cannot be converted as asked; the message names the problem and the fix."""
 
 

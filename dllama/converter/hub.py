@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from dllama.errors import DllamaError
+
 # config/index/tokenizer json, sentencepiece model, transformers-5 chat template, then the weights
 METADATA_PATTERNS = ["*.json", "tokenizer.model", "*.jinja"]
 # only the top level is read; hub patterns match across "/", so skip subfolders (onnx/, original/...),
@@ -20,7 +22,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class SourceError(ValueError):
+class SourceError(DllamaError, ValueError):
     """SOURCE is neither a usable local folder nor a reachable hub repository."""
 
 
@@ -41,8 +43,7 @@ def _looks_like_repo_id(source: str) -> bool:
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import errors
+    from huggingface_hub import errors, snapshot_download
 
     offline = _offline_mode()
 

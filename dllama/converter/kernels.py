@@ -16,10 +16,12 @@ from numba import prange
 
 from dllama.f16bits import f16_bits_to_f32_bits as _f16_bits_to_f32_bits
 from dllama.f16bits import f32_bits_to_f16_bits as _f32_bits_to_f16_bits
+from dllama.formats import BLOCK_SIZE, Q40_BYTES, Q80_BYTES, SCALE_BYTES
 
 SRC_BF16 = 0
 SRC_F16 = 1
 SRC_F32 = 2
+HALF_BLOCK = BLOCK_SIZE // 2  # a q40 byte holds value j (low nibble) and value j + HALF_BLOCK (high)
 
 _jit = dict(nogil=True, cache=True)
 
@@ -60,19 +62,19 @@ def encode_f16(src, kind, order, out):
 
 @numba.njit(parallel=True, **_jit)
 def encode_q40(src, kind, order, out):
-    """out: (len(order), cols / 32 * 18) uint8 q40 blocks (FORMAT.md §1.2)."""
+    """out: (len(order), cols / BLOCK_SIZE * Q40_BYTES) uint8 q40 blocks (FORMAT.md §1.2)."""
     cols = src.shape[1]
-    n_blocks = cols // 32
+    n_blocks = cols // BLOCK_SIZE
     for r in prange(order.shape[0]):
         values = np.empty(cols, np.float32)
         scales = np.empty(n_blocks, np.float32)
         _widen_row(src[order[r]], kind, values.view(np.uint32))
         row = out[r]
         for b in range(n_blocks):
-            x = values[b * 32:(b + 1) * 32]
+            x = values[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE]
             mx = x[0]
             mn = x[0]
-            for j in range(1, 32):
+            for j in range(1, BLOCK_SIZE):
                 v = x[j]
                 if v > mx:
                     mx = v
@@ -86,12 +88,12 @@ def encode_q40(src, kind, order, out):
             d = m / np.float32(-8.0)
             scales[b] = d
             inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            o = b * 18
-            for j in range(16):
+            o = b * Q40_BYTES
+            for j in range(HALF_BLOCK):
                 lo = _q40_nibble(x[j], inv)
-                hi = _q40_nibble(x[j + 16], inv)
-                row[o + 2 + j] = lo | (hi << np.uint8(4))
-        _store_scales(row, scales, 18)
+                hi = _q40_nibble(x[j + HALF_BLOCK], inv)
+                row[o + SCALE_BYTES + j] = lo | (hi << np.uint8(4))
+        _store_scales(row, scales, Q40_BYTES)
 
 
 @numba.njit(inline="always", **_jit)
@@ -116,28 +118,28 @@ def _q40_nibble(v, inv):
 
 @numba.njit(parallel=True, **_jit)
 def encode_q80(src, kind, order, out):
-    """out: (len(order), cols / 32 * 34) uint8 q80 blocks (FORMAT.md §1.2)."""
+    """out: (len(order), cols / BLOCK_SIZE * Q80_BYTES) uint8 q80 blocks (FORMAT.md §1.2)."""
     cols = src.shape[1]
-    n_blocks = cols // 32
+    n_blocks = cols // BLOCK_SIZE
     for r in prange(order.shape[0]):
         values = np.empty(cols, np.float32)
         scales = np.empty(n_blocks, np.float32)
         _widen_row(src[order[r]], kind, values.view(np.uint32))
         row = out[r]
         for b in range(n_blocks):
-            x = values[b * 32:(b + 1) * 32]
+            x = values[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE]
             amax = np.float32(0.0)
-            for j in range(32):
+            for j in range(BLOCK_SIZE):
                 a = abs(x[j])
                 if a > amax:
                     amax = a
             d = amax / np.float32(127.0)
             scales[b] = d
             inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            o = b * 34 + 2
-            for j in range(32):
+            o = b * Q80_BYTES + SCALE_BYTES
+            for j in range(BLOCK_SIZE):
                 row[o + j] = np.uint8(np.int8(np.rint(x[j] * inv)) & 0xFF)
-        _store_scales(row, scales, 34)
+        _store_scales(row, scales, Q80_BYTES)
 
 
 @numba.njit(parallel=True, **_jit)

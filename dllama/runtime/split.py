@@ -23,10 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from dllama.errors import DllamaError
 from dllama.formats import BLOCK_FORMATS, BLOCK_SIZE, FloatType, ModelHeader, Split, TensorSpec
 
 
-class SplitError(ValueError):
+class SplitError(DllamaError, ValueError):
     """The model cannot be split as asked; the message names the node counts that work."""
 
 

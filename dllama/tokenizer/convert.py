@@ -13,10 +13,11 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from dllama.errors import DllamaError
 from dllama.formats import EmbeddedKind, EmbeddedSource, TokenizerFile
 
 
-class TokenizerConversionError(ValueError):
+class TokenizerConversionError(DllamaError, ValueError):
     """The tokenizer files cannot be turned into a `.t`."""
 
 

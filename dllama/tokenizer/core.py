@@ -15,8 +15,14 @@ from typing import Iterable
 from dllama.formats import TokenizerFile, read_tokenizer
 from dllama.tokenizer.chat import ChatTemplateError, render_chat
 from dllama.tokenizer.errors import TokenizerError
-from dllama.tokenizer.faithful import (Backend, HFTokenizersBackend, SpecialRules, embedded_backend, embedded_config,
-                                       special_rules)
+from dllama.tokenizer.faithful import (
+    Backend,
+    HFTokenizersBackend,
+    SpecialRules,
+    embedded_backend,
+    embedded_config,
+    special_rules,
+)
 from dllama.tokenizer.reconstruct import reconstruct_tokenizer_json
 from dllama.tokenizer.reference import ReferenceDecoder, ReferenceEncoder
 from dllama.tokenizer.stream import ReferenceStreamDecoder, StreamDecoder

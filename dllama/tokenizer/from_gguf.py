@@ -15,7 +15,10 @@ from pathlib import Path
 
 from dllama.formats import EmbeddedKind, TokenizerFile
 from dllama.tokenizer.convert import (
-    SENTENCEPIECE_SPACE, TokenizerConversionError, embedded_sources, tokenizer_file_from_json,
+    SENTENCEPIECE_SPACE,
+    TokenizerConversionError,
+    embedded_sources,
+    tokenizer_file_from_json,
 )
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp token types

@@ -14,9 +14,27 @@ import numpy as np
 
 from dllama.checkpoint import Checkpoint, CheckpointError, header_from_config
 from dllama.formats import (
-    MODEL_MAGIC, OLD_MODEL_MAGICS, OLD_TOKENIZER_MAGIC, TOKENIZER_MAGIC, ArchType, EmbeddedKind, FloatType, FormatError,
-    HiddenAct, ModelFile, ModelHeader, RopeType, TensorSpec, TokenizerFile, decode_tensor, model_file_size,
-    padded_vocabulary, permute_rotary_rows, read_model_header, read_tokenizer, tensor_plan,
+    MODEL_MAGIC,
+    OLD_MODEL_MAGICS,
+    OLD_TOKENIZER_MAGIC,
+    TOKENIZER_MAGIC,
+    ArchType,
+    EmbeddedKind,
+    FloatType,
+    FormatError,
+    HiddenAct,
+    ModelFile,
+    ModelHeader,
+    RopeType,
+    TensorSpec,
+    TokenizerFile,
+    decode_tensor,
+    model_file_size,
+    padded_vocabulary,
+    permute_rotary_rows,
+    read_model_header,
+    read_tokenizer,
+    tensor_plan,
 )
 from dllama.validate.report import CheckResult, InputError, failed, passed, skipped, warned
 

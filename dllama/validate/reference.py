@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from dllama.checkpoint import rope_settings
+from dllama.errors import DllamaError
 from dllama.formats import FloatType, atomic_output
 
 # Short, varied prompts: prose, code, numbers, non-English. Few and short on purpose: a small
@@ -45,7 +46,7 @@ DEFAULT_MAX_TOKENS = 24
 DEFAULT_TRACED = 3
 
 
-class ReferenceError(ValueError):
+class ReferenceModelError(DllamaError, ValueError):
     """The reference logits cannot be computed or read."""
 
 
@@ -235,7 +236,7 @@ class ReferenceModel:
         self.arith = arithmetic
         self.cfg = ReferenceConfig.from_config(checkpoint.config)
         if self.cfg.act not in ACTIVATIONS:
-            raise ReferenceError(f"hidden_act {self.cfg.act!r} has no reference implementation (silu, gelu)")
+            raise ReferenceModelError(f"hidden_act {self.cfg.act!r} has no reference implementation (silu, gelu)")
         self.inv_freq = rope_frequencies(checkpoint.config, self.cfg.head_dim)
 
     def w(self, name: str) -> np.ndarray:
@@ -450,14 +451,14 @@ class ReferenceLogits:
         try:
             data = np.load(path, allow_pickle=False)
         except FileNotFoundError:
-            raise ReferenceError(f"reference file {path} does not exist") from None
+            raise ReferenceModelError(f"reference file {path} does not exist") from None
         except (OSError, ValueError) as e:
-            raise ReferenceError(f"{path} is not a readable .npz of reference logits ({e})") from None
+            raise ReferenceModelError(f"{path} is not a readable .npz of reference logits ({e})") from None
         with data:
             files = set(data.files)
             n = sum(1 for k in files if k.startswith("logits"))
             if n == 0 or any(f"ids{j}" not in files or f"logits{j}" not in files for j in range(n)):
-                raise ReferenceError(f"{path} lacks ids0/logits0...: write it with `dllama-validate reference --hf SOURCE --out {path.name}`")
+                raise ReferenceModelError(f"{path} lacks ids0/logits0...: write it with `dllama-validate reference --hf SOURCE --out {path.name}`")
             ref = cls(ids=[data[f"ids{j}"].astype(np.int64) for j in range(n)],
                       logits=[data[f"logits{j}"].astype(np.float32) for j in range(n)],
                       prompts=[str(s) for s in data["prompts"]] if "prompts" in files else None,
@@ -474,11 +475,11 @@ class ReferenceLogits:
     def _check_shapes(self, path: Path) -> None:
         for j, (i, logits) in enumerate(zip(self.ids, self.logits)):
             if logits.ndim != 2 or logits.shape != (len(i), self.logits[0].shape[1]):
-                raise ReferenceError(f"{path}: logits{j} has shape {logits.shape} for {len(i)} ids; the file is corrupt")
+                raise ReferenceModelError(f"{path}: logits{j} has shape {logits.shape} for {len(i)} ids; the file is corrupt")
         for name, t in self.traces.items():
             rows = sum(t.lengths)
             if t.states.ndim != 3 or t.states.shape[1] != rows or t.logits.shape != (rows, self.vocab_size):
-                raise ReferenceError(f"{path}: the {name} trace has inconsistent shapes; the file is corrupt")
+                raise ReferenceModelError(f"{path}: the {name} trace has inconsistent shapes; the file is corrupt")
 
     @property
     def vocab_size(self) -> int:

@@ -15,7 +15,13 @@ from dllama.tokenizer.convert import TokenizerConversionError, convert_tokenizer
 from dllama.tokenizer.errors import TokenizerError
 from dllama.validate import checks, fidelity, logits
 from dllama.validate.reference import (
-    ARITHMETIC_TYPES, DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS, DEFAULT_TRACED, ReferenceError, ReferenceLogits, compute_reference,
+    ARITHMETIC_TYPES,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PROMPTS,
+    DEFAULT_TRACED,
+    ReferenceLogits,
+    ReferenceModelError,
+    compute_reference,
 )
 from dllama.validate.report import CheckResult, InputError, Report, Status, failed, passed, skipped
 
@@ -100,7 +106,7 @@ def open_original(source: str | os.PathLike) -> Original:
 def load_reference(path: str | os.PathLike) -> ReferenceLogits:
     try:
         return ReferenceLogits.load(path)
-    except ReferenceError as e:
+    except ReferenceModelError as e:
         raise InputError(str(e)) from None
 
 

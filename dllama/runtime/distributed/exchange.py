@@ -12,7 +12,6 @@ import numpy as np
 from dllama.formats import BLOCK_FORMATS, FloatType, dequantize_q80, quantize_q80
 from dllama.runtime.distributed.protocol import LOGITS_HEAD, PARTIAL_HEAD, SUM_HEAD, BufferType, ProtocolError
 
-
 SEAMS = {"attention": 0, "ffn": 1}  # engine.Exchange stage -> PARTIAL seam number
 
 

@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 
+from dllama.formats import Q40_BLOCK, FloatType
 from dllama.runtime import compute
 from dllama.runtime.distributed.protocol import NodeInfo
 from dllama.runtime.tensors import Matrix, QuantizedInput
-from dllama.formats import FloatType, Q40_BLOCK
 
 PROBE_ROWS, PROBE_COLS = 512, 2048
 PROBE_SECONDS = 0.1

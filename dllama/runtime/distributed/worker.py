@@ -21,20 +21,46 @@ import numpy as np
 from dllama.formats import ModelHeader
 from dllama.runtime import compute
 from dllama.runtime.distributed.exchange import (
-    SEAMS, decode_partial, decode_sum, encode_logits, encode_partial, parse_partial, partial_nbytes, relays_sums,
+    SEAMS,
+    decode_partial,
+    decode_sum,
+    encode_logits,
+    encode_partial,
+    parse_partial,
+    partial_nbytes,
+    relays_sums,
     sum_partials,
 )
 from dllama.runtime.distributed.plan import SplitError, kv_cache_bytes, node_weight_bytes
 from dllama.runtime.distributed.probe import node_info, physical_memory
 from dllama.runtime.distributed.protocol import (
-    FORWARD_HEAD, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT_S, IO_TIMEOUT_S, PARTIAL_HEAD, SUM_HEAD, WEIGHT_CHUNK,
+    FORWARD_HEAD,
+    HANDSHAKE_MAX_FRAME,
+    HANDSHAKE_TIMEOUT_S,
+    IO_TIMEOUT_S,
+    PARTIAL_HEAD,
+    SUM_HEAD,
+    WEIGHT_CHUNK,
     WEIGHTS_HEAD,
-    Frame, Hello, ModelIdentity, PeerClosed, ProtocolError, check_preamble, configure_socket,
-    model_identity, ready_payload, recv_exact, recv_frame, recv_header, send_error, send_frame, send_preamble,
+    Frame,
+    Hello,
+    ModelIdentity,
+    PeerClosed,
+    ProtocolError,
+    check_preamble,
+    configure_socket,
+    model_identity,
+    ready_payload,
+    recv_exact,
+    recv_frame,
+    recv_header,
+    send_error,
+    send_frame,
+    send_preamble,
 )
 from dllama.runtime.distributed.slices import SliceReceiver, load_local_slices
 from dllama.runtime.distributed.weights import node_weights
-from dllama.runtime.engine import PREFILL_BATCH, Engine
+from dllama.runtime.engine import PREFILL_BATCH, Engine, EngineError
 from dllama.runtime.model import NodeLayers
 from dllama.runtime.split import ClusterSplit, NodeShare
 
@@ -71,7 +97,7 @@ class Worker:
     def __init__(self, host: str = "0.0.0.0", port: int = 9999, model_path: str | os.PathLike | None = None,
                  nthreads: int | None = None, log: Callable[[str], None] | None = None):
         if problem := compute.threads_problem(nthreads):
-            raise ValueError(f"--{problem}")
+            raise EngineError(f"--{problem}")
         compute.implementation()  # builds the compiled kernels on a first run, before a root waits for them
         self.model_path = Path(model_path) if model_path else None
         self.identity: ModelIdentity | None = model_identity(self.model_path) if self.model_path else None

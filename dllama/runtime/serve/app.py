@@ -17,11 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from dllama.runtime.conversation import PromptTooLong, answer_room
 from dllama.runtime.serve import protocol
 from dllama.runtime.serve.health import cluster_fault_types
 from dllama.runtime.serve.protocol import ApiError, GenerationRequest
+from dllama.runtime.serve.runner import EngineFailure, Job, JobRunner, Outcome
 from dllama.runtime.serve.scheduler import Event, Running, Scheduler
-from dllama.runtime.serve.session import EngineFailure, Job, Outcome, Session
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 RECONNECT_INTERVAL_S = 1.0  # how often a server whose cluster lost a worker tries to rebuild it
@@ -59,17 +60,17 @@ class _EngineStream(StreamingResponse):
 
 
 class OpenAIServer:
-    """The routes, over one Session (engine + tokenizer + KV cache record) and one Scheduler."""
+    """The routes, over one JobRunner (engine + tokenizer + conversation) and one Scheduler."""
 
-    def __init__(self, session: Session, scheduler: Scheduler, model_id: str, api_key: str | None,
+    def __init__(self, runner: JobRunner, scheduler: Scheduler, model_id: str, api_key: str | None,
                  health_probe: Callable[[], str | None] | None):
-        self.session = session
+        self.runner = runner
         self.scheduler = scheduler
         self.model_id = model_id
         self.api_key = api_key
         self.health_probe = health_probe    # returns why the engine is down, or None
         self.down_reason: str | None = None  # sticky until the cluster is rebuilt (or for good without reconnect)
-        self.reconnect = getattr(session.engine, "reconnect", None)  # a cluster root rebuilds itself
+        self.reconnect = getattr(runner.engine, "reconnect", None)  # a cluster root rebuilds itself
         self.reconnect_error: str | None = None  # why the last attempt failed
         self.reconnects = 0
         self.created = int(time.time())
@@ -88,7 +89,7 @@ class OpenAIServer:
         self._authorize(request)
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "dllama",
-             "context_length": self.session.context_length}]})
+             "context_length": self.runner.context_length}]})
 
     async def health(self, request: Request) -> Response:
         reason = self._down_reason()
@@ -125,20 +126,18 @@ class OpenAIServer:
     def _job(self, req: GenerationRequest) -> Job:
         param = "messages" if req.kind == "chat" else "prompt"
         try:
-            ids = self.session.prompt_ids(req.kind, req.messages, req.prompt)
+            ids = self.runner.prompt_ids(req.kind, req.messages, req.prompt)
         except Exception as e:  # a chat template that rejects these messages, for example
             raise protocol.invalid(param, f"could not build the prompt: {e}", code="invalid_prompt") from None
         if not ids:
             raise protocol.invalid(param, f"'{param}' produced no tokens", code="empty_prompt")
-        vocab = getattr(self.session.tokenizer, "vocab_size", None)
+        vocab = getattr(self.runner.tokenizer, "vocab_size", None)
         if vocab is not None and not all(0 <= t < vocab for t in ids):
             raise protocol.invalid(param, f"token ids must be in [0, {vocab})", code="invalid_token_id")
-        context = self.session.context_length
-        room = context - len(ids)
-        if room < 1:
-            raise protocol.invalid(param, f"the prompt is {len(ids)} tokens but the context holds {context} (including at "
-                                          f"least 1 generated token): shorten the prompt or start the server with a larger "
-                                          f"--max-seq-len", code="context_length_exceeded")
+        try:
+            room = answer_room(len(ids), self.runner.context_length)
+        except PromptTooLong as e:
+            raise protocol.invalid(param, str(e), code="context_length_exceeded") from None
         return Job(prompt_ids=ids, max_tokens=min(req.max_tokens or room, room), stop=req.stop, sampling=req.sampling)
 
     async def _admit(self, request: Request, req: GenerationRequest, job: Job) -> Generation:
@@ -153,7 +152,7 @@ class OpenAIServer:
         except BaseException:
             watcher.cancel()
             raise
-        running = self.scheduler.start(lambda c, emit: self.session.run(job, c, emit), cancelled)
+        running = self.scheduler.start(lambda c, emit: self.runner.run(job, c, emit), cancelled)
         return Generation(req, running, watcher, protocol.new_id(req.kind), req.model or self.model_id, int(time.time()))
 
     async def _stream(self, generation: Generation) -> Response:
@@ -225,7 +224,7 @@ class OpenAIServer:
         except self.faults as e:
             self.reconnect_error = str(e)
             return
-        self.session.cached = []  # the rebuilt cluster's KV cache is empty
+        self.runner.conversation.cached = []  # the rebuilt cluster's KV cache is empty
         self.reconnect_error = None
         self.reconnects += 1
         self.down_reason = None
@@ -280,7 +279,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_queue: int = 16,
                api_key: str | None = None, health_probe: Callable[[], str | None] | None = None) -> Starlette:
-    server = OpenAIServer(Session(engine, tokenizer, context_length), Scheduler(max_queue), model_id, api_key, health_probe)
+    server = OpenAIServer(JobRunner(engine, tokenizer, context_length), Scheduler(max_queue), model_id, api_key, health_probe)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

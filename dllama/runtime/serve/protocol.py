@@ -11,10 +11,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from dllama.errors import DllamaError
+
 MAX_STOP_SEQUENCES = 4
 
 
-class ApiError(Exception):
+class ApiError(DllamaError):
     """A request that ends in an OpenAI-style error response."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",

@@ -7,30 +7,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
-from dllama.checkpoint import CheckpointError
-from dllama.converter.convert import (
-    ConversionError, ConversionPlan, ConversionResult, default_name, plan_conversion, write_outputs,
-)
-from dllama.converter.hub import SourceError, resolve_source
-from dllama.formats import FloatType, FormatError
-from dllama.tokenizer.convert import TokenizerConversionError
+from dllama.cli.edge import edge, fail, note
+from dllama.converter.convert import ConversionPlan, ConversionResult, default_name, plan_conversion, write_outputs
+from dllama.converter.hub import resolve_source
+from dllama.formats import FloatType
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
     help="Convert Hugging Face checkpoints and GGUF files to the distributed-llama format (.m model, .t tokenizer).",
 )
-EXPECTED_ERRORS = (ConversionError, CheckpointError, TokenizerConversionError, FormatError, SourceError, OSError)
 PROGRESS_MIN_BYTES = 64 << 20  # below this a conversion is too quick for a progress bar
 QUANTS = ("q40", "q80", "f32", "f16")
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
 
 
 # options every command shares
@@ -51,7 +42,7 @@ def hf(
 ) -> None:
     """Convert a model: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t."""
     if Path(source).expanduser().is_file():
-        _fail(f"{source} is a file; for a GGUF file use `dllama-convert gguf {source}`")
+        fail(f"{source} is a file; for a GGUF file use `dllama-convert gguf {source}`")
     _run(source, _float_type(quant), name, output_dir, embed_tokenizer, revision, as_json)
 
 
@@ -64,7 +55,7 @@ def gguf(
 ) -> None:
     """Convert a GGUF file: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t."""
     if not source.is_file():
-        _fail(f"{source} is not a file; `dllama-convert gguf` takes a .gguf file (use `dllama-convert hf` for a folder)")
+        fail(f"{source} is not a file; `dllama-convert gguf` takes a .gguf file (use `dllama-convert hf` for a folder)")
     _run(str(source), _float_type(quant), name, output_dir, embed_tokenizer, None, as_json)
 
 
@@ -80,36 +71,29 @@ def tokenizer(
 
 def _float_type(quant: str) -> FloatType:
     if quant.lower() not in QUANTS:
-        _fail(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")
+        fail(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")
     return FloatType.parse(quant)
 
 
 def _run(source: str, float_type: FloatType | None, name: str | None, output_dir: Path, embed: bool,
          revision: str | None, as_json: bool) -> None:
-    try:
+    with edge(interrupted=_interrupted):
         local = Path(source).expanduser()
         folder = local if local.is_file() else resolve_source(source, revision)
         name = name or default_name(str(local.resolve()) if local.exists() else source)
         plan = plan_conversion(folder, float_type, name, output_dir,
                                with_tokenizer=True, embed_tokenizer=embed)
-        for note in plan.notes:
-            typer.echo(f"note: {note}", err=True)
+        for message in plan.notes:
+            note(f"note: {message}")
         result = _write_with_progress(plan)
-    except EXPECTED_ERRORS as e:
-        _fail(_one_line(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; no output was written")
     if as_json:
         typer.echo(json.dumps(summary_dict(result), indent=2))
     else:
         typer.echo(summary_text(result))
 
 
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError):  # an unexpected file-system failure: its reason and the file
-        where = f" ({e.filename})" if e.filename else ""
-        return f"{e.strerror or e}{where}"
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+def _interrupted() -> NoReturn:
+    fail("interrupted; no output was written")
 
 
 def _write_with_progress(plan: ConversionPlan) -> ConversionResult:
