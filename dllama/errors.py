@@ -17,3 +17,7 @@ class DllamaError(Exception):
 
 class FormatError(DllamaError, ValueError):
     """A `.m` or `.t` file (or a value headed for one) breaks the format (dllama.formats)."""
+
+
+class TokenizerError(DllamaError, ValueError):
+    """A request the tokenizer cannot serve (bad mode, id outside the vocabulary, unusable embedding)."""

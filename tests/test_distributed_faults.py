@@ -115,7 +115,8 @@ def test_oversized_frames_are_refused_before_allocating(f32_model):
         from dllama.formats import read_model_header
         huge = replace(read_model_header(f32_model), dim=1 << 20, hidden_dim=1 << 22, n_layers=1024, vocab_size=1 << 20)
         from dllama.formats import model_file_size
-        lying = hello_bytes(f32_model, header_bytes=huge.to_bytes(), identity=ModelIdentity(model_file_size(huge), bytes(32)))
+        lying = hello_bytes(f32_model, header_bytes=huge.to_bytes(), identity=ModelIdentity(model_file_size(huge),
+                                                                                            bytes(32)))
         text = error_text(talk(worker.address, GOOD_PREAMBLE + frame(Frame.HELLO, lying)))
         assert "MiB but this machine has" in text
         endless = replace(read_model_header(f32_model), n_layers=1 << 30)

@@ -17,7 +17,7 @@ import pytest
 from distributed_helpers import assert_greedy_matches_up_to_near_ties, loopback_workers
 
 from dllama.formats import read_model_header
-from dllama.runtime.distributed.plan import memory_plan
+from dllama.runtime.distributed.node_memory import memory_plan
 from dllama.runtime.distributed.root import DistributedEngine
 from dllama.runtime.engine import Engine
 from dllama.tokenizer import Tokenizer
@@ -90,7 +90,8 @@ def test_smollm2_plan_and_root_refuse_10_nodes_naming_1_to_9_before_connecting(s
 
     out = CliRunner().invoke(app, ["plan", "--model", str(smollm2_files["q40"]), "--nodes", "10"])
     assert out.exit_code == 1 and "more than this model's 9 heads allow: it runs on 1 to 9 nodes" in out.output
-    ok = CliRunner().invoke(app, ["plan", "--model", str(smollm2_files["q40"]), "--nodes", "10", "--root-compute", "none"])
+    ok = CliRunner().invoke(app, ["plan", "--model", str(smollm2_files["q40"]), "--nodes", "10", "--root-compute",
+                                  "none"])
     assert ok.exit_code == 0, ok.output  # a coordinator root and 9 computing workers
     with pytest.raises(SplitError, match="1 to 9 nodes"):  # nothing listens on these ports: refused before connecting
         DistributedEngine(smollm2_files["q40"], [("127.0.0.1", 1)] * 9)

@@ -75,7 +75,8 @@ def test_quantizing_a_row_not_multiple_of_32_is_refused():
 
 def test_f16_round_trip():
     x = np.linspace(-3, 3, 64, dtype=np.float32).reshape(2, 32)
-    assert np.array_equal(decode_tensor(encode_tensor(x, FloatType.F16), FloatType.F16, x.shape), x.astype(np.float16).astype(np.float32))
+    assert np.array_equal(decode_tensor(encode_tensor(x, FloatType.F16), FloatType.F16, x.shape),
+                          x.astype(np.float16).astype(np.float32))
 
 
 def test_bad_model_magic_is_named():

@@ -63,7 +63,8 @@ def test_sampler_greedy_seeded_and_nucleus():
     assert Sampler(temperature=0)(logits) == 1
     draws = [Sampler(temperature=1.0, seed=s)(logits) for s in range(200)]
     assert set(draws) == {0, 1, 2, 3}
-    assert [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)] == [Sampler(temperature=1.0, seed=5)(logits)] * 3
+    assert [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)] == [Sampler(temperature=1.0,
+                                                                                    seed=5)(logits)] * 3
     # top_p 0.5: only the two best tokens (p ~ 0.48 and 0.43) can be drawn
     assert {Sampler(temperature=1.0, top_p=0.5, seed=s)(logits) for s in range(200)} == {1, 3}
     with pytest.raises(ValueError, match="top_p"):

@@ -70,7 +70,8 @@ def check_command(
     hf: Optional[str] = typer.Option(None, "--hf", help="the original: a Hugging Face folder, repo id or GGUF file"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="REF.npz from `dllama-validate reference`"),
     json_output: bool = typer.Option(False, "--json", help="print the report as JSON (docs/VALIDATE.md)"),
-    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="tokens per logit prompt when computing the reference here"),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS,
+                                   help="tokens per logit prompt when computing the reference here"),
     corpus_limit: Optional[int] = typer.Option(None, help="tokenizer fidelity on the first N corpus texts only"),
     threads: Optional[int] = typer.Option(None, help="runtime threads (default: all cores)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr"),
@@ -79,7 +80,8 @@ def check_command(
 
     Example: dllama-validate tinyllama_q40.m tinyllama.t --hf TinyLlama/TinyLlama-1.1B-Chat-v1.0
 
-    Without the original here: dllama-validate reference --hf SOURCE --out REF.npz (see its --help), then --reference REF.npz.
+    Without the original here: dllama-validate reference --hf SOURCE --out REF.npz (see its --help),
+    then --reference REF.npz.
     """
     from dllama.validate.validator import Options, validate
 
@@ -97,7 +99,8 @@ def check_command(
 def reference_command(
     hf: str = typer.Option(..., "--hf", help="the original: a Hugging Face folder, repo id or GGUF file"),
     out: Path = typer.Option(..., "--out", help="where to write REF.npz"),
-    prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="a prompt (repeatable); default: built-in prompts"),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt",
+                                               help="a prompt (repeatable); default: built-in prompts"),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="tokens per prompt, bos included"),
     arithmetic: str = typer.Option("q40,q80", help="also a run with these file types' arithmetic, for "
                                                    "logits.correctness ('' for none)"),
@@ -123,7 +126,8 @@ def reference_command(
         finally:
             progress.close()
     extra = f", arithmetic: {', '.join(ref.traces)}" if ref.traces else ""
-    typer.echo(f"wrote {out}: {len(ref.ids)} prompts, {sum(len(i) for i in ref.ids)} positions, vocab {ref.vocab_size}{extra}")
+    typer.echo(f"wrote {out}: {len(ref.ids)} prompts, {sum(len(i) for i in ref.ids)} positions, vocab "
+               f"{ref.vocab_size}{extra}")
 
 
 def _arithmetic_types(arithmetic: str) -> list[FloatType]:

@@ -10,7 +10,7 @@ import typer
 from dllama.cli import options
 from dllama.cli.edge import CliError, edge, fail, note
 from dllama.formats import read_model_header
-from dllama.runtime.distributed.plan import (
+from dllama.runtime.distributed.node_memory import (
     TOKENIZER_BYTES_PER_TOKEN,
     SplitError,
     cluster_weights,

@@ -32,7 +32,8 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise SourceError(f"{source} is a file; SOURCE must be a checkpoint folder or a hub repo id like TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+        raise SourceError(f"{source} is a file; SOURCE must be a checkpoint folder or a hub repo id like "
+                          "TinyLlama/TinyLlama-1.1B-Chat-v1.0")
     if not _looks_like_repo_id(source):
         raise SourceError(f"{source} does not exist; SOURCE must be a checkpoint folder or a hub repo id like org/name")
     return _download(source, revision)
@@ -61,7 +62,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise SourceError(f"cannot reach the Hugging Face hub to download {repo_id} and it is not cached; "
                           f"check the network, or pass a local folder") from None
     except errors.GatedRepoError:
-        raise SourceError(f"{repo_id} is gated: accept its licence on huggingface.co and log in with `hf auth login`") from None
+        raise SourceError(f"{repo_id} is gated: accept its licence on huggingface.co and log in with "
+                          "`hf auth login`") from None
     except errors.RepositoryNotFoundError:
         raise SourceError(f"{repo_id} is not a folder here and not a repository on the Hugging Face hub "
                           f"(or it is private: log in with `hf auth login`)") from None

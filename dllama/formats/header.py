@@ -181,9 +181,11 @@ def parse_model_header(data: bytes, where: str = "model file") -> ModelHeader:
         raise FormatError(f"{where} is truncated: {len(data)} bytes, too short for a header")
     magic, header_size = struct.unpack_from("<2i", data)
     if magic in OLD_MODEL_MAGICS:
-        raise FormatError(f"{where} uses the old distributed-llama format (magic {magic:#x}); reconvert it with dllama-convert")
+        raise FormatError(f"{where} uses the old distributed-llama format (magic {magic:#x}); reconvert it with "
+                          "dllama-convert")
     if magic != MODEL_MAGIC:
-        raise FormatError(f"{where} is not a distributed-llama model: bad magic {magic & 0xFFFFFFFF:#x} (expected {MODEL_MAGIC:#x})")
+        raise FormatError(f"{where} is not a distributed-llama model: bad magic {magic & 0xFFFFFFFF:#x} (expected "
+                          f"{MODEL_MAGIC:#x})")
     if header_size < 8 or (header_size - 8) % 8 or header_size > 8 + 8 * 64:
         raise FormatError(f"{where} has an impossible header size {header_size}")
     if len(data) < header_size:
@@ -195,7 +197,8 @@ def parse_model_header(data: bytes, where: str = "model file") -> ModelHeader:
         try:
             name = FIELD_BY_KEY[HeaderKey(key)]
         except ValueError:
-            raise FormatError(f"{where} has unknown header key {key}; it was written by a newer or foreign converter") from None
+            raise FormatError(f"{where} has unknown header key {key}; it was written by a newer or foreign "
+                              "converter") from None
         if name in _ENUM_FIELDS:
             try:
                 value = _ENUM_FIELDS[name](value)

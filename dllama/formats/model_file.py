@@ -43,12 +43,12 @@ def tensor_plan(h: ModelHeader) -> list[TensorSpec]:
     f32 = FloatType.F32
     permute = h.arch == ArchType.LLAMA
     plan = [TensorSpec("embedding", "model.embed_tokens.weight", (h.vocab_size, h.dim), f32)]
-    for l in range(h.n_layers):
-        p = f"model.layers.{l}."
+    for layer in range(h.n_layers):
+        p = f"model.layers.{layer}."
 
         def spec(name: str, hf: str, shape: tuple[int, ...], ft: FloatType = W, split: Split = Split.WHOLE,
                  permute_heads: int | None = None) -> TensorSpec:
-            return TensorSpec(f"layers.{l}.{name}", p + hf, shape, ft, split, permute_heads, l)
+            return TensorSpec(f"layers.{layer}.{name}", p + hf, shape, ft, split, permute_heads, layer)
 
         plan += [
             spec("q", "self_attn.q_proj.weight", (h.q_dim, h.dim), split=Split.ROWS,

@@ -118,7 +118,8 @@ class TokenizerFile:
 
 def _extension_section(section: EmbeddedSource) -> bytes:
     packed = zlib.compress(section.data, 6)
-    return (EXTENSION_MAGIC + struct.pack("<5I", EXTENSION_VERSION, int(section.kind), 1, len(section.data), len(packed))
+    return (EXTENSION_MAGIC + struct.pack("<5I", EXTENSION_VERSION, int(section.kind), 1, len(section.data),
+                                          len(packed))
             + struct.pack("<I", zlib.crc32(section.data)) + packed)
 
 
@@ -130,7 +131,8 @@ def parse_tokenizer(data: bytes, where: str = "tokenizer file") -> TokenizerFile
         raise FormatError(f"{where} is truncated: {len(data)} bytes, too short for a header")
     magic, header_size = struct.unpack_from("<2i", data)
     if magic not in (TOKENIZER_MAGIC, OLD_TOKENIZER_MAGIC):
-        raise FormatError(f"{where} is not a distributed-llama tokenizer: bad magic {magic & 0xFFFFFFFF:#x} (expected {TOKENIZER_MAGIC:#x})")
+        raise FormatError(f"{where} is not a distributed-llama tokenizer: bad magic {magic & 0xFFFFFFFF:#x} (expected "
+                          f"{TOKENIZER_MAGIC:#x})")
     if header_size < 8 or (header_size - 8) % 8 or header_size > 8 + 8 * 64 or header_size > len(data):
         raise FormatError(f"{where} has an impossible or truncated header (size {header_size})")
     n_pairs = (header_size - 8) // 8

@@ -7,6 +7,6 @@ The built-in test corpus is the submodule `dllama.tokenizer.corpus` (corpus.corp
 """
 from dllama.tokenizer.chat import ChatTemplateError
 from dllama.tokenizer.core import InexactTokenizerWarning, Tokenizer, TokenizerError
-from dllama.tokenizer.reference import ReferenceRuntimeAbort
+from dllama.tokenizer.cpp_tokenizer import ReferenceRuntimeAbort
 
 __all__ = ["Tokenizer", "TokenizerError", "ChatTemplateError", "InexactTokenizerWarning", "ReferenceRuntimeAbort"]

@@ -12,9 +12,10 @@ import os
 import warnings
 from typing import Iterable
 
+from dllama.errors import TokenizerError
 from dllama.formats import TokenizerFile, read_tokenizer
 from dllama.tokenizer.chat import ChatTemplateError, render_chat
-from dllama.tokenizer.errors import TokenizerError
+from dllama.tokenizer.cpp_tokenizer import ReferenceDecoder, ReferenceEncoder
 from dllama.tokenizer.faithful import (
     Backend,
     HFTokenizersBackend,
@@ -24,7 +25,6 @@ from dllama.tokenizer.faithful import (
     special_rules,
 )
 from dllama.tokenizer.reconstruct import reconstruct_tokenizer_json
-from dllama.tokenizer.reference import ReferenceDecoder, ReferenceEncoder
 from dllama.tokenizer.stream import ReferenceStreamDecoder, StreamDecoder
 
 MODES = ("faithful", "reference")

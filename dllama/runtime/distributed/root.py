@@ -31,7 +31,7 @@ from dllama.runtime.distributed.exchange import (
     relays_sums,
     sum_partials,
 )
-from dllama.runtime.distributed.plan import cluster_weights
+from dllama.runtime.distributed.node_memory import cluster_weights
 from dllama.runtime.distributed.probe import auto_weights, node_info
 from dllama.runtime.distributed.protocol import (
     CONNECT_TIMEOUT_S,
@@ -112,7 +112,8 @@ def blame(link: WorkerLink) -> Iterator[None]:
         raise WorkerError(f"{link.name}: connection refused; start `dllama-run worker --port {port}` "
                           f"on {host} first") from None
     except (socket.timeout, TimeoutError):
-        raise WorkerError(f"{link.name}: no answer in time; check the address and that nothing blocks the port") from None
+        raise WorkerError(f"{link.name}: no answer in time; check the address and that nothing blocks the "
+                          "port") from None
     except (ProtocolError, OSError) as err:
         what = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
         raise WorkerError(f"{link.name}: {what}") from None
@@ -130,7 +131,8 @@ class TcpExchange:
 
     def begin(self, x: np.ndarray, pos: int) -> None:
         for link in self.links:
-            self._send(link, Frame.FORWARD, FORWARD_HEAD.pack(pos, len(x)), memoryview(np.ascontiguousarray(x)).cast("B"))
+            self._send(link, Frame.FORWARD, FORWARD_HEAD.pack(pos, len(x)),
+                       memoryview(np.ascontiguousarray(x)).cast("B"))
         self.traffic.tokens += len(x)
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:

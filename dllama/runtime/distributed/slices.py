@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from dllama.formats import ModelHeader, Split, tensor_layout
-from dllama.runtime.distributed.plan import shard_tensors
+from dllama.runtime.distributed.node_memory import shard_tensors
 from dllama.runtime.distributed.protocol import (
     WEIGHT_CHUNK,
     WEIGHTS_HEAD,

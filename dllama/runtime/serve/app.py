@@ -18,9 +18,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dllama.runtime.conversation import PromptTooLong, answer_room
-from dllama.runtime.serve import protocol
+from dllama.runtime.serve import openai_api
 from dllama.runtime.serve.health import cluster_fault_types
-from dllama.runtime.serve.protocol import ApiError, GenerationRequest
+from dllama.runtime.serve.openai_api import ApiError, GenerationRequest
 from dllama.runtime.serve.runner import EngineFailure, Job, JobRunner, Outcome
 from dllama.runtime.serve.scheduler import Event, Running, Scheduler
 
@@ -80,10 +80,10 @@ class OpenAIServer:
     # routes
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(request, protocol.parse_chat_request)
+        return await self._generate(request, openai_api.parse_chat_request)
 
     async def completions(self, request: Request) -> Response:
-        return await self._generate(request, protocol.parse_completion_request)
+        return await self._generate(request, openai_api.parse_completion_request)
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
@@ -120,7 +120,7 @@ class OpenAIServer:
             outcome = self._outcome(event)
         finally:
             await generation.close()
-        return JSONResponse(protocol.completion_body(req.kind, generation.rid, generation.model, "".join(texts),
+        return JSONResponse(openai_api.completion_body(req.kind, generation.rid, generation.model, "".join(texts),
                                                      outcome.finish_reason, _usage(outcome)))
 
     def _job(self, req: GenerationRequest) -> Job:
@@ -128,16 +128,16 @@ class OpenAIServer:
         try:
             ids = self.runner.prompt_ids(req.kind, req.messages, req.prompt)
         except Exception as e:  # a chat template that rejects these messages, for example
-            raise protocol.invalid(param, f"could not build the prompt: {e}", code="invalid_prompt") from None
+            raise openai_api.invalid(param, f"could not build the prompt: {e}", code="invalid_prompt") from None
         if not ids:
-            raise protocol.invalid(param, f"'{param}' produced no tokens", code="empty_prompt")
+            raise openai_api.invalid(param, f"'{param}' produced no tokens", code="empty_prompt")
         vocab = getattr(self.runner.tokenizer, "vocab_size", None)
         if vocab is not None and not all(0 <= t < vocab for t in ids):
-            raise protocol.invalid(param, f"token ids must be in [0, {vocab})", code="invalid_token_id")
+            raise openai_api.invalid(param, f"token ids must be in [0, {vocab})", code="invalid_token_id")
         try:
             room = answer_room(len(ids), self.runner.context_length)
         except PromptTooLong as e:
-            raise protocol.invalid(param, str(e), code="context_length_exceeded") from None
+            raise openai_api.invalid(param, str(e), code="context_length_exceeded") from None
         return Job(prompt_ids=ids, max_tokens=min(req.max_tokens or room, room), stop=req.stop, sampling=req.sampling)
 
     async def _admit(self, request: Request, req: GenerationRequest, job: Job) -> Generation:
@@ -153,7 +153,8 @@ class OpenAIServer:
             watcher.cancel()
             raise
         running = self.scheduler.start(lambda c, emit: self.runner.run(job, c, emit), cancelled)
-        return Generation(req, running, watcher, protocol.new_id(req.kind), req.model or self.model_id, int(time.time()))
+        return Generation(req, running, watcher, openai_api.new_id(req.kind), req.model or self.model_id,
+                          int(time.time()))
 
     async def _stream(self, generation: Generation) -> Response:
         # wait for the first event before sending headers, so a failing start still gets its status code
@@ -170,26 +171,27 @@ class OpenAIServer:
         kind, chunk = generation.request.kind, self._chunk_maker(generation)
         try:
             if kind == "chat":
-                yield protocol.sse(chunk("", role=True))
+                yield openai_api.sse(chunk("", role=True))
             while event.kind == "text":
-                yield protocol.sse(chunk(event.value))
+                yield openai_api.sse(chunk(event.value))
                 event = await generation.running.next()
             if event.kind == "error":  # headers are gone: the error travels as an event, without [DONE]
-                yield protocol.sse(self._engine_error(event.value).body())
+                yield openai_api.sse(self._engine_error(event.value).body())
                 return
             outcome: Outcome = event.value
-            yield protocol.sse(chunk(None if kind == "chat" else "", finish_reason=outcome.finish_reason))
+            yield openai_api.sse(chunk(None if kind == "chat" else "", finish_reason=outcome.finish_reason))
             if generation.request.include_usage:
-                yield protocol.sse(protocol.usage_chunk_body(kind, generation.rid, generation.created, generation.model,
+                yield openai_api.sse(openai_api.usage_chunk_body(kind, generation.rid, generation.created,
+                                                                 generation.model,
                                                              _usage(outcome)))
-            yield protocol.sse("[DONE]")
+            yield openai_api.sse("[DONE]")
         finally:
             generation.running.cancelled.set()  # a client gone mid-stream frees the engine at the next token
 
     @staticmethod
     def _chunk_maker(generation: Generation) -> Callable[..., dict]:
         def chunk(text: str | None, **extra) -> dict:
-            return protocol.chunk_body(generation.request.kind, generation.rid, generation.created, generation.model,
+            return openai_api.chunk_body(generation.request.kind, generation.rid, generation.created, generation.model,
                                        text, **extra)
         return chunk
 
@@ -246,7 +248,8 @@ class OpenAIServer:
         if isinstance(cause, self.faults):
             self.down_reason = f"{type(cause).__name__}: {cause}"
             return self._unavailable(self.down_reason)
-        return ApiError(500, f"generation failed: {type(cause).__name__}: {cause}", type="server_error", code="engine_error")
+        return ApiError(500, f"generation failed: {type(cause).__name__}: {cause}", type="server_error",
+                        code="engine_error")
 
 
 async def _watch_disconnect(request: Request, cancelled: threading.Event) -> None:
@@ -258,7 +261,7 @@ async def _watch_disconnect(request: Request, cancelled: threading.Event) -> Non
 
 
 def _usage(outcome: Outcome) -> dict:
-    return protocol.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)
+    return openai_api.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -279,7 +282,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_queue: int = 16,
                api_key: str | None = None, health_probe: Callable[[], str | None] | None = None) -> Starlette:
-    server = OpenAIServer(JobRunner(engine, tokenizer, context_length), Scheduler(max_queue), model_id, api_key, health_probe)
+    server = OpenAIServer(JobRunner(engine, tokenizer, context_length), Scheduler(max_queue), model_id, api_key,
+                          health_probe)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

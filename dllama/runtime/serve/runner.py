@@ -15,7 +15,7 @@ import numpy as np
 from dllama.errors import DllamaError
 from dllama.runtime.conversation import Conversation, StopReason
 from dllama.runtime.generate import generate
-from dllama.runtime.serve.protocol import Sampling
+from dllama.runtime.serve.openai_api import Sampling
 
 
 class EngineLike(Protocol):
@@ -113,7 +113,8 @@ class JobRunner:
             return self._run(job, cancelled, emit)
 
     def _run(self, job: Job, cancelled: threading.Event, emit: Callable[[str], None]) -> Outcome:
-        tokens = generate(_FailuresReported(self.engine), job.prompt_ids, job.max_tokens, temperature=job.sampling.temperature,
+        tokens = generate(_FailuresReported(self.engine), job.prompt_ids, job.max_tokens,
+                          temperature=job.sampling.temperature,
                           top_p=job.sampling.top_p, seed=job.sampling.seed, eos_ids=self.tokenizer.eos_ids,
                           cancel=cancelled.is_set, conversation=self.conversation)
         scanner = StopScanner(job.stop)

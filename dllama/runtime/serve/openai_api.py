@@ -107,7 +107,8 @@ def _stop(name: str, value: Any) -> list[str]:
 
 def _only_one_choice(name: str, value: Any) -> int:
     if _integer(name, value) != 1:
-        raise invalid(name, f"'{name}' must be 1: one generation runs at a time on this server", code="unsupported_value")
+        raise invalid(name, f"'{name}' must be 1: one generation runs at a time on this server",
+                      code="unsupported_value")
     return 1
 
 
@@ -132,7 +133,9 @@ def _stream_options(name: str, value: Any) -> bool:
         raise _wrong_type(name, value, "an object")
     unknown = set(value) - {"include_usage"}
     if unknown:
-        raise invalid(f"{name}.{sorted(unknown)[0]}", f"unknown field '{name}.{sorted(unknown)[0]}': only include_usage is supported", code="unknown_field")
+        raise invalid(f"{name}.{sorted(unknown)[0]}",
+                      f"unknown field '{name}.{sorted(unknown)[0]}': only include_usage is supported",
+                      code="unknown_field")
     return _boolean(f"{name}.include_usage", value.get("include_usage", False))
 
 
@@ -147,7 +150,9 @@ def _message_content(name: str, value: Any) -> str:
         texts = []
         for i, part in enumerate(value):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise invalid(f"{name}[{i}]", f"'{name}[{i}]' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}", code="unsupported_value")
+                raise invalid(f"{name}[{i}]",
+                              f"'{name}[{i}]' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}",
+                              code="unsupported_value")
             texts.append(part["text"])
         return "".join(texts)
     raise _wrong_type(name, value, "a string or an array of text parts")
@@ -166,7 +171,8 @@ def _messages(name: str, value: Any) -> list[dict]:
         unknown = set(msg) - {"role", "content", "name"}
         if unknown:
             key = sorted(unknown)[0]
-            raise invalid(f"{where}.{key}", f"unknown field '{where}.{key}': messages take role, content and name", code="unknown_field")
+            raise invalid(f"{where}.{key}", f"unknown field '{where}.{key}': messages take role, content and name",
+                          code="unknown_field")
         role = msg.get("role")
         if role not in MESSAGE_ROLES:
             raise invalid(f"{where}.role", f"'{where}.role' must be one of {', '.join(MESSAGE_ROLES)}, got {role!r}")
@@ -235,7 +241,8 @@ def parse_json_object(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise invalid(None, f"the request body is not valid JSON ({e}): send a JSON object", code="invalid_json") from None
+        raise invalid(None, f"the request body is not valid JSON ({e}): send a JSON object",
+                      code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid(None, f"the request body must be a JSON object, got {_type_name(body)}", code="invalid_json")
     return body
@@ -244,7 +251,8 @@ def parse_json_object(raw: bytes) -> dict:
 def _check_fields(body: dict, fields: dict[str, Field]) -> dict[str, Any]:
     unknown = sorted(set(body) - set(fields))
     if unknown:
-        raise invalid(unknown[0], f"unknown field '{unknown[0]}': supported fields are {', '.join(sorted(fields))}", code="unknown_field")
+        raise invalid(unknown[0], f"unknown field '{unknown[0]}': supported fields are {', '.join(sorted(fields))}",
+                      code="unknown_field")
     values = {}
     for name, spec in fields.items():
         if name not in body:
@@ -323,7 +331,8 @@ def _envelope(kind: str, rid: str, created: int, model: str, chunk: bool) -> dic
 
 def completion_body(kind: str, rid: str, model: str, text: str, finish_reason: str, use: dict) -> dict:
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     return {**_envelope(kind, rid, int(time.time()), model, chunk=False), "choices": [choice], "usage": use}
