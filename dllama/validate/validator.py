@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dllama.checkpoint import Checkpoint, CheckpointError
-from dllama.errors import TokenizerError
-from dllama.formats import FloatType, FormatError, ModelHeader, TokenizerFile, tensor_plan
+from dllama.errors import DllamaError, TokenizerError
+from dllama.formats import FloatType, ModelHeader, TokenizerFile, tensor_plan
 from dllama.tokenizer.from_hf import TokenizerConversionError, convert_tokenizer
 from dllama.validate import checks, fidelity, logits
 from dllama.validate.reference import (
@@ -304,7 +304,7 @@ def run_logit_checks(model_path: Path, header: ModelHeader, ref: ReferenceLogits
     longest = max(len(i) for i in ref.ids)
     try:
         engine = Engine.load(model_path, max_seq_len=max(longest, 1), nthreads=options.nthreads)
-    except (FormatError, ValueError) as e:
+    except DllamaError as e:
         return [failed("logits.correctness", "-", "-", f"our runtime cannot load the model: {e}"),
                 skipped("logits.quality", "our runtime cannot load the model")]
 
