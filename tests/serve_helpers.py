@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from dllama.runtime.generate import generate
-from dllama.runtime.serve.openai_api import Sampling
+from dllama.runtime.sampler import Sampling
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 120  # first start compiles (or loads cached) numba kernels

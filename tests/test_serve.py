@@ -12,7 +12,7 @@ import pytest
 from conftest import CONFORMANCE, require_fixtures
 from serve_helpers import ServerProcess, common_prefix, load_engine_and_tokenizer, local_generation
 
-from dllama.runtime.serve.openai_api import Sampling
+from dllama.runtime.sampler import Sampling
 from dllama.tokenizer.from_hf import convert_tokenizer
 
 MODEL_DIR = CONFORMANCE / "tiny-llama"

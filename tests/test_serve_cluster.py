@@ -14,7 +14,7 @@ import pytest
 from conftest import CONFORMANCE, require_fixtures
 from serve_helpers import LOOPBACK, ServerProcess, load_engine_and_tokenizer, local_generation
 
-from dllama.runtime.serve.openai_api import Sampling
+from dllama.runtime.sampler import Sampling
 from dllama.tokenizer.from_hf import convert_tokenizer
 
 MODEL_DIR = CONFORMANCE / "tiny-llama"   # 2 kv heads: splits over 2 nodes

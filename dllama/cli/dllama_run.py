@@ -20,6 +20,7 @@ from dllama.cli import options, run_cluster, run_serve
 from dllama.cli.edge import edge, fail, note, stop_quietly
 from dllama.cli.loading import ClusterOptions, LoadedModel, load_model
 from dllama.runtime.conversation import Conversation, answer_room
+from dllama.runtime.sampler import Sampling
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None,
                   help="Run a converted model: text generation (default), chat, and the serve/worker/plan subcommands.")
@@ -58,24 +59,16 @@ def timed_tokens(tokens: Iterator[int], prompt_tokens: Callable[[], int], timing
         yield token
 
 
-@dataclass(frozen=True)
-class Sampling:
-    steps: int
-    temperature: float
-    topp: float
-    seed: Optional[int]
-
-
-def stream_text(loaded: LoadedModel, conversation: Conversation, prompt_ids: list[int], sampling: Sampling,
-                write: Callable[[str], None], timing: Timing) -> list[int]:
-    """Generate an answer to prompt_ids, writing its text as it comes; returns its ids."""
+def stream_text(loaded: LoadedModel, conversation: Conversation, prompt_ids: list[int], steps: int,
+                sampling: Sampling, write: Callable[[str], None], timing: Timing) -> list[int]:
+    """Generate up to `steps` tokens answering prompt_ids, writing their text as it comes; returns their ids."""
     from dllama.runtime.generate import generate
 
     tok = loaded.tokenizer
     decoder = tok.stream_decoder()
     out: list[int] = []
-    tokens = generate(loaded.engine, prompt_ids, sampling.steps, temperature=sampling.temperature,
-                      top_p=sampling.topp, seed=sampling.seed, eos_ids=tok.eos_ids, conversation=conversation)
+    tokens = generate(loaded.engine, prompt_ids, steps, temperature=sampling.temperature,
+                      top_p=sampling.top_p, seed=sampling.seed, eos_ids=tok.eos_ids, conversation=conversation)
 
     def evaluated() -> int:  # known once generation has started
         return len(prompt_ids) - conversation.start_pos
@@ -126,7 +119,7 @@ def generate_command(
         answer_room(len(ids), loaded.engine.max_seq_len)
         timing = Timing()
         _stdout(prompt)
-        stream_text(loaded, Conversation(loaded.engine.max_seq_len), ids, Sampling(steps, temperature, topp, seed),
+        stream_text(loaded, Conversation(loaded.engine.max_seq_len), ids, steps, Sampling(temperature, topp, seed),
                     _stdout, timing)
         _stdout("\n")
         note(timing.summary())
@@ -155,16 +148,17 @@ def chat_command(
         loaded = load_model(model, tokenizer, max_seq_len, nthreads,
                             ClusterOptions(workers, buffer_float_type, weights, root_compute))
         note(f"max_seq_len {loaded.engine.max_seq_len} (--max-seq-len); empty line or Ctrl-D ends the chat")
-        _chat(loaded, system, Sampling(steps, temperature, topp, seed))
+        _chat(loaded, system, steps, Sampling(temperature, topp, seed))
 
 
-def _chat(loaded: LoadedModel, system: Optional[str], sampling: Sampling) -> None:
+def _chat(loaded: LoadedModel, system: Optional[str], steps: int, sampling: Sampling) -> None:
     messages = [{"role": "system", "content": system}] if system else []
     conversation = Conversation(loaded.engine.max_seq_len)
     while (user := _read_turn()) is not None:
         messages.append({"role": "user", "content": user})
         timing = Timing()
-        answer = stream_text(loaded, conversation, loaded.tokenizer.encode_chat(messages), sampling, _stdout, timing)
+        ids = loaded.tokenizer.encode_chat(messages)
+        answer = stream_text(loaded, conversation, ids, steps, sampling, _stdout, timing)
         _stdout("\n")
         note(timing.summary())
         messages.append({"role": "assistant", "content": loaded.tokenizer.decode(answer)})

@@ -27,7 +27,7 @@ class PromptTooLong(EngineError):
 
     def __init__(self, n_tokens: int, capacity: int):
         super().__init__(f"the prompt has {n_tokens} tokens but --max-seq-len is {capacity}, which leaves no room for "
-                         "an answer: raise --max-seq-len or shorten the prompt (or start a new chat)")
+                         "an answer: raise --max-seq-len or shorten the prompt")
         self.n_tokens = n_tokens
         self.capacity = capacity
 

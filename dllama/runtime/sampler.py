@@ -1,9 +1,20 @@
 """Next-token choice from logits: greedy at temperature 0, else temperature + top-p (nucleus)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from dllama.runtime.engine import EngineError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen; the defaults are OpenAI's (temperature 1, top_p 1, a random seed)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
 
 
 class Sampler:

@@ -1,4 +1,4 @@
-"""Tokenization for dllama: `.t` conversion (convert.py) and the runtime Tokenizer (core.py).
+"""Tokenization for dllama: `.t` conversion (from_hf.py, from_gguf.py) and the runtime Tokenizer (core.py).
 
     from dllama.tokenizer import Tokenizer
     tok = Tokenizer.load("model.t", mode="faithful")   # or "reference"

@@ -3,7 +3,7 @@
 mode="faithful" tokenizes exactly like Hugging Face with the tokenizer embedded in the `.t`
 (faithful.py), or with the best reconstruction from the vocabulary when none is embedded
 (reconstruct.py; `exact` is False and a warning says so). mode="reference" runs the reference
-C++ runtime's algorithm bit for bit (reference.py, FORMAT.md §4.1), to predict what that
+C++ runtime's algorithm bit for bit (cpp_tokenizer.py, FORMAT.md §4.1), to predict what that
 runtime feeds the model.
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dllama.errors import DllamaError
+from dllama.runtime.sampler import Sampling
 
 MAX_STOP_SEQUENCES = 4
 
@@ -263,13 +264,6 @@ def _check_fields(body: dict, fields: dict[str, Field]) -> dict[str, Any]:
         checked = spec.check(name, body[name])
         values[name] = spec.default if checked is None else checked
     return values
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 from dllama.errors import DllamaError
 from dllama.runtime.conversation import Conversation, StopReason
 from dllama.runtime.generate import generate
-from dllama.runtime.serve.openai_api import Sampling
+from dllama.runtime.sampler import Sampling
 
 
 class EngineLike(Protocol):
