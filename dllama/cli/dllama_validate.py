@@ -15,8 +15,8 @@ from typing import List, Optional
 
 import typer
 
+from dllama.cli.default_command import DefaultCommandGroup
 from dllama.cli.edge import edge
-from dllama.cli.options import DefaultCommandGroup
 from dllama.formats import FloatType
 from dllama.validate.reference import ARITHMETIC_TYPES, DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS
 from dllama.validate.report import InputError

@@ -1,9 +1,7 @@
-"""Options that several commands share, and the group that gives a command line a default command."""
+"""Options that several commands share."""
 from __future__ import annotations
 
-import click
 import typer
-from typer.core import TyperGroup
 
 from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN
 
@@ -34,13 +32,3 @@ WEIGHTS = typer.Option(None, help=WEIGHTS_HELP)
 ROOT_COMPUTE = typer.Option("all", help=ROOT_COMPUTE_HELP)
 AS_JSON = typer.Option(False, "--json", help="print JSON instead of text")
 
-
-class DefaultCommandGroup(TyperGroup):
-    """A group whose arguments go to its first command unless they start with another command's
-    name: `dllama-validate MODEL.m TOKENIZER.t` beside `dllama-validate reference ...`."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        default = next(iter(self.commands))
-        if not args or args[0] not in self.commands:
-            args = [default, *args]
-        return super().parse_args(ctx, args)
