@@ -12,15 +12,13 @@ Target (issue 2): <= 10 s wall and <= 400 MB peak RSS on 2 cores.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,7 +70,7 @@ SOURCES = {"tinyllama": ensure_checkpoint, "smollm2-gguf": smollm2_gguf, "smollm
 def convert_in_child(source: Path, quant: str, out: Path) -> tuple[float, int, str]:
     """(wall seconds, peak RSS bytes, stdout) of one `dllama-convert hf|gguf` in a fresh process."""
     command = "gguf" if source.is_file() else "hf"
-    cmd = [sys.executable, "-m", "dllama.converter.cli", command, str(source), "--quant", quant, "--name", "bench",
+    cmd = [sys.executable, "-m", "dllama.cli.dllama_convert", command, str(source), "--quant", quant, "--name", "bench",
            "--output-dir", str(out)]
     log = BENCH / "convert.log"
     with open(log, "w") as stdout:
@@ -102,7 +100,8 @@ def warm_up(out: Path) -> None:
     tiny = write_checkpoint(BENCH / "warmup", tiny_config(vocab_size=512, bos_token_id=510, eos_token_id=511),
                             tokenizer=EXAMPLE_TOKENIZER)
     for quant in ("q40", "q80", "f32", "f16"):
-        subprocess.run([sys.executable, "-m", "dllama.converter.cli", "hf", str(tiny), "-q", quant, "-o", str(out)],
+        subprocess.run([sys.executable, "-m", "dllama.cli.dllama_convert", "hf", str(tiny), "-q", quant, "-o",
+                        str(out)],
                        check=True, capture_output=True)
 
 
@@ -127,10 +126,12 @@ def spot_check(model_path: Path, source: Path) -> None:
 def machine() -> str:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
+        names = (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+        model = next(names, "?")
     except OSError:
         model = platform.processor() or "?"
-    return f"{model}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"{model}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def main() -> None:
@@ -143,7 +144,8 @@ def main() -> None:
     source = SOURCES[args.source]()
     out = BENCH / "out"
     warm_up(out)
-    source_bytes = source.stat().st_size if source.is_file() else sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    source_bytes = (source.stat().st_size if source.is_file()
+                    else sum(f.stat().st_size for f in source.glob("*.safetensors")))
     print(f"machine: {machine()}; load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     print(f"source: {source} ({source_bytes / 1e9:.2f} GB, {'evicted from' if args.cold else 'in'} the page cache), "
           f"target {args.quant}")
@@ -160,7 +162,8 @@ def main() -> None:
         spot_check(model_path, source)
     print(f"result: median {statistics.median(walls):.2f} s (min {min(walls):.2f}), "
           f"{source_bytes / 1e9 / statistics.median(walls):.2f} GB/s of source, peak RSS {max(peaks) / 1e6:.0f} MB, "
-          f"output {model_path.stat().st_size / 1e9:.3f} GB" + ("; spot check vs numpy codec: identical" if args.source == "tinyllama" else ""))
+          f"output {model_path.stat().st_size / 1e9:.3f} GB"
+          + ("; spot check vs numpy codec: identical" if args.source == "tinyllama" else ""))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +52,7 @@ def single_thread_env() -> dict:
 
 def build_model(path: Path) -> None:
     """Random q40 blocks with sane scales: what matters here is the shape, not the text."""
-    from dllama.formats import ArchType, FloatType, ModelHeader, Q40_BLOCK, atomic_output, tensor_plan
+    from dllama.formats import Q40_BLOCK, ArchType, FloatType, ModelHeader, atomic_output, tensor_plan
 
     h = ModelHeader(arch=ArchType.LLAMA, weights_float_type=FloatType.Q40, rope_theta=10000, norm_epsilon_code=5,
                     **TINYLLAMA)
@@ -78,8 +77,9 @@ def vm_hwm(pid: int | str = "self", field: str = "VmHWM") -> int:
 
 
 def start_worker() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "dllama.runtime.distributed.cli", "worker", "--host", "127.0.0.1",
-                             "--port", "0", "--nthreads", "1"], stderr=subprocess.PIPE, text=True, env=single_thread_env())
+    proc = subprocess.Popen([sys.executable, "-m", "dllama.cli.dllama_run", "worker", "--host", "127.0.0.1",
+                             "--port", "0", "--nthreads", "1"], stderr=subprocess.PIPE, text=True,
+                             env=single_thread_env())
     line = proc.stderr.readline()
     m = re.search(r"listening on ([\d.]+:\d+)", line)
     if not m:
@@ -99,7 +99,8 @@ def parse_shape(entry: str) -> tuple[int, dict]:
     return n, extra
 
 
-def run_root(workers: list[str], steps: int, max_seq_len: int, buffer_type: str | None, extra: dict | None = None) -> dict:
+def run_root(workers: list[str], steps: int, max_seq_len: int, buffer_type: str | None,
+             extra: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--role", "root", "--steps", str(steps), "--max-seq-len", str(max_seq_len),
            "--workers", ",".join(workers), "--model", str(MODEL)]
     if buffer_type:
@@ -114,7 +115,7 @@ def run_root(workers: list[str], steps: int, max_seq_len: int, buffer_type: str 
 
 def root_role(args) -> None:
     """Inside the root process: load, prefill the prompt, decode `steps` greedy tokens, report."""
-    import dllama.runtime.cli  # noqa: F401 (what dllama-run loads to read its arguments: typer, click, pydantic)
+    import dllama.cli.dllama_run  # noqa: F401 (what dllama-run loads to read its arguments: typer, click, pydantic)
 
     t0 = time.perf_counter()
     workers = [w for w in args.workers.split(",") if w]
@@ -145,7 +146,7 @@ def root_role(args) -> None:
         "root_peak_rss": vm_hwm(),  # not ru_maxrss: Linux carries the parent's peak across fork + exec
         "sent_per_token": (traffic.sent - sent0) / args.steps if traffic else 0,
         "received_per_token": (traffic.received - recv0) / args.steps if traffic else 0,
-        "streamed_bytes": sum(l.streamed_bytes for l in getattr(engine, "links", [])),
+        "streamed_bytes": sum(link.streamed_bytes for link in getattr(engine, "links", [])),
         "root_hwm_by_phase": phases,
     }
     if workers:
@@ -171,8 +172,9 @@ def measure(shape: str, args) -> dict:
 def ensure_tokenizer() -> Path | None:
     """The Llama 2 tokenizer (TinyLlama's) as a .t, for the CLI runs; None without the fixtures."""
     if not TOKENIZER.is_file() and LLAMA2_TOKENIZER.is_dir():
-        subprocess.run([sys.executable, "-m", "dllama.converter.cli", "tokenizer", str(LLAMA2_TOKENIZER), "--name",
-                        "llama2", "--output-dir", str(BENCH)], check=True, stdout=subprocess.DEVNULL, env=single_thread_env())
+        subprocess.run([sys.executable, "-m", "dllama.cli.dllama_convert", "tokenizer", str(LLAMA2_TOKENIZER), "--name",
+                        "llama2", "--output-dir", str(BENCH)], check=True, stdout=subprocess.DEVNULL,
+                        env=single_thread_env())
     return TOKENIZER if TOKENIZER.is_file() else None
 
 
@@ -188,7 +190,8 @@ def peak_rss_of(cmd: list[str]) -> int:
 def measure_cli(tokenizer: Path, steps: int, max_seq_len: int) -> dict:
     """What a user runs: `dllama-run` (tokenizer, CLI) on one node, as the root of 2 nodes, and as a
     coordinator root (--root-compute none) of 2 workers."""
-    cmd = [sys.executable, "-m", "dllama.runtime.cli", "--model", str(MODEL), "--tokenizer", str(tokenizer), "--prompt",
+    cmd = [sys.executable, "-m", "dllama.cli.dllama_run", "--model", str(MODEL), "--tokenizer", str(tokenizer),
+           "--prompt",
            "Once upon a time", "--steps", str(steps), "--nthreads", "1", "--max-seq-len", str(max_seq_len),
            "--temperature", "0"]
     single = peak_rss_of(cmd)
@@ -207,7 +210,7 @@ def measure_cli(tokenizer: Path, steps: int, max_seq_len: int) -> dict:
 
 def planned(shape: str, max_seq_len: int) -> list[int]:
     from dllama.formats import read_model_header
-    from dllama.runtime.distributed.plan import cluster_weights, memory_plan
+    from dllama.runtime.distributed.node_memory import cluster_weights, memory_plan
     n_nodes, extra = parse_shape(shape)
     weights = cluster_weights(n_nodes, extra.get("weights"), extra.get("root_compute", "all"))
     return [m.total for m in memory_plan(read_model_header(MODEL), n_nodes, max_seq_len, batch=len(PROMPT),
@@ -381,6 +384,10 @@ def netem_table(args) -> None:
               f"{r['busiest'] / 1000:.0f} kB | {r['steps']} | {r['transfer_ms']:.1f} | {r['wall_ms']:.1f} | {full} |")
 
 
+def mb(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--role", default="driver", choices=["driver", "root", "netem-root", "netem-worker", "mpi-root"])
@@ -418,7 +425,8 @@ def main() -> None:
     if not MODEL.exists():
         print(f"building {MODEL} ...", file=sys.stderr)
         build_model(MODEL)
-    print(f"load: {os.getloadavg()[0]:.2f} (1-min average) on {os.cpu_count()} cores; model {MODEL.stat().st_size / 1e6:.0f} MB",
+    print(f"load: {os.getloadavg()[0]:.2f} (1-min average) on {os.cpu_count()} cores; model "
+          f"{MODEL.stat().st_size / 1e6:.0f} MB",
           file=sys.stderr)
     # compile (or load) the kernels into numba's cache first, so no measured process pays for LLVM
     run_root([], 2, args.max_seq_len, None)
@@ -433,7 +441,6 @@ def main() -> None:
         r = min(runs, key=lambda r: r["ms_per_token"])  # the least disturbed by other load
         r["plan"] = planned(shape, args.max_seq_len)
         rows.append(r)
-    mb = lambda b: f"{b / 2**20:.0f} MiB"
     print("| shape | ms/token | root sent/token | root received/token | peak RSS per node, root first (plan) | "
           "worst vs plan | start-up |")
     print("|---|---|---|---|---|---|---|")
@@ -444,15 +451,18 @@ def main() -> None:
         worst_low = min((m - p) / p for m, p in zip(measured, r["plan"]))
         deviation = worst if abs(worst) >= abs(worst_low) else worst_low
         print(f"| {r['shape']} | {r['ms_per_token']:.1f} | {r['sent_per_token'] / 1000:.1f} kB | "
-              f"{r['received_per_token'] / 1000:.1f} kB | {per_node} | {100 * deviation:+.1f}% | {r['startup_s']:.1f} s |")
+              f"{r['received_per_token'] / 1000:.1f} kB | {per_node} | {100 * deviation:+.1f}% | {r['startup_s']:.1f} "
+              "s |")
     tokenizer = ensure_tokenizer() if not args.model else None
     if tokenizer is None:
         print("\n(the CLI runs are skipped: " + ("--model given)" if args.model else f"no {LLAMA2_TOKENIZER})"))
         return
     c = measure_cli(tokenizer, args.steps, args.max_seq_len)
-    print("\nThrough the CLI (`dllama-run`, which also loads the tokenizer): 2 nodes, and a coordinator root of 2 workers:\n")
+    print("\nThrough the CLI (`dllama-run`, which also loads the tokenizer): 2 nodes, and a coordinator root of 2 "
+          "workers:\n")
     print("| one node peak RSS | root peak RSS | worker peak RSS | coordinator root peak RSS |\n|---|---|---|---|")
-    print(f"| {mb(c['single'])} | {mb(c['root'])} = {100 * c['root'] / c['single']:.1f}% of 1 node | {mb(c['worker'])} | "
+    print(f"| {mb(c['single'])} | {mb(c['root'])} = {100 * c['root'] / c['single']:.1f}% of 1 node | {mb(c['worker'])} "
+          "| "
           f"{mb(c['coordinator'])} |")
 
 

@@ -29,13 +29,15 @@ def converted(quant: str) -> Path:
         gguf = cached()
         if gguf is None:
             raise SystemExit("SmolLM2's GGUF is not in the cache: run `python -m dllama.samples` once")
-        subprocess.run([sys.executable, "-m", "dllama.converter.cli", "gguf", str(gguf), "--quant", quant, "--name",
+        subprocess.run([sys.executable, "-m", "dllama.cli.dllama_convert", "gguf", str(gguf), "--quant", quant,
+                        "--name",
                         "smollm2", "--output-dir", str(OUT)], check=True, stdout=subprocess.DEVNULL)
     return path
 
 
 def main() -> None:
     from distributed_helpers import loopback_workers
+
     from dllama.runtime.distributed.root import DistributedEngine
     from dllama.runtime.engine import Engine
     from dllama.tokenizer import Tokenizer

@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import openai  # noqa: E402
+from serve_helpers import ServerProcess  # noqa: E402
 
 from dllama.runtime.engine import Engine  # noqa: E402
 from dllama.runtime.generate import generate  # noqa: E402
 from dllama.tokenizer import Tokenizer  # noqa: E402
-from dllama.tokenizer.convert import convert_tokenizer  # noqa: E402
-from serve_helpers import ServerProcess  # noqa: E402
+from dllama.tokenizer.from_hf import convert_tokenizer  # noqa: E402
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "conformance" / "tiny-llama"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -112,7 +112,8 @@ def load_test(server: ServerProcess, requests: int, clients: int, tokens: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=FIXTURE / "expected_f32.m")
-    ap.add_argument("--tokenizer", type=Path, help="default: the fixture's tokenizer, converted with its HF tokenizer embedded")
+    ap.add_argument("--tokenizer", type=Path,
+                    help="default: the fixture's tokenizer, converted with its HF tokenizer embedded")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--nthreads", type=int)
@@ -124,7 +125,8 @@ def main() -> None:
         if tokenizer is None:
             tokenizer = Path(tmp) / "tiny-llama.t"
             tokenizer.write_bytes(convert_tokenizer(FIXTURE).to_bytes())
-        results = {"machine": f"{platform.machine()} {platform.processor() or ''} cores={__import__('os').cpu_count()}".strip(),
+        machine = f"{platform.machine()} {platform.processor() or ''} cores={__import__('os').cpu_count()}".strip()
+        results = {"machine": machine,
                    "model": args.model.name, "tokens": args.tokens}
         results["direct_ms_per_token"] = round(direct_ms_per_token(args.model, tokenizer, args.tokens, args.max_seq_len,
                                                                    args.nthreads), 2)

@@ -9,10 +9,8 @@ stdout. Progress goes to stderr.
 """
 from __future__ import annotations
 
-import sys
-
-
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,8 +19,8 @@ import typer
 
 from dllama.formats import read_tokenizer
 from dllama.tokenizer import Tokenizer
-from dllama.tokenizer.convert import convert_tokenizer
 from dllama.tokenizer.corpus import english_text
+from dllama.tokenizer.from_hf import convert_tokenizer
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 SOURCES = {"llama2 (sentencepiece-style BPE)": FIXTURES / "tokenizers" / "llama2",

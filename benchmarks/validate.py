@@ -17,13 +17,11 @@ Results go to docs/BENCHMARKS.md ("## Validation").
 """
 from __future__ import annotations
 
-import sys
-
-
 import argparse
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +61,7 @@ SMOLLM2_TARGET_SECONDS = 30.0
 
 def fixture_mutations() -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
-    from validate_helpers import set_header, swap_tensors, unpermute_qk
+    from validate_helpers import swap_tensors, unpermute_qk
 
     return {"correct": None, "q/k not permuted": unpermute_qk,
             "rope_theta x100 (10000 for qwen3)": None,  # fixture-dependent, see rope_mutation
@@ -74,8 +72,9 @@ def fixture_mutations() -> dict:
 def rope_mutation(fixture: Path):
     """rope_theta x100 where the fixture has the 10000 default (tiny-llama), else the classic
     bug of writing the 10000 default (tiny-qwen3's 1e6)."""
-    from dllama.formats import read_model_header
     from validate_helpers import set_header
+
+    from dllama.formats import read_model_header
 
     theta = read_model_header(fixture / "expected_f32.m").theta
     return set_header(rope_theta=int(theta * 100) if theta <= 10000 else 10000)
@@ -122,8 +121,9 @@ def smollm2(workdir: Path) -> None:
         for quant in ("q80", "q40"):
             convert(SMOLLM2_GGUF, quant, out, name="smollm2")
     tokenizer = next(out.glob("*.t"))
-    cli = [sys.executable, "-m", "dllama.validate.cli"]
-    seconds, code, table = timed(cli + [str(out / "dllama_model_smollm2_q40.m"), str(tokenizer), "--hf", str(SMOLLM2_GGUF)])
+    cli = [sys.executable, "-m", "dllama.cli.dllama_validate"]
+    seconds, code, table = timed(cli + [str(out / "dllama_model_smollm2_q40.m"), str(tokenizer), "--hf",
+                                        str(SMOLLM2_GGUF)])
     print(table)
     print(f"dllama-validate SmolLM2 q40 --hf GGUF: {seconds:.1f} s, exit {code} "
           f"(target {SMOLLM2_TARGET_SECONDS:.0f} s: {'met' if seconds < SMOLLM2_TARGET_SECONDS else 'NOT met'})")
@@ -149,11 +149,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "validate")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--tokenizer-dir", type=Path, default=LLAMA2_TOKENIZER, help="the Llama 2 tokenizer fixture folder")
+    parser.add_argument("--tokenizer-dir", type=Path, default=LLAMA2_TOKENIZER,
+                        help="the Llama 2 tokenizer fixture folder")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     source, model, tokenizer = prepare(args.workdir, args.tokenizer_dir)
-    cli = [sys.executable, "-m", "dllama.validate.cli"]
+    cli = [sys.executable, "-m", "dllama.cli.dllama_validate"]
     extra = ["--threads", str(args.threads)] if args.threads else []
     ref = args.workdir / "tinyllama_ref.npz"
 
@@ -161,7 +162,8 @@ def main() -> None:
     seconds, code, _ = timed(cli + ["reference", "--hf", str(source), "--out", str(ref)])
     rows.append(("dllama-validate reference --hf SOURCE --out REF.npz", "", seconds, code))
     with tempfile.TemporaryDirectory() as fresh_cache:  # the first run builds the compiled kernels
-        for label, env in (("first run: compiles the runtime kernels for this CPU", dict(os.environ, DLLAMA_CACHE=fresh_cache)),
+        for label, env in (("first run: compiles the runtime kernels for this CPU", dict(os.environ,
+                                                                                         DLLAMA_CACHE=fresh_cache)),
                            ("second run", None)):
             seconds, code, table = timed(cli + [str(model), str(tokenizer), "--hf", str(source)] + extra, env)
             rows.append(("dllama-validate MODEL.m TOKENIZER.t --hf SOURCE", label, seconds, code))
@@ -169,13 +171,15 @@ def main() -> None:
     seconds, code, _ = timed(cli + [str(model), str(tokenizer), "--reference", str(ref)] + extra)
     rows.append(("dllama-validate MODEL.m TOKENIZER.t --reference REF.npz", "", seconds, code))
 
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}")
     print(f"model: {model.name} ({model.stat().st_size / 1e6:.0f} MB)")
     print("| command | note | seconds | exit code |\n|---|---|---|---|")
     for name, note, seconds, code in rows:
         print(f"| `{name}` | {note} | {seconds:.1f} | {code} |")
     main_run = rows[2][2]
-    print(f"target: --hf run under {TARGET_SECONDS:.0f} s: {'met' if main_run < TARGET_SECONDS else 'NOT met'} ({main_run:.1f} s)")
+    print(f"target: --hf run under {TARGET_SECONDS:.0f} s: {'met' if main_run < TARGET_SECONDS else 'NOT met'} "
+          f"({main_run:.1f} s)")
 
 
 if __name__ == "__main__":

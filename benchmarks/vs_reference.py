@@ -35,7 +35,8 @@ PROMPT = ("The quick brown fox jumps over the lazy dog while the small cat sleep
           "the old stone wall of the quiet village")
 GENERATED = 64
 OURS = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tokens/s \| generated: (\d+) tokens, ([\d.]+) tokens/s")
-THEIRS = re.compile(r"Evaluation\n.*?nTokens: (\d+)\n\s*tokens/s: ([\d.]+).*?Prediction\n\s*nTokens: (\d+)\n\s*tokens/s: ([\d.]+)",
+THEIRS = re.compile(r"Evaluation\n.*?nTokens: (\d+)\n\s*tokens/s: ([\d.]+).*?Prediction\n\s*nTokens: "
+                    r"(\d+)\n\s*tokens/s: ([\d.]+)",
                     re.DOTALL)
 
 
@@ -69,9 +70,11 @@ MODELS = {"smollm2": smollm2_files, "tinyllama": tinyllama_files}
 
 def run_reference(binary: Path, model: Path, tokenizer: Path, threads: int, prompt_tokens: int) -> tuple[float, float]:
     steps = prompt_tokens + GENERATED
-    out = subprocess.run([str(binary), "inference", "--model", str(model), "--tokenizer", str(tokenizer), "--prompt", PROMPT,
+    out = subprocess.run([str(binary), "inference", "--model", str(model), "--tokenizer", str(tokenizer), "--prompt",
+                          PROMPT,
                           "--steps", str(steps), "--nthreads", str(threads), "--buffer-float-type", "q80",
-                          "--temperature", "0", "--seed", "1"], capture_output=True, text=True, errors="replace", check=True)
+                          "--temperature", "0", "--seed", "1"], capture_output=True, text=True, errors="replace",
+                          check=True)
     match = THEIRS.search(out.stdout)
     if not match:
         raise RuntimeError(f"no timing in the reference's output: {out.stdout[-1000:]}")
@@ -79,8 +82,10 @@ def run_reference(binary: Path, model: Path, tokenizer: Path, threads: int, prom
 
 
 def run_ours(model: Path, tokenizer: Path, threads: int) -> tuple[float, float, int]:
-    out = subprocess.run([sys.executable, "-m", "dllama.runtime.cli", "--model", str(model), "--tokenizer", str(tokenizer),
-                          "--prompt", PROMPT, "--steps", str(GENERATED), "--temperature", "0", "--nthreads", str(threads)],
+    out = subprocess.run([sys.executable, "-m", "dllama.cli.dllama_run", "--model", str(model), "--tokenizer",
+                          str(tokenizer),
+                          "--prompt", PROMPT, "--steps", str(GENERATED), "--temperature", "0", "--nthreads",
+                          str(threads)],
                          capture_output=True, text=True, check=True)
     match = OURS.search(out.stderr)
     if not match:
@@ -143,7 +148,8 @@ def main() -> None:
             gen_ratio = statistics.median(o / r for o, r in zip(our_gen, ref_gen))
             pre_ratio = statistics.median(o / r for o, r in zip(our_pre, ref_pre))
             print(f"| {name} | {threads} | {statistics.median(ref_gen):.1f} | {statistics.median(our_gen):.1f} | "
-                  f"{gen_ratio:.2f} | {statistics.median(ref_pre):.1f} | {statistics.median(our_pre):.1f} | {pre_ratio:.2f} | "
+                  f"{gen_ratio:.2f} | {statistics.median(ref_pre):.1f} | {statistics.median(our_pre):.1f} | "
+                  f"{pre_ratio:.2f} | "
                   f"{limit:.1f} | {statistics.median(our_gen) / limit:.2f} |", flush=True)
     print(f"load after the runs: {os.getloadavg()[0]:.2f}; our prompt is the faithful tokenization "
           f"({our_prompt_tokens} tokens for the last model), the reference's its own (one id per character)")

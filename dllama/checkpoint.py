@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dllama.errors import DllamaError
 from dllama.formats import ArchType, FloatType, HiddenAct, ModelHeader, RopeType
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DllamaError, ValueError):
     """The Hugging Face checkpoint is missing something or holds something we cannot convert."""
 
 
@@ -87,7 +88,8 @@ def header_from_config(config: dict, float_type: FloatType) -> ModelHeader:
     if scaling is not None:
         rope_name = scaling.get("rope_type") or scaling.get("type")
         if rope_name not in ROPE_TYPE_BY_NAME:
-            raise CheckpointError(f"unsupported rope scaling type {rope_name!r}: only llama3 scaling exists in the format")
+            raise CheckpointError(f"unsupported rope scaling type {rope_name!r}: only llama3 scaling exists in the "
+                                  "format")
         fields.update(
             rope_scaling_factor=int(scaling["factor"]),
             rope_scaling_low_freq_factor=int(scaling["low_freq_factor"]),
@@ -170,7 +172,8 @@ def read_safetensors_index(path: Path) -> dict[str, TensorEntry]:
         if dtype not in _DTYPES:
             raise CheckpointError(f"{name} in {path} has dtype {dtype}; dllama reads F32, F16 and BF16 checkpoints")
         if 8 + n + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file; download it again")
+            raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file; "
+                                  "download it again")
         if end - begin != int(np.prod(shape)) * _DTYPES[dtype].itemsize:
             raise CheckpointError(f"{path} is corrupt: tensor {name} has {end - begin} bytes for shape {list(shape)}")
         entries[name] = TensorEntry(path, dtype, shape, 8 + n + begin, 8 + n + end)
@@ -253,7 +256,8 @@ class Checkpoint:
         """The tensor as float32 (a fresh array; bf16 and f16 are widened exactly)."""
         entry = self.entries.get(name)
         if entry is None:
-            raise CheckpointError(f"{name} is missing from the checkpoint (looked in {len(self.files)} file{'s' if len(self.files) != 1 else ''})")
+            raise CheckpointError(f"{name} is missing from the checkpoint (looked in {len(self.files)} "
+                                  f"file{'s' if len(self.files) != 1 else ''})")
         return widen_to_float32(self._map(entry.file)[entry.start:entry.end], entry.dtype, entry.shape)
 
     def _map(self, file: Path) -> np.memmap:

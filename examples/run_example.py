@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dllama.converter.cli import summary_text
+from dllama.cli.dllama_convert import summary_text
 from dllama.converter.convert import convert
 from dllama.converter.synthetic import tiny_config, write_checkpoint
 
@@ -35,7 +35,8 @@ TOKENIZER = HERE / "tokenizer"  # tokenizer.json + tokenizer_config.json (see to
 QUANTS = ("q40", "q80", "f32")
 QUESTION = "What is the capital of France?"
 
-# The offline fallback, a small Llama: GQA (4 heads, 2 kv heads), vocab matching the bundled tokenizer (bos 510, eos 511)
+# The offline fallback, a small Llama: GQA (4 heads, 2 kv heads), vocab matching the bundled tokenizer
+# (bos 510, eos 511)
 CONFIG = tiny_config(
     "llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, bos_token_id=510, eos_token_id=511,
@@ -98,7 +99,8 @@ def _show(path: Path) -> str:
 
 
 def validate_outputs(source: Source, outputs: dict[str, Path]) -> bool:
-    """dllama-validate MODEL.m TOKENIZER.t --hf SOURCE for each conversion; the whole table for q40, the verdict for the rest."""
+    """dllama-validate MODEL.m TOKENIZER.t --hf SOURCE for each conversion; the whole table for q40, the verdict
+    for the rest."""
     from dllama.validate.validator import validate
 
     ok = True
@@ -117,7 +119,8 @@ def ask(source: Source, outputs: dict[str, Path]) -> None:
 
     model, tokenizer = outputs["f32"], outputs["tokenizer"]
     step(f"4. ask it (dllama-run chat --model {_show(model)} --tokenizer {_show(tokenizer)} --temperature 0)")
-    result = subprocess.run([sys.executable, "-m", "dllama.runtime.cli", "chat", "--model", str(model), "--tokenizer",
+    result = subprocess.run([sys.executable, "-m", "dllama.cli.dllama_run", "chat", "--model", str(model),
+                             "--tokenizer",
                              str(tokenizer), "--temperature", "0", "--steps", "48"],
                             input=QUESTION + "\n\n", capture_output=True, text=True)
     if result.returncode:
@@ -160,7 +163,7 @@ def run_cluster(source: Source, outputs: dict[str, Path], prompt: str = "Once up
         addresses = ",".join(address for _, address in workers)
         args = ["--model", str(model), "--tokenizer", str(tokenizer), "--prompt", prompt, "--steps", str(steps),
                 "--temperature", "0", "--workers", addresses, "--nthreads", "1"]
-        result = subprocess.run([sys.executable, "-m", "dllama.runtime.cli", *args], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-m", "dllama.cli.dllama_run", *args], capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"dllama-run --workers failed: {result.stderr.strip()}")
         print(f"  workers: {addresses}")
@@ -177,7 +180,8 @@ def start_worker():
     import re
     import subprocess
 
-    worker = subprocess.Popen([sys.executable, "-m", "dllama.runtime.cli", "worker", "--host", "127.0.0.1", "--port", "0",
+    worker = subprocess.Popen([sys.executable, "-m", "dllama.cli.dllama_run", "worker", "--host", "127.0.0.1", "--port",
+                               "0",
                                "--nthreads", "1"], stderr=subprocess.PIPE, text=True)
     match = re.search(r"listening on ([\d.]+):(\d+)", worker.stderr.readline())
     if not match:

@@ -59,5 +59,6 @@ def run_inference(binary: Path, model: Path, tokenizer: Path, prompt: str, steps
         capture_output=True, timeout=timeout)
     output = result.stdout.decode("utf-8", errors="replace")
     if result.returncode != 0:
-        raise RuntimeError(f"the reference exited with {result.returncode}: {output[-2000:]}{result.stderr.decode()[-2000:]}")
+        raise RuntimeError(f"the reference exited with {result.returncode}: "
+                           f"{output[-2000:]}{result.stderr.decode()[-2000:]}")
     return _PRED_PIECE.findall(output)

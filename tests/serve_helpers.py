@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from dllama.runtime.serve.protocol import Sampling
 from dllama.runtime.generate import generate
+from dllama.runtime.sampler import Sampling
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 120  # first start compiles (or loads cached) numba kernels
@@ -36,7 +36,8 @@ def wait_for_health(url: str, proc: subprocess.Popen | None = None, timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stderr.read().decode(errors='replace')}")
+            raise RuntimeError(f"the server exited with {proc.returncode}: "
+                               f"{proc.stderr.read().decode(errors='replace')}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code in (200, 503):
                 return

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from safetensors.numpy import load_file, save_file
 
 from dllama.checkpoint import Checkpoint, header_from_config
@@ -13,11 +14,16 @@ from dllama.converter import convert as convert_module
 from dllama.converter.convert import convert
 from dllama.converter.synthetic import tiny_config, write_checkpoint
 from dllama.formats import (
-    EmbeddedKind, FloatType, ModelFile, encode_tensor, permute_rotary_rows, read_model_header, read_tokenizer,
-    tensor_plan, vocabulary_end,
+    EmbeddedKind,
+    FloatType,
+    ModelFile,
+    encode_tensor,
+    permute_rotary_rows,
+    read_model_header,
+    read_tokenizer,
+    tensor_plan,
+    vocabulary_end,
 )
-
-from conftest import ROOT
 
 EXAMPLE_TOKENIZER = ROOT / "examples" / "tokenizer"  # 512 tokens, bos 510, eos 511
 
@@ -142,9 +148,12 @@ def test_transformers5_config_layout_writes_the_same_file_as_transformers4(tmp_p
 def fuse_experts(folder: Path, n_layers: int, n_experts: int) -> None:
     """Rewrite an f32 checkpoint with experts fused as transformers 5 saves them (gate_up_proj, down_proj)."""
     tensors = load_file(folder / "model.safetensors")
-    for l in range(n_layers):
-        p = f"model.layers.{l}.mlp.experts"
-        take = lambda e, kind: tensors.pop(f"{p}.{e}.{kind}.weight")
+    for layer in range(n_layers):
+        p = f"model.layers.{layer}.mlp.experts"
+
+        def take(e: int, kind: str, p: str = p) -> np.ndarray:
+            return tensors.pop(f"{p}.{e}.{kind}.weight")
+
         gate_up = [np.concatenate([take(e, "gate_proj"), take(e, "up_proj")]) for e in range(n_experts)]
         tensors[f"{p}.gate_up_proj"] = np.stack(gate_up)
         tensors[f"{p}.down_proj"] = np.stack([take(e, "down_proj") for e in range(n_experts)])
@@ -203,7 +212,8 @@ def test_progress_reports_every_source_byte_once(tmp_path, monkeypatch):
 def test_output_file_names_follow_the_reference_convention(tmp_path):
     folder = write_checkpoint(tmp_path / "ck", small_config(), tokenizer=EXAMPLE_TOKENIZER)
     result = convert(folder, "q80", tmp_path / "out", name="tiny")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dllama_model_tiny_q80.m", "dllama_tokenizer_tiny.t"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dllama_model_tiny_q80.m",
+                                                                    "dllama_tokenizer_tiny.t"]
     assert set(result.sizes) == {result.plan.model_path, result.plan.tokenizer_path}
 
 

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CONFORMANCE, require_fixtures
 from safetensors.numpy import load_file, save_file
+from test_convert import EXAMPLE_TOKENIZER, small_config
 from typer.testing import CliRunner
 
-from dllama.converter.cli import app
-from dllama.converter.convert import ConversionError, plan_conversion, write_outputs
+from dllama.cli.dllama_convert import app
+from dllama.converter.convert import ConversionError, prepare_conversion, write_outputs
 from dllama.converter.synthetic import write_checkpoint
 from dllama.formats import EmbeddedKind, FloatType, read_tokenizer
-
-from conftest import CONFORMANCE, require_fixtures
-from test_convert import EXAMPLE_TOKENIZER, small_config
 
 runner = CliRunner()
 
@@ -99,7 +98,8 @@ def test_sentencepiece_tokenizer_model_source_is_converted_and_embedded(tmp_path
 def test_missing_config_is_named(tmp_path):
     folder = checkpoint(tmp_path)
     (folder / "config.json").unlink()
-    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out", "config.json is missing")
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out"), tmp_path / "out",
+                         "config.json is missing")
 
 
 def test_missing_tensor_is_named(tmp_path):
@@ -196,7 +196,8 @@ def test_missing_tokenizer_is_named(tmp_path):
 
 def test_unknown_quant_is_refused(tmp_path):
     folder = checkpoint(tmp_path)
-    assert_fails_cleanly(run_cli("hf", folder, "-q", "q4_k", "-o", tmp_path / "out"), tmp_path / "out", "q40, q80, f32, f16")
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "q4_k", "-o", tmp_path / "out"), tmp_path / "out",
+                         "q40, q80, f32, f16")
 
 
 def test_output_folder_that_cannot_be_created_is_refused(tmp_path):
@@ -222,7 +223,7 @@ def test_read_only_output_folder_is_refused(tmp_path):
 def test_failure_while_streaming_leaves_no_file(tmp_path):
     folder = checkpoint(tmp_path)
     out = tmp_path / "out"
-    plan = plan_conversion(folder, FloatType.Q40, "m", out)
+    plan = prepare_conversion(folder, FloatType.Q40, "m", out)
     os.truncate(folder / "model.safetensors", (folder / "model.safetensors").stat().st_size // 2)  # after the checks
     with pytest.raises(ConversionError, match="truncated"):
         write_outputs(plan)
@@ -263,7 +264,7 @@ def run_subprocess(args: list[str], hf_home: Path, offline: bool = True) -> subp
            "HF_ENDPOINT": "http://127.0.0.1:9"}  # never the real hub: port 9 refuses connections
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
-    return subprocess.run([sys.executable, "-m", "dllama.converter.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dllama.cli.dllama_convert", *args], env=env, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -278,7 +279,8 @@ def test_hub_id_offline_and_not_cached_fails_with_one_line(tmp_path):
 
 
 def test_hub_unreachable_and_not_cached_fails_with_one_line(tmp_path):
-    proc = run_subprocess(["hf", "acme/tiny-llama", "-q", "q40", "-o", str(tmp_path / "out")], tmp_path / "hf", offline=False)
+    proc = run_subprocess(["hf", "acme/tiny-llama", "-q", "q40", "-o", str(tmp_path / "out")], tmp_path / "hf",
+                          offline=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "error: cannot reach the Hugging Face hub to download acme/tiny-llama and it is not cached; "

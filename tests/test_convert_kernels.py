@@ -7,20 +7,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dllama.converter import kernels
+from dllama.converter import encoders
 from dllama.formats import permute_rotary_rows, quantize_q40, quantize_q80
 
 ENCODERS = {
-    "q40": (kernels.encode_q40, np.uint8, 18, quantize_q40),
-    "q80": (kernels.encode_q80, np.uint8, 34, quantize_q80),
+    "q40": (encoders.encode_q40, np.uint8, 18, quantize_q40),
+    "q80": (encoders.encode_q80, np.uint8, 34, quantize_q80),
 }
 
 
 def as_source(x: np.ndarray, kind: int) -> tuple[np.ndarray, np.ndarray]:
     """(source bits the kernel reads, the float32 values they stand for)."""
-    if kind == kernels.SRC_F32:
+    if kind == encoders.SRC_F32:
         return x.view(np.uint32), x
-    if kind == kernels.SRC_F16:
+    if kind == encoders.SRC_F16:
         h = x.astype(np.float16)
         return h.view(np.uint16), h.astype(np.float32)
     bf = (x.view(np.uint32) >> 16).astype(np.uint16)
@@ -48,7 +48,7 @@ def tricky_rows(cols: int = 64) -> np.ndarray:
 
 
 @pytest.mark.parametrize("quant", ["q40", "q80"])
-@pytest.mark.parametrize("kind", [kernels.SRC_BF16, kernels.SRC_F16, kernels.SRC_F32])
+@pytest.mark.parametrize("kind", [encoders.SRC_BF16, encoders.SRC_F16, encoders.SRC_F32])
 def test_quantizer_kernels_match_reference_codec_bytes(quant, kind):
     kernel, out_dtype, block_bytes, reference = ENCODERS[quant]
     bits, values = as_source(tricky_rows(), kind)
@@ -66,7 +66,7 @@ finite_rows = arrays(np.float32, st.integers(1, 3).map(lambda n: (n, 64)),
 def test_quantizer_kernels_match_reference_on_random_rows(x, quant):
     kernel, out_dtype, block_bytes, reference = ENCODERS[quant]
     order = np.arange(len(x), dtype=np.int64)
-    out = run(kernel, out_dtype, x.shape[1] // 32 * block_bytes, (x.view(np.uint32), kernels.SRC_F32), order)
+    out = run(kernel, out_dtype, x.shape[1] // 32 * block_bytes, (x.view(np.uint32), encoders.SRC_F32), order)
     expected = reference(x)
     if quant == "q40":  # an all-zero block's scale is +-0 in numpy by SIMD lane order: compare it as a value
         zero_blocks = np.flatnonzero(np.all(x.reshape(-1, 32) == 0, axis=1))
@@ -78,7 +78,7 @@ def test_quantizer_kernels_match_reference_on_random_rows(x, quant):
 
 def test_all_zero_q40_block_gets_the_numpy_scale_of_positive_zeros():
     x = np.zeros((1, 32), np.float32)
-    out = run(kernels.encode_q40, np.uint8, 18, (x.view(np.uint32), kernels.SRC_F32), np.arange(1))
+    out = run(encoders.encode_q40, np.uint8, 18, (x.view(np.uint32), encoders.SRC_F32), np.arange(1))
     assert np.array_equal(out.reshape(-1), quantize_q40(x))
 
 
@@ -93,7 +93,7 @@ def test_f16_rounding_matches_numpy_on_every_boundary():
     values = bits.view(np.float32)
     bits = bits[~np.isnan(values)]
     out = np.empty(len(bits), np.uint16)
-    kernels.f32_bits_to_f16_bits(bits, out)
+    encoders.f32_bits_to_f16_bits(bits, out)
     with np.errstate(over="ignore"):
         assert np.array_equal(out, bits.view(np.float32).astype(np.float16).view(np.uint16))
 
@@ -102,17 +102,17 @@ def test_f16_widening_is_exact_for_every_half():
     halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     halves = halves[~np.isnan(halves.view(np.float16))]
     out = np.empty(len(halves), np.uint32)
-    kernels.f16_bits_to_f32_bits(halves, out)
+    encoders.f16_bits_to_f32_bits(halves, out)
     assert np.array_equal(out, halves.view(np.float16).astype(np.float32).view(np.uint32))
 
 
-@pytest.mark.parametrize("kind", [kernels.SRC_BF16, kernels.SRC_F16, kernels.SRC_F32])
+@pytest.mark.parametrize("kind", [encoders.SRC_BF16, encoders.SRC_F16, encoders.SRC_F32])
 def test_float_kernels_widen_exactly(kind):
     bits, values = as_source(tricky_rows()[:, :32] * np.float32(0.5), kind)
     order = np.arange(len(values), dtype=np.int64)
-    f32 = run(kernels.encode_f32, np.uint32, 32, (bits, kind), order)
+    f32 = run(encoders.encode_f32, np.uint32, 32, (bits, kind), order)
     assert np.array_equal(f32.view(np.float32), values)
-    f16 = run(kernels.encode_f16, np.uint16, 32, (bits, kind), order)
+    f16 = run(encoders.encode_f16, np.uint16, 32, (bits, kind), order)
     assert np.array_equal(f16.view(np.float16), values.astype(np.float16))
 
 
@@ -120,5 +120,5 @@ def test_row_order_gathers_the_rotary_permute():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((16, 32)).astype(np.float32)
     order = permute_rotary_rows(np.arange(16)[:, None], 2)[:, 0].astype(np.int64)
-    out = run(kernels.encode_f32, np.uint32, 32, (x.view(np.uint32), kernels.SRC_F32), order)
+    out = run(encoders.encode_f32, np.uint32, 32, (x.view(np.uint32), encoders.SRC_F32), order)
     assert np.array_equal(out.view(np.float32), permute_rotary_rows(x, 2))

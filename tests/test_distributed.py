@@ -6,14 +6,18 @@ from contextlib import nullcontext
 
 import numpy as np
 import pytest
-
 from conftest import CONFORMANCE, require_fixtures
 from distributed_helpers import (
-    NODE_COUNT_EFFECT, assert_greedy_matches_up_to_near_ties, greedy, loopback_workers, write_random_model,
+    NODE_COUNT_EFFECT,
+    assert_greedy_matches_up_to_near_ties,
+    greedy,
+    loopback_workers,
+    write_random_model,
     write_smollm2_shaped,
 )
+
 from dllama.formats import FloatType, ModelFile, read_model_header
-from dllama.runtime.distributed.plan import memory_plan
+from dllama.runtime.distributed.node_memory import memory_plan
 from dllama.runtime.distributed.root import DistributedEngine, WorkerError, parse_workers
 from dllama.runtime.engine import Engine
 from dllama.runtime.split import ClusterSplit, SplitError
@@ -258,7 +262,7 @@ def test_parse_workers():
 def test_plan_command_prints_every_node_and_whether_it_fits():
     from typer.testing import CliRunner
 
-    from dllama.runtime.cli import app
+    from dllama.cli.dllama_run import app
 
     path = str(require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m")
     runner = CliRunner()
@@ -277,7 +281,7 @@ def test_plan_command_prints_every_node_and_whether_it_fits():
 
 
 def test_weights_options_are_read_or_refused_with_the_fix():
-    from dllama.runtime.distributed.plan import cluster_weights
+    from dllama.runtime.distributed.node_memory import cluster_weights
 
     assert cluster_weights(3, "2,1,1") == (2.0, 1.0, 1.0)
     assert cluster_weights(3, None, "none") == (0.0, 1.0, 1.0)
@@ -310,7 +314,7 @@ def test_proportional_shares_hand_out_every_unit_and_follow_the_weights():
 def test_runtime_cli_refuses_weights_without_workers():
     from typer.testing import CliRunner
 
-    from dllama.runtime.cli import app
+    from dllama.cli.dllama_run import app
 
     folder = require_fixtures(CONFORMANCE / "tiny-llama")
     out = CliRunner().invoke(app, ["--model", str(folder / "expected_q40.m"), "--tokenizer", str(folder / "expected.t"),
@@ -329,7 +333,7 @@ def test_the_root_sends_a_sum_instead_of_partials_only_where_it_is_smaller():
 def test_plan_with_auto_weights_probes_the_workers_and_leaves_them_waiting(smol_f32):
     from typer.testing import CliRunner
 
-    from dllama.runtime.cli import app
+    from dllama.cli.dllama_run import app
 
     with loopback_workers(2) as workers:
         addresses = ",".join(f"{h}:{p}" for h, p in (w.address for w in workers))

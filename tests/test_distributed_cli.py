@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CONFORMANCE, require_fixtures
 
-RUN = [sys.executable, "-m", "dllama.runtime.cli"]
+RUN = [sys.executable, "-m", "dllama.cli.dllama_run"]
 
 
 @pytest.fixture

@@ -11,12 +11,21 @@ import tracemalloc
 
 import numpy as np
 import pytest
-
 from conftest import CONFORMANCE, require_fixtures
 from distributed_helpers import loopback_workers, write_random_model
+
 from dllama.formats import FloatType
 from dllama.runtime.distributed.protocol import (
-    FORWARD_HEAD, FRAME_HEADER, WEIGHTS_HEAD, PREAMBLE, PROTOCOL_MAGIC, PROTOCOL_VERSION, Frame, Hello, ModelIdentity, BufferType,
+    FORWARD_HEAD,
+    FRAME_HEADER,
+    PREAMBLE,
+    PROTOCOL_MAGIC,
+    PROTOCOL_VERSION,
+    WEIGHTS_HEAD,
+    BufferType,
+    Frame,
+    Hello,
+    ModelIdentity,
     model_identity,
 )
 from dllama.runtime.distributed.root import DistributedEngine, WorkerError
@@ -101,11 +110,13 @@ def test_oversized_frames_are_refused_before_allocating(f32_model):
         assert "exceeds the limit" in text
         assert peak < 1 << 20  # not the 4 GiB it asked for
         # a HELLO whose model claims more memory than the machine has is refused, not allocated
-        from dllama.formats import read_model_header
         from dataclasses import replace
+
+        from dllama.formats import read_model_header
         huge = replace(read_model_header(f32_model), dim=1 << 20, hidden_dim=1 << 22, n_layers=1024, vocab_size=1 << 20)
         from dllama.formats import model_file_size
-        lying = hello_bytes(f32_model, header_bytes=huge.to_bytes(), identity=ModelIdentity(model_file_size(huge), bytes(32)))
+        lying = hello_bytes(f32_model, header_bytes=huge.to_bytes(), identity=ModelIdentity(model_file_size(huge),
+                                                                                            bytes(32)))
         text = error_text(talk(worker.address, GOOD_PREAMBLE + frame(Frame.HELLO, lying)))
         assert "MiB but this machine has" in text
         endless = replace(read_model_header(f32_model), n_layers=1 << 30)
@@ -178,7 +189,7 @@ def test_worker_serves_the_next_root_after_one_vanishes(f32_model):
 
 
 def start_worker_process() -> tuple[subprocess.Popen, tuple[str, int]]:
-    proc = subprocess.Popen([sys.executable, "-m", "dllama.runtime.distributed.cli", "worker", "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "dllama.cli.dllama_run", "worker", "--host", "127.0.0.1",
                              "--port", "0"], stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     match = re.search(r"listening on ([\d.]+):(\d+)", line)

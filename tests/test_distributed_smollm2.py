@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from distributed_helpers import assert_greedy_matches_up_to_near_ties, loopback_workers
-from dllama.runtime.distributed.root import DistributedEngine
-from dllama.runtime.distributed.plan import memory_plan
-from dllama.runtime.engine import Engine
+
 from dllama.formats import read_model_header
+from dllama.runtime.distributed.node_memory import memory_plan
+from dllama.runtime.distributed.root import DistributedEngine
+from dllama.runtime.engine import Engine
 from dllama.tokenizer import Tokenizer
 
 SMOLLM2_NEAR_TIE = 1.0  # q40, q80 buffers: how far the top-two gap moves between node counts (above)
@@ -85,12 +85,13 @@ def test_smollm2_q40_greedy_answers_equal_one_nodes_up_to_near_ties(smollm2_file
 def test_smollm2_plan_and_root_refuse_10_nodes_naming_1_to_9_before_connecting(smollm2_files):
     from typer.testing import CliRunner
 
-    from dllama.runtime.cli import app
+    from dllama.cli.dllama_run import app
     from dllama.runtime.split import SplitError
 
     out = CliRunner().invoke(app, ["plan", "--model", str(smollm2_files["q40"]), "--nodes", "10"])
     assert out.exit_code == 1 and "more than this model's 9 heads allow: it runs on 1 to 9 nodes" in out.output
-    ok = CliRunner().invoke(app, ["plan", "--model", str(smollm2_files["q40"]), "--nodes", "10", "--root-compute", "none"])
+    ok = CliRunner().invoke(app, ["plan", "--model", str(smollm2_files["q40"]), "--nodes", "10", "--root-compute",
+                                  "none"])
     assert ok.exit_code == 0, ok.output  # a coordinator root and 9 computing workers
     with pytest.raises(SplitError, match="1 to 9 nodes"):  # nothing listens on these ports: refused before connecting
         DistributedEngine(smollm2_files["q40"], [("127.0.0.1", 1)] * 9)

@@ -50,7 +50,8 @@ def run_ci_probe(tmp_path, name: str, ci: str) -> subprocess.CompletedProcess:
     tests.mkdir(exist_ok=True)
     shutil.copy(Path(__file__).parent / "conftest.py", tests / "conftest.py")
     (tests / "test_convert_cli.py").write_text(PROBE)
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"tests/test_convert_cli.py::{name}"],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"tests/test_convert_cli.py::{name}"],
                           cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, CI=ci))
 
 

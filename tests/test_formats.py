@@ -9,8 +9,18 @@ from hypothesis.extra.numpy import arrays
 
 from dllama.checkpoint import Checkpoint, header_from_config
 from dllama.formats import (
-    FloatType, FormatError, ModelFile, decode_tensor, dequantize_q40, dequantize_q80, encode_tensor,
-    padded_vocabulary, parse_model_header, parse_tokenizer, quantize_q40, quantize_q80,
+    FloatType,
+    FormatError,
+    ModelFile,
+    decode_tensor,
+    dequantize_q40,
+    dequantize_q80,
+    encode_tensor,
+    padded_vocabulary,
+    parse_model_header,
+    parse_tokenizer,
+    quantize_q40,
+    quantize_q80,
 )
 
 # magnitudes where the f16 block scale stays a normal number
@@ -65,7 +75,8 @@ def test_quantizing_a_row_not_multiple_of_32_is_refused():
 
 def test_f16_round_trip():
     x = np.linspace(-3, 3, 64, dtype=np.float32).reshape(2, 32)
-    assert np.array_equal(decode_tensor(encode_tensor(x, FloatType.F16), FloatType.F16, x.shape), x.astype(np.float16).astype(np.float32))
+    assert np.array_equal(decode_tensor(encode_tensor(x, FloatType.F16), FloatType.F16, x.shape),
+                          x.astype(np.float16).astype(np.float32))
 
 
 def test_bad_model_magic_is_named():

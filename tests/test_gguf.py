@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf_helpers import hf_folder_from_gguf, write_gguf_like
 from typer.testing import CliRunner
 
-from dllama.converter.cli import app as convert_app
+from dllama.cli.dllama_convert import app as convert_app
 from dllama.formats import FloatType, ModelFile, read_tokenizer
 from dllama.gguf_checkpoint import GGUFCheckpoint
-from gguf_helpers import hf_folder_from_gguf, write_gguf_like
 
 runner = CliRunner()
 
@@ -94,23 +94,25 @@ REFERENCE_ARITHMETIC = {"f32": [], "q80": ["--buffer-float-type", "q80"]}
 
 
 def test_dllama_run_greedy_text_equals_transformers(smollm2_files, smollm2_expected):
-    from dllama.runtime.cli import app as run_app
+    from dllama.cli.dllama_run import app as run_app
 
     story = smollm2_expected["story"]
     for quant, options in REFERENCE_ARITHMETIC.items():
-        result = runner.invoke(run_app, ["--model", str(smollm2_files[quant]), "--tokenizer", str(smollm2_files["tokenizer"]),
+        result = runner.invoke(run_app, ["--model", str(smollm2_files[quant]), "--tokenizer",
+                                         str(smollm2_files["tokenizer"]),
                                          "--prompt", story["prompt"], "--steps", "40", "--temperature", "0", *options])
         assert result.exit_code == 0, result.output
         assert result.stdout == story["prompt"] + story["greedy"] + "\n", quant
 
 
 def test_dllama_run_chat_answers_like_transformers(smollm2_files, smollm2_expected):
-    from dllama.runtime.cli import app as run_app
+    from dllama.cli.dllama_run import app as run_app
 
     chat = smollm2_expected["chat"]
     for quant, options in REFERENCE_ARITHMETIC.items():
         result = runner.invoke(run_app, ["chat", "--model", str(smollm2_files[quant]), "--tokenizer",
-                                         str(smollm2_files["tokenizer"]), "--temperature", "0", "--steps", "32", *options],
+                                         str(smollm2_files["tokenizer"]), "--temperature", "0", "--steps", "32",
+                                         *options],
                                input=chat["messages"][0]["content"] + "\n\n")
         assert result.exit_code == 0, result.output
         assert result.stdout.split("> ")[1].strip() == chat["greedy"], (quant, result.stdout)
@@ -118,18 +120,20 @@ def test_dllama_run_chat_answers_like_transformers(smollm2_files, smollm2_expect
 
 def test_serve_answers_the_openai_client_like_transformers(smollm2_files, smollm2_expected):
     from openai import OpenAI
-
     from serve_helpers import ServerProcess
 
     chat, story = smollm2_expected["chat"], smollm2_expected["story"]
     for quant, options in REFERENCE_ARITHMETIC.items():
-        server = ServerProcess("--model", str(smollm2_files[quant]), "--tokenizer", str(smollm2_files["tokenizer"]), *options)
+        server = ServerProcess("--model", str(smollm2_files[quant]), "--tokenizer", str(smollm2_files["tokenizer"]),
+                               *options)
         try:
             client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-            answer = client.chat.completions.create(model="smollm2", messages=chat["messages"], temperature=0, max_tokens=32)
+            answer = client.chat.completions.create(model="smollm2", messages=chat["messages"], temperature=0,
+                                                    max_tokens=32)
             assert answer.choices[0].message.content == chat["greedy"], quant
             assert answer.choices[0].finish_reason == "stop"
-            completion = client.completions.create(model="smollm2", prompt=story["prompt"], temperature=0, max_tokens=40)
+            completion = client.completions.create(model="smollm2", prompt=story["prompt"], temperature=0,
+                                                   max_tokens=40)
             assert completion.choices[0].text == story["greedy"], quant
         finally:
             server.stop()
@@ -211,14 +215,16 @@ def test_truncated_gguf(smollm2_gguf, tmp_path):
         short.write_bytes(f.read(smollm2_gguf.stat().st_size - 4096))
     out = tmp_path / "out"
     out.mkdir()
-    assert_refused(convert_cli("gguf", short, "--quant", "q40", "--output-dir", out), out, "truncated", "download it again")
+    assert_refused(convert_cli("gguf", short, "--quant", "q40", "--output-dir", out), out, "truncated",
+                   "download it again")
 
 
 def test_unsupported_architecture(smollm2_gguf, tmp_path):
     other = write_gguf_like(smollm2_gguf, tmp_path / "gemma.gguf", arch="gemma2")
     out = tmp_path / "out"
     out.mkdir()
-    assert_refused(convert_cli("gguf", other, "--quant", "q40", "--output-dir", out), out, "'gemma2'", "llama, mistral, qwen3")
+    assert_refused(convert_cli("gguf", other, "--quant", "q40", "--output-dir", out), out, "'gemma2'",
+                   "llama, mistral, qwen3")
 
 
 def test_unsupported_tensor_type(smollm2_gguf, tmp_path):
@@ -229,10 +235,12 @@ def test_unsupported_tensor_type(smollm2_gguf, tmp_path):
 
 
 def test_missing_tokenizer_metadata(smollm2_gguf, tmp_path):
-    bare = write_gguf_like(smollm2_gguf, tmp_path / "bare.gguf", drop_fields=("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+    bare = write_gguf_like(smollm2_gguf, tmp_path / "bare.gguf", drop_fields=("tokenizer.ggml.tokens",
+                                                                              "tokenizer.ggml.merges"))
     out = tmp_path / "out"
     out.mkdir()
-    assert_refused(convert_cli("gguf", bare, "--quant", "q40", "--output-dir", out), out, "no tokenizer", "dllama-convert tokenizer")
+    assert_refused(convert_cli("gguf", bare, "--quant", "q40", "--output-dir", out), out, "no tokenizer",
+                   "dllama-convert tokenizer")
 
 
 def test_hf_route_points_a_gguf_file_to_the_gguf_command(smollm2_gguf, tmp_path):
@@ -283,12 +291,12 @@ def test_reference_runtime_loads_and_runs_our_q40_file(smollm2_files, reference_
 
 def test_sentencepiece_gguf_tokenizes_like_the_tokenizer_model_it_came_from(tmp_path):
     import sentencepiece as spm
+    from gguf_helpers import write_sentencepiece_gguf
+    from tokenizer_helpers import train_sentencepiece
 
     from dllama.converter.convert import convert
     from dllama.tokenizer import Tokenizer
     from dllama.tokenizer.corpus import corpus
-    from gguf_helpers import write_sentencepiece_gguf
-    from tokenizer_helpers import train_sentencepiece
 
     folder = train_sentencepiece(tmp_path / "spm", "bpe")
     gguf_file = write_sentencepiece_gguf(folder / "tokenizer.model", tmp_path / "spm.gguf")
@@ -314,17 +322,19 @@ def test_gguf_of_a_conformance_checkpoint_converts_to_the_reference_converters_b
     from gguf_helpers import gguf_from_hf_folder
 
     source = gguf_from_hf_folder(conformance_dir, tmp_path / "model.gguf")
-    result = convert_cli("gguf", source, "--quant", quant, "--name", "c", "--output-dir", tmp_path, "--no-embed-tokenizer")
+    result = convert_cli("gguf", source, "--quant", quant, "--name", "c", "--output-dir", tmp_path,
+                         "--no-embed-tokenizer")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / f"dllama_model_c_{quant}.m").read_bytes() == (conformance_dir / f"expected_{quant}.m").read_bytes()
+    expected = (conformance_dir / f"expected_{quant}.m").read_bytes()
+    assert (tmp_path / f"dllama_model_c_{quant}.m").read_bytes() == expected
     assert (tmp_path / "dllama_tokenizer_c.t").read_bytes() == (conformance_dir / "expected.t").read_bytes()
 
 
 def test_gguf_of_a_qwen3_moe_checkpoint_equals_the_hf_route(tmp_path):
-    from dllama.converter.synthetic import tiny_config, write_checkpoint
+    from conftest import CONFORMANCE
     from gguf_helpers import gguf_from_hf_folder
 
-    from conftest import CONFORMANCE
+    from dllama.converter.synthetic import tiny_config, write_checkpoint
 
     folder = write_checkpoint(tmp_path / "moe", tiny_config("qwen3_moe", bos_token_id=382, eos_token_id=383),
                               dtype="f32", seed=3, tokenizer=CONFORMANCE / "tiny-qwen3")

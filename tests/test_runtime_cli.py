@@ -5,11 +5,11 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import CONFORMANCE, require_fixtures
 from typer.testing import CliRunner
 
-from conftest import CONFORMANCE, require_fixtures
+from dllama.cli.dllama_run import app
 from dllama.formats import read_tokenizer
-from dllama.runtime.cli import app
 from dllama.runtime.engine import Engine
 from dllama.runtime.generate import generate
 

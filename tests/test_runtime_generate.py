@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import CONFORMANCE, require_fixtures
+
+from dllama.runtime.conversation import Conversation, PromptTooLong, StopReason, answer_room
 from dllama.runtime.engine import Engine, EngineError
 from dllama.runtime.generate import generate, reusable_prefix
 from dllama.runtime.sampler import Sampler
@@ -63,7 +64,8 @@ def test_sampler_greedy_seeded_and_nucleus():
     assert Sampler(temperature=0)(logits) == 1
     draws = [Sampler(temperature=1.0, seed=s)(logits) for s in range(200)]
     assert set(draws) == {0, 1, 2, 3}
-    assert [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)] == [Sampler(temperature=1.0, seed=5)(logits)] * 3
+    assert [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)] == [Sampler(temperature=1.0,
+                                                                                    seed=5)(logits)] * 3
     # top_p 0.5: only the two best tokens (p ~ 0.48 and 0.43) can be drawn
     assert {Sampler(temperature=1.0, top_p=0.5, seed=s)(logits) for s in range(200)} == {1, 3}
     with pytest.raises(ValueError, match="top_p"):
@@ -76,3 +78,37 @@ def test_reusable_prefix_keeps_the_last_prompt_token_to_evaluate():
     assert reusable_prefix([1, 2, 3, 9], [1, 2, 3, 4, 5]) == 3   # diverges at the fourth token
     assert reusable_prefix([1, 2, 3, 4, 5, 6], [1, 2, 3]) == 2   # whole prompt cached: its last token runs again
     assert reusable_prefix([], [7]) == 0
+
+
+def test_generate_says_why_it_stopped(case):
+    engine, ids, greedy = case
+    stop = next(i for i, t in enumerate(greedy) if t not in greedy[:i] and i >= 2)
+    runs = {
+        StopReason.MAX_TOKENS: dict(max_tokens=3),
+        StopReason.EOS: dict(max_tokens=len(greedy), eos_ids=[greedy[stop]]),
+        StopReason.CANCELLED: dict(max_tokens=3, cancel=lambda: True),
+    }
+    for reason, kwargs in runs.items():
+        conversation = Conversation(engine.max_seq_len)
+        list(generate(engine, ids, conversation=conversation, **kwargs))
+        assert conversation.stop_reason == reason
+    small = Engine.load(engine.model.path, max_seq_len=len(ids) + 3)
+    conversation = Conversation(small.max_seq_len)
+    list(generate(small, ids, 10, conversation=conversation))
+    assert conversation.stop_reason == StopReason.CONTEXT
+
+
+def test_a_conversation_evaluates_only_what_its_cache_lacks(case):
+    engine, ids, greedy = case
+    conversation = Conversation(engine.max_seq_len)
+    first = list(generate(engine, ids, 4, conversation=conversation))
+    assert conversation.start_pos == 0 and conversation.cached == ids + first[:3]  # the 4th is never evaluated
+    again = list(generate(engine, ids + first, 4, conversation=conversation))
+    assert conversation.start_pos == len(ids) + 3
+    assert again == greedy[4:8]
+
+
+def test_a_prompt_that_fills_the_cache_is_refused_in_one_place():
+    assert answer_room(7, 8) == 1
+    with pytest.raises(PromptTooLong, match="--max-seq-len is 8"):
+        answer_room(8, 8)

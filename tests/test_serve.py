@@ -9,11 +9,11 @@ import time
 import httpx
 import openai
 import pytest
-
-from dllama.runtime.serve.protocol import Sampling
-from dllama.tokenizer.convert import convert_tokenizer
 from conftest import CONFORMANCE, require_fixtures
 from serve_helpers import ServerProcess, common_prefix, load_engine_and_tokenizer, local_generation
+
+from dllama.runtime.sampler import Sampling
+from dllama.tokenizer.from_hf import convert_tokenizer
 
 MODEL_DIR = CONFORMANCE / "tiny-llama"
 MODEL = MODEL_DIR / "expected_f32.m"
@@ -174,7 +174,8 @@ BAD_REQUESTS = [
     (json.dumps({"messages": HELLO, "max_tokens": "ten"}).encode(), "invalid_type", "max_tokens"),
     (json.dumps({"messages": HELLO, "stop": 3}).encode(), "invalid_type", "stop"),
     (json.dumps({"messages": []}).encode(), "empty_messages", "messages"),
-    (json.dumps({"messages": [{"role": "user", "content": "word " * 400}]}).encode(), "context_length_exceeded", "messages"),
+    (json.dumps({"messages": [{"role": "user", "content": "word " * 400}]}).encode(), "context_length_exceeded",
+     "messages"),
 ]
 
 

@@ -11,11 +11,11 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import CONFORMANCE, require_fixtures
-from dllama.runtime.serve.protocol import Sampling
-from dllama.tokenizer.convert import convert_tokenizer
 from serve_helpers import LOOPBACK, ServerProcess, load_engine_and_tokenizer, local_generation
+
+from dllama.runtime.sampler import Sampling
+from dllama.tokenizer.from_hf import convert_tokenizer
 
 MODEL_DIR = CONFORMANCE / "tiny-llama"   # 2 kv heads: splits over 2 nodes
 MODEL = MODEL_DIR / "expected_f32.m"

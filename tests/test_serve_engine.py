@@ -9,11 +9,11 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import CONFORMANCE, require_fixtures
-from dllama.runtime.serve import create_app
-from dllama.tokenizer.convert import convert_tokenizer
 from serve_helpers import RecordingEngine, common_prefix, in_process_server, load_engine_and_tokenizer
+
+from dllama.runtime.serve import create_app
+from dllama.tokenizer.from_hf import convert_tokenizer
 
 MODEL_DIR = CONFORMANCE / "tiny-llama"
 CONTEXT = 256
@@ -108,7 +108,8 @@ def test_client_giving_up_on_a_plain_request_frees_the_engine(engine_and_tokeniz
     recording, app = serve(engine_and_tokenizer, delay_s=0.02)
     with in_process_server(app) as url:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/completions", json={"prompt": "long", "max_tokens": 200, "temperature": 1.0, "seed": 3},
+            httpx.post(f"{url}/v1/completions", json={"prompt": "long", "max_tokens": 200, "temperature": 1.0,
+                                                      "seed": 3},
                        timeout=0.3)
         wait_until_idle(url, within_s=1.0)
         assert len(recording.calls) < 50
@@ -138,7 +139,8 @@ def test_full_queue_answers_429_and_the_rest_complete(engine_and_tokenizer):
         statuses = []
 
         def post(i):
-            r = httpx.post(f"{url}/v1/completions", json={"prompt": f"job {i}", "max_tokens": 5, "temperature": 0}, timeout=60)
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": f"job {i}", "max_tokens": 5, "temperature": 0},
+                           timeout=60)
             statuses.append((r.status_code, r.json()))
 
         threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]

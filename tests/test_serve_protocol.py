@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from dllama.runtime.serve import protocol
-from dllama.runtime.serve.protocol import ApiError
-from dllama.runtime.serve.session import StopScanner
+from dllama.runtime.serve import openai_api
+from dllama.runtime.serve.openai_api import ApiError
+from dllama.runtime.serve.runner import StopScanner
 
 
 def scan(pieces, stops):
@@ -77,7 +77,7 @@ CHAT_OK = {"messages": [{"role": "user", "content": "hi"}]}
     ({}, "messages", "missing_field"),
 ])
 def test_bad_chat_requests_name_the_parameter(body, param, code):
-    error = error_of(protocol.parse_chat_request, body)
+    error = error_of(openai_api.parse_chat_request, body)
     assert (error.param, error.code) == (param, code)
     assert set(error.body()["error"]) == {"message", "type", "param", "code"}
 
@@ -89,18 +89,20 @@ def test_bad_chat_requests_name_the_parameter(body, param, code):
     ({"prompt": "x", "messages": []}, "messages"),
 ])
 def test_bad_completion_requests_name_the_parameter(body, param):
-    assert error_of(protocol.parse_completion_request, body).param == param
+    assert error_of(openai_api.parse_completion_request, body).param == param
 
 
 def test_valid_requests_get_defaults():
-    chat = protocol.parse_chat_request(json.dumps({**CHAT_OK, "stop": "###", "seed": 3, "max_completion_tokens": 9}).encode())
+    chat = openai_api.parse_chat_request(json.dumps({**CHAT_OK, "stop": "###", "seed": 3,
+                                                     "max_completion_tokens": 9}).encode())
     assert chat.stop == ["###"] and chat.sampling.seed == 3 and chat.max_tokens == 9 and chat.max_tokens is not None
     assert chat.sampling.temperature == 1.0 and chat.stream is False
-    completion = protocol.parse_completion_request(b'{"prompt": ["once upon"], "temperature": 0}')
-    assert completion.prompt == "once upon" and completion.max_tokens == protocol.COMPLETIONS_DEFAULT_MAX_TOKENS
+    completion = openai_api.parse_completion_request(b'{"prompt": ["once upon"], "temperature": 0}')
+    assert completion.prompt == "once upon" and completion.max_tokens == openai_api.COMPLETIONS_DEFAULT_MAX_TOKENS
     assert completion.sampling.temperature == 0.0
-    neutral = protocol.parse_chat_request(json.dumps({**CHAT_OK, "presence_penalty": 0, "frequency_penalty": 0.0,
+    neutral = openai_api.parse_chat_request(json.dumps({**CHAT_OK, "presence_penalty": 0, "frequency_penalty": 0.0,
                                                       "logit_bias": {}, "logprobs": False, "n": 1}).encode())
     assert neutral.messages == CHAT_OK["messages"]
-    parts = protocol.parse_chat_request(b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}')
+    parts = openai_api.parse_chat_request(b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, '
+                                          b'{"type": "text", "text": "b"}]}]}')
     assert parts.messages == [{"role": "user", "content": "ab"}]

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from conftest import CONFORMANCE, FIXTURES, require_fixtures
+from tokenizer_helpers import train_byte_level_bpe, train_metaspace_unigram, train_sentencepiece
+
 from dllama.formats import EmbeddedKind, EmbeddedSource, FormatError, TokenizerFile, parse_tokenizer
 from dllama.tokenizer import ChatTemplateError, InexactTokenizerWarning, Tokenizer, TokenizerError
-from dllama.tokenizer.convert import convert_tokenizer
 from dllama.tokenizer.corpus import SPECIAL, corpus
-from tokenizer_helpers import train_byte_level_bpe, train_metaspace_unigram, train_sentencepiece
+from dllama.tokenizer.from_hf import convert_tokenizer
 
 SP_SPECIALS = ("<s>", "</s>", "<unk>")
 CORPUS = corpus()
@@ -244,7 +244,8 @@ def test_llama2_chat_template_renders_and_its_bos_text_encodes_to_the_bos_id(lla
 def test_render_chat_passes_hugging_face_variables_and_raise_exception():
     tf = TokenizerFile(tokens=[b"a", b"<s>", b"</s>"], scores=[0.0, 0.0, 0.0], bos_id=1, eos_ids=[2])
     tf.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be user') }}"
-                        "{% endif %}{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}")
+                        "{% endif %}{{ bos_token }}"
+                        "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}")
     tok = Tokenizer.from_file(tf, mode="reference")
     assert tok.render_chat([{"role": "user", "content": "x"}]) == "<s>x</s>"
     with pytest.raises(ChatTemplateError, match="first message must be user"):

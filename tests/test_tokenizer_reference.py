@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import CONFORMANCE, require_fixtures
+from tokenizer_helpers import train_byte_level_bpe
+
 from dllama.formats import TokenizerFile, parse_tokenizer
 from dllama.tokenizer import ReferenceRuntimeAbort, Tokenizer
-from dllama.tokenizer.convert import convert_tokenizer
 from dllama.tokenizer.corpus import corpus
-from dllama.tokenizer.reference import detok_utf8
-from tokenizer_helpers import train_byte_level_bpe
+from dllama.tokenizer.cpp_tokenizer import detok_utf8
+from dllama.tokenizer.from_hf import convert_tokenizer
 
 
 def literal_c_encode(tf: TokenizerFile, text: str, add_bos: bool) -> list[int]:

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import CONFORMANCE, FIXTURES, require_fixtures
-from validate_helpers import swap_tensors, tensor_slice, unpermute_qk
+from validate_helpers import swap_tensors, unpermute_qk
+
 from dllama.checkpoint import Checkpoint
+from dllama.cli.dllama_validate import main
 from dllama.formats import FloatType, ModelFile, read_tokenizer
-from dllama.tokenizer.convert import convert_tokenizer
+from dllama.tokenizer.from_hf import convert_tokenizer
 from dllama.validate import checks
-from dllama.validate.cli import main
 from dllama.validate.reference import ReferenceLogits, compute_reference
 from dllama.validate.report import Status
 from dllama.validate.validator import Options, validate
@@ -114,8 +114,10 @@ def test_correct_conversion_passes(conformance_dir, quant):
 
 @pytest.mark.parametrize("quant", QUANTS)
 def test_correct_conversion_passes_against_a_reference_file(conformance_dir, quant, tmp_path):
-    ref = arithmetic_reference(conformance_dir, tmp_path) if quant != "f32" else conformance_dir / "reference_logits.npz"
-    report = validate(conformance_dir / f"expected_{quant}.m", conformance_dir / "expected.t", reference=ref, options=FAST)
+    ref = arithmetic_reference(conformance_dir,
+                               tmp_path) if quant != "f32" else conformance_dir / "reference_logits.npz"
+    report = validate(conformance_dir / f"expected_{quant}.m", conformance_dir / "expected.t", reference=ref,
+                      options=FAST)
     assert report.ok, failing(report)
     assert report.get("logits.correctness").status == Status.PASS
     assert report.get("logits.quality").status == Status.PASS
@@ -226,8 +228,10 @@ def test_truncated_model_file_is_caught(tmp_path):
 
 
 @pytest.mark.parametrize("a, b, holds", [
-    ("layers.1.w1", "layers.1.w3", "holds model.layers.1.mlp.up_proj.weight instead of model.layers.1.mlp.gate_proj.weight"),
-    ("layers.0.wo", "layers.1.wo", "holds model.layers.1.self_attn.o_proj.weight instead of model.layers.0.self_attn.o_proj.weight"),
+    ("layers.1.w1", "layers.1.w3",
+     "holds model.layers.1.mlp.up_proj.weight instead of model.layers.1.mlp.gate_proj.weight"),
+    ("layers.0.wo", "layers.1.wo",
+     "holds model.layers.1.self_attn.o_proj.weight instead of model.layers.0.self_attn.o_proj.weight"),
 ])
 def test_swapped_layer_tensors_are_caught(tmp_path, a, b, holds):
     src = fixture("tiny-qwen3")
@@ -237,7 +241,8 @@ def test_swapped_layer_tensors_are_caught(tmp_path, a, b, holds):
 
 
 def test_bf16_read_as_f16_is_named_against_the_checkpoint(tmp_path):
-    from validate_helpers import read_bf16_as_f16, write_model_with as write_with
+    from validate_helpers import read_bf16_as_f16
+    from validate_helpers import write_model_with as write_with
 
     src = fixture("tiny-llama")  # a bf16 checkpoint
     bad = write_with(tmp_path / "bf16_as_f16.m", src / "expected_f32.m", read_bf16_as_f16)
@@ -273,7 +278,8 @@ def test_sentencepiece_converted_without_byte_fallback_is_caught(tmp_path):
     assert good.ok, failing(good)
     assert "bos_id is 1" in good.get("tokenizer.reference_runtime").reason  # the plain-language warning
     # what a converter ignoring byte fallback writes: the piece's text instead of its byte
-    tf.tokens = [f"<0x{t[0]:02X}>".encode() if len(t) == 1 and i >= 3 and i < 259 else t for i, t in enumerate(tf.tokens)]
+    tf.tokens = [f"<0x{t[0]:02X}>".encode() if len(t) == 1 and i >= 3 and i < 259 else t for i,
+                 t in enumerate(tf.tokens)]
     bad = validate(src / "expected_f32.m", write_tokenizer(tmp_path, tf, "bad.t"), options=FAST)
     reasons = failing(bad)
     assert "converted without byte fallback" in reasons["tokenizer.byte_fallback"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import CONFORMANCE, require_fixtures
+
 from dllama.runtime.engine import Engine, EngineError
 
 
@@ -28,7 +28,7 @@ def test_unknown_buffer_float_type_is_refused():
 
 
 def test_dllama_run_honours_buffer_float_type_on_one_node(monkeypatch, tmp_path):
-    from dllama.runtime import cli
+    from dllama.cli import loading
 
     seen = {}
     real_load = Engine.load
@@ -39,6 +39,6 @@ def test_dllama_run_honours_buffer_float_type_on_one_node(monkeypatch, tmp_path)
 
     monkeypatch.setattr(Engine, "load", load)
     folder = require_fixtures(CONFORMANCE / "tiny-llama")
-    session = cli.load_session(folder / "expected_q40.m", folder / "expected.t", 64, 1,
-                               cli.ClusterOptions(buffer_float_type="q80"))
+    session = loading.load_model(folder / "expected_q40.m", folder / "expected.t", 64, 1,
+                                 loading.ClusterOptions(buffer_float_type="q80"))
     assert seen["buffer_float_type"] == "q80" and session.engine.exchange.quantize_partials

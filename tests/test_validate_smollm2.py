@@ -10,14 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from validate_helpers import (
+    MODEL_MUTATIONS,
+    TOKENIZER_MUTATIONS,
+    write_model_with,
+    write_tokenizer_with,
+)
 
-from dllama.validate.cli import main
+from dllama.cli.dllama_validate import main
 from dllama.validate.reference import DEFAULT_PROMPTS, ReferenceLogits
 from dllama.validate.report import Status
 from dllama.validate.validator import Options, validate
-from validate_helpers import (
-    MODEL_MUTATIONS, TOKENIZER_MUTATIONS, write_model_with, write_tokenizer_with,
-)
 
 FAST = Options(corpus_limit=60)
 
@@ -82,7 +85,8 @@ MODEL_REASONS = {
                                               "logits.correctness": "does not compute"}, {}),
     "rms eps 1e-6 (not 1e-5)": ("q40", {"model.header_vs_config": "norm_epsilon_code is 6 in the .m but 5"}, {}),
     "w2 of layers 10/11 swapped": ("q40", {"logits.correctness": "from layer 10 ffn"},
-                                   {"model.weights_vs_checkpoint": "holds model.layers.11.mlp.down_proj.weight instead of "
+                                   {"model.weights_vs_checkpoint": "holds model.layers.11.mlp.down_proj.weight instead "
+                                                                   "of "
                                                                    "model.layers.10.mlp.down_proj.weight"}),
     "truncated": ("q40", {"model.file_size": "truncated"}, {}),
     # with --hf too: test_validate.py::test_bf16_read_as_f16_is_named_against_the_checkpoint (a bf16 fixture, fast)

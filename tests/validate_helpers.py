@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from dllama.formats import EmbeddedKind, FloatType, ModelFile, decode_tensor, encode_tensor, read_tokenizer
+from dllama.formats import EmbeddedKind, ModelFile, decode_tensor, encode_tensor, read_tokenizer
 
 
 def tensor_slice(mf: ModelFile, name: str) -> slice:

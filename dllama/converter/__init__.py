@@ -4,5 +4,5 @@
     from dllama.converter.synthetic import write_checkpoint  # random HF checkpoints for tests/benchmarks
     from dllama.converter.hub import resolve_source          # local folder or hub repo id -> folder
 
-Submodules are imported on demand: `kernels` (numba) loads only when something converts.
+Submodules are imported on demand: `encoders` (numba) loads only when something converts.
 """

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint -> `.m` model and `.t` tokenizer, validated first, then streamed.
 
-`plan_conversion` checks everything that can be checked before a byte is written (config,
+`prepare_conversion` checks everything that can be checked before a byte is written (config,
 every tensor's presence and shape, block alignment, tokenizer vs model vocabulary); the
 writer then streams each tensor in row chunks: pread into a reused buffer, one numba kernel
 pass to the output type, write, next chunk. Page-cache reads instead of memory maps keep the
@@ -18,30 +18,38 @@ from typing import Callable
 import numpy as np
 
 from dllama.checkpoint import Checkpoint, TensorEntry, header_from_config
-from dllama.converter import kernels
-from dllama.gguf_checkpoint import DEQUANTIZABLE, GGUFCheckpoint, dequantize
+from dllama.converter import encoders
+from dllama.errors import DllamaError
 from dllama.formats import (
-    BLOCK_SIZE, FloatType, ModelHeader, TensorSpec, TokenizerFile, atomic_output, padded_vocabulary,
-    permute_rotary_rows, tensor_plan,
+    BLOCK_SIZE,
+    FloatType,
+    ModelHeader,
+    TensorSpec,
+    TokenizerFile,
+    atomic_output,
+    padded_vocabulary,
+    permute_rotary_rows,
+    tensor_plan,
 )
-from dllama.tokenizer.convert import convert_tokenizer
+from dllama.gguf_checkpoint import DEQUANTIZABLE, GGUFCheckpoint, dequantize
 from dllama.tokenizer.from_gguf import GGUFTokenizer
+from dllama.tokenizer.from_hf import convert_tokenizer
 
 
-class ConversionError(ValueError):
+class ConversionError(DllamaError, ValueError):
     """The checkpoint cannot be converted as asked; the message names the problem and the fix."""
 
 
 CHUNK_SOURCE_BYTES = 16 << 20  # source bytes per step: bounds the resident set (two buffers)
 CHUNK_VALUES = 4 << 20  # and values per step: a dequantized GGUF chunk is float32 plus gguf.quants' temporaries
-_SOURCE_KIND = {"BF16": kernels.SRC_BF16, "F16": kernels.SRC_F16, "F32": kernels.SRC_F32}
+_SOURCE_KIND = {"BF16": encoders.SRC_BF16, "F16": encoders.SRC_F16, "F32": encoders.SRC_F32}
 SOURCE_TYPES = ("BF16", "F16", "F32", "F64") + DEQUANTIZABLE
 STORED_AS = {"F32": FloatType.F32, "F16": FloatType.F16, "Q4_0": FloatType.Q40, "Q8_0": FloatType.Q80}
 _ENCODERS = {
-    FloatType.F32: (kernels.encode_f32, np.uint32),
-    FloatType.F16: (kernels.encode_f16, np.uint16),
-    FloatType.Q40: (kernels.encode_q40, np.uint8),
-    FloatType.Q80: (kernels.encode_q80, np.uint8),
+    FloatType.F32: (encoders.encode_f32, np.uint32),
+    FloatType.F16: (encoders.encode_f16, np.uint16),
+    FloatType.Q40: (encoders.encode_q40, np.uint8),
+    FloatType.Q80: (encoders.encode_q80, np.uint8),
 }
 
 
@@ -73,7 +81,7 @@ class PlannedTensor:
 
 
 @dataclass
-class ConversionPlan:
+class ConversionJob:
     source: Path
     config: dict
     header: ModelHeader | None
@@ -91,7 +99,7 @@ class ConversionPlan:
 
 @dataclass
 class ConversionResult:
-    plan: ConversionPlan
+    plan: ConversionJob
     seconds: float
     sizes: dict[Path, int]
 
@@ -109,7 +117,8 @@ def plan_model(checkpoint: Checkpoint, float_type: FloatType) -> tuple[ModelHead
         if entry is None:
             raise ConversionError(f"{spec.hf_name} is missing from the checkpoint ({checkpoint.looked_in})")
         if entry.shape != spec.shape:
-            raise ConversionError(f"{spec.hf_name} has shape {list(entry.shape)} but {checkpoint.config_source} implies "
+            raise ConversionError(f"{spec.hf_name} has shape {list(entry.shape)} but {checkpoint.config_source} "
+                                  "implies "
                                   f"{list(spec.shape)}; the config does not belong to these weights")
         _check_blocks(spec)
         _check_source_type(spec, entry)
@@ -145,13 +154,15 @@ def _check_special_ids(tokenizer: TokenizerFile) -> None:
     """bos/eos come from config.json for tokenizer.json sources (FORMAT.md §4): they must be tokens."""
     for what, token_id in [("bos", tokenizer.bos_id)] + [("eos", e) for e in tokenizer.eos_ids]:
         if not 0 <= token_id < tokenizer.vocab_size:
-            raise ConversionError(f"{what} token id {token_id} is outside the tokenizer's {tokenizer.vocab_size} tokens; "
+            raise ConversionError(f"{what} token id {token_id} is outside the tokenizer's {tokenizer.vocab_size} "
+                                  "tokens; "
                                   f"fix {what}_token_id in config.json")
 
 
 def _check_vocab(header: ModelHeader, tokenizer: TokenizerFile, notes: list[str]) -> None:
     if padded_vocabulary(header.vocab_size, tokenizer.vocab_size):
-        notes.append(f"the model's vocabulary ({header.vocab_size}) is padded beyond the tokenizer's ({tokenizer.vocab_size} tokens)")
+        notes.append(f"the model's vocabulary ({header.vocab_size}) is padded beyond the tokenizer's "
+                     f"({tokenizer.vocab_size} tokens)")
     elif tokenizer.vocab_size != header.vocab_size:
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json vocab_size is "
                               f"{header.vocab_size}; the tokenizer does not belong to this model")
@@ -162,8 +173,8 @@ def open_checkpoint(source: Path) -> Checkpoint | GGUFCheckpoint:
     return GGUFCheckpoint(source) if source.is_file() else Checkpoint(source)
 
 
-def plan_conversion(source: Path, float_type: FloatType | None, name: str, output_dir: Path,
-                    with_tokenizer: bool = True, embed_tokenizer: bool = True) -> ConversionPlan:
+def prepare_conversion(source: Path, float_type: FloatType | None, name: str, output_dir: Path,
+                    with_tokenizer: bool = True, embed_tokenizer: bool = True) -> ConversionJob:
     """Check the source (a Hugging Face folder or a GGUF file) and decide every output byte's origin.
     float_type None: tokenizer only."""
     source = Path(source)
@@ -174,9 +185,10 @@ def plan_conversion(source: Path, float_type: FloatType | None, name: str, outpu
         header, tensors = plan_model(checkpoint, float_type)
     tokenizer = None
     if with_tokenizer:
-        tokenizer = GGUFTokenizer(checkpoint).tokenizer_file(embed_tokenizer) if isinstance(checkpoint, GGUFCheckpoint) \
+        tokenizer = GGUFTokenizer(checkpoint).tokenizer_file(embed_tokenizer) if isinstance(checkpoint,
+                                                                                            GGUFCheckpoint) \
             else convert_tokenizer(source, embed=embed_tokenizer)
-    plan = ConversionPlan(
+    plan = ConversionJob(
         source=source, config=config, header=header, tensors=tensors, tokenizer=tokenizer,
         model_path=output_dir / model_filename(name, float_type) if float_type is not None else None,
         tokenizer_path=output_dir / tokenizer_filename(name) if with_tokenizer else None,
@@ -194,7 +206,8 @@ def _check_output_dir(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConversionError(f"cannot create the output folder {output_dir} ({e.strerror}); choose a writable --output-dir") from None
+        raise ConversionError(f"cannot create the output folder {output_dir} ({e.strerror}); choose a writable "
+                              "--output-dir") from None
     if not os.access(output_dir, os.W_OK | os.X_OK):
         raise ConversionError(f"the output folder {output_dir} is not writable; choose a writable --output-dir")
 
@@ -205,19 +218,20 @@ def _check_output_dir(output_dir: Path) -> None:
 Progress = Callable[[int], None]  # called with source bytes done since the last call
 
 
-def write_outputs(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
+def write_outputs(plan: ConversionJob, progress: Progress | None = None) -> ConversionResult:
     """Write the planned files; on any failure no output file (partial or complete) is left."""
     started = time.perf_counter()
     try:
         _write_planned_files(plan, progress or (lambda n: None))
     except OSError as e:  # disk full, I/O error: name the file and the fix
         target = plan.model_path or plan.tokenizer_path
-        raise ConversionError(f"writing {target} failed: {e.strerror or e}; free some space or choose another --output-dir") from None
+        raise ConversionError(f"writing {target} failed: {e.strerror or e}; free some space or choose another "
+                              "--output-dir") from None
     outputs = [p for p in (plan.model_path, plan.tokenizer_path) if p is not None]
     return ConversionResult(plan, time.perf_counter() - started, {p: p.stat().st_size for p in outputs})
 
 
-def _write_planned_files(plan: ConversionPlan, progress: Progress) -> None:
+def _write_planned_files(plan: ConversionJob, progress: Progress) -> None:
     tokenizer_bytes = plan.tokenizer.to_bytes(with_extension=plan.embed_tokenizer) if plan.tokenizer else None
     if plan.model_path is None:
         with atomic_output(plan.tokenizer_path) as ft:
@@ -233,7 +247,7 @@ def _write_planned_files(plan: ConversionPlan, progress: Progress) -> None:
                 _write_model(fm, plan, progress)
 
 
-def _write_model(f, plan: ConversionPlan, progress: Progress) -> None:
+def _write_model(f, plan: ConversionJob, progress: Progress) -> None:
     f.write(plan.header.to_bytes())
     out = ReusedBuffer()
     with SourceReader() as reader:
@@ -277,7 +291,8 @@ class SourceReader:
         while done < nbytes:
             n = os.preadv(fd, [view[done:]], entry.start + offset + done)
             if n <= 0:
-                raise ConversionError(f"{entry.file} ended while reading a tensor: the file is truncated; download it again")
+                raise ConversionError(f"{entry.file} ended while reading a tensor: the file is truncated; download it "
+                                      "again")
             done += n
         self._read_ahead(fd, entry.start + offset + nbytes, nbytes)
         return data
@@ -337,21 +352,23 @@ def _source_rows(raw: np.ndarray, dtype: str, n: int, cols: int) -> tuple[np.nda
     if dtype in ("BF16", "F16"):
         return raw.view("<u2").reshape(n, cols), _SOURCE_KIND[dtype]
     if dtype == "F32":
-        return raw.view("<u4").reshape(n, cols), kernels.SRC_F32
+        return raw.view("<u4").reshape(n, cols), encoders.SRC_F32
     if dtype == "F64":  # rare; narrowing in numpy costs a copy
-        return raw.view("<f8").astype(np.float32).view(np.uint32).reshape(n, cols), kernels.SRC_F32
+        return raw.view("<f8").astype(np.float32).view(np.uint32).reshape(n, cols), encoders.SRC_F32
     # a GGUF block type: dequantize with llama.cpp's own gguf.quants, then encode like float32
-    return dequantize(raw, dtype, (n, cols)).view(np.uint32), kernels.SRC_F32
+    return dequantize(raw, dtype, (n, cols)).view(np.uint32), encoders.SRC_F32
 
 
 # --------------------------------------------------------------------------------------------
 # One call for library users and tests
 
-def convert(source: str | os.PathLike, quant: str | FloatType | None, output_dir: str | os.PathLike, name: str | None = None,
-            with_tokenizer: bool = True, embed_tokenizer: bool = True, progress: Progress | None = None) -> ConversionResult:
+def convert(source: str | os.PathLike, quant: str | FloatType | None, output_dir: str | os.PathLike,
+            name: str | None = None,
+            with_tokenizer: bool = True, embed_tokenizer: bool = True,
+            progress: Progress | None = None) -> ConversionResult:
     """Convert a local checkpoint folder or GGUF file; quant None converts only the tokenizer."""
     source = Path(source)
     float_type = FloatType.parse(quant) if isinstance(quant, str) else quant
     name = name or default_name(str(source.resolve()))
-    plan = plan_conversion(source, float_type, name, Path(output_dir), with_tokenizer, embed_tokenizer)
+    plan = prepare_conversion(source, float_type, name, Path(output_dir), with_tokenizer, embed_tokenizer)
     return write_outputs(plan, progress)

@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from dllama.errors import DllamaError
+
 # config/index/tokenizer json, sentencepiece model, transformers-5 chat template, then the weights
 METADATA_PATTERNS = ["*.json", "tokenizer.model", "*.jinja"]
 # only the top level is read; hub patterns match across "/", so skip subfolders (onnx/, original/...),
@@ -20,7 +22,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class SourceError(ValueError):
+class SourceError(DllamaError, ValueError):
     """SOURCE is neither a usable local folder nor a reachable hub repository."""
 
 
@@ -30,7 +32,8 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise SourceError(f"{source} is a file; SOURCE must be a checkpoint folder or a hub repo id like TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+        raise SourceError(f"{source} is a file; SOURCE must be a checkpoint folder or a hub repo id like "
+                          "TinyLlama/TinyLlama-1.1B-Chat-v1.0")
     if not _looks_like_repo_id(source):
         raise SourceError(f"{source} does not exist; SOURCE must be a checkpoint folder or a hub repo id like org/name")
     return _download(source, revision)
@@ -41,8 +44,7 @@ def _looks_like_repo_id(source: str) -> bool:
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import errors
+    from huggingface_hub import errors, snapshot_download
 
     offline = _offline_mode()
 
@@ -60,7 +62,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise SourceError(f"cannot reach the Hugging Face hub to download {repo_id} and it is not cached; "
                           f"check the network, or pass a local folder") from None
     except errors.GatedRepoError:
-        raise SourceError(f"{repo_id} is gated: accept its licence on huggingface.co and log in with `hf auth login`") from None
+        raise SourceError(f"{repo_id} is gated: accept its licence on huggingface.co and log in with "
+                          "`hf auth login`") from None
     except errors.RepositoryNotFoundError:
         raise SourceError(f"{repo_id} is not a folder here and not a repository on the Hugging Face hub "
                           f"(or it is private: log in with `hf auth login`)") from None

@@ -175,7 +175,8 @@ def _split_into_shards(tensors, shards: int, itemsize: int) -> list[list]:
 
 def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], st_dtype: str,
                        rng: np.random.Generator) -> int:
-    return write_safetensors(path, tensors, st_dtype, lambda f, name, shape: _write_random_tensor(f, name, shape, st_dtype, rng))
+    return write_safetensors(path, tensors, st_dtype, lambda f, name, shape: _write_random_tensor(f, name, shape,
+                                                                                                  st_dtype, rng))
 
 
 def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], st_dtype: str,

@@ -17,6 +17,7 @@ import threading
 
 import numpy as np
 
+from dllama.errors import DllamaError
 from dllama.runtime.cpu import KERNEL_PATHS
 
 # f16 bits -> float32, so kernels decode block scales with one lookup (numba has no CPU half);
@@ -28,7 +29,7 @@ ROW_ALIGN = 16          # thread ranges of rows start on multiples of this (the 
 MIN_WORK = 1 << 17      # multiply-adds below which a call stays on one thread (a hand-off costs ~30 us)
 
 
-class KernelsUnavailable(ValueError):
+class KernelsUnavailable(DllamaError, ValueError):
     """DLLAMA_KERNELS asks for something this machine cannot give."""
 
 

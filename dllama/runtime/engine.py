@@ -20,6 +20,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from dllama.errors import DllamaError
 from dllama.formats import FloatType, ModelFile, ModelHeader
 from dllama.runtime import compute
 from dllama.runtime.model import NodeLayers, load_node_weights, whole_model_share
@@ -28,7 +29,7 @@ DEFAULT_MAX_SEQ_LEN = 2048  # models declare up to 131072 positions; the KV cach
 PREFILL_BATCH = 64          # prompt tokens per pass over the weights
 
 
-class EngineError(ValueError):
+class EngineError(DllamaError, ValueError):
     """The engine cannot run this request (too long for the KV cache, bad token id, ...)."""
 
 

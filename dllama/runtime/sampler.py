@@ -1,15 +1,28 @@
 """Next-token choice from logits: greedy at temperature 0, else temperature + top-p (nucleus)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from dllama.runtime.engine import EngineError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen; the defaults are OpenAI's (temperature 1, top_p 1, a random seed)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
 
 
 class Sampler:
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
         if temperature < 0:
-            raise ValueError(f"temperature {temperature} is negative: use 0 for greedy or a positive value")
+            raise EngineError(f"temperature {temperature} is negative: use 0 for greedy or a positive value")
         if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p {top_p} is outside (0, 1]")
+            raise EngineError(f"top_p {top_p} is outside (0, 1]")
         self.temperature = temperature
         self.top_p = top_p
         self.rng = np.random.default_rng(seed)

@@ -23,10 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from dllama.errors import DllamaError
 from dllama.formats import BLOCK_FORMATS, BLOCK_SIZE, FloatType, ModelHeader, Split, TensorSpec
 
 
-class SplitError(ValueError):
+class SplitError(DllamaError, ValueError):
     """The model cannot be split as asked; the message names the node counts that work."""
 
 
@@ -94,9 +95,8 @@ class NodeShare:
     def describe(self) -> str:
         if not self.computes:
             return "coordinates only (no layer slices)"
-        last = lambda r: r[1] - 1
-        return (f"heads {self.heads[0]}-{last(self.heads)} (kv {self.kv_heads[0]}-{last(self.kv_heads)}), "
-                f"ffn rows {self.ffn[0]}-{last(self.ffn)}, vocab rows {self.vocab[0]}-{last(self.vocab)}")
+        return (f"heads {_span(self.heads)} (kv {_span(self.kv_heads)}), "
+                f"ffn rows {_span(self.ffn)}, vocab rows {_span(self.vocab)}")
 
     def tensor_range(self, spec: TensorSpec) -> tuple[int, int] | None:
         """Rows (Split.ROWS) or columns (Split.COLUMNS) of `spec` this node holds; None: all of it."""
@@ -133,6 +133,11 @@ class NodeShare:
         if spec.name == "embedding":
             return self.node == 0
         return self.computes
+
+
+def _span(r: tuple[int, int]) -> str:
+    """[start, stop) as the inclusive "first-last" a person reads."""
+    return f"{r[0]}-{r[1] - 1}"
 
 
 def _block_bytes(spec: TensorSpec, start: int, stop: int) -> tuple[int, int]:

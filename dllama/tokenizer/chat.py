@@ -4,8 +4,10 @@ from __future__ import annotations
 from datetime import datetime
 from functools import lru_cache
 
+from dllama.errors import DllamaError
 
-class ChatTemplateError(ValueError):
+
+class ChatTemplateError(DllamaError, ValueError):
     """The stored chat template cannot render these messages."""
 
 

@@ -3,7 +3,7 @@
 mode="faithful" tokenizes exactly like Hugging Face with the tokenizer embedded in the `.t`
 (faithful.py), or with the best reconstruction from the vocabulary when none is embedded
 (reconstruct.py; `exact` is False and a warning says so). mode="reference" runs the reference
-C++ runtime's algorithm bit for bit (reference.py, FORMAT.md §4.1), to predict what that
+C++ runtime's algorithm bit for bit (cpp_tokenizer.py, FORMAT.md §4.1), to predict what that
 runtime feeds the model.
 """
 from __future__ import annotations
@@ -12,13 +12,19 @@ import os
 import warnings
 from typing import Iterable
 
+from dllama.errors import TokenizerError
 from dllama.formats import TokenizerFile, read_tokenizer
 from dllama.tokenizer.chat import ChatTemplateError, render_chat
-from dllama.tokenizer.errors import TokenizerError
-from dllama.tokenizer.faithful import (Backend, HFTokenizersBackend, SpecialRules, embedded_backend, embedded_config,
-                                       special_rules)
+from dllama.tokenizer.cpp_tokenizer import ReferenceDecoder, ReferenceEncoder
+from dllama.tokenizer.faithful import (
+    Backend,
+    HFTokenizersBackend,
+    SpecialRules,
+    embedded_backend,
+    embedded_config,
+    special_rules,
+)
 from dllama.tokenizer.reconstruct import reconstruct_tokenizer_json
-from dllama.tokenizer.reference import ReferenceDecoder, ReferenceEncoder
 from dllama.tokenizer.stream import ReferenceStreamDecoder, StreamDecoder
 
 MODES = ("faithful", "reference")

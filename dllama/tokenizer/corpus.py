@@ -23,7 +23,8 @@ PROSE = {
     "fr": ["Le cœur a ses raisons que la raison ne connaît point.",
            "Où est la bibliothèque ? Elle est à côté de l'église, près du château."],
     "de": ["Größenwahn und Straßenbahnhaltestelle sind schöne deutsche Wörter.",
-           "Die Würde des Menschen ist unantastbar. Sie zu achten und zu schützen ist Verpflichtung aller staatlichen Gewalt."],
+           "Die Würde des Menschen ist unantastbar. Sie zu achten und zu schützen ist Verpflichtung aller staatlichen "
+           "Gewalt."],
     "es": ["¿Dónde está el baño? ¡Qué día tan bonito hace hoy en Málaga!",
            "El niño comió añejo jamón en la montaña."],
     "pt": ["A ação de graças não é só no coração; é também nas mãos.",
@@ -59,7 +60,8 @@ PROSE = {
 CODE = [
     "def add(a, b):\n    return a + b\n",
     "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
-    "class Node:\n    def __init__(self, value):\n        self.value = value\n        self.next = None\n\n    def __repr__(self):\n        return f\"Node({self.value!r})\"\n",
+    "class Node:\n    def __init__(self, value):\n        self.value = value\n        self.next = None\n\n    def "
+    "__repr__(self):\n        return f\"Node({self.value!r})\"\n",
     "for i in range(10):\n\tif i % 2 == 0:\n\t\tprint(i)\n",
     "#include <stdio.h>\n\nint main(void) {\n    printf(\"hello, world\\n\");\n    return 0;\n}\n",
     "fn main() {\n    let v: Vec<u32> = (0..10).map(|x| x * x).collect();\n    println!(\"{:?}\", v);\n}\n",
@@ -82,7 +84,8 @@ CODE = [
     "https://huggingface.co/meta-llama/Llama-2-7b-hf/resolve/main/tokenizer.json?download=true",
     "mailto:someone@example.com, user.name+tag@sub.domain.org",
     "a==b!=c<=d>=e&&f||g->h=>i::j++k--l**m//n%%o",
-    "@decorator\nasync def handler(request: Request) -> Response:\n    data = await request.json()\n    return JSONResponse(data)",
+    "@decorator\nasync def handler(request: Request) -> Response:\n    data = await request.json()\n    return "
+    "JSONResponse(data)",
 ]
 
 NUMBERS = [

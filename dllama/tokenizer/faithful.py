@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
+from dllama.errors import TokenizerError
 from dllama.formats import EmbeddedKind, TokenizerFile
-from dllama.tokenizer.errors import TokenizerError
 
 
 class EmbeddedTokenizerError(TokenizerError):
@@ -77,7 +77,8 @@ class SentencePieceBackend:
     (legacy) uses it: special tokens written in the text are split out first, each piece of
     text between them is encoded on its own (with sentencepiece's dummy prefix)."""
 
-    def __init__(self, model_proto: bytes, extra_specials: list[str] = (), origin: str = "the embedded tokenizer.model"):
+    def __init__(self, model_proto: bytes, extra_specials: list[str] = (),
+                 origin: str = "the embedded tokenizer.model"):
         import sentencepiece
 
         self.sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)

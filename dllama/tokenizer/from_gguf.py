@@ -14,8 +14,11 @@ import json
 from pathlib import Path
 
 from dllama.formats import EmbeddedKind, TokenizerFile
-from dllama.tokenizer.convert import (
-    SENTENCEPIECE_SPACE, TokenizerConversionError, embedded_sources, tokenizer_file_from_json,
+from dllama.tokenizer.from_hf import (
+    SENTENCEPIECE_SPACE,
+    TokenizerConversionError,
+    embedded_sources,
+    tokenizer_file_from_json,
 )
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp token types
@@ -41,10 +44,13 @@ class GGUFTokenizer:
         self.model = checkpoint.value("tokenizer.ggml.model")
         self.tokens = checkpoint.value("tokenizer.ggml.tokens")
         if not self.model or not self.tokens:
-            raise TokenizerConversionError(f"{self.where} has no tokenizer (tokenizer.ggml.model / tokens are missing); "
-                                           "convert the tokenizer from the original model with `dllama-convert tokenizer`")
+            raise TokenizerConversionError(f"{self.where} has no tokenizer (tokenizer.ggml.model / tokens are "
+                                           "missing); "
+                                           "convert the tokenizer from the original model with `dllama-convert "
+                                           "tokenizer`")
         if self.model not in ("gpt2", "llama"):
-            raise TokenizerConversionError(f"{self.where} has a {self.model!r} tokenizer; dllama converts gpt2 (byte-level BPE) "
+            raise TokenizerConversionError(f"{self.where} has a {self.model!r} tokenizer; dllama converts gpt2 "
+                                           "(byte-level BPE) "
                                            "and llama (sentencepiece) tokenizers")
         n = len(self.tokens)
         self.types = list(checkpoint.value("tokenizer.ggml.token_type") or [NORMAL] * n)
@@ -63,7 +69,8 @@ class GGUFTokenizer:
                                            f"{len(self.scores)} scores; the tokenizer metadata is corrupt")
         for what, token_id in (("bos", self.bos_id), ("eos", self.eos_id)):
             if token_id is None or not 0 <= token_id < n:
-                raise TokenizerConversionError(f"{self.where} has no valid {what} token (tokenizer.ggml.{what}_token_id "
+                raise TokenizerConversionError(f"{self.where} has no valid {what} token "
+                                               f"(tokenizer.ggml.{what}_token_id "
                                                f"is {token_id}); the tokenizer metadata is incomplete")
         if self.model == "gpt2" and not self.merges:
             raise TokenizerConversionError(f"{self.where} has a gpt2 tokenizer without tokenizer.ggml.merges; "
@@ -105,10 +112,12 @@ class GGUFTokenizer:
         from tokenizers.models import BPE
 
         if self.pre not in PRE_TOKENIZER_PATTERNS:
-            raise TokenizerConversionError(f"{self.where} names the pre-tokenizer {self.pre!r}, which dllama does not know; "
+            raise TokenizerConversionError(f"{self.where} names the pre-tokenizer {self.pre!r}, which dllama does not "
+                                           "know; "
                                            f"known: {', '.join(sorted(PRE_TOKENIZER_PATTERNS))}")
         merges = [tuple(m.split(" ", 1)) for m in self.merges]
-        tok = Tokenizer(BPE(vocab={t: i for i, t in enumerate(self.tokens)}, merges=merges, dropout=None, unk_token=None,
+        tok = Tokenizer(BPE(vocab={t: i for i, t in enumerate(self.tokens)}, merges=merges, dropout=None,
+                            unk_token=None,
                             continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False,
                             ignore_merges=False))
         pattern = PRE_TOKENIZER_PATTERNS[self.pre]
@@ -130,7 +139,8 @@ class GGUFTokenizer:
 
         vocab = {t: i for i, t in enumerate(self.tokens)}
         unk = self.tokens[self.unk_id] if self.unk_id is not None else None
-        tok = Tokenizer(BPE(vocab=vocab, merges=sentencepiece_merges(self.tokens, self.scores, self.types), unk_token=unk,
+        tok = Tokenizer(BPE(vocab=vocab, merges=sentencepiece_merges(self.tokens, self.scores, self.types),
+                            unk_token=unk,
                             fuse_unk=True, byte_fallback=True, dropout=None))
         tok.normalizer = normalizers.Sequence([normalizers.Prepend(SENTENCEPIECE_SPACE),
                                                normalizers.Replace(" ", SENTENCEPIECE_SPACE)])

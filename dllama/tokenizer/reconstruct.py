@@ -17,7 +17,7 @@ import json
 import re
 
 from dllama.formats import TokenizerFile
-from dllama.tokenizer.convert import SENTENCEPIECE_SPACE, byte_level_decoder
+from dllama.tokenizer.from_hf import SENTENCEPIECE_SPACE, byte_level_decoder
 
 GPT2_SPLIT = None  # ByteLevel's own regex
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

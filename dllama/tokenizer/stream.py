@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from dllama.tokenizer.reference import ReferenceDecoder
+from dllama.tokenizer.cpp_tokenizer import ReferenceDecoder
 
 REPLACEMENT = "\ufffd"
 

@@ -14,9 +14,27 @@ import numpy as np
 
 from dllama.checkpoint import Checkpoint, CheckpointError, header_from_config
 from dllama.formats import (
-    MODEL_MAGIC, OLD_MODEL_MAGICS, OLD_TOKENIZER_MAGIC, TOKENIZER_MAGIC, ArchType, EmbeddedKind, FloatType, FormatError,
-    HiddenAct, ModelFile, ModelHeader, RopeType, TensorSpec, TokenizerFile, decode_tensor, model_file_size,
-    padded_vocabulary, permute_rotary_rows, read_model_header, read_tokenizer, tensor_plan,
+    MODEL_MAGIC,
+    OLD_MODEL_MAGICS,
+    OLD_TOKENIZER_MAGIC,
+    TOKENIZER_MAGIC,
+    ArchType,
+    EmbeddedKind,
+    FloatType,
+    FormatError,
+    HiddenAct,
+    ModelFile,
+    ModelHeader,
+    RopeType,
+    TensorSpec,
+    TokenizerFile,
+    decode_tensor,
+    model_file_size,
+    padded_vocabulary,
+    permute_rotary_rows,
+    read_model_header,
+    read_tokenizer,
+    tensor_plan,
 )
 from dllama.validate.report import CheckResult, InputError, failed, passed, skipped, warned
 
@@ -61,7 +79,8 @@ def open_model(path: Path) -> tuple[ModelHeader | None, ModelFile | None, list[C
     try:
         expected = model_file_size(header)
     except FormatError as e:
-        return header, None, results + [failed("model.file_size", "-", "-", f"the header describes impossible tensors: {e}")]
+        return header, None, results + [failed("model.file_size", "-", "-",
+                                               f"the header describes impossible tensors: {e}")]
     size = path.stat().st_size
     if size != expected:
         what = ("truncated (an interrupted copy or conversion?): copy or convert it again" if size < expected
@@ -76,7 +95,8 @@ def open_tokenizer(path: Path) -> tuple[TokenizerFile | None, CheckResult]:
     try:
         tf = read_tokenizer(path)
     except FormatError as e:
-        return None, failed("tokenizer.file", "malformed", "well-formed .t", f"{e}; reconvert the tokenizer with dllama-convert")
+        return None, failed("tokenizer.file", "malformed", "well-formed .t",
+                            f"{e}; reconvert the tokenizer with dllama-convert")
     return tf, passed("tokenizer.file", f"{tf.vocab_size} tokens, {len(tf.embedded)} embedded", "well-formed .t",
                       vocab_size=tf.vocab_size, embedded=[s.kind.name.lower() for s in tf.embedded])
 
@@ -124,7 +144,8 @@ def header_notes(h: ModelHeader) -> list[str]:
     if h.weights_float_type == FloatType.F16:
         out.append("neither dllama-run nor the reference C++ runtime runs f16 weights; reconvert to q40, q80 or f32")
     if h.hidden_act == HiddenAct.GELU:
-        out.append("hidden_act gelu: both runtimes compute silu (FORMAT.md §2), so outputs will differ from the original")
+        out.append("hidden_act gelu: both runtimes compute silu (FORMAT.md §2), so outputs will differ from the "
+                   "original")
     return out
 
 
@@ -257,7 +278,8 @@ def stored_rows(mf: ModelFile, spec: TensorSpec, rows: np.ndarray) -> np.ndarray
     return decode_tensor(picked, spec.float_type, (len(rows), spec.shape[1]))
 
 
-def expected_rows(ckpt: Checkpoint, spec: TensorSpec, rows: np.ndarray, permute: bool | None = None) -> np.ndarray | None:
+def expected_rows(ckpt: Checkpoint, spec: TensorSpec, rows: np.ndarray,
+                  permute: bool | None = None) -> np.ndarray | None:
     name = spec.hf_name if spec.hf_name in ckpt else spec.fallback_hf_name
     if name is None or name not in ckpt:
         return None
@@ -336,7 +358,8 @@ def vocab_sizes_equal(h: ModelHeader, tf: TokenizerFile) -> CheckResult:
     elif abs(diff) > max(64, h.vocab_size // 50):
         why = "this tokenizer belongs to another model; convert the tokenizer from the model's own folder"
     else:
-        why = f"the vocabularies differ by {abs(diff)} tokens (padding or added tokens?); convert both from the same model folder"
+        why = (f"the vocabularies differ by {abs(diff)} tokens (padding or added tokens?); convert both from the "
+               "same model folder")
     return failed("tokenizer.vocab_size", measured, "equal", why)
 
 
@@ -344,7 +367,8 @@ def special_ids(tf: TokenizerFile, expected_bos: int | None, expected_eos: list[
     """bos/eos in range (parse_tokenizer already refuses out-of-range ids) and equal to the source's."""
     measured = f"bos {tf.bos_id}, eos {tf.eos_ids}"
     if not tf.eos_ids:
-        return failed("tokenizer.special_ids", measured, "eos present", "the .t lists no eos token, so generation never stops; reconvert")
+        return failed("tokenizer.special_ids", measured, "eos present",
+                      "the .t lists no eos token, so generation never stops; reconvert")
     if expected_bos is None:
         return passed("tokenizer.special_ids", measured, "in range (no source to compare)")
     threshold = f"bos {expected_bos}, eos {expected_eos}"
@@ -385,7 +409,8 @@ def expected_special_ids_from_embedded(tf: TokenizerFile) -> tuple[int | None, l
 def tokenizer_vs_source(tf: TokenizerFile, source: TokenizerFile) -> CheckResult:
     if tf.vocab_size != source.vocab_size:
         return failed("tokenizer.vs_source", f"{tf.vocab_size} vs {source.vocab_size} tokens", "identical tokens",
-                      f"the .t has {tf.vocab_size} tokens, the source tokenizer {source.vocab_size}: it was converted from another tokenizer")
+                      f"the .t has {tf.vocab_size} tokens, the source tokenizer {source.vocab_size}: it was converted "
+                      "from another tokenizer")
     differing = [i for i, (a, b) in enumerate(zip(tf.tokens, source.tokens)) if a != b]
     if not differing:
         return passed("tokenizer.vs_source", f"{tf.vocab_size} tokens identical", "identical tokens")
@@ -403,7 +428,8 @@ def byte_fallback(tf: TokenizerFile, source_has_byte_fallback: bool | None) -> C
     literal = [i for i, t in enumerate(tf.tokens) if _LITERAL_BYTE_PIECE.match(t)]
     if literal:
         return failed("tokenizer.byte_fallback", f"{len(literal)} literal <0xNN> pieces", "0",
-                      f"byte-fallback pieces are stored as text (id {literal[0]} is {tf.tokens[literal[0]]!r}, not one byte): "
+                      f"byte-fallback pieces are stored as text (id {literal[0]} is {tf.tokens[literal[0]]!r}, not one "
+                      "byte): "
                       "the tokenizer was converted without byte fallback, so characters outside the vocabulary "
                       "would come out as '<0x..>' text; reconvert with dllama-convert")
     if source_has_byte_fallback is None:
@@ -412,7 +438,8 @@ def byte_fallback(tf: TokenizerFile, source_has_byte_fallback: bool | None) -> C
     missing = 256 - len(single)
     if source_has_byte_fallback and missing:
         return failed("tokenizer.byte_fallback", f"{missing} of 256 bytes missing", "all 256 bytes",
-                      f"the source tokenizer uses byte fallback but {missing} byte values have no single-byte token; reconvert")
+                      f"the source tokenizer uses byte fallback but {missing} byte values have no single-byte token; "
+                      "reconvert")
     return passed("tokenizer.byte_fallback", "0 literal <0xNN> pieces", "0")
 
 
@@ -420,12 +447,14 @@ def chat_template(render, template: str | None) -> CheckResult:
     """`render(messages) -> str` is the tokenizer's own renderer (dllama.tokenizer)."""
     if not template:
         return warned("tokenizer.chat_template", "none", "renders",
-                      "the .t has no chat template: chat mode will need one (base models have none; fine for completion)")
+                      "the .t has no chat template: chat mode will need one (base models have none; fine for "
+                      "completion)")
     try:
         text = render([{"role": "user", "content": "Hello"},
                        {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Bye"}])
     except Exception as e:  # jinja2 raises many kinds; any of them means the template is unusable
-        return failed("tokenizer.chat_template", "error", "renders", f"the chat template does not render: {type(e).__name__}: {e}")
+        return failed("tokenizer.chat_template", "error", "renders",
+                      f"the chat template does not render: {type(e).__name__}: {e}")
     if "Hello" not in text or "Bye" not in text:
         return failed("tokenizer.chat_template", f"{len(text)} chars", "renders the messages",
                       "the chat template rendered without the messages' text")

@@ -42,7 +42,8 @@ class SourceTokenizer:
         if (folder / "tokenizer.model").is_file():
             return cls._sentencepiece((folder / "tokenizer.model").read_bytes(), str(folder / "tokenizer.model"))
         if (folder / "tokenizer.json").is_file():
-            return cls._tokenizer_json((folder / "tokenizer.json").read_text(encoding="utf-8"), str(folder / "tokenizer.json"))
+            return cls._tokenizer_json((folder / "tokenizer.json").read_text(encoding="utf-8"),
+                                       str(folder / "tokenizer.json"))
         return None
 
     @classmethod
@@ -158,11 +159,13 @@ def reference_runtime_fidelity(tokenizer, tf: TokenizerFile, source: SourceToken
                         f"(e.g. {next(side_by_side(tf, *m) for m in mismatches if isinstance(m[1], str))})")
     if len(mismatches) > aborts:
         first = next(side_by_side(tf, *m) for m in mismatches if not isinstance(m[1], str))
-        warnings.append(f"the reference C++ runtime would tokenize {len(mismatches) - aborts} of {len(texts)} texts differently "
+        warnings.append(f"the reference C++ runtime would tokenize {len(mismatches) - aborts} of {len(texts)} texts "
+                        "differently "
                         f"from Hugging Face (no pre-tokenizer), e.g. {first}")
     if warnings:
         return warned("tokenizer.reference_runtime", measured, "informational",
-                      "; ".join(warnings) + "; its answers will be worse than the original model's: run this pair with dllama-run",
+                      "; ".join(warnings) + "; its answers will be worse than the original model's: run this pair with "
+                                            "dllama-run",
                       **details)
     return passed("tokenizer.reference_runtime", measured, "informational", **details)
 
@@ -171,7 +174,8 @@ def reference_runtime_fidelity(tokenizer, tf: TokenizerFile, source: SourceToken
 # The reference's prompts, tokenized like the original
 
 def reference_prompt_ids(source: SourceTokenizer, bos_id: int | None, add_bos: bool,
-                         prompts: Sequence[str] = DEFAULT_PROMPTS, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[np.ndarray]:
+                         prompts: Sequence[str] = DEFAULT_PROMPTS,
+                         max_tokens: int = DEFAULT_MAX_TOKENS) -> list[np.ndarray]:
     """Each prompt's ids (bos first when the tokenizer adds one), cut to max_tokens."""
     prefix = [bos_id] if add_bos and bos_id is not None else []
     return [np.asarray((prefix + source.encode(p))[:max_tokens], dtype=np.int64) for p in prompts]

@@ -118,19 +118,22 @@ F32_LIMITS = WholeRunLimits(min_top1=0.99, max_mean_kl=1e-7, max_kl=1e-6, max_ab
 QUANTIZED_LIMITS = CorrectnessLimits(max_block_error=0.02, max_head_kl=1e-3, max_head_abs=0.02)
 
 
-def block_errors(blocks: RuntimeBlocks, trace: Trace, progress: Progress | None = None) -> tuple[list[tuple[str, float]], np.ndarray]:
+def block_errors(blocks: RuntimeBlocks, trace: Trace, progress: Progress | None = None) -> tuple[list[tuple[str,
+                                                                                                            float]],
+                                                                                                            np.ndarray]:
     """Each block of our runtime on the reference's input: [(block name, relative RMS error of its
     output)], and the head's logits on the reference's last x."""
     states, bounds = trace.states, np.cumsum(trace.lengths)[:-1]
     errors = []
-    for l in range(blocks.n_layers):
-        before = states[2 * l]
-        got = np.concatenate([blocks.attention(l, x) for x in np.split(before, bounds)])  # positions from 0 per prompt
-        errors.append((f"layer {l} attention", relative_rms(got, states[2 * l + 1] - before)))
-        before = states[2 * l + 1]
-        errors.append((f"layer {l} ffn", relative_rms(blocks.ffn(l, before), states[2 * l + 2] - before)))
+    for layer in range(blocks.n_layers):
+        before = states[2 * layer]
+        # positions start from 0 in every prompt
+        got = np.concatenate([blocks.attention(layer, x) for x in np.split(before, bounds)])
+        errors.append((f"layer {layer} attention", relative_rms(got, states[2 * layer + 1] - before)))
+        before = states[2 * layer + 1]
+        errors.append((f"layer {layer} ffn", relative_rms(blocks.ffn(layer, before), states[2 * layer + 2] - before)))
         if progress:
-            progress(l + 1, blocks.n_layers + 1)
+            progress(layer + 1, blocks.n_layers + 1)
     head = np.asarray(blocks.logits(states[-1]), dtype=np.float32)
     if progress:
         progress(blocks.n_layers + 1, blocks.n_layers + 1)
@@ -162,16 +165,19 @@ def correctness_by_blocks(blocks: RuntimeBlocks, trace: Trace, kind: str, limits
         first = wrong[0]
         return failed("logits.correctness", measured, limits.describe(),
                       f"our runtime does not compute the original model's {kind} arithmetic: from {first} on "
-                      f"({len(wrong)} of {len(errors)} blocks differ, first by {dict(errors)[first]:.2g}) the file's weights or header "
+                      f"({len(wrong)} of {len(errors)} blocks differ, first by {dict(errors)[first]:.2g}) the file's "
+                      "weights or header "
                       "are wrong (see model.* checks), or the runtime is; reconvert", **details)
     if not (head_kl.max() <= limits.max_head_kl and head_abs <= limits.max_head_abs):
         return failed("logits.correctness", measured, limits.describe(),
-                      "every layer matches but the logits do not: the final norm or lm_head (or the vocabulary) is wrong; reconvert",
+                      "every layer matches but the logits do not: the final norm or lm_head (or the vocabulary) is "
+                      "wrong; reconvert",
                       **details)
     return passed("logits.correctness", measured, limits.describe(), **details)
 
 
-def correctness_by_whole_run(ours: list[np.ndarray], reference: ReferenceLogits, limits: WholeRunLimits = F32_LIMITS) -> CheckResult:
+def correctness_by_whole_run(ours: list[np.ndarray], reference: ReferenceLogits,
+                             limits: WholeRunLimits = F32_LIMITS) -> CheckResult:
     s = LogitStats.of(ours, reference.logits)
     details = dict(arithmetic="exact", summary=s.__dict__, limits=limits.__dict__)
     measured = f"top1 {s.top1:.3f} KL mean {s.mean_kl:.2g} max {s.max_kl:.2g} abs {s.max_abs:.2g}"
@@ -181,7 +187,8 @@ def correctness_by_whole_run(ours: list[np.ndarray], reference: ReferenceLogits,
                                      (f"abs {s.max_abs:.3g}", not s.max_abs <= limits.max_abs)) if bad]
     if broken:
         return failed("logits.correctness", measured, limits.describe(),
-                      f"an f32 file computes the exact original, but our runtime's logits differ ({', '.join(broken)}): "
+                      "an f32 file computes the exact original, but our runtime's logits differ "
+                      f"({', '.join(broken)}): "
                       "the weights or header are wrong (see model.* checks), or the runtime is; reconvert", **details)
     return passed("logits.correctness", measured, limits.describe(), **details)
 
@@ -284,9 +291,11 @@ def logit_checks(run_model: Callable[[np.ndarray], np.ndarray], blocks: RuntimeB
     if float_type == FloatType.F32:
         correct = correctness_by_whole_run(ours, reference)
     elif kind in reference.traces:
-        correct = correctness_by_blocks(blocks, reference.traces[kind], kind, progress=progress("logits (block by block)"))
+        correct = correctness_by_blocks(blocks, reference.traces[kind], kind,
+                                        progress=progress("logits (block by block)"))
     else:
-        correct = skipped("logits.correctness", f"the reference has no run with {kind} arithmetic: give --hf SOURCE, or "
+        correct = skipped("logits.correctness",
+                          f"the reference has no run with {kind} arithmetic: give --hf SOURCE, or "
                                                 f"write REF.npz with `dllama-validate reference --arithmetic {kind}`")
     return [correct, quality(ours, reference, float_type, n_params)]
 

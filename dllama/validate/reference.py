@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from dllama.checkpoint import rope_settings
+from dllama.errors import DllamaError
 from dllama.formats import FloatType, atomic_output
 
 # Short, varied prompts: prose, code, numbers, non-English. Few and short on purpose: a small
@@ -45,7 +46,7 @@ DEFAULT_MAX_TOKENS = 24
 DEFAULT_TRACED = 3
 
 
-class ReferenceError(ValueError):
+class ReferenceModelError(DllamaError, ValueError):
     """The reference logits cannot be computed or read."""
 
 
@@ -235,7 +236,7 @@ class ReferenceModel:
         self.arith = arithmetic
         self.cfg = ReferenceConfig.from_config(checkpoint.config)
         if self.cfg.act not in ACTIVATIONS:
-            raise ReferenceError(f"hidden_act {self.cfg.act!r} has no reference implementation (silu, gelu)")
+            raise ReferenceModelError(f"hidden_act {self.cfg.act!r} has no reference implementation (silu, gelu)")
         self.inv_freq = rope_frequencies(checkpoint.config, self.cfg.head_dim)
 
     def w(self, name: str) -> np.ndarray:
@@ -266,14 +267,15 @@ class ReferenceModel:
         name = "lm_head.weight" if "lm_head.weight" in self.ckpt else "model.embed_tokens.weight"
         return self.matmul_input(rmsnorm(x, self.w("model.norm.weight"), self.cfg.eps)) @ self.matrix(name).T
 
-    def logits(self, prompts: Sequence[Sequence[int]], progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    def logits(self, prompts: Sequence[Sequence[int]], progress: Callable[[int, int],
+                                                                          None] | None = None) -> list[np.ndarray]:
         """Logits (T, vocab) for every prompt."""
         trace = run_together(self.ckpt, {"run": Run(self.arith, prompts, keep_states=False)}, progress)["run"]
         return np.split(trace.logits, np.cumsum(trace.lengths)[:-1])
 
-    def attention_block(self, l: int, x: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
+    def attention_block(self, layer: int, x: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
         """Wo z for x (the stacked prompts' rows; `lengths` says where each prompt's rows end)."""
-        p = f"model.layers.{l}."
+        p = f"model.layers.{layer}."
         c = self.cfg
         y = self.matmul_input(rmsnorm(x, self.w(p + "input_layernorm.weight"), c.eps))
         q = (y @ self.matrix(p + "self_attn.q_proj.weight").T).reshape(-1, c.n_heads, c.head_dim)
@@ -282,12 +284,13 @@ class ReferenceModel:
         if p + "self_attn.q_norm.weight" in self.ckpt:  # qwen3: per-head rmsnorm before rope
             q = rmsnorm(q, self.w(p + "self_attn.q_norm.weight"), c.eps)
             k = rmsnorm(k, self.w(p + "self_attn.k_norm.weight"), c.eps)
-        z = np.concatenate([attention(rope(qs, self.inv_freq), rope(ks, self.inv_freq), vs)  # positions from 0 per prompt
+        z = np.concatenate([attention(rope(qs, self.inv_freq), rope(ks, self.inv_freq),
+                                      vs)  # positions from 0 per prompt
                             for qs, ks, vs in zip(*(np.split(t, np.cumsum(lengths)[:-1]) for t in (q, k, v)))])
         return self.matmul_input(z) @ self.matrix(p + "self_attn.o_proj.weight").T
 
-    def ffn_block(self, l: int, x: np.ndarray) -> np.ndarray:
-        p = f"model.layers.{l}."
+    def ffn_block(self, layer: int, x: np.ndarray) -> np.ndarray:
+        p = f"model.layers.{layer}."
         y = rmsnorm(x, self.w(p + "post_attention_layernorm.weight"), self.cfg.eps)
         return self.moe(p, y) if self.cfg.n_experts else self.dense(p, y)
 
@@ -340,10 +343,10 @@ class TraceBuilder:
         self.keep_states = keep_states
         self.states = [model.embed(prompts)]
 
-    def layer(self, l: int) -> None:
+    def layer(self, layer: int) -> None:
         m, x = self.model, self.states[-1]
-        after_attention = x + m.sync(m.attention_block(l, x, self.lengths))
-        after_ffn = after_attention + m.sync(m.ffn_block(l, after_attention))
+        after_attention = x + m.sync(m.attention_block(layer, x, self.lengths))
+        after_ffn = after_attention + m.sync(m.ffn_block(layer, after_attention))
         if self.keep_states:
             self.states += [after_attention, after_ffn]
         else:
@@ -382,7 +385,8 @@ class Run:
     keep_states: bool = True
 
 
-def run_together(checkpoint, runs: dict[str, Run], progress: Callable[[int, int], None] | None = None) -> dict[str, Trace]:
+def run_together(checkpoint, runs: dict[str, Run], progress: Callable[[int, int], None] | None = None) -> dict[str,
+                                                                                                               Trace]:
     """Several runs of the original, layer by layer together: each tensor is read (a GGUF's
     dequantized) once for all of them."""
     weights = LayerCache(checkpoint)
@@ -390,12 +394,12 @@ def run_together(checkpoint, runs: dict[str, Run], progress: Callable[[int, int]
                 for name, run in runs.items()}
     n_layers = ReferenceConfig.from_config(checkpoint.config).n_layers
     weights.forget()
-    for l in range(n_layers):
+    for layer in range(n_layers):
         for builder in builders.values():
-            builder.layer(l)
+            builder.layer(layer)
         weights.forget()
         if progress:
-            progress(l + 1, n_layers + 1)
+            progress(layer + 1, n_layers + 1)
     out = {name: builder.finish() for name, builder in builders.items()}
     if progress:
         progress(n_layers + 1, n_layers + 1)
@@ -450,14 +454,15 @@ class ReferenceLogits:
         try:
             data = np.load(path, allow_pickle=False)
         except FileNotFoundError:
-            raise ReferenceError(f"reference file {path} does not exist") from None
+            raise ReferenceModelError(f"reference file {path} does not exist") from None
         except (OSError, ValueError) as e:
-            raise ReferenceError(f"{path} is not a readable .npz of reference logits ({e})") from None
+            raise ReferenceModelError(f"{path} is not a readable .npz of reference logits ({e})") from None
         with data:
             files = set(data.files)
             n = sum(1 for k in files if k.startswith("logits"))
             if n == 0 or any(f"ids{j}" not in files or f"logits{j}" not in files for j in range(n)):
-                raise ReferenceError(f"{path} lacks ids0/logits0...: write it with `dllama-validate reference --hf SOURCE --out {path.name}`")
+                raise ReferenceModelError(f"{path} lacks ids0/logits0...: write it with `dllama-validate reference "
+                                          f"--hf SOURCE --out {path.name}`")
             ref = cls(ids=[data[f"ids{j}"].astype(np.int64) for j in range(n)],
                       logits=[data[f"logits{j}"].astype(np.float32) for j in range(n)],
                       prompts=[str(s) for s in data["prompts"]] if "prompts" in files else None,
@@ -466,7 +471,8 @@ class ReferenceLogits:
                       bos_id=int(data["bos_id"]) if "bos_id" in files else None,
                       eos_ids=[int(i) for i in data["eos_ids"]] if "eos_ids" in files else None)
             for name in sorted(k[:-len("_states")] for k in files if k.endswith("_states")):
-                ref.traces[name] = Trace([int(i) for i in data[f"{name}_lengths"]], data[f"{name}_states"].astype(np.float32),
+                ref.traces[name] = Trace([int(i) for i in data[f"{name}_lengths"]],
+                                         data[f"{name}_states"].astype(np.float32),
                                          data[f"{name}_final_logits"].astype(np.float32))
         ref._check_shapes(path)
         return ref
@@ -474,11 +480,12 @@ class ReferenceLogits:
     def _check_shapes(self, path: Path) -> None:
         for j, (i, logits) in enumerate(zip(self.ids, self.logits)):
             if logits.ndim != 2 or logits.shape != (len(i), self.logits[0].shape[1]):
-                raise ReferenceError(f"{path}: logits{j} has shape {logits.shape} for {len(i)} ids; the file is corrupt")
+                raise ReferenceModelError(f"{path}: logits{j} has shape {logits.shape} for {len(i)} ids; the file is "
+                                          "corrupt")
         for name, t in self.traces.items():
             rows = sum(t.lengths)
             if t.states.ndim != 3 or t.states.shape[1] != rows or t.logits.shape != (rows, self.vocab_size):
-                raise ReferenceError(f"{path}: the {name} trace has inconsistent shapes; the file is corrupt")
+                raise ReferenceModelError(f"{path}: the {name} trace has inconsistent shapes; the file is corrupt")
 
     @property
     def vocab_size(self) -> int:

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dllama.errors import DllamaError
+
 SCHEMA = "dllama-validate/2"
 
 
@@ -20,7 +22,7 @@ class Status(str, enum.Enum):
     SKIP = "skip"  # could not run (missing --hf/--reference, or an earlier failure); says why
 
 
-class InputError(ValueError):
+class InputError(DllamaError, ValueError):
     """An input cannot be read at all (missing, not a .m/.t, unusable --reference): exit code 2."""
 
 

@@ -10,12 +10,18 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dllama.checkpoint import Checkpoint, CheckpointError
-from dllama.formats import FloatType, FormatError, ModelHeader, TokenizerFile, tensor_plan
-from dllama.tokenizer.convert import TokenizerConversionError, convert_tokenizer
-from dllama.tokenizer.errors import TokenizerError
+from dllama.errors import DllamaError, TokenizerError
+from dllama.formats import FloatType, ModelHeader, TokenizerFile, tensor_plan
+from dllama.tokenizer.from_hf import TokenizerConversionError, convert_tokenizer
 from dllama.validate import checks, fidelity, logits
 from dllama.validate.reference import (
-    ARITHMETIC_TYPES, DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS, DEFAULT_TRACED, ReferenceError, ReferenceLogits, compute_reference,
+    ARITHMETIC_TYPES,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PROMPTS,
+    DEFAULT_TRACED,
+    ReferenceLogits,
+    ReferenceModelError,
+    compute_reference,
 )
 from dllama.validate.report import CheckResult, InputError, Report, Status, failed, passed, skipped
 
@@ -83,7 +89,8 @@ def open_original(source: str | os.PathLike) -> Original:
             try:
                 gguf_tok = GGUFTokenizer(ckpt)
                 tf = gguf_tok.tokenizer_file(embed=False)
-                tok = fidelity.SourceTokenizer._tokenizer_json(gguf_tok.tokenizer_json(), f"the tokenizer of {path.name}")
+                tok = fidelity.SourceTokenizer._tokenizer_json(gguf_tok.tokenizer_json(),
+                                                               f"the tokenizer of {path.name}")
             except TokenizerConversionError:
                 tf, tok = None, None
             return Original(RememberedReads(ckpt), tok, tf)
@@ -100,7 +107,7 @@ def open_original(source: str | os.PathLike) -> Original:
 def load_reference(path: str | os.PathLike) -> ReferenceLogits:
     try:
         return ReferenceLogits.load(path)
-    except ReferenceError as e:
+    except ReferenceModelError as e:
         raise InputError(str(e)) from None
 
 
@@ -115,7 +122,8 @@ def validate(model_path: str | os.PathLike, tokenizer_path: str | os.PathLike, h
     ref = load_reference(reference) if reference else None
     original = open_original(hf) if hf else None
     report = Report(inputs={"model": str(model_path), "tokenizer": str(tokenizer_path),
-                            "hf": original.where if original else None, "reference": str(reference) if reference else None})
+                            "hf": original.where if original else None,
+                            "reference": str(reference) if reference else None})
     add = report.checks.append
     step = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda stage: None)
 
@@ -125,9 +133,11 @@ def validate(model_path: str | os.PathLike, tokenizer_path: str | os.PathLike, h
     add(checks.tensor_health(mf) if mf else skipped("model.tensors", "the model file failed the checks above"))
     config = original.checkpoint.config if original else (ref.config if ref else None)
     if config is None:
-        add(skipped("model.header_vs_config", "give --hf SOURCE (or a REF.npz that carries the config) to compare with the original config"))
+        add(skipped("model.header_vs_config",
+                    "give --hf SOURCE (or a REF.npz that carries the config) to compare with the original config"))
     else:
-        add(checks.header_vs_config(header, config) if header else skipped("model.header_vs_config", "no readable header"))
+        add(checks.header_vs_config(header, config) if header else skipped("model.header_vs_config",
+                                                                           "no readable header"))
     if original is None:
         add(skipped("model.weights_vs_checkpoint", "give --hf SOURCE to compare with the original weights"))
     else:
@@ -137,7 +147,8 @@ def validate(model_path: str | os.PathLike, tokenizer_path: str | os.PathLike, h
     tf, result = checks.open_tokenizer(tokenizer_path)
     add(result)
     source_tf = original.tokenizer_file if original else None
-    source_tok = (original.tokenizer if original else None) or (fidelity.SourceTokenizer.from_embedded(tf) if tf else None)
+    source_tok = ((original.tokenizer if original else None)
+                  or (fidelity.SourceTokenizer.from_embedded(tf) if tf else None))
     report.checks += tokenizer_structure(header, tf, source_tf, ref, source_tok, original is not None,
                                          chat_renderer(tokenizer_path))
     report.checks += tokenizer_fidelity(tokenizer_path, tf, source_tok, options, step)
@@ -148,7 +159,8 @@ def validate(model_path: str | os.PathLike, tokenizer_path: str | os.PathLike, h
     if not model_ok:
         report.checks += logits.skip_logits("the model file failed the checks above")
     elif ref is None:
-        report.checks += logits.skip_logits("give --hf SOURCE or --reference REF.npz to compare logits with the original model")
+        report.checks += logits.skip_logits("give --hf SOURCE or --reference REF.npz to compare logits with the "
+                                            "original model")
     else:
         report.checks += run_logit_checks(model_path, header, ref, options, step)
     return report
@@ -236,8 +248,10 @@ def tokenizer_vs_reference(path: Path, tf: TokenizerFile | None, ref: ReferenceL
             differ.append(text)
     measured = f"{len(texts) - len(differ)}/{len(texts)} prompts"
     if differ:
-        return failed(name, measured, "all prompts", f"dllama-run tokenizes {differ[0][:40]!r} differently from the original "
-                      "(REF.npz's ids): the .t belongs to another model; convert the tokenizer from the model's own folder")
+        return failed(name, measured, "all prompts",
+                      f"dllama-run tokenizes {differ[0][:40]!r} differently from the original "
+                      "(REF.npz's ids): the .t belongs to another model; convert the tokenizer from the model's own "
+                      "folder")
     return passed(name, measured, "all prompts")
 
 
@@ -283,13 +297,14 @@ class EngineBlocks:
         return self.layers.logits(x)
 
 
-def run_logit_checks(model_path: Path, header: ModelHeader, ref: ReferenceLogits, options: Options, step) -> list[CheckResult]:
+def run_logit_checks(model_path: Path, header: ModelHeader, ref: ReferenceLogits, options: Options,
+                     step) -> list[CheckResult]:
     from dllama.runtime.engine import Engine
 
     longest = max(len(i) for i in ref.ids)
     try:
         engine = Engine.load(model_path, max_seq_len=max(longest, 1), nthreads=options.nthreads)
-    except (FormatError, ValueError) as e:
+    except DllamaError as e:
         return [failed("logits.correctness", "-", "-", f"our runtime cannot load the model: {e}"),
                 skipped("logits.quality", "our runtime cannot load the model")]
 

@@ -2,7 +2,8 @@
 
 Partials are quantized to q80 (the reference's buffer type) or sent as f32; every node adds all
 partials of the computing nodes, its own included after the same round trip, in node order, so x
-is bit-identical on every node (a coordinator root adds the workers' partials only). Logits go back as f16 with q80 buffers (their error is far below the q80 partials')
+is bit-identical on every node (a coordinator root adds the workers' partials only). Logits go back
+as f16 with q80 buffers (their error is far below the q80 partials')
 and as f32 with f32 buffers, where results must equal one node's.
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ import numpy as np
 
 from dllama.formats import BLOCK_FORMATS, FloatType, dequantize_q80, quantize_q80
 from dllama.runtime.distributed.protocol import LOGITS_HEAD, PARTIAL_HEAD, SUM_HEAD, BufferType, ProtocolError
-
 
 SEAMS = {"attention": 0, "ffn": 1}  # engine.Exchange stage -> PARTIAL seam number
 
@@ -95,5 +95,6 @@ def decode_logits(payload: memoryview, n_tokens: int, width: int) -> np.ndarray:
     dtype = {LOGITS_F32: "<f4", LOGITS_F16: "<f2"}.get(kind)
     data = payload[LOGITS_HEAD.size:]
     if dtype is None or len(data) != n_tokens * width * np.dtype(dtype).itemsize:
-        raise ProtocolError(f"LOGITS frame of kind {kind} and {len(data)} bytes does not hold {n_tokens} x {width} values")
+        raise ProtocolError(f"LOGITS frame of kind {kind} and {len(data)} bytes does not hold {n_tokens} x {width} "
+                            "values")
     return np.frombuffer(data, dtype=dtype).reshape(n_tokens, width).astype(np.float32)

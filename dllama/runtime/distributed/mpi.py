@@ -42,7 +42,7 @@ from dllama.runtime.distributed.exchange import (
     partial_nbytes,
     sum_partials,
 )
-from dllama.runtime.distributed.plan import shard_tensors
+from dllama.runtime.distributed.node_memory import shard_tensors
 from dllama.runtime.distributed.probe import NodeInfo, auto_weights, node_info
 from dllama.runtime.distributed.protocol import WEIGHT_CHUNK, BufferType, as_float32, model_identity
 from dllama.runtime.distributed.root import Traffic, WorkerError, exchange_type, fixed_weights

@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 
+from dllama.formats import BLOCK_SIZE, Q40_BLOCK, FloatType
 from dllama.runtime import compute
 from dllama.runtime.distributed.protocol import NodeInfo
 from dllama.runtime.tensors import Matrix, QuantizedInput
-from dllama.formats import FloatType, Q40_BLOCK
 
 PROBE_ROWS, PROBE_COLS = 512, 2048
 PROBE_SECONDS = 0.1
@@ -43,7 +43,7 @@ def q40_speed(nthreads: int | None = None) -> float:
     if nthreads:
         compute.set_threads(nthreads)
     rng = np.random.default_rng(0)
-    blocks = np.zeros(PROBE_ROWS * PROBE_COLS // 32, dtype=Q40_BLOCK)
+    blocks = np.zeros(PROBE_ROWS * PROBE_COLS // BLOCK_SIZE, dtype=Q40_BLOCK)
     blocks["qs"] = rng.integers(0, 256, size=blocks["qs"].shape, dtype=np.uint8)
     blocks["d"] = np.float16(0.01)
     w = Matrix(blocks.view(np.uint8).reshape(PROBE_ROWS, -1), FloatType.Q40, (PROBE_ROWS, PROBE_COLS))

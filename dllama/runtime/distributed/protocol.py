@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from dllama.errors import DllamaError
 from dllama.formats import FormatError, ModelHeader, model_file_size, parse_model_header
 
 PROTOCOL_MAGIC = b"DLLM"
@@ -40,7 +41,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 IO_TIMEOUT_S = 120.0
 
 
-class ProtocolError(RuntimeError):
+class ProtocolError(DllamaError, RuntimeError):
     """The peer broke the protocol (or vanished); the message names what and how to fix it."""
 
 

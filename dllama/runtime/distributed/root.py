@@ -11,24 +11,51 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from dataclasses import dataclass
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from dllama.errors import DllamaError
 from dllama.formats import ModelFile
 from dllama.runtime import compute
 from dllama.runtime.distributed.exchange import (
-    SEAMS, decode_logits, decode_partial, encode_partial, encode_sum, parse_partial, partial_nbytes, relays_sums,
+    SEAMS,
+    decode_logits,
+    decode_partial,
+    encode_partial,
+    encode_sum,
+    parse_partial,
+    partial_nbytes,
+    relays_sums,
     sum_partials,
 )
-from dllama.runtime.distributed.plan import cluster_weights
+from dllama.runtime.distributed.node_memory import cluster_weights
 from dllama.runtime.distributed.probe import auto_weights, node_info
 from dllama.runtime.distributed.protocol import (
-    CONNECT_TIMEOUT_S, DEFAULT_PORT, FORWARD_HEAD, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT_S, IO_TIMEOUT_S,
-    LOGITS_HEAD, PARTIAL_HEAD, BufferType, Frame, Hello, NodeInfo, ProtocolError, as_float32, check_greeting,
-    configure_socket, model_identity, parse_ready, recv_frame, send_frame, send_frames, send_preamble,
+    CONNECT_TIMEOUT_S,
+    DEFAULT_PORT,
+    FORWARD_HEAD,
+    HANDSHAKE_MAX_FRAME,
+    HANDSHAKE_TIMEOUT_S,
+    IO_TIMEOUT_S,
+    LOGITS_HEAD,
+    PARTIAL_HEAD,
+    BufferType,
+    Frame,
+    Hello,
+    NodeInfo,
+    ProtocolError,
+    as_float32,
+    check_greeting,
+    configure_socket,
+    model_identity,
+    parse_ready,
+    recv_frame,
+    send_frame,
+    send_frames,
+    send_preamble,
 )
 from dllama.runtime.distributed.slices import load_local_slices, stream_slices
 from dllama.runtime.distributed.weights import node_weights
@@ -37,7 +64,7 @@ from dllama.runtime.model import NodeLayers
 from dllama.runtime.split import ClusterSplit
 
 
-class WorkerError(RuntimeError):
+class WorkerError(DllamaError, RuntimeError):
     """A worker refused, vanished or broke the protocol; the message names it."""
 
 
@@ -85,7 +112,8 @@ def blame(link: WorkerLink) -> Iterator[None]:
         raise WorkerError(f"{link.name}: connection refused; start `dllama-run worker --port {port}` "
                           f"on {host} first") from None
     except (socket.timeout, TimeoutError):
-        raise WorkerError(f"{link.name}: no answer in time; check the address and that nothing blocks the port") from None
+        raise WorkerError(f"{link.name}: no answer in time; check the address and that nothing blocks the "
+                          "port") from None
     except (ProtocolError, OSError) as err:
         what = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
         raise WorkerError(f"{link.name}: {what}") from None
@@ -103,7 +131,8 @@ class TcpExchange:
 
     def begin(self, x: np.ndarray, pos: int) -> None:
         for link in self.links:
-            self._send(link, Frame.FORWARD, FORWARD_HEAD.pack(pos, len(x)), memoryview(np.ascontiguousarray(x)).cast("B"))
+            self._send(link, Frame.FORWARD, FORWARD_HEAD.pack(pos, len(x)),
+                       memoryview(np.ascontiguousarray(x)).cast("B"))
         self.traffic.tokens += len(x)
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:

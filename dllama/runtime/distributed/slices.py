@@ -18,11 +18,16 @@ from typing import Iterator
 import numpy as np
 
 from dllama.formats import ModelHeader, Split, tensor_layout
-from dllama.runtime.distributed.plan import shard_tensors
-from dllama.runtime.split import NodeShare, SliceGeometry
+from dllama.runtime.distributed.node_memory import shard_tensors
 from dllama.runtime.distributed.protocol import (
-    WEIGHT_CHUNK, WEIGHTS_HEAD, Frame, ProtocolError, recv_exact, send_frame,
+    WEIGHT_CHUNK,
+    WEIGHTS_HEAD,
+    Frame,
+    ProtocolError,
+    recv_exact,
+    send_frame,
 )
+from dllama.runtime.split import NodeShare, SliceGeometry
 
 
 def _slice_chunks(fd: int, offset: int, geo: SliceGeometry, chunk: int) -> Iterator[tuple[int, memoryview]]:

@@ -21,20 +21,46 @@ import numpy as np
 from dllama.formats import ModelHeader
 from dllama.runtime import compute
 from dllama.runtime.distributed.exchange import (
-    SEAMS, decode_partial, decode_sum, encode_logits, encode_partial, parse_partial, partial_nbytes, relays_sums,
+    SEAMS,
+    decode_partial,
+    decode_sum,
+    encode_logits,
+    encode_partial,
+    parse_partial,
+    partial_nbytes,
+    relays_sums,
     sum_partials,
 )
-from dllama.runtime.distributed.plan import SplitError, kv_cache_bytes, node_weight_bytes
+from dllama.runtime.distributed.node_memory import SplitError, kv_cache_bytes, node_weight_bytes
 from dllama.runtime.distributed.probe import node_info, physical_memory
 from dllama.runtime.distributed.protocol import (
-    FORWARD_HEAD, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT_S, IO_TIMEOUT_S, PARTIAL_HEAD, SUM_HEAD, WEIGHT_CHUNK,
+    FORWARD_HEAD,
+    HANDSHAKE_MAX_FRAME,
+    HANDSHAKE_TIMEOUT_S,
+    IO_TIMEOUT_S,
+    PARTIAL_HEAD,
+    SUM_HEAD,
+    WEIGHT_CHUNK,
     WEIGHTS_HEAD,
-    Frame, Hello, ModelIdentity, PeerClosed, ProtocolError, check_preamble, configure_socket,
-    model_identity, ready_payload, recv_exact, recv_frame, recv_header, send_error, send_frame, send_preamble,
+    Frame,
+    Hello,
+    ModelIdentity,
+    PeerClosed,
+    ProtocolError,
+    check_preamble,
+    configure_socket,
+    model_identity,
+    ready_payload,
+    recv_exact,
+    recv_frame,
+    recv_header,
+    send_error,
+    send_frame,
+    send_preamble,
 )
 from dllama.runtime.distributed.slices import SliceReceiver, load_local_slices
 from dllama.runtime.distributed.weights import node_weights
-from dllama.runtime.engine import PREFILL_BATCH, Engine
+from dllama.runtime.engine import PREFILL_BATCH, Engine, EngineError
 from dllama.runtime.model import NodeLayers
 from dllama.runtime.split import ClusterSplit, NodeShare
 
@@ -42,8 +68,8 @@ MAX_BATCH = max(64, PREFILL_BATCH)  # tokens per FORWARD; the root's Engine send
 
 
 @dataclass
-class Session:
-    """What one root asked for, checked."""
+class Assignment:
+    """What one root asked this worker to hold and compute, checked."""
 
     hello: Hello
     header: ModelHeader
@@ -71,7 +97,7 @@ class Worker:
     def __init__(self, host: str = "0.0.0.0", port: int = 9999, model_path: str | os.PathLike | None = None,
                  nthreads: int | None = None, log: Callable[[str], None] | None = None):
         if problem := compute.threads_problem(nthreads):
-            raise ValueError(f"--{problem}")
+            raise EngineError(f"--{problem}")
         compute.implementation()  # builds the compiled kernels on a first run, before a root waits for them
         self.model_path = Path(model_path) if model_path else None
         self.identity: ModelIdentity | None = model_identity(self.model_path) if self.model_path else None
@@ -160,7 +186,7 @@ class Worker:
             compute.set_threads(self.nthreads)  # per calling thread
         self._serve_tokens(conn, session, engine)
 
-    def _accept_hello(self, hello: Hello) -> Session:
+    def _accept_hello(self, hello: Hello) -> Assignment:
         header = hello.header()
         split = ClusterSplit.plan(header, hello.n_nodes, hello.weights)
         share = split.nodes[hello.node_index]
@@ -175,23 +201,25 @@ class Worker:
                                 f"{physical_memory() >> 20} MiB: use more nodes or a smaller --max-seq-len")
         if self.identity is not None and self.identity != hello.identity:
             raise ProtocolError(f"this worker's --model {self.model_path} ({self.identity.short()}) is not the root's "
-                                f"model ({hello.identity.short()}): copy the same file or start the worker without --model")
-        return Session(hello, header, split)
+                                f"model ({hello.identity.short()}): copy the same file or start the worker without "
+                                "--model")
+        return Assignment(hello, header, split)
 
-    def _load_slices(self, conn: socket.socket, s: Session) -> dict[str, np.ndarray]:
+    def _load_slices(self, conn: socket.socket, s: Assignment) -> dict[str, np.ndarray]:
         local = self.identity is not None
         send_frame(conn, Frame.READY, ready_payload(local))
         if local:
             return load_local_slices(self.model_path, s.header, s.share)
         receiver = SliceReceiver(s.header, s.share)
         while True:
-            kind, length = recv_header(conn, WEIGHTS_HEAD.size + WEIGHT_CHUNK, expect=(Frame.WEIGHTS, Frame.WEIGHTS_DONE))
+            kind, length = recv_header(conn, WEIGHTS_HEAD.size + WEIGHT_CHUNK, expect=(Frame.WEIGHTS,
+                                                                                       Frame.WEIGHTS_DONE))
             if kind == Frame.WEIGHTS_DONE:
                 recv_exact(conn, length)
                 return receiver.slices()
             receiver.receive(conn, length)
 
-    def _serve_tokens(self, conn: socket.socket, s: Session, engine: Engine) -> None:
+    def _serve_tokens(self, conn: socket.socket, s: Assignment, engine: Engine) -> None:
         limit = s.forward_limit()
         h = s.header
         while True:
@@ -217,7 +245,7 @@ class WorkerExchange:
     """A worker's side of the exchange seams (engine.Exchange): its partial to the root, every other
     computing node's partial from the root, and its logits slice to the root."""
 
-    def __init__(self, conn: socket.socket, session: Session):
+    def __init__(self, conn: socket.socket, session: Assignment):
         self.conn, self.s = conn, session
 
     def begin(self, x: np.ndarray, pos: int) -> None:

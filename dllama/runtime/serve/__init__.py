@@ -22,7 +22,7 @@ def __getattr__(name: str):
         from dllama.runtime.serve.health import worker_probe
         return worker_probe
     if name == "ApiError":
-        from dllama.runtime.serve.protocol import ApiError
+        from dllama.runtime.serve.openai_api import ApiError
         return ApiError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

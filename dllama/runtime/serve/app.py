@@ -17,11 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dllama.runtime.serve import protocol
+from dllama.runtime.conversation import PromptTooLong, answer_room
+from dllama.runtime.serve import openai_api
 from dllama.runtime.serve.health import cluster_fault_types
-from dllama.runtime.serve.protocol import ApiError, GenerationRequest
+from dllama.runtime.serve.openai_api import ApiError, GenerationRequest
+from dllama.runtime.serve.runner import EngineFailure, Job, JobRunner, Outcome
 from dllama.runtime.serve.scheduler import Event, Running, Scheduler
-from dllama.runtime.serve.session import EngineFailure, Job, Outcome, Session
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 RECONNECT_INTERVAL_S = 1.0  # how often a server whose cluster lost a worker tries to rebuild it
@@ -59,17 +60,17 @@ class _EngineStream(StreamingResponse):
 
 
 class OpenAIServer:
-    """The routes, over one Session (engine + tokenizer + KV cache record) and one Scheduler."""
+    """The routes, over one JobRunner (engine + tokenizer + conversation) and one Scheduler."""
 
-    def __init__(self, session: Session, scheduler: Scheduler, model_id: str, api_key: str | None,
+    def __init__(self, runner: JobRunner, scheduler: Scheduler, model_id: str, api_key: str | None,
                  health_probe: Callable[[], str | None] | None):
-        self.session = session
+        self.runner = runner
         self.scheduler = scheduler
         self.model_id = model_id
         self.api_key = api_key
         self.health_probe = health_probe    # returns why the engine is down, or None
         self.down_reason: str | None = None  # sticky until the cluster is rebuilt (or for good without reconnect)
-        self.reconnect = getattr(session.engine, "reconnect", None)  # a cluster root rebuilds itself
+        self.reconnect = getattr(runner.engine, "reconnect", None)  # a cluster root rebuilds itself
         self.reconnect_error: str | None = None  # why the last attempt failed
         self.reconnects = 0
         self.created = int(time.time())
@@ -79,16 +80,16 @@ class OpenAIServer:
     # routes
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(request, protocol.parse_chat_request)
+        return await self._generate(request, openai_api.parse_chat_request)
 
     async def completions(self, request: Request) -> Response:
-        return await self._generate(request, protocol.parse_completion_request)
+        return await self._generate(request, openai_api.parse_completion_request)
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "dllama",
-             "context_length": self.session.context_length}]})
+             "context_length": self.runner.context_length}]})
 
     async def health(self, request: Request) -> Response:
         reason = self._down_reason()
@@ -119,26 +120,24 @@ class OpenAIServer:
             outcome = self._outcome(event)
         finally:
             await generation.close()
-        return JSONResponse(protocol.completion_body(req.kind, generation.rid, generation.model, "".join(texts),
+        return JSONResponse(openai_api.completion_body(req.kind, generation.rid, generation.model, "".join(texts),
                                                      outcome.finish_reason, _usage(outcome)))
 
     def _job(self, req: GenerationRequest) -> Job:
         param = "messages" if req.kind == "chat" else "prompt"
         try:
-            ids = self.session.prompt_ids(req.kind, req.messages, req.prompt)
+            ids = self.runner.prompt_ids(req.kind, req.messages, req.prompt)
         except Exception as e:  # a chat template that rejects these messages, for example
-            raise protocol.invalid(param, f"could not build the prompt: {e}", code="invalid_prompt") from None
+            raise openai_api.invalid(param, f"could not build the prompt: {e}", code="invalid_prompt") from None
         if not ids:
-            raise protocol.invalid(param, f"'{param}' produced no tokens", code="empty_prompt")
-        vocab = getattr(self.session.tokenizer, "vocab_size", None)
+            raise openai_api.invalid(param, f"'{param}' produced no tokens", code="empty_prompt")
+        vocab = getattr(self.runner.tokenizer, "vocab_size", None)
         if vocab is not None and not all(0 <= t < vocab for t in ids):
-            raise protocol.invalid(param, f"token ids must be in [0, {vocab})", code="invalid_token_id")
-        context = self.session.context_length
-        room = context - len(ids)
-        if room < 1:
-            raise protocol.invalid(param, f"the prompt is {len(ids)} tokens but the context holds {context} (including at "
-                                          f"least 1 generated token): shorten the prompt or start the server with a larger "
-                                          f"--max-seq-len", code="context_length_exceeded")
+            raise openai_api.invalid(param, f"token ids must be in [0, {vocab})", code="invalid_token_id")
+        try:
+            room = answer_room(len(ids), self.runner.context_length)
+        except PromptTooLong as e:
+            raise openai_api.invalid(param, str(e), code="context_length_exceeded") from None
         return Job(prompt_ids=ids, max_tokens=min(req.max_tokens or room, room), stop=req.stop, sampling=req.sampling)
 
     async def _admit(self, request: Request, req: GenerationRequest, job: Job) -> Generation:
@@ -153,8 +152,9 @@ class OpenAIServer:
         except BaseException:
             watcher.cancel()
             raise
-        running = self.scheduler.start(lambda c, emit: self.session.run(job, c, emit), cancelled)
-        return Generation(req, running, watcher, protocol.new_id(req.kind), req.model or self.model_id, int(time.time()))
+        running = self.scheduler.start(lambda c, emit: self.runner.run(job, c, emit), cancelled)
+        return Generation(req, running, watcher, openai_api.new_id(req.kind), req.model or self.model_id,
+                          int(time.time()))
 
     async def _stream(self, generation: Generation) -> Response:
         # wait for the first event before sending headers, so a failing start still gets its status code
@@ -171,26 +171,27 @@ class OpenAIServer:
         kind, chunk = generation.request.kind, self._chunk_maker(generation)
         try:
             if kind == "chat":
-                yield protocol.sse(chunk("", role=True))
+                yield openai_api.sse(chunk("", role=True))
             while event.kind == "text":
-                yield protocol.sse(chunk(event.value))
+                yield openai_api.sse(chunk(event.value))
                 event = await generation.running.next()
             if event.kind == "error":  # headers are gone: the error travels as an event, without [DONE]
-                yield protocol.sse(self._engine_error(event.value).body())
+                yield openai_api.sse(self._engine_error(event.value).body())
                 return
             outcome: Outcome = event.value
-            yield protocol.sse(chunk(None if kind == "chat" else "", finish_reason=outcome.finish_reason))
+            yield openai_api.sse(chunk(None if kind == "chat" else "", finish_reason=outcome.finish_reason))
             if generation.request.include_usage:
-                yield protocol.sse(protocol.usage_chunk_body(kind, generation.rid, generation.created, generation.model,
+                yield openai_api.sse(openai_api.usage_chunk_body(kind, generation.rid, generation.created,
+                                                                 generation.model,
                                                              _usage(outcome)))
-            yield protocol.sse("[DONE]")
+            yield openai_api.sse("[DONE]")
         finally:
             generation.running.cancelled.set()  # a client gone mid-stream frees the engine at the next token
 
     @staticmethod
     def _chunk_maker(generation: Generation) -> Callable[..., dict]:
         def chunk(text: str | None, **extra) -> dict:
-            return protocol.chunk_body(generation.request.kind, generation.rid, generation.created, generation.model,
+            return openai_api.chunk_body(generation.request.kind, generation.rid, generation.created, generation.model,
                                        text, **extra)
         return chunk
 
@@ -225,7 +226,7 @@ class OpenAIServer:
         except self.faults as e:
             self.reconnect_error = str(e)
             return
-        self.session.cached = []  # the rebuilt cluster's KV cache is empty
+        self.runner.conversation.cached = []  # the rebuilt cluster's KV cache is empty
         self.reconnect_error = None
         self.reconnects += 1
         self.down_reason = None
@@ -247,7 +248,8 @@ class OpenAIServer:
         if isinstance(cause, self.faults):
             self.down_reason = f"{type(cause).__name__}: {cause}"
             return self._unavailable(self.down_reason)
-        return ApiError(500, f"generation failed: {type(cause).__name__}: {cause}", type="server_error", code="engine_error")
+        return ApiError(500, f"generation failed: {type(cause).__name__}: {cause}", type="server_error",
+                        code="engine_error")
 
 
 async def _watch_disconnect(request: Request, cancelled: threading.Event) -> None:
@@ -259,7 +261,7 @@ async def _watch_disconnect(request: Request, cancelled: threading.Event) -> Non
 
 
 def _usage(outcome: Outcome) -> dict:
-    return protocol.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)
+    return openai_api.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -280,7 +282,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_queue: int = 16,
                api_key: str | None = None, health_probe: Callable[[], str | None] | None = None) -> Starlette:
-    server = OpenAIServer(Session(engine, tokenizer, context_length), Scheduler(max_queue), model_id, api_key, health_probe)
+    server = OpenAIServer(JobRunner(engine, tokenizer, context_length), Scheduler(max_queue), model_id, api_key,
+                          health_probe)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

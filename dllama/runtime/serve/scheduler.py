@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dllama.runtime.serve.protocol import ApiError
+from dllama.runtime.serve.openai_api import ApiError
 
 
 @dataclass

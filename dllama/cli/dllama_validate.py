@@ -1,6 +1,6 @@
 """`dllama-validate`: will this `.m` / `.t` pair produce what the original model would?
 
-    dllama-validate MODEL.m TOKENIZER.t [--hf SOURCE] [--reference REF.npz] [--json]
+    dllama-validate [check] MODEL.m TOKENIZER.t [--hf SOURCE] [--reference REF.npz] [--json]
     dllama-validate reference --hf SOURCE --out REF.npz [--arithmetic q40,q80]
 
 Verdict table (or JSON) on stdout, progress on stderr. Exit codes: 0 every check passed,
@@ -15,14 +15,16 @@ from typing import List, Optional
 
 import typer
 
-from dllama.formats import FloatType, FormatError
+from dllama.cli.default_command import DefaultCommandGroup
+from dllama.cli.edge import edge
+from dllama.formats import FloatType
 from dllama.validate.reference import ARITHMETIC_TYPES, DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS
 from dllama.validate.report import InputError
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
-validate_app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
-reference_app = typer.Typer(add_completion=False, rich_markup_mode=None)
+# `check` is the default: `dllama-validate MODEL.m TOKENIZER.t` runs it
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None, cls=DefaultCommandGroup)
 
 
 class StderrProgress:
@@ -62,46 +64,43 @@ class StderrProgress:
             self.stage = None
 
 
-def _error(message: str) -> "typer.Exit":
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(EXIT_USAGE)
-
-
-@validate_app.command()
-def validate_command(
+def check_command(
     model: Path = typer.Argument(..., help="the converted model, MODEL.m"),
     tokenizer: Path = typer.Argument(..., help="the converted tokenizer, TOKENIZER.t"),
     hf: Optional[str] = typer.Option(None, "--hf", help="the original: a Hugging Face folder, repo id or GGUF file"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="REF.npz from `dllama-validate reference`"),
     json_output: bool = typer.Option(False, "--json", help="print the report as JSON (docs/VALIDATE.md)"),
-    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="tokens per logit prompt when computing the reference here"),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS,
+                                   help="tokens per logit prompt when computing the reference here"),
     corpus_limit: Optional[int] = typer.Option(None, help="tokenizer fidelity on the first N corpus texts only"),
     threads: Optional[int] = typer.Option(None, help="runtime threads (default: all cores)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr"),
 ) -> None:
-    """Check MODEL.m and TOKENIZER.t against the original model.
+    """Check MODEL.m and TOKENIZER.t against the original model (the default command).
 
     Example: dllama-validate tinyllama_q40.m tinyllama.t --hf TinyLlama/TinyLlama-1.1B-Chat-v1.0
+
+    Without the original here: dllama-validate reference --hf SOURCE --out REF.npz (see its --help),
+    then --reference REF.npz.
     """
     from dllama.validate.validator import Options, validate
 
     progress = StderrProgress(enabled=not quiet)
-    try:
-        report = validate(model, tokenizer, hf=hf, reference=reference, progress=progress,
-                          options=Options(max_tokens=max_tokens, corpus_limit=corpus_limit, nthreads=threads))
-    except (InputError, FormatError) as e:
-        raise _error(str(e))
-    finally:
-        progress.close()
+    with edge(EXIT_USAGE):
+        try:
+            report = validate(model, tokenizer, hf=hf, reference=reference, progress=progress,
+                              options=Options(max_tokens=max_tokens, corpus_limit=corpus_limit, nthreads=threads))
+        finally:
+            progress.close()
     typer.echo(report.json_text() if json_output else report.table())
     raise typer.Exit(EXIT_PASS if report.ok else EXIT_FAIL)
 
 
-@reference_app.command()
 def reference_command(
     hf: str = typer.Option(..., "--hf", help="the original: a Hugging Face folder, repo id or GGUF file"),
     out: Path = typer.Option(..., "--out", help="where to write REF.npz"),
-    prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="a prompt (repeatable); default: built-in prompts"),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt",
+                                               help="a prompt (repeatable); default: built-in prompts"),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="tokens per prompt, bos included"),
     arithmetic: str = typer.Option("q40,q80", help="also a run with these file types' arithmetic, for "
                                                    "logits.correctness ('' for none)"),
@@ -115,30 +114,35 @@ def reference_command(
 
     progress = StderrProgress(enabled=not quiet)
     prompts = list(prompt) if prompt else list(DEFAULT_PROMPTS)
-    try:
-        types = [FloatType.parse(r.strip()) for r in arithmetic.split(",") if r.strip()]
-        if any(t not in ARITHMETIC_TYPES for t in types):
-            raise InputError(f"--arithmetic {arithmetic}: only q40 and q80 files have their own arithmetic (f32 is exact)")
-        original = open_original(hf)
-        if original.tokenizer is None or original.tokenizer_file is None:
-            raise InputError(f"{original.where} has no usable tokenizer to tokenize the prompts")
-        ref = make_reference(original, original.tokenizer_file, prompts, max_tokens, types,
-                             lambda d, t: progress("reference runs", d, t))
-        ref.save(out)
-    except (InputError, FormatError) as e:
-        raise _error(str(e))
-    finally:
-        progress.close()
+    with edge(EXIT_USAGE):
+        try:
+            types = _arithmetic_types(arithmetic)
+            original = open_original(hf)
+            if original.tokenizer is None or original.tokenizer_file is None:
+                raise InputError(f"{original.where} has no usable tokenizer to tokenize the prompts")
+            ref = make_reference(original, original.tokenizer_file, prompts, max_tokens, types,
+                                 lambda d, t: progress("reference runs", d, t))
+            ref.save(out)
+        finally:
+            progress.close()
     extra = f", arithmetic: {', '.join(ref.traces)}" if ref.traces else ""
-    typer.echo(f"wrote {out}: {len(ref.ids)} prompts, {sum(len(i) for i in ref.ids)} positions, vocab {ref.vocab_size}{extra}")
+    typer.echo(f"wrote {out}: {len(ref.ids)} prompts, {sum(len(i) for i in ref.ids)} positions, vocab "
+               f"{ref.vocab_size}{extra}")
+
+
+def _arithmetic_types(arithmetic: str) -> list[FloatType]:
+    types = [FloatType.parse(r.strip()) for r in arithmetic.split(",") if r.strip()]
+    if any(t not in ARITHMETIC_TYPES for t in types):
+        raise InputError(f"--arithmetic {arithmetic}: only q40 and q80 files have their own arithmetic (f32 is exact)")
+    return types
+
+
+app.command("check")(check_command)  # the default: the first command registered
+app.command("reference")(reference_command)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["reference"]:
-        reference_app(argv[1:], prog_name="dllama-validate reference")
-    else:
-        validate_app(argv, prog_name="dllama-validate")
+    app(argv, prog_name="dllama-validate")
 
 
 if __name__ == "__main__":

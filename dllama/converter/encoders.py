@@ -16,10 +16,12 @@ from numba import prange
 
 from dllama.f16bits import f16_bits_to_f32_bits as _f16_bits_to_f32_bits
 from dllama.f16bits import f32_bits_to_f16_bits as _f32_bits_to_f16_bits
+from dllama.formats import BLOCK_SIZE, Q40_BYTES, Q80_BYTES, SCALE_BYTES
 
 SRC_BF16 = 0
 SRC_F16 = 1
 SRC_F32 = 2
+HALF_BLOCK = BLOCK_SIZE // 2  # a q40 byte holds value j (low nibble) and value j + HALF_BLOCK (high)
 
 _jit = dict(nogil=True, cache=True)
 
@@ -60,38 +62,68 @@ def encode_f16(src, kind, order, out):
 
 @numba.njit(parallel=True, **_jit)
 def encode_q40(src, kind, order, out):
-    """out: (len(order), cols / 32 * 18) uint8 q40 blocks (FORMAT.md §1.2)."""
-    cols = src.shape[1]
-    n_blocks = cols // 32
+    """out: (len(order), cols / BLOCK_SIZE * Q40_BYTES) uint8 q40 blocks (FORMAT.md §1.2)."""
     for r in prange(order.shape[0]):
-        values = np.empty(cols, np.float32)
-        scales = np.empty(n_blocks, np.float32)
-        _widen_row(src[order[r]], kind, values.view(np.uint32))
-        row = out[r]
-        for b in range(n_blocks):
-            x = values[b * 32:(b + 1) * 32]
-            mx = x[0]
-            mn = x[0]
-            for j in range(1, 32):
-                v = x[j]
-                if v > mx:
-                    mx = v
-                if v < mn:
-                    mn = v
-            m = mn if -mn > mx else mx  # a tie |min| == max takes max
-            if m == 0:
-                # all-zero block: numpy's max picks a signed zero by SIMD lane order; we always
-                # take +0 (d = -0), numpy's answer for the common all-+0 block
-                m = np.float32(0.0)
-            d = m / np.float32(-8.0)
-            scales[b] = d
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            o = b * 18
-            for j in range(16):
-                lo = _q40_nibble(x[j], inv)
-                hi = _q40_nibble(x[j + 16], inv)
-                row[o + 2 + j] = lo | (hi << np.uint8(4))
-        _store_scales(row, scales, 18)
+        _encode_row(src[order[r]], kind, out[r], _q40_block, Q40_BYTES)
+
+
+@numba.njit(parallel=True, **_jit)
+def encode_q80(src, kind, order, out):
+    """out: (len(order), cols / BLOCK_SIZE * Q80_BYTES) uint8 q80 blocks (FORMAT.md §1.2)."""
+    for r in prange(order.shape[0]):
+        _encode_row(src[order[r]], kind, out[r], _q80_block, Q80_BYTES)
+
+
+@numba.njit(inline="always", **_jit)
+def _encode_row(src_row, kind, row, encode_block, block_bytes):
+    """One source row widened to float32, then block by block: encode_block(x, row, offset) writes
+    the block's values after its scale and returns the scale, stored last as f16."""
+    n_blocks = src_row.shape[0] // BLOCK_SIZE
+    values = np.empty(src_row.shape[0], np.float32)
+    scales = np.empty(n_blocks, np.float32)
+    _widen_row(src_row, kind, values.view(np.uint32))
+    for b in range(n_blocks):
+        x = values[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE]
+        scales[b] = encode_block(x, row, b * block_bytes + SCALE_BYTES)
+    _store_scales(row, scales, block_bytes)
+
+
+@numba.njit(inline="always", **_jit)
+def _q40_block(x, row, o):
+    mx = x[0]
+    mn = x[0]
+    for j in range(1, BLOCK_SIZE):
+        v = x[j]
+        if v > mx:
+            mx = v
+        if v < mn:
+            mn = v
+    m = mn if -mn > mx else mx  # a tie |min| == max takes max
+    if m == 0:
+        # all-zero block: numpy's max picks a signed zero by SIMD lane order; we always
+        # take +0 (d = -0), numpy's answer for the common all-+0 block
+        m = np.float32(0.0)
+    d = m / np.float32(-8.0)
+    inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+    for j in range(HALF_BLOCK):
+        lo = _q40_nibble(x[j], inv)
+        hi = _q40_nibble(x[j + HALF_BLOCK], inv)
+        row[o + j] = lo | (hi << np.uint8(4))
+    return d
+
+
+@numba.njit(inline="always", **_jit)
+def _q80_block(x, row, o):
+    amax = np.float32(0.0)
+    for j in range(BLOCK_SIZE):
+        a = abs(x[j])
+        if a > amax:
+            amax = a
+    d = amax / np.float32(127.0)
+    inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+    for j in range(BLOCK_SIZE):
+        row[o + j] = np.uint8(np.int8(np.rint(x[j] * inv)) & 0xFF)
+    return d
 
 
 @numba.njit(inline="always", **_jit)
@@ -112,32 +144,6 @@ def _q40_nibble(v, inv):
     elif q > np.float32(15.0):
         q = np.float32(15.0)
     return np.uint8(q)  # truncates, like numpy's astype
-
-
-@numba.njit(parallel=True, **_jit)
-def encode_q80(src, kind, order, out):
-    """out: (len(order), cols / 32 * 34) uint8 q80 blocks (FORMAT.md §1.2)."""
-    cols = src.shape[1]
-    n_blocks = cols // 32
-    for r in prange(order.shape[0]):
-        values = np.empty(cols, np.float32)
-        scales = np.empty(n_blocks, np.float32)
-        _widen_row(src[order[r]], kind, values.view(np.uint32))
-        row = out[r]
-        for b in range(n_blocks):
-            x = values[b * 32:(b + 1) * 32]
-            amax = np.float32(0.0)
-            for j in range(32):
-                a = abs(x[j])
-                if a > amax:
-                    amax = a
-            d = amax / np.float32(127.0)
-            scales[b] = d
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            o = b * 34 + 2
-            for j in range(32):
-                row[o + j] = np.uint8(np.int8(np.rint(x[j] * inv)) & 0xFF)
-        _store_scales(row, scales, 34)
 
 
 @numba.njit(parallel=True, **_jit)

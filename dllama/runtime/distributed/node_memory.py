@@ -25,11 +25,6 @@ KV_BYTES_PER_VALUE = 4  # f32 cache (FORMAT.md §3)
 # through a row block and its columns (slices.stream_buffer_bytes): the allocator keeps those pages
 # for the root's later use, so they add to its peak (and are most of a coordinator root's).
 ROOT_COMPUTE_CHOICES = ("all", "none")
-WEIGHTS_HELP = ("with --workers: each node's relative share, the root's first (e.g. 2,1,1 for a root twice as fast as "
-                "its two workers), or auto (from each node's free memory and a short speed probe when the root "
-                "connects); default equal shares")
-ROOT_COMPUTE_HELP = ("with --workers: all (the root computes a share too) or none (it only coordinates: tokenizer, "
-                     "embedding, sampling, API; the workers hold every layer)")
 
 
 def cluster_weights(n_nodes: int, weights: str | None, root_compute: str = "all") -> tuple[float, ...]:

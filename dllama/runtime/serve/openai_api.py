@@ -11,10 +11,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from dllama.errors import DllamaError
+from dllama.runtime.sampler import Sampling
+
 MAX_STOP_SEQUENCES = 4
 
 
-class ApiError(Exception):
+class ApiError(DllamaError):
     """A request that ends in an OpenAI-style error response."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
@@ -105,7 +108,8 @@ def _stop(name: str, value: Any) -> list[str]:
 
 def _only_one_choice(name: str, value: Any) -> int:
     if _integer(name, value) != 1:
-        raise invalid(name, f"'{name}' must be 1: one generation runs at a time on this server", code="unsupported_value")
+        raise invalid(name, f"'{name}' must be 1: one generation runs at a time on this server",
+                      code="unsupported_value")
     return 1
 
 
@@ -130,7 +134,9 @@ def _stream_options(name: str, value: Any) -> bool:
         raise _wrong_type(name, value, "an object")
     unknown = set(value) - {"include_usage"}
     if unknown:
-        raise invalid(f"{name}.{sorted(unknown)[0]}", f"unknown field '{name}.{sorted(unknown)[0]}': only include_usage is supported", code="unknown_field")
+        raise invalid(f"{name}.{sorted(unknown)[0]}",
+                      f"unknown field '{name}.{sorted(unknown)[0]}': only include_usage is supported",
+                      code="unknown_field")
     return _boolean(f"{name}.include_usage", value.get("include_usage", False))
 
 
@@ -145,7 +151,9 @@ def _message_content(name: str, value: Any) -> str:
         texts = []
         for i, part in enumerate(value):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise invalid(f"{name}[{i}]", f"'{name}[{i}]' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}", code="unsupported_value")
+                raise invalid(f"{name}[{i}]",
+                              f"'{name}[{i}]' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}",
+                              code="unsupported_value")
             texts.append(part["text"])
         return "".join(texts)
     raise _wrong_type(name, value, "a string or an array of text parts")
@@ -164,7 +172,8 @@ def _messages(name: str, value: Any) -> list[dict]:
         unknown = set(msg) - {"role", "content", "name"}
         if unknown:
             key = sorted(unknown)[0]
-            raise invalid(f"{where}.{key}", f"unknown field '{where}.{key}': messages take role, content and name", code="unknown_field")
+            raise invalid(f"{where}.{key}", f"unknown field '{where}.{key}': messages take role, content and name",
+                          code="unknown_field")
         role = msg.get("role")
         if role not in MESSAGE_ROLES:
             raise invalid(f"{where}.role", f"'{where}.role' must be one of {', '.join(MESSAGE_ROLES)}, got {role!r}")
@@ -233,7 +242,8 @@ def parse_json_object(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise invalid(None, f"the request body is not valid JSON ({e}): send a JSON object", code="invalid_json") from None
+        raise invalid(None, f"the request body is not valid JSON ({e}): send a JSON object",
+                      code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid(None, f"the request body must be a JSON object, got {_type_name(body)}", code="invalid_json")
     return body
@@ -242,7 +252,8 @@ def parse_json_object(raw: bytes) -> dict:
 def _check_fields(body: dict, fields: dict[str, Field]) -> dict[str, Any]:
     unknown = sorted(set(body) - set(fields))
     if unknown:
-        raise invalid(unknown[0], f"unknown field '{unknown[0]}': supported fields are {', '.join(sorted(fields))}", code="unknown_field")
+        raise invalid(unknown[0], f"unknown field '{unknown[0]}': supported fields are {', '.join(sorted(fields))}",
+                      code="unknown_field")
     values = {}
     for name, spec in fields.items():
         if name not in body:
@@ -253,13 +264,6 @@ def _check_fields(body: dict, fields: dict[str, Field]) -> dict[str, Any]:
         checked = spec.check(name, body[name])
         values[name] = spec.default if checked is None else checked
     return values
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -321,7 +325,8 @@ def _envelope(kind: str, rid: str, created: int, model: str, chunk: bool) -> dic
 
 def completion_body(kind: str, rid: str, model: str, text: str, finish_reason: str, use: dict) -> dict:
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     return {**_envelope(kind, rid, int(time.time()), model, chunk=False), "choices": [choice], "usage": use}

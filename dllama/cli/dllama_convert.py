@@ -7,30 +7,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
-from dllama.checkpoint import CheckpointError
-from dllama.converter.convert import (
-    ConversionError, ConversionPlan, ConversionResult, default_name, plan_conversion, write_outputs,
-)
-from dllama.converter.hub import SourceError, resolve_source
-from dllama.formats import FloatType, FormatError
-from dllama.tokenizer.convert import TokenizerConversionError
+from dllama.cli.edge import edge, fail, note
+from dllama.converter.convert import ConversionJob, ConversionResult, default_name, prepare_conversion, write_outputs
+from dllama.converter.hub import resolve_source
+from dllama.formats import FloatType
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
     help="Convert Hugging Face checkpoints and GGUF files to the distributed-llama format (.m model, .t tokenizer).",
 )
-EXPECTED_ERRORS = (ConversionError, CheckpointError, TokenizerConversionError, FormatError, SourceError, OSError)
 PROGRESS_MIN_BYTES = 64 << 20  # below this a conversion is too quick for a progress bar
 QUANTS = ("q40", "q80", "f32", "f16")
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
 
 
 # options every command shares
@@ -43,7 +34,8 @@ REVISION = typer.Option(None, "--revision", help="Hub revision (branch, tag or c
 AS_JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
 
 
-@app.command("hf", epilog="Example: dllama-convert hf TinyLlama/TinyLlama-1.1B-Chat-v1.0 --quant q40 --output-dir models/")
+@app.command("hf",
+             epilog="Example: dllama-convert hf TinyLlama/TinyLlama-1.1B-Chat-v1.0 --quant q40 --output-dir models/")
 def hf(
     source: str = typer.Argument(..., help="Checkpoint folder, or a hub repo id (org/name) to download."),
     quant: str = QUANT, name: Optional[str] = NAME, output_dir: Path = OUTPUT_DIR, embed_tokenizer: bool = EMBED,
@@ -51,11 +43,12 @@ def hf(
 ) -> None:
     """Convert a model: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t."""
     if Path(source).expanduser().is_file():
-        _fail(f"{source} is a file; for a GGUF file use `dllama-convert gguf {source}`")
+        fail(f"{source} is a file; for a GGUF file use `dllama-convert gguf {source}`")
     _run(source, _float_type(quant), name, output_dir, embed_tokenizer, revision, as_json)
 
 
-@app.command("gguf", epilog="Example: dllama-convert gguf SmolLM2-135M-Instruct.Q4_1.gguf --quant q40 --output-dir models/")
+@app.command("gguf",
+             epilog="Example: dllama-convert gguf SmolLM2-135M-Instruct.Q4_1.gguf --quant q40 --output-dir models/")
 def gguf(
     source: Path = typer.Argument(..., help="A llama.cpp GGUF model file (llama, mistral, qwen3, qwen3moe). "
                                             "Q4_0 -> q40 and Q8_0 -> q80 copy the blocks as they are."),
@@ -64,13 +57,14 @@ def gguf(
 ) -> None:
     """Convert a GGUF file: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t."""
     if not source.is_file():
-        _fail(f"{source} is not a file; `dllama-convert gguf` takes a .gguf file (use `dllama-convert hf` for a folder)")
+        fail(f"{source} is not a file; `dllama-convert gguf` takes a .gguf file (use `dllama-convert hf` for a folder)")
     _run(str(source), _float_type(quant), name, output_dir, embed_tokenizer, None, as_json)
 
 
 @app.command("tokenizer", epilog="Example: dllama-convert tokenizer meta-llama/Llama-3.2-1B --output-dir models/")
 def tokenizer(
-    source: str = typer.Argument(..., help="Folder with tokenizer.json or tokenizer.model, a hub repo id, or a GGUF file."),
+    source: str = typer.Argument(...,
+                                 help="Folder with tokenizer.json or tokenizer.model, a hub repo id, or a GGUF file."),
     name: Optional[str] = NAME, output_dir: Path = OUTPUT_DIR, embed_tokenizer: bool = EMBED,
     revision: Optional[str] = REVISION, as_json: bool = AS_JSON,
 ) -> None:
@@ -80,39 +74,32 @@ def tokenizer(
 
 def _float_type(quant: str) -> FloatType:
     if quant.lower() not in QUANTS:
-        _fail(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")
+        fail(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")
     return FloatType.parse(quant)
 
 
 def _run(source: str, float_type: FloatType | None, name: str | None, output_dir: Path, embed: bool,
          revision: str | None, as_json: bool) -> None:
-    try:
+    with edge(interrupted=_interrupted):
         local = Path(source).expanduser()
         folder = local if local.is_file() else resolve_source(source, revision)
         name = name or default_name(str(local.resolve()) if local.exists() else source)
-        plan = plan_conversion(folder, float_type, name, output_dir,
+        plan = prepare_conversion(folder, float_type, name, output_dir,
                                with_tokenizer=True, embed_tokenizer=embed)
-        for note in plan.notes:
-            typer.echo(f"note: {note}", err=True)
+        for message in plan.notes:
+            note(f"note: {message}")
         result = _write_with_progress(plan)
-    except EXPECTED_ERRORS as e:
-        _fail(_one_line(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; no output was written")
     if as_json:
         typer.echo(json.dumps(summary_dict(result), indent=2))
     else:
         typer.echo(summary_text(result))
 
 
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError):  # an unexpected file-system failure: its reason and the file
-        where = f" ({e.filename})" if e.filename else ""
-        return f"{e.strerror or e}{where}"
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+def _interrupted() -> NoReturn:
+    fail("interrupted; no output was written")
 
 
-def _write_with_progress(plan: ConversionPlan) -> ConversionResult:
+def _write_with_progress(plan: ConversionJob) -> ConversionResult:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
@@ -136,7 +123,8 @@ def summary_dict(result: ConversionResult) -> dict:
     h = plan.header
     if h is not None:
         out["model"] = {
-            "model_type": plan.config.get("model_type"), "arch": h.arch.name.lower(), "quant": h.weights_float_type.name.lower(),
+            "model_type": plan.config.get("model_type"), "arch": h.arch.name.lower(),
+            "quant": h.weights_float_type.name.lower(),
             "dim": h.dim, "hidden_dim": h.hidden_dim, "head_dim": h.head_dim, "n_layers": h.n_layers,
             "n_heads": h.n_heads, "n_kv_heads": h.n_kv_heads, "n_experts": h.n_experts,
             "n_active_experts": h.n_active_experts, "vocab_size": h.vocab_size, "max_seq_len": h.max_seq_len,
@@ -145,7 +133,8 @@ def summary_dict(result: ConversionResult) -> dict:
     if plan.tokenizer is not None:
         t = plan.tokenizer
         out["tokenizer"] = {"vocab_size": t.vocab_size, "bos_id": t.bos_id, "eos_ids": t.eos_ids,
-                            "chat_template": bool(t.chat_template), "embedded_source": plan.embed_tokenizer and bool(t.embedded)}
+                            "chat_template": bool(t.chat_template),
+                            "embedded_source": plan.embed_tokenizer and bool(t.embedded)}
     out["notes"] = plan.notes
     return out
 
@@ -157,10 +146,12 @@ def summary_text(result: ConversionResult) -> str:
     if h is not None:
         experts = f", {h.n_experts} experts ({h.n_active_experts} active, hidden {h.ffn_dim})" if h.is_moe else ""
         lines += [
-            f"model      {plan.config.get('model_type')} (arch {h.arch.name.lower()}), {h.weights_float_type.name.lower()} weights",
+            f"model      {plan.config.get('model_type')} (arch {h.arch.name.lower()}), "
+            f"{h.weights_float_type.name.lower()} weights",
             f"dims       dim {h.dim}, hidden {h.hidden_dim}, head {h.head_dim} (q {h.q_dim}, kv {h.kv_dim}){experts}",
             f"layers     {h.n_layers}, heads {h.n_heads}, kv heads {h.n_kv_heads}",
-            f"vocab      {h.vocab_size}, max seq len {h.max_seq_len}, rope theta {h.theta:g}, norm eps {h.norm_epsilon:g}",
+            f"vocab      {h.vocab_size}, max seq len {h.max_seq_len}, rope theta {h.theta:g}, norm eps "
+            f"{h.norm_epsilon:g}",
             f"source     {plan.source} ({_size(plan.source_bytes)} of tensors)",
         ]
     if plan.tokenizer is not None:

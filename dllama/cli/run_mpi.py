@@ -4,13 +4,17 @@
     mpiexec -n 4 -f hosts dllama-run mpi serve --model /srv/m.m --tokenizer /srv/t.t --host 0.0.0.0
 
 The options are generate's (the default), chat's or serve's, unchanged: this command runs the same
-command line with the cluster taken from MPI (distributed.mpi), so every option means what it
-means there. Rank 0 is the root; the other ranks only read --model, --max-seq-len, --nthreads,
---buffer-float-type, --weights and --root-compute, and serve rank 0 until it stops.
+command line with the cluster taken from MPI (runtime/distributed/mpi.py), so every option means
+what it means there. Rank 0 is the root; the other ranks only read --model, --max-seq-len,
+--nthreads, --buffer-float-type, --weights and --root-compute, and serve rank 0 until it stops.
 """
 from __future__ import annotations
 
 import typer
+
+from dllama.cli.edge import fail
+
+CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}  # the rest is generate's, chat's or serve's
 
 
 def mpi_command(ctx: typer.Context) -> None:
@@ -21,17 +25,13 @@ def mpi_command(ctx: typer.Context) -> None:
     needs the .m. Otherwise every board needs the same .m at the same path. pip install "dllama[mpi]".
     Example: mpiexec -n 4 -hosts pi1,pi2,pi3,pi4 dllama-run mpi --model /srv/m.m --tokenizer /srv/t.t --prompt Hi
     """
-    from dllama.runtime.cli import _fail, app
+    from dllama.cli.dllama_run import app
     from dllama.runtime.distributed import mpi  # only now: every dllama-run start registers this command
 
     args = list(ctx.args)
     if "--workers" in args:
-        _fail("dllama-run mpi takes its nodes from mpiexec (-n, -hosts, -f): drop --workers")
+        fail("dllama-run mpi takes its nodes from mpiexec (-n, -hosts, -f): drop --workers")
     if "--stream-weights" in args:
         args.remove("--stream-weights")
         mpi.STREAM_WEIGHTS = True
     typer.main.get_command(app).main(args + ["--workers", mpi.MPI_WORKERS], prog_name="dllama-run mpi")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("mpi", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(mpi_command)

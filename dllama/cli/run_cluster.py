@@ -1,26 +1,23 @@
-"""`dllama-run worker` and `dllama-run plan` (registered on the runtime's typer app by `register`).
-
-Also runnable alone: `python -m dllama.runtime.distributed.cli worker --port 9999`.
-"""
+"""`dllama-run worker` and `dllama-run plan`: a cluster's worker, and what each node of a split holds."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from dllama.formats import FormatError, read_model_header
-from dllama.runtime.distributed.plan import (
-    ROOT_COMPUTE_HELP, TOKENIZER_BYTES_PER_TOKEN, WEIGHTS_HELP, SplitError, cluster_weights, memory_plan, parse_size,
+from dllama.cli import options
+from dllama.cli.edge import CliError, edge, fail, note
+from dllama.formats import read_model_header
+from dllama.runtime.distributed.node_memory import (
+    TOKENIZER_BYTES_PER_TOKEN,
+    SplitError,
+    cluster_weights,
+    memory_plan,
+    parse_size,
 )
 from dllama.runtime.distributed.protocol import DEFAULT_PORT
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise typer.Exit(1)
 
 
 def worker_command(
@@ -34,18 +31,24 @@ def worker_command(
 
     Example: dllama-run worker --port 9999   (then on the root: dllama-run --workers pi1:9999 ...)
     """
-    from dllama.runtime.distributed.worker import Worker
-
     if model is not None and not model.is_file():
-        _fail(f"--model {model} does not exist: copy the root's .m there, or start the worker without --model")
-    try:
-        worker = Worker(host, port, model_path=model, nthreads=nthreads)
-    except (OSError, FormatError, ValueError) as e:
-        _fail(f"cannot start the worker on {host}:{port}: {getattr(e, 'strerror', None) or e}")
+        fail(f"--model {model} does not exist: copy the root's .m there, or start the worker without --model")
+    with edge():
+        worker = _start_worker(host, port, model, nthreads)
     try:
         worker.serve_forever()
     except KeyboardInterrupt:
-        print("worker stopped", file=sys.stderr)
+        note("worker stopped")
+
+
+def _start_worker(host: str, port: int, model: Optional[Path], nthreads: Optional[int]):
+    from dllama.errors import DllamaError
+    from dllama.runtime.distributed.worker import Worker
+
+    try:
+        return Worker(host, port, model_path=model, nthreads=nthreads)
+    except (OSError, DllamaError) as e:  # the address is taken, the --model file is broken, bad --nthreads
+        raise CliError(f"cannot start the worker on {host}:{port}: {getattr(e, 'strerror', None) or e}") from e
 
 
 def _mib(n: int) -> str:
@@ -59,9 +62,9 @@ def plan_command(
     ram: Optional[str] = typer.Option(None, help="memory of one board, e.g. 1G or 512M: say whether each node fits"),
     batch: int = typer.Option(32, min=1, help="prompt tokens per forward batch the buffers are sized for "
                                              "(the runtime evaluates prompts 32 at a time)"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
-    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
-    root_compute: str = typer.Option("all", help=ROOT_COMPUTE_HELP),
+    as_json: bool = options.AS_JSON,
+    weights: Optional[str] = options.WEIGHTS,
+    root_compute: str = options.ROOT_COMPUTE,
     workers: Optional[str] = typer.Option(None, help="with --weights auto: the workers to probe (host:port,...); "
                                                      "--nodes must be 1 + their number"),
 ) -> None:
@@ -69,18 +72,14 @@ def plan_command(
 
     Example: dllama-run plan --model tinyllama_q40.m --nodes 3 --weights 2,1,1 --max-seq-len 1024 --ram 1G
     """
-    from dllama.runtime.distributed.root import WorkerError
-
-    try:
+    with edge():
+        if not model.is_file():
+            raise CliError(f"model file {model} does not exist")
         header = read_model_header(model)
         seq = min(max_seq_len, header.max_seq_len)
         split_weights = _plan_weights(nodes, weights, root_compute, workers)
         plan = memory_plan(header, nodes, seq, batch, weights=split_weights)
         limit = parse_size(ram) if ram else None
-    except FileNotFoundError:
-        _fail(f"model file {model} does not exist")
-    except (FormatError, SplitError, WorkerError) as e:
-        _fail(str(e))
     rows = [{
         "node": m.node, "role": "root" if m.node == 0 else "worker", "share": m.share.describe(),
         "heads": list(m.share.heads), "kv_heads": list(m.share.kv_heads), "ffn_rows": list(m.share.ffn),
@@ -118,17 +117,5 @@ def _plan_weights(nodes: int, weights: Optional[str], root_compute: str, workers
         raise SplitError(f"--weights auto probes the workers: give --workers with {nodes - 1} addresses for "
                          f"{nodes} nodes (it got {len(addresses)})")
     cluster_weights(nodes, None, root_compute)  # checks --root-compute
-    return measure_weights(addresses, root_compute,
-                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return measure_weights(addresses, root_compute, log=note)
 
-
-def register(app: typer.Typer) -> None:
-    app.command("worker")(worker_command)
-    app.command("plan")(plan_command)
-
-
-app = typer.Typer(add_completion=False, no_args_is_help=True)
-register(app)
-
-if __name__ == "__main__":
-    app()

@@ -2,7 +2,7 @@
 
 Runs synchronously in the server's single worker thread. The engine's KV cache holds the
 tokens of the previous request (its prompt and what it generated); a new request whose tokens
-start with the same ids only evaluates the rest (Engine.forward at pos = matched length).
+start with the same ids only evaluates the rest (runtime/conversation.py).
 """
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from dllama.runtime.generate import generate, reusable_prefix
-from dllama.runtime.serve.protocol import Sampling
+from dllama.errors import DllamaError
+from dllama.runtime.conversation import Conversation, StopReason
+from dllama.runtime.generate import generate
+from dllama.runtime.sampler import Sampling
 
 
 class EngineLike(Protocol):
@@ -27,7 +29,7 @@ class TokenizerLike(Protocol):
     eos_ids: list[int]
 
 
-class EngineFailure(RuntimeError):
+class EngineFailure(DllamaError, RuntimeError):
     """The engine (or the cluster behind it) failed mid-request; the cache is no longer trusted."""
 
 
@@ -84,15 +86,18 @@ class StopScanner:
         return 0
 
 
-class Session:
-    """The engine, the tokenizer, and which tokens the engine's KV cache currently holds."""
+class JobRunner:
+    """The engine, the tokenizer, and the conversation the engine's KV cache holds: one job at a time."""
 
     def __init__(self, engine: EngineLike, tokenizer: TokenizerLike, context_length: int):
         self.engine = engine
         self.tokenizer = tokenizer
-        self.context_length = context_length
-        self.cached: list[int] = []      # token ids at KV positions 0..len-1
+        self.conversation = Conversation(context_length)
         self._lock = threading.Lock()    # belt and braces: the scheduler already serialises jobs
+
+    @property
+    def context_length(self) -> int:
+        return self.conversation.capacity
 
     def prompt_ids(self, kind: str, messages: list[dict], prompt: str | list[int]) -> list[int]:
         if kind == "chat":
@@ -108,22 +113,19 @@ class Session:
             return self._run(job, cancelled, emit)
 
     def _run(self, job: Job, cancelled: threading.Event, emit: Callable[[str], None]) -> Outcome:
-        prompt = job.prompt_ids
-        reused = reusable_prefix(self.cached, prompt)
-        tokens = generate(_CacheTracking(self), prompt, job.max_tokens, temperature=job.sampling.temperature,
+        tokens = generate(_FailuresReported(self.engine), job.prompt_ids, job.max_tokens,
+                          temperature=job.sampling.temperature,
                           top_p=job.sampling.top_p, seed=job.sampling.seed, eos_ids=self.tokenizer.eos_ids,
-                          cancel=cancelled.is_set, start_pos=reused)
+                          cancel=cancelled.is_set, conversation=self.conversation)
         scanner = StopScanner(job.stop)
         generated = self._relay_text(tokens, scanner, emit)
-        if cancelled.is_set() and not scanner.stopped:
-            finish = "cancelled"
-        elif scanner.stopped:
+        if scanner.stopped:
             finish = "stop"
-        elif generated == job.max_tokens or len(prompt) + generated >= self.context_length:
-            finish = "length"
+        elif cancelled.is_set():
+            finish = "cancelled"
         else:
-            finish = "stop"  # generate() ended at an eos token
-        return Outcome(finish, len(prompt), generated, reused)
+            finish = FINISH_REASONS[self.conversation.stop_reason]
+        return Outcome(finish, len(job.prompt_ids), generated, self.conversation.start_pos)
 
     def _relay_text(self, tokens, scanner: StopScanner, emit: Callable[[str], None]) -> int:
         """Decodes the tokens through the stop scanner into emit(); returns how many were generated."""
@@ -145,23 +147,20 @@ class Session:
             emit(tail)
         return generated
 
-    def _forward(self, token_ids: Sequence[int], pos: int) -> np.ndarray:
-        del self.cached[pos:]
-        try:
-            logits = self.engine.forward(token_ids, pos)
-        except Exception as e:
-            self.cached = []
-            raise EngineFailure(str(e) or type(e).__name__) from e
-        self.cached.extend(int(t) for t in token_ids)
-        return logits
+
+# why generate() stopped -> the API's finish_reason (a stop sequence is "stop" too)
+FINISH_REASONS = {StopReason.EOS: "stop", StopReason.MAX_TOKENS: "length", StopReason.CONTEXT: "length",
+                  StopReason.CANCELLED: "cancelled"}
 
 
-class _CacheTracking:
-    """The engine as generate() sees it, with every forward noted in the session's cache record."""
+class _FailuresReported:
+    """The engine as generate() sees it in the server: any failure of a forward is an EngineFailure."""
 
-    def __init__(self, session: Session):
-        self._session = session
-        self.max_seq_len = session.context_length
+    def __init__(self, engine: EngineLike):
+        self._engine = engine
 
     def forward(self, token_ids: Sequence[int], pos: int) -> np.ndarray:
-        return self._session._forward(token_ids, pos)
+        try:
+            return self._engine.forward(token_ids, pos)
+        except Exception as e:
+            raise EngineFailure(str(e) or type(e).__name__) from e

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import heapq
 
+from dllama.errors import DllamaError
 from dllama.formats import TokenizerFile
 
 
-class ReferenceRuntimeAbort(ValueError):
+class ReferenceRuntimeAbort(DllamaError, ValueError):
     """Input on which the reference runtime hits an assert and aborts."""
 
 

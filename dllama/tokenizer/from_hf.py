@@ -13,10 +13,11 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from dllama.errors import DllamaError
 from dllama.formats import EmbeddedKind, EmbeddedSource, TokenizerFile
 
 
-class TokenizerConversionError(ValueError):
+class TokenizerConversionError(DllamaError, ValueError):
     """The tokenizer files cannot be turned into a `.t`."""
 
 
@@ -32,7 +33,8 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 @lru_cache(maxsize=1)
 def byte_level_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet: printable character -> the byte it stands for."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"),
+                                                                                                       ord("ÿ") + 1))
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -88,7 +90,8 @@ def convert_tokenizer(folder: str | os.PathLike, embed: bool = True) -> Tokenize
         kind = EmbeddedKind.TOKENIZER_JSON
         tf.add_bos = bos_added(tokenizer_json, tokenizer_config)
     else:
-        raise TokenizerConversionError(f"{folder} has neither tokenizer.model nor tokenizer.json; copy the model's tokenizer files there")
+        raise TokenizerConversionError(f"{folder} has neither tokenizer.model nor tokenizer.json; copy the model's "
+                                       "tokenizer files there")
     tf.chat_template = chat_template_of(folder, tokenizer_config)
     if embed:
         tf.embedded = embedded_sources(kind, source, tokenizer_config)
@@ -138,7 +141,8 @@ def _from_sentencepiece(path: Path) -> TokenizerFile:
     for i in range(sp.get_piece_size()):
         piece = sp.id_to_piece(i)
         match = _BYTE_PIECE.match(piece) if sp.is_byte(i) else None
-        tokens.append(bytes([int(match.group(1), 16)]) if match else piece.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8"))
+        tokens.append(bytes([int(match.group(1), 16)]) if match else piece.replace(SENTENCEPIECE_SPACE,
+                                                                                   " ").encode("utf-8"))
         scores.append(sp.get_score(i))
     eos = sp.eos_id()
     return TokenizerFile(tokens=tokens, scores=scores, bos_id=sp.bos_id(), eos_ids=[eos] if eos >= 0 else [])
@@ -167,7 +171,8 @@ def tokenizer_file_from_json(tok: dict, tokenizer_config: dict, model_config: di
     size = max(by_id) + 1 if by_id else 0
     holes = [i for i in range(size) if i not in by_id]
     if holes:
-        raise TokenizerConversionError(f"{path} has no token for id {holes[0]} ({len(holes)} ids missing); the vocabulary must be contiguous")
+        raise TokenizerConversionError(f"{path} has no token for id {holes[0]} ({len(holes)} ids missing); the "
+                                       "vocabulary must be contiguous")
     byte_level = _is_byte_level(tok)
     byte_map = byte_level_decoder()
     added_ids = set(added.values())
@@ -180,7 +185,8 @@ def tokenizer_file_from_json(tok: dict, tokenizer_config: dict, model_config: di
             data = bytes(b for ch in piece for b in ([byte_map[ch]] if ch in byte_map else ch.encode("utf-8")))
         else:
             match = _BYTE_PIECE.match(piece) if model.get("byte_fallback") else None
-            data = bytes([int(match.group(1), 16)]) if match else piece.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8")
+            data = bytes([int(match.group(1), 16)]) if match else piece.replace(SENTENCEPIECE_SPACE,
+                                                                                " ").encode("utf-8")
         tokens.append(data)
         scores.append(-float(i))
     return TokenizerFile(
@@ -204,7 +210,8 @@ def _special_id(kind: str, model_config: dict, tokenizer_config: dict, added, vo
         value = _lookup(_token_text(tokenizer_config.get(f"{kind}_token")), added, vocab)
     if value is None:
         raise TokenizerConversionError(
-            f"no {kind} token: set {kind}_token_id in config.json or {kind}_token in tokenizer_config.json beside {path.name}")
+            f"no {kind} token: set {kind}_token_id in config.json or {kind}_token in tokenizer_config.json beside "
+            f"{path.name}")
     return int(value)
 
 

@@ -1,0 +1,189 @@
+"""`dllama-run`: generate text with a converted model on this machine (or as a cluster's root).
+
+    dllama-run --model m.m --tokenizer t.t --prompt "Once upon a time" --steps 64
+    dllama-run chat --model m.m --tokenizer t.t
+    dllama-run serve / worker / plan   (run_serve.py, run_cluster.py)
+
+Text streams to stdout; start-up notes and the timing summary go to stderr.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import typer
+
+from dllama.cli import options, run_cluster, run_mpi, run_serve
+from dllama.cli.edge import edge, fail, note, stop_quietly
+from dllama.cli.loading import ClusterOptions, LoadedModel, load_model
+from dllama.runtime.conversation import Conversation, answer_room
+from dllama.runtime.sampler import Sampling
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None,
+                  help="Run a converted model: text generation (default), chat, and the serve/worker/plan subcommands.")
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0   # until the first generated token: the batched prefill
+    generated_tokens: int = 0
+    decode_steps: int = 0         # tokens after the first, each one forward pass
+    decode_seconds: float = 0.0
+
+    def summary(self) -> str:
+        p_rate = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        g_rate = self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+        ms = 1000 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
+        return (f"prompt: {self.prompt_tokens} tokens, {p_rate:.2f} tokens/s | generated: {self.generated_tokens} "
+                f"tokens, {g_rate:.2f} tokens/s, {ms:.1f} ms/token")
+
+
+def timed_tokens(tokens: Iterator[int], prompt_tokens: Callable[[], int], timing: Timing) -> Iterator[int]:
+    """Pass tokens through, charging the wait for the first one to the prompt (prefill)."""
+    start = time.perf_counter()
+    last = start
+    for i, token in enumerate(tokens):
+        now = time.perf_counter()
+        if i == 0:
+            timing.prompt_tokens += prompt_tokens()
+            timing.prompt_seconds += now - start
+        else:
+            timing.decode_steps += 1
+            timing.decode_seconds += now - last
+        timing.generated_tokens += 1
+        last = now
+        yield token
+
+
+def stream_text(loaded: LoadedModel, conversation: Conversation, prompt_ids: list[int], steps: int,
+                sampling: Sampling, write: Callable[[str], None], timing: Timing) -> list[int]:
+    """Generate up to `steps` tokens answering prompt_ids, writing their text as it comes; returns their ids."""
+    from dllama.runtime.generate import generate
+
+    tok = loaded.tokenizer
+    decoder = tok.stream_decoder()
+    out: list[int] = []
+    tokens = generate(loaded.engine, prompt_ids, steps, temperature=sampling.temperature,
+                      top_p=sampling.top_p, seed=sampling.seed, eos_ids=tok.eos_ids, conversation=conversation)
+
+    def evaluated() -> int:  # known once generation has started
+        return len(prompt_ids) - conversation.start_pos
+
+    for token in timed_tokens(tokens, evaluated, timing):
+        out.append(token)
+        write(decoder.push(token))
+    write(decoder.flush())
+    return out
+
+
+def _stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@app.callback(invoke_without_command=True)
+def generate_command(
+    ctx: typer.Context,
+    model: Optional[Path] = typer.Option(None, help=options.MODEL_HELP),
+    tokenizer: Optional[Path] = typer.Option(None, help=options.TOKENIZER_HELP),
+    prompt: Optional[str] = typer.Option(None, help="text to continue"),
+    steps: int = typer.Option(64, min=1, help="most tokens to generate"),
+    temperature: float = options.TEMPERATURE,
+    topp: float = typer.Option(0.9, min=0.0, max=1.0,
+                               help="nucleus sampling: keep the most likely tokens up to this mass"),
+    seed: Optional[int] = options.SEED,
+    max_seq_len: int = options.MAX_SEQ_LEN,
+    nthreads: Optional[int] = options.NTHREADS,
+    workers: Optional[str] = options.WORKERS,
+    buffer_float_type: Optional[str] = options.BUFFER_FLOAT_TYPE,
+    weights: Optional[str] = options.WEIGHTS,
+    root_compute: str = options.ROOT_COMPUTE,
+) -> None:
+    """Generate text from a prompt on this machine (or as the root of --workers).
+
+    Example: dllama-run --model tinyllama_q40.m --tokenizer tinyllama.t --prompt "Hello" --steps 32 --temperature 0
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if model is None or tokenizer is None or prompt is None:
+        fail("--model, --tokenizer and --prompt are required (or use a subcommand: dllama-run --help)")
+    with edge(interrupted=stop_quietly):
+        loaded = load_model(model, tokenizer, max_seq_len, nthreads,
+                            ClusterOptions(workers, buffer_float_type, weights, root_compute))
+        note(f"max_seq_len {loaded.engine.max_seq_len} (--max-seq-len), {loaded.engine.nthreads} threads")
+        ids = loaded.tokenizer.encode(prompt)
+        answer_room(len(ids), loaded.engine.max_seq_len)
+        timing = Timing()
+        _stdout(prompt)
+        stream_text(loaded, Conversation(loaded.engine.max_seq_len), ids, steps, Sampling(temperature, topp, seed),
+                    _stdout, timing)
+        _stdout("\n")
+        note(timing.summary())
+
+
+def chat_command(
+    model: Path = options.MODEL,
+    tokenizer: Path = options.TOKENIZER,
+    system: Optional[str] = typer.Option(None, help="system prompt"),
+    steps: int = typer.Option(512, min=1, help="most tokens per answer"),
+    temperature: float = options.TEMPERATURE,
+    topp: float = typer.Option(0.9, min=0.0, max=1.0, help="nucleus sampling mass"),
+    seed: Optional[int] = options.SEED,
+    max_seq_len: int = options.MAX_SEQ_LEN,
+    nthreads: Optional[int] = options.NTHREADS,
+    workers: Optional[str] = options.WORKERS,
+    buffer_float_type: Optional[str] = options.BUFFER_FLOAT_TYPE,
+    weights: Optional[str] = options.WEIGHTS,
+    root_compute: str = options.ROOT_COMPUTE,
+) -> None:
+    """Chat interactively with the model's chat template; the KV cache carries the conversation.
+
+    Example: dllama-run chat --model qwen3_q40.m --tokenizer qwen3.t --temperature 0.7
+    """
+    with edge(interrupted=stop_quietly):
+        loaded = load_model(model, tokenizer, max_seq_len, nthreads,
+                            ClusterOptions(workers, buffer_float_type, weights, root_compute))
+        note(f"max_seq_len {loaded.engine.max_seq_len} (--max-seq-len); empty line or Ctrl-D ends the chat")
+        _chat(loaded, system, steps, Sampling(temperature, topp, seed))
+
+
+def _chat(loaded: LoadedModel, system: Optional[str], steps: int, sampling: Sampling) -> None:
+    messages = [{"role": "system", "content": system}] if system else []
+    conversation = Conversation(loaded.engine.max_seq_len)
+    while (user := _read_turn()) is not None:
+        messages.append({"role": "user", "content": user})
+        timing = Timing()
+        ids = loaded.tokenizer.encode_chat(messages)
+        answer = stream_text(loaded, conversation, ids, steps, sampling, _stdout, timing)
+        _stdout("\n")
+        note(timing.summary())
+        messages.append({"role": "assistant", "content": loaded.tokenizer.decode(answer)})
+
+
+def _read_turn() -> Optional[str]:
+    """The user's next message; None at an empty line or end of input."""
+    try:
+        user = input("> ")
+    except EOFError:
+        return None
+    return user if user.strip() else None
+
+
+# every subcommand, one line each
+app.command("chat")(chat_command)
+app.command("serve")(run_serve.serve_command)
+app.command("worker")(run_cluster.worker_command)
+app.command("plan")(run_cluster.plan_command)
+app.command("mpi", context_settings=run_mpi.CONTEXT)(run_mpi.mpi_command)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

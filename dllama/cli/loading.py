@@ -1,0 +1,65 @@
+"""A model and its tokenizer, loaded and checked against each other (dllama-run, chat, serve)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from dllama.cli.edge import CliError
+from dllama.formats import padded_vocabulary
+from dllama.runtime.engine import Engine, release_freed_heap
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How the root of --workers splits the model (None workers: one node)."""
+
+    workers: Optional[str] = None
+    buffer_float_type: Optional[str] = None
+    weights: Optional[str] = None
+    root_compute: str = "all"
+
+
+@dataclass
+class LoadedModel:
+    engine: Engine
+    tokenizer: object
+
+
+def load_model(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optional[int],
+               cluster: ClusterOptions = ClusterOptions()) -> LoadedModel:
+    """Engine (one node, or the root of a cluster) + tokenizer, checked against each other."""
+    mpi_engine = None
+    if cluster.workers == "@mpi":  # distributed.mpi.MPI_WORKERS (dllama-run mpi): ranks > 0 serve in here and exit
+        from dllama.runtime.distributed.mpi import open_mpi_engine
+
+        mpi_engine = open_mpi_engine(model, max_seq_len, nthreads, cluster.buffer_float_type, cluster.weights,
+                                     cluster.root_compute)
+    for path, what, ext in ((model, "model", "m"), (tokenizer, "tokenizer", "t")):
+        if not Path(path).is_file():
+            raise CliError(f"{what} file {path} does not exist: pass the converted .{ext} file")
+    from dllama.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(str(tokenizer))
+    engine = mpi_engine if mpi_engine is not None else _engine(model, max_seq_len, nthreads, cluster)
+    check_vocab(tok.vocab_size, engine.vocab_size, tokenizer, model)
+    release_freed_heap()
+    return LoadedModel(engine, tok)
+
+
+def _engine(model: Path, max_seq_len: int, nthreads: Optional[int], cluster: ClusterOptions) -> Engine:
+    if cluster.workers:  # the same Engine interface, node 0 of a cluster
+        from dllama.runtime.distributed.root import DistributedEngine, parse_workers
+
+        return DistributedEngine(model, parse_workers(cluster.workers), max_seq_len=max_seq_len, nthreads=nthreads,
+                                 buffer_type=cluster.buffer_float_type, weights=cluster.weights,
+                                 root_compute=cluster.root_compute)
+    if cluster.weights is not None or cluster.root_compute != "all":
+        raise CliError("--weights and --root-compute split the model over a cluster: add --workers host:port,...")
+    return Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads, buffer_float_type=cluster.buffer_float_type)
+
+
+def check_vocab(tokenizer_vocab: int, model_vocab: int, tokenizer: Path, model: Path) -> None:
+    if tokenizer_vocab != model_vocab and not padded_vocabulary(model_vocab, tokenizer_vocab):
+        raise CliError(f"tokenizer {tokenizer} has {tokenizer_vocab} tokens but model {model} has a vocabulary of "
+                       f"{model_vocab}: pass the .t converted from the same checkpoint as the .m")

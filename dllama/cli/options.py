@@ -1,0 +1,34 @@
+"""Options that several commands share."""
+from __future__ import annotations
+
+import typer
+
+from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN
+
+MODEL_HELP = "the .m model file (from dllama-convert)"
+TOKENIZER_HELP = "the .t tokenizer file (from dllama-convert)"
+SEQ_HELP = (f"KV cache positions, prompt and answer together (default {DEFAULT_MAX_SEQ_LEN}; models declare up to "
+            "131072, far more than a small board holds; capped at the model's own limit)")
+THREADS_HELP = "compute threads (default: all cores)"
+WORKERS_HELP = ("run as the root of a cluster: the workers' host:port list, e.g. pi1:9999,pi2:9999 (each started with "
+                "`dllama-run worker`); nodes = 1 + workers, any count up to the model's heads (dllama-run plan)")
+BUFFER_HELP = ("how nodes exchange activations: q80 (default for q40/q80 models on a cluster) or f32 (default for f32 "
+               "models, and on one node, where nothing crosses a network; q80 there rounds like the reference)")
+WEIGHTS_HELP = ("with --workers: each node's relative share, the root's first (e.g. 2,1,1 for a root twice as fast as "
+                "its two workers), or auto (from each node's free memory and a short speed probe when the root "
+                "connects); default equal shares")
+ROOT_COMPUTE_HELP = ("with --workers: all (the root computes a share too) or none (it only coordinates: tokenizer, "
+                     "embedding, sampling, API; the workers hold every layer)")
+
+MODEL = typer.Option(..., help=MODEL_HELP)
+TOKENIZER = typer.Option(..., help=TOKENIZER_HELP)
+MAX_SEQ_LEN = typer.Option(DEFAULT_MAX_SEQ_LEN, min=1, help=SEQ_HELP)
+NTHREADS = typer.Option(None, min=1, help=THREADS_HELP)
+SEED = typer.Option(None, help="random seed for sampling (default: from the OS)")
+TEMPERATURE = typer.Option(0.8, min=0.0, help="sampling temperature; 0 is greedy")
+WORKERS = typer.Option(None, help=WORKERS_HELP)
+BUFFER_FLOAT_TYPE = typer.Option(None, help=BUFFER_HELP)
+WEIGHTS = typer.Option(None, help=WEIGHTS_HELP)
+ROOT_COMPUTE = typer.Option("all", help=ROOT_COMPUTE_HELP)
+AS_JSON = typer.Option(False, "--json", help="print JSON instead of text")
+

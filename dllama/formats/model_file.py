@@ -1,0 +1,158 @@
+"""The tensors of a `.m` file (FORMAT.md §1.3, §3): the tensor plan, its layout, and ModelFile."""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dllama.errors import FormatError
+from dllama.formats.codecs import Q40_BLOCK, Q80_BLOCK, FloatType, decode_tensor, tensor_nbytes
+from dllama.formats.header import ArchType, ModelHeader, read_model_header
+
+
+class Split(enum.Enum):
+    """How tensor parallelism cuts a tensor across nodes (FORMAT.md §3)."""
+
+    ROWS = "rows"        # each node owns a contiguous block of output rows
+    COLUMNS = "columns"  # each node owns a contiguous block of input columns of every row
+    WHOLE = "whole"      # every node that needs it holds all of it
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str                     # our name, e.g. "layers.3.q"
+    hf_name: str                  # the Hugging Face tensor it comes from
+    shape: tuple[int, ...]        # (rows, cols) for matrices, (n,) for vectors
+    float_type: FloatType
+    split: Split = Split.WHOLE
+    permute_heads: int | None = None  # q/k of llama: heads to apply the rotary permute over
+    layer: int | None = None
+    fallback_hf_name: str | None = None  # lm_head falls back to the embedding when tied/absent
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.shape, self.float_type)
+
+
+def tensor_plan(h: ModelHeader) -> list[TensorSpec]:
+    """Every tensor of the `.m` file, in file order."""
+    W = h.weights_float_type
+    f32 = FloatType.F32
+    permute = h.arch == ArchType.LLAMA
+    plan = [TensorSpec("embedding", "model.embed_tokens.weight", (h.vocab_size, h.dim), f32)]
+    for layer in range(h.n_layers):
+        p = f"model.layers.{layer}."
+
+        def spec(name: str, hf: str, shape: tuple[int, ...], ft: FloatType = W, split: Split = Split.WHOLE,
+                 permute_heads: int | None = None) -> TensorSpec:
+            return TensorSpec(f"layers.{layer}.{name}", p + hf, shape, ft, split, permute_heads, layer)
+
+        plan += [
+            spec("q", "self_attn.q_proj.weight", (h.q_dim, h.dim), split=Split.ROWS,
+                 permute_heads=h.n_heads if permute else None),
+            spec("k", "self_attn.k_proj.weight", (h.kv_dim, h.dim), split=Split.ROWS,
+                 permute_heads=h.n_kv_heads if permute else None),
+            spec("v", "self_attn.v_proj.weight", (h.kv_dim, h.dim), split=Split.ROWS),
+            spec("wo", "self_attn.o_proj.weight", (h.dim, h.q_dim), split=Split.COLUMNS),
+        ]
+        if h.is_moe:
+            ffn = h.ffn_dim
+            plan.append(spec("gate", "mlp.gate.weight", (h.n_experts, h.dim), f32))
+            for e in range(h.n_experts):
+                x = f"mlp.experts.{e}."
+                plan += [
+                    spec(f"experts.{e}.w1", x + "gate_proj.weight", (ffn, h.dim), split=Split.ROWS),
+                    spec(f"experts.{e}.w2", x + "down_proj.weight", (h.dim, ffn), split=Split.COLUMNS),
+                    spec(f"experts.{e}.w3", x + "up_proj.weight", (ffn, h.dim), split=Split.ROWS),
+                ]
+        else:
+            plan += [
+                spec("w1", "mlp.gate_proj.weight", (h.hidden_dim, h.dim), split=Split.ROWS),
+                spec("w2", "mlp.down_proj.weight", (h.dim, h.hidden_dim), split=Split.COLUMNS),
+                spec("w3", "mlp.up_proj.weight", (h.hidden_dim, h.dim), split=Split.ROWS),
+            ]
+        if h.has_qk_norm:
+            plan += [
+                spec("q_norm", "self_attn.q_norm.weight", (h.head_dim,), f32),
+                spec("k_norm", "self_attn.k_norm.weight", (h.head_dim,), f32),
+            ]
+        plan += [
+            spec("attn_norm", "input_layernorm.weight", (h.dim,), f32),
+            spec("ffn_norm", "post_attention_layernorm.weight", (h.dim,), f32),
+        ]
+    plan.append(TensorSpec("norm", "model.norm.weight", (h.dim,), f32))
+    plan.append(TensorSpec("lm_head", "lm_head.weight", (h.vocab_size, h.dim), W, Split.ROWS,
+                           fallback_hf_name="model.embed_tokens.weight"))
+    return plan
+
+
+def permute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF rotary pairs (i, i + hd/2) -> the reference runtime's adjacent pairs (2i, 2i+1) (§1.3)."""
+    rows, cols = w.shape
+    return w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    spec: TensorSpec
+    offset: int  # from file start
+
+
+def tensor_layout(h: ModelHeader) -> list[TensorLayout]:
+    offset = h.nbytes
+    out = []
+    for spec in tensor_plan(h):
+        out.append(TensorLayout(spec, offset))
+        offset += spec.nbytes
+    return out
+
+
+def model_file_size(h: ModelHeader) -> int:
+    return h.nbytes + sum(s.nbytes for s in tensor_plan(h))
+
+
+class ModelFile:
+    """A memory-mapped `.m` file: header, plan and zero-copy views of each tensor's bytes."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise FormatError(f"model file {self.path} does not exist") from None
+        self.header = read_model_header(self.path)
+        expected = model_file_size(self.header)
+        if size != expected:
+            what = "truncated" if size < expected else "longer than its header describes"
+            raise FormatError(f"model file {self.path} is {what}: {size} bytes, the header needs exactly {expected}")
+        self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self.layout = {t.spec.name: t for t in tensor_layout(self.header)}
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's stored bytes (a view into the map, no copy)."""
+        t = self.layout[name]
+        return self.data[t.offset:t.offset + t.spec.nbytes]
+
+    def blocks(self, name: str) -> np.ndarray:
+        """Stored bytes viewed as (rows, blocks-per-row) records for q40/q80, or a float array."""
+        t = self.layout[name]
+        spec = t.spec
+        raw = self.raw(name)
+        if spec.float_type == FloatType.Q40:
+            return raw.view(Q40_BLOCK).reshape(spec.shape[0], -1) if len(spec.shape) == 2 else raw.view(Q40_BLOCK)
+        if spec.float_type == FloatType.Q80:
+            return raw.view(Q80_BLOCK).reshape(spec.shape[0], -1) if len(spec.shape) == 2 else raw.view(Q80_BLOCK)
+        dtype = "<f4" if spec.float_type == FloatType.F32 else "<f2"
+        return raw.view(dtype).reshape(spec.shape)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """The tensor decoded to float32 (a copy; for tests and the validator, not the runtime)."""
+        spec = self.layout[name].spec
+        return decode_tensor(self.raw(name), spec.float_type, spec.shape)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.layout)
