@@ -21,7 +21,7 @@ from serve_helpers import LOOPBACK, free_port, load_engine_and_tokenizer, local_
 from dllama.formats import FloatType
 from dllama.runtime.distributed.root import DistributedEngine
 from dllama.runtime.engine import Engine
-from dllama.runtime.serve.protocol import Sampling
+from dllama.runtime.sampler import Sampling
 
 DRIVER = Path(__file__).with_name("mpi_driver.py")
 IDS = [1, 17, 42, 99, 3, 250, 7]
@@ -122,7 +122,7 @@ def test_streamed_weights_give_the_same_bits_with_no_model_on_the_other_ranks(h1
 
 
 def test_serve_under_mpiexec_answers_the_openai_client(tmp_path):
-    from dllama.tokenizer.convert import convert_tokenizer
+    from dllama.tokenizer.from_hf import convert_tokenizer
 
     folder = require_fixtures(CONFORMANCE / "tiny-llama")  # 2 kv heads: 2 ranks
     model, tokenizer = folder / "expected_f32.m", tmp_path / "tiny-llama.t"
