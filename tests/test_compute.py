@@ -101,6 +101,21 @@ def test_attention_silu_and_roundtrip_are_bit_identical(both, threads):
     assert np.array_equal(want, have) and not np.array_equal(want, x)
 
 
+@pytest.mark.parametrize("n", [3, 64, 100, 576, 1000, 2048, 5000])
+def test_the_compiled_rmsnorm_sums_in_numpys_order(n):
+    """The programs' rmsnorm gives model.rmsnorm's bits (numpy's pairwise sum), whatever the length."""
+    from dllama.runtime import kernels
+    from dllama.runtime.model import rmsnorm
+
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        x = (rng.standard_normal(n) * rng.uniform(0.01, 100)).astype(np.float32)
+        weight = rng.standard_normal(n).astype(np.float32)
+        have = np.empty(n, np.float32)
+        kernels.rmsnorm_token(x, weight, 1e-5, have, np.empty(n, np.float64))
+        assert np.array_equal(have, rmsnorm(x[None], weight, 1e-5)[0])
+
+
 def test_strided_weights_are_accepted(both):
     jit, compiled = both
     rng = np.random.default_rng(3)

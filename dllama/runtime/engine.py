@@ -54,6 +54,11 @@ class LocalExchange:
     def __init__(self, quantize_partials: bool = False):
         self.quantize_partials = quantize_partials
 
+    @property
+    def adds_partials_as_computed(self) -> bool:
+        """x += partial and nothing else: the node may run its whole pass in one call (NodeLayers.whole_pass)."""
+        return not self.quantize_partials
+
     def begin(self, x: np.ndarray, pos: int) -> None:
         pass
 
@@ -166,6 +171,10 @@ class Engine:
     def run_layers(self, x: np.ndarray, pos: int) -> np.ndarray:
         """The layer loop, the same on every node: x (T, dim) at positions pos.. -> logits (on the root;
         a worker's exchange returns its own slice)."""
+        if getattr(self.exchange, "adds_partials_as_computed", False):
+            logits = self.layers.whole_pass(x, pos)
+            if logits is not None:
+                return self.exchange.gather_logits(logits)
         for l in range(self.header.n_layers):
             self.exchange.reduce_into(x, self.layers.attention_block(l, x, pos), l, "attention")
             self.exchange.reduce_into(x, self.layers.ffn_block(l, x), l, "ffn")
