@@ -119,9 +119,9 @@ class Program:
     def __init__(self):
         self._rows: list[np.ndarray] = []
         self._arrays: list[np.ndarray] = []
-        self._stretches: dict[str, tuple[int, int]] = {}
+        self._stretches: dict[str, tuple[int, int, int]] = {}  # name -> first op, end op, barriers
         self._start = 0
-        self.ops = np.zeros((0, OP_WORDS), dtype=np.int64)
+        self.ops: np.ndarray | None = None
         self.state = np.zeros(1, dtype=np.int64)  # the position of the batch's first token
 
     def add(self, kind: int, arrays, params=(0, 0), barrier: bool = True) -> None:
@@ -139,14 +139,17 @@ class Program:
         self._rows.append(row)
 
     def mark(self, name: str) -> None:
-        self._stretches[name] = (self._start, len(self._rows))
-        self._start = len(self._rows)
-        self.ops = np.array(self._rows, dtype=np.int64).reshape(-1, OP_WORDS)
+        end = len(self._rows)
+        self._stretches[name] = (self._start, end, sum(int(row[1]) for row in self._rows[self._start:end]))
+        self._start = end
+        self.ops = None  # the table is built on the next run
 
     def run(self, name: str, pos: int) -> None:
-        op0, op1 = self._stretches[name]
+        op0, op1, n_barriers = self._stretches[name]
+        if self.ops is None:
+            self.ops = np.array(self._rows, dtype=np.int64).reshape(-1, OP_WORDS)
         self.state[0] = pos
-        _backend().run_program(self.ops, op0, op1, self.state, int(self.ops[op0:op1, 1].sum()))
+        _backend().run_program(self.ops, op0, op1, self.state, n_barriers)
 
 
 # --------------------------------------------------------------------------------------------
