@@ -15,16 +15,14 @@ first. Targets (issue 4), 2-core x86-64, 2 threads: >= 8.5 generated tokens/s (r
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-
 import argparse
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
@@ -45,7 +43,8 @@ def ensure_model() -> Path:
     print(f"converting to {MODEL} (once) ...", file=sys.stderr, flush=True)
     from dllama.converter.convert import convert
 
-    convert(CHECKPOINT, "q40", MODEL.parent, name="tinyllama", with_tokenizer=False)  # random weights: no tokenizer needed
+    # random weights: no tokenizer needed
+    convert(CHECKPOINT, "q40", MODEL.parent, name="tinyllama", with_tokenizer=False)
     return MODEL
 
 
@@ -151,17 +150,18 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f} before the runs; model {model.name} {model.stat().st_size / 1e6:.0f} MB",
           flush=True)
-    print("| threads | prompt tok/s | generated tok/s | ms/token | kernel share | start-up to 1st token | peak RSS | budget (file+KV+100MB) |")
+    print("| threads | prompt tok/s | generated tok/s | ms/token | kernel share | start-up to 1st token | peak RSS "
+          "| budget (file+KV+100MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for n in [int(t) for t in a.threads.split(",")]:
         r = run_child(common + ["--steps", str(a.steps), "--nthreads", str(n)])
         budget = r["model_bytes"] + r["kv_cache_bytes"] + 100e6
         print(f"| {n} | {r['prompt_tok_s']:.1f} | {r['gen_tok_s']:.2f} | {r['ms_per_token']:.1f} | "
-              f"{100 * r['kernel_share']:.0f}% | {r['startup_to_first_token_s']:.2f} s | {r['peak_rss_bytes'] / 1e6:.0f} MB | "
-              f"{budget / 1e6:.0f} MB |", flush=True)
+              f"{100 * r['kernel_share']:.0f}% | {r['startup_to_first_token_s']:.2f} s | "
+              f"{r['peak_rss_bytes'] / 1e6:.0f} MB | {budget / 1e6:.0f} MB |", flush=True)
     vnni = "avx512_vnni" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
-    print(f"load after the runs: {os.getloadavg()[0]:.2f}; kernels: {r['kernels']} (numba loaded: {r['numba_loaded']}); "
-          f"CPU has AVX512-VNNI: {vnni}")
+    print(f"load after the runs: {os.getloadavg()[0]:.2f}; kernels: {r['kernels']} "
+          f"(numba loaded: {r['numba_loaded']}); CPU has AVX512-VNNI: {vnni}")
 
 
 if __name__ == "__main__":

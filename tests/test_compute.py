@@ -263,7 +263,8 @@ def test_the_compiled_module_holds_the_dot_product_instructions_of_its_path_only
     objdump = shutil.which("objdump")
     assert objdump, "objdump (binutils) is missing: the C compiler that built the kernels needs it too"
     code = subprocess.run([objdump, "-d", compiled.m.__file__], capture_output=True, text=True, check=True).stdout
-    found = {path: len(re.findall(rf"\s{instruction}\s", code)) for path, instruction in DOT_PRODUCT_INSTRUCTIONS.items()}
+    found = {path: len(re.findall(rf"\s{instruction}\s", code))
+             for path, instruction in DOT_PRODUCT_INSTRUCTIONS.items()}
     assert {path: count > 0 for path, count in found.items()} == {path: path == compiled.path for path in found}
 
 

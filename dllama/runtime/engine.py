@@ -155,13 +155,14 @@ class Engine:
         if len(ids) == 0:
             raise EngineError("forward needs at least one token")
         if not 0 <= pos <= self.pos:
-            raise EngineError(f"position {pos} is past the {self.pos} tokens in the KV cache; call reset() or continue at {self.pos}")
+            raise EngineError(f"position {pos} is past the {self.pos} tokens in the KV cache; call reset() or continue "
+                              f"at {self.pos}")
         if pos + len(ids) > self.max_seq_len:
             raise EngineError(f"{pos + len(ids)} tokens do not fit the KV cache of {self.max_seq_len} positions: "
                               "raise --max-seq-len or shorten the prompt")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise EngineError(f"token id {int(ids.max() if ids.max() >= self.vocab_size else ids.min())} is outside the "
-                              f"model's vocabulary of {self.vocab_size}")
+            bad = int(ids.max() if ids.max() >= self.vocab_size else ids.min())
+            raise EngineError(f"token id {bad} is outside the model's vocabulary of {self.vocab_size}")
 
     def _forward_batch(self, ids: np.ndarray, pos: int) -> np.ndarray:
         x = np.array(self.embedding[ids], dtype=np.float32)  # the batch's one lookup of embedding rows

@@ -71,7 +71,7 @@ def assemble_node_weights(h: ModelHeader, matrix: Callable[[str], Matrix],
                           attn_norm=vector(p + "attn_norm"), ffn_norm=vector(p + "ffn_norm"))
         if h.is_moe:
             lw.gate = vector(p + "gate")
-            lw.experts = [Expert(matrix(f"{p}experts.{e}.w1"), matrix(f"{p}experts.{e}.w2"), matrix(f"{p}experts.{e}.w3"))
+            lw.experts = [Expert(*(matrix(f"{p}experts.{e}.{w}") for w in ("w1", "w2", "w3")))
                           for e in range(h.n_experts)]
         else:
             lw.w1, lw.w2, lw.w3 = matrix(p + "w1"), matrix(p + "w2"), matrix(p + "w3")
