@@ -327,6 +327,8 @@ def test_compiled_stretches_give_the_per_call_partials_bits():
     assert compiled.compiled() is not None
     for a, b in zip(*partials):
         assert np.array_equal(a, b)
+    many = np.repeat(x, 7, axis=0)  # more tokens than a program's batch (the validator's logits of whole prompts)
+    assert np.array_equal(compiled.logits(many), per_call.logits(many))
 
 
 def test_q80_partials_are_quantized_on_a_single_node():

@@ -318,13 +318,20 @@ class CompiledPass:
         self.programs: dict[tuple[int, bool], compute.Program] = {}
 
     def stretch(self, name: str, x: np.ndarray, pos: int, output: str = "partial") -> np.ndarray:
-        """One exchange-to-exchange stretch ("attention L", "ffn L", "logits") on x (T, dim): a new array."""
-        T = x.shape[0]
-        self.x[:T] = x
-        self.program(T, whole=False).run(name, pos)
-        return getattr(self, output)[:T].copy()
+        """One exchange-to-exchange stretch ("attention L", "ffn L", "logits") on x (T, dim): a new array.
+        More than MAX_BATCH tokens run MAX_BATCH at a time (the later ones see the earlier ones' KV cache)."""
+        parts = []
+        for start in range(0, x.shape[0], MAX_BATCH):
+            chunk = x[start:start + MAX_BATCH]
+            T = chunk.shape[0]
+            self.x[:T] = chunk
+            self.program(T, whole=False).run(name, pos + start)
+            parts.append(getattr(self, output)[:T].copy())
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def whole(self, x: np.ndarray, pos: int) -> np.ndarray:
+        if x.shape[0] > MAX_BATCH:
+            return np.concatenate([self.whole(x[s:s + MAX_BATCH], pos + s) for s in range(0, x.shape[0], MAX_BATCH)])
         T = x.shape[0]
         self.x[:T] = x
         self.program(T, whole=True).run("token", pos)
