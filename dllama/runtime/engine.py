@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import mmap
 import os
 from typing import Protocol, Sequence
 
@@ -83,6 +84,23 @@ def release_freed_heap() -> None:
         pass
 
 
+def read_ahead_weights(model: ModelFile) -> None:
+    """Ask the kernel to start reading every tensor but the embedding into the page cache (MADV_WILLNEED:
+    asynchronous, page cache only, no RSS), so the first forward does not wait on the disk page by page
+    for weights the machine paged out since the last run. The embedding is read a row per token."""
+    mapped = getattr(model.data, "_mmap", None)
+    if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    embedding = model.layout["embedding"]
+    for start, stop in ((0, embedding.offset), (embedding.offset + embedding.spec.nbytes, len(model.data))):
+        start -= start % mmap.PAGESIZE
+        if stop > start:
+            try:
+                mapped.madvise(mmap.MADV_WILLNEED, start, stop - start)
+            except OSError:  # advice only
+                return
+
+
 def uses_q80_buffers(h: ModelHeader) -> bool:
     """The reference's default sync buffers for a cluster: q80 for q40/q80 weights (FORMAT.md §2)."""
     return h.weights_float_type in (FloatType.Q40, FloatType.Q80)
@@ -119,6 +137,7 @@ class Engine:
         """Memory-map the model (weights stay packed) and allocate a KV cache of `max_seq_len` positions.
         buffer_float_type "q80" rounds each partial through q80 as the reference does (default: not)."""
         model = ModelFile(model_path)
+        read_ahead_weights(model)
         h = model.header
         max_seq_len = min(max_seq_len, h.max_seq_len) if h.max_seq_len > 0 else max_seq_len
         if max_seq_len < 1:
