@@ -124,19 +124,21 @@ class Program:
         self.ops: np.ndarray | None = None
         self.state = np.zeros(1, dtype=np.int64)  # the position of the batch's first token
 
-    def add(self, kind: int, arrays, params=(0, 0), barrier: bool = True) -> None:
+    def add(self, kind: int, arrays, params=(0, 0), barrier: bool = True) -> int:
+        """Append an op; its index (for `point`)."""
         row = np.zeros(OP_WORDS, dtype=np.int64)
         row[:4] = kind, int(barrier), *params
         for slot, a in enumerate(arrays):
-            if a is None:
-                continue
-            if not a.flags.c_contiguous:
-                raise ValueError(f"op {kind} slot {slot}: the programs take C-contiguous arrays")
-            base = 4 + 4 * slot
-            row[base] = a.ctypes.data
-            row[base + 1:base + 1 + a.ndim] = a.shape
-            self._arrays.append(a)
+            if a is not None:
+                _describe_array(row, slot, a)
+                self._arrays.append(a)
         self._rows.append(row)
+        return len(self._rows) - 1
+
+    def point(self, op: int, slot: int, a: np.ndarray) -> None:
+        """Op `op` reads or writes `a` in `slot` from the next run on (the caller keeps `a` alive meanwhile)."""
+        self._table()
+        _describe_array(self.ops[op], slot, a)
 
     def mark(self, name: str) -> None:
         end = len(self._rows)
@@ -146,10 +148,23 @@ class Program:
 
     def run(self, name: str, pos: int) -> None:
         op0, op1, n_barriers = self._stretches[name]
+        self.state[0] = pos
+        _backend().run_program(self._table(), op0, op1, self.state, n_barriers)
+
+    def _table(self) -> np.ndarray:
         if self.ops is None:
             self.ops = np.array(self._rows, dtype=np.int64).reshape(-1, OP_WORDS)
-        self.state[0] = pos
-        _backend().run_program(self.ops, op0, op1, self.state, n_barriers)
+            self._rows = list(self.ops)  # rows are views of the table: `point` changes both
+        return self.ops
+
+
+def _describe_array(row: np.ndarray, slot: int, a: np.ndarray) -> None:
+    if not a.flags.c_contiguous:
+        raise ValueError(f"op {row[0]} slot {slot}: the programs take C-contiguous arrays")
+    base = 4 + 4 * slot
+    row[base] = a.ctypes.data
+    row[base + 1:base + 4] = 0
+    row[base + 1:base + 1 + a.ndim] = a.shape
 
 
 # --------------------------------------------------------------------------------------------

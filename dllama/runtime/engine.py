@@ -166,7 +166,10 @@ class Engine:
         out = np.empty((len(ids), self.vocab_size), dtype=np.float32)
         for start in range(0, len(ids), PREFILL_BATCH):
             batch = ids[start:start + PREFILL_BATCH]
-            out[start:start + len(batch)] = self._forward_batch(batch, pos + start)
+            rows = out[start:start + len(batch)]
+            logits = self._forward_batch(batch, pos + start, rows)
+            if logits is not rows:
+                rows[:] = logits
         self.pos = pos + len(ids)
         return out
 
@@ -183,16 +186,16 @@ class Engine:
             bad = int(ids.max() if ids.max() >= self.vocab_size else ids.min())
             raise EngineError(f"token id {bad} is outside the model's vocabulary of {self.vocab_size}")
 
-    def _forward_batch(self, ids: np.ndarray, pos: int) -> np.ndarray:
+    def _forward_batch(self, ids: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray:
         x = np.array(self.embedding[ids], dtype=np.float32)  # the batch's one lookup of embedding rows
         self.exchange.begin(x, pos)
-        return self.run_layers(x, pos)
+        return self.run_layers(x, pos, out)
 
-    def run_layers(self, x: np.ndarray, pos: int) -> np.ndarray:
+    def run_layers(self, x: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray:
         """The layer loop, the same on every node: x (T, dim) at positions pos.. -> logits (on the root;
-        a worker's exchange returns its own slice)."""
+        a worker's exchange returns its own slice). `out` (T, vocab): where the logits may go, if they can."""
         if getattr(self.exchange, "adds_partials_as_computed", False):
-            logits = self.layers.whole_pass(x, pos)
+            logits = self.layers.whole_pass(x, pos, out)
             if logits is not None:
                 return self.exchange.gather_logits(logits)
         for l in range(self.header.n_layers):

@@ -179,11 +179,12 @@ class NodeLayers:
             self._compiled = CompiledPass(self) if CompiledPass.covers(self) else None
         return self._compiled
 
-    def whole_pass(self, x: np.ndarray, pos: int) -> np.ndarray | None:
+    def whole_pass(self, x: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray | None:
         """Every layer and the logits for one node whose partials are added as computed (engine.LocalExchange):
-        x (T, dim) -> (T, vocab) logits (valid until the next call), x updated; None without compiled programs."""
+        x (T, dim) -> (T, vocab) logits, written into `out` when given (else valid until the next call), x
+        updated; None without compiled programs."""
         compiled = self.compiled()
-        return None if compiled is None else compiled.whole(x, pos)
+        return None if compiled is None else compiled.whole(x, pos, out)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -278,6 +279,7 @@ class NodeLayers:
 
 WEIGHT_KINDS = {FloatType.F32: compute.W_F32, FloatType.Q40: compute.W_Q40, FloatType.Q80: compute.W_Q80}
 MAX_BATCH = 64  # engine.PREFILL_BATCH: tokens per program run (a longer input runs in several)
+LM_HEAD_OUT = 7  # the out slot of an OP_MATMUL (kernels._op_matmul)
 
 
 class CompiledPass:
@@ -316,6 +318,7 @@ class CompiledPass:
         self.eps = np.array([layers.eps], np.float64)
         self.xq, self.zq, self.hq = (q80_buffers(B, n) for n in (dim, q_dim, hidden))
         self.programs: dict[tuple[int, bool], compute.Program] = {}
+        self.lm_head_ops: dict[tuple[int, bool], int] = {}  # each program's lm_head op
 
     def stretch(self, name: str, x: np.ndarray, pos: int, output: str = "partial") -> np.ndarray:
         """One exchange-to-exchange stretch ("attention L", "ffn L", "logits") on x (T, dim): a new array.
@@ -329,14 +332,26 @@ class CompiledPass:
             parts.append(getattr(self, output)[:T].copy())
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def whole(self, x: np.ndarray, pos: int) -> np.ndarray:
+    def whole(self, x: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The whole pass on x (T, dim): logits written straight into `out` (T, vocab) when it can take them
+        (no second logits array at the peak of a prefill), else into this pass's buffer."""
         if x.shape[0] > MAX_BATCH:
             return np.concatenate([self.whole(x[s:s + MAX_BATCH], pos + s) for s in range(0, x.shape[0], MAX_BATCH)])
         T = x.shape[0]
         self.x[:T] = x
-        self.program(T, whole=True).run("token", pos)
+        p = self.program(T, whole=True)
+        direct = (out is not None and out.dtype == np.float32 and out.flags.c_contiguous
+                  and out.shape == self.logits[:T].shape)
+        lm_head = self.lm_head_ops[(T, True)]
+        if direct:
+            p.point(lm_head, LM_HEAD_OUT, out)
+        try:
+            p.run("token", pos)
+        finally:
+            if direct:
+                p.point(lm_head, LM_HEAD_OUT, self.logits[:T])
         x[:] = self.x[:T]
-        return self.logits[:T]
+        return out if direct else self.logits[:T]
 
     def program(self, T: int, whole: bool) -> compute.Program:
         key = (T, whole)
@@ -354,7 +369,7 @@ class CompiledPass:
             if not whole:
                 p.mark(f"ffn {l}")
         self._norm(p, T, self.n.w.norm, self.n.w.lm_head.quantized)
-        self._matmul(p, self.n.w.lm_head, self.xq, self.y, T, self.logits, barrier=False)
+        self.lm_head_ops[(T, whole)] = self._matmul(p, self.n.w.lm_head, self.xq, self.y, T, self.logits, barrier=False)
         p.mark("token" if whole else "logits")
         return p
 
@@ -385,8 +400,8 @@ class CompiledPass:
                                     *tokens(self.xq, T), self.squares), (int(quantize), 0))
 
     def _matmul(self, p: compute.Program, m: Matrix, xq: tuple, xf: np.ndarray, T: int, out: np.ndarray,
-                add: bool = False, barrier: bool = True) -> None:
-        p.add(compute.OP_MATMUL, (weight_bytes(m), *tokens(xq, T), compute.F16_TO_F32, xf[:T], out[:T],
+                add: bool = False, barrier: bool = True) -> int:
+        return p.add(compute.OP_MATMUL, (weight_bytes(m), *tokens(xq, T), compute.F16_TO_F32, xf[:T], out[:T],
                                   self.x[:T] if add else None), (WEIGHT_KINDS[m.float_type], int(add)), barrier)
 
 
