@@ -205,6 +205,9 @@ def test_the_team_and_the_kernels_agree_on_the_job_table():
 
     assert compute.JOB_WORDS == kernels.JOB_WORDS and kernels.NO_JOB == 0
     assert 4 + 4 * 7 <= kernels.JOB_WORDS  # kind, range, scalar, then up to 7 arrays (address + 3 dims)
+    ops = ("OP_WORDS", "OP_NORM_Q80", "OP_MATMUL", "OP_FFN_UP", "OP_ROPE_KV", "OP_ATTENTION", "OP_QUANTIZE",
+           "W_F32", "W_Q40", "W_Q80", "BARRIER_STRIDE")
+    assert [getattr(compute, name) for name in ops] == [getattr(kernels, name) for name in ops]
 
 
 def test_the_team_grows_to_the_threads_asked_for_and_old_helpers_stop(both):
