@@ -1,6 +1,7 @@
 """Decode and prefill speed against the reference C++ runtime, side by side on the same files.
 
     python benchmarks/vs_reference.py [--threads 1,2] [--pairs 3] [--models smollm2,tinyllama]
+    python benchmarks/vs_reference.py --nodes 2 --models tinyllama   # 2 nodes on loopback, 1 thread each
 
 Builds the reference from ../shared/reference once (into $DLLAMA_CACHE/reference, ~30 s), makes
 the two q40 files once under .bench/vsref/ (SmolLM2-135M from its GGUF, and a TinyLlama-1.1B-shaped
@@ -10,6 +11,9 @@ a fresh process, greedy, on the same prompt. It prints the median of the per-pai
 ours / reference for generated and prompt tokens/s, and the memory-bandwidth limit of this
 machine: a multi-threaded read of a buffer the size of the weights, and the decode speed that
 would allow (weights read once per token; the f32 embedding is read one row per token).
+With --nodes 2 each runtime runs as a root and one worker on 127.0.0.1, one thread per node
+(the reference's `dllama worker --port P --nthreads 1` and `--workers 127.0.0.1:P`; ours
+`dllama-run worker` and `--workers`), and the table gives ms per generated token.
 The machine is shared and noisy: only ratios of paired runs in one session mean anything.
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,9 +40,8 @@ PROMPT = ("The quick brown fox jumps over the lazy dog while the small cat sleep
           "the old stone wall of the quiet village")
 GENERATED = 64
 OURS = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tokens/s \| generated: (\d+) tokens, ([\d.]+) tokens/s")
-THEIRS = re.compile(r"Evaluation\n.*?nTokens: (\d+)\n\s*tokens/s: ([\d.]+).*?Prediction\n\s*nTokens: "
-                    r"(\d+)\n\s*tokens/s: ([\d.]+)",
-                    re.DOTALL)
+THEIRS = re.compile(r"Evaluation\n.*?nTokens: (\d+)\n\s*tokens/s: ([\d.]+)"
+                    r".*?Prediction\n\s*nTokens: (\d+)\n\s*tokens/s: ([\d.]+)", re.DOTALL)
 
 
 def smollm2_files() -> tuple[Path, Path]:
@@ -68,29 +72,68 @@ def tinyllama_files() -> tuple[Path, Path]:
 MODELS = {"smollm2": smollm2_files, "tinyllama": tinyllama_files}
 
 
-def run_reference(binary: Path, model: Path, tokenizer: Path, threads: int, prompt_tokens: int) -> tuple[float, float]:
+def run_reference(binary: Path, model: Path, tokenizer: Path, threads: int, prompt_tokens: int,
+                  workers: tuple[str, ...] = ()) -> tuple[float, float]:
     steps = prompt_tokens + GENERATED
-    out = subprocess.run([str(binary), "inference", "--model", str(model), "--tokenizer", str(tokenizer), "--prompt",
-                          PROMPT,
-                          "--steps", str(steps), "--nthreads", str(threads), "--buffer-float-type", "q80",
-                          "--temperature", "0", "--seed", "1"], capture_output=True, text=True, errors="replace",
-                          check=True)
+    cmd = [str(binary), "inference", "--model", str(model), "--tokenizer", str(tokenizer), "--prompt", PROMPT,
+           "--steps", str(steps), "--nthreads", str(threads), "--buffer-float-type", "q80", "--temperature", "0",
+           "--seed", "1"]
+    if workers:
+        cmd += ["--workers", *workers]
+    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=True)
     match = THEIRS.search(out.stdout)
     if not match:
         raise RuntimeError(f"no timing in the reference's output: {out.stdout[-1000:]}")
     return float(match.group(4)), float(match.group(2))
 
 
-def run_ours(model: Path, tokenizer: Path, threads: int) -> tuple[float, float, int]:
-    out = subprocess.run([sys.executable, "-m", "dllama.cli.dllama_run", "--model", str(model), "--tokenizer",
-                          str(tokenizer),
-                          "--prompt", PROMPT, "--steps", str(GENERATED), "--temperature", "0", "--nthreads",
-                          str(threads)],
-                         capture_output=True, text=True, check=True)
+def run_ours(model: Path, tokenizer: Path, threads: int, workers: tuple[str, ...] = ()) -> tuple[float, float, int]:
+    cmd = [sys.executable, "-m", "dllama.cli.dllama_run", "--model", str(model), "--tokenizer", str(tokenizer),
+           "--prompt", PROMPT, "--steps", str(GENERATED), "--temperature", "0", "--nthreads", str(threads)]
+    if workers:
+        cmd += ["--workers", ",".join(workers)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=threads_env(threads))
     match = OURS.search(out.stderr)
     if not match:
         raise RuntimeError(f"no timing in dllama-run's output: {out.stderr[-1000:]}")
     return float(match.group(4)), float(match.group(2)), int(match.group(1))
+
+
+def threads_env(threads: int) -> dict:
+    return dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Worker:
+    """One worker process on 127.0.0.1 with one thread, ours or the reference's, for a --nodes 2 pair."""
+
+    def __init__(self, reference: Path | None):
+        if reference is not None:
+            port = free_port()
+            self.proc = subprocess.Popen([str(reference), "worker", "--port", str(port), "--nthreads", "1"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.address = f"127.0.0.1:{port}"
+            time.sleep(0.5)  # the reference's root retries a worker that is not listening yet, ours does not
+            return
+        self.proc = subprocess.Popen([sys.executable, "-m", "dllama.cli.dllama_run", "worker", "--host",
+                                      "127.0.0.1", "--port", "0", "--nthreads", "1"], stderr=subprocess.PIPE,
+                                     text=True, env=threads_env(1))
+        found = re.search(r"listening on ([\d.]+:\d+)", self.proc.stderr.readline())
+        if not found:
+            raise RuntimeError("our worker did not start")
+        self.address = found.group(1)
+
+    def __enter__(self) -> str:
+        return self.address
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait()
 
 
 def read_bandwidth(nbytes: int, threads: int, repeat: int = 5) -> float:
@@ -118,16 +161,28 @@ def bytes_per_token(model: Path) -> int:
 
 
 def main() -> None:
-    from reference_runtime import build_reference
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--models", default="smollm2,tinyllama")
+    parser.add_argument("--nodes", type=int, default=1, choices=(1, 2), help="2: root and one worker, 1 thread each")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="the reference's dllama binary (default: built from ../shared/reference)")
     args = parser.parse_args()
-    binary = build_reference()
+    if args.reference is None:
+        from reference_runtime import build_reference
+        args.reference = build_reference()
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} before the runs; {args.pairs} pairs per row; "
           f"{GENERATED} generated tokens; q40 weights, q80 activations in both")
+    if args.nodes == 2:
+        two_nodes(args)
+    else:
+        one_node(args)
+    print(f"load after the runs: {os.getloadavg()[0]:.2f}")
+
+
+def one_node(args) -> None:
+    binary = args.reference
     print("| model | threads | reference gen tok/s | ours gen tok/s | gen ours/ref (median) | reference prompt tok/s "
           "| ours prompt tok/s | prompt ours/ref (median) | bandwidth limit gen tok/s | ours / limit |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -149,10 +204,27 @@ def main() -> None:
             pre_ratio = statistics.median(o / r for o, r in zip(our_pre, ref_pre))
             print(f"| {name} | {threads} | {statistics.median(ref_gen):.1f} | {statistics.median(our_gen):.1f} | "
                   f"{gen_ratio:.2f} | {statistics.median(ref_pre):.1f} | {statistics.median(our_pre):.1f} | "
-                  f"{pre_ratio:.2f} | "
-                  f"{limit:.1f} | {statistics.median(our_gen) / limit:.2f} |", flush=True)
-    print(f"load after the runs: {os.getloadavg()[0]:.2f}; our prompt is the faithful tokenization "
-          f"({our_prompt_tokens} tokens for the last model), the reference's its own (one id per character)")
+                  f"{pre_ratio:.2f} | {limit:.1f} | {statistics.median(our_gen) / limit:.2f} |", flush=True)
+        print(f"(our prompt is the faithful tokenization ({our_prompt_tokens} tokens for {name}), the reference's "
+              "its own (one id per character))")
+
+
+def two_nodes(args) -> None:
+    print("| model | nodes x threads | reference ms/token | ours ms/token | ours/ref ms (median of pairs) |")
+    print("|---|---|---|---|---|")
+    for name in args.models.split(","):
+        model, tokenizer = MODELS[name]()
+        with Worker(None) as worker:  # warm-up: kernels built/loaded, file cached
+            run_ours(model, tokenizer, 1, (worker,))
+        ref_ms, our_ms = [], []
+        for _ in range(args.pairs):
+            with Worker(args.reference) as worker:
+                ref_ms.append(1000 / run_reference(args.reference, model, tokenizer, 1, len(PROMPT) + 1, (worker,))[0])
+            with Worker(None) as worker:
+                our_ms.append(1000 / run_ours(model, tokenizer, 1, (worker,))[0])
+        ratio = statistics.median(o / r for o, r in zip(our_ms, ref_ms))
+        print(f"| {name} | 2 x 1 | {statistics.median(ref_ms):.1f} | {statistics.median(our_ms):.1f} | {ratio:.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,21 @@ def test_attention_silu_and_roundtrip_are_bit_identical(both, threads):
     assert np.array_equal(want, have) and not np.array_equal(want, x)
 
 
+@pytest.mark.parametrize("n", [3, 64, 100, 576, 1000, 2048, 5000])
+def test_the_compiled_rmsnorm_sums_in_numpys_order(n):
+    """The programs' rmsnorm gives model.rmsnorm's bits (numpy's pairwise sum), whatever the length."""
+    from dllama.runtime import kernels
+    from dllama.runtime.model import rmsnorm
+
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        x = (rng.standard_normal(n) * rng.uniform(0.01, 100)).astype(np.float32)
+        weight = rng.standard_normal(n).astype(np.float32)
+        have = np.empty(n, np.float32)
+        kernels.rmsnorm_token(x, weight, 1e-5, have, np.empty(n, np.float64))
+        assert np.array_equal(have, rmsnorm(x[None], weight, 1e-5)[0])
+
+
 def test_strided_weights_are_accepted(both):
     jit, compiled = both
     rng = np.random.default_rng(3)
@@ -190,6 +205,9 @@ def test_the_team_and_the_kernels_agree_on_the_job_table():
 
     assert compute.JOB_WORDS == kernels.JOB_WORDS and kernels.NO_JOB == 0
     assert 4 + 4 * 7 <= kernels.JOB_WORDS  # kind, range, scalar, then up to 7 arrays (address + 3 dims)
+    ops = ("OP_WORDS", "OP_NORM_Q80", "OP_MATMUL", "OP_FFN_UP", "OP_ROPE_KV", "OP_ATTENTION", "OP_QUANTIZE",
+           "W_F32", "W_Q40", "W_Q80", "BARRIER_STRIDE")
+    assert [getattr(compute, name) for name in ops] == [getattr(kernels, name) for name in ops]
 
 
 def test_the_team_grows_to_the_threads_asked_for_and_old_helpers_stop(both):
@@ -248,7 +266,8 @@ def test_the_compiled_module_holds_the_dot_product_instructions_of_its_path_only
     objdump = shutil.which("objdump")
     assert objdump, "objdump (binutils) is missing: the C compiler that built the kernels needs it too"
     code = subprocess.run([objdump, "-d", compiled.m.__file__], capture_output=True, text=True, check=True).stdout
-    found = {path: len(re.findall(rf"\s{instruction}\s", code)) for path, instruction in DOT_PRODUCT_INSTRUCTIONS.items()}
+    found = {path: len(re.findall(rf"\s{instruction}\s", code))
+             for path, instruction in DOT_PRODUCT_INSTRUCTIONS.items()}
     assert {path: count > 0 for path, count in found.items()} == {path: path == compiled.path for path in found}
 
 

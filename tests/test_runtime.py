@@ -7,15 +7,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import CONFORMANCE, require_fixtures
+
 from dllama.converter.synthetic import write_random_model
-from dllama.formats import (Q80_BLOCK, ArchType, FloatType, ModelFile, ModelHeader, RopeType, dequantize_q80,
-                            quantize_q80)
+from dllama.formats import (
+    Q80_BLOCK,
+    ArchType,
+    FloatType,
+    ModelFile,
+    ModelHeader,
+    RopeType,
+    dequantize_q80,
+    quantize_q80,
+)
 from dllama.runtime.engine import Engine, EngineError, LocalExchange
 from dllama.runtime.generate import generate
-from dllama.runtime.model import NodeLayers, load_node_weights, rmsnorm, rope_frequencies
+from dllama.runtime.model import (
+    NodeLayers,
+    load_node_weights,
+    rmsnorm,
+    rope_frequencies,
+)
 from dllama.runtime.split import ClusterSplit
+from dllama.runtime.tensors import Matrix
 
 
 def reference_logits(folder: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -267,6 +281,54 @@ def test_two_node_slices_sum_to_the_single_node_result():
     logits = np.concatenate([node.logits(x) for node in nodes], axis=1)
     assert nodes[0].k_cache.shape[2] == h.n_kv_heads // 2
     assert np.abs(logits - Engine.load(path).forward(PROMPT, 0)).max() <= 1e-4
+
+
+def per_call_engine(path, **kwargs) -> Engine:
+    """An engine that runs the per-call blocks (one kernel call per operation), not the compiled programs."""
+    engine = Engine.load(path, **kwargs)
+    engine.layers._compiled = None
+    return engine
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("float_type", ["q40", "q80", "f32"])
+def test_the_compiled_pass_gives_the_per_call_blocks_bits(float_type, threads):
+    from dllama.runtime import compute
+
+    if not compute.runs_programs():
+        pytest.skip("the JIT kernels run the per-call blocks only")
+    path = require_fixtures(CONFORMANCE / "tiny-llama") / f"expected_{float_type}.m"
+    compiled, per_call = Engine.load(path, nthreads=threads), per_call_engine(path, nthreads=threads)
+    assert compiled.layers.compiled() is not None
+    for engine in (compiled, per_call):
+        engine.out = [engine.forward(PROMPT, 0)]
+        engine.out += [engine.forward([t], len(PROMPT) + i) for i, t in enumerate(PROMPT[:4])]
+    for a, b in zip(compiled.out, per_call.out):
+        assert np.array_equal(a, b)
+
+
+def test_compiled_stretches_give_the_per_call_partials_bits():
+    """A node of a cluster runs each stretch between two exchange points as one compiled call."""
+    from dllama.runtime import compute
+
+    if not compute.runs_programs():
+        pytest.skip("the JIT kernels run the per-call blocks only")
+    path = require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m"
+    model = ModelFile(path)
+    h = model.header
+    x = model.tensor("embedding")[PROMPT].astype(np.float32)
+    share = ClusterSplit.plan(h, 2).nodes[1]
+    weights = load_node_weights(model, share)
+    for lw in weights.layers:  # the column slices as a worker holds them: received, contiguous
+        lw.wo, lw.w2 = (Matrix(np.ascontiguousarray(m.data), m.float_type, m.shape) for m in (lw.wo, lw.w2))
+    compiled, per_call = (NodeLayers(h, weights, share, 64) for _ in range(2))
+    per_call._compiled = None
+    partials = [[node.attention_block(0, x, 0), node.ffn_block(0, x), node.logits(x)] for node in (compiled, per_call)]
+    assert compiled.compiled() is not None
+    for a, b in zip(*partials):
+        assert np.array_equal(a, b)
+    many = np.repeat(x, 7, axis=0)  # more tokens than a program's batch (the validator's logits of whole prompts)
+    assert np.array_equal(compiled.logits(many), per_call.logits(many))
 
 
 def test_q80_partials_are_quantized_on_a_single_node():

@@ -98,6 +98,76 @@ def attention(q, k_cache, v_cache, pos0: int, out) -> None:
     _backend().attention(q, k_cache, v_cache, pos0, out)
 
 
+def runs_programs() -> bool:
+    """Whether `Program.run` is available: the compiled kernels (the JIT runs the per-call path)."""
+    return _backend().name == "compiled"
+
+
+# --------------------------------------------------------------------------------------------
+# Programs: stretches of the forward pass as one compiled call (kernels.py "Layer programs")
+
+OP_WORDS = 64  # kernels.OP_WORDS and the op numbers below (this module does not import numba's kernels)
+OP_NORM_Q80, OP_MATMUL, OP_FFN_UP, OP_ROPE_KV, OP_ATTENTION, OP_QUANTIZE = range(1, 7)
+W_F32, W_Q40, W_Q80 = range(3)
+BARRIER_STRIDE = 8
+
+
+class Program:
+    """A table of ops for kernels.run_program. `add` appends one (its arrays: C-contiguous, or None
+    for a slot the op does not read) and keeps the arrays alive as long as the table names them;
+    `mark(name)` closes a stretch that `run(name, pos)` runs as one call on this thread's threads."""
+
+    def __init__(self):
+        self._rows: list[np.ndarray] = []
+        self._arrays: list[np.ndarray] = []
+        self._stretches: dict[str, tuple[int, int, int]] = {}  # name -> first op, end op, barriers
+        self._start = 0
+        self.ops: np.ndarray | None = None
+        self.state = np.zeros(1, dtype=np.int64)  # the position of the batch's first token
+
+    def add(self, kind: int, arrays, params=(0, 0), barrier: bool = True) -> int:
+        """Append an op; its index (for `point`)."""
+        row = np.zeros(OP_WORDS, dtype=np.int64)
+        row[:4] = kind, int(barrier), *params
+        for slot, a in enumerate(arrays):
+            if a is not None:
+                _describe_array(row, slot, a)
+                self._arrays.append(a)
+        self._rows.append(row)
+        return len(self._rows) - 1
+
+    def point(self, op: int, slot: int, a: np.ndarray) -> None:
+        """Op `op` reads or writes `a` in `slot` from the next run on (the caller keeps `a` alive meanwhile)."""
+        self._table()
+        _describe_array(self.ops[op], slot, a)
+
+    def mark(self, name: str) -> None:
+        end = len(self._rows)
+        self._stretches[name] = (self._start, end, sum(int(row[1]) for row in self._rows[self._start:end]))
+        self._start = end
+        self.ops = None  # the table is built on the next run
+
+    def run(self, name: str, pos: int) -> None:
+        op0, op1, n_barriers = self._stretches[name]
+        self.state[0] = pos
+        _backend().run_program(self._table(), op0, op1, self.state, n_barriers)
+
+    def _table(self) -> np.ndarray:
+        if self.ops is None:
+            self.ops = np.array(self._rows, dtype=np.int64).reshape(-1, OP_WORDS)
+            self._rows = list(self.ops)  # rows are views of the table: `point` changes both
+        return self.ops
+
+
+def _describe_array(row: np.ndarray, slot: int, a: np.ndarray) -> None:
+    if not a.flags.c_contiguous:
+        raise ValueError(f"op {row[0]} slot {slot}: the programs take C-contiguous arrays")
+    base = 4 + 4 * slot
+    row[base] = a.ctypes.data
+    row[base + 1:base + 4] = 0
+    row[base + 1:base + 1 + a.ndim] = a.shape
+
+
 # --------------------------------------------------------------------------------------------
 # The implementations
 
@@ -172,6 +242,20 @@ class CompiledKernels:
         self._split("attention_tasks", "job_attention", (q, k_cache, v_cache, pos0, out), T * H,
                     work_per_item=2 * hd * (pos0 + T), align=1)
 
+    def run_program(self, ops, op0: int, op1: int, state, n_barriers: int) -> None:
+        n_threads = threads()
+        if n_threads == 1:
+            self.m.run_program(ops, op0, op1, state, _SOLO_FLAGS, 0, 0, 1)
+            return
+        self._ensure_team(n_threads - 1)
+        self._team.run_program(ops, op0, op1, state, n_threads, n_barriers)
+
+    def _ensure_team(self, n_helpers: int) -> None:
+        if self._team is None or self._team.n_helpers < n_helpers:  # as many helpers as asked for, no more
+            if self._team is not None:
+                self._team.stop()
+            self._team = Team(self.m, n_helpers)
+
     def _split(self, kernel: str, job: str, args, n_items: int, work_per_item: int, align: int = ROW_ALIGN) -> None:
         """kernel(*args, start, stop) over [0, n_items), in one contiguous range per thread."""
         n_threads = min(threads(), max(1, n_items * work_per_item // MIN_WORK), max(1, n_items // align))
@@ -180,14 +264,12 @@ class CompiledKernels:
             return
         step = -(-n_items // n_threads // align) * align if align > 1 else -(-n_items // n_threads)
         ranges = [(start, min(n_items, start + step)) for start in range(0, n_items, step)]
-        if self._team is None or self._team.n_helpers < len(ranges) - 1:  # as many helpers as asked for, no more
-            if self._team is not None:
-                self._team.stop()
-            self._team = Team(self.m, len(ranges) - 1)
+        self._ensure_team(len(ranges) - 1)
         self._team.run(getattr(self.m, kernel), getattr(self.m, job), args, ranges)
 
 
 JOB_WORDS = 32  # kernels.JOB_WORDS (this module does not import numba's kernels)
+_SOLO_FLAGS = np.zeros(BARRIER_STRIDE, dtype=np.int64)  # a one-thread program passes no barrier
 
 
 class Team:
@@ -205,6 +287,8 @@ class Team:
         self.job_number = np.zeros(1, dtype=np.int64)
         self.finished = np.zeros(n_helpers, dtype=np.int64)  # the job number each helper last finished
         self.jobs = np.zeros((n_helpers, JOB_WORDS), dtype=np.int64)
+        self.barriers = np.zeros((n_helpers + 1) * BARRIER_STRIDE, dtype=np.int64)  # kernels._barrier's words
+        self.phase = 0  # barriers passed so far, by every thread of every program run
         self.number = 0
         self.wake = threading.Condition()
         self.busy = threading.Lock()
@@ -233,6 +317,28 @@ class Team:
             kernel(*args, *ranges[0])
             while not self.m.spin_until_all_equal(self.finished, self.n_helpers, self.number, self.SPINS):
                 pass
+        finally:
+            self.busy.release()
+
+    def run_program(self, ops, op0: int, op1: int, state, n_threads: int, n_barriers: int) -> None:
+        """kernels.run_program over ops op0..op1 on the calling thread (thread 0) and n_threads - 1 helpers."""
+        if not self.busy.acquire(blocking=False):  # another thread is using the team: all of it here
+            self.m.run_program(ops, op0, op1, state, _SOLO_FLAGS, 0, 0, 1)
+            return
+        try:
+            for i in range(self.n_helpers):
+                if i + 1 < n_threads:
+                    self.m.job_program(self.jobs[i], ops, state, self.barriers, op0, op1, self.phase, i + 1, n_threads)
+                else:
+                    self.jobs[i, 0] = 0  # kernels.NO_JOB
+            self.number += 1
+            self.m.publish(self.job_number, self.number)
+            with self.wake:
+                self.wake.notify_all()
+            self.m.run_program(ops, op0, op1, state, self.barriers, self.phase, 0, n_threads)
+            while not self.m.spin_until_all_equal(self.finished, self.n_helpers, self.number, self.SPINS):
+                pass
+            self.phase += n_barriers
         finally:
             self.busy.release()
 

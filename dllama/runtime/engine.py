@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import mmap
 import os
 from typing import Protocol, Sequence
 
@@ -55,6 +56,11 @@ class LocalExchange:
     def __init__(self, quantize_partials: bool = False):
         self.quantize_partials = quantize_partials
 
+    @property
+    def adds_partials_as_computed(self) -> bool:
+        """x += partial and nothing else: the node may run its whole pass in one call (NodeLayers.whole_pass)."""
+        return not self.quantize_partials
+
     def begin(self, x: np.ndarray, pos: int) -> None:
         pass
 
@@ -77,6 +83,23 @@ def release_freed_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def read_ahead_weights(model: ModelFile) -> None:
+    """Ask the kernel to start reading every tensor but the embedding into the page cache (MADV_WILLNEED:
+    asynchronous, page cache only, no RSS), so the first forward does not wait on the disk page by page
+    for weights the machine paged out since the last run. The embedding is read a row per token."""
+    mapped = getattr(model.data, "_mmap", None)
+    if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    embedding = model.layout["embedding"]
+    for start, stop in ((0, embedding.offset), (embedding.offset + embedding.spec.nbytes, len(model.data))):
+        start -= start % mmap.PAGESIZE
+        if stop > start:
+            try:
+                mapped.madvise(mmap.MADV_WILLNEED, start, stop - start)
+            except OSError:  # advice only
+                return
 
 
 def uses_q80_buffers(h: ModelHeader) -> bool:
@@ -115,6 +138,7 @@ class Engine:
         """Memory-map the model (weights stay packed) and allocate a KV cache of `max_seq_len` positions.
         buffer_float_type "q80" rounds each partial through q80 as the reference does (default: not)."""
         model = ModelFile(model_path)
+        read_ahead_weights(model)
         h = model.header
         max_seq_len = min(max_seq_len, h.max_seq_len) if h.max_seq_len > 0 else max_seq_len
         if max_seq_len < 1:
@@ -143,7 +167,10 @@ class Engine:
         out = np.empty((len(ids), self.vocab_size), dtype=np.float32)
         for start in range(0, len(ids), PREFILL_BATCH):
             batch = ids[start:start + PREFILL_BATCH]
-            out[start:start + len(batch)] = self._forward_batch(batch, pos + start)
+            rows = out[start:start + len(batch)]
+            logits = self._forward_batch(batch, pos + start, rows)
+            if logits is not rows:
+                rows[:] = logits
         self.pos = pos + len(ids)
         return out
 
@@ -151,22 +178,27 @@ class Engine:
         if len(ids) == 0:
             raise EngineError("forward needs at least one token")
         if not 0 <= pos <= self.pos:
-            raise EngineError(f"position {pos} is past the {self.pos} tokens in the KV cache; call reset() or continue at {self.pos}")
+            raise EngineError(f"position {pos} is past the {self.pos} tokens in the KV cache; call reset() or continue "
+                              f"at {self.pos}")
         if pos + len(ids) > self.max_seq_len:
             raise EngineError(f"{pos + len(ids)} tokens do not fit the KV cache of {self.max_seq_len} positions: "
                               "raise --max-seq-len or shorten the prompt")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise EngineError(f"token id {int(ids.max() if ids.max() >= self.vocab_size else ids.min())} is outside the "
-                              f"model's vocabulary of {self.vocab_size}")
+            bad = int(ids.max() if ids.max() >= self.vocab_size else ids.min())
+            raise EngineError(f"token id {bad} is outside the model's vocabulary of {self.vocab_size}")
 
-    def _forward_batch(self, ids: np.ndarray, pos: int) -> np.ndarray:
+    def _forward_batch(self, ids: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray:
         x = np.array(self.embedding[ids], dtype=np.float32)  # the batch's one lookup of embedding rows
         self.exchange.begin(x, pos)
-        return self.run_layers(x, pos)
+        return self.run_layers(x, pos, out)
 
-    def run_layers(self, x: np.ndarray, pos: int) -> np.ndarray:
+    def run_layers(self, x: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray:
         """The layer loop, the same on every node: x (T, dim) at positions pos.. -> logits (on the root;
-        a worker's exchange returns its own slice)."""
+        a worker's exchange returns its own slice). `out` (T, vocab): where the logits may go, if they can."""
+        if getattr(self.exchange, "adds_partials_as_computed", False):
+            logits = self.layers.whole_pass(x, pos, out)
+            if logits is not None:
+                return self.exchange.gather_logits(logits)
         for l in range(self.header.n_layers):
             self.exchange.reduce_into(x, self.layers.attention_block(l, x, pos), l, "attention")
             self.exchange.reduce_into(x, self.layers.ffn_block(l, x), l, "ffn")

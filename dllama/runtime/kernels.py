@@ -246,6 +246,65 @@ _nibble_group_lanes = _rows_lanes_kernel(ROW_GROUP)
 _nibble_row_lanes = _rows_lanes_kernel(1)
 
 
+def _packed_rows_kernel(n_rows: int):
+    """acc[16i:+16] = the lanes of packed q40 row r0 + i (i < n_rows) times one token, pairs 0..n_pairs.
+
+    The one-token kernel's inner loop in IR, so the rows' lanes stay in registers and one load of the
+    token's values serves n_rows rows: per block pair p, the quad sums of the row's nibbles (blocks 2p
+    and 2p+1 at bytes 36p + 2 and 36p + 20, init xc[16p:+16], the -8 correction), converted, times
+    [d_w(2p) * d_x(2p)] * 8 + [d_w(2p+1) * d_x(2p+1)] * 8, added: `_q40_pair`'s operations in its order.
+    """
+    def typer(typingctx, w, r0, x, xc, xd, scale_table, n_pairs, acc):
+        sig = types.void(w, r0, x, xc, xd, scale_table, n_pairs, acc)
+
+        def codegen(context, builder, sig, args):
+            w, r0, x, xc, xd, scale_table, n_pairs, acc = args
+            w_arr = context.make_array(sig.args[0])(context, builder, w)
+            row_bytes = builder.extract_value(w_arr.strides, 0)
+            w_d = w_arr.data
+            x_d, xc_d, xd_d, table_d, acc_d = (_data(context, builder, sig.args[i], v) for i, v in
+                                               ((2, x), (3, xc), (4, xd), (5, scale_table), (7, acc)))
+            lanes_ty = _vec(_f32, LANES)
+            lanes = [cgutils.alloca_once_value(builder, _const(lanes_ty, [0.0] * LANES)) for _ in range(n_rows)]
+            rows = [builder.mul(builder.add(r0, _const(_i64, i)), row_bytes) for i in range(n_rows)]
+
+            def scale(offset):
+                bits = _load(builder, w_d, offset, _i16)
+                return builder.load(builder.gep(table_d, [builder.zext(bits, _i64)]))
+
+            with cgutils.for_range(builder, n_pairs) as loop:
+                p = loop.index
+                xv = _load(builder, x_d, builder.mul(p, _const(_i64, 64)), _vec(_i8, 64))
+                init = _load(builder, xc_d, builder.mul(p, _const(_i64, 16)), _vec(_i32, 16), align=4)
+                b = builder.mul(p, _const(_i64, 2))
+                x_scale = _splat_halves(builder, [builder.load(builder.gep(xd_d, [b])),
+                                                  builder.load(builder.gep(xd_d, [builder.add(b, _const(_i64, 1))]))])
+                o = builder.mul(p, _const(_i64, 2 * Q40_BYTES))
+                for i in range(n_rows):
+                    base = builder.add(rows[i], o)
+                    lo = _nibbles(builder, _load(builder, w_d, builder.add(base, _const(_i64, 2)), _vec(_i8, 16)))
+                    hi = _nibbles(builder, _load(builder, w_d, builder.add(base, _const(_i64, 20)), _vec(_i8, 16)))
+                    a = builder.shuffle_vector(lo, hi, _const(_vec(_i32, 64), list(range(64))))
+                    quads = _quad_sums(builder, a, xv, init, a_unsigned=True)
+                    w_scale = _splat_halves(builder, [scale(base), scale(builder.add(base, _const(_i64, Q40_BYTES)))])
+                    term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
+                    builder.store(builder.fadd(builder.load(lanes[i]), term), lanes[i])
+            for i in range(n_rows):
+                ptr = builder.bitcast(builder.gep(acc_d, [_const(_i64, LANES * i)]), lanes_ty.as_pointer())
+                builder.store(builder.load(lanes[i]), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = f"_packed_{n_rows}rows"
+    return intrinsic(typer)
+
+
+_i16 = ir.IntType(16)
+# one row at a time: 2 or 4 rows sharing each load of x measured 1.5-3x slower on Zen 4 (AVX-512)
+_packed_row_lanes = _packed_rows_kernel(1)
+
+
 @njit(cache=True, inline="always")
 def _scale(row, offset, scale_table):
     return scale_table[np.int32(row[offset]) | (np.int32(row[offset + 1]) << 8)]
@@ -335,16 +394,13 @@ def matvec_q40_rows(w, xq, xd, xc, scale_table, out, r0, r1):
     nb = xd.shape[0]
     acc = np.empty(LANES, dtype=np.float32)
     for r in range(r0, r1):
-        acc[:] = 0.0
-        row = w[r]
-        for b in range(0, nb - 1, 2):
-            o = b * Q40_BYTES
-            _q40_pair(row, o + 2, Q40_BYTES, xq, b * BLOCK, xc, b * 8, _scale(row, o, scale_table) * xd[b],
-                      _scale(row, o + Q40_BYTES, scale_table) * xd[b + 1], acc, 0)
+        _packed_row_lanes(w, r, xq, xc, xd, scale_table, nb // 2, acc)
         if nb % 2:
             b = nb - 1
             o = b * Q40_BYTES
-            _q40_block(row, o + 2, 0, xq, b * BLOCK, xc, b * 8, _scale(row, o, scale_table) * xd[b], np.float32(0), acc, 0)
+            row = w[r]
+            _q40_block(row, o + 2, 0, xq, b * BLOCK, xc, b * 8, _scale(row, o, scale_table) * xd[b], np.float32(0),
+                       acc, 0)
         out[r] = _lane_sum(acc, 0)
 
 
@@ -500,13 +556,18 @@ def matmul_f32(w, x, out):
 # --------------------------------------------------------------------------------------------
 # Attention over the KV cache (FORMAT.md §2)
 
+@njit(cache=True, inline="always")
+def _silu_gate(a, b):
+    x = np.float64(a)
+    return x / (1.0 + np.exp(-x)) * b
+
+
 @njit(cache=True)
 def silu_gate_rows(a, b, out, t0, t1):
     """out = silu(a) * b elementwise for tokens t0..t1, in float64, rounded once to float32 (see model.py)."""
     for t in range(t0, t1):
         for i in range(a.shape[1]):
-            x = np.float64(a[t, i])
-            out[t, i] = x / (1.0 + np.exp(-x)) * b[t, i]
+            out[t, i] = _silu_gate(a[t, i], b[t, i])
 
 
 @njit(cache=True, parallel=True)
@@ -574,7 +635,8 @@ def attention(q, k_cache, v_cache, pos0, out):
 # waking it costs tens of microseconds, against ~100 kernel calls per token.
 
 JOB_WORDS = 32
-NO_JOB, JOB_QUANTIZE, JOB_MATVEC_Q40, JOB_MATMUL_Q40, JOB_MATMUL_Q80, JOB_SILU, JOB_ATTENTION, JOB_MATMUL_F32 = range(8)
+(NO_JOB, JOB_QUANTIZE, JOB_MATVEC_Q40, JOB_MATMUL_Q40, JOB_MATMUL_Q80, JOB_SILU, JOB_ATTENTION, JOB_MATMUL_F32,
+ JOB_PROGRAM) = range(9)
 
 
 @intrinsic
@@ -691,6 +753,13 @@ def _arg3(job, slot, dtype):
 
 
 @njit(cache=True)
+def job_program(job, ops, state, flags, op0, op1, phase, me, n_threads):
+    """A helper's share of run_program (its thread index `me` of n_threads)."""
+    _describe(job, JOB_PROGRAM, op0, op1, phase, (ops, state, flags))
+    job[16], job[17] = me, n_threads
+
+
+@njit(cache=True)
 def _run_job(job):
     kind, start, stop = job[0], job[1], job[2]
     if kind == JOB_QUANTIZE:
@@ -713,6 +782,9 @@ def _run_job(job):
     elif kind == JOB_ATTENTION:
         attention_tasks(_arg3(job, 0, np.float32), _arg3(job, 1, np.float32), _arg3(job, 2, np.float32), job[3],
                         _arg2(job, 3, np.float32), start, stop)
+    elif kind == JOB_PROGRAM:
+        run_program(_arg2(job, 0, np.int64), start, stop, _arg1(job, 1, np.int64), _arg1(job, 2, np.int64), job[3],
+                    job[16], job[17])
 
 
 @njit(cache=True)
@@ -755,3 +827,275 @@ def team_helper(job_number, finished, jobs, me, seen, max_spins):
             return -1
         _run_job(jobs[me])
         _store_release(finished, me, seen)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer programs: a stretch of the forward pass (or a whole token) as one compiled call
+#
+# A program is a table of ops, one row each (OP_WORDS int64: kind, barrier-after flag, two
+# parameters, then each array as address and shape like a job row). The calling thread and the
+# team's helpers all run `run_program` over the same rows; each op splits its work by thread index,
+# and a spin barrier follows the ops that the next one depends on, so within a stretch no thread
+# returns to Python. Every op computes what the per-call path computes, in the same order: the
+# same bits (compute.Program builds the tables, model.py decides the ops).
+
+OP_WORDS = 64  # 4 words, then up to 15 arrays
+OP_NORM_Q80, OP_MATMUL, OP_FFN_UP, OP_ROPE_KV, OP_ATTENTION, OP_QUANTIZE = range(1, 7)
+W_F32, W_Q40, W_Q80 = range(3)  # op parameter: how a matrix's rows are stored
+BARRIER_STRIDE = 8  # one 64-byte line per thread's barrier word
+
+
+@njit(cache=True)
+def _pairwise_block(a, start, n):
+    """numpy's float64 sum of a[start:start+n], n <= 128: in 8 running sums (fewer than 8: in order)."""
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += a[start + i]
+        return res
+    r0, r1, r2, r3 = a[start], a[start + 1], a[start + 2], a[start + 3]
+    r4, r5, r6, r7 = a[start + 4], a[start + 5], a[start + 6], a[start + 7]
+    i = 8
+    while i < n - n % 8:
+        j = start + i
+        r0 += a[j]
+        r1 += a[j + 1]
+        r2 += a[j + 2]
+        r3 += a[j + 3]
+        r4 += a[j + 4]
+        r5 += a[j + 5]
+        r6 += a[j + 6]
+        r7 += a[j + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[start + i]
+        i += 1
+    return res
+
+
+def _pairwise_level(below):
+    """numpy's pairwise sum one level up: a run longer than 128 is split in two at a multiple of 8.
+    (Levels, not recursion: numba.pycc cannot compile a recursive function.)"""
+    @njit  # not cached: twelve closures of one name
+    def pairwise(a, start, n):
+        if n <= 128:
+            return _pairwise_block(a, start, n)
+        half = n // 2
+        half -= half % 8
+        return below(a, start, half) + below(a, start + half, n - half)
+    return pairwise
+
+
+_pairwise_sum = _pairwise_block
+for _ in range(12):  # runs up to 128 * 2^12 values
+    _pairwise_sum = _pairwise_level(_pairwise_sum)
+
+
+@njit(cache=True)
+def rmsnorm_token(x, weight, eps, out, squares):
+    """out = x / sqrt(mean(x^2) + eps) * weight for one token, as model.rmsnorm (float64, numpy's sum)."""
+    n = x.shape[0]
+    for i in range(n):
+        v = np.float64(x[i])
+        squares[i] = v * v
+    scale = np.sqrt(_pairwise_sum(squares, 0, n) / n + eps)
+    for i in range(n):
+        out[i] = np.float64(x[i]) / scale * weight[i]
+
+
+@njit(cache=True, inline="always")
+def _share(n_items, me, n_threads, align):
+    """Thread me's contiguous part [start, stop) of n_items, parts a multiple of align long."""
+    step = (n_items + n_threads - 1) // n_threads
+    step = (step + align - 1) // align * align
+    start = min(n_items, me * step)
+    return start, min(n_items, start + step)
+
+
+@njit(cache=True)
+def _quantize_blocks(x, xq, xd, xc, x_scales, t0, t1, b0, b1):
+    """q80 of blocks b0..b1 (b0, b1 even unless they end the row) of tokens t0..t1, with their pair scales
+    (token_pair_scales) when there are several tokens (the batched q40 kernel reads them)."""
+    T, nb = xd.shape
+    for t in range(t0, t1):
+        quantize_q80_tasks(x, xq, xd, xc, t * nb + b0, t * nb + b1)
+        if T > 1:
+            for p in range(b0 // 2, min(b1, nb - nb % 2) // 2):
+                for i in range(8):
+                    x_scales[t, 16 * p + i] = xd[t, 2 * p]
+                    x_scales[t, 16 * p + 8 + i] = xd[t, 2 * p + 1]
+
+
+@njit(cache=True)
+def _matmul(kind, w, xq, xd, xc, x_scales, scale_table, xf, out, r0, r1):
+    """Rows r0..r1 of out = x . w^T with w stored as `kind` (W_*); w is the uint8 view of the rows."""
+    if kind == W_F32:
+        wf = numba.carray(_pointer(_address(w), np.float32), (w.shape[0], w.shape[1] // 4))
+        matmul_f32_rows(wf, xf, out, r0, r1)
+    elif kind == W_Q40 and xq.shape[0] == 1:
+        matvec_q40_rows(w, xq[0], xd[0], xc[0], scale_table, out[0], r0, r1)
+    elif kind == W_Q40:
+        matmul_q40_rows(w, xq, xd, xc, x_scales, scale_table, out, r0, r1)
+    else:
+        matmul_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1)
+
+
+@njit(cache=True)
+def _op_norm_q80(op, me, n_threads):
+    """Arrays x, weight, eps (1,) f64, y, xq, xd, xc, x_scales, squares (n,) f64: y = rmsnorm(x), then q80
+    (parameter 0: quantize). Split by tokens."""
+    x, weight, y = _arg2(op, 0, np.float32), _arg1(op, 1, np.float32), _arg2(op, 3, np.float32)
+    eps = _arg1(op, 2, np.float64)[0]
+    n = x.shape[1]
+    squares = numba.carray(_pointer(_address(_arg1(op, 8, np.float64)) + 8 * n * me, np.float64), (n,))
+    t0, t1 = _share(x.shape[0], me, n_threads, 1)
+    for t in range(t0, t1):
+        rmsnorm_token(x[t], weight, eps, y[t], squares)
+    if op[2]:
+        _quantize_blocks(y, _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32),
+                         _arg2(op, 7, np.float32), t0, t1, 0, n // BLOCK)
+
+
+@njit(cache=True)
+def _op_matmul(op, me, n_threads):
+    """Arrays w (rows, row bytes) u8, xq, xd, xc, x_scales, scale_table, xf, out, residual: out = x . w^T
+    (parameter 0: W_*), and residual += out when parameter 1 (the residual add, fused). Split by rows."""
+    w, out = _arg2(op, 0, np.uint8), _arg2(op, 7, np.float32)
+    r0, r1 = _share(w.shape[0], me, n_threads, 16)
+    _matmul(op[2], w, _arg2(op, 1, np.int8), _arg2(op, 2, np.float32), _arg2(op, 3, np.int32),
+            _arg2(op, 4, np.float32), _arg1(op, 5, np.float32), _arg2(op, 6, np.float32), out, r0, r1)
+    if op[3]:
+        residual = _arg2(op, 8, np.float32)
+        for t in range(out.shape[0]):
+            for r in range(r0, r1):
+                residual[t, r] += out[t, r]
+
+
+@njit(cache=True)
+def _op_ffn_up(op, me, n_threads):
+    """Arrays w1, w3, xq, xd, xc, x_scales, scale_table, xf, h1, h3, hq, hd, hc, h_scales: h1 = silu(x . w1^T)
+    * (x . w3^T), then its q80 when the weights are quantized. Split by rows, whole block pairs each."""
+    w1, w3, h1, h3 = _arg2(op, 0, np.uint8), _arg2(op, 1, np.uint8), _arg2(op, 8, np.float32), _arg2(op, 9, np.float32)
+    xq, xd, xc = _arg2(op, 2, np.int8), _arg2(op, 3, np.float32), _arg2(op, 4, np.int32)
+    x_scales, scale_table, xf = _arg2(op, 5, np.float32), _arg1(op, 6, np.float32), _arg2(op, 7, np.float32)
+    r0, r1 = _share(w1.shape[0], me, n_threads, 2 * BLOCK)
+    _matmul(op[2], w1, xq, xd, xc, x_scales, scale_table, xf, h1, r0, r1)
+    _matmul(op[2], w3, xq, xd, xc, x_scales, scale_table, xf, h3, r0, r1)
+    for t in range(h1.shape[0]):
+        for r in range(r0, r1):
+            h1[t, r] = _silu_gate(h1[t, r], h3[t, r])
+    if op[2] != W_F32:
+        _quantize_blocks(h1, _arg2(op, 10, np.int8), _arg2(op, 11, np.float32), _arg2(op, 12, np.int32),
+                         _arg2(op, 13, np.float32), 0, h1.shape[0], r0 // BLOCK, (r1 + BLOCK - 1) // BLOCK)
+
+
+@njit(cache=True)
+def _rotate(x, out, cos, sin, falcon):
+    """out = x (one head) rotated, as model.Rope: llama pairs (2i, 2i+1), falcon (i, i + hd/2); float64."""
+    half = x.shape[0] // 2
+    for i in range(half):
+        ia, ib = (i, i + half) if falcon else (2 * i, 2 * i + 1)
+        a, b = np.float64(x[ia]), np.float64(x[ib])
+        out[ia] = a * cos[i] - b * sin[i]
+        out[ib] = a * sin[i] + b * cos[i]
+
+
+@njit(cache=True)
+def _op_rope_kv(op, pos, me, n_threads):
+    """Arrays q (T, H, hd), k, v (T, KVH, hd), k_cache, v_cache (S, KVH, hd), cos, sin (S, hd/2) f64: q
+    rotated in place, rotated k and v into the caches at pos.. (parameter 0: falcon). Split by heads."""
+    q, k, v = _arg3(op, 0, np.float32), _arg3(op, 1, np.float32), _arg3(op, 2, np.float32)
+    k_cache, v_cache = _arg3(op, 3, np.float32), _arg3(op, 4, np.float32)
+    cos, sin = _arg2(op, 5, np.float64), _arg2(op, 6, np.float64)
+    T, H, _ = q.shape
+    KVH = k.shape[1]
+    task0, task1 = _share(T * (H + KVH), me, n_threads, 1)
+    for task in range(task0, task1):
+        t, j = task // (H + KVH), task % (H + KVH)
+        if j < H:
+            _rotate(q[t, j], q[t, j], cos[pos + t], sin[pos + t], op[2])
+        else:
+            _rotate(k[t, j - H], k_cache[pos + t, j - H], cos[pos + t], sin[pos + t], op[2])
+            v_cache[pos + t, j - H] = v[t, j - H]
+
+
+@njit(cache=True)
+def _op_attention(op, pos, me, n_threads):
+    """Arrays q (T, H, hd), k_cache, v_cache, z (T, H * hd), zq, zd, zc, z_scales: attention_tasks, and the
+    q80 of each head's output blocks when parameter 0 (head_dim a multiple of 64). Split by (token, head)."""
+    q, z = _arg3(op, 0, np.float32), _arg2(op, 3, np.float32)
+    T, H, hd = q.shape
+    task0, task1 = _share(T * H, me, n_threads, 1)
+    attention_tasks(q, _arg3(op, 1, np.float32), _arg3(op, 2, np.float32), pos, z, task0, task1)
+    if op[2]:
+        zq, zd, zc, z_scales = _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32), _arg2(op, 7,
+                                                                                                       np.float32)
+        per_head = hd // BLOCK
+        for task in range(task0, task1):
+            t, h = task // H, task % H
+            _quantize_blocks(z, zq, zd, zc, z_scales, t, t + 1, h * per_head, (h + 1) * per_head)
+
+
+@njit(cache=True)
+def _op_quantize(op, me, n_threads):
+    """Arrays x, xq, xd, xc, x_scales: q80 of x (and pair scales for several tokens). Split by block pairs."""
+    xd = _arg2(op, 2, np.float32)
+    b0, b1 = _share(xd.shape[1], me, n_threads, 2)
+    _quantize_blocks(_arg2(op, 0, np.float32), _arg2(op, 1, np.int8), xd, _arg2(op, 3, np.int32),
+                     _arg2(op, 4, np.float32), 0, xd.shape[0], b0, b1)
+
+
+@intrinsic
+def _yield_cpu(typingctx):
+    """sched_yield(): on a machine with more runnable threads than cores, a thread spinning at a barrier
+    hands its core to the one it waits for instead of burning the rest of its time slice."""
+    sig = types.void()
+
+    def codegen(context, builder, sig, args):
+        fn = builder.module.globals.get("sched_yield") or ir.Function(builder.module, ir.FunctionType(_i32, []),
+                                                                      "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+SPINS_BEFORE_YIELD = 1 << 14  # ~10 us of reads: longer waits are a preempted thread, not a slower one
+
+
+@njit(cache=True)
+def _barrier(flags, me, n_threads, phase):
+    """Wait until every thread has reached barrier number `phase` (each writes only its own word)."""
+    _store_release(flags, me * BARRIER_STRIDE, phase)
+    for j in range(n_threads):
+        spins = 0
+        while _load_acquire(flags, j * BARRIER_STRIDE) < phase:
+            spins += 1
+            if spins > SPINS_BEFORE_YIELD:
+                _yield_cpu()
+
+
+@njit(cache=True)
+def run_program(ops, op0, op1, state, flags, phase, me, n_threads):
+    """Thread me's part of ops op0..op1 (state[0]: the position of the first token). `phase` is the
+    barrier count before this run, the same on every thread (compute.Team keeps it)."""
+    pos = state[0]
+    for i in range(op0, op1):
+        op = ops[i]
+        kind = op[0]
+        if kind == OP_NORM_Q80:
+            _op_norm_q80(op, me, n_threads)
+        elif kind == OP_MATMUL:
+            _op_matmul(op, me, n_threads)
+        elif kind == OP_FFN_UP:
+            _op_ffn_up(op, me, n_threads)
+        elif kind == OP_ROPE_KV:
+            _op_rope_kv(op, pos, me, n_threads)
+        elif kind == OP_ATTENTION:
+            _op_attention(op, pos, me, n_threads)
+        elif kind == OP_QUANTIZE:
+            _op_quantize(op, me, n_threads)
+        if op[1] and n_threads > 1:
+            phase += 1
+            _barrier(flags, me, n_threads, phase)

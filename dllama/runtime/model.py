@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from dllama.formats import ModelFile, ModelHeader, RopeType, Split
+from dllama.formats import FloatType, ModelFile, ModelHeader, RopeType, Split
 from dllama.runtime import compute
 from dllama.runtime.split import ClusterSplit, NodeShare
 from dllama.runtime.tensors import Matrix
@@ -71,7 +71,7 @@ def assemble_node_weights(h: ModelHeader, matrix: Callable[[str], Matrix],
                           attn_norm=vector(p + "attn_norm"), ffn_norm=vector(p + "ffn_norm"))
         if h.is_moe:
             lw.gate = vector(p + "gate")
-            lw.experts = [Expert(matrix(f"{p}experts.{e}.w1"), matrix(f"{p}experts.{e}.w2"), matrix(f"{p}experts.{e}.w3"))
+            lw.experts = [Expert(*(matrix(f"{p}experts.{e}.{w}") for w in ("w1", "w2", "w3")))
                           for e in range(h.n_experts)]
         else:
             lw.w1, lw.w2, lw.w3 = matrix(p + "w1"), matrix(p + "w2"), matrix(p + "w3")
@@ -171,6 +171,20 @@ class NodeLayers:
         cache_shape = (h.n_layers, max_seq_len, self.kv_heads, h.head_dim)
         self.k_cache = np.zeros(cache_shape, dtype=np.float32)
         self.v_cache = np.zeros(cache_shape, dtype=np.float32)
+        self._compiled: CompiledPass | None | bool = False  # False: not decided yet
+
+    def compiled(self) -> "CompiledPass | None":
+        """The node's pass as compiled programs, where they cover its weights (else None: the per-call path)."""
+        if self._compiled is False:
+            self._compiled = CompiledPass(self) if CompiledPass.covers(self) else None
+        return self._compiled
+
+    def whole_pass(self, x: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Every layer and the logits for one node whose partials are added as computed (engine.LocalExchange):
+        x (T, dim) -> (T, vocab) logits, written into `out` when given (else valid until the next call), x
+        updated; None without compiled programs."""
+        compiled = self.compiled()
+        return None if compiled is None else compiled.whole(x, pos, out)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -178,11 +192,19 @@ class NodeLayers:
 
     def attention_block(self, l: int, x: np.ndarray, pos: int) -> np.ndarray | None:
         """x (T, dim) residual stream -> the node's partial after wo (None: the node has no heads)."""
-        return self.attention(l, rmsnorm(x, self.w.layers[l].attn_norm, self.eps), pos) if self.heads else None
+        if not self.heads:
+            return None
+        if compiled := self.compiled():
+            return compiled.stretch(f"attention {l}", x, pos)
+        return self.attention(l, rmsnorm(x, self.w.layers[l].attn_norm, self.eps), pos)
 
     def ffn_block(self, l: int, x: np.ndarray) -> np.ndarray | None:
         """x (T, dim) residual stream -> the node's partial after w2 (None: the node has no FFN rows)."""
-        return self.ffn(l, rmsnorm(x, self.w.layers[l].ffn_norm, self.eps)) if self.has_ffn else None
+        if not self.has_ffn:
+            return None
+        if compiled := self.compiled():
+            return compiled.stretch(f"ffn {l}", x, 0)
+        return self.ffn(l, rmsnorm(x, self.w.layers[l].ffn_norm, self.eps))
 
     def attention(self, l: int, y: np.ndarray, pos: int) -> np.ndarray | None:
         """y (T, dim) normed input at positions pos.. -> the node's partial Wo z (T, dim); None without heads."""
@@ -246,8 +268,156 @@ class NodeLayers:
         """x (T, dim) after the last layer -> the node's slice of the logits (T, its vocabulary rows)."""
         if not self.has_vocab:
             return np.empty((x.shape[0], 0), dtype=np.float32)
+        if compiled := self.compiled():
+            return compiled.stretch("logits", x, 0, output="logits")
         y = rmsnorm(x, self.w.norm, self.eps)
         return self.w.lm_head @ self.w.lm_head.prepare(y)
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled pass: the same blocks as compute.Program tables (kernels.py "Layer programs")
+
+WEIGHT_KINDS = {FloatType.F32: compute.W_F32, FloatType.Q40: compute.W_Q40, FloatType.Q80: compute.W_Q80}
+MAX_BATCH = 64  # engine.PREFILL_BATCH: tokens per program run (a longer input runs in several)
+LM_HEAD_OUT = 7  # the out slot of an OP_MATMUL (kernels._op_matmul)
+
+
+class CompiledPass:
+    """A node's blocks as compiled programs, per batch size: each stretch between two exchange points
+    (rmsnorm -> q80 -> q, k, v -> rope, KV cache -> attention -> q80 -> wo; rmsnorm -> q80 -> w1, w3 ->
+    silu * gate -> q80 -> w2; final rmsnorm -> lm_head) is one call on the node's threads, and so is the
+    whole token on a node whose partials are added as computed (residual adds fused into wo and w2).
+    It covers dense llama-style layers without q/k norms, whole kv groups and contiguous weights of one
+    float type; MoE, qwen3's q/k norms and a split kv group run the per-call blocks of NodeLayers."""
+
+    @staticmethod
+    def covers(layers: NodeLayers) -> bool:
+        h, w = layers.h, layers.w
+        if not compute.runs_programs() or w is None or h.is_moe or h.has_qk_norm:
+            return False
+        if not (layers.heads and layers.has_ffn and layers.has_vocab) or layers.padded_heads != layers.heads:
+            return False
+        matrices = [m for lw in w.layers for m in (lw.q, lw.k, lw.v, lw.wo, lw.w1, lw.w2, lw.w3)]
+        kinds = {m.float_type for m in matrices}
+        return (len(kinds) == 1 and all(m.data.flags.c_contiguous for m in matrices + [w.lm_head])
+                and w.lm_head.float_type in WEIGHT_KINDS and h.head_dim % 2 == 0)
+
+    def __init__(self, layers: NodeLayers):
+        self.n = layers
+        h, w = layers.h, layers.w
+        B, dim, hd = MAX_BATCH, h.dim, h.head_dim
+        self.quantized = w.layers[0].q.quantized
+        q_dim, kv_dim, hidden = layers.heads * hd, layers.kv_heads * hd, w.layers[0].w1.shape[0]
+        f32, n_threads = np.float32, compute.max_threads()
+        self.x, self.y, self.partial = (np.zeros((B, dim), f32) for _ in range(3))
+        self.q, self.z = np.zeros((B, q_dim), f32), np.zeros((B, q_dim), f32)
+        self.k, self.v = np.zeros((B, kv_dim), f32), np.zeros((B, kv_dim), f32)
+        self.h1, self.h3 = np.zeros((B, hidden), f32), np.zeros((B, hidden), f32)
+        self.logits = np.zeros((B, w.lm_head.shape[0]), f32)
+        self.squares = np.zeros(n_threads * dim, np.float64)
+        self.eps = np.array([layers.eps], np.float64)
+        self.xq, self.zq, self.hq = (q80_buffers(B, n) for n in (dim, q_dim, hidden))
+        self.programs: dict[tuple[int, bool], compute.Program] = {}
+        self.lm_head_ops: dict[tuple[int, bool], int] = {}  # each program's lm_head op
+
+    def stretch(self, name: str, x: np.ndarray, pos: int, output: str = "partial") -> np.ndarray:
+        """One exchange-to-exchange stretch ("attention L", "ffn L", "logits") on x (T, dim): a new array.
+        More than MAX_BATCH tokens run MAX_BATCH at a time (the later ones see the earlier ones' KV cache)."""
+        parts = []
+        for start in range(0, x.shape[0], MAX_BATCH):
+            chunk = x[start:start + MAX_BATCH]
+            T = chunk.shape[0]
+            self.x[:T] = chunk
+            self.program(T, whole=False).run(name, pos + start)
+            parts.append(getattr(self, output)[:T].copy())
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def whole(self, x: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The whole pass on x (T, dim): logits written straight into `out` (T, vocab) when it can take them
+        (no second logits array at the peak of a prefill), else into this pass's buffer."""
+        if x.shape[0] > MAX_BATCH:
+            return np.concatenate([self.whole(x[s:s + MAX_BATCH], pos + s) for s in range(0, x.shape[0], MAX_BATCH)])
+        T = x.shape[0]
+        self.x[:T] = x
+        p = self.program(T, whole=True)
+        direct = (out is not None and out.dtype == np.float32 and out.flags.c_contiguous
+                  and out.shape == self.logits[:T].shape)
+        lm_head = self.lm_head_ops[(T, True)]
+        if direct:
+            p.point(lm_head, LM_HEAD_OUT, out)
+        try:
+            p.run("token", pos)
+        finally:
+            if direct:
+                p.point(lm_head, LM_HEAD_OUT, self.logits[:T])
+        x[:] = self.x[:T]
+        return out if direct else self.logits[:T]
+
+    def program(self, T: int, whole: bool) -> compute.Program:
+        key = (T, whole)
+        if key not in self.programs:
+            self.programs[key] = self._build(T, whole)
+        return self.programs[key]
+
+    def _build(self, T: int, whole: bool) -> compute.Program:
+        p = compute.Program()
+        for l in range(self.n.h.n_layers):
+            self._attention_ops(p, l, T, add=whole)
+            if not whole:
+                p.mark(f"attention {l}")
+            self._ffn_ops(p, l, T, add=whole)
+            if not whole:
+                p.mark(f"ffn {l}")
+        self._norm(p, T, self.n.w.norm, self.n.w.lm_head.quantized)
+        self.lm_head_ops[(T, whole)] = self._matmul(p, self.n.w.lm_head, self.xq, self.y, T, self.logits, barrier=False)
+        p.mark("token" if whole else "logits")
+        return p
+
+    def _attention_ops(self, p: compute.Program, l: int, T: int, add: bool) -> None:
+        n, lw, hd = self.n, self.n.w.layers[l], self.n.h.head_dim
+        self._norm(p, T, lw.attn_norm, self.quantized)
+        for m, out, last in ((lw.q, self.q, False), (lw.k, self.k, False), (lw.v, self.v, True)):
+            self._matmul(p, m, self.xq, self.y, T, out, barrier=last)
+        q, k, v = (a[:T].reshape(T, -1, hd) for a in (self.q, self.k, self.v))
+        p.add(compute.OP_ROPE_KV, (q, k, v, n.k_cache[l], n.v_cache[l], n.rope.cos, n.rope.sin),
+              (int(n.rope.falcon), 0))
+        fuse = self.quantized and hd % 64 == 0  # each head's output is whole q80 block pairs
+        p.add(compute.OP_ATTENTION, (q, n.k_cache[l], n.v_cache[l], self.z[:T], *tokens(self.zq, T)), (int(fuse), 0))
+        if self.quantized and not fuse:
+            p.add(compute.OP_QUANTIZE, (self.z[:T], *tokens(self.zq, T)))
+        self._matmul(p, lw.wo, self.zq, self.z, T, self.partial, add=add)
+
+    def _ffn_ops(self, p: compute.Program, l: int, T: int, add: bool) -> None:
+        lw = self.n.w.layers[l]
+        self._norm(p, T, lw.ffn_norm, self.quantized)
+        p.add(compute.OP_FFN_UP, (weight_bytes(lw.w1), weight_bytes(lw.w3), *tokens(self.xq, T), compute.F16_TO_F32,
+                                  self.y[:T], self.h1[:T], self.h3[:T], *tokens(self.hq, T)),
+              (WEIGHT_KINDS[lw.w1.float_type], 0))
+        self._matmul(p, lw.w2, self.hq, self.h1, T, self.partial, add=add)
+
+    def _norm(self, p: compute.Program, T: int, weight: np.ndarray, quantize: bool) -> None:
+        p.add(compute.OP_NORM_Q80, (self.x[:T], np.ascontiguousarray(weight, np.float32), self.eps, self.y[:T],
+                                    *tokens(self.xq, T), self.squares), (int(quantize), 0))
+
+    def _matmul(self, p: compute.Program, m: Matrix, xq: tuple, xf: np.ndarray, T: int, out: np.ndarray,
+                add: bool = False, barrier: bool = True) -> int:
+        return p.add(compute.OP_MATMUL, (weight_bytes(m), *tokens(xq, T), compute.F16_TO_F32, xf[:T], out[:T],
+                                  self.x[:T] if add else None), (WEIGHT_KINDS[m.float_type], int(add)), barrier)
+
+
+def q80_buffers(T: int, n: int) -> tuple[np.ndarray, ...]:
+    """xq, xd, xc (tensors.QuantizedInput) and the batched q40 kernel's pair scales, for T tokens of n values."""
+    return (np.zeros((T, n), np.int8), np.zeros((T, n // 32), np.float32), np.zeros((T, n // 4), np.int32),
+            np.zeros((T, n // 64 * 16), np.float32))
+
+
+def tokens(buffers: tuple[np.ndarray, ...], T: int) -> tuple[np.ndarray, ...]:
+    return tuple(b[:T] for b in buffers)
+
+
+def weight_bytes(m: Matrix) -> np.ndarray:
+    """The rows as the programs take them: (rows, row bytes) uint8 whatever the float type."""
+    return m.data.view(np.uint8) if m.data.dtype != np.uint8 else m.data
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -54,6 +54,8 @@ EXPORTS = {  # kernel in kernels.py -> its one signature in the compiled module
     "job_matmul_f32": "void(i8[::1], f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
     "job_silu_gate": "void(i8[::1], f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
     "job_attention": "void(i8[::1], f4[:, :, ::1], f4[:, :, ::1], f4[:, :, ::1], i8, f4[:, ::1], i8, i8)",
+    "job_program": "void(i8[::1], i8[:, ::1], i8[::1], i8[::1], i8, i8, i8, i8, i8)",
+    "run_program": "void(i8[:, ::1], i8, i8, i8[::1], i8[::1], i8, i8, i8)",
     "publish": "void(i8[::1], i8)",
     "spin_until_all_equal": "b1(i8[::1], i8, i8, i8)",
     "team_helper": "i8(i8[::1], i8[::1], i8[:, ::1], i8, i8, i8)",
