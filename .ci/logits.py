@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dllama.runtime import compute
+from dllama.runtime import dispatch
 from dllama.runtime.engine import Engine
 
 
@@ -29,8 +29,8 @@ def main(conformance: Path, out: Path) -> None:
         prompt = np.load(model / "reference_logits.npz")["ids0"].tolist()
         for quant in ("q40", "q80", "f32"):
             np.save(out / f"{model.name}_{quant}.npy", logits(model / f"expected_{quant}.m", prompt))
-    print(f"logits of {len(list(out.glob('*.npy')))} files, {compute.implementation()} kernels, "
-          f"{compute.kernel_path()} path", file=sys.stderr)
+    print(f"logits of {len(list(out.glob('*.npy')))} files, {dispatch.implementation()} kernels, "
+          f"{dispatch.kernel_path()} path", file=sys.stderr)
 
 
 if __name__ == "__main__":

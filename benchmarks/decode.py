@@ -55,7 +55,7 @@ def child(model: str, nthreads: int, prompt_tokens: int, steps: int, max_seq_len
     started = time.perf_counter()
     import numpy as np
 
-    from dllama.runtime import compute, tensors
+    from dllama.runtime import dispatch, tensors
     from dllama.runtime.engine import Engine
 
     engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads)
@@ -73,7 +73,7 @@ def child(model: str, nthreads: int, prompt_tokens: int, steps: int, max_seq_len
         token = int(engine.forward([token], pos)[0].argmax())
         step_times.append(time.perf_counter() - a)
         pos += 1
-    kernel_share = _kernel_share(engine, compute, tensors, token, pos, 8)
+    kernel_share = _kernel_share(engine, dispatch, tensors, token, pos, 8)
     import resource
 
     return {
@@ -84,11 +84,11 @@ def child(model: str, nthreads: int, prompt_tokens: int, steps: int, max_seq_len
         "startup_to_first_token_s": first_token, "kernel_share": kernel_share,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "kv_cache_bytes": engine.layers.kv_cache_bytes, "model_bytes": os.path.getsize(model),
-        "kernels": compute.implementation(), "numba_loaded": "numba" in sys.modules,
+        "kernels": dispatch.implementation(), "numba_loaded": "numba" in sys.modules,
     }
 
 
-def _kernel_share(engine, compute, tensors, token: int, pos: int, steps: int) -> float:
+def _kernel_share(engine, dispatch, tensors, token: int, pos: int, steps: int) -> float:
     """Share of decode wall time inside the kernels (matmuls, quantization, attention, or the compiled programs
     that run them all)."""
     spent = [0.0]
@@ -102,13 +102,13 @@ def _kernel_share(engine, compute, tensors, token: int, pos: int, steps: int) ->
                 spent[0] += time.perf_counter() - a
         return wrapper
 
-    matmul, attention = tensors.Matrix.__matmul__, compute.attention
-    prepare, roundtrip, program = tensors.QuantizedInput.of, compute.q80_roundtrip, compute.Program.run
-    compute.Program.run = timed(program)
+    matmul, attention = tensors.Matrix.__matmul__, dispatch.attention
+    prepare, roundtrip, program = tensors.QuantizedInput.of, dispatch.q80_roundtrip, dispatch.Program.run
+    dispatch.Program.run = timed(program)
     tensors.Matrix.__matmul__ = timed(matmul)
     tensors.QuantizedInput.of = timed(prepare)
-    compute.attention = timed(attention)
-    compute.q80_roundtrip = timed(roundtrip)
+    dispatch.attention = timed(attention)
+    dispatch.q80_roundtrip = timed(roundtrip)
     try:
         a = time.perf_counter()
         for i in range(steps):
@@ -116,8 +116,8 @@ def _kernel_share(engine, compute, tensors, token: int, pos: int, steps: int) ->
         total = time.perf_counter() - a
     finally:
         tensors.Matrix.__matmul__, tensors.QuantizedInput.of = matmul, prepare
-        compute.attention, compute.q80_roundtrip = attention, roundtrip
-        compute.Program.run = program
+        dispatch.attention, dispatch.q80_roundtrip = attention, roundtrip
+        dispatch.Program.run = program
     return spent[0] / total
 
 
@@ -136,7 +136,7 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--model", help="use this .m instead of building the TinyLlama-shaped one")
     p.add_argument("--kernels", default="auto", choices=["auto", "compiled", "jit"],
-                   help="which kernels the runs use (DLLAMA_KERNELS, dllama/runtime/compute.py)")
+                   help="which kernels the runs use (DLLAMA_KERNELS, dllama/runtime/dispatch.py)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--nthreads", type=int, default=1, help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -39,7 +39,7 @@ SAMPLES = {SMOLLM2.name: SMOLLM2}
 
 
 def samples_dir() -> Path:
-    from dllama.runtime.native import cache_root
+    from dllama.runtime.aot_kernels import cache_root
 
     return cache_root() / "samples"
 

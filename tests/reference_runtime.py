@@ -14,7 +14,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from dllama.runtime.native import cache_root
+from dllama.runtime.aot_kernels import cache_root
 
 SHARED_REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 _PRED_PIECE = re.compile(r"🔶 Pred[^|]*\|[^|]*\| (.*?)\n(?=🔶 Pred|\nEvaluation)", re.DOTALL)

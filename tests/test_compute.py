@@ -1,4 +1,4 @@
-"""The compiled kernels (native.py) against numba's JIT kernels: same bits, any thread count, and a
+"""The compiled kernels (aot_kernels.py) against numba's JIT kernels: same bits, any thread count, and a
 runtime process that never loads numba (issue 6, memory)."""
 from __future__ import annotations
 
@@ -15,23 +15,23 @@ import pytest
 from distributed_helpers import write_random_model
 
 from dllama.formats import FloatType, quantize_q40, quantize_q80
-from dllama.runtime import compute, cpu, native
+from dllama.runtime import aot_kernels, cpu, dispatch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def both():
-    module = native.load()
+    module = aot_kernels.load()
     if module is None:
         pytest.skip("the compiled kernels cannot be built here (no C compiler or Python headers)")
-    return compute.JitKernels(), compute.CompiledKernels(module)
+    return dispatch.JitKernels(), dispatch.CompiledKernels(module)
 
 
 def quantized_input(rng, T: int, n: int):
     x = (rng.standard_normal((T, n)) * rng.uniform(0.1, 3, size=(T, 1))).astype(np.float32)
     xq, xd, xc = np.empty((T, n), np.int8), np.empty((T, n // 32), np.float32), np.empty((T, n // 4), np.int32)
-    compute.JitKernels().quantize_q80(x, xq, xd, xc)
+    dispatch.JitKernels().quantize_q80(x, xq, xd, xc)
     return x, xq, xd, xc
 
 
@@ -43,7 +43,7 @@ def packed(quantize, rng, rows: int, n: int) -> np.ndarray:
 @pytest.mark.parametrize("T, rows, n", [(1, 300, 256), (1, 64, 96), (5, 203, 160), (12, 64, 2048)])
 def test_matmuls_and_quantizer_are_bit_identical(both, threads, T, rows, n):
     jit, compiled = both
-    compute.set_threads(threads)
+    dispatch.set_threads(threads)
     rng = np.random.default_rng(T * rows + n)
     x, xq, xd, xc = quantized_input(rng, T, n)
     got = [np.empty_like(a) for a in (xq, xd, xc)]
@@ -80,7 +80,7 @@ def test_matmuls_and_quantizer_are_bit_identical(both, threads, T, rows, n):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_attention_silu_and_roundtrip_are_bit_identical(both, threads):
     jit, compiled = both
-    compute.set_threads(threads)
+    dispatch.set_threads(threads)
     rng = np.random.default_rng(7)
     T, H, KVH, hd, S, pos0 = 3, 8, 2, 32, 40, 29
     q = rng.standard_normal((T, H, hd)).astype(np.float32)
@@ -130,11 +130,11 @@ def test_strided_weights_are_accepted(both):
 RUN_ENGINE = """
 import json, sys
 import numpy as np
-from dllama.runtime import compute
+from dllama.runtime import dispatch
 from dllama.runtime.engine import Engine
 logits = Engine.load(sys.argv[1], max_seq_len=32, nthreads=2).forward([1, 5, 9, 2, 7], 0)
 np.save(sys.argv[2], logits)
-print(json.dumps({"kernels": compute.implementation(), "numba_loaded": "numba" in sys.modules}))
+print(json.dumps({"kernels": dispatch.implementation(), "numba_loaded": "numba" in sys.modules}))
 """
 
 
@@ -162,7 +162,7 @@ def test_without_a_c_compiler_the_runtime_falls_back_to_the_jit_with_one_message
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["kernels"] == "jit"
-    notes = [l for l in done.stderr.splitlines() if "cannot build the compiled kernels" in l]
+    notes = [line for line in done.stderr.splitlines() if "cannot build the compiled kernels" in line]
     assert len(notes) == 1 and "C compiler" in notes[0]
     assert not list((tmp_path / "cache" / "kernels").iterdir())  # no half-built module left behind
     env["DLLAMA_KERNELS"] = "compiled"
@@ -185,7 +185,7 @@ def test_two_callers_at_once_share_the_thread_team_safely(both):
     failures = []
 
     def caller():
-        compute.set_threads(2)
+        dispatch.set_threads(2)
         for _ in range(200):
             have = np.full(512, np.nan, np.float32)
             compiled.matvec_q40(w, xq[0], xd[0], xc[0], have)
@@ -202,25 +202,26 @@ def test_two_callers_at_once_share_the_thread_team_safely(both):
 
 def test_the_team_and_the_kernels_agree_on_the_job_table():
     from dllama.runtime import kernels
+    from dllama.runtime.kernels import program
 
-    assert compute.JOB_WORDS == kernels.JOB_WORDS and kernels.NO_JOB == 0
+    assert dispatch.JOB_WORDS == kernels.JOB_WORDS and kernels.NO_JOB == 0
     assert 4 + 4 * 7 <= kernels.JOB_WORDS  # kind, range, scalar, then up to 7 arrays (address + 3 dims)
     ops = ("OP_WORDS", "OP_NORM_Q80", "OP_MATMUL", "OP_FFN_UP", "OP_ROPE_KV", "OP_ATTENTION", "OP_QUANTIZE",
            "W_F32", "W_Q40", "W_Q80", "BARRIER_STRIDE")
-    assert [getattr(compute, name) for name in ops] == [getattr(kernels, name) for name in ops]
+    assert [getattr(dispatch, name) for name in ops] == [getattr(program, name) for name in ops]
 
 
 def test_the_team_grows_to_the_threads_asked_for_and_old_helpers_stop(both):
     _, compiled = both
-    compiled = compute.CompiledKernels(compiled.m)
+    compiled = dispatch.CompiledKernels(compiled.m)
     rng = np.random.default_rng(5)
     _, xq, xd, xc = quantized_input(rng, 1, 2048)
     w = packed(quantize_q40, rng, 512, 2048)
     out = np.empty(512, np.float32)
-    compute.set_threads(1)
+    dispatch.set_threads(1)
     compiled.matvec_q40(w, xq[0], xd[0], xc[0], out)
     assert compiled._team is None  # one thread: no helpers at all
-    compute.set_threads(2)
+    dispatch.set_threads(2)
     compiled.matvec_q40(w, xq[0], xd[0], xc[0], out)
     assert compiled._team.n_helpers == 1
     first = compiled._team
@@ -273,15 +274,15 @@ def test_the_compiled_module_holds_the_dot_product_instructions_of_its_path_only
 
 PORTABLE_RUN = """
 import sys, numpy as np
-from dllama.runtime import compute
+from dllama.runtime import dispatch
 a = np.load(sys.argv[1])
 out = {}
 for name in ("matmul_q40", "matmul_q80"):
     out[name] = np.empty((a["xq"].shape[0], a[name].shape[0]), np.float32)
-    getattr(compute, name)(a[name], a["xq"], a["xd"], a["xc"], out[name])
+    getattr(dispatch, name)(a[name], a["xq"], a["xd"], a["xc"], out[name])
 out["matvec_q40"] = np.empty(a["matmul_q40"].shape[0], np.float32)
-compute.matvec_q40(a["matmul_q40"], a["xq"][0], a["xd"][0], a["xc"][0], out["matvec_q40"])
-assert compute.kernel_path() == "portable", compute.kernel_path()
+dispatch.matvec_q40(a["matmul_q40"], a["xq"][0], a["xd"][0], a["xc"][0], out["matvec_q40"])
+assert dispatch.kernel_path() == "portable", dispatch.kernel_path()
 np.savez(sys.argv[2], **out)
 """
 

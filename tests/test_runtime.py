@@ -64,7 +64,7 @@ class NumpyModel:
     def mm(self, name: str, x: np.ndarray) -> np.ndarray:
         if not self.q80 or self.m.layout[name].spec.float_type == FloatType.F32:
             return (self.w[name] @ self.quant(x)).astype(np.float32)
-        # the kernels' order (kernels.py "Quantized matmuls"): per block 8 exact integer quad
+        # the kernels' order (the kernels package "Quantized matmuls"): per block 8 exact integer quad
         # sums times f32(d_w * d_x); even blocks accumulate into float32 lanes 0-7, odd blocks
         # into lanes 8-15, block after block; then the 16 lanes are summed in order. Mirroring
         # it keeps float noise from flipping a later q80 rounding.
@@ -101,8 +101,8 @@ class NumpyModel:
     def token(self, token: int, pos: int) -> np.ndarray:
         h, hd = self.h, self.h.head_dim
         x = self.w["embedding"][token].astype(np.float32)
-        for l in range(h.n_layers):
-            p = f"layers.{l}."
+        for layer in range(h.n_layers):
+            p = f"layers.{layer}."
             y = self.rmsnorm(x, self.w[p + "attn_norm"])
             q = self.mm(p + "q", y).reshape(h.n_heads, hd)
             k = self.mm(p + "k", y).reshape(h.n_kv_heads, hd)
@@ -110,7 +110,7 @@ class NumpyModel:
             if h.has_qk_norm:
                 q = np.stack([self.rmsnorm(qh, self.w[p + "q_norm"]) for qh in q])
                 k = np.stack([self.rmsnorm(kh, self.w[p + "k_norm"]) for kh in k])
-            keys, values = self.cache[l]
+            keys, values = self.cache[layer]
             keys.append(self.rope(k, pos))
             values.append(v)
             q = self.rope(q, pos).astype(np.float64)
@@ -272,12 +272,12 @@ def test_two_node_slices_sum_to_the_single_node_result():
     shares = ClusterSplit.plan(h, 2).nodes
     nodes = [NodeLayers(h, load_node_weights(model, s), s, 64) for s in shares]
     x = model.tensor("embedding")[PROMPT].astype(np.float32)
-    for l in range(h.n_layers):
-        lw = nodes[0].w.layers[l]
+    for layer in range(h.n_layers):
+        lw = nodes[0].w.layers[layer]
         y = rmsnorm(x, lw.attn_norm, h.norm_epsilon)
-        x = x + sum(node.attention(l, y, 0) for node in nodes)
+        x = x + sum(node.attention(layer, y, 0) for node in nodes)
         y = rmsnorm(x, lw.ffn_norm, h.norm_epsilon)
-        x = x + sum(node.ffn(l, y) for node in nodes)
+        x = x + sum(node.ffn(layer, y) for node in nodes)
     logits = np.concatenate([node.logits(x) for node in nodes], axis=1)
     assert nodes[0].k_cache.shape[2] == h.n_kv_heads // 2
     assert np.abs(logits - Engine.load(path).forward(PROMPT, 0)).max() <= 1e-4
@@ -293,9 +293,9 @@ def per_call_engine(path, **kwargs) -> Engine:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("float_type", ["q40", "q80", "f32"])
 def test_the_compiled_pass_gives_the_per_call_blocks_bits(float_type, threads):
-    from dllama.runtime import compute
+    from dllama.runtime import dispatch
 
-    if not compute.runs_programs():
+    if not dispatch.runs_programs():
         pytest.skip("the JIT kernels run the per-call blocks only")
     path = require_fixtures(CONFORMANCE / "tiny-llama") / f"expected_{float_type}.m"
     compiled, per_call = Engine.load(path, nthreads=threads), per_call_engine(path, nthreads=threads)
@@ -309,9 +309,9 @@ def test_the_compiled_pass_gives_the_per_call_blocks_bits(float_type, threads):
 
 def test_compiled_stretches_give_the_per_call_partials_bits():
     """A node of a cluster runs each stretch between two exchange points as one compiled call."""
-    from dllama.runtime import compute
+    from dllama.runtime import dispatch
 
-    if not compute.runs_programs():
+    if not dispatch.runs_programs():
         pytest.skip("the JIT kernels run the per-call blocks only")
     path = require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m"
     model = ModelFile(path)
@@ -377,13 +377,13 @@ def test_portable_kernels_compute_the_same_bits_as_the_cpus_dot_products(tmp_pat
     import subprocess
     import sys
 
-    from dllama.runtime import compute
+    from dllama.runtime import dispatch
 
-    if compute.kernel_path() == "portable":
+    if dispatch.kernel_path() == "portable":
         pytest.skip("this CPU's kernels are the portable path: there is no dot-product path to compare")
     path = require_fixtures(CONFORMANCE / "tiny-qwen3") / "expected_q40.m"
-    script = ("import sys, numpy as np; from dllama.runtime.engine import Engine; from dllama.runtime import compute; "
-              f"logits = Engine.load({str(path)!r}).forward({PROMPT}, 0); assert compute.kernel_path() == 'portable'; "
+    script = ("import sys, numpy as np; from dllama.runtime.engine import Engine; from dllama.runtime import dispatch; "
+              f"logits = Engine.load({str(path)!r}).forward({PROMPT}, 0); assert dispatch.kernel_path() == 'portable'; "
               "np.save(sys.argv[1], logits)")
     env = dict(os.environ, DLLAMA_NO_VNNI="1", DLLAMA_NO_DOTPROD="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.npy")], env=env, check=True)

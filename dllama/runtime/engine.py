@@ -23,7 +23,7 @@ import numpy as np
 
 from dllama.errors import DllamaError
 from dllama.formats import FloatType, ModelFile, ModelHeader
-from dllama.runtime import compute
+from dllama.runtime import dispatch
 from dllama.runtime.model import NodeLayers, load_node_weights, whole_model_share
 
 DEFAULT_MAX_SEQ_LEN = 2048  # models declare up to 131072 positions; the KV cache must fit a small board
@@ -66,7 +66,7 @@ class LocalExchange:
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
         if self.quantize_partials:
-            compute.q80_roundtrip(partial)
+            dispatch.q80_roundtrip(partial)
         x += partial
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
@@ -122,14 +122,14 @@ class Engine:
                  nthreads: int | None = None, embedding: np.ndarray | None = None, model: ModelFile | None = None):
         """`embedding` (vocab, dim): on the node that looks up tokens; a worker runs `run_layers` only.
         `model`: the file it was loaded from, if any."""
-        compute.implementation()  # choose (on a first run, build) the kernels now, not inside the first forward
+        dispatch.implementation()  # choose (on a first run, build) the kernels now, not inside the first forward
         self.header = header
         self.embedding = embedding
         self.model = model
         self.layers = layers
         self.exchange = exchange
         self.max_seq_len = max_seq_len
-        self.nthreads = nthreads or compute.max_threads()
+        self.nthreads = nthreads or dispatch.max_threads()
         self.pos = 0  # tokens currently in the KV cache
 
     @classmethod
@@ -143,7 +143,7 @@ class Engine:
         max_seq_len = min(max_seq_len, h.max_seq_len) if h.max_seq_len > 0 else max_seq_len
         if max_seq_len < 1:
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
-        if problem := compute.threads_problem(nthreads):
+        if problem := dispatch.threads_problem(nthreads):
             raise EngineError(problem)
         quantize_partials = rounds_partials_on_one_node(buffer_float_type)
         share = whole_model_share(h)
@@ -163,7 +163,7 @@ class Engine:
         """Evaluate tokens at positions pos.. (the cache must hold positions < pos); (T, vocab) float32."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         self._check(ids, pos)
-        compute.set_threads(self.nthreads)  # per calling thread, like numba's
+        dispatch.set_threads(self.nthreads)  # per calling thread, like numba's
         out = np.empty((len(ids), self.vocab_size), dtype=np.float32)
         for start in range(0, len(ids), PREFILL_BATCH):
             batch = ids[start:start + PREFILL_BATCH]
@@ -199,7 +199,7 @@ class Engine:
             logits = self.layers.whole_pass(x, pos, out)
             if logits is not None:
                 return self.exchange.gather_logits(logits)
-        for l in range(self.header.n_layers):
-            self.exchange.reduce_into(x, self.layers.attention_block(l, x, pos), l, "attention")
-            self.exchange.reduce_into(x, self.layers.ffn_block(l, x), l, "ffn")
+        for layer in range(self.header.n_layers):
+            self.exchange.reduce_into(x, self.layers.attention_block(layer, x, pos), layer, "attention")
+            self.exchange.reduce_into(x, self.layers.ffn_block(layer, x), layer, "ffn")
         return self.exchange.gather_logits(self.layers.logits(x))

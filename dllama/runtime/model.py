@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from dllama.formats import FloatType, ModelFile, ModelHeader, RopeType, Split
-from dllama.runtime import compute
+from dllama.runtime import dispatch
 from dllama.runtime.split import ClusterSplit, NodeShare
 from dllama.runtime.tensors import Matrix
 
@@ -65,8 +65,8 @@ def assemble_node_weights(h: ModelHeader, matrix: Callable[[str], Matrix],
     """A node's weights by tensor name (FORMAT.md §1.3): `matrix(name)` gives its slice of a split
     matrix, `vector(name)` a whole tensor (norms, moe gate)."""
     layers = []
-    for l in range(h.n_layers):
-        p = f"layers.{l}."
+    for layer in range(h.n_layers):
+        p = f"layers.{layer}."
         lw = LayerWeights(q=matrix(p + "q"), k=matrix(p + "k"), v=matrix(p + "v"), wo=matrix(p + "wo"),
                           attn_norm=vector(p + "attn_norm"), ffn_norm=vector(p + "ffn_norm"))
         if h.is_moe:
@@ -109,9 +109,9 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def silu_gate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """silu(a) * b, the FFN's hidden activation (float64 inside, compute.silu_gate)."""
+    """silu(a) * b, the FFN's hidden activation (float64 inside, dispatch.silu_gate)."""
     out = np.empty(a.shape, dtype=np.float32)
-    compute.silu_gate(np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32), out)
+    dispatch.silu_gate(np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32), out)
     return out
 
 
@@ -190,27 +190,27 @@ class NodeLayers:
     def kv_cache_bytes(self) -> int:
         return self.k_cache.nbytes + self.v_cache.nbytes
 
-    def attention_block(self, l: int, x: np.ndarray, pos: int) -> np.ndarray | None:
+    def attention_block(self, layer: int, x: np.ndarray, pos: int) -> np.ndarray | None:
         """x (T, dim) residual stream -> the node's partial after wo (None: the node has no heads)."""
         if not self.heads:
             return None
         if compiled := self.compiled():
-            return compiled.stretch(f"attention {l}", x, pos)
-        return self.attention(l, rmsnorm(x, self.w.layers[l].attn_norm, self.eps), pos)
+            return compiled.stretch(f"attention {layer}", x, pos)
+        return self.attention(layer, rmsnorm(x, self.w.layers[layer].attn_norm, self.eps), pos)
 
-    def ffn_block(self, l: int, x: np.ndarray) -> np.ndarray | None:
+    def ffn_block(self, layer: int, x: np.ndarray) -> np.ndarray | None:
         """x (T, dim) residual stream -> the node's partial after w2 (None: the node has no FFN rows)."""
         if not self.has_ffn:
             return None
         if compiled := self.compiled():
-            return compiled.stretch(f"ffn {l}", x, 0)
-        return self.ffn(l, rmsnorm(x, self.w.layers[l].ffn_norm, self.eps))
+            return compiled.stretch(f"ffn {layer}", x, 0)
+        return self.ffn(layer, rmsnorm(x, self.w.layers[layer].ffn_norm, self.eps))
 
-    def attention(self, l: int, y: np.ndarray, pos: int) -> np.ndarray | None:
+    def attention(self, layer: int, y: np.ndarray, pos: int) -> np.ndarray | None:
         """y (T, dim) normed input at positions pos.. -> the node's partial Wo z (T, dim); None without heads."""
         if not self.heads:
             return None
-        lw = self.w.layers[l]
+        lw = self.w.layers[layer]
         T, hd = y.shape[0], self.h.head_dim
         x_in = lw.q.prepare(y)
         q = (lw.q @ x_in).reshape(T, self.heads, hd)
@@ -219,11 +219,11 @@ class NodeLayers:
         if lw.q_norm is not None:
             q = rmsnorm(q, lw.q_norm, self.eps)
             k = rmsnorm(k, lw.k_norm, self.eps)
-        self.k_cache[l, pos:pos + T] = self.rope(k, pos)
-        self.v_cache[l, pos:pos + T] = v
-        return lw.wo @ lw.wo.prepare(self._attend(l, self.rope(q, pos), pos))
+        self.k_cache[layer, pos:pos + T] = self.rope(k, pos)
+        self.v_cache[layer, pos:pos + T] = v
+        return lw.wo @ lw.wo.prepare(self._attend(layer, self.rope(q, pos), pos))
 
-    def _attend(self, l: int, q: np.ndarray, pos: int) -> np.ndarray:
+    def _attend(self, layer: int, q: np.ndarray, pos: int) -> np.ndarray:
         """softmax(q k) v for the node's query heads (T, heads * hd). The kernel maps head h to kv head
         h // (heads / kv heads); a node whose heads cut a kv group runs them among unused padding heads."""
         T, hd, off = q.shape[0], self.h.head_dim, self.head_offset
@@ -232,14 +232,14 @@ class NodeLayers:
             padded[:, off:off + self.heads] = q
             q = padded
         z = np.empty((T, self.padded_heads * hd), dtype=np.float32)
-        compute.attention(np.ascontiguousarray(q), self.k_cache[l], self.v_cache[l], pos, z)
+        dispatch.attention(np.ascontiguousarray(q), self.k_cache[layer], self.v_cache[layer], pos, z)
         return z if self.padded_heads == self.heads else np.ascontiguousarray(z[:, off * hd:(off + self.heads) * hd])
 
-    def ffn(self, l: int, y: np.ndarray) -> np.ndarray | None:
+    def ffn(self, layer: int, y: np.ndarray) -> np.ndarray | None:
         """y (T, dim) normed input -> the node's partial FFN output (T, dim); None without FFN rows."""
         if not self.has_ffn:
             return None
-        lw = self.w.layers[l]
+        lw = self.w.layers[layer]
         if lw.gate is None:
             return self._ffn(lw.w1, lw.w2, lw.w3, lw.w1.prepare(y))
         return self._moe(lw, y)
@@ -275,11 +275,11 @@ class NodeLayers:
 
 
 # --------------------------------------------------------------------------------------------
-# The compiled pass: the same blocks as compute.Program tables (kernels.py "Layer programs")
+# The compiled pass: the same blocks as dispatch.Program tables (kernels/program.py)
 
-WEIGHT_KINDS = {FloatType.F32: compute.W_F32, FloatType.Q40: compute.W_Q40, FloatType.Q80: compute.W_Q80}
+WEIGHT_KINDS = {FloatType.F32: dispatch.W_F32, FloatType.Q40: dispatch.W_Q40, FloatType.Q80: dispatch.W_Q80}
 MAX_BATCH = 64  # engine.PREFILL_BATCH: tokens per program run (a longer input runs in several)
-LM_HEAD_OUT = 7  # the out slot of an OP_MATMUL (kernels._op_matmul)
+LM_HEAD_OUT = 7  # the out slot of an OP_MATMUL (kernels/program.py _op_matmul)
 
 
 class CompiledPass:
@@ -293,7 +293,7 @@ class CompiledPass:
     @staticmethod
     def covers(layers: NodeLayers) -> bool:
         h, w = layers.h, layers.w
-        if not compute.runs_programs() or w is None or h.is_moe or h.has_qk_norm:
+        if not dispatch.runs_programs() or w is None or h.is_moe or h.has_qk_norm:
             return False
         if not (layers.heads and layers.has_ffn and layers.has_vocab) or layers.padded_heads != layers.heads:
             return False
@@ -308,7 +308,7 @@ class CompiledPass:
         B, dim, hd = MAX_BATCH, h.dim, h.head_dim
         self.quantized = w.layers[0].q.quantized
         q_dim, kv_dim, hidden = layers.heads * hd, layers.kv_heads * hd, w.layers[0].w1.shape[0]
-        f32, n_threads = np.float32, compute.max_threads()
+        f32, n_threads = np.float32, dispatch.max_threads()
         self.x, self.y, self.partial = (np.zeros((B, dim), f32) for _ in range(3))
         self.q, self.z = np.zeros((B, q_dim), f32), np.zeros((B, q_dim), f32)
         self.k, self.v = np.zeros((B, kv_dim), f32), np.zeros((B, kv_dim), f32)
@@ -317,7 +317,7 @@ class CompiledPass:
         self.squares = np.zeros(n_threads * dim, np.float64)
         self.eps = np.array([layers.eps], np.float64)
         self.xq, self.zq, self.hq = (q80_buffers(B, n) for n in (dim, q_dim, hidden))
-        self.programs: dict[tuple[int, bool], compute.Program] = {}
+        self.programs: dict[tuple[int, bool], dispatch.Program] = {}
         self.lm_head_ops: dict[tuple[int, bool], int] = {}  # each program's lm_head op
 
     def stretch(self, name: str, x: np.ndarray, pos: int, output: str = "partial") -> np.ndarray:
@@ -353,55 +353,56 @@ class CompiledPass:
         x[:] = self.x[:T]
         return out if direct else self.logits[:T]
 
-    def program(self, T: int, whole: bool) -> compute.Program:
+    def program(self, T: int, whole: bool) -> dispatch.Program:
         key = (T, whole)
         if key not in self.programs:
             self.programs[key] = self._build(T, whole)
         return self.programs[key]
 
-    def _build(self, T: int, whole: bool) -> compute.Program:
-        p = compute.Program()
-        for l in range(self.n.h.n_layers):
-            self._attention_ops(p, l, T, add=whole)
+    def _build(self, T: int, whole: bool) -> dispatch.Program:
+        p = dispatch.Program()
+        for layer in range(self.n.h.n_layers):
+            self._attention_ops(p, layer, T, add=whole)
             if not whole:
-                p.mark(f"attention {l}")
-            self._ffn_ops(p, l, T, add=whole)
+                p.mark(f"attention {layer}")
+            self._ffn_ops(p, layer, T, add=whole)
             if not whole:
-                p.mark(f"ffn {l}")
+                p.mark(f"ffn {layer}")
         self._norm(p, T, self.n.w.norm, self.n.w.lm_head.quantized)
         self.lm_head_ops[(T, whole)] = self._matmul(p, self.n.w.lm_head, self.xq, self.y, T, self.logits, barrier=False)
         p.mark("token" if whole else "logits")
         return p
 
-    def _attention_ops(self, p: compute.Program, l: int, T: int, add: bool) -> None:
-        n, lw, hd = self.n, self.n.w.layers[l], self.n.h.head_dim
+    def _attention_ops(self, p: dispatch.Program, layer: int, T: int, add: bool) -> None:
+        n, lw, hd = self.n, self.n.w.layers[layer], self.n.h.head_dim
         self._norm(p, T, lw.attn_norm, self.quantized)
         for m, out, last in ((lw.q, self.q, False), (lw.k, self.k, False), (lw.v, self.v, True)):
             self._matmul(p, m, self.xq, self.y, T, out, barrier=last)
         q, k, v = (a[:T].reshape(T, -1, hd) for a in (self.q, self.k, self.v))
-        p.add(compute.OP_ROPE_KV, (q, k, v, n.k_cache[l], n.v_cache[l], n.rope.cos, n.rope.sin),
+        p.add(dispatch.OP_ROPE_KV, (q, k, v, n.k_cache[layer], n.v_cache[layer], n.rope.cos, n.rope.sin),
               (int(n.rope.falcon), 0))
         fuse = self.quantized and hd % 64 == 0  # each head's output is whole q80 block pairs
-        p.add(compute.OP_ATTENTION, (q, n.k_cache[l], n.v_cache[l], self.z[:T], *tokens(self.zq, T)), (int(fuse), 0))
+        p.add(dispatch.OP_ATTENTION, (q, n.k_cache[layer], n.v_cache[layer], self.z[:T], *tokens(self.zq, T)),
+              (int(fuse), 0))
         if self.quantized and not fuse:
-            p.add(compute.OP_QUANTIZE, (self.z[:T], *tokens(self.zq, T)))
+            p.add(dispatch.OP_QUANTIZE, (self.z[:T], *tokens(self.zq, T)))
         self._matmul(p, lw.wo, self.zq, self.z, T, self.partial, add=add)
 
-    def _ffn_ops(self, p: compute.Program, l: int, T: int, add: bool) -> None:
-        lw = self.n.w.layers[l]
+    def _ffn_ops(self, p: dispatch.Program, layer: int, T: int, add: bool) -> None:
+        lw = self.n.w.layers[layer]
         self._norm(p, T, lw.ffn_norm, self.quantized)
-        p.add(compute.OP_FFN_UP, (weight_bytes(lw.w1), weight_bytes(lw.w3), *tokens(self.xq, T), compute.F16_TO_F32,
+        p.add(dispatch.OP_FFN_UP, (weight_bytes(lw.w1), weight_bytes(lw.w3), *tokens(self.xq, T), dispatch.F16_TO_F32,
                                   self.y[:T], self.h1[:T], self.h3[:T], *tokens(self.hq, T)),
               (WEIGHT_KINDS[lw.w1.float_type], 0))
         self._matmul(p, lw.w2, self.hq, self.h1, T, self.partial, add=add)
 
-    def _norm(self, p: compute.Program, T: int, weight: np.ndarray, quantize: bool) -> None:
-        p.add(compute.OP_NORM_Q80, (self.x[:T], np.ascontiguousarray(weight, np.float32), self.eps, self.y[:T],
+    def _norm(self, p: dispatch.Program, T: int, weight: np.ndarray, quantize: bool) -> None:
+        p.add(dispatch.OP_NORM_Q80, (self.x[:T], np.ascontiguousarray(weight, np.float32), self.eps, self.y[:T],
                                     *tokens(self.xq, T), self.squares), (int(quantize), 0))
 
-    def _matmul(self, p: compute.Program, m: Matrix, xq: tuple, xf: np.ndarray, T: int, out: np.ndarray,
+    def _matmul(self, p: dispatch.Program, m: Matrix, xq: tuple, xf: np.ndarray, T: int, out: np.ndarray,
                 add: bool = False, barrier: bool = True) -> int:
-        return p.add(compute.OP_MATMUL, (weight_bytes(m), *tokens(xq, T), compute.F16_TO_F32, xf[:T], out[:T],
+        return p.add(dispatch.OP_MATMUL, (weight_bytes(m), *tokens(xq, T), dispatch.F16_TO_F32, xf[:T], out[:T],
                                   self.x[:T] if add else None), (WEIGHT_KINDS[m.float_type], int(add)), barrier)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dllama.formats import BLOCK_FORMATS, BLOCK_SIZE, FloatType, FormatError, ModelFile
-from dllama.runtime import compute
+from dllama.runtime import dispatch
 
 RUNNABLE_TYPES = (FloatType.F32, FloatType.Q40, FloatType.Q80)
 
@@ -22,7 +22,7 @@ class QuantizedInput:
 
     xq: np.ndarray  # (T, n) int8
     xd: np.ndarray  # (T, n/32) float32 block scales (f16-rounded)
-    xc: np.ndarray  # (T, n/4) int32: -8 * sums of 4 consecutive xq (compute.quantize_q80)
+    xc: np.ndarray  # (T, n/4) int32: -8 * sums of 4 consecutive xq (dispatch.quantize_q80)
 
     @classmethod
     def of(cls, x: np.ndarray) -> "QuantizedInput":
@@ -31,7 +31,7 @@ class QuantizedInput:
         xq = np.empty((T, n), dtype=np.int8)
         xd = np.empty((T, n // BLOCK_SIZE), dtype=np.float32)
         xc = np.empty((T, n // 4), dtype=np.int32)
-        compute.quantize_q80(x, xq, xd, xc)
+        dispatch.quantize_q80(x, xq, xd, xc)
         return cls(xq, xd, xc)
 
 
@@ -47,8 +47,9 @@ class Matrix:
     def from_file(cls, model: ModelFile, name: str) -> "Matrix":
         spec = model.layout[name].spec
         if spec.float_type not in RUNNABLE_TYPES:
-            raise FormatError(f"{model.path} stores {name} as {spec.float_type.name.lower()}, which the runtime (like the "
-                              "reference) does not run: reconvert with dllama-convert --quant q40, q80 or f32")
+            stored = spec.float_type.name.lower()
+            raise FormatError(f"{model.path} stores {name} as {stored}, which the runtime (like the reference) does "
+                              "not run: reconvert with dllama-convert --quant q40, q80 or f32")
         rows, cols = spec.shape
         raw = model.raw(name)
         data = raw.view("<f4").reshape(rows, cols) if spec.float_type == FloatType.F32 else raw.reshape(rows, -1)
@@ -79,16 +80,16 @@ class Matrix:
         if not self.quantized:
             x = np.ascontiguousarray(x, dtype=np.float32)
             out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
-            compute.matmul_f32(self.data, x, out)  # not numpy's BLAS: the same bits on every CPU
+            dispatch.matmul_f32(self.data, x, out)  # not numpy's BLAS: the same bits on every CPU
             return out
         if not isinstance(x, QuantizedInput):
             x = QuantizedInput.of(x)
         T = x.xq.shape[0]
         out = np.empty((T, self.shape[0]), dtype=np.float32)
         if self.float_type == FloatType.Q40 and T == 1:
-            compute.matvec_q40(self.data, x.xq[0], x.xd[0], x.xc[0], out[0])
+            dispatch.matvec_q40(self.data, x.xq[0], x.xd[0], x.xc[0], out[0])
         elif self.float_type == FloatType.Q40:
-            compute.matmul_q40(self.data, x.xq, x.xd, x.xc, out)
+            dispatch.matmul_q40(self.data, x.xq, x.xd, x.xc, out)
         else:
-            compute.matmul_q80(self.data, x.xq, x.xd, x.xc, out)
+            dispatch.matmul_q80(self.data, x.xq, x.xd, x.xc, out)
         return out

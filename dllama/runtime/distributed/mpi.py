@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from dllama.formats import FormatError, ModelFile, ModelHeader, parse_model_header, tensor_layout
-from dllama.runtime import compute
+from dllama.runtime import dispatch
 from dllama.runtime.distributed.exchange import (
     decode_partial,
     encode_logits,
@@ -507,7 +507,7 @@ def serve_rank(setup: RankSetup, nthreads: int | None) -> None:
     """Ranks 1..N-1: run the layer loop on every batch rank 0 broadcasts, until it says stop."""
     layers, exchange = rank_layers(setup)
     engine = Engine(setup.header, layers, exchange, setup.max_seq_len, nthreads, model=setup.model)
-    compute.set_threads(engine.nthreads)
+    dispatch.set_threads(engine.nthreads)
     while True:
         kind, pos, x = exchange.next_command(setup.lifeline)
         if kind != FORWARD:
@@ -525,9 +525,9 @@ def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, bu
     MPI = import_mpi()
     comm = MPI.COMM_WORLD
     comm.Set_errhandler(MPI.ERRORS_RETURN)  # a failed call raises here instead of aborting without a word
-    if problem := compute.threads_problem(nthreads):
+    if problem := dispatch.threads_problem(nthreads):
         raise EngineError(problem)
-    compute.implementation()  # builds the kernels on a first run, before the other ranks wait for them
+    dispatch.implementation()  # builds the kernels on a first run, before the other ranks wait for them
     try:
         stream = STREAM_WEIGHTS if stream is None else stream
         setup = join_cluster(comm, Path(model_path), max_seq_len, nthreads, buffer_float_type, weights, root_compute,

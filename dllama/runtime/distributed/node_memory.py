@@ -12,7 +12,7 @@ from dllama.runtime.distributed.protocol import WEIGHT_CHUNK
 from dllama.runtime.split import ClusterSplit, NodeShare, SliceGeometry, SplitError  # noqa: F401 (re-exported)
 
 # A `dllama-run` process before its share of the model: the interpreter, numpy and the compiled
-# kernels (compute.py, ~36 MiB) and its command line parser (typer, click and the pydantic typer
+# kernels (dispatch.py, ~36 MiB) and its command line parser (typer, click and the pydantic typer
 # imports, ~8 MiB). 42 MiB fits the measured peaks of 13 cluster shapes of two models within 8%
 # (benchmarks/distributed.py, docs/BENCHMARKS.md). Where the compiled kernels cannot be built the
 # runtime runs numba's JIT kernels, and numba and LLVM add ~130 MiB.

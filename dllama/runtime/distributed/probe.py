@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from dllama.formats import BLOCK_SIZE, Q40_BLOCK, FloatType
-from dllama.runtime import compute
+from dllama.runtime import dispatch
 from dllama.runtime.distributed.protocol import NodeInfo
 from dllama.runtime.tensors import Matrix, QuantizedInput
 
@@ -39,9 +39,9 @@ def available_memory() -> int:
 
 
 def q40_speed(nthreads: int | None = None) -> float:
-    """Weights per second through compute.matvec_q40 on a random q40 matrix."""
+    """Weights per second through dispatch.matvec_q40 on a random q40 matrix."""
     if nthreads:
-        compute.set_threads(nthreads)
+        dispatch.set_threads(nthreads)
     rng = np.random.default_rng(0)
     blocks = np.zeros(PROBE_ROWS * PROBE_COLS // BLOCK_SIZE, dtype=Q40_BLOCK)
     blocks["qs"] = rng.integers(0, 256, size=blocks["qs"].shape, dtype=np.uint8)

@@ -19,7 +19,7 @@ import numpy as np
 
 from dllama.errors import DllamaError
 from dllama.formats import ModelFile
-from dllama.runtime import compute
+from dllama.runtime import dispatch
 from dllama.runtime.distributed.exchange import (
     SEAMS,
     decode_logits,
@@ -263,7 +263,7 @@ class DistributedEngine(Engine):
                  log: Callable[[str], None] | None = None, weights: Sequence[float] | str | None = None,
                  root_compute: str = "all"):
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        compute.implementation()  # builds the compiled kernels on a first run, before workers wait for them
+        dispatch.implementation()  # builds the compiled kernels on a first run, before workers wait for them
         model = ModelFile(model_path)
         h = model.header
         n_nodes = 1 + len(workers)
@@ -274,7 +274,7 @@ class DistributedEngine(Engine):
         max_seq_len = min(max_seq_len, h.max_seq_len)
         if max_seq_len < 1:
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
-        if problem := compute.threads_problem(nthreads):
+        if problem := dispatch.threads_problem(nthreads):
             raise EngineError(problem)
         buffer_type = exchange_type(h, buffer_type)
         self.links = [WorkerLink(i + 1, addr) for i, addr in enumerate(workers)]

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from dllama.formats import ModelHeader
-from dllama.runtime import compute
+from dllama.runtime import dispatch
 from dllama.runtime.distributed.exchange import (
     SEAMS,
     decode_partial,
@@ -96,9 +96,9 @@ class Assignment:
 class Worker:
     def __init__(self, host: str = "0.0.0.0", port: int = 9999, model_path: str | os.PathLike | None = None,
                  nthreads: int | None = None, log: Callable[[str], None] | None = None):
-        if problem := compute.threads_problem(nthreads):
+        if problem := dispatch.threads_problem(nthreads):
             raise EngineError(f"--{problem}")
-        compute.implementation()  # builds the compiled kernels on a first run, before a root waits for them
+        dispatch.implementation()  # builds the compiled kernels on a first run, before a root waits for them
         self.model_path = Path(model_path) if model_path else None
         self.identity: ModelIdentity | None = model_identity(self.model_path) if self.model_path else None
         self.nthreads = nthreads
@@ -183,7 +183,7 @@ class Worker:
         engine = Engine(h, layers, WorkerExchange(conn, session), session.hello.max_seq_len, self.nthreads)
         send_frame(conn, Frame.LOADED)
         if self.nthreads:
-            compute.set_threads(self.nthreads)  # per calling thread
+            dispatch.set_threads(self.nthreads)  # per calling thread
         self._serve_tokens(conn, session, engine)
 
     def _accept_hello(self, hello: Hello) -> Assignment:

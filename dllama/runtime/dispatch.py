@@ -1,10 +1,10 @@
-"""Which compiled kernels run, on how many threads: the one door from the runtime to kernels.py.
+"""Which compiled kernels run, on how many threads: the one door from the runtime to the kernels package.
 
-    compute.set_threads(2)                                   # for calls from this thread
-    compute.matvec_q40(w, xq, xd, xc, out)
+    dispatch.set_threads(2)                                   # for calls from this thread
+    dispatch.matvec_q40(w, xq, xd, xc, out)
 
 Two implementations of the same kernels, giving the same bits:
-- "compiled" (the default where it can be built): the module native.py builds once per machine.
+- "compiled" (the default where it can be built): the module aot_kernels.py builds once per machine.
   No numba or LLVM in the process; work is split into contiguous row (or head) ranges, one per
   thread, run by a `Team` of helper threads (the kernels release the GIL).
 - "jit": numba's parallel kernels, imported on first use (and with them numba and LLVM).
@@ -18,13 +18,13 @@ import threading
 import numpy as np
 
 from dllama.errors import DllamaError
+from dllama.formats import BLOCK_SIZE
 from dllama.runtime.cpu import KERNEL_PATHS
 
 # f16 bits -> float32, so kernels decode block scales with one lookup (numba has no CPU half);
 # aarch64's numpy warns about the NaN patterns in the cast (x86's does not): they stay NaN
 with np.errstate(invalid="ignore"):
     F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-BLOCK = 32
 ROW_ALIGN = 16          # thread ranges of rows start on multiples of this (the JIT kernels' task size)
 MIN_WORK = 1 << 17      # multiply-adds below which a call stays on one thread (a hand-off costs ~30 us)
 
@@ -63,7 +63,7 @@ def threads() -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# The kernels (argument shapes as in kernels.py)
+# The kernels (argument shapes as in the kernels package)
 
 def quantize_q80(x, xq, xd, xc) -> None:
     _backend().quantize_q80(x, xq, xd, xc)
@@ -104,7 +104,7 @@ def runs_programs() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Programs: stretches of the forward pass as one compiled call (kernels.py "Layer programs")
+# Programs: stretches of the forward pass as one compiled call (kernels/program.py)
 
 OP_WORDS = 64  # kernels.OP_WORDS and the op numbers below (this module does not import numba's kernels)
 OP_NORM_Q80, OP_MATMUL, OP_FFN_UP, OP_ROPE_KV, OP_ATTENTION, OP_QUANTIZE = range(1, 7)
@@ -213,8 +213,9 @@ class CompiledKernels:
         self.path = KERNEL_PATHS[module.kernel_path_code()]
 
     def quantize_q80(self, x, xq, xd, xc):
-        n_blocks = x.shape[0] * (x.shape[1] // BLOCK)
-        self._split("quantize_q80_tasks", "job_quantize", (x, xq, xd, xc), n_blocks, work_per_item=4 * BLOCK, align=1)
+        n_blocks = x.shape[0] * (x.shape[1] // BLOCK_SIZE)
+        self._split("quantize_q80_tasks", "job_quantize", (x, xq, xd, xc), n_blocks, work_per_item=4 * BLOCK_SIZE,
+                    align=1)
 
     def q80_roundtrip(self, x):
         self.m.q80_roundtrip(x)
@@ -287,7 +288,8 @@ class Team:
         self.job_number = np.zeros(1, dtype=np.int64)
         self.finished = np.zeros(n_helpers, dtype=np.int64)  # the job number each helper last finished
         self.jobs = np.zeros((n_helpers, JOB_WORDS), dtype=np.int64)
-        self.barriers = np.zeros((n_helpers + 1) * BARRIER_STRIDE, dtype=np.int64)  # kernels._barrier's words
+        # kernels/program.py _barrier's words, one cache line per thread
+        self.barriers = np.zeros((n_helpers + 1) * BARRIER_STRIDE, dtype=np.int64)
         self.phase = 0  # barriers passed so far, by every thread of every program run
         self.number = 0
         self.wake = threading.Condition()
@@ -391,8 +393,8 @@ def _choose(wanted: str):
         raise KernelsUnavailable(f"DLLAMA_KERNELS={wanted} is not one of auto, compiled, jit")
     if wanted == "jit":
         return JitKernels()
-    from dllama.runtime import native
-    module = native.load()
+    from dllama.runtime import aot_kernels
+    module = aot_kernels.load()
     if module is not None:
         return CompiledKernels(module)
     if wanted == "compiled":

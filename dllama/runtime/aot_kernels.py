@@ -1,14 +1,14 @@
-"""The kernels of kernels.py compiled ahead of time, once per machine, into an extension module.
+"""The kernels of the kernels package compiled ahead of time, once per machine, into an extension module.
 
-    module = native.load()    # built on first use; None where it cannot be built (the JIT runs then)
+    module = aot_kernels.load()    # built on first use; None where it cannot be built (the JIT runs then)
 
 A runtime process that imports numba carries the compiler with it: numba's Python modules and
 LLVM's code, about 120 MiB of a 160 MiB process, on every node (docs/BENCHMARKS.md). On a 1 GB
 board that is an eighth of the memory, and it is most of what keeps the root from holding just
 its share of the model. So the runtime runs the same kernels from a module that numba's
 ahead-of-time compiler (numba.pycc) builds: the serial `*_rows` / `*_tasks` kernels, compiled
-for this CPU, releasing the GIL so compute.py can run them on several threads at once. Only the
-build, in a child process (`python -m dllama.runtime.native DIR`), imports numba.
+for this CPU, releasing the GIL so dispatch.py can run them on several threads at once. Only the
+build, in a child process (`python -m dllama.runtime.aot_kernels DIR`), imports numba.
 
 The module is cached under $DLLAMA_CACHE (default ~/.cache/dllama) in kernels/<key>/, keyed by
 the kernel sources, numba, Python and the CPU, and written to a temp folder then renamed. On ARM
@@ -36,7 +36,7 @@ from dllama.runtime import cpu
 
 MODULE = "dllama_kernels"
 _W = "u1[:, ::1]"  # quantized weights: rows of packed blocks (an "A" layout here runs 1.7x slower)
-EXPORTS = {  # kernel in kernels.py -> its one signature in the compiled module
+EXPORTS = {  # kernel in the kernels package -> its one signature in the compiled module
     "quantize_q80_tasks": "void(f4[:, ::1], i1[:, ::1], f4[:, ::1], i4[:, ::1], i8, i8)",
     "q80_roundtrip": "void(f4[:, ::1])",
     "matvec_q40_rows": f"void({_W}, i1[::1], f4[::1], i4[::1], f4[::1], f4[::1], i8, i8)",
@@ -46,10 +46,11 @@ EXPORTS = {  # kernel in kernels.py -> its one signature in the compiled module
     "matmul_f32_rows": "void(f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
     "silu_gate_rows": "void(f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
     "attention_tasks": "void(f4[:, :, ::1], f4[:, :, ::1], f4[:, :, ::1], i8, f4[:, ::1], i8, i8)",
-    # the thread team (compute.Team): job table rows, publishing, the helpers' loop
+    # the thread team (dispatch.Team): job table rows, publishing, the helpers' loop
     "job_quantize": "void(i8[::1], f4[:, ::1], i1[:, ::1], f4[:, ::1], i4[:, ::1], i8, i8)",
     "job_matvec_q40": f"void(i8[::1], {_W}, i1[::1], f4[::1], i4[::1], f4[::1], f4[::1], i8, i8)",
-    "job_matmul_q40": f"void(i8[::1], {_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
+    "job_matmul_q40": f"void(i8[::1], {_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1], "
+                      "i8, i8)",
     "job_matmul_q80": f"void(i8[::1], {_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
     "job_matmul_f32": "void(i8[::1], f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
     "job_silu_gate": "void(i8[::1], f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
@@ -61,7 +62,9 @@ EXPORTS = {  # kernel in kernels.py -> its one signature in the compiled module
     "team_helper": "i8(i8[::1], i8[::1], i8[:, ::1], i8, i8, i8)",
     "kernel_path_code": "i8()",
 }
-_SOURCES = ("runtime/kernels.py", "runtime/native.py", "runtime/cpu.py", "f16bits.py")
+_SOURCES = ("runtime/kernels/__init__.py", "runtime/kernels/ir.py", "runtime/kernels/math.py",
+            "runtime/kernels/program.py", "runtime/kernels/team.py", "runtime/aot_kernels.py", "runtime/cpu.py",
+            "formats/codecs.py", "f16bits.py")
 
 
 def cache_root() -> Path:
@@ -74,7 +77,8 @@ def _cpu_key() -> str:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
-    lines = [l for l in cpuinfo.splitlines() if l.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    wanted = ("model name", "flags", "Features", "CPU part")
+    lines = [line for line in cpuinfo.splitlines() if line.split(":")[0].strip() in wanted]
     return (platform.machine() + "\n" + "\n".join(sorted(set(lines))) + os.environ.get("DLLAMA_NO_VNNI", "")
             + cpu.arm_target_features())  # under emulation /proc/cpuinfo is the host's: HWCAP tells
 
@@ -148,7 +152,8 @@ def _fix_for(error: str) -> str:
         return "this numba has no ahead-of-time compiler (numba.pycc); install numba<=0.68 to get them"
     if "setuptools" in error:
         return "pip install setuptools (numba.pycc drives the C compiler through it) to get them"
-    return "install a C compiler (and C++, which numba.pycc checks for) and Python's headers (e.g. apt install gcc g++ python3-dev) to get them"
+    return ("install a C compiler (and C++, which numba.pycc checks for) and Python's headers "
+            "(e.g. apt install gcc g++ python3-dev) to get them")
 
 
 def build(folder: Path) -> str | None:
@@ -156,7 +161,7 @@ def build(folder: Path) -> str | None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        done = subprocess.run([sys.executable, "-m", "dllama.runtime.native", str(staging)], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "dllama.runtime.aot_kernels", str(staging)], capture_output=True,
                               text=True, env=_child_env())
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines()
@@ -176,7 +181,7 @@ def _child_env() -> dict:
     package_parent = str(Path(__file__).resolve().parent.parent.parent)
     env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
     if features := cpu.arm_target_features():
-        env["NUMBA_CPU_FEATURES"] = features  # kernels.py and the compiler both read it (see _compile)
+        env["NUMBA_CPU_FEATURES"] = features  # the kernels package and the compiler both read it (see _compile)
     return env
 
 
@@ -196,7 +201,7 @@ def _compile(output_dir: str) -> None:
     from dllama.runtime import kernels
 
     class ThreadFriendlyFlags(Flags):
-        # pycc's wrappers keep the GIL and check integer division for zero; compute.py runs the
+        # pycc's wrappers keep the GIL and check integer division for zero; dispatch.py runs the
         # kernels on several threads, and their divisors are shapes (never zero)
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -218,7 +223,8 @@ def _calling(kernel):
     """A plain function that calls the jitted kernel, so the kernel keeps its own options (fastmath)."""
     args = ", ".join(f"a{i}" for i in range(kernel.py_func.__code__.co_argcount))
     namespace = {"kernel": kernel}
-    exec(f"def call({args}):\n    return kernel({args})\n", namespace)  # pycc compiles Python functions, not dispatchers
+    # pycc compiles Python functions, not dispatchers
+    exec(f"def call({args}):\n    return kernel({args})\n", namespace)
     return namespace["call"]
 
 

@@ -1,0 +1,371 @@
+"""LLVM IR for the kernels: the int8 block products (vpdpbusd, sdot, portable), the packed-row
+lane kernels, atomics and sched_yield as numba intrinsics, and which path this CPU takes."""
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as llvm
+import numba
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
+
+from dllama.formats import Q40_BYTES
+from dllama.runtime.cpu import KERNEL_PATHS, is_aarch64
+
+_i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+LANES = 16  # float32 accumulator lanes per (row, token), see "Quantized matmuls" below
+
+
+def _target_features() -> set[str]:
+    """The features numba compiles for: a build's (aot_kernels.py sets NUMBA_CPU_FEATURES from the
+    CPU's HWCAP on ARM), else LLVM's view of this CPU."""
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        try:
+            features = llvm.get_host_cpu_features().flatten()
+        except RuntimeError:  # LLVM cannot tell on this CPU: the portable path
+            features = ""
+    return {f[1:] for f in features.split(",") if f.startswith("+")}
+
+
+_TARGET = _target_features()
+# x86 with AVX512-VNNI: one vpdpbusd per 64 products (LLVM >= 22 spells its operands <64 x i8>)
+VNNI512 = (llvm.llvm_version_info[0] >= 22 and "avx512vnni" in _TARGET
+           and not os.environ.get("DLLAMA_NO_VNNI"))  # tests force the portable path (same numbers)
+# aarch64 with dot products: one sdot per 16 products (DLLAMA_NO_DOTPROD: cpu.arm_target_features)
+DOTPROD = is_aarch64() and "dotprod" in _TARGET and not os.environ.get("DLLAMA_NO_DOTPROD")
+KERNEL_PATH = "vnni512" if VNNI512 else "sdot" if DOTPROD else "portable"
+
+
+def _vec(t: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(t, n)
+
+
+def _const(t: ir.Type, values) -> ir.Constant:
+    return ir.Constant(t, values)
+
+
+def _data(context, builder, arrty, arr):
+    return context.make_array(arrty)(context, builder, arr).data
+
+
+def _load(builder, data, offset, vt, align=1):
+    return builder.load(builder.bitcast(builder.gep(data, [offset]), vt.as_pointer()), align=align)
+
+
+def _quad_sums(builder, a, x, init, a_unsigned: bool):
+    """init[i] + sum_k a[4i+k] * x[4i+k] (a: u8 or s8 vector, x: s8 vector) as an i32 vector."""
+    n = a.type.count
+    if a_unsigned and n == 64 and VNNI512:
+        name = "llvm.x86.avx512.vpdpbusd.512"
+        fnty = ir.FunctionType(_vec(_i32, 16), [_vec(_i32, 16), _vec(_i8, 64), _vec(_i8, 64)])
+        fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
+        return builder.call(fn, [init, a, x])
+    if DOTPROD:  # q40 nibbles are 0..15: as int8 they have the same value
+        return _sdot_quad_sums(builder, a, x, init)
+    extend = builder.zext if a_unsigned else builder.sext
+    p = builder.mul(extend(a, _vec(_i32, n)), builder.sext(x, _vec(_i32, n)))
+    parts = [builder.shuffle_vector(p, p, _const(_vec(_i32, n // 4), list(range(k, n, 4)))) for k in range(4)]
+    return builder.add(init, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
+
+
+def _sdot_quad_sums(builder, a, x, init):
+    """_quad_sums by one aarch64 sdot per 16 products: lane i of sdot is init[i] + the 4 products
+    4i..4i+3, the same exact integer as the generic path's."""
+    n = a.type.count
+    name = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+    fnty = ir.FunctionType(_vec(_i32, 4), [_vec(_i32, 4), _vec(_i8, 16), _vec(_i8, 16)])
+    fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
+
+    def part(v, width, c):
+        return builder.shuffle_vector(v, v, _const(_vec(_i32, width), list(range(c * width, (c + 1) * width))))
+
+    sums = [builder.call(fn, [part(init, 4, c), part(a, 16, c), part(x, 16, c)]) for c in range(n // 16)]
+    while len(sums) > 1:  # concatenate, lanes in order
+        width = 2 * sums[0].type.count
+        sums = [builder.shuffle_vector(sums[i], sums[i + 1], _const(_vec(_i32, width), list(range(width))))
+                for i in range(0, len(sums), 2)]
+    return sums[0]
+
+
+def _splat_halves(builder, values):
+    """[v0] * 16 (one value) or [v0] * 8 + [v1] * 8 (two): a block's scale over its 8 lanes."""
+    n = 8 * len(values)
+    v = ir.Constant(_vec(_f32, n), ir.Undefined)
+    for i, value in enumerate(values):
+        v = builder.insert_element(v, value, _const(_i32, i))
+    return builder.shuffle_vector(v, v, _const(_vec(_i32, n), [i // 8 for i in range(n)]))
+
+
+def _accumulate(builder, acc_data, acc_offset, quads, scale):
+    """acc[acc_offset:+n] += f32(quads) * scale."""
+    n = quads.type.count
+    ptr = builder.bitcast(builder.gep(acc_data, [acc_offset]), _vec(_f32, n).as_pointer())
+    builder.store(builder.fadd(builder.load(ptr, align=4), builder.fmul(builder.sitofp(quads, _vec(_f32, n)), scale)),
+                  ptr, align=4)
+
+
+def _nibbles(builder, packed16):
+    # byte j holds value j (low nibble) and value j + 16 (high nibble), FORMAT.md §1.2
+    lo = builder.and_(packed16, _const(_vec(_i8, 16), [15] * 16))
+    hi = builder.lshr(packed16, _const(_vec(_i8, 16), [4] * 16))
+    return builder.shuffle_vector(lo, hi, _const(_vec(_i32, 32), list(range(32))))
+
+
+def _block_kernel(kind: str, pair: bool):
+    """acc[acc_off:+8|16] += f32(quad sums of one or two blocks) * their scales.
+
+    kind "q40": packed q40 blocks at w[w_off] and w[w_off + stride] (u8 nibbles, the -8 comes
+    from init = xc, -8 * quad sums of x); "s8": int8 values (q80 blocks or pre-unpacked rows).
+    """
+    n = 64 if pair else 32
+
+    def typer(typingctx, w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off):
+        sig = types.void(w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off)
+
+        def codegen(context, builder, sig, args):
+            w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off = args
+            wd = _data(context, builder, sig.args[0], w)
+
+            def block(offset):
+                if kind == "q40":
+                    return _nibbles(builder, _load(builder, wd, offset, _vec(_i8, 16)))
+                return _load(builder, wd, offset, _vec(_i8, 32))
+
+            a = block(w_off)
+            if pair:
+                both = _const(_vec(_i32, 64), list(range(64)))
+                a = builder.shuffle_vector(a, block(builder.add(w_off, stride)), both)
+            xv = _load(builder, _data(context, builder, sig.args[3], x), x_off, _vec(_i8, n))
+            if kind == "q40":
+                init = _load(builder, _data(context, builder, sig.args[5], xc), xc_off, _vec(_i32, n // 4), align=4)
+            else:
+                init = _const(_vec(_i32, n // 4), [0] * (n // 4))
+            quads = _quad_sums(builder, a, xv, init, a_unsigned=kind == "q40")
+            _accumulate(builder, _data(context, builder, sig.args[9], acc), acc_off, quads,
+                        _splat_halves(builder, [s0, s1] if pair else [s0]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = f"_{kind}_{'pair' if pair else 'block'}"
+    return intrinsic(typer)
+
+
+_q40_pair, _q40_block = _block_kernel("q40", True), _block_kernel("q40", False)
+_s8_pair, _s8_block = _block_kernel("s8", True), _block_kernel("s8", False)
+
+
+@intrinsic
+def _unpack_q40_block(typingctx, w, w_off, out, out_off):
+    """out[out_off:+32] = the 32 nibbles (u8, value order) of the q40 block whose 16 bytes are at w[w_off]."""
+    sig = types.void(w, w_off, out, out_off)
+
+    def codegen(context, builder, sig, args):
+        w, w_off, out, out_off = args
+        nibbles = _nibbles(builder, _load(builder, _data(context, builder, sig.args[0], w), w_off, _vec(_i8, 16)))
+        ptr = builder.gep(_data(context, builder, sig.args[2], out), [out_off])
+        builder.store(nibbles, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _rows_lanes_kernel(n_rows: int):
+    """acc[16i:+16] = the lanes of row i < n_rows (pre-unpacked nibbles) times one token.
+
+    The batched kernel's inner loop, in IR so the lanes stay in registers and one load of the
+    token's values serves n_rows rows: per block pair p, quad sums of nib[i * row_len + 64p:+64] (u8)
+    with x[64p:+64] (init xc[16p:+16], the -8 correction), converted, times w_scales[i] pair
+    vector ([d_w(2p)] * 8 + [d_w(2p+1)] * 8) times x_scales likewise, added: the operations of
+    `_q40_pair`, in its order, so every kernel gives the same bits.
+    """
+    def typer(typingctx, nib, row_len, w_scales, x, xc, x_scales, n_pairs, acc):
+        sig = types.void(nib, row_len, w_scales, x, xc, x_scales, n_pairs, acc)
+
+        def codegen(context, builder, sig, args):
+            nib, row_len, w_scales, x, xc, x_scales, n_pairs, acc = args
+            nib_d, ws_d, x_d, xc_d, xs_d, acc_d = (_data(context, builder, sig.args[i], v) for i, v in
+                                                   ((0, nib), (2, w_scales), (3, x), (4, xc), (5, x_scales), (7, acc)))
+            lanes_ty = _vec(_f32, LANES)
+            lanes = [cgutils.alloca_once_value(builder, _const(lanes_ty, [0.0] * LANES)) for _ in range(n_rows)]
+            row_bytes = row_len
+            row_scales = builder.mul(n_pairs, _const(_i64, 16))
+            with cgutils.for_range(builder, n_pairs) as loop:
+                p = loop.index
+                v64 = builder.mul(p, _const(_i64, 64))
+                v16 = builder.mul(p, _const(_i64, 16))
+                xv = _load(builder, x_d, v64, _vec(_i8, 64))
+                init = _load(builder, xc_d, v16, _vec(_i32, 16), align=4)
+                x_scale = _load(builder, xs_d, v16, lanes_ty, align=4)
+                for i in range(n_rows):
+                    a = _load(builder, nib_d, builder.add(builder.mul(row_bytes, _const(_i64, i)), v64), _vec(_i8, 64))
+                    scale_at = builder.add(builder.mul(row_scales, _const(_i64, i)), v16)
+                    w_scale = _load(builder, ws_d, scale_at, lanes_ty, align=4)
+                    quads = _quad_sums(builder, a, xv, init, a_unsigned=True)
+                    term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
+                    builder.store(builder.fadd(builder.load(lanes[i]), term), lanes[i])
+            for i in range(n_rows):
+                ptr = builder.bitcast(builder.gep(acc_d, [_const(_i64, LANES * i)]), lanes_ty.as_pointer())
+                builder.store(builder.load(lanes[i]), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = f"_nibble_{n_rows}rows_lanes"
+    return intrinsic(typer)
+
+
+ROW_GROUP = 4  # rows that share one load of a token's values in the batched q40 kernel
+_nibble_group_lanes = _rows_lanes_kernel(ROW_GROUP)
+_nibble_row_lanes = _rows_lanes_kernel(1)
+
+
+def _packed_rows_kernel(n_rows: int):
+    """acc[16i:+16] = the lanes of packed q40 row r0 + i (i < n_rows) times one token, pairs 0..n_pairs.
+
+    The one-token kernel's inner loop in IR, so the rows' lanes stay in registers and one load of the
+    token's values serves n_rows rows: per block pair p, the quad sums of the row's nibbles (blocks 2p
+    and 2p+1 at bytes 36p + 2 and 36p + 20, init xc[16p:+16], the -8 correction), converted, times
+    [d_w(2p) * d_x(2p)] * 8 + [d_w(2p+1) * d_x(2p+1)] * 8, added: `_q40_pair`'s operations in its order.
+    """
+    def typer(typingctx, w, r0, x, xc, xd, scale_table, n_pairs, acc):
+        sig = types.void(w, r0, x, xc, xd, scale_table, n_pairs, acc)
+
+        def codegen(context, builder, sig, args):
+            w, r0, x, xc, xd, scale_table, n_pairs, acc = args
+            w_arr = context.make_array(sig.args[0])(context, builder, w)
+            row_bytes = builder.extract_value(w_arr.strides, 0)
+            w_d = w_arr.data
+            x_d, xc_d, xd_d, table_d, acc_d = (_data(context, builder, sig.args[i], v) for i, v in
+                                               ((2, x), (3, xc), (4, xd), (5, scale_table), (7, acc)))
+            lanes_ty = _vec(_f32, LANES)
+            lanes = [cgutils.alloca_once_value(builder, _const(lanes_ty, [0.0] * LANES)) for _ in range(n_rows)]
+            rows = [builder.mul(builder.add(r0, _const(_i64, i)), row_bytes) for i in range(n_rows)]
+
+            def scale(offset):
+                bits = _load(builder, w_d, offset, _i16)
+                return builder.load(builder.gep(table_d, [builder.zext(bits, _i64)]))
+
+            with cgutils.for_range(builder, n_pairs) as loop:
+                p = loop.index
+                xv = _load(builder, x_d, builder.mul(p, _const(_i64, 64)), _vec(_i8, 64))
+                init = _load(builder, xc_d, builder.mul(p, _const(_i64, 16)), _vec(_i32, 16), align=4)
+                b = builder.mul(p, _const(_i64, 2))
+                x_scale = _splat_halves(builder, [builder.load(builder.gep(xd_d, [b])),
+                                                  builder.load(builder.gep(xd_d, [builder.add(b, _const(_i64, 1))]))])
+                o = builder.mul(p, _const(_i64, 2 * Q40_BYTES))
+                for i in range(n_rows):
+                    base = builder.add(rows[i], o)
+                    lo = _nibbles(builder, _load(builder, w_d, builder.add(base, _const(_i64, 2)), _vec(_i8, 16)))
+                    hi = _nibbles(builder, _load(builder, w_d, builder.add(base, _const(_i64, 20)), _vec(_i8, 16)))
+                    a = builder.shuffle_vector(lo, hi, _const(_vec(_i32, 64), list(range(64))))
+                    quads = _quad_sums(builder, a, xv, init, a_unsigned=True)
+                    w_scale = _splat_halves(builder, [scale(base), scale(builder.add(base, _const(_i64, Q40_BYTES)))])
+                    term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
+                    builder.store(builder.fadd(builder.load(lanes[i]), term), lanes[i])
+            for i in range(n_rows):
+                ptr = builder.bitcast(builder.gep(acc_d, [_const(_i64, LANES * i)]), lanes_ty.as_pointer())
+                builder.store(builder.load(lanes[i]), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = f"_packed_{n_rows}rows"
+    return intrinsic(typer)
+
+
+_i16 = ir.IntType(16)
+# one row at a time: 2 or 4 rows sharing each load of x measured 1.5-3x slower on Zen 4 (AVX-512)
+_packed_row_lanes = _packed_rows_kernel(1)
+
+
+_PATH_CODE = KERNEL_PATHS.index(KERNEL_PATH)
+
+
+@njit  # not cached: the constant is the path of this process's compile (env and CPU)
+def kernel_path_code():
+    """KERNEL_PATHS.index of the path these kernels were compiled with (aot_kernels.kernel_path)."""
+    return _PATH_CODE
+
+
+@intrinsic
+def _load_acquire(typingctx, arr, index):
+    """arr[index] as an atomic acquire load: re-read on every call, never hoisted out of a loop."""
+    sig = arr.dtype(arr, index)
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.gep(_data(context, builder, sig.args[0], args[0]), [args[1]])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def _store_release(typingctx, arr, index, value):
+    """arr[index] = value as an atomic release store: every write before it is visible first."""
+    sig = types.void(arr, index, value)
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.gep(_data(context, builder, sig.args[0], args[0]), [args[1]])
+        builder.store_atomic(context.cast(builder, args[2], sig.args[2], sig.args[0].dtype), ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _address(typingctx, arr):
+    sig = types.int64(arr)
+
+    def codegen(context, builder, sig, args):
+        return builder.ptrtoint(_data(context, builder, sig.args[0], args[0]), _i64)
+
+    return sig, codegen
+
+
+@intrinsic
+def _pointer(typingctx, address, dtype):
+    """The address as a pointer to dtype (np.uint8, np.float32, ...), for numba.carray."""
+    target = dtype.instance_type
+    sig = types.CPointer(target)(address, dtype)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(target).as_pointer())
+
+    return sig, codegen
+
+
+@intrinsic
+def _yield_cpu(typingctx):
+    """sched_yield(): on a machine with more runnable threads than cores, a thread spinning at a barrier
+    hands its core to the one it waits for instead of burning the rest of its time slice."""
+    sig = types.void()
+
+    def codegen(context, builder, sig, args):
+        fn = builder.module.globals.get("sched_yield") or ir.Function(builder.module, ir.FunctionType(_i32, []),
+                                                                      "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _arg1(job, slot, dtype):
+    base = 4 + 4 * slot
+    return numba.carray(_pointer(job[base], dtype), (job[base + 1],))
+
+
+@njit(cache=True, inline="always")
+def _arg2(job, slot, dtype):
+    base = 4 + 4 * slot
+    return numba.carray(_pointer(job[base], dtype), (job[base + 1], job[base + 2]))
+
+
+@njit(cache=True, inline="always")
+def _arg3(job, slot, dtype):
+    base = 4 + 4 * slot
+    return numba.carray(_pointer(job[base], dtype), (job[base + 1], job[base + 2], job[base + 3]))

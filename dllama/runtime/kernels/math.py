@@ -1,0 +1,394 @@
+"""The math kernels, serial over a range of rows (heads, blocks) and in numba-parallel forms:
+q80 quantization, the quantized and f32 matmuls, silu, attention over the KV cache, rmsnorm."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from dllama.f16bits import round_to_f16
+from dllama.formats import BLOCK_SIZE, Q40_BYTES, Q80_BYTES
+from dllama.runtime.kernels.ir import (
+    LANES,
+    ROW_GROUP,
+    _nibble_group_lanes,
+    _nibble_row_lanes,
+    _packed_row_lanes,
+    _q40_block,
+    _s8_block,
+    _s8_pair,
+    _unpack_q40_block,
+)
+
+ROWS_PER_TASK = 16     # rows one thread takes at a time in the matmuls
+BLOCKS_PER_TASK = 64   # q80 blocks one thread quantizes at a time
+
+
+@njit(cache=True, inline="always")
+def _scale(row, offset, scale_table):
+    return scale_table[np.int32(row[offset]) | (np.int32(row[offset + 1]) << 8)]
+
+
+# --------------------------------------------------------------------------------------------
+# Activation quantization (the reference q80 quantizer, FORMAT.md §1.2)
+
+@njit(cache=True, inline="always")
+def _q80_scale(x, t, x0):
+    """The reference q80 scale of the block x[t, x0:x0+32] (FORMAT.md §1.2): d = amax / 127, and 1/d."""
+    amax = np.float32(0.0)
+    for j in range(BLOCK_SIZE):
+        amax = max(amax, abs(x[t, x0 + j]))
+    d = amax / np.float32(127.0)
+    return d, (np.float32(1.0) / d if d != 0 else np.float32(0.0))
+
+
+@njit(cache=True)
+def quantize_q80_tasks(x, xq, xd, xc, task0, task1):
+    """Blocks task0..task1 (numbered t * n/32 + b) of x (T, n) float32 -> xq (T, n) int8, xd (T, n/32)
+    float32 scales (f16-rounded) and xc (T, n/4) int32 = -8 * sums of 4 consecutive xq (the q40
+    nibble offset, folded out)."""
+    nb = x.shape[1] // BLOCK_SIZE
+    for task in range(task0, task1):
+        t = task // nb
+        b = task % nb
+        x0 = b * BLOCK_SIZE
+        d, inv = _q80_scale(x, t, x0)
+        for j in range(BLOCK_SIZE):
+            xq[t, x0 + j] = np.int8(np.rint(x[t, x0 + j] * inv))
+        xd[t, b] = round_to_f16(d)
+        for i in range(BLOCK_SIZE // 4):
+            k = x0 + 4 * i
+            xc[t, k // 4] = -8 * (np.int32(xq[t, k]) + np.int32(xq[t, k + 1])
+                                  + np.int32(xq[t, k + 2]) + np.int32(xq[t, k + 3]))
+
+
+@njit(cache=True, parallel=True)
+def quantize_q80(x, xq, xd, xc):
+    """All of x, a chunk of blocks per thread (quantize_q80_tasks)."""
+    n_tasks = x.shape[0] * (x.shape[1] // BLOCK_SIZE)
+    for chunk in prange((n_tasks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
+        quantize_q80_tasks(x, xq, xd, xc, chunk * BLOCKS_PER_TASK, min(n_tasks, (chunk + 1) * BLOCKS_PER_TASK))
+
+
+@njit(cache=True)
+def q80_roundtrip(x):
+    """x (T, n) -> its q80 quantized-then-dequantized value, in place (FORMAT.md §2 partials)."""
+    T, n = x.shape
+    for t in range(T):
+        for b in range(n // BLOCK_SIZE):
+            x0 = b * BLOCK_SIZE
+            d, inv = _q80_scale(x, t, x0)
+            ds = round_to_f16(d)
+            for j in range(BLOCK_SIZE):
+                x[t, x0 + j] = np.float32(np.rint(x[t, x0 + j] * inv)) * ds
+
+
+# --------------------------------------------------------------------------------------------
+# Quantized matmuls: out (T, rows) = x (T, n) . w (rows, n)^T
+#
+# Every kernel computes the same numbers in the same order, so a batched prompt equals the
+# token-by-token result bit for bit: a block's 32 products form 8 exact integer quad sums;
+# each times f32(d_w * d_x) is added into 8 float32 lanes, even blocks into lanes 0-7 and odd
+# blocks into lanes 8-15, block after block; the 16 lanes are summed in order at the end.
+
+@njit(cache=True, inline="always")
+def _lane_sum(acc, offset):
+    total = np.float32(0.0)
+    for i in range(LANES):
+        total += acc[offset + i]
+    return total
+
+
+@njit(cache=True)
+def matvec_q40_rows(w, xq, xd, xc, scale_table, out, r0, r1):
+    """One token, rows r0..r1: w (rows, nb * 18) uint8, xq (n,) int8, xd (nb,), xc (n/4,) -> out (rows,)."""
+    nb = xd.shape[0]
+    acc = np.empty(LANES, dtype=np.float32)
+    for r in range(r0, r1):
+        _packed_row_lanes(w, r, xq, xc, xd, scale_table, nb // 2, acc)
+        if nb % 2:
+            b = nb - 1
+            o = b * Q40_BYTES
+            row = w[r]
+            _q40_block(row, o + 2, 0, xq, b * BLOCK_SIZE, xc, b * 8, _scale(row, o, scale_table) * xd[b], np.float32(0),
+                       acc, 0)
+        out[r] = _lane_sum(acc, 0)
+
+
+@njit(cache=True)
+def _pair_scales(scales, n_pairs, out):
+    """out[16p:+16] = [scales[2p]] * 8 + [scales[2p+1]] * 8: one block's scale per lane."""
+    for p in range(n_pairs):
+        for i in range(8):
+            out[16 * p + i] = scales[2 * p]
+            out[16 * p + 8 + i] = scales[2 * p + 1]
+
+
+@njit(cache=True)
+def token_pair_scales(xd, out):
+    """out (T, nb // 2 * 16): each token's block scales xd (T, nb) in matmul_q40_rows' lane layout."""
+    for t in range(xd.shape[0]):
+        _pair_scales(xd[t], xd.shape[1] // 2, out[t])
+
+
+@njit(cache=True)
+def matmul_q40_rows(w, xq, xd, xc, x_scales, scale_table, out, r0, r1):
+    """T tokens, rows r0..r1, one pass over them: rows are unpacked to nibbles (and their scales
+    decoded) once, ROW_GROUP at a time, and stay in L1 while every token streams past them.
+    x_scales is token_pair_scales(xd)."""
+    T, nb = xd.shape
+    n_pairs = nb // 2
+    n = nb * BLOCK_SIZE
+    nibbles = np.empty(ROW_GROUP * n, dtype=np.uint8)
+    scales = np.empty((ROW_GROUP, nb), dtype=np.float32)
+    w_scales = np.empty(ROW_GROUP * n_pairs * LANES, dtype=np.float32)
+    acc = np.empty(ROW_GROUP * LANES, dtype=np.float32)
+    while r0 < r1:
+        group = ROW_GROUP if r1 - r0 >= ROW_GROUP else 1
+        for i in range(group):
+            row = w[r0 + i]
+            for b in range(nb):
+                o = b * Q40_BYTES
+                scales[i, b] = _scale(row, o, scale_table)
+                _unpack_q40_block(row, o + 2, nibbles, i * n + b * BLOCK_SIZE)
+            _pair_scales(scales[i], n_pairs, w_scales[i * n_pairs * LANES:])
+        for t in range(T):
+            if group == ROW_GROUP:
+                _nibble_group_lanes(nibbles, n, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
+            else:
+                _nibble_row_lanes(nibbles, n, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
+            for i in range(group):
+                if nb % 2:
+                    b = nb - 1
+                    o = b * Q40_BYTES
+                    _q40_block(w[r0 + i], o + 2, 0, xq[t], b * BLOCK_SIZE, xc[t], b * 8, scales[i, b] * xd[t, b],
+                               np.float32(0), acc, i * LANES)
+                out[t, r0 + i] = _lane_sum(acc, i * LANES)
+        r0 += group
+
+
+@njit(cache=True)
+def matmul_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1):
+    """q80 weights (rows, nb * 34) x T tokens (T = 1 included), rows r0..r1."""
+    T, nb = xd.shape
+    scales = np.empty(nb, dtype=np.float32)
+    acc = np.empty(T * LANES, dtype=np.float32)
+    for r in range(r0, r1):
+        row = w[r]
+        for b in range(nb):
+            scales[b] = _scale(row, b * Q80_BYTES, scale_table)
+        acc[:] = 0.0
+        for t in range(T):
+            xqt = xq[t]
+            for b in range(0, nb - 1, 2):
+                _s8_pair(row, b * Q80_BYTES + 2, Q80_BYTES, xqt, b * BLOCK_SIZE, xc, 0, scales[b] * xd[t, b],
+                         scales[b + 1] * xd[t, b + 1], acc, t * LANES)
+            if nb % 2:
+                b = nb - 1
+                _s8_block(row, b * Q80_BYTES + 2, 0, xqt, b * BLOCK_SIZE, xc, 0, scales[b] * xd[t, b], np.float32(0),
+                          acc, t * LANES)
+        for t in range(T):
+            out[t, r] = _lane_sum(acc, t * LANES)
+
+
+# The numba-parallel forms: ROWS_PER_TASK rows per task, each through the serial kernel above.
+
+@njit(cache=True, parallel=True)
+def matvec_q40(w, xq, xd, xc, scale_table, out):
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        matvec_q40_rows(w, xq, xd, xc, scale_table, out, task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK))
+
+
+@njit(cache=True, parallel=True)
+def matmul_q40(w, xq, xd, xc, x_scales, scale_table, out):
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        matmul_q40_rows(w, xq, xd, xc, x_scales, scale_table, out, task * ROWS_PER_TASK,
+                        min(rows, (task + 1) * ROWS_PER_TASK))
+
+
+@njit(cache=True, parallel=True)
+def matmul_q80(w, xq, xd, xc, scale_table, out):
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        matmul_q80_rows(w, xq, xd, xc, scale_table, out, task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK))
+
+
+# --------------------------------------------------------------------------------------------
+# f32 weights: the same sums on every CPU. numpy's matmul hands them to BLAS, whose summation
+# order depends on the library and the CPU's vector width (x86 and aarch64 logits differed in
+# the last bits); here product j of a dot goes into lane j % 16, lanes are summed in order.
+
+@njit(cache=True)
+def matmul_f32_rows(w, x, out, r0, r1):
+    """f32 weights (rows, n) x T tokens (T, n) float32 -> out (T, rows), rows r0..r1. Tokens go 4 at
+    a time past each row (one load of the row serves 4 dots: 4x faster prefill), each dot in the
+    one order, so a batch equals token-by-token bit for bit."""
+    T, n = x.shape
+    whole = n - n % LANES
+    acc = np.empty((4, LANES), dtype=np.float32)
+    for r in range(r0, r1):
+        row = w[r]
+        t = 0
+        while t < T:
+            group = 4 if T - t >= 4 else 1
+            acc[:] = 0.0
+            if group == 4:
+                x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+                for j in range(0, whole, LANES):
+                    for i in range(LANES):
+                        v = row[j + i]
+                        acc[0, i] += v * x0[j + i]
+                        acc[1, i] += v * x1[j + i]
+                        acc[2, i] += v * x2[j + i]
+                        acc[3, i] += v * x3[j + i]
+            else:
+                x0 = x[t]
+                for j in range(0, whole, LANES):
+                    for i in range(LANES):
+                        acc[0, i] += row[j + i] * x0[j + i]
+            for k in range(group):
+                xt = x[t + k]
+                total = _lane_sum(acc[k], 0)
+                for j in range(whole, n):
+                    total += row[j] * xt[j]
+                out[t + k, r] = total
+            t += group
+
+
+@njit(cache=True, parallel=True)
+def matmul_f32(w, x, out):
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        matmul_f32_rows(w, x, out, task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK))
+
+
+# --------------------------------------------------------------------------------------------
+# Attention over the KV cache (FORMAT.md §2)
+
+@njit(cache=True, inline="always")
+def _silu_gate(a, b):
+    x = np.float64(a)
+    return x / (1.0 + np.exp(-x)) * b
+
+
+@njit(cache=True)
+def silu_gate_rows(a, b, out, t0, t1):
+    """out = silu(a) * b elementwise for tokens t0..t1, in float64, rounded once to float32 (see model.py)."""
+    for t in range(t0, t1):
+        for i in range(a.shape[1]):
+            out[t, i] = _silu_gate(a[t, i], b[t, i])
+
+
+@njit(cache=True, parallel=True)
+def silu_gate(a, b, out):
+    for t in prange(a.shape[0]):
+        silu_gate_rows(a, b, out, t, t + 1)
+
+
+# fastmath lets LLVM vectorise the float64 sums; their order then varies with the vector width,
+# which float64 absorbs before the float32 rounding of the result
+@njit(cache=True, fastmath=True)
+def attention_tasks(q, k_cache, v_cache, pos0, out, task0, task1):
+    """Heads task0..task1 (numbered t * H + h) of q (T, H, hd), tokens at positions pos0..pos0+T-1;
+    the caches (S, KVH, hd) already hold them.
+
+    out (T, H * hd): per head, softmax(q.k_t / sqrt(hd)) over t <= pos, times v. Sums run in
+    float64 so the float32 result does not depend on their order (see model.py).
+    """
+    T, H, hd = q.shape
+    group = H // k_cache.shape[1]
+    inv_sqrt = 1.0 / np.sqrt(hd)
+    z = np.empty(hd, dtype=np.float64)
+    for task in range(task0, task1):
+        t = task // H
+        h = task % H
+        kv = h // group
+        n = pos0 + t + 1
+        scores = np.empty(n, dtype=np.float64)
+        smax = -np.inf
+        for s in range(n):
+            acc = 0.0
+            for i in range(hd):
+                acc += np.float64(q[t, h, i]) * k_cache[s, kv, i]
+            acc *= inv_sqrt
+            scores[s] = acc
+            smax = max(smax, acc)
+        total = 0.0
+        for s in range(n):
+            e = np.exp(scores[s] - smax)
+            scores[s] = e
+            total += e
+        z[:] = 0.0
+        for s in range(n):
+            a = scores[s] / total
+            for i in range(hd):
+                z[i] += a * v_cache[s, kv, i]
+        for i in range(hd):
+            out[t, h * hd + i] = z[i]
+
+
+@njit(cache=True, parallel=True)
+def attention(q, k_cache, v_cache, pos0, out):
+    n_tasks = q.shape[0] * q.shape[1]
+    for task in prange(n_tasks):
+        attention_tasks(q, k_cache, v_cache, pos0, out, task, task + 1)
+
+
+@njit(cache=True)
+def _pairwise_block(a, start, n):
+    """numpy's float64 sum of a[start:start+n], n <= 128: in 8 running sums (fewer than 8: in order)."""
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += a[start + i]
+        return res
+    r0, r1, r2, r3 = a[start], a[start + 1], a[start + 2], a[start + 3]
+    r4, r5, r6, r7 = a[start + 4], a[start + 5], a[start + 6], a[start + 7]
+    i = 8
+    while i < n - n % 8:
+        j = start + i
+        r0 += a[j]
+        r1 += a[j + 1]
+        r2 += a[j + 2]
+        r3 += a[j + 3]
+        r4 += a[j + 4]
+        r5 += a[j + 5]
+        r6 += a[j + 6]
+        r7 += a[j + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[start + i]
+        i += 1
+    return res
+
+
+def _pairwise_level(below):
+    """numpy's pairwise sum one level up: a run longer than 128 is split in two at a multiple of 8.
+    (Levels, not recursion: numba.pycc cannot compile a recursive function.)"""
+    @njit  # not cached: twelve closures of one name
+    def pairwise(a, start, n):
+        if n <= 128:
+            return _pairwise_block(a, start, n)
+        half = n // 2
+        half -= half % 8
+        return below(a, start, half) + below(a, start + half, n - half)
+    return pairwise
+
+
+_pairwise_sum = _pairwise_block
+for _ in range(12):  # runs up to 128 * 2^12 values
+    _pairwise_sum = _pairwise_level(_pairwise_sum)
+
+
+@njit(cache=True)
+def rmsnorm_token(x, weight, eps, out, squares):
+    """out = x / sqrt(mean(x^2) + eps) * weight for one token, as model.rmsnorm (float64, numpy's sum)."""
+    n = x.shape[0]
+    for i in range(n):
+        v = np.float64(x[i])
+        squares[i] = v * v
+    scale = np.sqrt(_pairwise_sum(squares, 0, n) / n + eps)
+    for i in range(n):
+        out[i] = np.float64(x[i]) / scale * weight[i]

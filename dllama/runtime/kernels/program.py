@@ -1,0 +1,218 @@
+"""Layer programs: a stretch of the forward pass (or a whole token) as one compiled call, run by
+the calling thread and the team's helpers over one table of ops with spin barriers between."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit
+
+from dllama.formats import BLOCK_SIZE
+from dllama.runtime.kernels.ir import _address, _arg1, _arg2, _arg3, _load_acquire, _pointer, _store_release, _yield_cpu
+from dllama.runtime.kernels.math import (
+    _silu_gate,
+    attention_tasks,
+    matmul_f32_rows,
+    matmul_q40_rows,
+    matmul_q80_rows,
+    matvec_q40_rows,
+    quantize_q80_tasks,
+    rmsnorm_token,
+)
+
+# --------------------------------------------------------------------------------------------
+# Layer programs: a stretch of the forward pass (or a whole token) as one compiled call
+#
+# A program is a table of ops, one row each (OP_WORDS int64: kind, barrier-after flag, two
+# parameters, then each array as address and shape like a job row). The calling thread and the
+# team's helpers all run `run_program` over the same rows; each op splits its work by thread index,
+# and a spin barrier follows the ops that the next one depends on, so within a stretch no thread
+# returns to Python. Every op computes what the per-call path computes, in the same order: the
+# same bits (dispatch.Program builds the tables, model.py decides the ops).
+
+OP_WORDS = 64  # 4 words, then up to 15 arrays
+OP_NORM_Q80, OP_MATMUL, OP_FFN_UP, OP_ROPE_KV, OP_ATTENTION, OP_QUANTIZE = range(1, 7)
+W_F32, W_Q40, W_Q80 = range(3)  # op parameter: how a matrix's rows are stored
+BARRIER_STRIDE = 8  # one 64-byte line per thread's barrier word
+
+
+@njit(cache=True, inline="always")
+def _share(n_items, me, n_threads, align):
+    """Thread me's contiguous part [start, stop) of n_items, parts a multiple of align long."""
+    step = (n_items + n_threads - 1) // n_threads
+    step = (step + align - 1) // align * align
+    start = min(n_items, me * step)
+    return start, min(n_items, start + step)
+
+
+@njit(cache=True)
+def _quantize_blocks(x, xq, xd, xc, x_scales, t0, t1, b0, b1):
+    """q80 of blocks b0..b1 (b0, b1 even unless they end the row) of tokens t0..t1, with their pair scales
+    (token_pair_scales) when there are several tokens (the batched q40 kernel reads them)."""
+    T, nb = xd.shape
+    for t in range(t0, t1):
+        quantize_q80_tasks(x, xq, xd, xc, t * nb + b0, t * nb + b1)
+        if T > 1:
+            for p in range(b0 // 2, min(b1, nb - nb % 2) // 2):
+                for i in range(8):
+                    x_scales[t, 16 * p + i] = xd[t, 2 * p]
+                    x_scales[t, 16 * p + 8 + i] = xd[t, 2 * p + 1]
+
+
+@njit(cache=True)
+def _matmul(kind, w, xq, xd, xc, x_scales, scale_table, xf, out, r0, r1):
+    """Rows r0..r1 of out = x . w^T with w stored as `kind` (W_*); w is the uint8 view of the rows."""
+    if kind == W_F32:
+        wf = numba.carray(_pointer(_address(w), np.float32), (w.shape[0], w.shape[1] // 4))
+        matmul_f32_rows(wf, xf, out, r0, r1)
+    elif kind == W_Q40 and xq.shape[0] == 1:
+        matvec_q40_rows(w, xq[0], xd[0], xc[0], scale_table, out[0], r0, r1)
+    elif kind == W_Q40:
+        matmul_q40_rows(w, xq, xd, xc, x_scales, scale_table, out, r0, r1)
+    else:
+        matmul_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1)
+
+
+@njit(cache=True)
+def _op_norm_q80(op, me, n_threads):
+    """Arrays x, weight, eps (1,) f64, y, xq, xd, xc, x_scales, squares (n,) f64: y = rmsnorm(x), then q80
+    (parameter 0: quantize). Split by tokens."""
+    x, weight, y = _arg2(op, 0, np.float32), _arg1(op, 1, np.float32), _arg2(op, 3, np.float32)
+    eps = _arg1(op, 2, np.float64)[0]
+    n = x.shape[1]
+    squares = numba.carray(_pointer(_address(_arg1(op, 8, np.float64)) + 8 * n * me, np.float64), (n,))
+    t0, t1 = _share(x.shape[0], me, n_threads, 1)
+    for t in range(t0, t1):
+        rmsnorm_token(x[t], weight, eps, y[t], squares)
+    if op[2]:
+        _quantize_blocks(y, _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32),
+                         _arg2(op, 7, np.float32), t0, t1, 0, n // BLOCK_SIZE)
+
+
+@njit(cache=True)
+def _op_matmul(op, me, n_threads):
+    """Arrays w (rows, row bytes) u8, xq, xd, xc, x_scales, scale_table, xf, out, residual: out = x . w^T
+    (parameter 0: W_*), and residual += out when parameter 1 (the residual add, fused). Split by rows."""
+    w, out = _arg2(op, 0, np.uint8), _arg2(op, 7, np.float32)
+    r0, r1 = _share(w.shape[0], me, n_threads, 16)
+    _matmul(op[2], w, _arg2(op, 1, np.int8), _arg2(op, 2, np.float32), _arg2(op, 3, np.int32),
+            _arg2(op, 4, np.float32), _arg1(op, 5, np.float32), _arg2(op, 6, np.float32), out, r0, r1)
+    if op[3]:
+        residual = _arg2(op, 8, np.float32)
+        for t in range(out.shape[0]):
+            for r in range(r0, r1):
+                residual[t, r] += out[t, r]
+
+
+@njit(cache=True)
+def _op_ffn_up(op, me, n_threads):
+    """Arrays w1, w3, xq, xd, xc, x_scales, scale_table, xf, h1, h3, hq, hd, hc, h_scales: h1 = silu(x . w1^T)
+    * (x . w3^T), then its q80 when the weights are quantized. Split by rows, whole block pairs each."""
+    w1, w3, h1, h3 = _arg2(op, 0, np.uint8), _arg2(op, 1, np.uint8), _arg2(op, 8, np.float32), _arg2(op, 9, np.float32)
+    xq, xd, xc = _arg2(op, 2, np.int8), _arg2(op, 3, np.float32), _arg2(op, 4, np.int32)
+    x_scales, scale_table, xf = _arg2(op, 5, np.float32), _arg1(op, 6, np.float32), _arg2(op, 7, np.float32)
+    r0, r1 = _share(w1.shape[0], me, n_threads, 2 * BLOCK_SIZE)
+    _matmul(op[2], w1, xq, xd, xc, x_scales, scale_table, xf, h1, r0, r1)
+    _matmul(op[2], w3, xq, xd, xc, x_scales, scale_table, xf, h3, r0, r1)
+    for t in range(h1.shape[0]):
+        for r in range(r0, r1):
+            h1[t, r] = _silu_gate(h1[t, r], h3[t, r])
+    if op[2] != W_F32:
+        _quantize_blocks(h1, _arg2(op, 10, np.int8), _arg2(op, 11, np.float32), _arg2(op, 12, np.int32),
+                         _arg2(op, 13, np.float32), 0, h1.shape[0],
+                         r0 // BLOCK_SIZE, (r1 + BLOCK_SIZE - 1) // BLOCK_SIZE)
+
+
+@njit(cache=True)
+def _rotate(x, out, cos, sin, falcon):
+    """out = x (one head) rotated, as model.Rope: llama pairs (2i, 2i+1), falcon (i, i + hd/2); float64."""
+    half = x.shape[0] // 2
+    for i in range(half):
+        ia, ib = (i, i + half) if falcon else (2 * i, 2 * i + 1)
+        a, b = np.float64(x[ia]), np.float64(x[ib])
+        out[ia] = a * cos[i] - b * sin[i]
+        out[ib] = a * sin[i] + b * cos[i]
+
+
+@njit(cache=True)
+def _op_rope_kv(op, pos, me, n_threads):
+    """Arrays q (T, H, hd), k, v (T, KVH, hd), k_cache, v_cache (S, KVH, hd), cos, sin (S, hd/2) f64: q
+    rotated in place, rotated k and v into the caches at pos.. (parameter 0: falcon). Split by heads."""
+    q, k, v = _arg3(op, 0, np.float32), _arg3(op, 1, np.float32), _arg3(op, 2, np.float32)
+    k_cache, v_cache = _arg3(op, 3, np.float32), _arg3(op, 4, np.float32)
+    cos, sin = _arg2(op, 5, np.float64), _arg2(op, 6, np.float64)
+    T, H, _ = q.shape
+    KVH = k.shape[1]
+    task0, task1 = _share(T * (H + KVH), me, n_threads, 1)
+    for task in range(task0, task1):
+        t, j = task // (H + KVH), task % (H + KVH)
+        if j < H:
+            _rotate(q[t, j], q[t, j], cos[pos + t], sin[pos + t], op[2])
+        else:
+            _rotate(k[t, j - H], k_cache[pos + t, j - H], cos[pos + t], sin[pos + t], op[2])
+            v_cache[pos + t, j - H] = v[t, j - H]
+
+
+@njit(cache=True)
+def _op_attention(op, pos, me, n_threads):
+    """Arrays q (T, H, hd), k_cache, v_cache, z (T, H * hd), zq, zd, zc, z_scales: attention_tasks, and the
+    q80 of each head's output blocks when parameter 0 (head_dim a multiple of 64). Split by (token, head)."""
+    q, z = _arg3(op, 0, np.float32), _arg2(op, 3, np.float32)
+    T, H, hd = q.shape
+    task0, task1 = _share(T * H, me, n_threads, 1)
+    attention_tasks(q, _arg3(op, 1, np.float32), _arg3(op, 2, np.float32), pos, z, task0, task1)
+    if op[2]:
+        zq, zd, zc, z_scales = _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32), _arg2(op, 7,
+                                                                                                       np.float32)
+        per_head = hd // BLOCK_SIZE
+        for task in range(task0, task1):
+            t, h = task // H, task % H
+            _quantize_blocks(z, zq, zd, zc, z_scales, t, t + 1, h * per_head, (h + 1) * per_head)
+
+
+@njit(cache=True)
+def _op_quantize(op, me, n_threads):
+    """Arrays x, xq, xd, xc, x_scales: q80 of x (and pair scales for several tokens). Split by block pairs."""
+    xd = _arg2(op, 2, np.float32)
+    b0, b1 = _share(xd.shape[1], me, n_threads, 2)
+    _quantize_blocks(_arg2(op, 0, np.float32), _arg2(op, 1, np.int8), xd, _arg2(op, 3, np.int32),
+                     _arg2(op, 4, np.float32), 0, xd.shape[0], b0, b1)
+
+
+SPINS_BEFORE_YIELD = 1 << 14  # ~10 us of reads: longer waits are a preempted thread, not a slower one
+
+
+@njit(cache=True)
+def _barrier(flags, me, n_threads, phase):
+    """Wait until every thread has reached barrier number `phase` (each writes only its own word)."""
+    _store_release(flags, me * BARRIER_STRIDE, phase)
+    for j in range(n_threads):
+        spins = 0
+        while _load_acquire(flags, j * BARRIER_STRIDE) < phase:
+            spins += 1
+            if spins > SPINS_BEFORE_YIELD:
+                _yield_cpu()
+
+
+@njit(cache=True)
+def run_program(ops, op0, op1, state, flags, phase, me, n_threads):
+    """Thread me's part of ops op0..op1 (state[0]: the position of the first token). `phase` is the
+    barrier count before this run, the same on every thread (dispatch.Team keeps it)."""
+    pos = state[0]
+    for i in range(op0, op1):
+        op = ops[i]
+        kind = op[0]
+        if kind == OP_NORM_Q80:
+            _op_norm_q80(op, me, n_threads)
+        elif kind == OP_MATMUL:
+            _op_matmul(op, me, n_threads)
+        elif kind == OP_FFN_UP:
+            _op_ffn_up(op, me, n_threads)
+        elif kind == OP_ROPE_KV:
+            _op_rope_kv(op, pos, me, n_threads)
+        elif kind == OP_ATTENTION:
+            _op_attention(op, pos, me, n_threads)
+        elif kind == OP_QUANTIZE:
+            _op_quantize(op, me, n_threads)
+        if op[1] and n_threads > 1:
+            phase += 1
+            _barrier(flags, me, n_threads, phase)
