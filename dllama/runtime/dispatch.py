@@ -307,18 +307,10 @@ class Team:
                 kernel(*args, *r)
             return
         try:
-            for i in range(self.n_helpers):
-                if i + 1 < len(ranges):
-                    describe(self.jobs[i], *args, *ranges[i + 1])
-                else:
-                    self.jobs[i, 0] = 0  # kernels.NO_JOB
-            self.number += 1
-            self.m.publish(self.job_number, self.number)
-            with self.wake:
-                self.wake.notify_all()
-            kernel(*args, *ranges[0])
-            while not self.m.spin_until_all_equal(self.finished, self.n_helpers, self.number, self.SPINS):
-                pass
+            def describe_helper(i: int) -> None:
+                describe(self.jobs[i], *args, *ranges[i + 1])
+
+            self._run_with_helpers(len(ranges) - 1, describe_helper, lambda: kernel(*args, *ranges[0]))
         finally:
             self.busy.release()
 
@@ -328,21 +320,31 @@ class Team:
             self.m.run_program(ops, op0, op1, state, _SOLO_FLAGS, 0, 0, 1)
             return
         try:
-            for i in range(self.n_helpers):
-                if i + 1 < n_threads:
-                    self.m.job_program(self.jobs[i], ops, state, self.barriers, op0, op1, self.phase, i + 1, n_threads)
-                else:
-                    self.jobs[i, 0] = 0  # kernels.NO_JOB
-            self.number += 1
-            self.m.publish(self.job_number, self.number)
-            with self.wake:
-                self.wake.notify_all()
-            self.m.run_program(ops, op0, op1, state, self.barriers, self.phase, 0, n_threads)
-            while not self.m.spin_until_all_equal(self.finished, self.n_helpers, self.number, self.SPINS):
-                pass
+            def describe_helper(i: int) -> None:
+                self.m.job_program(self.jobs[i], ops, state, self.barriers, op0, op1, self.phase, i + 1, n_threads)
+
+            self._run_with_helpers(n_threads - 1, describe_helper,
+                                   lambda: self.m.run_program(ops, op0, op1, state, self.barriers, self.phase, 0,
+                                                              n_threads))
             self.phase += n_barriers
         finally:
             self.busy.release()
+
+    def _run_with_helpers(self, n_jobs: int, describe_helper, run_here) -> None:
+        """Describe jobs for the first n_jobs helpers (the others get none), wake them, run this
+        thread's part, and wait until every helper has finished."""
+        for i in range(self.n_helpers):
+            if i < n_jobs:
+                describe_helper(i)
+            else:
+                self.jobs[i, 0] = 0  # kernels.NO_JOB
+        self.number += 1
+        self.m.publish(self.job_number, self.number)
+        with self.wake:
+            self.wake.notify_all()
+        run_here()
+        while not self.m.spin_until_all_equal(self.finished, self.n_helpers, self.number, self.SPINS):
+            pass
 
     def stop(self) -> None:
         """End the helper threads (after any job in progress)."""

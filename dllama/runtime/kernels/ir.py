@@ -173,6 +173,13 @@ def _unpack_q40_block(typingctx, w, w_off, out, out_off):
     return sig, codegen
 
 
+def _store_lanes(builder, acc_data, lanes, lanes_ty):
+    """Each row's accumulator lanes (kept in registers over the blocks) into acc[row * LANES:]."""
+    for i, lane in enumerate(lanes):
+        ptr = builder.bitcast(builder.gep(acc_data, [_const(_i64, LANES * i)]), lanes_ty.as_pointer())
+        builder.store(builder.load(lane), ptr, align=4)
+
+
 def _rows_lanes_kernel(n_rows: int):
     """acc[16i:+16] = the lanes of row i < n_rows (pre-unpacked nibbles) times one token.
 
@@ -207,9 +214,7 @@ def _rows_lanes_kernel(n_rows: int):
                     quads = _quad_sums(builder, a, xv, init, a_unsigned=True)
                     term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
                     builder.store(builder.fadd(builder.load(lanes[i]), term), lanes[i])
-            for i in range(n_rows):
-                ptr = builder.bitcast(builder.gep(acc_d, [_const(_i64, LANES * i)]), lanes_ty.as_pointer())
-                builder.store(builder.load(lanes[i]), ptr, align=4)
+            _store_lanes(builder, acc_d, lanes, lanes_ty)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -266,9 +271,7 @@ def _packed_rows_kernel(n_rows: int):
                     w_scale = _splat_halves(builder, [scale(base), scale(builder.add(base, _const(_i64, Q40_BYTES)))])
                     term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
                     builder.store(builder.fadd(builder.load(lanes[i]), term), lanes[i])
-            for i in range(n_rows):
-                ptr = builder.bitcast(builder.gep(acc_d, [_const(_i64, LANES * i)]), lanes_ty.as_pointer())
-                builder.store(builder.load(lanes[i]), ptr, align=4)
+            _store_lanes(builder, acc_d, lanes, lanes_ty)
             return context.get_dummy_value()
 
         return sig, codegen
