@@ -26,10 +26,8 @@ def serve_command(
     max_seq_len: int = typer.Option(DEFAULT_MAX_SEQ_LEN, min=2,
                                     help="context (KV cache) positions, prompt and answer together"),
     nthreads: Optional[int] = typer.Option(None, help="compute threads on this node"),
-    workers: Optional[str] = typer.Option(None, help="run as the root of a cluster: host:port,host:port,..."),
-    buffer_float_type: Optional[str] = typer.Option(
-        None, help="q80 or f32 partials: on the wire with --workers (default q80 for q40/q80 models), on one node "
-                   "f32 unless q80 is asked for"),
+    workers: Optional[str] = options.WORKERS,
+    buffer_float_type: Optional[str] = options.BUFFER_FLOAT_TYPE,
     weights: Optional[str] = options.WEIGHTS,
     root_compute: str = options.ROOT_COMPUTE,
 ) -> None:
