@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from dllama.formats import FormatError, ModelFile, ModelHeader, parse_model_header, tensor_layout
+from dllama.formats import FormatError, ModelFile, ModelHeader, parse_model_header
 from dllama.runtime import dispatch
 from dllama.runtime.distributed.exchange import (
     decode_partial,
@@ -43,10 +43,17 @@ from dllama.runtime.distributed.exchange import (
     sum_partials,
 )
 from dllama.runtime.distributed.node_memory import shard_tensors
-from dllama.runtime.distributed.probe import NodeInfo, auto_weights, node_info
-from dllama.runtime.distributed.protocol import WEIGHT_CHUNK, BufferType, as_float32, model_identity
-from dllama.runtime.distributed.root import Traffic, WorkerError, exchange_type, fixed_weights
-from dllama.runtime.distributed.slices import _slice_chunks, load_local_slices  # the TCP root's slice reader
+from dllama.runtime.distributed.probe import NodeInfo, node_info
+from dllama.runtime.distributed.protocol import BufferType, model_identity
+from dllama.runtime.distributed.root import (
+    Traffic,
+    WorkerError,
+    asks_auto_weights,
+    exchange_type,
+    fixed_weights,
+    measured_weights,
+)
+from dllama.runtime.distributed.slices import load_local_slices, read_slice_chunks
 from dllama.runtime.distributed.weights import node_weights
 from dllama.runtime.engine import Engine, EngineError
 from dllama.runtime.model import NodeLayers
@@ -139,8 +146,8 @@ def refusal(statuses: list[RankStatus], model_path: Path) -> str | None:
 
 def cluster_split(h: ModelHeader, statuses: list[RankStatus], weights: str | None, root_compute: str) -> ClusterSplit:
     n = len(statuses)
-    if isinstance(weights, str) and weights.strip().lower() == "auto":
-        return ClusterSplit.plan(h, n, as_float32(auto_weights([s.info for s in statuses], root_compute != "none")))
+    if asks_auto_weights(weights):
+        return ClusterSplit.plan(h, n, measured_weights([s.info for s in statuses], root_compute))
     return ClusterSplit.plan(h, n, fixed_weights(n, weights, root_compute))
 
 
@@ -444,17 +451,11 @@ def rank_layers(setup: RankSetup) -> tuple[NodeLayers, MpiExchange]:
 
 
 def stream_slices_to_ranks(comm, model_path: Path, h: ModelHeader, split: ClusterSplit) -> None:
-    """Rank 0 sends every other rank exactly its slices, read with pread a chunk at a time (as the TCP
-    root streams them: slices._slice_chunks), in the order `receive_slices` expects them."""
-    offsets = [t.offset for t in tensor_layout(h)]
-    fd = os.open(model_path, os.O_RDONLY)
-    try:
-        for share in split.nodes[1:]:
-            for index, spec in shard_tensors(h, share):
-                for _, data in _slice_chunks(fd, offsets[index], share.geometry(spec), WEIGHT_CHUNK):
-                    comm.Send(np.frombuffer(data, dtype=np.uint8), dest=share.node, tag=WEIGHTS_TAG)
-    finally:
-        os.close(fd)
+    """Rank 0 sends every other rank exactly its slices, read as the TCP root reads them
+    (slices.read_slice_chunks), in the order `receive_slices` expects them."""
+    for share in split.nodes[1:]:
+        for _, _, data in read_slice_chunks(model_path, h, share):
+            comm.Send(np.frombuffer(data, dtype=np.uint8), dest=share.node, tag=WEIGHTS_TAG)
 
 
 def receive_slices(comm, h: ModelHeader, share: NodeShare) -> dict[str, np.ndarray]:

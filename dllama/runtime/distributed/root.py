@@ -238,6 +238,15 @@ def measure_weights(workers: list[tuple[str, int]], root_compute: str = "all", n
         for link in links:
             if link.sock is not None:
                 link.sock.close()
+    return measured_weights(infos, root_compute)
+
+
+def asks_auto_weights(weights: Sequence[float] | str | None) -> bool:
+    return isinstance(weights, str) and weights.strip().lower() == "auto"
+
+
+def measured_weights(infos: list, root_compute: str) -> tuple[float, ...]:
+    """One weight per node (float32, as a HELLO carries them) from each node's probed memory and speed."""
     return as_float32(auto_weights(infos, root_compute != "none"))
 
 
@@ -267,7 +276,7 @@ class DistributedEngine(Engine):
         model = ModelFile(model_path)
         h = model.header
         n_nodes = 1 + len(workers)
-        self.auto_weights = isinstance(weights, str) and weights.strip().lower() == "auto"
+        self.auto_weights = asks_auto_weights(weights)
         # a bad split is refused before connecting to anyone (with auto weights: the node count)
         self.split = ClusterSplit.plan(h, n_nodes, fixed_weights(n_nodes, None if self.auto_weights else weights,
                                                                   root_compute))
@@ -315,8 +324,7 @@ class DistributedEngine(Engine):
             open_link(link)
         if self.auto_weights:
             infos = [node_info(nthreads)] + [probe_link(link, self.log) for link in self.links]
-            self.split = ClusterSplit.plan(self.model_file.header, self.n_nodes,
-                                           as_float32(auto_weights(infos, root_compute != "none")))
+            self.split = ClusterSplit.plan(self.model_file.header, self.n_nodes, measured_weights(infos, root_compute))
         for share in self.split.nodes:
             self.log(f"node {share.node}: {share.describe()}")
         self._handshake_all(max_seq_len, opened=True)

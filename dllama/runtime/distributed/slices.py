@@ -85,20 +85,26 @@ def _drop_cache(fd: int, offset: int, length: int) -> None:
 def stream_slices(sock: socket.socket, model_path: str | os.PathLike, header: ModelHeader, share: NodeShare,
                   chunk: int = WEIGHT_CHUNK) -> int:
     """Send node `share.node` every slice it holds (WEIGHTS frames, then WEIGHTS_DONE). Returns bytes sent."""
-    offsets = [t.offset for t in tensor_layout(header)]
     sent = 0
+    for index, at, data in read_slice_chunks(model_path, header, share, chunk):
+        sent += send_frame(sock, Frame.WEIGHTS, WEIGHTS_HEAD.pack(index, at), data)
+    return sent + send_frame(sock, Frame.WEIGHTS_DONE)
+
+
+def read_slice_chunks(model_path: str | os.PathLike, header: ModelHeader, share: NodeShare,
+                      chunk: int = WEIGHT_CHUNK) -> Iterator[tuple[int, int, memoryview]]:
+    """(tensor index, offset in its slice, bytes) for every slice node `share.node` holds, in
+    shard_tensors order, read with pread into one reused buffer (use each chunk before the next)."""
+    offsets = [t.offset for t in tensor_layout(header)]
     fd = os.open(model_path, os.O_RDONLY)
     try:
         for index, spec in shard_tensors(header, share):
-            geo = share.geometry(spec)
-            for at, data in _slice_chunks(fd, offsets[index], geo, chunk):
-                sent += send_frame(sock, Frame.WEIGHTS, WEIGHTS_HEAD.pack(index, at), data)
+            for at, data in _slice_chunks(fd, offsets[index], share.geometry(spec), chunk):
+                yield index, at, data
             if spec.split != Split.WHOLE:
                 _drop_cache(fd, offsets[index], spec.nbytes)
-        sent += send_frame(sock, Frame.WEIGHTS_DONE)
     finally:
         os.close(fd)
-    return sent
 
 
 class SliceReceiver:
