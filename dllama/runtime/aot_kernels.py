@@ -40,7 +40,7 @@ EXPORTS = {  # kernel in the kernels package -> its one signature in the compile
     "quantize_q80_tasks": "void(f4[:, ::1], i1[:, ::1], f4[:, ::1], i4[:, ::1], i8, i8)",
     "q80_roundtrip": "void(f4[:, ::1])",
     "matvec_q40_rows": f"void({_W}, i1[::1], f4[::1], i4[::1], f4[::1], f4[::1], i8, i8)",
-    "token_pair_scales": "void(f4[:, ::1], f4[:, ::1])",
+    "token_lanes": "void(i1[:, ::1], f4[:, ::1], f4[:, ::1])",
     "matmul_q40_rows": f"void({_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
     "matmul_q80_rows": f"void({_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
     "matmul_f32_rows": "void(f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",

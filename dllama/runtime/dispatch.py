@@ -19,7 +19,7 @@ import numpy as np
 
 from dllama.errors import DllamaError
 from dllama.formats import BLOCK_SIZE
-from dllama.runtime.cpu import KERNEL_PATHS
+from dllama.runtime.cpu import KERNEL_PATHS, token_lanes_shape
 
 # f16 bits -> float32, so kernels decode block scales with one lookup (numba has no CPU half);
 # aarch64's numpy warns about the NaN patterns in the cast (x86's does not): they stay NaN
@@ -189,7 +189,7 @@ class JitKernels:
         self.k.matvec_q40(w, xq, xd, xc, F16_TO_F32, out)
 
     def matmul_q40(self, w, xq, xd, xc, out):
-        self.k.matmul_q40(w, xq, xd, xc, _pair_scales(self.k, xd), F16_TO_F32, out)
+        self.k.matmul_q40(w, xq, xd, xc, _token_lanes(self.k, self.path, xq, xd), F16_TO_F32, out)
 
     def matmul_q80(self, w, xq, xd, xc, out):
         self.k.matmul_q80(w, xq, xd, xc, F16_TO_F32, out)
@@ -225,7 +225,7 @@ class CompiledKernels:
                     work_per_item=xq.shape[0])
 
     def matmul_q40(self, w, xq, xd, xc, out):
-        args = (_rows(w), xq, xd, xc, _pair_scales(self.m, xd), F16_TO_F32, out)
+        args = (_rows(w), xq, xd, xc, _token_lanes(self.m, self.path, xq, xd), F16_TO_F32, out)
         self._split("matmul_q40_rows", "job_matmul_q40", args, w.shape[0], work_per_item=xq.size)
 
     def matmul_q80(self, w, xq, xd, xc, out):
@@ -364,10 +364,10 @@ class Team:
                     self.wake.wait()
 
 
-def _pair_scales(kernels, xd: np.ndarray) -> np.ndarray:
-    """The x_scales argument of matmul_q40: xd's block scales in the kernels' lane layout."""
-    out = np.empty((xd.shape[0], xd.shape[1] // 2 * 16), dtype=np.float32)
-    kernels.token_pair_scales(xd, out)
+def _token_lanes(kernels, path: str, xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
+    """The x_lanes argument of matmul_q40: the tokens in the batched kernel's layout (kernels.token_lanes)."""
+    out = np.zeros(token_lanes_shape(path, *xq.shape), dtype=np.float32)
+    kernels.token_lanes(xq, xd, out)
     return out
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from dllama.formats import FloatType, ModelFile, ModelHeader, RopeType, Split
 from dllama.runtime import dispatch
+from dllama.runtime.cpu import token_lanes_shape
 from dllama.runtime.split import ClusterSplit, NodeShare
 from dllama.runtime.tensors import Matrix
 
@@ -407,13 +408,17 @@ class CompiledPass:
 
 
 def q80_buffers(T: int, n: int) -> tuple[np.ndarray, ...]:
-    """xq, xd, xc (tensors.QuantizedInput) and the batched q40 kernel's pair scales, for T tokens of n values."""
+    """xq, xd, xc (tensors.QuantizedInput) and the batched q40 kernel's x_lanes (kernels.token_lanes), for
+    T tokens of n values."""
     return (np.zeros((T, n), np.int8), np.zeros((T, n // 32), np.float32), np.zeros((T, n // 4), np.int32),
-            np.zeros((T, n // 64 * 16), np.float32))
+            np.zeros(token_lanes_shape(dispatch.kernel_path(), T, n), np.float32))
 
 
 def tokens(buffers: tuple[np.ndarray, ...], T: int) -> tuple[np.ndarray, ...]:
-    return tuple(b[:T] for b in buffers)
+    """The first T tokens of q80_buffers (x_lanes: the groups that hold them)."""
+    xq, xd, xc, x_lanes = buffers
+    groups = token_lanes_shape(dispatch.kernel_path(), T, xq.shape[1])[0]
+    return xq[:T], xd[:T], xc[:T], x_lanes[:groups]
 
 
 def weight_bytes(m: Matrix) -> np.ndarray:

@@ -45,7 +45,7 @@ from dllama.runtime.kernels.math import (
                                           rmsnorm_token,
                                           silu_gate,
                                           silu_gate_rows,
-                                          token_pair_scales,
+                                          token_lanes,
 )
 from dllama.runtime.kernels.program import OP_WORDS, run_program
 from dllama.runtime.kernels.team import (
@@ -71,5 +71,5 @@ __all__ = [
     "job_quantize", "job_silu_gate", "kernel_path_code", "matmul_f32", "matmul_f32_rows", "matmul_q40",
     "matmul_q40_rows", "matmul_q80", "matmul_q80_rows", "matvec_q40", "matvec_q40_rows", "publish", "q80_roundtrip",
     "quantize_q80", "quantize_q80_tasks", "rmsnorm_token", "run_program", "silu_gate", "silu_gate_rows",
-    "spin_until_all_equal", "spin_until_changed", "team_helper", "token_pair_scales",
+    "spin_until_all_equal", "spin_until_changed", "team_helper", "token_lanes",
 ]

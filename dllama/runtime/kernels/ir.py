@@ -12,7 +12,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from dllama.formats import Q40_BYTES
-from dllama.runtime.cpu import KERNEL_PATHS, is_aarch64
+from dllama.runtime.cpu import KERNEL_PATHS, is_aarch64, token_lanes
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 LANES = 16  # float32 accumulator lanes per (row, token), see "Quantized matmuls" below
@@ -158,16 +158,87 @@ _q40_pair, _q40_block = _block_kernel("q40", True), _block_kernel("q40", False)
 _s8_pair, _s8_block = _block_kernel("s8", True), _block_kernel("s8", False)
 
 
+# The batched q40 kernel keeps tokens in the vector lanes: TOKEN_LANES tokens side by side, one
+# vector per accumulator lane of the block layout above, so one (d_w * d_x) vector serves a block's 8
+# quads and a row's weights are one broadcast per quad. On VNNI the tokens' int8 values are stored
+# biased by +128 (vpdpbusd multiplies unsigned by signed) and the row's quads carry the correction.
+TOKEN_LANES = token_lanes(KERNEL_PATH)
+X_BIAS = 128 if VNNI512 else 0
+
+
+def _splat(builder, value, n):
+    v = builder.insert_element(ir.Constant(_vec(value.type, n), ir.Undefined), value, _const(_i32, 0))
+    return builder.shuffle_vector(v, v, _const(_vec(_i32, n), [0] * n))
+
+
 @intrinsic
-def _unpack_q40_block(typingctx, w, w_off, out, out_off):
-    """out[out_off:+32] = the 32 nibbles (u8, value order) of the q40 block whose 16 bytes are at w[w_off]."""
-    sig = types.void(w, w_off, out, out_off)
+def _unpack_q40_signed(typingctx, w, w_off, wq, wq_off, corr, corr_off):
+    """wq[wq_off:+32] = the q40 block at w[w_off] (its 16 packed bytes) as int8 values -8..7, and
+    corr[corr_off:+8] = -X_BIAS * the sums of its 8 quads (what the biased tokens add)."""
+    sig = types.void(w, w_off, wq, wq_off, corr, corr_off)
 
     def codegen(context, builder, sig, args):
-        w, w_off, out, out_off = args
+        w, w_off, wq, wq_off, corr, corr_off = args
         nibbles = _nibbles(builder, _load(builder, _data(context, builder, sig.args[0], w), w_off, _vec(_i8, 16)))
-        ptr = builder.gep(_data(context, builder, sig.args[2], out), [out_off])
-        builder.store(nibbles, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
+        values = builder.sub(nibbles, _const(_vec(_i8, 32), [8] * 32))
+        ptr = builder.gep(_data(context, builder, sig.args[2], wq), [wq_off])
+        builder.store(values, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
+        ones = _const(_vec(_i8, 32), [1] * 32)
+        sums = _quad_sums(builder, ones, values, _const(_vec(_i32, 8), [0] * 8), a_unsigned=True)
+        corrections = builder.mul(sums, _const(_vec(_i32, 8), [-X_BIAS] * 8))
+        ptr = builder.gep(_data(context, builder, sig.args[4], corr), [corr_off])
+        builder.store(corrections, builder.bitcast(ptr, _vec(_i32, 8).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _token_lanes_row(typingctx, wq, corr, dw, x_lanes, nb, out):
+    """out[:TOKEN_LANES] = one row times TOKEN_LANES tokens, each token's 16 lanes summed in order.
+
+    The row: wq (n,) int8 values, corr (n/4,) int32 and dw (nb,) float32 block scales
+    (_unpack_q40_signed). The tokens: x_lanes, one group of math.token_lanes: per quad g, the
+    tokens' 4 int8 values side by side (X_BIAS added), then per block b their scales d_x.
+    Per block b, lane 8 * (b % 2) + k of every token += f32(quad k) * f32(d_w * d_x): the
+    operations of `_q40_pair` in its order, so every kernel gives the same bits.
+    """
+    sig = types.void(wq, corr, dw, x_lanes, nb, out)
+
+    def codegen(context, builder, sig, args):
+        wq, corr, dw, x_lanes, nb, out = args
+        w_d, c_d, dw_d, x_d, out_d = (_data(context, builder, sig.args[i], v) for i, v in
+                                      ((0, wq), (1, corr), (2, dw), (3, x_lanes), (5, out)))
+        n_tok = TOKEN_LANES
+        fty = _vec(_f32, n_tok)
+        x_bytes = builder.bitcast(x_d, _i8.as_pointer())
+        x_scales = builder.gep(x_d, [builder.mul(nb, _const(_i64, 8 * n_tok))])  # after nb * 8 quads of tokens
+        w_quads = builder.bitcast(w_d, _i32.as_pointer())
+        lanes = [cgutils.alloca_once_value(builder, _const(fty, [0.0] * n_tok)) for _ in range(LANES)]
+
+        def block(b, lane0):
+            scale = builder.fmul(_splat(builder, builder.load(builder.gep(dw_d, [b])), n_tok),
+                                 _load(builder, x_scales, builder.mul(b, _const(_i64, n_tok)), fty, align=4))
+            for k in range(8):
+                g = builder.add(builder.mul(b, _const(_i64, 8)), _const(_i64, k))
+                w4 = builder.bitcast(_splat(builder, builder.load(builder.gep(w_quads, [g])), n_tok),
+                                     _vec(_i8, 4 * n_tok))
+                init = _splat(builder, builder.load(builder.gep(c_d, [g])), n_tok)
+                xv = _load(builder, x_bytes, builder.mul(g, _const(_i64, 4 * n_tok)), _vec(_i8, 4 * n_tok))
+                quads = _quad_sums(builder, xv, w4, init, a_unsigned=X_BIAS != 0)
+                lane = lanes[lane0 + k]
+                builder.store(builder.fadd(builder.load(lane), builder.fmul(builder.sitofp(quads, fty), scale)), lane)
+
+        with cgutils.for_range(builder, builder.udiv(nb, _const(_i64, 2))) as loop:
+            b = builder.mul(loop.index, _const(_i64, 2))
+            block(b, 0)
+            block(builder.add(b, _const(_i64, 1)), 8)
+        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nb, _const(_i64, 2)), _const(_i64, 0))):
+            block(builder.sub(nb, _const(_i64, 1)), 0)
+        total = _const(fty, [0.0] * n_tok)
+        for lane in lanes:
+            total = builder.fadd(total, builder.load(lane))
+        builder.store(total, builder.bitcast(out_d, fty.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -178,54 +249,6 @@ def _store_lanes(builder, acc_data, lanes, lanes_ty):
     for i, lane in enumerate(lanes):
         ptr = builder.bitcast(builder.gep(acc_data, [_const(_i64, LANES * i)]), lanes_ty.as_pointer())
         builder.store(builder.load(lane), ptr, align=4)
-
-
-def _rows_lanes_kernel(n_rows: int):
-    """acc[16i:+16] = the lanes of row i < n_rows (pre-unpacked nibbles) times one token.
-
-    The batched kernel's inner loop, in IR so the lanes stay in registers and one load of the
-    token's values serves n_rows rows: per block pair p, quad sums of nib[i * row_len + 64p:+64] (u8)
-    with x[64p:+64] (init xc[16p:+16], the -8 correction), converted, times w_scales[i] pair
-    vector ([d_w(2p)] * 8 + [d_w(2p+1)] * 8) times x_scales likewise, added: the operations of
-    `_q40_pair`, in its order, so every kernel gives the same bits.
-    """
-    def typer(typingctx, nib, row_len, w_scales, x, xc, x_scales, n_pairs, acc):
-        sig = types.void(nib, row_len, w_scales, x, xc, x_scales, n_pairs, acc)
-
-        def codegen(context, builder, sig, args):
-            nib, row_len, w_scales, x, xc, x_scales, n_pairs, acc = args
-            nib_d, ws_d, x_d, xc_d, xs_d, acc_d = (_data(context, builder, sig.args[i], v) for i, v in
-                                                   ((0, nib), (2, w_scales), (3, x), (4, xc), (5, x_scales), (7, acc)))
-            lanes_ty = _vec(_f32, LANES)
-            lanes = [cgutils.alloca_once_value(builder, _const(lanes_ty, [0.0] * LANES)) for _ in range(n_rows)]
-            row_bytes = row_len
-            row_scales = builder.mul(n_pairs, _const(_i64, 16))
-            with cgutils.for_range(builder, n_pairs) as loop:
-                p = loop.index
-                v64 = builder.mul(p, _const(_i64, 64))
-                v16 = builder.mul(p, _const(_i64, 16))
-                xv = _load(builder, x_d, v64, _vec(_i8, 64))
-                init = _load(builder, xc_d, v16, _vec(_i32, 16), align=4)
-                x_scale = _load(builder, xs_d, v16, lanes_ty, align=4)
-                for i in range(n_rows):
-                    a = _load(builder, nib_d, builder.add(builder.mul(row_bytes, _const(_i64, i)), v64), _vec(_i8, 64))
-                    scale_at = builder.add(builder.mul(row_scales, _const(_i64, i)), v16)
-                    w_scale = _load(builder, ws_d, scale_at, lanes_ty, align=4)
-                    quads = _quad_sums(builder, a, xv, init, a_unsigned=True)
-                    term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
-                    builder.store(builder.fadd(builder.load(lanes[i]), term), lanes[i])
-            _store_lanes(builder, acc_d, lanes, lanes_ty)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    typer.__name__ = f"_nibble_{n_rows}rows_lanes"
-    return intrinsic(typer)
-
-
-ROW_GROUP = 4  # rows that share one load of a token's values in the batched q40 kernel
-_nibble_group_lanes = _rows_lanes_kernel(ROW_GROUP)
-_nibble_row_lanes = _rows_lanes_kernel(1)
 
 
 def _packed_rows_kernel(n_rows: int):

@@ -9,14 +9,14 @@ from dllama.f16bits import round_to_f16
 from dllama.formats import BLOCK_SIZE, Q40_BYTES, Q80_BYTES
 from dllama.runtime.kernels.ir import (
     LANES,
-    ROW_GROUP,
-    _nibble_group_lanes,
-    _nibble_row_lanes,
+    TOKEN_LANES,
+    X_BIAS,
     _packed_row_lanes,
     _q40_block,
     _s8_block,
     _s8_pair,
-    _unpack_q40_block,
+    _token_lanes_row,
+    _unpack_q40_signed,
 )
 
 ROWS_PER_TASK = 16     # rows one thread takes at a time in the matmuls
@@ -114,56 +114,57 @@ def matvec_q40_rows(w, xq, xd, xc, scale_table, out, r0, r1):
         out[r] = _lane_sum(acc, 0)
 
 
-@njit(cache=True)
-def _pair_scales(scales, n_pairs, out):
-    """out[16p:+16] = [scales[2p]] * 8 + [scales[2p+1]] * 8: one block's scale per lane."""
-    for p in range(n_pairs):
-        for i in range(8):
-            out[16 * p + i] = scales[2 * p]
-            out[16 * p + 8 + i] = scales[2 * p + 1]
+@njit(cache=True, inline="always")
+def token_lanes_blocks(xq, xd, x_lanes, t, b0, b1):
+    """Token t's q80 blocks b0..b1 into x_lanes, the batched q40 kernel's layout (_token_lanes_row):
+    row t // TOKEN_LANES holds per quad g the 4 int8 values (plus X_BIAS) of each of its tokens j at
+    bytes 4 * (g * TOKEN_LANES + j), then per block b their scales d_x at words 8 * nb * TOKEN_LANES
+    + b * TOKEN_LANES + j."""
+    nb = xd.shape[1]
+    row = x_lanes[t // TOKEN_LANES]
+    j = t % TOKEN_LANES
+    x_bytes = row.view(np.uint8)
+    for g in range(8 * b0, 8 * b1):
+        for k in range(4):
+            x_bytes[4 * (g * TOKEN_LANES + j) + k] = np.uint8((np.int32(xq[t, 4 * g + k]) + X_BIAS) & 255)
+    scales = 8 * nb * TOKEN_LANES
+    for b in range(b0, b1):
+        row[scales + b * TOKEN_LANES + j] = xd[t, b]
 
 
 @njit(cache=True)
-def token_pair_scales(xd, out):
-    """out (T, nb // 2 * 16): each token's block scales xd (T, nb) in matmul_q40_rows' lane layout."""
-    for t in range(xd.shape[0]):
-        _pair_scales(xd[t], xd.shape[1] // 2, out[t])
+def token_lanes(xq, xd, x_lanes):
+    """Every token of xq (T, n), xd (T, nb) into x_lanes (cpu.token_lanes_shape)."""
+    for t in range(xq.shape[0]):
+        token_lanes_blocks(xq, xd, x_lanes, t, 0, xd.shape[1])
 
 
 @njit(cache=True)
-def matmul_q40_rows(w, xq, xd, xc, x_scales, scale_table, out, r0, r1):
-    """T tokens, rows r0..r1, one pass over them: rows are unpacked to nibbles (and their scales
-    decoded) once, ROW_GROUP at a time, and stay in L1 while every token streams past them.
-    x_scales is token_pair_scales(xd)."""
+def matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
+    """T tokens, rows r0..r1: each row is unpacked once (int8 values, quad corrections, block scales)
+    and multiplied by every group of TOKEN_LANES tokens of x_lanes (token_lanes) in turn. A few
+    tokens fill too little of a group: they go one at a time (matvec_q40_rows, the same bits)."""
     T, nb = xd.shape
-    n_pairs = nb // 2
-    n = nb * BLOCK_SIZE
-    nibbles = np.empty(ROW_GROUP * n, dtype=np.uint8)
-    scales = np.empty((ROW_GROUP, nb), dtype=np.float32)
-    w_scales = np.empty(ROW_GROUP * n_pairs * LANES, dtype=np.float32)
-    acc = np.empty(ROW_GROUP * LANES, dtype=np.float32)
-    while r0 < r1:
-        group = ROW_GROUP if r1 - r0 >= ROW_GROUP else 1
-        for i in range(group):
-            row = w[r0 + i]
-            for b in range(nb):
-                o = b * Q40_BYTES
-                scales[i, b] = _scale(row, o, scale_table)
-                _unpack_q40_block(row, o + 2, nibbles, i * n + b * BLOCK_SIZE)
-            _pair_scales(scales[i], n_pairs, w_scales[i * n_pairs * LANES:])
+    if T < TOKEN_LANES // 2:
         for t in range(T):
-            if group == ROW_GROUP:
-                _nibble_group_lanes(nibbles, n, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
-            else:
-                _nibble_row_lanes(nibbles, n, w_scales, xq[t], xc[t], x_scales[t], n_pairs, acc)
-            for i in range(group):
-                if nb % 2:
-                    b = nb - 1
-                    o = b * Q40_BYTES
-                    _q40_block(w[r0 + i], o + 2, 0, xq[t], b * BLOCK_SIZE, xc[t], b * 8, scales[i, b] * xd[t, b],
-                               np.float32(0), acc, i * LANES)
-                out[t, r0 + i] = _lane_sum(acc, i * LANES)
-        r0 += group
+            matvec_q40_rows(w, xq[t], xd[t], xc[t], scale_table, out[t], r0, r1)
+        return
+    n = nb * BLOCK_SIZE
+    wq = np.empty(n, dtype=np.int8)
+    corr = np.empty(n // 4, dtype=np.int32)
+    dw = np.empty(nb, dtype=np.float32)
+    totals = np.empty(TOKEN_LANES, dtype=np.float32)
+    for r in range(r0, r1):
+        row = w[r]
+        for b in range(nb):
+            o = b * Q40_BYTES
+            dw[b] = _scale(row, o, scale_table)
+            _unpack_q40_signed(row, o + 2, wq, b * BLOCK_SIZE, corr, b * 8)
+        for group in range((T + TOKEN_LANES - 1) // TOKEN_LANES):
+            _token_lanes_row(wq, corr, dw, x_lanes[group], nb, totals)
+            t0 = group * TOKEN_LANES
+            for j in range(min(TOKEN_LANES, T - t0)):
+                out[t0 + j, r] = totals[j]
 
 
 @njit(cache=True)

@@ -7,7 +7,17 @@ import numpy as np
 from numba import njit
 
 from dllama.formats import BLOCK_SIZE
-from dllama.runtime.kernels.ir import _address, _arg1, _arg2, _arg3, _load_acquire, _pointer, _store_release, _yield_cpu
+from dllama.runtime.kernels.ir import (
+    TOKEN_LANES,
+    _address,
+    _arg1,
+    _arg2,
+    _arg3,
+    _load_acquire,
+    _pointer,
+    _store_release,
+    _yield_cpu,
+)
 from dllama.runtime.kernels.math import (
     _silu_gate,
     attention_tasks,
@@ -17,6 +27,7 @@ from dllama.runtime.kernels.math import (
     matvec_q40_rows,
     quantize_q80_tasks,
     rmsnorm_token,
+    token_lanes_blocks,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -45,21 +56,18 @@ def _share(n_items, me, n_threads, align):
 
 
 @njit(cache=True)
-def _quantize_blocks(x, xq, xd, xc, x_scales, t0, t1, b0, b1):
-    """q80 of blocks b0..b1 (b0, b1 even unless they end the row) of tokens t0..t1, with their pair scales
-    (token_pair_scales) when there are several tokens (the batched q40 kernel reads them)."""
+def _quantize_blocks(x, xq, xd, xc, x_lanes, t0, t1, b0, b1):
+    """q80 of blocks b0..b1 of tokens t0..t1, also in the batched q40 kernel's layout (token_lanes_blocks)
+    when there are several tokens."""
     T, nb = xd.shape
     for t in range(t0, t1):
         quantize_q80_tasks(x, xq, xd, xc, t * nb + b0, t * nb + b1)
         if T > 1:
-            for p in range(b0 // 2, min(b1, nb - nb % 2) // 2):
-                for i in range(8):
-                    x_scales[t, 16 * p + i] = xd[t, 2 * p]
-                    x_scales[t, 16 * p + 8 + i] = xd[t, 2 * p + 1]
+            token_lanes_blocks(xq, xd, x_lanes, t, b0, b1)
 
 
 @njit(cache=True)
-def _matmul(kind, w, xq, xd, xc, x_scales, scale_table, xf, out, r0, r1):
+def _matmul(kind, w, xq, xd, xc, x_lanes, scale_table, xf, out, r0, r1):
     """Rows r0..r1 of out = x . w^T with w stored as `kind` (W_*); w is the uint8 view of the rows."""
     if kind == W_F32:
         wf = numba.carray(_pointer(_address(w), np.float32), (w.shape[0], w.shape[1] // 4))
@@ -67,20 +75,20 @@ def _matmul(kind, w, xq, xd, xc, x_scales, scale_table, xf, out, r0, r1):
     elif kind == W_Q40 and xq.shape[0] == 1:
         matvec_q40_rows(w, xq[0], xd[0], xc[0], scale_table, out[0], r0, r1)
     elif kind == W_Q40:
-        matmul_q40_rows(w, xq, xd, xc, x_scales, scale_table, out, r0, r1)
+        matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1)
     else:
         matmul_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1)
 
 
 @njit(cache=True)
 def _op_norm_q80(op, me, n_threads):
-    """Arrays x, weight, eps (1,) f64, y, xq, xd, xc, x_scales, squares (n,) f64: y = rmsnorm(x), then q80
+    """Arrays x, weight, eps (1,) f64, y, xq, xd, xc, x_lanes, squares (n,) f64: y = rmsnorm(x), then q80
     (parameter 0: quantize). Split by tokens."""
     x, weight, y = _arg2(op, 0, np.float32), _arg1(op, 1, np.float32), _arg2(op, 3, np.float32)
     eps = _arg1(op, 2, np.float64)[0]
     n = x.shape[1]
     squares = numba.carray(_pointer(_address(_arg1(op, 8, np.float64)) + 8 * n * me, np.float64), (n,))
-    t0, t1 = _share(x.shape[0], me, n_threads, 1)
+    t0, t1 = _share(x.shape[0], me, n_threads, TOKEN_LANES)  # each thread whole groups of x_lanes
     for t in range(t0, t1):
         rmsnorm_token(x[t], weight, eps, y[t], squares)
     if op[2]:
@@ -90,7 +98,7 @@ def _op_norm_q80(op, me, n_threads):
 
 @njit(cache=True)
 def _op_matmul(op, me, n_threads):
-    """Arrays w (rows, row bytes) u8, xq, xd, xc, x_scales, scale_table, xf, out, residual: out = x . w^T
+    """Arrays w (rows, row bytes) u8, xq, xd, xc, x_lanes, scale_table, xf, out, residual: out = x . w^T
     (parameter 0: W_*), and residual += out when parameter 1 (the residual add, fused). Split by rows."""
     w, out = _arg2(op, 0, np.uint8), _arg2(op, 7, np.float32)
     r0, r1 = _share(w.shape[0], me, n_threads, 16)
@@ -105,14 +113,14 @@ def _op_matmul(op, me, n_threads):
 
 @njit(cache=True)
 def _op_ffn_up(op, me, n_threads):
-    """Arrays w1, w3, xq, xd, xc, x_scales, scale_table, xf, h1, h3, hq, hd, hc, h_scales: h1 = silu(x . w1^T)
+    """Arrays w1, w3, xq, xd, xc, x_lanes, scale_table, xf, h1, h3, hq, hd, hc, h_lanes: h1 = silu(x . w1^T)
     * (x . w3^T), then its q80 when the weights are quantized. Split by rows, whole block pairs each."""
     w1, w3, h1, h3 = _arg2(op, 0, np.uint8), _arg2(op, 1, np.uint8), _arg2(op, 8, np.float32), _arg2(op, 9, np.float32)
     xq, xd, xc = _arg2(op, 2, np.int8), _arg2(op, 3, np.float32), _arg2(op, 4, np.int32)
-    x_scales, scale_table, xf = _arg2(op, 5, np.float32), _arg1(op, 6, np.float32), _arg2(op, 7, np.float32)
+    x_lanes, scale_table, xf = _arg2(op, 5, np.float32), _arg1(op, 6, np.float32), _arg2(op, 7, np.float32)
     r0, r1 = _share(w1.shape[0], me, n_threads, 2 * BLOCK_SIZE)
-    _matmul(op[2], w1, xq, xd, xc, x_scales, scale_table, xf, h1, r0, r1)
-    _matmul(op[2], w3, xq, xd, xc, x_scales, scale_table, xf, h3, r0, r1)
+    _matmul(op[2], w1, xq, xd, xc, x_lanes, scale_table, xf, h1, r0, r1)
+    _matmul(op[2], w3, xq, xd, xc, x_lanes, scale_table, xf, h3, r0, r1)
     for t in range(h1.shape[0]):
         for r in range(r0, r1):
             h1[t, r] = _silu_gate(h1[t, r], h3[t, r])
@@ -154,24 +162,24 @@ def _op_rope_kv(op, pos, me, n_threads):
 
 @njit(cache=True)
 def _op_attention(op, pos, me, n_threads):
-    """Arrays q (T, H, hd), k_cache, v_cache, z (T, H * hd), zq, zd, zc, z_scales: attention_tasks, and the
+    """Arrays q (T, H, hd), k_cache, v_cache, z (T, H * hd), zq, zd, zc, z_lanes: attention_tasks, and the
     q80 of each head's output blocks when parameter 0 (head_dim a multiple of 64). Split by (token, head)."""
     q, z = _arg3(op, 0, np.float32), _arg2(op, 3, np.float32)
     T, H, hd = q.shape
     task0, task1 = _share(T * H, me, n_threads, 1)
     attention_tasks(q, _arg3(op, 1, np.float32), _arg3(op, 2, np.float32), pos, z, task0, task1)
     if op[2]:
-        zq, zd, zc, z_scales = _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32), _arg2(op, 7,
+        zq, zd, zc, z_lanes = _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32), _arg2(op, 7,
                                                                                                        np.float32)
         per_head = hd // BLOCK_SIZE
         for task in range(task0, task1):
             t, h = task // H, task % H
-            _quantize_blocks(z, zq, zd, zc, z_scales, t, t + 1, h * per_head, (h + 1) * per_head)
+            _quantize_blocks(z, zq, zd, zc, z_lanes, t, t + 1, h * per_head, (h + 1) * per_head)
 
 
 @njit(cache=True)
 def _op_quantize(op, me, n_threads):
-    """Arrays x, xq, xd, xc, x_scales: q80 of x (and pair scales for several tokens). Split by block pairs."""
+    """Arrays x, xq, xd, xc, x_lanes: q80 of x (and its token lanes for several tokens). Split by block pairs."""
     xd = _arg2(op, 2, np.float32)
     b0, b1 = _share(xd.shape[1], me, n_threads, 2)
     _quantize_blocks(_arg2(op, 0, np.float32), _arg2(op, 1, np.int8), xd, _arg2(op, 3, np.int32),

@@ -55,8 +55,8 @@ def job_matvec_q40(job, w, xq, xd, xc, scale_table, out, start, stop):
 
 
 @njit(cache=True)
-def job_matmul_q40(job, w, xq, xd, xc, x_scales, scale_table, out, start, stop):
-    _describe(job, JOB_MATMUL_Q40, start, stop, 0, (w, xq, xd, xc, x_scales, scale_table, out))
+def job_matmul_q40(job, w, xq, xd, xc, x_lanes, scale_table, out, start, stop):
+    _describe(job, JOB_MATMUL_Q40, start, stop, 0, (w, xq, xd, xc, x_lanes, scale_table, out))
 
 
 @njit(cache=True)
