@@ -7,7 +7,9 @@ Builds the reference from ../shared/reference once (into $DLLAMA_CACHE/reference
 the two q40 files once under .bench/vsref/ (SmolLM2-135M from its GGUF, and a TinyLlama-1.1B-shaped
 random model with a synthetic 32000-token byte vocabulary), then for each model and thread count
 runs the reference's `dllama inference` and our `dllama-run` in alternation, `--pairs` times, each
-a fresh process, greedy, on the same prompt. It prints the median of the per-pair ratios
+a fresh process, greedy, on prompts of the same length in tokens (the reference tokenizes SmolLM2's
+text one id per character, so ours repeats the text's words until it tokenizes to as many: both
+then evaluate as many prompt tokens and generate at the same positions). It prints the median of the per-pair ratios
 ours / reference for generated and prompt tokens/s, and the memory-bandwidth limit of this
 machine: a multi-threaded read of a buffer the size of the weights, and the decode speed that
 would allow (weights read once per token; the f32 embedding is read one row per token).
@@ -73,7 +75,7 @@ MODELS = {"smollm2": smollm2_files, "tinyllama": tinyllama_files}
 
 
 def run_reference(binary: Path, model: Path, tokenizer: Path, threads: int, prompt_tokens: int,
-                  workers: tuple[str, ...] = ()) -> tuple[float, float]:
+                  workers: tuple[str, ...] = ()) -> tuple[float, float, int]:
     steps = prompt_tokens + GENERATED
     cmd = [str(binary), "inference", "--model", str(model), "--tokenizer", str(tokenizer), "--prompt", PROMPT,
            "--steps", str(steps), "--nthreads", str(threads), "--buffer-float-type", "q80", "--temperature", "0",
@@ -84,12 +86,29 @@ def run_reference(binary: Path, model: Path, tokenizer: Path, threads: int, prom
     match = THEIRS.search(out.stdout)
     if not match:
         raise RuntimeError(f"no timing in the reference's output: {out.stdout[-1000:]}")
-    return float(match.group(4)), float(match.group(2))
+    return float(match.group(4)), float(match.group(2)), int(match.group(1))
 
 
-def run_ours(model: Path, tokenizer: Path, threads: int, workers: tuple[str, ...] = ()) -> tuple[float, float, int]:
+def prompt_of(tokenizer: Path, n_tokens: int) -> str:
+    """PROMPT's words, repeated as needed, up to the first text our tokenizer makes n_tokens or more
+    tokens of: the reference tokenizes one id per character, so the same text would give it 4x the
+    tokens to evaluate (and to attend over while generating) that it gives us."""
+    from dllama.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(str(tokenizer))
+    words = PROMPT.split()
+    text = ""
+    for i in range(100 * len(words)):
+        text = f"{text} {words[i % len(words)]}".lstrip()
+        if len(tok.encode(text)) >= n_tokens:
+            break
+    return text
+
+
+def run_ours(model: Path, tokenizer: Path, threads: int, workers: tuple[str, ...] = (),
+             prompt: str = PROMPT) -> tuple[float, float, int]:
     cmd = [sys.executable, "-m", "dllama.cli.dllama_run", "--model", str(model), "--tokenizer", str(tokenizer),
-           "--prompt", PROMPT, "--steps", str(GENERATED), "--temperature", "0", "--nthreads", str(threads)]
+           "--prompt", prompt, "--steps", str(GENERATED), "--temperature", "0", "--nthreads", str(threads)]
     if workers:
         cmd += ["--workers", ",".join(workers)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=threads_env(threads))
@@ -189,14 +208,16 @@ def one_node(args) -> None:
     for name in args.models.split(","):
         model, tokenizer = MODELS[name]()
         per_token = bytes_per_token(model)
-        _, _, our_prompt_tokens = run_ours(model, tokenizer, 1)  # warm-up: kernels built/loaded, file cached
+        _, _, ref_tokens = run_reference(binary, model, tokenizer, 1, len(PROMPT) + 1)  # warm-up, its token count
+        prompt = prompt_of(tokenizer, ref_tokens)
+        _, _, our_tokens = run_ours(model, tokenizer, 1, prompt=prompt)  # warm-up: kernels built/loaded
         for threads in [int(t) for t in args.threads.split(",")]:
             ref_gen, ref_pre, our_gen, our_pre = [], [], [], []
             for _ in range(args.pairs):
-                g, p = run_reference(binary, model, tokenizer, threads, len(PROMPT) + 1)
+                g, p, _ = run_reference(binary, model, tokenizer, threads, len(PROMPT) + 1)
                 ref_gen.append(g)
                 ref_pre.append(p)
-                g, p, _ = run_ours(model, tokenizer, threads)
+                g, p, _ = run_ours(model, tokenizer, threads, prompt=prompt)
                 our_gen.append(g)
                 our_pre.append(p)
             limit = read_bandwidth(per_token, threads) * 1e9 / per_token
@@ -205,8 +226,8 @@ def one_node(args) -> None:
             print(f"| {name} | {threads} | {statistics.median(ref_gen):.1f} | {statistics.median(our_gen):.1f} | "
                   f"{gen_ratio:.2f} | {statistics.median(ref_pre):.1f} | {statistics.median(our_pre):.1f} | "
                   f"{pre_ratio:.2f} | {limit:.1f} | {statistics.median(our_gen) / limit:.2f} |", flush=True)
-        print(f"(our prompt is the faithful tokenization ({our_prompt_tokens} tokens for {name}), the reference's "
-              "its own (one id per character))")
+        print(f"({name}: the reference evaluates {ref_tokens} prompt tokens (one id per character), we evaluate "
+              f"{our_tokens} (faithful tokenization of {len(prompt)} characters))")
 
 
 def two_nodes(args) -> None:

@@ -104,11 +104,11 @@ class RecordingEngine:
         self.delay_s = delay_s
         self.calls: list[tuple[int, list[int]]] = []  # (pos, token ids)
 
-    def forward(self, token_ids, pos: int):
+    def forward(self, token_ids, pos: int, last_only: bool = False):
         self.calls.append((pos, [int(t) for t in token_ids]))
         if self.delay_s:
             time.sleep(self.delay_s)
-        return self.engine.forward(token_ids, pos)
+        return self.engine.forward(token_ids, pos, last_only)
 
     def cache_contents(self) -> list[int]:
         """The token ids the engine's KV cache holds after the recorded calls."""

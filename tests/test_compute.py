@@ -78,6 +78,25 @@ def test_matmuls_and_quantizer_are_bit_identical(both, threads, T, rows, n):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T", [2, 8, 17, 64])
+@pytest.mark.parametrize("n", [160, 2048])
+def test_the_batched_q40_kernel_gives_each_tokens_matvec_bits(both, threads, T, n):
+    """Tokens side by side in the vector lanes (a group partly filled, odd block counts) or, for a
+    few tokens, one at a time: each token's row equals the one-token kernel's, bit for bit."""
+    _, compiled = both
+    dispatch.set_threads(threads)
+    rng = np.random.default_rng(T + n)
+    _, xq, xd, xc = quantized_input(rng, T, n)
+    w = packed(quantize_q40, rng, 70, n)
+    batched = np.full((T, 70), np.nan, np.float32)
+    compiled.matmul_q40(w, xq, xd, xc, batched)
+    for t in range(T):
+        one = np.full(70, np.nan, np.float32)
+        compiled.matvec_q40(w, xq[t], xd[t], xc[t], one)
+        assert np.array_equal(batched[t], one), t
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 def test_attention_silu_and_roundtrip_are_bit_identical(both, threads):
     jit, compiled = both
     dispatch.set_threads(threads)

@@ -255,6 +255,21 @@ def test_prompts_longer_than_a_batch_are_split_without_changing_the_result(monke
     assert np.array_equal(Engine.load(path).forward(PROMPT, 0), whole)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_prompts_last_logits_alone_equal_the_last_row_of_all(compiled):
+    """generate() asks for the prompt's last logits only: one node then skips the other tokens'
+    lm_head, in every batch of a long prompt; the row it gives is the full run's last, bit for bit."""
+    path = require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m"
+    prompt = PROMPT * 6  # 72 tokens: two batches
+    engine = Engine.load(path) if compiled else per_call_engine(path)
+    everything = engine.forward(prompt, 0)
+    engine.reset()
+    last = engine.forward(prompt, 0, last_only=True)
+    assert last.shape == (1, everything.shape[1]) and np.array_equal(last[0], everything[-1])
+    fresh = Engine.load(path).forward(prompt + PROMPT[:3], 0)
+    assert np.array_equal(engine.forward(PROMPT[:3], len(prompt)), fresh[-3:])  # the cache is whole
+
+
 def test_continuing_from_a_cached_prefix_equals_a_fresh_run():
     path = require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m"
     engine = Engine.load(path)

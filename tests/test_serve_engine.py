@@ -174,11 +174,11 @@ class LosesConnection:
     def __init__(self, engine, ok_calls: int):
         self.engine, self.ok_calls = engine, ok_calls
 
-    def forward(self, token_ids, pos):
+    def forward(self, token_ids, pos, last_only=False):
         if self.ok_calls == 0:
             raise ConnectionResetError(104, "Connection reset by peer")
         self.ok_calls -= 1
-        return self.engine.forward(token_ids, pos)
+        return self.engine.forward(token_ids, pos, last_only)
 
 
 def test_lost_connection_gives_503_and_health_down(engine_and_tokenizer):
@@ -194,7 +194,7 @@ def test_lost_connection_gives_503_and_health_down(engine_and_tokenizer):
 
 
 class Broken:
-    def forward(self, token_ids, pos):
+    def forward(self, token_ids, pos, last_only=False):
         raise FloatingPointError("nan in layer 0")
 
 

@@ -33,7 +33,7 @@ class PromptTooLong(EngineError):
 
 
 class Forwarding(Protocol):
-    def forward(self, token_ids: Sequence[int], pos: int) -> np.ndarray: ...
+    def forward(self, token_ids: Sequence[int], pos: int, last_only: bool = False) -> np.ndarray: ...
 
 
 def reusable_prefix(cached: Sequence[int], prompt_ids: Sequence[int]) -> int:
@@ -73,11 +73,11 @@ class Conversation:
         self.stop_reason = None
         return self.start_pos
 
-    def forward(self, engine: Forwarding, token_ids: Sequence[int], pos: int) -> np.ndarray:
+    def forward(self, engine: Forwarding, token_ids: Sequence[int], pos: int, last_only: bool = False) -> np.ndarray:
         """engine.forward, noted in `cached`; a failed forward leaves nothing trusted in the cache."""
         del self.cached[pos:]
         try:
-            logits = engine.forward(token_ids, pos)
+            logits = engine.forward(token_ids, pos, last_only)
         except BaseException:
             self.cached.clear()
             raise

@@ -85,21 +85,29 @@ def release_freed_heap() -> None:
         pass
 
 
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python < 3.13 lacks the name
+
+
 def read_ahead_weights(model: ModelFile) -> None:
-    """Ask the kernel to start reading every tensor but the embedding into the page cache (MADV_WILLNEED:
-    asynchronous, page cache only, no RSS), so the first forward does not wait on the disk page by page
-    for weights the machine paged out since the last run. The embedding is read a row per token."""
+    """Read every tensor but the embedding into the page cache and map it before the first forward, as the
+    reference loads its weights: MADV_WILLNEED starts the reads in large requests, then MADV_POPULATE_READ
+    waits for them and maps the pages. A first prompt then does not wait on the disk page by page for
+    weights the machine paged out since the last run (up to 2x its time on a small model); one node maps
+    all of them in its first forward anyway, so peak RSS does not change. The embedding is read a row
+    per token. Older kernels without POPULATE_READ keep the asynchronous read-ahead."""
     mapped = getattr(model.data, "_mmap", None)
     if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
         return
     embedding = model.layout["embedding"]
-    for start, stop in ((0, embedding.offset), (embedding.offset + embedding.spec.nbytes, len(model.data))):
-        start -= start % mmap.PAGESIZE
-        if stop > start:
-            try:
-                mapped.madvise(mmap.MADV_WILLNEED, start, stop - start)
-            except OSError:  # advice only
-                return
+    ranges = [(start - start % mmap.PAGESIZE, stop) for start, stop in
+              ((0, embedding.offset), (embedding.offset + embedding.spec.nbytes, len(model.data)))]
+    for advice in (mmap.MADV_WILLNEED, MADV_POPULATE_READ):
+        for start, stop in ranges:
+            if stop > start:
+                try:
+                    mapped.madvise(advice, start, stop - start)
+                except OSError:  # advice only (EINVAL: a kernel without POPULATE_READ)
+                    break
 
 
 def uses_q80_buffers(h: ModelHeader) -> bool:
@@ -159,18 +167,23 @@ class Engine:
         """Forget the cached tokens; the next forward starts at position 0."""
         self.pos = 0
 
-    def forward(self, token_ids: Sequence[int], pos: int) -> np.ndarray:
-        """Evaluate tokens at positions pos.. (the cache must hold positions < pos); (T, vocab) float32."""
+    def forward(self, token_ids: Sequence[int], pos: int, last_only: bool = False) -> np.ndarray:
+        """Evaluate tokens at positions pos.. (the cache must hold positions < pos); (T, vocab) float32, or
+        with last_only (a prompt) the last token's (1, vocab): on one node the others' are not computed."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         self._check(ids, pos)
         dispatch.set_threads(self.nthreads)  # per calling thread, like numba's
-        out = np.empty((len(ids), self.vocab_size), dtype=np.float32)
+        out = np.empty((1 if last_only else len(ids), self.vocab_size), dtype=np.float32)
         for start in range(0, len(ids), PREFILL_BATCH):
             batch = ids[start:start + PREFILL_BATCH]
-            rows = out[start:start + len(batch)]
-            logits = self._forward_batch(batch, pos + start, rows)
-            if logits is not rows:
-                rows[:] = logits
+            final = start + len(batch) == len(ids)
+            if last_only:
+                rows, wanted = (out, "last") if final else (None, "none")
+            else:
+                rows, wanted = out[start:start + len(batch)], "all"
+            logits = self._forward_batch(batch, pos + start, rows, wanted)
+            if rows is not None and logits is not rows:
+                rows[:] = logits[-len(rows):]
         self.pos = pos + len(ids)
         return out
 
@@ -187,18 +200,21 @@ class Engine:
             bad = int(ids.max() if ids.max() >= self.vocab_size else ids.min())
             raise EngineError(f"token id {bad} is outside the model's vocabulary of {self.vocab_size}")
 
-    def _forward_batch(self, ids: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray:
+    def _forward_batch(self, ids: np.ndarray, pos: int, out: np.ndarray | None = None,
+                       logits: str = "all") -> np.ndarray:
         x = np.array(self.embedding[ids], dtype=np.float32)  # the batch's one lookup of embedding rows
         self.exchange.begin(x, pos)
-        return self.run_layers(x, pos, out)
+        return self.run_layers(x, pos, out, logits)
 
-    def run_layers(self, x: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray:
+    def run_layers(self, x: np.ndarray, pos: int, out: np.ndarray | None = None, logits: str = "all") -> np.ndarray:
         """The layer loop, the same on every node: x (T, dim) at positions pos.. -> logits (on the root;
-        a worker's exchange returns its own slice). `out` (T, vocab): where the logits may go, if they can."""
+        a worker's exchange returns its own slice). `out`: where the logits may go, if they can. `logits`
+        "last" or "none" lets one node skip the others' (model.LOGITS_ROWS); a cluster computes every
+        token's, as its workers do."""
         if getattr(self.exchange, "adds_partials_as_computed", False):
-            logits = self.layers.whole_pass(x, pos, out)
-            if logits is not None:
-                return self.exchange.gather_logits(logits)
+            computed = self.layers.whole_pass(x, pos, out, logits)
+            if computed is not None:
+                return self.exchange.gather_logits(computed)
         for layer in range(self.header.n_layers):
             self.exchange.reduce_into(x, self.layers.attention_block(layer, x, pos), layer, "attention")
             self.exchange.reduce_into(x, self.layers.ffn_block(layer, x), layer, "ffn")

@@ -34,7 +34,7 @@ def generate(engine: _Model, prompt_ids: Sequence[int], max_tokens: int, tempera
     eos = set(eos_ids)
     if cancel is not None and cancel():
         return conversation.stop(StopReason.CANCELLED)
-    logits = conversation.forward(engine, conversation.prompt_ids[pos:], pos)[-1]
+    logits = conversation.forward(engine, conversation.prompt_ids[pos:], pos, last_only=True)[-1]
     pos = len(conversation.prompt_ids)
     for i in range(max_tokens):
         if cancel is not None and cancel():

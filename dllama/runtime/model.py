@@ -11,6 +11,7 @@ simply a one-node split.
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -170,8 +171,7 @@ class NodeLayers:
         self.eps = h.norm_epsilon
         self.rope = Rope(h, max_seq_len)
         cache_shape = (h.n_layers, max_seq_len, self.kv_heads, h.head_dim)
-        self.k_cache = np.zeros(cache_shape, dtype=np.float32)
-        self.v_cache = np.zeros(cache_shape, dtype=np.float32)
+        self.k_cache, self.v_cache = (lazy_zeros(cache_shape, np.float32) for _ in range(2))
         self._compiled: CompiledPass | None | bool = False  # False: not decided yet
 
     def compiled(self) -> "CompiledPass | None":
@@ -180,12 +180,13 @@ class NodeLayers:
             self._compiled = CompiledPass(self) if CompiledPass.covers(self) else None
         return self._compiled
 
-    def whole_pass(self, x: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray | None:
+    def whole_pass(self, x: np.ndarray, pos: int, out: np.ndarray | None = None,
+                   logits: str = "all") -> np.ndarray | None:
         """Every layer and the logits for one node whose partials are added as computed (engine.LocalExchange):
-        x (T, dim) -> (T, vocab) logits, written into `out` when given (else valid until the next call), x
-        updated; None without compiled programs."""
+        x (T, dim) -> the logits of every token, the last or none (CompiledPass.whole), written into `out`
+        when given (else valid until the next call), x updated; None without compiled programs."""
         compiled = self.compiled()
-        return None if compiled is None else compiled.whole(x, pos, out)
+        return None if compiled is None else compiled.whole(x, pos, out, logits)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -281,6 +282,7 @@ class NodeLayers:
 WEIGHT_KINDS = {FloatType.F32: dispatch.W_F32, FloatType.Q40: dispatch.W_Q40, FloatType.Q80: dispatch.W_Q80}
 MAX_BATCH = 64  # engine.PREFILL_BATCH: tokens per program run (a longer input runs in several)
 LM_HEAD_OUT = 7  # the out slot of an OP_MATMUL (kernels/program.py _op_matmul)
+LOGITS_ROWS = {"all": lambda T: T, "last": lambda T: 1, "none": lambda T: 0}  # whole(logits=): rows computed
 
 
 class CompiledPass:
@@ -318,8 +320,8 @@ class CompiledPass:
         self.squares = np.zeros(n_threads * dim, np.float64)
         self.eps = np.array([layers.eps], np.float64)
         self.xq, self.zq, self.hq = (q80_buffers(B, n) for n in (dim, q_dim, hidden))
-        self.programs: dict[tuple[int, bool], dispatch.Program] = {}
-        self.lm_head_ops: dict[tuple[int, bool], int] = {}  # each program's lm_head op
+        self.programs: dict[tuple[int, bool, str], dispatch.Program] = {}
+        self.lm_head_ops: dict[tuple[int, bool, str], int] = {}  # each program's lm_head op
 
     def stretch(self, name: str, x: np.ndarray, pos: int, output: str = "partial") -> np.ndarray:
         """One exchange-to-exchange stretch ("attention L", "ffn L", "logits") on x (T, dim): a new array.
@@ -333,34 +335,35 @@ class CompiledPass:
             parts.append(getattr(self, output)[:T].copy())
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def whole(self, x: np.ndarray, pos: int, out: np.ndarray | None = None) -> np.ndarray:
-        """The whole pass on x (T, dim): logits written straight into `out` (T, vocab) when it can take them
-        (no second logits array at the peak of a prefill), else into this pass's buffer."""
+    def whole(self, x: np.ndarray, pos: int, out: np.ndarray | None = None, logits: str = "all") -> np.ndarray:
+        """The whole pass on x (T, dim): the logits of every token, of the last one only (a prompt), or of none
+        (LOGITS_ROWS), written straight into `out` (those rows, vocab) when it can take them (no second
+        logits array at the peak of a prefill), else into this pass's buffer."""
         if x.shape[0] > MAX_BATCH:
             return np.concatenate([self.whole(x[s:s + MAX_BATCH], pos + s) for s in range(0, x.shape[0], MAX_BATCH)])
         T = x.shape[0]
+        rows = LOGITS_ROWS[logits](T)
         self.x[:T] = x
-        p = self.program(T, whole=True)
-        direct = (out is not None and out.dtype == np.float32 and out.flags.c_contiguous
-                  and out.shape == self.logits[:T].shape)
-        lm_head = self.lm_head_ops[(T, True)]
+        p = self.program(T, whole=True, logits=logits)
+        direct = (rows and out is not None and out.dtype == np.float32 and out.flags.c_contiguous
+                  and out.shape == self.logits[:rows].shape)
         if direct:
-            p.point(lm_head, LM_HEAD_OUT, out)
+            p.point(self.lm_head_ops[(T, True, logits)], LM_HEAD_OUT, out)
         try:
             p.run("token", pos)
         finally:
             if direct:
-                p.point(lm_head, LM_HEAD_OUT, self.logits[:T])
+                p.point(self.lm_head_ops[(T, True, logits)], LM_HEAD_OUT, self.logits[:rows])
         x[:] = self.x[:T]
-        return out if direct else self.logits[:T]
+        return out if direct else self.logits[:rows]
 
-    def program(self, T: int, whole: bool) -> dispatch.Program:
-        key = (T, whole)
+    def program(self, T: int, whole: bool, logits: str = "all") -> dispatch.Program:
+        key = (T, whole, logits)
         if key not in self.programs:
-            self.programs[key] = self._build(T, whole)
+            self.programs[key] = self._build(T, whole, logits)
         return self.programs[key]
 
-    def _build(self, T: int, whole: bool) -> dispatch.Program:
+    def _build(self, T: int, whole: bool, logits: str) -> dispatch.Program:
         p = dispatch.Program()
         for layer in range(self.n.h.n_layers):
             self._attention_ops(p, layer, T, add=whole)
@@ -369,8 +372,11 @@ class CompiledPass:
             self._ffn_ops(p, layer, T, add=whole)
             if not whole:
                 p.mark(f"ffn {layer}")
-        self._norm(p, T, self.n.w.norm, self.n.w.lm_head.quantized)
-        self.lm_head_ops[(T, whole)] = self._matmul(p, self.n.w.lm_head, self.xq, self.y, T, self.logits, barrier=False)
+        if rows := LOGITS_ROWS[logits](T):  # the last `rows` tokens' final norm and lm_head, into logits[:rows]
+            first = T - rows
+            self._norm(p, T, self.n.w.norm, self.n.w.lm_head.quantized, first)
+            self.lm_head_ops[(T, whole, logits)] = self._matmul(p, self.n.w.lm_head, self.xq, self.y, T,
+                                                                self.logits[:rows], barrier=False, first=first)
         p.mark("token" if whole else "logits")
         return p
 
@@ -397,14 +403,26 @@ class CompiledPass:
               (WEIGHT_KINDS[lw.w1.float_type], 0))
         self._matmul(p, lw.w2, self.hq, self.h1, T, self.partial, add=add)
 
-    def _norm(self, p: dispatch.Program, T: int, weight: np.ndarray, quantize: bool) -> None:
-        p.add(dispatch.OP_NORM_Q80, (self.x[:T], np.ascontiguousarray(weight, np.float32), self.eps, self.y[:T],
-                                    *tokens(self.xq, T), self.squares), (int(quantize), 0))
+    def _norm(self, p: dispatch.Program, T: int, weight: np.ndarray, quantize: bool, first: int = 0) -> None:
+        """Tokens first..T of x: rmsnorm into y, and its q80 when `quantize`."""
+        p.add(dispatch.OP_NORM_Q80, (self.x[first:T], np.ascontiguousarray(weight, np.float32), self.eps,
+                                    self.y[first:T], *tokens(self.xq, T, first), self.squares), (int(quantize), 0))
 
     def _matmul(self, p: dispatch.Program, m: Matrix, xq: tuple, xf: np.ndarray, T: int, out: np.ndarray,
-                add: bool = False, barrier: bool = True) -> int:
-        return p.add(dispatch.OP_MATMUL, (weight_bytes(m), *tokens(xq, T), dispatch.F16_TO_F32, xf[:T], out[:T],
-                                  self.x[:T] if add else None), (WEIGHT_KINDS[m.float_type], int(add)), barrier)
+                add: bool = False, barrier: bool = True, first: int = 0) -> int:
+        """Tokens first..T of the input (xq, or xf for float32 weights) times m into out[:T - first]."""
+        return p.add(dispatch.OP_MATMUL, (weight_bytes(m), *tokens(xq, T, first), dispatch.F16_TO_F32, xf[first:T],
+                                          out[:T - first], self.x[first:T] if add else None),
+                     (WEIGHT_KINDS[m.float_type], int(add)), barrier)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros in anonymous memory that becomes resident 4 KB at a time as it is written. numpy asks for
+    2 MB huge pages for arrays of 4 MB and more: a KV cache's first token in each layer would then
+    zero 2 MB (the kernel compacting memory to find them, sometimes for 0.2 s), and hold it in RSS
+    however few positions are used."""
+    nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 def q80_buffers(T: int, n: int) -> tuple[np.ndarray, ...]:
@@ -414,11 +432,11 @@ def q80_buffers(T: int, n: int) -> tuple[np.ndarray, ...]:
             np.zeros(token_lanes_shape(dispatch.kernel_path(), T, n), np.float32))
 
 
-def tokens(buffers: tuple[np.ndarray, ...], T: int) -> tuple[np.ndarray, ...]:
-    """The first T tokens of q80_buffers (x_lanes: the groups that hold them)."""
+def tokens(buffers: tuple[np.ndarray, ...], T: int, first: int = 0) -> tuple[np.ndarray, ...]:
+    """Tokens first..T of q80_buffers (x_lanes: the groups that hold T - first tokens from the start)."""
     xq, xd, xc, x_lanes = buffers
-    groups = token_lanes_shape(dispatch.kernel_path(), T, xq.shape[1])[0]
-    return xq[:T], xd[:T], xc[:T], x_lanes[:groups]
+    groups = token_lanes_shape(dispatch.kernel_path(), T - first, xq.shape[1])[0]
+    return xq[first:T], xd[first:T], xc[first:T], x_lanes[:groups]
 
 
 def weight_bytes(m: Matrix) -> np.ndarray:

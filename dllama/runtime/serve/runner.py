@@ -19,7 +19,7 @@ from dllama.runtime.sampler import Sampling
 
 
 class EngineLike(Protocol):
-    def forward(self, token_ids: Sequence[int], pos: int) -> np.ndarray: ...
+    def forward(self, token_ids: Sequence[int], pos: int, last_only: bool = False) -> np.ndarray: ...
 
 
 class TokenizerLike(Protocol):
@@ -159,8 +159,8 @@ class _FailuresReported:
     def __init__(self, engine: EngineLike):
         self._engine = engine
 
-    def forward(self, token_ids: Sequence[int], pos: int) -> np.ndarray:
+    def forward(self, token_ids: Sequence[int], pos: int, last_only: bool = False) -> np.ndarray:
         try:
-            return self._engine.forward(token_ids, pos)
+            return self._engine.forward(token_ids, pos, last_only)
         except Exception as e:
             raise EngineFailure(str(e) or type(e).__name__) from e
