@@ -59,7 +59,8 @@ def set_threads(n: int) -> None:
 
 
 def threads() -> int:
-    return getattr(_local, "threads", max_threads())
+    n = getattr(_local, "threads", None)  # not a getattr default: max_threads() costs a system call
+    return max_threads() if n is None else n
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,6 +72,14 @@ def quantize_q80(x, xq, xd, xc) -> None:
 
 def q80_roundtrip(x) -> None:
     _backend().q80_roundtrip(x)
+
+
+def q80_encode(x, wire, decoded) -> None:
+    _backend().q80_encode(x, wire, decoded)
+
+
+def q80_decode(wire, out) -> None:
+    _backend().q80_decode(wire, out)
 
 
 def matvec_q40(w, xq, xd, xc, out) -> None:
@@ -185,6 +194,12 @@ class JitKernels:
     def q80_roundtrip(self, x):
         self.k.q80_roundtrip(x)
 
+    def q80_encode(self, x, wire, decoded):
+        self.k.q80_encode(x, wire, decoded)
+
+    def q80_decode(self, wire, out):
+        self.k.q80_decode(wire, out)
+
     def matvec_q40(self, w, xq, xd, xc, out):
         self.k.matvec_q40(w, xq, xd, xc, F16_TO_F32, out)
 
@@ -219,6 +234,12 @@ class CompiledKernels:
 
     def q80_roundtrip(self, x):
         self.m.q80_roundtrip(x)
+
+    def q80_encode(self, x, wire, decoded):
+        self.m.q80_encode(x, wire, decoded)
+
+    def q80_decode(self, wire, out):
+        self.m.q80_decode(wire, out)
 
     def matvec_q40(self, w, xq, xd, xc, out):
         self._split("matvec_q40_rows", "job_matvec_q40", (_rows(w), xq, xd, xc, F16_TO_F32, out), w.shape[0],

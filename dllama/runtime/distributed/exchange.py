@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dllama.formats import BLOCK_FORMATS, FloatType, dequantize_q80, quantize_q80
+from dllama.formats import BLOCK_FORMATS, FloatType
+from dllama.runtime import dispatch
 from dllama.runtime.distributed.protocol import LOGITS_HEAD, PARTIAL_HEAD, SUM_HEAD, BufferType, ProtocolError
 
 SEAMS = {"attention": 0, "ffn": 1}  # engine.Exchange stage -> PARTIAL seam number
@@ -23,16 +24,23 @@ def partial_nbytes(n_tokens: int, dim: int, buffer_type: BufferType) -> int:
 
 
 def encode_partial(p: np.ndarray, buffer_type: BufferType) -> memoryview:
+    """A partial on the wire: q80 blocks (formats.quantize_q80's bytes, by a compiled kernel: numpy's
+    took ~40 us, 45 times a token on TinyLlama) or float32."""
+    p = np.ascontiguousarray(p, dtype=np.float32)
     if buffer_type == BufferType.Q80:
-        return memoryview(quantize_q80(p))
-    return memoryview(np.ascontiguousarray(p, dtype="<f4")).cast("B")
+        wire = np.empty(partial_nbytes(*p.shape, buffer_type), dtype=np.uint8)
+        dispatch.q80_encode(p, wire, np.empty_like(p))
+        return memoryview(wire)
+    return memoryview(p).cast("B")
 
 
 def decode_partial(data: memoryview, n_tokens: int, dim: int, buffer_type: BufferType) -> np.ndarray:
     if len(data) != partial_nbytes(n_tokens, dim, buffer_type):
         raise ProtocolError(f"partial of {len(data)} bytes, expected {partial_nbytes(n_tokens, dim, buffer_type)}")
     if buffer_type == BufferType.Q80:
-        return dequantize_q80(np.frombuffer(data, dtype=np.uint8)).reshape(n_tokens, dim)
+        out = np.empty((n_tokens, dim), dtype=np.float32)
+        dispatch.q80_decode(np.frombuffer(data, dtype=np.uint8), out)
+        return out
     return np.frombuffer(data, dtype="<f4").reshape(n_tokens, dim)
 
 

@@ -39,6 +39,8 @@ from dllama.runtime.kernels.math import (
                                           matmul_q80_rows,
                                           matvec_q40,
                                           matvec_q40_rows,
+                                          q80_decode,
+                                          q80_encode,
                                           q80_roundtrip,
                                           quantize_q80,
                                           quantize_q80_tasks,
@@ -69,7 +71,8 @@ __all__ = [
     "DOTPROD", "JOB_WORDS", "KERNEL_PATH", "NO_JOB", "OP_WORDS", "VNNI512", "attention", "attention_tasks",
     "job_attention", "job_matmul_f32", "job_matmul_q40", "job_matmul_q80", "job_matvec_q40", "job_program",
     "job_quantize", "job_silu_gate", "kernel_path_code", "matmul_f32", "matmul_f32_rows", "matmul_q40",
-    "matmul_q40_rows", "matmul_q80", "matmul_q80_rows", "matvec_q40", "matvec_q40_rows", "publish", "q80_roundtrip",
+    "matmul_q40_rows", "matmul_q80", "matmul_q80_rows", "matvec_q40", "matvec_q40_rows", "publish", "q80_decode",
+    "q80_encode", "q80_roundtrip",
     "quantize_q80", "quantize_q80_tasks", "rmsnorm_token", "run_program", "silu_gate", "silu_gate_rows",
     "spin_until_all_equal", "spin_until_changed", "team_helper", "token_lanes",
 ]

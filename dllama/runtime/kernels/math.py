@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from dllama.f16bits import round_to_f16
+from dllama.f16bits import f16_bits_to_f32_bits, f32_bits_to_f16_bits, round_to_f16
 from dllama.formats import BLOCK_SIZE, Q40_BYTES, Q80_BYTES
 from dllama.runtime.kernels.ir import (
     LANES,
@@ -80,6 +80,41 @@ def q80_roundtrip(x):
             ds = round_to_f16(d)
             for j in range(BLOCK_SIZE):
                 x[t, x0 + j] = np.float32(np.rint(x[t, x0 + j] * inv)) * ds
+
+
+@njit(cache=True)
+def q80_encode(x, wire, decoded):
+    """x (T, n) -> wire (T * n/32 * 34,) uint8: its q80 blocks as the reference stores them (FORMAT.md
+    §1.2: f16 d, 32 int8), numpy's formats.quantize_q80 bit for bit; and decoded (T, n) = the values the
+    wire carries (q * d), what formats.dequantize_q80 gives its reader."""
+    T, n = x.shape
+    nb = n // BLOCK_SIZE
+    for t in range(T):
+        for b in range(nb):
+            x0 = b * BLOCK_SIZE
+            d, inv = _q80_scale(x, t, x0)
+            bits = f32_bits_to_f16_bits(np.float32(d).view(np.uint32))
+            ds = np.uint32(f16_bits_to_f32_bits(bits)).view(np.float32)
+            o = (t * nb + b) * Q80_BYTES
+            wire[o] = np.uint8(bits & 255)
+            wire[o + 1] = np.uint8(bits >> 8)
+            for j in range(BLOCK_SIZE):
+                q = np.rint(x[t, x0 + j] * inv)
+                wire[o + 2 + j] = np.uint8(np.int32(q) & 255)
+                decoded[t, x0 + j] = q * ds
+
+
+@njit(cache=True)
+def q80_decode(wire, out):
+    """wire (T * n/32 * 34,) uint8 q80 blocks -> out (T, n) float32: q * d, as formats.dequantize_q80."""
+    T, n = out.shape
+    nb = n // BLOCK_SIZE
+    for t in range(T):
+        for b in range(nb):
+            o = (t * nb + b) * Q80_BYTES
+            ds = np.uint32(f16_bits_to_f32_bits(np.uint32(wire[o]) | (np.uint32(wire[o + 1]) << 8))).view(np.float32)
+            for j in range(BLOCK_SIZE):
+                out[t, b * BLOCK_SIZE + j] = np.float32(np.int8(wire[o + 2 + j])) * ds
 
 
 # --------------------------------------------------------------------------------------------
