@@ -164,7 +164,7 @@ def build(folder: Path) -> str | None:
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         done = subprocess.run([sys.executable, "-m", "dllama.runtime.aot_kernels", str(staging)], capture_output=True,
-                              text=True, env=_child_env())
+                              text=True, env=_child_env(staging / "numba-cache"))
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines()
             return lines[-1] if lines else f"exit status {done.returncode}"
@@ -178,8 +178,11 @@ def build(folder: Path) -> str | None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _child_env() -> dict:
-    env = dict(os.environ)
+def _child_env(numba_cache: Path) -> dict:
+    """The build's environment. An empty numba cache of its own: numba checks a cached function against its
+    own file only, so a team_helper cached before program.py changed would bring the old layer programs
+    into the module (the helper threads then ran other code than the calling thread)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(numba_cache))
     package_parent = str(Path(__file__).resolve().parent.parent.parent)
     env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
     if features := cpu.arm_target_features():

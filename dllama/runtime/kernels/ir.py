@@ -158,6 +158,39 @@ _q40_pair, _q40_block = _block_kernel("q40", True), _block_kernel("q40", False)
 _s8_pair, _s8_block = _block_kernel("s8", True), _block_kernel("s8", False)
 
 
+@intrinsic
+def _quantize_q80_block(typingctx, x, x_off, xq, xc, xc_off):
+    """The reference q80 quantizer on the 32 values x[x_off:] (FORMAT.md §1.2), as vectors: xq[x_off:+32] =
+    rint(x * (1 / d)) and xc[xc_off:+8] = -8 * their quad sums; returns d = max|x| / 127 (unrounded)."""
+    sig = types.float32(x, x_off, xq, xc, xc_off)
+
+    def codegen(context, builder, sig, args):
+        x, x_off, xq, xc, xc_off = args
+        vty = _vec(_f32, 32)
+        values = _load(builder, _data(context, builder, sig.args[0], x), x_off, vty, align=4)
+        module = builder.module
+
+        def fn(name, ret, *arg_types):
+            return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, list(arg_types)), name)
+
+        amax = builder.call(fn("llvm.vector.reduce.fmax.v32f32", _f32, vty),
+                            [builder.call(fn("llvm.fabs.v32f32", vty, vty), [values])])
+        d = builder.fdiv(amax, ir.Constant(_f32, 127.0))
+        nonzero = builder.fcmp_ordered("!=", d, ir.Constant(_f32, 0.0))
+        inv = builder.select(nonzero, builder.fdiv(ir.Constant(_f32, 1.0), d), ir.Constant(_f32, 0.0))
+        rounded = builder.call(fn("llvm.rint.v32f32", vty, vty), [builder.fmul(values, _splat(builder, inv, 32))])
+        q = builder.fptosi(rounded, _vec(_i8, 32))
+        ptr = builder.gep(_data(context, builder, sig.args[2], xq), [x_off])
+        builder.store(q, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
+        sums = _quad_sums(builder, _const(_vec(_i8, 32), [1] * 32), q, _const(_vec(_i32, 8), [0] * 8), a_unsigned=True)
+        ptr = builder.gep(_data(context, builder, sig.args[3], xc), [xc_off])
+        corrections = builder.mul(sums, _const(_vec(_i32, 8), [-8] * 8))
+        builder.store(corrections, builder.bitcast(ptr, _vec(_i32, 8).as_pointer()), align=4)
+        return d
+
+    return sig, codegen
+
+
 # The batched q40 kernel keeps tokens in the vector lanes: TOKEN_LANES tokens side by side, one
 # vector per accumulator lane of the block layout above, so one (d_w * d_x) vector serves a block's 8
 # quads and a row's weights are one broadcast per quad. On VNNI the tokens' int8 values are stored

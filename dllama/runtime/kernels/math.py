@@ -13,6 +13,7 @@ from dllama.runtime.kernels.ir import (
     X_BIAS,
     _packed_row_lanes,
     _q40_block,
+    _quantize_q80_block,
     _s8_block,
     _s8_pair,
     _token_lanes_row,
@@ -50,15 +51,7 @@ def quantize_q80_tasks(x, xq, xd, xc, task0, task1):
     for task in range(task0, task1):
         t = task // nb
         b = task % nb
-        x0 = b * BLOCK_SIZE
-        d, inv = _q80_scale(x, t, x0)
-        for j in range(BLOCK_SIZE):
-            xq[t, x0 + j] = np.int8(np.rint(x[t, x0 + j] * inv))
-        xd[t, b] = round_to_f16(d)
-        for i in range(BLOCK_SIZE // 4):
-            k = x0 + 4 * i
-            xc[t, k // 4] = -8 * (np.int32(xq[t, k]) + np.int32(xq[t, k + 1])
-                                  + np.int32(xq[t, k + 2]) + np.int32(xq[t, k + 3]))
+        xd[t, b] = round_to_f16(_quantize_q80_block(x[t], b * BLOCK_SIZE, xq[t], xc[t], b * 8))
 
 
 @njit(cache=True, parallel=True)

@@ -161,12 +161,9 @@ def _op_rope_kv(op, pos, me, n_threads):
 
 
 @njit(cache=True)
-def _op_attention(op, pos, me, n_threads):
-    """Arrays q (T, H, hd), k_cache, v_cache, z (T, H * hd), zq, zd, zc, z_lanes: attention_tasks, and the
-    q80 of each head's output blocks when parameter 0 (head_dim a multiple of 64). Split by (token, head)."""
-    q, z = _arg3(op, 0, np.float32), _arg2(op, 3, np.float32)
+def _attend(op, pos, q, z, task0, task1):
+    """attention_tasks task0..task1, and the q80 of each head's output blocks when parameter 0."""
     T, H, hd = q.shape
-    task0, task1 = _share(T * H, me, n_threads, 1)
     attention_tasks(q, _arg3(op, 1, np.float32), _arg3(op, 2, np.float32), pos, z, task0, task1)
     if op[2]:
         zq, zd, zc, z_lanes = _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32), _arg2(op, 7,
@@ -175,6 +172,25 @@ def _op_attention(op, pos, me, n_threads):
         for task in range(task0, task1):
             t, h = task // H, task % H
             _quantize_blocks(z, zq, zd, zc, z_lanes, t, t + 1, h * per_head, (h + 1) * per_head)
+
+
+@njit(cache=True)
+def _op_attention(op, pos, me, n_threads):
+    """Arrays q (T, H, hd), k_cache, v_cache, z (T, H * hd), zq, zd, zc, z_lanes: attention_tasks, and the
+    q80 of each head's output blocks when parameter 0 (head_dim a multiple of 64). One token: split by
+    heads. Several: a later token attends to more positions, so the groups of TOKEN_LANES tokens (one
+    x_lanes row each, written by one thread) are dealt out back and forth (0, 1, 1, 0, ...), not in halves."""
+    q, z = _arg3(op, 0, np.float32), _arg2(op, 3, np.float32)
+    T, H, _ = q.shape
+    if T == 1:
+        task0, task1 = _share(H, me, n_threads, 1)
+        _attend(op, pos, q, z, task0, task1)
+        return
+    for group in range((T + TOKEN_LANES - 1) // TOKEN_LANES):
+        turn = group % (2 * n_threads)
+        if (turn if turn < n_threads else 2 * n_threads - 1 - turn) == me:
+            t0 = group * TOKEN_LANES
+            _attend(op, pos, q, z, t0 * H, min(T, t0 + TOKEN_LANES) * H)
 
 
 @njit(cache=True)
