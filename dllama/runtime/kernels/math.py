@@ -229,10 +229,10 @@ def matvec_q40(w, xq, xd, xc, scale_table, out):
 
 
 @njit(cache=True, parallel=True)
-def matmul_q40(w, xq, xd, xc, x_scales, scale_table, out):
+def matmul_q40(w, xq, xd, xc, x_lanes, scale_table, out):
     rows = w.shape[0]
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        matmul_q40_rows(w, xq, xd, xc, x_scales, scale_table, out, task * ROWS_PER_TASK,
+        matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, task * ROWS_PER_TASK,
                         min(rows, (task + 1) * ROWS_PER_TASK))
 
 
