@@ -55,13 +55,18 @@ def _load(builder, data, offset, vt, align=1):
     return builder.load(builder.bitcast(builder.gep(data, [offset]), vt.as_pointer()), align=align)
 
 
+def _declare(builder, name: str, ret: ir.Type, *arg_types: ir.Type) -> ir.Function:
+    """The function (an LLVM intrinsic or a C symbol) `name` in the builder's module, declared once."""
+    module = builder.module
+    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, list(arg_types)), name)
+
+
 def _quad_sums(builder, a, x, init, a_unsigned: bool):
     """init[i] + sum_k a[4i+k] * x[4i+k] (a: u8 or s8 vector, x: s8 vector) as an i32 vector."""
     n = a.type.count
     if a_unsigned and n == 64 and VNNI512:
-        name = "llvm.x86.avx512.vpdpbusd.512"
-        fnty = ir.FunctionType(_vec(_i32, 16), [_vec(_i32, 16), _vec(_i8, 64), _vec(_i8, 64)])
-        fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
+        fn = _declare(builder, "llvm.x86.avx512.vpdpbusd.512", _vec(_i32, 16), _vec(_i32, 16), _vec(_i8, 64),
+                      _vec(_i8, 64))
         return builder.call(fn, [init, a, x])
     if DOTPROD:  # q40 nibbles are 0..15: as int8 they have the same value
         return _sdot_quad_sums(builder, a, x, init)
@@ -71,13 +76,19 @@ def _quad_sums(builder, a, x, init, a_unsigned: bool):
     return builder.add(init, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
 
 
+def _quad_sums_times(builder, values, factor: int):
+    """factor * the 8 quad sums of 32 int8 values, as an i32 vector."""
+    ones = _const(_vec(_i8, 32), [1] * 32)
+    sums = _quad_sums(builder, ones, values, _const(_vec(_i32, 8), [0] * 8), a_unsigned=True)
+    return builder.mul(sums, _const(_vec(_i32, 8), [factor] * 8))
+
+
 def _sdot_quad_sums(builder, a, x, init):
     """_quad_sums by one aarch64 sdot per 16 products: lane i of sdot is init[i] + the 4 products
     4i..4i+3, the same exact integer as the generic path's."""
     n = a.type.count
-    name = "llvm.aarch64.neon.sdot.v4i32.v16i8"
-    fnty = ir.FunctionType(_vec(_i32, 4), [_vec(_i32, 4), _vec(_i8, 16), _vec(_i8, 16)])
-    fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
+    fn = _declare(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", _vec(_i32, 4), _vec(_i32, 4), _vec(_i8, 16),
+                  _vec(_i8, 16))
 
     def part(v, width, c):
         return builder.shuffle_vector(v, v, _const(_vec(_i32, width), list(range(c * width, (c + 1) * width))))
@@ -168,24 +179,18 @@ def _quantize_q80_block(typingctx, x, x_off, xq, xc, xc_off):
         x, x_off, xq, xc, xc_off = args
         vty = _vec(_f32, 32)
         values = _load(builder, _data(context, builder, sig.args[0], x), x_off, vty, align=4)
-        module = builder.module
-
-        def fn(name, ret, *arg_types):
-            return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, list(arg_types)), name)
-
-        amax = builder.call(fn("llvm.vector.reduce.fmax.v32f32", _f32, vty),
-                            [builder.call(fn("llvm.fabs.v32f32", vty, vty), [values])])
+        amax = builder.call(_declare(builder, "llvm.vector.reduce.fmax.v32f32", _f32, vty),
+                            [builder.call(_declare(builder, "llvm.fabs.v32f32", vty, vty), [values])])
         d = builder.fdiv(amax, ir.Constant(_f32, 127.0))
         nonzero = builder.fcmp_ordered("!=", d, ir.Constant(_f32, 0.0))
         inv = builder.select(nonzero, builder.fdiv(ir.Constant(_f32, 1.0), d), ir.Constant(_f32, 0.0))
-        rounded = builder.call(fn("llvm.rint.v32f32", vty, vty), [builder.fmul(values, _splat(builder, inv, 32))])
+        rounded = builder.call(_declare(builder, "llvm.rint.v32f32", vty, vty),
+                               [builder.fmul(values, _splat(builder, inv, 32))])
         q = builder.fptosi(rounded, _vec(_i8, 32))
         ptr = builder.gep(_data(context, builder, sig.args[2], xq), [x_off])
         builder.store(q, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
-        sums = _quad_sums(builder, _const(_vec(_i8, 32), [1] * 32), q, _const(_vec(_i32, 8), [0] * 8), a_unsigned=True)
         ptr = builder.gep(_data(context, builder, sig.args[3], xc), [xc_off])
-        corrections = builder.mul(sums, _const(_vec(_i32, 8), [-8] * 8))
-        builder.store(corrections, builder.bitcast(ptr, _vec(_i32, 8).as_pointer()), align=4)
+        builder.store(_quad_sums_times(builder, q, -8), builder.bitcast(ptr, _vec(_i32, 8).as_pointer()), align=4)
         return d
 
     return sig, codegen
@@ -216,11 +221,9 @@ def _unpack_q40_signed(typingctx, w, w_off, wq, wq_off, corr, corr_off):
         values = builder.sub(nibbles, _const(_vec(_i8, 32), [8] * 32))
         ptr = builder.gep(_data(context, builder, sig.args[2], wq), [wq_off])
         builder.store(values, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
-        ones = _const(_vec(_i8, 32), [1] * 32)
-        sums = _quad_sums(builder, ones, values, _const(_vec(_i32, 8), [0] * 8), a_unsigned=True)
-        corrections = builder.mul(sums, _const(_vec(_i32, 8), [-X_BIAS] * 8))
         ptr = builder.gep(_data(context, builder, sig.args[4], corr), [corr_off])
-        builder.store(corrections, builder.bitcast(ptr, _vec(_i32, 8).as_pointer()), align=4)
+        builder.store(_quad_sums_times(builder, values, -X_BIAS), builder.bitcast(ptr, _vec(_i32, 8).as_pointer()),
+                      align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -404,9 +407,7 @@ def _yield_cpu(typingctx):
     sig = types.void()
 
     def codegen(context, builder, sig, args):
-        fn = builder.module.globals.get("sched_yield") or ir.Function(builder.module, ir.FunctionType(_i32, []),
-                                                                      "sched_yield")
-        builder.call(fn, [])
+        builder.call(_declare(builder, "sched_yield", _i32), [])
         return context.get_dummy_value()
 
     return sig, codegen
