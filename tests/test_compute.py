@@ -79,17 +79,17 @@ def test_matmuls_and_quantizer_are_bit_identical(both, threads, T, rows, n):
 
 def test_the_q80_wire_kernels_give_the_formats_bytes_and_values(both):
     """Partials cross the network as q80 blocks: the compiled encoder writes formats.quantize_q80's bytes
-    (zero blocks, large values, f16-subnormal scales included) and both decoders read the same values."""
+    (zero blocks, large values, f16-subnormal scales included) and the decoder reads dequantize_q80's values."""
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((3, 256)) * np.array([[1e-6], [1.0], [3e3]])).astype(np.float32)
     x[0, :32] = 0.0
     want = quantize_q80(x)
     for kernels in both:
-        wire, decoded, back = np.empty_like(want), np.empty_like(x), np.empty_like(x)
-        kernels.q80_encode(x, wire, decoded)
+        wire, back = np.empty_like(want), np.empty_like(x)
+        kernels.q80_encode(x, wire)
         kernels.q80_decode(np.frombuffer(bytes(wire), dtype=np.uint8), back)  # a received payload is read-only
         assert np.array_equal(wire, want)
-        assert np.array_equal(decoded, dequantize_q80(want).reshape(x.shape)) and np.array_equal(back, decoded)
+        assert np.array_equal(back, dequantize_q80(want).reshape(x.shape))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -270,6 +270,21 @@ def test_a_prompts_last_logits_alone_equal_the_last_row_of_all(compiled):
     assert np.array_equal(engine.forward(PROMPT[:3], len(prompt)), fresh[-3:])  # the cache is whole
 
 
+@pytest.mark.parametrize("logits", ["all", "last"])
+def test_a_whole_pass_longer_than_a_batch_gives_every_batchs_logits(logits):
+    """CompiledPass.whole runs a longer input a batch at a time; each batch's logits are kept, not the
+    buffer the next batch overwrites."""
+    path = require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m"
+    prompt = PROMPT * 12  # 144 tokens: three batches
+    engine = Engine.load(path)
+    if engine.layers.compiled() is None:
+        pytest.skip("the JIT kernels run the per-call blocks only")
+    x = np.array(engine.embedding[prompt], dtype=np.float32)
+    got = engine.layers.compiled().whole(x, 0, None, logits)
+    want = Engine.load(path).forward(prompt, 0)
+    assert np.array_equal(got, want if logits == "all" else want[-1:])
+
+
 def test_continuing_from_a_cached_prefix_equals_a_fresh_run():
     path = require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m"
     engine = Engine.load(path)

@@ -39,7 +39,7 @@ _W = "u1[:, ::1]"  # quantized weights: rows of packed blocks (an "A" layout her
 EXPORTS = {  # kernel in the kernels package -> its one signature in the compiled module
     "quantize_q80_tasks": "void(f4[:, ::1], i1[:, ::1], f4[:, ::1], i4[:, ::1], i8, i8)",
     "q80_roundtrip": "void(f4[:, ::1])",
-    "q80_encode": "void(f4[:, ::1], u1[::1], f4[:, ::1])",
+    "q80_encode": "void(f4[:, ::1], u1[::1])",
     "q80_decode": "void(u1[::1], f4[:, ::1])",
     "matvec_q40_rows": f"void({_W}, i1[::1], f4[::1], i4[::1], f4[::1], f4[::1], i8, i8)",
     "token_lanes": "void(i1[:, ::1], f4[:, ::1], f4[:, ::1])",

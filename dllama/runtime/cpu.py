@@ -26,6 +26,12 @@ def token_lanes(kernel_path: str) -> int:
     return 16 if kernel_path == "vnni512" else 4
 
 
+def lanes_min_tokens(kernel_path: str) -> int:
+    """Fewest tokens the batched q40 kernel takes in lanes: fewer fill too little of a group and go one at
+    a time through the one-token kernel (its bits are the same), with no x_lanes to write."""
+    return token_lanes(kernel_path) // 2
+
+
 def token_lanes_shape(kernel_path: str, T: int, n: int) -> tuple[int, int]:
     """The shape of the batched q40 kernel's x_lanes for T tokens of n values (kernels.token_lanes):
     a row per group of token_lanes tokens, each n/4 quads then n/32 block scales per token."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from dllama.errors import DllamaError
 from dllama.formats import BLOCK_SIZE
-from dllama.runtime.cpu import KERNEL_PATHS, token_lanes_shape
+from dllama.runtime.cpu import KERNEL_PATHS, lanes_min_tokens, token_lanes_shape
 
 # f16 bits -> float32, so kernels decode block scales with one lookup (numba has no CPU half);
 # aarch64's numpy warns about the NaN patterns in the cast (x86's does not): they stay NaN
@@ -74,8 +74,8 @@ def q80_roundtrip(x) -> None:
     _backend().q80_roundtrip(x)
 
 
-def q80_encode(x, wire, decoded) -> None:
-    _backend().q80_encode(x, wire, decoded)
+def q80_encode(x, wire) -> None:
+    _backend().q80_encode(x, wire)
 
 
 def q80_decode(wire, out) -> None:
@@ -194,8 +194,8 @@ class JitKernels:
     def q80_roundtrip(self, x):
         self.k.q80_roundtrip(x)
 
-    def q80_encode(self, x, wire, decoded):
-        self.k.q80_encode(x, wire, decoded)
+    def q80_encode(self, x, wire):
+        self.k.q80_encode(x, wire)
 
     def q80_decode(self, wire, out):
         self.k.q80_decode(wire, out)
@@ -235,8 +235,8 @@ class CompiledKernels:
     def q80_roundtrip(self, x):
         self.m.q80_roundtrip(x)
 
-    def q80_encode(self, x, wire, decoded):
-        self.m.q80_encode(x, wire, decoded)
+    def q80_encode(self, x, wire):
+        self.m.q80_encode(x, wire)
 
     def q80_decode(self, wire, out):
         self.m.q80_decode(wire, out)
@@ -386,8 +386,12 @@ class Team:
 
 
 def _token_lanes(kernels, path: str, xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
-    """The x_lanes argument of matmul_q40: the tokens in the batched kernel's layout (kernels.token_lanes)."""
-    out = np.zeros(token_lanes_shape(path, *xq.shape), dtype=np.float32)
+    """The x_lanes argument of matmul_q40: the tokens in the batched kernel's layout (kernels.token_lanes),
+    none for fewer tokens than it takes in lanes."""
+    groups, width = token_lanes_shape(path, *xq.shape)
+    if xq.shape[0] < lanes_min_tokens(path):
+        return np.zeros((0, width), dtype=np.float32)
+    out = np.zeros((groups, width), dtype=np.float32)
     kernels.token_lanes(xq, xd, out)
     return out
 

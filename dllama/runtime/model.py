@@ -339,21 +339,25 @@ class CompiledPass:
         """The whole pass on x (T, dim): the logits of every token, of the last one only (a prompt), or of none
         (LOGITS_ROWS), written straight into `out` (those rows, vocab) when it can take them (no second
         logits array at the peak of a prefill), else into this pass's buffer."""
-        if x.shape[0] > MAX_BATCH:
-            return np.concatenate([self.whole(x[s:s + MAX_BATCH], pos + s) for s in range(0, x.shape[0], MAX_BATCH)])
+        if x.shape[0] > MAX_BATCH:  # a batch at a time; each part copied out of the buffer the next one reuses
+            starts = range(0, x.shape[0], MAX_BATCH)
+            before_last = "all" if logits == "all" else "none"
+            return np.concatenate([self.whole(x[s:s + MAX_BATCH], pos + s, None,
+                                              logits if s == starts[-1] else before_last).copy() for s in starts])
         T = x.shape[0]
         rows = LOGITS_ROWS[logits](T)
         self.x[:T] = x
         p = self.program(T, whole=True, logits=logits)
         direct = (rows and out is not None and out.dtype == np.float32 and out.flags.c_contiguous
                   and out.shape == self.logits[:rows].shape)
+        lm_head = self.lm_head_ops.get((T, True, logits))
         if direct:
-            p.point(self.lm_head_ops[(T, True, logits)], LM_HEAD_OUT, out)
+            p.point(lm_head, LM_HEAD_OUT, out)
         try:
             p.run("token", pos)
         finally:
             if direct:
-                p.point(self.lm_head_ops[(T, True, logits)], LM_HEAD_OUT, self.logits[:rows])
+                p.point(lm_head, LM_HEAD_OUT, self.logits[:rows])
         x[:] = self.x[:T]
         return out if direct else self.logits[:rows]
 
@@ -421,8 +425,9 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     2 MB huge pages for arrays of 4 MB and more: a KV cache's first token in each layer would then
     zero 2 MB (the kernel compacting memory to find them, sometimes for 0.2 s), and hold it in RSS
     however few positions are used."""
-    nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+    count = math.prod(shape)
+    memory = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+    return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
 
 
 def q80_buffers(T: int, n: int) -> tuple[np.ndarray, ...]:

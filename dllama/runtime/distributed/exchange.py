@@ -29,7 +29,7 @@ def encode_partial(p: np.ndarray, buffer_type: BufferType) -> memoryview:
     p = np.ascontiguousarray(p, dtype=np.float32)
     if buffer_type == BufferType.Q80:
         wire = np.empty(partial_nbytes(*p.shape, buffer_type), dtype=np.uint8)
-        dispatch.q80_encode(p, wire, np.empty_like(p))
+        dispatch.q80_encode(p, wire)
         return memoryview(wire)
     return memoryview(p).cast("B")
 

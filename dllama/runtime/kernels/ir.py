@@ -12,7 +12,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from dllama.formats import Q40_BYTES
-from dllama.runtime.cpu import KERNEL_PATHS, is_aarch64, token_lanes
+from dllama.runtime.cpu import KERNEL_PATHS, is_aarch64, lanes_min_tokens, token_lanes
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 LANES = 16  # float32 accumulator lanes per (row, token), see "Quantized matmuls" below
@@ -201,6 +201,7 @@ def _quantize_q80_block(typingctx, x, x_off, xq, xc, xc_off):
 # quads and a row's weights are one broadcast per quad. On VNNI the tokens' int8 values are stored
 # biased by +128 (vpdpbusd multiplies unsigned by signed) and the row's quads carry the correction.
 TOKEN_LANES = token_lanes(KERNEL_PATH)
+LANES_MIN_TOKENS = lanes_min_tokens(KERNEL_PATH)
 X_BIAS = 128 if VNNI512 else 0
 
 

@@ -9,6 +9,7 @@ from dllama.f16bits import f16_bits_to_f32_bits, f32_bits_to_f16_bits, round_to_
 from dllama.formats import BLOCK_SIZE, Q40_BYTES, Q80_BYTES
 from dllama.runtime.kernels.ir import (
     LANES,
+    LANES_MIN_TOKENS,
     TOKEN_LANES,
     X_BIAS,
     _packed_row_lanes,
@@ -76,10 +77,9 @@ def q80_roundtrip(x):
 
 
 @njit(cache=True)
-def q80_encode(x, wire, decoded):
+def q80_encode(x, wire):
     """x (T, n) -> wire (T * n/32 * 34,) uint8: its q80 blocks as the reference stores them (FORMAT.md
-    §1.2: f16 d, 32 int8), numpy's formats.quantize_q80 bit for bit; and decoded (T, n) = the values the
-    wire carries (q * d), what formats.dequantize_q80 gives its reader."""
+    §1.2: f16 d, 32 int8), numpy's formats.quantize_q80 bit for bit."""
     T, n = x.shape
     nb = n // BLOCK_SIZE
     for t in range(T):
@@ -87,14 +87,11 @@ def q80_encode(x, wire, decoded):
             x0 = b * BLOCK_SIZE
             d, inv = _q80_scale(x, t, x0)
             bits = f32_bits_to_f16_bits(np.float32(d).view(np.uint32))
-            ds = np.uint32(f16_bits_to_f32_bits(bits)).view(np.float32)
             o = (t * nb + b) * Q80_BYTES
             wire[o] = np.uint8(bits & 255)
             wire[o + 1] = np.uint8(bits >> 8)
             for j in range(BLOCK_SIZE):
-                q = np.rint(x[t, x0 + j] * inv)
-                wire[o + 2 + j] = np.uint8(np.int32(q) & 255)
-                decoded[t, x0 + j] = q * ds
+                wire[o + 2 + j] = np.uint8(np.int32(np.rint(x[t, x0 + j] * inv)) & 255)
 
 
 @njit(cache=True)
@@ -170,10 +167,10 @@ def token_lanes(xq, xd, x_lanes):
 @njit(cache=True)
 def matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
     """T tokens, rows r0..r1: each row is unpacked once (int8 values, quad corrections, block scales)
-    and multiplied by every group of TOKEN_LANES tokens of x_lanes (token_lanes) in turn. A few
-    tokens fill too little of a group: they go one at a time (matvec_q40_rows, the same bits)."""
+    and multiplied by every group of TOKEN_LANES tokens of x_lanes (token_lanes) in turn. Fewer than
+    LANES_MIN_TOKENS go one at a time (matvec_q40_rows, the same bits; x_lanes is not read)."""
     T, nb = xd.shape
-    if T < TOKEN_LANES // 2:
+    if T < LANES_MIN_TOKENS:
         for t in range(T):
             matvec_q40_rows(w, xq[t], xd[t], xc[t], scale_table, out[t], r0, r1)
         return

@@ -8,6 +8,7 @@ from numba import njit
 
 from dllama.formats import BLOCK_SIZE
 from dllama.runtime.kernels.ir import (
+    LANES_MIN_TOKENS,
     TOKEN_LANES,
     _address,
     _arg1,
@@ -58,11 +59,11 @@ def _share(n_items, me, n_threads, align):
 @njit(cache=True)
 def _quantize_blocks(x, xq, xd, xc, x_lanes, t0, t1, b0, b1):
     """q80 of blocks b0..b1 of tokens t0..t1, also in the batched q40 kernel's layout (token_lanes_blocks)
-    when there are several tokens."""
+    when there are enough tokens for it to read them (LANES_MIN_TOKENS)."""
     T, nb = xd.shape
     for t in range(t0, t1):
         quantize_q80_tasks(x, xq, xd, xc, t * nb + b0, t * nb + b1)
-        if T > 1:
+        if T >= LANES_MIN_TOKENS:
             token_lanes_blocks(xq, xd, x_lanes, t, b0, b1)
 
 
