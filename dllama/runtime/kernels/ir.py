@@ -2,6 +2,7 @@
 lane kernels, atomics and sched_yield as numba intrinsics, and which path this CPU takes."""
 from __future__ import annotations
 
+import math
 import os
 
 import llvmlite.binding as llvm
@@ -343,6 +344,169 @@ def _packed_rows_kernel(n_rows: int):
 _i16 = ir.IntType(16)
 # one row at a time: 2 or 4 rows sharing each load of x measured 1.5-3x slower on Zen 4 (AVX-512)
 _packed_row_lanes = _packed_rows_kernel(1)
+
+
+# Attention over a head's rows of the KV cache, in float64: 8 dims to a vector (LLVM splits them as the
+# target needs), every sum in an order fixed here, so the bits are the same on every path and CPU. A
+# product of two float32 values is exact in float64: q . k is the same with or without fused adds.
+_f64 = ir.DoubleType()
+_F64X8 = _vec(_f64, 8)
+
+
+def _f64x8(builder, data, offset):
+    """8 float32 values at data[offset:] as float64."""
+    return builder.fpext(_load(builder, data, offset, _vec(_f32, 8), align=4), _F64X8)
+
+
+def _fma(builder, a, b, c):
+    return builder.call(_declare(builder, "llvm.fma.v8f64", _F64X8, _F64X8, _F64X8, _F64X8), [a, b, c])
+
+
+def _pick(builder, a, b, lanes):
+    return builder.shuffle_vector(a, b, _const(_vec(_i32, len(lanes)), lanes))
+
+
+def _sum_four(builder, accs):
+    """The lane sums of four <8 x double> as one <4 x double>, each ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
+    a, b, c, d = accs
+    ab = builder.fadd(_pick(builder, a, b, [0, 1, 2, 3, 8, 9, 10, 11]), _pick(builder, a, b, [4, 5, 6, 7, 12, 13, 14, 15]))
+    cd = builder.fadd(_pick(builder, c, d, [0, 1, 2, 3, 8, 9, 10, 11]), _pick(builder, c, d, [4, 5, 6, 7, 12, 13, 14, 15]))
+    pairs = builder.fadd(_pick(builder, ab, cd, [0, 1, 4, 5, 8, 9, 12, 13]), _pick(builder, ab, cd, [2, 3, 6, 7, 10, 11, 14, 15]))
+    return builder.fadd(_pick(builder, pairs, pairs, [0, 2, 4, 6]), _pick(builder, pairs, pairs, [1, 3, 5, 7]))
+
+
+@intrinsic
+def _head_scores(typingctx, q, kc, base, stride, n, scores):
+    """scores[s] = q . kc.flat[base + s * stride:][:hd] in float64 for s < n (hd = len(q), a multiple of 8),
+    four rows at a time: scores needs n rounded up to 4 values (the rows past n repeat row n - 1)."""
+    sig = types.void(q, kc, base, stride, n, scores)
+
+    def codegen(context, builder, sig, args):
+        q, kc, base, stride, n, scores = args
+        q_d, k_d, s_d = (_data(context, builder, sig.args[i], v) for i, v in ((0, q), (1, kc), (5, scores)))
+        hd = builder.extract_value(context.make_array(sig.args[0])(context, builder, q).shape, 0)
+        last = builder.sub(n, _const(_i64, 1))
+        four = builder.udiv(builder.add(n, _const(_i64, 3)), _const(_i64, 4))
+        with cgutils.for_range(builder, four) as rows:
+            s0 = builder.mul(rows.index, _const(_i64, 4))
+            starts = []
+            for j in range(4):
+                s = builder.add(s0, _const(_i64, j))
+                s = builder.select(builder.icmp_signed("<", s, n), s, last)
+                starts.append(builder.add(base, builder.mul(s, stride)))
+            accs = [cgutils.alloca_once_value(builder, _const(_F64X8, [0.0] * 8)) for _ in range(4)]
+            with cgutils.for_range(builder, builder.udiv(hd, _const(_i64, 8))) as dims:
+                i = builder.mul(dims.index, _const(_i64, 8))
+                qv = _f64x8(builder, q_d, i)
+                for start, acc in zip(starts, accs):
+                    builder.store(_fma(builder, qv, _f64x8(builder, k_d, builder.add(start, i)), builder.load(acc)), acc)
+            total = _sum_four(builder, [builder.load(acc) for acc in accs])
+            ptr = builder.bitcast(builder.gep(s_d, [s0]), _vec(_f64, 4).as_pointer())
+            builder.store(total, ptr, align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _exp(builder, x):
+    """exp(x) for x <= 0, 8 lanes: x = k ln2 + r (|r| <= ln2 / 2), e^r by its Taylor series to r^13
+    (error below 2e-16 relative), times 2^k; below -708 (where e^x nears the smallest normal) e^-708."""
+    def splat(value):
+        return _const(_F64X8, [value] * 8)
+
+    x = builder.select(builder.fcmp_ordered("<", x, splat(-708.0)), splat(-708.0), x)
+    k = builder.call(_declare(builder, "llvm.rint.v8f64", _F64X8, _F64X8), [builder.fmul(x, splat(1.4426950408889634))])
+    r = _fma(builder, k, splat(-6.93147180369123816490e-01), x)  # ln2 in two parts: k * the first is exact
+    r = _fma(builder, k, splat(-1.90821492927058770002e-10), r)
+    p = splat(1 / math.factorial(13))
+    for i in range(12, -1, -1):
+        p = _fma(builder, p, r, splat(1 / math.factorial(i)))
+    # 2^k from k + 1023 in the low bits of a double that the magic number 2^52 keeps integral
+    biased = builder.bitcast(builder.fadd(k, splat(1023.0 + 2.0 ** 52)), _vec(_i64, 8))
+    two_k = builder.bitcast(builder.shl(biased, _const(_vec(_i64, 8), [52] * 8)), _F64X8)
+    return builder.fmul(p, two_k)
+
+
+@intrinsic
+def _softmax_scaled(typingctx, scores, n, scale):
+    """scores[:n] = softmax(scores[:n] * scale) in float64, 8 at a time (scores holds n rounded up to 8 values):
+    the exponentials by `_exp`, their total as 8 running sums added as `_sum_four` adds lanes."""
+    sig = types.void(scores, n, scale)
+
+    def codegen(context, builder, sig, args):
+        scores, n, scale = args
+        s_d = _data(context, builder, sig.args[0], scores)
+        vectors = builder.udiv(builder.add(n, _const(_i64, 7)), _const(_i64, 8))
+        lane_ids = _const(_vec(_i64, 8), list(range(8)))
+
+        def each_vector(body):
+            with cgutils.for_range(builder, vectors) as loop:
+                i = builder.mul(loop.index, _const(_i64, 8))
+                ptr = builder.bitcast(builder.gep(s_d, [i]), _F64X8.as_pointer())
+                used = builder.icmp_signed("<", builder.add(_splat(builder, i, 8), lane_ids), _splat(builder, n, 8))
+                body(ptr, used)
+
+        top = cgutils.alloca_once_value(builder, _const(_F64X8, [-math.inf] * 8))
+        maxnum = _declare(builder, "llvm.maxnum.v8f64", _F64X8, _F64X8, _F64X8)
+
+        def scale_and_max(ptr, used):
+            v = builder.fmul(builder.load(ptr, align=8), _splat(builder, scale, 8))
+            builder.store(v, ptr, align=8)
+            masked = builder.select(used, v, _const(_F64X8, [-math.inf] * 8))
+            builder.store(builder.call(maxnum, [builder.load(top), masked]), top)
+
+        each_vector(scale_and_max)
+        smax = builder.call(_declare(builder, "llvm.vector.reduce.fmax.v8f64", _f64, _F64X8), [builder.load(top)])
+        smax = _splat(builder, smax, 8)
+        sums = cgutils.alloca_once_value(builder, _const(_F64X8, [0.0] * 8))
+
+        def exponentiate(ptr, used):
+            e = builder.select(used, _exp(builder, builder.fsub(builder.load(ptr, align=8), smax)), _const(_F64X8, [0.0] * 8))
+            builder.store(e, ptr, align=8)
+            builder.store(builder.fadd(builder.load(sums), e), sums)
+
+        each_vector(exponentiate)
+        total = builder.extract_element(_sum_four(builder, [builder.load(sums)] * 4), _const(_i32, 0))
+        total = _splat(builder, total, 8)
+        each_vector(lambda ptr, used: builder.store(builder.fdiv(builder.load(ptr, align=8), total), ptr, align=8))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _weighted_rows(typingctx, a, vc, base, stride, n, out):
+    """out[:hd] = float32(the sum over s < n, in order, of a[s] * vc.flat[base + s * stride:][:hd]) by fused
+    multiply-adds in float64 (hd = len(out), a multiple of 8): 64 dims in registers per pass over the rows,
+    then 8 at a time."""
+    sig = types.void(a, vc, base, stride, n, out)
+
+    def codegen(context, builder, sig, args):
+        a, vc, base, stride, n, out = args
+        a_d, v_d, o_d = (_data(context, builder, sig.args[i], v) for i, v in ((0, a), (1, vc), (5, out)))
+        hd = builder.extract_value(context.make_array(sig.args[5])(context, builder, out).shape, 0)
+
+        def pass_over_rows(dim0, width):
+            accs = [cgutils.alloca_once_value(builder, _const(_F64X8, [0.0] * 8)) for _ in range(width)]
+            with cgutils.for_range(builder, n) as rows:
+                s = rows.index
+                weight = _splat(builder, builder.load(builder.gep(a_d, [s])), 8)
+                row = builder.add(builder.add(base, builder.mul(s, stride)), dim0)
+                for k, acc in enumerate(accs):
+                    v = _f64x8(builder, v_d, builder.add(row, _const(_i64, 8 * k)))
+                    builder.store(_fma(builder, weight, v, builder.load(acc)), acc)
+            for k, acc in enumerate(accs):
+                ptr = builder.bitcast(builder.gep(o_d, [builder.add(dim0, _const(_i64, 8 * k))]), _vec(_f32, 8).as_pointer())
+                builder.store(builder.fptrunc(builder.load(acc), _vec(_f32, 8)), ptr, align=4)
+
+        wide = builder.udiv(hd, _const(_i64, 64))
+        with cgutils.for_range(builder, wide) as passes:
+            pass_over_rows(builder.mul(passes.index, _const(_i64, 64)), 8)
+        with cgutils.for_range(builder, builder.udiv(builder.urem(hd, _const(_i64, 64)), _const(_i64, 8))) as passes:
+            pass_over_rows(builder.add(builder.mul(wide, _const(_i64, 64)), builder.mul(passes.index, _const(_i64, 8))), 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 _PATH_CODE = KERNEL_PATHS.index(KERNEL_PATH)

@@ -17,7 +17,10 @@ from dllama.runtime.kernels.ir import (
     _quantize_q80_block,
     _s8_block,
     _s8_pair,
+    _softmax_scaled,
+    _head_scores,
     _token_lanes_row,
+    _weighted_rows,
     _unpack_q40_signed,
 )
 
@@ -312,46 +315,57 @@ def silu_gate(a, b, out):
         silu_gate_rows(a, b, out, t, t + 1)
 
 
-# fastmath lets LLVM vectorise the float64 sums; their order then varies with the vector width,
-# which float64 absorbs before the float32 rounding of the result
-@njit(cache=True, fastmath=True)
+@njit(cache=True)
 def attention_tasks(q, k_cache, v_cache, pos0, out, task0, task1):
     """Heads task0..task1 (numbered t * H + h) of q (T, H, hd), tokens at positions pos0..pos0+T-1;
     the caches (S, KVH, hd) already hold them.
 
     out (T, H * hd): per head, softmax(q.k_t / sqrt(hd)) over t <= pos, times v. Sums run in
-    float64 so the float32 result does not depend on their order (see model.py).
+    float64 so the float32 result does not depend on their order (see model.py); with hd a multiple
+    of 8 the dot products and the weighted sum of v run as vectors (ir._head_scores, ir._weighted_rows).
     """
     T, H, hd = q.shape
-    group = H // k_cache.shape[1]
+    KVH = k_cache.shape[1]
+    group = H // KVH
     inv_sqrt = 1.0 / np.sqrt(hd)
-    z = np.empty(hd, dtype=np.float64)
+    scores = np.empty((pos0 + T + 7) // 8 * 8, dtype=np.float64)
     for task in range(task0, task1):
         t = task // H
         h = task % H
-        kv = h // group
+        base = (h // group) * hd
         n = pos0 + t + 1
-        scores = np.empty(n, dtype=np.float64)
-        smax = -np.inf
+        head_out = out[t, h * hd:(h + 1) * hd]
+        if hd % 8 == 0:
+            _head_scores(q[t, h], k_cache, base, KVH * hd, n, scores)
+        else:
+            _head_scores_scalar(q[t, h], k_cache, base, KVH * hd, n, scores)
+        _softmax_scaled(scores, n, inv_sqrt)
+        if hd % 8 == 0:
+            _weighted_rows(scores, v_cache, base, KVH * hd, n, head_out)
+        else:
+            _weighted_rows_scalar(scores, v_cache, base, KVH * hd, n, head_out)
+
+
+@njit(cache=True)
+def _head_scores_scalar(q, k_cache, base, stride, n, scores):
+    """ir._head_scores for any hd, the sums in order."""
+    kc = k_cache.reshape(-1)
+    for s in range(n):
+        acc = 0.0
+        for i in range(q.shape[0]):
+            acc += np.float64(q[i]) * kc[base + s * stride + i]
+        scores[s] = acc
+
+
+@njit(cache=True)
+def _weighted_rows_scalar(a, v_cache, base, stride, n, out):
+    """ir._weighted_rows for any hd."""
+    vc = v_cache.reshape(-1)
+    for i in range(out.shape[0]):
+        z = 0.0
         for s in range(n):
-            acc = 0.0
-            for i in range(hd):
-                acc += np.float64(q[t, h, i]) * k_cache[s, kv, i]
-            acc *= inv_sqrt
-            scores[s] = acc
-            smax = max(smax, acc)
-        total = 0.0
-        for s in range(n):
-            e = np.exp(scores[s] - smax)
-            scores[s] = e
-            total += e
-        z[:] = 0.0
-        for s in range(n):
-            a = scores[s] / total
-            for i in range(hd):
-                z[i] += a * v_cache[s, kv, i]
-        for i in range(hd):
-            out[t, h * hd + i] = z[i]
+            z += a[s] * vc[base + s * stride + i]
+        out[i] = z
 
 
 @njit(cache=True, parallel=True)
