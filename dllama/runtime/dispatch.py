@@ -127,8 +127,9 @@ class Program:
     `mark(name)` closes a stretch that `run(name, pos)` runs as one call on this thread's threads."""
 
     def __init__(self):
-        self._rows: list[np.ndarray] = []
+        self._rows: list = []  # lists of OP_WORDS ints, then views of the table
         self._arrays: list[np.ndarray] = []
+        self._addresses: dict[int, int] = {}  # id -> data address of the arrays in _arrays (alive while named)
         self._stretches: dict[str, tuple[int, int, int]] = {}  # name -> first op, end op, barriers
         self._start = 0
         self.ops: np.ndarray | None = None
@@ -136,19 +137,20 @@ class Program:
 
     def add(self, kind: int, arrays, params=(0, 0), barrier: bool = True) -> int:
         """Append an op; its index (for `point`)."""
-        row = np.zeros(OP_WORDS, dtype=np.int64)
-        row[:4] = kind, int(barrier), *params
+        row = [kind, int(barrier), *params] + [0] * (OP_WORDS - 4)  # a list: the table is made once, on the next run
         for slot, a in enumerate(arrays):
             if a is not None:
-                _describe_array(row, slot, a)
-                self._arrays.append(a)
+                if id(a) not in self._addresses:
+                    self._addresses[id(a)] = _address(a, kind, slot)
+                    self._arrays.append(a)
+                _describe_array(row, slot, a, self._addresses[id(a)])
         self._rows.append(row)
         return len(self._rows) - 1
 
     def point(self, op: int, slot: int, a: np.ndarray) -> None:
         """Op `op` reads or writes `a` in `slot` from the next run on (the caller keeps `a` alive meanwhile)."""
         self._table()
-        _describe_array(self.ops[op], slot, a)
+        _describe_array(self.ops[op], slot, a, _address(a, self.ops[op][0], slot))
 
     def mark(self, name: str) -> None:
         end = len(self._rows)
@@ -168,13 +170,15 @@ class Program:
         return self.ops
 
 
-def _describe_array(row: np.ndarray, slot: int, a: np.ndarray) -> None:
+def _address(a: np.ndarray, kind: int, slot: int) -> int:
     if not a.flags.c_contiguous:
-        raise ValueError(f"op {row[0]} slot {slot}: the programs take C-contiguous arrays")
+        raise ValueError(f"op {kind} slot {slot}: the programs take C-contiguous arrays")
+    return a.ctypes.data
+
+
+def _describe_array(row, slot: int, a: np.ndarray, address: int) -> None:
     base = 4 + 4 * slot
-    row[base] = a.ctypes.data
-    row[base + 1:base + 4] = 0
-    row[base + 1:base + 1 + a.ndim] = a.shape
+    row[base:base + 4] = (address, *a.shape, *(0,) * (3 - a.ndim))
 
 
 # --------------------------------------------------------------------------------------------

@@ -369,6 +369,7 @@ class CompiledPass:
 
     def _build(self, T: int, whole: bool, logits: str) -> dispatch.Program:
         p = dispatch.Program()
+        self._views: dict[tuple, tuple] = {}  # _view's, for this build
         for layer in range(self.n.h.n_layers):
             self._attention_ops(p, layer, T, add=whole)
             if not whole:
@@ -382,41 +383,64 @@ class CompiledPass:
             self.lm_head_ops[(T, whole, logits)] = self._matmul(p, self.n.w.lm_head, self.xq, self.y, T,
                                                                 self.logits[:rows], barrier=False, first=first)
         p.mark("token" if whole else "logits")
+        del self._views
         return p
+
+    def _view(self, a, how: tuple, make: Callable) -> object:
+        """make(a), one object per (a, how) throughout a build: Program.add reads each array's address once
+        (a is held beside it, so no other object takes its id meanwhile)."""
+        key = (id(a), *how)
+        if key not in self._views:
+            self._views[key] = (a, make(a))
+        return self._views[key][1]
+
+    def _rows(self, a: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return self._view(a, ("rows", start, stop), lambda a: a[start:stop])
+
+    def _tokens(self, buffers: tuple[np.ndarray, ...], T: int, first: int = 0) -> tuple[np.ndarray, ...]:
+        return self._view(buffers, ("tokens", T, first), lambda buffers: tokens(buffers, T, first))
+
+    def _heads(self, a: np.ndarray, T: int) -> np.ndarray:
+        """a[:T] as (T, heads, head_dim)."""
+        return self._view(a, ("heads", T), lambda a: a[:T].reshape(T, -1, self.n.h.head_dim))
 
     def _attention_ops(self, p: dispatch.Program, layer: int, T: int, add: bool) -> None:
         n, lw, hd = self.n, self.n.w.layers[layer], self.n.h.head_dim
         self._norm(p, T, lw.attn_norm, self.quantized)
         for m, out, last in ((lw.q, self.q, False), (lw.k, self.k, False), (lw.v, self.v, True)):
             self._matmul(p, m, self.xq, self.y, T, out, barrier=last)
-        q, k, v = (a[:T].reshape(T, -1, hd) for a in (self.q, self.k, self.v))
+        q, k, v = (self._heads(a, T) for a in (self.q, self.k, self.v))
         p.add(dispatch.OP_ROPE_KV, (q, k, v, n.k_cache[layer], n.v_cache[layer], n.rope.cos, n.rope.sin),
               (int(n.rope.falcon), 0))
         fuse = self.quantized and hd % 64 == 0  # each head's output is whole q80 block pairs
-        p.add(dispatch.OP_ATTENTION, (q, n.k_cache[layer], n.v_cache[layer], self.z[:T], *tokens(self.zq, T)),
+        z = self._rows(self.z, 0, T)
+        p.add(dispatch.OP_ATTENTION, (q, n.k_cache[layer], n.v_cache[layer], z, *self._tokens(self.zq, T)),
               (int(fuse), 0))
         if self.quantized and not fuse:
-            p.add(dispatch.OP_QUANTIZE, (self.z[:T], *tokens(self.zq, T)))
+            p.add(dispatch.OP_QUANTIZE, (z, *self._tokens(self.zq, T)))
         self._matmul(p, lw.wo, self.zq, self.z, T, self.partial, add=add)
 
     def _ffn_ops(self, p: dispatch.Program, layer: int, T: int, add: bool) -> None:
         lw = self.n.w.layers[layer]
         self._norm(p, T, lw.ffn_norm, self.quantized)
-        p.add(dispatch.OP_FFN_UP, (weight_bytes(lw.w1), weight_bytes(lw.w3), *tokens(self.xq, T), dispatch.F16_TO_F32,
-                                  self.y[:T], self.h1[:T], self.h3[:T], *tokens(self.hq, T)),
+        p.add(dispatch.OP_FFN_UP, (weight_bytes(lw.w1), weight_bytes(lw.w3), *self._tokens(self.xq, T),
+                                  dispatch.F16_TO_F32, self._rows(self.y, 0, T), self._rows(self.h1, 0, T),
+                                  self._rows(self.h3, 0, T), *self._tokens(self.hq, T)),
               (WEIGHT_KINDS[lw.w1.float_type], 0))
         self._matmul(p, lw.w2, self.hq, self.h1, T, self.partial, add=add)
 
     def _norm(self, p: dispatch.Program, T: int, weight: np.ndarray, quantize: bool, first: int = 0) -> None:
         """Tokens first..T of x: rmsnorm into y, and its q80 when `quantize`."""
-        p.add(dispatch.OP_NORM_Q80, (self.x[first:T], np.ascontiguousarray(weight, np.float32), self.eps,
-                                    self.y[first:T], *tokens(self.xq, T, first), self.squares), (int(quantize), 0))
+        p.add(dispatch.OP_NORM_Q80, (self._rows(self.x, first, T), np.ascontiguousarray(weight, np.float32), self.eps,
+                                    self._rows(self.y, first, T), *self._tokens(self.xq, T, first), self.squares),
+              (int(quantize), 0))
 
     def _matmul(self, p: dispatch.Program, m: Matrix, xq: tuple, xf: np.ndarray, T: int, out: np.ndarray,
                 add: bool = False, barrier: bool = True, first: int = 0) -> int:
         """Tokens first..T of the input (xq, or xf for float32 weights) times m into out[:T - first]."""
-        return p.add(dispatch.OP_MATMUL, (weight_bytes(m), *tokens(xq, T, first), dispatch.F16_TO_F32, xf[first:T],
-                                          out[:T - first], self.x[first:T] if add else None),
+        return p.add(dispatch.OP_MATMUL, (weight_bytes(m), *self._tokens(xq, T, first), dispatch.F16_TO_F32,
+                                          self._rows(xf, first, T), self._rows(out, 0, T - first),
+                                          self._rows(self.x, first, T) if add else None),
                      (WEIGHT_KINDS[m.float_type], int(add)), barrier)
 
 

@@ -367,12 +367,16 @@ def _pick(builder, a, b, lanes):
 
 
 def _sum_four(builder, accs):
-    """The lane sums of four <8 x double> as one <4 x double>, each ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
+    """The lane sums of four <8 x double> as one <4 x double>, each ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
+    (l3 + l7))."""
+    def halves(a, b, low, high):
+        return builder.fadd(_pick(builder, a, b, low), _pick(builder, a, b, high))
+
     a, b, c, d = accs
-    ab = builder.fadd(_pick(builder, a, b, [0, 1, 2, 3, 8, 9, 10, 11]), _pick(builder, a, b, [4, 5, 6, 7, 12, 13, 14, 15]))
-    cd = builder.fadd(_pick(builder, c, d, [0, 1, 2, 3, 8, 9, 10, 11]), _pick(builder, c, d, [4, 5, 6, 7, 12, 13, 14, 15]))
-    pairs = builder.fadd(_pick(builder, ab, cd, [0, 1, 4, 5, 8, 9, 12, 13]), _pick(builder, ab, cd, [2, 3, 6, 7, 10, 11, 14, 15]))
-    return builder.fadd(_pick(builder, pairs, pairs, [0, 2, 4, 6]), _pick(builder, pairs, pairs, [1, 3, 5, 7]))
+    quarters = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    ab, cd = halves(a, b, *quarters), halves(c, d, *quarters)
+    pairs = halves(ab, cd, [0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15])
+    return halves(pairs, pairs, [0, 2, 4, 6], [1, 3, 5, 7])
 
 
 @intrinsic
@@ -399,7 +403,8 @@ def _head_scores(typingctx, q, kc, base, stride, n, scores):
                 i = builder.mul(dims.index, _const(_i64, 8))
                 qv = _f64x8(builder, q_d, i)
                 for start, acc in zip(starts, accs):
-                    builder.store(_fma(builder, qv, _f64x8(builder, k_d, builder.add(start, i)), builder.load(acc)), acc)
+                    k = _f64x8(builder, k_d, builder.add(start, i))
+                    builder.store(_fma(builder, qv, k, builder.load(acc)), acc)
             total = _sum_four(builder, [builder.load(acc) for acc in accs])
             ptr = builder.bitcast(builder.gep(s_d, [s0]), _vec(_f64, 4).as_pointer())
             builder.store(total, ptr, align=8)
@@ -409,12 +414,13 @@ def _head_scores(typingctx, q, kc, base, stride, n, scores):
 
 
 def _exp(builder, x):
-    """exp(x) for x <= 0, 8 lanes: x = k ln2 + r (|r| <= ln2 / 2), e^r by its Taylor series to r^13
-    (error below 2e-16 relative), times 2^k; below -708 (where e^x nears the smallest normal) e^-708."""
+    """exp(x), 8 lanes: x = k ln2 + r (|r| <= ln2 / 2), e^r by its Taylor series to r^13 (error below 2e-16
+    relative), times 2^k; x is first clamped to [-708, 709], where e^x stays a normal double."""
     def splat(value):
         return _const(_F64X8, [value] * 8)
 
     x = builder.select(builder.fcmp_ordered("<", x, splat(-708.0)), splat(-708.0), x)
+    x = builder.select(builder.fcmp_ordered(">", x, splat(709.0)), splat(709.0), x)
     k = builder.call(_declare(builder, "llvm.rint.v8f64", _F64X8, _F64X8), [builder.fmul(x, splat(1.4426950408889634))])
     r = _fma(builder, k, splat(-6.93147180369123816490e-01), x)  # ln2 in two parts: k * the first is exact
     r = _fma(builder, k, splat(-1.90821492927058770002e-10), r)
@@ -425,6 +431,23 @@ def _exp(builder, x):
     biased = builder.bitcast(builder.fadd(k, splat(1023.0 + 2.0 ** 52)), _vec(_i64, 8))
     two_k = builder.bitcast(builder.shl(biased, _const(_vec(_i64, 8), [52] * 8)), _F64X8)
     return builder.fmul(p, two_k)
+
+
+@intrinsic
+def _silu_gate8(typingctx, a, b, out, i):
+    """out[i:i + 8] = float32(a / (1 + exp(-a)) * b) in float64, for float32 a, b (math._silu_gate's formula)."""
+    sig = types.void(a, b, out, i)
+
+    def codegen(context, builder, sig, args):
+        a, b, out, i = args
+        a_d, b_d, o_d = (_data(context, builder, sig.args[k], v) for k, v in ((0, a), (1, b), (2, out)))
+        x = _f64x8(builder, a_d, i)
+        gate = builder.fdiv(x, builder.fadd(_const(_F64X8, [1.0] * 8), _exp(builder, builder.fneg(x))))
+        value = builder.fptrunc(builder.fmul(gate, _f64x8(builder, b_d, i)), _vec(_f32, 8))
+        builder.store(value, builder.bitcast(builder.gep(o_d, [i]), _vec(_f32, 8).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic
@@ -461,7 +484,8 @@ def _softmax_scaled(typingctx, scores, n, scale):
         sums = cgutils.alloca_once_value(builder, _const(_F64X8, [0.0] * 8))
 
         def exponentiate(ptr, used):
-            e = builder.select(used, _exp(builder, builder.fsub(builder.load(ptr, align=8), smax)), _const(_F64X8, [0.0] * 8))
+            e = _exp(builder, builder.fsub(builder.load(ptr, align=8), smax))
+            e = builder.select(used, e, _const(_F64X8, [0.0] * 8))
             builder.store(e, ptr, align=8)
             builder.store(builder.fadd(builder.load(sums), e), sums)
 
@@ -496,14 +520,17 @@ def _weighted_rows(typingctx, a, vc, base, stride, n, out):
                     v = _f64x8(builder, v_d, builder.add(row, _const(_i64, 8 * k)))
                     builder.store(_fma(builder, weight, v, builder.load(acc)), acc)
             for k, acc in enumerate(accs):
-                ptr = builder.bitcast(builder.gep(o_d, [builder.add(dim0, _const(_i64, 8 * k))]), _vec(_f32, 8).as_pointer())
-                builder.store(builder.fptrunc(builder.load(acc), _vec(_f32, 8)), ptr, align=4)
+                ptr = builder.gep(o_d, [builder.add(dim0, _const(_i64, 8 * k))])
+                builder.store(builder.fptrunc(builder.load(acc), _vec(_f32, 8)),
+                              builder.bitcast(ptr, _vec(_f32, 8).as_pointer()), align=4)
 
         wide = builder.udiv(hd, _const(_i64, 64))
         with cgutils.for_range(builder, wide) as passes:
             pass_over_rows(builder.mul(passes.index, _const(_i64, 64)), 8)
-        with cgutils.for_range(builder, builder.udiv(builder.urem(hd, _const(_i64, 64)), _const(_i64, 8))) as passes:
-            pass_over_rows(builder.add(builder.mul(wide, _const(_i64, 64)), builder.mul(passes.index, _const(_i64, 8))), 1)
+        narrow = builder.udiv(builder.urem(hd, _const(_i64, 64)), _const(_i64, 8))
+        with cgutils.for_range(builder, narrow) as passes:
+            dim0 = builder.add(builder.mul(wide, _const(_i64, 64)), builder.mul(passes.index, _const(_i64, 8)))
+            pass_over_rows(dim0, 1)
         return context.get_dummy_value()
 
     return sig, codegen

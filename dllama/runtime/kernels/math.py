@@ -12,16 +12,17 @@ from dllama.runtime.kernels.ir import (
     LANES_MIN_TOKENS,
     TOKEN_LANES,
     X_BIAS,
+    _head_scores,
     _packed_row_lanes,
     _q40_block,
     _quantize_q80_block,
     _s8_block,
     _s8_pair,
+    _silu_gate8,
     _softmax_scaled,
-    _head_scores,
     _token_lanes_row,
-    _weighted_rows,
     _unpack_q40_signed,
+    _weighted_rows,
 )
 
 ROWS_PER_TASK = 16     # rows one thread takes at a time in the matmuls
@@ -295,18 +296,24 @@ def matmul_f32(w, x, out):
 # --------------------------------------------------------------------------------------------
 # Attention over the KV cache (FORMAT.md §2)
 
-@njit(cache=True, inline="always")
-def _silu_gate(a, b):
-    x = np.float64(a)
-    return x / (1.0 + np.exp(-x)) * b
+@njit(cache=True)
+def silu_gate_span(a, b, out, i0, i1):
+    """out[i0:i1] = silu(a) * b of one token's values, in float64, rounded once to float32 (see model.py):
+    8 at a time by ir._silu_gate8, the last i1 - i0 % 8 with the same formula in scalars."""
+    i = i0
+    while i + 8 <= i1:
+        _silu_gate8(a, b, out, i)
+        i += 8
+    for j in range(i, i1):
+        x = np.float64(a[j])
+        out[j] = x / (1.0 + np.exp(-x)) * b[j]
 
 
 @njit(cache=True)
 def silu_gate_rows(a, b, out, t0, t1):
-    """out = silu(a) * b elementwise for tokens t0..t1, in float64, rounded once to float32 (see model.py)."""
+    """out = silu(a) * b elementwise for tokens t0..t1 (silu_gate_span)."""
     for t in range(t0, t1):
-        for i in range(a.shape[1]):
-            out[t, i] = _silu_gate(a[t, i], b[t, i])
+        silu_gate_span(a[t], b[t], out[t], 0, a.shape[1])
 
 
 @njit(cache=True, parallel=True)

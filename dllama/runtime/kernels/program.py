@@ -20,7 +20,6 @@ from dllama.runtime.kernels.ir import (
     _yield_cpu,
 )
 from dllama.runtime.kernels.math import (
-    _silu_gate,
     attention_tasks,
     matmul_f32_rows,
     matmul_q40_rows,
@@ -28,6 +27,7 @@ from dllama.runtime.kernels.math import (
     matvec_q40_rows,
     quantize_q80_tasks,
     rmsnorm_token,
+    silu_gate_span,
     token_lanes_blocks,
 )
 
@@ -123,8 +123,7 @@ def _op_ffn_up(op, me, n_threads):
     _matmul(op[2], w1, xq, xd, xc, x_lanes, scale_table, xf, h1, r0, r1)
     _matmul(op[2], w3, xq, xd, xc, x_lanes, scale_table, xf, h3, r0, r1)
     for t in range(h1.shape[0]):
-        for r in range(r0, r1):
-            h1[t, r] = _silu_gate(h1[t, r], h3[t, r])
+        silu_gate_span(h1[t], h3[t], h1[t], r0, r1)
     if op[2] != W_F32:
         _quantize_blocks(h1, _arg2(op, 10, np.int8), _arg2(op, 11, np.float32), _arg2(op, 12, np.int32),
                          _arg2(op, 13, np.float32), 0, h1.shape[0],
