@@ -135,6 +135,54 @@ def test_attention_silu_and_roundtrip_are_bit_identical(both, threads):
     assert np.array_equal(want, have) and not np.array_equal(want, x)
 
 
+def float64_attention(q, k, v, pos0):
+    """numpy's attention in float64, rounded once: the arithmetic the kernels promise, in another order."""
+    T, H, hd = q.shape
+    group = H // k.shape[1]
+    out = np.empty((T, H * hd), np.float32)
+    for t in range(T):
+        for h in range(H):
+            n = pos0 + t + 1
+            scores = k[:n, h // group].astype(np.float64) @ q[t, h].astype(np.float64) / np.sqrt(hd)
+            weights = np.exp(scores - scores.max())
+            out[t, h * hd:(h + 1) * hd] = weights / weights.sum() @ v[:n, h // group].astype(np.float64)
+    return out
+
+
+def within_one_step(have: np.ndarray, want: np.ndarray) -> None:
+    """float32 results of float64 arithmetic summed in another order: at most one float32 step apart, rarely."""
+    assert np.all(np.abs(have - want) <= np.spacing(np.abs(want)))
+    assert np.mean(have == want) > 0.99
+
+
+@pytest.mark.parametrize("hd", [12, 64, 80, 128])
+@pytest.mark.parametrize("sharpness", [1.0, 60.0])
+def test_attention_is_float64_attention_rounded_once(both, hd, sharpness):
+    """The vector kernels (hd a multiple of 8: 64 dims a pass over the cache, then 8 at a time; the softmax's
+    own exp) and the scalar loops (other hd) give numpy's float64 attention; sharp scores put most weights
+    below e^-708, where the exp clamps."""
+    _, compiled = both
+    rng = np.random.default_rng(hd)
+    T, H, KVH, S, pos0 = 5, 6, 2, 90, 70
+    q = (rng.standard_normal((T, H, hd)) * sharpness).astype(np.float32)
+    k, v = (rng.standard_normal((S, KVH, hd)).astype(np.float32) for _ in range(2))
+    have = np.full((T, H * hd), np.nan, np.float32)
+    compiled.attention(q, k, v, pos0, have)
+    within_one_step(have, float64_attention(q, k, v, pos0))
+
+
+def test_silu_gate_is_the_float64_formula_rounded_once(both):
+    _, compiled = both
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal((3, 1003)) * np.array([[1.0], [20.0], [900.0]])).astype(np.float32)  # 1003: a tail
+    b = rng.standard_normal((3, 1003)).astype(np.float32)
+    have = np.full_like(a, np.nan)
+    compiled.silu_gate(a, b, have)
+    x = a.astype(np.float64)
+    with np.errstate(over="ignore"):
+        within_one_step(have, (x / (1.0 + np.exp(-x)) * b).astype(np.float32))
+
+
 @pytest.mark.parametrize("n", [3, 64, 100, 576, 1000, 2048, 5000])
 def test_the_compiled_rmsnorm_sums_in_numpys_order(n):
     """The programs' rmsnorm gives model.rmsnorm's bits (numpy's pairwise sum), whatever the length."""
