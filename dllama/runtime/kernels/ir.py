@@ -414,8 +414,9 @@ def _head_scores(typingctx, q, kc, base, stride, n, scores):
 
 
 def _exp(builder, x):
-    """exp(x), 8 lanes: x = k ln2 + r (|r| <= ln2 / 2), e^r by its Taylor series to r^13 (error below 2e-16
-    relative), times 2^k; x is first clamped to [-708, 709], where e^x stays a normal double."""
+    """exp(x), 8 lanes: x = k ln2 + r (|r| <= ln2 / 2), e^r by its Taylor series to r^13 (truncated below
+    2e-16 relative; within about one unit in the last place), times 2^k; x is first clamped to [-708, 709],
+    where e^x stays a normal double."""
     def splat(value):
         return _const(_F64X8, [value] * 8)
 

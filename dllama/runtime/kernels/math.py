@@ -299,7 +299,7 @@ def matmul_f32(w, x, out):
 @njit(cache=True)
 def silu_gate_span(a, b, out, i0, i1):
     """out[i0:i1] = silu(a) * b of one token's values, in float64, rounded once to float32 (see model.py):
-    8 at a time by ir._silu_gate8, the last i1 - i0 % 8 with the same formula in scalars."""
+    8 at a time by ir._silu_gate8, the last (i1 - i0) % 8 by the same formula in scalars (libm's exp)."""
     i = i0
     while i + 8 <= i1:
         _silu_gate8(a, b, out, i)
