@@ -33,9 +33,12 @@ class KernelsUnavailable(DllamaError, ValueError):
     """DLLAMA_KERNELS asks for something this machine cannot give."""
 
 
+_CORES = os.cpu_count() or 1  # once: it reads /sys on every call, and every forward checks its threads
+
+
 def max_threads() -> int:
     """This machine's cores (NUMBA_NUM_THREADS caps it, for either implementation)."""
-    return int(os.environ.get("NUMBA_NUM_THREADS") or os.cpu_count() or 1)
+    return int(os.environ.get("NUMBA_NUM_THREADS") or _CORES)
 
 
 _local = threading.local()
@@ -50,6 +53,8 @@ def threads_problem(n: int | None) -> str | None:
 
 def set_threads(n: int) -> None:
     """Threads for kernel calls made from the calling thread (like numba.set_num_threads)."""
+    if getattr(_local, "threads", None) == n:  # every forward asks: the usual answer costs no more
+        return
     if problem := threads_problem(n):
         raise ValueError(problem)
     _local.threads = n
@@ -59,7 +64,7 @@ def set_threads(n: int) -> None:
 
 
 def threads() -> int:
-    n = getattr(_local, "threads", None)  # not a getattr default: max_threads() costs a system call
+    n = getattr(_local, "threads", None)
     return max_threads() if n is None else n
 
 

@@ -132,7 +132,7 @@ class Engine:
         `model`: the file it was loaded from, if any."""
         dispatch.implementation()  # choose (on a first run, build) the kernels now, not inside the first forward
         self.header = header
-        self.embedding = embedding
+        self.embedding = None if embedding is None else embedding.view(np.ndarray)  # not np.memmap's slower lookups
         self.model = model
         self.layers = layers
         self.exchange = exchange

@@ -322,6 +322,8 @@ class CompiledPass:
         self.xq, self.zq, self.hq = (q80_buffers(B, n) for n in (dim, q_dim, hidden))
         self.programs: dict[tuple[int, bool, str], dispatch.Program] = {}
         self.lm_head_ops: dict[tuple[int, bool, str], int] = {}  # each program's lm_head op
+        self.logits_home: dict[tuple[int, bool, str], np.ndarray] = {}  # each lm_head op's rows of self.logits
+        self.logits_target: dict[tuple[int, bool, str], np.ndarray] = {}  # where it writes now (home, or an `out`)
 
     def stretch(self, name: str, x: np.ndarray, pos: int, output: str = "partial") -> np.ndarray:
         """One exchange-to-exchange stretch ("attention L", "ffn L", "logits") on x (T, dim): a new array.
@@ -347,19 +349,17 @@ class CompiledPass:
         T = x.shape[0]
         rows = LOGITS_ROWS[logits](T)
         self.x[:T] = x
-        p = self.program(T, whole=True, logits=logits)
+        key = (T, True, logits)
+        p = self.program(*key)
         direct = (rows and out is not None and out.dtype == np.float32 and out.flags.c_contiguous
-                  and out.shape == self.logits[:rows].shape)
-        lm_head = self.lm_head_ops.get((T, True, logits))
-        if direct:
-            p.point(lm_head, LM_HEAD_OUT, out)
-        try:
-            p.run("token", pos)
-        finally:
-            if direct:
-                p.point(lm_head, LM_HEAD_OUT, self.logits[:rows])
+                  and out.shape == (rows, self.logits.shape[1]))
+        target = out if direct else self.logits_home.get(key)  # None: no lm_head in this program
+        if target is not None and self.logits_target[key] is not target:
+            p.point(self.lm_head_ops[key], LM_HEAD_OUT, target)
+            self.logits_target[key] = target  # held, so the table never names freed memory
+        p.run("token", pos)
         x[:] = self.x[:T]
-        return out if direct else self.logits[:rows]
+        return target if target is not None else self.logits[:0]
 
     def program(self, T: int, whole: bool, logits: str = "all") -> dispatch.Program:
         key = (T, whole, logits)
@@ -380,8 +380,10 @@ class CompiledPass:
         if rows := LOGITS_ROWS[logits](T):  # the last `rows` tokens' final norm and lm_head, into logits[:rows]
             first = T - rows
             self._norm(p, T, self.n.w.norm, self.n.w.lm_head.quantized, first)
-            self.lm_head_ops[(T, whole, logits)] = self._matmul(p, self.n.w.lm_head, self.xq, self.y, T,
-                                                                self.logits[:rows], barrier=False, first=first)
+            home = self.logits[:rows]
+            self.lm_head_ops[(T, whole, logits)] = self._matmul(p, self.n.w.lm_head, self.xq, self.y, T, home,
+                                                                barrier=False, first=first)
+            self.logits_home[(T, whole, logits)] = self.logits_target[(T, whole, logits)] = home
         p.mark("token" if whole else "logits")
         del self._views
         return p
