@@ -133,8 +133,7 @@ class Program:
 
     def __init__(self):
         self._rows: list = []  # lists of OP_WORDS ints, then views of the table
-        self._arrays: list[np.ndarray] = []
-        self._addresses: dict[int, int] = {}  # id -> data address of the arrays in _arrays (alive while named)
+        self._arrays: dict[int, tuple[np.ndarray, int]] = {}  # id -> the array (held: its id stays its own), address
         self._stretches: dict[str, tuple[int, int, int]] = {}  # name -> first op, end op, barriers
         self._start = 0
         self.ops: np.ndarray | None = None
@@ -145,10 +144,9 @@ class Program:
         row = [kind, int(barrier), *params] + [0] * (OP_WORDS - 4)  # a list: the table is made once, on the next run
         for slot, a in enumerate(arrays):
             if a is not None:
-                if id(a) not in self._addresses:
-                    self._addresses[id(a)] = _address(a, kind, slot)
-                    self._arrays.append(a)
-                _describe_array(row, slot, a, self._addresses[id(a)])
+                if id(a) not in self._arrays:
+                    self._arrays[id(a)] = a, _address(a, kind, slot)
+                _describe_array(row, slot, a, self._arrays[id(a)][1])
         self._rows.append(row)
         return len(self._rows) - 1
 

@@ -436,7 +436,7 @@ def _exp(builder, x):
 
 @intrinsic
 def _silu_gate8(typingctx, a, b, out, i):
-    """out[i:i + 8] = float32(a / (1 + exp(-a)) * b) in float64, for float32 a, b (math._silu_gate's formula)."""
+    """out[i:i + 8] = float32(a / (1 + exp(-a)) * b) in float64, for float32 a, b (math.silu_gate_span's formula)."""
     sig = types.void(a, b, out, i)
 
     def codegen(context, builder, sig, args):
