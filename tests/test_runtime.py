@@ -338,6 +338,21 @@ def test_the_compiled_pass_gives_the_per_call_blocks_bits(float_type, threads):
         assert np.array_equal(a, b)
 
 
+def test_loading_builds_the_programs_every_generation_runs():
+    """A first prompt does not wait for the decode program or a full prompt batch's program: both are
+    built, tables and all, when the model loads; a prompt's shorter last batch is built when it comes."""
+    from dllama.runtime import dispatch
+
+    if not dispatch.runs_programs():
+        pytest.skip("the JIT kernels run the per-call blocks only")
+    engine = Engine.load(require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m")
+    programs = engine.layers.compiled().programs
+    assert set(programs) == {(1, True, "all"), (64, True, "none")}
+    assert all(p.ops is not None for p in programs.values())
+    engine.forward(PROMPT * 6, 0, last_only=True)  # 72 tokens: a batch of 64, then 8 with the last one's logits
+    assert set(programs) == {(1, True, "all"), (64, True, "none"), (8, True, "last")}
+
+
 def test_compiled_stretches_give_the_per_call_partials_bits():
     """A node of a cluster runs each stretch between two exchange points as one compiled call."""
     from dllama.runtime import dispatch

@@ -161,6 +161,10 @@ class Program:
         self._start = end
         self.ops = None  # the table is built on the next run
 
+    def seal(self) -> None:
+        """Make the table now rather than on the first run (after the last `mark`)."""
+        self._table()
+
     def run(self, name: str, pos: int) -> None:
         op0, op1, n_barriers = self._stretches[name]
         self.state[0] = pos

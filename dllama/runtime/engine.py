@@ -156,8 +156,11 @@ class Engine:
         quantize_partials = rounds_partials_on_one_node(buffer_float_type)
         share = whole_model_share(h)
         layers = NodeLayers(h, load_node_weights(model, share), share, max_seq_len)
-        return cls(h, layers, LocalExchange(quantize_partials), max_seq_len, nthreads,
-                   embedding=model.blocks("embedding"), model=model)
+        engine = cls(h, layers, LocalExchange(quantize_partials), max_seq_len, nthreads,
+                     embedding=model.blocks("embedding"), model=model)
+        if engine.exchange.adds_partials_as_computed:
+            layers.prepare_whole_pass(PREFILL_BATCH)
+        return engine
 
     @property
     def vocab_size(self) -> int:

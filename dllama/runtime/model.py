@@ -180,6 +180,13 @@ class NodeLayers:
             self._compiled = CompiledPass(self) if CompiledPass.covers(self) else None
         return self._compiled
 
+    def prepare_whole_pass(self, batch: int) -> None:
+        """Build now the programs every generation runs (a token, and a full batch of a prompt without its
+        logits) rather than while a first prompt waits; no-op without compiled programs."""
+        if (compiled := self.compiled()) is not None:
+            for key in ((1, True, "all"), (min(batch, MAX_BATCH), True, "none")):
+                compiled.program(*key)
+
     def whole_pass(self, x: np.ndarray, pos: int, out: np.ndarray | None = None,
                    logits: str = "all") -> np.ndarray | None:
         """Every layer and the logits for one node whose partials are added as computed (engine.LocalExchange):
@@ -385,6 +392,7 @@ class CompiledPass:
                                                                 barrier=False, first=first)
             self.logits_home[(T, whole, logits)] = self.logits_target[(T, whole, logits)] = home
         p.mark("token" if whole else "logits")
+        p.seal()
         del self._views
         return p
 

@@ -25,7 +25,8 @@ class Sampler:
             raise EngineError(f"top_p {top_p} is outside (0, 1]")
         self.temperature = temperature
         self.top_p = top_p
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self._rng: np.random.Generator | None = None  # greedy needs none (and numpy.random takes ~15 ms to import)
 
     def __call__(self, logits: np.ndarray) -> int:
         if self.temperature == 0:
@@ -40,3 +41,9 @@ class Sampler:
             order = order[:cut]
         kept = probs[order]
         return int(order[self.rng.choice(len(order), p=kept / kept.sum())])
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng
