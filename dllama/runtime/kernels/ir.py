@@ -282,6 +282,19 @@ def _token_lanes_row(typingctx, wq, corr, dw, x_lanes, nb, out):
     return sig, codegen
 
 
+# The one-token kernel asks for the weights this many bytes ahead of the block pair it reads (a few rows):
+# decode streams every weight once per token, and when the box's memory is busy (longer latency) the
+# hardware prefetcher alone keeps too few lines in flight. Paired SmolLM2 runs: ~5% faster at 1 and 2
+# threads; 1, 2 and 4 KB ahead measured alike. A hint: it never faults, past the matrix's end neither.
+PREFETCH_AHEAD = 1024
+
+
+def _prefetch(builder, pointer):
+    """llvm.prefetch: read, into every cache level, data (not instructions)."""
+    fn = _declare(builder, "llvm.prefetch.p0", ir.VoidType(), pointer.type, _i32, _i32, _i32)
+    builder.call(fn, [pointer, _const(_i32, 0), _const(_i32, 3), _const(_i32, 1)])
+
+
 def _store_lanes(builder, acc_data, lanes, lanes_ty):
     """Each row's accumulator lanes (kept in registers over the blocks) into acc[row * LANES:]."""
     for i, lane in enumerate(lanes):
@@ -323,6 +336,8 @@ def _packed_rows_kernel(n_rows: int):
                 x_scale = _splat_halves(builder, [builder.load(builder.gep(xd_d, [b])),
                                                   builder.load(builder.gep(xd_d, [builder.add(b, _const(_i64, 1))]))])
                 o = builder.mul(p, _const(_i64, 2 * Q40_BYTES))
+                ahead = builder.add(builder.add(rows[0], o), _const(_i64, PREFETCH_AHEAD))
+                _prefetch(builder, builder.gep(w_d, [ahead]))
                 for i in range(n_rows):
                     base = builder.add(rows[i], o)
                     lo = _nibbles(builder, _load(builder, w_d, builder.add(base, _const(_i64, 2)), _vec(_i8, 16)))
