@@ -24,7 +24,7 @@ import numpy as np
 from dllama.errors import DllamaError
 from dllama.formats import FloatType, ModelFile, ModelHeader
 from dllama.runtime import dispatch
-from dllama.runtime.model import NodeLayers, load_node_weights, whole_model_share
+from dllama.runtime.model import CompiledPass, NodeLayers, load_node_weights, whole_model_share
 
 DEFAULT_MAX_SEQ_LEN = 2048  # models declare up to 131072 positions; the KV cache must fit a small board
 PREFILL_BATCH = 64          # prompt tokens per pass over the weights
@@ -139,6 +139,7 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.nthreads = nthreads or dispatch.max_threads()
         self.pos = 0  # tokens currently in the KV cache
+        self._one_token: CompiledPass | None | bool = False  # _token_pass's answer (False: not asked yet)
 
     @classmethod
     def load(cls, model_path: str | os.PathLike, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
@@ -173,8 +174,12 @@ class Engine:
     def forward(self, token_ids: Sequence[int], pos: int, last_only: bool = False) -> np.ndarray:
         """Evaluate tokens at positions pos.. (the cache must hold positions < pos); (T, vocab) float32, or
         with last_only (a prompt) the last token's (1, vocab): on one node the others' are not computed."""
+        if len(token_ids) == 1 and (token_pass := self._token_pass()) is not None:
+            return self._forward_token(token_pass, int(token_ids[0]), pos)
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        self._check(ids, pos)
+        if len(ids) == 0:
+            raise EngineError("forward needs at least one token")
+        self._check(len(ids), int(ids.min()), int(ids.max()), pos)
         dispatch.set_threads(self.nthreads)  # per calling thread, like numba's
         out = np.empty((1 if last_only else len(ids), self.vocab_size), dtype=np.float32)
         for start in range(0, len(ids), PREFILL_BATCH):
@@ -190,17 +195,33 @@ class Engine:
         self.pos = pos + len(ids)
         return out
 
-    def _check(self, ids: np.ndarray, pos: int) -> None:
-        if len(ids) == 0:
-            raise EngineError("forward needs at least one token")
+    def _token_pass(self) -> "CompiledPass | None":
+        """The compiled pass that evaluates one token in one call, where this engine has one (a node whose
+        partials are added as computed, with the embedding); else None."""
+        if self._one_token is False:
+            local = getattr(self.exchange, "adds_partials_as_computed", False) and self.embedding is not None
+            self._one_token = self.layers.compiled() if local else None
+        return self._one_token
+
+    def _forward_token(self, token_pass: "CompiledPass", token: int, pos: int) -> np.ndarray:
+        """forward([token], pos) with the fewest steps in Python: a generated token's path, where every
+        numpy call after the weights have streamed through the caches costs tens of microseconds."""
+        self._check(1, token, token, pos)
+        dispatch.set_threads(self.nthreads)
+        out = token_pass.one_token(self.embedding[token], pos)
+        self.pos = pos + 1
+        return out
+
+    def _check(self, n_tokens: int, lowest: int, highest: int, pos: int) -> None:
+        """n_tokens with ids lowest..highest can go at positions pos.."""
         if not 0 <= pos <= self.pos:
             raise EngineError(f"position {pos} is past the {self.pos} tokens in the KV cache; call reset() or continue "
                               f"at {self.pos}")
-        if pos + len(ids) > self.max_seq_len:
-            raise EngineError(f"{pos + len(ids)} tokens do not fit the KV cache of {self.max_seq_len} positions: "
+        if pos + n_tokens > self.max_seq_len:
+            raise EngineError(f"{pos + n_tokens} tokens do not fit the KV cache of {self.max_seq_len} positions: "
                               "raise --max-seq-len or shorten the prompt")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            bad = int(ids.max() if ids.max() >= self.vocab_size else ids.min())
+        if lowest < 0 or highest >= self.vocab_size:
+            bad = highest if highest >= self.vocab_size else lowest
             raise EngineError(f"token id {bad} is outside the model's vocabulary of {self.vocab_size}")
 
     def _forward_batch(self, ids: np.ndarray, pos: int, out: np.ndarray | None = None,

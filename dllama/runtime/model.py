@@ -361,12 +361,27 @@ class CompiledPass:
         direct = (rows and out is not None and out.dtype == np.float32 and out.flags.c_contiguous
                   and out.shape == (rows, self.logits.shape[1]))
         target = out if direct else self.logits_home.get(key)  # None: no lm_head in this program
-        if target is not None and self.logits_target[key] is not target:
-            p.point(self.lm_head_ops[key], LM_HEAD_OUT, target)
-            self.logits_target[key] = target  # held, so the table never names freed memory
+        if target is not None:
+            self._aim_logits(key, p, target)
         p.run("token", pos)
         x[:] = self.x[:T]
         return target if target is not None else self.logits[:0]
+
+    def one_token(self, embedding_row: np.ndarray, pos: int) -> np.ndarray:
+        """whole() for one token: its logits (1, vocab), a new array. A generated token's pass."""
+        self.x[0] = embedding_row
+        key = (1, True, "all")
+        p = self.program(*key)
+        home = self.logits_home[key]
+        self._aim_logits(key, p, home)
+        p.run("token", pos)
+        return home.copy()
+
+    def _aim_logits(self, key: tuple[int, bool, str], p: dispatch.Program, target: np.ndarray) -> None:
+        """Program key's lm_head writes into target from its next run."""
+        if self.logits_target[key] is not target:
+            p.point(self.lm_head_ops[key], LM_HEAD_OUT, target)
+            self.logits_target[key] = target  # held, so the table never names freed memory
 
     def program(self, T: int, whole: bool, logits: str = "all") -> dispatch.Program:
         key = (T, whole, logits)
