@@ -139,7 +139,6 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.nthreads = nthreads or dispatch.max_threads()
         self.pos = 0  # tokens currently in the KV cache
-        self._single_token_pass: CompiledPass | None | bool = False  # _token_pass's answer (False: not asked yet)
 
     @classmethod
     def load(cls, model_path: str | os.PathLike, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
@@ -195,15 +194,14 @@ class Engine:
         self.pos = pos + len(ids)
         return out
 
-    def _token_pass(self) -> "CompiledPass | None":
+    def _token_pass(self) -> CompiledPass | None:
         """The compiled pass that evaluates one token in one call, where this engine has one (a node whose
         partials are added as computed, with the embedding); else None."""
-        if self._single_token_pass is False:
-            local = getattr(self.exchange, "adds_partials_as_computed", False) and self.embedding is not None
-            self._single_token_pass = self.layers.compiled() if local else None
-        return self._single_token_pass
+        if self.embedding is None or not getattr(self.exchange, "adds_partials_as_computed", False):
+            return None
+        return self.layers.compiled()
 
-    def _forward_token(self, token_pass: "CompiledPass", token: int, pos: int) -> np.ndarray:
+    def _forward_token(self, token_pass: CompiledPass, token: int, pos: int) -> np.ndarray:
         """forward([token], pos) with the fewest steps in Python: a generated token's path, where every
         numpy call after the weights have streamed through the caches costs tens of microseconds."""
         self._check(1, token, token, pos)
