@@ -81,6 +81,11 @@ def header_from_config(config: dict, float_type: FloatType) -> ModelHeader:
     n_experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
     if arch == ArchType.QWEN3_MOE and n_experts == 0:
         raise CheckpointError("config.json of a qwen3_moe model names no experts (num_experts / num_local_experts)")
+    if arch == ArchType.QWEN3_MOE and not config.get("norm_topk_prob", False):
+        # transformers' default is false; distributed-llama always renormalises the chosen experts' weights
+        raise CheckpointError("config.json of this qwen3_moe model has norm_topk_prob false (transformers' default "
+                              "when the key is absent), but the format always renormalises the top-k expert weights: "
+                              "the converted model would compute something else, so dllama cannot convert it")
     theta, scaling = rope_settings(config)
     fields: dict = {}
     if theta is not None:

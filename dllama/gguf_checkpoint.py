@@ -149,7 +149,8 @@ class GGUFCheckpoint:
         if self.arch == "qwen3moe":
             config.update(num_experts=int(self._need("expert_count")),
                           num_experts_per_tok=int(self._need("expert_used_count")),
-                          moe_intermediate_size=int(self._need("expert_feed_forward_length")))
+                          moe_intermediate_size=int(self._need("expert_feed_forward_length")),
+                          norm_topk_prob=True)  # llama.cpp's qwen3moe graph renormalises the top-k weights
         scaling = self._rope_scaling(head_dim, theta)
         if scaling:
             config["rope_scaling"] = scaling

@@ -134,6 +134,20 @@ def test_qwen3_moe_checkpoint_matches_the_numpy_reference(tmp_path):
     assert (header.n_experts, header.n_active_experts, header.moe_hidden_dim) == (4, 2, 64)
 
 
+@pytest.mark.parametrize("norm_topk_prob", [False, None])
+def test_qwen3_moe_without_renormalised_expert_weights_is_refused(tmp_path, norm_topk_prob):
+    """The format always renormalises the top-k weights; false (transformers' default) would compute otherwise."""
+    folder = write_checkpoint(tmp_path / "ck", small_config("qwen3_moe"), tokenizer=EXAMPLE_TOKENIZER)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("norm_topk_prob")
+    if norm_topk_prob is not None:
+        config["norm_topk_prob"] = norm_topk_prob
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="norm_topk_prob false"):
+        convert(folder, "q40", tmp_path / "out", name="m")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_transformers5_config_layout_writes_the_same_file_as_transformers4(tmp_path):
     config4 = small_config("qwen3_moe")
     folder = write_checkpoint(tmp_path / "ck", config4, tokenizer=EXAMPLE_TOKENIZER)
