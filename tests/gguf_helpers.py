@@ -1,8 +1,10 @@
 """GGUF files for tests: a Hugging Face folder made from a GGUF, and small GGUF files written here.
 
 `hf_folder_from_gguf` is what transformers does when it loads a GGUF and saves it (weights
-dequantized with gguf.quants, q/k rows un-permuted), with the project's own safetensors writer;
-the config and tokenizer files come from ../shared/fixtures/smollm2, which transformers wrote.
+dequantized with gguf.quants, q/k rows un-permuted), with the project's own GGUF reader and
+safetensors writer; test_gguf_transformers.py proves that reader bit-identical to transformers'
+own on SmolLM2's GGUF, so the folder holds transformers' tensors. The config and tokenizer files
+come from ../shared/fixtures/smollm2, which transformers wrote.
 """
 from __future__ import annotations
 
