@@ -98,14 +98,18 @@ def test_worker_lost_during_a_request_gives_503_and_health_down(cluster):
 
 def test_health_reports_a_worker_lost_while_idle(cluster):
     server, worker, _ = cluster
-    assert httpx.get(f"{server.url}/health").status_code == 200
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200
+    assert health.json()["workers"] == [{"address": f"{LOOPBACK}:{worker.port}", "node": 1, "status": "ok"}]
     worker.kill()
     worker.wait()
     deadline = time.monotonic() + 5
     while httpx.get(f"{server.url}/health").status_code != 503:
         assert time.monotonic() < deadline, "/health still says ok 5 s after the worker died"
         time.sleep(0.05)
-    assert "closed the connection" in httpx.get(f"{server.url}/health").json()["error"]
+    health = httpx.get(f"{server.url}/health").json()
+    assert "closed the connection" in health["error"]
+    assert health["workers"][0]["status"] == "down" and "closed the connection" in health["workers"][0]["error"]
 
 
 def test_a_restarted_worker_is_reconnected_without_restarting_the_server(cluster):

@@ -28,14 +28,34 @@ def worker_probe(engine) -> Callable[[], str | None] | None:
 
     def probe() -> str | None:
         for link in links:
-            if link.sock is None:
-                return f"{link.name} is not connected"
-            reason = _closed_reason(link.sock)
+            reason = _link_problem(link)
             if reason:
                 return f"{link.name} {reason}"
         return None
 
     return probe
+
+
+def worker_states(engine) -> list[dict] | None:
+    """Each worker of a root engine as /health lists it (the chat page shows them), or None without workers."""
+    links = getattr(engine, "links", None)
+    if not links:
+        return None
+    states = []
+    for link in links:
+        problem = _link_problem(link)
+        state = {"address": f"{link.address[0]}:{link.address[1]}", "node": link.node,
+                 "status": "down" if problem else "ok"}
+        if problem:
+            state["error"] = problem
+        states.append(state)
+    return states
+
+
+def _link_problem(link) -> str | None:
+    if link.sock is None:
+        return "is not connected"
+    return _closed_reason(link.sock)
 
 
 def _closed_reason(sock: socket.socket) -> str | None:
