@@ -96,6 +96,20 @@ def in_process_server(app):
         thread.join(10)
 
 
+def start_worker(port: int = 0) -> tuple[subprocess.Popen, int]:
+    """`dllama-run worker` on loopback (port 0: one the OS picks); its port is also proc.port."""
+    proc = subprocess.Popen(["dllama-run", "worker", "--host", LOOPBACK, "--port", str(port), "--nthreads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()  # "worker listening on 127.0.0.1:PORT"
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"the worker did not start: {line}")
+    # keep draining its log so it never blocks on a full pipe
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    proc.port = int(line.rsplit(":", 1)[1])
+    return proc, proc.port
+
+
 class RecordingEngine:
     """Wraps an engine: records each forward(ids, pos) call, optionally slowed like a small board."""
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import _missing
-from serve_helpers import ServerProcess
+from conftest import CONFORMANCE, _missing, require_fixtures
+from serve_helpers import LOOPBACK, ServerProcess, start_worker
+
+from dllama.tokenizer.from_hf import convert_tokenizer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -62,13 +64,20 @@ def browser(tmp_path_factory):
 
 @pytest.fixture
 def page(server, browser):
-    """The page, opened fresh: nothing in localStorage from an earlier test."""
-    browser.get(f"{server.url}/")
-    browser.execute_script("localStorage.clear()")
-    browser.refresh()
-    wait_until(browser, lambda d: d.find_element("id", "health-pill").get_attribute("class") == "pill ok",
-               "the page never showed the server as ready")
-    return browser
+    return open_page(browser, server.url)
+
+
+def open_page(driver, url: str):
+    """The page, opened fresh (nothing in localStorage from an earlier test), once it shows the server ready."""
+    driver.get(f"{url}/")
+    driver.execute_script("localStorage.clear()")
+    driver.refresh()
+    wait_until(driver, lambda d: health_shown(d) == "pill ok", "the page never showed the server as ready")
+    return driver
+
+
+def health_shown(driver) -> str:
+    return driver.find_element("id", "health-pill").get_attribute("class")
 
 
 def wait_until(driver, condition, message: str):
@@ -130,15 +139,14 @@ def test_page_streams_an_answer_stops_it_and_keeps_the_conversation(server, page
     first_seen = len(last_answer(page)[0])
     wait_until(page, lambda d: len(last_answer(d)[0]) > first_seen + 100, "the streamed answer did not grow")
     assert page.find_element("id", "stop").is_displayed() and not page.find_element("id", "send").is_displayed()
-    assert page.find_element("id", "health-pill").get_attribute("class") in ("pill busy", "pill ok")
+    assert health_shown(page) in ("pill busy", "pill ok")
 
     page.find_element("id", "stop").click()
     wait_until(page, send_button_is_back, "the send button did not come back after stop")
     stopped_text, stopped_state = last_answer(page)
     assert stopped_state == "stopped" and len(stopped_text) > first_seen + 100
     assert wait_until_idle(server.url)["status"] == "ok"  # the server saw the disconnect and freed the model
-    wait_until(page, lambda d: d.find_element("id", "health-pill").get_attribute("class") == "pill ok",
-               "the page still shows the server busy")
+    wait_until(page, lambda d: health_shown(d) == "pill ok", "the page still shows the server busy")
     assert last_answer(page) == (stopped_text, "stopped")  # nothing more arrived
 
     screenshot(page, tmp_path)
@@ -159,6 +167,31 @@ def test_page_asks_for_the_api_key_and_answers_once_it_is_set(page):
     ask(page, "Hello")
     wait_until(page, lambda d: last_answer(d)[1] in ("done", "length"), "no answer once the key was set")
     assert last_answer(page)[0]
+
+
+def test_page_shows_the_cluster_workers_and_one_that_is_lost(browser, tmp_path):
+    model_dir = require_fixtures(CONFORMANCE / "tiny-llama")
+    tokenizer = tmp_path / "tiny-llama.t"
+    tokenizer.write_bytes(convert_tokenizer(model_dir).to_bytes())
+    worker, port = start_worker()
+    server = None
+    try:
+        server = ServerProcess("--model", str(model_dir / "expected_f32.m"), "--tokenizer", str(tokenizer),
+                               "--max-seq-len", "256", "--workers", f"{LOOPBACK}:{port}")
+        open_page(browser, server.url)
+        shown = browser.find_elements("css selector", "#workers .worker")
+        assert [(w.text, w.get_attribute("class")) for w in shown] == [(f"{LOOPBACK}:{port}", "worker ok")]
+        assert "root + 1 worker" in browser.find_element("id", "model-detail").text
+        worker.kill()
+        worker.wait()
+        wait_until(browser, lambda d: health_shown(d) == "pill down", "the page never showed the cluster down")
+        assert "closed the connection" in browser.find_element("id", "health-text").text
+        assert browser.find_element("css selector", "#workers .worker").get_attribute("class") == "worker down"
+    finally:
+        if server is not None:
+            server.stop()
+        worker.kill()
+        worker.wait()
 
 
 def screenshot(driver, tmp_path: Path) -> None:

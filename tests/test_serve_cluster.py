@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -12,7 +11,7 @@ import httpx
 import openai
 import pytest
 from conftest import CONFORMANCE, require_fixtures
-from serve_helpers import LOOPBACK, ServerProcess, load_engine_and_tokenizer, local_generation
+from serve_helpers import LOOPBACK, ServerProcess, load_engine_and_tokenizer, local_generation, start_worker
 
 from dllama.runtime.sampler import Sampling
 from dllama.tokenizer.from_hf import convert_tokenizer
@@ -20,19 +19,6 @@ from dllama.tokenizer.from_hf import convert_tokenizer
 MODEL_DIR = CONFORMANCE / "tiny-llama"   # 2 kv heads: splits over 2 nodes
 MODEL = MODEL_DIR / "expected_f32.m"
 CONTEXT = 256
-
-
-def start_worker(port: int = 0) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(["dllama-run", "worker", "--host", LOOPBACK, "--port", str(port), "--nthreads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()  # "worker listening on 127.0.0.1:PORT"
-    if "listening on" not in line:
-        proc.kill()
-        raise RuntimeError(f"the worker did not start: {line}")
-    # keep draining its log so it never blocks on a full pipe
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
-    proc.port = int(line.rsplit(":", 1)[1])
-    return proc, proc.port
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ const state = {
   settings: {...DEFAULTS, ...readStore(STORE.settings, {})},
   controller: null,   // the AbortController of the answer being streamed
   contextLength: null,
+  health: null,  // the last /health body
+  modelInfoAsked: false,  // GET /v1/models once, and again when the API key may have changed
   healthTimer: null,
 };
 
@@ -240,8 +242,10 @@ function messageView(message) {
   row.append(bubble, meta);
   const update = (m) => {
     renderText(text, m.content);
-    row.dataset.state = m.stats ? m.stats.state : "done";
-    bubble.classList.toggle("pending", !m.content && m.stats && ["waiting", "streaming"].includes(m.stats.state));
+    const phase = m.stats ? m.stats.state : "done";
+    row.dataset.state = phase;
+    bubble.classList.toggle("pending", !m.content && ["waiting", "streaming"].includes(phase));
+    bubble.hidden = !m.content && phase === "error";
     meta.replaceChildren();
     if (m.role === "assistant") {
       if (m.error) meta.appendChild(element("div", "error", m.error));
@@ -349,6 +353,16 @@ function healthSummary(health) {
   return ["ok", "ready"];
 }
 
+function showModelDetail() {
+  const health = state.health || {};
+  const workers = health.workers ? health.workers.length : 0;
+  const details = [];
+  if (state.contextLength) details.push(`context ${state.contextLength} tokens`);
+  details.push(workers ? `root + ${workers} worker${workers === 1 ? "" : "s"}` : "one machine");
+  if (health.reconnects) details.push(`reconnected ${health.reconnects}×`);
+  $("model-detail").textContent = details.join(" · ");
+}
+
 function showWorkers(workers) {
   const list = $("workers");
   list.replaceChildren();
@@ -371,13 +385,10 @@ async function refreshHealth() {
     [level, text] = healthSummary(health);
     showHealth(level, text);
     $("model-name").textContent = health.model || "–";
-    const details = [];
-    if (state.contextLength) details.push(`context ${state.contextLength} tokens`);
-    details.push(health.workers && health.workers.length ? `root + ${health.workers.length} workers` : "one machine");
-    if (health.reconnects) details.push(`reconnected ${health.reconnects}×`);
-    $("model-detail").textContent = details.join(" · ");
+    state.health = health;
+    showModelDetail();
     showWorkers(health.workers);
-    if (state.contextLength === null) loadModelInfo();
+    if (!state.modelInfoAsked) loadModelInfo();
   } catch {
     showHealth("down", "server unreachable");
   }
@@ -385,12 +396,16 @@ async function refreshHealth() {
 }
 
 async function loadModelInfo() {
+  state.modelInfoAsked = true;
   try {
     const response = await fetch("v1/models", {headers: authHeaders(), cache: "no-store"});
     if (!response.ok) return;  // 401 until the API key is set: the name from /health is enough
     const model = (await response.json()).data[0];
     if (model && model.context_length) state.contextLength = model.context_length;
-  } catch { /* shown by the next health poll */ }
+    showModelDetail();
+  } catch {
+    state.modelInfoAsked = false;  // the server is unreachable: the next health poll says so and asks again
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -405,7 +420,7 @@ function readSettings() {
   for (const key of Object.keys(DEFAULTS)) settings[key] = $(key).value;
   state.settings = settings;
   localStorage.setItem(STORE.settings, JSON.stringify(settings));
-  state.contextLength = null;  // a new API key may now open /v1/models
+  state.modelInfoAsked = false;  // a new API key may now open /v1/models
   refreshHealth();
 }
 
