@@ -3,7 +3,11 @@
 "use strict";
 
 const STORE = {conversations: "dllama.conversations", current: "dllama.current", settings: "dllama.settings"};
-const DEFAULTS = {system: "", temperature: 0.7, top_p: 0.95, max_tokens: "", seed: "", stop_sequences: "", api_key: ""};
+// sampling left empty is left to the server (its defaults suit the model it serves)
+const SAMPLING = ["temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed"];
+const WHOLE_NUMBERS = new Set(["top_k", "max_tokens", "seed"]);
+const DEFAULTS = {system: "", ...Object.fromEntries(SAMPLING.map((name) => [name, ""])), stop_sequences: "",
+                  api_key: ""};
 const HEALTH_EVERY_MS = {ok: 5000, busy: 1000, down: 2000};  // by the last state seen
 
 const $ = (id) => document.getElementById(id);
@@ -72,9 +76,9 @@ function requestBody(conversation) {
     messages.push({role: m.role, content: m.content});
   }
   const body = {messages, stream: true, stream_options: {include_usage: true}};
-  for (const field of ["temperature", "top_p", "max_tokens", "seed"]) {
+  for (const field of SAMPLING) {
     const value = numberOrNull(s[field]);
-    if (value !== null) body[field] = field === "max_tokens" || field === "seed" ? Math.round(value) : value;
+    if (value !== null) body[field] = WHOLE_NUMBERS.has(field) ? Math.round(value) : value;
   }
   const stops = s.stop_sequences.split("\n").filter((line) => line !== "").slice(0, 4);
   if (stops.length) body.stop = stops;
