@@ -9,6 +9,7 @@ const WHOLE_NUMBERS = new Set(["top_k", "max_tokens", "seed"]);
 const DEFAULTS = {system: "", ...Object.fromEntries(SAMPLING.map((name) => [name, ""])), stop_sequences: "",
                   api_key: ""};
 const HEALTH_EVERY_MS = {ok: 5000, busy: 1000, down: 2000};  // by the last state seen
+const SAVE_EVERY_MS = 1000;  // how often a streaming answer is written to localStorage
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -129,17 +130,19 @@ async function send(question) {
   const controller = new AbortController();
   state.controller = controller;
   setStreaming(true);
-  const view = lastAnswerView();
+  const view = answerView(conversation);
   const started = performance.now();
   let firstAt = null;
   let pieces = 0;
   let usage = null;
   let finish = null;
-  const stats = () => ({
-    tokens: usage ? usage.completion_tokens : pieces,
-    firstTokenS: firstAt === null ? null : (firstAt - started) / 1000,
-    tokensPerS: firstAt !== null && pieces > 1 ? (pieces - 1) / ((performance.now() - firstAt) / 1000) : null,
-  });
+  let savedAt = started;
+  const stats = () => {
+    const tokens = usage ? usage.completion_tokens : pieces;  // a piece of text is about a token
+    const decodeS = firstAt === null ? 0 : (performance.now() - firstAt) / 1000;
+    return {tokens, firstTokenS: firstAt === null ? null : (firstAt - started) / 1000,
+            tokensPerS: tokens > 1 && decodeS > 0 ? (tokens - 1) / decodeS : null};
+  };
   try {
     const response = await fetch("v1/chat/completions", {
       method: "POST", headers: {"Content-Type": "application/json", ...authHeaders()},
@@ -160,9 +163,14 @@ async function send(question) {
         answer.content += text;
         answer.stats = {state: "streaming", ...stats()};
         view.update(answer);
+        if (performance.now() - savedAt > SAVE_EVERY_MS) {  // a tab closed mid-answer keeps what came
+          saveConversations();
+          savedAt = performance.now();
+        }
       }
       if (choice.finish_reason) finish = choice.finish_reason;
     }
+    if (finish === null) throw new Error("the connection closed before the answer was complete");
     answer.stats = {state: finish === "length" ? "length" : "done", ...stats()};
   } catch (error) {
     if (error.name === "AbortError") {
@@ -268,10 +276,14 @@ function scrollToEnd() {
   if (stickToEnd) box.scrollTop = box.scrollHeight;
 }
 
-function lastAnswerView() {
-  const rows = $("messages").querySelectorAll(".message.assistant");
-  const row = rows[rows.length - 1];
-  return {update: (m) => row.view.update(m)};
+// Updates the conversation's newest answer on screen, found anew each time: the list may have been
+// redrawn meanwhile (a conversation deleted from the sidebar).
+function answerView(conversation) {
+  return {update: (m) => {
+    if (conversation.id !== state.currentId) return;
+    const rows = $("messages").querySelectorAll(".message.assistant");
+    if (rows.length) rows[rows.length - 1].view.update(m);
+  }};
 }
 
 function renderMessages() {
