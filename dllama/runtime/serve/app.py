@@ -8,27 +8,25 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from dllama.runtime.conversation import PromptTooLong, answer_room
 from dllama.runtime.serve import openai_api
 from dllama.runtime.serve.health import cluster_fault_types, worker_states
 from dllama.runtime.serve.openai_api import ApiError, GenerationRequest
+from dllama.runtime.serve.page import page_routes
 from dllama.runtime.serve.runner import EngineFailure, Job, JobRunner, Outcome
 from dllama.runtime.serve.scheduler import Event, Running, Scheduler
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 RECONNECT_INTERVAL_S = 1.0  # how often a server whose cluster lost a worker tries to rebuild it
-STATIC_DIR = Path(__file__).parent / "static"  # the chat page at / (docs/API.md), shipped in the wheel
 
 
 @dataclass
@@ -269,10 +267,6 @@ def _usage(outcome: Outcome) -> dict:
     return openai_api.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)
 
 
-async def _chat_page(request: Request) -> Response:
-    return FileResponse(STATIC_DIR / "index.html")
-
-
 async def _api_error(request: Request, exc: ApiError) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status)
 
@@ -303,12 +297,11 @@ def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_que
         server.scheduler.shutdown()
 
     routes = [
+        *page_routes(),  # the chat page at /
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/models", server.models, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
-        Route("/", _chat_page, methods=["GET"]),
-        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _server_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, max_body_size=MAX_BODY_BYTES)
