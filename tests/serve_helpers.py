@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from dllama.runtime.generate import generate
-from dllama.runtime.sampler import Sampling
+from dllama.runtime.sampler import Sampler, Sampling
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 120  # first start compiles (or loads cached) numba kernels
@@ -32,12 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_health(url: str, proc: subprocess.Popen | None = None, timeout: float = START_TIMEOUT_S) -> None:
+def wait_for_health(url: str, proc=None, timeout: float = START_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}: "
-                               f"{proc.stderr.read().decode(errors='replace')}")
+            log = proc.stderr_text() if hasattr(proc, "stderr_text") else proc.stderr.read().decode(errors="replace")
+            raise RuntimeError(f"the server exited with {proc.returncode}: {log}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code in (200, 503):
                 return
@@ -50,16 +50,34 @@ def wait_for_health(url: str, proc: subprocess.Popen | None = None, timeout: flo
 class ServerProcess:
     """`dllama-run serve ...` as a subprocess on a free loopback port."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.proc = subprocess.Popen(["dllama-run", "serve", *args, "--port", str(self.port)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.log: list[str] = []   # its stderr, drained so that the log lines never fill the pipe
+        self._drain = threading.Thread(target=self._read_log, daemon=True)
+        self._drain.start()
         try:
-            wait_for_health(self.url, self.proc)
+            wait_for_health(self.url, self)
         except BaseException:
             self.stop()
             raise
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line.decode(errors="replace"))
+
+    def poll(self):
+        return self.proc.poll()
+
+    @property
+    def returncode(self):
+        return self.proc.returncode
+
+    def stderr_text(self) -> str:
+        self._drain.join(5)
+        return "".join(self.log)
 
     def rss_bytes(self, field: str = "VmRSS") -> int:
         """The server's resident memory; field RssAnon or RssFile splits it into heap and mapped files."""
@@ -83,8 +101,10 @@ def in_process_server(app):
     """The app on uvicorn in a thread of this process: real sockets, and the engine within reach."""
     import uvicorn
 
+    from dllama.runtime.serve.connections import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=LOOPBACK, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, LOOPBACK, port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://{LOOPBACK}:{port}"
@@ -135,8 +155,7 @@ class RecordingEngine:
 def local_generation(engine, tokenizer, prompt_ids: list[int], max_tokens: int, sampling: Sampling) -> list[int]:
     """The tokens the server should produce: the runtime's generate() from position 0 (eos not included)."""
     engine.reset()
-    return list(generate(engine, prompt_ids, max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                         seed=sampling.seed, eos_ids=tokenizer.eos_ids))
+    return list(generate(engine, prompt_ids, max_tokens, eos_ids=tokenizer.eos_ids, sampler=Sampler(sampling)))
 
 
 def common_prefix(a, b) -> int:

@@ -8,7 +8,7 @@ from conftest import CONFORMANCE, require_fixtures
 from dllama.runtime.conversation import Conversation, PromptTooLong, StopReason, answer_room
 from dllama.runtime.engine import Engine, EngineError
 from dllama.runtime.generate import generate, reusable_prefix
-from dllama.runtime.sampler import Sampler
+from dllama.runtime.sampler import Sampler, Sampling
 
 
 @pytest.fixture
@@ -61,17 +61,17 @@ def test_prompt_longer_than_the_cache_is_refused(case):
 
 def test_sampler_greedy_seeded_and_nucleus():
     logits = np.array([0.0, 3.0, 1.0, 2.9], dtype=np.float32)
-    assert Sampler(temperature=0)(logits) == 1
-    draws = [Sampler(temperature=1.0, seed=s)(logits) for s in range(200)]
+    assert Sampler(Sampling(temperature=0))(logits) == 1
+    draws = [Sampler(Sampling(temperature=1.0, seed=s))(logits) for s in range(200)]
     assert set(draws) == {0, 1, 2, 3}
-    assert [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)] == [Sampler(temperature=1.0,
-                                                                                    seed=5)(logits)] * 3
+    assert [Sampler(Sampling(temperature=1.0, seed=5))(logits) for _ in range(3)] == [
+        Sampler(Sampling(temperature=1.0, seed=5))(logits)] * 3
     # top_p 0.5: only the two best tokens (p ~ 0.48 and 0.43) can be drawn
-    assert {Sampler(temperature=1.0, top_p=0.5, seed=s)(logits) for s in range(200)} == {1, 3}
+    assert {Sampler(Sampling(temperature=1.0, top_p=0.5, seed=s))(logits) for s in range(200)} == {1, 3}
     with pytest.raises(ValueError, match="top_p"):
-        Sampler(top_p=0.0)
+        Sampler(Sampling(top_p=0.0))
     with pytest.raises(ValueError, match="temperature"):
-        Sampler(temperature=-1)
+        Sampler(Sampling(temperature=-1))
 
 
 def test_reusable_prefix_keeps_the_last_prompt_token_to_evaluate():

@@ -170,7 +170,7 @@ def test_follow_up_prompt_reuses_the_kv_cache_and_says_so(client, local):
 
 BAD_REQUESTS = [
     (b'{"messages": [{"role": "user", "content": "hi"}', "invalid_json", None),
-    (json.dumps({"messages": HELLO, "temprature": 0.5}).encode(), "unknown_field", "temprature"),
+    (json.dumps({"messages": HELLO, "temperature": float("nan")}).encode(), "invalid_value", "temperature"),
     (json.dumps({"messages": HELLO, "max_tokens": "ten"}).encode(), "invalid_type", "max_tokens"),
     (json.dumps({"messages": HELLO, "stop": 3}).encode(), "invalid_type", "stop"),
     (json.dumps({"messages": []}).encode(), "empty_messages", "messages"),

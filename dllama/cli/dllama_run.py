@@ -20,7 +20,7 @@ from dllama.cli import options, run_cluster, run_mpi, run_serve
 from dllama.cli.edge import edge, fail, note, stop_quietly
 from dllama.cli.loading import ClusterOptions, LoadedModel, load_model
 from dllama.runtime.conversation import Conversation, answer_room
-from dllama.runtime.sampler import Sampling
+from dllama.runtime.sampler import Sampler, Sampling
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None,
                   help="Run a converted model: text generation (default), chat, and the serve/worker/plan subcommands.")
@@ -67,8 +67,8 @@ def stream_text(loaded: LoadedModel, conversation: Conversation, prompt_ids: lis
     tok = loaded.tokenizer
     decoder = tok.stream_decoder()
     out: list[int] = []
-    tokens = generate(loaded.engine, prompt_ids, steps, temperature=sampling.temperature,
-                      top_p=sampling.top_p, seed=sampling.seed, eos_ids=tok.eos_ids, conversation=conversation)
+    tokens = generate(loaded.engine, prompt_ids, steps, eos_ids=tok.eos_ids, conversation=conversation,
+                      sampler=Sampler(sampling))
 
     def evaluated() -> int:  # known once generation has started
         return len(prompt_ids) - conversation.start_pos
@@ -96,6 +96,12 @@ def generate_command(
     topp: float = typer.Option(0.9, min=0.0, max=1.0,
                                help="nucleus sampling: keep the most likely tokens up to this mass"),
     seed: Optional[int] = options.SEED,
+    top_k: int = options.TOP_K,
+    min_p: float = options.MIN_P,
+    repeat_penalty: Optional[float] = options.REPEAT_PENALTY,
+    repeat_last_n: int = options.REPEAT_LAST_N,
+    presence_penalty: float = options.PRESENCE_PENALTY,
+    frequency_penalty: float = options.FREQUENCY_PENALTY,
     max_seq_len: int = options.MAX_SEQ_LEN,
     nthreads: Optional[int] = options.NTHREADS,
     workers: Optional[str] = options.WORKERS,
@@ -119,8 +125,9 @@ def generate_command(
         answer_room(len(ids), loaded.engine.max_seq_len)
         timing = Timing()
         _stdout(prompt)
-        stream_text(loaded, Conversation(loaded.engine.max_seq_len), ids, steps, Sampling(temperature, topp, seed),
-                    _stdout, timing)
+        sampling = Sampling(temperature, topp, seed, top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty,
+                            frequency_penalty)
+        stream_text(loaded, Conversation(loaded.engine.max_seq_len), ids, steps, sampling, _stdout, timing)
         _stdout("\n")
         note(timing.summary())
 
@@ -133,6 +140,12 @@ def chat_command(
     temperature: float = options.TEMPERATURE,
     topp: float = typer.Option(0.9, min=0.0, max=1.0, help="nucleus sampling mass"),
     seed: Optional[int] = options.SEED,
+    top_k: int = options.TOP_K,
+    min_p: float = options.MIN_P,
+    repeat_penalty: Optional[float] = options.REPEAT_PENALTY,
+    repeat_last_n: int = options.REPEAT_LAST_N,
+    presence_penalty: float = options.PRESENCE_PENALTY,
+    frequency_penalty: float = options.FREQUENCY_PENALTY,
     max_seq_len: int = options.MAX_SEQ_LEN,
     nthreads: Optional[int] = options.NTHREADS,
     workers: Optional[str] = options.WORKERS,
@@ -148,7 +161,8 @@ def chat_command(
         loaded = load_model(model, tokenizer, max_seq_len, nthreads,
                             ClusterOptions(workers, buffer_float_type, weights, root_compute))
         note(f"max_seq_len {loaded.engine.max_seq_len} (--max-seq-len); empty line or Ctrl-D ends the chat")
-        _chat(loaded, system, steps, Sampling(temperature, topp, seed))
+        _chat(loaded, system, steps, Sampling(temperature, topp, seed, top_k, min_p, repeat_penalty, repeat_last_n,
+                                              presence_penalty, frequency_penalty))
 
 
 def _chat(loaded: LoadedModel, system: Optional[str], steps: int, sampling: Sampling) -> None:

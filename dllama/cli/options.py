@@ -26,6 +26,15 @@ MAX_SEQ_LEN = typer.Option(DEFAULT_MAX_SEQ_LEN, min=1, help=SEQ_HELP)
 NTHREADS = typer.Option(None, min=1, help=THREADS_HELP)
 SEED = typer.Option(None, help="random seed for sampling (default: from the OS)")
 TEMPERATURE = typer.Option(0.8, min=0.0, help="sampling temperature; 0 is greedy")
+TOP_K = typer.Option(40, min=0, help="sample among the k most likely tokens (0: no limit)")
+MIN_P = typer.Option(0.05, min=0.0, max=1.0, help="drop tokens less likely than this fraction of the most likely one")
+REPEAT_PENALTY = typer.Option(None, min=0.0, help="divide positive logits (multiply negative ones) of the tokens in "
+                              "the last --repeat-last-n by this; default 1.1 when sampling, off (1) at --temperature 0")
+REPEAT_LAST_N = typer.Option(64, min=0, help="how many recent tokens (prompt and answer) --repeat-penalty looks at")
+PRESENCE_PENALTY = typer.Option(0.0, min=-2.0, max=2.0, help="subtract this from the logit of every token the "
+                                "answer already holds (OpenAI's presence_penalty)")
+FREQUENCY_PENALTY = typer.Option(0.0, min=-2.0, max=2.0, help="subtract this times its count in the answer from a "
+                                 "token's logit (OpenAI's frequency_penalty)")
 WORKERS = typer.Option(None, help=WORKERS_HELP)
 BUFFER_FLOAT_TYPE = typer.Option(None, help=BUFFER_HELP)
 WEIGHTS = typer.Option(None, help=WEIGHTS_HELP)

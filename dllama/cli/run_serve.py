@@ -1,16 +1,21 @@
 """`dllama-run serve`: the OpenAI-compatible HTTP API (docs/API.md) in front of one engine or a cluster's root."""
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from dllama.cli import options
-from dllama.cli.edge import edge, stop_quietly
+from dllama.cli.edge import edge, fail, stop_quietly
 from dllama.cli.loading import ClusterOptions, load_model
 from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN
 from dllama.runtime.serve import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT
+
+API_KEY_ENV = "DLLAMA_API_KEY"
 
 
 def serve_command(
@@ -19,10 +24,19 @@ def serve_command(
     host: str = typer.Option(DEFAULT_HOST,
                              help="address to bind (loopback by default; 0.0.0.0 exposes it to the network)"),
     port: int = typer.Option(DEFAULT_PORT, help="TCP port"),
-    api_key: Optional[str] = typer.Option(None, envvar="DLLAMA_API_KEY",
-                                          help="require 'Authorization: Bearer KEY' on /v1/* (or set DLLAMA_API_KEY)"),
+    api_key_file: Optional[Path] = typer.Option(None, help="require 'Authorization: Bearer KEY' on /v1/*, KEY being "
+                                                "this file's first line (or set DLLAMA_API_KEY)"),
+    api_key: Optional[str] = typer.Option(None, help="the key itself: visible to every user of this machine in `ps`; "
+                                          "prefer --api-key-file or DLLAMA_API_KEY"),
+    cors_origin: Optional[List[str]] = typer.Option(None, help="let web pages from this origin call the API "
+                                                    "(e.g. http://localhost:3000, or * for any); repeatable"),
     max_queue: int = typer.Option(DEFAULT_MAX_QUEUE, min=0,
                                   help="requests that may wait while one generates; more get 429"),
+    max_connections: int = typer.Option(256, min=1, help="open HTTP connections at most; a newcomer closes the "
+                                        "connection idle the longest"),
+    request_timeout: float = typer.Option(30.0, min=0.1, help="seconds a client has to send a request's headers, "
+                                          "then as many for its body (else 408)"),
+    max_body_mib: float = typer.Option(16.0, min=0.001, help="largest request body in MiB (else 413)"),
     max_seq_len: int = typer.Option(DEFAULT_MAX_SEQ_LEN, min=2,
                                     help="context (KV cache) positions, prompt and answer together"),
     nthreads: Optional[int] = typer.Option(None, help="compute threads on this node"),
@@ -33,13 +47,47 @@ def serve_command(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (docs/API.md).
 
-    Example: dllama-run serve --model tinyllama_q40.m --tokenizer tinyllama.t --port 8080
+    Example: dllama-run serve --model tinyllama_q40.m --tokenizer tinyllama.t --port 8080 --api-key-file key.txt
     """
     from dllama.runtime.serve import run_server, worker_probe
+    from dllama.runtime.serve.connections import MiB, ServeLimits
 
+    key = _api_key(api_key, api_key_file)
+    limits = ServeLimits(max_body_bytes=int(max_body_mib * MiB), request_timeout_s=request_timeout,
+                         max_connections=max_connections)
+    _log_to_stderr()
     with edge(interrupted=stop_quietly):
         loaded = load_model(model, tokenizer, max_seq_len, nthreads,
                             ClusterOptions(workers, buffer_float_type, weights, root_compute))
         run_server(loaded.engine, loaded.tokenizer, model_id=model.stem, context_length=loaded.engine.max_seq_len,
-                   host=host, port=port, api_key=api_key, max_queue=max_queue,
-                   health_probe=worker_probe(loaded.engine))
+                   host=host, port=port, api_key=key, max_queue=max_queue, health_probe=worker_probe(loaded.engine),
+                   limits=limits, cors_origins=cors_origin or ())
+
+
+def _api_key(given: Optional[str], path: Optional[Path]) -> Optional[str]:
+    """The key from --api-key-file or --api-key, else DLLAMA_API_KEY; an empty key is refused, since it would let
+    an empty bearer token in."""
+    if path is not None and given is not None:
+        fail("the API key is given twice (--api-key-file and --api-key): keep one")
+    env = os.environ.get(API_KEY_ENV)
+    if path is not None:
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read the API key file {path}: {e}")
+        key, where = (lines[0].strip() if lines else ""), f"the API key file {path}"
+    else:
+        key, where = (given if given is not None else env), ("--api-key" if given is not None else API_KEY_ENV)
+    if key is not None and not key.strip():
+        fail(f"{where} is empty: an empty key would let anyone in; give a key, or none to serve without one")
+    return None if key is None else key.strip()
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("dllama.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

@@ -9,7 +9,7 @@ from dllama.runtime.conversation import (
     StopReason,
     reusable_prefix,  # noqa: F401 (its callers import it from here)
 )
-from dllama.runtime.sampler import Sampler
+from dllama.runtime.sampler import Sampler, Sampling
 
 
 class _Model(Forwarding, Protocol):
@@ -19,18 +19,21 @@ class _Model(Forwarding, Protocol):
 def generate(engine: _Model, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, eos_ids: Iterable[int] = (),
              cancel: Callable[[], bool] | None = None, start_pos: int = 0,
-             conversation: Conversation | None = None) -> Generator[int, None, StopReason]:
+             conversation: Conversation | None = None,
+             sampler: Sampler | None = None) -> Generator[int, None, StopReason]:
     """Yield up to `max_tokens` generated ids; an eos id ends generation and is not yielded.
 
     Generation also stops when the cache is full or `cancel()` returns True (polled before every
     token); the reason is the generator's return value and `conversation.stop_reason`. With a
     `conversation`, the prompt's tokens its cache already holds are not evaluated again; without
-    one, the caller vouches that the engine's cache holds prompt_ids[:start_pos].
+    one, the caller vouches that the engine's cache holds prompt_ids[:start_pos]. A `sampler`
+    (runtime/sampler.py: top_k, penalties, logprobs...) replaces temperature/top_p/seed.
     """
     if conversation is None:
         conversation = Conversation(engine.max_seq_len, cached=list(prompt_ids[:start_pos]))
     pos = conversation.begin(prompt_ids)
-    sample = Sampler(temperature, top_p, seed)
+    sample = sampler or Sampler(Sampling(temperature, top_p, seed))
+    sample.begin(conversation.prompt_ids)
     eos = set(eos_ids)
     if cancel is not None and cancel():
         return conversation.stop(StopReason.CANCELLED)

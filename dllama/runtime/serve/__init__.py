@@ -3,12 +3,14 @@
     from dllama.runtime.serve import create_app, run_server
     run_server(engine, tokenizer, model_id="tinyllama", context_length=2048)   # blocks
 
+Progress, the address and one line per request go to the "dllama.serve" logger (the CLI sends it to stderr).
+
 docs/API.md describes the endpoints, parameters, errors and the queue.
 """
 from __future__ import annotations
 
-import sys
-from typing import Callable
+import logging
+from typing import Callable, Sequence
 
 __all__ = ["ApiError", "create_app", "run_server", "worker_probe"]
 
@@ -33,18 +35,21 @@ DEFAULT_MAX_QUEUE = 16
 
 def run_server(engine, tokenizer, *, model_id: str, context_length: int, host: str = DEFAULT_HOST,
                port: int = DEFAULT_PORT, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               health_probe: Callable[[], str | None] | None = None) -> None:
-    """Serves until interrupted. Progress and the address go to stderr."""
+               health_probe: Callable[[], str | None] | None = None, limits=None,
+               cors_origins: Sequence[str] = ()) -> None:
+    """Serves until interrupted. limits: a connections.ServeLimits (body size, timeouts, connections)."""
     import uvicorn
 
     from dllama.runtime.serve.app import create_app
+    from dllama.runtime.serve.connections import ServeLimits, uvicorn_config
 
+    limits = limits or ServeLimits()
     app = create_app(engine, tokenizer, model_id=model_id, context_length=context_length, max_queue=max_queue,
-                     api_key=api_key, health_probe=health_probe)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    print(f"serving {model_id} on http://{host}:{port}/v1 (context {context_length} tokens, queue {max_queue}"
-          f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+                     api_key=api_key, health_probe=health_probe, limits=limits, cors_origins=cors_origins)
+    server = uvicorn.Server(uvicorn_config(app, host, port))
+    logging.getLogger("dllama.serve").info(
+        "serving %s on http://%s:%d/v1 (context %d tokens, queue %d, at most %d connections%s%s)", model_id, host,
+        port, context_length, max_queue, limits.max_connections, ", API key required" if api_key else "",
+        f", CORS for {', '.join(cors_origins)}" if cors_origins else "")
     server.run()
 

@@ -4,29 +4,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import sys
+import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Sequence
 
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dllama.runtime.conversation import PromptTooLong, answer_room
 from dllama.runtime.serve import openai_api
+from dllama.runtime.serve.connections import ConnectionTable, ServeLimits
 from dllama.runtime.serve.health import cluster_fault_types, worker_states
+from dllama.runtime.serve.metrics import ServerMetrics
 from dllama.runtime.serve.openai_api import ApiError, GenerationRequest
 from dllama.runtime.serve.page import page_routes
-from dllama.runtime.serve.runner import EngineFailure, Job, JobRunner, Outcome
+from dllama.runtime.serve.runner import EngineFailure, Job, JobRunner, Outcome, Piece
 from dllama.runtime.serve.scheduler import Event, Running, Scheduler
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
 RECONNECT_INTERVAL_S = 1.0  # how often a server whose cluster lost a worker tries to rebuild it
+PREPARING_THREADS = 2       # requests parsed and tokenized at once, off the event loop
+MAX_REMEMBERED_FIELDS = 256  # unknown field names logged once each, up to this many
+
+log = logging.getLogger("dllama.serve")
 
 
 @dataclass
@@ -38,6 +45,9 @@ class Generation:
     rid: str
     model: str
     created: int
+    http_state: object = None                   # the request's state: the usage, for the log line
+    received: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0                       # when the engine took the job
 
     async def close(self) -> None:
         self.watcher.cancel()
@@ -64,11 +74,21 @@ class OpenAIServer:
     """The routes, over one JobRunner (engine + tokenizer + conversation) and one Scheduler."""
 
     def __init__(self, runner: JobRunner, scheduler: Scheduler, model_id: str, api_key: str | None,
-                 health_probe: Callable[[], str | None] | None):
+                 health_probe: Callable[[], str | None] | None, limits: ServeLimits = ServeLimits(),
+                 connections: ConnectionTable | None = None):
+        if api_key == "":
+            raise ValueError("an empty API key would let an empty bearer token in: give a key or none")
         self.runner = runner
         self.scheduler = scheduler
         self.model_id = model_id
         self.api_key = api_key
+        self.limits = limits
+        self.connections = connections or ConnectionTable(limits.max_connections)
+        self.metrics = ServerMetrics(queue_depth=lambda: scheduler.waiting, busy=lambda: float(scheduler.busy),
+                                     up=lambda: float(self._down_reason() is None),
+                                     connections=lambda: len(self.connections.open))
+        self.ignored_fields: set[str] = set()    # unknown request fields already named in the log
+        self._preparing: anyio.CapacityLimiter | None = None
         self.health_probe = health_probe    # returns why the engine is down, or None
         self.down_reason: str | None = None  # sticky until the cluster is rebuilt (or for good without reconnect)
         self.reconnect = getattr(runner.engine, "reconnect", None)  # a cluster root rebuilds itself
@@ -107,29 +127,55 @@ class OpenAIServer:
                                         if self.reconnect_error else f"every {RECONNECT_INTERVAL_S:g} s")
         return JSONResponse(body, status_code=503 if reason else 200)
 
+    async def metrics_page(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
     # ---------------------------------------------------------------------------------------
     # generation
 
     async def _generate(self, request: Request, parse: Callable[[bytes], GenerationRequest]) -> Response:
         self._authorize(request)
-        req = parse(await request.body())
-        generation = await self._admit(request, req, self._job(req))
+        raw = await read_body(request, self.limits)
+        # parsing and tokenizing take milliseconds to seconds of CPU: never on the event loop
+        req = await self._off_loop(parse, raw)
+        del raw
+        self._note_ignored(req.ignored_fields, request.url.path)
+        job = await self._off_loop(self._job, req)
+        generation = await self._admit(request, req, job)
         if req.stream:
             return await self._stream(generation)
         try:
-            texts = []
+            pieces: list[Piece] = []
             while (event := await generation.running.next()).kind == "text":
-                texts.append(event.value)
+                pieces.append(event.value)
             outcome = self._outcome(event)
         finally:
             await generation.close()
-        return JSONResponse(openai_api.completion_body(req.kind, generation.rid, generation.model, "".join(texts),
-                                                     outcome.finish_reason, _usage(outcome)))
+        self._finished(generation, outcome)
+        logprobs = self._logprobs(req.kind, pieces) if req.logprobs else None
+        return JSONResponse(openai_api.completion_body(req.kind, generation.rid, generation.model,
+                                                     "".join(p.text for p in pieces), outcome.finish_reason,
+                                                     _usage(outcome), logprobs))
+
+    async def _off_loop(self, work: Callable, *args):
+        if self._preparing is None:
+            self._preparing = anyio.CapacityLimiter(PREPARING_THREADS)
+        return await anyio.to_thread.run_sync(work, *args, limiter=self._preparing)
+
+    def _note_ignored(self, names: Sequence[str], path: str) -> None:
+        new = [n for n in names if n not in self.ignored_fields][:10]
+        if new and len(self.ignored_fields) < MAX_REMEMBERED_FIELDS:
+            self.ignored_fields.update(new)
+            log.info("ignored unknown field%s %s (first seen on %s); every later one is ignored silently",
+                     "s" if len(new) > 1 else "", ", ".join(repr(n[:64]) for n in new), path)
 
     def _job(self, req: GenerationRequest) -> Job:
         param = "messages" if req.kind == "chat" else "prompt"
         try:
             ids = self.runner.prompt_ids(req.kind, req.messages, req.prompt)
+        except PromptTooLong as e:
+            raise openai_api.invalid(param, str(e), code="context_length_exceeded") from None
         except Exception as e:  # a chat template that rejects these messages, for example
             raise openai_api.invalid(param, f"could not build the prompt: {e}", code="invalid_prompt") from None
         if not ids:
@@ -137,11 +183,26 @@ class OpenAIServer:
         vocab = getattr(self.runner.tokenizer, "vocab_size", None)
         if vocab is not None and not all(0 <= t < vocab for t in ids):
             raise openai_api.invalid(param, f"token ids must be in [0, {vocab})", code="invalid_token_id")
+        if vocab is not None and any(not 0 <= t < vocab for t in req.sampling.logit_bias):
+            raise openai_api.invalid("logit_bias", f"'logit_bias' keys must be token ids in [0, {vocab})")
         try:
             room = answer_room(len(ids), self.runner.context_length)
         except PromptTooLong as e:
             raise openai_api.invalid(param, str(e), code="context_length_exceeded") from None
         return Job(prompt_ids=ids, max_tokens=min(req.max_tokens or room, room), stop=req.stop, sampling=req.sampling)
+
+    def _logprobs(self, kind: str, pieces: Sequence[Piece], text_offset: int = 0) -> dict:
+        decode = self.runner.tokenizer.decode
+        return openai_api.logprobs_body(kind, [lp for p in pieces for lp in p.logprobs], lambda t: decode([t]),
+                                        text_offset)
+
+    def _finished(self, generation: Generation, outcome: Outcome) -> None:
+        """Counts a generation in the metrics and hands its usage to the request's log line."""
+        queued = max(generation.admitted - generation.received, 0.0)
+        self.metrics.observe_generation(outcome.prompt_tokens, outcome.reused_tokens, outcome.completion_tokens,
+                                        queued + outcome.first_token_s, outcome.decode_s)
+        if generation.http_state is not None:
+            generation.http_state.usage = (outcome.prompt_tokens, outcome.completion_tokens)
 
     async def _admit(self, request: Request, req: GenerationRequest, job: Job) -> Generation:
         """Waits for the engine (or refuses: 429 when the queue is full, 503 when down) and starts the job."""
@@ -155,9 +216,10 @@ class OpenAIServer:
         except BaseException:
             watcher.cancel()
             raise
+        admitted = time.perf_counter()
         running = self.scheduler.start(lambda c, emit: self.runner.run(job, c, emit), cancelled)
         return Generation(req, running, watcher, openai_api.new_id(req.kind), req.model or self.model_id,
-                          int(time.time()))
+                          int(time.time()), request.state, request.state.received, admitted)
 
     async def _stream(self, generation: Generation) -> Response:
         # wait for the first event before sending headers, so a failing start still gets its status code
@@ -172,16 +234,21 @@ class OpenAIServer:
 
     async def _sse_events(self, generation: Generation, event: Event) -> AsyncIterator[bytes]:
         kind, chunk = generation.request.kind, self._chunk_maker(generation)
+        offset = 0  # of the text sent so far, for the completions' text_offset
         try:
             if kind == "chat":
                 yield openai_api.sse(chunk("", role=True))
             while event.kind == "text":
-                yield openai_api.sse(chunk(event.value))
+                piece: Piece = event.value
+                logprobs = self._logprobs(kind, [piece], offset) if generation.request.logprobs else None
+                yield openai_api.sse(chunk(piece.text, logprobs=logprobs))
+                offset += len(piece.text)
                 event = await generation.running.next()
             if event.kind == "error":  # headers are gone: the error travels as an event, without [DONE]
                 yield openai_api.sse(self._engine_error(event.value).body())
                 return
             outcome: Outcome = event.value
+            self._finished(generation, outcome)
             yield openai_api.sse(chunk(None if kind == "chat" else "", finish_reason=outcome.finish_reason))
             if generation.request.include_usage:
                 yield openai_api.sse(openai_api.usage_chunk_body(kind, generation.rid, generation.created,
@@ -212,7 +279,8 @@ class OpenAIServer:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
-                                "with the key given to dllama-run serve --api-key", code="invalid_api_key")
+                                "with the key dllama-run serve was given (--api-key-file or DLLAMA_API_KEY)",
+                           code="invalid_api_key")
 
     async def watch_cluster(self) -> None:
         """While the cluster is down, rebuild it (re-handshake, slices streamed again) every second,
@@ -233,7 +301,7 @@ class OpenAIServer:
         self.reconnect_error = None
         self.reconnects += 1
         self.down_reason = None
-        print(f"the cluster is back (reconnect {self.reconnects})", file=sys.stderr, flush=True)
+        log.warning("the cluster is back (reconnect %d)", self.reconnects)
 
     def _down_reason(self) -> str | None:
         if self.down_reason is None and self.health_probe is not None:
@@ -263,6 +331,33 @@ async def _watch_disconnect(request: Request, cancelled: threading.Event) -> Non
             return
 
 
+async def read_body(request: Request, limits: ServeLimits) -> bytes:
+    """The request body, refused past limits.max_body_bytes (413) or when it does not arrive within
+    limits.request_timeout_s (408): a half-sent body must not hold a connection forever."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise _too_large(limits)
+    body = bytearray()
+    try:
+        with anyio.fail_after(limits.request_timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_body_bytes:
+                    raise _too_large(limits)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {limits.request_timeout_s:g} s",
+                       code="request_timeout") from None
+    except ClientDisconnect:
+        raise ApiError(400, "the client closed the connection before sending the whole body",
+                       code="incomplete_request") from None
+    return bytes(body)
+
+
+def _too_large(limits: ServeLimits) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limits.max_body_bytes} bytes (dllama-run serve "
+                    "--max-body-mib)", code="request_too_large")
+
+
 def _usage(outcome: Outcome) -> dict:
     return openai_api.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)
 
@@ -279,14 +374,59 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body(),
                         status_code=500)
 
 
+class RequestLog:
+    """ASGI middleware: one log line per request (method, path, status, tokens, duration) and its metrics."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["received"] = start
+        status = 500   # if the app fails before it answers
+        done = False
+
+        def finish() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            seconds = time.perf_counter() - start
+            path = scope.get("path", "")
+            self.metrics.observe_request(path, status, seconds)
+            usage = state.get("usage")
+            tokens = f" {usage[0]}+{usage[1]} tokens" if usage else ""
+            log.info("%s %s %d%s %.3f s", scope.get("method", ""), path[:200], status, tokens, seconds)
+
+        async def logged_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finish()
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            finish()
+
+
 def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_queue: int = 16,
-               api_key: str | None = None, health_probe: Callable[[], str | None] | None = None) -> Starlette:
+               api_key: str | None = None, health_probe: Callable[[], str | None] | None = None,
+               limits: ServeLimits = ServeLimits(), cors_origins: Sequence[str] = ()) -> Starlette:
     server = OpenAIServer(JobRunner(engine, tokenizer, context_length), Scheduler(max_queue), model_id, api_key,
-                          health_probe)
+                          health_probe, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -302,8 +442,15 @@ def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_que
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/models", server.models, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.metrics_page, methods=["GET"]),
     ]
+    middleware = [Middleware(RequestLog, metrics=server.metrics)]
+    if cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"], max_age=600))
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _server_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, max_body_size=MAX_BODY_BYTES)
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = server
+    app.state.limits = limits
+    app.state.connections = server.connections
     return app

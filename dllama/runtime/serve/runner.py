@@ -7,15 +7,16 @@ start with the same ids only evaluates the rest (runtime/conversation.py).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from dllama.errors import DllamaError
-from dllama.runtime.conversation import Conversation, StopReason
+from dllama.runtime.conversation import Conversation, PromptTooLong, StopReason
 from dllama.runtime.generate import generate
-from dllama.runtime.sampler import Sampling
+from dllama.runtime.sampler import Sampler, Sampling, TokenLogprob
 
 
 class EngineLike(Protocol):
@@ -24,7 +25,7 @@ class EngineLike(Protocol):
 
 class TokenizerLike(Protocol):
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]: ...
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]: ...
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str: ...
     def stream_decoder(self): ...
     eos_ids: list[int]
 
@@ -41,12 +42,21 @@ class Job:
     sampling: Sampling = Sampling()
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Text that is final, and the logprobs of the tokens it came from (when the job asked for them)."""
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
 @dataclass
 class Outcome:
     finish_reason: str          # "stop", "length" or "cancelled"
     prompt_tokens: int
     completion_tokens: int
     reused_tokens: int          # prompt tokens served from the KV cache
+    first_token_s: float = 0.0  # from the start of the job to the first generated token (the prefill)
+    decode_s: float = 0.0       # from the first generated token to the last
 
 
 class StopScanner:
@@ -93,6 +103,7 @@ class JobRunner:
         self.engine = engine
         self.tokenizer = tokenizer
         self.conversation = Conversation(context_length)
+        self.max_prompt_chars = prompt_char_limit(tokenizer, context_length)
         self._lock = threading.Lock()    # belt and braces: the scheduler already serialises jobs
 
     @property
@@ -100,43 +111,54 @@ class JobRunner:
         return self.conversation.capacity
 
     def prompt_ids(self, kind: str, messages: list[dict], prompt: str | list[int]) -> list[int]:
-        if kind == "chat":
-            # the chat template writes its own bos (as Hugging Face's apply_chat_template does)
-            return self.tokenizer.encode_chat(messages)
-        if isinstance(prompt, list):
+        """The prompt's token ids; a text too long to fit the context is refused before it is tokenized
+        (PromptTooLong), since tokenizing megabytes costs seconds and hundreds of MB."""
+        if kind != "chat" and isinstance(prompt, list):
             return list(prompt)
-        return self.tokenizer.encode(prompt)
+        # the chat template writes its own bos (as Hugging Face's apply_chat_template does)
+        text = self.tokenizer.render_chat(messages) if kind == "chat" else prompt
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise PromptTooLong(f"the prompt has {len(text)} characters, more than a context of "
+                                f"{self.context_length} tokens can hold (at most {self.max_prompt_chars}): shorten "
+                                "it or raise --max-seq-len")
+        return self.tokenizer.encode(text, add_bos=False) if kind == "chat" else self.tokenizer.encode(text)
 
-    def run(self, job: Job, cancelled: threading.Event, emit: Callable[[str], None]) -> Outcome:
-        """Generates for one job, calling emit(text) for each piece of text that is final."""
+    def run(self, job: Job, cancelled: threading.Event, emit: Callable[[Piece], None]) -> Outcome:
+        """Generates for one job, calling emit(Piece) for each piece of text that is final."""
         with self._lock:
             return self._run(job, cancelled, emit)
 
-    def _run(self, job: Job, cancelled: threading.Event, emit: Callable[[str], None]) -> Outcome:
+    def _run(self, job: Job, cancelled: threading.Event, emit: Callable[[Piece], None]) -> Outcome:
+        sampler = Sampler(job.sampling)
+        clock = _Clock()
         tokens = generate(_FailuresReported(self.engine), job.prompt_ids, job.max_tokens,
-                          temperature=job.sampling.temperature,
-                          top_p=job.sampling.top_p, seed=job.sampling.seed, eos_ids=self.tokenizer.eos_ids,
-                          cancel=cancelled.is_set, conversation=self.conversation)
+                          eos_ids=self.tokenizer.eos_ids, cancel=cancelled.is_set, conversation=self.conversation,
+                          sampler=sampler)
         scanner = StopScanner(job.stop)
-        generated = self._relay_text(tokens, scanner, emit)
+        generated = self._relay_text(clock.timed(tokens), scanner, sampler, emit)
         if scanner.stopped:
             finish = "stop"
         elif cancelled.is_set():
             finish = "cancelled"
         else:
             finish = FINISH_REASONS[self.conversation.stop_reason]
-        return Outcome(finish, len(job.prompt_ids), generated, self.conversation.start_pos)
+        return Outcome(finish, len(job.prompt_ids), generated, self.conversation.start_pos, clock.first_token_s,
+                       clock.decode_s)
 
-    def _relay_text(self, tokens, scanner: StopScanner, emit: Callable[[str], None]) -> int:
+    def _relay_text(self, tokens, scanner: StopScanner, sampler: Sampler, emit: Callable[[Piece], None]) -> int:
         """Decodes the tokens through the stop scanner into emit(); returns how many were generated."""
         decoder = self.tokenizer.stream_decoder()
         generated = 0
+        logprobs: list[TokenLogprob] = []   # of the tokens whose text is not emitted yet
         try:
             for token in tokens:
                 generated += 1
+                if sampler.last_logprob is not None:
+                    logprobs.append(sampler.last_logprob)
                 text = scanner.push(decoder.push(token))
                 if text:
-                    emit(text)
+                    emit(Piece(text, tuple(logprobs)))
+                    logprobs.clear()
                 if scanner.stopped:
                     return generated
         finally:
@@ -144,8 +166,39 @@ class JobRunner:
         tail = scanner.push(decoder.flush())
         tail += "" if scanner.stopped else scanner.flush()
         if tail:
-            emit(tail)
+            emit(Piece(tail, tuple(logprobs)))
         return generated
+
+
+def prompt_char_limit(tokenizer, context_length: int) -> int | None:
+    """The most characters a prompt that fits the context can have: no token covers more characters
+    than its vocabulary entry has bytes; twice that leaves room for normalizers that merge characters."""
+    tokens = getattr(getattr(tokenizer, "tf", None), "tokens", None)
+    if not tokens:
+        return None
+    return 2 * context_length * max(max(map(len, tokens)), 1)
+
+
+class _Clock:
+    """Times a token stream: the wait for the first token (prefill) and the rest (decode)."""
+
+    def __init__(self):
+        self.first_token_s = 0.0
+        self.decode_s = 0.0
+
+    def timed(self, tokens):
+        start = time.perf_counter()
+        first = None
+        try:
+            for token in tokens:
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                    self.first_token_s = now - start
+                self.decode_s = now - first
+                yield token
+        finally:
+            tokens.close()
 
 
 # why generate() stopped -> the API's finish_reason (a stop sequence is "stop" too)

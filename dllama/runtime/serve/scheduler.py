@@ -16,7 +16,7 @@ from dllama.runtime.serve.openai_api import ApiError
 
 @dataclass
 class Event:
-    kind: str          # "text", "done" or "error"
+    kind: str          # "text" (value: a runner.Piece), "done" (an Outcome) or "error" (the exception)
     value: Any
 
 
@@ -46,7 +46,7 @@ class Scheduler:
     def release(self) -> None:
         self._turn.release()
 
-    def start(self, work: Callable[[threading.Event, Callable[[str], None]], Any],
+    def start(self, work: Callable[[threading.Event, Callable[[Any], None]], Any],
               cancelled: threading.Event) -> "Running":
         """Runs work(cancelled, emit) on the engine thread; call only while holding the turn."""
         return Running(self, work, cancelled)
@@ -58,7 +58,7 @@ class Scheduler:
 class Running:
     """A job on the engine thread, seen from the event loop as a queue of events."""
 
-    def __init__(self, scheduler: Scheduler, work: Callable[[threading.Event, Callable[[str], None]], Any],
+    def __init__(self, scheduler: Scheduler, work: Callable[[threading.Event, Callable[[Any], None]], Any],
                  cancelled: threading.Event):
         self.cancelled = cancelled
         self.events: asyncio.Queue[Event] = asyncio.Queue()
@@ -71,7 +71,7 @@ class Running:
 
         def body() -> None:
             try:
-                put(Event("done", work(self.cancelled, lambda text: put(Event("text", text)))))
+                put(Event("done", work(self.cancelled, lambda piece: put(Event("text", piece)))))
             except BaseException as e:  # relayed to the request, never lost in the thread
                 put(Event("error", e))
 
