@@ -7,6 +7,7 @@ import json
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from conftest import CONFORMANCE, require_fixtures
@@ -166,6 +167,44 @@ def test_follow_up_prompt_reuses_the_kv_cache_and_says_so(client, local):
     assert again.usage.prompt_tokens_details.cached_tokens == shared >= len(tok.encode(first))
     fresh_text, _, _ = expected(local, ids, 4, Sampling(temperature=0.0))
     assert again.choices[0].text == fresh_text
+
+
+def reference_logprobs(local, prompt_ids, tokens) -> np.ndarray:
+    """log_softmax of the engine's logits at each generated position (one batched pass)."""
+    engine, _ = local
+    engine.reset()
+    logits = engine.forward(prompt_ids + tokens[:-1], 0)[len(prompt_ids) - 1:].astype(np.float64)
+    return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+
+
+def test_chat_logprobs_are_the_log_softmax_of_the_engines_logits(client, local):
+    ids = chat_ids(local[1], HELLO)
+    _, tokens, _ = expected(local, ids, 6, Sampling(temperature=0.0))
+    args = dict(model="tiny", messages=HELLO, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = client.chat.completions.create(**args).choices[0].logprobs.content
+    reference = reference_logprobs(local, ids, tokens)
+    assert [c.token for c in content] == [local[1].decode([t]) for t in tokens]
+    for c, row, token in zip(content, reference, tokens):
+        assert c.logprob == pytest.approx(row[token], abs=1e-4)   # batched vs one token at a time: last bits
+        assert [t.logprob for t in c.top_logprobs] == pytest.approx(np.sort(row)[::-1][:3], abs=1e-4)
+    streamed = [c for chunk in client.chat.completions.create(**args, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+
+
+def test_completion_logprobs_and_top_k_1_equals_greedy(client, local):
+    prompt = "Once upon a time"
+    ids = local[1].encode(prompt)
+    text, tokens, _ = expected(local, ids, 5, Sampling(temperature=0.0))
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.tokens == [local[1].decode([t]) for t in tokens]
+    assert logprobs.token_logprobs == pytest.approx(
+        [row[t] for row, t in zip(reference_logprobs(local, ids, tokens), tokens)], abs=1e-4)
+    assert all(len(top) == 2 for top in logprobs.top_logprobs) and logprobs.text_offset[0] == 0
+    sampled = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=1.5, seed=9,
+                                        extra_body={"top_k": 1, "min_p": 0.01, "repeat_penalty": 1.0})
+    assert sampled.choices[0].text == text
 
 
 BAD_REQUESTS = [

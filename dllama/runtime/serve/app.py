@@ -32,6 +32,7 @@ from dllama.runtime.serve.scheduler import Event, Running, Scheduler
 RECONNECT_INTERVAL_S = 1.0  # how often a server whose cluster lost a worker tries to rebuild it
 PREPARING_THREADS = 2       # requests parsed and tokenized at once, off the event loop
 MAX_REMEMBERED_FIELDS = 256  # unknown field names logged once each, up to this many
+CLOSING_CODES = ("request_too_large", "request_timeout", "incomplete_request")
 
 log = logging.getLogger("dllama.serve")
 
@@ -363,7 +364,9 @@ def _usage(outcome: Outcome) -> dict:
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    # a body left unread (too large, too slow, cut short) leaves the connection unusable
+    headers = {"Connection": "close"} if exc.status in (400, 408, 413) and exc.code in CLOSING_CODES else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

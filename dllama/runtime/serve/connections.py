@@ -4,9 +4,9 @@ uvicorn's h11 protocol, with three additions (docs/API.md, "Limits"):
 - a deadline for a request's headers: a connection that opens and says nothing, or dribbles half a
   request, is answered 408 and closed after `request_timeout_s` (uvicorn itself waits forever);
 - a cap on open connections: a newcomer at the cap closes the connection that has waited longest
-  for its request headers (a stranger's half-sent request, an idle keep-alive), or, when every
-  connection has a request in progress, is answered 503 and closed, so that file descriptors never
-  run out and a real client always gets in;
+  for its client (a stranger's half-sent head or body, an idle keep-alive), or, when every
+  connection has a whole request being answered, is answered 503 and closed, so that file
+  descriptors never run out and a real client gets in;
 - OpenAI error bodies instead of uvicorn's plain-text 400 for bytes that are not HTTP.
 The request body's own deadline and size limit are the app's (app.read_body).
 """
@@ -35,11 +35,11 @@ class ConnectionTable:
         self.max_connections = max_connections
         self.open: set = set()
         self.evicted = 0   # closed to make room for a newcomer
-        self.refused = 0   # newcomers answered 503: every connection had a request in progress
+        self.refused = 0   # newcomers answered 503: every connection had a request being answered
 
     def admit(self, newcomer) -> bool:
         if len(self.open) >= self.max_connections:
-            waiting = [p for p in self.open if p.awaiting_request()]
+            waiting = [p for p in self.open if p.evictable()]
             if not waiting:
                 self.refused += 1
                 return False
@@ -93,6 +93,10 @@ def protocol_class(limits: ServeLimits, table: ConnectionTable) -> type:
 
         def awaiting_request(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
+
+        def evictable(self) -> bool:
+            """Still waiting for the client: its request's head, or the rest of its body."""
+            return self.awaiting_request() or (self.cycle.more_body and not self.cycle.response_started)
 
         def send_400_response(self, msg: str) -> None:
             self._close_with(raw_error(400, "Bad Request", "the request is not valid HTTP/1.1", "invalid_http"))

@@ -15,6 +15,7 @@ import numpy as np
 
 from dllama.errors import DllamaError
 from dllama.runtime.conversation import Conversation, PromptTooLong, StopReason
+from dllama.runtime.engine import EngineError
 from dllama.runtime.generate import generate
 from dllama.runtime.sampler import Sampler, Sampling, TokenLogprob
 
@@ -32,6 +33,16 @@ class TokenizerLike(Protocol):
 
 class EngineFailure(DllamaError, RuntimeError):
     """The engine (or the cluster behind it) failed mid-request; the cache is no longer trusted."""
+
+
+class PromptTooManyCharacters(PromptTooLong):
+    """A prompt text longer than any prompt that fits the context, found before tokenizing it."""
+
+    def __init__(self, n_chars: int, limit: int, capacity: int):
+        EngineError.__init__(self, f"the prompt has {n_chars} characters, more than a context of {capacity} tokens "
+                             f"can hold (at most {limit}): shorten it or raise --max-seq-len")
+        self.n_tokens = None
+        self.capacity = capacity
 
 
 @dataclass
@@ -118,9 +129,7 @@ class JobRunner:
         # the chat template writes its own bos (as Hugging Face's apply_chat_template does)
         text = self.tokenizer.render_chat(messages) if kind == "chat" else prompt
         if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
-            raise PromptTooLong(f"the prompt has {len(text)} characters, more than a context of "
-                                f"{self.context_length} tokens can hold (at most {self.max_prompt_chars}): shorten "
-                                "it or raise --max-seq-len")
+            raise PromptTooManyCharacters(len(text), self.max_prompt_chars, self.context_length)
         return self.tokenizer.encode(text, add_bos=False) if kind == "chat" else self.tokenizer.encode(text)
 
     def run(self, job: Job, cancelled: threading.Event, emit: Callable[[Piece], None]) -> Outcome:

@@ -1,0 +1,145 @@
+"""The sampler's arithmetic, checked against the formulas written out independently here:
+top_k, top_p, min_p, the penalties, logit_bias and logprobs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dllama.runtime import sampler as sampler_module
+from dllama.runtime.engine import EngineError
+from dllama.runtime.sampler import Sampler, Sampling, log_softmax
+
+VOCAB = 1000
+
+
+def random_logits(seed: int, n: int = VOCAB) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(n) * 3).astype(np.float32)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z.astype(np.float64) - z.max())
+    return e / e.sum()
+
+
+def primed(sampling: Sampling, prompt: list[int], answer: list[int]) -> Sampler:
+    """A sampler that has seen `prompt` and then chosen `answer`."""
+    s = Sampler(sampling)
+    s.begin(prompt)
+    s.context += answer
+    return s
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_k_1_is_greedy(seed):
+    logits = random_logits(seed)
+    for draw in range(20):
+        assert Sampler(Sampling(temperature=1.5, top_k=1, seed=draw))(logits) == int(np.argmax(logits))
+
+
+def test_top_k_keeps_exactly_the_k_most_likely():
+    logits = random_logits(1)
+    ids, probs = Sampler(Sampling(temperature=0.7, top_k=10)).distribution(logits.astype(np.float64))
+    assert set(ids) == set(np.argsort(-logits)[:10])
+    expected = softmax(logits[ids].astype(np.float64) / 0.7)
+    assert np.allclose(probs, expected, rtol=1e-12)
+
+
+def test_min_p_excludes_tokens_below_min_p_times_the_best():
+    logits = random_logits(2)
+    for min_p in (0.01, 0.1, 0.5):
+        ids, probs = Sampler(Sampling(temperature=0.8, min_p=min_p)).distribution(logits.astype(np.float64))
+        p = softmax(logits.astype(np.float64) / 0.8)
+        assert set(ids) == set(np.flatnonzero(p >= min_p * p.max()))
+        assert np.allclose(probs, p[ids] / p[ids].sum(), rtol=1e-12)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
+    logits = random_logits(3)
+    p = softmax(logits)
+    order = np.argsort(-p, kind="stable")
+    for top_p in (0.3, 0.9, 0.999):
+        ids, _ = Sampler(Sampling(top_p=top_p)).distribution(logits.astype(np.float64))
+        n = int(np.argmax(np.cumsum(p[order]) >= top_p)) + 1
+        assert list(ids) == list(order[:n])
+
+
+def test_top_p_on_a_large_vocabulary_sorts_only_what_it_needs_and_agrees_with_a_full_sort(monkeypatch):
+    logits = random_logits(4, n=50_000)
+    for top_p in (0.5, 0.95):   # 0.95 of a flat-ish distribution needs more than the first 512 tokens
+        fast = Sampler(Sampling(top_p=top_p)).distribution(logits.astype(np.float64))
+        monkeypatch.setattr(sampler_module, "TOP_P_PREFIX", 10 ** 9)
+        full = Sampler(Sampling(top_p=top_p)).distribution(logits.astype(np.float64))
+        monkeypatch.undo()
+        assert np.array_equal(fast[0], full[0]) and np.array_equal(fast[1], full[1])
+
+
+def test_draws_follow_the_distribution():
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0], dtype=np.float32)
+    s = Sampler(Sampling(temperature=1.0, repeat_penalty=1.0, seed=11))
+    draws = np.bincount([s.choose(logits) for _ in range(4000)], minlength=5) / 4000
+    assert np.abs(draws - softmax(logits)).max() < 0.03
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula_over_the_answer():
+    logits = random_logits(5)
+    prompt, answer = [1, 2, 3, 3], [3, 7, 7, 7, 9]
+    s = primed(Sampling(presence_penalty=0.4, frequency_penalty=0.25, repeat_penalty=1.0), prompt, answer)
+    expected = logits.astype(np.float64)
+    for token, count in {3: 1, 7: 3, 9: 1}.items():   # the prompt's tokens are not counted
+        expected[token] -= count * 0.25 + 0.4
+    assert np.array_equal(s.adjusted(logits), expected)
+
+
+def test_repeat_penalty_divides_positive_and_multiplies_negative_logits_of_the_last_n_tokens():
+    logits = np.array([2.0, -2.0, 1.0, -1.0, 4.0, 3.0], dtype=np.float32)
+    s = primed(Sampling(repeat_penalty=2.0, repeat_last_n=3), prompt=[5, 0], answer=[1, 2])  # window: 0, 1, 2
+    assert s.adjusted(logits).tolist() == [1.0, -4.0, 0.5, -1.0, 4.0, 3.0]
+
+
+def test_repeat_penalty_defaults_on_when_sampling_and_off_when_greedy():
+    assert Sampling(temperature=0.8).effective_repeat_penalty == sampler_module.DEFAULT_REPEAT_PENALTY
+    assert Sampling(temperature=0.0).effective_repeat_penalty == 1.0
+    logits = random_logits(6)
+    best = int(np.argmax(logits))
+    greedy = primed(Sampling(temperature=0.0), [best] * 10, [best] * 10)
+    assert greedy.choose(logits) == best and not greedy.adjusts_logits   # greedy stays the plain argmax
+    assert primed(Sampling(temperature=0.0, repeat_penalty=1e6), [best], []).choose(logits) != best
+
+
+def test_logit_bias_adds_and_minus_100_bans():
+    logits = random_logits(7)
+    best = int(np.argmax(logits))
+    s = Sampler(Sampling(temperature=1.0, logit_bias={best: -100.0, 5: 3.5}, repeat_penalty=1.0, seed=0))
+    z = s.adjusted(logits)
+    assert z[best] == -np.inf and z[5] == np.float64(logits[5]) + 3.5
+    assert best not in {s.choose(logits) for _ in range(300)}
+    assert Sampler(Sampling(temperature=0.0, logit_bias={best: -100.0})).choose(logits) != best
+    with pytest.raises(EngineError, match="bans every token"):
+        Sampler(Sampling(temperature=0.0, logit_bias={i: -100.0 for i in range(VOCAB)})).choose(logits)
+
+
+def test_logprobs_are_the_log_softmax_of_the_engines_logits():
+    logits = random_logits(8)
+    s = Sampler(Sampling(temperature=1.0, top_k=5, repeat_penalty=1.3, presence_penalty=1.0, seed=3,
+                         top_logprobs=4))
+    s.begin([10, 11])
+    token = s(logits)
+    reference = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64))  # penalties don't count
+    assert s.last_logprob.token == token
+    assert s.last_logprob.logprob == pytest.approx(reference[token], abs=1e-12)
+    assert [t for t, _ in s.last_logprob.top] == list(np.argsort(-reference)[:4])
+    assert [lp for _, lp in s.last_logprob.top] == pytest.approx(np.sort(reference)[::-1][:4], abs=1e-12)
+    assert np.exp(log_softmax(logits)).sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (Sampling(temperature=float("nan")), "temperature"),
+    (Sampling(top_p=float("nan")), "top_p"),
+    (Sampling(min_p=-0.1), "min_p"),
+    (Sampling(top_k=-1), "top_k"),
+    (Sampling(repeat_penalty=0.0), "repeat_penalty"),
+    (Sampling(seed=-1), "seed"),
+])
+def test_bad_settings_are_refused_with_the_setting_named(bad, fragment):
+    with pytest.raises(EngineError, match=fragment):
+        Sampler(bad)
