@@ -122,3 +122,23 @@ def test_missing_model_file(llama, tmp_path):
 def test_missing_prompt_names_the_required_options(llama):
     result = run("--model", llama / "expected_q40.m", "--tokenizer", llama / "expected.t")
     assert_one_line_error(result, "--prompt")
+
+
+def test_sampling_flags_top_k_1_is_greedy_and_stop_cuts_the_text(llama):
+    common = ("--model", llama / "expected_f32.m", "--tokenizer", llama / "expected.t", "--prompt", "Hello world",
+              "--steps", 12)
+    greedy = run(*common, "--temperature", 0)
+    top_1 = run(*common, "--temperature", 1.5, "--seed", 3, "--top-k", 1, "--repeat-penalty", 1)
+    assert greedy.exit_code == 0 and top_1.stdout == greedy.stdout
+    text = greedy.stdout[len("Hello world"):-1]
+    stop = text[4:7]
+    stopped = run(*common, "--temperature", 0, "--stop", stop, "--stop", "never there")
+    assert stopped.exit_code == 0 and stopped.stdout == "Hello world" + text[:text.index(stop)] + "\n"
+
+
+def test_bad_sampling_values_are_refused_without_a_traceback(llama):
+    common = ("--model", llama / "expected_f32.m", "--tokenizer", llama / "expected.t", "--prompt", "Hi", "--steps", 2)
+    assert_one_line_error(run(*common, "--repeat-penalty", 0), "repeat_penalty")
+    for flag in ("--temperature", "--min-p"):   # typer's own range check refuses NaN
+        result = run(*common, flag, "nan")
+        assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import typer
 
@@ -60,12 +60,16 @@ def timed_tokens(tokens: Iterator[int], prompt_tokens: Callable[[], int], timing
 
 
 def stream_text(loaded: LoadedModel, conversation: Conversation, prompt_ids: list[int], steps: int,
-                sampling: Sampling, write: Callable[[str], None], timing: Timing) -> list[int]:
-    """Generate up to `steps` tokens answering prompt_ids, writing their text as it comes; returns their ids."""
+                sampling: Sampling, write: Callable[[str], None], timing: Timing,
+                stop: Sequence[str] = ()) -> list[int]:
+    """Generate up to `steps` tokens answering prompt_ids, writing their text as it comes (up to the first stop
+    sequence, not included); returns their ids."""
     from dllama.runtime.generate import generate
+    from dllama.runtime.serve.runner import StopScanner
 
     tok = loaded.tokenizer
     decoder = tok.stream_decoder()
+    scanner = StopScanner(stop)
     out: list[int] = []
     tokens = generate(loaded.engine, prompt_ids, steps, eos_ids=tok.eos_ids, conversation=conversation,
                       sampler=Sampler(sampling))
@@ -75,8 +79,12 @@ def stream_text(loaded: LoadedModel, conversation: Conversation, prompt_ids: lis
 
     for token in timed_tokens(tokens, evaluated, timing):
         out.append(token)
-        write(decoder.push(token))
-    write(decoder.flush())
+        write(scanner.push(decoder.push(token)))
+        if scanner.stopped:
+            tokens.close()
+            return out
+    write(scanner.push(decoder.flush()))
+    write(scanner.flush())
     return out
 
 
@@ -102,6 +110,7 @@ def generate_command(
     repeat_last_n: int = options.REPEAT_LAST_N,
     presence_penalty: float = options.PRESENCE_PENALTY,
     frequency_penalty: float = options.FREQUENCY_PENALTY,
+    stop: Optional[List[str]] = options.STOP,
     max_seq_len: int = options.MAX_SEQ_LEN,
     nthreads: Optional[int] = options.NTHREADS,
     workers: Optional[str] = options.WORKERS,
@@ -127,7 +136,8 @@ def generate_command(
         _stdout(prompt)
         sampling = Sampling(temperature, topp, seed, top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty,
                             frequency_penalty)
-        stream_text(loaded, Conversation(loaded.engine.max_seq_len), ids, steps, sampling, _stdout, timing)
+        stream_text(loaded, Conversation(loaded.engine.max_seq_len), ids, steps, sampling, _stdout, timing,
+                    stop or ())
         _stdout("\n")
         note(timing.summary())
 
@@ -146,6 +156,7 @@ def chat_command(
     repeat_last_n: int = options.REPEAT_LAST_N,
     presence_penalty: float = options.PRESENCE_PENALTY,
     frequency_penalty: float = options.FREQUENCY_PENALTY,
+    stop: Optional[List[str]] = options.STOP,
     max_seq_len: int = options.MAX_SEQ_LEN,
     nthreads: Optional[int] = options.NTHREADS,
     workers: Optional[str] = options.WORKERS,
@@ -162,20 +173,22 @@ def chat_command(
                             ClusterOptions(workers, buffer_float_type, weights, root_compute))
         note(f"max_seq_len {loaded.engine.max_seq_len} (--max-seq-len); empty line or Ctrl-D ends the chat")
         _chat(loaded, system, steps, Sampling(temperature, topp, seed, top_k, min_p, repeat_penalty, repeat_last_n,
-                                              presence_penalty, frequency_penalty))
+                                              presence_penalty, frequency_penalty), stop or ())
 
 
-def _chat(loaded: LoadedModel, system: Optional[str], steps: int, sampling: Sampling) -> None:
+def _chat(loaded: LoadedModel, system: Optional[str], steps: int, sampling: Sampling, stop: Sequence[str]) -> None:
     messages = [{"role": "system", "content": system}] if system else []
     conversation = Conversation(loaded.engine.max_seq_len)
     while (user := _read_turn()) is not None:
         messages.append({"role": "user", "content": user})
         timing = Timing()
         ids = loaded.tokenizer.encode_chat(messages)
-        answer = stream_text(loaded, conversation, ids, steps, sampling, _stdout, timing)
+        answer = stream_text(loaded, conversation, ids, steps, sampling, _stdout, timing, stop)
         _stdout("\n")
         note(timing.summary())
-        messages.append({"role": "assistant", "content": loaded.tokenizer.decode(answer)})
+        text = loaded.tokenizer.decode(answer)
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+        messages.append({"role": "assistant", "content": text[:cut]})
 
 
 def _read_turn() -> Optional[str]:

@@ -35,6 +35,7 @@ PRESENCE_PENALTY = typer.Option(0.0, min=-2.0, max=2.0, help="subtract this from
                                 "answer already holds (OpenAI's presence_penalty)")
 FREQUENCY_PENALTY = typer.Option(0.0, min=-2.0, max=2.0, help="subtract this times its count in the answer from a "
                                  "token's logit (OpenAI's frequency_penalty)")
+STOP = typer.Option(None, help="end the answer before this text (not shown); repeatable")
 WORKERS = typer.Option(None, help=WORKERS_HELP)
 BUFFER_FLOAT_TYPE = typer.Option(None, help=BUFFER_HELP)
 WEIGHTS = typer.Option(None, help=WEIGHTS_HELP)
