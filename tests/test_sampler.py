@@ -143,3 +143,13 @@ def test_logprobs_are_the_log_softmax_of_the_engines_logits():
 def test_bad_settings_are_refused_with_the_setting_named(bad, fragment):
     with pytest.raises(EngineError, match=fragment):
         Sampler(bad)
+
+
+def test_an_allowed_mask_removes_tokens_before_anything_else():
+    logits = random_logits(9)
+    allowed = np.zeros(VOCAB, dtype=bool)
+    allowed[[3, 50, 700]] = True
+    assert Sampler(Sampling(temperature=0.0))(logits, allowed) == [3, 50, 700][int(np.argmax(logits[[3, 50, 700]]))]
+    s = Sampler(Sampling(temperature=2.0, top_p=0.99, min_p=0.0, seed=1, top_logprobs=0))
+    assert {s(logits, allowed) for _ in range(200)} <= {3, 50, 700}
+    assert s.last_logprob.logprob == pytest.approx(log_softmax(logits)[s.last_logprob.token])  # raw logits

@@ -116,8 +116,10 @@ class Sampler:
         return (self.bias_ids.size > 0 or (self.repeat_penalty != 1.0 and s.repeat_last_n > 0)
                 or s.presence_penalty != 0.0 or s.frequency_penalty != 0.0)
 
-    def __call__(self, logits: np.ndarray) -> int:
-        token = self.choose(logits)
+    def __call__(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> int:
+        """The next token; `allowed` (a boolean mask over the logits, from a grammar) removes the tokens
+        it marks False before anything else, greedy included. Logprobs stay those of the raw logits."""
+        token = self.choose(logits if allowed is None else np.where(allowed, logits, -np.inf))
         if self.sampling.top_logprobs is not None:
             self.last_logprob = token_logprob(logits, token, self.sampling.top_logprobs)
         self.context.append(token)
