@@ -167,10 +167,10 @@ def test_structured_output_and_tool_fields_are_typed_and_passed_through():
         "parallel_tool_calls": False,
         "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"},
                                                                    "strict": True}}}).encode())
-    assert req.tools[0].function.name == "get_weather"
-    assert req.tools[0].function.parameters == tool["function"]["parameters"]
+    assert req.tools == [tool]
     assert req.tool_choice == {"type": "function", "function": {"name": "get_weather"}}
     assert req.parallel_tool_calls is False
-    assert (req.response_format.type, req.response_format.json_schema.schema_) == ("json_schema", {"type": "object"})
+    assert req.response_format == {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"},
+                                                                          "strict": True}}
     assert req.messages[1] == {"role": "assistant", "content": None, "tool_calls": history[1]["tool_calls"]}
     assert req.messages[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}

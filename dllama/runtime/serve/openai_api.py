@@ -252,7 +252,8 @@ class CompletionRequest(_GenerationFields):
 @dataclass(frozen=True)
 class GenerationRequest:
     """A validated request, before tokenization. The structured-output and tool fields are passed
-    through as parsed (ResponseFormat, [Tool], "auto" / {"type": "function", ...})."""
+    through in OpenAI's shapes, validated by the schemas above (ResponseFormat, Tool) and with the
+    fields they do not know dropped."""
     kind: str                                  # "chat" or "completion"
     messages: list[dict] = field(default_factory=list)
     prompt: str | list[int] = ""
@@ -263,9 +264,9 @@ class GenerationRequest:
     include_usage: bool = False
     model: str | None = None
     logprobs: bool = False                     # with sampling.top_logprobs: how many alternatives
-    response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
-    tool_choice: str | dict | None = None
+    response_format: dict | None = None        # {"type", "json_schema": {"name", "schema", "strict"}}
+    tools: list[dict] | None = None            # [{"type": "function", "function": {"name", "parameters"...}}]
+    tool_choice: str | dict | None = None      # "none" | "auto" | "required" | {"type": "function", ...}
     parallel_tool_calls: bool | None = None
     ignored_fields: tuple[str, ...] = ()       # fields this server does not know, ignored
 
@@ -348,10 +349,13 @@ def parse_chat_request(raw: bytes) -> GenerationRequest:
         raise invalid("response_format.json_schema", "'response_format.json_schema' is required with type "
                       "json_schema", code="missing_field")
     top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return GenerationRequest(kind="chat", messages=[m.template_dict() for m in req.messages],
-                             max_tokens=req.max_completion_tokens or req.max_tokens,
-                             response_format=req.response_format, tools=req.tools, tool_choice=req.tool_choice,
-                             parallel_tool_calls=req.parallel_tool_calls, **_common(req, top_logprobs))
+    return GenerationRequest(
+        kind="chat", messages=[m.template_dict() for m in req.messages],
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        response_format=None if req.response_format is None else req.response_format.model_dump(
+            by_alias=True, exclude_none=True),
+        tools=None if req.tools is None else [tool.model_dump(exclude_none=True) for tool in req.tools],
+        tool_choice=req.tool_choice, parallel_tool_calls=req.parallel_tool_calls, **_common(req, top_logprobs))
 
 
 def parse_completion_request(raw: bytes) -> GenerationRequest:
