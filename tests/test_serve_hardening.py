@@ -146,6 +146,7 @@ class HealthWatch:
     def __init__(self, url: str, bound_s: float = 0.5):
         self.url, self.bound_s = url, bound_s
         self.answers = 0
+        self.slowest = 0.0
         self.failures: list[str] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -154,7 +155,9 @@ class HealthWatch:
         with httpx.Client(timeout=self.bound_s) as client:
             while not self.stop.is_set():
                 try:
+                    start = time.perf_counter()
                     assert client.get(f"{self.url}/health").status_code == 200
+                    self.slowest = max(self.slowest, time.perf_counter() - start)
                     self.answers += 1
                 except (httpx.HTTPError, AssertionError) as e:
                     self.failures.append(repr(e))
@@ -186,7 +189,8 @@ def test_a_10_mb_prompt_does_not_delay_health(tokenizer_path):
         after_mb = server.rss_bytes() / 2 ** 20
     finally:
         server.stop()
-    print(f"RSS {before_mb:.0f} -> {after_mb:.0f} MB")
+    print(f"/health: {answers_during} answers, the slowest {watch.slowest * 1000:.0f} ms; "
+          f"RSS {before_mb:.0f} -> {after_mb:.0f} MB")
     assert after_mb - before_mb < 100, f"RSS {before_mb:.0f} -> {after_mb:.0f} MB after a 10 MB prompt"
     error = assert_openai_error(r, 400)
     assert error["code"] == "context_length_exceeded" and "characters" in error["message"]

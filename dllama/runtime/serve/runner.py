@@ -126,11 +126,16 @@ class JobRunner:
         (PromptTooLong), since tokenizing megabytes costs seconds and hundreds of MB."""
         if kind != "chat" and isinstance(prompt, list):
             return list(prompt)
+        if kind == "chat":   # the messages alone, before the template copies them
+            self._check_length(sum(len(m.get("content") or "") for m in messages))
         # the chat template writes its own bos (as Hugging Face's apply_chat_template does)
         text = self.tokenizer.render_chat(messages) if kind == "chat" else prompt
-        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
-            raise PromptTooManyCharacters(len(text), self.max_prompt_chars, self.context_length)
+        self._check_length(len(text))
         return self.tokenizer.encode(text, add_bos=False) if kind == "chat" else self.tokenizer.encode(text)
+
+    def _check_length(self, n_chars: int) -> None:
+        if self.max_prompt_chars is not None and n_chars > self.max_prompt_chars:
+            raise PromptTooManyCharacters(n_chars, self.max_prompt_chars, self.context_length)
 
     def run(self, job: Job, cancelled: threading.Event, emit: Callable[[Piece], None]) -> Outcome:
         """Generates for one job, calling emit(Piece) for each piece of text that is final."""
