@@ -33,7 +33,7 @@ def serve_command(
     max_queue: int = typer.Option(DEFAULT_MAX_QUEUE, min=0,
                                   help="requests that may wait while one generates; more get 429"),
     max_connections: int = typer.Option(256, min=1, help="open HTTP connections at most; a newcomer closes the "
-                                        "connection idle the longest"),
+                                        "one that has waited longest for its client"),
     request_timeout: float = typer.Option(30.0, min=0.1, help="seconds a client has to send a request's headers, "
                                           "then as many for its body (else 408)"),
     max_body_mib: float = typer.Option(16.0, min=0.001, help="largest request body in MiB (else 413)"),

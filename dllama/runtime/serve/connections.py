@@ -8,7 +8,9 @@ uvicorn's h11 protocol, with three additions (docs/API.md, "Limits"):
   connection has a whole request being answered, is answered 503 and closed, so that file
   descriptors never run out and a real client gets in;
 - OpenAI error bodies instead of uvicorn's plain-text 400 for bytes that are not HTTP.
-The request body's own deadline and size limit are the app's (app.read_body).
+The request body's own deadline and size limit are the app's (app.read_body). uvicorn's own
+limit_concurrency is not used: it counts half-open connections too and then answers every real
+client with a plain-text 503, which is what a stranger holding connections wants.
 """
 from __future__ import annotations
 
