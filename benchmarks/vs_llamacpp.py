@@ -1,0 +1,222 @@
+"""Decode and prefill speed against llama.cpp on the same blocks, side by side.
+
+    python benchmarks/vs_llamacpp.py [--threads 1,2] [--pairs 3] [--models smollm2,tinyllama] [--quants q40,q80]
+
+What users would pick instead of dllama on one board is llama.cpp, so this compares the two on the
+same weights: a GGUF Q4_0 (Q8_0) file and the `.m` that `dllama-convert gguf` copies its blocks into
+(Q4_0 is q40 and Q8_0 is q80, block for block).
+
+- llama.cpp is built once from the pinned `llama-cpp-python==0.3.36` sdist's vendored tree (cmake,
+  GGML_NATIVE; llama-bench, llama-quantize, llama-server, ggml-rpc-server) into $DLLAMA_CACHE/llamacpp
+  (minutes on 2 cores; needs cmake and g++). Nothing of it enters the repository.
+- The GGUFs are made once under .bench/vsllama/ with llama-quantize --pure: SmolLM2-135M from its
+  Q4_1 GGUF (python -m dllama.samples), and the TinyLlama-1.1B-shaped random checkpoint of
+  benchmarks/decode.py written as an F16 GGUF with the Llama 2 sentencepiece vocabulary (same size).
+- Each pair runs llama-bench (`-p P -n N -r 1`: prefill of P tokens, and N generated tokens after a
+  prompt of P: `-d P` for the decode test) and our runtime (benchmarks/decode.py's child: a fresh
+  process, P prompt tokens evaluated warm, then N greedy tokens), each a fresh process.
+
+It prints, per model, quant and thread count, the medians and the median of the per-pair ratios
+dllama / llama.cpp (tokens/s: above 1 means dllama is faster), and the read limit of this machine
+for each model (a multi-threaded read of a buffer the size of the weights). The machine is shared
+and noisy: only ratios of paired runs in one session mean anything; run under
+`flock /tmp/dllama-bench.lock`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / ".bench" / "vsllama"
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+LLAMA_CPP_PYTHON = "0.3.36"
+TARGETS = ("llama-bench", "llama-quantize", "llama-server", "ggml-rpc-server")
+GGUF_TYPE = {"q40": "Q4_0", "q80": "Q8_0"}
+LLAMA2_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "tokenizers" / "llama2" / "tokenizer.model"
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp, built once into the cache
+
+def llamacpp_bin() -> Path:
+    """The folder of the built llama.cpp programs; downloads the sdist and builds on first use."""
+    from dllama.runtime.aot_kernels import cache_root
+
+    home = cache_root() / "llamacpp" / LLAMA_CPP_PYTHON
+    bin_dir = home / "build" / "bin"
+    if all((bin_dir / t).is_file() for t in TARGETS):
+        return bin_dir
+    home.mkdir(parents=True, exist_ok=True)
+    sdist = home / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not sdist.is_file():
+        say(f"downloading the llama-cpp-python=={LLAMA_CPP_PYTHON} sdist (llama.cpp's source) ...")
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(home)], check=True)
+    source = home / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if not source.is_dir():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(home, filter="data")
+    say("building llama.cpp (once per machine; minutes on 2 cores) ...")
+    subprocess.run(["cmake", "-S", str(source), "-B", str(home / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DGGML_NATIVE=ON", "-DGGML_RPC=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(home / "build"), "-j", str(os.cpu_count() or 2), "--target", *TARGETS],
+                   check=True, stdout=subprocess.DEVNULL)
+    return bin_dir
+
+
+# --------------------------------------------------------------------------------------------
+# The same blocks on both sides
+
+def quantized(bin_dir: Path, source: Path, target: Path, gguf_type: str) -> Path:
+    if not target.is_file():
+        say(f"llama-quantize --pure {source.name} -> {target.name} ...")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial.gguf")
+        subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", "--pure", str(source), str(partial),
+                        gguf_type], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.replace(partial, target)
+    return target
+
+
+def smollm2_source() -> Path:
+    from dllama.samples import fetch
+
+    return fetch(quiet=True)
+
+
+def tinyllama_source() -> Path:
+    """The TinyLlama-shaped random checkpoint of benchmarks/decode.py as an F16 GGUF with Llama 2's vocabulary."""
+    import numpy as np
+    from decode import CHECKPOINT, ensure_model
+    from gguf import GGUFReader, GGUFWriter
+    from gguf_helpers import _llama_cpp_tensors, write_sentencepiece_gguf
+
+    from dllama.checkpoint import Checkpoint
+
+    target = BENCH / "tinyllama-f16.gguf"
+    if target.is_file():
+        return target
+    ensure_model()  # builds the checkpoint once
+    say(f"writing {target.name} (once) ...")
+    BENCH.mkdir(parents=True, exist_ok=True)
+    vocab = write_sentencepiece_gguf(LLAMA2_TOKENIZER, BENCH / "llama2-vocab.gguf")
+
+    ckpt = Checkpoint(CHECKPOINT)
+    c = ckpt.config
+    partial = target.with_suffix(".partial")
+    writer = GGUFWriter(partial, "llama")
+    writer.add_block_count(c["num_hidden_layers"])
+    writer.add_context_length(c["max_position_embeddings"])
+    writer.add_embedding_length(c["hidden_size"])
+    writer.add_feed_forward_length(c["intermediate_size"])
+    writer.add_head_count(c["num_attention_heads"])
+    writer.add_head_count_kv(c["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    writer.add_rope_freq_base(c["rope_theta"])
+    writer.add_file_type(1)  # mostly F16
+    for key, field in GGUFReader(vocab).fields.items():
+        if key.startswith("tokenizer."):
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1]
+                                 if len(field.types) > 1 else None)
+    for name, values in _llama_cpp_tensors(ckpt, "llama"):
+        writer.add_tensor(name, values.astype(np.float16 if values.ndim == 2 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(partial, target)
+    return target
+
+
+SOURCES = {"smollm2": smollm2_source, "tinyllama": tinyllama_source}
+
+
+def model_pair(bin_dir: Path, model: str, quant: str) -> tuple[Path, Path]:
+    """(GGUF, .m) holding the same blocks."""
+    from dllama.converter.convert import convert
+
+    gguf = quantized(bin_dir, SOURCES[model](), BENCH / f"{model}-{GGUF_TYPE[quant]}.gguf", GGUF_TYPE[quant])
+    m = BENCH / f"dllama_model_{model}-{quant}_{quant}.m"
+    if not m.is_file():
+        convert(gguf, quant, BENCH, name=f"{model}-{quant}", with_tokenizer=False)
+    return gguf, m
+
+
+# --------------------------------------------------------------------------------------------
+# One pair
+
+def run_llamacpp(bin_dir: Path, gguf: Path, threads: int, prompt: int, generated: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one llama-bench process."""
+    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
+                          "-n", "0", "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+    prefill = json.loads(out.stdout)[0]["avg_ts"]
+    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "0",
+                          "-n", str(generated), "-d", str(prompt), "-r", "1", "-o", "json"],
+                         capture_output=True, text=True, check=True)
+    return prefill, json.loads(out.stdout)[0]["avg_ts"]
+
+
+def run_dllama(m: Path, threads: int, prompt: int, generated: int) -> tuple[float, float]:
+    from decode import run_child
+
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)
+    r = run_child(["--model", str(m), "--prompt-tokens", str(prompt), "--steps", str(generated),
+                   "--nthreads", str(threads), "--max-seq-len", str(prompt + generated + 8)])
+    return r["prompt_tok_s"], r["gen_tok_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--models", default="smollm2,tinyllama")
+    parser.add_argument("--quants", default="q40,q80")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill, and the decode's depth)")
+    parser.add_argument("--generated", type=int, default=128)
+    args = parser.parse_args()
+    from vs_reference import bytes_per_token, read_bandwidth
+
+    bin_dir = llamacpp_bin()
+    print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} before the runs; {args.pairs} pairs per "
+          f"row; prefill of {args.prompt} tokens; {args.generated} generated after it")
+    print("| model | quant | threads | measure | llama.cpp tok/s | dllama tok/s | dllama / llama.cpp (median of pairs) "
+          "| read limit tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model in args.models.split(","):
+        for quant in args.quants.split(","):
+            gguf, m = model_pair(bin_dir, model, quant)
+            run_dllama(m, 1, 8, 2)  # warm-up: kernels loaded, file in the page cache
+            run_llamacpp(bin_dir, gguf, 1, 8, 2)
+            for threads in [int(t) for t in args.threads.split(",")]:
+                theirs, ours = [], []
+                for _ in range(args.pairs):
+                    theirs.append(run_llamacpp(bin_dir, gguf, threads, args.prompt, args.generated))
+                    ours.append(run_dllama(m, threads, args.prompt, args.generated))
+                per_token = bytes_per_token(m)
+                limit = read_bandwidth(per_token, threads) * 1e9 / per_token
+                for i, measure in enumerate(("prefill", "decode")):
+                    ratio = statistics.median(o[i] / t[i] for o, t in zip(ours, theirs))
+                    their_median, our_median = statistics.median(t[i] for t in theirs), statistics.median(
+                        o[i] for o in ours)
+                    print(f"| {model} | {quant} | {threads} | {measure} | {their_median:.1f} | {our_median:.1f} "
+                          f"| {ratio:.2f} | {limit:.1f} |", flush=True)
+    print(f"load after the runs: {os.getloadavg()[0]:.2f}; llama.cpp from llama-cpp-python=={LLAMA_CPP_PYTHON}'s "
+          "vendored tree (cmake, GGML_NATIVE)")
+
+
+if __name__ == "__main__":
+    main()
