@@ -116,7 +116,7 @@ def resolve(ref: str, quant: str | None = None, tokenizer: Path | None = None, l
         if kind == "gguf":
             return _from_source(path, quant, log, convert, hint=f"this is a GGUF file: run `dllama-run {ref}` or "
                                                                  f"convert it with dllama-convert gguf")
-        raise StoreError(f"{ref} is neither a distributed-llama .m nor a GGUF file: pass a .m, a GGUF file, a "
+        raise StoreError(f"{ref} is not a distributed-llama .m model nor a GGUF file: pass a .m, a GGUF file, a "
                          "checkpoint folder, a hub id or a stored model's name (dllama-run list)")
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -285,7 +285,7 @@ def _convert_into_store(source: str | Path, quant: str | None, log: Log) -> Entr
 
     folder = _checkpoint_folder(source)
     quant = quant or default_quant(folder)
-    name = default_name(str(source))
+    name = default_name(str(source.resolve()) if isinstance(source, Path) else source)
     key, fingerprint = _source_key(source)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=models_dir()))
     try:

@@ -7,8 +7,6 @@ usage errors told as one `error:` line like every other error (edge.py).
 from __future__ import annotations
 
 import sys
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 
 import typer
 import typer.core
@@ -25,10 +23,9 @@ RUN_MODEL = "--run-model"  # where ModelFirstGroup puts dllama-run's MODEL argum
 
 
 def version() -> str:
-    try:
-        return package_version("dllama")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    from dllama import __version__
+
+    return __version__
 
 
 def _print_version(ctx: typer.Context, value: bool) -> None:
