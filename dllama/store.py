@@ -202,7 +202,7 @@ def remove(ref: str) -> list[Entry]:
 
 
 @contextmanager
-def locked() -> Iterator[None]:
+def locked(log: Log = lambda message: None) -> Iterator[None]:
     """models/.lock held: one conversion or removal at a time. Staging folders left while nobody holds it
     belong to a killed conversion, and are removed."""
     folder = models_dir()
@@ -213,7 +213,11 @@ def locked() -> Iterator[None]:
         raise StoreError(f"cannot use the model store {folder} ({e.strerror}): set DLLAMA_HOME to a writable "
                          "folder") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another dllama-run converting into the model store ({folder / LOCK_FILE}) ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
         for stale in folder.glob(STAGING_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)
         yield
@@ -251,7 +255,7 @@ def _from_source(source: str | Path, quant: str | None, log: Log, convert: bool,
         return entry.files
     if not convert:
         raise StoreError(hint)
-    with locked():
+    with locked(log):
         entry = stored_source(source, quant)  # another run may have stored it while this one waited
         if entry is None:
             entry = _convert_into_store(source, quant, log)
@@ -267,16 +271,22 @@ def _checkpoint_folder(source: str | Path) -> Path:
 
 
 def default_quant(source: Path) -> str:
-    """q80 for a small model, q40 for a big one (the validator's advice: logits.SMALL_MODEL_PARAMS);
-    f32 when rows are not whole blocks."""
+    """The blocks a GGUF already holds (all Q4_0 or all Q8_0 matrices: copied, no second rounding); else
+    q80 for a small model, q40 for a big one (the validator's advice: logits.SMALL_MODEL_PARAMS); f32 when
+    rows are not whole blocks."""
     from dllama.checkpoint import header_from_config
-    from dllama.converter.convert import open_checkpoint
+    from dllama.converter.convert import STORED_AS, open_checkpoint
     from dllama.formats import BLOCK_SIZE, FloatType, tensor_plan
     from dllama.validate.logits import SMALL_MODEL_PARAMS
 
-    plan = tensor_plan(header_from_config(open_checkpoint(source).config, FloatType.Q40))
-    if any(spec.shape[-1] % BLOCK_SIZE for spec in plan if spec.float_type == FloatType.Q40):
+    checkpoint = open_checkpoint(source)
+    plan = tensor_plan(header_from_config(checkpoint.config, FloatType.Q40))
+    matrices = [spec for spec in plan if spec.float_type == FloatType.Q40]
+    if any(spec.shape[-1] % BLOCK_SIZE for spec in matrices):
         return "f32"
+    stored = {STORED_AS.get(checkpoint.entries[s.hf_name].dtype) for s in matrices if s.hf_name in checkpoint.entries}
+    if stored in ({FloatType.Q40}, {FloatType.Q80}):
+        return stored.pop().name.lower()
     return "q80" if sum(math.prod(spec.shape) for spec in plan) < SMALL_MODEL_PARAMS else "q40"
 
 

@@ -148,6 +148,16 @@ def test_a_m_among_several_t_files_asks_for_its_tokenizer(llama, home, tmp_path)
     assert run(tmp_path / "a.m", "--tokenizer", tmp_path / "x.t", "--prompt", "Hi", "--steps", 2).exit_code == 0
 
 
+def test_the_default_quant_keeps_a_ggufs_own_blocks_else_follows_the_models_size(llama, tmp_path):
+    from gguf_helpers import gguf_from_hf_folder, write_gguf_like
+
+    float32 = gguf_from_hf_folder(llama, tmp_path / "tiny-f32.gguf")
+    assert store.default_quant(float32) == "q80"  # 0.1 M weights: small
+    assert store.default_quant(llama) == "q80"
+    for ggml, quant in (("Q4_0", "q40"), ("Q8_0", "q80")):  # copied block for block, never rounded twice
+        assert store.default_quant(write_gguf_like(float32, tmp_path / f"{ggml}.gguf", tensor_type=ggml)) == quant
+
+
 # --------------------------------------------------------------------------------------------
 # The store's writes: whole entries
 
