@@ -29,7 +29,11 @@ from dllama.validate.report import InputError
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 # `check` is the default: `dllama-validate MODEL.m TOKENIZER.t` runs it
-app = new_app(help=__doc__, cls=DefaultCommandGroup)
+app = new_app(cls=DefaultCommandGroup,
+              help="Will this converted model produce what the original model would? `check` (the default "
+                   "command: dllama-validate MODEL [TOKENIZER.t]) prints a verdict table or JSON; `reference` "
+                   "computes the original's runs for checking elsewhere. Exit codes: 0 every check passed, 1 a check "
+                   "failed, 2 usage error or unreadable input (docs/VALIDATE.md).")
 
 
 @app.callback()
@@ -76,8 +80,9 @@ class StderrProgress:
 
 def check_command(
     model: str = typer.Argument(..., metavar="MODEL", help=options.SOURCE_HELP),
-    tokenizer: Optional[Path] = typer.Argument(None, help="the converted tokenizer, TOKENIZER.t (default: the .t "
-                                                          "beside the .m, or the stored model's)"),
+    tokenizer: Optional[Path] = typer.Argument(None, metavar="TOKENIZER.t",
+                                               help="the converted tokenizer (default: the .t beside the .m, or the "
+                                                    "stored model's)"),
     hf: Optional[str] = typer.Option(None, "--hf", help="the original: a Hugging Face folder, repo id or GGUF file "
                                                         "(default: MODEL, when MODEL is one)"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="REF.npz from `dllama-validate reference`"),
@@ -89,8 +94,9 @@ def check_command(
     quant: Optional[str] = options.QUANT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr"),
 ) -> None:
-    """Check MODEL.m and TOKENIZER.t against the original model (the default command).
+    """Check MODEL (and TOKENIZER.t) against the original model (the default command).
 
+    \b
     Example: dllama-validate tinyllama_q40.m tinyllama.t --hf TinyLlama/TinyLlama-1.1B-Chat-v1.0
     Example: dllama-validate HuggingFaceTB/SmolLM2-135M-Instruct   (converted once, checked against the original)
 

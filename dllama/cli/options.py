@@ -10,8 +10,8 @@ SOURCE_HELP = ("a stored model's name (dllama-run list), a hub id (org/name), a 
                ".m file (its .t beside it); a source is converted into the model store once, then run from there")
 MODEL_HELP = "a converted .m file (or a stored model's name); unlike MODEL, never converts"
 TOKENIZER_HELP = "the .t tokenizer file (default: the .t beside the .m, or the stored model's)"
-QUANT_HELP = ("weight type when MODEL is converted: q40, q80 or f32 (default: q80 for a model under 1.5B weights, "
-              "q40 above)")
+QUANT_HELP = ("weight type when the model is converted from a source: q40, q80 or f32 (default: q80 for a model "
+              "under 1.5B weights, q40 above, or the blocks of a Q4_0/Q8_0 GGUF)")
 SEQ_HELP = (f"KV cache positions, prompt and answer together (default {DEFAULT_MAX_SEQ_LEN}; models declare up to "
             "131072, far more than a small board holds; capped at the model's own limit)")
 THREADS_HELP = "compute threads (default: all cores)"
