@@ -78,7 +78,7 @@ def test_a_gguf_is_converted_stored_and_answered_then_run_from_the_store(smollm2
     args = [smollm2_gguf, "--prompt", PROMPT, "--steps", 8, "--temperature", 0]
     first = dllama_run(args, env)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith(PROMPT) and len(first.stdout.strip()) > len(PROMPT)
+    assert first.stdout.startswith(PROMPT + " Paris")  # SmolLM2 q80, greedy
     assert "converting" in first.stderr and "stored as smollm2-135m-instruct:q80" in first.stderr
     second = dllama_run(args, env)
     assert second.returncode == 0, second.stderr
