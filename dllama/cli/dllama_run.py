@@ -24,7 +24,7 @@ from dllama.cli.loading import ClusterOptions, LoadedModel, load_model, model_fi
 from dllama.runtime.conversation import Conversation, answer_room
 from dllama.runtime.sampler import Sampler, Sampling
 
-app = new_app(cls=ModelFirstGroup, subcommand_metavar="[MODEL] | COMMAND [ARGS]...",
+app = new_app(cls=ModelFirstGroup, subcommand_metavar="[MODEL] | COMMAND [ARGS]...", no_args_is_help=True,
               help="Run a model: text generation (default), chat, and the serve/worker/plan/list/rm commands. MODEL "
                    "is a stored model's name (dllama-run list), a hub id (org/name), a GGUF file, a checkpoint folder "
                    "or a .m file: a source is converted into the model store once (--quant), then run from there.")
