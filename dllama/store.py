@@ -294,9 +294,12 @@ def _convert_into_store(source: str | Path, quant: str | None, log: Log) -> Entr
     from dllama.converter.convert import default_name, prepare_conversion, write_outputs
 
     folder = _checkpoint_folder(source)
-    quant = quant or default_quant(folder)
     name = default_name(str(source.resolve()) if isinstance(source, Path) else source)
     key, fingerprint = _source_key(source)
+    outdated = [e for e in entries() if e.info.get("source") == key and quant in (None, e.quant)]  # it changed
+    quant = quant or (outdated[0].quant if outdated else default_quant(folder))  # an outdated entry keeps its quant
+    outdated = [e for e in outdated if e.quant == quant]
+    target = outdated[0].folder if outdated else _free_folder(name, quant)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=models_dir()))
     try:
         log(f"converting {source} to {quant} into the model store {models_dir()} (once) ...")
@@ -307,19 +310,31 @@ def _convert_into_store(source: str | Path, quant: str | None, log: Log) -> Entr
         write_outputs(job)
         log(f"converted in {time.perf_counter() - started:.1f} s; checking its structure (dllama-validate) ...")
         verdict = _validate(job.model_path, job.tokenizer_path)
-        info = {"name": name, "quant": quant, "source": key, "fingerprint": fingerprint,
+        info = {"name": target.parent.name, "quant": quant, "source": key, "fingerprint": fingerprint,
                 "model": job.model_path.name, "tokenizer": job.tokenizer_path.name,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "validation": verdict}
         (staging / ENTRY_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700
-        target = _free_folder(name, quant)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(target)
+        _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log(f"stored as {name}:{quant} (dllama-run list)")
-    return Entry(target, info)
+    entry = Entry(target, info)
+    log(f"{'replaced' if outdated else 'stored as'} {entry.ref} (dllama-run list)")
+    return entry
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename the finished entry to its folder; an outdated entry there is renamed away first, then removed
+    (an entry folder is always whole: old, or new)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=models_dir()))
+        target.rename(old / "outdated")
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)
 
 
 def _free_folder(name: str, quant: str) -> Path:

@@ -161,6 +161,19 @@ def test_the_default_quant_keeps_a_ggufs_own_blocks_else_follows_the_models_size
 # --------------------------------------------------------------------------------------------
 # The store's writes: whole entries
 
+def test_a_changed_source_replaces_its_entry_and_another_source_of_that_name_gets_its_own(llama, home, tmp_path):
+    first, second = (shutil.copytree(llama, tmp_path / where / "tiny-llama") for where in ("a", "b"))
+    notes: list[str] = []
+    stored = store.resolve(str(first), "q40", log=notes.append)
+    assert store.resolve(str(first), log=notes.append) == stored and sum("converting" in n for n in notes) == 1
+    os.utime(first / "config.json", ns=(0, 0))  # the source changed: converted again, in the same entry
+    assert store.resolve(str(first), log=notes.append).model == stored.model
+    assert any(n.startswith("replaced tiny-llama:q40") for n in notes)
+    other = store.resolve(str(second), "q40", log=notes.append)
+    assert other.entry.ref == "tiny-llama-2:q40" and other.model.read_bytes() == stored.model.read_bytes()
+    assert sorted(e.ref for e in store.entries()) == ["tiny-llama-2:q40", "tiny-llama:q40"]
+
+
 def test_a_failed_conversion_leaves_no_entry_and_a_killed_ones_leftovers_are_removed(llama, home, monkeypatch):
     from dllama.converter import convert
 
