@@ -216,7 +216,7 @@ def locked(log: Log = lambda message: None) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"waiting for another dllama-run converting into the model store ({folder / LOCK_FILE}) ...")
+            log(f"waiting for another dllama-run to finish its conversion ({folder / LOCK_FILE} is locked) ...")
             fcntl.flock(fd, fcntl.LOCK_EX)
         for stale in folder.glob(STAGING_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)

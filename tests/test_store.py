@@ -79,10 +79,10 @@ def test_a_gguf_is_converted_stored_and_answered_then_run_from_the_store(smollm2
     first = dllama_run(args, env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith(PROMPT + " Paris")  # SmolLM2 q80, greedy
-    assert "converting" in first.stderr and "stored as smollm2-135m-instruct:q80" in first.stderr
+    assert "into the model store" in first.stderr and "stored as smollm2-135m-instruct:q80" in first.stderr
     second = dllama_run(args, env)
     assert second.returncode == 0, second.stderr
-    assert "converting" not in second.stderr and second.stdout == first.stdout
+    assert "model store" not in second.stderr and second.stdout == first.stdout
     listed = dllama_run(["list"], env)
     assert "smollm2-135m-instruct:q80" in listed.stdout and str(smollm2_gguf) in listed.stdout
     entry = tmp_path / "user" / ".cache" / "dllama" / "models" / "smollm2-135m-instruct" / "q80"
@@ -98,7 +98,7 @@ def test_a_checkpoint_folder_is_stored_once_even_by_two_runs_at_once(llama, home
             for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in both]
     assert [p.returncode for p in both] == [0, 0], outputs
-    assert sum("converting" in err for _, err in outputs) == 1  # the other waited for the lock, then found it
+    assert sum("into the model store" in err for _, err in outputs) == 1  # the other waited for the lock, found it
     assert outputs[0][0] == outputs[1][0]
     entry = store.find("tiny-llama")
     assert entry.quant == "q80"  # a small model: q80
@@ -106,7 +106,7 @@ def test_a_checkpoint_folder_is_stored_once_even_by_two_runs_at_once(llama, home
     assert entry.info["validation"]["verdict"] == "pass"
     assert [p.name for p in (home / "models").iterdir() if p.name != store.LOCK_FILE] == ["tiny-llama"]
     again = run(llama, "--prompt", "Hello world", "--steps", 6, "--temperature", 0)
-    assert again.exit_code == 0 and "converting" not in again.stderr and again.stdout == outputs[0][0]
+    assert again.exit_code == 0 and "model store" not in again.stderr and again.stdout == outputs[0][0]
     by_name = run("tiny-llama", "--prompt", "Hello world", "--steps", 6, "--temperature", 0)
     assert by_name.stdout == outputs[0][0]
     listed = run("list", "--json")
@@ -165,7 +165,8 @@ def test_a_changed_source_replaces_its_entry_and_another_source_of_that_name_get
     first, second = (shutil.copytree(llama, tmp_path / where / "tiny-llama") for where in ("a", "b"))
     notes: list[str] = []
     stored = store.resolve(str(first), "q40", log=notes.append)
-    assert store.resolve(str(first), log=notes.append) == stored and sum("converting" in n for n in notes) == 1
+    assert store.resolve(str(first), log=notes.append) == stored
+    assert sum("into the model store" in n for n in notes) == 1
     os.utime(first / "config.json", ns=(0, 0))  # the source changed: converted again, in the same entry
     assert store.resolve(str(first), log=notes.append).model == stored.model
     assert any(n.startswith("replaced tiny-llama:q40") for n in notes)
