@@ -51,7 +51,7 @@ def _start_worker(host: str, port: int, model: Optional[Path], nthreads: Optiona
 
     try:
         return Worker(host, port, model_path=model, nthreads=nthreads)
-    except (OSError, DllamaError) as e:  # the address is taken, the --model file is broken, bad --nthreads
+    except (OSError, DllamaError) as e:  # the address is taken, the --model file is broken, bad --threads
         raise CliError(f"cannot start the worker on {host}:{port}: {getattr(e, 'strerror', None) or e}") from e
 
 
