@@ -174,6 +174,12 @@ def entries() -> list[Entry]:
     return out
 
 
+def names() -> list[str]:
+    """Every name MODEL may use for a stored entry: NAME:QUANT, and NAME alone (shell completion)."""
+    found = entries()
+    return sorted({e.ref for e in found} | {e.name for e in found})
+
+
 def find(ref: str, quant: str | None = None) -> Entry | None:
     """The stored entry NAME or NAME:QUANT names (None if there is none; ambiguous names are refused)."""
     name, _, tag = ref.partition(":")

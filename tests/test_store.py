@@ -256,11 +256,20 @@ def test_every_command_has_version(module):
     assert result.exit_code == 0 and result.stdout == f"{module.replace('_', '-')} {version()}\n"
 
 
-def test_shell_completion_completes_commands():
+def complete(words: str) -> list[str]:
     result = runner.invoke(app, [], prog_name="dllama-run",
-                           env={"_DLLAMA_RUN_COMPLETE": "complete_bash", "COMP_WORDS": "dllama-run ch",
-                                "COMP_CWORD": "1"})
-    assert result.stdout.split() == ["chat"]
+                           env={"_DLLAMA_RUN_COMPLETE": "complete_bash", "COMP_WORDS": words,
+                                "COMP_CWORD": str(len(words.split()) - 1)})
+    return result.stdout.split()
+
+
+def test_shell_completion_completes_commands_and_stored_models(home):
+    entry = home / "models" / "chat-model" / "q40"
+    entry.mkdir(parents=True)
+    (entry / store.ENTRY_FILE).write_text(json.dumps({"name": "chat-model", "quant": "q40", "model": "m.m",
+                                                      "tokenizer": "t.t"}))
+    assert complete("dllama-run ch") == ["chat", "chat-model", "chat-model:q40"]
+    assert complete("dllama-run serve chat-model:") == ["chat-model:q40"]
 
 
 def test_threads_is_the_one_spelling_and_nthreads_a_hidden_alias(llama):

@@ -14,8 +14,10 @@ from typer.core import TyperGroup
 
 try:  # newer typer carries its own copy of click: its exceptions are the ones raised
     from typer._click import exceptions as click_exceptions
+    from typer._click.shell_completion import CompletionItem
 except ImportError:  # pragma: no cover - typer on click
     from click import exceptions as click_exceptions
+    from click.shell_completion import CompletionItem
 
 # an older spelling still accepted, hidden from --help: each option has one name across the commands
 HIDDEN_ALIASES = {"--nthreads": "--threads"}
@@ -83,6 +85,13 @@ class ModelFirstGroup(DllamaGroup):
         if i is not None and args[i] not in self.commands:
             args = [*args[:i], RUN_MODEL, args[i], *args[i + 1:]]
         return super().parse_args(ctx, args)
+
+    def shell_complete(self, ctx, incomplete: str) -> list:
+        """`dllama-run <TAB>`: the commands, and the stored models' names."""
+        from dllama.cli.options import complete_model
+
+        items = super().shell_complete(ctx, incomplete)
+        return items + ([] if incomplete.startswith("-") else [CompletionItem(n) for n in complete_model(incomplete)])
 
     def _first_positional(self, ctx, args: list[str]) -> int | None:
         takes_value = {name: not (p.is_flag or p.count) for p in self.get_params(ctx)

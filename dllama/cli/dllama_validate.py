@@ -79,7 +79,7 @@ class StderrProgress:
 
 
 def check_command(
-    model: str = typer.Argument(..., metavar="MODEL", help=options.SOURCE_HELP),
+    model: str = typer.Argument(..., metavar="MODEL", help=options.SOURCE_HELP, autocompletion=options.complete_model),
     tokenizer: Optional[Path] = typer.Argument(None, metavar="TOKENIZER.t",
                                                help="the converted tokenizer (default: the .t beside the .m, or the "
                                                     "stored model's)"),

@@ -25,7 +25,16 @@ WEIGHTS_HELP = ("with --workers: each node's relative share, the root's first (e
 ROOT_COMPUTE_HELP = ("with --workers: all (the root computes a share too) or none (it only coordinates: tokenizer, "
                      "embedding, sampling, API; the workers hold every layer)")
 
-SOURCE = typer.Argument(None, metavar="MODEL", help=SOURCE_HELP, show_default=False)
+
+
+def complete_model(incomplete: str) -> list[str]:
+    """Shell completion of MODEL: stored names (the shell adds file names when there is none)."""
+    from dllama import store
+
+    return [name for name in store.names() if name.startswith(incomplete)]
+
+
+SOURCE = typer.Argument(None, metavar="MODEL", help=SOURCE_HELP, show_default=False, autocompletion=complete_model)
 RUN_SOURCE = typer.Option(None, RUN_MODEL, hidden=True)  # dllama-run's own MODEL argument (ModelFirstGroup)
 MODEL = typer.Option(None, help=MODEL_HELP)
 TOKENIZER = typer.Option(None, help=TOKENIZER_HELP)
