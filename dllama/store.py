@@ -169,7 +169,7 @@ def entries() -> list[Entry]:
         try:
             info = json.loads(info_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            continue  # not ours, or damaged by hand: `dllama-run rm` still removes its folder
+            continue  # not an entry of ours, or damaged by hand
         out.append(Entry(info_file.parent, info))
     return out
 
@@ -199,7 +199,9 @@ def remove(ref: str) -> list[Entry]:
         if not gone:
             raise StoreError(f"no stored model is named {ref} (dllama-run list shows them)")
         for e in gone:
-            shutil.rmtree(e.folder)
+            trash = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=models_dir()))
+            e.folder.rename(trash / "removed")  # gone whole at once; a killed rm leaves staging, not half an entry
+            shutil.rmtree(trash, ignore_errors=True)
             try:
                 e.folder.parent.rmdir()  # the name's folder, once its last quant is gone
             except OSError:
