@@ -150,9 +150,9 @@ def test_unsupported_config_values_are_named(tmp_path, key, value, phrase):
 def test_row_length_not_a_multiple_of_32_is_refused_for_block_types(tmp_path, quant):
     folder = checkpoint(tmp_path, hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
     assert_fails_cleanly(run_cli("hf", folder, "-q", quant, "-o", tmp_path / "out"), tmp_path / "out",
-                         "rows of 48 values, not a multiple of 32", "--quant f32 or f16")
+                         "rows of 48 values, not a multiple of 32", "--quant f32")
     # the fix the message suggests works
-    assert run_cli("hf", folder, "-q", "f16", "-o", tmp_path / "out").exit_code == 0
+    assert run_cli("hf", folder, "-q", "f32", "-o", tmp_path / "out").exit_code == 0
 
 
 def test_truncated_safetensors_is_refused(tmp_path):
@@ -197,7 +197,24 @@ def test_missing_tokenizer_is_named(tmp_path):
 def test_unknown_quant_is_refused(tmp_path):
     folder = checkpoint(tmp_path)
     assert_fails_cleanly(run_cli("hf", folder, "-q", "q4_k", "-o", tmp_path / "out"), tmp_path / "out",
-                         "q40, q80, f32, f16")
+                         "q40, q80, f32")
+
+
+def test_f16_is_refused_with_the_reason(tmp_path):
+    """The format has f16 weights but no runtime runs them: a file nobody could run is not written."""
+    folder = checkpoint(tmp_path)
+    assert_fails_cleanly(run_cli("hf", folder, "-q", "f16", "-o", tmp_path / "out"), tmp_path / "out",
+                         "no runtime runs f16 weights", "use f32")
+
+
+def test_converted_files_have_the_umasks_mode(tmp_path):
+    folder = checkpoint(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert run_cli("hf", folder, "-q", "q40", "-o", tmp_path / "out").exit_code == 0
+    finally:
+        os.umask(old)
+    assert sorted(oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out").iterdir()) == ["0o644", "0o644"]
 
 
 def test_output_folder_that_cannot_be_created_is_refused(tmp_path):

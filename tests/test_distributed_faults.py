@@ -14,6 +14,7 @@ import pytest
 from conftest import CONFORMANCE, require_fixtures
 from distributed_helpers import loopback_workers, write_random_model
 
+from dllama import __version__
 from dllama.formats import FloatType
 from dllama.runtime.distributed.protocol import (
     FORWARD_HEAD,
@@ -96,6 +97,7 @@ def test_wrong_protocol_version_is_refused_with_the_fix(f32_model):
     with loopback_workers(1) as (worker,):
         text = error_text(talk(worker.address, PREAMBLE.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION + 1)))
         assert f"version {PROTOCOL_VERSION + 1}" in text and "same dllama version" in text
+        assert f"(dllama {__version__})" in text  # which version to install
         still_serves(worker, f32_model)
 
 

@@ -141,4 +141,4 @@ def test_bad_sampling_values_are_refused_without_a_traceback(llama):
     assert_one_line_error(run(*common, "--repeat-penalty", 0), "repeat_penalty")
     for flag in ("--temperature", "--min-p"):   # typer's own range check refuses NaN
         result = run(*common, flag, "nan")
-        assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output
+        assert result.exit_code == 2 and f"error: invalid value for '{flag}'" in result.output  # one error: line

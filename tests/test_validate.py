@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -319,7 +320,7 @@ def test_cli_exit_code_1_and_table_for_a_failing_pair(capsys, tmp_path):
     (("{t}", "{m}"), "is not a distributed-llama .m model"),
     (("{m}", "{t}", "--reference", "{t}"), "not a readable .npz"),
     (("{m}", "{t}", "--hf", "./no/such/folder"), "--hf"),
-    (("{m}",), "Missing argument"),
+    ((), "error: missing argument 'MODEL'"),
 ])
 def test_cli_exit_code_2_for_unreadable_input(capsys, args, message):
     src = fixture("tiny-llama")
@@ -363,3 +364,30 @@ def test_synthetic_conversion_passes(tmp_path, model_type, overrides, quant):
     report = validate(plan.model_path, plan.tokenizer_path, hf=source, options=FAST)
     assert report.ok, failing(report)
     assert report.get("logits.correctness").status == Status.PASS
+
+
+# --------------------------------------------------------------------------------------------
+# The table fits 100 columns with every number whole; a structure-only pass says so
+
+def test_table_fits_100_columns_without_cutting_a_number():
+    src = fixture("tiny-llama")
+    report = validate(src / "expected_q40.m", src / "expected.t", hf=src, options=FAST)
+    table = report.table()
+    assert max(len(line) for line in table.splitlines()) <= 100
+    assert "…" not in table
+    for check in report.checks:  # every number measured appears whole in the table
+        for number in re.findall(r"\d[\d.e+-]*", check.measured):
+            assert number in table, (check.name, number)
+    assert "structure only" not in table
+
+
+def test_a_pass_without_the_original_names_what_did_not_run_and_proves_the_structure_only(capsys):
+    src = fixture("tiny-llama")
+    code, out, _ = run_cli(capsys, str(src / "expected_q40.m"), "-q", "--corpus-limit", "20")  # its .t beside it
+    assert code == 0 and "verdict: PASS" in out
+    summary = " ".join(out[out.index("verdict:"):].split())
+    assert "not run: model.header_vs_config, model.weights_vs_checkpoint" in summary and "logits.quality" in summary
+    assert "this pass proves the structure only: without --hf SOURCE or --reference REF.npz" in summary
+    code, out, _ = run_cli(capsys, str(src / "expected_q40.m"), "-q", "--corpus-limit", "20", "--json")
+    doc = json.loads(out)
+    assert doc["structure_only"] is True and "logits.correctness" in doc["not_run"]

@@ -11,68 +11,85 @@ from typing import NoReturn, Optional
 
 import typer
 
+from dllama.cli.command_group import VERSION, new_app
 from dllama.cli.edge import edge, fail, note
 from dllama.converter.convert import ConversionJob, ConversionResult, default_name, prepare_conversion, write_outputs
 from dllama.converter.hub import resolve_source
 from dllama.formats import FloatType
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True,
-    help="Convert Hugging Face checkpoints and GGUF files to the distributed-llama format (.m model, .t tokenizer).",
-)
+app = new_app(no_args_is_help=True,
+              help="Convert Hugging Face checkpoints and GGUF files to the distributed-llama format (.m model, "
+                   ".t tokenizer).")
 PROGRESS_MIN_BYTES = 64 << 20  # below this a conversion is too quick for a progress bar
-QUANTS = ("q40", "q80", "f32", "f16")
+QUANTS = ("q40", "q80", "f32")
+# the format has f16 weights, but neither dllama-run nor the reference runtime runs them (runtime/tensors.py)
+UNRUNNABLE = {"f16": "no runtime runs f16 weights (dllama-run and the reference runtime refuse them); use f32 for "
+                     "full precision, or q80 (half its size, nearly the same answers)"}
 
 
 # options every command shares
-QUANT = typer.Option(..., "--quant", "-q", help="Weight type: q40, q80, f32 or f16.")
-NAME = typer.Option(None, "--name", "-n", help="Model name in the output file names (default: the source's).")
-OUTPUT_DIR = typer.Option(Path("."), "--output-dir", "-o", help="Folder for the output files.")
+QUANT = typer.Option(..., "--quant", "-q", help="weight type: q40, q80 or f32")
+NAME = typer.Option(None, "--name", "-n", help="model name in the output file names (default: the source's)")
+OUTPUT_DIR = typer.Option(Path("."), "--output-dir", "-o", help="folder for the output files")
 EMBED = typer.Option(True, "--embed-tokenizer/--no-embed-tokenizer",
-                     help="Embed the source tokenizer after the .t vocabulary (docs/FORMAT.md).")
-REVISION = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit).")
-AS_JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
+                     help="embed the source tokenizer after the .t vocabulary (docs/FORMAT.md)")
+REVISION = typer.Option(None, "--revision", help="hub revision (branch, tag or commit)")
+AS_JSON = typer.Option(False, "--json", help="print the summary as JSON")
 
 
-@app.command("hf",
-             epilog="Example: dllama-convert hf TinyLlama/TinyLlama-1.1B-Chat-v1.0 --quant q40 --output-dir models/")
+@app.callback()
+def _options(version: bool = VERSION) -> None:
+    pass
+
+
+@app.command("hf")
 def hf(
-    source: str = typer.Argument(..., help="Checkpoint folder, or a hub repo id (org/name) to download."),
+    source: str = typer.Argument(..., help="checkpoint folder, or a hub repo id (org/name) to download"),
     quant: str = QUANT, name: Optional[str] = NAME, output_dir: Path = OUTPUT_DIR, embed_tokenizer: bool = EMBED,
     revision: Optional[str] = REVISION, as_json: bool = AS_JSON,
 ) -> None:
-    """Convert a model: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t."""
+    """Convert a model: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t.
+
+    Example: dllama-convert hf TinyLlama/TinyLlama-1.1B-Chat-v1.0 --quant q40 --output-dir models/
+    """
     if Path(source).expanduser().is_file():
         fail(f"{source} is a file; for a GGUF file use `dllama-convert gguf {source}`")
     _run(source, _float_type(quant), name, output_dir, embed_tokenizer, revision, as_json)
 
 
-@app.command("gguf",
-             epilog="Example: dllama-convert gguf SmolLM2-135M-Instruct.Q4_1.gguf --quant q40 --output-dir models/")
+@app.command("gguf")
 def gguf(
-    source: Path = typer.Argument(..., help="A llama.cpp GGUF model file (llama, mistral, qwen3, qwen3moe). "
-                                            "Q4_0 -> q40 and Q8_0 -> q80 copy the blocks as they are."),
+    source: Path = typer.Argument(..., help="a llama.cpp GGUF model file (llama, mistral, qwen3, qwen3moe); "
+                                            "Q4_0 -> q40 and Q8_0 -> q80 copy the blocks as they are"),
     quant: str = QUANT, name: Optional[str] = NAME, output_dir: Path = OUTPUT_DIR, embed_tokenizer: bool = EMBED,
     as_json: bool = AS_JSON,
 ) -> None:
-    """Convert a GGUF file: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t."""
+    """Convert a GGUF file: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t.
+
+    Example: dllama-convert gguf SmolLM2-135M-Instruct.Q4_1.gguf --quant q40 --output-dir models/
+    """
     if not source.is_file():
         fail(f"{source} is not a file; `dllama-convert gguf` takes a .gguf file (use `dllama-convert hf` for a folder)")
     _run(str(source), _float_type(quant), name, output_dir, embed_tokenizer, None, as_json)
 
 
-@app.command("tokenizer", epilog="Example: dllama-convert tokenizer meta-llama/Llama-3.2-1B --output-dir models/")
+@app.command("tokenizer")
 def tokenizer(
     source: str = typer.Argument(...,
-                                 help="Folder with tokenizer.json or tokenizer.model, a hub repo id, or a GGUF file."),
+                                 help="folder with tokenizer.json or tokenizer.model, a hub repo id, or a GGUF file"),
     name: Optional[str] = NAME, output_dir: Path = OUTPUT_DIR, embed_tokenizer: bool = EMBED,
     revision: Optional[str] = REVISION, as_json: bool = AS_JSON,
 ) -> None:
-    """Convert only the tokenizer: writes dllama_tokenizer_{name}.t."""
+    """Convert only the tokenizer: writes dllama_tokenizer_{name}.t.
+
+    Example: dllama-convert tokenizer meta-llama/Llama-3.2-1B --output-dir models/
+    """
     _run(source, None, name, output_dir, embed_tokenizer, revision, as_json)
 
 
 def _float_type(quant: str) -> FloatType:
+    if quant.lower() in UNRUNNABLE:
+        fail(f"--quant {quant}: {UNRUNNABLE[quant.lower()]}")
     if quant.lower() not in QUANTS:
         fail(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")
     return FloatType.parse(quant)

@@ -1,8 +1,9 @@
-"""`dllama-run`: generate text with a converted model on this machine (or as a cluster's root).
+"""`dllama-run`: generate text with a model on this machine (or as a cluster's root).
 
-    dllama-run --model m.m --tokenizer t.t --prompt "Once upon a time" --steps 64
-    dllama-run chat --model m.m --tokenizer t.t
-    dllama-run serve / worker / plan   (run_serve.py, run_cluster.py)
+    dllama-run HuggingFaceTB/SmolLM2-135M-Instruct --prompt "Once upon a time" --steps 64
+    dllama-run --model m.m --tokenizer t.t --prompt "Once upon a time"
+    dllama-run chat MODEL
+    dllama-run serve / worker / plan / list / rm   (run_serve.py, run_cluster.py, run_store.py)
 
 Text streams to stdout; start-up notes and the timing summary go to stderr.
 """
@@ -16,14 +17,17 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 import typer
 
-from dllama.cli import options, run_cluster, run_mpi, run_serve
+from dllama.cli import options, run_cluster, run_mpi, run_serve, run_store
+from dllama.cli.command_group import ModelFirstGroup, new_app
 from dllama.cli.edge import edge, fail, note, stop_quietly
-from dllama.cli.loading import ClusterOptions, LoadedModel, load_model
+from dllama.cli.loading import ClusterOptions, LoadedModel, load_model, model_files
 from dllama.runtime.conversation import Conversation, answer_room
 from dllama.runtime.sampler import Sampler, Sampling
 
-app = typer.Typer(add_completion=False, rich_markup_mode=None,
-                  help="Run a converted model: text generation (default), chat, and the serve/worker/plan subcommands.")
+app = new_app(cls=ModelFirstGroup, subcommand_metavar="[MODEL] | COMMAND [ARGS]...", no_args_is_help=True,
+              help="Run a model: text generation (default), chat, and the serve/worker/plan/list/rm commands. MODEL "
+                   "is a stored model's name (dllama-run list), a hub id (org/name), a GGUF file, a checkpoint folder "
+                   "or a .m file: a source is converted into the model store once (--quant), then run from there.")
 
 
 @dataclass
@@ -96,8 +100,10 @@ def _stdout(text: str) -> None:
 @app.callback(invoke_without_command=True)
 def generate_command(
     ctx: typer.Context,
-    model: Optional[Path] = typer.Option(None, help=options.MODEL_HELP),
-    tokenizer: Optional[Path] = typer.Option(None, help=options.TOKENIZER_HELP),
+    source: Optional[str] = options.RUN_SOURCE,
+    model: Optional[Path] = options.MODEL,
+    tokenizer: Optional[Path] = options.TOKENIZER,
+    quant: Optional[str] = options.QUANT,
     prompt: Optional[str] = typer.Option(None, help="text to continue"),
     steps: int = typer.Option(64, min=1, help="most tokens to generate"),
     temperature: float = options.TEMPERATURE,
@@ -117,17 +123,19 @@ def generate_command(
     buffer_float_type: Optional[str] = options.BUFFER_FLOAT_TYPE,
     weights: Optional[str] = options.WEIGHTS,
     root_compute: str = options.ROOT_COMPUTE,
+    version: bool = options.VERSION,
 ) -> None:
     """Generate text from a prompt on this machine (or as the root of --workers).
 
-    Example: dllama-run --model tinyllama_q40.m --tokenizer tinyllama.t --prompt "Hello" --steps 32 --temperature 0
+    Example: dllama-run HuggingFaceTB/SmolLM2-135M-Instruct --prompt "Hello" --steps 32 --temperature 0
     """
     if ctx.invoked_subcommand is not None:
         return
-    if model is None or tokenizer is None or prompt is None:
-        fail("--model, --tokenizer and --prompt are required (or use a subcommand: dllama-run --help)")
+    if prompt is None:
+        fail("--prompt is required, with MODEL or --model (or use a command: dllama-run --help)")
     with edge(interrupted=stop_quietly):
-        loaded = load_model(model, tokenizer, max_seq_len, nthreads,
+        files = model_files(source, model, tokenizer, quant)
+        loaded = load_model(files.model, files.tokenizer, max_seq_len, nthreads,
                             ClusterOptions(workers, buffer_float_type, weights, root_compute))
         note(f"max_seq_len {loaded.engine.max_seq_len} (--max-seq-len), {loaded.engine.nthreads} threads")
         ids = loaded.tokenizer.encode(prompt)
@@ -143,8 +151,10 @@ def generate_command(
 
 
 def chat_command(
-    model: Path = options.MODEL,
-    tokenizer: Path = options.TOKENIZER,
+    source: Optional[str] = options.SOURCE,
+    model: Optional[Path] = options.MODEL,
+    tokenizer: Optional[Path] = options.TOKENIZER,
+    quant: Optional[str] = options.QUANT,
     system: Optional[str] = typer.Option(None, help="system prompt"),
     steps: int = typer.Option(512, min=1, help="most tokens per answer"),
     temperature: float = options.TEMPERATURE,
@@ -166,10 +176,11 @@ def chat_command(
 ) -> None:
     """Chat interactively with the model's chat template; the KV cache carries the conversation.
 
-    Example: dllama-run chat --model qwen3_q40.m --tokenizer qwen3.t --temperature 0.7
+    Example: dllama-run chat HuggingFaceTB/SmolLM2-135M-Instruct --temperature 0.7
     """
     with edge(interrupted=stop_quietly):
-        loaded = load_model(model, tokenizer, max_seq_len, nthreads,
+        files = model_files(source, model, tokenizer, quant)
+        loaded = load_model(files.model, files.tokenizer, max_seq_len, nthreads,
                             ClusterOptions(workers, buffer_float_type, weights, root_compute))
         note(f"max_seq_len {loaded.engine.max_seq_len} (--max-seq-len); empty line or Ctrl-D ends the chat")
         _chat(loaded, system, steps, Sampling(temperature, topp, seed, top_k, min_p, repeat_penalty, repeat_last_n,
@@ -206,6 +217,8 @@ app.command("serve")(run_serve.serve_command)
 app.command("worker")(run_cluster.worker_command)
 app.command("plan")(run_cluster.plan_command)
 app.command("mpi", context_settings=run_mpi.CONTEXT)(run_mpi.mpi_command)
+app.command("list")(run_store.list_command)
+app.command("rm")(run_store.rm_command)
 
 
 def main() -> None:

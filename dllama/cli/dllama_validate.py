@@ -1,7 +1,10 @@
 """`dllama-validate`: will this `.m` / `.t` pair produce what the original model would?
 
-    dllama-validate [check] MODEL.m TOKENIZER.t [--hf SOURCE] [--reference REF.npz] [--json]
+    dllama-validate [check] MODEL [TOKENIZER.t] [--hf SOURCE] [--reference REF.npz] [--json]
     dllama-validate reference --hf SOURCE --out REF.npz [--arithmetic q40,q80]
+
+MODEL is what dllama-run takes (a .m, a stored name, a hub id, a GGUF file or a checkpoint folder:
+a source is converted into the model store first and is then the default --hf).
 
 Verdict table (or JSON) on stdout, progress on stderr. Exit codes: 0 every check passed,
 1 a check failed, 2 usage error or unreadable input (docs/VALIDATE.md).
@@ -15,8 +18,10 @@ from typing import List, Optional
 
 import typer
 
+from dllama.cli import options
+from dllama.cli.command_group import VERSION, new_app
 from dllama.cli.default_command import DefaultCommandGroup
-from dllama.cli.edge import edge
+from dllama.cli.edge import edge, note
 from dllama.formats import FloatType
 from dllama.validate.reference import ARITHMETIC_TYPES, DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS
 from dllama.validate.report import InputError
@@ -24,7 +29,16 @@ from dllama.validate.report import InputError
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 # `check` is the default: `dllama-validate MODEL.m TOKENIZER.t` runs it
-app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None, cls=DefaultCommandGroup)
+app = new_app(cls=DefaultCommandGroup,
+              help="Will this converted model produce what the original model would? `check` (the default "
+                   "command: dllama-validate MODEL [TOKENIZER.t]) prints a verdict table or JSON; `reference` "
+                   "computes the original's runs for checking elsewhere. Exit codes: 0 every check passed, 1 a check "
+                   "failed, 2 usage error or unreadable input (docs/VALIDATE.md).")
+
+
+@app.callback()
+def _options(version: bool = VERSION) -> None:
+    pass
 
 
 class StderrProgress:
@@ -65,20 +79,26 @@ class StderrProgress:
 
 
 def check_command(
-    model: Path = typer.Argument(..., help="the converted model, MODEL.m"),
-    tokenizer: Path = typer.Argument(..., help="the converted tokenizer, TOKENIZER.t"),
-    hf: Optional[str] = typer.Option(None, "--hf", help="the original: a Hugging Face folder, repo id or GGUF file"),
+    model: str = typer.Argument(..., metavar="MODEL", help=options.SOURCE_HELP, autocompletion=options.complete_model),
+    tokenizer: Optional[Path] = typer.Argument(None, metavar="TOKENIZER.t",
+                                               help="the converted tokenizer (default: the .t beside the .m, or the "
+                                                    "stored model's)"),
+    hf: Optional[str] = typer.Option(None, "--hf", help="the original: a Hugging Face folder, repo id or GGUF file "
+                                                        "(default: MODEL, when MODEL is one)"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="REF.npz from `dllama-validate reference`"),
     json_output: bool = typer.Option(False, "--json", help="print the report as JSON (docs/VALIDATE.md)"),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS,
                                    help="tokens per logit prompt when computing the reference here"),
     corpus_limit: Optional[int] = typer.Option(None, help="tokenizer fidelity on the first N corpus texts only"),
-    threads: Optional[int] = typer.Option(None, help="runtime threads (default: all cores)"),
+    threads: Optional[int] = options.NTHREADS,
+    quant: Optional[str] = options.QUANT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr"),
 ) -> None:
-    """Check MODEL.m and TOKENIZER.t against the original model (the default command).
+    """Check MODEL (and TOKENIZER.t) against the original model (the default command).
 
+    \b
     Example: dllama-validate tinyllama_q40.m tinyllama.t --hf TinyLlama/TinyLlama-1.1B-Chat-v1.0
+    Example: dllama-validate HuggingFaceTB/SmolLM2-135M-Instruct   (converted once, checked against the original)
 
     Without the original here: dllama-validate reference --hf SOURCE --out REF.npz (see its --help),
     then --reference REF.npz.
@@ -87,13 +107,23 @@ def check_command(
 
     progress = StderrProgress(enabled=not quiet)
     with edge(EXIT_USAGE):
+        files, hf = _model_files(model, tokenizer, quant, hf)
         try:
-            report = validate(model, tokenizer, hf=hf, reference=reference, progress=progress,
+            report = validate(files.model, files.tokenizer, hf=hf, reference=reference, progress=progress,
                               options=Options(max_tokens=max_tokens, corpus_limit=corpus_limit, nthreads=threads))
         finally:
             progress.close()
     typer.echo(report.json_text() if json_output else report.table())
     raise typer.Exit(EXIT_PASS if report.ok else EXIT_FAIL)
+
+
+def _model_files(model: str, tokenizer: Optional[Path], quant: Optional[str], hf: Optional[str]):
+    """MODEL as dllama-run resolves it; a source (not a .m, not a stored name) is also the default original."""
+    from dllama import store
+
+    files = store.resolve(model, quant, tokenizer, log=note)
+    converted_here = files.entry is not None and store.find(model, quant) is None
+    return files, hf if hf is not None or not converted_here else model
 
 
 def reference_command(

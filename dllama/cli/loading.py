@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dllama.cli.edge import CliError
+from dllama.cli.edge import CliError, note
 from dllama.formats import padded_vocabulary
 from dllama.runtime.engine import Engine, release_freed_heap
 
@@ -24,6 +24,32 @@ class ClusterOptions:
 class LoadedModel:
     engine: Engine
     tokenizer: object
+
+
+def model_files(source: Optional[str], model: Optional[Path], tokenizer: Optional[Path], quant: Optional[str] = None,
+                with_tokenizer: bool = True):
+    """MODEL (whatever the store resolves, converted once) or --model M.m [--tokenizer T.t] -> store.ModelFiles."""
+    from dllama import store
+
+    if source is not None and model is not None:
+        raise CliError(f"give the model once: MODEL ({source}) or --model ({model}), not both")
+    if source is None and model is None:
+        raise CliError("name the model: MODEL (a hub id, a GGUF file, a checkpoint folder, a .m or a stored name: "
+                       "dllama-run list), or --model M.m --tokenizer T.t")
+    return store.resolve(str(source or model), quant, tokenizer, log=note, convert=source is not None,
+                         with_tokenizer=with_tokenizer)
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a taken address before anything loads (a model, a worker's slices): uvicorn or the worker would
+    only find out after."""
+    import socket
+
+    try:
+        socket.create_server((host, port)).close()  # SO_REUSEADDR as uvicorn's: only a listener in use counts
+    except OSError as e:
+        raise CliError(f"cannot listen on {host}:{port}: {e.strerror or e}; stop what is using it or choose another "
+                       "--port") from None
 
 
 def load_model(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optional[int],

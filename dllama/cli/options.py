@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import typer
 
+from dllama.cli.command_group import RUN_MODEL, VERSION  # noqa: F401 (VERSION: every app's callback)
 from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN
 
-MODEL_HELP = "the .m model file (from dllama-convert)"
-TOKENIZER_HELP = "the .t tokenizer file (from dllama-convert)"
+SOURCE_HELP = ("a stored model's name (dllama-run list), a hub id (org/name), a GGUF file, a checkpoint folder, or a "
+               ".m file (its .t beside it); a source is converted into the model store once, then run from there")
+MODEL_HELP = "a converted .m file (or a stored model's name); unlike MODEL, never converts"
+TOKENIZER_HELP = "the .t tokenizer file (default: the .t beside the .m, or the stored model's)"
+QUANT_HELP = ("weight type when the model is converted from a source: q40, q80 or f32 (default: q80 for a model "
+              "under 1.5B weights, q40 above, or the blocks of a Q4_0/Q8_0 GGUF)")
 SEQ_HELP = (f"KV cache positions, prompt and answer together (default {DEFAULT_MAX_SEQ_LEN}; models declare up to "
             "131072, far more than a small board holds; capped at the model's own limit)")
 THREADS_HELP = "compute threads (default: all cores)"
@@ -20,10 +25,22 @@ WEIGHTS_HELP = ("with --workers: each node's relative share, the root's first (e
 ROOT_COMPUTE_HELP = ("with --workers: all (the root computes a share too) or none (it only coordinates: tokenizer, "
                      "embedding, sampling, API; the workers hold every layer)")
 
-MODEL = typer.Option(..., help=MODEL_HELP)
-TOKENIZER = typer.Option(..., help=TOKENIZER_HELP)
+
+
+def complete_model(incomplete: str) -> list[str]:
+    """Shell completion of MODEL: stored names (the shell adds file names when there is none)."""
+    from dllama import store
+
+    return [name for name in store.names() if name.startswith(incomplete)]
+
+
+SOURCE = typer.Argument(None, metavar="MODEL", help=SOURCE_HELP, show_default=False, autocompletion=complete_model)
+RUN_SOURCE = typer.Option(None, RUN_MODEL, hidden=True)  # dllama-run's own MODEL argument (ModelFirstGroup)
+MODEL = typer.Option(None, help=MODEL_HELP)
+TOKENIZER = typer.Option(None, help=TOKENIZER_HELP)
+QUANT = typer.Option(None, "--quant", help=QUANT_HELP)
 MAX_SEQ_LEN = typer.Option(DEFAULT_MAX_SEQ_LEN, min=1, help=SEQ_HELP)
-NTHREADS = typer.Option(None, min=1, help=THREADS_HELP)
+NTHREADS = typer.Option(None, "--threads", min=1, help=THREADS_HELP)  # --nthreads: a hidden alias (command_group)
 SEED = typer.Option(None, help="random seed for sampling (default: from the OS)")
 TEMPERATURE = typer.Option(0.8, min=0.0, help="sampling temperature; 0 is greedy")
 TOP_K = typer.Option(40, min=0, help="sample among the k most likely tokens (0: no limit)")

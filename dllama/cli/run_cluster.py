@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from dllama.cli import options
-from dllama.cli.edge import CliError, edge, fail, note
+from dllama.cli.edge import CliError, edge, note
+from dllama.cli.loading import check_port, model_files
 from dllama.formats import read_model_header
 from dllama.runtime.distributed.node_memory import (
     TOKENIZER_BYTES_PER_TOKEN,
@@ -18,23 +19,26 @@ from dllama.runtime.distributed.node_memory import (
     parse_size,
 )
 from dllama.runtime.distributed.protocol import DEFAULT_PORT
+from dllama.runtime.engine import PREFILL_BATCH
 
 
 def worker_command(
     host: str = typer.Option("0.0.0.0", help="address to listen on"),
     port: int = typer.Option(DEFAULT_PORT, help="TCP port to listen on (0: any free port, printed on stderr)"),
-    nthreads: Optional[int] = typer.Option(None, help="threads for this node's share of the work"),
-    model: Optional[Path] = typer.Option(None, help="this board's own copy of the root's .m: load slices from it "
-                                                    "instead of receiving them (checked against the root's)"),
+    nthreads: Optional[int] = options.NTHREADS,
+    model: Optional[str] = typer.Option(None, help="this board's own copy of the root's model (a .m, a stored name, "
+                                                   "or a source converted as the root converted it): load slices "
+                                                   "from it instead of receiving them (checked against the root's)"),
+    quant: Optional[str] = options.QUANT,
 ) -> None:
     """Wait for a root and compute a share of each token.
 
     Example: dllama-run worker --port 9999   (then on the root: dllama-run --workers pi1:9999 ...)
     """
-    if model is not None and not model.is_file():
-        fail(f"--model {model} does not exist: copy the root's .m there, or start the worker without --model")
     with edge():
-        worker = _start_worker(host, port, model, nthreads)
+        check_port(host, port)
+        path = None if model is None else model_files(model, None, None, quant, with_tokenizer=False).model
+        worker = _start_worker(host, port, path, nthreads)
     try:
         worker.serve_forever()
     except KeyboardInterrupt:
@@ -47,7 +51,7 @@ def _start_worker(host: str, port: int, model: Optional[Path], nthreads: Optiona
 
     try:
         return Worker(host, port, model_path=model, nthreads=nthreads)
-    except (OSError, DllamaError) as e:  # the address is taken, the --model file is broken, bad --nthreads
+    except (OSError, DllamaError) as e:  # the address is taken, the --model file is broken, bad --threads
         raise CliError(f"cannot start the worker on {host}:{port}: {getattr(e, 'strerror', None) or e}") from e
 
 
@@ -56,12 +60,14 @@ def _mib(n: int) -> str:
 
 
 def plan_command(
-    model: Path = typer.Option(..., help="the .m model file"),
+    source: Optional[str] = options.SOURCE,
+    model: Optional[Path] = options.MODEL,
+    quant: Optional[str] = options.QUANT,
     nodes: int = typer.Option(..., help="number of nodes (root + workers); any count up to the model's heads"),
     max_seq_len: int = typer.Option(2048, help="positions of KV cache each node holds"),
     ram: Optional[str] = typer.Option(None, help="memory of one board, e.g. 1G or 512M: say whether each node fits"),
-    batch: int = typer.Option(32, min=1, help="prompt tokens per forward batch the buffers are sized for "
-                                             "(the runtime evaluates prompts 32 at a time)"),
+    batch: int = typer.Option(PREFILL_BATCH, min=1, help="prompt tokens per forward batch the buffers are sized for "
+                                                        f"(the runtime evaluates prompts {PREFILL_BATCH} at a time)"),
     as_json: bool = options.AS_JSON,
     weights: Optional[str] = options.WEIGHTS,
     root_compute: str = options.ROOT_COMPUTE,
@@ -70,11 +76,10 @@ def plan_command(
 ) -> None:
     """Print each node's share and memory (weights, KV cache, buffers) for a split of MODEL over NODES.
 
-    Example: dllama-run plan --model tinyllama_q40.m --nodes 3 --weights 2,1,1 --max-seq-len 1024 --ram 1G
+    Example: dllama-run plan HuggingFaceTB/SmolLM2-135M-Instruct --nodes 3 --weights 2,1,1 --ram 1G
     """
     with edge():
-        if not model.is_file():
-            raise CliError(f"model file {model} does not exist")
+        model = model_files(source, model, None, quant, with_tokenizer=False).model
         header = read_model_header(model)
         seq = min(max_seq_len, header.max_seq_len)
         split_weights = _plan_weights(nodes, weights, root_compute, workers)

@@ -6,7 +6,7 @@
 The options are generate's (the default), chat's or serve's, unchanged: this command runs the same
 command line with the cluster taken from MPI (runtime/distributed/mpi.py), so every option means
 what it means there. Rank 0 is the root; the other ranks only read --model, --max-seq-len,
---nthreads, --buffer-float-type, --weights and --root-compute, and serve rank 0 until it stops.
+--threads, --buffer-float-type, --weights and --root-compute, and serve rank 0 until it stops.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import typer
 
 from dllama.cli import options
 from dllama.cli.edge import edge, fail, stop_quietly
-from dllama.cli.loading import ClusterOptions, load_model
+from dllama.cli.loading import ClusterOptions, check_port, load_model, model_files
 from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN
 from dllama.runtime.serve import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT
 
@@ -19,8 +19,10 @@ API_KEY_ENV = "DLLAMA_API_KEY"
 
 
 def serve_command(
-    model: Path = typer.Option(..., help="the .m model file"),
-    tokenizer: Path = typer.Option(..., help="the .t tokenizer file"),
+    source: Optional[str] = options.SOURCE,
+    model: Optional[Path] = options.MODEL,
+    tokenizer: Optional[Path] = options.TOKENIZER,
+    quant: Optional[str] = options.QUANT,
     host: str = typer.Option(DEFAULT_HOST,
                              help="address to bind (loopback by default; 0.0.0.0 exposes it to the network)"),
     port: int = typer.Option(DEFAULT_PORT, help="TCP port"),
@@ -39,7 +41,7 @@ def serve_command(
     max_body_mib: float = typer.Option(16.0, min=0.001, help="largest request body in MiB (else 413)"),
     max_seq_len: int = typer.Option(DEFAULT_MAX_SEQ_LEN, min=2,
                                     help="context (KV cache) positions, prompt and answer together"),
-    nthreads: Optional[int] = typer.Option(None, help="compute threads on this node"),
+    nthreads: Optional[int] = options.NTHREADS,
     workers: Optional[str] = options.WORKERS,
     buffer_float_type: Optional[str] = options.BUFFER_FLOAT_TYPE,
     weights: Optional[str] = options.WEIGHTS,
@@ -47,7 +49,7 @@ def serve_command(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (docs/API.md).
 
-    Example: dllama-run serve --model tinyllama_q40.m --tokenizer tinyllama.t --port 8080 --api-key-file key.txt
+    Example: dllama-run serve HuggingFaceTB/SmolLM2-135M-Instruct --port 8080 --api-key-file key.txt
     """
     from dllama.runtime.serve import run_server, worker_probe
     from dllama.runtime.serve.connections import MiB, ServeLimits
@@ -57,9 +59,11 @@ def serve_command(
                          max_connections=max_connections)
     _log_to_stderr()
     with edge(interrupted=stop_quietly):
-        loaded = load_model(model, tokenizer, max_seq_len, nthreads,
+        check_port(host, port)
+        files = model_files(source, model, tokenizer, quant)
+        loaded = load_model(files.model, files.tokenizer, max_seq_len, nthreads,
                             ClusterOptions(workers, buffer_float_type, weights, root_compute))
-        run_server(loaded.engine, loaded.tokenizer, model_id=model.stem, context_length=loaded.engine.max_seq_len,
+        run_server(loaded.engine, loaded.tokenizer, model_id=files.name, context_length=loaded.engine.max_seq_len,
                    host=host, port=port, api_key=key, max_queue=max_queue, health_probe=worker_probe(loaded.engine),
                    limits=limits, cors_origins=cors_origin or ())
 

@@ -141,7 +141,7 @@ def _check_blocks(spec: TensorSpec) -> None:
     if spec.float_type in (FloatType.Q40, FloatType.Q80) and spec.shape[-1] % BLOCK_SIZE:
         quant = spec.float_type.name.lower()
         raise ConversionError(f"{spec.hf_name} has rows of {spec.shape[-1]} values, not a multiple of {BLOCK_SIZE}, "
-                              f"so it cannot be stored as {quant}; convert with --quant f32 or f16")
+                              f"so it cannot be stored as {quant}; convert with --quant f32")
 
 
 def _check_source_type(spec: TensorSpec, entry: TensorEntry) -> None:

@@ -34,12 +34,12 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     if path.exists():
         raise SourceError(f"{source} is a file; SOURCE must be a checkpoint folder or a hub repo id like "
                           "TinyLlama/TinyLlama-1.1B-Chat-v1.0")
-    if not _looks_like_repo_id(source):
+    if not looks_like_repo_id(source):
         raise SourceError(f"{source} does not exist; SOURCE must be a checkpoint folder or a hub repo id like org/name")
     return _download(source, revision)
 
 
-def _looks_like_repo_id(source: str) -> bool:
+def looks_like_repo_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~")) and bool(_REPO_ID.match(source))
 
 

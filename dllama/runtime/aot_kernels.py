@@ -28,7 +28,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -135,9 +137,10 @@ def load(log=lambda message: print(message, file=sys.stderr)):
         _loaded["module"] = None
         return None
     if module is None:
-        log("dllama: compiling the kernels for this CPU (once: seconds on a PC, a few minutes on a small board) ...")
+        log(f"dllama: compiling the kernels for this CPU into {folder} (once: about a minute on a PC, several on a "
+            "small board) ...")
         try:
-            error = build(folder)
+            error = build(folder, log)
             fix = _fix_for(error or "")
         except OSError as e:  # an unwritable cache folder, a full disk
             error, fix = f"{e.strerror or e}: {e.filename or folder}", "set DLLAMA_CACHE to a writable folder"
@@ -158,16 +161,28 @@ def _fix_for(error: str) -> str:
             "(e.g. apt install gcc g++ python3-dev) to get them")
 
 
-def build(folder: Path) -> str | None:
-    """Build the module into `folder` in a child process; None on success, else the error's last line."""
+PROGRESS = "dllama-build: "  # the child's progress lines start with this; anything else is kept for the error
+
+
+def build(folder: Path, log: Callable[[str], None] = lambda message: None) -> str | None:
+    """Build the module into `folder` in a child process, logging its stages; None on success, else the error's
+    last line."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        done = subprocess.run([sys.executable, "-m", "dllama.runtime.aot_kernels", str(staging)], capture_output=True,
-                              text=True, env=_child_env(staging / "numba-cache"))
-        if done.returncode:
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            return lines[-1] if lines else f"exit status {done.returncode}"
+        started = time.monotonic()
+        child = subprocess.Popen([sys.executable, "-m", "dllama.runtime.aot_kernels", str(staging)], text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 env=_child_env(staging / "numba-cache"))
+        other: list[str] = []
+        for line in child.stdout:
+            if line.startswith(PROGRESS):
+                log(f"dllama:   {line[len(PROGRESS):].strip()} ({time.monotonic() - started:.0f} s)")
+            elif line.strip():
+                other.append(line.strip())
+        if child.wait():
+            return other[-1] if other else f"exit status {child.returncode}"
+        log(f"dllama: kernels built in {time.monotonic() - started:.0f} s")
         try:
             staging.rename(folder)
         except OSError:
@@ -205,6 +220,8 @@ def _compile(output_dir: str) -> None:
 
     from dllama.runtime import kernels
 
+    _progress(f"numba loaded; typing and lowering {len(EXPORTS)} kernels")
+
     class ThreadFriendlyFlags(Flags):
         # pycc's wrappers keep the GIL and check integer division for zero; dispatch.py runs the
         # kernels on several threads, and their divisors are shapes (never zero)
@@ -214,6 +231,7 @@ def _compile(output_dir: str) -> None:
             self.error_model = "numpy"
 
     pycc_compiler.Flags = ThreadFriendlyFlags
+    _report_stages(pycc_compiler, len(EXPORTS))
     if config.CPU_FEATURES:  # ARM: the HWCAP's features (_child_env); pycc would take only the CPU name's
         codegen.AOTCPUCodegen._customize_tm_features = lambda self: config.CPU_FEATURES
     cc = CC(MODULE)
@@ -221,7 +239,35 @@ def _compile(output_dir: str) -> None:
     cc.target_cpu = "host"
     for name, signature in EXPORTS.items():
         cc.export(name, signature)(_calling(getattr(kernels, name)))
+    compile_mixins = cc._compile_mixins
+
+    def compile_c_runtime(*args, **kwargs):  # after LLVM's machine code: numba's C helpers, then the link
+        _progress("machine code generated (LLVM); compiling numba's C runtime and linking (C compiler)")
+        return compile_mixins(*args, **kwargs)
+
+    cc._compile_mixins = compile_c_runtime
     cc.compile()
+
+
+def _progress(message: str) -> None:
+    print(PROGRESS + message, flush=True)
+
+
+def _report_stages(pycc_compiler, n_kernels: int) -> None:
+    """In the child: a line per kernel typed and lowered (the layer programs and the thread team take longest),
+    and one when LLVM starts on the whole module."""
+    compile_extra = pycc_compiler.compile_extra
+    done = [0]
+
+    def counted(typing_context, target_context, function, *args, **kwargs):
+        result = compile_extra(typing_context, target_context, function, *args, **kwargs)
+        done[0] += 1
+        _progress(f"kernel {done[0]}/{n_kernels} typed and lowered: {getattr(function, 'kernel', '?')}")
+        if done[0] == n_kernels:
+            _progress("optimizing and generating machine code (LLVM)")
+        return result
+
+    pycc_compiler.compile_extra = counted
 
 
 def _calling(kernel):
@@ -230,8 +276,10 @@ def _calling(kernel):
     namespace = {"kernel": kernel}
     # pycc compiles Python functions, not dispatchers
     exec(f"def call({args}):\n    return kernel({args})\n", namespace)
+    namespace["call"].kernel = kernel.py_func.__name__  # for the build's progress lines
     return namespace["call"]
 
 
 if __name__ == "__main__":
+    _progress("loading numba")
     _compile(sys.argv[1])

@@ -245,8 +245,12 @@ def quality(ours: list[np.ndarray], reference: ReferenceLogits, float_type: Floa
     return passed("logits.quality", measured, threshold, **details)
 
 
+SMALL_MODEL_PARAMS = 1.5e9  # below this q40 costs too much quality: q80 (also dllama-run's default, dllama/store.py)
+
+
 def better_type(float_type: FloatType, n_params: int | None = None) -> str:
-    size = f" for a model this small ({n_params / 1e6:.0f}M weights)" if n_params and n_params < 1.5e9 else ""
+    small = n_params and n_params < SMALL_MODEL_PARAMS
+    size = f" for a model this small ({n_params / 1e6:.0f}M weights)" if small else ""
     return {FloatType.Q40: f"q80{size}", FloatType.Q80: "f32"}.get(float_type, "f32") + \
         ("" if float_type != FloatType.Q40 or size else " (or a larger model)")
 

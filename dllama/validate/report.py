@@ -7,12 +7,15 @@ from __future__ import annotations
 import enum
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
 from dllama.errors import DllamaError
 
 SCHEMA = "dllama-validate/2"
+TABLE_WIDTH = 100  # columns; a cell too long for its column wraps onto the next line, never cut
+ORIGINAL_CHECKS = "--hf SOURCE or --reference REF.npz"
 
 
 class Status(str, enum.Enum):
@@ -69,6 +72,15 @@ class Report:
     def verdict(self) -> str:
         return "pass" if self.ok else "fail"
 
+    @property
+    def not_run(self) -> list[str]:
+        return [c.name for c in self.checks if c.status == Status.SKIP]
+
+    @property
+    def structure_only(self) -> bool:
+        """Nothing was compared with the original model: a pass says the files are well-formed, not right."""
+        return not self.inputs.get("hf") and not self.inputs.get("reference")
+
     def get(self, name: str) -> CheckResult:
         for c in self.checks:
             if c.name == name:
@@ -78,7 +90,8 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "verdict": self.verdict, "inputs": self.inputs,
                 "counts": {s.value: sum(c.status == s for c in self.checks) for s in Status},
-                "checks": [c.to_json() for c in self.checks]}
+                "checks": [c.to_json() for c in self.checks],
+                "not_run": self.not_run, "structure_only": self.structure_only}
 
     def json_text(self) -> str:
         return json.dumps(self.to_json(), indent=2, ensure_ascii=False)
@@ -86,19 +99,43 @@ class Report:
     def table(self) -> str:
         rows = [("check", "result", "measured", "threshold")]
         rows += [(c.name, c.status.value.upper(), c.measured, c.threshold) for c in self.checks]
-        widths = [min(max(len(r[i]) for r in rows), 48) for i in range(4)]
-        lines = ["  ".join(_cell(v, w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        widths = _column_widths(rows)
+        lines = [line for r in rows for line in _row_lines(r, widths)]
         lines.insert(1, "  ".join("-" * w for w in widths))
         notes = [f"{c.status.value.upper()} {c.name}: {c.reason}" for c in self.checks
-                 if c.reason and c.status in (Status.FAIL, Status.WARN, Status.SKIP)]
+                 if c.reason and c.status in (Status.FAIL, Status.WARN)]
         counts = ", ".join(f"{n} {s}" for s, n in self.to_json()["counts"].items() if n)
-        summary = f"verdict: {self.verdict.upper()} ({counts})"
-        return "\n".join(lines + ([""] + notes if notes else []) + ["", summary])
+        summary = [f"verdict: {self.verdict.upper()} ({counts})"]
+        if self.not_run:
+            summary.append(f"not run: {', '.join(self.not_run)}" + (f" (give {ORIGINAL_CHECKS})"
+                                                                    if self.structure_only else ""))
+            summary += [f"  {c.name}: {c.reason}" for c in self.checks if c.status == Status.SKIP and c.reason
+                        and not (self.structure_only and ("--hf" in c.reason or "--reference" in c.reason))]
+        if self.structure_only and self.ok:
+            summary.append(f"this pass proves the structure only: without {ORIGINAL_CHECKS} nothing was compared "
+                           "with the original model's weights, tokenizer or logits")
+        wrapped = [textwrap.fill(line, TABLE_WIDTH, subsequent_indent="  ", break_long_words=False,
+                                 break_on_hyphens=False) for line in notes + [""] + summary]
+        return "\n".join(lines + ([""] if notes else []) + wrapped)
 
 
-def _cell(value: str, width: int) -> str:
-    value = value.replace("\n", " ")
-    return value.ljust(width) if len(value) <= width else value[:width - 1] + "…"
+def _column_widths(rows: list[tuple[str, ...]]) -> list[int]:
+    """check and result as wide as they need; measured and threshold share what is left of TABLE_WIDTH."""
+    natural = [max(len(r[i]) for r in rows) for i in range(4)]
+    left = TABLE_WIDTH - natural[0] - natural[1] - 3 * 2
+    if natural[2] + natural[3] <= left:
+        return natural
+    threshold = min(natural[3], max(left // 2, left - natural[2]))
+    return natural[:2] + [left - threshold, threshold]
+
+
+def _row_lines(row: tuple[str, ...], widths: list[int]) -> list[str]:
+    """One table row; a long cell wraps at spaces onto more lines, so no number is cut."""
+    cells = [textwrap.wrap(v.replace("\n", " "), w, break_long_words=False, break_on_hyphens=False) or [""]
+             for v, w in zip(row, widths)]
+    height = max(len(c) for c in cells)
+    return ["  ".join((c[i] if i < len(c) else "").ljust(w) for c, w in zip(cells, widths)).rstrip()
+            for i in range(height)]
 
 
 def _jsonable(value):

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from dllama import __version__
 from dllama.errors import DllamaError
 from dllama.formats import FormatError, ModelHeader, model_file_size, parse_model_header
 
@@ -244,7 +245,8 @@ def check_preamble(sock: socket.socket, peer: str) -> None:
         raise ProtocolError(f"{peer} is not a dllama peer (bad magic {magic!r})")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"{peer} speaks dllama protocol version {version}, this side speaks "
-                            f"{PROTOCOL_VERSION}: install the same dllama version on root and workers")
+                            f"{PROTOCOL_VERSION} (dllama {__version__}): install the same dllama version on root and "
+                            "workers")
 
 
 # --------------------------------------------------------------------------------------------
