@@ -6,6 +6,7 @@ memory-mapped files one at a time, so nothing ever holds the whole model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dllama.errors import DllamaError
-from dllama.formats import ArchType, FloatType, HiddenAct, ModelHeader, RopeType
+from dllama.formats import HEADER_LIMITS, ArchType, FloatType, HiddenAct, ModelHeader, RopeType
 
 
 class CheckpointError(DllamaError, ValueError):
@@ -37,10 +38,24 @@ def load_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: a Hugging Face checkpoint folder needs its config.json")
+    return read_json_object(path, "config.json")
+
+
+def read_json_object(path: Path, what: str, max_bytes: int = 64 << 20) -> dict:
+    """A JSON file that must hold an object (config.json, an index), bounded in size."""
+    if path.stat().st_size > max_bytes:
+        raise CheckpointError(f"{path} is {path.stat().st_size} bytes, far more than a {what} holds; it is not one")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text; download it again") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} nests too deeply to be a {what}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not the object a {what} is")
+    return value
 
 
 def rope_settings(config: dict) -> tuple[float | None, dict | None]:
@@ -60,72 +75,144 @@ def rope_settings(config: dict) -> tuple[float | None, dict | None]:
     return theta, scaling
 
 
-def header_from_config(config: dict, float_type: FloatType) -> ModelHeader:
-    """The `.m` header the reference converter would write for this config (FORMAT.md §1.1)."""
-    model_type = config.get("model_type")
+# config.json key -> the header field whose HEADER_LIMITS bound it
+_CONFIG_LIMITS = {
+    "hidden_size": "dim", "intermediate_size": "hidden_dim", "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_seq_len", "num_experts": "n_experts", "num_local_experts": "n_experts",
+    "num_experts_per_tok": "n_active_experts", "head_dim": "head_dim_value", "moe_intermediate_size": "moe_hidden_dim",
+}
+# the header stores rope values as int32 (FORMAT.md §1.1)
+_INT32_MAX = 2**31 - 1
+
+
+class _ConfigReader:
+    """Typed, bounded values of a config dict; errors name `where` and the key."""
+
+    def __init__(self, config: dict, where: str):
+        self.config, self.where = config, where
+
+    def fail(self, key: str, value, wanted: str) -> CheckpointError:
+        return CheckpointError(f"{self.where} has {key} = {_short(value)}, not {wanted}; fix it or download the "
+                               "checkpoint again")
+
+    def integer(self, key: str, value=None, low: int = 0, high: int = _INT32_MAX) -> int:
+        value = self.config.get(key) if value is None else value
+        limit = HEADER_LIMITS.get(_CONFIG_LIMITS.get(key, ""))
+        low, high = limit if limit else (low, high)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(key, value, f"a whole number in {low}..{high}")
+        return value
+
+    def optional_integer(self, key: str, low: int = 0) -> int | None:
+        value = self.config.get(key)
+        return None if value is None else self.integer(key, value, low)
+
+    def number(self, key: str, value, low: float = 0.0, high: float = float(_INT32_MAX)) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise self.fail(key, value, f"a number in {low:g}..{high:g}")
+        return float(value)
+
+    def name(self, key: str, default: str | None = None) -> str | None:
+        value = self.config.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(key, value, "a name")
+        return value
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list, str, int, float, bool, type(None))) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def header_from_config(config: dict, float_type: FloatType, where: str = "config.json") -> ModelHeader:
+    """The `.m` header the reference converter would write for this config (FORMAT.md §1.1).
+    Every value is type- and range-checked first: `where` (the file) and the key are in each error."""
+    c = _ConfigReader(config, where)
+    model_type = c.name("model_type")
     arch = ARCH_BY_MODEL_TYPE.get(model_type)
     if arch is None:
-        raise CheckpointError(f"unsupported model_type {model_type!r}: dllama converts {', '.join(ARCH_BY_MODEL_TYPE)}")
-    act_name = config.get("hidden_act", "silu")
+        raise CheckpointError(f"unsupported model_type {model_type!r} in {where}: dllama converts "
+                              f"{', '.join(ARCH_BY_MODEL_TYPE)}")
+    act_name = c.name("hidden_act", "silu")
     if act_name not in HIDDEN_ACT_BY_NAME:
-        raise CheckpointError(f"unsupported hidden_act {act_name!r}: only silu and gelu exist in the format")
+        raise CheckpointError(f"unsupported hidden_act {act_name!r} in {where}: only silu and gelu exist in the format")
 
-    def need(key: str, *alternatives: str) -> int:
-        for k in (key, *alternatives):
-            if config.get(k) is not None:
-                return int(config[k])
-        raise CheckpointError(f"config.json lacks {key!r}, which the {model_type} format needs")
+    def need(key: str) -> int:
+        if config.get(key) is None:
+            raise CheckpointError(f"{where} lacks {key!r}, which the {model_type} format needs")
+        return c.integer(key)
 
     dim = need("hidden_size")
     n_heads = need("num_attention_heads")
-    n_experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+    experts_key = "num_experts" if config.get("num_experts") else "num_local_experts"
+    n_experts = c.integer(experts_key) if config.get(experts_key) else 0
     if arch == ArchType.QWEN3_MOE and n_experts == 0:
-        raise CheckpointError("config.json of a qwen3_moe model names no experts (num_experts / num_local_experts)")
+        raise CheckpointError(f"{where} of a qwen3_moe model names no experts (num_experts / num_local_experts)")
     if arch == ArchType.QWEN3_MOE and not config.get("norm_topk_prob", False):
         # transformers' default is false; distributed-llama always renormalises the chosen experts' weights
-        raise CheckpointError("config.json of this qwen3_moe model has norm_topk_prob false (transformers' default "
+        raise CheckpointError(f"{where} of this qwen3_moe model has norm_topk_prob false (transformers' default "
                               "when the key is absent), but the format always renormalises the top-k expert weights: "
                               "the converted model would compute something else, so dllama cannot convert it")
     theta, scaling = rope_settings(config)
     fields: dict = {}
     if theta is not None:
-        fields["rope_theta"] = int(theta)
+        fields["rope_theta"] = int(c.number("rope_theta", theta, low=1.0))
     if scaling is not None:
-        rope_name = scaling.get("rope_type") or scaling.get("type")
-        if rope_name not in ROPE_TYPE_BY_NAME:
-            raise CheckpointError(f"unsupported rope scaling type {rope_name!r}: only llama3 scaling exists in the "
-                                  "format")
-        fields.update(
-            rope_scaling_factor=int(scaling["factor"]),
-            rope_scaling_low_freq_factor=int(scaling["low_freq_factor"]),
-            rope_scaling_high_freq_factor=int(scaling["high_freq_factor"]),
-            rope_scaling_orig_max_seq_len=int(scaling["original_max_position_embeddings"]),
-            rope_type=ROPE_TYPE_BY_NAME[rope_name],
-        )
+        fields.update(_llama3_scaling(c, scaling))
     if config.get("head_dim") is not None:
-        fields["head_dim_value"] = int(config["head_dim"])
+        fields["head_dim_value"] = c.integer("head_dim")
     if config.get("rms_norm_eps") is not None:
-        eps = float(config["rms_norm_eps"])
-        code = next((c for v, c in NORM_EPSILON_CODE_BY_VALUE.items() if abs(eps - v) < 1e-12), None)
+        eps = c.number("rms_norm_eps", config["rms_norm_eps"], high=1.0)
+        code = next((code for v, code in NORM_EPSILON_CODE_BY_VALUE.items() if abs(eps - v) < 1e-12), None)
         if code is None:
-            raise CheckpointError(f"unsupported rms_norm_eps {eps}: the format stores only 1e-5 and 1e-6")
+            raise CheckpointError(f"unsupported rms_norm_eps {eps} in {where}: the format stores only 1e-5 and 1e-6")
         fields["norm_epsilon_code"] = code
     if config.get("moe_intermediate_size") is not None:
-        fields["moe_hidden_dim"] = int(config["moe_intermediate_size"])
-    return ModelHeader(
+        fields["moe_hidden_dim"] = c.integer("moe_intermediate_size")
+    n_kv_heads = c.integer("num_key_value_heads") if config.get("num_key_value_heads") else n_heads
+    active = c.integer("num_experts_per_tok") if n_experts and config.get("num_experts_per_tok") else 0
+    header = ModelHeader(
         arch=arch,
         dim=dim,
         hidden_dim=need("intermediate_size"),
         n_layers=need("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+        n_kv_heads=n_kv_heads,
         vocab_size=need("vocab_size"),
         max_seq_len=need("max_position_embeddings"),
         weights_float_type=float_type,
         hidden_act=HIDDEN_ACT_BY_NAME[act_name],
         n_experts=n_experts,
-        n_active_experts=int(config.get("num_experts_per_tok") or 0) if n_experts else 0,
+        n_active_experts=active,
         **fields,
+    )
+    if header.head_dim < 1:
+        raise CheckpointError(f"{where} has {n_heads} attention heads for hidden_size {dim}: no head is a whole "
+                              "value wide")
+    return header
+
+
+def _llama3_scaling(c: _ConfigReader, scaling) -> dict:
+    if not isinstance(scaling, dict):
+        raise c.fail("rope_scaling", scaling, "an object")
+    rope_name = scaling.get("rope_type") or scaling.get("type")
+    if not isinstance(rope_name, str) or rope_name not in ROPE_TYPE_BY_NAME:
+        raise CheckpointError(f"unsupported rope scaling type {rope_name!r:.40} in {c.where}: only llama3 scaling "
+                              "exists in the format")
+    values = {}
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if key not in scaling:
+            raise CheckpointError(f"{c.where} has llama3 rope_scaling without {key}")
+        values[key] = int(c.number(f"rope_scaling.{key}", scaling[key]))
+    return dict(
+        rope_scaling_factor=values["factor"],
+        rope_scaling_low_freq_factor=values["low_freq_factor"],
+        rope_scaling_high_freq_factor=values["high_freq_factor"],
+        rope_scaling_orig_max_seq_len=values["original_max_position_embeddings"],
+        rope_type=ROPE_TYPE_BY_NAME[rope_name],
     )
 
 
@@ -152,37 +239,74 @@ class TensorEntry:
     end: int
 
 
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+
+
 def read_safetensors_index(path: Path) -> dict[str, TensorEntry]:
+    """Every tensor's dtype, shape and byte range, checked as the safetensors library checks them
+    (issue 28): a JSON object of entries whose ranges tile the data exactly, no gap, no overlap."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path} is truncated: too short for a safetensors header")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 << 20):
+        if n > min(size - 8, MAX_SAFETENSORS_HEADER):
             raise CheckpointError(f"{path} is truncated or corrupt: header length {n} exceeds the file")
         try:
             meta = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
-    entries = {}
-    for name, info in meta.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            dtype, shape = info["dtype"], tuple(info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path} is corrupt: tensor {name} has a malformed header entry") from None
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"{name} in {path} has dtype {dtype}; dllama reads F32, F16 and BF16 checkpoints")
-        if 8 + n + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file; "
-                                  "download it again")
-        if end - begin != int(np.prod(shape)) * _DTYPES[dtype].itemsize:
-            raise CheckpointError(f"{path} is corrupt: tensor {name} has {end - begin} bytes for shape {list(shape)}")
-        entries[name] = TensorEntry(path, dtype, shape, 8 + n + begin, 8 + n + end)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is a JSON {type(meta).__name__}, not an "
+                              "object")
+    data_size = size - 8 - n
+    entries = {name: _tensor_entry(path, name, info, 8 + n, data_size)
+               for name, info in meta.items() if name != "__metadata__"}
+    _check_tiling(path, entries, 8 + n, data_size)
     return entries
+
+
+def _tensor_entry(path: Path, name: str, info, data_start: int, data_size: int) -> TensorEntry:
+    def corrupt(what: str) -> CheckpointError:
+        return CheckpointError(f"{path} is corrupt: tensor {name} has {what}; download it again")
+
+    if not isinstance(info, dict):
+        raise corrupt("a malformed header entry")
+    offsets, dtype, shape = info.get("data_offsets"), info.get("dtype"), info.get("shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(v) for v in offsets)):
+        raise corrupt(f"data_offsets {_short(offsets)}, not two byte offsets")
+    if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_count(v) for v in shape)):
+        raise corrupt(f"shape {_short(shape)}, not a list of sizes")
+    if not isinstance(dtype, str):
+        raise corrupt(f"dtype {_short(dtype)}")
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"{name} in {path} has dtype {dtype}; dllama reads F32, F16 and BF16 checkpoints")
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        what = "truncated: tensor {name} ends past the end of the file" if end > data_size else \
+            f"corrupt: tensor {name} has data_offsets [{begin}, {end}]"
+        raise CheckpointError(f"{path} is {what.format(name=name)}; download it again")
+    if end - begin != math.prod(shape) * _DTYPES[dtype].itemsize:
+        raise CheckpointError(f"{path} is corrupt: tensor {name} has {end - begin} bytes for shape {shape}")
+    return TensorEntry(path, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 48
+
+
+def _check_tiling(path: Path, entries: dict[str, TensorEntry], data_start: int, data_size: int) -> None:
+    at = data_start
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start != at:
+            what = "overlaps the tensor before it" if entry.start < at else "leaves a gap before it"
+            raise CheckpointError(f"{path} is corrupt: tensor {name} {what} (safetensors data is one tensor after "
+                                  "another); download it again")
+        at = entry.end
+    if at != data_start + data_size:
+        raise CheckpointError(f"{path} is corrupt: {data_start + data_size - at} bytes after its last tensor; download "
+                              "it again")
 
 
 _FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)(?:\.weight)?$")
@@ -213,6 +337,11 @@ def fused_expert_views(entries: dict[str, TensorEntry]) -> dict[str, TensorEntry
     return views
 
 
+def _is_shard_name(name) -> bool:
+    """A file name in the checkpoint's own folder: an index cannot point elsewhere on the disk."""
+    return isinstance(name, str) and name.endswith(".safetensors") and Path(name).name == name and name[0] != "."
+
+
 class Checkpoint:
     """A Hugging Face checkpoint folder: config plus every tensor, each loaded on demand."""
 
@@ -232,7 +361,10 @@ class Checkpoint:
     def _shard_files(self) -> list[Path]:
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            weight_map = read_json_object(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(_is_shard_name(f) for f in weight_map.values()):
+                raise CheckpointError(f"{index} is corrupt: its weight_map must map tensor names to shard files in "
+                                      "this folder; download it again")
             files = sorted({self.folder / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -244,6 +376,9 @@ class Checkpoint:
         return files
 
     config_source = "config.json"
+
+    def header(self, float_type: FloatType) -> ModelHeader:
+        return header_from_config(self.config, float_type, where=str(self.folder / "config.json"))
     rows_in_file_order = False  # llama q/k rows get the rotary permute on the way to the `.m`
 
     @property

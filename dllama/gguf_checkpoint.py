@@ -19,6 +19,7 @@ to the `.m` as they are; `get` undoes the permute to give the Hugging Face rows.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dllama.checkpoint import CheckpointError, TensorEntry, widen_to_float32
-from dllama.formats import FloatType, ModelHeader, tensor_plan
+from dllama.formats import HEADER_LIMITS, FloatType, ModelHeader, tensor_plan
 
 
 class GGUFError(CheckpointError):
@@ -113,33 +114,45 @@ class GGUFCheckpoint:
     def arch_value(self, key: str, default=None):
         return self.value(f"{self.arch}.{key}", default)
 
-    def _need(self, key: str):
+    def _need(self, key: str, kind: type = int):
         value = self.arch_value(key)
         if value is None:
             raise GGUFError(f"{self.path} lacks the metadata {self.arch}.{key}, which the {self.arch} format needs")
-        return value
+        return self._typed(key, value, kind)
+
+    def _optional(self, key: str, default, kind: type = int):
+        value = self.arch_value(key)
+        return default if value is None else self._typed(key, value, kind)
+
+    def _typed(self, key: str, value, kind: type):
+        """A metadata value of the wanted kind (a float may be stored as any number, an int as any integer)."""
+        ok = _is_int(value) if kind is int else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise GGUFError(f"{self.path} has the metadata {self.arch}.{key} = {value!r:.40}, not "
+                            f"{'an integer' if kind is int else 'a number'}; the file is corrupt")
+        return kind(value)
 
     def _config(self) -> dict:
         """A config.json-style dict; head_dim, eps and rope theta always stated, as the header needs them."""
-        heads = int(self._need("attention.head_count"))
-        dim = int(self._need("embedding_length"))
-        head_dim = int(self.arch_value("attention.key_length") or dim // heads)
-        theta = float(self.arch_value("rope.freq_base", 10000.0))
+        heads = self._need("attention.head_count")
+        dim = self._need("embedding_length")
+        head_dim = self._optional("attention.key_length", 0) or (dim // heads if heads > 0 else 0)
+        theta = self._optional("rope.freq_base", 10000.0, float)
         tokens = self.value("tokenizer.ggml.tokens")
         embedding = self.entries.get("model.embed_tokens.weight")
-        vocab = (self.arch_value("vocab_size") or (len(tokens) if tokens else None)
+        vocab = (self._optional("vocab_size", None) or (len(tokens) if isinstance(tokens, list) else None)
                  or (embedding.shape[0] if embedding else None))
         config = {
             "model_type": MODEL_TYPE_BY_ARCH[self.arch],
             "hidden_size": dim,
-            "intermediate_size": int(self._need("feed_forward_length")),
-            "num_hidden_layers": int(self._need("block_count")),
+            "intermediate_size": self._need("feed_forward_length"),
+            "num_hidden_layers": self._need("block_count"),
             "num_attention_heads": heads,
-            "num_key_value_heads": int(self.arch_value("attention.head_count_kv", heads)),
+            "num_key_value_heads": self._optional("attention.head_count_kv", heads),
             "head_dim": head_dim,
-            "vocab_size": int(vocab) if vocab else None,
-            "max_position_embeddings": int(self._need("context_length")),
-            "rms_norm_eps": float(self._need("attention.layer_norm_rms_epsilon")),
+            "vocab_size": vocab,
+            "max_position_embeddings": self._need("context_length"),
+            "rms_norm_eps": self._need("attention.layer_norm_rms_epsilon", float),
             "rope_theta": theta,
             "hidden_act": "silu",
             "tie_word_embeddings": "lm_head.weight" not in self.entries,
@@ -147,9 +160,9 @@ class GGUFCheckpoint:
             "eos_token_id": self.value("tokenizer.ggml.eos_token_id"),
         }
         if self.arch == "qwen3moe":
-            config.update(num_experts=int(self._need("expert_count")),
-                          num_experts_per_tok=int(self._need("expert_used_count")),
-                          moe_intermediate_size=int(self._need("expert_feed_forward_length")),
+            config.update(num_experts=self._need("expert_count"),
+                          num_experts_per_tok=self._need("expert_used_count"),
+                          moe_intermediate_size=self._need("expert_feed_forward_length"),
                           norm_topk_prob=True)  # llama.cpp's qwen3moe graph renormalises the top-k weights
         scaling = self._rope_scaling(head_dim, theta)
         if scaling:
@@ -168,7 +181,7 @@ class GGUFCheckpoint:
     def header(self, float_type) -> ModelHeader:
         from dllama.checkpoint import header_from_config
 
-        return header_from_config(self.config, float_type)
+        return header_from_config(self.config, float_type, where=str(self.path))
 
     # -- tensors
 
@@ -180,6 +193,8 @@ class GGUFCheckpoint:
                 raise GGUFError(f"{self.path} is truncated: tensor {tensor.name} ends past the end of the file; "
                                 "download it again")
             shape = tensor.shape
+            if len(shape) == 3 and shape[0] > HEADER_LIMITS["n_experts"][1]:
+                raise GGUFError(f"{self.path} has tensor {tensor.name} of {shape[0]} experts; the file is corrupt")
             for hf_name, expert in hf_names(tensor.name, shape).items():
                 if expert is None:
                     entries[hf_name] = TensorEntry(self.path, tensor.qtype.name, shape, tensor.start, end)
@@ -238,13 +253,41 @@ class GGUFFile:
             self._buf = f.read(min(self.size, 4 << 20))  # the metadata, before the tensors; grown on demand
         self._pos = 0
         self._read_header()
-        self.fields = dict(self._field() for _ in range(self._n_fields))
+        self.fields = {}
+        for _ in range(self._n_fields):
+            key, value = self._field()
+            if key in self.fields:
+                raise GGUFError(f"{self.path} has the metadata key {key} twice; the file is corrupt")
+            self.fields[key] = value
         infos = [self._tensor_info() for _ in range(self._n_tensors)]
-        alignment = int(self.fields.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+        alignment = self.fields.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        if not _is_int(alignment) or not 0 < alignment <= 1 << 20 or alignment & (alignment - 1):
+            raise GGUFError(f"{self.path} has general.alignment {alignment!r}, not a power of two; the file is corrupt")
         data_start = -(-self._pos // alignment) * alignment
-        self.tensors = [GGUFTensorInfo(name, qtype, shape, data_start + offset, _nbytes(qtype, shape))
+        self.tensors = [self._tensor(name, qtype, shape, offset, data_start, alignment)
                         for name, qtype, shape, offset in infos]
+        self._check_no_overlap()
         self._buf = b""
+
+    def _tensor(self, name: str, qtype, shape: tuple[int, ...], offset: int, data_start: int,
+                alignment: int) -> GGUFTensorInfo:
+        nbytes = _nbytes(qtype, shape, f"tensor {name} in {self.path}")
+        start = data_start + offset
+        if offset % alignment or start + nbytes > self.size:
+            what = "is misaligned" if offset % alignment else "ends past the end of the file"
+            raise GGUFError(f"{self.path} is truncated or corrupt: tensor {name} {what}; download it again")
+        return GGUFTensorInfo(name, qtype, shape, start, nbytes)
+
+    def _check_no_overlap(self) -> None:
+        names = set()
+        end, previous = 0, None
+        for t in sorted(self.tensors, key=lambda t: t.start):
+            if t.name in names:
+                raise GGUFError(f"{self.path} has two tensors named {t.name}; the file is corrupt")
+            if t.start < end:
+                raise GGUFError(f"{self.path} is corrupt: tensor {t.name} overlaps {previous}; download it again")
+            names.add(t.name)
+            end, previous = t.start + t.nbytes, t.name
 
     def _read_header(self) -> None:
         magic = self._buf[:4]
@@ -255,10 +298,14 @@ class GGUFFile:
         if version not in (2, 3):
             raise GGUFError(f"{self.path} is GGUF version {version}; dllama reads versions 2 and 3")
         self._n_tensors, self._n_fields = self._unpack("<QQ")
+        # each metadata pair takes at least 13 bytes, each tensor info 24: counts beyond that are lies
+        if self._n_fields * 13 + self._n_tensors * 24 > self.size - self._pos:
+            raise GGUFError(f"{self.path} claims {self._n_tensors} tensors and {self._n_fields} metadata keys, more "
+                            f"than its {self.size} bytes can hold; the file is truncated or corrupt")
 
     def _need(self, n: int) -> None:
         if self._pos + n > len(self._buf):
-            if len(self._buf) >= self.size:
+            if self._pos + n > self.size:  # a corrupt length: refuse before reading (and holding) the file
                 raise GGUFError(f"{self.path} is truncated inside its metadata; download it again")
             with open(self.path, "rb") as f:
                 self._buf = f.read(min(self.size, max(2 * len(self._buf), self._pos + n)))
@@ -290,6 +337,7 @@ class GGUFFile:
             return self._string()
         if vtype == GGUFValueType.ARRAY:
             item_type, count = self._unpack("<IQ")
+            self._need(count * _MIN_VALUE_BYTES.get(item_type, 1))  # before a loop or list of `count` items
             if item_type in _SCALAR_FORMATS:  # one unpack for the whole array
                 values = list(self._unpack(f"<{count}{_SCALAR_FORMATS[item_type]}"))
                 return [bool(v) for v in values] if item_type == GGUFValueType.BOOL else values
@@ -304,6 +352,9 @@ class GGUFFile:
 
         name = self._string()
         (n_dims,) = self._unpack("<I")
+        if not 1 <= n_dims <= GGML_MAX_DIMS:
+            raise GGUFError(f"tensor {name} in {self.path} has {n_dims} dimensions (GGUF allows 1 to "
+                            f"{GGML_MAX_DIMS}); the file is corrupt")
         dims = self._unpack(f"<{n_dims}Q")
         qtype_id, offset = self._unpack("<IQ")
         try:
@@ -317,6 +368,13 @@ class GGUFFile:
 
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q",
                    12: "d"}  # GGUFValueType
+_MIN_VALUE_BYTES = {**{t: struct.calcsize(f) for t, f in _SCALAR_FORMATS.items()}, 8: 8, 9: 12}  # string, array
+GGML_MAX_DIMS = 4
+MAX_TENSOR_VALUES = 1 << 40
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -328,11 +386,15 @@ class GGUFTensorInfo:
     nbytes: int
 
 
-def _nbytes(qtype, shape: tuple[int, ...]) -> int:
+def _nbytes(qtype, shape: tuple[int, ...], what: str) -> int:
     from gguf import GGML_QUANT_SIZES
 
     block, block_bytes = GGML_QUANT_SIZES[qtype]
-    return int(np.prod(shape, dtype=np.int64)) // block * block_bytes
+    n = math.prod(shape)
+    if not all(shape) or n > MAX_TENSOR_VALUES or shape[-1] % block:
+        raise GGUFError(f"{what} has shape {list(shape)}, impossible for {qtype.name} blocks of {block}; "
+                        "the file is corrupt")
+    return n // block * block_bytes
 
 
 def _open_gguf(path: Path) -> GGUFFile:
@@ -340,7 +402,7 @@ def _open_gguf(path: Path) -> GGUFFile:
         raise GGUFError(f"{path} does not exist or is not a file")
     try:
         return GGUFFile(path)
-    except (struct.error, OverflowError, MemoryError):
+    except (struct.error, OverflowError, RecursionError):
         raise GGUFError(f"{path} is truncated or corrupt in its metadata; download it again") from None
 
 

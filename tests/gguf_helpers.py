@@ -37,11 +37,12 @@ def hf_folder_from_gguf(gguf_path: Path, folder: Path, hf_files_from: Path) -> P
 
 def write_gguf_like(source: Path, target: Path, retype: dict[str, str] | None = None,
                     drop_fields: tuple[str, ...] = (), arch: str | None = None,
-                    tensor_type: str | None = None, labelled: str | None = None) -> Path:
+                    tensor_type: str | None = None, labelled: str | None = None, alignment: int | None = None) -> Path:
     """A copy of a GGUF file through gguf.GGUFWriter, changing what a test needs changed:
     `tensor_type` re-encodes every 2-D weight as Q4_0 / Q8_0 (with gguf.quants.quantize) and
     `labelled` then names that type something else of the same block size (IQ4_NL for Q4_0),
-    `drop_fields` leaves metadata keys out, `arch` renames general.architecture."""
+    `drop_fields` leaves metadata keys out, `arch` renames general.architecture, `alignment` states
+    general.alignment."""
     import gguf
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
@@ -49,6 +50,8 @@ def write_gguf_like(source: Path, target: Path, retype: dict[str, str] | None = 
     old_arch = reader.fields["general.architecture"].contents()
     new_arch = arch or old_arch
     writer = GGUFWriter(target, new_arch)
+    if alignment:
+        writer.add_custom_alignment(alignment)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in drop_fields:
             continue

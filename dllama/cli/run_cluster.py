@@ -10,7 +10,7 @@ import typer
 from dllama.cli import options
 from dllama.cli.edge import CliError, edge, note
 from dllama.cli.loading import check_port, model_files
-from dllama.formats import read_model_header
+from dllama.formats import ModelFile
 from dllama.runtime.distributed.node_memory import (
     TOKENIZER_BYTES_PER_TOKEN,
     SplitError,
@@ -80,7 +80,7 @@ def plan_command(
     """
     with edge():
         model = model_files(source, model, None, quant, with_tokenizer=False).model
-        header = read_model_header(model)
+        header = ModelFile(model).header  # the header checked against the file's real size
         seq = min(max_seq_len, header.max_seq_len)
         split_weights = _plan_weights(nodes, weights, root_compute, workers)
         plan = memory_plan(header, nodes, seq, batch, weights=split_weights)

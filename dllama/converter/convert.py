@@ -17,11 +17,13 @@ from typing import Callable
 
 import numpy as np
 
-from dllama.checkpoint import Checkpoint, TensorEntry, header_from_config
+from dllama.checkpoint import Checkpoint, TensorEntry
 from dllama.converter import encoders
 from dllama.errors import DllamaError
 from dllama.formats import (
     BLOCK_SIZE,
+    Q40_BYTES,
+    Q80_BYTES,
     FloatType,
     ModelHeader,
     TensorSpec,
@@ -108,7 +110,8 @@ class ConversionResult:
 # Planning: every check before any output
 
 def plan_model(checkpoint: Checkpoint, float_type: FloatType) -> tuple[ModelHeader, list[PlannedTensor]]:
-    header = header_from_config(checkpoint.config, float_type)
+    header = checkpoint.header(float_type)
+    _check_no_extra_layers(checkpoint, header)
     planned = []
     for spec in tensor_plan(header):
         entry = checkpoint.entries.get(spec.hf_name)
@@ -118,14 +121,27 @@ def plan_model(checkpoint: Checkpoint, float_type: FloatType) -> tuple[ModelHead
             raise ConversionError(f"{spec.hf_name} is missing from the checkpoint ({checkpoint.looked_in})")
         if entry.shape != spec.shape:
             raise ConversionError(f"{spec.hf_name} has shape {list(entry.shape)} but {checkpoint.config_source} "
-                                  "implies "
-                                  f"{list(spec.shape)}; the config does not belong to these weights")
+                                  f"implies {list(spec.shape)} ({checkpoint.looked_in}); the config does not belong "
+                                  "to these weights")
         _check_blocks(spec)
         _check_source_type(spec, entry)
         permute = None if checkpoint.rows_in_file_order else spec.permute_heads
         planned.append(PlannedTensor(spec, entry, permute))
     _check_no_biases(checkpoint, planned)
     return header, planned
+
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_no_extra_layers(checkpoint: Checkpoint, header: ModelHeader) -> None:
+    """Layers the config does not count would be silently dropped: the config is wrong, refuse."""
+    layers = {int(m.group(1)) for name in checkpoint.entries if (m := _LAYER_NAME.match(name))}
+    beyond = sorted(n for n in layers if n >= header.n_layers)
+    if beyond:
+        raise ConversionError(f"the checkpoint holds layer {beyond[0]} ({len(layers)} layers in all) but "
+                              f"{checkpoint.config_source} says {header.n_layers} ({checkpoint.looked_in}); the "
+                              "config does not belong to these weights")
 
 
 def _check_no_biases(checkpoint: Checkpoint, planned: list[PlannedTensor]) -> None:
@@ -322,9 +338,11 @@ def _write_tensor(f, t: PlannedTensor, reader: SourceReader, out_buffer: ReusedB
         n = min(chunk_rows, rows - r0)
         raw = reader.read(t.entry, r0 * row_bytes, n * row_bytes)
         if copy_as_stored:  # same values and block layout (FORMAT.md §1.2): no second rounding
+            _check_finite(t, *_stored_values(raw, t.entry.dtype, n, cols), r0)
             f.write(memoryview(raw))
         else:
             src, kind = _source_rows(raw, t.entry.dtype, n, cols)
+            _check_finite(t, src, kind, r0)
             out = out_buffer.get(n * out_row_bytes)
             encode(src, kind, _row_order(t, n), out.view(out_dtype).reshape(n, -1))
             f.write(memoryview(out))
@@ -346,6 +364,20 @@ def _row_order(t: PlannedTensor, n: int) -> np.ndarray:
         head_rows = t.rows_cols[0] // t.permute_heads
         order = permute_rotary_rows(order[:, None], n // head_rows)[:, 0].copy()
     return order
+
+
+def _check_finite(t: PlannedTensor, bits: np.ndarray, kind: int, first_row: int) -> None:
+    if encoders.has_nonfinite(bits, kind):
+        raise ConversionError(f"{t.entry.file} holds inf or NaN values in {t.spec.hf_name} (rows from {first_row}); "
+                              "the checkpoint is corrupt: download it again")
+
+
+def _stored_values(raw: np.ndarray, dtype: str, n: int, cols: int) -> tuple[np.ndarray, int]:
+    """What decides finiteness of bytes copied as stored: the values, or a block type's f16 scales."""
+    if dtype in ("Q4_0", "Q8_0"):  # an f16 scale, then the quants (FORMAT.md §1.2): only the scale can be inf
+        block_bytes = {"Q4_0": Q40_BYTES, "Q8_0": Q80_BYTES}[dtype]
+        return np.ascontiguousarray(raw.reshape(-1, block_bytes)[:, :2]).view("<u2"), encoders.SRC_F16
+    return _source_rows(raw, dtype, n, cols)
 
 
 def _source_rows(raw: np.ndarray, dtype: str, n: int, cols: int) -> tuple[np.ndarray, int]:

@@ -157,3 +157,17 @@ def f32_bits_to_f16_bits(bits, out):
 def f16_bits_to_f32_bits(bits, out):
     for i in prange(bits.shape[0]):
         out[i] = _f16_bits_to_f32_bits(bits[i])
+
+
+_EXPONENT_MASKS = (0x7F80, 0x7C00, 0x7F800000)  # by SRC_*: all exponent bits set is inf or NaN
+
+
+@numba.njit(**_jit)
+def has_nonfinite(src, kind):
+    """Whether any source value is inf or NaN: a weight that would poison every logit at run time."""
+    mask = src.dtype.type(_EXPONENT_MASKS[kind])
+    flat = src.reshape(-1)
+    top = src.dtype.type(0)
+    for j in range(flat.shape[0]):  # a max reduction vectorizes; the exponent field is all ones only for inf/NaN
+        top = max(top, flat[j] & mask)
+    return top == mask

@@ -36,6 +36,7 @@ from dllama.formats.codecs import (
 from dllama.formats.header import (
     DEFAULTED_KEYS,
     FIELD_BY_KEY,
+    HEADER_LIMITS,
     MODEL_MAGIC,
     NORM_EPSILON_CODES,
     OLD_MODEL_MAGICS,
@@ -46,6 +47,7 @@ from dllama.formats.header import (
     HiddenAct,
     ModelHeader,
     RopeType,
+    check_header_limits,
     parse_model_header,
     read_model_header,
 )
@@ -81,6 +83,7 @@ __all__ = [
     "quantize_q80", "tensor_nbytes",
     "DEFAULTED_KEYS", "FIELD_BY_KEY", "MODEL_MAGIC", "NORM_EPSILON_CODES", "OLD_MODEL_MAGICS", "OPTIONAL_KEY_ORDER",
     "REQUIRED_KEY_ORDER", "ArchType", "HeaderKey", "HiddenAct", "ModelHeader", "RopeType", "parse_model_header",
+    "HEADER_LIMITS", "check_header_limits",
     "read_model_header",
     "ModelFile", "Split", "TensorLayout", "TensorSpec", "model_file_size", "permute_rotary_rows", "tensor_layout",
     "tensor_plan",

@@ -6,6 +6,7 @@ between float32 values and those bytes. Readers, writers and kernels take their 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -117,7 +118,7 @@ Q80_BYTES = BLOCK_FORMATS[FloatType.Q80].nbytes
 
 
 def tensor_nbytes(shape: tuple[int, ...], float_type: FloatType) -> int:
-    n = int(np.prod(shape))
+    n = math.prod(int(d) for d in shape)  # Python ints: a corrupt shape cannot wrap around
     fmt = BLOCK_FORMATS[float_type]
     if n % fmt.values:
         raise FormatError(f"{n} values do not fill whole {float_type.name.lower()} blocks of {fmt.values}")

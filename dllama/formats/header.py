@@ -71,6 +71,17 @@ OPTIONAL_KEY_ORDER = (
 DEFAULTED_KEYS = (HeaderKey.N_EXPERTS, HeaderKey.N_ACTIVE_EXPERTS, HeaderKey.VERSION, HeaderKey.HIDDEN_ACT)
 NORM_EPSILON_CODES = {5: 1e-5, 6: 1e-6}
 
+# What a reader believes before it plans, allocates or loops: each size field's smallest and largest
+# value (issue 28). Far beyond any released model (Llama 3.1 405B: dim 16384, 126 layers, vocabulary
+# 128256; Qwen3 MoE: 128 experts), yet small enough that a plan over them is O(header), and a
+# file claiming more is refused before a tensor plan of 2^31 layers is built.
+HEADER_LIMITS = {
+    "dim": (1, 1 << 17), "hidden_dim": (1, 1 << 20), "n_layers": (1, 1 << 12), "n_heads": (1, 1 << 12),
+    "n_kv_heads": (1, 1 << 12), "vocab_size": (1, 1 << 22), "max_seq_len": (1, 1 << 24),
+    "n_experts": (0, 1 << 10), "n_active_experts": (0, 1 << 10), "head_dim_value": (1, 1 << 14),
+    "moe_hidden_dim": (1, 1 << 20),
+}
+
 
 @dataclass(frozen=True)
 class ModelHeader:
@@ -211,7 +222,21 @@ def parse_model_header(data: bytes, where: str = "model file") -> ModelHeader:
     code = fields.get("norm_epsilon_code")
     if code is not None and code not in NORM_EPSILON_CODES:
         raise FormatError(f"{where} has unsupported norm_epsilon code {code} (only 5 and 6 exist)")
-    return ModelHeader(**fields)  # type: ignore[arg-type]
+    check_header_limits(fields, where)
+    header = ModelHeader(**fields)  # type: ignore[arg-type]
+    if header.head_dim < 1:
+        raise FormatError(f"{where} has {header.n_heads} heads for dim {header.dim}: no head is a whole value wide; "
+                          "the file is corrupt: convert it again")
+    return header
+
+
+def check_header_limits(fields: dict[str, object], where: str) -> None:
+    """Each size field within HEADER_LIMITS, so that plans and allocations from it stay bounded."""
+    for name, (low, high) in HEADER_LIMITS.items():
+        value = fields.get(name)
+        if value is not None and not low <= value <= high:
+            raise FormatError(f"{where} has {name} {value} in its header, outside {low}..{high}; the file is "
+                              "corrupt or not a distributed-llama model: convert it again")
 
 
 def read_model_header(path: str | os.PathLike) -> ModelHeader:

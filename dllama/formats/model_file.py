@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +111,10 @@ def tensor_layout(h: ModelHeader) -> list[TensorLayout]:
 
 
 def model_file_size(h: ModelHeader) -> int:
-    return h.nbytes + sum(s.nbytes for s in tensor_plan(h))
+    """The exact size of the `.m` for this header, from one layer's plan: O(header), whatever n_layers says."""
+    specs = tensor_plan(replace(h, n_layers=1))
+    per_layer = sum(s.nbytes for s in specs if s.layer is not None)
+    return h.nbytes + sum(s.nbytes for s in specs if s.layer is None) + h.n_layers * per_layer
 
 
 class ModelFile:
@@ -124,7 +127,10 @@ class ModelFile:
         except FileNotFoundError:
             raise FormatError(f"model file {self.path} does not exist") from None
         self.header = read_model_header(self.path)
-        expected = model_file_size(self.header)
+        try:
+            expected = model_file_size(self.header)  # before any plan or map: the header is not yet believed
+        except FormatError as e:
+            raise FormatError(f"model file {self.path} describes impossible tensors ({e}); convert it again") from None
         if size != expected:
             what = "truncated" if size < expected else "longer than its header describes"
             raise FormatError(f"model file {self.path} is {what}: {size} bytes, the header needs exactly {expected}")

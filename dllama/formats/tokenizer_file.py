@@ -39,6 +39,11 @@ def padded_vocabulary(model_vocab: int, tokenizer_vocab: int) -> bool:
 
 EXTENSION_MAGIC = b"DLXT"
 EXTENSION_VERSION = 1
+# Bounds a reader believes (issue 28): the largest tokenizer.json on the hub (Gemma 3's) is 33 MB,
+# a whole `.t` with it ~40 MB
+MAX_EMBEDDED_BYTES = 128 << 20  # one embedded section, decompressed
+MAX_TOKENIZER_FILE_BYTES = 512 << 20
+MIN_TOKEN_RECORD = 9  # score, length and at least one byte
 
 
 class EmbeddedKind(enum.IntEnum):
@@ -126,13 +131,18 @@ def _extension_section(section: EmbeddedSource) -> bytes:
 _EXT_HEADER = struct.Struct("<4s6I")  # magic, version, kind, compression, raw_len, stored_len, crc32
 
 
-def parse_tokenizer(data: bytes, where: str = "tokenizer file") -> TokenizerFile:
+def _check_tokenizer_magic(data: bytes, where: str) -> None:
     if len(data) < 8:
         raise FormatError(f"{where} is truncated: {len(data)} bytes, too short for a header")
-    magic, header_size = struct.unpack_from("<2i", data)
+    magic = struct.unpack_from("<i", data)[0]
     if magic not in (TOKENIZER_MAGIC, OLD_TOKENIZER_MAGIC):
         raise FormatError(f"{where} is not a distributed-llama tokenizer: bad magic {magic & 0xFFFFFFFF:#x} (expected "
                           f"{TOKENIZER_MAGIC:#x})")
+
+
+def parse_tokenizer(data: bytes, where: str = "tokenizer file") -> TokenizerFile:
+    _check_tokenizer_magic(data, where)
+    header_size = struct.unpack_from("<i", data, 4)[0]
     if header_size < 8 or (header_size - 8) % 8 or header_size > 8 + 8 * 64 or header_size > len(data):
         raise FormatError(f"{where} has an impossible or truncated header (size {header_size})")
     n_pairs = (header_size - 8) // 8
@@ -145,8 +155,9 @@ def parse_tokenizer(data: bytes, where: str = "tokenizer file") -> TokenizerFile
     if keys.get(TokKey.VERSION) != 1:
         raise FormatError(f"{where} has tokenizer version {keys.get(TokKey.VERSION)}; only version 1 exists")
     vocab_size = keys.get(TokKey.VOCAB_SIZE, 0)
-    if vocab_size <= 0:
-        raise FormatError(f"{where} has vocab_size {vocab_size}")
+    if not 0 < vocab_size <= (len(data) - header_size) // MIN_TOKEN_RECORD:
+        raise FormatError(f"{where} has vocab_size {vocab_size} in its header, impossible for a file of {len(data)} "
+                          "bytes; the file is corrupt: convert the tokenizer again")
     pos = header_size
     template = None
     if TokKey.CHAT_TEMPLATE in keys:
@@ -205,9 +216,11 @@ def _parse_extension(data: bytes, pos: int, where: str) -> list[EmbeddedSource]:
         pos += _EXT_HEADER.size
         if pos + stored_len > len(data):
             raise FormatError(f"{where} is truncated inside its embedded tokenizer")
-        stored = bytes(data[pos:pos + stored_len])
+        if raw_len > MAX_EMBEDDED_BYTES:
+            raise FormatError(f"{where} says its embedded tokenizer expands to {raw_len} bytes, more than the "
+                              f"{MAX_EMBEDDED_BYTES >> 20} MiB any tokenizer needs; the file is corrupt")
+        raw = _section_bytes(bytes(data[pos:pos + stored_len]), compression, raw_len, where)
         pos += stored_len
-        raw = zlib.decompress(stored) if compression == 1 else stored
         if len(raw) != raw_len or zlib.crc32(raw) != crc:
             raise FormatError(f"{where} has a corrupt embedded tokenizer (length or checksum mismatch)")
         try:
@@ -217,9 +230,34 @@ def _parse_extension(data: bytes, pos: int, where: str) -> list[EmbeddedSource]:
     return sections
 
 
-def read_tokenizer(path: str | os.PathLike) -> TokenizerFile:
+def _section_bytes(stored: bytes, compression: int, raw_len: int, where: str) -> bytes:
+    """A section's data, decompressed to at most raw_len + 1 bytes: a zip bomb stops there."""
+    if compression == 0:
+        return stored
+    if compression != 1:
+        raise FormatError(f"{where} has an embedded tokenizer with unknown compression {compression}")
+    inflate = zlib.decompressobj()
     try:
-        data = Path(path).read_bytes()
+        raw = inflate.decompress(stored, raw_len + 1)
+    except zlib.error:
+        raise FormatError(f"{where} has a corrupt embedded tokenizer (its zlib stream is broken)") from None
+    if not inflate.eof:
+        raise FormatError(f"{where} has a corrupt embedded tokenizer (it expands beyond its stated {raw_len} bytes "
+                          "or ends early)")
+    return raw
+
+
+def read_tokenizer(path: str | os.PathLike) -> TokenizerFile:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
     except FileNotFoundError:
         raise FormatError(f"tokenizer file {path} does not exist") from None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        _check_tokenizer_magic(head, str(path))
+        if size > MAX_TOKENIZER_FILE_BYTES:
+            raise FormatError(f"tokenizer file {path} is {size} bytes, more than any tokenizer needs; is it a model "
+                              "file?")
+        data = head + f.read()
     return parse_tokenizer(data, where=str(path))

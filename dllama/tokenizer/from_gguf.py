@@ -41,6 +41,7 @@ class GGUFTokenizer:
 
     def __init__(self, checkpoint):
         self.where = checkpoint.path
+        _check_metadata_types(checkpoint)
         self.model = checkpoint.value("tokenizer.ggml.model")
         self.tokens = checkpoint.value("tokenizer.ggml.tokens")
         if not self.model or not self.tokens:
@@ -67,8 +68,8 @@ class GGUFTokenizer:
         if len(self.types) != n or len(self.scores) != n:
             raise TokenizerConversionError(f"{self.where} has {n} tokens but {len(self.types)} token types and "
                                            f"{len(self.scores)} scores; the tokenizer metadata is corrupt")
-        for what, token_id in (("bos", self.bos_id), ("eos", self.eos_id)):
-            if token_id is None or not 0 <= token_id < n:
+        for what, token_id in (("bos", self.bos_id), ("eos", self.eos_id), ("unknown", self.unk_id)):
+            if (token_id is None and what != "unknown") or token_id is not None and not 0 <= token_id < n:
                 raise TokenizerConversionError(f"{self.where} has no valid {what} token "
                                                f"(tokenizer.ggml.{what}_token_id "
                                                f"is {token_id}); the tokenizer metadata is incomplete")
@@ -79,7 +80,13 @@ class GGUFTokenizer:
     def tokenizer_json(self) -> str:
         """Built once (building SmolLM2's takes ~0.5 s and ~50 MB): the `.t` and the validator share it."""
         if self._json is None:
-            tok = self._byte_level_bpe() if self.model == "gpt2" else self._sentencepiece_bpe()
+            try:
+                tok = self._byte_level_bpe() if self.model == "gpt2" else self._sentencepiece_bpe()
+            except Exception as e:  # tokenizers raises plain Exception (a merge of unknown tokens, ...)
+                if isinstance(e, TokenizerConversionError):
+                    raise
+                raise TokenizerConversionError(f"{self.where} has tokenizer metadata the tokenizers library refuses "
+                                               f"({e}); the file is corrupt") from None
             self._json = tok.to_str(pretty=True)
         return self._json
 
@@ -171,6 +178,40 @@ class GGUFTokenizer:
         if self.types[i] == BYTE and len(piece) == 6 and piece.startswith("<0x"):
             return bytes([int(piece[3:5], 16)])
         return piece.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _list_of(v, ok) -> bool:
+    return isinstance(v, list) and all(map(ok, v))
+
+
+# tokenizer.ggml.* key -> (what it must be, the test): a value of another type is a corrupt file
+_METADATA_TYPES = {
+    "tokenizer.ggml.model": ("a name", lambda v: isinstance(v, str)),
+    "tokenizer.ggml.pre": ("a name", lambda v: isinstance(v, str)),
+    "tokenizer.ggml.tokens": ("a list of strings", lambda v: _list_of(v, lambda t: isinstance(t, str))),
+    "tokenizer.ggml.token_type": ("a list of integers", lambda v: _list_of(v, _is_int)),
+    "tokenizer.ggml.scores": ("a list of numbers", lambda v: _list_of(v, lambda x: isinstance(x, (int, float))
+                                                                      and not isinstance(x, bool))),
+    "tokenizer.ggml.merges": ("a list of strings", lambda v: _list_of(v, lambda m: isinstance(m, str))),
+    "tokenizer.ggml.bos_token_id": ("a token id", _is_int),
+    "tokenizer.ggml.eos_token_id": ("a token id", _is_int),
+    "tokenizer.ggml.unknown_token_id": ("a token id", _is_int),
+    "tokenizer.ggml.padding_token_id": ("a token id", _is_int),
+    "tokenizer.ggml.add_bos_token": ("true or false", lambda v: isinstance(v, bool)),
+    "tokenizer.chat_template": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _check_metadata_types(checkpoint) -> None:
+    for key, (wanted, ok) in _METADATA_TYPES.items():
+        value = checkpoint.value(key)
+        if value is not None and not ok(value):
+            raise TokenizerConversionError(f"{checkpoint.path} has the metadata {key} of the wrong type (not "
+                                           f"{wanted}); the file is corrupt")
 
 
 def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:

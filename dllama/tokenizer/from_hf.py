@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from dllama.errors import DllamaError
-from dllama.formats import EmbeddedKind, EmbeddedSource, TokenizerFile
+from dllama.formats import HEADER_LIMITS, EmbeddedKind, EmbeddedSource, TokenizerFile
 
 
 class TokenizerConversionError(DllamaError, ValueError):
@@ -27,6 +27,7 @@ EMBEDDED_CONFIG_KEYS = ("add_bos_token", "add_eos_token", "additional_special_to
 
 
 SENTENCEPIECE_SPACE = "\u2581"
+MAX_TOKEN_ID = HEADER_LIMITS["vocab_size"][1]  # a larger id would make a vocabulary no `.m` can hold
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -47,9 +48,24 @@ def byte_level_decoder() -> dict[str, int]:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise TokenizerConversionError(f"{path} is not UTF-8 text; download it again") from None
     except json.JSONDecodeError as e:
         raise TokenizerConversionError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise TokenizerConversionError(f"{path} nests too deeply to be a tokenizer file") from None
+    if not isinstance(value, dict):
+        raise TokenizerConversionError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _malformed(path: Path, what: str) -> TokenizerConversionError:
+    return TokenizerConversionError(f"{path} has a malformed {what}; download it again")
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_TOKEN_ID
 
 
 def _optional_json(path: Path) -> dict:
@@ -61,6 +77,8 @@ def chat_template_of(folder: Path, tokenizer_config: dict) -> str | None:
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
+    if template is not None and not isinstance(template, str):
+        raise _malformed(folder / "tokenizer_config.json", "chat_template (not text)")
     jinja_file = folder / "chat_template.jinja"
     if not template and jinja_file.is_file():  # transformers 5 keeps it beside the config
         template = jinja_file.read_text(encoding="utf-8")
@@ -69,8 +87,8 @@ def chat_template_of(folder: Path, tokenizer_config: dict) -> str | None:
 
 def _token_text(value) -> str | None:
     if isinstance(value, dict):
-        return value.get("content")
-    return value
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 def convert_tokenizer(folder: str | os.PathLike, embed: bool = True) -> TokenizerFile:
@@ -126,7 +144,8 @@ def _adds_leading_special(processor) -> bool:
         single = processor.get("single") or []
         return bool(single) and isinstance(single[0], dict) and "SpecialToken" in single[0]
     if kind == "Sequence":
-        return any(_adds_leading_special(p) for p in processor.get("processors") or [])
+        processors = processor.get("processors")
+        return isinstance(processors, list) and any(_adds_leading_special(p) for p in processors)
     return kind in ("BertProcessing", "RobertaProcessing")
 
 
@@ -154,7 +173,8 @@ def _is_byte_level(tok: dict) -> bool:
             return False
         if node.get("type") == "ByteLevel":
             return True
-        return any(has_byte_level(n) for n in node.get("pretokenizers", []) + node.get("decoders", []))
+        return any(has_byte_level(n) for key in ("pretokenizers", "decoders")
+                   for n in (node.get(key) if isinstance(node.get(key), list) else []))
 
     return has_byte_level(tok.get("pre_tokenizer")) or has_byte_level(tok.get("decoder"))
 
@@ -162,10 +182,9 @@ def _is_byte_level(tok: dict) -> bool:
 def tokenizer_file_from_json(tok: dict, tokenizer_config: dict, model_config: dict, path: Path) -> TokenizerFile:
     """A parsed tokenizer.json -> `.t` vocabulary as the reference converter builds it (scores -id)."""
     model = tok.get("model") or {}
-    vocab: dict[str, int] = dict(model.get("vocab") or {})
-    if model.get("type") == "Unigram":  # vocab is a list of [piece, score]
-        vocab = {piece: i for i, (piece, _score) in enumerate(model.get("vocab") or [])}
-    added = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    if not isinstance(model, dict):
+        raise _malformed(path, "model (not an object)")
+    vocab, added = _vocab(model, path), _added_tokens(tok, path)
     by_id: dict[int, str] = {i: piece for piece, i in vocab.items()}
     by_id.update({i: text for text, i in added.items()})
     size = max(by_id) + 1 if by_id else 0
@@ -196,6 +215,26 @@ def tokenizer_file_from_json(tok: dict, tokenizer_config: dict, model_config: di
     )
 
 
+def _vocab(model: dict, path: Path) -> dict[str, int]:
+    raw = model.get("vocab") or ({} if model.get("type") != "Unigram" else [])
+    if model.get("type") == "Unigram":  # vocab is a list of [piece, score]
+        if not (isinstance(raw, list) and len(raw) < MAX_TOKEN_ID
+                and all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in raw)):
+            raise _malformed(path, "Unigram vocab (not a list of [piece, score])")
+        return {piece: i for i, (piece, _score) in enumerate(raw)}
+    if not (isinstance(raw, dict) and all(_is_id(i) for i in raw.values())):
+        raise _malformed(path, f"vocab (not an object of piece -> id below {MAX_TOKEN_ID})")
+    return dict(raw)
+
+
+def _added_tokens(tok: dict, path: Path) -> dict[str, int]:
+    added = tok.get("added_tokens") or []
+    if not (isinstance(added, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                            and _is_id(t.get("id")) for t in added)):
+        raise _malformed(path, f"added_tokens (not a list of {{content, id}} with ids below {MAX_TOKEN_ID})")
+    return {t["content"]: t["id"] for t in added}
+
+
 def _lookup(text: str | None, added: dict[str, int], vocab: dict[str, int]) -> int | None:
     if text is None:
         return None
@@ -212,11 +251,16 @@ def _special_id(kind: str, model_config: dict, tokenizer_config: dict, added, vo
         raise TokenizerConversionError(
             f"no {kind} token: set {kind}_token_id in config.json or {kind}_token in tokenizer_config.json beside "
             f"{path.name}")
-    return int(value)
+    if not _is_id(value):
+        raise _malformed(path.parent / "config.json", f"{kind}_token_id {str(value)[:30]!r} (not a token id)")
+    return value
 
 
 def _eos_ids(model_config: dict, tokenizer_config: dict, added, vocab, path: Path) -> list[int]:
     value = model_config.get("eos_token_id")
     if value is None:
         return [_special_id("eos", model_config, tokenizer_config, added, vocab, path)]
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    ids = value if isinstance(value, list) else [value]
+    if not ids or not all(_is_id(v) for v in ids):
+        raise _malformed(path.parent / "config.json", f"eos_token_id {str(value)[:30]!r} (not token ids)")
+    return ids

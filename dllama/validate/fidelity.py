@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from dllama.errors import TokenizerError
 from dllama.formats import EmbeddedKind, TokenizerFile
 from dllama.validate.reference import DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS
 from dllama.validate.report import CheckResult, failed, passed, warned
@@ -50,10 +51,16 @@ class SourceTokenizer:
     def from_embedded(cls, tf: TokenizerFile) -> "SourceTokenizer | None":
         sp = tf.embedded_source(EmbeddedKind.SENTENCEPIECE)
         if sp is not None:
-            return cls._sentencepiece(sp, "the tokenizer.model embedded in the .t")
+            try:
+                return cls._sentencepiece(sp, "the tokenizer.model embedded in the .t")
+            except RuntimeError as e:  # sentencepiece's error for a broken model proto
+                raise TokenizerError(f"the tokenizer.model embedded in the .t cannot be loaded ({e})") from None
         js = tf.embedded_source(EmbeddedKind.TOKENIZER_JSON)
         if js is not None:
-            return cls._tokenizer_json(js.decode("utf-8"), "the tokenizer.json embedded in the .t")
+            try:
+                return cls._tokenizer_json(js.decode("utf-8"), "the tokenizer.json embedded in the .t")
+            except Exception as e:  # tokenizers raises plain Exception; bad utf-8 a ValueError
+                raise TokenizerError(f"the tokenizer.json embedded in the .t cannot be loaded ({e})") from None
         return None
 
     @classmethod

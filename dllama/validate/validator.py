@@ -147,11 +147,15 @@ def validate(model_path: str | os.PathLike, tokenizer_path: str | os.PathLike, h
     tf, result = checks.open_tokenizer(tokenizer_path)
     add(result)
     source_tf = original.tokenizer_file if original else None
-    source_tok = ((original.tokenizer if original else None)
-                  or (fidelity.SourceTokenizer.from_embedded(tf) if tf else None))
+    source_tok, unusable = original.tokenizer if original else None, None
+    if source_tok is None and tf is not None:
+        try:
+            source_tok = fidelity.SourceTokenizer.from_embedded(tf)
+        except TokenizerError as e:  # dllama-run cannot load it either: tokenizer.faithful fails
+            unusable = e
     report.checks += tokenizer_structure(header, tf, source_tf, ref, source_tok, original is not None,
                                          chat_renderer(tokenizer_path))
-    report.checks += tokenizer_fidelity(tokenizer_path, tf, source_tok, options, step)
+    report.checks += tokenizer_fidelity(tokenizer_path, tf, source_tok, options, step, unusable)
     add(tokenizer_vs_reference(tokenizer_path, tf, ref))
 
     if ref is None and original is not None and model_ok:
@@ -199,10 +203,14 @@ def chat_renderer(path: Path) -> Callable[[list[dict]], str]:
     return render
 
 
-def tokenizer_fidelity(path: Path, tf: TokenizerFile | None, source_tok, options: Options, step) -> list[CheckResult]:
+def tokenizer_fidelity(path: Path, tf: TokenizerFile | None, source_tok, options: Options, step,
+                       unusable: TokenizerError | None = None) -> list[CheckResult]:
     names = ("tokenizer.faithful", "tokenizer.reference_runtime")
     if tf is None:
         return [skipped(n, "the tokenizer file failed to parse") for n in names]
+    if unusable is not None:
+        return [failed(names[0], "unusable", "100%", f"dllama-run cannot load this tokenizer: {unusable}"),
+                skipped(names[1], "dllama-run cannot load this tokenizer")]
     if source_tok is None:
         return [skipped(n, "no Hugging Face tokenizer to compare with: give --hf SOURCE or embed it (dllama-convert)")
                 for n in names]

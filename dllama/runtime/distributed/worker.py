@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from dllama.formats import ModelHeader
+from dllama.formats import ModelFile, ModelHeader
 from dllama.runtime import dispatch
 from dllama.runtime.distributed.exchange import (
     SEAMS,
@@ -100,6 +100,8 @@ class Worker:
             raise EngineError(f"--{problem}")
         dispatch.implementation()  # builds the compiled kernels on a first run, before a root waits for them
         self.model_path = Path(model_path) if model_path else None
+        if self.model_path:
+            ModelFile(self.model_path)  # a broken copy is refused at start-up, not when a root comes
         self.identity: ModelIdentity | None = model_identity(self.model_path) if self.model_path else None
         self.nthreads = nthreads
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
