@@ -12,7 +12,7 @@ from typing import NoReturn, Optional
 import typer
 
 from dllama.cli.command_group import VERSION, new_app
-from dllama.cli.edge import edge, fail, note
+from dllama.cli.edge import edge, fail, note, terminations_interrupt
 from dllama.converter.convert import ConversionJob, ConversionResult, default_name, prepare_conversion, write_outputs
 from dllama.converter.hub import resolve_source
 from dllama.formats import FloatType
@@ -97,7 +97,7 @@ def _float_type(quant: str) -> FloatType:
 
 def _run(source: str, float_type: FloatType | None, name: str | None, output_dir: Path, embed: bool,
          revision: str | None, as_json: bool) -> None:
-    with edge(interrupted=_interrupted):
+    with edge(interrupted=_interrupted), terminations_interrupt():
         local = Path(source).expanduser()
         folder = local if local.is_file() else resolve_source(source, revision)
         name = name or default_name(str(local.resolve()) if local.exists() else source)

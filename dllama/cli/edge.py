@@ -6,7 +6,9 @@ traceback. Commands wrap their work in `with edge(): ...` and never catch errors
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, NoReturn
 
@@ -56,6 +58,24 @@ def stop_quietly() -> NoReturn:
     """Ctrl-C in a command that streams text: a note, and the shell's 128 + SIGINT."""
     note("\ninterrupted")
     raise typer.Exit(130)
+
+
+@contextmanager
+def terminations_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a kill, a closed terminal) stop the command as Ctrl-C does, so that the
+    same cleanups run (atomic_output removes its temp file); the old handlers come back after."""
+    def interrupt(signum, frame) -> NoReturn:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextmanager
