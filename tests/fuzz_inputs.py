@@ -599,7 +599,7 @@ def reader_call(reader: str, inputs: dict, out: Path):
     if reader == "plan":
         return run_cli, ["plan", "--model", m, "--nodes", "2"]
     if reader == "run":
-        return run_cli, ["--model", m, "--tokenizer", t, "--prompt", "Hello", "--steps", "2", "--nthreads",
+        return run_cli, ["--model", m, "--tokenizer", t, "--prompt", "Hello", "--steps", "2", "--threads",
                                 "1", "--max-seq-len", "32", "--temperature", "0"]
     if reader == "validate":
         return validate_cli, [m, t, "--quiet", "--threads", "1", "--corpus-limit", "2"]
