@@ -9,6 +9,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import CONFORMANCE
 from gguf_helpers import gguf_from_hf_folder, write_gguf_like
@@ -160,3 +161,28 @@ def test_an_inf_weight_is_refused_by_the_converter(tmp_path):
                                               r"model\.layers\.1\.mlp\.up_proj\.weight"):
         convert(folder, "q40", tmp_path / "out")
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_nan_logits_are_named_instead_of_sampled(temperature):
+    from dllama.runtime.sampler import NaNLogits, Sampler
+
+    logits = np.array([0.5, np.nan, 2.0, 1.0], np.float32)
+    with pytest.raises(NaNLogits, match="weights hold inf or NaN"):
+        Sampler(temperature=temperature, seed=1)(logits)
+
+
+def test_a_model_with_an_inf_weight_stops_dllama_run_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from dllama.cli.dllama_run import app
+
+    model = tmp_path / "inf.m"
+    data = bytearray((LLAMA / "expected_f32.m").read_bytes())
+    norm = ModelFile(LLAMA / "expected_f32.m").layout["norm"].offset
+    data[norm:norm + 4] = np.float32(np.inf).tobytes()  # the final norm: every logit becomes inf or NaN
+    model.write_bytes(data)
+    result = CliRunner().invoke(app, ["--model", str(model), "--tokenizer", str(LLAMA / "expected.t"), "--prompt",
+                                      "Hello", "--steps", "2", "--temperature", "0.8", "--threads", "1"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the model computed NaN or infinite logits")

@@ -59,6 +59,12 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+class NaNLogits(EngineError):
+    def __init__(self):
+        super().__init__("the model computed NaN or infinite logits: its weights hold inf or NaN values (a corrupt "
+                         ".m?); check it with dllama-validate and convert it again")
+
+
 def _check(sampling: Sampling) -> None:
     # written as `not (x in range)` so that NaN fails too
     checks = [
@@ -128,9 +134,15 @@ class Sampler:
     def choose(self, logits: np.ndarray) -> int:
         """The next token for these logits, without remembering it."""
         if not self.adjusts_logits and self.sampling.temperature == 0:
-            return int(np.argmax(logits))      # the engine's own argmax, bit for bit
+            token = int(np.argmax(logits))      # the engine's own argmax, bit for bit
+            if math.isnan(logits[token]) or logits[token] == np.inf:  # argmax stops at the first NaN
+                raise NaNLogits()
+            return token
         z = self.adjusted(logits)
-        if not z.max() > -np.inf:
+        top = z.max()
+        if math.isnan(top) or top == np.inf:
+            raise NaNLogits()
+        if not top > -np.inf:
             raise EngineError("logit_bias bans every token of the vocabulary: ban fewer")
         if self.sampling.temperature == 0:
             return int(np.argmax(z))
