@@ -169,8 +169,8 @@ def t_fields(data: bytes) -> tuple[list[Field], list[int]]:
     for _ in range(keys[1]):
         pos += 8 + struct.unpack_from("<I", data, pos + 4)[0]
     whole = [pos]
-    fields.append(Field("token0.length", header_size + keys.get(7, 0) + 4 * keys.get(9, 0) + 4, "<I",
-                        struct.unpack_from("<I", data, header_size + keys.get(7, 0) + 4 * keys.get(9, 0) + 4)[0],
+    token0_length = header_size + keys.get(7, 0) + 4 * keys.get(9, 0) + 4
+    fields.append(Field("token0.length", token0_length, "<I", struct.unpack_from("<I", data, token0_length)[0],
                         refuse_values=(0, 2**32 - 1, 1 << 30)))
     section = 0
     while pos + 28 <= len(data):
@@ -227,16 +227,15 @@ def gguf_fields(data: bytes) -> tuple[list[Field], int, list[tuple[int, int]]]:
         pos += 4
         if vtype in scalar:
             short = key.split(".", 1)[-1]
-            refuse = short in size_keys and key != "general.alignment"
-            absurd = (0, 2**32 - 1, 10**9) if short in size_keys else ()
-            if key == "general.alignment":
-                absurd, refuse = (0, 3, 1 << 30), False
-                alignment = struct.unpack_from("<" + scalar[vtype], data, pos)[0]
-            if key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
-                absurd = (2**31 - 1, 10**6)
             value = struct.unpack_from("<" + scalar[vtype], data, pos)[0]
-            if isinstance(value, int):
-                fields.append(Field(key, pos, "<" + scalar[vtype], value, refuse and short == "block_count", absurd))
+            absurd = {"general.alignment": (0, 3, 1 << 30), "tokenizer.ggml.bos_token_id": (2**31 - 1, 10**6),
+                      "tokenizer.ggml.eos_token_id": (2**31 - 1, 10**6)}.get(key, ())
+            if short in size_keys:
+                absurd = (0, 2**32 - 1, 10**9)
+            if key == "general.alignment":
+                alignment = value
+            if isinstance(value, int):  # block_count: any other value drops or misses a layer
+                fields.append(Field(key, pos, "<" + scalar[vtype], value, short == "block_count", absurd))
         elif vtype == 8:
             fields.append(Field(f"{key}:len", pos, "<Q", struct.unpack_from("<Q", data, pos)[0],
                                 refuse_values=(2**63, 2**40)))
