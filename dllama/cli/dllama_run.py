@@ -9,92 +9,24 @@ Text streams to stdout; start-up notes and the timing summary go to stderr.
 """
 from __future__ import annotations
 
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import List, Optional
 
 import typer
 
 from dllama.cli import options, run_cluster, run_mpi, run_serve, run_store
 from dllama.cli.command_group import ModelFirstGroup, new_app
 from dllama.cli.edge import edge, fail, note, stop_quietly
-from dllama.cli.loading import ClusterOptions, LoadedModel, load_model, model_files
+from dllama.cli.loading import ClusterOptions, load_model, model_files
+from dllama.cli.run_chat import run_chat
+from dllama.cli.streaming import Timing, stream_text, write_stdout
 from dllama.runtime.conversation import Conversation, answer_room
-from dllama.runtime.sampler import Sampler, Sampling
+from dllama.runtime.sampler import Sampling
 
 app = new_app(cls=ModelFirstGroup, subcommand_metavar="[MODEL] | COMMAND [ARGS]...", no_args_is_help=True,
               help="Run a model: text generation (default), chat, and the serve/worker/plan/list/rm commands. MODEL "
                    "is a stored model's name (dllama-run list), a hub id (org/name), a GGUF file, a checkpoint folder "
                    "or a .m file: a source is converted into the model store once (--quant), then run from there.")
-
-
-@dataclass
-class Timing:
-    prompt_tokens: int = 0
-    prompt_seconds: float = 0.0   # until the first generated token: the batched prefill
-    generated_tokens: int = 0
-    decode_steps: int = 0         # tokens after the first, each one forward pass
-    decode_seconds: float = 0.0
-
-    def summary(self) -> str:
-        p_rate = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
-        g_rate = self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
-        ms = 1000 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
-        return (f"prompt: {self.prompt_tokens} tokens, {p_rate:.2f} tokens/s | generated: {self.generated_tokens} "
-                f"tokens, {g_rate:.2f} tokens/s, {ms:.1f} ms/token")
-
-
-def timed_tokens(tokens: Iterator[int], prompt_tokens: Callable[[], int], timing: Timing) -> Iterator[int]:
-    """Pass tokens through, charging the wait for the first one to the prompt (prefill)."""
-    start = time.perf_counter()
-    last = start
-    for i, token in enumerate(tokens):
-        now = time.perf_counter()
-        if i == 0:
-            timing.prompt_tokens += prompt_tokens()
-            timing.prompt_seconds += now - start
-        else:
-            timing.decode_steps += 1
-            timing.decode_seconds += now - last
-        timing.generated_tokens += 1
-        last = now
-        yield token
-
-
-def stream_text(loaded: LoadedModel, conversation: Conversation, prompt_ids: list[int], steps: int,
-                sampling: Sampling, write: Callable[[str], None], timing: Timing,
-                stop: Sequence[str] = ()) -> list[int]:
-    """Generate up to `steps` tokens answering prompt_ids, writing their text as it comes (up to the first stop
-    sequence, not included); returns their ids."""
-    from dllama.runtime.generate import generate
-    from dllama.runtime.serve.runner import StopScanner
-
-    tok = loaded.tokenizer
-    decoder = tok.stream_decoder()
-    scanner = StopScanner(stop)
-    out: list[int] = []
-    tokens = generate(loaded.engine, prompt_ids, steps, eos_ids=tok.eos_ids, conversation=conversation,
-                      sampler=Sampler(sampling))
-
-    def evaluated() -> int:  # known once generation has started
-        return len(prompt_ids) - conversation.start_pos
-
-    for token in timed_tokens(tokens, evaluated, timing):
-        out.append(token)
-        write(scanner.push(decoder.push(token)))
-        if scanner.stopped:
-            tokens.close()
-            return out
-    write(scanner.push(decoder.flush()))
-    write(scanner.flush())
-    return out
-
-
-def _stdout(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
 
 
 @app.callback(invoke_without_command=True)
@@ -141,12 +73,12 @@ def generate_command(
         ids = loaded.tokenizer.encode(prompt)
         answer_room(len(ids), loaded.engine.max_seq_len)
         timing = Timing()
-        _stdout(prompt)
+        write_stdout(prompt)
         sampling = Sampling(temperature, topp, seed, top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty,
                             frequency_penalty)
-        stream_text(loaded, Conversation(loaded.engine.max_seq_len), ids, steps, sampling, _stdout, timing,
+        stream_text(loaded, Conversation(loaded.engine.max_seq_len), ids, steps, sampling, write_stdout, timing,
                     stop or ())
-        _stdout("\n")
+        write_stdout("\n")
         note(timing.summary())
 
 
@@ -182,33 +114,8 @@ def chat_command(
         files = model_files(source, model, tokenizer, quant)
         loaded = load_model(files.model, files.tokenizer, max_seq_len, nthreads,
                             ClusterOptions(workers, buffer_float_type, weights, root_compute))
-        note(f"max_seq_len {loaded.engine.max_seq_len} (--max-seq-len); empty line or Ctrl-D ends the chat")
-        _chat(loaded, system, steps, Sampling(temperature, topp, seed, top_k, min_p, repeat_penalty, repeat_last_n,
-                                              presence_penalty, frequency_penalty), stop or ())
-
-
-def _chat(loaded: LoadedModel, system: Optional[str], steps: int, sampling: Sampling, stop: Sequence[str]) -> None:
-    messages = [{"role": "system", "content": system}] if system else []
-    conversation = Conversation(loaded.engine.max_seq_len)
-    while (user := _read_turn()) is not None:
-        messages.append({"role": "user", "content": user})
-        timing = Timing()
-        ids = loaded.tokenizer.encode_chat(messages)
-        answer = stream_text(loaded, conversation, ids, steps, sampling, _stdout, timing, stop)
-        _stdout("\n")
-        note(timing.summary())
-        text = loaded.tokenizer.decode(answer)
-        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
-        messages.append({"role": "assistant", "content": text[:cut]})
-
-
-def _read_turn() -> Optional[str]:
-    """The user's next message; None at an empty line or end of input."""
-    try:
-        user = input("> ")
-    except EOFError:
-        return None
-    return user if user.strip() else None
+        run_chat(loaded, system, steps, Sampling(temperature, topp, seed, top_k, min_p, repeat_penalty, repeat_last_n,
+                                                 presence_penalty, frequency_penalty), stop or ())
 
 
 # every subcommand, one line each

@@ -84,6 +84,14 @@ class Conversation:
         self.cached.extend(int(t) for t in token_ids)
         return logits
 
+    def reset(self) -> None:
+        """Forget every cached token, so the next prompt is evaluated from position 0. The engine's KV rows
+        need no clearing: attention reads a position only after the forward that writes it again."""
+        self.cached.clear()
+        self.prompt_ids = []
+        self.start_pos = 0
+        self.stop_reason = None
+
     def stop(self, reason: StopReason) -> StopReason:
         self.stop_reason = reason
         return reason
