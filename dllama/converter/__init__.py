@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint -> distributed-llama `.m` / `.t` (issue 2).
+"""Hugging Face checkpoint -> distributed-llama `.m` / `.t`.
 
     from dllama.converter.convert import convert            # convert(folder, "q40", out_dir, name=...)
     from dllama.converter.synthetic import write_checkpoint  # random HF checkpoints for tests/benchmarks

@@ -1,4 +1,4 @@
-"""The one owner of the distributed-llama file formats (../shared/FORMAT.md, docs/FORMAT.md).
+"""The one owner of the distributed-llama file formats (docs/FORMAT.md).
 
 Everything that reads or writes `.m` / `.t` bytes goes through this package; nobody repeats a
 magic number. One module per part of the format:

@@ -11,7 +11,7 @@ quantized to q80, optionally the sync buffers rounded through q80); `ReferenceMo
 original with it and records the hidden state x after every attention and FFN block (a `Trace`),
 so the validator can feed each block of our runtime exactly the reference's input.
 
-REF.npz (docs/VALIDATE.md) extends ../shared/fixtures/conformance/*/reference_logits.npz, which
+REF.npz (docs/VALIDATE.md) extends tests/fixtures/conformance/*/reference_logits.npz, which
 stay valid `--reference` files: `ids{j}` (int, bos first) and `logits{j}` (float32, exact).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The cluster under MPI: `mpiexec -n N dllama-run mpi --model M --tokenizer T ...` (issue 15).
+"""The cluster under MPI: `mpiexec -n N dllama-run mpi --model M --tokenizer T ...`.
 
 Every rank runs the same command line. Rank 0 is the root (prompt, sampling, API) and gets an
 `MpiEngine`, the single-node `Engine` with an MPI `Exchange`; ranks 1..N-1 run the same layer
