@@ -142,12 +142,12 @@ def handle(chat: Chat, line: str) -> None:
     if not line.startswith("/"):
         chat.ask(line)
         return
-    name, _, argument = line.strip().partition(" ")
+    name, *argument = line.split(maxsplit=1)
     command = COMMANDS.get(name)
     if command is None:
         note(f"unknown command {name}: /help lists the commands")
         return
-    command.run(chat, argument.strip())
+    command.run(chat, argument[0].strip() if argument else "")
 
 
 @contextmanager
