@@ -57,12 +57,15 @@ def test_system_prompt_and_a_continued_line_reach_the_model(llama, tmp_path):
     from dllama.tokenizer import Tokenizer
 
     target = tmp_path / "chat.json"
-    result = chat(llama, f"/system Be brief.\n/system\nfirst \\\nsecond\n/save {target}\n/nonsense\n/help\n")
+    nowhere = tmp_path / "missing" / "chat.json"
+    result = chat(llama, f"/system Be brief.\n/system\nfirst \\\nsecond\n/save {target}\n/save {nowhere}\n/nonsense\n"
+                         "/help\n")
     messages = saved(target)
     assert messages[:2] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first \nsecond"}]
     prompt = Tokenizer.load(str(llama / "expected.t")).encode_chat(messages[:2])
     assert summaries(result.stderr)[0][0] == len(prompt)
     assert "system: Be brief." in result.stderr and "unknown command /nonsense" in result.stderr
+    assert f"not saved: cannot write to {nowhere.parent}" in result.stderr
     assert all(name in result.stderr for name in ("/reset", "/system TEXT", "/save FILE", "/help"))
     assert result.stdout.count("... ") == 1
 

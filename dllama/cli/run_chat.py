@@ -108,7 +108,7 @@ class Chat:
         target = Path(path).expanduser()
         text = json.dumps({"messages": self.messages()}, indent=2, ensure_ascii=False) + "\n"
         try:
-            with atomic_output(target) as f:
+            with atomic_output(target, fix="save into a folder that exists and is writable") as f:
                 f.write(text.encode("utf-8"))
         except (OSError, DllamaError) as e:
             note(f"not saved: {one_line(e)}")

@@ -26,14 +26,15 @@ def current_umask() -> int:
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Write to a temp file beside `path`, rename it over `path` only on success (after fsync).
+def atomic_output(path: str | os.PathLike, fix: str = "choose a writable --output-dir") -> Iterator[BinaryIO]:
+    """Write to a temp file beside `path`, rename it over `path` only on success (after fsync); `fix` ends the
+    error of a folder that cannot be written.
 
     The temp file is locked while it is written: a run killed with SIGKILL leaves it unlocked, and
     the next write of the same `path` removes it; a live writer's (locked) temp file survives."""
     path = Path(path)
     remove_stale_partials(path)
-    fd, tmp = _locked_temp(path)
+    fd, tmp = _locked_temp(path, fix)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600: the mode any other new file would get
         with os.fdopen(fd, "wb") as f:
@@ -49,12 +50,12 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
-def _locked_temp(path: Path) -> tuple[int, str]:
+def _locked_temp(path: Path, fix: str) -> tuple[int, str]:
     while True:
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         except OSError as e:
-            raise FormatError(f"cannot write to {path.parent}: {e.strerror}; choose a writable --output-dir") from None
+            raise FormatError(f"cannot write to {path.parent}: {e.strerror}; {fix}") from None
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:  # another run's cleanup may have taken it between mkstemp and flock: then take another
             if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
