@@ -153,6 +153,19 @@ def test_a_terminal_chat_edits_recalls_stops_and_resets(pane, tmp_path, smollm2_
     assert counts(status_lines(text)[4]) == counts(first)
     assert text.rstrip().endswith(f"> {question}\n{answer}\n{status_lines(text)[4]}\n>")
 
+    # multi-line input: Alt-Enter, and a line ending in a backslash
+    pane.type("/system first")
+    pane.press("M-Enter")
+    pane.type("second \\")
+    pane.press("Enter")
+    pane.type("third")
+    pane.press("Enter")
+    pane.wait_for("the system prompt's note", lambda t: "system prompt set" in t and at_prompt(t))
+    pane.type(f"/save {saved}")
+    pane.press("Enter")
+    pane.wait_for("the second saved note", lambda t: "saved 3 messages" in t and at_prompt(t))
+    assert json.loads(saved.read_text())["messages"][0] == {"role": "system", "content": "first\nsecond \nthird"}
+
     # Ctrl-D at an empty prompt ends the chat
     pane.press("C-d")
     pane.wait_for("the chat's end", lambda t: pane.dead_status() is not None)
