@@ -108,6 +108,9 @@ def chat_command(
 ) -> None:
     """Chat interactively with the model's chat template; the KV cache carries the conversation.
 
+    At a terminal: the arrows edit and recall lines, Alt-Enter (or a line ending in \\) starts a new line,
+    Ctrl-C stops an answer, Ctrl-D quits; /help lists /reset, /system and /save.
+
     Example: dllama-run chat HuggingFaceTB/SmolLM2-135M-Instruct --temperature 0.7
     """
     with edge(interrupted=stop_quietly):
