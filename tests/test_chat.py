@@ -99,3 +99,14 @@ def test_ctrl_c_stops_the_answer_and_the_next_turn_reads_a_consistent_cache(llam
     fresh.ask("and then?", fresh_answers.append)  # the whole conversation evaluated from position 0
     assert interrupted.conversation.start_pos > 0  # the interrupted chat reused its cache
     assert "".join(answers) == "".join(fresh_answers)
+
+
+def test_a_stop_sequence_ends_the_shown_answer_and_the_remembered_one(llama, tmp_path):
+    first, cut = tmp_path / "first.json", tmp_path / "cut.json"
+    chat(llama, f"hello\n/save {first}\n", "--steps", 12)
+    answer = saved(first)[-1]["content"]
+    stop = answer[len(answer) // 2:][:2]
+    assert stop.strip() and answer.find(stop) > 0, answer
+    result = chat(llama, f"hello\n/save {cut}\n", "--steps", 12, "--stop", stop)
+    assert saved(cut)[-1]["content"] == answer[:answer.find(stop)]
+    assert result.stdout.split("> ")[1] == answer[:answer.find(stop)] + "\n"
