@@ -8,7 +8,7 @@ Builds the checkpoint once under .bench/ (ignored by git) and reuses it. Each ru
 child process running `dllama-convert hf` exactly as a user would; wall time is measured
 around it and peak RSS is the child's ru_maxrss. The numba kernels are compiled (or loaded
 from their cache) in a warm-up conversion of a tiny model first, as after any first use.
-Target (issue 2): <= 10 s wall and <= 400 MB peak RSS on 2 cores.
+Target: <= 10 s wall and <= 400 MB peak RSS on 2 cores.
 """
 from __future__ import annotations
 

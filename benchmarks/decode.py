@@ -9,7 +9,7 @@ token (imports, cached kernels, mapping the model, prefill), prompt tokens/s (th
 prefill run again, warm),
 generated tokens/s and ms/token (greedy decode), peak RSS (the child's ru_maxrss) and the share
 of decode time spent inside the kernels. A warm-up child compiles or loads the kernels
-first. Targets (issue 4), 2-core x86-64, 2 threads: >= 8.5 generated tokens/s (reference C++
+first. Targets: 2-core x86-64, 2 threads: >= 8.5 generated tokens/s (reference C++
 7.05), >= 75 prompt tokens/s (reference 72.6); peak RSS <= file + KV cache + 100 MB; start-up
 < 5 s with cached kernels.
 """

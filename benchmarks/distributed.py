@@ -1,5 +1,4 @@
-"""Distributed runtime on loopback: peak RSS per node against the plan, ms/token, bytes per token
-(issues 6 and 14).
+"""Distributed runtime on loopback: peak RSS per node against the plan, ms/token, bytes per token.
 
     python benchmarks/distributed.py                                  # 1 (single-node Engine), 2, 3, 4, 8 nodes
     python benchmarks/distributed.py --nodes 2,3w,3c --steps 16       # 3w: --weights 2,1,1; 3c: --root-compute none
@@ -14,7 +13,7 @@ whole cache the plan counts is in use. Peak RSS is each process's VmHWM. Each no
 and the fastest run is reported (the others are on stderr). Results go to stdout as a markdown
 table, and the plan's prediction (`dllama-run plan`) sits beside each measurement.
 
---netem (issue 15) puts every node in its own network namespace behind an emulated Pi 5 or Pi 3B+
+--netem puts every node in its own network namespace behind an emulated Pi 5 or Pi 3B+
 link (benchmarks/netem.py) and compares the TCP star (`dllama-run worker`s and a root) with MPI
 (`dllama-run mpi`'s engine under mpiexec, "direct" and "allgather" exchanges). Per token: the
 transfer time (the same cluster with the layers replaced by a stub that returns its partial at

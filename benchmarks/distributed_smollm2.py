@@ -1,4 +1,4 @@
-"""How far SmolLM2-135M's logits move with the node count (issue 14), against the f32 model.
+"""How far SmolLM2-135M's logits move with the node count, against the f32 model.
 
     python -m dllama.samples                      # once: SmolLM2's GGUF into the cache
     python benchmarks/distributed_smollm2.py      # converts it to f32 and q40 under .bench/smollm2

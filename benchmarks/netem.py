@@ -1,5 +1,5 @@
 """The network of a Pi cluster on one Linux machine: network namespaces joined by a bridge, with
-`tc netem` delay and rate on every link (issue 15). Needs root and iproute2 (`ip`, `tc`).
+`tc netem` delay and rate on every link. Needs root and iproute2 (`ip`, `tc`).
 
     with NetemCluster(4, PROFILES["pi5"]) as net:   # namespaces dlnet0..3 (10.77.0.1-4), hub dlnethub
         proc = net.popen(0, ["python", "-c", "..."])

@@ -1,6 +1,6 @@
 """Benchmark: `dllama-validate` on a TinyLlama-1.1B-shaped q40 model with default settings.
 
-Target (issues 5, 12): under 60 s on 2 cores, with the original checkpoint given (--hf), progress on
+Target: under 60 s on 2 cores, with the original checkpoint given (--hf), progress on
 stderr. Builds a random bf16 TinyLlama-shaped checkpoint with the Llama 2 tokenizer fixture
 (2.2 GB, cached in .bench/validate), converts it to q40 once, then times the CLI as a user runs
 it: `--hf` (reference logits computed here) and `--reference REF.npz` (precomputed elsewhere).
