@@ -103,7 +103,7 @@ def tinyllama_source() -> Path:
     import numpy as np
     from decode import CHECKPOINT, ensure_model
     from gguf import GGUFReader, GGUFWriter
-    from gguf_helpers import _llama_cpp_tensors, write_sentencepiece_gguf
+    from gguf_helpers import _llama_cpp_tensors, add_model_metadata, write_sentencepiece_gguf
 
     from dllama.checkpoint import Checkpoint
 
@@ -119,14 +119,7 @@ def tinyllama_source() -> Path:
     c = ckpt.config
     partial = target.with_suffix(".partial")
     writer = GGUFWriter(partial, "llama")
-    writer.add_block_count(c["num_hidden_layers"])
-    writer.add_context_length(c["max_position_embeddings"])
-    writer.add_embedding_length(c["hidden_size"])
-    writer.add_feed_forward_length(c["intermediate_size"])
-    writer.add_head_count(c["num_attention_heads"])
-    writer.add_head_count_kv(c["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
-    writer.add_rope_freq_base(c["rope_theta"])
+    add_model_metadata(writer, c)
     writer.add_file_type(1)  # mostly F16
     for key, field in GGUFReader(vocab).fields.items():
         if key.startswith("tokenizer."):

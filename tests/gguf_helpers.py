@@ -151,6 +151,19 @@ def gguf_from_hf_folder(folder: Path, target: Path) -> Path:
     c = ckpt.config
     arch = GGUF_ARCH[c["model_type"]]
     writer = GGUFWriter(target, arch)
+    add_model_metadata(writer, c)
+    _add_gpt2_tokenizer(writer, folder, c)
+    for name, values in _llama_cpp_tensors(ckpt, arch):
+        writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def add_model_metadata(writer, c: dict) -> None:
+    """The {arch}.* keys convert_hf_to_gguf.py writes for a config.json."""
     writer.add_block_count(c["num_hidden_layers"])
     writer.add_context_length(c["max_position_embeddings"])
     writer.add_embedding_length(c["hidden_size"])
@@ -166,14 +179,6 @@ def gguf_from_hf_folder(folder: Path, target: Path) -> Path:
         writer.add_expert_count(c["num_experts"])
         writer.add_expert_used_count(c["num_experts_per_tok"])
         writer.add_expert_feed_forward_length(c["moe_intermediate_size"])
-    _add_gpt2_tokenizer(writer, folder, c)
-    for name, values in _llama_cpp_tensors(ckpt, arch):
-        writer.add_tensor(name, values)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return target
 
 
 def _add_gpt2_tokenizer(writer, folder: Path, config: dict) -> None:
