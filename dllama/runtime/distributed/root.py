@@ -20,6 +20,15 @@ import numpy as np
 from dllama.errors import DllamaError
 from dllama.formats import ModelFile
 from dllama.runtime import dispatch
+from dllama.runtime.distributed.auth import (
+    KEY_ENV,
+    PROOF_BYTES,
+    frame_macs,
+    new_nonce,
+    proves,
+    root_proof,
+    worker_proof,
+)
 from dllama.runtime.distributed.exchange import (
     SEAMS,
     decode_logits,
@@ -39,22 +48,24 @@ from dllama.runtime.distributed.protocol import (
     FORWARD_HEAD,
     HANDSHAKE_MAX_FRAME,
     HANDSHAKE_TIMEOUT_S,
-    IO_TIMEOUT_S,
     LOGITS_HEAD,
     PARTIAL_HEAD,
+    PROGRESS_TIMEOUT_S,
     BufferType,
+    Channel,
     Frame,
     Hello,
     NodeInfo,
+    PeerSilent,
     ProtocolError,
     as_float32,
+    auth_payload,
     check_greeting,
     configure_socket,
     model_identity,
+    parse_auth_ok,
+    parse_challenge,
     parse_ready,
-    recv_frame,
-    send_frame,
-    send_frames,
     send_preamble,
 )
 from dllama.runtime.distributed.slices import load_local_slices, stream_slices
@@ -84,6 +95,7 @@ class WorkerLink:
     node: int
     address: tuple[str, int]
     sock: socket.socket | None = None
+    chan: Channel | None = None
     streamed_bytes: int = 0
     greeted: bool = False  # the peer proved to be a dllama worker: only then does it get our bytes
 
@@ -114,6 +126,9 @@ def blame(link: WorkerLink) -> Iterator[None]:
     except (socket.timeout, TimeoutError):
         raise WorkerError(f"{link.name}: no answer in time; check the address and that nothing blocks the "
                           "port") from None
+    except PeerSilent as err:
+        raise WorkerError(f"{link.name}: {err} while it should be computing: it is frozen (stopped, swapping, "
+                          "hung) or its network is down; check that board") from None
     except (ProtocolError, OSError) as err:
         what = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
         raise WorkerError(f"{link.name}: {what}") from None
@@ -180,8 +195,8 @@ class TcpExchange:
             if not frames:
                 continue
             with blame(link):
-                self.traffic.sent += send_frames(link.sock, frames) if skip_root else \
-                    sum(send_frame(link.sock, kind, *parts) for kind, parts in frames)
+                self.traffic.sent += link.chan.send_frames(frames) if skip_root else \
+                    sum(link.chan.send_frame(kind, *parts) for kind, parts in frames)
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
         n = len(logits_slice)
@@ -195,44 +210,63 @@ class TcpExchange:
 
     def _send(self, link: WorkerLink, kind: Frame, *parts) -> None:
         with blame(link):
-            self.traffic.sent += send_frame(link.sock, kind, *parts)
+            self.traffic.sent += link.chan.send_frame(kind, *parts)
 
     def _recv(self, link: WorkerLink, kind: Frame, limit: int) -> memoryview:
         with blame(link):
-            _, payload = recv_frame(link.sock, limit, expect=(kind,))
+            _, payload = link.chan.recv_frame(limit, expect=(kind,))
         self.traffic.received += 8 + len(payload)
         return payload
 
 
-def open_link(link: WorkerLink) -> None:
-    """Connect and exchange preambles: the worker greets first, the root answers."""
+def open_link(link: WorkerLink, key: bytes | None) -> None:
+    """Connect, hear the worker's preamble and challenge, prove the cluster key and check the worker's
+    proof (auth.py). Without a key on either side, nothing is proven and frames carry no MAC."""
     with blame(link):
         link.sock = socket.create_connection(link.address, timeout=CONNECT_TIMEOUT_S)
+        link.chan = Channel(link.sock)
         configure_socket(link.sock, HANDSHAKE_TIMEOUT_S)
-        check_greeting(link.sock, link.name)
+        check_greeting(link.chan, link.name)
+        _, payload = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.CHALLENGE,))
+        needs_key, worker_nonce = parse_challenge(payload)
+        if needs_key and key is None:
+            raise ProtocolError(f"this worker needs the cluster key: give the root the same key (--cluster-key-file "
+                                f"or {KEY_ENV})")
+        if key is not None and not needs_key:
+            raise ProtocolError("this worker runs without a cluster key, so it cannot prove it is yours: start it "
+                                f"with the same key as the root (--cluster-key-file or {KEY_ENV})")
+        nonce = new_nonce()
+        proof = root_proof(key, worker_nonce, nonce) if key is not None else bytes(PROOF_BYTES)
+        send_preamble(link.sock, (Frame.AUTH, auth_payload(nonce, proof)))
         link.greeted = True
-        send_preamble(link.sock)
+        _, payload = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.AUTH_OK,))
+        if key is not None:
+            if not proves(worker_proof(key, worker_nonce, nonce), parse_auth_ok(payload)):
+                raise ProtocolError("did not prove the cluster key: it is not your worker, or it has another key")
+            to_worker, to_root = frame_macs(key, worker_nonce, nonce)
+            link.chan.authenticate(send_mac=to_worker, recv_mac=to_root)
 
 
 def probe_link(link: WorkerLink, log: Callable[[str], None]) -> NodeInfo:
     """--weights auto: the worker's memory and speed (PROBE/INFO, before HELLO)."""
     with blame(link):
-        send_frame(link.sock, Frame.PROBE)
-        _, payload = recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.INFO,))
+        link.chan.send_frame(Frame.PROBE)
+        _, payload = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.INFO,))
         info = NodeInfo.parse(payload)
     log(f"{link.name}: {info.available >> 20} MiB free, {info.speed / 1e9:.2f} G q40 weights/s")
     return info
 
 
 def measure_weights(workers: list[tuple[str, int]], root_compute: str = "all", nthreads: int | None = None,
-                    log: Callable[[str], None] = lambda msg: None) -> tuple[float, ...]:
+                    log: Callable[[str], None] = lambda msg: None, cluster_key: bytes | None = None
+                    ) -> tuple[float, ...]:
     """What --weights auto would choose for this root and these workers, without starting a session
     (`dllama-run plan --weights auto --workers ...`): each worker goes back to waiting."""
     links = [WorkerLink(i + 1, address) for i, address in enumerate(workers)]
     try:
         infos = [node_info(nthreads)]
         for link in links:
-            open_link(link)
+            open_link(link, cluster_key)
             infos.append(probe_link(link, log))
     finally:
         for link in links:
@@ -265,12 +299,13 @@ def exchange_type(h, buffer_type: BufferType | str | None) -> BufferType:
 class DistributedEngine(Engine):
     """The root of a cluster. `weights`: None (equal shares), one number per node (root first),
     "2,1,1", or "auto" (from each node's memory and speed, probed at connect time);
-    `root_compute="none"`: the root holds no layer slices and only coordinates."""
+    `root_compute="none"`: the root holds no layer slices and only coordinates; `cluster_key`: the
+    key the workers were started with (auth.load_cluster_key), None for workers without one."""
 
     def __init__(self, model_path: str | os.PathLike, workers: list[tuple[str, int]], max_seq_len: int = 2048,
                  buffer_type: BufferType | str | None = None, nthreads: int | None = None,
                  log: Callable[[str], None] | None = None, weights: Sequence[float] | str | None = None,
-                 root_compute: str = "all"):
+                 root_compute: str = "all", cluster_key: bytes | None = None):
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         dispatch.implementation()  # builds the compiled kernels on a first run, before workers wait for them
         model = ModelFile(model_path)
@@ -288,6 +323,7 @@ class DistributedEngine(Engine):
         buffer_type = exchange_type(h, buffer_type)
         self.links = [WorkerLink(i + 1, addr) for i, addr in enumerate(workers)]
         self.n_nodes = n_nodes
+        self.cluster_key = cluster_key
         self.model_file, self.buffer_type = model, buffer_type
         self.identity = model_identity(model.path)
         try:
@@ -321,7 +357,7 @@ class DistributedEngine(Engine):
 
     def _connect_all(self, max_seq_len: int, nthreads: int | None, root_compute: str) -> None:
         for link in self.links:
-            open_link(link)
+            open_link(link, self.cluster_key)
         if self.auto_weights:
             infos = [node_info(nthreads)] + [probe_link(link, self.log) for link in self.links]
             self.split = ClusterSplit.plan(self.model_file.header, self.n_nodes, measured_weights(infos, root_compute))
@@ -330,26 +366,33 @@ class DistributedEngine(Engine):
         self._handshake_all(max_seq_len, opened=True)
 
     def _handshake_all(self, max_seq_len: int, opened: bool = False) -> None:
+        """Every worker accepts its HELLO (or refuses it, named) before any slice is streamed; the
+        workers' handshake deadline runs from the connect, so all are greeted first."""
         h = self.model_file.header
+        if not opened:
+            for link in self.links:
+                open_link(link, self.cluster_key)
+        local = {}
         for link in self.links:
-            if not opened:
-                open_link(link)
             hello = Hello(link.node, self.n_nodes, max_seq_len, self.buffer_type, self.identity, h.to_bytes(),
                           self.split.weights)
             with blame(link):
-                send_frame(link.sock, Frame.HELLO, hello.to_bytes())
-                _, payload = recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.READY,))
-                link.sock.settimeout(IO_TIMEOUT_S)
-                if parse_ready(payload):
-                    self.log(f"{link.name} loads its slices from its own copy of the model")
-                else:
-                    self.log(f"streaming node {link.node}'s slices to {link.name}")
-                    link.streamed_bytes = stream_slices(link.sock, self.model_file.path, h, self.split.nodes[link.node])
+                link.chan.send_frame(Frame.HELLO, hello.to_bytes())
+                _, payload = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.READY,))
+                local[link.node] = parse_ready(payload)
+                link.sock.settimeout(PROGRESS_TIMEOUT_S)  # a busy worker's heartbeat comes every second
+        for link in self.links:
+            if local[link.node]:
+                self.log(f"{link.name} loads its slices from its own copy of the model")
+                continue
+            self.log(f"streaming node {link.node}'s slices to {link.name}")
+            with blame(link):
+                link.streamed_bytes = stream_slices(link.chan, self.model_file.path, h, self.split.nodes[link.node])
 
     def _wait_loaded(self) -> None:
         for link in self.links:
             with blame(link):
-                recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.LOADED,))
+                link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.LOADED,))
 
     def close(self) -> None:
         for link in getattr(self, "links", []):
@@ -357,11 +400,11 @@ class DistributedEngine(Engine):
                 try:
                     if link.greeted:
                         link.sock.settimeout(1.0)
-                        send_frame(link.sock, Frame.BYE)
+                        link.chan.send_frame(Frame.BYE)
                 except (ProtocolError, OSError):
                     pass
                 link.sock.close()
-                link.sock = None
+                link.sock = link.chan = None
                 link.greeted = False
 
     def __enter__(self) -> "DistributedEngine":
