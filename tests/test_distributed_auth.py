@@ -23,6 +23,7 @@ from dllama.runtime.distributed.protocol import (
     Channel,
     Frame,
     ProtocolError,
+    digest_cache,
     model_identity,
 )
 from dllama.runtime.distributed.root import DistributedEngine, WorkerError
@@ -137,7 +138,7 @@ def test_a_copy_that_differs_in_one_byte_anywhere_is_refused(tmp_path, f32_model
     copy = tmp_path / "copy.m"
     shutil.copyfile(f32_model, copy)
     assert model_identity(copy) == model_identity(f32_model)
-    assert (tmp_path / "copy.m.dllama-digest").is_file()  # computed once, kept beside the file
+    assert digest_cache(str(copy.resolve())).is_file()  # computed once, then cached by size, inode and mtime
     data = bytearray(copy.read_bytes())
     data[len(data) // 2 + 1234] ^= 0x01  # far from any 4 KiB sample the old identity read
     copy.write_bytes(bytes(data))

@@ -104,10 +104,9 @@ class BufferType(enum.IntEnum):
 
 
 # --------------------------------------------------------------------------------------------
-# Model identity: size + a digest of every byte, computed once per file and cached beside it
+# Model identity: size + a digest of every byte, computed once per file and cached
 
 DIGEST_CHUNK = 1 << 20
-DIGEST_CACHE_SUFFIX = ".dllama-digest"
 
 
 @dataclass(frozen=True)
@@ -121,12 +120,12 @@ class ModelIdentity:
 
 def model_identity(path: str | os.PathLike) -> ModelIdentity:
     """The `.m`'s size and full-file digest: a copy that differs in one byte anywhere differs here.
-    Hashing a board's model takes seconds, so the digest is kept in PATH.dllama-digest, valid while
-    the file keeps its size and modification time (an unwritable folder: computed every time)."""
+    Hashing a board's model takes seconds, so the digest is cached ($DLLAMA_CACHE/digests, one
+    record per file path), valid while the file keeps its size, inode and modification time."""
     path = Path(path)
     st = path.stat()
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    cache = path.with_name(path.name + DIGEST_CACHE_SUFFIX)
+    key = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    cache = digest_cache(key["path"])
     try:
         cached = json.loads(cache.read_text())
         if {k: cached.get(k) for k in key} == key:
@@ -143,14 +142,21 @@ def model_identity(path: str | os.PathLike) -> ModelIdentity:
     return identity
 
 
+def digest_cache(resolved_path: str) -> Path:
+    from dllama.runtime.aot_kernels import cache_root
+
+    return cache_root() / "digests" / (hashlib.sha256(resolved_path.encode()).hexdigest()[:32] + ".json")
+
+
 def _save_digest(cache: Path, record: dict) -> None:
     from dllama.formats import atomic_output
 
     try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(cache) as f:
             f.write(json.dumps(record).encode())
     except (OSError, FormatError):
-        pass  # a read-only folder: the next start hashes again
+        pass  # an unwritable cache: the next start hashes again
 
 
 # --------------------------------------------------------------------------------------------
