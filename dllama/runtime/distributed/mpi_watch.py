@@ -7,7 +7,7 @@ file descriptors; stdin carries "FD<TAB>rank R on HOST (pid P)" lines, then an e
 killed rank's kernel closes its lifeline at once: this process prints one `error:` line naming
 it, then ends rank 0 (SIGTERM, then SIGKILL) in case mpiexec has not. Rank 0's own death (its
 pipe closes and no lifeline closes within 0.5 s) names rank 0; where mpiexec ends the other ranks
-within that time (it does at once, on one host) they are named instead. A host that vanishes
+within that time (it usually does) they are named instead. A host that vanishes
 without closing anything is noticed by TCP keepalive (~25 s). "quiet" on stdin (rank 0 ends the job
 normally, before it tells the ranks to stop, or after it named a rank itself) ends it silently.
 """

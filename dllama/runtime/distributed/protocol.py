@@ -176,6 +176,10 @@ def configure_socket(sock: socket.socket, timeout: float | None) -> None:
     sock.settimeout(timeout)
 
 
+AUTH_FAILED = ("a frame failed authentication (changed on the way, or not from the peer that proved the cluster "
+               "key): the connection is closed")
+
+
 class Channel:
     """A connection's frames. Once `authenticate` has set a FrameMac per direction, every frame
     carries a TAG_BYTES HMAC after its payload (docs/PROTOCOL.md "Frames"); a `deadline`
@@ -237,8 +241,7 @@ class Channel:
             return
         want, self._reading = self._reading.digest()[:TAG_BYTES], None
         if not hmac.compare_digest(want, bytes(self._recv_raw(TAG_BYTES))):
-            raise ProtocolError("a frame failed authentication (changed on the way, or not from the peer that "
-                                "proved the cluster key): the connection is closed")
+            raise ProtocolError(AUTH_FAILED)
 
     def recv_header(self, max_len: int, expect: tuple[Frame, ...] | None = None) -> tuple[Frame, int]:
         """Receive a frame header, refusing unknown types and lengths over `max_len` before allocating.
@@ -271,10 +274,15 @@ class Channel:
         return kind, length
 
     def recv_frame(self, max_len: int, expect: tuple[Frame, ...] | None = None) -> tuple[Frame, memoryview]:
-        """Receive one whole frame (see recv_header for the checks)."""
+        """Receive one whole frame (see recv_header for the checks); payload and MAC in one read."""
         kind, length = self.recv_header(max_len, expect)
-        payload = self.recv_exact(length)
-        self.end_frame()
+        if self._reading is None:
+            return kind, self._recv_raw(length)
+        data = self._recv_raw(length + TAG_BYTES)
+        payload, h, self._reading = data[:length], self._reading, None
+        h.update(payload)
+        if not hmac.compare_digest(h.digest()[:TAG_BYTES], data[length:]):
+            raise ProtocolError(AUTH_FAILED)
         return kind, payload
 
     # -- sending
