@@ -141,12 +141,12 @@ def test_oversized_frames_are_refused_before_allocating(f32_model):
 
 def test_an_oversized_forward_after_the_handshake_is_refused(f32_model):
     with loopback_workers(1, model_path=f32_model) as (worker,):  # its own copy: no weights to stream
-        huge_batch = FORWARD_HEAD.pack(0, 1 << 20)
+        huge_batch = FORWARD_HEAD.pack(0, 1 << 20, 0)
         reply = talk(worker.address, KEYLESS_START, frame(Frame.HELLO, hello_bytes(f32_model)),
                      frame(Frame.FORWARD, huge_batch, length=0x7FFFFFFF))
         assert b"FORWARD frame of 2147483647 bytes exceeds the limit" in reply
         reply = talk(worker.address, KEYLESS_START, frame(Frame.HELLO, hello_bytes(f32_model)),
-                     frame(Frame.FORWARD, FORWARD_HEAD.pack(30, 5) + bytes(5 * 64 * 4)))
+                     frame(Frame.FORWARD, FORWARD_HEAD.pack(30, 5, 0) + bytes(5 * 64 * 4)))
         assert b"outside the batch limit" in reply  # positions 30..34 past max_seq_len 32
         still_serves(worker, f32_model)
 

@@ -44,7 +44,7 @@ from dllama.runtime.distributed.exchange import (
 )
 from dllama.runtime.distributed.node_memory import shard_tensors
 from dllama.runtime.distributed.probe import NodeInfo, node_info
-from dllama.runtime.distributed.protocol import BufferType, model_identity
+from dllama.runtime.distributed.protocol import LOGITS_WANTED, BufferType, model_identity
 from dllama.runtime.distributed.root import (
     Traffic,
     WorkerError,
@@ -184,23 +184,23 @@ class MpiExchange:
         self.command = np.zeros(COMMAND_WORDS + h.dim, dtype=np.int32)  # x's first row as int32 bits
 
     # -- root: what the workers wait for
-    def begin(self, x: np.ndarray, pos: int) -> None:
-        self._command(FORWARD, pos, x)
+    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
+        self._command(FORWARD, pos, x, LOGITS_WANTED[logits])
         self.traffic.tokens += len(x)
 
     def stop(self) -> None:
         self._command(STOP, 0, np.zeros((1, self.dim), dtype=np.float32))
 
-    def _command(self, kind: int, pos: int, x: np.ndarray) -> None:
-        self.command[:3] = (kind, pos, len(x))
+    def _command(self, kind: int, pos: int, x: np.ndarray, logits: int = 0) -> None:
+        self.command[:4] = (kind, pos, len(x), logits)
         self.command[COMMAND_WORDS:] = np.ascontiguousarray(x[0], dtype=np.float32).view(np.int32)
         self._bcast(self.command)
         if len(x) > 1:
             self._bcast(np.ascontiguousarray(x[1:], dtype=np.float32))
 
     # -- workers: wait for it
-    def next_command(self, lifeline: socket.socket | None) -> tuple[int, int, np.ndarray | None]:
-        """(kind, pos, x) from rank 0; polls, then sleeps between polls while rank 0 is idle."""
+    def next_command(self, lifeline: socket.socket | None) -> tuple[int, int, np.ndarray | None, str]:
+        """(kind, pos, x, whose logits) from rank 0; polls, then sleeps between polls while rank 0 is idle."""
         requests = self._start_bcast(self.command)
         started, pause, orphaned = time.monotonic(), 0.0001, None
 
@@ -223,15 +223,16 @@ class MpiExchange:
         while not MPI.Request.Testall(requests):
             idle()
         self.collectives += 1
-        kind, pos, n = (int(v) for v in self.command[:3])
+        kind, pos, n, wanted = (int(v) for v in self.command[:4])
+        logits = next(mode for mode, code in LOGITS_WANTED.items() if code == wanted)
         if kind != FORWARD:
-            return kind, pos, None
+            return kind, pos, None, logits
         x = np.empty((n, self.dim), dtype=np.float32)
         x[0] = self.command[COMMAND_WORDS:].view(np.float32)
         self.traffic.received += self.command.nbytes
         if n > 1:
             self._bcast(x[1:])
-        return kind, pos, x
+        return kind, pos, x, logits
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
         """Allgather every rank's partial as its PARTIAL frame would carry it, then add the computing
@@ -274,6 +275,8 @@ class MpiExchange:
         """Rank 0 gets every rank's vocabulary rows, the workers' encoded as LOGITS frames would be."""
         n = len(logits_slice)
         widths = [node.vocab[1] - node.vocab[0] for node in self.split.nodes]
+        if n == 0:  # a prompt batch before its last (every rank knows it from the command)
+            return np.empty((0, sum(widths)), dtype=np.float32)
         itemsize = 2 if self.buffer_type == BufferType.Q80 else 4
         direct = self.algorithm == "direct"  # point to point, so that a rank that does not answer is named
         if self.comm.rank != 0:
@@ -559,10 +562,10 @@ def serve_rank(setup: RankSetup, nthreads: int | None) -> None:
     engine = Engine(setup.header, layers, exchange, setup.max_seq_len, nthreads, model=setup.model)
     dispatch.set_threads(engine.nthreads)
     while True:
-        kind, pos, x = exchange.next_command(setup.lifeline)
+        kind, pos, x, logits = exchange.next_command(setup.lifeline)
         if kind != FORWARD:
             return
-        engine.run_layers(x, pos)
+        engine.run_layers(x, pos, logits=logits)
 
 
 def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, buffer_float_type: str | None = None,

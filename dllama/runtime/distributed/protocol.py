@@ -518,7 +518,8 @@ class NodeInfo:
 # Per-token frames
 
 WEIGHTS_HEAD = struct.Struct("<IQ")   # tensor index in the plan, byte offset inside the node's slice
-FORWARD_HEAD = struct.Struct("<II")   # position of the first token, number of tokens
+FORWARD_HEAD = struct.Struct("<IIBxxx")  # position of the first token, number of tokens, LOGITS_WANTED
+LOGITS_WANTED = {"all": 0, "last": 1, "none": 2}  # whose logits a batch gathers (model.LOGITS_ROWS)
 PARTIAL_HEAD = struct.Struct("<HBB")  # layer, seam (0 after wo, 1 after w2), node whose partial this is
 LOGITS_HEAD = struct.Struct("<B")     # 0: f32 values, 1: f16 values
 SUM_HEAD = struct.Struct("<HB")       # layer, seam

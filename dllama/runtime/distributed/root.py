@@ -49,6 +49,7 @@ from dllama.runtime.distributed.protocol import (
     HANDSHAKE_MAX_FRAME,
     HANDSHAKE_TIMEOUT_S,
     LOGITS_HEAD,
+    LOGITS_WANTED,
     PARTIAL_HEAD,
     PROGRESS_TIMEOUT_S,
     BufferType,
@@ -144,9 +145,9 @@ class TcpExchange:
         self.buffer_type = buffer_type
         self.traffic = Traffic()
 
-    def begin(self, x: np.ndarray, pos: int) -> None:
+    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
         for link in self.links:
-            self._send(link, Frame.FORWARD, FORWARD_HEAD.pack(pos, len(x)),
+            self._send(link, Frame.FORWARD, FORWARD_HEAD.pack(pos, len(x), LOGITS_WANTED[logits]),
                        memoryview(np.ascontiguousarray(x)).cast("B"))
         self.traffic.tokens += len(x)
 
@@ -200,6 +201,8 @@ class TcpExchange:
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
         n = len(logits_slice)
+        if n == 0:  # a prompt batch before its last: no logits, and no round trip to wait for
+            return np.empty((0, self.split.nodes[-1].vocab[1]), dtype=np.float32)
         parts = [logits_slice]
         for link in self.links:
             v0, v1 = self.split.nodes[link.node].vocab

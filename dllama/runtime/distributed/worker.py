@@ -54,6 +54,7 @@ from dllama.runtime.distributed.protocol import (
     HANDSHAKE_TIMEOUT_S,
     HEARTBEAT_S,
     IO_TIMEOUT_S,
+    LOGITS_WANTED,
     PARTIAL_HEAD,
     SUM_HEAD,
     WEIGHT_CHUNK,
@@ -294,7 +295,10 @@ class Worker:
                 return
             if len(payload) < FORWARD_HEAD.size:
                 raise ProtocolError("FORWARD frame too short")
-            pos, n = FORWARD_HEAD.unpack_from(payload)
+            pos, n, wanted = FORWARD_HEAD.unpack_from(payload)
+            logits = next((mode for mode, code in LOGITS_WANTED.items() if code == wanted), None)
+            if logits is None:
+                raise ProtocolError(f"FORWARD asks for logits of kind {wanted}: the peers are out of step")
             if not 1 <= n <= MAX_BATCH or pos + n > s.hello.max_seq_len:
                 raise ProtocolError(f"FORWARD of {n} tokens at position {pos} is outside the batch limit {MAX_BATCH} "
                                     f"or max_seq_len {s.hello.max_seq_len}")
@@ -303,7 +307,7 @@ class Worker:
                 raise ProtocolError(f"FORWARD carries {len(x_bytes)} bytes, expected {n * h.dim * 4}")
             x = np.frombuffer(x_bytes, dtype="<f4").reshape(n, h.dim).copy()
             with heartbeat.busy():
-                engine.run_layers(x, pos)  # the exchange sends the partials and, at the end, the logits
+                engine.run_layers(x, pos, logits=logits)  # the exchange sends the partials, then the logits
 
 
 def checked_model(path: Path) -> ModelIdentity:
@@ -355,7 +359,7 @@ class WorkerExchange:
     def __init__(self, chan: Channel, session: Assignment):
         self.chan, self.s = chan, session
 
-    def begin(self, x: np.ndarray, pos: int) -> None:
+    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
         pass  # the root sent x
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
@@ -384,6 +388,8 @@ class WorkerExchange:
         x += sum_partials([parts[i] for i in computing])
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
+        if len(logits_slice) == 0:  # a prompt batch before its last
+            return logits_slice
         self.chan.send_frame(Frame.LOGITS, *encode_logits(logits_slice, self.s.hello.buffer_type))
         return logits_slice
 
