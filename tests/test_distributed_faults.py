@@ -93,6 +93,7 @@ def frame(kind: int, payload: bytes, length: int | None = None) -> bytes:
 GOOD_PREAMBLE = PREAMBLE.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION)
 # a root's start to a worker without a cluster key: its preamble and an AUTH that proves nothing
 KEYLESS_START = GOOD_PREAMBLE + frame(Frame.AUTH, bytes(64))
+STAR = frame(Frame.EXCHANGE, b"\x00")  # after READY: the root's choice of the star exchange
 
 
 def test_garbage_is_refused_and_the_worker_keeps_serving(f32_model):
@@ -142,10 +143,10 @@ def test_oversized_frames_are_refused_before_allocating(f32_model):
 def test_an_oversized_forward_after_the_handshake_is_refused(f32_model):
     with loopback_workers(1, model_path=f32_model) as (worker,):  # its own copy: no weights to stream
         huge_batch = FORWARD_HEAD.pack(0, 1 << 20, 0)
-        reply = talk(worker.address, KEYLESS_START, frame(Frame.HELLO, hello_bytes(f32_model)),
+        reply = talk(worker.address, KEYLESS_START, frame(Frame.HELLO, hello_bytes(f32_model)), STAR,
                      frame(Frame.FORWARD, huge_batch, length=0x7FFFFFFF))
         assert b"FORWARD frame of 2147483647 bytes exceeds the limit" in reply
-        reply = talk(worker.address, KEYLESS_START, frame(Frame.HELLO, hello_bytes(f32_model)),
+        reply = talk(worker.address, KEYLESS_START, frame(Frame.HELLO, hello_bytes(f32_model)), STAR,
                      frame(Frame.FORWARD, FORWARD_HEAD.pack(30, 5, 0) + bytes(5 * 64 * 4)))
         assert b"outside the batch limit" in reply  # positions 30..34 past max_seq_len 32
         still_serves(worker, f32_model)
@@ -153,7 +154,7 @@ def test_an_oversized_forward_after_the_handshake_is_refused(f32_model):
 
 def test_weights_outside_the_workers_slices_are_refused(f32_model):
     with loopback_workers(1) as (worker,):  # no copy of its own: expects WEIGHTS
-        start = KEYLESS_START + frame(Frame.HELLO, hello_bytes(f32_model))
+        start = KEYLESS_START + frame(Frame.HELLO, hello_bytes(f32_model)) + STAR
         reply = talk(worker.address, start + frame(Frame.WEIGHTS, WEIGHTS_HEAD.pack(9999, 0) + bytes(16)))
         assert b"WEIGHTS for tensor 9999, which this worker does not hold" in reply
         reply = talk(worker.address, start + frame(Frame.WEIGHTS, WEIGHTS_HEAD.pack(1, 1 << 40) + bytes(16)))

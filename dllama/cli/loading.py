@@ -19,6 +19,7 @@ class ClusterOptions:
     weights: Optional[str] = None
     root_compute: str = "all"
     cluster_key_file: Optional[Path] = None
+    exchange: str = "mesh"
 
 
 @dataclass
@@ -82,7 +83,7 @@ def _engine(model: Path, max_seq_len: int, nthreads: Optional[int], cluster: Clu
         return DistributedEngine(model, parse_workers(cluster.workers), max_seq_len=max_seq_len, nthreads=nthreads,
                                  buffer_type=cluster.buffer_float_type, weights=cluster.weights,
                                  root_compute=cluster.root_compute,
-                                 cluster_key=load_cluster_key(cluster.cluster_key_file))
+                                 cluster_key=load_cluster_key(cluster.cluster_key_file), exchange=cluster.exchange)
     if cluster.weights is not None or cluster.root_compute != "all":
         raise CliError("--weights and --root-compute split the model over a cluster: add --workers host:port,...")
     return Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads, buffer_float_type=cluster.buffer_float_type)

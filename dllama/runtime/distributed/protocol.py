@@ -55,6 +55,8 @@ IO_TIMEOUT_S = 120.0
 # (SIGSTOP, swapping, a hung board) however long its computation takes.
 HEARTBEAT_S = 1.0
 PROGRESS_TIMEOUT_S = 6.0
+# A worker told to join the mesh gets this long to reach every other worker (and be reached)
+MESH_TIMEOUT_S = 5.0
 
 
 class ProtocolError(DllamaError, RuntimeError):
@@ -87,6 +89,10 @@ class Frame(enum.IntEnum):
     AUTH = 15         # root -> worker: the root's nonce and its proof of the key
     AUTH_OK = 16      # worker -> root: the worker's proof of the key; frames carry a MAC from here on
     PING = 17         # worker -> root: "still computing" while busy (skipped by every read)
+    MESH = 18         # root -> worker, after READY: the session token and every worker's address (direct exchange)
+    MESH_STATUS = 19  # worker -> root: whether it reached every other worker (1), or why not
+    EXCHANGE = 20     # root -> worker: how partials travel from now on, 0 the star, 1 direct (the mesh)
+    PEER = 21         # worker -> worker, first frame of a mesh link: the session token and the dialling node
 
 
 class BufferType(enum.IntEnum):
@@ -488,6 +494,42 @@ def parse_ready(payload: memoryview) -> bool:
 def as_float32(weights) -> tuple[float, ...]:
     """Weights exactly as a HELLO carries them (the root splits with these very values)."""
     return struct.unpack(f"<{len(weights)}f", struct.pack(f"<{len(weights)}f", *weights))
+
+
+# --------------------------------------------------------------------------------------------
+# The direct exchange (issue 30): the root's plan of the mesh, and a mesh link's first frame
+
+MESH_TOKEN_BYTES = 32
+EXCHANGE_STAR, EXCHANGE_MESH = 0, 1
+MESH_UNREACHABLE, MESH_OK, MESH_UNCALLED = 0, 1, 2  # MESH_STATUS: could not dial a peer, all linked, not called
+_PEER = struct.Struct(f"<{MESH_TOKEN_BYTES}sI")  # the session's token, the dialling worker's node
+
+
+def mesh_payload(token: bytes, addresses: list[tuple[str, int]]) -> bytes:
+    """MESH: the token, then "host:port" of nodes 1..n-1 (as the root reached them), one per line."""
+    return token + "\n".join(f"{host}:{port}" for host, port in addresses).encode()
+
+
+def parse_mesh(payload: memoryview, n_workers: int) -> tuple[bytes, list[tuple[str, int]]]:
+    token, text = bytes(payload[:MESH_TOKEN_BYTES]), bytes(payload[MESH_TOKEN_BYTES:])
+    try:
+        items = [line.rpartition(":") for line in text.decode().split("\n")]
+        addresses = [(host.strip("[]"), int(port)) for host, _, port in items]
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("MESH frame does not hold host:port lines") from None
+    if len(token) != MESH_TOKEN_BYTES or len(addresses) != n_workers:
+        raise ProtocolError(f"MESH frame names {len(addresses)} workers, the HELLO {n_workers}")
+    return token, addresses
+
+
+def peer_payload(token: bytes, node: int) -> bytes:
+    return _PEER.pack(token, node)
+
+
+def parse_peer(payload: memoryview) -> tuple[bytes, int]:
+    if len(payload) != _PEER.size:
+        raise ProtocolError("PEER payload has the wrong size")
+    return _PEER.unpack(payload)
 
 
 _INFO = struct.Struct("<QQd")  # physical memory, available memory (bytes), speed (q40 weights/s)

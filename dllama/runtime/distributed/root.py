@@ -31,10 +31,12 @@ from dllama.runtime.distributed.auth import (
 )
 from dllama.runtime.distributed.exchange import (
     SEAMS,
+    PeerFailed,
     decode_logits,
     decode_partial,
     encode_partial,
     encode_sum,
+    mesh_partials,
     parse_partial,
     partial_nbytes,
     relays_sums,
@@ -45,11 +47,17 @@ from dllama.runtime.distributed.probe import auto_weights, node_info
 from dllama.runtime.distributed.protocol import (
     CONNECT_TIMEOUT_S,
     DEFAULT_PORT,
+    EXCHANGE_MESH,
+    EXCHANGE_STAR,
     FORWARD_HEAD,
+    FRAME_HEADER,
     HANDSHAKE_MAX_FRAME,
     HANDSHAKE_TIMEOUT_S,
     LOGITS_HEAD,
     LOGITS_WANTED,
+    MESH_OK,
+    MESH_TOKEN_BYTES,
+    MESH_UNREACHABLE,
     PARTIAL_HEAD,
     PROGRESS_TIMEOUT_S,
     BufferType,
@@ -63,6 +71,7 @@ from dllama.runtime.distributed.protocol import (
     auth_payload,
     check_greeting,
     configure_socket,
+    mesh_payload,
     model_identity,
     parse_auth_ok,
     parse_challenge,
@@ -113,6 +122,8 @@ class Traffic:
 
 
 EARLY_SEND_BYTES = 16 * 1024  # below the smallest default TCP send buffer
+EXCHANGES = ("mesh", "star")
+FRAME_OVERHEAD = FRAME_HEADER.size  # what traffic counts per frame besides its payload (as _recv does)
 
 
 @contextmanager
@@ -138,12 +149,13 @@ def blame(link: WorkerLink) -> Iterator[None]:
 class TcpExchange:
     """The root's side of the exchange seams (engine.Exchange) over one socket per worker."""
 
-    def __init__(self, split: ClusterSplit, links: list[WorkerLink], buffer_type: BufferType):
+    def __init__(self, split: ClusterSplit, links: list[WorkerLink], buffer_type: BufferType, mesh: bool = False):
         self.split = split
         self.computing = split.computing
         self.links = links
         self.buffer_type = buffer_type
         self.traffic = Traffic()
+        self.mesh = mesh  # the direct exchange: the workers send each other their partials (issue 30)
 
     def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
         for link in self.links:
@@ -163,6 +175,9 @@ class TcpExchange:
         partial of its own."""
         n, dim = x.shape
         seam = SEAMS[stage]
+        if self.mesh:
+            x += self._mesh_sum(partial, n, dim, layer, seam)
+            return
         sums = relays_sums(len(self.computing), dim, self.buffer_type)
         wire = {0: encode_partial(partial, self.buffer_type)} if partial is not None else {}
         limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, self.buffer_type)
@@ -179,6 +194,21 @@ class TcpExchange:
         else:
             self._relay_partials(wire, layer, seam, skip_root=early)
         x += total
+
+    def _mesh_sum(self, partial: np.ndarray | None, n: int, dim: int, layer: int, seam: int) -> np.ndarray:
+        """The direct exchange: the root's partial to every worker, every worker's from it; no relaying."""
+        own = encode_partial(partial, self.buffer_type) if partial is not None else None
+        limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, self.buffer_type)
+        peers = {link.node: link.chan for link in self.links}
+        try:
+            got = mesh_partials(0, own, peers, self.computing, layer, seam, limit)
+        except PeerFailed as e:
+            with blame(next(link for link in self.links if link.node == e.node)):
+                raise e.cause from None
+        frame = FRAME_OVERHEAD + PARTIAL_HEAD.size
+        self.traffic.sent += (frame + len(own)) * len(self.links) if own is not None else 0
+        self.traffic.received += sum(frame + len(got[i]) for i in self.computing if i != 0)
+        return sum_partials([decode_partial(got[i], n, dim, self.buffer_type) for i in self.computing])
 
     def _recv_partial(self, link: WorkerLink, layer: int, seam: int, limit: int) -> memoryview:
         payload = self._recv(link, Frame.PARTIAL, limit)
@@ -308,7 +338,7 @@ class DistributedEngine(Engine):
     def __init__(self, model_path: str | os.PathLike, workers: list[tuple[str, int]], max_seq_len: int = 2048,
                  buffer_type: BufferType | str | None = None, nthreads: int | None = None,
                  log: Callable[[str], None] | None = None, weights: Sequence[float] | str | None = None,
-                 root_compute: str = "all", cluster_key: bytes | None = None):
+                 root_compute: str = "all", cluster_key: bytes | None = None, exchange: str = "mesh"):
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         dispatch.implementation()  # builds the compiled kernels on a first run, before workers wait for them
         model = ModelFile(model_path)
@@ -327,6 +357,11 @@ class DistributedEngine(Engine):
         self.links = [WorkerLink(i + 1, addr) for i, addr in enumerate(workers)]
         self.n_nodes = n_nodes
         self.cluster_key = cluster_key
+        if exchange not in EXCHANGES:
+            raise EngineError(f"--exchange {exchange!r}: use mesh (every node sends its partials straight to every "
+                              "other; the default) or star (through the root, where workers cannot reach each other)")
+        self.asks_mesh = exchange == "mesh"
+        self.uses_mesh = False
         self.model_file, self.buffer_type = model, buffer_type
         self.identity = model_identity(model.path)
         try:
@@ -339,7 +374,8 @@ class DistributedEngine(Engine):
             self.close()
             raise
         # only looked-up rows of the memory-mapped embedding are ever read
-        super().__init__(h, layers, TcpExchange(self.split, self.links, buffer_type), max_seq_len, nthreads,
+        super().__init__(h, layers, TcpExchange(self.split, self.links, buffer_type, self.uses_mesh), max_seq_len,
+                         nthreads,
                          embedding=model.blocks("embedding"), model=model)
 
     @property
@@ -356,6 +392,7 @@ class DistributedEngine(Engine):
         except BaseException:
             self.close()
             raise
+        self.exchange.mesh = self.uses_mesh
         self.reset()
 
     def _connect_all(self, max_seq_len: int, nthreads: int | None, root_compute: str) -> None:
@@ -384,6 +421,7 @@ class DistributedEngine(Engine):
                 _, payload = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.READY,))
                 local[link.node] = parse_ready(payload)
                 link.sock.settimeout(PROGRESS_TIMEOUT_S)  # a busy worker's heartbeat comes every second
+        self.uses_mesh = self._choose_exchange()
         for link in self.links:
             if local[link.node]:
                 self.log(f"{link.name} loads its slices from its own copy of the model")
@@ -391,6 +429,33 @@ class DistributedEngine(Engine):
             self.log(f"streaming node {link.node}'s slices to {link.name}")
             with blame(link):
                 link.streamed_bytes = stream_slices(link.chan, self.model_file.path, h, self.split.nodes[link.node])
+
+    def _choose_exchange(self) -> bool:
+        """The mesh where asked for and every worker reaches every other (each says so before any slice
+        is streamed), else the star, with one line naming the worker that could not."""
+        mesh = self.asks_mesh and len(self.links) >= 2
+        if mesh:
+            token = os.urandom(MESH_TOKEN_BYTES)
+            plan = mesh_payload(token, [link.address for link in self.links])
+            for link in self.links:
+                with blame(link):
+                    link.chan.send_frame(Frame.MESH, plan)
+            problems = []  # (status, link, text): one that could not dial names the unreachable peer best
+            for link in self.links:
+                with blame(link):
+                    _, status = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.MESH_STATUS,))
+                if status[0] != MESH_OK:
+                    problems.append((status[0] != MESH_UNREACHABLE, link.node, link.name,
+                                     bytes(status[1:]).decode("utf-8", "replace")))
+            if problems:
+                _, _, name, text = min(problems)
+                self.log(f"{name} {text}; the partials go through the root instead (the star exchange; "
+                         "--exchange star chooses it at once)")
+                mesh = False
+        for link in self.links:
+            with blame(link):
+                link.chan.send_frame(Frame.EXCHANGE, bytes([EXCHANGE_MESH if mesh else EXCHANGE_STAR]))
+        return mesh
 
     def _wait_loaded(self) -> None:
         for link in self.links:

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from dllama.errors import DllamaError
 from dllama.formats import FormatError, ModelFile, ModelHeader
 from dllama.runtime import dispatch
 from dllama.runtime.distributed.auth import (
@@ -40,6 +41,7 @@ from dllama.runtime.distributed.exchange import (
     decode_sum,
     encode_logits,
     encode_partial,
+    mesh_partials,
     parse_partial,
     partial_nbytes,
     relays_sums,
@@ -48,6 +50,7 @@ from dllama.runtime.distributed.exchange import (
 from dllama.runtime.distributed.node_memory import SplitError, kv_cache_bytes, node_weight_bytes
 from dllama.runtime.distributed.probe import available_memory, node_info
 from dllama.runtime.distributed.protocol import (
+    EXCHANGE_MESH,
     FORWARD_HEAD,
     HANDSHAKE_DEADLINE_S,
     HANDSHAKE_MAX_FRAME,
@@ -55,6 +58,11 @@ from dllama.runtime.distributed.protocol import (
     HEARTBEAT_S,
     IO_TIMEOUT_S,
     LOGITS_WANTED,
+    MAX_ERROR_MESSAGE,
+    MESH_OK,
+    MESH_TIMEOUT_S,
+    MESH_UNCALLED,
+    MESH_UNREACHABLE,
     PARTIAL_HEAD,
     SUM_HEAD,
     WEIGHT_CHUNK,
@@ -72,6 +80,9 @@ from dllama.runtime.distributed.protocol import (
     greeting,
     model_identity,
     parse_auth,
+    parse_mesh,
+    parse_peer,
+    peer_payload,
     ready_payload,
 )
 from dllama.runtime.distributed.slices import SliceReceiver, load_local_slices
@@ -132,6 +143,8 @@ class Worker:
         self.serving = threading.Lock()     # held by the one session that serves a root
         self.handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self.refused: list[str] = []
+        self.mesh = threading.Condition()  # mesh links other workers dialled in, by session token and node
+        self.mesh_links: dict[bytes, dict[int, Channel]] = {}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -165,9 +178,11 @@ class Worker:
     def serve_connection(self, conn: socket.socket, peer: str) -> None:
         chan = Channel(conn)
         in_handshake = [True]
+        kept = False
         try:
-            self._serve(chan, peer, in_handshake)
-            self.log(f"root {peer} finished; waiting for the next root")
+            kept = self._serve(chan, peer, in_handshake)
+            if not kept:
+                self.log(f"root {peer} finished; waiting for the next root")
         except PeerClosed as e:
             self.log(f"root {peer} went away ({e}); waiting for the next root")
         except (ProtocolError, SplitError, AuthError) as e:
@@ -186,15 +201,20 @@ class Worker:
                 self.busy_with = None  # before the close: a root that sees it may reconnect at once
                 self.serving.release()
                 release_freed_heap()  # the slices and the cache of the root that went
-            conn.close()
+            if not kept:
+                conn.close()
 
     # ----------------------------------------------------------------------------------------
-    def _serve(self, chan: Channel, peer: str, in_handshake: list[bool]) -> None:
+    def _serve(self, chan: Channel, peer: str, in_handshake: list[bool]) -> bool:
+        """Serve one connection; True if it became a mesh link, which the session that wants it owns."""
         configure_socket(chan.sock, HANDSHAKE_TIMEOUT_S)
         chan.deadline = time.monotonic() + HANDSHAKE_DEADLINE_S
         self._authenticate(chan, peer)
+        kind, payload = chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.HELLO, Frame.PROBE, Frame.PEER))
+        if kind == Frame.PEER:  # another worker of our root's cluster (it proved the key too)
+            self._attach_peer(chan, *parse_peer(payload))
+            return True
         self._claim(peer)  # only a root that proved the key (or any, without one) gets this far
-        kind, payload = chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.HELLO, Frame.PROBE))
         if kind == Frame.PROBE:  # --weights auto: what this board offers, then the HELLO
             chan.send_frame(Frame.INFO, node_info(self.nthreads).to_bytes())
             _, payload = chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.HELLO,))
@@ -209,19 +229,24 @@ class Worker:
         try:
             started = time.perf_counter()
             with heartbeat.busy():
+                mesh = self._join_mesh(chan, session)
                 slices = self._load_slices(chan, session)
                 how = f"loaded from {self.model_path}" if self.identity is not None else "received"
                 self.log(f"{sum(a.nbytes for a in slices.values()) / 1e6:.0f} MB of slices {how} in "
                          f"{time.perf_counter() - started:.1f} s")
                 h, share = session.header, session.share
                 layers = NodeLayers(h, node_weights(h, slices, share), share, session.hello.max_seq_len)
-                engine = Engine(h, layers, WorkerExchange(chan, session), session.hello.max_seq_len, self.nthreads)
+                engine = Engine(h, layers, WorkerExchange(chan, session, mesh), session.hello.max_seq_len,
+                                self.nthreads)
                 chan.send_frame(Frame.LOADED)
             if self.nthreads:
                 dispatch.set_threads(self.nthreads)  # per calling thread
             self._serve_tokens(chan, session, engine, heartbeat)
         finally:
             heartbeat.stop()
+            for link in locals().get("mesh", {}).values():
+                link.close()
+        return False
 
     def _authenticate(self, chan: Channel, peer: str) -> None:
         """Challenge-response (auth.py): the root proves the key, then this worker proves it too."""
@@ -269,9 +294,66 @@ class Worker:
                                 f"{free >> 20} MiB available: use more nodes or a smaller --max-seq-len")
         return Assignment(hello, header, split)
 
+    def _attach_peer(self, chan: Channel, token: bytes, node: int) -> None:
+        chan.deadline = None
+        with self.mesh:
+            self.mesh_links.setdefault(token, {})[node] = chan
+            self.mesh.notify_all()
+
+    def _join_mesh(self, chan: Channel, s: Assignment) -> dict[int, Channel]:
+        """After READY: the root's MESH plan (dial every lower worker, take every higher one's call, say
+        whether all were reached), then its EXCHANGE decision; or EXCHANGE(star) at once.
+        Returns node -> link of every other worker (empty for the star)."""
+        chan.send_frame(Frame.READY, ready_payload(self.identity is not None))
+        kind, payload = chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.MESH, Frame.EXCHANGE))
+        if kind == Frame.EXCHANGE:
+            return {}
+        token, addresses = parse_mesh(payload, s.n_nodes - 1)
+        links, status, problem = self._mesh_links(token, s, addresses)
+        chan.send_frame(Frame.MESH_STATUS, bytes([status]) + problem.encode()[:MAX_ERROR_MESSAGE])
+        _, payload = chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.EXCHANGE,))
+        if payload[:1] != bytes([EXCHANGE_MESH]):
+            for link in links.values():
+                link.close()
+            return {}
+        return links
+
+    def _mesh_links(self, token: bytes, s: Assignment, addresses: list[tuple[str, int]]
+                    ) -> tuple[dict[int, Channel], int, str]:
+        """(links, MESH_STATUS code, problem): MESH_OK, MESH_UNREACHABLE (it could not dial a lower
+        worker) or MESH_UNCALLED (a higher worker never called)."""
+        from dllama.runtime.distributed.root import WorkerLink, open_link
+
+        links: dict[int, Channel] = {}
+        deadline = time.monotonic() + MESH_TIMEOUT_S
+        status = MESH_UNREACHABLE
+        try:
+            for node in range(1, s.node):  # dial the lower workers
+                link = WorkerLink(node, addresses[node - 1])
+                open_link(link, self.key)
+                link.chan.send_frame(Frame.PEER, peer_payload(token, s.node))
+                link.sock.settimeout(IO_TIMEOUT_S)
+                links[node] = link.chan
+            status = MESH_UNCALLED
+            with self.mesh:  # and wait for the higher ones' calls
+                want = set(range(s.node + 1, s.n_nodes))
+                while not want <= set(self.mesh_links.get(token, {})):
+                    if not self.mesh.wait(max(0.0, deadline - time.monotonic())):
+                        missing = sorted(want - set(self.mesh_links.get(token, {})))
+                        host, port = addresses[missing[0] - 1]
+                        raise ProtocolError(f"worker {host}:{port} (node {missing[0]}) did not call within "
+                                            f"{MESH_TIMEOUT_S:.0f} s")
+                for node, link in self.mesh_links.pop(token, {}).items():
+                    link.settimeout(IO_TIMEOUT_S)
+                    links[node] = link
+        except (DllamaError, OSError) as e:
+            for link in links.values():
+                link.close()
+            return {}, status, f"cannot reach {e}"
+        return links, MESH_OK, ""
+
     def _load_slices(self, chan: Channel, s: Assignment) -> dict[str, np.ndarray]:
         local = self.identity is not None
-        chan.send_frame(Frame.READY, ready_payload(local))
         if local:
             return load_local_slices(self.model_path, s.header, s.share)
         receiver = SliceReceiver(s.header, s.share)
@@ -356,8 +438,10 @@ class WorkerExchange:
     """A worker's side of the exchange seams (engine.Exchange): its partial to the root, every other
     computing node's partial from the root, and its logits slice to the root."""
 
-    def __init__(self, chan: Channel, session: Assignment):
+    def __init__(self, chan: Channel, session: Assignment, mesh: dict[int, Channel] | None = None):
+        """mesh: node -> link of every other worker, for the direct exchange (empty: the star)."""
         self.chan, self.s = chan, session
+        self.peers = {0: chan, **mesh} if mesh else None
 
     def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
         pass  # the root sent x
@@ -372,6 +456,11 @@ class WorkerExchange:
         s, seam, bt = self.s, SEAMS[stage], self.s.hello.buffer_type
         computing = s.split.computing
         own = encode_partial(partial, bt)
+        if self.peers is not None:  # the direct exchange: every partial straight from its node
+            limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, bt)
+            got = mesh_partials(s.node, own, self.peers, computing, layer, seam, limit)
+            x += sum_partials([decode_partial(got[i], n, dim, bt) for i in computing])
+            return
         self.chan.send_frame(Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, s.node), own)
         if relays_sums(len(computing), dim, bt):
             _, payload = self.chan.recv_frame( SUM_HEAD.size + n * dim * 4, expect=(Frame.SUM,))
