@@ -3,15 +3,20 @@ workers open to each other; the same bits as the star, which stays available and
 so, when a worker cannot reach another."""
 from __future__ import annotations
 
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 from distributed_helpers import loopback_workers, write_random_model
 
 from dllama.formats import FloatType
-from dllama.runtime.distributed.root import DistributedEngine
+from dllama.runtime.distributed.root import DistributedEngine, WorkerError
 
 PROMPT = [(11 * i) % 256 for i in range(1, 51)]  # 50 tokens: partials over 16 kB, exchanged pair by pair
 KEY = b"mesh test key, 32 bytes long...."
@@ -116,3 +121,28 @@ def test_a_worker_that_cannot_reach_another_is_named_and_the_star_takes_over(h12
     assert "streaming" not in " ".join(said[:said.index(lines[0])])  # named before any slice moved
     with loopback_workers(2) as workers, engine(path, workers, "q80", "star") as star:
         assert np.array_equal(relayed, run(star, steps=1))
+
+
+def test_a_frozen_worker_of_a_mesh_is_named_within_10_s(h12):
+    proc = subprocess.Popen([sys.executable, "-m", "dllama.cli.dllama_run", "worker", "--host", "127.0.0.1",
+                             "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        match = re.search(r"listening on ([\d.]+):(\d+)", proc.stderr.readline())
+        assert match
+        frozen = (match.group(1), int(match.group(2)))
+        with loopback_workers(1) as (other,):
+            many = engine(h12[FloatType.Q40], [other.address, frozen], "q80", "mesh")
+            assert many.uses_mesh
+            token, stopped = 1, None
+            with pytest.raises(WorkerError, match=rf"127\.0\.0\.1:{frozen[1]} \(node 2\): .*frozen"):
+                for pos in range(60):
+                    if pos == 3:
+                        proc.send_signal(signal.SIGSTOP)
+                        stopped = time.monotonic()
+                    token = int(np.argmax(many.forward([token], pos)[-1]))
+            assert stopped is not None and time.monotonic() - stopped < 10
+            many.close()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()

@@ -64,6 +64,7 @@ from dllama.runtime.distributed.protocol import (
     MESH_UNCALLED,
     MESH_UNREACHABLE,
     PARTIAL_HEAD,
+    PROGRESS_TIMEOUT_S,
     SUM_HEAD,
     WEIGHT_CHUNK,
     WEIGHTS_HEAD,
@@ -230,6 +231,7 @@ class Worker:
             started = time.perf_counter()
             with heartbeat.busy():
                 mesh = self._join_mesh(chan, session)
+                heartbeat.watch(mesh.values())
                 slices = self._load_slices(chan, session)
                 how = f"loaded from {self.model_path}" if self.identity is not None else "received"
                 self.log(f"{sum(a.nbytes for a in slices.values()) / 1e6:.0f} MB of slices {how} in "
@@ -332,7 +334,7 @@ class Worker:
                 link = WorkerLink(node, addresses[node - 1])
                 open_link(link, self.key)
                 link.chan.send_frame(Frame.PEER, peer_payload(token, s.node))
-                link.sock.settimeout(IO_TIMEOUT_S)
+                link.sock.settimeout(PROGRESS_TIMEOUT_S)  # a busy peer's heartbeat comes every second
                 links[node] = link.chan
             status = MESH_UNCALLED
             with self.mesh:  # and wait for the higher ones' calls
@@ -344,7 +346,7 @@ class Worker:
                         raise ProtocolError(f"worker {host}:{port} (node {missing[0]}) did not call within "
                                             f"{MESH_TIMEOUT_S:.0f} s")
                 for node, link in self.mesh_links.pop(token, {}).items():
-                    link.settimeout(IO_TIMEOUT_S)
+                    link.settimeout(PROGRESS_TIMEOUT_S)
                     links[node] = link
         except (DllamaError, OSError) as e:
             for link in links.values():
@@ -405,10 +407,11 @@ def checked_model(path: Path) -> ModelIdentity:
 class Heartbeat:
     """While the worker is busy (loading, or inside a forward), a PING whenever it has sent nothing for
     HEARTBEAT_S: the root then takes a silence of PROGRESS_TIMEOUT_S for a frozen worker, however long
-    a computation takes. A stopped process stops this thread too, which is the point."""
+    a computation takes. A stopped process stops this thread too, which is the point. Mesh links get
+    the same, so that a worker waiting on a frozen peer notices too (and does not stay busy)."""
 
     def __init__(self, chan: Channel):
-        self.chan = chan
+        self.chans = [chan]
         self.active = False
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -422,13 +425,17 @@ class Heartbeat:
         finally:
             self.active = False
 
+    def watch(self, chans) -> None:
+        self.chans = self.chans + list(chans)
+
     def _run(self) -> None:
         while not self.done.wait(HEARTBEAT_S / 4):
-            if self.active and time.monotonic() - self.chan.last_send >= HEARTBEAT_S:
-                try:
-                    self.chan.send_frame(Frame.PING)
-                except ProtocolError:
-                    return
+            for chan in self.chans if self.active else ():
+                if time.monotonic() - chan.last_send >= HEARTBEAT_S:
+                    try:
+                        chan.send_frame(Frame.PING)
+                    except ProtocolError:
+                        return
 
     def stop(self) -> None:
         self.done.set()
