@@ -17,6 +17,7 @@ from distributed_helpers import loopback_workers
 from test_distributed_faults import KEYLESS_START, frame, frames, still_serves, talk
 
 from dllama.errors import FormatError
+from dllama.runtime.distributed import protocol
 from dllama.runtime.distributed.auth import AuthError, FrameMac, load_cluster_key
 from dllama.runtime.distributed.protocol import (
     HANDSHAKE_DEADLINE_S,
@@ -134,7 +135,8 @@ def still_serves_with_key(worker, model) -> None:
         assert np.isfinite(engine.forward([4], 0)).all()
 
 
-def test_a_copy_that_differs_in_one_byte_anywhere_is_refused(tmp_path, f32_model):
+def test_a_copy_that_differs_in_one_byte_anywhere_is_refused(tmp_path, f32_model, monkeypatch):
+    monkeypatch.setattr(protocol, "DIGEST_CACHE_MIN_BYTES", 0)  # cache the small fixture's digest too
     copy = tmp_path / "copy.m"
     shutil.copyfile(f32_model, copy)
     assert model_identity(copy) == model_identity(f32_model)

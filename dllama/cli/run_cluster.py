@@ -51,7 +51,7 @@ def worker_command(
         note("worker stopped")
 
 
-def _start_worker(host: str, port: int, model: Optional[Path], nthreads: Optional[int], key: Optional[bytes]):
+def _start_worker(host: str, port: int, model: Optional[Path], nthreads: Optional[int], key: Optional[bytes] = None):
     from dllama.errors import DllamaError
     from dllama.runtime.distributed.worker import Worker
 

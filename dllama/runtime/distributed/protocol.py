@@ -113,6 +113,7 @@ class BufferType(enum.IntEnum):
 # Model identity: size + a digest of every byte, computed once per file and cached
 
 DIGEST_CHUNK = 1 << 20
+DIGEST_CACHE_MIN_BYTES = 64 << 20  # smaller files hash in well under a second: no cache record for them
 
 
 @dataclass(frozen=True)
@@ -126,26 +127,34 @@ class ModelIdentity:
 
 def model_identity(path: str | os.PathLike) -> ModelIdentity:
     """The `.m`'s size and full-file digest: a copy that differs in one byte anywhere differs here.
-    Hashing a board's model takes seconds, so the digest is cached ($DLLAMA_CACHE/digests, one
-    record per file path), valid while the file keeps its size, inode and modification time."""
+    Hashing a board's model takes seconds, so the digest of a file of 64 MiB or more is cached
+    ($DLLAMA_CACHE/digests, one record per file path), valid while the file keeps its size, inode
+    and modification time."""
     path = Path(path)
     st = path.stat()
     key = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-    cache = digest_cache(key["path"])
-    try:
-        cached = json.loads(cache.read_text())
-        if {k: cached.get(k) for k in key} == key:
-            return ModelIdentity(st.st_size, bytes.fromhex(cached["blake2b"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
+    cache = digest_cache(key["path"]) if st.st_size >= DIGEST_CACHE_MIN_BYTES else None
+    if cache is not None and (digest := _cached_digest(cache, key)) is not None:
+        return ModelIdentity(st.st_size, digest)
     h = hashlib.blake2b(digest_size=32)
     buf = bytearray(DIGEST_CHUNK)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             h.update(memoryview(buf)[:n])
     identity = ModelIdentity(st.st_size, h.digest())
-    _save_digest(cache, dict(key, blake2b=identity.digest.hex()))
+    if cache is not None:
+        _save_digest(cache, dict(key, blake2b=identity.digest.hex()))
     return identity
+
+
+def _cached_digest(cache: Path, key: dict) -> bytes | None:
+    try:
+        cached = json.loads(cache.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return bytes.fromhex(cached["blake2b"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record, or a broken one
+        pass
+    return None
 
 
 def digest_cache(resolved_path: str) -> Path:
