@@ -2,7 +2,7 @@
 
     python benchmarks/distributed.py                                  # 1 (single-node Engine), 2, 3, 4, 8 nodes
     python benchmarks/distributed.py --nodes 2,3w,3c --steps 16       # 3w: --weights 2,1,1; 3c: --root-compute none
-    python benchmarks/distributed.py --netem --nodes 2,4,8           # TCP star vs MPI over emulated Pi networks (root)
+    python benchmarks/distributed.py --netem --nodes 2,4,8           # mesh, star, MPI on emulated Pi links (root)
 
 Builds (once, into .bench/) a TinyLlama-1.1B-shaped q40 model with random weights written
 straight in the q40 block layout, then for each node count starts the workers as
@@ -219,7 +219,7 @@ def planned(shape: str, max_seq_len: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # --netem (issue 15): TCP star against MPI across emulated links
 
-NETEM_MODES = ("tcp", "mpi-direct", "mpi-allgather")
+NETEM_MODES = ("tcp-mesh", "tcp-star", "mpi-direct", "mpi-allgather")  # tcp-mesh: --workers' default exchange
 LAYERS_PER_TOKEN = 2 * TINYLLAMA["n_layers"]  # exchange seams per token
 
 
@@ -253,9 +253,9 @@ def network_steps(mode: str, n: int) -> int:
     logits gathered (1). MPI allgather: MPICH's recursive doubling / Bruck take ceil(log2 n) steps per
     seam and its binomial broadcast as many; the gather is one."""
     log2 = max(1, (n - 1).bit_length())
-    if mode == "tcp":
+    if mode == "tcp-star":
         return 2 + 2 * LAYERS_PER_TOKEN
-    if mode == "mpi-direct":
+    if mode in ("mpi-direct", "tcp-mesh"):  # the mesh: every node to every node, one step per seam
         return 2 + LAYERS_PER_TOKEN
     return log2 + log2 * LAYERS_PER_TOKEN + 1
 
@@ -287,7 +287,7 @@ def netem_root_role(args) -> None:
     else:
         from dllama.runtime.distributed.root import DistributedEngine, parse_workers
         engine = DistributedEngine(MODEL, parse_workers(args.workers), max_seq_len=args.max_seq_len, nthreads=1,
-                                   log=lambda m: None)
+                                   log=lambda m: None, exchange=args.exchange)
     result = timed_decode(engine, args.steps, wait_for_driver)
     engine.close()
     print(json.dumps(result), flush=True)
@@ -311,13 +311,14 @@ def run_netem(net, mode: str, stub: bool, steps: int, max_seq_len: int) -> dict:
     workers = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            if mode == "tcp":
+            if mode.startswith("tcp"):
                 for i in range(1, net.n):
                     w = net.popen(i, me + ["--role", "netem-worker"], stderr=subprocess.PIPE, text=True, env=env)
                     w.stderr.readline()  # listening
                     workers.append(w)
                 addresses = ",".join(f"{net.address(i)}:9999" for i in range(1, net.n))
-                cmd = net.command(0, me + ["--role", "netem-root", "--workers", addresses])
+                cmd = net.command(0, me + ["--role", "netem-root", "--workers", addresses, "--exchange",
+                                           mode.split("-")[1]])
                 env_root = env
             else:
                 cmd = net.command(0, mpiexec_command(net, tmp) + me + ["--role", "mpi-root"])
@@ -396,6 +397,7 @@ def main() -> None:
     p.add_argument("--no-compute", dest="compute", action="store_false",
                    help="--netem: time the exchange only (skip the runs with the real layers)")
     p.add_argument("--stub", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--exchange", default="mesh", help=argparse.SUPPRESS)  # the netem root's --exchange
     p.add_argument("--nodes", default="1,2,3,4,8,3w,3c",
                    help="shapes to measure: a node count (1 is the single-node Engine), with w: --weights 2,1,..; "
                         "with c: --root-compute none")

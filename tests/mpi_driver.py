@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dllama.runtime.distributed import mpi
 from dllama.runtime.distributed.mpi import MpiError, open_mpi_engine
 
 
@@ -27,7 +28,10 @@ def main() -> None:
     p.add_argument("--stream-weights", action="store_true", help="rank 0 sends the other ranks their slices")
     p.add_argument("--until-killed", choices=["busy", "idle"], default=None,
                    help="after loading, print each rank's pid and host, then decode forever (busy) or wait (idle)")
+    p.add_argument("--progress-timeout", type=float, default=None, help="as dllama-run mpi --progress-timeout")
     args = p.parse_args()
+    if args.progress_timeout is not None:
+        mpi.PROGRESS_TIMEOUT_S = args.progress_timeout
     try:
         engine = open_mpi_engine(args.model, 64, 1, args.buffer_float_type, args.weights, args.root_compute,
                                  log=lambda msg: None, stream=args.stream_weights)
@@ -36,7 +40,11 @@ def main() -> None:
         sys.exit(1)
     ids = [int(t) for t in args.ids.split(",")]
     if args.until_killed:
-        run_until_killed(engine, ids, args.until_killed == "busy")
+        try:
+            run_until_killed(engine, ids, args.until_killed == "busy")
+        except MpiError as e:  # as dllama-run's edge: one line
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
     logits = [engine.forward(ids, 0)]
     tokens = [int(np.argmax(logits[-1][-1]))]
     for i in range(args.steps - 1):

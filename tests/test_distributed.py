@@ -347,3 +347,22 @@ def test_plan_with_auto_weights_probes_the_workers_and_leaves_them_waiting(smol_
         assert missing.exit_code == 1 and "give --workers with 2 addresses" in missing.output
         with cluster(smol_f32, workers, "f32") as three:  # the probed workers serve the next root
             assert three.forward([1, 2], 0).shape == (2, 512)
+
+
+def test_a_prompt_gathers_only_its_last_tokens_logits(tmp_path):
+    """A prompt of two batches: the workers send no logits for the first and one row for the last,
+    which equals one node's last row (issue 30)."""
+    model = write_random_model(tmp_path / "m.m", FloatType.F32)
+    prompt = [(7 * i) % 256 for i in range(1, 100)]  # 99 tokens: batches of 64 and 35
+    with loopback_workers(2) as workers, \
+            DistributedEngine(model, [], max_seq_len=128, buffer_type="f32") as one, \
+            DistributedEngine(model, [w.address for w in workers], max_seq_len=128, buffer_type="f32") as three:
+        want = one.forward(prompt, 0)
+        every = three.forward(prompt, 0)
+        received = three.traffic.received
+        last = three.forward(prompt, 0, last_only=True)
+        last_received = three.traffic.received - received
+    assert np.abs(every - want).max() <= 1e-4 and np.abs(last - want[-1:]).max() <= 1e-4
+    vocab_rows_of_workers = 256 - three.split.nodes[0].vocab[1]
+    # float32 logits of 98 rows, and the first batch's LOGITS frames (header and kind byte) of the 2 workers
+    assert received - last_received == 98 * vocab_rows_of_workers * 4 + 2 * (8 + 1)

@@ -55,12 +55,20 @@ def talk(address, *chunks: bytes) -> bytes:
         return out
 
 
+def frames(reply: bytes) -> dict[Frame, bytes]:
+    """The payloads of the (unauthenticated) frames a worker sent after its preamble, by type."""
+    out, at = {}, PREAMBLE.size
+    while at + FRAME_HEADER.size <= len(reply):
+        length, kind, _ = FRAME_HEADER.unpack_from(reply, at)
+        at += FRAME_HEADER.size
+        out[Frame(kind)] = reply[at:at + length]
+        at += length
+    return out
+
+
 def error_text(reply: bytes) -> str:
-    """The worker's ERROR frame after its preamble."""
-    body = reply[PREAMBLE.size:]
-    length, kind, _ = FRAME_HEADER.unpack_from(body)
-    assert kind == Frame.ERROR
-    return body[FRAME_HEADER.size:FRAME_HEADER.size + length].decode()
+    """The worker's ERROR frame (after its preamble, its CHALLENGE and perhaps its AUTH_OK)."""
+    return frames(reply)[Frame.ERROR].decode()
 
 
 def still_serves(worker, model) -> None:
@@ -83,6 +91,9 @@ def frame(kind: int, payload: bytes, length: int | None = None) -> bytes:
 
 
 GOOD_PREAMBLE = PREAMBLE.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION)
+# a root's start to a worker without a cluster key: its preamble and an AUTH that proves nothing
+KEYLESS_START = GOOD_PREAMBLE + frame(Frame.AUTH, bytes(64))
+STAR = frame(Frame.EXCHANGE, b"\x00")  # after READY: the root's choice of the star exchange
 
 
 def test_garbage_is_refused_and_the_worker_keeps_serving(f32_model):
@@ -115,35 +126,35 @@ def test_oversized_frames_are_refused_before_allocating(f32_model):
         from dataclasses import replace
 
         from dllama.formats import read_model_header
-        huge = replace(read_model_header(f32_model), dim=1 << 20, hidden_dim=1 << 22, n_layers=1024, vocab_size=1 << 20)
+        huge = replace(read_model_header(f32_model), dim=1 << 15, hidden_dim=1 << 20, n_layers=1024, vocab_size=1 << 20)
         from dllama.formats import model_file_size
         lying = hello_bytes(f32_model, header_bytes=huge.to_bytes(), identity=ModelIdentity(model_file_size(huge),
                                                                                             bytes(32)))
-        text = error_text(talk(worker.address, GOOD_PREAMBLE + frame(Frame.HELLO, lying)))
+        text = error_text(talk(worker.address, KEYLESS_START + frame(Frame.HELLO, lying)))
         assert "MiB but this machine has" in text
         endless = replace(read_model_header(f32_model), n_layers=1 << 30)
         forged = hello_bytes(f32_model, header_bytes=endless.to_bytes())
         started = time.monotonic()
-        text = error_text(talk(worker.address, GOOD_PREAMBLE + frame(Frame.HELLO, forged)))
-        assert "impossible model (1073741824 layers" in text and time.monotonic() - started < 1
+        text = error_text(talk(worker.address, KEYLESS_START + frame(Frame.HELLO, forged)))
+        assert "n_layers 1073741824 in its header, outside" in text and time.monotonic() - started < 1
         still_serves(worker, f32_model)
 
 
 def test_an_oversized_forward_after_the_handshake_is_refused(f32_model):
     with loopback_workers(1, model_path=f32_model) as (worker,):  # its own copy: no weights to stream
-        huge_batch = FORWARD_HEAD.pack(0, 1 << 20)
-        reply = talk(worker.address, GOOD_PREAMBLE, frame(Frame.HELLO, hello_bytes(f32_model)),
+        huge_batch = FORWARD_HEAD.pack(0, 1 << 20, 0)
+        reply = talk(worker.address, KEYLESS_START, frame(Frame.HELLO, hello_bytes(f32_model)), STAR,
                      frame(Frame.FORWARD, huge_batch, length=0x7FFFFFFF))
         assert b"FORWARD frame of 2147483647 bytes exceeds the limit" in reply
-        reply = talk(worker.address, GOOD_PREAMBLE, frame(Frame.HELLO, hello_bytes(f32_model)),
-                     frame(Frame.FORWARD, FORWARD_HEAD.pack(30, 5) + bytes(5 * 64 * 4)))
+        reply = talk(worker.address, KEYLESS_START, frame(Frame.HELLO, hello_bytes(f32_model)), STAR,
+                     frame(Frame.FORWARD, FORWARD_HEAD.pack(30, 5, 0) + bytes(5 * 64 * 4)))
         assert b"outside the batch limit" in reply  # positions 30..34 past max_seq_len 32
         still_serves(worker, f32_model)
 
 
 def test_weights_outside_the_workers_slices_are_refused(f32_model):
     with loopback_workers(1) as (worker,):  # no copy of its own: expects WEIGHTS
-        start = GOOD_PREAMBLE + frame(Frame.HELLO, hello_bytes(f32_model))
+        start = KEYLESS_START + frame(Frame.HELLO, hello_bytes(f32_model)) + STAR
         reply = talk(worker.address, start + frame(Frame.WEIGHTS, WEIGHTS_HEAD.pack(9999, 0) + bytes(16)))
         assert b"WEIGHTS for tensor 9999, which this worker does not hold" in reply
         reply = talk(worker.address, start + frame(Frame.WEIGHTS, WEIGHTS_HEAD.pack(1, 1 << 40) + bytes(16)))
@@ -238,7 +249,7 @@ def test_a_hello_that_gives_a_worker_no_share_is_refused(f32_model):
     with loopback_workers(1) as (worker,):
         hello = hello_bytes(f32_model, n_nodes=3, weights=(1.0, 0.0, 1.0))
         assert "every worker needs a positive weight" in error_text(
-            talk(worker.address, GOOD_PREAMBLE + frame(Frame.HELLO, hello)))
+            talk(worker.address, KEYLESS_START + frame(Frame.HELLO, hello)))
         still_serves(worker, f32_model)
 
 
@@ -246,11 +257,8 @@ def test_a_worker_answers_a_probe_with_its_memory_and_speed(f32_model):
     from dllama.runtime.distributed.protocol import NodeInfo
 
     with loopback_workers(1) as (worker,):
-        reply = talk(worker.address, GOOD_PREAMBLE + frame(Frame.PROBE, b""))
-        body = reply[PREAMBLE.size:]
-        length, kind, _ = FRAME_HEADER.unpack_from(body)
-        assert kind == Frame.INFO
-        info = NodeInfo.parse(memoryview(body[FRAME_HEADER.size:FRAME_HEADER.size + length]))
+        reply = talk(worker.address, KEYLESS_START + frame(Frame.PROBE, b""))
+        info = NodeInfo.parse(memoryview(frames(reply)[Frame.INFO]))
         assert 0 < info.available <= info.memory and info.speed > 1e6
         still_serves(worker, f32_model)
 

@@ -151,27 +151,50 @@ def test_serve_under_mpiexec_answers_the_openai_client(tmp_path):
             proc.wait()
 
 
-@pytest.mark.parametrize("while_", ["busy", "idle"])
-def test_a_killed_rank_is_named_by_rank_0_within_5_s(h12, tmp_path, while_):
-    proc = subprocess.Popen([*mpiexec_command(3), sys.executable, str(DRIVER), str(h12[FloatType.Q40]),
-                             str(tmp_path / "out.npz"), "--until-killed", while_],
+def start_until_killed(model: Path, tmp_path: Path, while_: str, *extra: str) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([*mpiexec_command(3), sys.executable, str(DRIVER), str(model),
+                             str(tmp_path / "out.npz"), "--until-killed", while_, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    ranks = dict(re.match(r"rank (\d+) pid (\d+) host (\S+)", proc.stdout.readline()).group(1, 2) for _ in range(3))
+    return proc, ranks
+
+
+def one_error_line(proc: subprocess.Popen, err: str) -> str:
+    assert proc.returncode != 0
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-2000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("while_, rank", [("busy", "2"), ("idle", "2")])
+def test_a_killed_rank_is_named_by_rank_0_within_5_s(h12, tmp_path, while_, rank):
+    proc, ranks = start_until_killed(h12[FloatType.Q40], tmp_path, while_)
     try:
-        ranks = dict(re.match(r"rank (\d+) pid (\d+) host (\S+)", proc.stdout.readline()).group(1, 2)
-                     for _ in range(3))
         time.sleep(0.5)
         killed = time.monotonic()
-        os.kill(int(ranks["2"]), signal.SIGKILL)
+        os.kill(int(ranks[rank]), signal.SIGKILL)
         _, err = proc.communicate(timeout=15)
         assert time.monotonic() - killed < 5
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err[-2000:]
-    assert f"rank 2 on {os.uname().nodename}" in errors[0] and f"pid {ranks['2']}" in errors[0] and "died" in errors[0]
+    error = one_error_line(proc, err)
+    assert f"rank {rank} on {os.uname().nodename}" in error and f"pid {ranks[rank]}" in error and "died" in error
+
+
+def test_a_frozen_rank_is_named_after_the_progress_timeout(h12, tmp_path):
+    proc, ranks = start_until_killed(h12[FloatType.Q40], tmp_path, "busy", "--progress-timeout", "3")
+    try:
+        os.kill(int(ranks["2"]), signal.SIGSTOP)
+        _, err = proc.communicate(timeout=20)  # 3 s, then mpiexec ends the job
+    finally:
+        os.kill(int(ranks["2"]), signal.SIGCONT) if proc.poll() is None else None
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    error = one_error_line(proc, err)
+    assert f"rank 2 on {os.uname().nodename} (pid {ranks['2']}) answered nothing for 3 s" in error, error
 
 
 @pytest.mark.parametrize("problem", ["missing", "different"])

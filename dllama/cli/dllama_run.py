@@ -56,6 +56,8 @@ def generate_command(
     weights: Optional[str] = options.WEIGHTS,
     root_compute: str = options.ROOT_COMPUTE,
     version: bool = options.VERSION,
+    cluster_key_file: Optional[Path] = options.CLUSTER_KEY_FILE,
+    exchange: str = options.EXCHANGE,
 ) -> None:
     """Generate text from a prompt on this machine (or as the root of --workers).
 
@@ -68,7 +70,8 @@ def generate_command(
     with edge(interrupted=stop_quietly):
         files = model_files(source, model, tokenizer, quant)
         loaded = load_model(files.model, files.tokenizer, max_seq_len, nthreads,
-                            ClusterOptions(workers, buffer_float_type, weights, root_compute))
+                            ClusterOptions(workers, buffer_float_type, weights, root_compute, cluster_key_file,
+                                           exchange))
         note(f"max_seq_len {loaded.engine.max_seq_len} (--max-seq-len), {loaded.engine.nthreads} threads")
         ids = loaded.tokenizer.encode(prompt)
         answer_room(len(ids), loaded.engine.max_seq_len)
@@ -105,6 +108,8 @@ def chat_command(
     buffer_float_type: Optional[str] = options.BUFFER_FLOAT_TYPE,
     weights: Optional[str] = options.WEIGHTS,
     root_compute: str = options.ROOT_COMPUTE,
+    cluster_key_file: Optional[Path] = options.CLUSTER_KEY_FILE,
+    exchange: str = options.EXCHANGE,
 ) -> None:
     """Chat interactively with the model's chat template; the KV cache carries the conversation.
 
@@ -116,7 +121,8 @@ def chat_command(
     with edge(interrupted=stop_quietly):
         files = model_files(source, model, tokenizer, quant)
         loaded = load_model(files.model, files.tokenizer, max_seq_len, nthreads,
-                            ClusterOptions(workers, buffer_float_type, weights, root_compute))
+                            ClusterOptions(workers, buffer_float_type, weights, root_compute, cluster_key_file,
+                                           exchange))
         run_chat(loaded, system, steps, Sampling(temperature, topp, seed, top_k, min_p, repeat_penalty, repeat_last_n,
                                                  presence_penalty, frequency_penalty), stop or ())
 

@@ -18,6 +18,8 @@ class ClusterOptions:
     buffer_float_type: Optional[str] = None
     weights: Optional[str] = None
     root_compute: str = "all"
+    cluster_key_file: Optional[Path] = None
+    exchange: str = "mesh"
 
 
 @dataclass
@@ -75,11 +77,13 @@ def load_model(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optiona
 
 def _engine(model: Path, max_seq_len: int, nthreads: Optional[int], cluster: ClusterOptions) -> Engine:
     if cluster.workers:  # the same Engine interface, node 0 of a cluster
+        from dllama.runtime.distributed.auth import load_cluster_key
         from dllama.runtime.distributed.root import DistributedEngine, parse_workers
 
         return DistributedEngine(model, parse_workers(cluster.workers), max_seq_len=max_seq_len, nthreads=nthreads,
                                  buffer_type=cluster.buffer_float_type, weights=cluster.weights,
-                                 root_compute=cluster.root_compute)
+                                 root_compute=cluster.root_compute,
+                                 cluster_key=load_cluster_key(cluster.cluster_key_file), exchange=cluster.exchange)
     if cluster.weights is not None or cluster.root_compute != "all":
         raise CliError("--weights and --root-compute split the model over a cluster: add --workers host:port,...")
     return Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads, buffer_float_type=cluster.buffer_float_type)

@@ -25,6 +25,9 @@ WEIGHTS_HELP = ("with --workers: each node's relative share, the root's first (e
 ROOT_COMPUTE_HELP = ("with --workers: all (the root computes a share too) or none (it only coordinates: tokenizer, "
                      "embedding, sampling, API; the workers hold every layer)")
 
+CLUSTER_KEY_HELP = ("a file holding the cluster key (at least 16 bytes, e.g. `openssl rand -hex 32`), the same on the "
+                    "root and every worker: each side proves it holds the key and every frame is authenticated; "
+                    "default: $DLLAMA_CLUSTER_KEY, else no key (never on the command line, where `ps` shows it)")
 
 
 def complete_model(incomplete: str) -> list[str]:
@@ -57,5 +60,9 @@ WORKERS = typer.Option(None, help=WORKERS_HELP)
 BUFFER_FLOAT_TYPE = typer.Option(None, help=BUFFER_HELP)
 WEIGHTS = typer.Option(None, help=WEIGHTS_HELP)
 ROOT_COMPUTE = typer.Option("all", help=ROOT_COMPUTE_HELP)
+CLUSTER_KEY_FILE = typer.Option(None, "--cluster-key-file", help=CLUSTER_KEY_HELP)
+EXCHANGE = typer.Option("mesh", help="with --workers: mesh (each node sends its partials straight to every other over "
+                                     "links the workers open to each other at start-up) or star (through the root); "
+                                     "mesh falls back to star, saying so, when a worker cannot reach another")
 AS_JSON = typer.Option(False, "--json", help="print JSON instead of text")
 

@@ -28,29 +28,35 @@ def worker_command(
     nthreads: Optional[int] = options.NTHREADS,
     model: Optional[str] = typer.Option(None, help="this board's own copy of the root's model (a .m, a stored name, "
                                                    "or a source converted as the root converted it): load slices "
-                                                   "from it instead of receiving them (checked against the root's)"),
+                                                   "from it instead of receiving them (checked byte for byte "
+                                                   "against the root's by a full-file digest)"),
     quant: Optional[str] = options.QUANT,
+    cluster_key_file: Optional[Path] = options.CLUSTER_KEY_FILE,
 ) -> None:
     """Wait for a root and compute a share of each token.
 
-    Example: dllama-run worker --port 9999   (then on the root: dllama-run --workers pi1:9999 ...)
+    Example: dllama-run worker --port 9999 --cluster-key-file cluster.key
+    (then on the root: dllama-run --workers pi1:9999 --cluster-key-file cluster.key ...)
     """
+    from dllama.runtime.distributed.auth import load_cluster_key
+
     with edge():
         check_port(host, port)
+        key = load_cluster_key(cluster_key_file)
         path = None if model is None else model_files(model, None, None, quant, with_tokenizer=False).model
-        worker = _start_worker(host, port, path, nthreads)
+        worker = _start_worker(host, port, path, nthreads, key)
     try:
         worker.serve_forever()
     except KeyboardInterrupt:
         note("worker stopped")
 
 
-def _start_worker(host: str, port: int, model: Optional[Path], nthreads: Optional[int]):
+def _start_worker(host: str, port: int, model: Optional[Path], nthreads: Optional[int], key: Optional[bytes] = None):
     from dllama.errors import DllamaError
     from dllama.runtime.distributed.worker import Worker
 
     try:
-        return Worker(host, port, model_path=model, nthreads=nthreads)
+        return Worker(host, port, model_path=model, nthreads=nthreads, cluster_key=key)
     except (OSError, DllamaError) as e:  # the address is taken, the --model file is broken, bad --threads
         raise CliError(f"cannot start the worker on {host}:{port}: {getattr(e, 'strerror', None) or e}") from e
 
@@ -73,6 +79,7 @@ def plan_command(
     root_compute: str = options.ROOT_COMPUTE,
     workers: Optional[str] = typer.Option(None, help="with --weights auto: the workers to probe (host:port,...); "
                                                      "--nodes must be 1 + their number"),
+    cluster_key_file: Optional[Path] = options.CLUSTER_KEY_FILE,
 ) -> None:
     """Print each node's share and memory (weights, KV cache, buffers) for a split of MODEL over NODES.
 
@@ -82,7 +89,7 @@ def plan_command(
         model = model_files(source, model, None, quant, with_tokenizer=False).model
         header = ModelFile(model).header  # the header checked against the file's real size
         seq = min(max_seq_len, header.max_seq_len)
-        split_weights = _plan_weights(nodes, weights, root_compute, workers)
+        split_weights = _plan_weights(nodes, weights, root_compute, workers, cluster_key_file)
         plan = memory_plan(header, nodes, seq, batch, weights=split_weights)
         limit = parse_size(ram) if ram else None
     rows = [{
@@ -111,10 +118,12 @@ def plan_command(
         raise typer.Exit(2)
 
 
-def _plan_weights(nodes: int, weights: Optional[str], root_compute: str, workers: Optional[str]) -> tuple[float, ...]:
+def _plan_weights(nodes: int, weights: Optional[str], root_compute: str, workers: Optional[str],
+                  cluster_key_file: Optional[Path]) -> tuple[float, ...]:
     """--weights as numbers, or (auto) measured by probing --workers as the root would when it connects."""
     if weights is None or weights.strip().lower() != "auto":
         return cluster_weights(nodes, weights, root_compute)
+    from dllama.runtime.distributed.auth import load_cluster_key
     from dllama.runtime.distributed.root import measure_weights, parse_workers
 
     addresses = parse_workers(workers or "")
@@ -122,5 +131,5 @@ def _plan_weights(nodes: int, weights: Optional[str], root_compute: str, workers
         raise SplitError(f"--weights auto probes the workers: give --workers with {nodes - 1} addresses for "
                          f"{nodes} nodes (it got {len(addresses)})")
     cluster_weights(nodes, None, root_compute)  # checks --root-compute
-    return measure_weights(addresses, root_compute, log=note)
+    return measure_weights(addresses, root_compute, log=note, cluster_key=load_cluster_key(cluster_key_file))
 

@@ -46,6 +46,8 @@ def serve_command(
     buffer_float_type: Optional[str] = options.BUFFER_FLOAT_TYPE,
     weights: Optional[str] = options.WEIGHTS,
     root_compute: str = options.ROOT_COMPUTE,
+    cluster_key_file: Optional[Path] = options.CLUSTER_KEY_FILE,
+    exchange: str = options.EXCHANGE,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (docs/API.md).
 
@@ -62,7 +64,8 @@ def serve_command(
         check_port(host, port)
         files = model_files(source, model, tokenizer, quant)
         loaded = load_model(files.model, files.tokenizer, max_seq_len, nthreads,
-                            ClusterOptions(workers, buffer_float_type, weights, root_compute))
+                            ClusterOptions(workers, buffer_float_type, weights, root_compute, cluster_key_file,
+                                           exchange))
         run_server(loaded.engine, loaded.tokenizer, model_id=files.name, context_length=loaded.engine.max_seq_len,
                    host=host, port=port, api_key=key, max_queue=max_queue, health_probe=worker_probe(loaded.engine),
                    limits=limits, cors_origins=cors_origin or ())

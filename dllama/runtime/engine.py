@@ -24,7 +24,7 @@ import numpy as np
 from dllama.errors import DllamaError
 from dllama.formats import FloatType, ModelFile, ModelHeader
 from dllama.runtime import dispatch
-from dllama.runtime.model import CompiledPass, NodeLayers, load_node_weights, whole_model_share
+from dllama.runtime.model import LOGITS_ROWS, CompiledPass, NodeLayers, load_node_weights, whole_model_share
 
 DEFAULT_MAX_SEQ_LEN = 2048  # models declare up to 131072 positions; the KV cache must fit a small board
 PREFILL_BATCH = 64          # prompt tokens per pass over the weights
@@ -37,9 +37,9 @@ class EngineError(DllamaError, ValueError):
 class Exchange(Protocol):
     """Where nodes meet (FORMAT.md §3). Stages are "attention" (after wo) and "ffn" (after w2)."""
 
-    def begin(self, x: np.ndarray, pos: int) -> None:
+    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
         """A batch starts: x (T, dim) are the embedding rows of tokens at positions pos.. (the root
-        sends them to the workers)."""
+        sends them to the workers); `logits`: whose logits the batch wants (model.LOGITS_ROWS)."""
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
         """x += every node's partial (T, dim), in node order; this node's is `partial` (None: it has none)."""
@@ -61,7 +61,7 @@ class LocalExchange:
         """x += partial and nothing else: the node may run its whole pass in one call (NodeLayers.whole_pass)."""
         return not self.quantize_partials
 
-    def begin(self, x: np.ndarray, pos: int) -> None:
+    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
         pass
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
@@ -225,14 +225,14 @@ class Engine:
     def _forward_batch(self, ids: np.ndarray, pos: int, out: np.ndarray | None = None,
                        logits: str = "all") -> np.ndarray:
         x = np.array(self.embedding[ids], dtype=np.float32)  # the batch's one lookup of embedding rows
-        self.exchange.begin(x, pos)
+        self.exchange.begin(x, pos, logits)
         return self.run_layers(x, pos, out, logits)
 
     def run_layers(self, x: np.ndarray, pos: int, out: np.ndarray | None = None, logits: str = "all") -> np.ndarray:
         """The layer loop, the same on every node: x (T, dim) at positions pos.. -> logits (on the root;
         a worker's exchange returns its own slice). `out`: where the logits may go, if they can. `logits`
-        "last" or "none" lets one node skip the others' (model.LOGITS_ROWS); a cluster computes every
-        token's, as its workers do."""
+        "last" or "none" computes (and, on a cluster, gathers) only the last token's or none: a prompt's
+        other tokens' logits are never used (model.LOGITS_ROWS)."""
         if getattr(self.exchange, "adds_partials_as_computed", False):
             computed = self.layers.whole_pass(x, pos, out, logits)
             if computed is not None:
@@ -240,4 +240,7 @@ class Engine:
         for layer in range(self.header.n_layers):
             self.exchange.reduce_into(x, self.layers.attention_block(layer, x, pos), layer, "attention")
             self.exchange.reduce_into(x, self.layers.ffn_block(layer, x), layer, "ffn")
-        return self.exchange.gather_logits(self.layers.logits(x))
+        rows = LOGITS_ROWS[logits](len(x))
+        if rows == 0:
+            return self.exchange.gather_logits(np.empty((0, 0), dtype=np.float32))
+        return self.exchange.gather_logits(self.layers.logits(x[len(x) - rows:]))

@@ -8,6 +8,9 @@ and as f32 with f32 buffers, where results must equal one node's.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 
 from dllama.formats import BLOCK_FORMATS, FloatType
@@ -106,3 +109,63 @@ def decode_logits(payload: memoryview, n_tokens: int, width: int) -> np.ndarray:
         raise ProtocolError(f"LOGITS frame of kind {kind} and {len(data)} bytes does not hold {n_tokens} x {width} "
                             "values")
     return np.frombuffer(data, dtype=dtype).reshape(n_tokens, width).astype(np.float32)
+
+
+EARLY_SEND_BYTES = 16 * 1024  # below the smallest default TCP send buffer: such a frame never blocks its sender
+
+
+class PeerFailed(ProtocolError):
+    """One peer of the direct exchange failed; `node` says which (the root names its worker)."""
+
+    def __init__(self, node: int, cause: BaseException):
+        self.node, self.cause = node, cause
+        super().__init__(f"node {node}: {cause}")
+
+    @staticmethod
+    @contextmanager
+    def naming(node: int) -> Iterator[None]:
+        try:
+            yield
+        except (ProtocolError, OSError) as e:
+            raise PeerFailed(node, e) from None
+
+
+def mesh_partials(me: int, own: memoryview | None, peers: dict, computing: list[int], layer: int, seam: int,
+                  limit: int) -> dict[int, memoryview]:
+    """The direct exchange (issue 30): this node's partial straight to every other node, every other
+    computing node's straight from it; returns {node: its partial's bytes} (own included).
+
+    `peers`: node -> protocol.Channel of every other node. Small partials (every decode step's) go
+    out to all at once, then arrive: one network latency per seam. Large ones (a prompt's) go pair by
+    pair in node order, the lower node of a pair sending first, so that no two nodes ever both block
+    sending to each other with full socket buffers."""
+    from dllama.runtime.distributed.protocol import Frame
+
+    frame = (PARTIAL_HEAD.pack(layer, seam, me), own) if own is not None else None
+    got: dict[int, memoryview] = {me: own} if own is not None else {}
+
+    def send(node: int) -> None:
+        if frame is not None:
+            with PeerFailed.naming(node):
+                peers[node].send_frame(Frame.PARTIAL, *frame)
+
+    def receive(node: int) -> None:
+        if node in computing:
+            with PeerFailed.naming(node):
+                _, payload = peers[node].recv_frame(limit, expect=(Frame.PARTIAL,))
+                sender, data = parse_partial(payload, layer, seam, computing)
+                if sender != node:
+                    raise ProtocolError(f"sent the partial of node {sender}")
+            got[node] = data
+
+    if limit <= EARLY_SEND_BYTES:
+        for node in sorted(peers):
+            send(node)
+        for node in sorted(peers):
+            receive(node)
+        return got
+    for node in sorted(peers):
+        first, then = (send, receive) if me < node else (receive, send)
+        first(node)
+        then(node)
+    return got

@@ -44,7 +44,7 @@ from dllama.runtime.distributed.exchange import (
 )
 from dllama.runtime.distributed.node_memory import shard_tensors
 from dllama.runtime.distributed.probe import NodeInfo, node_info
-from dllama.runtime.distributed.protocol import BufferType, model_identity
+from dllama.runtime.distributed.protocol import LOGITS_WANTED, BufferType, model_identity
 from dllama.runtime.distributed.root import (
     Traffic,
     WorkerError,
@@ -66,13 +66,17 @@ INSTALL_HINT = 'pip install "dllama[mpi]" (mpi4py and an MPI library) on every b
 # travels in the same broadcast (a decode step is one message), starts 16-byte aligned.
 COMMAND_WORDS = 4
 FORWARD, STOP = 1, 2
-PARTIAL_TAG, COMMAND_TAG, WEIGHTS_TAG = 8, 7, 4  # as the TCP frames PARTIAL, FORWARD and WEIGHTS
+PARTIAL_TAG, COMMAND_TAG, WEIGHTS_TAG, LOGITS_TAG = 8, 7, 4, 9  # as the TCP frames PARTIAL, FORWARD, WEIGHTS, LOGITS
 STREAM_WEIGHTS = False  # dllama-run mpi --stream-weights: only rank 0 needs the .m
 EXCHANGE_ALGORITHMS = ("direct", "allgather")
 IDLE_SPIN_S = 0.002      # a worker waiting for the next token polls at full speed this long, then sleeps
 IDLE_SLEEP_MAX_S = 0.005  # (a chat root may wait minutes for its user; a busy-wait would burn a core)
 REFUSAL_WAIT_S = 5.0     # a worker that refuses to start leaves the job's last word to rank 0
 ORPHAN_GRACE_S = 2.0     # a worker whose lifeline closed waits this long for a last command before leaving
+# A wait inside a forward that makes no progress this long names the rank(s) that did not answer
+# (dllama-run mpi --progress-timeout): a stopped, swapping or hung rank holds every other one.
+# The other ranks wait twice as long, so that rank 0 is the one that speaks.
+PROGRESS_TIMEOUT_S = 30.0
 
 
 class MpiError(WorkerError):
@@ -158,13 +162,18 @@ class MpiExchange:
     """engine.Exchange over MPI collectives; the same object on every rank (rank 0 also calls begin)."""
 
     def __init__(self, comm, split: ClusterSplit, h: ModelHeader, buffer_type: BufferType,
-                 algorithm: str = "direct"):
+                 algorithm: str = "direct", names: list[str] | None = None,
+                 progress_timeout: float | None = None):
         """algorithm: how partials meet, "direct" (every rank to every rank, one step) or "allgather"
-        (MPI_Iallgather, the library's algorithm); both give the same bits."""
+        (MPI_Iallgather, the library's algorithm); both give the same bits. names: each rank's, for
+        the line that names a rank that stopped answering within `progress_timeout` seconds."""
         if algorithm not in EXCHANGE_ALGORITHMS:
             raise ValueError(f"unknown MPI exchange {algorithm!r}: use one of {', '.join(EXCHANGE_ALGORITHMS)}")
         self.algorithm = algorithm
         self.comm = comm
+        self.names = names or [f"rank {r}" for r in range(comm.size)]
+        timeout = PROGRESS_TIMEOUT_S if progress_timeout is None else progress_timeout
+        self.progress_timeout = timeout if comm.rank == 0 else 2 * timeout
         self.split = split
         self.computing = split.computing
         self.dim = h.dim
@@ -175,23 +184,23 @@ class MpiExchange:
         self.command = np.zeros(COMMAND_WORDS + h.dim, dtype=np.int32)  # x's first row as int32 bits
 
     # -- root: what the workers wait for
-    def begin(self, x: np.ndarray, pos: int) -> None:
-        self._command(FORWARD, pos, x)
+    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
+        self._command(FORWARD, pos, x, LOGITS_WANTED[logits])
         self.traffic.tokens += len(x)
 
     def stop(self) -> None:
         self._command(STOP, 0, np.zeros((1, self.dim), dtype=np.float32))
 
-    def _command(self, kind: int, pos: int, x: np.ndarray) -> None:
-        self.command[:3] = (kind, pos, len(x))
+    def _command(self, kind: int, pos: int, x: np.ndarray, logits: int = 0) -> None:
+        self.command[:4] = (kind, pos, len(x), logits)
         self.command[COMMAND_WORDS:] = np.ascontiguousarray(x[0], dtype=np.float32).view(np.int32)
         self._bcast(self.command)
         if len(x) > 1:
             self._bcast(np.ascontiguousarray(x[1:], dtype=np.float32))
 
     # -- workers: wait for it
-    def next_command(self, lifeline: socket.socket | None) -> tuple[int, int, np.ndarray | None]:
-        """(kind, pos, x) from rank 0; polls, then sleeps between polls while rank 0 is idle."""
+    def next_command(self, lifeline: socket.socket | None) -> tuple[int, int, np.ndarray | None, str]:
+        """(kind, pos, x, whose logits) from rank 0; polls, then sleeps between polls while rank 0 is idle."""
         requests = self._start_bcast(self.command)
         started, pause, orphaned = time.monotonic(), 0.0001, None
 
@@ -214,15 +223,16 @@ class MpiExchange:
         while not MPI.Request.Testall(requests):
             idle()
         self.collectives += 1
-        kind, pos, n = (int(v) for v in self.command[:3])
+        kind, pos, n, wanted = (int(v) for v in self.command[:4])
+        logits = next(mode for mode, code in LOGITS_WANTED.items() if code == wanted)
         if kind != FORWARD:
-            return kind, pos, None
+            return kind, pos, None, logits
         x = np.empty((n, self.dim), dtype=np.float32)
         x[0] = self.command[COMMAND_WORDS:].view(np.float32)
         self.traffic.received += self.command.nbytes
         if n > 1:
             self._bcast(x[1:])
-        return kind, pos, x
+        return kind, pos, x, logits
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
         """Allgather every rank's partial as its PARTIAL frame would carry it, then add the computing
@@ -238,39 +248,53 @@ class MpiExchange:
             self.traffic.received += size * (self.comm.size - 1)
         else:
             every[self.comm.rank] = own
-            self._run_all(self._direct(own, every))
+            self._run_all(*self._direct(own, every))
         # no layer or seam number travels: every rank runs the same loop, so the collectives pair up in order
         x += sum_partials([decode_partial(memoryview(every[i]), n, dim, self.buffer_type) for i in self.computing])
 
-    def _direct(self, own: np.ndarray, every: np.ndarray) -> list:
+    def _direct(self, own: np.ndarray, every: np.ndarray) -> tuple[list, list[int]]:
         """Every computing rank's partial straight to every other rank: one network latency per seam,
         where a library allgather takes log2(ranks) steps (recursive doubling) for these small vectors.
-        MPI keeps messages between two ranks in order, so one tag serves every seam."""
-        me, requests = self.comm.rank, []
+        MPI keeps messages between two ranks in order, so one tag serves every seam.
+        Returns the requests and the peer rank of each."""
+        me, requests, peers = self.comm.rank, [], []
         for r in self.computing:
             if r != me:
                 requests.append(self.comm.Irecv(every[r], source=r, tag=PARTIAL_TAG))
+                peers.append(r)
                 self.traffic.received += every[r].nbytes
         if me in self.computing:
             for r in range(self.comm.size):
                 if r != me:
                     requests.append(self.comm.Isend(own, dest=r, tag=PARTIAL_TAG))
+                    peers.append(r)
                     self.traffic.sent += own.nbytes
-        return requests
+        return requests, peers
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
         """Rank 0 gets every rank's vocabulary rows, the workers' encoded as LOGITS frames would be."""
         n = len(logits_slice)
         widths = [node.vocab[1] - node.vocab[0] for node in self.split.nodes]
+        if n == 0:  # a prompt batch before its last (every rank knows it from the command)
+            return np.empty((0, sum(widths)), dtype=np.float32)
         itemsize = 2 if self.buffer_type == BufferType.Q80 else 4
+        direct = self.algorithm == "direct"  # point to point, so that a rank that does not answer is named
         if self.comm.rank != 0:
             data = np.frombuffer(encode_logits(logits_slice, self.buffer_type)[1], dtype=np.uint8)
-            self._run(lambda: self.comm.Igatherv(data, None, root=0))
+            if direct:
+                self._run_all([self.comm.Isend(data, dest=0, tag=LOGITS_TAG)], [0])
+            else:
+                self._run(lambda: self.comm.Igatherv(data, None, root=0))
             self.traffic.sent += len(data)
             return logits_slice
         counts = [0] + [n * w * itemsize for w in widths[1:]]
         received = np.empty(sum(counts), dtype=np.uint8)
-        self._run(lambda: self.comm.Igatherv(np.empty(0, dtype=np.uint8), [received, counts], root=0))
+        if direct:
+            ends = np.cumsum(counts)
+            self._run_all([self.comm.Irecv(received[ends[r] - counts[r]:ends[r]], source=r, tag=LOGITS_TAG)
+                           for r in range(1, self.comm.size)], list(range(1, self.comm.size)))
+        else:
+            self._run(lambda: self.comm.Igatherv(np.empty(0, dtype=np.uint8), [received, counts], root=0))
         self.traffic.received += len(received)
         dtype = "<f2" if itemsize == 2 else "<f4"
         parts, at = [logits_slice], 0
@@ -280,7 +304,9 @@ class MpiExchange:
         return np.concatenate(parts, axis=1)
 
     def _bcast(self, buffer: np.ndarray) -> None:
-        self._run_all(self._start_bcast(buffer))
+        requests = self._start_bcast(buffer)
+        direct = self.algorithm == "direct"
+        self._run_all(requests, (list(range(1, self.comm.size)) if self.comm.rank == 0 else [0]) if direct else None)
         if self.comm.rank == 0:
             self.traffic.sent += buffer.nbytes * (self.comm.size - 1)
         else:
@@ -297,16 +323,34 @@ class MpiExchange:
     def _run(self, start: Callable) -> None:
         self._run_all(lambda: [start()])
 
-    def _run_all(self, start: Callable | list) -> None:
+    def _run_all(self, start: Callable | list, peers: list[int] | None = None) -> None:
+        """Wait for the requests (peers: the rank each one waits on, where known), naming the ranks
+        that did not answer within the progress timeout."""
         MPI = import_mpi()
         try:
             requests = start() if callable(start) else start
+            deadline = time.monotonic() + self.progress_timeout
             while not MPI.Request.Testall(requests):
                 os.sched_yield()  # a board's one rank spins on; an oversubscribed machine lets the others run
+                if time.monotonic() > deadline:
+                    self.broken = True
+                    raise MpiError(self._silent(requests, peers))
         except MPI.Exception as e:
             self.broken = True
             raise MpiError(f"MPI failed during the exchange: {e.Get_error_string()}") from None
         self.collectives += 1
+
+    def _silent(self, requests: list, peers: list[int] | None) -> str:
+        """The line naming who did not answer (a collective cannot say which rank it waits on)."""
+        if peers is None:
+            waiting = [r for r in range(self.comm.size) if r != self.comm.rank]
+            who = "one of " + ", ".join(self.names[r] for r in waiting)
+        else:
+            silent = sorted({p for req, p in zip(requests, peers) if not req.Test()})
+            who = ", ".join(self.names[r] for r in silent) or "a rank"
+        return (f"{who} answered nothing for {self.progress_timeout:.0f} s inside a forward: it is frozen (stopped, "
+                "swapping, hung) or its network is down; check that board, then start mpiexec again "
+                "(--progress-timeout sets this limit)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +425,8 @@ def start_watch(listener: socket.socket, statuses: list[RankStatus]) -> Watch:
         conns.append((conn, names.get(rank, f"rank {rank}")))
     listener.close()
     table = "\n".join(f"{c.fileno()}\t{name}" for c, name in conns)
-    proc = subprocess.Popen([sys.executable, "-m", "dllama.runtime.distributed.mpi_watch", str(os.getpid())],
+    proc = subprocess.Popen([sys.executable, "-m", "dllama.runtime.distributed.mpi_watch", str(os.getpid()),
+                             names[0]],
                             stdin=subprocess.PIPE, pass_fds=[c.fileno() for c, _ in conns], start_new_session=True)
     proc.stdin.write(table.encode() + b"\n\n")
     proc.stdin.flush()
@@ -447,7 +492,8 @@ def rank_layers(setup: RankSetup) -> tuple[NodeLayers, MpiExchange]:
         slices = load_local_slices(setup.model.path, h, share)
     layers = NodeLayers(h, node_weights(h, slices, share), share, setup.max_seq_len)
     algorithm = os.environ.get("DLLAMA_MPI_EXCHANGE", "direct")  # mpiexec passes it to every rank
-    return layers, MpiExchange(setup.comm, setup.split, h, setup.buffer_type, algorithm)
+    return layers, MpiExchange(setup.comm, setup.split, h, setup.buffer_type, algorithm,
+                               [s.name for s in setup.statuses])
 
 
 def stream_slices_to_ranks(comm, model_path: Path, h: ModelHeader, split: ClusterSplit) -> None:
@@ -502,6 +548,12 @@ class MpiEngine(Engine):
                 pass
         if self.watch is not None:
             self.watch.finish()
+        if self.exchange.broken:
+            # MPI_Finalize would wait for the rank that stopped answering: leave now (the error line
+            # is out), and mpiexec ends the other ranks, a stopped one included, when rank 0 exits
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
 
 
 def serve_rank(setup: RankSetup, nthreads: int | None) -> None:
@@ -510,10 +562,10 @@ def serve_rank(setup: RankSetup, nthreads: int | None) -> None:
     engine = Engine(setup.header, layers, exchange, setup.max_seq_len, nthreads, model=setup.model)
     dispatch.set_threads(engine.nthreads)
     while True:
-        kind, pos, x = exchange.next_command(setup.lifeline)
+        kind, pos, x, logits = exchange.next_command(setup.lifeline)
         if kind != FORWARD:
             return
-        engine.run_layers(x, pos)
+        engine.run_layers(x, pos, logits=logits)
 
 
 def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, buffer_float_type: str | None = None,
@@ -546,7 +598,8 @@ def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, bu
         serve_rank(setup, nthreads)
     except MpiError as e:
         print(f"error: {setup.statuses[comm.rank].name}: {e}", file=sys.stderr, flush=True)
-        exit_worker(1)
+        sys.stdout.flush()
+        os._exit(1)  # not MPI_Finalize, which would wait for the rank that stopped answering
     exit_worker(0)
 
 

@@ -1,14 +1,15 @@
-"""Names the rank that died: `python -m dllama.runtime.distributed.mpi_watch ROOT_PID` (started by rank 0).
+"""Names the rank that died: `python -m dllama.runtime.distributed.mpi_watch ROOT_PID ROOT_NAME` (started by rank 0).
 
 mpiexec (MPICH's hydra) SIGKILLs every rank the moment one dies, rank 0 included, so rank 0 cannot
 be relied on to say which one it was. Rank 0 therefore starts this process in its own session,
 outside the job, and hands it one TCP connection per other rank (their "lifelines", inherited
 file descriptors; stdin carries "FD<TAB>rank R on HOST (pid P)" lines, then an empty line). A
 killed rank's kernel closes its lifeline at once: this process prints one `error:` line naming
-it, then ends rank 0 (SIGTERM, then SIGKILL) in case mpiexec has not. A host that vanishes
-without closing anything is noticed by TCP keepalive (~25 s). "quiet" on stdin (rank 0 ends the
-job normally, before it tells the ranks to stop) or end of stdin without a lost rank (rank 0
-ended) ends it silently.
+it, then ends rank 0 (SIGTERM, then SIGKILL) in case mpiexec has not. Rank 0's own death (its
+pipe closes and no lifeline closes within 0.5 s) names rank 0; where mpiexec ends the other ranks
+within that time (it usually does) they are named instead. A host that vanishes
+without closing anything is noticed by TCP keepalive (~25 s). "quiet" on stdin (rank 0 ends the job
+normally, before it tells the ranks to stop, or after it named a rank itself) ends it silently.
 """
 from __future__ import annotations
 
@@ -73,6 +74,11 @@ def end_root(pid: int) -> None:
             time.sleep(0.02)
 
 
+def report_root(root: str) -> None:
+    os.write(2, (f"error: {root} died (killed, or out of memory) and the job ended with it: check that board "
+                 "(dmesg for the out-of-memory killer, power), then start mpiexec again\n").encode())
+
+
 def report(names: list[str]) -> None:
     who = names[0] if len(names) == 1 else ", ".join(names)
     os.write(2, (f"error: {who} died or lost its connection to rank 0; the job cannot go on without its share of "
@@ -82,6 +88,7 @@ def report(names: list[str]) -> None:
 
 def main() -> None:
     root_pid = int(sys.argv[1])
+    root_name = sys.argv[2] if len(sys.argv) > 2 else "rank 0"
     stdin = sys.stdin.buffer
     socks = {keepalive(fd): name for fd, name in read_table(stdin).items()}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for rank 0, which then tells us "quiet"
@@ -91,17 +98,20 @@ def main() -> None:
             if stdin.readline().strip() == b"quiet":
                 stdin.read()  # the ranks are stopping and closing their lifelines: wait until rank 0 is done
                 return
-            # rank 0 ended without a word: killed by mpiexec because a rank died, or by itself
+            # rank 0 ended without a word: killed by mpiexec because a rank died (whose lifeline closes
+            # around the same time; on one machine its close may even be seen after rank 0's), or it died
+            # itself while no lifeline closes
             names = lost(socks, 0.5)
             if names:
                 report(names)
+            else:
+                report_root(root_name)
             return
         names = lost(socks, 0)  # mpiexec's clean-up closes the others' lifelines only after this one's
         if names:
             report(names)
             end_root(root_pid)
             return
-
 
 if __name__ == "__main__":
     main()

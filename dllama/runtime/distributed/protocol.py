@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
+import json
 import os
 import socket
 import struct
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dllama import __version__
 from dllama.errors import DllamaError
 from dllama.formats import FormatError, ModelHeader, model_file_size, parse_model_header
+from dllama.runtime.distributed.auth import NONCE_BYTES, PROOF_BYTES, TAG_BYTES, FrameMac
 
 PROTOCOL_MAGIC = b"DLLM"
-PROTOCOL_VERSION = 2  # 2: uneven and weighted splits (HELLO carries the weights), PROBE/INFO
+# 2: uneven and weighted splits (HELLO carries the weights), PROBE/INFO
+# 3: the cluster key (CHALLENGE/AUTH/AUTH_OK, a MAC on every frame), full-file model digests, PING
+PROTOCOL_VERSION = 3
 DEFAULT_PORT = 9999
 
 PREAMBLE = struct.Struct("<4sI")           # magic, protocol version; sent by both sides first
@@ -37,9 +44,19 @@ CONNECT_TIMEOUT_S = 10.0
 # apart quickly and never reads our bytes as its own protocol's sizes.
 GREETING_TIMEOUT_S = 2.0
 HANDSHAKE_TIMEOUT_S = 10.0
-# A worker's answer to one FORWARD can take a long prefill batch on a slow board; a dead peer is
-# noticed at once anyway (the kernel closes its socket), this only bounds a silent hang.
+# A worker gives a connection this long, from accept to an accepted HELLO, however slowly its bytes
+# come: a stranger's idle or dribbling connection ends then (and never holds the worker meanwhile).
+HANDSHAKE_DEADLINE_S = 5.0
+# A worker waits this long for the root inside a forward (the root may compute a long prefill batch
+# of its own); a dead peer is noticed at once anyway (the kernel closes its socket).
 IO_TIMEOUT_S = 120.0
+# A busy worker (loading its slices, or inside a forward) sends a PING whenever it has sent nothing
+# for HEARTBEAT_S, so the root names a worker that sent nothing for PROGRESS_TIMEOUT_S as frozen
+# (SIGSTOP, swapping, a hung board) however long its computation takes.
+HEARTBEAT_S = 1.0
+PROGRESS_TIMEOUT_S = 6.0
+# A worker told to join the mesh gets this long to reach every other worker (and be reached)
+MESH_TIMEOUT_S = 5.0
 
 
 class ProtocolError(DllamaError, RuntimeError):
@@ -68,6 +85,14 @@ class Frame(enum.IntEnum):
     PROBE = 11        # root -> worker, before HELLO: report memory and speed (--weights auto)
     INFO = 12         # worker -> root: the answer to PROBE
     SUM = 13          # root -> worker: the sum of every computing node's partials (float32), instead of them
+    CHALLENGE = 14    # worker -> root, right after its preamble: whether it needs the cluster key, its nonce
+    AUTH = 15         # root -> worker: the root's nonce and its proof of the key
+    AUTH_OK = 16      # worker -> root: the worker's proof of the key; frames carry a MAC from here on
+    PING = 17         # worker -> root: "still computing" while busy (skipped by every read)
+    MESH = 18         # root -> worker, after READY: the session token and every worker's address (direct exchange)
+    MESH_STATUS = 19  # worker -> root: whether it reached every other worker (1), or why not
+    EXCHANGE = 20     # root -> worker: how partials travel from now on, 0 the star, 1 direct (the mesh)
+    PEER = 21         # worker -> worker, first frame of a mesh link: the session token and the dialling node
 
 
 class BufferType(enum.IntEnum):
@@ -85,38 +110,72 @@ class BufferType(enum.IntEnum):
 
 
 # --------------------------------------------------------------------------------------------
-# Model identity: size + hash of the header and an even sample of the data
+# Model identity: size + a digest of every byte, computed once per file and cached
 
-IDENTITY_SAMPLES = 64
-IDENTITY_SAMPLE_BYTES = 4096
+DIGEST_CHUNK = 1 << 20
+DIGEST_CACHE_MIN_BYTES = 64 << 20  # smaller files hash in well under a second: no cache record for them
 
 
 @dataclass(frozen=True)
 class ModelIdentity:
     size: int
-    digest: bytes  # sha256
+    digest: bytes  # blake2b-256 of the whole file (fast where boards lack SHA instructions)
 
     def short(self) -> str:
-        return f"{self.size} bytes, sha256 {self.digest.hex()[:12]}"
+        return f"{self.size} bytes, blake2b {self.digest.hex()[:12]}"
 
 
 def model_identity(path: str | os.PathLike) -> ModelIdentity:
-    """Cheap fingerprint of a `.m`: reads the header and 64 x 4 KiB spread over the file."""
+    """The `.m`'s size and full-file digest: a copy that differs in one byte anywhere differs here.
+    Hashing a board's model takes seconds, so the digest of a file of 64 MiB or more is cached
+    ($DLLAMA_CACHE/digests, one record per file path), valid while the file keeps its size, inode
+    and modification time."""
     path = Path(path)
-    size = path.stat().st_size
-    h = hashlib.sha256(struct.pack("<Q", size))
-    with open(path, "rb") as f:
-        head = f.read(8 + 8 * 64)
-        h.update(head)
-        span = max(size - IDENTITY_SAMPLE_BYTES, 0)
-        for i in range(IDENTITY_SAMPLES):
-            f.seek(span * i // (IDENTITY_SAMPLES - 1))
-            h.update(f.read(IDENTITY_SAMPLE_BYTES))
-    return ModelIdentity(size, h.digest())
+    st = path.stat()
+    key = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    cache = digest_cache(key["path"]) if st.st_size >= DIGEST_CACHE_MIN_BYTES else None
+    if cache is not None and (digest := _cached_digest(cache, key)) is not None:
+        return ModelIdentity(st.st_size, digest)
+    h = hashlib.blake2b(digest_size=32)
+    buf = bytearray(DIGEST_CHUNK)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(memoryview(buf)[:n])
+    identity = ModelIdentity(st.st_size, h.digest())
+    if cache is not None:
+        _save_digest(cache, dict(key, blake2b=identity.digest.hex()))
+    return identity
+
+
+def _cached_digest(cache: Path, key: dict) -> bytes | None:
+    try:
+        cached = json.loads(cache.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return bytes.fromhex(cached["blake2b"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record, or a broken one
+        pass
+    return None
+
+
+def digest_cache(resolved_path: str) -> Path:
+    from dllama.runtime.aot_kernels import cache_root
+
+    return cache_root() / "digests" / (hashlib.sha256(resolved_path.encode()).hexdigest()[:32] + ".json")
+
+
+def _save_digest(cache: Path, record: dict) -> None:
+    from dllama.formats import atomic_output
+
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(cache) as f:
+            f.write(json.dumps(record).encode())
+    except (OSError, FormatError):
+        pass  # an unwritable cache: the next start hashes again
 
 
 # --------------------------------------------------------------------------------------------
-# Framing
+# Framing: one Channel per connection (frames, their authentication, deadlines)
 
 KEEPALIVE_S = (10, 5, 3)  # idle seconds before probing, seconds between probes, probes
 
@@ -132,115 +191,202 @@ def configure_socket(sock: socket.socket, timeout: float | None) -> None:
     sock.settimeout(timeout)
 
 
-def recv_exact(sock: socket.socket, n: int, into: bytearray | memoryview | None = None) -> memoryview:
-    buf = memoryview(into) if into is not None else memoryview(bytearray(n))
-    got = 0
-    while got < n:
+AUTH_FAILED = ("a frame failed authentication (changed on the way, or not from the peer that proved the cluster "
+               "key): the connection is closed")
+
+
+class Channel:
+    """A connection's frames. Once `authenticate` has set a FrameMac per direction, every frame
+    carries a TAG_BYTES HMAC after its payload (docs/PROTOCOL.md "Frames"); a `deadline`
+    (time.monotonic) bounds every read however slowly the peer dribbles bytes; PING frames
+    (a busy worker's heartbeat) are skipped by every read, so a silence is a frozen peer."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.send_mac: FrameMac | None = None
+        self.recv_mac: FrameMac | None = None
+        self.deadline: float | None = None
+        self.send_lock = threading.Lock()  # a worker's heartbeat thread sends too
+        self.last_send = time.monotonic()
+        self._reading = None  # the running MAC of the frame being received
+
+    def authenticate(self, send_mac: FrameMac, recv_mac: FrameMac) -> None:
+        self.send_mac, self.recv_mac = send_mac, recv_mac
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    # -- receiving
+    def recv_exact(self, n: int, into: bytearray | memoryview | None = None) -> memoryview:
+        """n bytes of the current frame's payload (into `into`), counted into its MAC."""
+        data = self._recv_raw(n, into)
+        if self._reading is not None:
+            self._reading.update(data)
+        return data
+
+    def _recv_raw(self, n: int, into=None) -> memoryview:
+        sock = self.sock
+        buf = memoryview(into) if into is not None else memoryview(bytearray(n))
+        got = 0
+        while got < n:
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerSilent("the handshake did not finish in time")
+                sock.settimeout(left)
+            try:
+                k = sock.recv_into(buf[got:n], n - got)
+            except socket.timeout:
+                if self.deadline is not None:
+                    raise PeerSilent("the handshake did not finish in time") from None
+                raise PeerSilent(f"sent nothing for {sock.gettimeout():.0f} s") from None
+            except OSError as e:
+                raise PeerClosed(f"connection lost ({e.strerror or e})") from None
+            if k == 0:
+                raise PeerClosed("connection closed by the peer")
+            got += k
+        return buf[:n]
+
+    def end_frame(self) -> None:
+        """After the last payload byte: read and check the frame's MAC."""
+        if self._reading is None:
+            return
+        want, self._reading = self._reading.digest()[:TAG_BYTES], None
+        if not hmac.compare_digest(want, bytes(self._recv_raw(TAG_BYTES))):
+            raise ProtocolError(AUTH_FAILED)
+
+    def recv_header(self, max_len: int, expect: tuple[Frame, ...] | None = None) -> tuple[Frame, int]:
+        """Receive a frame header, refusing unknown types and lengths over `max_len` before allocating.
+        An ERROR frame (unless expected) becomes a ProtocolError carrying the peer's message."""
+        while True:
+            head = bytes(self._recv_raw(FRAME_HEADER.size))
+            length, kind, reserved = FRAME_HEADER.unpack(head)
+            if self.recv_mac is not None:
+                self._reading = self.recv_mac.start(head)
+            if kind == Frame.PING and length == 0:
+                self.end_frame()
+                continue
+            break
         try:
-            k = sock.recv_into(buf[got:n], n - got)
+            kind = Frame(kind)
+        except ValueError:
+            raise ProtocolError(f"unknown frame type {kind}: the peer speaks another protocol") from None
+        if reserved != 0:
+            raise ProtocolError(f"frame header has reserved field {reserved}, expected 0: corrupt stream")
+        if kind == Frame.ERROR and (expect is None or Frame.ERROR not in expect):
+            message = bytes(self.recv_exact(min(length, MAX_ERROR_MESSAGE)))
+            if length <= MAX_ERROR_MESSAGE:
+                self.end_frame()
+            raise ProtocolError(message.decode("utf-8", "replace"))
+        if length > max_len:
+            raise ProtocolError(f"{kind.name} frame of {length} bytes exceeds the limit of {max_len} bytes")
+        if expect is not None and kind not in expect:
+            names = " or ".join(e.name for e in expect)
+            raise ProtocolError(f"expected {names}, got {kind.name}: the peers are out of step")
+        return kind, length
+
+    def recv_frame(self, max_len: int, expect: tuple[Frame, ...] | None = None) -> tuple[Frame, memoryview]:
+        """Receive one whole frame (see recv_header for the checks); payload and MAC in one read."""
+        kind, length = self.recv_header(max_len, expect)
+        if self._reading is None:
+            return kind, self._recv_raw(length)
+        data = self._recv_raw(length + TAG_BYTES)
+        payload, h, self._reading = data[:length], self._reading, None
+        h.update(payload)
+        if not hmac.compare_digest(h.digest()[:TAG_BYTES], data[length:]):
+            raise ProtocolError(AUTH_FAILED)
+        return kind, payload
+
+    # -- sending
+    def send_frame(self, kind: Frame, *parts: bytes | bytearray | memoryview) -> int:
+        """Send one frame made of `parts`; returns the bytes put on the wire."""
+        length = sum(memoryview(p).nbytes for p in parts)
+        if length <= SMALL_FRAME:
+            return self.send_frames([(kind, parts)])
+        if length > MAX_FRAME:
+            raise ProtocolError(f"refusing to send a {length}-byte frame: the limit is {MAX_FRAME}")
+        head = FRAME_HEADER.pack(length, int(kind), 0)
+        with self.send_lock:
+            chunks = [head, *parts]
+            if self.send_mac is not None:
+                chunks.append(self._tag(head, parts))
+            self._sendall(*chunks)
+        return len(head) + length + (TAG_BYTES if self.send_mac is not None else 0)
+
+    def send_frames(self, frames: list[tuple[Frame, tuple]]) -> int:
+        """Send small frames in a single send: with TCP_NODELAY every send is a packet and a wake-up
+        of the peer, and two sends per frame doubled the per-token time on loopback."""
+        chunks: list = []
+        with self.send_lock:
+            for kind, parts in frames:
+                head = FRAME_HEADER.pack(sum(memoryview(p).nbytes for p in parts), int(kind), 0)
+                chunks += [head, *parts]
+                if self.send_mac is not None:
+                    chunks.append(self._tag(head, parts))
+            data = b"".join(chunks)
+            if len(data) > MAX_FRAME:
+                raise ProtocolError(f"refusing to send {len(data)} bytes at once: the limit is {MAX_FRAME}")
+            self._sendall(data)
+        return len(data)
+
+    def _tag(self, head: bytes, parts) -> bytes:
+        h = self.send_mac.start(head)
+        for p in parts:
+            h.update(p)
+        return h.digest()[:TAG_BYTES]
+
+    def _sendall(self, *chunks) -> None:
+        try:
+            for c in chunks:
+                self.sock.sendall(c)
         except socket.timeout:
-            raise PeerSilent(f"peer sent nothing for {sock.gettimeout():.0f} s") from None
+            raise ProtocolError(f"peer accepted nothing for {self.sock.gettimeout():.0f} s") from None
         except OSError as e:
             raise PeerClosed(f"connection lost ({e.strerror or e})") from None
-        if k == 0:
-            raise PeerClosed("connection closed by the peer")
-        got += k
-    return buf[:n]
+        self.last_send = time.monotonic()
 
-
-def send_frame(sock: socket.socket, kind: Frame, *parts: bytes | bytearray | memoryview) -> int:
-    """Send one frame made of `parts`; returns the bytes put on the wire."""
-    length = sum(memoryview(p).nbytes for p in parts)
-    if length <= SMALL_FRAME:
-        return send_frames(sock, [(kind, parts)])
-    if length > MAX_FRAME:
-        raise ProtocolError(f"refusing to send a {length}-byte frame: the limit is {MAX_FRAME}")
-    _sendall(sock, FRAME_HEADER.pack(length, int(kind), 0), *parts)
-    return FRAME_HEADER.size + length
-
-
-def send_frames(sock: socket.socket, frames: list[tuple[Frame, tuple]]) -> int:
-    """Send small frames in a single send: with TCP_NODELAY every send is a packet and a wake-up
-    of the peer, and two sends per frame doubled the per-token time on loopback."""
-    chunks: list = []
-    for kind, parts in frames:
-        length = sum(memoryview(p).nbytes for p in parts)
-        chunks += [FRAME_HEADER.pack(length, int(kind), 0), *parts]
-    data = b"".join(chunks)
-    if len(data) > MAX_FRAME:
-        raise ProtocolError(f"refusing to send {len(data)} bytes at once: the limit is {MAX_FRAME}")
-    _sendall(sock, data)
-    return len(data)
-
-
-def _sendall(sock: socket.socket, *chunks) -> None:
-    try:
-        for c in chunks:
-            sock.sendall(c)
-    except socket.timeout:
-        raise ProtocolError(f"peer accepted nothing for {sock.gettimeout():.0f} s") from None
-    except OSError as e:
-        raise PeerClosed(f"connection lost ({e.strerror or e})") from None
-
-
-def recv_header(sock: socket.socket, max_len: int, expect: tuple[Frame, ...] | None = None) -> tuple[Frame, int]:
-    """Receive a frame header, refusing unknown types and lengths over `max_len` before allocating.
-    An ERROR frame (unless expected) becomes a ProtocolError carrying the peer's message."""
-    length, kind, reserved = FRAME_HEADER.unpack(recv_exact(sock, FRAME_HEADER.size))
-    try:
-        kind = Frame(kind)
-    except ValueError:
-        raise ProtocolError(f"unknown frame type {kind}: the peer speaks another protocol") from None
-    if reserved != 0:
-        raise ProtocolError(f"frame header has reserved field {reserved}, expected 0: corrupt stream")
-    if kind == Frame.ERROR and (expect is None or Frame.ERROR not in expect):
-        message = recv_exact(sock, min(length, MAX_ERROR_MESSAGE))
-        raise ProtocolError(bytes(message).decode("utf-8", "replace"))
-    if length > max_len:
-        raise ProtocolError(f"{kind.name} frame of {length} bytes exceeds the limit of {max_len} bytes")
-    if expect is not None and kind not in expect:
-        names = " or ".join(e.name for e in expect)
-        raise ProtocolError(f"expected {names}, got {kind.name}: the peers are out of step")
-    return kind, length
-
-
-def recv_frame(sock: socket.socket, max_len: int, expect: tuple[Frame, ...] | None = None) -> tuple[Frame, memoryview]:
-    """Receive one whole frame (see recv_header for the checks)."""
-    kind, length = recv_header(sock, max_len, expect)
-    return kind, recv_exact(sock, length)
-
-
-def send_error(sock: socket.socket, message: str) -> None:
-    """Best effort: tell the peer why we are hanging up."""
-    try:
-        send_frame(sock, Frame.ERROR, message.encode("utf-8")[:MAX_ERROR_MESSAGE])
-    except ProtocolError:
-        pass
+    def send_error(self, message: str) -> None:
+        """Best effort: tell the peer why we are hanging up."""
+        try:
+            self.send_frame(Frame.ERROR, message.encode("utf-8")[:MAX_ERROR_MESSAGE])
+        except ProtocolError:
+            pass
 
 
 # --------------------------------------------------------------------------------------------
 # Preamble: magic + version, exchanged before any frame so that versions never misparse frames
 
-def send_preamble(sock: socket.socket) -> None:
-    sock.sendall(PREAMBLE.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION))
+def send_preamble(sock: socket.socket, *frames: tuple[Frame, bytes]) -> None:
+    """Our preamble, and the unauthenticated handshake frames that follow it, in one send."""
+    sock.sendall(PREAMBLE.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION)
+                 + b"".join(FRAME_HEADER.pack(len(p), int(k), 0) + p for k, p in frames))
 
 
-def check_greeting(sock: socket.socket, peer: str) -> None:
+def greeting(challenge: bytes) -> bytes:
+    """What a worker sends the moment it accepts: its preamble and CHALLENGE."""
+    return (PREAMBLE.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION)
+            + FRAME_HEADER.pack(len(challenge), int(Frame.CHALLENGE), 0) + challenge)
+
+
+def check_greeting(chan: Channel, peer: str) -> None:
     """The root's first read: the worker's preamble, which a dllama worker sends the moment it accepts."""
-    timeout = sock.gettimeout()
-    sock.settimeout(GREETING_TIMEOUT_S)
+    timeout = chan.sock.gettimeout()
+    chan.settimeout(GREETING_TIMEOUT_S)
     try:
-        check_preamble(sock, peer)
+        check_preamble(chan, peer)
     except PeerSilent:
         raise ProtocolError(f"accepted the connection but sent no dllama greeting within {GREETING_TIMEOUT_S:.0f} s: "
                             "it is not `dllama-run worker` (a reference distributed-llama worker waits silently for "
                             "its root); start `dllama-run worker` there") from None
     finally:
-        sock.settimeout(timeout)
+        chan.settimeout(timeout)
 
 
-def check_preamble(sock: socket.socket, peer: str) -> None:
-    magic, version = PREAMBLE.unpack(recv_exact(sock, PREAMBLE.size))
+def check_preamble(chan: Channel, peer: str) -> None:
+    magic, version = PREAMBLE.unpack(chan.recv_exact(PREAMBLE.size))
     if magic != PROTOCOL_MAGIC:
         raise ProtocolError(f"{peer} is not a dllama peer (bad magic {magic!r})")
     if version != PROTOCOL_VERSION:
@@ -248,6 +394,44 @@ def check_preamble(sock: socket.socket, peer: str) -> None:
                             f"{PROTOCOL_VERSION} (dllama {__version__}): install the same dllama version on root and "
                             "workers")
 
+
+# --------------------------------------------------------------------------------------------
+# Authentication (auth.py holds the key and the proofs; these are their frames)
+
+_CHALLENGE = struct.Struct(f"<B{NONCE_BYTES}s")             # 1: this worker needs the cluster key; its nonce
+_AUTH = struct.Struct(f"<{NONCE_BYTES}s{PROOF_BYTES}s")     # the root's nonce, its proof (zeros without a key)
+_AUTH_OK = struct.Struct(f"<{PROOF_BYTES}s")                # the worker's proof (zeros without a key)
+
+
+def challenge_payload(needs_key: bool, nonce: bytes) -> bytes:
+    return _CHALLENGE.pack(int(needs_key), nonce)
+
+
+def parse_challenge(payload: memoryview) -> tuple[bool, bytes]:
+    if len(payload) != _CHALLENGE.size:
+        raise ProtocolError("CHALLENGE payload has the wrong size")
+    needs_key, nonce = _CHALLENGE.unpack(payload)
+    return bool(needs_key), nonce
+
+
+def auth_payload(nonce: bytes, proof: bytes) -> bytes:
+    return _AUTH.pack(nonce, proof)
+
+
+def parse_auth(payload: memoryview) -> tuple[bytes, bytes]:
+    if len(payload) != _AUTH.size:
+        raise ProtocolError("AUTH payload has the wrong size")
+    return _AUTH.unpack(payload)
+
+
+def auth_ok_payload(proof: bytes) -> bytes:
+    return _AUTH_OK.pack(proof)
+
+
+def parse_auth_ok(payload: memoryview) -> bytes:
+    if len(payload) != _AUTH_OK.size:
+        raise ProtocolError("AUTH_OK payload has the wrong size")
+    return _AUTH_OK.unpack(payload)[0]
 
 # --------------------------------------------------------------------------------------------
 # HELLO: what the root tells a worker
@@ -321,6 +505,42 @@ def as_float32(weights) -> tuple[float, ...]:
     return struct.unpack(f"<{len(weights)}f", struct.pack(f"<{len(weights)}f", *weights))
 
 
+# --------------------------------------------------------------------------------------------
+# The direct exchange (issue 30): the root's plan of the mesh, and a mesh link's first frame
+
+MESH_TOKEN_BYTES = 32
+EXCHANGE_STAR, EXCHANGE_MESH = 0, 1
+MESH_UNREACHABLE, MESH_OK, MESH_UNCALLED = 0, 1, 2  # MESH_STATUS: could not dial a peer, all linked, not called
+_PEER = struct.Struct(f"<{MESH_TOKEN_BYTES}sI")  # the session's token, the dialling worker's node
+
+
+def mesh_payload(token: bytes, addresses: list[tuple[str, int]]) -> bytes:
+    """MESH: the token, then "host:port" of nodes 1..n-1 (as the root reached them), one per line."""
+    return token + "\n".join(f"{host}:{port}" for host, port in addresses).encode()
+
+
+def parse_mesh(payload: memoryview, n_workers: int) -> tuple[bytes, list[tuple[str, int]]]:
+    token, text = bytes(payload[:MESH_TOKEN_BYTES]), bytes(payload[MESH_TOKEN_BYTES:])
+    try:
+        items = [line.rpartition(":") for line in text.decode().split("\n")]
+        addresses = [(host.strip("[]"), int(port)) for host, _, port in items]
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("MESH frame does not hold host:port lines") from None
+    if len(token) != MESH_TOKEN_BYTES or len(addresses) != n_workers:
+        raise ProtocolError(f"MESH frame names {len(addresses)} workers, the HELLO {n_workers}")
+    return token, addresses
+
+
+def peer_payload(token: bytes, node: int) -> bytes:
+    return _PEER.pack(token, node)
+
+
+def parse_peer(payload: memoryview) -> tuple[bytes, int]:
+    if len(payload) != _PEER.size:
+        raise ProtocolError("PEER payload has the wrong size")
+    return _PEER.unpack(payload)
+
+
 _INFO = struct.Struct("<QQd")  # physical memory, available memory (bytes), speed (q40 weights/s)
 
 
@@ -349,7 +569,8 @@ class NodeInfo:
 # Per-token frames
 
 WEIGHTS_HEAD = struct.Struct("<IQ")   # tensor index in the plan, byte offset inside the node's slice
-FORWARD_HEAD = struct.Struct("<II")   # position of the first token, number of tokens
+FORWARD_HEAD = struct.Struct("<IIBxxx")  # position of the first token, number of tokens, LOGITS_WANTED
+LOGITS_WANTED = {"all": 0, "last": 1, "none": 2}  # whose logits a batch gathers (model.LOGITS_ROWS)
 PARTIAL_HEAD = struct.Struct("<HBB")  # layer, seam (0 after wo, 1 after w2), node whose partial this is
 LOGITS_HEAD = struct.Struct("<B")     # 0: f32 values, 1: f16 values
 SUM_HEAD = struct.Struct("<HB")       # layer, seam

@@ -20,12 +20,23 @@ import numpy as np
 from dllama.errors import DllamaError
 from dllama.formats import ModelFile
 from dllama.runtime import dispatch
+from dllama.runtime.distributed.auth import (
+    KEY_ENV,
+    PROOF_BYTES,
+    frame_macs,
+    new_nonce,
+    proves,
+    root_proof,
+    worker_proof,
+)
 from dllama.runtime.distributed.exchange import (
     SEAMS,
+    PeerFailed,
     decode_logits,
     decode_partial,
     encode_partial,
     encode_sum,
+    mesh_partials,
     parse_partial,
     partial_nbytes,
     relays_sums,
@@ -36,25 +47,35 @@ from dllama.runtime.distributed.probe import auto_weights, node_info
 from dllama.runtime.distributed.protocol import (
     CONNECT_TIMEOUT_S,
     DEFAULT_PORT,
+    EXCHANGE_MESH,
+    EXCHANGE_STAR,
     FORWARD_HEAD,
+    FRAME_HEADER,
     HANDSHAKE_MAX_FRAME,
     HANDSHAKE_TIMEOUT_S,
-    IO_TIMEOUT_S,
     LOGITS_HEAD,
+    LOGITS_WANTED,
+    MESH_OK,
+    MESH_TOKEN_BYTES,
+    MESH_UNREACHABLE,
     PARTIAL_HEAD,
+    PROGRESS_TIMEOUT_S,
     BufferType,
+    Channel,
     Frame,
     Hello,
     NodeInfo,
+    PeerSilent,
     ProtocolError,
     as_float32,
+    auth_payload,
     check_greeting,
     configure_socket,
+    mesh_payload,
     model_identity,
+    parse_auth_ok,
+    parse_challenge,
     parse_ready,
-    recv_frame,
-    send_frame,
-    send_frames,
     send_preamble,
 )
 from dllama.runtime.distributed.slices import load_local_slices, stream_slices
@@ -84,6 +105,7 @@ class WorkerLink:
     node: int
     address: tuple[str, int]
     sock: socket.socket | None = None
+    chan: Channel | None = None
     streamed_bytes: int = 0
     greeted: bool = False  # the peer proved to be a dllama worker: only then does it get our bytes
 
@@ -100,6 +122,8 @@ class Traffic:
 
 
 EARLY_SEND_BYTES = 16 * 1024  # below the smallest default TCP send buffer
+EXCHANGES = ("mesh", "star")
+FRAME_OVERHEAD = FRAME_HEADER.size  # what traffic counts per frame besides its payload (as _recv does)
 
 
 @contextmanager
@@ -114,6 +138,9 @@ def blame(link: WorkerLink) -> Iterator[None]:
     except (socket.timeout, TimeoutError):
         raise WorkerError(f"{link.name}: no answer in time; check the address and that nothing blocks the "
                           "port") from None
+    except PeerSilent as err:
+        raise WorkerError(f"{link.name}: {err} while it should be computing: it is frozen (stopped, swapping, "
+                          "hung) or its network is down; check that board") from None
     except (ProtocolError, OSError) as err:
         what = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
         raise WorkerError(f"{link.name}: {what}") from None
@@ -122,16 +149,17 @@ def blame(link: WorkerLink) -> Iterator[None]:
 class TcpExchange:
     """The root's side of the exchange seams (engine.Exchange) over one socket per worker."""
 
-    def __init__(self, split: ClusterSplit, links: list[WorkerLink], buffer_type: BufferType):
+    def __init__(self, split: ClusterSplit, links: list[WorkerLink], buffer_type: BufferType, mesh: bool = False):
         self.split = split
         self.computing = split.computing
         self.links = links
         self.buffer_type = buffer_type
         self.traffic = Traffic()
+        self.mesh = mesh  # the direct exchange: the workers send each other their partials (issue 30)
 
-    def begin(self, x: np.ndarray, pos: int) -> None:
+    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
         for link in self.links:
-            self._send(link, Frame.FORWARD, FORWARD_HEAD.pack(pos, len(x)),
+            self._send(link, Frame.FORWARD, FORWARD_HEAD.pack(pos, len(x), LOGITS_WANTED[logits]),
                        memoryview(np.ascontiguousarray(x)).cast("B"))
         self.traffic.tokens += len(x)
 
@@ -147,6 +175,9 @@ class TcpExchange:
         partial of its own."""
         n, dim = x.shape
         seam = SEAMS[stage]
+        if self.mesh:
+            x += self._mesh_sum(partial, n, dim, layer, seam)
+            return
         sums = relays_sums(len(self.computing), dim, self.buffer_type)
         wire = {0: encode_partial(partial, self.buffer_type)} if partial is not None else {}
         limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, self.buffer_type)
@@ -164,6 +195,21 @@ class TcpExchange:
             self._relay_partials(wire, layer, seam, skip_root=early)
         x += total
 
+    def _mesh_sum(self, partial: np.ndarray | None, n: int, dim: int, layer: int, seam: int) -> np.ndarray:
+        """The direct exchange: the root's partial to every worker, every worker's from it; no relaying."""
+        own = encode_partial(partial, self.buffer_type) if partial is not None else None
+        limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, self.buffer_type)
+        peers = {link.node: link.chan for link in self.links}
+        try:
+            got = mesh_partials(0, own, peers, self.computing, layer, seam, limit)
+        except PeerFailed as e:
+            with blame(next(link for link in self.links if link.node == e.node)):
+                raise e.cause from None
+        frame = FRAME_OVERHEAD + PARTIAL_HEAD.size
+        self.traffic.sent += (frame + len(own)) * len(self.links) if own is not None else 0
+        self.traffic.received += sum(frame + len(got[i]) for i in self.computing if i != 0)
+        return sum_partials([decode_partial(got[i], n, dim, self.buffer_type) for i in self.computing])
+
     def _recv_partial(self, link: WorkerLink, layer: int, seam: int, limit: int) -> memoryview:
         payload = self._recv(link, Frame.PARTIAL, limit)
         with blame(link):
@@ -180,11 +226,13 @@ class TcpExchange:
             if not frames:
                 continue
             with blame(link):
-                self.traffic.sent += send_frames(link.sock, frames) if skip_root else \
-                    sum(send_frame(link.sock, kind, *parts) for kind, parts in frames)
+                self.traffic.sent += link.chan.send_frames(frames) if skip_root else \
+                    sum(link.chan.send_frame(kind, *parts) for kind, parts in frames)
 
     def gather_logits(self, logits_slice: np.ndarray) -> np.ndarray:
         n = len(logits_slice)
+        if n == 0:  # a prompt batch before its last: no logits, and no round trip to wait for
+            return np.empty((0, self.split.nodes[-1].vocab[1]), dtype=np.float32)
         parts = [logits_slice]
         for link in self.links:
             v0, v1 = self.split.nodes[link.node].vocab
@@ -195,44 +243,63 @@ class TcpExchange:
 
     def _send(self, link: WorkerLink, kind: Frame, *parts) -> None:
         with blame(link):
-            self.traffic.sent += send_frame(link.sock, kind, *parts)
+            self.traffic.sent += link.chan.send_frame(kind, *parts)
 
     def _recv(self, link: WorkerLink, kind: Frame, limit: int) -> memoryview:
         with blame(link):
-            _, payload = recv_frame(link.sock, limit, expect=(kind,))
+            _, payload = link.chan.recv_frame(limit, expect=(kind,))
         self.traffic.received += 8 + len(payload)
         return payload
 
 
-def open_link(link: WorkerLink) -> None:
-    """Connect and exchange preambles: the worker greets first, the root answers."""
+def open_link(link: WorkerLink, key: bytes | None) -> None:
+    """Connect, hear the worker's preamble and challenge, prove the cluster key and check the worker's
+    proof (auth.py). Without a key on either side, nothing is proven and frames carry no MAC."""
     with blame(link):
         link.sock = socket.create_connection(link.address, timeout=CONNECT_TIMEOUT_S)
+        link.chan = Channel(link.sock)
         configure_socket(link.sock, HANDSHAKE_TIMEOUT_S)
-        check_greeting(link.sock, link.name)
+        check_greeting(link.chan, link.name)
+        _, payload = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.CHALLENGE,))
+        needs_key, worker_nonce = parse_challenge(payload)
+        if needs_key and key is None:
+            raise ProtocolError(f"this worker needs the cluster key: give the root the same key (--cluster-key-file "
+                                f"or {KEY_ENV})")
+        if key is not None and not needs_key:
+            raise ProtocolError("this worker runs without a cluster key, so it cannot prove it is yours: start it "
+                                f"with the same key as the root (--cluster-key-file or {KEY_ENV})")
+        nonce = new_nonce()
+        proof = root_proof(key, worker_nonce, nonce) if key is not None else bytes(PROOF_BYTES)
+        send_preamble(link.sock, (Frame.AUTH, auth_payload(nonce, proof)))
         link.greeted = True
-        send_preamble(link.sock)
+        _, payload = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.AUTH_OK,))
+        if key is not None:
+            if not proves(worker_proof(key, worker_nonce, nonce), parse_auth_ok(payload)):
+                raise ProtocolError("did not prove the cluster key: it is not your worker, or it has another key")
+            to_worker, to_root = frame_macs(key, worker_nonce, nonce)
+            link.chan.authenticate(send_mac=to_worker, recv_mac=to_root)
 
 
 def probe_link(link: WorkerLink, log: Callable[[str], None]) -> NodeInfo:
     """--weights auto: the worker's memory and speed (PROBE/INFO, before HELLO)."""
     with blame(link):
-        send_frame(link.sock, Frame.PROBE)
-        _, payload = recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.INFO,))
+        link.chan.send_frame(Frame.PROBE)
+        _, payload = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.INFO,))
         info = NodeInfo.parse(payload)
     log(f"{link.name}: {info.available >> 20} MiB free, {info.speed / 1e9:.2f} G q40 weights/s")
     return info
 
 
 def measure_weights(workers: list[tuple[str, int]], root_compute: str = "all", nthreads: int | None = None,
-                    log: Callable[[str], None] = lambda msg: None) -> tuple[float, ...]:
+                    log: Callable[[str], None] = lambda msg: None, cluster_key: bytes | None = None
+                    ) -> tuple[float, ...]:
     """What --weights auto would choose for this root and these workers, without starting a session
     (`dllama-run plan --weights auto --workers ...`): each worker goes back to waiting."""
     links = [WorkerLink(i + 1, address) for i, address in enumerate(workers)]
     try:
         infos = [node_info(nthreads)]
         for link in links:
-            open_link(link)
+            open_link(link, cluster_key)
             infos.append(probe_link(link, log))
     finally:
         for link in links:
@@ -265,12 +332,13 @@ def exchange_type(h, buffer_type: BufferType | str | None) -> BufferType:
 class DistributedEngine(Engine):
     """The root of a cluster. `weights`: None (equal shares), one number per node (root first),
     "2,1,1", or "auto" (from each node's memory and speed, probed at connect time);
-    `root_compute="none"`: the root holds no layer slices and only coordinates."""
+    `root_compute="none"`: the root holds no layer slices and only coordinates; `cluster_key`: the
+    key the workers were started with (auth.load_cluster_key), None for workers without one."""
 
     def __init__(self, model_path: str | os.PathLike, workers: list[tuple[str, int]], max_seq_len: int = 2048,
                  buffer_type: BufferType | str | None = None, nthreads: int | None = None,
                  log: Callable[[str], None] | None = None, weights: Sequence[float] | str | None = None,
-                 root_compute: str = "all"):
+                 root_compute: str = "all", cluster_key: bytes | None = None, exchange: str = "mesh"):
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         dispatch.implementation()  # builds the compiled kernels on a first run, before workers wait for them
         model = ModelFile(model_path)
@@ -288,6 +356,12 @@ class DistributedEngine(Engine):
         buffer_type = exchange_type(h, buffer_type)
         self.links = [WorkerLink(i + 1, addr) for i, addr in enumerate(workers)]
         self.n_nodes = n_nodes
+        self.cluster_key = cluster_key
+        if exchange not in EXCHANGES:
+            raise EngineError(f"--exchange {exchange!r}: use mesh (every node sends its partials straight to every "
+                              "other; the default) or star (through the root, where workers cannot reach each other)")
+        self.asks_mesh = exchange == "mesh"
+        self.uses_mesh = False
         self.model_file, self.buffer_type = model, buffer_type
         self.identity = model_identity(model.path)
         try:
@@ -300,7 +374,8 @@ class DistributedEngine(Engine):
             self.close()
             raise
         # only looked-up rows of the memory-mapped embedding are ever read
-        super().__init__(h, layers, TcpExchange(self.split, self.links, buffer_type), max_seq_len, nthreads,
+        super().__init__(h, layers, TcpExchange(self.split, self.links, buffer_type, self.uses_mesh), max_seq_len,
+                         nthreads,
                          embedding=model.blocks("embedding"), model=model)
 
     @property
@@ -317,11 +392,12 @@ class DistributedEngine(Engine):
         except BaseException:
             self.close()
             raise
+        self.exchange.mesh = self.uses_mesh
         self.reset()
 
     def _connect_all(self, max_seq_len: int, nthreads: int | None, root_compute: str) -> None:
         for link in self.links:
-            open_link(link)
+            open_link(link, self.cluster_key)
         if self.auto_weights:
             infos = [node_info(nthreads)] + [probe_link(link, self.log) for link in self.links]
             self.split = ClusterSplit.plan(self.model_file.header, self.n_nodes, measured_weights(infos, root_compute))
@@ -330,26 +406,61 @@ class DistributedEngine(Engine):
         self._handshake_all(max_seq_len, opened=True)
 
     def _handshake_all(self, max_seq_len: int, opened: bool = False) -> None:
+        """Every worker accepts its HELLO (or refuses it, named) before any slice is streamed; the
+        workers' handshake deadline runs from the connect, so all are greeted first."""
         h = self.model_file.header
+        if not opened:
+            for link in self.links:
+                open_link(link, self.cluster_key)
+        local = {}
         for link in self.links:
-            if not opened:
-                open_link(link)
             hello = Hello(link.node, self.n_nodes, max_seq_len, self.buffer_type, self.identity, h.to_bytes(),
                           self.split.weights)
             with blame(link):
-                send_frame(link.sock, Frame.HELLO, hello.to_bytes())
-                _, payload = recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.READY,))
-                link.sock.settimeout(IO_TIMEOUT_S)
-                if parse_ready(payload):
-                    self.log(f"{link.name} loads its slices from its own copy of the model")
-                else:
-                    self.log(f"streaming node {link.node}'s slices to {link.name}")
-                    link.streamed_bytes = stream_slices(link.sock, self.model_file.path, h, self.split.nodes[link.node])
+                link.chan.send_frame(Frame.HELLO, hello.to_bytes())
+                _, payload = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.READY,))
+                local[link.node] = parse_ready(payload)
+                link.sock.settimeout(PROGRESS_TIMEOUT_S)  # a busy worker's heartbeat comes every second
+        self.uses_mesh = self._choose_exchange()
+        for link in self.links:
+            if local[link.node]:
+                self.log(f"{link.name} loads its slices from its own copy of the model")
+                continue
+            self.log(f"streaming node {link.node}'s slices to {link.name}")
+            with blame(link):
+                link.streamed_bytes = stream_slices(link.chan, self.model_file.path, h, self.split.nodes[link.node])
+
+    def _choose_exchange(self) -> bool:
+        """The mesh where asked for and every worker reaches every other (each says so before any slice
+        is streamed), else the star, with one line naming the worker that could not."""
+        mesh = self.asks_mesh and len(self.links) >= 2
+        if mesh:
+            token = os.urandom(MESH_TOKEN_BYTES)
+            plan = mesh_payload(token, [link.address for link in self.links])
+            for link in self.links:
+                with blame(link):
+                    link.chan.send_frame(Frame.MESH, plan)
+            problems = []  # (status, link, text): one that could not dial names the unreachable peer best
+            for link in self.links:
+                with blame(link):
+                    _, status = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.MESH_STATUS,))
+                if status[0] != MESH_OK:
+                    problems.append((status[0] != MESH_UNREACHABLE, link.node, link.name,
+                                     bytes(status[1:]).decode("utf-8", "replace")))
+            if problems:
+                _, _, name, text = min(problems)
+                self.log(f"{name} {text}; the partials go through the root instead (the star exchange; "
+                         "--exchange star chooses it at once)")
+                mesh = False
+        for link in self.links:
+            with blame(link):
+                link.chan.send_frame(Frame.EXCHANGE, bytes([EXCHANGE_MESH if mesh else EXCHANGE_STAR]))
+        return mesh
 
     def _wait_loaded(self) -> None:
         for link in self.links:
             with blame(link):
-                recv_frame(link.sock, HANDSHAKE_MAX_FRAME, expect=(Frame.LOADED,))
+                link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.LOADED,))
 
     def close(self) -> None:
         for link in getattr(self, "links", []):
@@ -357,11 +468,11 @@ class DistributedEngine(Engine):
                 try:
                     if link.greeted:
                         link.sock.settimeout(1.0)
-                        send_frame(link.sock, Frame.BYE)
+                        link.chan.send_frame(Frame.BYE)
                 except (ProtocolError, OSError):
                     pass
                 link.sock.close()
-                link.sock = None
+                link.sock = link.chan = None
                 link.greeted = False
 
     def __enter__(self) -> "DistributedEngine":

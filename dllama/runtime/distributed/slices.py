@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -19,14 +18,7 @@ import numpy as np
 
 from dllama.formats import ModelHeader, Split, tensor_layout
 from dllama.runtime.distributed.node_memory import shard_tensors
-from dllama.runtime.distributed.protocol import (
-    WEIGHT_CHUNK,
-    WEIGHTS_HEAD,
-    Frame,
-    ProtocolError,
-    recv_exact,
-    send_frame,
-)
+from dllama.runtime.distributed.protocol import WEIGHT_CHUNK, WEIGHTS_HEAD, Channel, Frame, ProtocolError
 from dllama.runtime.split import NodeShare, SliceGeometry
 
 
@@ -82,13 +74,13 @@ def _drop_cache(fd: int, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def stream_slices(sock: socket.socket, model_path: str | os.PathLike, header: ModelHeader, share: NodeShare,
+def stream_slices(chan: Channel, model_path: str | os.PathLike, header: ModelHeader, share: NodeShare,
                   chunk: int = WEIGHT_CHUNK) -> int:
     """Send node `share.node` every slice it holds (WEIGHTS frames, then WEIGHTS_DONE). Returns bytes sent."""
     sent = 0
     for index, at, data in read_slice_chunks(model_path, header, share, chunk):
-        sent += send_frame(sock, Frame.WEIGHTS, WEIGHTS_HEAD.pack(index, at), data)
-    return sent + send_frame(sock, Frame.WEIGHTS_DONE)
+        sent += chan.send_frame(Frame.WEIGHTS, WEIGHTS_HEAD.pack(index, at), data)
+    return sent + chan.send_frame(Frame.WEIGHTS_DONE)
 
 
 def read_slice_chunks(model_path: str | os.PathLike, header: ModelHeader, share: NodeShare,
@@ -115,11 +107,12 @@ class SliceReceiver:
         self.buffers = {i: np.empty(share.geometry(s).nbytes, dtype=np.uint8) for i, s in self.specs.items()}
         self.received = {i: 0 for i in self.specs}
 
-    def receive(self, sock: socket.socket, length: int) -> None:
-        """The rest of a WEIGHTS frame of `length` bytes, read straight into its slice buffer."""
+    def receive(self, chan: Channel, length: int) -> None:
+        """The rest of a WEIGHTS frame of `length` bytes, read straight into its slice buffer (a chunk
+        that fails its MAC ends the session, so its bytes are never used)."""
         if length < WEIGHTS_HEAD.size:
             raise ProtocolError("WEIGHTS frame too short")
-        index, at = WEIGHTS_HEAD.unpack(recv_exact(sock, WEIGHTS_HEAD.size))
+        index, at = WEIGHTS_HEAD.unpack(chan.recv_exact(WEIGHTS_HEAD.size))
         n = length - WEIGHTS_HEAD.size
         buf = self.buffers.get(index)
         if buf is None:
@@ -128,7 +121,8 @@ class SliceReceiver:
             raise ProtocolError(f"WEIGHTS chunk [{at}, {at + n}) overruns tensor {index} slice of {len(buf)} bytes")
         if at != self.received[index]:  # in order, so that complete means every byte arrived once
             raise ProtocolError(f"WEIGHTS chunk at {at} of tensor {index}, expected {self.received[index]}")
-        recv_exact(sock, n, into=memoryview(buf)[at:at + n])
+        chan.recv_exact(n, into=memoryview(buf)[at:at + n])
+        chan.end_frame()
         self.received[index] += n
 
     def slices(self) -> dict[str, np.ndarray]:
