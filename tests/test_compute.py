@@ -92,23 +92,62 @@ def test_the_q80_wire_kernels_give_the_formats_bytes_and_values(both):
         assert np.array_equal(back, dequantize_q80(want).reshape(x.shape))
 
 
+def lane_order_reference(w_values, w_scales, xq, xd) -> np.ndarray:
+    """out (T, rows) as every quantized matmul sums it, in numpy float32 (no fused adds): per block b, lane
+    8 * (b % 2) + k += f32(the exact quad sum k) * f32(d_w * d_x); then the 16 lanes in order."""
+    rows, n = w_values.shape
+    T, nb = xd.shape
+    quads = np.einsum("rbkj,tbkj->trbk", w_values.reshape(rows, nb, 8, 4).astype(np.int32),
+                      xq.reshape(T, nb, 8, 4).astype(np.int32)).astype(np.float32)
+    scales = w_scales[None, :, :] * xd[:, None, :]  # (T, rows, nb) float32 products
+    lanes = np.zeros((T, rows, 16), np.float32)
+    for b in range(nb):
+        lo = 8 * (b % 2)
+        lanes[:, :, lo:lo + 8] += quads[:, :, b, :] * scales[:, :, b, None]
+    total = np.zeros((T, rows), np.float32)
+    for lane in range(16):
+        total += lanes[:, :, lane]
+    return total
+
+
+def unpacked(quant: str, w: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 values (rows, n) and f32 block scales (rows, nb) of packed q40 or q80 rows."""
+    rows, nb = w.shape[0], n // 32
+    blocks = w.reshape(rows, nb, -1)
+    scales = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    if quant == "q80":
+        return blocks[:, :, 2:].view(np.int8).reshape(rows, n), scales
+    packed_bytes = blocks[:, :, 2:]
+    values = np.concatenate([packed_bytes & 15, packed_bytes >> 4], axis=2).astype(np.int8) - 8
+    return values.reshape(rows, n), scales
+
+
+QUANTIZERS = {"q40": quantize_q40, "q80": quantize_q80}
+
+
+@pytest.mark.parametrize("quant", ["q40", "q80"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("T", [2, 8, 17, 64])
 @pytest.mark.parametrize("n", [160, 2048])
-def test_the_batched_q40_kernel_gives_each_tokens_matvec_bits(both, threads, T, n):
+def test_the_batched_kernels_give_each_tokens_one_token_bits(both, quant, threads, T, n):
     """Tokens side by side in the vector lanes (a group partly filled, odd block counts) or, for a
-    few tokens, one at a time: each token's row equals the one-token kernel's, bit for bit."""
+    few tokens, one at a time: each token's row equals the one-token kernel's, bit for bit, and both
+    are the fixed lane order's sums (numpy float32)."""
     _, compiled = both
     dispatch.set_threads(threads)
     rng = np.random.default_rng(T + n)
     _, xq, xd, xc = quantized_input(rng, T, n)
-    w = packed(quantize_q40, rng, 70, n)
+    w = packed(QUANTIZERS[quant], rng, 70, n)
     batched = np.full((T, 70), np.nan, np.float32)
-    compiled.matmul_q40(w, xq, xd, xc, batched)
+    getattr(compiled, f"matmul_{quant}")(w, xq, xd, xc, batched)
+    assert np.array_equal(batched, lane_order_reference(*unpacked(quant, w, n), xq, xd))
     for t in range(T):
-        one = np.full(70, np.nan, np.float32)
-        compiled.matvec_q40(w, xq[t], xd[t], xc[t], one)
-        assert np.array_equal(batched[t], one), t
+        one = np.full((1, 70), np.nan, np.float32)
+        if quant == "q40":
+            compiled.matvec_q40(w, xq[t], xd[t], xc[t], one[0])
+        else:
+            compiled.matmul_q80(w, xq[t:t + 1], xd[t:t + 1], xc[t:t + 1], one)
+        assert np.array_equal(batched[t], one[0]), t
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -364,6 +403,8 @@ for name in ("matmul_q40", "matmul_q80"):
     getattr(dispatch, name)(a[name], a["xq"], a["xd"], a["xc"], out[name])
 out["matvec_q40"] = np.empty(a["matmul_q40"].shape[0], np.float32)
 dispatch.matvec_q40(a["matmul_q40"], a["xq"][0], a["xd"][0], a["xc"][0], out["matvec_q40"])
+out["matvec_q80"] = np.empty((1, a["matmul_q80"].shape[0]), np.float32)
+dispatch.matmul_q80(a["matmul_q80"], a["xq"][:1], a["xd"][:1], a["xc"][:1], out["matvec_q80"])
 assert dispatch.kernel_path() == "portable", dispatch.kernel_path()
 np.savez(sys.argv[2], **out)
 """
@@ -373,7 +414,8 @@ np.savez(sys.argv[2], **out)
 @pytest.mark.parametrize("T, rows, n", [(5, 203, 160), (12, 64, 2048)])
 def test_the_dot_product_path_gives_the_portable_paths_bits(both, tmp_path, T, rows, n):
     """This CPU's vpdpbusd/sdot kernels against the portable ones (a second module, built with
-    them switched off) on the same inputs: odd block counts, row groups and single rows."""
+    them switched off) on the same inputs: odd block counts, row groups and single rows, q40 and q80,
+    tokens in lanes and one token."""
     _, compiled = both
     if compiled.path == "portable":
         pytest.skip("this CPU's kernels are the portable path: there is no dot-product path to compare")
@@ -394,3 +436,6 @@ def test_the_dot_product_path_gives_the_portable_paths_bits(both, tmp_path, T, r
     have = np.full(rows, np.nan, np.float32)
     compiled.matvec_q40(weights["matmul_q40"], xq[0], xd[0], xc[0], have)
     assert np.array_equal(portable["matvec_q40"], have)
+    have = np.full((1, rows), np.nan, np.float32)
+    compiled.matmul_q80(weights["matmul_q80"], xq[:1], xd[:1], xc[:1], have)
+    assert np.array_equal(portable["matvec_q80"], have)

@@ -46,7 +46,7 @@ EXPORTS = {  # kernel in the kernels package -> its one signature in the compile
     "matvec_q40_rows": f"void({_W}, i1[::1], f4[::1], i4[::1], f4[::1], f4[::1], i8, i8)",
     "token_lanes": "void(i1[:, ::1], f4[:, ::1], f4[:, ::1])",
     "matmul_q40_rows": f"void({_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
-    "matmul_q80_rows": f"void({_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
+    "matmul_q80_rows": f"void({_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
     "matmul_f32_rows": "void(f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
     "silu_gate_rows": "void(f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
     "attention_tasks": "void(f4[:, :, ::1], f4[:, :, ::1], f4[:, :, ::1], i8, f4[:, ::1], i8, i8)",
@@ -55,7 +55,8 @@ EXPORTS = {  # kernel in the kernels package -> its one signature in the compile
     "job_matvec_q40": f"void(i8[::1], {_W}, i1[::1], f4[::1], i4[::1], f4[::1], f4[::1], i8, i8)",
     "job_matmul_q40": f"void(i8[::1], {_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1], "
                       "i8, i8)",
-    "job_matmul_q80": f"void(i8[::1], {_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",
+    "job_matmul_q80": f"void(i8[::1], {_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1], "
+                      "i8, i8)",
     "job_matmul_f32": "void(i8[::1], f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
     "job_silu_gate": "void(i8[::1], f4[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
     "job_attention": "void(i8[::1], f4[:, :, ::1], f4[:, :, ::1], f4[:, :, ::1], i8, f4[:, ::1], i8, i8)",

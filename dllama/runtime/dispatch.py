@@ -218,7 +218,7 @@ class JitKernels:
         self.k.matmul_q40(w, xq, xd, xc, _token_lanes(self.k, self.path, xq, xd), F16_TO_F32, out)
 
     def matmul_q80(self, w, xq, xd, xc, out):
-        self.k.matmul_q80(w, xq, xd, xc, F16_TO_F32, out)
+        self.k.matmul_q80(w, xq, xd, xc, _token_lanes(self.k, self.path, xq, xd), F16_TO_F32, out)
 
     def matmul_f32(self, w, x, out):
         self.k.matmul_f32(w, x, out)
@@ -261,8 +261,8 @@ class CompiledKernels:
         self._split("matmul_q40_rows", "job_matmul_q40", args, w.shape[0], work_per_item=xq.size)
 
     def matmul_q80(self, w, xq, xd, xc, out):
-        self._split("matmul_q80_rows", "job_matmul_q80", (_rows(w), xq, xd, xc, F16_TO_F32, out), w.shape[0],
-                    work_per_item=xq.size)
+        args = (_rows(w), xq, xd, xc, _token_lanes(self.m, self.path, xq, xd), F16_TO_F32, out)
+        self._split("matmul_q80_rows", "job_matmul_q80", args, w.shape[0], work_per_item=xq.size)
 
     def matmul_f32(self, w, x, out):
         self._split("matmul_f32_rows", "job_matmul_f32", (_rows(w), x, out), w.shape[0], work_per_item=x.size)
@@ -397,8 +397,8 @@ class Team:
 
 
 def _token_lanes(kernels, path: str, xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
-    """The x_lanes argument of matmul_q40: the tokens in the batched kernel's layout (kernels.token_lanes),
-    none for fewer tokens than it takes in lanes."""
+    """The x_lanes argument of matmul_q40 and matmul_q80: the tokens in the batched kernels' layout
+    (kernels.token_lanes), none for fewer tokens than they take in lanes."""
     groups, width = token_lanes_shape(path, *xq.shape)
     if xq.shape[0] < lanes_min_tokens(path):
         return np.zeros((0, width), dtype=np.float32)

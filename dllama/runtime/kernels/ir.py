@@ -12,7 +12,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from dllama.formats import Q40_BYTES
+from dllama.formats import Q40_BYTES, Q80_BYTES
 from dllama.runtime.cpu import KERNEL_PATHS, is_aarch64, lanes_min_tokens, token_lanes
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
@@ -211,24 +211,35 @@ def _splat(builder, value, n):
     return builder.shuffle_vector(v, v, _const(_vec(_i32, n), [0] * n))
 
 
-@intrinsic
-def _unpack_q40_signed(typingctx, w, w_off, wq, wq_off, corr, corr_off):
-    """wq[wq_off:+32] = the q40 block at w[w_off] (its 16 packed bytes) as int8 values -8..7, and
-    corr[corr_off:+8] = -X_BIAS * the sums of its 8 quads (what the biased tokens add)."""
-    sig = types.void(w, w_off, wq, wq_off, corr, corr_off)
+def _unpack_signed_kernel(kind: str):
+    """wq[wq_off:+32] = the block at w[w_off] as int8 values (q40: its 16 packed bytes, values -8..7; q80:
+    its 32 bytes as they are), and corr[corr_off:+8] = -X_BIAS * the sums of its 8 quads (what the biased
+    tokens add)."""
+    def typer(typingctx, w, w_off, wq, wq_off, corr, corr_off):
+        sig = types.void(w, w_off, wq, wq_off, corr, corr_off)
 
-    def codegen(context, builder, sig, args):
-        w, w_off, wq, wq_off, corr, corr_off = args
-        nibbles = _nibbles(builder, _load(builder, _data(context, builder, sig.args[0], w), w_off, _vec(_i8, 16)))
-        values = builder.sub(nibbles, _const(_vec(_i8, 32), [8] * 32))
-        ptr = builder.gep(_data(context, builder, sig.args[2], wq), [wq_off])
-        builder.store(values, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
-        ptr = builder.gep(_data(context, builder, sig.args[4], corr), [corr_off])
-        builder.store(_quad_sums_times(builder, values, -X_BIAS), builder.bitcast(ptr, _vec(_i32, 8).as_pointer()),
-                      align=4)
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            w, w_off, wq, wq_off, corr, corr_off = args
+            w_d = _data(context, builder, sig.args[0], w)
+            if kind == "q40":
+                nibbles = _nibbles(builder, _load(builder, w_d, w_off, _vec(_i8, 16)))
+                values = builder.sub(nibbles, _const(_vec(_i8, 32), [8] * 32))
+            else:
+                values = _load(builder, w_d, w_off, _vec(_i8, 32))
+            ptr = builder.gep(_data(context, builder, sig.args[2], wq), [wq_off])
+            builder.store(values, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
+            ptr = builder.gep(_data(context, builder, sig.args[4], corr), [corr_off])
+            builder.store(_quad_sums_times(builder, values, -X_BIAS),
+                          builder.bitcast(ptr, _vec(_i32, 8).as_pointer()), align=4)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    typer.__name__ = f"_unpack_{kind}_signed"
+    return intrinsic(typer)
+
+
+_unpack_q40_signed, _unpack_q80_signed = _unpack_signed_kernel("q40"), _unpack_signed_kernel("q80")
 
 
 @intrinsic
@@ -302,14 +313,20 @@ def _store_lanes(builder, acc_data, lanes, lanes_ty):
         builder.store(builder.load(lane), ptr, align=4)
 
 
-def _packed_rows_kernel(n_rows: int):
-    """acc[16i:+16] = the lanes of packed q40 row r0 + i (i < n_rows) times one token, pairs 0..n_pairs.
+def _packed_rows_kernel(n_rows: int, kind: str = "q40"):
+    """acc[16i:+16] = the lanes of packed row r0 + i (i < n_rows) times one token, pairs 0..n_pairs.
 
     The one-token kernel's inner loop in IR, so the rows' lanes stay in registers and one load of the
-    token's values serves n_rows rows: per block pair p, the quad sums of the row's nibbles (blocks 2p
-    and 2p+1 at bytes 36p + 2 and 36p + 20, init xc[16p:+16], the -8 correction), converted, times
-    [d_w(2p) * d_x(2p)] * 8 + [d_w(2p+1) * d_x(2p+1)] * 8, added: `_q40_pair`'s operations in its order.
+    token's values serves n_rows rows: per block pair p, the quad sums of the row's two blocks times
+    the token's 64 values, converted, times [d_w(2p) * d_x(2p)] * 8 + [d_w(2p+1) * d_x(2p+1)] * 8,
+    added: `_q40_pair`'s (`_s8_pair`'s) operations in its order. kind "q40": nibbles at bytes 36p + 2
+    and 36p + 20, init xc[16p:+16] (the -8 correction). "q80": int8 values at 68p + 2 and 68p + 36; on
+    VNNI (unsigned times signed) they go in biased by +128 and init 16 * xc (-128 * the token's quad
+    sums) takes the bias out again: the same exact integers as the signed products of the other paths.
     """
+    block_bytes = Q40_BYTES if kind == "q40" else Q80_BYTES
+    biased = kind == "q80" and VNNI512
+
     def typer(typingctx, w, r0, x, xc, xd, scale_table, n_pairs, acc):
         sig = types.void(w, r0, x, xc, xd, scale_table, n_pairs, acc)
 
@@ -328,23 +345,38 @@ def _packed_rows_kernel(n_rows: int):
                 bits = _load(builder, w_d, offset, _i16)
                 return builder.load(builder.gep(table_d, [builder.zext(bits, _i64)]))
 
+            def pair_values(base):
+                """The 64 values of the two blocks at w[base:]: q40 nibbles 0..15, q80 int8 (+128 when biased)."""
+                def at(offset, n):
+                    return _load(builder, w_d, builder.add(base, _const(_i64, offset)), _vec(_i8, n))
+
+                if kind == "q40":
+                    lo, hi = _nibbles(builder, at(2, 16)), _nibbles(builder, at(2 + Q40_BYTES, 16))
+                else:
+                    lo, hi = at(2, 32), at(2 + Q80_BYTES, 32)
+                a = builder.shuffle_vector(lo, hi, _const(_vec(_i32, 64), list(range(64))))
+                return builder.xor(a, _const(_vec(_i8, 64), [-128] * 64)) if biased else a
+
             with cgutils.for_range(builder, n_pairs) as loop:
                 p = loop.index
                 xv = _load(builder, x_d, builder.mul(p, _const(_i64, 64)), _vec(_i8, 64))
-                init = _load(builder, xc_d, builder.mul(p, _const(_i64, 16)), _vec(_i32, 16), align=4)
+                if kind == "q40" or biased:
+                    init = _load(builder, xc_d, builder.mul(p, _const(_i64, 16)), _vec(_i32, 16), align=4)
+                    if biased:
+                        init = builder.shl(init, _const(_vec(_i32, 16), [4] * 16))
+                else:
+                    init = _const(_vec(_i32, 16), [0] * 16)
                 b = builder.mul(p, _const(_i64, 2))
                 x_scale = _splat_halves(builder, [builder.load(builder.gep(xd_d, [b])),
                                                   builder.load(builder.gep(xd_d, [builder.add(b, _const(_i64, 1))]))])
-                o = builder.mul(p, _const(_i64, 2 * Q40_BYTES))
+                o = builder.mul(p, _const(_i64, 2 * block_bytes))
                 ahead = builder.add(builder.add(rows[0], o), _const(_i64, PREFETCH_AHEAD))
                 _prefetch(builder, builder.gep(w_d, [ahead]))
                 for i in range(n_rows):
                     base = builder.add(rows[i], o)
-                    lo = _nibbles(builder, _load(builder, w_d, builder.add(base, _const(_i64, 2)), _vec(_i8, 16)))
-                    hi = _nibbles(builder, _load(builder, w_d, builder.add(base, _const(_i64, 20)), _vec(_i8, 16)))
-                    a = builder.shuffle_vector(lo, hi, _const(_vec(_i32, 64), list(range(64))))
-                    quads = _quad_sums(builder, a, xv, init, a_unsigned=True)
-                    w_scale = _splat_halves(builder, [scale(base), scale(builder.add(base, _const(_i64, Q40_BYTES)))])
+                    a = pair_values(base)
+                    quads = _quad_sums(builder, a, xv, init, a_unsigned=kind == "q40" or biased)
+                    w_scale = _splat_halves(builder, [scale(base), scale(builder.add(base, _const(_i64, block_bytes)))])
                     term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
                     builder.store(builder.fadd(builder.load(lanes[i]), term), lanes[i])
             _store_lanes(builder, acc_d, lanes, lanes_ty)
@@ -352,13 +384,14 @@ def _packed_rows_kernel(n_rows: int):
 
         return sig, codegen
 
-    typer.__name__ = f"_packed_{n_rows}rows"
+    typer.__name__ = f"_packed_{kind}_{n_rows}rows"
     return intrinsic(typer)
 
 
 _i16 = ir.IntType(16)
 # one row at a time: 2 or 4 rows sharing each load of x measured 1.5-3x slower on Zen 4 (AVX-512)
 _packed_row_lanes = _packed_rows_kernel(1)
+_packed_q80_row_lanes = _packed_rows_kernel(1, "q80")
 
 
 # Attention over a head's rows of the KV cache, in float64: 8 dims to a vector (LLVM splits them as the

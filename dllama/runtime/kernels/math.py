@@ -13,15 +13,16 @@ from dllama.runtime.kernels.ir import (
     TOKEN_LANES,
     X_BIAS,
     _head_scores,
+    _packed_q80_row_lanes,
     _packed_row_lanes,
     _q40_block,
     _quantize_q80_block,
     _s8_block,
-    _s8_pair,
     _silu_gate8,
     _softmax_scaled,
     _token_lanes_row,
     _unpack_q40_signed,
+    _unpack_q80_signed,
     _weighted_rows,
 )
 
@@ -169,14 +170,34 @@ def token_lanes(xq, xd, x_lanes):
 
 
 @njit(cache=True)
-def matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
-    """T tokens, rows r0..r1: each row is unpacked once (int8 values, quad corrections, block scales)
-    and multiplied by every group of TOKEN_LANES tokens of x_lanes (token_lanes) in turn. Fewer than
-    LANES_MIN_TOKENS go one at a time (matvec_q40_rows, the same bits; x_lanes is not read)."""
+def matvec_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1):
+    """One token, rows r0..r1: w (rows, nb * 34) uint8, xq (n,) int8, xd (nb,), xc (n/4,) -> out (rows,)."""
+    nb = xd.shape[0]
+    acc = np.empty(LANES, dtype=np.float32)
+    for r in range(r0, r1):
+        _packed_q80_row_lanes(w, r, xq, xc, xd, scale_table, nb // 2, acc)
+        if nb % 2:
+            b = nb - 1
+            o = b * Q80_BYTES
+            row = w[r]
+            _s8_block(row, o + 2, 0, xq, b * BLOCK_SIZE, xc, 0, _scale(row, o, scale_table) * xd[b], np.float32(0),
+                      acc, 0)
+        out[r] = _lane_sum(acc, 0)
+
+
+@njit(cache=True, inline="always")
+def _matmul_lanes_rows(w, block_bytes, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
+    """T tokens, rows r0..r1 of q40 (block_bytes Q40_BYTES) or q80 weights: each row is unpacked once
+    (int8 values, quad corrections, block scales) and multiplied by every group of TOKEN_LANES tokens of
+    x_lanes (token_lanes) in turn. Fewer than LANES_MIN_TOKENS go one at a time (matvec_q40_rows,
+    matvec_q80_rows: the same bits; x_lanes is not read)."""
     T, nb = xd.shape
     if T < LANES_MIN_TOKENS:
         for t in range(T):
-            matvec_q40_rows(w, xq[t], xd[t], xc[t], scale_table, out[t], r0, r1)
+            if block_bytes == Q40_BYTES:
+                matvec_q40_rows(w, xq[t], xd[t], xc[t], scale_table, out[t], r0, r1)
+            else:
+                matvec_q80_rows(w, xq[t], xd[t], xc[t], scale_table, out[t], r0, r1)
         return
     n = nb * BLOCK_SIZE
     wq = np.empty(n, dtype=np.int8)
@@ -186,9 +207,12 @@ def matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
     for r in range(r0, r1):
         row = w[r]
         for b in range(nb):
-            o = b * Q40_BYTES
+            o = b * block_bytes
             dw[b] = _scale(row, o, scale_table)
-            _unpack_q40_signed(row, o + 2, wq, b * BLOCK_SIZE, corr, b * 8)
+            if block_bytes == Q40_BYTES:
+                _unpack_q40_signed(row, o + 2, wq, b * BLOCK_SIZE, corr, b * 8)
+            else:
+                _unpack_q80_signed(row, o + 2, wq, b * BLOCK_SIZE, corr, b * 8)
         for group in range((T + TOKEN_LANES - 1) // TOKEN_LANES):
             _token_lanes_row(wq, corr, dw, x_lanes[group], nb, totals)
             t0 = group * TOKEN_LANES
@@ -197,27 +221,16 @@ def matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
 
 
 @njit(cache=True)
-def matmul_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1):
-    """q80 weights (rows, nb * 34) x T tokens (T = 1 included), rows r0..r1."""
-    T, nb = xd.shape
-    scales = np.empty(nb, dtype=np.float32)
-    acc = np.empty(T * LANES, dtype=np.float32)
-    for r in range(r0, r1):
-        row = w[r]
-        for b in range(nb):
-            scales[b] = _scale(row, b * Q80_BYTES, scale_table)
-        acc[:] = 0.0
-        for t in range(T):
-            xqt = xq[t]
-            for b in range(0, nb - 1, 2):
-                _s8_pair(row, b * Q80_BYTES + 2, Q80_BYTES, xqt, b * BLOCK_SIZE, xc, 0, scales[b] * xd[t, b],
-                         scales[b + 1] * xd[t, b + 1], acc, t * LANES)
-            if nb % 2:
-                b = nb - 1
-                _s8_block(row, b * Q80_BYTES + 2, 0, xqt, b * BLOCK_SIZE, xc, 0, scales[b] * xd[t, b], np.float32(0),
-                          acc, t * LANES)
-        for t in range(T):
-            out[t, r] = _lane_sum(acc, t * LANES)
+def matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
+    """q40 weights (rows, nb * 18) x T tokens, rows r0..r1 (_matmul_lanes_rows)."""
+    _matmul_lanes_rows(w, Q40_BYTES, xq, xd, xc, x_lanes, scale_table, out, r0, r1)
+
+
+@njit(cache=True)
+def matmul_q80_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
+    """q80 weights (rows, nb * 34) x T tokens, rows r0..r1 (_matmul_lanes_rows): the q40 kernel's lanes,
+    its order of sums and its bits for the same int8 products."""
+    _matmul_lanes_rows(w, Q80_BYTES, xq, xd, xc, x_lanes, scale_table, out, r0, r1)
 
 
 # The numba-parallel forms: ROWS_PER_TASK rows per task, each through the serial kernel above.
@@ -238,10 +251,11 @@ def matmul_q40(w, xq, xd, xc, x_lanes, scale_table, out):
 
 
 @njit(cache=True, parallel=True)
-def matmul_q80(w, xq, xd, xc, scale_table, out):
+def matmul_q80(w, xq, xd, xc, x_lanes, scale_table, out):
     rows = w.shape[0]
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        matmul_q80_rows(w, xq, xd, xc, scale_table, out, task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK))
+        matmul_q80_rows(w, xq, xd, xc, x_lanes, scale_table, out, task * ROWS_PER_TASK,
+                        min(rows, (task + 1) * ROWS_PER_TASK))
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from dllama.runtime.kernels.math import (
     matmul_q40_rows,
     matmul_q80_rows,
     matvec_q40_rows,
+    matvec_q80_rows,
     quantize_q80_tasks,
     rmsnorm_token,
     silu_gate_span,
@@ -77,8 +78,10 @@ def _matmul(kind, w, xq, xd, xc, x_lanes, scale_table, xf, out, r0, r1):
         matvec_q40_rows(w, xq[0], xd[0], xc[0], scale_table, out[0], r0, r1)
     elif kind == W_Q40:
         matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1)
+    elif xq.shape[0] == 1:
+        matvec_q80_rows(w, xq[0], xd[0], xc[0], scale_table, out[0], r0, r1)
     else:
-        matmul_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1)
+        matmul_q80_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1)
 
 
 @njit(cache=True)
