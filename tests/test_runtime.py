@@ -19,6 +19,7 @@ from dllama.formats import (
     dequantize_q80,
     quantize_q80,
 )
+from dllama.runtime import dispatch
 from dllama.runtime.engine import Engine, EngineError, LocalExchange
 from dllama.runtime.generate import generate
 from dllama.runtime.model import (
@@ -397,6 +398,27 @@ def test_q80_partials_are_quantized_on_a_single_node():
     expected = dequantize_q80(quantize_q80(partial))
     exchange.reduce_into(x, partial.copy(), 0, "attention")
     assert np.array_equal(x[0], expected)
+
+
+class StretchByStretch(LocalExchange):
+    """LocalExchange through the per-stretch path: each partial comes back to Python, reduce_into rounds it."""
+    adds_partials_as_computed = False
+
+
+@pytest.mark.parametrize("quant", ["q40", "q80"])
+def test_q80_partials_on_one_node_run_in_the_whole_pass_with_the_exchanges_bits(quant):
+    """--buffer-float-type q80 on one node rounds each partial inside the compiled whole pass (one call per
+    token, issue 24), to the bits of LocalExchange.reduce_into's rounding between stretches."""
+    path = require_fixtures(CONFORMANCE / "tiny-llama") / f"expected_{quant}.m"
+    whole, by_stretch = (Engine.load(path, max_seq_len=64, nthreads=2, buffer_float_type="q80") for _ in range(2))
+    by_stretch.exchange = StretchByStretch(quantize_partials=True)
+    assert np.array_equal(whole.forward(PROMPT, 0), by_stretch.forward(PROMPT, 0))
+    for pos in range(len(PROMPT), len(PROMPT) + 3):
+        assert np.array_equal(whole.forward([PROMPT[pos % 5]], pos), by_stretch.forward([PROMPT[pos % 5]], pos))
+    programs = whole.layers.compiled().programs
+    assert (1, dispatch.ADD_Q80, "all") in programs and (len(PROMPT), dispatch.ADD_Q80, "all") in programs
+    plain = Engine.load(path, max_seq_len=64, nthreads=2)
+    assert not np.array_equal(plain.forward(PROMPT, 0), whole.forward(PROMPT, 0))
 
 
 # --------------------------------------------------------------------------------------------

@@ -123,6 +123,7 @@ def runs_programs() -> bool:
 OP_WORDS = 64  # kernels.OP_WORDS and the op numbers below (this module does not import numba's kernels)
 OP_NORM_Q80, OP_MATMUL, OP_FFN_UP, OP_ROPE_KV, OP_ATTENTION, OP_QUANTIZE = range(1, 7)
 W_F32, W_Q40, W_Q80 = range(3)
+ADD, ADD_Q80 = 1, 2  # OP_MATMUL's residual add: of its output, of its output rounded through q80
 BARRIER_STRIDE = 8
 
 

@@ -58,8 +58,9 @@ class LocalExchange:
 
     @property
     def adds_partials_as_computed(self) -> bool:
-        """x += partial and nothing else: the node may run its whole pass in one call (NodeLayers.whole_pass)."""
-        return not self.quantize_partials
+        """x += partial (rounded through q80 first when quantize_partials) and nothing else: the node may run
+        its whole pass in one call (NodeLayers.whole_pass, which rounds the same way)."""
+        return True
 
     def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
         pass
@@ -158,8 +159,7 @@ class Engine:
         layers = NodeLayers(h, load_node_weights(model, share), share, max_seq_len)
         engine = cls(h, layers, LocalExchange(quantize_partials), max_seq_len, nthreads,
                      embedding=model.blocks("embedding"), model=model)
-        if engine.exchange.adds_partials_as_computed:
-            layers.prepare_whole_pass(PREFILL_BATCH)
+        layers.prepare_whole_pass(PREFILL_BATCH, quantize_partials)
         return engine
 
     @property
@@ -206,9 +206,13 @@ class Engine:
         numpy call after the weights have streamed through the caches costs tens of microseconds."""
         self._check(1, token, token, pos)
         dispatch.set_threads(self.nthreads)
-        out = token_pass.one_token(self.embedding[token], pos)
+        out = token_pass.one_token(self.embedding[token], pos, self._q80_partials())
         self.pos = pos + 1
         return out
+
+    def _q80_partials(self) -> bool:
+        """Whether the exchange rounds each partial through q80 before adding it (LocalExchange's option)."""
+        return getattr(self.exchange, "quantize_partials", False)
 
     def _check(self, n_tokens: int, lowest: int, highest: int, pos: int) -> None:
         """n_tokens with ids lowest..highest can go at positions pos.."""
@@ -234,7 +238,7 @@ class Engine:
         "last" or "none" computes (and, on a cluster, gathers) only the last token's or none: a prompt's
         other tokens' logits are never used (model.LOGITS_ROWS)."""
         if getattr(self.exchange, "adds_partials_as_computed", False):
-            computed = self.layers.whole_pass(x, pos, out, logits)
+            computed = self.layers.whole_pass(x, pos, out, logits, self._q80_partials())
             if computed is not None:
                 return self.exchange.gather_logits(computed)
         for layer in range(self.header.n_layers):

@@ -180,20 +180,22 @@ class NodeLayers:
             self._compiled = CompiledPass(self) if CompiledPass.covers(self) else None
         return self._compiled
 
-    def prepare_whole_pass(self, batch: int) -> None:
+    def prepare_whole_pass(self, batch: int, q80_partials: bool = False) -> None:
         """Build now the programs every generation runs (a token, and a full batch of a prompt without its
         logits) rather than while a first prompt waits; no-op without compiled programs."""
         if (compiled := self.compiled()) is not None:
-            for key in ((1, True, "all"), (min(batch, MAX_BATCH), True, "none")):
+            adds = whole_pass_adds(q80_partials)
+            for key in ((1, adds, "all"), (min(batch, MAX_BATCH), adds, "none")):
                 compiled.program(*key)
 
-    def whole_pass(self, x: np.ndarray, pos: int, out: np.ndarray | None = None,
-                   logits: str = "all") -> np.ndarray | None:
-        """Every layer and the logits for one node whose partials are added as computed (engine.LocalExchange):
-        x (T, dim) -> the logits of every token, the last or none (CompiledPass.whole), written into `out`
-        when given (else valid until the next call), x updated; None without compiled programs."""
+    def whole_pass(self, x: np.ndarray, pos: int, out: np.ndarray | None = None, logits: str = "all",
+                   q80_partials: bool = False) -> np.ndarray | None:
+        """Every layer and the logits for one node whose partials are added as computed (engine.LocalExchange),
+        each rounded through q80 first with `q80_partials`: x (T, dim) -> the logits of every token, the last
+        or none (CompiledPass.whole), written into `out` when given (else valid until the next call), x
+        updated; None without compiled programs."""
         compiled = self.compiled()
-        return None if compiled is None else compiled.whole(x, pos, out, logits)
+        return None if compiled is None else compiled.whole(x, pos, out, logits, q80_partials)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -292,6 +294,11 @@ LM_HEAD_OUT = 7  # the out slot of an OP_MATMUL (kernels/program.py _op_matmul)
 LOGITS_ROWS = {"all": lambda T: T, "last": lambda T: 1, "none": lambda T: 0}  # whole(logits=): rows computed
 
 
+def whole_pass_adds(q80_partials: bool) -> int:
+    """How a whole pass adds each partial into x: as computed, or rounded through q80 first."""
+    return dispatch.ADD_Q80 if q80_partials else dispatch.ADD
+
+
 class CompiledPass:
     """A node's blocks as compiled programs, per batch size: each stretch between two exchange points
     (rmsnorm -> q80 -> q, k, v -> rope, KV cache -> attention -> q80 -> wo; rmsnorm -> q80 -> w1, w3 ->
@@ -327,10 +334,11 @@ class CompiledPass:
         self.squares = np.zeros(n_threads * dim, np.float64)
         self.eps = np.array([layers.eps], np.float64)
         self.xq, self.zq, self.hq = (q80_buffers(B, n) for n in (dim, q_dim, hidden))
-        self.programs: dict[tuple[int, bool, str], dispatch.Program] = {}
-        self.lm_head_ops: dict[tuple[int, bool, str], int] = {}  # each program's lm_head op
-        self.logits_home: dict[tuple[int, bool, str], np.ndarray] = {}  # each lm_head op's rows of self.logits
-        self.logits_target: dict[tuple[int, bool, str], np.ndarray] = {}  # where it writes now (home, or an `out`)
+        # programs by (tokens, adds: 0 for stretches, else whole_pass_adds, logits)
+        self.programs: dict[tuple[int, int, str], dispatch.Program] = {}
+        self.lm_head_ops: dict[tuple[int, int, str], int] = {}  # each program's lm_head op
+        self.logits_home: dict[tuple[int, int, str], np.ndarray] = {}  # each lm_head op's rows of self.logits
+        self.logits_target: dict[tuple[int, int, str], np.ndarray] = {}  # where it writes now (home, or an `out`)
 
     def stretch(self, name: str, x: np.ndarray, pos: int, output: str = "partial") -> np.ndarray:
         """One exchange-to-exchange stretch ("attention L", "ffn L", "logits") on x (T, dim): a new array.
@@ -340,23 +348,26 @@ class CompiledPass:
             chunk = x[start:start + MAX_BATCH]
             T = chunk.shape[0]
             self.x[:T] = chunk
-            self.program(T, whole=False).run(name, pos + start)
+            self.program(T, 0).run(name, pos + start)
             parts.append(getattr(self, output)[:T].copy())
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def whole(self, x: np.ndarray, pos: int, out: np.ndarray | None = None, logits: str = "all") -> np.ndarray:
+    def whole(self, x: np.ndarray, pos: int, out: np.ndarray | None = None, logits: str = "all",
+              q80_partials: bool = False) -> np.ndarray:
         """The whole pass on x (T, dim): the logits of every token, of the last one only (a prompt), or of none
         (LOGITS_ROWS), written straight into `out` (those rows, vocab) when it can take them (no second
-        logits array at the peak of a prefill), else into this pass's buffer."""
+        logits array at the peak of a prefill), else into this pass's buffer. `q80_partials`: each partial
+        is rounded through q80 before it is added (engine.LocalExchange's quantize_partials)."""
         if x.shape[0] > MAX_BATCH:  # a batch at a time; each part copied out of the buffer the next one reuses
             starts = range(0, x.shape[0], MAX_BATCH)
             before_last = "all" if logits == "all" else "none"
             return np.concatenate([self.whole(x[s:s + MAX_BATCH], pos + s, None,
-                                              logits if s == starts[-1] else before_last).copy() for s in starts])
+                                              logits if s == starts[-1] else before_last, q80_partials).copy()
+                                   for s in starts])
         T = x.shape[0]
         rows = LOGITS_ROWS[logits](T)
         self.x[:T] = x
-        key = (T, True, logits)
+        key = (T, whole_pass_adds(q80_partials), logits)
         p = self.program(*key)
         direct = (rows and out is not None and out.dtype == np.float32 and out.flags.c_contiguous
                   and out.shape == (rows, self.logits.shape[1]))
@@ -367,45 +378,48 @@ class CompiledPass:
         x[:] = self.x[:T]
         return target if target is not None else self.logits[:0]
 
-    def one_token(self, embedding_row: np.ndarray, pos: int) -> np.ndarray:
+    def one_token(self, embedding_row: np.ndarray, pos: int, q80_partials: bool = False) -> np.ndarray:
         """whole() for one token: its logits (1, vocab), a new array. A generated token's pass."""
         self.x[0] = embedding_row
-        key = (1, True, "all")
+        key = (1, whole_pass_adds(q80_partials), "all")
         p = self.program(*key)
         home = self.logits_home[key]
         self._aim_logits(key, p, home)
         p.run("token", pos)
         return home.copy()
 
-    def _aim_logits(self, key: tuple[int, bool, str], p: dispatch.Program, target: np.ndarray) -> None:
+    def _aim_logits(self, key: tuple[int, int, str], p: dispatch.Program, target: np.ndarray) -> None:
         """Program key's lm_head writes into target from its next run."""
         if self.logits_target[key] is not target:
             p.point(self.lm_head_ops[key], LM_HEAD_OUT, target)
             self.logits_target[key] = target  # held, so the table never names freed memory
 
-    def program(self, T: int, whole: bool, logits: str = "all") -> dispatch.Program:
-        key = (T, whole, logits)
+    def program(self, T: int, adds: int, logits: str = "all") -> dispatch.Program:
+        """The program for T tokens: the stretches (adds 0) or the whole pass adding each partial as `adds`
+        (whole_pass_adds) says."""
+        key = (T, adds, logits)
         if key not in self.programs:
-            self.programs[key] = self._build(T, whole, logits)
+            self.programs[key] = self._build(T, adds, logits)
         return self.programs[key]
 
-    def _build(self, T: int, whole: bool, logits: str) -> dispatch.Program:
+    def _build(self, T: int, adds: int, logits: str) -> dispatch.Program:
         p = dispatch.Program()
         self._views: dict[tuple, tuple] = {}  # _view's, for this build
+        whole = adds != 0
         for layer in range(self.n.h.n_layers):
-            self._attention_ops(p, layer, T, add=whole)
+            self._attention_ops(p, layer, T, add=adds)
             if not whole:
                 p.mark(f"attention {layer}")
-            self._ffn_ops(p, layer, T, add=whole)
+            self._ffn_ops(p, layer, T, add=adds)
             if not whole:
                 p.mark(f"ffn {layer}")
         if rows := LOGITS_ROWS[logits](T):  # the last `rows` tokens' final norm and lm_head, into logits[:rows]
             first = T - rows
             self._norm(p, T, self.n.w.norm, self.n.w.lm_head.quantized, first)
             home = self.logits[:rows]
-            self.lm_head_ops[(T, whole, logits)] = self._matmul(p, self.n.w.lm_head, self.xq, self.y, T, home,
-                                                                barrier=False, first=first)
-            self.logits_home[(T, whole, logits)] = self.logits_target[(T, whole, logits)] = home
+            self.lm_head_ops[(T, adds, logits)] = self._matmul(p, self.n.w.lm_head, self.xq, self.y, T, home,
+                                                               barrier=False, first=first)
+            self.logits_home[(T, adds, logits)] = self.logits_target[(T, adds, logits)] = home
         p.mark("token" if whole else "logits")
         p.seal()
         del self._views
@@ -429,7 +443,7 @@ class CompiledPass:
         """a[:T] as (T, heads, head_dim)."""
         return self._view(a, ("heads", T), lambda a: a[:T].reshape(T, -1, self.n.h.head_dim))
 
-    def _attention_ops(self, p: dispatch.Program, layer: int, T: int, add: bool) -> None:
+    def _attention_ops(self, p: dispatch.Program, layer: int, T: int, add: int) -> None:
         n, lw, hd = self.n, self.n.w.layers[layer], self.n.h.head_dim
         self._norm(p, T, lw.attn_norm, self.quantized)
         for m, out, last in ((lw.q, self.q, False), (lw.k, self.k, False), (lw.v, self.v, True)):
@@ -445,7 +459,7 @@ class CompiledPass:
             p.add(dispatch.OP_QUANTIZE, (z, *self._tokens(self.zq, T)))
         self._matmul(p, lw.wo, self.zq, self.z, T, self.partial, add=add)
 
-    def _ffn_ops(self, p: dispatch.Program, layer: int, T: int, add: bool) -> None:
+    def _ffn_ops(self, p: dispatch.Program, layer: int, T: int, add: int) -> None:
         lw = self.n.w.layers[layer]
         self._norm(p, T, lw.ffn_norm, self.quantized)
         p.add(dispatch.OP_FFN_UP, (weight_bytes(lw.w1), weight_bytes(lw.w3), *self._tokens(self.xq, T),
@@ -461,8 +475,9 @@ class CompiledPass:
               (int(quantize), 0))
 
     def _matmul(self, p: dispatch.Program, m: Matrix, xq: tuple, xf: np.ndarray, T: int, out: np.ndarray,
-                add: bool = False, barrier: bool = True, first: int = 0) -> int:
-        """Tokens first..T of the input (xq, or xf for float32 weights) times m into out[:T - first]."""
+                add: int = 0, barrier: bool = True, first: int = 0) -> int:
+        """Tokens first..T of the input (xq, or xf for float32 weights) times m into out[:T - first], and
+        added into x when `add` (dispatch.ADD, ADD_Q80)."""
         return p.add(dispatch.OP_MATMUL, (weight_bytes(m), *self._tokens(xq, T, first), dispatch.F16_TO_F32,
                                           self._rows(xf, first, T), self._rows(out, 0, T - first),
                                           self._rows(self.x, first, T) if add else None),

@@ -69,16 +69,21 @@ def quantize_q80(x, xq, xd, xc):
 
 
 @njit(cache=True)
+def q80_roundtrip_blocks(x, t, b0, b1):
+    """Blocks b0..b1 of token t of x (T, n) -> their q80 quantized-then-dequantized values, in place."""
+    for b in range(b0, b1):
+        x0 = b * BLOCK_SIZE
+        d, inv = _q80_scale(x, t, x0)
+        ds = round_to_f16(d)
+        for j in range(BLOCK_SIZE):
+            x[t, x0 + j] = np.float32(np.rint(x[t, x0 + j] * inv)) * ds
+
+
+@njit(cache=True)
 def q80_roundtrip(x):
     """x (T, n) -> its q80 quantized-then-dequantized value, in place (FORMAT.md §2 partials)."""
-    T, n = x.shape
-    for t in range(T):
-        for b in range(n // BLOCK_SIZE):
-            x0 = b * BLOCK_SIZE
-            d, inv = _q80_scale(x, t, x0)
-            ds = round_to_f16(d)
-            for j in range(BLOCK_SIZE):
-                x[t, x0 + j] = np.float32(np.rint(x[t, x0 + j] * inv)) * ds
+    for t in range(x.shape[0]):
+        q80_roundtrip_blocks(x, t, 0, x.shape[1] // BLOCK_SIZE)
 
 
 @njit(cache=True)

@@ -26,6 +26,7 @@ from dllama.runtime.kernels.math import (
     matmul_q80_rows,
     matvec_q40_rows,
     matvec_q80_rows,
+    q80_roundtrip_blocks,
     quantize_q80_tasks,
     rmsnorm_token,
     silu_gate_span,
@@ -45,6 +46,7 @@ from dllama.runtime.kernels.math import (
 OP_WORDS = 64  # 4 words, then up to 15 arrays
 OP_NORM_Q80, OP_MATMUL, OP_FFN_UP, OP_ROPE_KV, OP_ATTENTION, OP_QUANTIZE = range(1, 7)
 W_F32, W_Q40, W_Q80 = range(3)  # op parameter: how a matrix's rows are stored
+ADD, ADD_Q80 = 1, 2  # OP_MATMUL's second parameter: the residual add (of the q80-rounded output)
 BARRIER_STRIDE = 8  # one 64-byte line per thread's barrier word
 
 
@@ -103,14 +105,18 @@ def _op_norm_q80(op, me, n_threads):
 @njit(cache=True)
 def _op_matmul(op, me, n_threads):
     """Arrays w (rows, row bytes) u8, xq, xd, xc, x_lanes, scale_table, xf, out, residual: out = x . w^T
-    (parameter 0: W_*), and residual += out when parameter 1 (the residual add, fused). Split by rows."""
+    (parameter 0: W_*), and residual += out when parameter 1 is ADD (the residual add, fused), or out
+    rounded through q80 first when it is ADD_Q80 (engine.LocalExchange's q80 partials). Split by rows,
+    whole q80 blocks each when rounding."""
     w, out = _arg2(op, 0, np.uint8), _arg2(op, 7, np.float32)
-    r0, r1 = _share(w.shape[0], me, n_threads, 16)
+    r0, r1 = _share(w.shape[0], me, n_threads, BLOCK_SIZE if op[3] == ADD_Q80 else 16)
     _matmul(op[2], w, _arg2(op, 1, np.int8), _arg2(op, 2, np.float32), _arg2(op, 3, np.int32),
             _arg2(op, 4, np.float32), _arg1(op, 5, np.float32), _arg2(op, 6, np.float32), out, r0, r1)
     if op[3]:
         residual = _arg2(op, 8, np.float32)
         for t in range(out.shape[0]):
+            if op[3] == ADD_Q80:
+                q80_roundtrip_blocks(out, t, r0 // BLOCK_SIZE, r1 // BLOCK_SIZE)
             for r in range(r0, r1):
                 residual[t, r] += out[t, r]
 
