@@ -49,6 +49,26 @@ def test_greedy_generation_streams_the_engines_tokens_then_a_timing_summary(llam
     assert "ms/token" in summary
 
 
+def test_ignore_eos_generates_every_step_asked_for(llama, monkeypatch):
+    """With a token of the greedy answer as end-of-sequence, generation stops before it; --ignore-eos
+    (benchmarks) goes on to all --steps tokens, the engine's greedy tokens."""
+    from dllama.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(str(llama / "expected.t"))
+    ids = tok.encode("Hello world")
+    greedy = list(generate(Engine.load(llama / "expected_f32.m"), ids, 12))
+    stop = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])  # its first time in the answer
+    assert len(greedy) == 12
+    monkeypatch.setattr(Tokenizer, "eos_ids", property(lambda self: [greedy[stop]]))
+    args = ("--model", llama / "expected_f32.m", "--tokenizer", llama / "expected.t", "--prompt", "Hello world",
+            "--steps", 12, "--temperature", 0)
+    stopped, ignoring = run(*args), run(*args, "--ignore-eos")
+    assert stopped.exit_code == 0 and ignoring.exit_code == 0, stopped.output + ignoring.output
+    assert f"generated: {stop} tokens" in stopped.stderr.strip().splitlines()[-1]
+    assert "generated: 12 tokens" in ignoring.stderr.strip().splitlines()[-1]
+    assert ignoring.stdout == "Hello world" + tok.decode(greedy) + "\n"
+
+
 def test_seeded_sampling_is_reproducible(llama):
     args = ("--model", llama / "expected_q40.m", "--tokenizer", llama / "expected.t", "--prompt", "Once",
             "--steps", 16, "--temperature", 1.0, "--topp", 0.95, "--seed", 7)

@@ -58,6 +58,8 @@ def generate_command(
     version: bool = options.VERSION,
     cluster_key_file: Optional[Path] = options.CLUSTER_KEY_FILE,
     exchange: str = options.EXCHANGE,
+    ignore_eos: bool = typer.Option(False, "--ignore-eos",
+                                    help="generate all --steps tokens, past end-of-sequence (benchmarks)"),
 ) -> None:
     """Generate text from a prompt on this machine (or as the root of --workers).
 
@@ -80,7 +82,7 @@ def generate_command(
         sampling = Sampling(temperature, topp, seed, top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty,
                             frequency_penalty)
         stream_text(loaded, Conversation(loaded.engine.max_seq_len), ids, steps, sampling, write_stdout, timing,
-                    stop or ())
+                    stop or (), ignore_eos=ignore_eos)
         write_stdout("\n")
         note(timing.summary())
 

@@ -46,10 +46,10 @@ def timed_tokens(tokens: Iterator[int], prompt_tokens: Callable[[], int], timing
 
 def stream_text(loaded: LoadedModel, conversation: Conversation, prompt_ids: list[int], steps: int,
                 sampling: Sampling, write: Callable[[str], None], timing: Timing, stop: Sequence[str] = (),
-                cancel: Optional[Callable[[], bool]] = None) -> list[int]:
+                cancel: Optional[Callable[[], bool]] = None, ignore_eos: bool = False) -> list[int]:
     """Generate up to `steps` tokens answering prompt_ids, writing their text as it comes (up to the first stop
     sequence, not included); returns their ids. `cancel()` is polled before every token (generate's);
-    `conversation.stop_reason` says why it ended."""
+    `conversation.stop_reason` says why it ended. `ignore_eos`: an end-of-sequence token does not stop it."""
     from dllama.runtime.generate import generate
     from dllama.runtime.serve.runner import StopScanner
 
@@ -57,8 +57,8 @@ def stream_text(loaded: LoadedModel, conversation: Conversation, prompt_ids: lis
     decoder = tok.stream_decoder()
     scanner = StopScanner(stop)
     out: list[int] = []
-    tokens = generate(loaded.engine, prompt_ids, steps, eos_ids=tok.eos_ids, cancel=cancel, conversation=conversation,
-                      sampler=Sampler(sampling))
+    tokens = generate(loaded.engine, prompt_ids, steps, eos_ids=() if ignore_eos else tok.eos_ids, cancel=cancel,
+                      conversation=conversation, sampler=Sampler(sampling))
 
     def evaluated() -> int:  # known once generation has started
         return len(prompt_ids) - conversation.start_pos
