@@ -3,12 +3,14 @@
     python benchmarks/convert.py [--runs 3] [--quant q40] [--cold]
     python benchmarks/convert.py --source smollm2-gguf    # SmolLM2-135M's GGUF (Q4_1, 98 MB): dllama-convert gguf
     python benchmarks/convert.py --source smollm2-hf      # the f32 folder transformers saves from it: dllama-convert hf
+    python benchmarks/convert.py --encoder both --runs 3   # q40: --exact and the error-aware encoder, alternating
 
 Builds the checkpoint once under .bench/ (ignored by git) and reuses it. Each run is a fresh
 child process running `dllama-convert hf` exactly as a user would; wall time is measured
 around it and peak RSS is the child's ru_maxrss. The numba kernels are compiled (or loaded
 from their cache) in a warm-up conversion of a tiny model first, as after any first use.
-Target: <= 10 s wall and <= 400 MB peak RSS on 2 cores.
+Target: <= 10 s wall and <= 400 MB peak RSS on 2 cores; the error-aware q40 encoder (calibration
+included) <= 3x the exact one's time, <= 400 MB.
 """
 from __future__ import annotations
 
@@ -67,11 +69,11 @@ def smollm2_hf() -> Path:
 SOURCES = {"tinyllama": ensure_checkpoint, "smollm2-gguf": smollm2_gguf, "smollm2-hf": smollm2_hf}
 
 
-def convert_in_child(source: Path, quant: str, out: Path) -> tuple[float, int, str]:
+def convert_in_child(source: Path, quant: str, out: Path, exact: bool = False) -> tuple[float, int, str]:
     """(wall seconds, peak RSS bytes, stdout) of one `dllama-convert hf|gguf` in a fresh process."""
     command = "gguf" if source.is_file() else "hf"
     cmd = [sys.executable, "-m", "dllama.cli.dllama_convert", command, str(source), "--quant", quant, "--name", "bench",
-           "--output-dir", str(out)]
+           "--output-dir", str(out)] + (["--exact"] if exact else [])
     log = BENCH / "convert.log"
     with open(log, "w") as stdout:
         started = time.perf_counter()
@@ -140,6 +142,9 @@ def main() -> None:
     parser.add_argument("--quant", default="q40")
     parser.add_argument("--cold", action="store_true", help="evict the source from the page cache before each run")
     parser.add_argument("--source", choices=sorted(SOURCES), default="tinyllama")
+    parser.add_argument("--encoder", choices=("exact", "error-aware", "both"), default="exact",
+                        help="q40's encoder: --exact (the reference's bytes), the default error-aware one, or both "
+                             "alternating (paired runs, their ratio)")
     args = parser.parse_args()
     source = SOURCES[args.source]()
     out = BENCH / "out"
@@ -149,21 +154,31 @@ def main() -> None:
     print(f"machine: {machine()}; load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     print(f"source: {source} ({source_bytes / 1e9:.2f} GB, {'evicted from' if args.cold else 'in'} the page cache), "
           f"target {args.quant}")
-    walls, peaks = [], []
+    encoders = {"exact": [True], "error-aware": [False], "both": [True, False]}[args.encoder]
+    walls, peaks = {e: [] for e in encoders}, {e: [] for e in encoders}
     for i in range(args.runs):
-        if args.cold:
-            evict_from_page_cache(source)
-        wall, peak, stdout = convert_in_child(source, args.quant, out)
-        walls.append(wall)
-        peaks.append(peak)
-        print(f"run {i + 1}: {wall:.2f} s wall, peak RSS {peak / 1e6:.0f} MB")
+        for exact in encoders:
+            if args.cold:
+                evict_from_page_cache(source)
+            wall, peak, stdout = convert_in_child(source, args.quant, out, exact)
+            walls[exact].append(wall)
+            peaks[exact].append(peak)
+            name = "exact" if exact else "error-aware"
+            print(f"run {i + 1} ({name}): {wall:.2f} s wall, peak RSS {peak / 1e6:.0f} MB")
+        if args.source == "tinyllama" and encoders[-1]:
+            spot_check(out / f"dllama_model_bench_{args.quant}.m", source)
     model_path = out / f"dllama_model_bench_{args.quant}.m"
-    if args.source == "tinyllama":
-        spot_check(model_path, source)
+    if len(encoders) == 2:
+        ratio = statistics.median(walls[False]) / statistics.median(walls[True])
+        print(f"error-aware / exact: {ratio:.2f}x the time (medians {statistics.median(walls[False]):.2f} / "
+              f"{statistics.median(walls[True]):.2f} s), peak RSS {max(peaks[False]) / 1e6:.0f} / "
+              f"{max(peaks[True]) / 1e6:.0f} MB; per pair: "
+              + ", ".join(f"{a / b:.2f}" for a, b in zip(walls[False], walls[True])))
+    walls, peaks = walls[encoders[-1]], peaks[encoders[-1]]
     print(f"result: median {statistics.median(walls):.2f} s (min {min(walls):.2f}), "
           f"{source_bytes / 1e9 / statistics.median(walls):.2f} GB/s of source, peak RSS {max(peaks) / 1e6:.0f} MB, "
           f"output {model_path.stat().st_size / 1e9:.3f} GB"
-          + ("; spot check vs numpy codec: identical" if args.source == "tinyllama" else ""))
+          + ("; spot check vs numpy codec: identical" if args.source == "tinyllama" and encoders[-1] else ""))
 
 
 if __name__ == "__main__":

@@ -400,6 +400,12 @@ class Checkpoint:
                                   f"file{'s' if len(self.files) != 1 else ''})")
         return widen_to_float32(self._map(entry.file)[entry.start:entry.end], entry.dtype, entry.shape)
 
+    def get_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Some rows of a matrix as float32, reading only those."""
+        entry = self.entries[name]
+        stored = self._map(entry.file)[entry.start:entry.end].reshape(entry.shape[0], -1)[rows]
+        return widen_to_float32(stored, entry.dtype, (len(rows),) + tuple(entry.shape[1:]))
+
     def _map(self, file: Path) -> np.memmap:
         if file not in self._maps:
             self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")

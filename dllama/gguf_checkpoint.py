@@ -218,6 +218,10 @@ class GGUFCheckpoint:
             values = unpermute_rotary_rows(values, permute_heads)
         return values
 
+    def get_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Some rows of a matrix as float32 (the whole tensor is dequantized on the way)."""
+        return self.get(name)[rows]
+
     def get_gguf(self, gguf_name: str) -> np.ndarray:
         tensor = self._tensors[gguf_name]
         entry = TensorEntry(self.path, tensor.qtype.name, tensor.shape, tensor.start, tensor.start + tensor.nbytes)

@@ -64,16 +64,26 @@ def smollm2_fixture_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_files(smollm2_gguf, tmp_path_factory) -> dict[str, Path]:
-    """SmolLM2 converted from its GGUF once per session: "f32", "q80", "q40" -> .m, "tokenizer" -> .t."""
+    """SmolLM2 converted from its GGUF once per session: "f32", "q80", "q40" -> .m, "tokenizer" -> .t. The
+    q40 is the reference converter's encoding (--exact): the error-aware one is smollm2_q40_error_aware."""
     from dllama.converter.convert import convert
 
     out = tmp_path_factory.mktemp("smollm2")
     files: dict[str, Path] = {}
     for quant in SMOLLM2_QUANTS:
-        result = convert(smollm2_gguf, quant, out, name="smollm2")
+        result = convert(smollm2_gguf, quant, out, name="smollm2", exact=True)
         files[quant] = result.plan.model_path
         files["tokenizer"] = result.plan.tokenizer_path
     return files
+
+
+@pytest.fixture(scope="session")
+def smollm2_q40_error_aware(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2's q40 from its GGUF with the default, error-aware encoder (its .t is smollm2_files'), once."""
+    from dllama.converter.convert import convert
+
+    return convert(smollm2_gguf, "q40", tmp_path_factory.mktemp("smollm2_aware"), name="smollm2",
+                   with_tokenizer=False).plan.model_path
 
 
 @pytest.fixture(scope="session")

@@ -316,7 +316,7 @@ def test_hub_id_found_in_the_offline_cache_converts(tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     out = tmp_path / "out"
-    proc = run_subprocess(["hf", "acme/tiny-llama", "-q", "q40", "-o", str(out)], tmp_path / "hf")
+    proc = run_subprocess(["hf", "acme/tiny-llama", "-q", "q40", "--exact", "-o", str(out)], tmp_path / "hf")
     assert proc.returncode == 0, proc.stderr
     assert (out / "dllama_model_tiny-llama_q40.m").read_bytes() == (source / "expected_q40.m").read_bytes()
 

@@ -323,7 +323,7 @@ def test_gguf_of_a_conformance_checkpoint_converts_to_the_reference_converters_b
 
     source = gguf_from_hf_folder(conformance_dir, tmp_path / "model.gguf")
     result = convert_cli("gguf", source, "--quant", quant, "--name", "c", "--output-dir", tmp_path,
-                         "--no-embed-tokenizer")
+                         "--no-embed-tokenizer", "--exact")
     assert result.exit_code == 0, result.output
     expected = (conformance_dir / f"expected_{quant}.m").read_bytes()
     assert (tmp_path / f"dllama_model_c_{quant}.m").read_bytes() == expected

@@ -35,6 +35,10 @@ EMBED = typer.Option(True, "--embed-tokenizer/--no-embed-tokenizer",
                      help="embed the source tokenizer after the .t vocabulary (docs/FORMAT.md)")
 REVISION = typer.Option(None, "--revision", help="hub revision (branch, tag or commit)")
 AS_JSON = typer.Option(False, "--json", help="print the summary as JSON")
+EXACT = typer.Option(False, "--exact", help="q40 byte-identical to the reference converter (scale = absmax / -8) "
+                                            "instead of the error-aware encoder (docs/VALIDATE.md)")
+CALIBRATION = typer.Option(None, "--calibration", help="text file the error-aware q40 encoder measures the model's "
+                                                       "activations on (default: a built-in English text)")
 
 
 @app.callback()
@@ -46,7 +50,8 @@ def _options(version: bool = VERSION) -> None:
 def hf(
     source: str = typer.Argument(..., help="checkpoint folder, or a hub repo id (org/name) to download"),
     quant: str = QUANT, name: Optional[str] = NAME, output_dir: Path = OUTPUT_DIR, embed_tokenizer: bool = EMBED,
-    revision: Optional[str] = REVISION, as_json: bool = AS_JSON,
+    revision: Optional[str] = REVISION, as_json: bool = AS_JSON, exact: bool = EXACT,
+    calibration: Optional[Path] = CALIBRATION,
 ) -> None:
     """Convert a model: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t.
 
@@ -54,7 +59,7 @@ def hf(
     """
     if Path(source).expanduser().is_file():
         fail(f"{source} is a file; for a GGUF file use `dllama-convert gguf {source}`")
-    _run(source, _float_type(quant), name, output_dir, embed_tokenizer, revision, as_json)
+    _run(source, _float_type(quant), name, output_dir, embed_tokenizer, revision, as_json, exact, calibration)
 
 
 @app.command("gguf")
@@ -62,7 +67,7 @@ def gguf(
     source: Path = typer.Argument(..., help="a llama.cpp GGUF model file (llama, mistral, qwen3, qwen3moe); "
                                             "Q4_0 -> q40 and Q8_0 -> q80 copy the blocks as they are"),
     quant: str = QUANT, name: Optional[str] = NAME, output_dir: Path = OUTPUT_DIR, embed_tokenizer: bool = EMBED,
-    as_json: bool = AS_JSON,
+    as_json: bool = AS_JSON, exact: bool = EXACT, calibration: Optional[Path] = CALIBRATION,
 ) -> None:
     """Convert a GGUF file: writes dllama_model_{name}_{quant}.m and dllama_tokenizer_{name}.t.
 
@@ -70,7 +75,7 @@ def gguf(
     """
     if not source.is_file():
         fail(f"{source} is not a file; `dllama-convert gguf` takes a .gguf file (use `dllama-convert hf` for a folder)")
-    _run(str(source), _float_type(quant), name, output_dir, embed_tokenizer, None, as_json)
+    _run(str(source), _float_type(quant), name, output_dir, embed_tokenizer, None, as_json, exact, calibration)
 
 
 @app.command("tokenizer")
@@ -96,13 +101,13 @@ def _float_type(quant: str) -> FloatType:
 
 
 def _run(source: str, float_type: FloatType | None, name: str | None, output_dir: Path, embed: bool,
-         revision: str | None, as_json: bool) -> None:
+         revision: str | None, as_json: bool, exact: bool = False, calibration: Path | None = None) -> None:
     with edge(interrupted=_interrupted), terminations_interrupt():
         local = Path(source).expanduser()
         folder = local if local.is_file() else resolve_source(source, revision)
         name = name or default_name(str(local.resolve()) if local.exists() else source)
         plan = prepare_conversion(folder, float_type, name, output_dir,
-                               with_tokenizer=True, embed_tokenizer=embed)
+                               with_tokenizer=True, embed_tokenizer=embed, exact=exact, calibration_text=calibration)
         for message in plan.notes:
             note(f"note: {message}")
         result = _write_with_progress(plan)

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from dllama.checkpoint import Checkpoint, TensorEntry
-from dllama.converter import encoders
+from dllama.converter import calibration, encoders
 from dllama.errors import DllamaError
 from dllama.formats import (
     BLOCK_SIZE,
@@ -93,6 +93,12 @@ class ConversionJob:
     tokenizer_path: Path | None
     embed_tokenizer: bool = True
     notes: list[str] = field(default_factory=list)
+    calibration: list[list[int]] | None = None  # token sequences for the error-aware q40 encoder; None: exact
+
+    @property
+    def error_aware(self) -> bool:
+        """q40 tensors are encoded by encoders.encode_q40_search (and so need activation statistics)."""
+        return self.calibration is not None and any(_encodes_q40(t) for t in self.tensors)
 
     @property
     def source_bytes(self) -> int:
@@ -190,9 +196,11 @@ def open_checkpoint(source: Path) -> Checkpoint | GGUFCheckpoint:
 
 
 def prepare_conversion(source: Path, float_type: FloatType | None, name: str, output_dir: Path,
-                    with_tokenizer: bool = True, embed_tokenizer: bool = True) -> ConversionJob:
+                    with_tokenizer: bool = True, embed_tokenizer: bool = True, exact: bool = False,
+                    calibration_text: Path | None = None) -> ConversionJob:
     """Check the source (a Hugging Face folder or a GGUF file) and decide every output byte's origin.
-    float_type None: tokenizer only."""
+    float_type None: tokenizer only. exact: q40 as the reference converter encodes it, else error-aware
+    (calibrated on `calibration_text`, default the built-in one)."""
     source = Path(source)
     header, tensors, config = None, [], {}
     checkpoint = open_checkpoint(source) if float_type is not None or source.is_file() else None
@@ -214,8 +222,32 @@ def prepare_conversion(source: Path, float_type: FloatType | None, name: str, ou
         _check_special_ids(tokenizer)
     if header is not None and tokenizer is not None:
         _check_vocab(header, tokenizer, plan.notes)
+    if float_type == FloatType.Q40 and not exact and any(_encodes_q40(t) for t in tensors):
+        plan.calibration = _calibration_sequences(checkpoint, tokenizer, source, tensors, calibration_text)
     _check_output_dir(output_dir)
     return plan
+
+
+def _calibration_sequences(checkpoint, tokenizer: TokenizerFile | None, source: Path, tensors: list[PlannedTensor],
+                           text_path: Path | None) -> list[list[int]]:
+    from dllama.tokenizer import Tokenizer
+
+    text = calibration.read_calibration_text(text_path)
+    if tokenizer is None or not tokenizer.embedded:  # the faithful tokenizer needs the source's embedded
+        tokenizer = GGUFTokenizer(checkpoint).tokenizer_file(True) if isinstance(checkpoint, GGUFCheckpoint) \
+            else convert_tokenizer(source, embed=True)
+    tok = Tokenizer.from_file(tokenizer)
+    n_params = sum(int(np.prod(t.spec.shape)) for t in tensors if t.spec.float_type == FloatType.Q40)
+    return calibration.calibration_sequences(tok.encode(text, add_bos=False), tok.bos_id, n_params)
+
+
+def _encodes_q40(t: PlannedTensor) -> bool:
+    return t.spec.float_type == FloatType.Q40 and not _copies_as_stored(t)
+
+
+def _copies_as_stored(t: PlannedTensor) -> bool:
+    """Same values and block layout (FORMAT.md §1.2): the source's bytes, no second rounding."""
+    return t.permute_heads is None and STORED_AS.get(t.entry.dtype) == t.spec.float_type
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -264,11 +296,15 @@ def _write_planned_files(plan: ConversionJob, progress: Progress) -> None:
 
 
 def _write_model(f, plan: ConversionJob, progress: Progress) -> None:
+    stats = None
+    if plan.error_aware:  # a tensor copied as stored (Q4_0 from a GGUF) keeps its channels: no fold through it
+        copied = {t.spec.hf_name for t in plan.tensors if _copies_as_stored(t)}
+        stats = calibration.gather_statistics(open_checkpoint(plan.source), plan.calibration, copied)
     f.write(plan.header.to_bytes())
     out = ReusedBuffer()
     with SourceReader() as reader:
         for t in plan.tensors:
-            _write_tensor(f, t, reader, out, progress)
+            _write_tensor(f, t, reader, out, progress, stats)
 
 
 class ReusedBuffer:
@@ -327,12 +363,18 @@ class SourceReader:
         return self._fds[path]
 
 
-def _write_tensor(f, t: PlannedTensor, reader: SourceReader, out_buffer: ReusedBuffer, progress: Progress) -> None:
+def _write_tensor(f, t: PlannedTensor, reader: SourceReader, out_buffer: ReusedBuffer, progress: Progress,
+                  stats: calibration.ActivationStats | None = None) -> None:
     rows, cols = t.rows_cols
     row_bytes = (t.entry.end - t.entry.start) // rows
     encode, out_dtype = _ENCODERS[t.spec.float_type]
+    divided_norm = _divided_norm(stats, t.spec.hf_name) if stats is not None else None
+    if stats is not None and t.spec.float_type == FloatType.Q40:
+        encode = _search_encoder(stats.column_scale(t.spec.hf_name, cols), stats.importance(t.spec.hf_name, cols))
+    elif divided_norm is not None:
+        encode = divided_norm
     out_row_bytes = t.spec.nbytes // rows
-    copy_as_stored = t.permute_heads is None and STORED_AS.get(t.entry.dtype) == t.spec.float_type
+    copy_as_stored = _copies_as_stored(t) and divided_norm is None
     chunk_rows = _chunk_rows(t, row_bytes)
     for r0 in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - r0)
@@ -347,6 +389,25 @@ def _write_tensor(f, t: PlannedTensor, reader: SourceReader, out_buffer: ReusedB
             encode(src, kind, _row_order(t, n), out.view(out_dtype).reshape(n, -1))
             f.write(memoryview(out))
         progress(n * row_bytes)
+
+
+def _search_encoder(column_scale: np.ndarray, importance: np.ndarray) -> Callable:
+    def encode(src, kind, order, out):
+        encoders.encode_q40_search(src, kind, order, column_scale, importance, out)
+    return encode
+
+
+def _divided_norm(stats: calibration.ActivationStats, hf_name: str) -> Callable | None:
+    """A norm weight that absorbs its fold's channel scales (calibration.Fold), written as float32 / s."""
+    divisor = stats.norm_divisor(hf_name)
+    if divisor is None:
+        return None
+
+    def encode(src, kind, order, out):
+        encoders.encode_f32(src, kind, order, out)
+        values = out.view(np.float32)
+        values /= divisor
+    return encode
 
 
 def _chunk_rows(t: PlannedTensor, row_bytes: int) -> int:
@@ -397,10 +458,13 @@ def _source_rows(raw: np.ndarray, dtype: str, n: int, cols: int) -> tuple[np.nda
 def convert(source: str | os.PathLike, quant: str | FloatType | None, output_dir: str | os.PathLike,
             name: str | None = None,
             with_tokenizer: bool = True, embed_tokenizer: bool = True,
-            progress: Progress | None = None) -> ConversionResult:
-    """Convert a local checkpoint folder or GGUF file; quant None converts only the tokenizer."""
+            progress: Progress | None = None, exact: bool = False,
+            calibration_text: str | os.PathLike | None = None) -> ConversionResult:
+    """Convert a local checkpoint folder or GGUF file; quant None converts only the tokenizer.
+    exact: q40 byte-identical to the reference converter instead of the error-aware encoder."""
     source = Path(source)
     float_type = FloatType.parse(quant) if isinstance(quant, str) else quant
     name = name or default_name(str(source.resolve()))
-    plan = prepare_conversion(source, float_type, name, Path(output_dir), with_tokenizer, embed_tokenizer)
+    plan = prepare_conversion(source, float_type, name, Path(output_dir), with_tokenizer, embed_tokenizer, exact,
+                              Path(calibration_text) if calibration_text is not None else None)
     return write_outputs(plan, progress)

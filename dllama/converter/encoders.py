@@ -7,6 +7,9 @@ float32 arithmetic of formats.quantize_q40 / quantize_q80 / numpy's float16 cast
 step, so the bytes are identical (tests/test_convert_kernels.py checks it).
 
 Source rows arrive as unsigned integers: uint16 for bf16 and f16, uint32 for f32 (its bits).
+
+`encode_q40_search` is the error-aware q40 encoder: the same block layout, with each block's scale
+chosen among candidates to minimise the importance-weighted squared error of the stored values.
 """
 from __future__ import annotations
 
@@ -65,6 +68,115 @@ def encode_q40(src, kind, order, out):
     """out: (len(order), cols / BLOCK_SIZE * Q40_BYTES) uint8 q40 blocks (FORMAT.md §1.2)."""
     for r in prange(order.shape[0]):
         _encode_row(src[order[r]], kind, out[r], _q40_block, Q40_BYTES)
+
+
+@numba.njit(parallel=True, **_jit)
+def encode_q40_search(src, kind, order, column_scale, importance, out):
+    """out as encode_q40's. Each block's scale is the candidate with the least weighted squared error
+    of the stored values (FORMAT.md §1.2 decoding, the f16-rounded scale included): weight
+    importance[j] (what column j's error costs, dllama.converter.calibration) times
+    sqrt(mean square of the row + x[j]^2), llama.cpp's weighting within a column (quantize_row_q4_0_impl),
+    which measured better here than the importance alone. The reference's scale is a candidate, so
+    no block is worse than encode_q40's under that weighting. Each source row is first multiplied by
+    column_scale (the channel scales of calibration.Fold; ones for none)."""
+    cols = src.shape[1]
+    for r in prange(order.shape[0]):
+        values = np.empty(cols, np.float32)
+        _widen_row(src[order[r]], kind, values.view(np.uint32))
+        for j in range(cols):
+            values[j] *= column_scale[j]
+        row = out[r]
+        scratch = np.empty(1, np.float32)  # scalar float32 <-> bits without an allocation per block
+        wrow = importance.copy()
+        s2 = np.float32(0.0)
+        for j in range(cols):
+            s2 += values[j] * values[j]
+        s2 /= cols
+        for j in range(cols):
+            wrow[j] *= np.sqrt(s2 + values[j] * values[j])
+        for b in range(cols // BLOCK_SIZE):
+            x = values[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE]
+            w = wrow[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE]
+            _q40_search_block(x, w, row, b * Q40_BYTES, scratch)
+
+
+# divisors of the signed absmax tried beside the reference's -8
+SEARCH_DIVISORS = np.array([-6.5, -7.0, -7.5, -8.5, -9.0, -9.5], np.float32)
+
+
+@numba.njit(inline="always", **_jit)
+def _q40_search_block(x, w, row, o, scratch):
+    """The block stored with the best f16 scale among the reference's (absmax / -8) and, for the
+    levels that divisor and each of `divisors` give, their weighted least-squares scale. A
+    candidate's error is that of its own levels at its f16 scale; storing re-rounds every value to
+    the level nearest at the chosen scale, which can only lower it, so no block is worse than the
+    reference's (its levels are the reference's: floor(x / d + 0.5) clamped is trunc(clip(x / d + 8.5)))."""
+    m = np.float32(0.0)
+    sxx = np.float32(0.0)
+    for j in range(BLOCK_SIZE):
+        if abs(x[j]) > abs(m) or (abs(x[j]) == abs(m) and x[j] > m):
+            m = x[j]
+        sxx += w[j] * x[j] * x[j]
+    d_ref = m / np.float32(-8.0)
+    best_bits = _f32_to_f16(d_ref, scratch)
+    if m == 0:
+        _q40_store(x, best_bits, row, o, scratch)
+        return
+    best_err = np.inf
+    for k in range(-1, SEARCH_DIVISORS.shape[0]):
+        inv = np.float32(1.0) / d_ref if k < 0 else SEARCH_DIVISORS[k] / m
+        sxl = np.float32(0.0)
+        sll = np.float32(0.0)
+        for j in range(BLOCK_SIZE):
+            q = _q40_level(x[j] * inv)
+            sxl += w[j] * x[j] * q
+            sll += w[j] * q * q
+        if k < 0:
+            best_err = _error(sxx, sxl, sll, _f16_value(best_bits, scratch))
+        if sll > 0:
+            bits = _f32_to_f16(sxl / sll, scratch)
+            err = _error(sxx, sxl, sll, _f16_value(bits, scratch))
+            if err < best_err:
+                best_err = err
+                best_bits = bits
+    _q40_store(x, best_bits, row, o, scratch)
+
+
+@numba.njit(inline="always", **_jit)
+def _error(sxx, sxl, sll, d):
+    """sum w (x - d q)^2 from sum w x^2, sum w x q and sum w q^2 (in float64: the difference is small)."""
+    d = np.float64(d)
+    return np.float64(sxx) - 2.0 * d * np.float64(sxl) + d * d * np.float64(sll)
+
+
+@numba.njit(inline="always", **_jit)
+def _f32_to_f16(v, scratch):
+    scratch[0] = v
+    return _f32_bits_to_f16_bits(scratch.view(np.uint32)[0])
+
+
+@numba.njit(inline="always", **_jit)
+def _q40_level(v):
+    """round(v) clamped to the q40 levels -8..7 (as a float32)."""
+    return min(max(np.float32(np.floor(v + np.float32(0.5))), np.float32(-8.0)), np.float32(7.0))
+
+
+@numba.njit(inline="always", **_jit)
+def _f16_value(bits, scratch):
+    scratch.view(np.uint32)[0] = _f16_bits_to_f32_bits(bits)
+    return scratch[0]
+
+
+@numba.njit(inline="always", **_jit)
+def _q40_store(x, bits, row, o, scratch):
+    d = _f16_value(bits, scratch)
+    inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+    row[o] = np.uint8(bits & np.uint16(0xFF))
+    row[o + 1] = np.uint8(bits >> np.uint16(8))
+    for j in range(HALF_BLOCK):
+        lo = np.uint8(_q40_level(x[j] * inv) + np.float32(8.0))
+        hi = np.uint8(_q40_level(x[j + HALF_BLOCK] * inv) + np.float32(8.0))
+        row[o + SCALE_BYTES + j] = lo | (hi << np.uint8(4))
 
 
 @numba.njit(parallel=True, **_jit)

@@ -235,13 +235,19 @@ def weights_vs_checkpoint(mf: ModelFile, ckpt: Checkpoint, progress=None) -> Che
     plan = tensor_plan(mf.header)
     tol = WEIGHT_TOLERANCE[mf.header.weights_float_type]
     errors, problems = {}, []
+    scales = channel_scales(mf, ckpt, plan)
     for i, spec in enumerate(plan):
+        if spec.name in scales:
+            continue  # a norm that absorbed channel scales is checked through the matrices after it
         rows = sample_rows(spec)
         stored = stored_rows(mf, spec, rows)
         expected = expected_rows(ckpt, spec, rows)
         if expected is None:
             problems.append(f"{spec.hf_name} is missing from the checkpoint")
             continue
+        norm = norm_before(spec)
+        if norm in scales:
+            stored = stored / scales[norm]
         err = relative_error(stored, expected)
         errors[spec.name] = err
         if err > _tolerance(spec):
@@ -256,6 +262,41 @@ def weights_vs_checkpoint(mf: ModelFile, ckpt: Checkpoint, progress=None) -> Che
                       "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
                       + "; reconvert with dllama-convert", relative_errors=errors, problems=problems)
     return passed("model.weights_vs_checkpoint", measured, threshold, relative_errors=errors)
+
+
+# The error-aware q40 encoder scales the input channels of the matrices after an RMSNorm weight and
+# divides that weight by the same scales (dllama.converter.calibration.Fold); the original's
+# matrices are recovered as stored / (original norm / stored norm).
+NORM_OF = {"q": "attn_norm", "k": "attn_norm", "v": "attn_norm", "w1": "ffn_norm", "w3": "ffn_norm",
+           "gate": "ffn_norm"}
+
+
+def norm_before(spec: TensorSpec) -> str | None:
+    """Our name of the RMSNorm weight whose output `spec` multiplies, or None."""
+    if spec.name == "lm_head":
+        return "norm"
+    if spec.layer is None:
+        return None
+    role = spec.name.split(".")[-1]
+    return f"layers.{spec.layer}.{NORM_OF[role]}" if role in NORM_OF else None
+
+
+def channel_scales(mf: ModelFile, ckpt: Checkpoint, plan: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Per folded norm (our name): the channel scales its matrices were stored with (1 where the
+    file's norm equals the original's, or either is 0); only norms that differ from the original."""
+    out = {}
+    for spec in plan:
+        if not (spec.name == "norm" or spec.name.endswith((".attn_norm", ".ffn_norm"))) or spec.hf_name not in ckpt:
+            continue
+        original = ckpt.get(spec.hf_name).astype(np.float32)
+        stored = stored_rows(mf, spec, np.arange(1))[0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = np.where((original != 0) & (stored != 0), original / stored, np.float32(1)).astype(np.float32)
+        if not np.all(np.isfinite(s)) or np.any(s <= 0):
+            continue  # not a fold: the values themselves are compared, and fail
+        if not np.array_equal(s, np.ones_like(s)):
+            out[spec.name] = s
+    return out
 
 
 def _tolerance(spec: TensorSpec) -> float:

@@ -250,8 +250,9 @@ class ReferenceModel:
             return w
         return ROUNDING[self.arith.weights](w)
 
-    def matmul_input(self, x: np.ndarray) -> np.ndarray:
-        """What a weight matrix multiplies: x, or x quantized to q80."""
+    def matmul_input(self, x: np.ndarray, feeds: str) -> np.ndarray:
+        """What a weight matrix multiplies: x, or x quantized to q80. `feeds` names the (first) matrix
+        it multiplies, for a subclass that observes activations (dllama.converter.calibration)."""
         return q80_round(x) if self.arith.q80_activations else x
 
     def sync(self, partial: np.ndarray) -> np.ndarray:
@@ -265,7 +266,7 @@ class ReferenceModel:
     def head(self, x: np.ndarray) -> np.ndarray:
         """Final norm and lm_head (the embedding when tied): x (N, dim) -> logits (N, vocab)."""
         name = "lm_head.weight" if "lm_head.weight" in self.ckpt else "model.embed_tokens.weight"
-        return self.matmul_input(rmsnorm(x, self.w("model.norm.weight"), self.cfg.eps)) @ self.matrix(name).T
+        return self.matmul_input(rmsnorm(x, self.w("model.norm.weight"), self.cfg.eps), name) @ self.matrix(name).T
 
     def logits(self, prompts: Sequence[Sequence[int]], progress: Callable[[int, int],
                                                                           None] | None = None) -> list[np.ndarray]:
@@ -277,7 +278,7 @@ class ReferenceModel:
         """Wo z for x (the stacked prompts' rows; `lengths` says where each prompt's rows end)."""
         p = f"model.layers.{layer}."
         c = self.cfg
-        y = self.matmul_input(rmsnorm(x, self.w(p + "input_layernorm.weight"), c.eps))
+        y = self.matmul_input(rmsnorm(x, self.w(p + "input_layernorm.weight"), c.eps), p + "self_attn.q_proj.weight")
         q = (y @ self.matrix(p + "self_attn.q_proj.weight").T).reshape(-1, c.n_heads, c.head_dim)
         k = (y @ self.matrix(p + "self_attn.k_proj.weight").T).reshape(-1, c.n_kv_heads, c.head_dim)
         v = (y @ self.matrix(p + "self_attn.v_proj.weight").T).reshape(-1, c.n_kv_heads, c.head_dim)
@@ -287,7 +288,7 @@ class ReferenceModel:
         z = np.concatenate([attention(rope(qs, self.inv_freq), rope(ks, self.inv_freq),
                                       vs)  # positions from 0 per prompt
                             for qs, ks, vs in zip(*(np.split(t, np.cumsum(lengths)[:-1]) for t in (q, k, v)))])
-        return self.matmul_input(z) @ self.matrix(p + "self_attn.o_proj.weight").T
+        return self.matmul_input(z, p + "self_attn.o_proj.weight") @ self.matrix(p + "self_attn.o_proj.weight").T
 
     def ffn_block(self, layer: int, x: np.ndarray) -> np.ndarray:
         p = f"model.layers.{layer}."
@@ -297,9 +298,9 @@ class ReferenceModel:
     def ffn(self, y: np.ndarray, prefix: str) -> np.ndarray:
         """W2 (act(W1 y) * (W3 y)), each matmul's input as the arithmetic says."""
         w1, w3, w2 = (self.matrix(prefix + f"{n}_proj.weight") for n in ("gate", "up", "down"))
-        y = self.matmul_input(y)
+        y = self.matmul_input(y, prefix + "gate_proj.weight")
         hidden = ACTIVATIONS[self.cfg.act](y @ w1.T) * (y @ w3.T)
-        return self.matmul_input(hidden) @ w2.T
+        return self.matmul_input(hidden, prefix + "down_proj.weight") @ w2.T
 
     def dense(self, p: str, y: np.ndarray) -> np.ndarray:
         return self.ffn(y, p + "mlp.")

@@ -11,7 +11,7 @@ import numpy as np
 
 from dllama.checkpoint import Checkpoint, CheckpointError
 from dllama.errors import DllamaError, TokenizerError
-from dllama.formats import FloatType, ModelHeader, TokenizerFile, tensor_plan
+from dllama.formats import FloatType, ModelFile, ModelHeader, TokenizerFile, tensor_plan
 from dllama.tokenizer.from_hf import TokenizerConversionError, convert_tokenizer
 from dllama.validate import checks, fidelity, logits
 from dllama.validate.reference import (
@@ -305,6 +305,46 @@ class EngineBlocks:
         return self.layers.logits(x)
 
 
+class FileBlocks:
+    """logits.RuntimeBlocks by the reference forward (reference.ReferenceModel) on the file's own
+    weights as stored, in the Hugging Face layout, with q80 activations and the original's config:
+    what an error-aware q40 file specifies block by block."""
+
+    def __init__(self, model_path: Path, config: dict):
+        from dllama.validate.reference import Arithmetic, ReferenceModel
+
+        self.model = ReferenceModel(FileTensors(ModelFile(model_path), config),
+                                    Arithmetic(FloatType.F32, q80_activations=True))
+        self.n_layers = self.model.cfg.n_layers
+
+    def attention(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return self.model.attention_block(layer, x, [len(x)])
+
+    def ffn(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return self.model.ffn_block(layer, x)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.model.head(x)
+
+
+class FileTensors:
+    """A `.m` answering like a Checkpoint: Hugging Face names, float32, q/k rows un-permuted."""
+
+    def __init__(self, model_file: ModelFile, config: dict):
+        from dllama.gguf_checkpoint import unpermute_rotary_rows
+
+        self.file, self.config, self.unpermute = model_file, config, unpermute_rotary_rows
+        self.specs = {t.spec.hf_name: t.spec for t in model_file.layout.values()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.specs
+
+    def get(self, name: str) -> np.ndarray:
+        spec = self.specs[name]
+        w = self.file.tensor(spec.name)
+        return self.unpermute(w, spec.permute_heads) if spec.permute_heads else w
+
+
 def run_logit_checks(model_path: Path, header: ModelHeader, ref: ReferenceLogits, options: Options,
                      step) -> list[CheckResult]:
     from dllama.runtime.engine import Engine
@@ -320,8 +360,10 @@ def run_logit_checks(model_path: Path, header: ModelHeader, ref: ReferenceLogits
         engine.reset()
         return engine.forward([int(i) for i in ids], 0)
 
+    file_blocks = FileBlocks(model_path, ref.config) if ref.config and header.weights_float_type == FloatType.Q40 \
+        else None
     return logits.logit_checks(run, EngineBlocks(engine), header.weights_float_type, header.vocab_size,
-                               parameter_count(header), ref, step)
+                               parameter_count(header), ref, step, file_blocks)
 
 
 def parameter_count(h: ModelHeader) -> int:
