@@ -70,7 +70,7 @@ def encode_q40(src, kind, order, out):
         _encode_row(src[order[r]], kind, out[r], _q40_block, Q40_BYTES)
 
 
-@numba.njit(parallel=True, **_jit)
+@numba.njit(parallel=True, fastmath=True, **_jit)
 def encode_q40_search(src, kind, order, column_scale, importance, out):
     """out as encode_q40's. Each block's scale is the candidate with the least weighted squared error
     of the stored values (FORMAT.md §1.2 decoding, the f16-rounded scale included): weight
@@ -106,23 +106,33 @@ SEARCH_DIVISORS = np.array([-6.5, -7.0, -7.5, -8.5, -9.0, -9.5], np.float32)
 
 @numba.njit(inline="always", **_jit)
 def _q40_search_block(x, w, row, o, scratch):
-    """The block stored with the best f16 scale among the reference's (absmax / -8) and, for the
-    levels that divisor and each of `divisors` give, their weighted least-squares scale. A
-    candidate's error is that of its own levels at its f16 scale; storing re-rounds every value to
-    the level nearest at the chosen scale, which can only lower it, so no block is worse than the
-    reference's (its levels are the reference's: floor(x / d + 0.5) clamped is trunc(clip(x / d + 8.5)))."""
-    m = np.float32(0.0)
+    """The block stored with the reference's f16 scale (absmax / -8) or, if better, the weighted
+    least-squares scale of the best levels among those the reference's divisor and each of
+    SEARCH_DIVISORS give. Errors are those of a candidate's own levels at its f16 scale; storing
+    re-rounds every value to the level nearest at the chosen scale, which can only lower it, so no
+    block is worse than the reference's (whose levels are floor(x / d + 0.5) clamped, the same as
+    its trunc(clip(x / d + 8.5)))."""
+    mx = x[0]
+    mn = x[0]
     sxx = np.float32(0.0)
     for j in range(BLOCK_SIZE):
-        if abs(x[j]) > abs(m) or (abs(x[j]) == abs(m) and x[j] > m):
-            m = x[j]
+        mx = max(mx, x[j])
+        mn = min(mn, x[j])
         sxx += w[j] * x[j] * x[j]
-    d_ref = m / np.float32(-8.0)
-    best_bits = _f32_to_f16(d_ref, scratch)
+    m = mn if -mn > mx else mx  # the reference's signed absmax (a tie takes max)
     if m == 0:
-        _q40_store(x, best_bits, row, o, scratch)
+        m = np.float32(0.0)  # +0, as encode_q40
+    d_ref = m / np.float32(-8.0)
+    ref_bits = _f32_to_f16(d_ref, scratch)
+    if m == 0:
+        _q40_store(x, ref_bits, row, o, scratch)
         return
+    # candidates compared at their exact least-squares scale (error sxx - sxl^2 / sll), the winner
+    # then rounded to f16 and kept only if it still beats the reference's stored scale
+    ref_err = np.inf
     best_err = np.inf
+    best_sxl = np.float32(0.0)
+    best_sll = np.float32(0.0)
     for k in range(-1, SEARCH_DIVISORS.shape[0]):
         inv = np.float32(1.0) / d_ref if k < 0 else SEARCH_DIVISORS[k] / m
         sxl = np.float32(0.0)
@@ -132,13 +142,16 @@ def _q40_search_block(x, w, row, o, scratch):
             sxl += w[j] * x[j] * q
             sll += w[j] * q * q
         if k < 0:
-            best_err = _error(sxx, sxl, sll, _f16_value(best_bits, scratch))
-        if sll > 0:
-            bits = _f32_to_f16(sxl / sll, scratch)
-            err = _error(sxx, sxl, sll, _f16_value(bits, scratch))
-            if err < best_err:
-                best_err = err
-                best_bits = bits
+            ref_err = _error(sxx, sxl, sll, _f16_value(ref_bits, scratch))
+        if sll > 0 and sxx - sxl * sxl / sll < best_err:
+            best_err = sxx - sxl * sxl / sll
+            best_sxl = sxl
+            best_sll = sll
+    best_bits = ref_bits
+    if best_sll > 0:
+        bits = _f32_to_f16(best_sxl / best_sll, scratch)
+        if _error(sxx, best_sxl, best_sll, _f16_value(bits, scratch)) < ref_err:
+            best_bits = bits
     _q40_store(x, best_bits, row, o, scratch)
 
 
