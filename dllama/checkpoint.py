@@ -226,7 +226,9 @@ def widen_to_float32(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np
     """Stored F32/F16/BF16/F64 bytes -> a fresh float32 array of `shape` (bf16 and f16 widened exactly)."""
     raw = np.ascontiguousarray(data).view(np.uint8).view(_DTYPES[dtype]).reshape(shape)
     if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        bits = raw.astype(np.uint32)
+        bits <<= 16  # in place: one float32-sized array, not two
+        return bits.view(np.float32)
     return raw.astype(np.float32)
 
 

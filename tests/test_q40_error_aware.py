@@ -83,7 +83,9 @@ def test_smollm2_error_aware_q40_halves_the_kl_and_passes_the_validator(smollm2_
     correctness = next(c for c in report.checks if c.name == "logits.correctness")
     assert correctness.details["arithmetic"] == "q40 (the file's own weights)"
     quality = quality_of(report)["summary"]
-    assert quality["mean_kl"] <= 0.35 and quality["top1"] >= 0.65  # measured 0.29 and 0.663; --exact 0.67, 0.511
+    # measured KL 0.289-0.294 (--exact: 0.667), top-1 0.641-0.663 (--exact: 0.511): 59 to 61 of the 92
+    # positions between runs on the shared box, so top-1 is held to 0.62 here (docs/VALIDATE.md)
+    assert quality["mean_kl"] <= 0.35 and quality["top1"] >= 0.62
 
 
 def test_smollm2_exact_q40_is_told_about_the_error_aware_encoder(smollm2_files, smollm2_gguf):
@@ -110,23 +112,38 @@ def test_a_wrong_norm_in_an_error_aware_file_is_named(smollm2_q40_error_aware, s
     assert "layers.5.q" in failing.get("model.weights_vs_checkpoint", "")
 
 
+NEAR_TIE = 0.5  # tests/test_distributed_smollm2.py measured q40's top-two gaps moving up to 1.0 between arithmetics
+
+
 @pytest.mark.slow
-def test_reference_runtime_greedy_tokens_equal_ours_on_the_error_aware_q40(smollm2_q40_error_aware, smollm2_files,
-                                                                         reference_dllama):
-    """A one-token prompt (the reference's token-by-token path, tests/test_gguf.py says why), q80
-    partials on both sides as the reference rounds them."""
+def test_reference_runtime_greedy_tokens_equal_ours_on_the_error_aware_q40_up_to_a_near_tie(smollm2_q40_error_aware,
+                                                                                          smollm2_files,
+                                                                                          reference_dllama):
+    """One-token prompts (the reference's token-by-token path, tests/test_gguf.py says why), q80
+    partials on both sides as the reference rounds them. The two runtimes sum in other orders, so
+    the texts may part where our top two logits are within NEAR_TIE, and only there (measured: "I" parts at token 5,
+    '19th' against '19,', our gap 0.08; "A" agrees on all 16)."""
     from reference_runtime import run_inference
 
     from dllama.formats import read_tokenizer
     from dllama.runtime.engine import Engine
-    from dllama.runtime.generate import generate
     from dllama.tokenizer import Tokenizer
 
-    prompt, n_predicted = "I", 16
-    ids = Tokenizer.load(str(smollm2_files["tokenizer"]), mode="reference").encode(prompt)
-    theirs = run_inference(reference_dllama, smollm2_q40_error_aware, smollm2_files["tokenizer"], prompt,
-                           steps=n_predicted, buffer_float_type="q80")
-    engine = Engine.load(smollm2_q40_error_aware, buffer_float_type="q80")
-    ours = list(generate(engine, ids, n_predicted, temperature=0.0))
     tokens = read_tokenizer(smollm2_files["tokenizer"]).tokens
-    assert theirs == [tokens[i].decode("utf-8") for i in ours]
+    engine = Engine.load(smollm2_q40_error_aware, buffer_float_type="q80")
+    compared = 0
+    for prompt in ("I", "A"):
+        theirs = run_inference(reference_dllama, smollm2_q40_error_aware, smollm2_files["tokenizer"], prompt,
+                               steps=16, buffer_float_type="q80")
+        engine.reset()
+        ids = Tokenizer.load(str(smollm2_files["tokenizer"]), mode="reference").encode(prompt)
+        logits = engine.forward(ids, 0)[-1]
+        for piece in theirs:
+            ours = int(np.argmax(logits))
+            if piece != tokens[ours].decode("utf-8"):  # only where ours nearly ties
+                top_two = np.sort(logits)[-2:]
+                assert top_two[1] - top_two[0] < NEAR_TIE, (prompt, compared, piece)
+                break
+            compared += 1
+            logits = engine.forward([ours], engine.pos)[-1]
+    assert compared >= 12  # measured: 4 + 16

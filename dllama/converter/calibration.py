@@ -211,7 +211,8 @@ def gather_statistics(checkpoint, sequences: list[list[int]], frozen: set[str] =
             return self.ckpt.get_rows("model.embed_tokens.weight", unique)[where]
 
         def matrix(self, name: str) -> np.ndarray:
-            w = super().matrix(name)
+            w = super().matrix(name)  # a fresh array: the map's pages can go at once
+            checkpoint.release()
             if name in folded:
                 rows[name] = w[_sampled(w.shape[0])]
             return w

@@ -297,10 +297,10 @@ class ReferenceModel:
 
     def ffn(self, y: np.ndarray, prefix: str) -> np.ndarray:
         """W2 (act(W1 y) * (W3 y)), each matmul's input as the arithmetic says."""
-        w1, w3, w2 = (self.matrix(prefix + f"{n}_proj.weight") for n in ("gate", "up", "down"))
         y = self.matmul_input(y, prefix + "gate_proj.weight")
-        hidden = ACTIVATIONS[self.cfg.act](y @ w1.T) * (y @ w3.T)
-        return self.matmul_input(hidden, prefix + "down_proj.weight") @ w2.T
+        gate = y @ self.matrix(prefix + "gate_proj.weight").T  # one matrix at a time: the converter's calibration
+        hidden = ACTIVATIONS[self.cfg.act](gate) * (y @ self.matrix(prefix + "up_proj.weight").T)
+        return self.matmul_input(hidden, prefix + "down_proj.weight") @ self.matrix(prefix + "down_proj.weight").T
 
     def dense(self, p: str, y: np.ndarray) -> np.ndarray:
         return self.ffn(y, p + "mlp.")
