@@ -101,7 +101,7 @@ def warm_up(out: Path) -> None:
 
     tiny = write_checkpoint(BENCH / "warmup", tiny_config(vocab_size=512, bos_token_id=510, eos_token_id=511),
                             tokenizer=EXAMPLE_TOKENIZER)
-    for quant in ("q40", "q80", "f32", "f16"):
+    for quant in ("q40", "q80", "f32"):
         subprocess.run([sys.executable, "-m", "dllama.cli.dllama_convert", "hf", str(tiny), "-q", quant, "-o",
                         str(out)],
                        check=True, capture_output=True)
