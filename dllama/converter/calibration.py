@@ -211,7 +211,7 @@ def gather_statistics(checkpoint, sequences: list[list[int]], frozen: set[str] =
             return self.ckpt.get_rows("model.embed_tokens.weight", unique)[where]
 
         def matrix(self, name: str) -> np.ndarray:
-            w = super().matrix(name)  # a fresh array: the map's pages can go at once
+            w = _read_float32(checkpoint, name)  # a fresh array: the map's pages can go at once
             checkpoint.release()
             if name in folded:
                 rows[name] = w[_sampled(w.shape[0])]
@@ -238,6 +238,24 @@ def gather_statistics(checkpoint, sequences: list[list[int]], frozen: set[str] =
         choose_scales()
     checkpoint.release()
     return stats
+
+
+def _read_float32(checkpoint, name: str) -> np.ndarray:
+    """checkpoint.get(name), widened on every core for a safetensors bf16/f16/f32 matrix (numpy's
+    widening is single-threaded, and the calibration reads every weight once more)."""
+    from dllama.checkpoint import Checkpoint
+    from dllama.converter import encoders
+
+    entry = checkpoint.entries.get(name) if isinstance(checkpoint, Checkpoint) else None
+    kinds = {"BF16": (encoders.SRC_BF16, "<u2"), "F16": (encoders.SRC_F16, "<u2"), "F32": (encoders.SRC_F32, "<u4")}
+    if entry is None or entry.dtype not in kinds or len(entry.shape) != 2:
+        return checkpoint.get(name)
+    kind, stored = kinds[entry.dtype]
+    rows, cols = entry.shape
+    src = np.asarray(checkpoint._map(entry.file)[entry.start:entry.end]).view(stored).reshape(rows, cols)
+    out = np.empty((rows, cols), np.float32)
+    encoders.encode_f32(src, kind, np.arange(rows), out.view(np.uint32))
+    return out
 
 
 def _sampled(n_rows: int) -> np.ndarray:

@@ -101,7 +101,7 @@ def encode_q40_search(src, kind, order, column_scale, importance, out):
 
 
 # divisors of the signed absmax tried beside the reference's -8
-SEARCH_DIVISORS = np.array([-6.5, -7.0, -7.5, -8.5, -9.0, -9.5], np.float32)
+SEARCH_DIVISORS = np.array([-7.0, -7.5, -8.5, -9.0], np.float32)
 
 
 @numba.njit(inline="always", **_jit)
