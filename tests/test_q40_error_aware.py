@@ -147,3 +147,15 @@ def test_reference_runtime_greedy_tokens_equal_ours_on_the_error_aware_q40_up_to
             compared += 1
             logits = engine.forward([ours], engine.pos)[-1]
     assert compared >= 12  # measured: 4 + 16
+
+
+def test_convert_cli_refuses_an_unreadable_calibration_text_in_one_line(conformance_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from dllama.cli.dllama_convert import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["hf", str(conformance_dir), "-q", "q40", "-o", str(out),
+                                      "--calibration", str(tmp_path / "missing.txt")])
+    assert result.exit_code == 1 and "calibration text" in result.output
+    assert not out.exists() or list(out.iterdir()) == []
