@@ -405,8 +405,13 @@ class Checkpoint:
     def get_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Some rows of a matrix as float32, reading only those."""
         entry = self.entries[name]
-        stored = self._map(entry.file)[entry.start:entry.end].reshape(entry.shape[0], -1)[rows]
+        stored = self.stored(name).reshape(entry.shape[0], -1)[rows]
         return widen_to_float32(stored, entry.dtype, (len(rows),) + tuple(entry.shape[1:]))
+
+    def stored(self, name: str) -> np.ndarray:
+        """The tensor's bytes as the file stores them (a view of its map, until release())."""
+        entry = self.entries[name]
+        return self._map(entry.file)[entry.start:entry.end]
 
     def _map(self, file: Path) -> np.memmap:
         if file not in self._maps:

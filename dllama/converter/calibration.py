@@ -252,7 +252,7 @@ def _read_float32(checkpoint, name: str) -> np.ndarray:
         return checkpoint.get(name)
     kind, stored = kinds[entry.dtype]
     rows, cols = entry.shape
-    src = np.asarray(checkpoint._map(entry.file)[entry.start:entry.end]).view(stored).reshape(rows, cols)
+    src = np.asarray(checkpoint.stored(name)).view(stored).reshape(rows, cols)
     out = np.empty((rows, cols), np.float32)
     encoders.encode_f32(src, kind, np.arange(rows), out.view(np.uint32))
     return out
