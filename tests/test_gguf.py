@@ -340,7 +340,7 @@ def test_gguf_of_a_qwen3_moe_checkpoint_equals_the_hf_route(tmp_path):
                               dtype="f32", seed=3, tokenizer=CONFORMANCE / "tiny-qwen3")
     source = gguf_from_hf_folder(folder, tmp_path / "moe.gguf")
     for command, path, name in (("hf", folder, "hf"), ("gguf", source, "gguf")):
-        result = convert_cli(command, path, "--quant", "q40", "--name", name, "--output-dir", tmp_path)
+        result = convert_cli(command, path, "--quant", "q40", "--name", name, "--output-dir", tmp_path, "--exact")
         assert result.exit_code == 0, result.output
     assert (tmp_path / "dllama_model_gguf_q40.m").read_bytes() == (tmp_path / "dllama_model_hf_q40.m").read_bytes()
     assert ModelFile(tmp_path / "dllama_model_gguf_q40.m").header.n_experts == 4

@@ -159,3 +159,21 @@ def test_convert_cli_refuses_an_unreadable_calibration_text_in_one_line(conforma
                                       "--calibration", str(tmp_path / "missing.txt")])
     assert result.exit_code == 1 and "calibration text" in result.output
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_an_error_aware_moe_file_passes_the_validator(tmp_path):
+    """qwen3_moe: its FFN norm also feeds the float32 router, so only attention and the head fold."""
+    from conftest import CONFORMANCE
+
+    from dllama.checkpoint import Checkpoint
+    from dllama.converter.convert import convert
+    from dllama.converter.synthetic import tiny_config, write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "moe", tiny_config("qwen3_moe", bos_token_id=382, eos_token_id=383),
+                              dtype="f32", seed=3, tokenizer=CONFORMANCE / "tiny-qwen3")
+    result = convert(folder, "q40", tmp_path / "out", name="moe")
+    model = ModelFile(result.plan.model_path)
+    original_ffn_norm = Checkpoint(folder).get("model.layers.0.post_attention_layernorm.weight")
+    assert np.array_equal(model.tensor("layers.0.ffn_norm"), original_ffn_norm)
+    report = validate(result.plan.model_path, result.plan.tokenizer_path, hf=folder, options=FAST)
+    assert report.ok, [(c.name, c.reason) for c in report.checks if c.status == Status.FAIL]
