@@ -28,6 +28,8 @@ from dllama.runtime.serve.openai_api import ApiError, GenerationRequest
 from dllama.runtime.serve.page import page_routes
 from dllama.runtime.serve.runner import EngineFailure, Job, JobRunner, Outcome, Piece
 from dllama.runtime.serve.scheduler import Event, Running, Scheduler
+from dllama.runtime.serve.tools import AnswerPlan, check_response_format, check_tools, plan_answer
+from dllama.runtime.structured import GrammarError, GrammarVocabulary
 
 RECONNECT_INTERVAL_S = 1.0  # how often a server whose cluster lost a worker tries to rebuild it
 PREPARING_THREADS = 2       # requests parsed and tokenized at once, off the event loop
@@ -49,6 +51,7 @@ class Generation:
     http_state: object = None                   # the request's state: the usage, for the log line
     received: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0                       # when the engine took the job
+    plan: AnswerPlan | None = None  # chat: the answer's tools, grammar and how to read it
 
     async def close(self) -> None:
         self.watcher.cancel()
@@ -142,8 +145,9 @@ class OpenAIServer:
         req = await self._off_loop(parse, raw)
         del raw
         self._note_ignored(req.ignored_fields, request.url.path)
-        job = await self._off_loop(self._job, req)
+        job, plan = await self._off_loop(self._prepare, req)
         generation = await self._admit(request, req, job)
+        generation.plan = plan
         if req.stream:
             return await self._stream(generation)
         try:
@@ -155,9 +159,11 @@ class OpenAIServer:
             await generation.close()
         self._finished(generation, outcome)
         logprobs = self._logprobs(req.kind, pieces) if req.logprobs else None
-        return JSONResponse(openai_api.completion_body(req.kind, generation.rid, generation.model,
-                                                     "".join(p.text for p in pieces), outcome.finish_reason,
-                                                     _usage(outcome), logprobs))
+        text = "".join(p.text for p in pieces)
+        content, calls = plan.parse(text) if plan else (text, [])
+        return JSONResponse(openai_api.completion_body(req.kind, generation.rid, generation.model, content,
+                                                     "tool_calls" if calls else outcome.finish_reason,
+                                                     _usage(outcome), logprobs, tool_calls=calls))
 
     async def _off_loop(self, work: Callable, *args):
         if self._preparing is None:
@@ -171,10 +177,30 @@ class OpenAIServer:
             log.info("ignored unknown field%s %s (first seen on %s); every later one is ignored silently",
                      "s" if len(new) > 1 else "", ", ".join(repr(n[:64]) for n in new), path)
 
-    def _job(self, req: GenerationRequest) -> Job:
-        param = "messages" if req.kind == "chat" else "prompt"
+    def _plan(self, req: GenerationRequest) -> AnswerPlan | None:
+        if req.kind != "chat":
+            return None
         try:
-            ids = self.runner.prompt_ids(req.kind, req.messages, req.prompt)
+            plan = plan_answer(getattr(self.runner.tokenizer, "chat_template", None), req.messages,
+                               check_tools("tools", req.tools) if req.tools else None, req.tool_choice,
+                               check_response_format("response_format", req.response_format)
+                               if req.response_format is not None else None)
+            if plan.grammar is not None:
+                GrammarVocabulary.of(self.runner.tokenizer).check(plan.grammar)
+        except GrammarError as e:
+            raise openai_api.invalid("tools" if req.tools else "response_format", str(e),
+                                     code="invalid_schema") from None
+        return plan
+
+    def _prepare(self, req: GenerationRequest) -> tuple[Job, AnswerPlan | None]:
+        plan = self._plan(req)
+        return self._job(req, plan), plan
+
+    def _job(self, req: GenerationRequest, plan: AnswerPlan | None = None) -> Job:
+        param = "messages" if req.kind == "chat" else "prompt"
+        messages, template_vars = (plan.messages, plan.template_vars) if plan else (req.messages, None)
+        try:
+            ids = self.runner.prompt_ids(req.kind, messages, req.prompt, template_vars)
         except PromptTooLong as e:
             raise openai_api.invalid(param, str(e), code="context_length_exceeded") from None
         except Exception as e:  # a chat template that rejects these messages, for example
@@ -190,7 +216,8 @@ class OpenAIServer:
             room = answer_room(len(ids), self.runner.context_length)
         except PromptTooLong as e:
             raise openai_api.invalid(param, str(e), code="context_length_exceeded") from None
-        return Job(prompt_ids=ids, max_tokens=min(req.max_tokens or room, room), stop=req.stop, sampling=req.sampling)
+        return Job(prompt_ids=ids, max_tokens=min(req.max_tokens or room, room), stop=req.stop, sampling=req.sampling,
+                   grammar=plan.grammar if plan else None)
 
     def _logprobs(self, kind: str, pieces: Sequence[Piece], text_offset: int = 0) -> dict:
         decode = self.runner.tokenizer.decode
@@ -239,18 +266,32 @@ class OpenAIServer:
         try:
             if kind == "chat":
                 yield openai_api.sse(chunk("", role=True))
+            held = []  # an answer read for tool calls is sent whole once it is complete
+            holding = generation.plan is not None and generation.plan.calls_tools
             while event.kind == "text":
                 piece: Piece = event.value
-                logprobs = self._logprobs(kind, [piece], offset) if generation.request.logprobs else None
-                yield openai_api.sse(chunk(piece.text, logprobs=logprobs))
-                offset += len(piece.text)
+                if holding:
+                    held.append(piece)
+                else:
+                    logprobs = self._logprobs(kind, [piece], offset) if generation.request.logprobs else None
+                    yield openai_api.sse(chunk(piece.text, logprobs=logprobs))
+                    offset += len(piece.text)
                 event = await generation.running.next()
             if event.kind == "error":  # headers are gone: the error travels as an event, without [DONE]
                 yield openai_api.sse(self._engine_error(event.value).body())
                 return
             outcome: Outcome = event.value
             self._finished(generation, outcome)
-            yield openai_api.sse(chunk(None if kind == "chat" else "", finish_reason=outcome.finish_reason))
+            finish_reason = outcome.finish_reason
+            if holding:
+                content, calls = generation.plan.parse("".join(p.text for p in held))
+                logprobs = self._logprobs(kind, held) if generation.request.logprobs else None
+                if calls:
+                    finish_reason = "tool_calls"
+                    yield openai_api.sse(chunk(None, tool_calls=calls, logprobs=logprobs))
+                elif content:
+                    yield openai_api.sse(chunk(content, logprobs=logprobs))
+            yield openai_api.sse(chunk(None if kind == "chat" else "", finish_reason=finish_reason))
             if generation.request.include_usage:
                 yield openai_api.sse(openai_api.usage_chunk_body(kind, generation.rid, generation.created,
                                                                  generation.model,

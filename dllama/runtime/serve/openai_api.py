@@ -395,24 +395,29 @@ def _envelope(kind: str, rid: str, created: int, model: str, chunk: bool) -> dic
     return {"id": rid, "object": obj, "created": created, "model": model}
 
 
-def completion_body(kind: str, rid: str, model: str, text: str, finish_reason: str, use: dict,
-                    logprobs: dict | None = None) -> dict:
+def completion_body(kind: str, rid: str, model: str, text: str | None, finish_reason: str, use: dict,
+                    logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> dict:
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**_envelope(kind, rid, int(time.time()), model, chunk=False), "choices": [choice], "usage": use}
 
 
 def chunk_body(kind: str, rid: str, created: int, model: str, text: str | None,
-               finish_reason: str | None = None, role: bool = False, logprobs: dict | None = None) -> dict:
+               finish_reason: str | None = None, role: bool = False, logprobs: dict | None = None,
+               tool_calls: list[dict] | None = None) -> dict:
     if kind == "chat":
         delta = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if tool_calls:  # a delta's calls carry their index (OpenAI's streamed tool_calls)
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
         choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}

@@ -18,6 +18,7 @@ from dllama.runtime.conversation import Conversation, PromptTooLong, StopReason
 from dllama.runtime.engine import EngineError
 from dllama.runtime.generate import generate
 from dllama.runtime.sampler import Sampler, Sampling, TokenLogprob
+from dllama.runtime.structured import GrammarConstraint, GrammarVocabulary
 
 
 class EngineLike(Protocol):
@@ -51,6 +52,7 @@ class Job:
     max_tokens: int
     stop: list[str] = field(default_factory=list)
     sampling: Sampling = Sampling()
+    grammar: str | None = None     # the answer follows it (runtime/structured.py)
 
 
 @dataclass(frozen=True)
@@ -121,15 +123,17 @@ class JobRunner:
     def context_length(self) -> int:
         return self.conversation.capacity
 
-    def prompt_ids(self, kind: str, messages: list[dict], prompt: str | list[int]) -> list[int]:
-        """The prompt's token ids; a text too long to fit the context is refused before it is tokenized
-        (PromptTooLong), since tokenizing megabytes costs seconds and hundreds of MB."""
+    def prompt_ids(self, kind: str, messages: list[dict], prompt: str | list[int],
+                   template_vars: dict | None = None) -> list[int]:
+        """The prompt's token ids (template_vars: more chat template variables, e.g. tools); a text too long
+        to fit the context is refused before it is tokenized (PromptTooLong), since tokenizing megabytes
+        costs seconds and hundreds of MB."""
         if kind != "chat" and isinstance(prompt, list):
             return list(prompt)
         if kind == "chat":   # the messages alone, before the template copies them
             self._check_length(sum(len(m.get("content") or "") for m in messages))
         # the chat template writes its own bos (as Hugging Face's apply_chat_template does)
-        text = self.tokenizer.render_chat(messages) if kind == "chat" else prompt
+        text = self.tokenizer.render_chat(messages, **(template_vars or {})) if kind == "chat" else prompt
         self._check_length(len(text))
         return self.tokenizer.encode(text, add_bos=False) if kind == "chat" else self.tokenizer.encode(text)
 
@@ -147,7 +151,7 @@ class JobRunner:
         clock = _Clock()
         tokens = generate(_FailuresReported(self.engine), job.prompt_ids, job.max_tokens,
                           eos_ids=self.tokenizer.eos_ids, cancel=cancelled.is_set, conversation=self.conversation,
-                          sampler=sampler)
+                          sampler=sampler, constraint=self.constraint(job.grammar))
         scanner = StopScanner(job.stop)
         generated = self._relay_text(clock.timed(tokens), scanner, sampler, emit)
         if scanner.stopped:
@@ -158,6 +162,9 @@ class JobRunner:
             finish = FINISH_REASONS[self.conversation.stop_reason]
         return Outcome(finish, len(job.prompt_ids), generated, self.conversation.start_pos, clock.first_token_s,
                        clock.decode_s)
+
+    def constraint(self, grammar: str | None) -> GrammarConstraint | None:
+        return None if grammar is None else GrammarVocabulary.of(self.tokenizer).constraint(grammar)
 
     def _relay_text(self, tokens, scanner: StopScanner, sampler: Sampler, emit: Callable[[Piece], None]) -> int:
         """Decodes the tokens through the stop scanner into emit(); returns how many were generated."""
