@@ -9,6 +9,7 @@ import jsonschema
 import numpy as np
 import openai
 import pytest
+from conftest import CONFORMANCE, require_fixtures
 from serve_helpers import RecordingEngine, in_process_server, load_engine_and_tokenizer
 
 from dllama.runtime.conversation import Conversation
@@ -17,8 +18,11 @@ from dllama.runtime.sampler import Sampler
 from dllama.runtime.serve import create_app
 from dllama.runtime.serve.tools import plan_answer, template_abilities
 from dllama.runtime.structured import GrammarError, GrammarVocabulary, json_schema_grammar
+from dllama.tokenizer import Tokenizer
+from dllama.tokenizer.from_hf import convert_tokenizer
 
 CONTEXT = 1024
+TINY_QWEN3 = CONFORMANCE / "tiny-qwen3"
 
 # bounded strings and small numbers: every answer closes well within MAX_TOKENS
 REVIEW = {"type": "object", "additionalProperties": False, "required": ["topic", "sentiment", "stars"],
@@ -259,4 +263,16 @@ def test_a_hermes_template_gets_the_tools_and_its_tool_call_blocks_are_read():
     content, calls = plan.parse('Let me check.<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n'
                                 '</tool_call>')
     assert content == "Let me check." and calls[0]["function"] == {"name": "get_time", "arguments": '{"zone": "UTC"}'}
-    assert plan_answer(HERMES, [{"role": "user", "content": "hi"}], TOOLS, "required").grammar is not None
+
+
+
+def test_a_hermes_template_with_a_required_call_is_constrained_to_one_tool_call_block():
+    require_fixtures(TINY_QWEN3)
+    tok = Tokenizer.from_file(convert_tokenizer(TINY_QWEN3))  # a real Qwen vocabulary (tiny)
+    plan = plan_answer(HERMES, [{"role": "user", "content": "hi"}], TOOLS, "required")
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    constraint = GrammarVocabulary.of(tok).constraint(plan.grammar)
+    assert _can_write(constraint, tok.encode(call, add_bos=False), tok) and constraint.done
+    for wrong in ("Sure", '<tool_call>\n{"name": "get_date"', '<tool_call>\n{"name": "get_time", "arguments": {"x'):
+        constraint = GrammarVocabulary.of(tok).constraint(plan.grammar)
+        assert not _can_write(constraint, tok.encode(wrong, add_bos=False), tok)
