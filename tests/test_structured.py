@@ -276,3 +276,15 @@ def test_a_hermes_template_with_a_required_call_is_constrained_to_one_tool_call_
     for wrong in ("Sure", '<tool_call>\n{"name": "get_date"', '<tool_call>\n{"name": "get_time", "arguments": {"x'):
         constraint = GrammarVocabulary.of(tok).constraint(plan.grammar)
         assert not _can_write(constraint, tok.encode(wrong, add_bos=False), tok)
+
+
+@pytest.mark.parametrize("text, content", [
+    ('{"response": "Hello there"}', "Hello there"),
+    ('{"response": "Cut here', "Cut here"),
+    ('{"response": "Cut \\u00e', "Cut "),
+    ('{"resp', '{"resp'),
+])
+def test_a_generic_text_answer_becomes_the_content_even_when_max_tokens_cut_it(smollm2, text, content):
+    plan = plan_answer(smollm2[1].chat_template, [{"role": "user", "content": "hi"}], TOOLS, "auto")
+    assert plan.parse(text) == (content, [])
+

@@ -319,7 +319,7 @@ def _parse_generic(text: str) -> tuple[str | None, list[dict]]:
     try:
         answer = json.loads(text)
     except ValueError:
-        return text, []  # cut short by max_tokens: what was generated, as text
+        return _cut_response(text), []
     if isinstance(answer, dict) and isinstance(answer.get("tool_call"), dict):
         call = answer["tool_call"]
         return None, [_call(call.get("name", ""), call.get("arguments", {}))]
@@ -327,6 +327,17 @@ def _parse_generic(text: str) -> tuple[str | None, list[dict]]:
         response = answer["response"]
         return (response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)), []
     return text, []
+
+
+def _cut_response(text: str) -> str:
+    """An answer max_tokens cut short: the text of a started {"response": "..."}, else what was generated."""
+    if text.startswith('{"response": "'):
+        for cut in range(6):  # drop a dangling backslash or a partial \uXXXX escape, then close the string
+            try:
+                return json.loads(text[:len(text) - cut] + '"}')["response"]
+            except ValueError:
+                continue
+    return text
 
 
 HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
