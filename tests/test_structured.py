@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import numpy as np
 import openai
@@ -137,9 +138,14 @@ def test_generation_ends_where_the_grammar_ends_without_another_forward(direct, 
     assert sum(len(call) for _, call in recording.calls) == len(ids) + len(out) - 1
 
 
-def test_a_schema_the_engine_cannot_compile_is_a_grammar_error():
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}, {"type": 5}, {"type": "string", "pattern": "("},
+    {"type": "integer", "minimum": 10, "maximum": 1}, {"enum": []}, False, {"type": "string", "format": "nonsense"},
+    {"type": "array", "items": json.loads('{"type": "array", "items": ' * 300 + "{}" + "}" * 300)},
+])
+def test_a_schema_the_engine_cannot_compile_is_a_grammar_error(schema):
     with pytest.raises(GrammarError):
-        json_schema_grammar({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})
+        json_schema_grammar(schema)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,6 +242,30 @@ def test_bad_tools_or_response_format_get_400_naming_the_field(client, extra, pa
         client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                        **extra)
     assert e.value.body["param"] == param
+
+
+HOSTILE = [
+    {"tools": "get_weather"}, {"tools": [5]}, {"tools": [{"type": "retrieval"}]}, {"tools": [WEATHER, WEATHER]},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]},
+    {"tool_choice": 7}, {"tool_choice": "sometimes"}, {"tool_choice": {"type": "function", "function": {}}},
+    {"response_format": "json"}, {"response_format": {"type": "json_schema"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}},
+    {"response_format": {"type": "json_schema", "json_schema": {"schema": False}}},
+    {"messages": [{"role": "assistant", "content": None}]},
+    {"messages": [{"role": "assistant", "tool_calls": "call"}]},
+    {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 5}}]}]},
+    {"messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+    {"messages": [{"role": "tool", "tool_call_id": 5, "content": "x"}]},
+]
+
+
+@pytest.mark.parametrize("extra", HOSTILE)
+def test_malformed_tools_messages_and_formats_get_openai_400s(client, extra):
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    reply = httpx.post(f"{client.base_url}chat/completions", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert set(reply.json()["error"]) == {"message", "type", "param", "code"} and reply.json()["error"]["param"]
 
 
 # --------------------------------------------------------------------------------------------

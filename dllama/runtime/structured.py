@@ -32,9 +32,12 @@ def json_schema_grammar(schema: dict | bool) -> str:
     """The grammar of the JSON texts that validate against `schema` (JSON Schema, draft 2020-12 subset)."""
     from llguidance import LLMatcher
 
+    if schema is False:
+        raise GrammarError("the JSON schema false accepts no answer at all")
     try:
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_LAYOUT)
-    except (ValueError, TypeError) as e:
+        text = json.dumps({} if schema is True else schema)  # the engine's options need an object schema
+        grammar = LLMatcher.grammar_from_json_schema(text, overrides=JSON_LAYOUT)
+    except (ValueError, TypeError, RecursionError) as e:
         raise GrammarError(f"the JSON schema cannot be compiled: {e}") from None
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
