@@ -303,7 +303,10 @@ def _generic_history(messages: list[dict], abilities: TemplateAbilities) -> list
     return out
 
 
-def _loads(arguments: str) -> Any:
+def _loads(arguments: Any) -> Any:
+    """A JSON text's value (arguments and tool results are usually JSON), else the value itself."""
+    if not isinstance(arguments, str):
+        return arguments
     try:
         return json.loads(arguments)
     except ValueError:
