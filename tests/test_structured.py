@@ -289,23 +289,41 @@ def test_smollm2_template_ignores_tools_so_they_go_into_the_system_prompt(smollm
 def test_a_hermes_template_gets_the_tools_and_its_tool_call_blocks_are_read():
     assert template_abilities(HERMES).hermes
     plan = plan_answer(HERMES, [{"role": "user", "content": "hi"}], TOOLS, "auto")
-    assert plan.style == "hermes" and plan.template_vars == {"tools": TOOLS} and plan.grammar is None
+    assert plan.style == "hermes" and plan.template_vars == {"tools": TOOLS}
     content, calls = plan.parse('Let me check.<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n'
                                 '</tool_call>')
     assert content == "Let me check." and calls[0]["function"] == {"name": "get_time", "arguments": '{"zone": "UTC"}'}
 
 
 
-def test_a_hermes_template_with_a_required_call_is_constrained_to_one_tool_call_block():
+HERMES_CALL = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+WRONG_CALLS = ('<tool_call>\n{"name": "get_date"', 'Hm. <tool_call>\n{"name": "get_time", "arguments": {"x')
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
     require_fixtures(TINY_QWEN3)
-    tok = Tokenizer.from_file(convert_tokenizer(TINY_QWEN3))  # a real Qwen vocabulary (tiny)
+    return Tokenizer.from_file(convert_tokenizer(TINY_QWEN3))  # a real Qwen vocabulary (tiny)
+
+
+def _writes(tok, grammar, text) -> bool:
+    return _can_write(GrammarVocabulary.of(tok).constraint(grammar), tok.encode(text, add_bos=False), tok)
+
+
+def test_a_hermes_template_with_a_required_call_is_constrained_to_one_tool_call_block(qwen_tokenizer):
+    tok = qwen_tokenizer
     plan = plan_answer(HERMES, [{"role": "user", "content": "hi"}], TOOLS, "required")
-    call = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
     constraint = GrammarVocabulary.of(tok).constraint(plan.grammar)
-    assert _can_write(constraint, tok.encode(call, add_bos=False), tok) and constraint.done
-    for wrong in ("Sure", '<tool_call>\n{"name": "get_date"', '<tool_call>\n{"name": "get_time", "arguments": {"x'):
-        constraint = GrammarVocabulary.of(tok).constraint(plan.grammar)
-        assert not _can_write(constraint, tok.encode(wrong, add_bos=False), tok)
+    assert _can_write(constraint, tok.encode(HERMES_CALL, add_bos=False), tok) and constraint.done
+    assert not any(_writes(tok, plan.grammar, wrong) for wrong in ("Sure", *WRONG_CALLS))
+
+
+def test_a_hermes_template_with_auto_allows_text_and_holds_each_call_block_to_the_schemas(qwen_tokenizer):
+    tok = qwen_tokenizer
+    plan = plan_answer(HERMES, [{"role": "user", "content": "hi"}], TOOLS, "auto")
+    assert _writes(tok, plan.grammar, "Sure, it is sunny in Oslo.")
+    assert _writes(tok, plan.grammar, "Let me look." + HERMES_CALL)
+    assert not any(_writes(tok, plan.grammar, wrong) for wrong in WRONG_CALLS)
 
 
 @pytest.mark.parametrize("text, content", [

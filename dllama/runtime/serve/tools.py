@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from dllama.runtime.structured import GrammarError, json_schema_grammar, lark_grammar
+from dllama.runtime.structured import JSON_LAYOUT, GrammarError, json_schema_grammar, lark_grammar
 
 TOOL_CHOICES = ("none", "auto", "required")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
@@ -267,11 +267,19 @@ def _generic_grammar(tools: list[dict], required: bool, response_format: dict | 
     return json_schema_grammar({"anyOf": [call, response]})
 
 
-def _hermes_grammar(tools: list[dict], choice: str | dict) -> str | None:
-    if choice == "auto":
-        return None  # the model chooses; <tool_call> blocks in its text are read afterwards
-    call = json.dumps(_one_of([_call_schema(t) for t in tools]))
-    return lark_grammar(f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {call}\n')
+def _hermes_grammar(tools: list[dict], choice: str | dict) -> str:
+    call = json.dumps({**_one_of([_call_schema(t) for t in tools]), "x-guidance": JSON_LAYOUT})
+    if choice != "auto":
+        return lark_grammar(f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {call}\n')
+    # free text, in which each <tool_call> opens a block held to the tools' schemas (a lazy lexeme:
+    # the text does not swallow the tag)
+    return lark_grammar(f'''%llguidance {{}}
+start: call_block* TEXT
+call_block: call_start "\\n" call "\\n</tool_call>"
+call_start[lazy]: TEXT "<tool_call>"
+call: %json {call}
+TEXT: /(.|\\n)*/
+''')
 
 
 def _with_system(messages: list[dict], text: str) -> list[dict]:
