@@ -13,6 +13,7 @@ and once the grammar cannot be extended generation stops there (docs/API.md).
 from __future__ import annotations
 
 import json
+import weakref
 from typing import Any
 
 import numpy as np
@@ -77,7 +78,7 @@ class GrammarVocabulary:
     def of(cls, tokenizer) -> "GrammarVocabulary":
         """From a dllama Tokenizer in faithful mode: the tokenizer.json embedded in its `.t`
         (or the reconstruction faithful mode runs on). Cached on the tokenizer."""
-        cached = getattr(tokenizer, "_grammar_vocabulary", None)
+        cached = _VOCABULARIES.get(tokenizer)
         if cached is not None:
             return cached
         backend = getattr(tokenizer, "_backend", None)
@@ -87,7 +88,7 @@ class GrammarVocabulary:
                                "(faithful mode; a sentencepiece-only tokenizer is not supported yet): reconvert the "
                                "model from a checkpoint that has tokenizer.json")
         vocab = cls(hf.to_str(), tokenizer.vocab_size, tokenizer.eos_ids)
-        tokenizer._grammar_vocabulary = vocab
+        _VOCABULARIES[tokenizer] = vocab
         return vocab
 
     def constraint(self, grammar: str) -> "GrammarConstraint":
@@ -100,6 +101,9 @@ class GrammarVocabulary:
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.llt)
         if failed:
             raise GrammarError(f"the grammar cannot be compiled: {messages[0]}")
+
+
+_VOCABULARIES: "weakref.WeakKeyDictionary[Any, GrammarVocabulary]" = weakref.WeakKeyDictionary()
 
 
 class GrammarConstraint:
