@@ -17,7 +17,7 @@ from dllama.runtime.conversation import Conversation
 from dllama.runtime.generate import generate
 from dllama.runtime.sampler import Sampler
 from dllama.runtime.serve import create_app
-from dllama.runtime.serve.tools import plan_answer, template_abilities
+from dllama.runtime.serve.tools import AnswerPlan, AnswerStream, plan_answer, template_abilities
 from dllama.runtime.structured import GrammarError, GrammarVocabulary, json_schema_grammar
 from dllama.tokenizer import Tokenizer
 from dllama.tokenizer.from_hf import convert_tokenizer
@@ -212,6 +212,38 @@ def test_streamed_tool_call_arrives_as_delta_chunks_that_add_up_to_the_call(clie
             arguments += delta.function.arguments or ""
         finish = chunk.choices[0].finish_reason or finish
     assert (name, arguments, finish) == (plain.function.name, plain.function.arguments, "tool_calls")
+
+
+def test_streamed_auto_answer_equals_the_plain_one_and_its_text_arrives_in_pieces(client):
+    kw = dict(model="smollm2", tools=[WEATHER], tool_choice="auto", max_tokens=48, temperature=0,
+              messages=[{"role": "user", "content": "Say hello to my friend Ann in one sentence."}])
+    plain = client.chat.completions.create(**kw).choices[0]
+    deltas, calls = [], []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        delta = chunk.choices[0].delta
+        deltas += [delta.content] if delta.content else []
+        calls += delta.tool_calls or []
+    if plain.message.tool_calls:
+        assert [(c.function.name, c.function.arguments) for c in calls] == \
+            [(c.function.name, c.function.arguments) for c in plain.message.tool_calls]
+    else:
+        assert "".join(deltas) == plain.message.content and not calls
+        assert len(deltas) > 1 or plain.finish_reason == "stop" and len(plain.message.content) < 8
+
+
+def test_answer_stream_releases_a_generic_text_answer_as_it_comes_and_holds_calls():
+    plan = AnswerPlan([], style="generic")
+    text = '{"response": "Hi \\"you\\" \\ud83d\\ude00 ok\\n end"}'
+    stream = AnswerStream(plan)
+    released = [stream.push(c) for c in text]
+    rest, calls = stream.finish()
+    assert "".join(released) + rest == 'Hi "you" \U0001F600 ok\n end' == plan.parse(text)[0] and calls == []
+    assert sum(1 for r in released if r) > 5  # piece by piece, never half an escape or a surrogate
+    stream = AnswerStream(plan)
+    call = '{"tool_call": {"name": "get_time", "arguments": {"zone": "UTC"}}}'
+    assert not any(stream.push(c) for c in call)
+    content, calls = stream.finish()
+    assert content is None and calls[0]["function"] == {"name": "get_time", "arguments": '{"zone": "UTC"}'}
 
 
 def test_openai_tool_calling_loop_sends_the_result_back_and_gets_an_answer(client, smollm2, recording):

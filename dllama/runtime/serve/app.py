@@ -28,7 +28,7 @@ from dllama.runtime.serve.openai_api import ApiError, GenerationRequest
 from dllama.runtime.serve.page import page_routes
 from dllama.runtime.serve.runner import EngineFailure, Job, JobRunner, Outcome, Piece
 from dllama.runtime.serve.scheduler import Event, Running, Scheduler
-from dllama.runtime.serve.tools import AnswerPlan, check_response_format, check_tools, plan_answer
+from dllama.runtime.serve.tools import AnswerPlan, AnswerStream, check_response_format, check_tools, plan_answer
 from dllama.runtime.structured import GrammarError, GrammarVocabulary
 
 RECONNECT_INTERVAL_S = 1.0  # how often a server whose cluster lost a worker tries to rebuild it
@@ -266,16 +266,19 @@ class OpenAIServer:
         try:
             if kind == "chat":
                 yield openai_api.sse(chunk("", role=True))
-            held = []  # an answer read for tool calls is sent whole once it is complete
-            holding = generation.plan is not None and generation.plan.calls_tools
+            # an answer read for tool calls: a call is sent whole once complete (tools.AnswerStream)
+            reader = AnswerStream(generation.plan) if generation.plan is not None and generation.plan.calls_tools \
+                else None
+            pending: list[Piece] = []
             while event.kind == "text":
                 piece: Piece = event.value
-                if holding:
-                    held.append(piece)
-                else:
-                    logprobs = self._logprobs(kind, [piece], offset) if generation.request.logprobs else None
-                    yield openai_api.sse(chunk(piece.text, logprobs=logprobs))
-                    offset += len(piece.text)
+                pending.append(piece)  # pieces whose text is not sent yet (their logprobs go with it)
+                text = piece.text if reader is None else reader.push(piece.text)
+                if text:
+                    logprobs = self._logprobs(kind, pending, offset) if generation.request.logprobs else None
+                    yield openai_api.sse(chunk(text, logprobs=logprobs))
+                    offset += len(text)
+                    pending = []
                 event = await generation.running.next()
             if event.kind == "error":  # headers are gone: the error travels as an event, without [DONE]
                 yield openai_api.sse(self._engine_error(event.value).body())
@@ -283,9 +286,9 @@ class OpenAIServer:
             outcome: Outcome = event.value
             self._finished(generation, outcome)
             finish_reason = outcome.finish_reason
-            if holding:
-                content, calls = generation.plan.parse("".join(p.text for p in held))
-                logprobs = self._logprobs(kind, held) if generation.request.logprobs else None
+            if reader is not None:
+                content, calls = reader.finish()
+                logprobs = self._logprobs(kind, pending, offset) if generation.request.logprobs else None
                 if calls:
                     finish_reason = "tool_calls"
                     yield openai_api.sse(chunk(None, tool_calls=calls, logprobs=logprobs))

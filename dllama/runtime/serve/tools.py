@@ -202,6 +202,39 @@ class AnswerPlan:
         return text, []
 
 
+GENERIC_RESPONSE = '{"response": "'  # how a generic text answer starts (JSON_LAYOUT: no free whitespace)
+_STRING_RUN = re.compile(r'(?:[^"\\]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
+
+
+class AnswerStream:
+    """A streamed answer read for tool calls: the text of a generic {"response": "..."} answer is
+    released as it is generated; anything else (a call, a Hermes answer) waits for the end."""
+
+    def __init__(self, plan: AnswerPlan):
+        self.plan = plan
+        self.text = ""
+        self.sent = ""  # content released so far
+
+    def push(self, piece: str) -> str:
+        """Content that can be sent now ("" while it must wait)."""
+        self.text += piece
+        if self.plan.style != "generic" or not self.text.startswith(GENERIC_RESPONSE):
+            return ""
+        run = _STRING_RUN.match(self.text, len(GENERIC_RESPONSE)).group()
+        content = json.loads(f'"{run}"')
+        if content and "\ud800" <= content[-1] <= "\udbff":  # half of a surrogate pair: wait for the other
+            content = content[:-1]
+        delta, self.sent = content[len(self.sent):], content
+        return delta
+
+    def finish(self) -> tuple[str | None, list[dict]]:
+        """The rest of the content (what push() did not release) and the tool calls."""
+        content, calls = self.plan.parse(self.text)
+        if calls or content is None:
+            return None, calls
+        return (content[len(self.sent):] if content.startswith(self.sent) else ""), []
+
+
 def plan_answer(template: str | None, messages: list[dict], tools: list[dict] | None = None,
                 tool_choice: str | dict | None = None, response_format: dict | None = None) -> AnswerPlan:
     """How to prompt for, constrain and read one chat answer."""
