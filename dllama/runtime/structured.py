@@ -46,11 +46,6 @@ def json_schema_grammar(schema: dict | bool) -> str:
     return grammar
 
 
-def any_json_object_grammar() -> str:
-    """response_format json_object: any JSON object."""
-    return json_schema_grammar({"type": "object"})
-
-
 def lark_grammar(source: str) -> str:
     from llguidance import LLMatcher
 
@@ -144,11 +139,3 @@ class GrammarConstraint:
     def accepting(self) -> bool:
         return self.matcher.is_accepting()
 
-
-def response_format_grammar(response_format: dict[str, Any] | None) -> str | None:
-    """The grammar of an OpenAI `response_format` ({"type": "text" | "json_object" | "json_schema"})."""
-    if not response_format or response_format.get("type") == "text":
-        return None
-    if response_format["type"] == "json_object":
-        return any_json_object_grammar()
-    return json_schema_grammar(response_format["json_schema"].get("schema", {}))

@@ -7,8 +7,8 @@ models: the tool list and a JSON answer format in the system prompt, earlier too
 results written into the messages as JSON, and the answer constrained by the grammar engine to
 {"tool_call": {"name", "arguments"}} (or, with tool_choice "auto", that or {"response": text}).
 
-    plan = plan_answer(tokenizer, messages, tools, tool_choice, response_format)
-    ids = tokenizer.encode_chat(plan.messages, **plan.template_vars); constraint from plan.grammar
+    plan = plan_answer(tokenizer.chat_template, messages, tools, tool_choice, response_format)
+    prompt = tokenizer.render_chat(plan.messages, **plan.template_vars)   # generation constrained by plan.grammar
     content, calls = plan.parse(text)            # calls: OpenAI tool_calls, [] for a plain answer
 """
 from __future__ import annotations
