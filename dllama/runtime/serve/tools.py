@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from dllama.runtime.serve.openai_api import invalid
 from dllama.runtime.structured import JSON_LAYOUT, GrammarError, json_schema_grammar, lark_grammar
 
-TOOL_CHOICES = ("none", "auto", "required")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
@@ -30,12 +30,6 @@ EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 GENERIC_INSTRUCTION = ("Respond in JSON format, either with `tool_call` (a request to call tools) or with `response` "
                        "reply to the user's request")
 GENERIC_REQUIRED_INSTRUCTION = "Respond in JSON format with `tool_call` (a request to call one of the tools)"
-
-
-def _invalid(param: str, message: str, code: str = "invalid_value"):
-    from dllama.runtime.serve.openai_api import invalid  # openai_api imports this module's checks
-
-    return invalid(param, message, code)
 
 
 def _plain(value: Any) -> Any:
@@ -46,24 +40,25 @@ def _plain(value: Any) -> Any:
 def _object(name: str, value: Any) -> dict:
     value = _plain(value)
     if not isinstance(value, dict):
-        raise _invalid(name, f"'{name}' must be an object", code="invalid_type")
+        raise invalid(name, f"'{name}' must be an object", code="invalid_type")
     return value
 
 
 def _string(name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise _invalid(name, f"'{name}' must be a string", code="invalid_type")
+        raise invalid(name, f"'{name}' must be a string", code="invalid_type")
     return value
 
 
 # --------------------------------------------------------------------------------------------
-# Request fields (each takes (name, value) and returns the normalised value or raises a 400)
+# Request fields, past what openai_api's schemas check: each takes (name, value) and returns the
+# normalised value or raises a 400 (a schema the grammar engine cannot compile, two tools of one name)
 
 def check_response_format(name: str, value: Any) -> dict | None:
     fmt = _object(name, value)
     kind = fmt.get("type")
     if kind not in RESPONSE_FORMATS:
-        raise _invalid(f"{name}.type", f"'{name}.type' must be one of {', '.join(RESPONSE_FORMATS)}, got {kind!r}")
+        raise invalid(f"{name}.type", f"'{name}.type' must be one of {', '.join(RESPONSE_FORMATS)}, got {kind!r}")
     if kind == "text":
         return None
     if kind == "json_object":
@@ -71,7 +66,7 @@ def check_response_format(name: str, value: Any) -> dict | None:
     spec = _object(f"{name}.json_schema", fmt.get("json_schema"))
     schema = spec.get("schema", {})
     if not isinstance(schema, (dict, bool)):
-        raise _invalid(f"{name}.json_schema.schema", f"'{name}.json_schema.schema' must be a JSON schema object",
+        raise invalid(f"{name}.json_schema.schema", f"'{name}.json_schema.schema' must be a JSON schema object",
                        code="invalid_type")
     _compiles(f"{name}.json_schema.schema", schema)
     return {"type": "json_schema", "json_schema": {"name": spec.get("name"), "schema": schema,
@@ -80,23 +75,23 @@ def check_response_format(name: str, value: Any) -> dict | None:
 
 def check_tools(name: str, value: Any) -> list[dict]:
     if not isinstance(value, list):
-        raise _invalid(name, f"'{name}' must be an array of tools", code="invalid_type")
+        raise invalid(name, f"'{name}' must be an array of tools", code="invalid_type")
     tools, seen = [], set()
     for i, tool in enumerate(value):
         where = f"{name}[{i}]"
         tool = _object(where, tool)
         if tool.get("type", "function") != "function":
-            raise _invalid(f"{where}.type", f"'{where}.type' must be \"function\"", code="unsupported_value")
+            raise invalid(f"{where}.type", f"'{where}.type' must be \"function\"", code="unsupported_value")
         function = _object(f"{where}.function", tool.get("function"))
         fname = function.get("name")
         if not isinstance(fname, str) or not FUNCTION_NAME.match(fname):
-            raise _invalid(f"{where}.function.name", f"'{where}.function.name' must be 1-64 letters, digits, _ . or -")
+            raise invalid(f"{where}.function.name", f"'{where}.function.name' must be 1-64 letters, digits, _ . or -")
         if fname in seen:
-            raise _invalid(f"{where}.function.name", f"two tools are named {fname!r}")
+            raise invalid(f"{where}.function.name", f"two tools are named {fname!r}")
         seen.add(fname)
         parameters = function.get("parameters", EMPTY_PARAMETERS)
         if not isinstance(parameters, dict):
-            raise _invalid(f"{where}.function.parameters", f"'{where}.function.parameters' must be a JSON schema "
+            raise invalid(f"{where}.function.parameters", f"'{where}.function.parameters' must be a JSON schema "
                            "object", code="invalid_type")
         _compiles(f"{where}.function.parameters", parameters)
         entry = {"name": fname, "parameters": parameters}
@@ -106,41 +101,11 @@ def check_tools(name: str, value: Any) -> list[dict]:
     return tools
 
 
-def check_tool_choice(name: str, value: Any) -> str | dict:
-    """"none" | "auto" | "required", or {"type": "function", "function": {"name": ...}} kept as is."""
-    if isinstance(value, str):
-        if value not in TOOL_CHOICES:
-            raise _invalid(name, f"'{name}' must be one of {', '.join(TOOL_CHOICES)} or a named function")
-        return value
-    choice = _object(name, value)
-    function = _object(f"{name}.function", choice.get("function"))
-    return {"type": "function", "function": {"name": _string(f"{name}.function.name", function.get("name"))}}
-
-
-def check_tool_calls(name: str, value: Any) -> list[dict]:
-    """An assistant message's earlier tool calls, as the client sends them back."""
-    if not isinstance(value, list):
-        raise _invalid(name, f"'{name}' must be an array of tool calls", code="invalid_type")
-    calls = []
-    for i, call in enumerate(value):
-        where = f"{name}[{i}]"
-        call = _object(where, call)
-        function = _object(f"{where}.function", call.get("function"))
-        arguments = function.get("arguments", "{}")
-        if not isinstance(arguments, (str, dict)):
-            raise _invalid(f"{where}.function.arguments", f"'{where}.function.arguments' must be a JSON string",
-                           code="invalid_type")
-        calls.append({"id": str(call.get("id", "")), "type": "function",
-                      "function": {"name": _string(f"{where}.function.name", function.get("name")),
-                                   "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
-    return calls
-
-
 def _compiles(param: str, schema: dict | bool) -> None:
     try:
         json_schema_grammar(schema)
     except GrammarError as e:
-        raise _invalid(param, f"'{param}': {e}", code="invalid_schema") from None
+        raise invalid(param, f"'{param}': {e}", code="invalid_schema") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,10 +226,10 @@ def _offered_tools(tools: list[dict], choice: str | dict) -> list[dict]:
         name = choice["function"]["name"]
         named = [t for t in tools if t["function"]["name"] == name]
         if not named:
-            raise _invalid("tool_choice", f"'tool_choice' names the function {name!r}, which is not in 'tools'")
+            raise invalid("tool_choice", f"'tool_choice' names the function {name!r}, which is not in 'tools'")
         return named
     if choice == "required" and not tools:
-        raise _invalid("tool_choice", "'tool_choice' is \"required\" but the request has no 'tools'")
+        raise invalid("tool_choice", "'tool_choice' is \"required\" but the request has no 'tools'")
     return tools
 
 
