@@ -183,10 +183,10 @@ class Tokenizer:
                            eos_token=self._special_text("eos_token", self.tf.eos_ids[0] if self.tf.eos_ids else None),
                            **(specials | extra))
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
-        """Token ids of a rendered conversation (extra: more template variables, e.g. tools). Like
-        transformers' apply_chat_template, no bos is added: the template writes its own."""
-        return self.encode(self.render_chat(messages, add_generation_prompt, **extra), add_bos=False)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a rendered conversation. Like transformers' apply_chat_template, no bos is
+        added: the template writes its own."""
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
 
     def _special_text(self, key: str, token: int | None) -> str:
         value = self.config.get(key)
