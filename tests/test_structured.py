@@ -1,4 +1,4 @@
-"""Structured output and tool calling (issue 26) on SmolLM2: the grammar engine's token mask,
+"""Structured output and tool calling on SmolLM2: the grammar engine's token mask,
 response_format json_schema answers that validate, and the openai client's tool calls and
 tool-calling loop against a server on loopback."""
 from __future__ import annotations
