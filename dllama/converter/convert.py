@@ -236,7 +236,7 @@ def _calibration_sequences(checkpoint, tokenizer: TokenizerFile | None, source: 
     if tokenizer is None or not tokenizer.embedded:  # the faithful tokenizer needs the source's embedded
         tokenizer = GGUFTokenizer(checkpoint).tokenizer_file(True) if isinstance(checkpoint, GGUFCheckpoint) \
             else convert_tokenizer(source, embed=True)
-    tok = Tokenizer.from_file(tokenizer)
+    tok = Tokenizer(tokenizer, where=f"the tokenizer of {source}")
     n_params = sum(int(np.prod(t.spec.shape)) for t in tensors if t.spec.float_type == FloatType.Q40)
     return calibration.calibration_sequences(tok.encode(text, add_bos=False), tok.bos_id, n_params)
 

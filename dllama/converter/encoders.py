@@ -70,7 +70,7 @@ def encode_q40(src, kind, order, out):
         _encode_row(src[order[r]], kind, out[r], _q40_block, Q40_BYTES)
 
 
-@numba.njit(parallel=True, fastmath=True, **_jit)
+@numba.njit(parallel=True, **_jit)
 def encode_q40_search(src, kind, order, column_scale, importance, out):
     """out as encode_q40's. Each block's scale is the candidate with the least weighted squared error
     of the stored values (FORMAT.md §1.2 decoding, the f16-rounded scale included): weight
