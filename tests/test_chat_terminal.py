@@ -45,7 +45,9 @@ class Pane:
     def dead_status(self) -> int | None:
         shown = self._tmux("list-panes", "-t", "chat", "-F", "#{pane_dead} #{pane_dead_status}")
         dead, _, status = shown.strip().partition(" ")
-        return int(status) if dead == "1" else None
+        # tmux marks the pane dead when its terminal closes, which can be before it has reaped the
+        # process: the status is empty until then (seen under load)
+        return int(status) if dead == "1" and status else None
 
     def wait_for(self, what: str, condition) -> str:
         deadline = time.monotonic() + DEADLINE
