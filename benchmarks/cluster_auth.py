@@ -67,7 +67,7 @@ def one_tokens_frames_ms(mac: bool, tokens: int = 20) -> float:
     (both directions, so root and worker side together) over a socketpair, with or without the MAC."""
     import socket
 
-    from dllama.runtime.distributed.auth import FrameMac
+    from dllama.runtime.distributed.auth import frame_macs
     from dllama.runtime.distributed.protocol import Channel, Frame
 
     h = dict(dim=2048, layers=22, vocab=32000)
@@ -78,9 +78,10 @@ def one_tokens_frames_ms(mac: bool, tokens: int = 20) -> float:
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     sender, receiver = Channel(a), Channel(b)
     if mac:
-        key = KEY.encode()
-        sender.authenticate(FrameMac(key), FrameMac(key))
-        receiver.authenticate(FrameMac(key), FrameMac(key))
+        one_way, other_way = frame_macs(KEY.encode(), bytes(32), bytes(32))
+        sender.authenticate(send_mac=one_way, recv_mac=other_way)
+        one_way, other_way = frame_macs(KEY.encode(), bytes(32), bytes(32))
+        receiver.authenticate(send_mac=other_way, recv_mac=one_way)
     started = time.process_time()
     for _ in range(tokens):
         for kind, payload in frames:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -98,6 +99,45 @@ def test_a_changed_or_replayed_frame_fails_authentication():
             receiver.recv_frame(4096)  # the first copy is genuine
         with pytest.raises(ProtocolError, match="failed authentication"):
             receiver.recv_frame(4096)
+
+
+def test_a_large_frame_read_in_pieces_is_checked_whole():
+    """Frames over 256 KiB (weight chunks) are tagged by streaming, not in one call: a genuine one read in
+    pieces passes, one byte changed deep inside it fails."""
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    for flip in (None, 700_000):
+        a, b = socket.socketpair()
+        b.settimeout(60)  # a sender that failed must not hang the suite
+        sender, receiver = Channel(a), Channel(b)
+        sender.authenticate(FrameMac(KEY), FrameMac(KEY))
+        receiver.authenticate(FrameMac(KEY), FrameMac(KEY))
+        sent = threading.Thread(target=sender.send_frame, args=(Frame.WEIGHTS, payload))
+        if flip is not None:  # the same bytes with one changed, put on the wire by hand
+            tap_a, tap_b = socket.socketpair()
+            sender = Channel(tap_a)
+            sender.authenticate(FrameMac(KEY), FrameMac(KEY))
+            sent = threading.Thread(target=lambda: a.sendall(tampered(tap_b, sender, payload, flip)))
+        sent.start()
+        kind, length = receiver.recv_header(2 << 20)
+        got = b"".join(bytes(receiver.recv_exact(n)) for n in (1000, length - 1000))
+        if flip is None:
+            receiver.end_frame()
+            assert (kind, got) == (Frame.WEIGHTS, payload)
+        else:
+            with pytest.raises(ProtocolError, match="failed authentication"):
+                receiver.end_frame()
+        sent.join()
+        a.close(), b.close()
+
+
+def tampered(tap: socket.socket, sender: Channel, payload: bytes, flip: int) -> bytes:
+    """What `sender` puts on the wire for `payload`, with byte `flip` of the payload changed."""
+    threading.Thread(target=sender.send_frame, args=(Frame.WEIGHTS, payload)).start()
+    wire = bytearray()
+    while len(wire) < len(payload) + 8 + 16:
+        wire += tap.recv(1 << 20)
+    wire[8 + flip] ^= 1
+    return bytes(wire)
 
 
 def test_idle_and_dribbling_strangers_do_not_keep_the_root_out(f32_model):

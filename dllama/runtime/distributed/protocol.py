@@ -21,12 +21,12 @@ from pathlib import Path
 from dllama import __version__
 from dllama.errors import DllamaError
 from dllama.formats import FormatError, ModelHeader, model_file_size, parse_model_header
-from dllama.runtime.distributed.auth import NONCE_BYTES, PROOF_BYTES, TAG_BYTES, FrameMac
+from dllama.runtime.distributed.auth import NONCE_BYTES, PROOF_BYTES, SMALL_FRAME, TAG_BYTES, FrameMac
 
 PROTOCOL_MAGIC = b"DLLM"
 # 2: uneven and weighted splits (HELLO carries the weights), PROBE/INFO
 # 3: the cluster key (CHALLENGE/AUTH/AUTH_OK, a MAC on every frame), full-file model digests, PING
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 DEFAULT_PORT = 9999
 
 PREAMBLE = struct.Struct("<4sI")           # magic, protocol version; sent by both sides first
@@ -36,7 +36,6 @@ MAX_FRAME = 64 * 1024 * 1024               # hard ceiling for any frame after th
 WEIGHT_CHUNK = 4 * 1024 * 1024             # bytes of weights per WEIGHTS frame
 MAX_ERROR_MESSAGE = 1024
 MAX_PLAN_TENSORS = 1 << 20                 # tensors a HELLO's header may describe
-SMALL_FRAME = 256 * 1024                   # frames up to this size are copied into one send (send_frames)
 
 CONNECT_TIMEOUT_S = 10.0
 # A dllama worker greets the moment it accepts; the root says nothing before that greeting, so a
@@ -254,7 +253,7 @@ class Channel:
         """After the last payload byte: read and check the frame's MAC."""
         if self._reading is None:
             return
-        want, self._reading = self._reading.digest()[:TAG_BYTES], None
+        want, self._reading = self._reading.digest(), None
         if not hmac.compare_digest(want, bytes(self._recv_raw(TAG_BYTES))):
             raise ProtocolError(AUTH_FAILED)
 
@@ -265,7 +264,7 @@ class Channel:
             head = bytes(self._recv_raw(FRAME_HEADER.size))
             length, kind, reserved = FRAME_HEADER.unpack(head)
             if self.recv_mac is not None:
-                self._reading = self.recv_mac.start(head)
+                self._reading = self.recv_mac.start(head, length)
             if kind == Frame.PING and length == 0:
                 self.end_frame()
                 continue
@@ -296,7 +295,7 @@ class Channel:
         data = self._recv_raw(length + TAG_BYTES)
         payload, h, self._reading = data[:length], self._reading, None
         h.update(payload)
-        if not hmac.compare_digest(h.digest()[:TAG_BYTES], data[length:]):
+        if not hmac.compare_digest(h.digest(), data[length:]):
             raise ProtocolError(AUTH_FAILED)
         return kind, payload
 
@@ -312,7 +311,7 @@ class Channel:
         with self.send_lock:
             chunks = [head, *parts]
             if self.send_mac is not None:
-                chunks.append(self._tag(head, parts))
+                chunks.append(self.send_mac.tag(head, parts, length))
             self._sendall(*chunks)
         return len(head) + length + (TAG_BYTES if self.send_mac is not None else 0)
 
@@ -322,21 +321,16 @@ class Channel:
         chunks: list = []
         with self.send_lock:
             for kind, parts in frames:
-                head = FRAME_HEADER.pack(sum(memoryview(p).nbytes for p in parts), int(kind), 0)
+                length = sum(memoryview(p).nbytes for p in parts)
+                head = FRAME_HEADER.pack(length, int(kind), 0)
                 chunks += [head, *parts]
                 if self.send_mac is not None:
-                    chunks.append(self._tag(head, parts))
+                    chunks.append(self.send_mac.tag(head, parts, length))
             data = b"".join(chunks)
             if len(data) > MAX_FRAME:
                 raise ProtocolError(f"refusing to send {len(data)} bytes at once: the limit is {MAX_FRAME}")
             self._sendall(data)
         return len(data)
-
-    def _tag(self, head: bytes, parts) -> bytes:
-        h = self.send_mac.start(head)
-        for p in parts:
-            h.update(p)
-        return h.digest()[:TAG_BYTES]
 
     def _sendall(self, *chunks) -> None:
         try:
