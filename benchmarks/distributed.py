@@ -49,12 +49,12 @@ def single_thread_env() -> dict:
     return env
 
 
-def build_model(path: Path) -> None:
+def build_model(path: Path, **shape) -> None:
     """Random q40 blocks with sane scales: what matters here is the shape, not the text."""
     from dllama.formats import Q40_BLOCK, ArchType, FloatType, ModelHeader, atomic_output, tensor_plan
 
     h = ModelHeader(arch=ArchType.LLAMA, weights_float_type=FloatType.Q40, rope_theta=10000, norm_epsilon_code=5,
-                    **TINYLLAMA)
+                    **{**TINYLLAMA, **shape})
     rng = np.random.default_rng(0)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as f:
@@ -219,7 +219,8 @@ def planned(shape: str, max_seq_len: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # --netem (issue 15): TCP star against MPI across emulated links
 
-NETEM_MODES = ("tcp-mesh", "tcp-star", "mpi-direct", "mpi-allgather")  # tcp-mesh: --workers' default exchange
+NETEM_MODES = ("tcp-mesh", "tcp-slices", "tcp-star", "mpi-direct", "mpi-allgather", "reference")  # mesh: default
+REFERENCE_PROMPT = "The capital of France is Paris, and"  # the byte tokenizer: one token a character
 LAYERS_PER_TOKEN = 2 * TINYLLAMA["n_layers"]  # exchange seams per token
 
 
@@ -253,10 +254,10 @@ def network_steps(mode: str, n: int) -> int:
     logits gathered (1). MPI allgather: MPICH's recursive doubling / Bruck take ceil(log2 n) steps per
     seam and its binomial broadcast as many; the gather is one."""
     log2 = max(1, (n - 1).bit_length())
-    if mode == "tcp-star":
+    if mode in ("tcp-star", "tcp-slices"):  # slices: partial slices to their owners (1), the slices' sums back (1)
         return 2 + 2 * LAYERS_PER_TOKEN
-    if mode in ("mpi-direct", "tcp-mesh"):  # the mesh: every node to every node, one step per seam
-        return 2 + LAYERS_PER_TOKEN
+    if mode in ("mpi-direct", "tcp-mesh", "reference"):  # every node to every node, one step per seam
+        return 2 + LAYERS_PER_TOKEN  # the reference: its control packet and x go out together (1), logits (1)
     return log2 + log2 * LAYERS_PER_TOKEN + 1
 
 
@@ -342,7 +343,53 @@ def run_netem(net, mode: str, stub: bool, steps: int, max_seq_len: int) -> dict:
     per_node = [((t1 - t0) / steps, (r1 - r0) / steps) for (t0, r0), (t1, r1) in zip(*counters)]
     result["wire_bytes_per_token"] = sum(sent for sent, _ in per_node)
     result["busiest_link_bytes_per_token"] = max(max(pair) for pair in per_node)  # one direction of one link
+    result["link_bytes_per_token"] = [[round(sent), round(received)] for sent, received in per_node]
     return result
+
+
+def run_reference_netem(net, steps: int, max_seq_len: int) -> dict:
+    """The reference C++ root (node 0) and workers in the namespaces, on the same .m with q80 buffers:
+    the link counters are read at its first and last predicted token (it prints and flushes a line per
+    token), so its weight streaming and prompt are not counted. Its layers compute (it has no stub):
+    ms_per_token is its own mean over the predicted tokens but the first."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reference_runtime import build_reference
+    from vs_reference import byte_tokenizer
+
+    binary, tokenizer, model = build_reference(), byte_tokenizer(BENCH), MODEL
+    if net.n > TINYLLAMA["n_kv_heads"] and model == BENCH / "tinyllama_random_q40.m":
+        # it refuses more nodes than kv heads; what crosses the network (x, partials, logits) does not
+        # depend on them, so it runs the same shape with 8 kv heads
+        model = BENCH / "tinyllama_random_q40_kv8.m"
+        if not model.is_file():
+            build_model(model, n_kv_heads=8)
+    workers = [net.popen(i, [str(binary), "worker", "--port", "9999", "--nthreads", "1"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL) for i in range(1, net.n)]
+    try:
+        cmd = [str(binary), "inference", "--model", str(model), "--tokenizer", str(tokenizer), "--prompt",
+               REFERENCE_PROMPT, "--steps", str(len(REFERENCE_PROMPT) + 2 + steps), "--nthreads", "1",
+               "--buffer-float-type", "q80", "--temperature", "0", "--seed", "1", "--max-seq-len",
+               str(max(max_seq_len, len(REFERENCE_PROMPT) + 2 + steps)),
+               "--workers", *(f"{net.address(i)}:9999" for i in range(1, net.n))]
+        root = net.popen(0, cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        counters, times, tail = [], [], []
+        for raw in root.stdout:
+            line = raw.decode("utf-8", "replace")
+            tail = (tail + [line])[-20:]
+            if line.startswith("🔶 Pred"):
+                counters = [counters[0] if counters else net.link_bytes(), net.link_bytes()]
+                times.append(float(re.search(r"Pred\s*(\d+) ms", line).group(1)))
+        if root.wait() or len(times) < 3:
+            raise SystemExit(f"the reference on {net.n} nodes failed: {''.join(tail)}")
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait()
+    tokens = len(times) - 1
+    per_node = [((t1 - t0) / tokens, (r1 - r0) / tokens) for (t0, r0), (t1, r1) in zip(*counters)]
+    return {"ms_per_token": sum(times[1:]) / tokens, "wire_bytes_per_token": sum(sent for sent, _ in per_node),
+            "busiest_link_bytes_per_token": max(max(pair) for pair in per_node),
+            "link_bytes_per_token": [[round(sent), round(received)] for sent, received in per_node]}
 
 
 def netem_table(args) -> None:
@@ -358,30 +405,42 @@ def netem_table(args) -> None:
         stack_us = {"tcp": ping_pong_us(net) / 2, "mpi": mpi_step_us(net, launcher_dir=tmp)}
     print(f"one step between two namespaces, no shaping: TCP {stack_us['tcp']:.0f} us (half a 2.2 kB round trip), "
           f"MPI {stack_us['mpi']:.0f} us (2.2 kB each way)", file=sys.stderr)
+    reference: dict[int, dict] = {}  # by node count: its bytes do not depend on the profile
     for key in args.profiles.split(","):
         profile = PROFILES[key]
         for shape in args.nodes.split(","):
             n = int(shape)
             for mode in args.modes.split(","):
-                with NetemCluster(n, profile) as net:
-                    stub = run_netem(net, mode, True, args.steps, args.max_seq_len)
-                    full = run_netem(net, mode, False, args.steps, args.max_seq_len) if args.compute else None
-                step_ms = (profile.delay_ms if not net.emulates_delay else 0) + stack_us[mode[:3]] / 1000
+                if mode == "reference":
+                    if n not in reference:  # measured once, under the first profile's shaping
+                        with NetemCluster(n, profile) as net:
+                            reference[n] = run_reference_netem(net, args.steps, args.max_seq_len)
+                    stub, full = dict(reference[n], ms_per_token=None), reference[n]  # it has no stub
+                else:
+                    with NetemCluster(n, profile) as net:
+                        stub = run_netem(net, mode, True, args.steps, args.max_seq_len)
+                        full = run_netem(net, mode, False, args.steps, args.max_seq_len) if args.compute else None
+                stack = stack_us["mpi" if mode.startswith("mpi") else "tcp"]
+                step_ms = (profile.delay_ms if not net.emulates_delay else 0) + stack / 1000
                 busiest = stub["busiest_link_bytes_per_token"]
                 row = {"profile": key, "nodes": n, "mode": mode, "bytes": stub["wire_bytes_per_token"],
                        "busiest": busiest, "steps": network_steps(mode, n),
                        "wall_ms": stub["ms_per_token"], "ms_per_token": full["ms_per_token"] if full else None,
-                       "delay_emulated": net.emulates_delay, "stack_us": stack_us[mode[:3]]}
+                       "delay_emulated": net.emulates_delay, "stack_us": stack,
+                       "links": stub["link_bytes_per_token"]}
                 row["transfer_ms"] = row["steps"] * step_ms + busiest * 8 / (profile.rate_mbit * 1000)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
+    theirs = {(r["profile"], r["nodes"]): r["transfer_ms"] for r in rows if r["mode"] == "reference"}
     print("| profile | nodes | exchange | bytes/token, all links | busiest link | one-way steps | transfer ms/token "
-          "| stub wall ms/token here | ms/token with compute here |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| / reference's | stub wall ms/token here | ms/token with compute here |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        full = f"{r['ms_per_token']:.1f}" if r["ms_per_token"] is not None else "-"
+        full, wall = (f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("ms_per_token", "wall_ms"))
+        ratio = theirs.get((r["profile"], r["nodes"]))
+        ratio = f"{r['transfer_ms'] / ratio:.2f}" if ratio else "-"
         print(f"| {r['profile']} | {r['nodes']} | {r['mode']} | {r['bytes'] / 1000:.0f} kB | "
-              f"{r['busiest'] / 1000:.0f} kB | {r['steps']} | {r['transfer_ms']:.1f} | {r['wall_ms']:.1f} | {full} |")
+              f"{r['busiest'] / 1000:.0f} kB | {r['steps']} | {r['transfer_ms']:.1f} | {ratio} | {wall} | {full} |")
 
 
 def mb(n: float) -> str:

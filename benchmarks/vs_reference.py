@@ -56,19 +56,25 @@ def smollm2_files() -> tuple[Path, Path]:
     return model, BENCH / "dllama_tokenizer_smollm2.t"
 
 
+def byte_tokenizer(folder: Path = BENCH) -> Path:
+    """A 32000-token .t for TinyLlama-shaped models: every byte a token (prompts tokenize alike in both
+    runtimes), the rest fillers."""
+    from dllama.formats import TokenizerFile, atomic_output
+
+    tokenizer = folder / "dllama_tokenizer_bytes32000.t"
+    if not tokenizer.is_file():
+        tokens = [bytes([b]) for b in range(256)] + [f"<filler{i}>".encode() for i in range(32000 - 256)]
+        tf = TokenizerFile(tokens=tokens, scores=[0.0] * 32000, bos_id=1, eos_ids=[2], add_bos=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_output(tokenizer) as f:
+            tf.write(f)
+    return tokenizer
+
+
 def tinyllama_files() -> tuple[Path, Path]:
     from decode import ensure_model
 
-    from dllama.formats import TokenizerFile, atomic_output
-
-    tokenizer = BENCH / "dllama_tokenizer_bytes32000.t"
-    if not tokenizer.is_file():  # every byte a token (prompts tokenize alike in both runtimes), the rest fillers
-        tokens = [bytes([b]) for b in range(256)] + [f"<filler{i}>".encode() for i in range(32000 - 256)]
-        tf = TokenizerFile(tokens=tokens, scores=[0.0] * 32000, bos_id=1, eos_ids=[2], add_bos=True)
-        BENCH.mkdir(parents=True, exist_ok=True)
-        with atomic_output(tokenizer) as f:
-            tf.write(f)
-    return ensure_model(), tokenizer
+    return ensure_model(), byte_tokenizer()
 
 
 MODELS = {"smollm2": smollm2_files, "tinyllama": tinyllama_files}

@@ -13,9 +13,12 @@ import time
 
 import numpy as np
 import pytest
-from distributed_helpers import loopback_workers, write_random_model
+from distributed_helpers import assert_greedy_matches_up_to_near_ties, loopback_workers, write_random_model
 
 from dllama.formats import FloatType
+from dllama.runtime import dispatch
+from dllama.runtime.distributed.exchange import decode_partial, encode_partial, slices_sum, sum_partials
+from dllama.runtime.distributed.protocol import BufferType, Channel
 from dllama.runtime.distributed.root import DistributedEngine, WorkerError
 
 PROMPT = [(11 * i) % 256 for i in range(1, 51)]  # 50 tokens: partials over 16 kB, exchanged pair by pair
@@ -55,14 +58,68 @@ def test_mesh_gives_the_stars_bits_with_q80_buffers(h12, n_nodes):
     assert np.array_equal(direct, relayed)
 
 
-@pytest.mark.parametrize("exchange", ["mesh", "star"])
+@pytest.mark.parametrize("exchange", ["mesh", "star", "slices"])
 @pytest.mark.parametrize("n_nodes", [2, 3, 8])
 def test_f32_buffers_give_one_nodes_logits(h12, n_nodes, exchange):
     path = h12[FloatType.F32]
     with loopback_workers(n_nodes - 1) as workers, engine(path, [], "f32", "star") as one, \
             engine(path, workers, "f32", exchange) as many:
-        assert many.uses_mesh == (exchange == "mesh" and n_nodes > 2)
+        assert many.uses_mesh == (exchange == "slices" or (exchange == "mesh" and n_nodes > 2))
         assert np.abs(run(many) - run(one)).max() <= 1e-4
+
+
+def node_links(n: int) -> list[dict[int, Channel]]:
+    """A socketpair between every two of n in-process nodes: node -> {peer: Channel}."""
+    links: list[dict[int, Channel]] = [{} for _ in range(n)]
+    for a in range(n):
+        for b in range(a + 1, n):
+            sa, sb = socket.socketpair()
+            links[a][b], links[b][a] = Channel(sa), Channel(sb)
+    return links
+
+
+@pytest.mark.parametrize("buffer_type", [BufferType.Q80, BufferType.F32])
+@pytest.mark.parametrize("n_nodes,n_tokens,coordinator", [(2, 1, False), (3, 50, False), (8, 1, False),
+                                                          (8, 50, False), (5, 1, True)])
+def test_the_slices_exchange_gives_every_node_the_same_sum(n_nodes, n_tokens, coordinator, buffer_type):
+    """Every node ends with the partials' sum in node order (sum_partials of what the wire carries),
+    rounded once more through q80 with q80 buffers (each slice's owner sends its sum as q80), exact
+    with f32; 50 tokens take the pair-by-pair path of large frames."""
+    dim = 320  # 10 q80 blocks: slices of unequal widths
+    rng = np.random.default_rng(n_nodes)
+    computing = list(range(1 if coordinator else 0, n_nodes))
+    partials = {i: rng.standard_normal((n_tokens, dim)).astype(np.float32) for i in computing}
+    links, results, errors = node_links(n_nodes), {}, []
+
+    def node(i: int) -> None:
+        try:
+            results[i] = slices_sum(i, partials.get(i), links[i], computing, 3, 1, n_tokens, dim, buffer_type)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(n_nodes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(results) == n_nodes, errors
+    on_the_wire = [decode_partial(encode_partial(partials[i], buffer_type), n_tokens, dim, buffer_type)
+                   for i in computing]
+    want = np.array(sum_partials(on_the_wire))
+    if buffer_type == BufferType.Q80:
+        dispatch.q80_roundtrip(want)
+        assert not np.array_equal(want, sum_partials(on_the_wire))  # the rounding is there to be seen
+    for i in range(n_nodes):
+        assert np.array_equal(results[i], want), i
+
+
+def test_the_slices_exchange_keeps_the_meshs_greedy_tokens_with_q80_buffers(h12):
+    """One more q80 rounding per seam than the mesh: the tokens may part only at a near tie."""
+    path = h12[FloatType.Q40]
+    with loopback_workers(7) as some, loopback_workers(7) as others:
+        with engine(path, some, "q80", "mesh") as mesh, engine(path, others, "q80", "slices") as slices:
+            assert slices.uses_mesh and slices.exchange.slices
+            assert_greedy_matches_up_to_near_ties(mesh, slices, np.array(PROMPT), steps=8)
 
 
 def test_workers_with_the_cluster_key_prove_it_to_each_other(h12):
@@ -144,5 +201,33 @@ def test_a_frozen_worker_of_a_mesh_is_named_within_10_s(h12):
             many.close()
     finally:
         proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("killed", [1, 2])
+def test_a_killed_worker_of_a_mesh_is_named_within_5_s(h12, killed):
+    """Its peers notice the death too and leave their sessions: the root must still name the dead one,
+    whichever node it is (node 1's live peer is read first, node 2's last)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dllama.cli.dllama_run", "worker", "--host", "127.0.0.1",
+                             "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        match = re.search(r"listening on ([\d.]+):(\d+)", proc.stderr.readline())
+        assert match
+        dying = (match.group(1), int(match.group(2)))
+        with loopback_workers(1) as (other,):
+            order = [dying, other.address] if killed == 1 else [other.address, dying]
+            many = engine(h12[FloatType.Q40], order, "q80", "mesh")
+            assert many.uses_mesh
+            token, killed_at = 1, None
+            with pytest.raises(WorkerError, match=rf"127\.0\.0\.1:{dying[1]} \(node {killed}\)"):
+                for pos in range(60):
+                    if pos == 3:
+                        proc.send_signal(signal.SIGKILL)
+                        killed_at = time.monotonic()
+                    token = int(np.argmax(many.forward([token], pos)[-1]))
+            assert killed_at is not None and time.monotonic() - killed_at < 5
+            many.close()
+    finally:
         proc.kill()
         proc.wait()

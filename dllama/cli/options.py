@@ -62,7 +62,9 @@ WEIGHTS = typer.Option(None, help=WEIGHTS_HELP)
 ROOT_COMPUTE = typer.Option("all", help=ROOT_COMPUTE_HELP)
 CLUSTER_KEY_FILE = typer.Option(None, "--cluster-key-file", help=CLUSTER_KEY_HELP)
 EXCHANGE = typer.Option("mesh", help="with --workers: mesh (each node sends its partials straight to every other over "
-                                     "links the workers open to each other at start-up) or star (through the root); "
-                                     "mesh falls back to star, saying so, when a worker cannot reach another")
+                                     "links the workers open to each other at start-up), slices (over the same links "
+                                     "each worker sums a slice and sends it to all: fewer bytes, twice the latencies; "
+                                     "for many nodes on slow links, see docs/CLUSTER.md) or star (through the root); "
+                                     "mesh and slices fall back to star, saying so, when a worker cannot reach another")
 AS_JSON = typer.Option(False, "--json", help="print JSON instead of text")
 

@@ -135,25 +135,35 @@ def mesh_partials(me: int, own: memoryview | None, peers: dict, computing: list[
     """The direct exchange (issue 30): this node's partial straight to every other node, every other
     computing node's straight from it; returns {node: its partial's bytes} (own included).
 
-    `peers`: node -> protocol.Channel of every other node. Small partials (every decode step's) go
-    out to all at once, then arrive: one network latency per seam. Large ones (a prompt's) go pair by
-    pair in node order, the lower node of a pair sending first, so that no two nodes ever both block
-    sending to each other with full socket buffers."""
+    `peers`: node -> protocol.Channel of every other node."""
+    outgoing = {node: own for node in peers} if own is not None else {}
+    got = swap_frames(me, peers, outgoing, [node for node in peers if node in computing], layer, seam, limit,
+                      computing)
+    return {me: own, **got} if own is not None else got
+
+
+def swap_frames(me: int, peers: dict, outgoing: dict[int, memoryview], incoming: list[int], layer: int,
+                seam: int, limit: int, senders: list[int]) -> dict[int, memoryview]:
+    """One step of a direct exchange: PARTIAL(layer, seam, me) frames with `outgoing[node]` to those
+    nodes, one from every node of `incoming`; returns {node: its frame's data}.
+
+    Small frames (every decode step's) go out to all at once, then arrive: one network latency.
+    Large ones (a prompt's) go pair by pair in node order, the lower node of a pair sending first, so
+    that no two nodes ever both block sending to each other with full socket buffers."""
     from dllama.runtime.distributed.protocol import Frame
 
-    frame = (PARTIAL_HEAD.pack(layer, seam, me), own) if own is not None else None
-    got: dict[int, memoryview] = {me: own} if own is not None else {}
+    got: dict[int, memoryview] = {}
 
     def send(node: int) -> None:
-        if frame is not None:
+        if node in outgoing:
             with PeerFailed.naming(node):
-                peers[node].send_frame(Frame.PARTIAL, *frame)
+                peers[node].send_frame(Frame.PARTIAL, PARTIAL_HEAD.pack(layer, seam, me), outgoing[node])
 
     def receive(node: int) -> None:
-        if node in computing:
+        if node in incoming:
             with PeerFailed.naming(node):
                 _, payload = peers[node].recv_frame(limit, expect=(Frame.PARTIAL,))
-                sender, data = parse_partial(payload, layer, seam, computing)
+                sender, data = parse_partial(payload, layer, seam, senders)
                 if sender != node:
                     raise ProtocolError(f"sent the partial of node {sender}")
             got[node] = data
@@ -169,3 +179,64 @@ def mesh_partials(me: int, own: memoryview | None, peers: dict, computing: list[
         first(node)
         then(node)
     return got
+
+
+# The slices exchange (`--exchange slices`): each computing worker sums one slice of the vector from
+# every computing node's partial and sends that sum to every node: two network latencies per seam,
+# but each node sends about 2x a partial per seam instead of one to each peer. With q80 buffers the
+# slice's sum travels as q80 too (one more rounding than the mesh's); with f32 it is exact.
+
+SUM_SLICE = 2  # added to the seam number of PARTIAL frames that carry a slice's sum
+
+
+def slice_owners(computing: list[int]) -> list[int]:
+    """Who sums a slice: every computing worker (the root's link already carries FORWARD and LOGITS);
+    the root only when it computes alone."""
+    return [node for node in computing if node != 0] or list(computing)
+
+
+def slice_ranges(dim: int, owners: list[int], buffer_type: BufferType) -> dict[int, tuple[int, int]]:
+    """node -> (first, stop) value of its slice: contiguous, in whole q80 blocks with q80 buffers."""
+    unit = BLOCK_FORMATS[FloatType.Q80].values if buffer_type == BufferType.Q80 else 1
+    units = dim // unit
+    return {node: (k * units // len(owners) * unit, (k + 1) * units // len(owners) * unit)
+            for k, node in enumerate(owners)}
+
+
+def wire_columns(wire: memoryview, n_tokens: int, dim: int, first: int, stop: int) -> memoryview:
+    """Values first..stop of every token of an encoded (T, dim) vector, as their own encoded bytes."""
+    rows = np.frombuffer(wire, dtype=np.uint8).reshape(n_tokens, -1)
+    per_value = rows.shape[1] / dim
+    return memoryview(np.ascontiguousarray(rows[:, round(first * per_value):round(stop * per_value)])).cast("B")
+
+
+def slices_sum(me: int, partial: np.ndarray | None, peers: dict, computing: list[int], layer: int, seam: int,
+               n_tokens: int, dim: int, buffer_type: BufferType) -> np.ndarray:
+    """The slices exchange's sum of every computing node's partial, (T, dim), the same bits on every
+    node: each slice is summed in node order (sum_partials) by its owner, encoded once (q80 or f32),
+    and every node, its owner included, adds the decoded slice."""
+    owners = slice_owners(computing)
+    ranges = slice_ranges(dim, owners, buffer_type)
+    own = encode_partial(partial, buffer_type) if partial is not None else None
+    scattered = {node: wire_columns(own, n_tokens, dim, *ranges[node]) for node in owners if node != me} \
+        if own is not None else {}
+    limit = PARTIAL_HEAD.size + max(partial_nbytes(n_tokens, stop - first, buffer_type)
+                                    for first, stop in ranges.values())
+    mine = [node for node in computing if node != me] if me in ranges else []
+    got = swap_frames(me, peers, scattered, mine, layer, seam, limit, computing)
+    total = np.empty((n_tokens, dim), dtype=np.float32)
+    summed: dict[int, memoryview] = {}
+    if me in ranges:
+        first, stop = ranges[me]
+        width = stop - first
+        got[me] = wire_columns(own, n_tokens, dim, first, stop)
+        wire = encode_partial(sum_partials([decode_partial(got[node], n_tokens, width, buffer_type)
+                                            for node in computing]), buffer_type)
+        summed = {node: wire for node in peers}
+        total[:, first:stop] = decode_partial(wire, n_tokens, width, buffer_type)
+    others = [node for node in owners if node != me]
+    sums = swap_frames(me, peers, summed, others, layer, seam + SUM_SLICE, limit, owners)
+    for node in others:
+        first, stop = ranges[node]
+        total[:, first:stop] = decode_partial(sums[node], n_tokens, stop - first, buffer_type)
+    return total

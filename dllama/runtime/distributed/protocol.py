@@ -503,7 +503,7 @@ def as_float32(weights) -> tuple[float, ...]:
 # The direct exchange (issue 30): the root's plan of the mesh, and a mesh link's first frame
 
 MESH_TOKEN_BYTES = 32
-EXCHANGE_STAR, EXCHANGE_MESH = 0, 1
+EXCHANGE_STAR, EXCHANGE_MESH, EXCHANGE_SLICES = 0, 1, 2  # EXCHANGE: slices runs over the mesh's links
 MESH_UNREACHABLE, MESH_OK, MESH_UNCALLED = 0, 1, 2  # MESH_STATUS: could not dial a peer, all linked, not called
 _PEER = struct.Struct(f"<{MESH_TOKEN_BYTES}sI")  # the session's token, the dialling worker's node
 

@@ -40,6 +40,9 @@ from dllama.runtime.distributed.exchange import (
     parse_partial,
     partial_nbytes,
     relays_sums,
+    slice_owners,
+    slice_ranges,
+    slices_sum,
     sum_partials,
 )
 from dllama.runtime.distributed.node_memory import cluster_weights
@@ -48,6 +51,7 @@ from dllama.runtime.distributed.protocol import (
     CONNECT_TIMEOUT_S,
     DEFAULT_PORT,
     EXCHANGE_MESH,
+    EXCHANGE_SLICES,
     EXCHANGE_STAR,
     FORWARD_HEAD,
     FRAME_HEADER,
@@ -122,7 +126,7 @@ class Traffic:
 
 
 EARLY_SEND_BYTES = 16 * 1024  # below the smallest default TCP send buffer
-EXCHANGES = ("mesh", "star")
+EXCHANGES = ("mesh", "star", "slices")
 FRAME_OVERHEAD = FRAME_HEADER.size  # what traffic counts per frame besides its payload (as _recv does)
 
 
@@ -149,13 +153,15 @@ def blame(link: WorkerLink) -> Iterator[None]:
 class TcpExchange:
     """The root's side of the exchange seams (engine.Exchange) over one socket per worker."""
 
-    def __init__(self, split: ClusterSplit, links: list[WorkerLink], buffer_type: BufferType, mesh: bool = False):
+    def __init__(self, split: ClusterSplit, links: list[WorkerLink], buffer_type: BufferType, mesh: bool = False,
+                 slices: bool = False):
         self.split = split
         self.computing = split.computing
         self.links = links
         self.buffer_type = buffer_type
         self.traffic = Traffic()
         self.mesh = mesh  # the direct exchange: the workers send each other their partials (issue 30)
+        self.slices = slices  # over the mesh's links: each worker sums a slice (exchange.slices_sum)
 
     def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
         for link in self.links:
@@ -175,6 +181,9 @@ class TcpExchange:
         partial of its own."""
         n, dim = x.shape
         seam = SEAMS[stage]
+        if self.mesh and self.slices:
+            x += self._slices_sum(partial, n, dim, layer, seam)
+            return
         if self.mesh:
             x += self._mesh_sum(partial, n, dim, layer, seam)
             return
@@ -209,6 +218,21 @@ class TcpExchange:
         self.traffic.sent += (frame + len(own)) * len(self.links) if own is not None else 0
         self.traffic.received += sum(frame + len(got[i]) for i in self.computing if i != 0)
         return sum_partials([decode_partial(got[i], n, dim, self.buffer_type) for i in self.computing])
+
+    def _slices_sum(self, partial: np.ndarray | None, n: int, dim: int, layer: int, seam: int) -> np.ndarray:
+        """The slices exchange: the root's partial, a slice to each worker; every slice's sum back."""
+        peers = {link.node: link.chan for link in self.links}
+        try:
+            total = slices_sum(0, partial, peers, self.computing, layer, seam, n, dim, self.buffer_type)
+        except PeerFailed as e:
+            with blame(next(link for link in self.links if link.node == e.node)):
+                raise e.cause from None
+        frame = FRAME_OVERHEAD + PARTIAL_HEAD.size
+        for node, (first, stop) in slice_ranges(dim, slice_owners(self.computing), self.buffer_type).items():
+            nbytes = frame + partial_nbytes(n, stop - first, self.buffer_type)
+            self.traffic.sent += nbytes if partial is not None and node != 0 else 0
+            self.traffic.received += nbytes if node != 0 else 0
+        return total
 
     def _recv_partial(self, link: WorkerLink, layer: int, seam: int, limit: int) -> memoryview:
         payload = self._recv(link, Frame.PARTIAL, limit)
@@ -359,8 +383,10 @@ class DistributedEngine(Engine):
         self.cluster_key = cluster_key
         if exchange not in EXCHANGES:
             raise EngineError(f"--exchange {exchange!r}: use mesh (every node sends its partials straight to every "
-                              "other; the default) or star (through the root, where workers cannot reach each other)")
-        self.asks_mesh = exchange == "mesh"
+                              "other; the default), slices (each worker sums a slice: fewer bytes, one more latency) "
+                              "or star (through the root, where workers cannot reach each other)")
+        self.asks_mesh = exchange in ("mesh", "slices")
+        self.asks_slices = exchange == "slices"
         self.uses_mesh = False
         self.model_file, self.buffer_type = model, buffer_type
         self.identity = model_identity(model.path)
@@ -374,7 +400,8 @@ class DistributedEngine(Engine):
             self.close()
             raise
         # only looked-up rows of the memory-mapped embedding are ever read
-        super().__init__(h, layers, TcpExchange(self.split, self.links, buffer_type, self.uses_mesh), max_seq_len,
+        exchange = TcpExchange(self.split, self.links, buffer_type, self.uses_mesh, self.asks_slices)
+        super().__init__(h, layers, exchange, max_seq_len,
                          nthreads,
                          embedding=model.blocks("embedding"), model=model)
 
@@ -433,7 +460,7 @@ class DistributedEngine(Engine):
     def _choose_exchange(self) -> bool:
         """The mesh where asked for and every worker reaches every other (each says so before any slice
         is streamed), else the star, with one line naming the worker that could not."""
-        mesh = self.asks_mesh and len(self.links) >= 2
+        mesh = self.asks_mesh and (len(self.links) >= 2 or self.asks_slices)
         if mesh:
             token = os.urandom(MESH_TOKEN_BYTES)
             plan = mesh_payload(token, [link.address for link in self.links])
@@ -454,7 +481,8 @@ class DistributedEngine(Engine):
                 mesh = False
         for link in self.links:
             with blame(link):
-                link.chan.send_frame(Frame.EXCHANGE, bytes([EXCHANGE_MESH if mesh else EXCHANGE_STAR]))
+                choice = (EXCHANGE_SLICES if self.asks_slices else EXCHANGE_MESH) if mesh else EXCHANGE_STAR
+                link.chan.send_frame(Frame.EXCHANGE, bytes([choice]))
         return mesh
 
     def _wait_loaded(self) -> None:

@@ -45,12 +45,14 @@ from dllama.runtime.distributed.exchange import (
     parse_partial,
     partial_nbytes,
     relays_sums,
+    slices_sum,
     sum_partials,
 )
 from dllama.runtime.distributed.node_memory import SplitError, kv_cache_bytes, node_weight_bytes
 from dllama.runtime.distributed.probe import available_memory, node_info
 from dllama.runtime.distributed.protocol import (
     EXCHANGE_MESH,
+    EXCHANGE_SLICES,
     FORWARD_HEAD,
     HANDSHAKE_DEADLINE_S,
     HANDSHAKE_MAX_FRAME,
@@ -230,7 +232,7 @@ class Worker:
         try:
             started = time.perf_counter()
             with heartbeat.busy():
-                mesh = self._join_mesh(chan, session)
+                mesh, slices_exchange = self._join_mesh(chan, session)
                 heartbeat.watch(mesh.values())
                 slices = self._load_slices(chan, session)
                 how = f"loaded from {self.model_path}" if self.identity is not None else "received"
@@ -238,7 +240,8 @@ class Worker:
                          f"{time.perf_counter() - started:.1f} s")
                 h, share = session.header, session.share
                 layers = NodeLayers(h, node_weights(h, slices, share), share, session.hello.max_seq_len)
-                engine = Engine(h, layers, WorkerExchange(chan, session, mesh), session.hello.max_seq_len,
+                engine = Engine(h, layers, WorkerExchange(chan, session, mesh, slices_exchange),
+                                session.hello.max_seq_len,
                                 self.nthreads)
                 chan.send_frame(Frame.LOADED)
             if self.nthreads:
@@ -302,23 +305,24 @@ class Worker:
             self.mesh_links.setdefault(token, {})[node] = chan
             self.mesh.notify_all()
 
-    def _join_mesh(self, chan: Channel, s: Assignment) -> dict[int, Channel]:
+    def _join_mesh(self, chan: Channel, s: Assignment) -> tuple[dict[int, Channel], bool]:
         """After READY: the root's MESH plan (dial every lower worker, take every higher one's call, say
         whether all were reached), then its EXCHANGE decision; or EXCHANGE(star) at once.
-        Returns node -> link of every other worker (empty for the star)."""
+        Returns node -> link of every other worker (empty for the star), and whether the exchange over
+        them is the slices one."""
         chan.send_frame(Frame.READY, ready_payload(self.identity is not None))
         kind, payload = chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.MESH, Frame.EXCHANGE))
         if kind == Frame.EXCHANGE:
-            return {}
+            return {}, False
         token, addresses = parse_mesh(payload, s.n_nodes - 1)
         links, status, problem = self._mesh_links(token, s, addresses)
         chan.send_frame(Frame.MESH_STATUS, bytes([status]) + problem.encode()[:MAX_ERROR_MESSAGE])
         _, payload = chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.EXCHANGE,))
-        if payload[:1] != bytes([EXCHANGE_MESH]):
+        if payload[:1] not in (bytes([EXCHANGE_MESH]), bytes([EXCHANGE_SLICES])):
             for link in links.values():
                 link.close()
-            return {}
-        return links
+            return {}, False
+        return links, payload[:1] == bytes([EXCHANGE_SLICES])
 
     def _mesh_links(self, token: bytes, s: Assignment, addresses: list[tuple[str, int]]
                     ) -> tuple[dict[int, Channel], int, str]:
@@ -445,10 +449,13 @@ class WorkerExchange:
     """A worker's side of the exchange seams (engine.Exchange): its partial to the root, every other
     computing node's partial from the root, and its logits slice to the root."""
 
-    def __init__(self, chan: Channel, session: Assignment, mesh: dict[int, Channel] | None = None):
-        """mesh: node -> link of every other worker, for the direct exchange (empty: the star)."""
+    def __init__(self, chan: Channel, session: Assignment, mesh: dict[int, Channel] | None = None,
+                 slices: bool = False):
+        """mesh: node -> link of every other worker, for the direct exchange (empty: the star); slices:
+        over those links, the slices exchange (exchange.slices_sum)."""
         self.chan, self.s = chan, session
-        self.peers = {0: chan, **mesh} if mesh else None
+        self.peers = {0: chan, **mesh} if mesh or slices else None
+        self.slices = slices
 
     def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
         pass  # the root sent x
@@ -462,6 +469,9 @@ class WorkerExchange:
         n, dim = x.shape
         s, seam, bt = self.s, SEAMS[stage], self.s.hello.buffer_type
         computing = s.split.computing
+        if self.peers is not None and self.slices:
+            x += slices_sum(s.node, partial, self.peers, computing, layer, seam, n, dim, bt)
+            return
         own = encode_partial(partial, bt)
         if self.peers is not None:  # the direct exchange: every partial straight from its node
             limit = PARTIAL_HEAD.size + partial_nbytes(n, dim, bt)
