@@ -79,13 +79,14 @@ def node_links(n: int) -> list[dict[int, Channel]]:
 
 
 @pytest.mark.parametrize("buffer_type", [BufferType.Q80, BufferType.F32])
-@pytest.mark.parametrize("n_nodes,n_tokens,coordinator", [(2, 1, False), (3, 50, False), (8, 1, False),
-                                                          (8, 50, False), (5, 1, True)])
-def test_the_slices_exchange_gives_every_node_the_same_sum(n_nodes, n_tokens, coordinator, buffer_type):
+@pytest.mark.parametrize("n_nodes,n_tokens,coordinator,dim", [(2, 1, False, 320), (3, 50, False, 320),
+                                                              (8, 1, False, 320), (8, 50, False, 320),
+                                                              (5, 1, True, 320), (5, 1, False, 64)])
+def test_the_slices_exchange_gives_every_node_the_same_sum(n_nodes, n_tokens, coordinator, dim, buffer_type):
     """Every node ends with the partials' sum in node order (sum_partials of what the wire carries),
     rounded once more through q80 with q80 buffers (each slice's owner sends its sum as q80), exact
-    with f32; 50 tokens take the pair-by-pair path of large frames."""
-    dim = 320  # 10 q80 blocks: slices of unequal widths
+    with f32; 50 tokens take the pair-by-pair path of large frames; 320 values are 10 q80 blocks
+    (slices of unequal widths), 64 fewer blocks than workers."""
     rng = np.random.default_rng(n_nodes)
     computing = list(range(1 if coordinator else 0, n_nodes))
     partials = {i: rng.standard_normal((n_tokens, dim)).astype(np.float32) for i in computing}

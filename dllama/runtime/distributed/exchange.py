@@ -196,9 +196,11 @@ def slice_owners(computing: list[int]) -> list[int]:
 
 
 def slice_ranges(dim: int, owners: list[int], buffer_type: BufferType) -> dict[int, tuple[int, int]]:
-    """node -> (first, stop) value of its slice: contiguous, in whole q80 blocks with q80 buffers."""
+    """node -> (first, stop) value of its slice: contiguous, in whole q80 blocks with q80 buffers (owners
+    beyond the vector's count of blocks get none)."""
     unit = BLOCK_FORMATS[FloatType.Q80].values if buffer_type == BufferType.Q80 else 1
     units = dim // unit
+    owners = owners[:units]
     return {node: (k * units // len(owners) * unit, (k + 1) * units // len(owners) * unit)
             for k, node in enumerate(owners)}
 
@@ -215,8 +217,8 @@ def slices_sum(me: int, partial: np.ndarray | None, peers: dict, computing: list
     """The slices exchange's sum of every computing node's partial, (T, dim), the same bits on every
     node: each slice is summed in node order (sum_partials) by its owner, encoded once (q80 or f32),
     and every node, its owner included, adds the decoded slice."""
-    owners = slice_owners(computing)
-    ranges = slice_ranges(dim, owners, buffer_type)
+    ranges = slice_ranges(dim, slice_owners(computing), buffer_type)
+    owners = list(ranges)
     own = encode_partial(partial, buffer_type) if partial is not None else None
     scattered = {node: wire_columns(own, n_tokens, dim, *ranges[node]) for node in owners if node != me} \
         if own is not None else {}
