@@ -14,8 +14,10 @@ and the fastest run is reported (the others are on stderr). Results go to stdout
 table, and the plan's prediction (`dllama-run plan`) sits beside each measurement.
 
 --netem puts every node in its own network namespace behind an emulated Pi 5 or Pi 3B+
-link (benchmarks/netem.py) and compares the TCP star (`dllama-run worker`s and a root) with MPI
-(`dllama-run mpi`'s engine under mpiexec, "direct" and "allgather" exchanges). Per token: the
+link (benchmarks/netem.py) and compares `--workers`' exchanges (tcp-mesh, the default; tcp-slices;
+tcp-star) with MPI (`dllama-run mpi`'s engine under mpiexec, "direct" and "allgather" exchanges)
+and with the reference C++ root and workers on the same .m ("reference", once per node count; it
+needs as many kv heads as nodes, so beyond 4 nodes it runs the shape with 8 kv heads). Per token: the
 transfer time (the same cluster with the layers replaced by a stub that returns its partial at
 once, so that only the exchange is timed), the bytes all nodes put on their links (kernel
 counters), the network steps on the critical path (one-way latencies: counted from the
