@@ -445,6 +445,61 @@ def netem_table(args) -> None:
               f"{r['busiest'] / 1000:.0f} kB | {r['steps']} | {r['transfer_ms']:.1f} | {ratio} | {wall} | {full} |")
 
 
+def exchange_cpu(n_nodes: int, seams: int = 300) -> None:
+    """CPU of one decode seam's exchange, mesh against slices (q80, TinyLlama's dim): n_nodes threads in
+    this process joined by socketpairs, each running the exchange function its node runs; every
+    node's thread CPU time (its syscalls included, and on loopback the kernel's delivery to the peer)
+    summed, per seam. Paired, alternating, twice."""
+    import socket
+    import threading
+
+    from dllama.runtime.distributed.exchange import (
+        decode_partial,
+        encode_partial,
+        mesh_partials,
+        slices_sum,
+        sum_partials,
+    )
+    from dllama.runtime.distributed.protocol import PARTIAL_HEAD, BufferType, Channel
+
+    dim, bt = TINYLLAMA["dim"], BufferType.Q80
+    computing = list(range(n_nodes))
+    partials = [np.random.default_rng(i).standard_normal((1, dim)).astype(np.float32) for i in computing]
+
+    def mesh(i: int, peers: dict, layer: int, seam: int) -> None:
+        own = encode_partial(partials[i], bt)
+        got = mesh_partials(i, own, peers, computing, layer, seam, PARTIAL_HEAD.size + len(own))
+        sum_partials([decode_partial(got[j], 1, dim, bt) for j in computing])
+
+    def slices(i: int, peers: dict, layer: int, seam: int) -> None:
+        slices_sum(i, partials[i], peers, computing, layer, seam, 1, dim, bt)
+
+    def run(exchange) -> float:
+        links: list[dict] = [{} for _ in computing]
+        for a in computing:
+            for b in range(a + 1, n_nodes):
+                sa, sb = socket.socketpair()
+                links[a][b], links[b][a] = Channel(sa), Channel(sb)
+        cpu = [0.0] * n_nodes
+
+        def node(i: int) -> None:
+            t0 = time.thread_time()
+            for k in range(seams):
+                exchange(i, links[i], k // 2, k % 2)
+            cpu[i] = time.thread_time() - t0
+
+        threads = [threading.Thread(target=node, args=(i,)) for i in computing]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return 1e6 * sum(cpu) / seams
+
+    for _ in range(2):
+        m, sl = run(mesh), run(slices)
+        print(f"{n_nodes} nodes, CPU per seam of all nodes: mesh {m:.0f} us, slices {sl:.0f} us ({sl / m:.2f}x)")
+
+
 def mb(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
@@ -457,6 +512,8 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(NETEM_MODES), help="--netem: exchanges to compare")
     p.add_argument("--no-compute", dest="compute", action="store_false",
                    help="--netem: time the exchange only (skip the runs with the real layers)")
+    p.add_argument("--exchange-cpu", type=int, metavar="N", help="CPU of one seam's exchange, mesh against slices, "
+                                                                 "on N in-process nodes (no namespaces)")
     p.add_argument("--stub", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--exchange", default="mesh", help=argparse.SUPPRESS)  # the netem root's --exchange
     p.add_argument("--nodes", default="1,2,3,4,8,3w,3c",
@@ -484,6 +541,8 @@ def main() -> None:
         return netem_root_role(args)
     if args.role == "netem-worker":
         return netem_worker_role(args)
+    if args.exchange_cpu:
+        return exchange_cpu(args.exchange_cpu)
     if not MODEL.exists():
         print(f"building {MODEL} ...", file=sys.stderr)
         build_model(MODEL)

@@ -206,10 +206,22 @@ def slice_ranges(dim: int, owners: list[int], buffer_type: BufferType) -> dict[i
 
 
 def wire_columns(wire: memoryview, n_tokens: int, dim: int, first: int, stop: int) -> memoryview:
-    """Values first..stop of every token of an encoded (T, dim) vector, as their own encoded bytes."""
+    """Values first..stop of every token of an encoded (T, dim) vector, as their own encoded bytes
+    (one token's: a view, no copy)."""
+    per_value = len(wire) / (n_tokens * dim)
+    start, end = round(first * per_value), round(stop * per_value)
+    if n_tokens == 1:
+        return wire[start:end]
     rows = np.frombuffer(wire, dtype=np.uint8).reshape(n_tokens, -1)
-    per_value = rows.shape[1] / dim
-    return memoryview(np.ascontiguousarray(rows[:, round(first * per_value):round(stop * per_value)])).cast("B")
+    return memoryview(np.ascontiguousarray(rows[:, start:end])).cast("B")
+
+
+def joined_columns(pieces: list[memoryview], n_tokens: int) -> memoryview:
+    """wire_columns' inverse: the encoded (T, sum of widths) vector of pieces side by side."""
+    if n_tokens == 1:
+        return memoryview(b"".join(pieces))
+    rows = [np.frombuffer(piece, dtype=np.uint8).reshape(n_tokens, -1) for piece in pieces]
+    return memoryview(np.ascontiguousarray(np.concatenate(rows, axis=1))).cast("B")
 
 
 def slices_sum(me: int, partial: np.ndarray | None, peers: dict, computing: list[int], layer: int, seam: int,
@@ -226,19 +238,19 @@ def slices_sum(me: int, partial: np.ndarray | None, peers: dict, computing: list
                                     for first, stop in ranges.values())
     mine = [node for node in computing if node != me] if me in ranges else []
     got = swap_frames(me, peers, scattered, mine, layer, seam, limit, computing)
-    total = np.empty((n_tokens, dim), dtype=np.float32)
     summed: dict[int, memoryview] = {}
     if me in ranges:
         first, stop = ranges[me]
         width = stop - first
         got[me] = wire_columns(own, n_tokens, dim, first, stop)
-        wire = encode_partial(sum_partials([decode_partial(got[node], n_tokens, width, buffer_type)
-                                            for node in computing]), buffer_type)
+        # every computing node's slice decoded in one call, then added in node order
+        stacked = decode_partial(memoryview(b"".join(got[node] for node in computing)), len(computing) * n_tokens,
+                                 width, buffer_type).reshape(len(computing), n_tokens, width)
+        wire = encode_partial(sum_partials(list(stacked)), buffer_type)
         summed = {node: wire for node in peers}
-        total[:, first:stop] = decode_partial(wire, n_tokens, width, buffer_type)
     others = [node for node in owners if node != me]
     sums = swap_frames(me, peers, summed, others, layer, seam + SUM_SLICE, limit, owners)
-    for node in others:
-        first, stop = ranges[node]
-        total[:, first:stop] = decode_partial(sums[node], n_tokens, stop - first, buffer_type)
-    return total
+    if me in ranges:
+        sums[me] = wire
+    return decode_partial(joined_columns([sums[node] for node in owners], n_tokens), n_tokens, dim,
+                          buffer_type).reshape(n_tokens, dim)
