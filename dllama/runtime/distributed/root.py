@@ -400,10 +400,8 @@ class DistributedEngine(Engine):
             self.close()
             raise
         # only looked-up rows of the memory-mapped embedding are ever read
-        exchange = TcpExchange(self.split, self.links, buffer_type, self.uses_mesh, self.asks_slices)
-        super().__init__(h, layers, exchange, max_seq_len,
-                         nthreads,
-                         embedding=model.blocks("embedding"), model=model)
+        tcp = TcpExchange(self.split, self.links, buffer_type, self.uses_mesh, self.asks_slices)
+        super().__init__(h, layers, tcp, max_seq_len, nthreads, embedding=model.blocks("embedding"), model=model)
 
     @property
     def traffic(self) -> Traffic:
