@@ -32,6 +32,7 @@ DEFAULT_PORT = 9999
 PREAMBLE = struct.Struct("<4sI")           # magic, protocol version; sent by both sides first
 FRAME_HEADER = struct.Struct("<IHH")       # payload length, frame type, reserved (0)
 HANDSHAKE_MAX_FRAME = 4096                 # HELLO and its answers are tiny; refuse anything larger
+RECV_BUFFER = 64 * 1024                   # one read takes up to this much of what has arrived
 MAX_FRAME = 64 * 1024 * 1024               # hard ceiling for any frame after the handshake
 WEIGHT_CHUNK = 4 * 1024 * 1024             # bytes of weights per WEIGHTS frame
 MAX_ERROR_MESSAGE = 1024
@@ -208,6 +209,8 @@ class Channel:
         self.send_lock = threading.Lock()  # a worker's heartbeat thread sends too
         self.last_send = time.monotonic()
         self._reading = None  # the running MAC of the frame being received
+        self._pending = memoryview(bytearray(RECV_BUFFER))  # bytes read beyond the frame being received:
+        self._head = self._tail = 0                          # _pending[_head:_tail]
 
     def authenticate(self, send_mac: FrameMac, recv_mac: FrameMac) -> None:
         self.send_mac, self.recv_mac = send_mac, recv_mac
@@ -227,27 +230,42 @@ class Channel:
         return data
 
     def _recv_raw(self, n: int, into=None) -> memoryview:
-        sock = self.sock
-        buf = memoryview(into) if into is not None else memoryview(bytearray(n))
-        got = 0
+        """n bytes off the wire: first what the last read brought beyond its frame, then one read per
+        arrival, so a header and the payload (and the next frames) that came together cost one call."""
+        out = memoryview(into) if into is not None else memoryview(bytearray(n))
+        got = min(n, self._tail - self._head)
+        if got:
+            out[:got] = self._pending[self._head:self._head + got]
+            self._head += got
         while got < n:
+            if n - got >= RECV_BUFFER:  # a weight chunk: straight into place
+                got += self._recv_some(out[got:n])
+                continue
+            arrived = self._recv_some(self._pending)
+            take = min(arrived, n - got)
+            out[got:got + take] = self._pending[:take]
+            self._head, self._tail = take, arrived
+            got += take
+        return out[:n]
+
+    def _recv_some(self, into: memoryview) -> int:
+        sock = self.sock
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise PeerSilent("the handshake did not finish in time")
+            sock.settimeout(left)
+        try:
+            k = sock.recv_into(into)
+        except socket.timeout:
             if self.deadline is not None:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    raise PeerSilent("the handshake did not finish in time")
-                sock.settimeout(left)
-            try:
-                k = sock.recv_into(buf[got:n], n - got)
-            except socket.timeout:
-                if self.deadline is not None:
-                    raise PeerSilent("the handshake did not finish in time") from None
-                raise PeerSilent(f"sent nothing for {sock.gettimeout():.0f} s") from None
-            except OSError as e:
-                raise PeerClosed(f"connection lost ({e.strerror or e})") from None
-            if k == 0:
-                raise PeerClosed("connection closed by the peer")
-            got += k
-        return buf[:n]
+                raise PeerSilent("the handshake did not finish in time") from None
+            raise PeerSilent(f"sent nothing for {sock.gettimeout():.0f} s") from None
+        except OSError as e:
+            raise PeerClosed(f"connection lost ({e.strerror or e})") from None
+        if k == 0:
+            raise PeerClosed("connection closed by the peer")
+        return k
 
     def end_frame(self) -> None:
         """After the last payload byte: read and check the frame's MAC."""
