@@ -232,3 +232,21 @@ def test_a_killed_worker_of_a_mesh_is_named_within_5_s(h12, killed):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_peers_report_of_silence_names_the_silent_worker():
+    """Node 1 waiting on a frozen node 2 reports the silence to the root (it may notice before the root
+    does): the error must name node 2's board, not the reporter's."""
+    from dllama.runtime.distributed.protocol import ProtocolError
+    from dllama.runtime.distributed.root import WorkerLink, blame
+
+    links = [WorkerLink(1, ("10.0.0.1", 9999)), WorkerLink(2, ("10.0.0.2", 9999))]
+    for link in links:
+        link.peer_names = {other.node: other.name for other in links}
+    with pytest.raises(WorkerError, match=r"^worker 10\.0\.0\.2:9999 \(node 2\): sent nothing for 6 s to node 1 .*"
+                                          r"frozen"):
+        with blame(links[0]):
+            raise ProtocolError("node 2: sent nothing for 6 s")
+    with pytest.raises(WorkerError, match=r"^worker 10\.0\.0\.1:9999 \(node 1\): node 2: checksum mismatch$"):
+        with blame(links[0]):
+            raise ProtocolError("node 2: checksum mismatch")  # not a silence: the reporter's own words

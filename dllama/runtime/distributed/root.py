@@ -9,10 +9,11 @@ a worker is lost, `reconnect()` builds the same cluster again (dllama-run serve 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -112,6 +113,7 @@ class WorkerLink:
     chan: Channel | None = None
     streamed_bytes: int = 0
     greeted: bool = False  # the peer proved to be a dllama worker: only then does it get our bytes
+    peer_names: dict[int, str] = field(default_factory=dict)  # node -> name of every worker of the cluster
 
     @property
     def name(self) -> str:
@@ -147,7 +149,21 @@ def blame(link: WorkerLink) -> Iterator[None]:
                           "hung) or its network is down; check that board") from None
     except (ProtocolError, OSError) as err:
         what = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
-        raise WorkerError(f"{link.name}: {what}") from None
+        raise WorkerError(silent_peer_named(link, what) or f"{link.name}: {what}") from None
+
+
+REPORTED_SILENCE = re.compile(r"node (\d+): (sent nothing for \d+ s)")
+
+
+def silent_peer_named(link: WorkerLink, report: str) -> str | None:
+    """A worker that heard nothing from a mesh peer while both were computing reports it (exchange.PeerFailed);
+    the silent peer is the one to name. The root and the reporter wait on it with the same timeout, so which
+    of them notices first is a race: either way the user reads the frozen board's name."""
+    match = REPORTED_SILENCE.fullmatch(report)
+    if not match or int(match.group(1)) not in link.peer_names:
+        return None
+    return (f"{link.peer_names[int(match.group(1))]}: {match.group(2)} to node {link.node} while it should be "
+            "computing: it is frozen (stopped, swapping, hung) or its network is down; check that board")
 
 
 class TcpExchange:
@@ -379,6 +395,8 @@ class DistributedEngine(Engine):
             raise EngineError(problem)
         buffer_type = exchange_type(h, buffer_type)
         self.links = [WorkerLink(i + 1, addr) for i, addr in enumerate(workers)]
+        for link in self.links:
+            link.peer_names = {other.node: other.name for other in self.links}
         self.n_nodes = n_nodes
         self.cluster_key = cluster_key
         if exchange not in EXCHANGES:
