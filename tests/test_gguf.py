@@ -286,6 +286,76 @@ def test_reference_runtime_loads_and_runs_our_q40_file(smollm2_files, reference_
     assert len(pieces) == 12 - len("Hello") + 1 and "".join(pieces).strip()
 
 
+# The reference's perplexity mode evaluates a prompt one position at a time (not its batched path, which
+# parts from ours on SmolLM2, above) and prints the probability it gives each next prompt token, to 1e-6.
+# Prompts a 135M model predicts well (the reference encodes SmolLM2 nearly one id per character).
+PERPLEXITY_PROMPTS = ("1, 2, 3, 4, 5, 6, 7, 8, 9, 10", "abcdefghijklmnopqrstuvwxyz", "Monday, Tuesday, Wednesday")
+
+
+def next_token_probabilities(engine, ids: list[int]) -> np.ndarray:
+    """Our probability of each prompt token after the first, from one batched forward."""
+    engine.reset()
+    logits = engine.forward(ids, 0).astype(np.float64)
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    return probabilities[np.arange(len(ids) - 1), ids[1:]]
+
+
+def perplexity_differences(reference_dllama, model: Path, tokenizer: Path, buffer_float_type: str, engine,
+                           prompts=PERPLEXITY_PROMPTS) -> np.ndarray:
+    """|reference - ours| for every position of every prompt; the reference's ids are ours (counted)."""
+    from reference_runtime import run_perplexity
+
+    from dllama.tokenizer import Tokenizer
+
+    encoder = Tokenizer.load(str(tokenizer), mode="reference")
+    differences = []
+    for prompt in prompts:
+        ids = encoder.encode(prompt)
+        n_tokens, theirs = run_perplexity(reference_dllama, model, tokenizer, prompt, buffer_float_type)
+        assert n_tokens == len(ids) and len(theirs) == len(ids) - 1, prompt
+        differences.append(np.abs(np.array(theirs) - next_token_probabilities(engine, ids)))
+    return np.concatenate(differences)
+
+
+@pytest.mark.slow
+def test_reference_runtime_gives_our_probabilities_over_multi_token_prompts_on_the_f32_file(smollm2_files,
+                                                                                            reference_dllama):
+    """One prompt: the reference's f32 path reads all 540 MB of weights per position (0.3 s each).
+    Measured: at most 3.2e-5 apart (mean 1.6e-5) over its 28 positions; 1e-4 is 3x that. An RMSNorm
+    epsilon off by 10x moves SmolLM2's logits by 1.5e-3 (tests/test_runtime.py), which moves a probability of
+    0.5 by 4e-4; a rope, mask or KV cache error moves them by tenths."""
+    from dllama.runtime.engine import Engine
+
+    engine = Engine.load(smollm2_files["f32"])
+    differences = perplexity_differences(reference_dllama, smollm2_files["f32"], smollm2_files["tokenizer"], "f32",
+                                         engine, PERPLEXITY_PROMPTS[:1])
+    assert len(differences) == 28 and differences.max() < 1e-4
+
+
+@pytest.mark.slow
+def test_reference_runtime_gives_our_q40_probabilities_within_what_q80_activations_move(smollm2_files,
+                                                                                       reference_dllama):
+    """q40 weights with q80 buffers, the reference's only arithmetic for them. Both runtimes round
+    activations through q80 at their own points in their own order, so the yardstick is what q80 rounding
+    moves: our q80-buffer probabilities against our float32-buffer ones on the same positions. Measured:
+    the reference is 0.73x that apart at the worst position (0.077 against 0.106) and 0.76x on average
+    (0.0076 against 0.0100); 2x is the bound. It fails on our runtime fed the q80 or the f32 file instead
+    (mean 0.045 and 0.048 apart, max 0.27 and 0.28): q40 weights computed any other way than as the
+    reference decodes them, even more exactly, fall outside it."""
+    from dllama.runtime.engine import Engine
+    from dllama.tokenizer import Tokenizer
+
+    q40, tokenizer = smollm2_files["q40"], smollm2_files["tokenizer"]
+    q80_buffers, f32_buffers = Engine.load(q40, buffer_float_type="q80"), Engine.load(q40, buffer_float_type="f32")
+    theirs_vs_ours = perplexity_differences(reference_dllama, q40, tokenizer, "q80", q80_buffers)
+    prompts = [Tokenizer.load(str(tokenizer), mode="reference").encode(p) for p in PERPLEXITY_PROMPTS]
+    q80_rounding = np.concatenate([np.abs(next_token_probabilities(q80_buffers, ids)
+                                          - next_token_probabilities(f32_buffers, ids)) for ids in prompts])
+    assert theirs_vs_ours.max() < 2 * q80_rounding.max() and theirs_vs_ours.mean() < 2 * q80_rounding.mean()
+    assert q80_rounding.mean() < 0.02  # the yardstick itself stays small (measured 0.010)
+
+
 # --------------------------------------------------------------------------------------------
 # A sentencepiece ("llama") tokenizer in a GGUF: Llama 2 and TinyLlama files
 

@@ -1,4 +1,5 @@
-"""Reference mode: the reference C++ runtime's tokenizer (FORMAT.md §4.1), its quirks pinned."""
+"""Reference mode: the reference C++ runtime's tokenizer (FORMAT.md §4.1), its quirks pinned, and its ids
+compared with the ids the reference's own compiled encoder gives."""
 from __future__ import annotations
 
 import pytest
@@ -53,6 +54,65 @@ def trained_t(tmp_path_factory) -> TokenizerFile:
 @pytest.fixture
 def tiny_t() -> TokenizerFile:
     return parse_tokenizer((require_fixtures(CONFORMANCE / "tiny-llama") / "expected.t").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def reference_encoder(reference_dllama):
+    from reference_runtime import build_encoder
+
+    return build_encoder()
+
+
+def reference_texts() -> list[str]:
+    """The corpus, its special-token texts included, and texts that reach the encoder's corners."""
+    return corpus() + ["", " ", "\n\n\t", "a" * 300, "é" * 50, "日本語のテキスト", "🦙🦙 emoji", "x\0cut here",
+                       "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<s>[INST] hi [/INST]</s>"]
+
+
+def with_duplicates(tf: TokenizerFile) -> TokenizerFile:
+    """tf's regular pieces each repeated 1-4 times with other scores, after every single byte (so that any
+    text is spelled): which copy an encoder finds decides both the id and the score of a merge."""
+    import random
+
+    rng = random.Random(31)
+    tokens, scores = [], []
+    for piece in [bytes([b]) for b in range(256)] + tf.tokens[:tf.bos_id]:
+        for _ in range(rng.randint(1, 4)):
+            tokens.append(piece)
+            scores.append(-float(rng.randint(0, 1000)))
+    return TokenizerFile(tokens=tokens + [b"<s>", b"</s>"], scores=scores + [0.0, 0.0], bos_id=len(tokens),
+                         eos_ids=[len(tokens) + 1], add_bos=True)
+
+
+def write_t(tf: TokenizerFile, path) -> str:
+    path.write_bytes(tf.to_bytes())
+    return str(path)
+
+
+@pytest.mark.slow
+def test_reference_mode_gives_the_reference_binarys_own_ids(reference_encoder, trained_t, tmp_path):
+    """The ids the reference runtime feeds its model (its tokenizer.o, compiled with its source), for the
+    whole corpus on six vocabularies: a byte-level BPE trained here, the two conformance ones, SmolLM2's
+    (49152 tokens, the real merges), Llama 2's sentencepiece (bos_id 1 makes nearly every token special)
+    and the trained one with each piece repeated (duplicate strings resolve through the C bsearch). Any rule
+    of the encoder done differently fails here (tried: merging the rightmost of equal scores, a bsearch
+    probing the upper middle)."""
+    from conftest import SMOLLM2
+    from reference_runtime import reference_encode
+
+    vocabularies = {"trained": trained_t, "duplicates": with_duplicates(trained_t),
+                    "smollm2": convert_tokenizer(SMOLLM2)}
+    for name in ("tiny-llama", "tiny-qwen3"):
+        vocabularies[name] = parse_tokenizer((require_fixtures(CONFORMANCE / name) / "expected.t").read_bytes())
+    llama2 = require_fixtures() / "tokenizers" / "llama2"
+    vocabularies["llama2"] = convert_tokenizer(llama2)
+    texts = reference_texts()
+    for name, tf in vocabularies.items():
+        theirs = reference_encode(reference_encoder, write_t(tf, tmp_path / f"{name}.t"), texts)
+        ours = Tokenizer.from_file(tf, mode="reference").encode_batch(texts)
+        assert len(theirs) == len(texts)
+        differing = [(t, o, r) for t, o, r in zip(texts, ours, theirs) if o != r]
+        assert differing == [], (name, differing[:3])
 
 
 def short_texts() -> list[str]:
