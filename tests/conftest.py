@@ -109,8 +109,6 @@ def reference_dllama() -> Path:
 # unless the test is here, with the reason it may skip (documented in tests/fixtures/README.md).
 
 CI_MAY_SKIP = {
-    "tests/test_convert_cli.py::test_read_only_output_folder_is_refused": "root (as CI runs) can write into read-only "
-                                                                          "folders",
     "tests/test_runtime.py::test_portable_kernels_compute_the_same_bits_as_the_cpus_dot_products":
         "the CPU has no dot-product instructions (x86 without AVX512-VNNI, Pi 3B+/4): only the portable path",
     "tests/test_compute.py::test_the_dot_product_path_gives_the_portable_paths_bits*":
