@@ -10,7 +10,14 @@ import httpx
 import openai
 import pytest
 from conftest import CONFORMANCE, require_fixtures
-from serve_helpers import RecordingEngine, common_prefix, in_process_server, load_engine_and_tokenizer
+from serve_helpers import (
+    GatedEngine,
+    RecordingEngine,
+    common_prefix,
+    drain_until_idle,
+    in_process_server,
+    load_engine_and_tokenizer,
+)
 
 from dllama.runtime.serve import create_app
 from dllama.tokenizer.from_hf import convert_tokenizer
@@ -27,9 +34,9 @@ def engine_and_tokenizer(tmp_path_factory):
     return load_engine_and_tokenizer(MODEL_DIR / "expected_f32.m", path, CONTEXT)
 
 
-def serve(engine_and_tokenizer, delay_s: float = 0.0, **options):
+def serve(engine_and_tokenizer, **options):
     engine, tok = engine_and_tokenizer
-    recording = RecordingEngine(engine, delay_s)
+    recording = RecordingEngine(engine)
     app = create_app(recording, tok, model_id="tiny-llama", context_length=CONTEXT, **options)
     return recording, app
 
@@ -78,80 +85,98 @@ def test_identical_prompt_reuses_all_but_the_last_token(engine_and_tokenizer):
 
 
 def test_client_leaving_mid_stream_frees_the_engine_at_once(engine_and_tokenizer):
-    recording, app = serve(engine_and_tokenizer, delay_s=0.02)  # 20 ms per token, like a slow board
+    """The engine runs only the forwards the test permits, one per /health round trip once the client has
+    gone: the generation must stop within a few of them, far from the 200 tokens asked for."""
+    engine, tok = engine_and_tokenizer
+    gate = GatedEngine(engine)
+    app = create_app(gate, tok, model_id="tiny-llama", context_length=CONTEXT)
     with in_process_server(app) as url:
         body = {"prompt": "Stream for a long time", "max_tokens": 200, "temperature": 1.0, "seed": 3, "stream": True}
+        gate.release(2)  # the prompt and the first token
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-        left = time.monotonic()                         # the connection is closed here
-        while httpx.get(f"{url}/health").json()["busy"]:
-            assert time.monotonic() - left < 2.0, "the engine stayed busy after the client left"
-            time.sleep(0.01)
-        evaluated = len(recording.calls)
-        time.sleep(0.2)
-        assert len(recording.calls) == evaluated         # nothing runs for the departed client
-        assert evaluated < 50                            # far from the 200 tokens it asked for
+        # the connection is closed here
+        assert drain_until_idle(url, gate, most=10) < 10
+        evaluated = len(gate.calls)
+        gate.open()
         quick = client_for(url).completions.create(model="m", prompt="next", max_tokens=3, temperature=0)
         assert quick.choices[0].finish_reason in ("stop", "length")
+    pos, ids = gate.calls[evaluated]  # nothing ran for the departed client after it went idle
+    assert ids == tok.encode("next")[pos:] and len(gate.calls) <= evaluated + 3
+
+
+def test_client_giving_up_on_a_plain_request_frees_the_engine(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    gate = GatedEngine(engine)
+    app = create_app(gate, tok, model_id="tiny-llama", context_length=CONTEXT)
+    with in_process_server(app) as url:
+        gate.release(1)
+        with pytest.raises(httpx.ReadTimeout):  # the gate holds the answer: the client surely times out
+            httpx.post(f"{url}/v1/completions", json={"prompt": "long", "max_tokens": 200, "temperature": 1.0,
+                                                      "seed": 3},
+                       timeout=0.3)
+        assert drain_until_idle(url, gate, most=10) < 10
+    assert len(gate.calls) < 12
+
+
+def test_request_whose_client_left_while_queued_never_runs(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    gate = GatedEngine(engine)
+    app = create_app(gate, tok, model_id="tiny-llama", context_length=CONTEXT)
+    with in_process_server(app) as url:
+        first = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),
+                                 kwargs={"json": {"prompt": "first", "max_tokens": 20, "temperature": 1.0, "seed": 1},
+                                         "timeout": 60})
+        first.start()
+        gate.wait_for_calls(1)  # the first request holds the engine (at the gate)
+        with pytest.raises(httpx.ReadTimeout):  # waits behind the first request, then gives up
+            httpx.post(f"{url}/v1/completions", json={"prompt": "queued and gone", "max_tokens": 5}, timeout=0.3)
+        for _ in range(2):  # round trips on the event loop, which saw the disconnect before them
+            httpx.get(f"{url}/health")
+        gate.open()
+        first.join(60)
+        wait_until_idle(url, within_s=30)
+    gone = tok.encode("queued and gone")
+    assert all(ids != gone[pos:] for pos, ids in gate.calls)  # its prompt was never evaluated
+    assert gate.calls[0][1] == tok.encode("first")
 
 
 def wait_until_idle(url: str, within_s: float) -> None:
     deadline = time.monotonic() + within_s
     while httpx.get(f"{url}/health").json()["busy"]:
         assert time.monotonic() < deadline, f"the engine was still busy after {within_s} s"
-        time.sleep(0.01)
-
-
-def test_client_giving_up_on_a_plain_request_frees_the_engine(engine_and_tokenizer):
-    recording, app = serve(engine_and_tokenizer, delay_s=0.02)
-    with in_process_server(app) as url:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/completions", json={"prompt": "long", "max_tokens": 200, "temperature": 1.0,
-                                                      "seed": 3},
-                       timeout=0.3)
-        wait_until_idle(url, within_s=1.0)
-        assert len(recording.calls) < 50
-
-
-def test_request_whose_client_left_while_queued_never_runs(engine_and_tokenizer):
-    engine, tok = engine_and_tokenizer
-    recording, app = serve(engine_and_tokenizer, delay_s=0.05)
-    with in_process_server(app) as url:
-        first = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),
-                                 kwargs={"json": {"prompt": "first", "max_tokens": 20, "temperature": 1.0, "seed": 1},
-                                         "timeout": 30})
-        first.start()
-        time.sleep(0.1)
-        with pytest.raises(httpx.ReadTimeout):  # waits behind the first request, then gives up
-            httpx.post(f"{url}/v1/completions", json={"prompt": "queued and gone", "max_tokens": 5}, timeout=0.3)
-        first.join()
-        wait_until_idle(url, within_s=1.0)
-    gone = tok.encode("queued and gone")
-    assert all(ids != gone[pos:] for pos, ids in recording.calls)  # its prompt was never evaluated
-    assert recording.calls[0][1] == tok.encode("first")
 
 
 def test_full_queue_answers_429_and_the_rest_complete(engine_and_tokenizer):
-    recording, app = serve(engine_and_tokenizer, delay_s=0.2, max_queue=1)
+    """In order, by events: one runs (held at the gate), one waits (seen in /health), two find the queue full."""
+    engine, tok = engine_and_tokenizer
+    gate = GatedEngine(engine)
+    app = create_app(gate, tok, model_id="tiny-llama", context_length=CONTEXT, max_queue=1)
+    statuses: dict[int, tuple[int, dict]] = {}
+
+    def post(i):
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": f"job {i}", "max_tokens": 5, "temperature": 0},
+                       timeout=60)
+        statuses[i] = (r.status_code, r.json())
+
     with in_process_server(app) as url:
-        statuses = []
-
-        def post(i):
-            r = httpx.post(f"{url}/v1/completions", json={"prompt": f"job {i}", "max_tokens": 5, "temperature": 0},
-                           timeout=60)
-            statuses.append((r.status_code, r.json()))
-
         threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
-        for t in threads:
+        threads[0].start()
+        gate.wait_for_calls(1)
+        threads[1].start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health").json()["queued"] != 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+        for t in threads[2:]:
             t.start()
-            time.sleep(0.05)  # in order: one runs, one waits, the rest find the queue full
-        for t in threads:
-            t.join()
-    codes = sorted(code for code, _ in statuses)
-    assert codes == [200, 200, 429, 429]
-    for code, body in statuses:
+            t.join(60)
+        gate.open()
+        for t in threads[:2]:
+            t.join(60)
+    assert [statuses[i][0] for i in range(4)] == [200, 200, 429, 429]
+    for code, body in statuses.values():
         if code == 429:
             assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "queue_full"
 

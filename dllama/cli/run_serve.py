@@ -25,7 +25,7 @@ def serve_command(
     quant: Optional[str] = options.QUANT,
     host: str = typer.Option(DEFAULT_HOST,
                              help="address to bind (loopback by default; 0.0.0.0 exposes it to the network)"),
-    port: int = typer.Option(DEFAULT_PORT, help="TCP port"),
+    port: int = typer.Option(DEFAULT_PORT, help="TCP port (0: one the OS picks, named in the log)"),
     api_key_file: Optional[Path] = typer.Option(None, help="require 'Authorization: Bearer KEY' on /v1/*, KEY being "
                                                 "this file's first line (or set DLLAMA_API_KEY)"),
     api_key: Optional[str] = typer.Option(None, help="the key itself: visible to every user of this machine in `ps`; "

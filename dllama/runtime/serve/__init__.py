@@ -10,6 +10,7 @@ docs/API.md describes the endpoints, parameters, errors and the queue.
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Callable, Sequence
 
 __all__ = ["ApiError", "create_app", "run_server", "worker_probe"]
@@ -46,10 +47,12 @@ def run_server(engine, tokenizer, *, model_id: str, context_length: int, host: s
     limits = limits or ServeLimits()
     app = create_app(engine, tokenizer, model_id=model_id, context_length=context_length, max_queue=max_queue,
                      api_key=api_key, health_probe=health_probe, limits=limits, cors_origins=cors_origins)
-    server = uvicorn.Server(uvicorn_config(app, host, port))
+    config = uvicorn_config(app, host, port)
+    sock = config.bind_socket()  # bound and listening before the log line, whose port is the OS's for --port 0
+    sock.listen(socket.SOMAXCONN)
     logging.getLogger("dllama.serve").info(
         "serving %s on http://%s:%d/v1 (context %d tokens, queue %d, at most %d connections%s%s)", model_id, host,
-        port, context_length, max_queue, limits.max_connections, ", API key required" if api_key else "",
-        f", CORS for {', '.join(cors_origins)}" if cors_origins else "")
-    server.run()
+        sock.getsockname()[1], context_length, max_queue, limits.max_connections,
+        ", API key required" if api_key else "", f", CORS for {', '.join(cors_origins)}" if cors_origins else "")
+    uvicorn.Server(config).run(sockets=[sock])
 
