@@ -38,11 +38,11 @@ def test_root_cli_with_a_worker_writes_the_single_node_text(worker_address):
 def test_root_cli_names_an_unreachable_worker_in_one_line():
     folder = require_fixtures(CONFORMANCE / "tiny-llama")
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", 0))  # bound, never listening, held: refused, and nobody else can take the port
         port = s.getsockname()[1]
-    out = subprocess.run(RUN + ["--model", str(folder / "expected_q40.m"), "--tokenizer", str(folder / "expected.t"),
-                                "--prompt", "Hi", "--workers", f"127.0.0.1:{port}"],
-                         capture_output=True, text=True, timeout=120)
+        out = subprocess.run(RUN + ["--model", str(folder / "expected_q40.m"), "--tokenizer",
+                                    str(folder / "expected.t"), "--prompt", "Hi", "--workers", f"127.0.0.1:{port}"],
+                             capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"worker 127.0.0.1:{port} (node 1)" in errors[0], out.stderr

@@ -134,9 +134,8 @@ def test_oversized_frames_are_refused_before_allocating(f32_model):
         assert "MiB but this machine has" in text
         endless = replace(read_model_header(f32_model), n_layers=1 << 30)
         forged = hello_bytes(f32_model, header_bytes=endless.to_bytes())
-        started = time.monotonic()
         text = error_text(talk(worker.address, KEYLESS_START + frame(Frame.HELLO, forged)))
-        assert "n_layers 1073741824 in its header, outside" in text and time.monotonic() - started < 1
+        assert "n_layers 1073741824 in its header, outside" in text  # refused by the header check, before any loop
         still_serves(worker, f32_model)
 
 
@@ -175,19 +174,17 @@ def test_a_model_that_differs_from_the_workers_copy_is_refused(tmp_path, f32_mod
 
 def test_root_names_a_worker_that_is_not_there(f32_model):
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nobody listens here once the socket closes
-    with pytest.raises(WorkerError, match=rf"worker 127\.0\.0\.1:{port} \(node 1\)"):
-        DistributedEngine(f32_model, [("127.0.0.1", port)], max_seq_len=32, buffer_type="f32")
+        s.bind(("127.0.0.1", 0))  # bound, never listening, held: refused, and nobody else can take the port
+        port = s.getsockname()[1]
+        with pytest.raises(WorkerError, match=rf"worker 127\.0\.0\.1:{port} \(node 1\): connection refused"):
+            DistributedEngine(f32_model, [("127.0.0.1", port)], max_seq_len=32, buffer_type="f32")
 
 
 def test_a_second_root_is_told_at_once_that_the_worker_is_busy(f32_model):
     with loopback_workers(1) as (worker,):
         with DistributedEngine(f32_model, [worker.address], max_seq_len=32, buffer_type="f32"):
-            started = time.monotonic()
-            with pytest.raises(WorkerError, match="busy serving the root at 127.0.0.1"):
+            with pytest.raises(WorkerError, match="busy serving the root at 127.0.0.1"):  # told, not timed out
                 DistributedEngine(f32_model, [worker.address], max_seq_len=32, buffer_type="f32")
-            assert time.monotonic() - started < 3
         still_serves(worker, f32_model)
 
 
@@ -210,18 +207,18 @@ def start_worker_process() -> tuple[subprocess.Popen, tuple[str, int]]:
     return proc, (match.group(1), int(match.group(2)))
 
 
-def test_killing_a_worker_mid_generation_names_it_within_5_s(f32_model):
+def test_killing_a_worker_mid_generation_names_it_by_its_closed_connection(f32_model):
     proc, address = start_worker_process()
     try:
         engine = DistributedEngine(f32_model, [address], max_seq_len=64, buffer_type="f32")
-        token, started = 1, None
-        with pytest.raises(WorkerError, match=rf"worker 127\.0\.0\.1:{address[1]} \(node 1\)"):
+        token = 1
+        with pytest.raises(WorkerError, match=rf"worker 127\.0\.0\.1:{address[1]} \(node 1\)") as info:
             for pos in range(60):
                 if pos == 5:
                     proc.send_signal(signal.SIGKILL)
-                    started = time.monotonic()
                 token = int(np.argmax(engine.forward([token], pos)[-1]))
-        assert started is not None and time.monotonic() - started < 5
+        # noticed by the closed connection, not by a timeout (PROGRESS_TIMEOUT_S's "frozen", "no answer in time")
+        assert "frozen" not in str(info.value) and "in time" not in str(info.value)
         engine.close()
     finally:
         proc.kill()
@@ -234,11 +231,9 @@ def test_a_silent_peer_such_as_a_reference_worker_is_named_at_once_and_reads_non
     """A reference distributed-llama worker accepts and waits for its root's bytes (which it would read
     as socket counts and sizes): the root sends nothing before a dllama greeting, and says so."""
     with socket.create_server(("127.0.0.1", 0)) as silent:
-        started = time.monotonic()
         with pytest.raises(WorkerError, match=r"node 1\): accepted the connection but sent no dllama greeting .*"
-                                              r"reference distributed-llama worker"):
+                                              r"reference distributed-llama worker"):  # after GREETING_TIMEOUT_S
             DistributedEngine(f32_model, [silent.getsockname()[:2]], max_seq_len=32, buffer_type="f32")
-        assert time.monotonic() - started < 3
         conn, _ = silent.accept()
         with conn:
             conn.settimeout(1)
@@ -280,26 +275,35 @@ def test_reconnect_rebuilds_the_cluster_after_a_lost_link(f32_model):
 
 def test_a_reference_cpp_worker_is_named_in_one_line_and_gets_none_of_our_bytes(reference_dllama, f32_model):
     """Protocol 1 sent first, and the C++ worker read our preamble as its socket count (1.3 billion)."""
-    from serve_helpers import free_port
-
-    port = free_port()
-    cpp = subprocess.Popen(["stdbuf", "-o0", str(reference_dllama), "worker", "--port", str(port), "--nthreads", "1"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cpp, port = start_reference_worker(reference_dllama)
     try:
-        deadline = time.monotonic() + 10
-        while not listening(port):  # not by connecting: a connection that closes unread ends the C++ worker
-            assert time.monotonic() < deadline and cpp.poll() is None, "the reference worker did not start"
-            time.sleep(0.05)
-        started = time.monotonic()
         with pytest.raises(WorkerError, match="sent no dllama greeting.*reference distributed-llama worker"):
             DistributedEngine(f32_model, [("127.0.0.1", port)], max_seq_len=32, buffer_type="f32")
-        assert time.monotonic() - started < 3
     finally:
         cpp.kill()
         cpp.wait()
     said = cpp.stdout.read().decode("utf-8", "replace")
     # it saw a root connect, then the connection close before any byte: it never read a node count
     assert "The root node has connected" in said and "nNodes" not in said, said
+
+
+def start_reference_worker(binary, attempts: int = 5, deadline_s: float = 60) -> tuple[subprocess.Popen, int]:
+    """The C++ worker cannot take port 0: a free port is found first, and another process may take it before
+    the worker binds, so a worker that exits instead of listening is started again on another port."""
+    from serve_helpers import free_port
+
+    for _ in range(attempts):
+        port = free_port()
+        cpp = subprocess.Popen(["stdbuf", "-o0", str(binary), "worker", "--port", str(port), "--nthreads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + deadline_s
+        while not listening(port) and cpp.poll() is None:  # not by connecting: that would end the C++ worker
+            assert time.monotonic() < deadline, "the reference worker neither listened nor exited"
+            time.sleep(0.05)  # bounded polling of /proc/net/tcp
+        if cpp.poll() is None:
+            return cpp, port
+        cpp.wait()
+    raise RuntimeError(f"the reference worker exited {attempts} times instead of listening")
 
 
 def listening(port: int) -> bool:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import fuzz_inputs as fz
@@ -70,8 +69,6 @@ def test_the_harness_classifies_each_outcome(tmp_path, monkeypatch, reader, outc
     mutated = tmp_path / "case.m"
     mutated.write_bytes(b"x")
     case = fz.Case("m_llama_q40", "a test", (), must_refuse=True)
-    started = time.monotonic()
     [result] = fz.run_all([fz.Run(case, reader.__name__, {"mutated": mutated}, mutated, tmp_path / "out")], jobs=1,
                           deadline_s=3.0, scratch=tmp_path)
     assert result.outcome == outcome, result
-    assert time.monotonic() - started < 60

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import openai
 import pytest
 from conftest import CONFORMANCE, require_fixtures
 from distributed_helpers import loopback_workers, write_random_model
-from serve_helpers import LOOPBACK, free_port, load_engine_and_tokenizer, local_generation, wait_for_health
+from serve_helpers import LOOPBACK, LogWatcher, load_engine_and_tokenizer, local_generation, wait_for_health
 
 from dllama.formats import FloatType
 from dllama.runtime.distributed.root import DistributedEngine
@@ -127,12 +126,12 @@ def test_serve_under_mpiexec_answers_the_openai_client(tmp_path):
     folder = require_fixtures(CONFORMANCE / "tiny-llama")  # 2 kv heads: 2 ranks
     model, tokenizer = folder / "expected_f32.m", tmp_path / "tiny-llama.t"
     tokenizer.write_bytes(convert_tokenizer(folder).to_bytes())
-    port = free_port()
     proc = subprocess.Popen([*mpiexec_command(2), "dllama-run", "mpi", "serve", "--model", str(model), "--tokenizer",
                              str(tokenizer), "--max-seq-len", "256", "--buffer-float-type", "f32", "--nthreads", "1",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    log = LogWatcher(proc.stderr)
     try:
-        url = f"http://{LOOPBACK}:{port}"
+        url = f"http://{LOOPBACK}:{log.port()}"  # the OS's port, from the server's log line
         wait_for_health(url, proc)
         engine, tok = load_engine_and_tokenizer(model, tokenizer, 256)
         messages = [{"role": "user", "content": "Hello from MPI"}]
@@ -143,8 +142,9 @@ def test_serve_under_mpiexec_answers_the_openai_client(tmp_path):
         assert reply.choices[0].message.content == single_node
         proc.send_signal(signal.SIGINT)  # mpiexec passes it on; rank 0 stops the server and then the ranks
         proc.wait(20)
-        log = proc.stderr.read().decode()
-        assert proc.returncode in (0, 130) and "error:" not in log, log[-2000:]  # 130: interrupted, as dllama-run
+        log.join(10)
+        # 130: interrupted, as dllama-run
+        assert proc.returncode in (0, 130) and "error:" not in log.text(), log.text()[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -167,20 +167,18 @@ def one_error_line(proc: subprocess.Popen, err: str) -> str:
 
 
 @pytest.mark.parametrize("while_, rank", [("busy", "2"), ("idle", "2")])
-def test_a_killed_rank_is_named_by_rank_0_within_5_s(h12, tmp_path, while_, rank):
+def test_a_killed_rank_is_named_by_rank_0_as_dead(h12, tmp_path, while_, rank):
     proc, ranks = start_until_killed(h12[FloatType.Q40], tmp_path, while_)
     try:
-        time.sleep(0.5)
-        killed = time.monotonic()
         os.kill(int(ranks[rank]), signal.SIGKILL)
-        _, err = proc.communicate(timeout=15)
-        assert time.monotonic() - killed < 5
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     error = one_error_line(proc, err)
     assert f"rank {rank} on {os.uname().nodename}" in error and f"pid {ranks[rank]}" in error and "died" in error
+    assert "answered nothing" not in error  # noticed by its death, not after the 30 s progress timeout
 
 
 def test_a_frozen_rank_is_named_after_the_progress_timeout(h12, tmp_path):

@@ -66,19 +66,19 @@ def test_worker_lost_during_a_request_gives_503_and_health_down(cluster):
 
     thread = threading.Thread(target=request)
     thread.start()
-    time.sleep(0.5)
-    assert thread.is_alive()                 # the root waits on the frozen worker
-    killed = time.monotonic()
+    deadline = time.monotonic() + 60
+    while not httpx.get(f"{server.url}/health", timeout=5).json()["busy"]:  # the root waits on the frozen worker
+        assert time.monotonic() < deadline and thread.is_alive(), "the request never reached the engine"
     os.kill(worker.pid, signal.SIGKILL)
-    thread.join(15)
+    thread.join(60)
     assert not thread.is_alive(), "the request hung after its worker was lost"
-    assert time.monotonic() - killed < 5
     response = result["response"]
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "cluster_unavailable"
     health = httpx.get(f"{server.url}/health", timeout=5)
     assert health.status_code == 503 and health.json()["status"] == "down"
     assert f"{LOOPBACK}:" in health.json()["error"]          # names the lost worker
+    assert "frozen" not in health.json()["error"]  # by its closed connection, not the progress timeout (SIGSTOP)
     assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "again"}, timeout=10).status_code == 503
 
 
@@ -89,10 +89,9 @@ def test_health_reports_a_worker_lost_while_idle(cluster):
     assert health.json()["workers"] == [{"address": f"{LOOPBACK}:{worker.port}", "node": 1, "status": "ok"}]
     worker.kill()
     worker.wait()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # bounded polling; the message below says how it was noticed
     while httpx.get(f"{server.url}/health").status_code != 503:
-        assert time.monotonic() < deadline, "/health still says ok 5 s after the worker died"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline, "/health still says ok 60 s after the worker died"
     health = httpx.get(f"{server.url}/health").json()
     assert "closed the connection" in health["error"]
     assert health["workers"][0]["status"] == "down" and "closed the connection" in health["workers"][0]["error"]
@@ -110,14 +109,16 @@ def test_a_restarted_worker_is_reconnected_without_restarting_the_server(cluster
     assert gone.status_code == 503 and "reconnects by itself" in gone.json()["error"]["message"]
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "down" and "reconnecting" in health
-    time.sleep(2)  # it stays down while the worker is away
+    deadline = time.monotonic() + 60
+    while "last attempt" not in (health := httpx.get(f"{server.url}/health").json()).get("reconnecting", ""):
+        assert time.monotonic() < deadline, "no reconnection attempt in 60 s"  # one failed while it is away
+    assert health["status"] == "down" and health["reconnects"] == 0
     assert httpx.post(f"{server.url}/v1/completions", json=prompt, timeout=30).status_code == 503
     back, _ = start_worker(worker.port)  # the same address, as a board that rebooted
     try:
-        returned = time.monotonic()
+        deadline = time.monotonic() + 60
         while (reply := httpx.post(f"{server.url}/v1/completions", json=prompt, timeout=60)).status_code == 503:
-            assert time.monotonic() - returned < 10, "still 503 10 s after the worker came back"
-            time.sleep(0.2)
+            assert time.monotonic() < deadline, "still 503 60 s after the worker came back"
         assert reply.status_code == 200
         assert reply.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]  # the same cluster again
         health = httpx.get(f"{server.url}/health").json()
