@@ -3,8 +3,10 @@
 tests/fixtures/transformers_gguf/ holds what transformers (with torch; neither a dllama dependency)
 loaded from each GGUF: every tensor's sha256 as float32 in the Hugging Face layout, and the logits
 of a prompt (make_fixtures.py there made them). So the dequantization (F16, BF16, Q4_1, Q5_0, Q5_1,
-Q8_0), the q/k un-permutation and the GGUF route's f32 conversion are checked against code that
-shares nothing with dllama's.
+Q8_0, and Q2_K to Q6_K in files llama-quantize wrote), the q/k un-permutation and the GGUF route's f32
+conversion are checked against code that shares nothing with dllama's. Llama 3's rope scaling, which a
+GGUF keeps only as rope_freqs.weight, is checked against transformers on the checkpoint llama.cpp's
+converter made the file from; the "mistral" architecture name against transformers' "llama" reading.
 """
 from __future__ import annotations
 
@@ -74,3 +76,35 @@ def test_smollm2_gguf_f32_conversion_gives_transformers_logits(smollm2_files, sm
         got = engine.forward(ids, 0)
         assert np.abs(got - expected[prompt]).max() <= SMOLLM2_LOGITS_TOLERANCE
         assert (got.argmax(-1) == expected[prompt].argmax(-1)).all()
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs_gives_transformers_logits(tmp_path):
+    """llama.cpp's converter keeps Llama 3's rope scaling only as per-frequency divisors (rope_freqs.weight);
+    dllama must find the scaling they came from. Measured: 2.4e-6 from transformers on the original folder
+    over 200 positions; the same model without the scaling is 0.056 away, 2800x the tolerance."""
+    rope = json.loads((FIXTURES / "transformers_reading.json").read_text())["llama3_rope"]
+    assert GGUFCheckpoint(FIXTURES / rope["file"]).config["rope_scaling"] == rope["rope_scaling"]
+    result = convert(FIXTURES / rope["file"], "f32", tmp_path, name="m")
+    expected = np.load(FIXTURES / rope["file"].replace(".gguf", ".logits.npz"))["long"]
+    got = Engine.load(result.plan.model_path).forward(rope["prompts"]["long"], 0)
+    assert np.abs(got - expected).max() <= TINY_LOGITS_TOLERANCE
+
+
+def test_mistral_architecture_name_reads_as_transformers_reads_the_llama_one(tmp_path):
+    """A GGUF whose general.architecture is "mistral" (keys mistral.*), the tensors of tiny-llama-f16.gguf:
+    transformers' gguf-py knows no such architecture (llama.cpp writes Mistral 7B as "llama"), so its reading
+    of the llama-named copy is the reference."""
+    from gguf_helpers import write_gguf_like
+
+    source = FIXTURES / "tiny-llama-f16.gguf"
+    mistral = write_gguf_like(source, tmp_path / "tiny-mistral-f16.gguf", arch="mistral")
+    assert GGUFCheckpoint(mistral).config["model_type"] == "mistral"
+    expected_tensors = READING[source.name]["tensors"]
+    ckpt = GGUFCheckpoint(mistral)
+    assert all(sha256_f32(ckpt.get(name)) == t["sha256"] for name, t in expected_tensors.items() if name in ckpt)
+    result = convert(mistral, "f32", tmp_path / "out", name="m")
+    engine = Engine.load(result.plan.model_path)
+    expected = np.load(FIXTURES / "tiny-llama-f16.logits.npz")
+    for prompt, ids in READING[source.name]["prompts"].items():
+        engine.reset()
+        assert np.abs(engine.forward(ids, 0) - expected[prompt]).max() <= TINY_LOGITS_TOLERANCE
