@@ -310,3 +310,39 @@ def listening(port: int) -> bool:
     """Whether some socket listens on TCP `port` (Linux /proc/net/tcp, state 0A)."""
     with open("/proc/net/tcp") as f:
         return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A" for line in list(f)[1:])
+
+
+def test_both_ends_of_a_cluster_link_probe_an_idle_peer_within_seconds_not_hours(f32_model):
+    """A board that loses power sends no FIN: TCP keepalive on both ends of each link (KEEPALIVE_S: probe
+    after 10 s idle, every 5 s, 3 probes) notices it in ~25 s instead of the kernel's default two hours.
+    Read from the kernel (ss shows each socket's keepalive timer), not from our own code."""
+    from dllama.runtime.distributed.protocol import KEEPALIVE_S
+
+    if subprocess.run(["ss", "-V"], capture_output=True).returncode != 0:
+        pytest.fail("ss (iproute2) is needed to read the sockets' timers")
+    with loopback_workers(1, model_path=f32_model) as (worker,):
+        with DistributedEngine(f32_model, [worker.address], max_seq_len=32, buffer_type="f32") as engine:
+            engine.forward([1, 2], 0)
+            port = worker.address[1]
+            deadline = time.monotonic() + 30
+            while len(listed := keepalive_timers(port)) < 2:  # a timer shows once the link is idle (all acked)
+                assert time.monotonic() < deadline, f"not both ends with a keepalive timer: {listed}"
+            root_sock = engine.links[0].sock
+            intervals = [root_sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+                         for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")]
+    assert len(listed) == 2, listed  # the root's end and the worker's
+    assert all(seconds <= KEEPALIVE_S[0] <= 60 for seconds in listed), listed  # the next probe: seconds away
+    idle, interval, count = intervals
+    assert intervals == list(KEEPALIVE_S) and idle + interval * count <= 60  # a dead peer noticed within a minute
+
+
+def keepalive_timers(port: int) -> list[float]:
+    """Seconds to the next keepalive probe of each established socket on `port` that shows one (ss -o)."""
+    lines = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :{port} or dport = :{port} )"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    timers = []
+    for line in lines:
+        if timer := re.search(r"timer:\(keepalive,(?:(\d+)min)?([\d.]+)(ms|sec)", line):
+            minutes, value, unit = timer.groups()
+            timers.append(int(minutes or 0) * 60 + float(value) / (1000 if unit == "ms" else 1))
+    return timers
