@@ -209,3 +209,21 @@ def test_a_bad_model_on_one_rank_is_refused_before_any_exchange(h12, tmp_path, p
     assert f"rank 2 on {os.uname().nodename}" in errors[0]
     assert ("does not exist" if problem == "missing" else "different") in errors[0]
     assert not (tmp_path / "a.npz").exists()
+
+
+@pytest.mark.parametrize("command, stdin", [([], None), (["chat"], "Hello\nAnd then?\n\n")])
+def test_generate_and_chat_under_mpiexec_print_what_one_node_prints(command, stdin):
+    """`dllama-run mpi` and `dllama-run mpi chat` on 2 ranks against dllama-run on one node: the same text,
+    greedy, f32 buffers (the cluster's float32 sums give one node's argmax on tiny-llama). The chat has two
+    turns, the second reusing the cluster's KV cache."""
+    folder = require_fixtures(CONFORMANCE / "tiny-llama")
+    args = [*command, "--model", str(folder / "expected_f32.m"), "--tokenizer", str(folder / "expected.t"),
+            "--temperature", "0", "--steps", "12", "--nthreads", "1"] + ([] if command else ["--prompt", "Hello world"])
+    one = subprocess.run(["dllama-run", *args], input=stdin, capture_output=True, text=True, timeout=120, env=env())
+    two = subprocess.run([*mpiexec_command(2), "dllama-run", "mpi", *args, "--buffer-float-type", "f32"], input=stdin,
+                         capture_output=True, text=True, timeout=180, env=env())
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and len(one.stdout) > len("Hello world")
+    assert "rank 1 on " in two.stderr and "heads 2-3" in two.stderr  # half the model ran on the second rank
+    if command:
+        assert one.stderr.count("generated:") == two.stderr.count("generated:") == 2  # both turns answered
