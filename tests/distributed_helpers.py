@@ -49,6 +49,16 @@ def loopback_workers(n: int, model_path: Path | None = None, cluster_key: bytes 
             t.join(5)
 
 
+# f32 buffers: a cluster's logits against one node's (or transformers') differ only by float32 partials summed
+# in another order. Measured: at most 2.0e-6 on the tiny and random models, 2 to 8 nodes, star, mesh and MPI
+# (the one-node runtime is 2.2e-6 from transformers). 10x that catches what 1e-4 could miss on logits this
+# small: a partial rounded through bf16 or f16 on its way (~1e-3 of its size), a norm epsilon off by 10x.
+F32_CLUSTER_TOLERANCE = 2e-5
+# SmolLM2 (30 layers, logits up to ~30): measured 5.6e-5 between node counts; its sums are deterministic
+# for a node count, so 1.8x is margin enough, and a lost or doubled partial moves them by whole units.
+F32_CLUSTER_TOLERANCE_SMOLLM2 = 1e-4
+
+
 # FORMAT.md §2: with q80 buffers every node's partial is quantized on its own, so logits move with
 # the node count (measured: up to 0.07 on random models whose logits span +-2.6). A greedy token may
 # differ from one node's only where one node's top two logits are closer than this.

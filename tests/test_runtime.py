@@ -257,7 +257,8 @@ def test_batched_prefill_equals_token_by_token(float_type):
     batched = engine.forward(PROMPT, 0)
     engine.reset()
     stepwise = np.concatenate([engine.forward([t], i) for i, t in enumerate(PROMPT)])
-    assert np.abs(batched - stepwise).max() <= 1e-4
+    # measured 0 here; a CPU whose batched kernel sums in another order may differ by float32 rounding
+    assert np.abs(batched - stepwise).max() <= LOGITS_TOLERANCE
 
 
 def test_prompts_longer_than_a_batch_are_split_without_changing_the_result(monkeypatch):
@@ -324,7 +325,8 @@ def test_two_node_slices_sum_to_the_single_node_result():
         x = x + sum(node.ffn(layer, y) for node in nodes)
     logits = np.concatenate([node.logits(x) for node in nodes], axis=1)
     assert nodes[0].k_cache.shape[2] == h.n_kv_heads // 2
-    assert np.abs(logits - Engine.load(path).forward(PROMPT, 0)).max() <= 1e-4
+    # measured 9.2e-7: two nodes' partials summed in numpy's order against the engine's
+    assert np.abs(logits - Engine.load(path).forward(PROMPT, 0)).max() <= LOGITS_TOLERANCE
 
 
 def per_call_engine(path, **kwargs) -> Engine:
