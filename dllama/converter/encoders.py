@@ -83,19 +83,36 @@ def encode_q40_search(src, kind, order, column_scale, importance, out):
     Rows are searched in groups, each as a (value j of a block, block) array: every step then runs
     along a group's blocks, so it vectorizes while each block's sums keep the order j = 0..31 (IEEE,
     no fastmath: the same bytes on every machine and from a cold or a warm numba cache)."""
-    rows, cols = order.shape[0], src.shape[1]
+    rows = order.shape[0]
+    group, importance_t = _search_groups(src.shape[1], importance)
+    for g in prange((rows + group - 1) // group):
+        r0 = g * group
+        r1 = min(rows, r0 + group)
+        _search_rows(src, kind, order[r0:r1], column_scale, importance_t, out[r0:r1])
+
+
+@numba.njit(**_jit)
+def encode_q40_search_serial(src, kind, order, column_scale, importance, out):
+    """encode_q40_search on the calling thread alone, for a few rows (the calibration's trials):
+    waking the pool's threads would cost more than the work, on a loaded machine many times more."""
+    rows = order.shape[0]
+    group, importance_t = _search_groups(src.shape[1], importance)
+    for r0 in range(0, rows, group):
+        r1 = min(rows, r0 + group)
+        _search_rows(src, kind, order[r0:r1], column_scale, importance_t, out[r0:r1])
+
+
+@numba.njit(**_jit)
+def _search_groups(cols, importance):
+    """Rows per group, and the importance of a group's blocks as (value j of a block, block)."""
     n_blocks = cols // BLOCK_SIZE
     group = max(1, SEARCH_GROUP_BLOCKS // n_blocks)
-    # the importance of a group's blocks, (value j of a block, block)
     importance_t = np.empty((BLOCK_SIZE, group * n_blocks), np.float32)
     for r in range(group):
         for b in range(n_blocks):
             for j in range(BLOCK_SIZE):
                 importance_t[j, r * n_blocks + b] = importance[b * BLOCK_SIZE + j]
-    for g in prange((rows + group - 1) // group):
-        r0 = g * group
-        r1 = min(rows, r0 + group)
-        _search_rows(src, kind, order[r0:r1], column_scale, importance_t, out[r0:r1])
+    return group, importance_t
 
 
 SEARCH_GROUP_BLOCKS = 1024  # blocks searched together: long vector loops, a group's arrays in L2
