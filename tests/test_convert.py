@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import CHECKPOINTS, CONFORMANCE, FIXTURES, ROOT
 from safetensors.numpy import load_file, save_file
 
 from dllama.checkpoint import Checkpoint, header_from_config
@@ -52,7 +52,21 @@ def model_bytes(result) -> bytes:
 
 # -- the reference converter's own outputs (../shared/fixtures/conformance)
 
-@pytest.mark.parametrize("quant", ["q40", "q80", "f32"])
+EXPECTED_QUANTS = ("q40", "q80", "f32")
+
+
+def test_every_conformance_fixture_and_file_is_compared_below():
+    """`--exact` is held to the reference converter's bytes on every fixture: a fixture or an
+    expected file added without a place in CHECKPOINTS / EXPECTED_QUANTS would go unchecked."""
+    for root in (CONFORMANCE, FIXTURES / "conformance"):
+        fixtures = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+        assert fixtures == sorted(CHECKPOINTS), root
+        for name in fixtures:
+            expected = sorted(p.name for p in (root / name).glob("expected_*.m"))
+            assert expected == sorted(f"expected_{q}.m" for q in EXPECTED_QUANTS), root / name
+
+
+@pytest.mark.parametrize("quant", EXPECTED_QUANTS)
 def test_model_file_is_byte_identical_to_reference_converter(conformance_dir, tmp_path, quant):
     result = convert(conformance_dir, quant, tmp_path, name="m", exact=True)
     assert model_bytes(result) == (conformance_dir / f"expected_{quant}.m").read_bytes()

@@ -39,6 +39,15 @@ def test_gguf_f32_equals_hf_route_of_the_folder_transformers_saves_from_it(smoll
     assert (tmp_path / "dllama_tokenizer_viahf.t").read_bytes() == smollm2_files["tokenizer"].read_bytes()
 
 
+def test_error_aware_q40_of_the_hf_folder_equals_the_ggufs(smollm2_q40_error_aware, smollm2_hf_folder, tmp_path):
+    """Same weights, same tokenizer, so the same calibration and bytes: the quality bar that
+    tests/test_q40_error_aware.py holds the GGUF's file to holds for the folder's too."""
+    from dllama.converter.convert import convert
+
+    result = convert(smollm2_hf_folder, "q40", tmp_path, name="smollm2", with_tokenizer=False)
+    assert result.plan.model_path.read_bytes() == smollm2_q40_error_aware.read_bytes()
+
+
 def test_embedded_tokenizer_json_is_byte_identical_to_transformers(smollm2_files, smollm2_fixture_dir):
     from dllama.formats import EmbeddedKind
 

@@ -83,9 +83,9 @@ def test_smollm2_error_aware_q40_halves_the_kl_and_passes_the_validator(smollm2_
     correctness = next(c for c in report.checks if c.name == "logits.correctness")
     assert correctness.details["arithmetic"] == "q40 (the file's own weights)"
     quality = quality_of(report)["summary"]
-    # measured KL 0.289-0.294 (--exact: 0.667), top-1 0.641-0.663 (--exact: 0.511): 59 to 61 of the 92
-    # positions between runs on the shared box, so top-1 is held to 0.62 here (docs/VALIDATE.md)
-    assert quality["mean_kl"] <= 0.35 and quality["top1"] >= 0.62
+    # the bar of issue 29 (docs/VALIDATE.md): measured KL 0.319 (--exact: 0.667), top-1 0.663, 61 of
+    # the 92 positions (--exact: 0.511); the HF folder's file is this one, byte for byte (test_gguf.py)
+    assert quality["mean_kl"] <= 0.35 and quality["top1"] >= 0.65
 
 
 def test_smollm2_exact_q40_is_told_about_the_error_aware_encoder(smollm2_files, smollm2_gguf):

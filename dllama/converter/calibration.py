@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from dllama.errors import DllamaError
 
@@ -197,6 +198,7 @@ def gather_statistics(checkpoint, sequences: list[list[int]], frozen: set[str] =
     folded = {m for f in by_input.values() for m in f.matrices}
     inputs: dict[str, np.ndarray] = {}
     rows: dict[str, np.ndarray] = {}
+    buffer = ReusedFloats()
 
     class Observed(ReferenceModel):
         def matmul_input(self, x: np.ndarray, feeds: str) -> np.ndarray:
@@ -211,7 +213,9 @@ def gather_statistics(checkpoint, sequences: list[list[int]], frozen: set[str] =
             return self.ckpt.get_rows("model.embed_tokens.weight", unique)[where]
 
         def matrix(self, name: str) -> np.ndarray:
-            w = _read_float32(checkpoint, name)  # a fresh array: the map's pages can go at once
+            # valid until the next call (the reference multiplies each matrix before it asks for the
+            # next): one buffer, not a fresh one whose every page faults in; the map's pages can go
+            w = _read_float32(checkpoint, name, buffer)
             checkpoint.release()
             if name in folded:
                 rows[name] = w[_sampled(w.shape[0])]
@@ -220,7 +224,9 @@ def gather_statistics(checkpoint, sequences: list[list[int]], frozen: set[str] =
     def choose_scales() -> None:
         for feeds, x in inputs.items():
             f = by_input[feeds]
-            stats.scales[feeds] = best_channel_scale(x, stats.mean_square(feeds), [rows.pop(m) for m in f.matrices])
+            with threadpool_limits(1, user_api="blas"):  # small products: BLAS's threads only wait on each other
+                scales = best_channel_scale(x, stats.mean_square(feeds), [rows.pop(m) for m in f.matrices])
+            stats.scales[feeds] = scales
             stats.norms[f.norm] = feeds
         inputs.clear()
 
@@ -240,9 +246,22 @@ def gather_statistics(checkpoint, sequences: list[list[int]], frozen: set[str] =
     return stats
 
 
-def _read_float32(checkpoint, name: str) -> np.ndarray:
-    """checkpoint.get(name), widened on every core for a safetensors bf16/f16/f32 matrix (numpy's
-    widening is single-threaded, and the calibration reads every weight once more)."""
+class ReusedFloats:
+    """One growing float32 buffer."""
+
+    def __init__(self):
+        self._data = np.empty(0, np.float32)
+
+    def get(self, shape: tuple[int, int]) -> np.ndarray:
+        n = shape[0] * shape[1]
+        if self._data.size < n:
+            self._data = np.empty(n, np.float32)
+        return self._data[:n].reshape(shape)
+
+
+def _read_float32(checkpoint, name: str, buffer: ReusedFloats) -> np.ndarray:
+    """checkpoint.get(name), widened on every core into `buffer` for a safetensors bf16/f16/f32
+    matrix (numpy's widening is single-threaded, and the calibration reads every weight once more)."""
     from dllama.checkpoint import Checkpoint
     from dllama.converter import encoders
 
@@ -253,7 +272,7 @@ def _read_float32(checkpoint, name: str) -> np.ndarray:
     kind, stored = kinds[entry.dtype]
     rows, cols = entry.shape
     src = np.asarray(checkpoint.stored(name)).view(stored).reshape(rows, cols)
-    out = np.empty((rows, cols), np.float32)
+    out = buffer.get((rows, cols))
     encoders.encode_f32(src, kind, np.arange(rows), out.view(np.uint32))
     return out
 
@@ -283,11 +302,11 @@ def best_channel_scale(x: np.ndarray, mean_square: np.ndarray, matrices: list[np
 
 def quantized(w: np.ndarray, importance: np.ndarray) -> np.ndarray:
     """w through the error-aware q40 encoder and back."""
-    from dllama.converter.encoders import SRC_F32, encode_q40_search
+    from dllama.converter.encoders import SRC_F32, encode_q40_search_serial
     from dllama.formats import Q40_BYTES, dequantize_q40
 
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, cols = w.shape
     out = np.empty((rows, cols // 32 * Q40_BYTES), np.uint8)
-    encode_q40_search(w.view(np.uint32), SRC_F32, np.arange(rows), np.ones(cols, np.float32), importance, out)
+    encode_q40_search_serial(w.view(np.uint32), SRC_F32, np.arange(rows), np.ones(cols, np.float32), importance, out)
     return dequantize_q40(out.reshape(-1)).reshape(rows, cols)

@@ -78,81 +78,212 @@ def encode_q40_search(src, kind, order, column_scale, importance, out):
     sqrt(mean square of the row + x[j]^2), llama.cpp's weighting within a column (quantize_row_q4_0_impl),
     which measured better here than the importance alone. The reference's scale is a candidate, so
     no block is worse than encode_q40's under that weighting. Each source row is first multiplied by
-    column_scale (the channel scales of calibration.Fold; ones for none)."""
-    cols = src.shape[1]
-    for r in prange(order.shape[0]):
-        values = np.empty(cols, np.float32)
-        _widen_row(src[order[r]], kind, values.view(np.uint32))
-        for j in range(cols):
-            values[j] *= column_scale[j]
-        row = out[r]
-        scratch = np.empty(1, np.float32)  # scalar float32 <-> bits without an allocation per block
-        wrow = importance.copy()
-        s2 = np.float32(0.0)
-        for j in range(cols):
-            s2 += values[j] * values[j]
-        s2 /= cols
-        for j in range(cols):
-            wrow[j] *= np.sqrt(s2 + values[j] * values[j])
-        for b in range(cols // BLOCK_SIZE):
-            x = values[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE]
-            w = wrow[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE]
-            _q40_search_block(x, w, row, b * Q40_BYTES, scratch)
+    column_scale (the channel scales of calibration.Fold; ones for none).
+
+    Rows are searched in groups, each as a (value j of a block, block) array: every step then runs
+    along a group's blocks, so it vectorizes while each block's sums keep the order j = 0..31 (IEEE,
+    no fastmath: the same bytes on every machine and from a cold or a warm numba cache)."""
+    rows = order.shape[0]
+    group, importance_t = _search_groups(src.shape[1], importance)
+    for g in prange((rows + group - 1) // group):
+        r0 = g * group
+        r1 = min(rows, r0 + group)
+        _search_rows(src, kind, order[r0:r1], column_scale, importance_t, out[r0:r1])
 
 
+@numba.njit(**_jit)
+def encode_q40_search_serial(src, kind, order, column_scale, importance, out):
+    """encode_q40_search on the calling thread alone, for a few rows (the calibration's trials):
+    waking the pool's threads would cost more than the work, on a loaded machine many times more."""
+    rows = order.shape[0]
+    group, importance_t = _search_groups(src.shape[1], importance)
+    for r0 in range(0, rows, group):
+        r1 = min(rows, r0 + group)
+        _search_rows(src, kind, order[r0:r1], column_scale, importance_t, out[r0:r1])
+
+
+@numba.njit(**_jit)
+def _search_groups(cols, importance):
+    """Rows per group, and the importance of a group's blocks as (value j of a block, block)."""
+    n_blocks = cols // BLOCK_SIZE
+    group = max(1, SEARCH_GROUP_BLOCKS // n_blocks)
+    importance_t = np.empty((BLOCK_SIZE, group * n_blocks), np.float32)
+    for r in range(group):
+        for b in range(n_blocks):
+            for j in range(BLOCK_SIZE):
+                importance_t[j, r * n_blocks + b] = importance[b * BLOCK_SIZE + j]
+    return group, importance_t
+
+
+SEARCH_GROUP_BLOCKS = 1024  # blocks searched together: long vector loops, a group's arrays in L2
 # divisors of the signed absmax tried beside the reference's -8
 SEARCH_DIVISORS = np.array([-7.0, -7.5, -8.5, -9.0], np.float32)
 
 
-@numba.njit(inline="always", **_jit)
-def _q40_search_block(x, w, row, o, scratch):
-    """The block stored with the reference's f16 scale (absmax / -8) or, if better, the weighted
+@numba.njit(**_jit)
+def _search_rows(src, kind, order, column_scale, importance_t, out):
+    """encode_q40_search for a group of rows: their blocks side by side."""
+    n_rows, cols = order.shape[0], src.shape[1]
+    n_blocks = cols // BLOCK_SIZE
+    n = n_rows * n_blocks
+    x = np.empty((BLOCK_SIZE, n), np.float32)
+    bits = np.empty(cols, np.uint32)
+    values = bits.view(np.float32)
+    for r in range(n_rows):
+        _widen_row(src[order[r]], kind, bits)
+        for j in range(BLOCK_SIZE):
+            _scaled_column(values[j:], column_scale[j:], x[j, r * n_blocks:(r + 1) * n_blocks])
+    # the weights: importance times sqrt(mean square of the row + x^2)
+    squares = np.zeros(n, np.float32)
+    for j in range(BLOCK_SIZE):
+        _add_squares(x[j], squares)
+    mean_square = np.empty(n, np.float32)  # of each block's row
+    for r in range(n_rows):
+        row_sum = np.float32(0.0)
+        for b in range(r * n_blocks, (r + 1) * n_blocks):
+            row_sum += squares[b]
+        mean_square[r * n_blocks:(r + 1) * n_blocks] = row_sum / np.float32(cols)
+    w = np.empty_like(x)
+    for j in range(BLOCK_SIZE):
+        _weights(x[j], importance_t[j, :n], mean_square, w[j])
+    _store_q40(x, _search_scales(x, w), out)
+
+
+@numba.njit(**_jit)
+def _scaled_column(values, scale, out):
+    """out[b] = values[b * BLOCK_SIZE] * scale[b * BLOCK_SIZE]: value j of every block (the arrays
+    start at j)."""
+    for b in range(out.shape[0]):
+        out[b] = values[b * BLOCK_SIZE] * scale[b * BLOCK_SIZE]
+
+
+@numba.njit(**_jit)
+def _add_squares(xj, squares):
+    for b in range(xj.shape[0]):
+        squares[b] += xj[b] * xj[b]
+
+
+@numba.njit(**_jit)
+def _weights(xj, importance, mean_square, out):
+    for b in range(xj.shape[0]):
+        out[b] = importance[b] * np.sqrt(mean_square[b] + xj[b] * xj[b])
+
+
+@numba.njit(**_jit)
+def _search_scales(x, w):
+    """The f16 bits of each block's scale: the reference's (absmax / -8) or, if better, the weighted
     least-squares scale of the best levels among those the reference's divisor and each of
     SEARCH_DIVISORS give. Errors are those of a candidate's own levels at its f16 scale; storing
     re-rounds every value to the level nearest at the chosen scale, which can only lower it, so no
     block is worse than the reference's (whose levels are floor(x / d + 0.5) clamped, the same as
-    its trunc(clip(x / d + 8.5)))."""
-    mx = x[0]
-    mn = x[0]
-    sxx = np.float32(0.0)
+    its trunc(clip(x / d + 8.5))). x, w: (BLOCK_SIZE, blocks)."""
+    n_blocks = x.shape[1]
+    mx = x[0].copy()
+    mn = x[0].copy()
+    sxx = np.zeros(n_blocks, np.float32)
+    wx = np.empty_like(w)
     for j in range(BLOCK_SIZE):
-        mx = max(mx, x[j])
-        mn = min(mn, x[j])
-        sxx += w[j] * x[j] * x[j]
-    m = mn if -mn > mx else mx  # the reference's signed absmax (a tie takes max)
-    if m == 0:
-        m = np.float32(0.0)  # +0, as encode_q40
-    d_ref = m / np.float32(-8.0)
-    ref_bits = _f32_to_f16(d_ref, scratch)
-    if m == 0:
-        _q40_store(x, ref_bits, row, o, scratch)
-        return
+        _block_extremes_and_norm(x[j], w[j], wx[j], mx, mn, sxx)
+    m = np.empty(n_blocks, np.float32)  # the reference's signed absmax (a tie takes max), +0 for zero
+    ref_bits = np.empty(n_blocks, np.uint16)
+    for b in range(n_blocks):
+        m[b] = mn[b] if -mn[b] > mx[b] else mx[b]
+        if m[b] == 0:
+            m[b] = np.float32(0.0)
+        ref_bits[b] = _f32_to_f16(m[b] / np.float32(-8.0))
     # candidates compared at their exact least-squares scale (error sxx - sxl^2 / sll), the winner
     # then rounded to f16 and kept only if it still beats the reference's stored scale
-    ref_err = np.inf
-    best_err = np.inf
-    best_sxl = np.float32(0.0)
-    best_sll = np.float32(0.0)
+    ref_err = np.empty(n_blocks, np.float64)
+    best_err = np.full(n_blocks, np.inf, np.float32)
+    best_sxl = np.zeros(n_blocks, np.float32)
+    best_sll = np.zeros(n_blocks, np.float32)
+    inv = np.empty(n_blocks, np.float32)
+    sxl = np.empty(n_blocks, np.float32)
+    sll = np.empty(n_blocks, np.float32)
     for k in range(-1, SEARCH_DIVISORS.shape[0]):
-        inv = np.float32(1.0) / d_ref if k < 0 else SEARCH_DIVISORS[k] / m
-        sxl = np.float32(0.0)
-        sll = np.float32(0.0)
+        for b in range(n_blocks):
+            if m[b] == 0:
+                inv[b] = np.float32(0.0)  # an all-zero block: every level 0, no candidate
+            elif k < 0:
+                inv[b] = np.float32(1.0) / (m[b] / np.float32(-8.0))
+            else:
+                inv[b] = SEARCH_DIVISORS[k] / m[b]
+        sxl[:] = 0
+        sll[:] = 0
         for j in range(BLOCK_SIZE):
-            q = _q40_level(x[j] * inv)
-            sxl += w[j] * x[j] * q
-            sll += w[j] * q * q
+            _add_level_sums(x[j], w[j], wx[j], inv, sxl, sll)
         if k < 0:
-            ref_err = _error(sxx, sxl, sll, _f16_value(ref_bits, scratch))
-        if sll > 0 and sxx - sxl * sxl / sll < best_err:
-            best_err = sxx - sxl * sxl / sll
-            best_sxl = sxl
-            best_sll = sll
-    best_bits = ref_bits
-    if best_sll > 0:
-        bits = _f32_to_f16(best_sxl / best_sll, scratch)
-        if _error(sxx, best_sxl, best_sll, _f16_value(bits, scratch)) < ref_err:
-            best_bits = bits
-    _q40_store(x, best_bits, row, o, scratch)
+            for b in range(n_blocks):
+                ref_err[b] = _error(sxx[b], sxl[b], sll[b], _f16_value(ref_bits[b]))
+        _keep_better(sxx, sxl, sll, best_err, best_sxl, best_sll)
+    scales = ref_bits
+    for b in range(n_blocks):
+        if best_sll[b] > 0:
+            candidate = _f32_to_f16(best_sxl[b] / best_sll[b])
+            if _error(sxx[b], best_sxl[b], best_sll[b], _f16_value(candidate)) < ref_err[b]:
+                scales[b] = candidate
+    return scales
+
+
+@numba.njit(error_model="numpy", **_jit)  # sll 0 gives inf or nan, not an exception
+def _keep_better(sxx, sxl, sll, best_err, best_sxl, best_sll):
+    for b in range(sxx.shape[0]):
+        err = sxx[b] - sxl[b] * sxl[b] / sll[b]
+        better = (sll[b] > 0) & (err < best_err[b])
+        best_err[b] = err if better else best_err[b]
+        best_sxl[b] = sxl[b] if better else best_sxl[b]
+        best_sll[b] = sll[b] if better else best_sll[b]
+
+
+@numba.njit(**_jit)
+def _store_q40(x, scales, out):
+    """The blocks of x (BLOCK_SIZE, rows * blocks) at their f16 scales, as q40 rows of out."""
+    n_rows = out.shape[0]
+    n_blocks = x.shape[1] // n_rows
+    inv = np.empty(x.shape[1], np.float32)
+    for b in range(x.shape[1]):
+        d = _f16_value(scales[b])
+        inv[b] = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+    packed = np.empty((HALF_BLOCK, x.shape[1]), np.uint8)
+    for j in range(HALF_BLOCK):
+        _pack_nibbles(x[j], x[j + HALF_BLOCK], inv, packed[j])
+    for r in range(n_rows):
+        row = out[r]
+        for b in range(n_blocks):
+            bits = scales[r * n_blocks + b]
+            o = b * Q40_BYTES
+            row[o] = np.uint8(bits & np.uint16(0xFF))
+            row[o + 1] = np.uint8(bits >> np.uint16(8))
+            for j in range(HALF_BLOCK):
+                row[o + SCALE_BYTES + j] = packed[j, r * n_blocks + b]
+
+
+@numba.njit(**_jit)
+def _pack_nibbles(lo, hi, inv, out):
+    for b in range(out.shape[0]):
+        low = np.uint8(_q40_level(lo[b] * inv[b]) + np.float32(8.0))
+        high = np.uint8(_q40_level(hi[b] * inv[b]) + np.float32(8.0))
+        out[b] = low | (high << np.uint8(4))
+
+
+@numba.njit(**_jit)
+def _block_extremes_and_norm(xj, wj, wxj, mx, mn, sxx):
+    """Value j of every block: its running max and min, w x, and sum w x^2 so far."""
+    for b in range(xj.shape[0]):
+        v = xj[b]
+        mx[b] = v if v > mx[b] else mx[b]
+        mn[b] = v if v < mn[b] else mn[b]
+        wxj[b] = wj[b] * v
+        sxx[b] += wxj[b] * v
+
+
+@numba.njit(**_jit)
+def _add_level_sums(xj, wj, wxj, inv, sxl, sll):
+    """Value j of every block at its candidate's level q: sum w x q and sum w q^2 so far."""
+    for b in range(xj.shape[0]):
+        q = _q40_level(xj[b] * inv[b])
+        sxl[b] += wxj[b] * q
+        sll[b] += wj[b] * q * q
 
 
 @numba.njit(inline="always", **_jit)
@@ -163,33 +294,21 @@ def _error(sxx, sxl, sll, d):
 
 
 @numba.njit(inline="always", **_jit)
-def _f32_to_f16(v, scratch):
-    scratch[0] = v
-    return _f32_bits_to_f16_bits(scratch.view(np.uint32)[0])
+def _f32_to_f16(v):
+    return _f32_bits_to_f16_bits(np.float32(v).view(np.uint32))
 
 
 @numba.njit(inline="always", **_jit)
 def _q40_level(v):
     """round(v) clamped to the q40 levels -8..7 (as a float32)."""
-    return min(max(np.float32(np.floor(v + np.float32(0.5))), np.float32(-8.0)), np.float32(7.0))
+    q = np.float32(np.floor(v + np.float32(0.5)))
+    q = q if q > np.float32(-8.0) else np.float32(-8.0)
+    return q if q < np.float32(7.0) else np.float32(7.0)
 
 
 @numba.njit(inline="always", **_jit)
-def _f16_value(bits, scratch):
-    scratch.view(np.uint32)[0] = _f16_bits_to_f32_bits(bits)
-    return scratch[0]
-
-
-@numba.njit(inline="always", **_jit)
-def _q40_store(x, bits, row, o, scratch):
-    d = _f16_value(bits, scratch)
-    inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-    row[o] = np.uint8(bits & np.uint16(0xFF))
-    row[o + 1] = np.uint8(bits >> np.uint16(8))
-    for j in range(HALF_BLOCK):
-        lo = np.uint8(_q40_level(x[j] * inv) + np.float32(8.0))
-        hi = np.uint8(_q40_level(x[j + HALF_BLOCK] * inv) + np.float32(8.0))
-        row[o + SCALE_BYTES + j] = lo | (hi << np.uint8(4))
+def _f16_value(bits):
+    return np.uint32(_f16_bits_to_f32_bits(bits)).view(np.float32)
 
 
 @numba.njit(parallel=True, **_jit)
