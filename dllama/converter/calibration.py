@@ -224,24 +224,26 @@ def gather_statistics(checkpoint, sequences: list[list[int]], frozen: set[str] =
     def choose_scales() -> None:
         for feeds, x in inputs.items():
             f = by_input[feeds]
-            with threadpool_limits(1, user_api="blas"):  # small products: BLAS's threads only wait on each other
-                scales = best_channel_scale(x, stats.mean_square(feeds), [rows.pop(m) for m in f.matrices])
+            scales = best_channel_scale(x, stats.mean_square(feeds), [rows.pop(m) for m in f.matrices])
             stats.scales[feeds] = scales
             stats.norms[f.norm] = feeds
         inputs.clear()
 
     model = Observed(checkpoint)
     run = TraceBuilder(model, sequences, keep_states=False)
-    for layer in range(model.cfg.n_layers):
-        run.layer(layer)
-        checkpoint.release()  # the maps' pages would otherwise count towards the resident set
-        choose_scales()
-    y = rmsnorm(run.states[-1], model.w("model.norm.weight"), model.cfg.eps)
-    stats.add("lm_head.weight", y)
-    if "lm_head.weight" in by_input:
-        inputs["lm_head.weight"] = y
-        rows["lm_head.weight"] = checkpoint.get_rows(lm_head, _sampled(checkpoint.entries[lm_head].shape[0]))
-        choose_scales()
+    # BLAS on one thread: a few dozen tokens times a matrix is too little work to share; with another
+    # job on the cores, OpenBLAS's second thread made these products 3-7x slower, not 2x faster
+    with threadpool_limits(1, user_api="blas"):
+        for layer in range(model.cfg.n_layers):
+            run.layer(layer)
+            checkpoint.release()  # the maps' pages would otherwise count towards the resident set
+            choose_scales()
+        y = rmsnorm(run.states[-1], model.w("model.norm.weight"), model.cfg.eps)
+        stats.add("lm_head.weight", y)
+        if "lm_head.weight" in by_input:
+            inputs["lm_head.weight"] = y
+            rows["lm_head.weight"] = checkpoint.get_rows(lm_head, _sampled(checkpoint.entries[lm_head].shape[0]))
+            choose_scales()
     checkpoint.release()
     return stats
 
