@@ -8,6 +8,7 @@ column's error costs (the diagonal of the layer's Hessian), which the encoder mi
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,7 @@ def folds(config: dict) -> list[Fold]:
 
 ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5)  # s = rms(channel) ** alpha, the best on the calibration text
 SAMPLE_ROWS = 128  # rows of each matrix the choice of alpha is measured on
+TRIAL_THREADS = 2
 
 
 @dataclass
@@ -291,12 +293,20 @@ def best_channel_scale(x: np.ndarray, mean_square: np.ndarray, matrices: list[np
 
     ms = mean_square + np.float32(1e-3) * mean_square.mean()
     exact = [w @ x.T for w in matrices]
-    best, best_err = np.ones_like(ms), np.inf
-    for alpha in ALPHAS:
+
+    def trial(alpha: float) -> tuple[np.ndarray, float]:
         s = ms ** np.float32(alpha / 2)
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         xs = q80_round((x / s).astype(np.float32))
-        err = sum(float(((quantized(w * s, ms / s ** 2) @ xs.T - out) ** 2).sum()) for w, out in zip(matrices, exact))
+        return s, sum(float(((quantized(w * s, ms / s ** 2) @ xs.T - out) ** 2).sum())
+                      for w, out in zip(matrices, exact))
+
+    # the trials on both cores: the forward's products leave one idle (BLAS on one thread), and the
+    # search kernel and the products release the GIL; the choice is the same as in order
+    with ThreadPoolExecutor(TRIAL_THREADS) as pool:
+        trials = list(pool.map(trial, ALPHAS))
+    best, best_err = np.ones_like(ms), np.inf
+    for s, err in trials:
         if err < best_err:
             best, best_err = s, err
     return best
