@@ -145,7 +145,8 @@ class StepBatcher:
             deadline = time.monotonic() + self.linger_s
             while not self._closed and not self._everyone_waits() and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
-            for w in [w for w in self._waiting if w.cancel is not None and w.cancel()]:
+            # a prompt between its chunks (a decoded token's forward is one step: generate() polls cancel itself)
+            for w in [w for w in self._waiting if w.cancel is not None and w.left > 1 and w.cancel()]:
                 self._finish(w, StepCancelled(f"slot {w.slot}'s forward was cancelled"))
             if self._waiting:
                 return self._share()

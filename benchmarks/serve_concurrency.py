@@ -1,0 +1,193 @@
+"""Many clients at once: `dllama-run serve --parallel N` beside llama.cpp's `llama-server -np N`.
+
+    python benchmarks/serve_concurrency.py [--models tinyllama,smollm2] [--clients 1,2,4,8] [--tokens 128]
+                                           [--parallel 4] [--threads 2] [--rounds 2]
+
+On one machine, same weights on both sides (the GGUF Q4_0 file and the .m holding its blocks, made as
+benchmarks/vs_llamacpp.py makes them), same prompts, greedy, `--tokens` generated per request with
+the end of sequence banned (logit_bias -100 and llama.cpp's ignore_eos): for each number of
+concurrent clients, each sends one streamed /v1/completions request at the same moment. Printed per
+server and client count: aggregate generated tokens/s (all tokens / the round's wall time), time to
+first token p50 / p95, and the inter-token time p50 (the gaps between streamed chunks). The two
+servers run side by side and take turns, dllama first, for each client count (paired in one run);
+the best of `--rounds` rounds is kept. Then dllama's peak RSS (VmHWM) beside what `dllama-run plan
+--parallel N` predicts and weights + N x one slot's KV cache + 60 MB. Run under `flock
+/tmp/dllama-bench.lock`: the machine is shared and only ratios within one run mean much.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from serve_helpers import LOOPBACK, ServerProcess, free_port, wait_for_health  # noqa: E402
+from vs_llamacpp import BENCH, llamacpp_bin, model_pair  # noqa: E402
+
+PROMPTS = ["Once upon a time, in a small village by the sea, there lived", "The history of the Roman empire begins",
+           "Here is a recipe for a simple bread:", "The three laws of motion say that",
+           "My favourite programming language is", "In the year 2050, cities will", "A letter to my younger self:",
+           "The best way to learn to play the piano is"]
+MiB = 1 << 20
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def tokenizer_for(gguf: Path, model: str) -> Path:
+    """The .t of the GGUF's vocabulary (dllama-convert tokenizer), once."""
+    target = BENCH / f"dllama_tokenizer_{model}.t"
+    if not target.is_file():
+        subprocess.run(["dllama-convert", "tokenizer", str(gguf), "--name", model, "--output-dir", str(BENCH)],
+                       check=True, stdout=subprocess.DEVNULL)
+    return target
+
+
+class LlamaServer:
+    """llama-server -np N on a free loopback port."""
+
+    def __init__(self, bin_dir: Path, gguf: Path, parallel: int, threads: int, context: int):
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.proc = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(gguf), "-t", str(threads), "-np",
+                                      str(parallel), "-c", str(context * parallel), "--host", LOOPBACK, "--port",
+                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_health(self.url, self.proc)
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{self.url}/health").status_code != 200:  # 503 while loading
+            if time.monotonic() > deadline:
+                raise RuntimeError("llama-server did not become ready")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def one_request(url: str, prompt: str, tokens: int, eos: int, out: list, start: threading.Event) -> None:
+    body = {"model": "m", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "logit_bias": {str(eos): -100}, "ignore_eos": True}
+    start.wait()
+    sent = time.perf_counter()
+    stamps, finish = [], None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+            if choice.get("text"):
+                stamps.append(time.perf_counter())
+            finish = choice.get("finish_reason") or finish
+    out.append({"sent": sent, "stamps": stamps, "end": time.perf_counter(), "finish": finish})
+
+
+def round_of(url: str, clients: int, tokens: int, eos: int) -> dict:
+    start, out = threading.Event(), []
+    threads = [threading.Thread(target=one_request, args=(url, PROMPTS[i % len(PROMPTS)], tokens, eos, out, start))
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    start.set()
+    for t in threads:
+        t.join()
+    if any(r["finish"] != "length" for r in out):
+        raise RuntimeError(f"a request stopped before {tokens} tokens: {[r['finish'] for r in out]}")
+    wall = max(r["end"] for r in out) - min(r["sent"] for r in out)
+    ttft = sorted(r["stamps"][0] - r["sent"] for r in out)
+    gaps = sorted(b - a for r in out for a, b in zip(r["stamps"], r["stamps"][1:]))
+    return {"clients": clients, "tok_s": clients * tokens / wall, "ttft_p50": percentile(ttft, 50),
+            "ttft_p95": percentile(ttft, 95), "itl_p50": percentile(gaps, 50)}
+
+
+def percentile(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def plan_total(m: Path, seq: int, parallel: int) -> dict:
+    out = subprocess.run(["dllama-run", "plan", "--model", str(m), "--nodes", "1", "--max-seq-len", str(seq),
+                          "--parallel", str(parallel), "--json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["per_node"][0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tinyllama,smollm2")
+    parser.add_argument("--clients", default="1,2,4,8")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-llamacpp", action="store_true")
+    args = parser.parse_args()
+    from dllama.tokenizer import Tokenizer
+
+    bin_dir = llamacpp_bin()
+    seq = 64 + args.tokens  # every prompt is under 64 tokens: the KV cache the runs fill
+    print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {args.tokens} greedy tokens per request, "
+          f"--parallel / -np {args.parallel}, {args.threads} threads, context {seq} per slot; best of {args.rounds}")
+    results = []
+    for model in args.models.split(","):
+        gguf, m = model_pair(bin_dir, model, "q40")
+        t = tokenizer_for(gguf, model)
+        eos = Tokenizer.load(str(t)).eos_ids[0]
+        ours = ServerProcess("--model", str(m), "--tokenizer", str(t), "--threads", str(args.threads), "--parallel",
+                             str(args.parallel), "--max-seq-len", str(seq), "--max-queue", "64")
+        theirs = None if args.no_llamacpp else LlamaServer(bin_dir, gguf, args.parallel, args.threads, seq)
+        servers = [("dllama", ours.url)] + ([] if theirs is None else [("llama.cpp", theirs.url)])
+        try:
+            for _, url in servers:  # warm-up: kernels, page cache, programs
+                round_of(url, 1, 8, eos)
+                round_of(url, min(args.parallel, 4), 8, eos)
+            for clients in [int(c) for c in args.clients.split(",")]:
+                best: dict[str, dict] = {}
+                for _ in range(args.rounds):
+                    for name, url in servers:
+                        r = round_of(url, clients, args.tokens, eos)
+                        if name not in best or r["tok_s"] > best[name]["tok_s"]:
+                            best[name] = r
+                for name, r in best.items():
+                    results.append({"model": model, "server": name, **r})
+                    say(json.dumps(results[-1]))
+            rss = ours.rss_bytes("VmHWM")
+        finally:
+            ours.stop()
+            if theirs is not None:
+                theirs.stop()
+        plan = plan_total(m, seq, args.parallel)
+        one_slot = plan_total(m, seq, 1)["kv_cache"]
+        bound = plan["weights"] + args.parallel * one_slot + 60 * MiB
+        results.append({"model": model, "server": "dllama", "peak_rss_mib": rss / MiB, "plan_mib": plan["total"] / MiB,
+                        "bound_mib": bound / MiB, "rss_vs_plan": rss / plan["total"]})
+        say(json.dumps(results[-1]))
+    print("| model | server | clients | aggregate tok/s | x 1 client | TTFT p50 ms | TTFT p95 ms "
+          "| inter-token p50 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "clients" not in r:
+            continue
+        single = next(x["tok_s"] for x in results if x.get("clients") == 1 and x["model"] == r["model"]
+                      and x["server"] == r["server"])
+        print(f"| {r['model']} q40 | {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['tok_s'] / single:.2f} "
+              f"| {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p95'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.0f} |")
+    for r in results:
+        if "peak_rss_mib" in r:
+            print(f"{r['model']}: dllama serve --parallel {args.parallel} peak RSS {r['peak_rss_mib']:.0f} MiB; plan "
+                  f"{r['plan_mib']:.0f} MiB (RSS / plan {r['rss_vs_plan']:.2f}); weights + N x KV + 60 MB "
+                  f"{r['bound_mib']:.0f} MiB")
+    print(f"load after the runs: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""serve --parallel N: requests generate side by side in KV cache slots, sharing the engine's steps; each
+answer is the one it gets alone, a departing client frees its slot at once, and each slot keeps reusing
+its conversation's cache. The app runs on uvicorn in a thread, on the tiny-llama conformance model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import CONFORMANCE, require_fixtures
+from serve_helpers import in_process_server
+
+from dllama.runtime.engine import Engine
+from dllama.runtime.serve import create_app
+from dllama.tokenizer import Tokenizer
+from dllama.tokenizer.from_hf import convert_tokenizer
+
+MODEL_DIR = CONFORMANCE / "tiny-llama"
+CONTEXT = 256
+PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3, 4,", "Write a poem about the sea",
+           "Hello", "In a galaxy far away there was a very long and winding road that", "Why?"]
+MAX_TOKENS = [40, 12, 25, 33, 8, 19, 28]
+
+
+class CountingEngine(Engine):
+    """Notes how many sequences each step carried."""
+    sizes: list[int]
+
+    def step(self, runs):
+        self.sizes.append(len(runs))
+        return super().step(runs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    require_fixtures(MODEL_DIR)
+    path = tmp_path_factory.mktemp("serve_parallel") / "tiny-llama.t"
+    path.write_bytes(convert_tokenizer(MODEL_DIR).to_bytes())
+    return Tokenizer.load(str(path))
+
+
+def parallel_app(tokenizer, slots: int):
+    engine = CountingEngine.load(MODEL_DIR / "expected_f32.m", max_seq_len=CONTEXT, slots=slots)
+    engine.sizes = []
+    return engine, create_app(engine, tokenizer, model_id="tiny-llama", context_length=CONTEXT, parallel=slots)
+
+
+def complete(url: str, prompt: str, max_tokens: int, results: dict, key) -> None:
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+                   timeout=120)
+    results[key] = r.json()
+
+
+def answers_alone(tokenizer, prompts, max_tokens) -> list[str]:
+    """Each request alone, one after another, on a server without --parallel."""
+    app = create_app(Engine.load(MODEL_DIR / "expected_f32.m", max_seq_len=CONTEXT), tokenizer, model_id="tiny-llama",
+                     context_length=CONTEXT)
+    results: dict = {}
+    with in_process_server(app) as url:
+        for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+            complete(url, p, n, results, i)
+    return [results[i]["choices"][0]["text"] for i in range(len(prompts))]
+
+
+def test_parallel_answers_are_the_answers_alone(tokenizer):
+    expected = answers_alone(tokenizer, PROMPTS, MAX_TOKENS)
+    engine, app = parallel_app(tokenizer, 4)
+    results: dict = {}
+    with in_process_server(app) as url:
+        health = httpx.get(f"{url}/health").json()
+        assert (health["parallel"], health["generating"]) == (4, 0)
+        threads = [threading.Thread(target=complete, args=(url, p, n, results, i))
+                   for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [results[i]["choices"][0]["text"] for i in range(len(PROMPTS))] == expected
+    assert max(engine.sizes) > 1  # requests shared steps
+    assert max(engine.sizes) <= 4
+
+
+def test_a_client_that_leaves_frees_its_slot_at_once(tokenizer):
+    engine, app = parallel_app(tokenizer, 2)
+    expected = answers_alone(tokenizer, ["Why?"], [60])[0]
+    results: dict = {}
+    with in_process_server(app) as url:
+        body = {"prompt": "Stream for a long time", "max_tokens": 200, "temperature": 0, "stream": True}
+        other = threading.Thread(target=complete, args=(url, "Why?", 60, results, "other"))
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            other.start()
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/health").json()["generating"] < 2:
+                assert time.monotonic() < deadline, "the second request never started beside the first"
+                time.sleep(0.01)
+        left = time.monotonic()  # the streaming client is gone
+        while httpx.get(f"{url}/health").json()["generating"] > 1 and other.is_alive():
+            assert time.monotonic() - left < 2.0, "the departed client's slot stayed busy"
+            time.sleep(0.01)
+        other.join()
+    assert results["other"]["choices"][0]["text"] == expected
+
+
+def test_each_slot_keeps_its_conversation(tokenizer):
+    """Two conversations alternate over two slots: each follow-up finds its own history cached."""
+    _, app = parallel_app(tokenizer, 2)
+    with in_process_server(app) as url:
+        def ask(prompt: str) -> dict:
+            return httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0},
+                              timeout=60).json()
+
+        alice, bob = "Alice says hello to the world and", "Bob counts one two three and"
+        a, b = ask(alice), ask(bob)
+        # Bob first: the least recently used slot is Alice's, the one whose cache starts like Bob's is his own
+        b2, a2 = ask(bob + " then four five"), ask(alice + " then she waves")
+    for first, follow in ((a, a2), (b, b2)):
+        cached = follow["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached >= first["usage"]["prompt_tokens"] - 1
+
+
+def test_plan_counts_every_slots_kv_cache():
+    path = require_fixtures(MODEL_DIR) / "expected_f32.m"
+
+    def plan(parallel: int) -> dict:
+        out = subprocess.run(["dllama-run", "plan", "--model", str(path), "--nodes", "1", "--max-seq-len", "128",
+                              "--parallel", str(parallel), "--json"], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    one, three = plan(1), plan(3)
+    assert three["parallel"] == 3
+    assert three["per_node"][0]["kv_cache"] == 3 * one["per_node"][0]["kv_cache"] > 0
+    assert three["per_node"][0]["total"] - one["per_node"][0]["total"] == 2 * one["per_node"][0]["kv_cache"]
