@@ -45,6 +45,12 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def pair(bin_dir: Path, model: str) -> tuple[Path, Path]:
+    """(GGUF Q4_0, .m q40) holding the same blocks: vs_llamacpp.py's, made by it unless both are there."""
+    gguf, m = BENCH / f"{model}-Q4_0.gguf", BENCH / f"dllama_model_{model}-q40_q40.m"
+    return (gguf, m) if gguf.is_file() and m.is_file() else model_pair(bin_dir, model, "q40")
+
+
 def tokenizer_for(gguf: Path, model: str) -> Path:
     """The .t of the GGUF's vocabulary (dllama-convert tokenizer), once."""
     target = BENCH / f"dllama_tokenizer_{model}.t"
@@ -121,6 +127,17 @@ def plan_total(m: Path, seq: int, parallel: int) -> dict:
     return json.loads(out.stdout)["per_node"][0]
 
 
+def peak_rss_alone(m: Path, t: Path, seq: int, args, eos: int) -> int:
+    """VmHWM of dllama-run serve --parallel 1 after one request of args.tokens tokens."""
+    server = ServerProcess("--model", str(m), "--tokenizer", str(t), "--threads", str(args.threads), "--parallel", "1",
+                           "--max-seq-len", str(seq))
+    try:
+        round_of(server.url, 1, args.tokens, eos)
+        return server.rss_bytes("VmHWM")
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tinyllama,smollm2")
@@ -139,7 +156,7 @@ def main() -> None:
           f"--parallel / -np {args.parallel}, {args.threads} threads, context {seq} per slot; best of {args.rounds}")
     results = []
     for model in args.models.split(","):
-        gguf, m = model_pair(bin_dir, model, "q40")
+        gguf, m = pair(bin_dir, model)
         t = tokenizer_for(gguf, model)
         eos = Tokenizer.load(str(t)).eos_ids[0]
         ours = ServerProcess("--model", str(m), "--tokenizer", str(t), "--threads", str(args.threads), "--parallel",
@@ -165,11 +182,13 @@ def main() -> None:
             ours.stop()
             if theirs is not None:
                 theirs.stop()
+        rss_one = peak_rss_alone(m, t, seq, args, eos)
         plan = plan_total(m, seq, args.parallel)
         one_slot = plan_total(m, seq, 1)["kv_cache"]
         bound = plan["weights"] + args.parallel * one_slot + 60 * MiB
         results.append({"model": model, "server": "dllama", "peak_rss_mib": rss / MiB, "plan_mib": plan["total"] / MiB,
-                        "bound_mib": bound / MiB, "rss_vs_plan": rss / plan["total"]})
+                        "bound_mib": bound / MiB, "rss_vs_plan": rss / plan["total"],
+                        "peak_rss_parallel_1_mib": rss_one / MiB, "slot_kv_mib": one_slot / MiB})
         say(json.dumps(results[-1]))
     print("| model | server | clients | aggregate tok/s | x 1 client | TTFT p50 ms | TTFT p95 ms "
           "| inter-token p50 ms |")
@@ -185,7 +204,9 @@ def main() -> None:
         if "peak_rss_mib" in r:
             print(f"{r['model']}: dllama serve --parallel {args.parallel} peak RSS {r['peak_rss_mib']:.0f} MiB; plan "
                   f"{r['plan_mib']:.0f} MiB (RSS / plan {r['rss_vs_plan']:.2f}); weights + N x KV + 60 MB "
-                  f"{r['bound_mib']:.0f} MiB")
+                  f"{r['bound_mib']:.0f} MiB; --parallel 1 (one client) {r['peak_rss_parallel_1_mib']:.0f} MiB: "
+                  f"{args.parallel - 1} more slots cost {r['peak_rss_mib'] - r['peak_rss_parallel_1_mib']:.1f} MiB "
+                  f"for {(args.parallel - 1) * r['slot_kv_mib']:.1f} MiB of KV cache")
     print(f"load after the runs: {os.getloadavg()[0]:.2f}")
 
 

@@ -15,7 +15,7 @@ from dllama.runtime.generate import generate
 RNG = np.random.default_rng(25)
 # lengths that put a prompt in one chunk, across two (more than 64 tokens) and at a single token
 PROMPTS = [list(map(int, RNG.integers(2, 49000, size=n))) for n in (9, 3, 70, 1, 130, 20, 5, 40, 11, 2, 17)]
-LIMITS = [20, 33, 7, 25, 15, 40, 3, 30, 18, 22, 9]
+LIMITS = [10, 17, 4, 12, 8, 20, 2, 15, 9, 11, 5]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_greedy_tokens_are_the_same_beside_1_3_or_7_others(smollm2_q40, answers_
     engine.sizes = []
     assert generate_many(engine, PROMPTS, LIMITS) == expected
     assert max(engine.sizes) == slots  # the slots really shared steps
-    assert len(engine.sizes) < sum(LIMITS)
+    assert len(engine.sizes) < sum(LIMITS)  # fewer steps than tokens
 
 
 def test_logits_are_bit_identical_in_any_batch(smollm2_q40):
