@@ -136,3 +136,25 @@ def test_plan_counts_every_slots_kv_cache():
     assert three["parallel"] == 3
     assert three["per_node"][0]["kv_cache"] == 3 * one["per_node"][0]["kv_cache"] > 0
     assert three["per_node"][0]["total"] - one["per_node"][0]["total"] == 2 * one["per_node"][0]["kv_cache"]
+
+
+def test_start_up_says_how_many_conversations_and_their_memory(tokenizer):
+    from serve_helpers import ServerProcess
+
+    model = require_fixtures(MODEL_DIR) / "expected_f32.m"
+    server = ServerProcess("--model", str(model), "--tokenizer", str(tokenizer.where), "--max-seq-len", "64")
+    try:
+        assert httpx.get(f"{server.url}/health").json()["parallel"] == 4  # KiBs of KV cache: any machine holds 4
+    finally:
+        server.stop()
+    assert "4 conversations at once (--parallel 4, what this machine's memory holds): KV cache 4 x" in \
+        server.stderr_text()
+
+
+def test_a_cluster_serves_one_conversation_at_a_time(tokenizer):
+    model = require_fixtures(MODEL_DIR) / "expected_f32.m"
+    out = subprocess.run(["dllama-run", "serve", "--model", str(model), "--tokenizer", str(tokenizer.where),
+                          "--workers", "127.0.0.1:9", "--parallel", "2", "--port", "0"], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == ("error: a cluster serves one conversation at a time: drop "
+                                                   "--parallel (or give --parallel 1)")
