@@ -124,18 +124,20 @@ def test_each_slot_keeps_its_conversation(tokenizer):
         assert cached >= first["usage"]["prompt_tokens"] - 1
 
 
-def test_plan_counts_every_slots_kv_cache():
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_plan_counts_every_slots_kv_cache(nodes):
     path = require_fixtures(MODEL_DIR) / "expected_f32.m"
 
     def plan(parallel: int) -> dict:
-        out = subprocess.run(["dllama-run", "plan", "--model", str(path), "--nodes", "1", "--max-seq-len", "128",
+        out = subprocess.run(["dllama-run", "plan", "--model", str(path), "--nodes", str(nodes), "--max-seq-len", "128",
                               "--parallel", str(parallel), "--json"], capture_output=True, text=True, check=True)
         return json.loads(out.stdout)
 
     one, three = plan(1), plan(3)
     assert three["parallel"] == 3
-    assert three["per_node"][0]["kv_cache"] == 3 * one["per_node"][0]["kv_cache"] > 0
-    assert three["per_node"][0]["total"] - one["per_node"][0]["total"] == 2 * one["per_node"][0]["kv_cache"]
+    for single, triple in zip(one["per_node"], three["per_node"], strict=True):  # every node keeps each slot's slice
+        assert triple["kv_cache"] == 3 * single["kv_cache"] > 0
+        assert triple["total"] - single["total"] == 2 * single["kv_cache"]
 
 
 def test_start_up_says_how_many_conversations_and_their_memory(tokenizer):
@@ -151,10 +153,12 @@ def test_start_up_says_how_many_conversations_and_their_memory(tokenizer):
         server.stderr_text()
 
 
-def test_a_cluster_serves_one_conversation_at_a_time(tokenizer):
+def test_mpi_serves_one_conversation_at_a_time(tokenizer):
+    """A TCP cluster takes --parallel (tests/test_distributed_batching.py); dllama-run mpi's ranks do not carry a
+    step's places, so it refuses before starting anything."""
     model = require_fixtures(MODEL_DIR) / "expected_f32.m"
-    out = subprocess.run(["dllama-run", "serve", "--model", str(model), "--tokenizer", str(tokenizer.where),
-                          "--workers", "127.0.0.1:9", "--parallel", "2", "--port", "0"], capture_output=True, text=True)
+    out = subprocess.run(["dllama-run", "mpi", "serve", "--model", str(model), "--tokenizer", str(tokenizer.where),
+                          "--parallel", "2", "--port", "0"], capture_output=True, text=True)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == ("error: a cluster serves one conversation at a time: drop "
-                                                   "--parallel (or give --parallel 1)")
+    assert out.stderr.strip().splitlines()[-1] == ("error: dllama-run mpi serves one conversation at a time: drop "
+                                                   "--parallel (or use --workers over TCP, which serves several)")

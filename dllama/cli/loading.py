@@ -57,7 +57,7 @@ def check_port(host: str, port: int) -> None:
 def load_model(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optional[int],
                cluster: ClusterOptions = ClusterOptions(), slots: int = 1) -> LoadedModel:
     """Engine (one node, or the root of a cluster) + tokenizer, checked against each other; `slots`: sequences
-    one node's engine keeps a KV cache for (serve --parallel)."""
+    the engine keeps a KV cache for (serve --parallel; on a cluster every node keeps its slice of each)."""
     mpi_engine = None
     if cluster.workers == "@mpi":  # distributed.mpi.MPI_WORKERS (dllama-run mpi): ranks > 0 serve in here and exit
         from dllama.runtime.distributed.mpi import open_mpi_engine
@@ -84,7 +84,8 @@ def _engine(model: Path, max_seq_len: int, nthreads: Optional[int], cluster: Clu
         return DistributedEngine(model, parse_workers(cluster.workers), max_seq_len=max_seq_len, nthreads=nthreads,
                                  buffer_type=cluster.buffer_float_type, weights=cluster.weights,
                                  root_compute=cluster.root_compute,
-                                 cluster_key=load_cluster_key(cluster.cluster_key_file), exchange=cluster.exchange)
+                                 cluster_key=load_cluster_key(cluster.cluster_key_file), exchange=cluster.exchange,
+                                 slots=slots)
     if cluster.weights is not None or cluster.root_compute != "all":
         raise CliError("--weights and --root-compute split the model over a cluster: add --workers host:port,...")
     return Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads, buffer_float_type=cluster.buffer_float_type,

@@ -36,7 +36,7 @@ def serve_command(
                                   help="requests that may wait while one generates; more get 429"),
     parallel: Optional[int] = typer.Option(None, min=1, help="conversations generated at once, each with its own KV "
                                            f"cache (default: what this machine's memory holds, at most "
-                                           f"{DEFAULT_MAX_PARALLEL}; 1 on a cluster)"),
+                                           f"{DEFAULT_MAX_PARALLEL}; 1 on a cluster, which takes up to 64)"),
     max_connections: int = typer.Option(256, min=1, help="open HTTP connections at most; a newcomer closes the "
                                         "one that has waited longest for its client"),
     request_timeout: float = typer.Option(30.0, min=0.1, help="seconds a client has to send a request's headers, "
@@ -83,18 +83,35 @@ def _parallel(asked: Optional[int], model: Path, max_seq_len: int, workers: Opti
     from dllama.runtime.engine import PREFILL_BATCH
     from dllama.runtime.model import whole_model_share
 
-    if workers:
-        if asked not in (None, 1):
-            fail("a cluster serves one conversation at a time: drop --parallel (or give --parallel 1)")
-        return 1
     header = ModelFile(model).header
     seq = min(max_seq_len, header.max_seq_len) if header.max_seq_len > 0 else max_seq_len
+    if workers:
+        return _cluster_parallel(asked, workers, seq)
     slots = asked or parallel_that_fits(header, seq, available_memory(), PREFILL_BATCH, DEFAULT_MAX_PARALLEL)
     per_slot = kv_cache_bytes(header, whole_model_share(header), seq)
     logging.getLogger("dllama.serve").info(
         "%d conversation%s at once (--parallel %d%s): KV cache %d x %.0f MiB = %.0f MiB for %d positions each",
         slots, "s" if slots > 1 else "", slots, "" if asked else ", what this machine's memory holds", slots,
         per_slot / 2**20, slots * per_slot / 2**20, seq)
+    return slots
+
+
+def _cluster_parallel(asked: Optional[int], workers: str, seq: int) -> int:
+    """A cluster's --parallel: 1 unless asked (each node keeps every conversation's slice of the KV cache, which
+    `dllama-run plan --parallel N` counts); under MPI, 1."""
+    from dllama.runtime.distributed.mpi import MPI_WORKERS
+    from dllama.runtime.distributed.protocol import MAX_SLOTS
+
+    if workers == MPI_WORKERS and asked not in (None, 1):
+        fail("dllama-run mpi serves one conversation at a time: drop --parallel (or use --workers over TCP, which "
+             "serves several)")
+    if (asked or 1) > MAX_SLOTS:
+        fail(f"--parallel {asked}: a cluster serves at most {MAX_SLOTS} conversations at once")
+    slots = asked or 1
+    logging.getLogger("dllama.serve").info(
+        "%d conversation%s at once (--parallel %d%s): every node keeps a KV cache slice of %d positions for each "
+        "(dllama-run plan --parallel %d shows each node's memory)", slots, "s" if slots > 1 else "", slots,
+        "" if asked else ", a cluster's default", seq, slots)
     return slots
 
 

@@ -48,9 +48,10 @@ class SlotRun:
 class Exchange(Protocol):
     """Where nodes meet (FORMAT.md §3). Stages are "attention" (after wo) and "ffn" (after w2)."""
 
-    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
-        """A batch starts: x (T, dim) are the embedding rows of tokens at positions pos.. (the root
-        sends them to the workers); `logits`: whose logits the batch wants (model.LOGITS_ROWS)."""
+    def begin(self, x: np.ndarray, pos: int | Places, logits: str | int = "all") -> None:
+        """A batch starts: x (T, dim) are the embedding rows of tokens at positions pos.. (or at their
+        Places: a step's sequences, each in its KV cache slot; the root sends them to the workers);
+        `logits`: whose logits the batch wants (a model.LOGITS_ROWS name, or a count of last rows)."""
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
         """x += every node's partial (T, dim), in node order; this node's is `partial` (None: it has none)."""
@@ -73,7 +74,7 @@ class LocalExchange:
         its whole pass in one call (NodeLayers.whole_pass, which rounds the same way)."""
         return True
 
-    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
+    def begin(self, x: np.ndarray, pos: int | Places, logits: str | int = "all") -> None:
         pass
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
@@ -263,8 +264,9 @@ class Engine:
         """Several sequences in one pass over the weights: each run's logits, (len(token_ids), vocab) or with
         last_only (1, vocab), in the order of `runs` (at most one run per slot). Each token attends to its own
         slot's cache only, and its logits are the bits forward() would give it alone. More than PREFILL_BATCH
-        tokens in all go in several passes, every run's first tokens in the first. A cluster's engine runs
-        one sequence, slot 0's."""
+        tokens in all go in several passes, every run's first tokens in the first. On a cluster each pass is
+        one FORWARD to the workers and one exchange per seam for all its tokens (an exchange that
+        carries_steps); under MPI the engine runs one sequence, slot 0's."""
         slots = [r.slot for r in runs]
         if len(set(slots)) != len(slots):
             raise EngineError("a step takes at most one run per slot")
@@ -287,13 +289,15 @@ class Engine:
         return out
 
     def _runs_steps(self) -> bool:
-        """Whether step() batches slots here: one node that looks up its tokens (a cluster's exchanges carry
-        one sequence)."""
-        return self.embedding is not None and getattr(self.exchange, "adds_partials_as_computed", False)
+        """Whether step() batches slots here: the node that looks up the tokens, alone or the root of a cluster
+        whose exchange tells the workers each token's place (not MPI's)."""
+        return self.embedding is not None and (getattr(self.exchange, "adds_partials_as_computed", False)
+                                               or getattr(self.exchange, "carries_steps", False))
 
     def _forward_alone(self, run: SlotRun) -> np.ndarray:
         if run.slot != 0:
-            raise EngineError("a cluster runs one sequence at a time: use slot 0 (dllama-run serve --parallel 1)")
+            raise EngineError("this cluster runs one sequence at a time (dllama-run mpi): use slot 0 "
+                              "(dllama-run serve --parallel 1)")
         return self.forward(run.token_ids, run.pos, run.last_only)
 
     @staticmethod
@@ -329,6 +333,7 @@ class Engine:
                         np.concatenate([np.full(b - a, runs[i].slot) for i, a, b in order]))
         n_logits = sum(b - a for _, a, b in loud)
         x = np.array(self.embedding[token_ids], dtype=np.float32)
+        self.exchange.begin(x, places, n_logits)
         logits = self.run_layers(x, places, None, n_logits)
         row = 0
         for i, a, b in loud:
