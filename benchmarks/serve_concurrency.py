@@ -13,6 +13,15 @@ servers run side by side and take turns, dllama first, for each client count (pa
 the best of `--rounds` rounds is kept. Then dllama's peak RSS (VmHWM) beside what `dllama-run plan
 --parallel N` predicts and weights + N x one slot's KV cache + 60 MB. Run under `flock
 /tmp/dllama-bench.lock`: the machine is shared and only ratios within one run mean much.
+
+    python benchmarks/serve_concurrency.py --netem 4 [--profile pi3] [--models tinyllama] ...   # as root
+
+runs `dllama-run serve --parallel N --workers ...` on a cluster of that many nodes instead, each in its own
+network namespace behind an emulated Pi link (benchmarks/netem.py; one thread per node), the clients in the
+root's namespace. Where the kernel has no netem the links get their rate but not their delay: each round
+then adds, per engine step (the server's dllama_engine_steps), the profile's one-way delay times the
+one-way network steps of a pass of the mesh exchange (x out, one per seam, logits back: 2 + 2 x layers),
+to the round's wall time (aggregate) and to each inter-token gap; both columns are printed.
 """
 from __future__ import annotations
 
@@ -138,6 +147,85 @@ def peak_rss_alone(m: Path, t: Path, seq: int, args, eos: int) -> int:
         server.stop()
 
 
+def engine_steps(url: str) -> float:
+    """The server's engine steps so far (/metrics dllama_engine_steps)."""
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("dllama_engine_steps "):
+            return float(line.split()[1])
+    raise RuntimeError("the server's /metrics has no dllama_engine_steps")
+
+
+def client_rounds(args) -> None:
+    """--client-of URL (inside the root's namespace): warm-up, then the rounds; one JSON line per client count,
+    with the engine steps the best round took."""
+    url = args.client_of
+    wait_for_health(url, timeout=600)
+    round_of(url, 1, 8, args.eos)
+    round_of(url, min(args.parallel, 4), 8, args.eos)
+    for clients in [int(c) for c in args.clients.split(",")]:
+        best = None
+        for _ in range(args.rounds):
+            before = engine_steps(url)
+            r = round_of(url, clients, args.tokens, args.eos)
+            r["steps"] = engine_steps(url) - before
+            if best is None or r["tok_s"] > best["tok_s"]:
+                best = r
+        print(json.dumps(best), flush=True)
+
+
+def netem_cluster(args, bin_dir: Path, model: str, seq: int) -> list[dict]:
+    """The rounds against `dllama-run serve --parallel N` on an emulated cluster of args.netem nodes."""
+    from netem import PROFILES, NetemCluster
+
+    from dllama.formats import ModelFile
+    from dllama.tokenizer import Tokenizer
+
+    gguf, m = pair(bin_dir, model)
+    t = tokenizer_for(gguf, model)
+    eos = Tokenizer.load(str(t)).eos_ids[0]
+    profile = PROFILES[args.profile]
+    passes = 2 + 2 * ModelFile(m).header.n_layers  # one-way network steps of one engine step (the mesh)
+    procs: list[subprocess.Popen] = []
+    with NetemCluster(args.netem, profile) as net:
+        try:
+            for i in range(1, args.netem):
+                w = net.popen(i, ["dllama-run", "worker", "--host", net.address(i), "--port", "9999", "--model",
+                                  str(m), "--nthreads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+                procs.append(w)
+                if "listening" not in w.stderr.readline():
+                    raise RuntimeError(f"worker {i} did not start")
+                threading.Thread(target=w.stderr.read, daemon=True).start()
+            workers = ",".join(f"{net.address(i)}:9999" for i in range(1, args.netem))
+            url = f"http://{net.address(0)}:8080"
+            procs.append(net.popen(0, ["dllama-run", "serve", "--model", str(m), "--tokenizer", str(t), "--workers",
+                                       workers, "--parallel", str(args.parallel), "--threads", "1", "--host",
+                                       net.address(0), "--port", "8080", "--max-seq-len", str(seq), "--max-queue",
+                                       "64"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            out = subprocess.run(net.command(0, [sys.executable, __file__, "--client-of", url, "--eos", str(eos),
+                                                 "--clients", args.clients, "--tokens", str(args.tokens),
+                                                 "--parallel", str(args.parallel), "--rounds", str(args.rounds)]),
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"the clients failed: {out.stderr[-2000:]}")
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(30)
+        added_ms = 0.0 if net.emulates_delay else profile.delay_ms * passes
+    rows = []
+    for line in out.stdout.splitlines():
+        r = json.loads(line)
+        wall = r["clients"] * args.tokens / r["tok_s"]
+        r.update(model=model, server=f"dllama {args.netem} nodes", added_ms_per_step=added_ms,
+                 tok_s_measured=r["tok_s"], tok_s=r["clients"] * args.tokens / (wall + r["steps"] * added_ms / 1e3),
+                 itl_p50_measured=r["itl_p50"], itl_p50=r["itl_p50"] + added_ms / 1e3,
+                 ttft_p50=r["ttft_p50"] + added_ms / 1e3, ttft_p95=r["ttft_p95"] + added_ms / 1e3)
+        say(json.dumps(r))
+        rows.append(r)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tinyllama,smollm2")
@@ -147,13 +235,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--netem", type=int, default=0, help="nodes of an emulated cluster (root only)")
+    parser.add_argument("--profile", default="pi3", help="netem.PROFILES: the cluster's links")
+    parser.add_argument("--client-of", help=argparse.SUPPRESS)  # the cluster's clients, inside its namespace
+    parser.add_argument("--eos", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.client_of:
+        return client_rounds(args)
     from dllama.tokenizer import Tokenizer
 
     bin_dir = llamacpp_bin()
     seq = 64 + args.tokens  # every prompt is under 64 tokens: the KV cache the runs fill
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {args.tokens} greedy tokens per request, "
           f"--parallel / -np {args.parallel}, {args.threads} threads, context {seq} per slot; best of {args.rounds}")
+    if args.netem:
+        return print_cluster_table([row for model in args.models.split(",")
+                                    for row in netem_cluster(args, bin_dir, model, seq)], args)
     results = []
     for model in args.models.split(","):
         gguf, m = pair(bin_dir, model)
@@ -207,6 +304,20 @@ def main() -> None:
                   f"{r['bound_mib']:.0f} MiB; --parallel 1 (one client) {r['peak_rss_parallel_1_mib']:.0f} MiB: "
                   f"{args.parallel - 1} more slots cost {r['peak_rss_mib'] - r['peak_rss_parallel_1_mib']:.1f} MiB "
                   f"for {(args.parallel - 1) * r['slot_kv_mib']:.1f} MiB of KV cache")
+    print(f"load after the runs: {os.getloadavg()[0]:.2f}")
+
+
+def print_cluster_table(rows: list[dict], args) -> None:
+    print(f"cluster of {args.netem} nodes, profile {args.profile}, one thread per node; "
+          f"{'delay added per engine step' if rows and rows[0]['added_ms_per_step'] else 'delay emulated'}")
+    print("| model | clients | aggregate tok/s | x 1 client | as measured (no delay) | x 1 client | engine steps "
+          "| TTFT p50 ms | TTFT p95 ms | inter-token p50 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        one = next(x for x in rows if x["clients"] == 1 and x["model"] == r["model"])
+        print(f"| {r['model']} q40 | {r['clients']} | {r['tok_s']:.2f} | {r['tok_s'] / one['tok_s']:.2f} "
+              f"| {r['tok_s_measured']:.2f} | {r['tok_s_measured'] / one['tok_s_measured']:.2f} | {r['steps']:.0f} "
+              f"| {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p95'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.0f} |")
     print(f"load after the runs: {os.getloadavg()[0]:.2f}")
 
 

@@ -78,7 +78,9 @@ def test_parallel_answers_are_the_answers_alone(tokenizer):
             t.start()
         for t in threads:
             t.join()
+        metrics = httpx.get(f"{url}/metrics").text.splitlines()
     assert [results[i]["choices"][0]["text"] for i in range(len(PROMPTS))] == expected
+    assert f"dllama_engine_steps {float(len(engine.sizes))}" in metrics
     assert max(engine.sizes) > 1  # requests shared steps
     assert max(engine.sizes) <= 4
 

@@ -90,7 +90,8 @@ class OpenAIServer:
         self.connections = connections or ConnectionTable(limits.max_connections)
         self.metrics = ServerMetrics(queue_depth=lambda: scheduler.waiting, busy=lambda: float(scheduler.busy),
                                      up=lambda: float(self._down_reason() is None),
-                                     connections=lambda: len(self.connections.open))
+                                     connections=lambda: len(self.connections.open),
+                                     steps=lambda: float(runner.batcher.steps if runner.batcher else 0))
         self.ignored_fields: set[str] = set()    # unknown request fields already named in the log
         self._preparing: anyio.CapacityLimiter | None = None
         self.health_probe = health_probe    # returns why the engine is down, or None
