@@ -47,7 +47,7 @@ def cluster(path, workers, slots: int) -> CountingCluster:
 @pytest.mark.parametrize("n_nodes", [2, 3])
 def test_greedy_tokens_on_a_cluster_are_the_same_beside_1_3_or_7_others(smollm2_files, n_nodes):
     path = smollm2_files["q40"]
-    with loopback_workers(n_nodes - 1, model_path=path) as workers:
+    with loopback_workers(n_nodes - 1, model_path=path, nthreads=1) as workers:  # a core each, as the root
         with cluster(path, workers, 1) as alone:
             expected = []
             for prompt, limit in zip(PROMPTS, LIMITS):
@@ -66,7 +66,7 @@ CONTEXT = 256
 SERVE_PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3, 4,", "Write a poem about the sea",
                  "Hello", "Why?"]
 SERVE_LIMITS = [40, 12, 25, 33, 8, 28]
-LONG = 118  # tokens of an answer beside a departing client's of twice as many
+LONG = 60  # tokens of an answer beside a departing client's that would run ~170 (to its eos)
 
 
 @pytest.fixture
@@ -126,17 +126,18 @@ def test_serve_parallel_on_a_cluster_answers_as_alone_and_frees_a_departed_clien
     together = side_by_side(server.url, SERVE_PROMPTS, SERVE_LIMITS)
     assert [text(together[i]) for i in range(len(SERVE_PROMPTS))] == \
         [text(alone[i]) for i in range(len(SERVE_PROMPTS))]
-    assert "4 conversations at once (--parallel 4)" in "".join(server.log)
+    assert "4 conversations at once (--parallel 4)" in server.stderr_text()
 
     # a departing client: its stream runs, the worker is frozen (every step waits), another request joins, the
-    # client leaves and the worker goes on. Had the stream kept its slot to its end, the other's shorter answer
-    # would end first.
+    # client leaves and the worker goes on. Had the stream kept its slot to its end, the other's far shorter
+    # answer would end first.
     results: dict = {}
     other = threading.Thread(target=complete, args=(server.url, "Why?", LONG, results, "other"))
-    body = {"prompt": "Stream for a long time", "max_tokens": 2 * LONG, "temperature": 0, "stream": True}
+    body = {"prompt": "Stream for a long time", "max_tokens": 236, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
         assert r.status_code == 200
-        assert next(r.iter_lines()).startswith("data: ")
+        lines = r.iter_lines()  # kept: a dropped line iterator closes the stream
+        assert next(lines).startswith("data: ")
         os.kill(worker.pid, signal.SIGSTOP)
         try:
             assert generating(server) == 1, "the stream ended before the worker was frozen"
@@ -174,15 +175,15 @@ def test_a_lost_worker_fails_every_active_request_with_503_and_serve_reconnects(
         assert not t.is_alive(), "a request hung after its worker was lost"
     for i in range(3):
         assert results[i].status_code == 503 and results[i].json()["error"]["code"] == "cluster_unavailable"
-    assert httpx.get(f"{server.url}/health").json()["status"] == "down"
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "down" and "frozen" not in health["error"]  # its closed connection, not a timeout
     worker.wait()
     back, _ = start_worker(worker.port)  # the same address, as a board that rebooted
     try:
-        returned = time.monotonic()
+        deadline = time.monotonic() + 60
         prompt = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
         while (reply := httpx.post(f"{server.url}/v1/completions", json=prompt, timeout=60)).status_code == 503:
-            assert time.monotonic() - returned < 10, "still 503 10 s after the worker came back"
-            time.sleep(0.2)
+            assert time.monotonic() < deadline, "still 503 60 s after the worker came back"
         assert text(reply) == first
         health = httpx.get(f"{server.url}/health").json()
         assert (health["status"], health["reconnects"], health["parallel"]) == ("ok", 1, 4)

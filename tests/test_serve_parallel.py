@@ -23,15 +23,28 @@ CONTEXT = 256
 PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3, 4,", "Write a poem about the sea",
            "Hello", "In a galaxy far away there was a very long and winding road that", "Why?"]
 MAX_TOKENS = [40, 12, 25, 33, 8, 19, 28]
+LONG = 118  # tokens of an answer beside a departing client's of twice as many (the context is 256)
 
 
 class CountingEngine(Engine):
-    """Notes how many sequences each step carried."""
+    """Notes how many sequences each step carried; with `permits` set, only that many more steps run until the
+    test says open() (the test, not a clock, says how far the generations get)."""
     sizes: list[int]
+    permits: int | None = None
+    turn = threading.Condition()
 
     def step(self, runs):
+        with self.turn:
+            self.turn.wait_for(lambda: self.permits is None or self.permits > 0)
+            if self.permits is not None:
+                self.permits -= 1
         self.sizes.append(len(runs))
         return super().step(runs)
+
+    def open(self) -> None:
+        with self.turn:
+            self.permits = None
+            self.turn.notify_all()
 
 
 @pytest.fixture(scope="module")
@@ -86,27 +99,38 @@ def test_parallel_answers_are_the_answers_alone(tokenizer):
 
 
 def test_a_client_that_leaves_frees_its_slot_at_once(tokenizer):
+    """A stream runs, its steps are held, another request joins, the client leaves, the steps go on: had the
+    stream kept its slot to its end, the other's answer, half as long, would end first."""
     engine, app = parallel_app(tokenizer, 2)
-    expected = answers_alone(tokenizer, ["Why?"], [60])[0]
+    expected = answers_alone(tokenizer, ["Why?"], [LONG])[0]
     results: dict = {}
     with in_process_server(app) as url:
-        body = {"prompt": "Stream for a long time", "max_tokens": 200, "temperature": 0, "stream": True}
-        other = threading.Thread(target=complete, args=(url, "Why?", 60, results, "other"))
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-            other.start()
-            deadline = time.monotonic() + 30
-            while httpx.get(f"{url}/health").json()["generating"] < 2:
-                assert time.monotonic() < deadline, "the second request never started beside the first"
-                time.sleep(0.01)
-        left = time.monotonic()  # the streaming client is gone
-        while httpx.get(f"{url}/health").json()["generating"] > 1 and other.is_alive():
-            assert time.monotonic() - left < 2.0, "the departed client's slot stayed busy"
-            time.sleep(0.01)
+        def generating() -> int:
+            return httpx.get(f"{url}/health").json()["generating"]
+
+        body = {"prompt": "Stream for a long time", "max_tokens": 2 * LONG, "temperature": 0, "stream": True}
+        other = threading.Thread(target=complete, args=(url, "Why?", LONG, results, "other"))
+        engine.permits = 3  # the stream's prompt and two tokens, then its steps wait
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()  # kept: a dropped line iterator closes the stream
+                assert next(lines).startswith("data: ")
+                assert generating() == 1
+                other.start()
+                wait_until(lambda: generating() == 2, "the second request never started beside the first")
+        finally:
+            engine.open()  # the streaming client is gone
+        wait_until(lambda: generating() < 2 or not other.is_alive(), "the departed client's slot stayed busy")
+        assert other.is_alive(), "the departed client's slot stayed busy while the other request generated"
         other.join()
     assert results["other"]["choices"][0]["text"] == expected
+
+
+def wait_until(condition, what: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds  # a hang detector: each condition is the test's evidence
+    while not condition():
+        assert time.monotonic() < deadline, what
 
 
 def test_each_slot_keeps_its_conversation(tokenizer):
