@@ -177,14 +177,3 @@ def test_start_up_says_how_many_conversations_and_their_memory(tokenizer):
         server.stop()
     assert "4 conversations at once (--parallel 4, what this machine's memory holds): KV cache 4 x" in \
         server.stderr_text()
-
-
-def test_mpi_serves_one_conversation_at_a_time(tokenizer):
-    """A TCP cluster takes --parallel (tests/test_distributed_batching.py); dllama-run mpi's ranks do not carry a
-    step's places, so it refuses before starting anything."""
-    model = require_fixtures(MODEL_DIR) / "expected_f32.m"
-    out = subprocess.run(["dllama-run", "mpi", "serve", "--model", str(model), "--tokenizer", str(tokenizer.where),
-                          "--parallel", "2", "--port", "0"], capture_output=True, text=True)
-    assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == ("error: dllama-run mpi serves one conversation at a time: drop "
-                                                   "--parallel (or use --workers over TCP, which serves several)")

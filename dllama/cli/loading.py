@@ -63,7 +63,7 @@ def load_model(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optiona
         from dllama.runtime.distributed.mpi import open_mpi_engine
 
         mpi_engine = open_mpi_engine(model, max_seq_len, nthreads, cluster.buffer_float_type, cluster.weights,
-                                     cluster.root_compute)
+                                     cluster.root_compute, slots=slots)
     for path, what, ext in ((model, "model", "m"), (tokenizer, "tokenizer", "t")):
         if not Path(path).is_file():
             raise CliError(f"{what} file {path} does not exist: pass the converted .{ext} file")

@@ -86,7 +86,7 @@ def _parallel(asked: Optional[int], model: Path, max_seq_len: int, workers: Opti
     header = ModelFile(model).header
     seq = min(max_seq_len, header.max_seq_len) if header.max_seq_len > 0 else max_seq_len
     if workers:
-        return _cluster_parallel(asked, workers, seq)
+        return _cluster_parallel(asked, seq)
     slots = asked or parallel_that_fits(header, seq, available_memory(), PREFILL_BATCH, DEFAULT_MAX_PARALLEL)
     per_slot = kv_cache_bytes(header, whole_model_share(header), seq)
     logging.getLogger("dllama.serve").info(
@@ -96,15 +96,11 @@ def _parallel(asked: Optional[int], model: Path, max_seq_len: int, workers: Opti
     return slots
 
 
-def _cluster_parallel(asked: Optional[int], workers: str, seq: int) -> int:
+def _cluster_parallel(asked: Optional[int], seq: int) -> int:
     """A cluster's --parallel: 1 unless asked (each node keeps every conversation's slice of the KV cache, which
-    `dllama-run plan --parallel N` counts); under MPI, 1."""
-    from dllama.runtime.distributed.mpi import MPI_WORKERS
+    `dllama-run plan --parallel N` counts)."""
     from dllama.runtime.distributed.protocol import MAX_SLOTS
 
-    if workers == MPI_WORKERS and asked not in (None, 1):
-        fail("dllama-run mpi serves one conversation at a time: drop --parallel (or use --workers over TCP, which "
-             "serves several)")
     if (asked or 1) > MAX_SLOTS:
         fail(f"--parallel {asked}: a cluster serves at most {MAX_SLOTS} conversations at once")
     slots = asked or 1

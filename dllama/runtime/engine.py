@@ -264,9 +264,9 @@ class Engine:
         """Several sequences in one pass over the weights: each run's logits, (len(token_ids), vocab) or with
         last_only (1, vocab), in the order of `runs` (at most one run per slot). Each token attends to its own
         slot's cache only, and its logits are the bits forward() would give it alone. More than PREFILL_BATCH
-        tokens in all go in several passes, every run's first tokens in the first. On a cluster each pass is
-        one FORWARD to the workers and one exchange per seam for all its tokens (an exchange that
-        carries_steps); under MPI the engine runs one sequence, slot 0's."""
+        tokens in all go in several passes, every run's first tokens in the first. On a cluster (TCP or MPI)
+        each pass is one command to the workers and one exchange per seam for all its tokens (an exchange
+        that carries_steps: each token's slot and position travel with it)."""
         slots = [r.slot for r in runs]
         if len(set(slots)) != len(slots):
             raise EngineError("a step takes at most one run per slot")
@@ -290,13 +290,13 @@ class Engine:
 
     def _runs_steps(self) -> bool:
         """Whether step() batches slots here: the node that looks up the tokens, alone or the root of a cluster
-        whose exchange tells the workers each token's place (not MPI's)."""
+        whose exchange tells the workers each token's place."""
         return self.embedding is not None and (getattr(self.exchange, "adds_partials_as_computed", False)
                                                or getattr(self.exchange, "carries_steps", False))
 
     def _forward_alone(self, run: SlotRun) -> np.ndarray:
         if run.slot != 0:
-            raise EngineError("this cluster runs one sequence at a time (dllama-run mpi): use slot 0 "
+            raise EngineError("this engine's exchange runs one sequence at a time: use slot 0 "
                               "(dllama-run serve --parallel 1)")
         return self.forward(run.token_ids, run.pos, run.last_only)
 

@@ -590,7 +590,6 @@ class NodeInfo:
 
 WEIGHTS_HEAD = struct.Struct("<IQ")   # tensor index in the plan, byte offset inside the node's slice
 FORWARD_HEAD = struct.Struct("<II")  # tokens T, logits rows R (the last R tokens'); then T slots, T positions, x
-LOGITS_WANTED = {"all": 0, "last": 1, "none": 2}  # whose logits an MPI command gathers (model.LOGITS_ROWS)
 PARTIAL_HEAD = struct.Struct("<HBB")  # layer, seam (0 after wo, 1 after w2), node whose partial this is
 LOGITS_HEAD = struct.Struct("<B")     # 0: f32 values, 1: f16 values
 SUM_HEAD = struct.Struct("<HB")       # layer, seam
