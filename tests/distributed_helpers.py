@@ -33,10 +33,11 @@ def write_smollm2_shaped(path: Path, float_type: FloatType, n_layers: int = 2, s
 
 
 @contextmanager
-def loopback_workers(n: int, model_path: Path | None = None, cluster_key: bytes | None = None):
+def loopback_workers(n: int, model_path: Path | None = None, cluster_key: bytes | None = None,
+                     nthreads: int | None = None):
     """`n` workers on 127.0.0.1 ephemeral ports, each in a thread with its own real socket."""
-    workers = [Worker("127.0.0.1", 0, model_path=model_path, log=lambda msg: None, cluster_key=cluster_key)
-               for _ in range(n)]
+    workers = [Worker("127.0.0.1", 0, model_path=model_path, log=lambda msg: None, cluster_key=cluster_key,
+                      nthreads=nthreads) for _ in range(n)]
     threads = [threading.Thread(target=w.serve_forever, daemon=True) for w in workers]
     for t in threads:
         t.start()

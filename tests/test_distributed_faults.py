@@ -27,6 +27,7 @@ from dllama.runtime.distributed.protocol import (
     Frame,
     Hello,
     ModelIdentity,
+    forward_parts,
     model_identity,
 )
 from dllama.runtime.distributed.root import DistributedEngine, WorkerError
@@ -141,13 +142,25 @@ def test_oversized_frames_are_refused_before_allocating(f32_model):
 
 def test_an_oversized_forward_after_the_handshake_is_refused(f32_model):
     with loopback_workers(1, model_path=f32_model) as (worker,):  # its own copy: no weights to stream
-        huge_batch = FORWARD_HEAD.pack(0, 1 << 20, 0)
+        huge_batch = FORWARD_HEAD.pack(1 << 20, 0)
         reply = talk(worker.address, KEYLESS_START, frame(Frame.HELLO, hello_bytes(f32_model)), STAR,
                      frame(Frame.FORWARD, huge_batch, length=0x7FFFFFFF))
         assert b"FORWARD frame of 2147483647 bytes exceeds the limit" in reply
         reply = talk(worker.address, KEYLESS_START, frame(Frame.HELLO, hello_bytes(f32_model)), STAR,
-                     frame(Frame.FORWARD, FORWARD_HEAD.pack(30, 5, 0) + bytes(5 * 64 * 4)))
-        assert b"outside the batch limit" in reply  # positions 30..34 past max_seq_len 32
+                     frame(Frame.FORWARD, FORWARD_HEAD.pack(65, 0) + bytes(64)))
+        assert b"FORWARD of 65 tokens (0 with logits) is outside the batch limit 64" in reply
+
+        def forward(slots, positions) -> bytes:
+            x = np.zeros((len(slots), 64), np.float32)
+            return frame(Frame.FORWARD, b"".join(bytes(p) for p in forward_parts(x, np.array(slots),
+                                                                                np.array(positions), 1)))
+
+        for slots, positions, hello in (([0] * 5, range(30, 35), {}),  # positions 30..34 past max_seq_len 32
+                                        ([0, 1], [3, 3], {}),  # a second slot the HELLO did not ask for
+                                        ([0, 2], [3, 3], {"slots": 2})):
+            reply = talk(worker.address, KEYLESS_START, frame(Frame.HELLO, hello_bytes(f32_model, **hello)), STAR,
+                         forward(slots, positions))
+            assert f"FORWARD puts a token in slot {max(slots)} or at position {max(positions)}".encode() in reply
         still_serves(worker, f32_model)
 
 

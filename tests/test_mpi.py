@@ -8,8 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -81,6 +83,15 @@ def h12(tmp_path_factory):
                                    hidden_dim=384) for ft in (FloatType.F32, FloatType.Q40)}
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_greedy_answers_are_the_same_beside_others_under_mpi(h12, tmp_path, n):
+    """serve --parallel under mpiexec: every token's slot and position go with the command, and each
+    sequence's answer is the one it gets alone (6 prompts over 4 slots, f32 buffers)."""
+    got = run_driver(n, h12[FloatType.Q40], tmp_path / "slots.npz", "--slots", "4", "--buffer-float-type", "f32")
+    assert list(got["alone"]) == list(got["beside"]) and len(got["alone"]) > 20
+    assert int(got["most"]) == 4  # the slots shared steps
+
+
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_f32_logits_equal_one_node(h12, tmp_path, n):
     got = run_driver(n, h12[FloatType.F32], tmp_path / "out.npz", "--buffer-float-type", "f32")
@@ -128,7 +139,8 @@ def test_serve_under_mpiexec_answers_the_openai_client(tmp_path):
     tokenizer.write_bytes(convert_tokenizer(folder).to_bytes())
     proc = subprocess.Popen([*mpiexec_command(2), "dllama-run", "mpi", "serve", "--model", str(model), "--tokenizer",
                              str(tokenizer), "--max-seq-len", "256", "--buffer-float-type", "f32", "--nthreads", "1",
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+                             "--parallel", "2", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env())
     log = LogWatcher(proc.stderr)
     try:
         url = f"http://{LOOPBACK}:{log.port()}"  # the OS's port, from the server's log line
@@ -138,8 +150,15 @@ def test_serve_under_mpiexec_answers_the_openai_client(tmp_path):
         ids = tok.encode(tok.render_chat(messages), add_bos=False)
         single_node = tok.decode(local_generation(engine, tok, ids, 12, Sampling(temperature=0.0)))
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0)
-        assert reply.choices[0].message.content == single_node
+        replies: list = []  # two at once, in the two KV cache slots (--parallel 2)
+        threads = [threading.Thread(target=lambda: replies.append(client.chat.completions.create(
+            model="m", messages=messages, max_tokens=12, temperature=0))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.choices[0].message.content for r in replies] == [single_node] * 2
+        assert httpx.get(f"{url}/health").json()["parallel"] == 2
         proc.send_signal(signal.SIGINT)  # mpiexec passes it on; rank 0 stops the server and then the ranks
         proc.wait(20)
         log.join(10)

@@ -244,7 +244,7 @@ def test_openai_client_raises_bad_request_for_a_long_prompt(client):
 @pytest.mark.slow
 def test_load_200_requests_from_8_clients_only_429s_and_no_leak(tokenizer_path, local):
     server = ServerProcess("--model", str(MODEL), "--tokenizer", str(tokenizer_path), "--max-seq-len", str(CONTEXT),
-                           "--max-queue", "4")
+                           "--max-queue", "4", "--parallel", "2")  # 2 generating + 4 waiting < 8 clients
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -282,6 +282,7 @@ def test_load_200_requests_from_8_clients_only_429s_and_no_leak(tokenizer_path, 
         assert sum(refused) > 0, "8 clients against a queue of 4 should meet some 429s"
         assert abs(after - before) <= 0.10 * before, f"RSS {before} -> {after}"
         assert httpx.get(f"{server.url}/health").json() | {"busy": False} == {
-            "status": "ok", "model": "expected_f32", "busy": False, "queued": 0, "max_queue": 4}
+            "status": "ok", "model": "expected_f32", "busy": False, "queued": 0, "max_queue": 4, "parallel": 2,
+            "generating": 0}
     finally:
         server.stop()

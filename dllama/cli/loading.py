@@ -55,27 +55,28 @@ def check_port(host: str, port: int) -> None:
 
 
 def load_model(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optional[int],
-               cluster: ClusterOptions = ClusterOptions()) -> LoadedModel:
-    """Engine (one node, or the root of a cluster) + tokenizer, checked against each other."""
+               cluster: ClusterOptions = ClusterOptions(), slots: int = 1) -> LoadedModel:
+    """Engine (one node, or the root of a cluster) + tokenizer, checked against each other; `slots`: sequences
+    the engine keeps a KV cache for (serve --parallel; on a cluster every node keeps its slice of each)."""
     mpi_engine = None
     if cluster.workers == "@mpi":  # distributed.mpi.MPI_WORKERS (dllama-run mpi): ranks > 0 serve in here and exit
         from dllama.runtime.distributed.mpi import open_mpi_engine
 
         mpi_engine = open_mpi_engine(model, max_seq_len, nthreads, cluster.buffer_float_type, cluster.weights,
-                                     cluster.root_compute)
+                                     cluster.root_compute, slots=slots)
     for path, what, ext in ((model, "model", "m"), (tokenizer, "tokenizer", "t")):
         if not Path(path).is_file():
             raise CliError(f"{what} file {path} does not exist: pass the converted .{ext} file")
     from dllama.tokenizer import Tokenizer
 
     tok = Tokenizer.load(str(tokenizer))
-    engine = mpi_engine if mpi_engine is not None else _engine(model, max_seq_len, nthreads, cluster)
+    engine = mpi_engine if mpi_engine is not None else _engine(model, max_seq_len, nthreads, cluster, slots)
     check_vocab(tok.vocab_size, engine.vocab_size, tokenizer, model)
     release_freed_heap()
     return LoadedModel(engine, tok)
 
 
-def _engine(model: Path, max_seq_len: int, nthreads: Optional[int], cluster: ClusterOptions) -> Engine:
+def _engine(model: Path, max_seq_len: int, nthreads: Optional[int], cluster: ClusterOptions, slots: int = 1) -> Engine:
     if cluster.workers:  # the same Engine interface, node 0 of a cluster
         from dllama.runtime.distributed.auth import load_cluster_key
         from dllama.runtime.distributed.root import DistributedEngine, parse_workers
@@ -83,10 +84,12 @@ def _engine(model: Path, max_seq_len: int, nthreads: Optional[int], cluster: Clu
         return DistributedEngine(model, parse_workers(cluster.workers), max_seq_len=max_seq_len, nthreads=nthreads,
                                  buffer_type=cluster.buffer_float_type, weights=cluster.weights,
                                  root_compute=cluster.root_compute,
-                                 cluster_key=load_cluster_key(cluster.cluster_key_file), exchange=cluster.exchange)
+                                 cluster_key=load_cluster_key(cluster.cluster_key_file), exchange=cluster.exchange,
+                                 slots=slots)
     if cluster.weights is not None or cluster.root_compute != "all":
         raise CliError("--weights and --root-compute split the model over a cluster: add --workers host:port,...")
-    return Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads, buffer_float_type=cluster.buffer_float_type)
+    return Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads, buffer_float_type=cluster.buffer_float_type,
+                       slots=slots)
 
 
 def check_vocab(tokenizer_vocab: int, model_vocab: int, tokenizer: Path, model: Path) -> None:

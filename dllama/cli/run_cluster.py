@@ -74,6 +74,7 @@ def plan_command(
     ram: Optional[str] = typer.Option(None, help="memory of one board, e.g. 1G or 512M: say whether each node fits"),
     batch: int = typer.Option(PREFILL_BATCH, min=1, help="prompt tokens per forward batch the buffers are sized for "
                                                         f"(the runtime evaluates prompts {PREFILL_BATCH} at a time)"),
+    parallel: int = typer.Option(1, min=1, help="conversations at once (serve --parallel): a KV cache each"),
     as_json: bool = options.AS_JSON,
     weights: Optional[str] = options.WEIGHTS,
     root_compute: str = options.ROOT_COMPUTE,
@@ -90,7 +91,7 @@ def plan_command(
         header = ModelFile(model).header  # the header checked against the file's real size
         seq = min(max_seq_len, header.max_seq_len)
         split_weights = _plan_weights(nodes, weights, root_compute, workers, cluster_key_file)
-        plan = memory_plan(header, nodes, seq, batch, weights=split_weights)
+        plan = memory_plan(header, nodes, seq, batch, weights=split_weights, parallel=parallel)
         limit = parse_size(ram) if ram else None
     rows = [{
         "node": m.node, "role": "root" if m.node == 0 else "worker", "share": m.share.describe(),
@@ -100,10 +101,11 @@ def plan_command(
         "fits": None if limit is None else m.total <= limit,
     } for m in plan]
     if as_json:
-        print(json.dumps({"model": str(model), "nodes": nodes, "max_seq_len": seq, "ram": limit,
+        print(json.dumps({"model": str(model), "nodes": nodes, "max_seq_len": seq, "parallel": parallel, "ram": limit,
                           "weights": list(split_weights), "per_node": rows}))
         return
-    print(f"{model}: {nodes} node(s), max_seq_len {seq}, weights {','.join(f'{w:.3g}' for w in split_weights)}")
+    print(f"{model}: {nodes} node(s), max_seq_len {seq}" + (f" x {parallel} conversations" if parallel > 1 else "")
+          + f", weights {','.join(f'{w:.3g}' for w in split_weights)}")
     print(f"{'node':<10}{'weights':>14}{'kv cache':>14}{'buffers':>12}{'runtime':>12}{'total':>14}  fits")
     for r in rows:
         fits = "-" if r["fits"] is None else ("yes" if r["fits"] else f"NO (> {_mib(limit)})")

@@ -17,6 +17,7 @@ import ctypes
 import gc
 import mmap
 import os
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 from dllama.errors import DllamaError
 from dllama.formats import FloatType, ModelFile, ModelHeader
 from dllama.runtime import dispatch
-from dllama.runtime.model import LOGITS_ROWS, CompiledPass, NodeLayers, load_node_weights, whole_model_share
+from dllama.runtime.model import CompiledPass, NodeLayers, Places, load_node_weights, logit_rows, whole_model_share
 
 DEFAULT_MAX_SEQ_LEN = 2048  # models declare up to 131072 positions; the KV cache must fit a small board
 PREFILL_BATCH = 64          # prompt tokens per pass over the weights
@@ -34,12 +35,23 @@ class EngineError(DllamaError, ValueError):
     """The engine cannot run this request (too long for the KV cache, bad token id, ...)."""
 
 
+@dataclass(frozen=True)
+class SlotRun:
+    """One sequence's tokens in a step: token_ids at positions pos.. of KV cache slot `slot`; with last_only
+    (a prompt) only the last token's logits are computed."""
+    slot: int
+    token_ids: Sequence[int]
+    pos: int
+    last_only: bool = False
+
+
 class Exchange(Protocol):
     """Where nodes meet (FORMAT.md §3). Stages are "attention" (after wo) and "ffn" (after w2)."""
 
-    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
-        """A batch starts: x (T, dim) are the embedding rows of tokens at positions pos.. (the root
-        sends them to the workers); `logits`: whose logits the batch wants (model.LOGITS_ROWS)."""
+    def begin(self, x: np.ndarray, pos: int | Places, logits: str | int = "all") -> None:
+        """A batch starts: x (T, dim) are the embedding rows of tokens at positions pos.. (or at their
+        Places: a step's sequences, each in its KV cache slot; the root sends them to the workers);
+        `logits`: whose logits the batch wants (a model.LOGITS_ROWS name, or a count of last rows)."""
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
         """x += every node's partial (T, dim), in node order; this node's is `partial` (None: it has none)."""
@@ -62,7 +74,7 @@ class LocalExchange:
         its whole pass in one call (NodeLayers.whole_pass, which rounds the same way)."""
         return True
 
-    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
+    def begin(self, x: np.ndarray, pos: int | Places, logits: str | int = "all") -> None:
         pass
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray, layer: int, stage: str) -> None:
@@ -139,12 +151,27 @@ class Engine:
         self.exchange = exchange
         self.max_seq_len = max_seq_len
         self.nthreads = nthreads or dispatch.max_threads()
-        self.pos = 0  # tokens currently in the KV cache
+        self.slot_pos = [0] * getattr(layers, "slots", 1)  # tokens currently in each slot's KV cache
+
+    @property
+    def pos(self) -> int:
+        """Tokens currently in the KV cache (slot 0's: the one forward() uses)."""
+        return self.slot_pos[0]
+
+    @pos.setter
+    def pos(self, value: int) -> None:
+        self.slot_pos[0] = value
+
+    @property
+    def slots(self) -> int:
+        """Sequences this engine keeps a KV cache for (Engine.load(slots=N)); step() runs them together."""
+        return len(self.slot_pos)
 
     @classmethod
     def load(cls, model_path: str | os.PathLike, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-             nthreads: int | None = None, buffer_float_type: str | None = None) -> "Engine":
-        """Memory-map the model (weights stay packed) and allocate a KV cache of `max_seq_len` positions.
+             nthreads: int | None = None, buffer_float_type: str | None = None, slots: int = 1) -> "Engine":
+        """Memory-map the model (weights stay packed) and allocate a KV cache of `max_seq_len` positions for
+        each of `slots` sequences (step() runs them together; memory becomes resident as positions are used).
         buffer_float_type "q80" rounds each partial through q80 as the reference does (default: not)."""
         model = ModelFile(model_path)
         read_ahead_weights(model)
@@ -152,11 +179,13 @@ class Engine:
         max_seq_len = min(max_seq_len, h.max_seq_len) if h.max_seq_len > 0 else max_seq_len
         if max_seq_len < 1:
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
+        if slots < 1:
+            raise EngineError(f"slots {slots} must be at least 1")
         if problem := dispatch.threads_problem(nthreads):
             raise EngineError(problem)
         quantize_partials = rounds_partials_on_one_node(buffer_float_type)
         share = whole_model_share(h)
-        layers = NodeLayers(h, load_node_weights(model, share), share, max_seq_len)
+        layers = NodeLayers(h, load_node_weights(model, share), share, max_seq_len, slots)
         engine = cls(h, layers, LocalExchange(quantize_partials), max_seq_len, nthreads,
                      embedding=model.blocks("embedding"), model=model)
         layers.prepare_whole_pass(PREFILL_BATCH, quantize_partials)
@@ -166,9 +195,10 @@ class Engine:
     def vocab_size(self) -> int:
         return self.header.vocab_size
 
-    def reset(self) -> None:
-        """Forget the cached tokens; the next forward starts at position 0."""
-        self.pos = 0
+    def reset(self, slot: int | None = None) -> None:
+        """Forget the cached tokens (of every slot, or of `slot`); the next forward starts at position 0."""
+        for s in range(self.slots) if slot is None else (slot,):
+            self.slot_pos[s] = 0
 
     def forward(self, token_ids: Sequence[int], pos: int, last_only: bool = False) -> np.ndarray:
         """Evaluate tokens at positions pos.. (the cache must hold positions < pos); (T, vocab) float32, or
@@ -214,11 +244,15 @@ class Engine:
         """Whether the exchange rounds each partial through q80 before adding it (LocalExchange's option)."""
         return getattr(self.exchange, "quantize_partials", False)
 
-    def _check(self, n_tokens: int, lowest: int, highest: int, pos: int) -> None:
-        """n_tokens with ids lowest..highest can go at positions pos.."""
-        if not 0 <= pos <= self.pos:
-            raise EngineError(f"position {pos} is past the {self.pos} tokens in the KV cache; call reset() or continue "
-                              f"at {self.pos}")
+    def _check(self, n_tokens: int, lowest: int, highest: int, pos: int, slot: int = 0) -> None:
+        """n_tokens with ids lowest..highest can go at positions pos.. of `slot`."""
+        if not 0 <= slot < self.slots:
+            raise EngineError(f"slot {slot} is not one of this engine's {self.slots} (Engine.load(slots=N))")
+        held = self.slot_pos[slot]
+        if not 0 <= pos <= held:
+            where = "the KV cache" if self.slots == 1 else f"slot {slot}'s KV cache"
+            raise EngineError(f"position {pos} is past the {held} tokens in {where}; call reset() or continue "
+                              f"at {held}")
         if pos + n_tokens > self.max_seq_len:
             raise EngineError(f"{pos + n_tokens} tokens do not fit the KV cache of {self.max_seq_len} positions: "
                               "raise --max-seq-len or shorten the prompt")
@@ -226,13 +260,97 @@ class Engine:
             bad = highest if highest >= self.vocab_size else lowest
             raise EngineError(f"token id {bad} is outside the model's vocabulary of {self.vocab_size}")
 
+    def step(self, runs: Sequence[SlotRun]) -> list[np.ndarray]:
+        """Several sequences in one pass over the weights: each run's logits, (len(token_ids), vocab) or with
+        last_only (1, vocab), in the order of `runs` (at most one run per slot). Each token attends to its own
+        slot's cache only, and its logits are the bits forward() would give it alone. More than PREFILL_BATCH
+        tokens in all go in several passes, every run's first tokens in the first. On a cluster (TCP or MPI)
+        each pass is one command to the workers and one exchange per seam for all its tokens (an exchange
+        that carries_steps: each token's slot and position travel with it)."""
+        slots = [r.slot for r in runs]
+        if len(set(slots)) != len(slots):
+            raise EngineError("a step takes at most one run per slot")
+        ids = [np.asarray(r.token_ids, dtype=np.int64).reshape(-1) for r in runs]
+        for run, run_ids in zip(runs, ids):
+            if len(run_ids) == 0:
+                raise EngineError(f"slot {run.slot}'s run needs at least one token")
+            self._check(len(run_ids), int(run_ids.min()), int(run_ids.max()), run.pos, run.slot)
+        if not self._runs_steps():
+            return [self._forward_alone(run) for run in runs]
+        dispatch.set_threads(self.nthreads)
+        out = [np.empty((1 if r.last_only else len(i), self.vocab_size), np.float32) for r, i in zip(runs, ids)]
+        done = [0] * len(runs)
+        while any(d < len(i) for d, i in zip(done, ids)):
+            taken = self._share_pass(ids, done)
+            self._step_pass(runs, ids, done, taken, out)
+            done = [d + n for d, n in zip(done, taken)]
+        for run, run_ids in zip(runs, ids):
+            self.slot_pos[run.slot] = run.pos + len(run_ids)
+        return out
+
+    def _runs_steps(self) -> bool:
+        """Whether step() batches slots here: the node that looks up the tokens, alone or the root of a cluster
+        whose exchange tells the workers each token's place."""
+        return self.embedding is not None and (getattr(self.exchange, "adds_partials_as_computed", False)
+                                               or getattr(self.exchange, "carries_steps", False))
+
+    def _forward_alone(self, run: SlotRun) -> np.ndarray:
+        if run.slot != 0:
+            raise EngineError("this engine's exchange runs one sequence at a time: use slot 0 "
+                              "(dllama-run serve --parallel 1)")
+        return self.forward(run.token_ids, run.pos, run.last_only)
+
+    @staticmethod
+    def _share_pass(ids: list[np.ndarray], done: list[int]) -> list[int]:
+        """How many of each run's remaining tokens go in the next pass: the shortest remainders first, so that
+        decoded tokens never wait behind a prompt."""
+        budget, taken = PREFILL_BATCH, [0] * len(ids)
+        for i in sorted(range(len(ids)), key=lambda i: len(ids[i]) - done[i]):
+            taken[i] = min(len(ids[i]) - done[i], budget)
+            budget -= taken[i]
+        return taken
+
+    def _step_pass(self, runs: Sequence[SlotRun], ids: list[np.ndarray], done: list[int], taken: list[int],
+                   out: list[np.ndarray]) -> None:
+        """One pass: tokens done[i]..+taken[i] of each run. The tokens whose logits are wanted go last (each
+        token carries its own slot and position, so rows may go in any order) and the pass computes the
+        lm_head of those rows only."""
+        quiet, loud = [], []  # (run, first token, end token)
+        for i, (run, n) in enumerate(zip(runs, taken)):
+            a, b = done[i], done[i] + n
+            if n == 0:
+                continue
+            if not run.last_only:
+                loud.append((i, a, b))
+            elif b < len(ids[i]):
+                quiet.append((i, a, b))
+            else:
+                quiet.append((i, a, b - 1))
+                loud.append((i, b - 1, b))
+        order = [(i, a, b) for i, a, b in quiet + loud if b > a]
+        token_ids = np.concatenate([ids[i][a:b] for i, a, b in order])
+        places = Places(np.concatenate([np.arange(runs[i].pos + a, runs[i].pos + b) for i, a, b in order]),
+                        np.concatenate([np.full(b - a, runs[i].slot) for i, a, b in order]))
+        n_logits = sum(b - a for _, a, b in loud)
+        x = np.array(self.embedding[token_ids], dtype=np.float32)
+        self.exchange.begin(x, places, n_logits)
+        logits = self.run_layers(x, places, None, n_logits)
+        row = 0
+        for i, a, b in loud:
+            if runs[i].last_only:
+                out[i][0] = logits[row]
+            else:
+                out[i][a:b] = logits[row:row + b - a]
+            row += b - a
+
     def _forward_batch(self, ids: np.ndarray, pos: int, out: np.ndarray | None = None,
                        logits: str = "all") -> np.ndarray:
         x = np.array(self.embedding[ids], dtype=np.float32)  # the batch's one lookup of embedding rows
         self.exchange.begin(x, pos, logits)
         return self.run_layers(x, pos, out, logits)
 
-    def run_layers(self, x: np.ndarray, pos: int, out: np.ndarray | None = None, logits: str = "all") -> np.ndarray:
+    def run_layers(self, x: np.ndarray, pos: int | Places, out: np.ndarray | None = None,
+                   logits: str | int = "all") -> np.ndarray:
         """The layer loop, the same on every node: x (T, dim) at positions pos.. -> logits (on the root;
         a worker's exchange returns its own slice). `out`: where the logits may go, if they can. `logits`
         "last" or "none" computes (and, on a cluster, gathers) only the last token's or none: a prompt's
@@ -244,7 +362,7 @@ class Engine:
         for layer in range(self.header.n_layers):
             self.exchange.reduce_into(x, self.layers.attention_block(layer, x, pos), layer, "attention")
             self.exchange.reduce_into(x, self.layers.ffn_block(layer, x), layer, "ffn")
-        rows = LOGITS_ROWS[logits](len(x))
+        rows = logit_rows(logits, len(x))
         if rows == 0:
             return self.exchange.gather_logits(np.empty((0, 0), dtype=np.float32))
         return self.exchange.gather_logits(self.layers.logits(x[len(x) - rows:]))

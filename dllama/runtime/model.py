@@ -158,11 +158,41 @@ class Rope:
         return out
 
 
-class NodeLayers:
-    """The node's per-layer computations and its slice of the KV cache."""
+@dataclass(frozen=True)
+class Places:
+    """Where a batch's tokens go in the KV cache: token t at position positions[t] of slot slots[t] (each
+    slot, a sequence, has its own max_seq_len rows). A token attends to its slot's positions up to its own."""
+    positions: np.ndarray  # (T,) int64
+    slots: np.ndarray      # (T,) int64
 
-    def __init__(self, h: ModelHeader, weights: NodeWeights | None, share: NodeShare, max_seq_len: int):
+    @staticmethod
+    def of(pos: "int | Places", n_tokens: int) -> "Places":
+        """`pos` as Places: an int is n_tokens consecutive positions from pos in slot 0."""
+        if isinstance(pos, Places):
+            return pos
+        return Places(np.arange(pos, pos + n_tokens, dtype=np.int64), np.zeros(n_tokens, np.int64))
+
+    def runs(self) -> list[tuple[int, int, int, int]]:
+        """(slot, first position, first row, end row): the maximal stretches of rows at consecutive positions
+        of one slot, in row order."""
+        out = []
+        start = 0
+        for t in range(1, len(self.positions) + 1):
+            if (t == len(self.positions) or self.slots[t] != self.slots[start]
+                    or self.positions[t] != self.positions[t - 1] + 1):
+                out.append((int(self.slots[start]), int(self.positions[start]), start, t))
+                start = t
+        return out
+
+
+class NodeLayers:
+    """The node's per-layer computations and its slice of the KV cache: `slots` regions of max_seq_len
+    positions each (one per sequence a batch may carry; slot 0 is the one of forward(ids, pos))."""
+
+    def __init__(self, h: ModelHeader, weights: NodeWeights | None, share: NodeShare, max_seq_len: int,
+                 slots: int = 1):
         self.h, self.w, self.share = h, weights, share
+        self.max_seq_len, self.slots = max_seq_len, slots
         self.heads = share.n_heads
         self.kv_heads = share.n_kv_heads
         self.head_offset, self.padded_heads = share.attention_layout
@@ -170,7 +200,7 @@ class NodeLayers:
         self.has_vocab = share.vocab[1] > share.vocab[0]
         self.eps = h.norm_epsilon
         self.rope = Rope(h, max_seq_len)
-        cache_shape = (h.n_layers, max_seq_len, self.kv_heads, h.head_dim)
+        cache_shape = (h.n_layers, slots * max_seq_len, self.kv_heads, h.head_dim)
         self.k_cache, self.v_cache = (lazy_zeros(cache_shape, np.float32) for _ in range(2))
         self._compiled: CompiledPass | None | bool = False  # False: not decided yet
 
@@ -188,8 +218,8 @@ class NodeLayers:
             for key in ((1, adds, "all"), (min(batch, MAX_BATCH), adds, "none")):
                 compiled.program(*key)
 
-    def whole_pass(self, x: np.ndarray, pos: int, out: np.ndarray | None = None, logits: str = "all",
-                   q80_partials: bool = False) -> np.ndarray | None:
+    def whole_pass(self, x: np.ndarray, pos: "int | Places", out: np.ndarray | None = None,
+                   logits: "str | int" = "all", q80_partials: bool = False) -> np.ndarray | None:
         """Every layer and the logits for one node whose partials are added as computed (engine.LocalExchange),
         each rounded through q80 first with `q80_partials`: x (T, dim) -> the logits of every token, the last
         or none (CompiledPass.whole), written into `out` when given (else valid until the next call), x
@@ -201,7 +231,7 @@ class NodeLayers:
     def kv_cache_bytes(self) -> int:
         return self.k_cache.nbytes + self.v_cache.nbytes
 
-    def attention_block(self, layer: int, x: np.ndarray, pos: int) -> np.ndarray | None:
+    def attention_block(self, layer: int, x: np.ndarray, pos: "int | Places") -> np.ndarray | None:
         """x (T, dim) residual stream -> the node's partial after wo (None: the node has no heads)."""
         if not self.heads:
             return None
@@ -217,8 +247,9 @@ class NodeLayers:
             return compiled.stretch(f"ffn {layer}", x, 0)
         return self.ffn(layer, rmsnorm(x, self.w.layers[layer].ffn_norm, self.eps))
 
-    def attention(self, layer: int, y: np.ndarray, pos: int) -> np.ndarray | None:
-        """y (T, dim) normed input at positions pos.. -> the node's partial Wo z (T, dim); None without heads."""
+    def attention(self, layer: int, y: np.ndarray, pos: "int | Places") -> np.ndarray | None:
+        """y (T, dim) normed input at positions pos.. (or its Places) -> the node's partial Wo z (T, dim); None
+        without heads."""
         if not self.heads:
             return None
         lw = self.w.layers[layer]
@@ -230,11 +261,16 @@ class NodeLayers:
         if lw.q_norm is not None:
             q = rmsnorm(q, lw.q_norm, self.eps)
             k = rmsnorm(k, lw.k_norm, self.eps)
-        self.k_cache[layer, pos:pos + T] = self.rope(k, pos)
-        self.v_cache[layer, pos:pos + T] = v
-        return lw.wo @ lw.wo.prepare(self._attend(layer, self.rope(q, pos), pos))
+        z = np.empty((T, self.heads * hd), dtype=np.float32)
+        for slot, p, r0, r1 in Places.of(pos, T).runs():  # in row order: a later run sees an earlier one's cache
+            rows = slice(slot * self.max_seq_len, (slot + 1) * self.max_seq_len)
+            k_cache, v_cache = self.k_cache[layer, rows], self.v_cache[layer, rows]
+            k_cache[p:p + r1 - r0] = self.rope(k[r0:r1], p)
+            v_cache[p:p + r1 - r0] = v[r0:r1]
+            z[r0:r1] = self._attend(k_cache, v_cache, self.rope(q[r0:r1], p), p)
+        return lw.wo @ lw.wo.prepare(z)
 
-    def _attend(self, layer: int, q: np.ndarray, pos: int) -> np.ndarray:
+    def _attend(self, k_cache: np.ndarray, v_cache: np.ndarray, q: np.ndarray, pos: int) -> np.ndarray:
         """softmax(q k) v for the node's query heads (T, heads * hd). The kernel maps head h to kv head
         h // (heads / kv heads); a node whose heads cut a kv group runs them among unused padding heads."""
         T, hd, off = q.shape[0], self.h.head_dim, self.head_offset
@@ -243,7 +279,7 @@ class NodeLayers:
             padded[:, off:off + self.heads] = q
             q = padded
         z = np.empty((T, self.padded_heads * hd), dtype=np.float32)
-        dispatch.attention(np.ascontiguousarray(q), self.k_cache[layer], self.v_cache[layer], pos, z)
+        dispatch.attention(np.ascontiguousarray(q), k_cache, v_cache, pos, z)
         return z if self.padded_heads == self.heads else np.ascontiguousarray(z[:, off * hd:(off + self.heads) * hd])
 
     def ffn(self, layer: int, y: np.ndarray) -> np.ndarray | None:
@@ -290,8 +326,14 @@ class NodeLayers:
 
 WEIGHT_KINDS = {FloatType.F32: dispatch.W_F32, FloatType.Q40: dispatch.W_Q40, FloatType.Q80: dispatch.W_Q80}
 MAX_BATCH = 64  # engine.PREFILL_BATCH: tokens per program run (a longer input runs in several)
+STEP_PROGRAMS = 24  # a step's programs kept (each a table of ~10 ops per layer); others are built again
 LM_HEAD_OUT = 7  # the out slot of an OP_MATMUL (kernels/program.py _op_matmul)
 LOGITS_ROWS = {"all": lambda T: T, "last": lambda T: 1, "none": lambda T: 0}  # whole(logits=): rows computed
+
+
+def logit_rows(logits: "str | int", T: int) -> int:
+    """How many of T tokens' logits `logits` asks for: a LOGITS_ROWS name, or a count of last rows (a step)."""
+    return LOGITS_ROWS[logits](T) if isinstance(logits, str) else logits
 
 
 def whole_pass_adds(q80_partials: bool) -> int:
@@ -334,13 +376,15 @@ class CompiledPass:
         self.squares = np.zeros(n_threads * dim, np.float64)
         self.eps = np.array([layers.eps], np.float64)
         self.xq, self.zq, self.hq = (q80_buffers(B, n) for n in (dim, q_dim, hidden))
-        # programs by (tokens, adds: 0 for stretches, else whole_pass_adds, logits)
-        self.programs: dict[tuple[int, int, str], dispatch.Program] = {}
+        self.positions, self.slots = np.zeros(B, np.int64), np.zeros(B, np.int64)  # each token's: rope, attention
+        # programs by (tokens, adds: 0 for stretches, else whole_pass_adds, logits: a LOGITS_ROWS name, or a count
+        # of last rows for a step's, the most recent STEP_PROGRAMS of those kept)
+        self.programs: dict[tuple[int, int, str | int], dispatch.Program] = {}
         self.lm_head_ops: dict[tuple[int, int, str], int] = {}  # each program's lm_head op
         self.logits_home: dict[tuple[int, int, str], np.ndarray] = {}  # each lm_head op's rows of self.logits
         self.logits_target: dict[tuple[int, int, str], np.ndarray] = {}  # where it writes now (home, or an `out`)
 
-    def stretch(self, name: str, x: np.ndarray, pos: int, output: str = "partial") -> np.ndarray:
+    def stretch(self, name: str, x: np.ndarray, pos: "int | Places", output: str = "partial") -> np.ndarray:
         """One exchange-to-exchange stretch ("attention L", "ffn L", "logits") on x (T, dim): a new array.
         More than MAX_BATCH tokens run MAX_BATCH at a time (the later ones see the earlier ones' KV cache)."""
         parts = []
@@ -348,25 +392,29 @@ class CompiledPass:
             chunk = x[start:start + MAX_BATCH]
             T = chunk.shape[0]
             self.x[:T] = chunk
-            self.program(T, 0).run(name, pos + start)
+            self._place(pos, start, T)
+            self.program(T, 0).run(name, 0)
             parts.append(getattr(self, output)[:T].copy())
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def whole(self, x: np.ndarray, pos: int, out: np.ndarray | None = None, logits: str = "all",
+    def whole(self, x: np.ndarray, pos: "int | Places", out: np.ndarray | None = None, logits: "str | int" = "all",
               q80_partials: bool = False) -> np.ndarray:
         """The whole pass on x (T, dim): the logits of every token, of the last one only (a prompt), or of none
         (LOGITS_ROWS), written straight into `out` (those rows, vocab) when it can take them (no second
         logits array at the peak of a prefill), else into this pass's buffer. `q80_partials`: each partial
         is rounded through q80 before it is added (engine.LocalExchange's quantize_partials)."""
         if x.shape[0] > MAX_BATCH:  # a batch at a time; each part copied out of the buffer the next one reuses
+            if not isinstance(pos, int) or not isinstance(logits, str):
+                raise ValueError(f"a step takes at most {MAX_BATCH} tokens")
             starts = range(0, x.shape[0], MAX_BATCH)
             before_last = "all" if logits == "all" else "none"
             return np.concatenate([self.whole(x[s:s + MAX_BATCH], pos + s, None,
                                               logits if s == starts[-1] else before_last, q80_partials).copy()
                                    for s in starts])
         T = x.shape[0]
-        rows = LOGITS_ROWS[logits](T)
+        rows = logit_rows(logits, T)
         self.x[:T] = x
+        self._place(pos, 0, T)
         key = (T, whole_pass_adds(q80_partials), logits)
         p = self.program(*key)
         direct = (rows and out is not None and out.dtype == np.float32 and out.flags.c_contiguous
@@ -374,19 +422,28 @@ class CompiledPass:
         target = out if direct else self.logits_home.get(key)  # None: no lm_head in this program
         if target is not None:
             self._aim_logits(key, p, target)
-        p.run("token", pos)
+        p.run("token", 0)
         x[:] = self.x[:T]
         return target if target is not None else self.logits[:0]
 
-    def one_token(self, embedding_row: np.ndarray, pos: int, q80_partials: bool = False) -> np.ndarray:
-        """whole() for one token: its logits (1, vocab), a new array. A generated token's pass."""
+    def one_token(self, embedding_row: np.ndarray, pos: int, q80_partials: bool = False, slot: int = 0) -> np.ndarray:
+        """whole() for one token (at pos in `slot`): its logits (1, vocab), a new array. A generated token's pass."""
         self.x[0] = embedding_row
+        self.positions[0], self.slots[0] = pos, slot
         key = (1, whole_pass_adds(q80_partials), "all")
         p = self.program(*key)
         home = self.logits_home[key]
         self._aim_logits(key, p, home)
-        p.run("token", pos)
+        p.run("token", 0)
         return home.copy()
+
+    def _place(self, pos: "int | Places", start: int, T: int) -> None:
+        """Tokens start..start+T of a batch at `pos` go where the next run puts them (its positions and slots)."""
+        if isinstance(pos, Places):
+            self.positions[:T], self.slots[:T] = pos.positions[start:start + T], pos.slots[start:start + T]
+        else:
+            self.positions[:T] = np.arange(pos + start, pos + start + T)
+            self.slots[:T] = 0
 
     def _aim_logits(self, key: tuple[int, int, str], p: dispatch.Program, target: np.ndarray) -> None:
         """Program key's lm_head writes into target from its next run."""
@@ -399,6 +456,11 @@ class CompiledPass:
         (whole_pass_adds) says."""
         key = (T, adds, logits)
         if key not in self.programs:
+            if isinstance(logits, int):  # a step's: forget the least recently built beyond STEP_PROGRAMS
+                steps = [k for k in self.programs if isinstance(k[2], int)]
+                for old in steps[:max(0, len(steps) + 1 - STEP_PROGRAMS)]:
+                    for table in (self.programs, self.lm_head_ops, self.logits_home, self.logits_target):
+                        table.pop(old, None)
             self.programs[key] = self._build(T, adds, logits)
         return self.programs[key]
 
@@ -413,7 +475,7 @@ class CompiledPass:
             self._ffn_ops(p, layer, T, add=adds)
             if not whole:
                 p.mark(f"ffn {layer}")
-        if rows := LOGITS_ROWS[logits](T):  # the last `rows` tokens' final norm and lm_head, into logits[:rows]
+        if rows := logit_rows(logits, T):  # the last `rows` tokens' final norm and lm_head, into logits[:rows]
             first = T - rows
             self._norm(p, T, self.n.w.norm, self.n.w.lm_head.quantized, first)
             home = self.logits[:rows]
@@ -449,12 +511,13 @@ class CompiledPass:
         for m, out, last in ((lw.q, self.q, False), (lw.k, self.k, False), (lw.v, self.v, True)):
             self._matmul(p, m, self.xq, self.y, T, out, barrier=last)
         q, k, v = (self._heads(a, T) for a in (self.q, self.k, self.v))
-        p.add(dispatch.OP_ROPE_KV, (q, k, v, n.k_cache[layer], n.v_cache[layer], n.rope.cos, n.rope.sin),
-              (int(n.rope.falcon), 0))
+        places = self._rows(self.positions, 0, T), self._rows(self.slots, 0, T)
+        p.add(dispatch.OP_ROPE_KV, (q, k, v, n.k_cache[layer], n.v_cache[layer], n.rope.cos, n.rope.sin, *places),
+              (int(n.rope.falcon), n.max_seq_len))
         fuse = self.quantized and hd % 64 == 0  # each head's output is whole q80 block pairs
         z = self._rows(self.z, 0, T)
-        p.add(dispatch.OP_ATTENTION, (q, n.k_cache[layer], n.v_cache[layer], z, *self._tokens(self.zq, T)),
-              (int(fuse), 0))
+        p.add(dispatch.OP_ATTENTION, (q, n.k_cache[layer], n.v_cache[layer], z, *self._tokens(self.zq, T), *places),
+              (int(fuse), n.max_seq_len))
         if self.quantized and not fuse:
             p.add(dispatch.OP_QUANTIZE, (z, *self._tokens(self.zq, T)))
         self._matmul(p, lw.wo, self.zq, self.z, T, self.partial, add=add)

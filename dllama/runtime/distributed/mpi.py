@@ -44,7 +44,7 @@ from dllama.runtime.distributed.exchange import (
 )
 from dllama.runtime.distributed.node_memory import shard_tensors
 from dllama.runtime.distributed.probe import NodeInfo, node_info
-from dllama.runtime.distributed.protocol import LOGITS_WANTED, BufferType, model_identity
+from dllama.runtime.distributed.protocol import BufferType, model_identity
 from dllama.runtime.distributed.root import (
     Traffic,
     WorkerError,
@@ -56,7 +56,7 @@ from dllama.runtime.distributed.root import (
 from dllama.runtime.distributed.slices import load_local_slices, read_slice_chunks
 from dllama.runtime.distributed.weights import node_weights
 from dllama.runtime.engine import Engine, EngineError
-from dllama.runtime.model import NodeLayers
+from dllama.runtime.model import NodeLayers, Places, logit_rows
 from dllama.runtime.split import ClusterSplit, NodeShare, SplitError
 
 MPI_WORKERS = "@mpi"  # ClusterOptions.workers of `dllama-run mpi`: not a host name, so never a TCP worker
@@ -64,7 +64,7 @@ INSTALL_HINT = 'pip install "dllama[mpi]" (mpi4py and an MPI library) on every b
 
 # A command: kind, position of the first token, token count; padded so that x's first row, which
 # travels in the same broadcast (a decode step is one message), starts 16-byte aligned.
-COMMAND_WORDS = 4
+COMMAND_WORDS = 5  # kind, tokens T, logits rows R (the last R tokens'), the first token's slot and position
 FORWARD, STOP = 1, 2
 PARTIAL_TAG, COMMAND_TAG, WEIGHTS_TAG, LOGITS_TAG = 8, 7, 4, 9  # as the TCP frames PARTIAL, FORWARD, WEIGHTS, LOGITS
 STREAM_WEIGHTS = False  # dllama-run mpi --stream-weights: only rank 0 needs the .m
@@ -183,24 +183,33 @@ class MpiExchange:
         self.broken = False
         self.command = np.zeros(COMMAND_WORDS + h.dim, dtype=np.int32)  # x's first row as int32 bits
 
+    carries_steps = True  # every token's slot and position go with the command: Engine.step's sequences share a pass
+
     # -- root: what the workers wait for
-    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
-        self._command(FORWARD, pos, x, LOGITS_WANTED[logits])
+    def begin(self, x: np.ndarray, pos: int | Places, logits: str | int = "all") -> None:
+        self._command(FORWARD, Places.of(pos, len(x)), x, logit_rows(logits, len(x)))
         self.traffic.tokens += len(x)
 
     def stop(self) -> None:
-        self._command(STOP, 0, np.zeros((1, self.dim), dtype=np.float32))
+        self._command(STOP, Places.of(0, 1), np.zeros((1, self.dim), dtype=np.float32))
 
-    def _command(self, kind: int, pos: int, x: np.ndarray, logits: int = 0) -> None:
-        self.command[:4] = (kind, pos, len(x), logits)
+    def _command(self, kind: int, places: Places, x: np.ndarray, rows: int = 0) -> None:
+        """The command and the first token's place and x row in one message; the other tokens' places and
+        rows in a second one (a prompt's, or a step's of several sequences)."""
+        n = len(x)
+        self.command[:COMMAND_WORDS] = (kind, n, rows, places.slots[0], places.positions[0])
         self.command[COMMAND_WORDS:] = np.ascontiguousarray(x[0], dtype=np.float32).view(np.int32)
         self._bcast(self.command)
-        if len(x) > 1:
-            self._bcast(np.ascontiguousarray(x[1:], dtype=np.float32))
+        if n > 1:
+            rest = np.empty(2 * (n - 1) + (n - 1) * self.dim, dtype=np.int32)
+            rest[:n - 1], rest[n - 1:2 * (n - 1)] = places.slots[1:], places.positions[1:]
+            rest[2 * (n - 1):] = np.ascontiguousarray(x[1:], dtype=np.float32).reshape(-1).view(np.int32)
+            self._bcast(rest)
 
     # -- workers: wait for it
-    def next_command(self, lifeline: socket.socket | None) -> tuple[int, int, np.ndarray | None, str]:
-        """(kind, pos, x, whose logits) from rank 0; polls, then sleeps between polls while rank 0 is idle."""
+    def next_command(self, lifeline: socket.socket | None) -> tuple[int, Places | None, np.ndarray | None, int]:
+        """(kind, each token's place, x, logits rows) from rank 0; polls, then sleeps between polls while rank 0
+        is idle."""
         requests = self._start_bcast(self.command)
         started, pause, orphaned = time.monotonic(), 0.0001, None
 
@@ -223,16 +232,19 @@ class MpiExchange:
         while not MPI.Request.Testall(requests):
             idle()
         self.collectives += 1
-        kind, pos, n, wanted = (int(v) for v in self.command[:4])
-        logits = next(mode for mode, code in LOGITS_WANTED.items() if code == wanted)
+        kind, n, rows, slot, pos = (int(v) for v in self.command[:COMMAND_WORDS])
         if kind != FORWARD:
-            return kind, pos, None, logits
+            return kind, None, None, 0
         x = np.empty((n, self.dim), dtype=np.float32)
         x[0] = self.command[COMMAND_WORDS:].view(np.float32)
+        slots, positions = np.full(n, slot, dtype=np.int64), np.full(n, pos, dtype=np.int64)
         self.traffic.received += self.command.nbytes
         if n > 1:
-            self._bcast(x[1:])
-        return kind, pos, x, logits
+            rest = np.empty(2 * (n - 1) + (n - 1) * self.dim, dtype=np.int32)
+            self._bcast(rest)
+            slots[1:], positions[1:] = rest[:n - 1], rest[n - 1:2 * (n - 1)]
+            x[1:] = rest[2 * (n - 1):].view(np.float32).reshape(n - 1, self.dim)
+        return kind, Places(positions, slots), x, rows
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
         """Allgather every rank's partial as its PARTIAL frame would carry it, then add the computing
@@ -448,12 +460,13 @@ class RankSetup:
     max_seq_len: int
     statuses: list[RankStatus]
     stream: bool = False
+    slots: int = 1  # KV cache slots (serve --parallel): every rank keeps its slice of each
     lifeline: socket.socket | None = None
     listener: socket.socket | None = None
 
 
 def join_cluster(comm, model_path: Path, max_seq_len: int, nthreads: int | None, buffer_float_type: str | None,
-                 weights: str | None, root_compute: str, stream: bool = False) -> RankSetup:
+                 weights: str | None, root_compute: str, stream: bool = False, slots: int = 1) -> RankSetup:
     """Every rank: check its own model (with `stream`, only rank 0 has one), allgather the statuses,
     agree on the split (or all refuse)."""
     auto = isinstance(weights, str) and weights.strip().lower() == "auto"
@@ -471,7 +484,7 @@ def join_cluster(comm, model_path: Path, max_seq_len: int, nthreads: int | None,
     if max_seq_len < 1:
         raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
     setup = RankSetup(comm, h, model, split, exchange_type(h, buffer_float_type), max_seq_len, statuses, stream,
-                      listener=listener)
+                      listener=listener, slots=slots)
     if comm.rank != 0:
         try:
             setup.lifeline = dial_lifeline(statuses[0].addresses, statuses[0].lifeline_port, comm.rank)
@@ -490,7 +503,7 @@ def rank_layers(setup: RankSetup) -> tuple[NodeLayers, MpiExchange]:
         slices = receive_slices(comm, h, share)
     else:
         slices = load_local_slices(setup.model.path, h, share)
-    layers = NodeLayers(h, node_weights(h, slices, share), share, setup.max_seq_len)
+    layers = NodeLayers(h, node_weights(h, slices, share), share, setup.max_seq_len, setup.slots)
     algorithm = os.environ.get("DLLAMA_MPI_EXCHANGE", "direct")  # mpiexec passes it to every rank
     return layers, MpiExchange(setup.comm, setup.split, h, setup.buffer_type, algorithm,
                                [s.name for s in setup.statuses])
@@ -562,15 +575,18 @@ def serve_rank(setup: RankSetup, nthreads: int | None) -> None:
     engine = Engine(setup.header, layers, exchange, setup.max_seq_len, nthreads, model=setup.model)
     dispatch.set_threads(engine.nthreads)
     while True:
-        kind, pos, x, logits = exchange.next_command(setup.lifeline)
+        kind, places, x, rows = exchange.next_command(setup.lifeline)
         if kind != FORWARD:
             return
-        engine.run_layers(x, pos, logits=logits)
+        if places.slots.max() >= setup.slots or places.positions.max() >= setup.max_seq_len:
+            raise MpiError(f"rank 0 put a token in slot {places.slots.max()} or at position {places.positions.max()}: "
+                           f"outside {setup.slots} slots of {setup.max_seq_len} positions (the ranks' options differ)")
+        engine.run_layers(x, places, logits=rows)
 
 
 def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, buffer_float_type: str | None = None,
                     weights: str | None = None, root_compute: str = "all",
-                    log: Callable[[str], None] | None = None, stream: bool | None = None) -> MpiEngine:
+                    log: Callable[[str], None] | None = None, stream: bool | None = None, slots: int = 1) -> MpiEngine:
     """On rank 0: the root's engine. On any other rank: serve until rank 0 stops, then exit the process
     (a worker has nothing to return to: the command line it shares with rank 0 is the root's).
     stream: rank 0 sends every rank its slices (default: `STREAM_WEIGHTS`, which --stream-weights sets)."""
@@ -584,7 +600,7 @@ def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, bu
     try:
         stream = STREAM_WEIGHTS if stream is None else stream
         setup = join_cluster(comm, Path(model_path), max_seq_len, nthreads, buffer_float_type, weights, root_compute,
-                             stream)
+                             stream, slots)
     except (MpiError, SplitError, EngineError, FormatError):
         if comm.rank == 0:
             raise  # every rank found the same problem: rank 0 names it

@@ -110,18 +110,27 @@ def streaming_bytes(h: ModelHeader, split: ClusterSplit) -> int:
 
 
 def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1,
-                weights: tuple[float, ...] | None = None) -> list[NodeMemory]:
+                weights: tuple[float, ...] | None = None, parallel: int = 1) -> list[NodeMemory]:
+    """Each node's memory; `parallel` sequences at once (serve --parallel) hold a KV cache each."""
     split = ClusterSplit.plan(h, n_nodes, weights)
     embedding = h.vocab_size * h.dim * 4
     return [NodeMemory(
         node=share.node,
         share=share,
         weights=node_weight_bytes(h, share),
-        kv_cache=kv_cache_bytes(h, share, max_seq_len),
+        kv_cache=parallel * kv_cache_bytes(h, share, max_seq_len),
         buffers=buffer_bytes(h, split, share, max_seq_len, batch),
         runtime=RUNTIME_BASE_BYTES,
         mapped_only=embedding if share.node == 0 else 0,
     ) for share in split.nodes]
+
+
+def parallel_that_fits(h: ModelHeader, max_seq_len: int, available: int, batch: int, most: int) -> int:
+    """How many sequences one node can serve at once (serve's default --parallel): each one's whole KV cache
+    beside the weights, the buffers of a `batch` and the runtime in `available` bytes; 1 to `most`."""
+    m = memory_plan(h, 1, max_seq_len, batch)[0]
+    room = available - (m.weights + m.buffers + m.runtime)
+    return max(1, min(most, room // max(m.kv_cache, 1)))
 
 
 def parse_size(text: str) -> int:

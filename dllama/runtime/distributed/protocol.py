@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from dllama import __version__
 from dllama.errors import DllamaError
 from dllama.formats import FormatError, ModelHeader, model_file_size, parse_model_header
@@ -26,7 +28,9 @@ from dllama.runtime.distributed.auth import NONCE_BYTES, PROOF_BYTES, SMALL_FRAM
 PROTOCOL_MAGIC = b"DLLM"
 # 2: uneven and weighted splits (HELLO carries the weights), PROBE/INFO
 # 3: the cluster key (CHALLENGE/AUTH/AUTH_OK, a MAC on every frame), full-file model digests, PING
-PROTOCOL_VERSION = 4
+# 4: ChaCha20-Poly1305 frame tags
+# 5: steps of several sequences: HELLO carries the KV cache slots, FORWARD every token's slot and position
+PROTOCOL_VERSION = 5
 DEFAULT_PORT = 9999
 
 PREAMBLE = struct.Struct("<4sI")           # magic, protocol version; sent by both sides first
@@ -37,6 +41,7 @@ MAX_FRAME = 64 * 1024 * 1024               # hard ceiling for any frame after th
 WEIGHT_CHUNK = 4 * 1024 * 1024             # bytes of weights per WEIGHTS frame
 MAX_ERROR_MESSAGE = 1024
 MAX_PLAN_TENSORS = 1 << 20                 # tensors a HELLO's header may describe
+MAX_SLOTS = 64                             # KV cache slots (sequences at once) a HELLO may ask for
 
 CONNECT_TIMEOUT_S = 10.0
 # A dllama worker greets the moment it accepts; the root says nothing before that greeting, so a
@@ -448,8 +453,8 @@ def parse_auth_ok(payload: memoryview) -> bytes:
 # --------------------------------------------------------------------------------------------
 # HELLO: what the root tells a worker
 
-_HELLO = struct.Struct("<IIIBxxxQ32sI")  # node_index, n_nodes, max_seq_len, buffer_type, size, digest, header_len
-# then the header bytes, then n_nodes float32 weights (the split, dllama/runtime/split.py)
+_HELLO = struct.Struct("<IIIIBxxxQ32sI")  # node_index, n_nodes, max_seq_len, slots, buffer_type, size, digest,
+# header_len; then the header bytes, then n_nodes float32 weights (the split, dllama/runtime/split.py)
 
 
 @dataclass(frozen=True)
@@ -461,9 +466,10 @@ class Hello:
     identity: ModelIdentity
     header_bytes: bytes
     weights: tuple[float, ...]  # one per node, as float32 so both sides compute the same split
+    slots: int = 1              # KV cache slots of max_seq_len positions each: sequences a step may carry
 
     def to_bytes(self) -> bytes:
-        return (_HELLO.pack(self.node_index, self.n_nodes, self.max_seq_len, int(self.buffer_type),
+        return (_HELLO.pack(self.node_index, self.n_nodes, self.max_seq_len, self.slots, int(self.buffer_type),
                             self.identity.size, self.identity.digest, len(self.header_bytes))
                 + self.header_bytes + struct.pack(f"<{self.n_nodes}f", *self.weights))
 
@@ -471,18 +477,20 @@ class Hello:
     def parse(cls, payload: memoryview) -> "Hello":
         if len(payload) < _HELLO.size:
             raise ProtocolError(f"HELLO of {len(payload)} bytes is too short")
-        index, n_nodes, seq_len, buffer_type, size, digest, header_len = _HELLO.unpack_from(payload)
+        index, n_nodes, seq_len, slots, buffer_type, size, digest, header_len = _HELLO.unpack_from(payload)
         if len(payload) != _HELLO.size + header_len + 4 * n_nodes:
             raise ProtocolError("HELLO header length and node count do not match its payload")
         header_bytes = bytes(payload[_HELLO.size:_HELLO.size + header_len])
         weights = struct.unpack_from(f"<{n_nodes}f", payload, _HELLO.size + header_len)
         if not 1 <= index < n_nodes:
             raise ProtocolError(f"HELLO assigns node {index} of {n_nodes}: a worker is node 1..n-1")
+        if not 1 <= slots <= MAX_SLOTS:
+            raise ProtocolError(f"HELLO asks for {slots} KV cache slots, outside 1..{MAX_SLOTS}")
         try:
             buffer_type = BufferType(buffer_type)
         except ValueError:
             raise ProtocolError(f"HELLO names unknown buffer type {buffer_type}") from None
-        return cls(index, n_nodes, seq_len, buffer_type, ModelIdentity(size, digest), header_bytes, weights)
+        return cls(index, n_nodes, seq_len, buffer_type, ModelIdentity(size, digest), header_bytes, weights, slots)
 
     def header(self) -> ModelHeader:
         try:
@@ -581,9 +589,47 @@ class NodeInfo:
 # Per-token frames
 
 WEIGHTS_HEAD = struct.Struct("<IQ")   # tensor index in the plan, byte offset inside the node's slice
-FORWARD_HEAD = struct.Struct("<IIBxxx")  # position of the first token, number of tokens, LOGITS_WANTED
-LOGITS_WANTED = {"all": 0, "last": 1, "none": 2}  # whose logits a batch gathers (model.LOGITS_ROWS)
+FORWARD_HEAD = struct.Struct("<II")  # tokens T, logits rows R (the last R tokens'); then T slots, T positions, x
 PARTIAL_HEAD = struct.Struct("<HBB")  # layer, seam (0 after wo, 1 after w2), node whose partial this is
 LOGITS_HEAD = struct.Struct("<B")     # 0: f32 values, 1: f16 values
 SUM_HEAD = struct.Struct("<HB")       # layer, seam
 
+
+
+def forward_parts(x: np.ndarray, slots: np.ndarray, positions: np.ndarray, rows: int) -> tuple:
+    """A FORWARD's payload: a step's T tokens, each at its own KV cache slot and position (one sequence's batch
+    is one slot's consecutive positions), the last `rows` of which want their logits; x (T, dim) float32."""
+    places = np.concatenate([slots, positions]).astype("<u4")
+    return (FORWARD_HEAD.pack(len(x), rows), memoryview(places).cast("B"),
+            memoryview(np.ascontiguousarray(x, dtype="<f4")).cast("B"))
+
+
+@dataclass(frozen=True)
+class Forward:
+    slots: np.ndarray      # (T,) int64
+    positions: np.ndarray  # (T,) int64
+    rows: int              # the last `rows` tokens' logits are gathered
+    x: np.ndarray          # (T, dim) float32, writable
+
+
+def forward_limit(max_batch: int, dim: int) -> int:
+    """The largest FORWARD payload of a batch of max_batch tokens."""
+    return FORWARD_HEAD.size + max_batch * (8 + dim * 4)
+
+
+def parse_forward(payload: memoryview, dim: int, max_batch: int, n_slots: int, max_seq_len: int) -> Forward:
+    """A FORWARD checked against the session: every token in a slot and at a position its KV cache has."""
+    if len(payload) < FORWARD_HEAD.size:
+        raise ProtocolError("FORWARD frame too short")
+    n, rows = FORWARD_HEAD.unpack_from(payload)
+    if not 1 <= n <= max_batch or rows > n:
+        raise ProtocolError(f"FORWARD of {n} tokens ({rows} with logits) is outside the batch limit {max_batch}")
+    if len(payload) != FORWARD_HEAD.size + n * (8 + dim * 4):
+        raise ProtocolError(f"FORWARD carries {len(payload)} bytes, expected {FORWARD_HEAD.size + n * (8 + dim * 4)}")
+    places = np.frombuffer(payload, dtype="<u4", count=2 * n, offset=FORWARD_HEAD.size).astype(np.int64)
+    slots, positions = places[:n], places[n:]
+    if slots.max() >= n_slots or positions.max() >= max_seq_len:
+        raise ProtocolError(f"FORWARD puts a token in slot {int(slots.max())} or at position {int(positions.max())}: "
+                            f"outside the session's {n_slots} slots of max_seq_len {max_seq_len}")
+    x = np.frombuffer(payload, dtype="<f4", offset=FORWARD_HEAD.size + 8 * n).reshape(n, dim).copy()
+    return Forward(slots, positions, rows, x)

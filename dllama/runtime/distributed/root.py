@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -54,12 +55,11 @@ from dllama.runtime.distributed.protocol import (
     EXCHANGE_MESH,
     EXCHANGE_SLICES,
     EXCHANGE_STAR,
-    FORWARD_HEAD,
     FRAME_HEADER,
     HANDSHAKE_MAX_FRAME,
     HANDSHAKE_TIMEOUT_S,
     LOGITS_HEAD,
-    LOGITS_WANTED,
+    MAX_SLOTS,
     MESH_OK,
     MESH_TOKEN_BYTES,
     MESH_UNREACHABLE,
@@ -76,6 +76,7 @@ from dllama.runtime.distributed.protocol import (
     auth_payload,
     check_greeting,
     configure_socket,
+    forward_parts,
     mesh_payload,
     model_identity,
     parse_auth_ok,
@@ -85,8 +86,8 @@ from dllama.runtime.distributed.protocol import (
 )
 from dllama.runtime.distributed.slices import load_local_slices, stream_slices
 from dllama.runtime.distributed.weights import node_weights
-from dllama.runtime.engine import Engine, EngineError, uses_q80_buffers
-from dllama.runtime.model import NodeLayers
+from dllama.runtime.engine import Engine, EngineError, SlotRun, uses_q80_buffers
+from dllama.runtime.model import NodeLayers, Places, logit_rows
 from dllama.runtime.split import ClusterSplit
 
 
@@ -179,10 +180,14 @@ class TcpExchange:
         self.mesh = mesh  # the direct exchange: the workers send each other their partials (issue 30)
         self.slices = slices  # over the mesh's links: each worker sums a slice (exchange.slices_sum)
 
-    def begin(self, x: np.ndarray, pos: int, logits: str = "all") -> None:
+    carries_steps = True  # FORWARD says each token's slot and position: Engine.step's sequences share a pass
+
+    def begin(self, x: np.ndarray, pos: int | Places, logits: str | int = "all") -> None:
+        """Every worker gets x and each token's place (slot, position), and how many last rows want logits."""
+        places = Places.of(pos, len(x))
+        parts = forward_parts(x, places.slots, places.positions, logit_rows(logits, len(x)))
         for link in self.links:
-            self._send(link, Frame.FORWARD, FORWARD_HEAD.pack(pos, len(x), LOGITS_WANTED[logits]),
-                       memoryview(np.ascontiguousarray(x)).cast("B"))
+            self._send(link, Frame.FORWARD, *parts)
         self.traffic.tokens += len(x)
 
     def reduce_into(self, x: np.ndarray, partial: np.ndarray | None, layer: int, stage: str) -> None:
@@ -378,7 +383,8 @@ class DistributedEngine(Engine):
     def __init__(self, model_path: str | os.PathLike, workers: list[tuple[str, int]], max_seq_len: int = 2048,
                  buffer_type: BufferType | str | None = None, nthreads: int | None = None,
                  log: Callable[[str], None] | None = None, weights: Sequence[float] | str | None = None,
-                 root_compute: str = "all", cluster_key: bytes | None = None, exchange: str = "mesh"):
+                 root_compute: str = "all", cluster_key: bytes | None = None, exchange: str = "mesh",
+                 slots: int = 1):
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         dispatch.implementation()  # builds the compiled kernels on a first run, before workers wait for them
         model = ModelFile(model_path)
@@ -393,6 +399,8 @@ class DistributedEngine(Engine):
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
         if problem := dispatch.threads_problem(nthreads):
             raise EngineError(problem)
+        if not 1 <= slots <= MAX_SLOTS:
+            raise EngineError(f"{slots} KV cache slots: a cluster keeps 1 to {MAX_SLOTS} (--parallel)")
         buffer_type = exchange_type(h, buffer_type)
         self.links = [WorkerLink(i + 1, addr) for i, addr in enumerate(workers)]
         for link in self.links:
@@ -408,11 +416,14 @@ class DistributedEngine(Engine):
         self.uses_mesh = False
         self.model_file, self.buffer_type = model, buffer_type
         self.identity = model_identity(model.path)
+        self.n_slots = slots
+        self.lost: WorkerError | None = None  # the failure that broke the session, until reconnect()
+        self.busy = threading.RLock()  # a step, or a reconnect: one at a time (serve reconnects from its own thread)
         try:
             self._connect_all(max_seq_len, nthreads, root_compute)
             share = self.split.nodes[0]
             weights_0 = node_weights(h, load_local_slices(model.path, h, share), share)
-            layers = NodeLayers(h, weights_0, share, max_seq_len)
+            layers = NodeLayers(h, weights_0, share, max_seq_len, slots)
             self._wait_loaded()
         except BaseException:
             self.close()
@@ -425,18 +436,43 @@ class DistributedEngine(Engine):
     def traffic(self) -> Traffic:
         return self.exchange.traffic
 
+    def forward(self, token_ids: Sequence[int], pos: int, last_only: bool = False) -> np.ndarray:
+        with self._session():
+            return super().forward(token_ids, pos, last_only)
+
+    def step(self, runs: Sequence[SlotRun]) -> list[np.ndarray]:
+        """Engine.step over the cluster: one FORWARD with every run's tokens and places, and each exchange
+        moves the partials of all of them in one message."""
+        with self._session():
+            return super().step(runs)
+
+    @contextmanager
+    def _session(self) -> Iterator[None]:
+        """One forward or step at a time; after a lost worker every one fails at once with the same
+        WorkerError (every sequence of a serve --parallel), until reconnect()."""
+        with self.busy:
+            if self.lost is not None:
+                raise WorkerError(str(self.lost))
+            try:
+                yield
+            except WorkerError as e:
+                self.lost = e
+                raise
+
     def reconnect(self) -> None:
         """After a lost worker: close every link, then handshake (and stream slices) again with the same
-        split. The KV cache starts empty. Raises WorkerError while a worker is still unreachable."""
-        self.close()
-        try:
-            self._handshake_all(self.max_seq_len)
-            self._wait_loaded()
-        except BaseException:
+        split. Every slot's KV cache starts empty. Raises WorkerError while a worker is still unreachable."""
+        with self.busy:
             self.close()
-            raise
-        self.exchange.mesh = self.uses_mesh
-        self.reset()
+            try:
+                self._handshake_all(self.max_seq_len)
+                self._wait_loaded()
+            except BaseException:
+                self.close()
+                raise
+            self.exchange.mesh = self.uses_mesh
+            self.lost = None
+            self.reset()
 
     def _connect_all(self, max_seq_len: int, nthreads: int | None, root_compute: str) -> None:
         for link in self.links:
@@ -458,7 +494,7 @@ class DistributedEngine(Engine):
         local = {}
         for link in self.links:
             hello = Hello(link.node, self.n_nodes, max_seq_len, self.buffer_type, self.identity, h.to_bytes(),
-                          self.split.weights)
+                          self.split.weights, self.n_slots)
             with blame(link):
                 link.chan.send_frame(Frame.HELLO, hello.to_bytes())
                 _, payload = link.chan.recv_frame(HANDSHAKE_MAX_FRAME, expect=(Frame.READY,))

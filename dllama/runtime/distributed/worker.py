@@ -53,13 +53,11 @@ from dllama.runtime.distributed.probe import available_memory, node_info
 from dllama.runtime.distributed.protocol import (
     EXCHANGE_MESH,
     EXCHANGE_SLICES,
-    FORWARD_HEAD,
     HANDSHAKE_DEADLINE_S,
     HANDSHAKE_MAX_FRAME,
     HANDSHAKE_TIMEOUT_S,
     HEARTBEAT_S,
     IO_TIMEOUT_S,
-    LOGITS_WANTED,
     MAX_ERROR_MESSAGE,
     MESH_OK,
     MESH_TIMEOUT_S,
@@ -80,9 +78,11 @@ from dllama.runtime.distributed.protocol import (
     challenge_payload,
     check_preamble,
     configure_socket,
+    forward_limit,
     greeting,
     model_identity,
     parse_auth,
+    parse_forward,
     parse_mesh,
     parse_peer,
     peer_payload,
@@ -91,7 +91,7 @@ from dllama.runtime.distributed.protocol import (
 from dllama.runtime.distributed.slices import SliceReceiver, load_local_slices
 from dllama.runtime.distributed.weights import node_weights
 from dllama.runtime.engine import PREFILL_BATCH, Engine, EngineError, release_freed_heap
-from dllama.runtime.model import NodeLayers
+from dllama.runtime.model import NodeLayers, Places
 from dllama.runtime.split import ClusterSplit, NodeShare
 
 MAX_BATCH = max(64, PREFILL_BATCH)  # tokens per FORWARD; the root's Engine sends PREFILL_BATCH at most
@@ -119,7 +119,7 @@ class Assignment:
 
     def forward_limit(self) -> int:
         h = self.header
-        return max(FORWARD_HEAD.size + MAX_BATCH * h.dim * 4,
+        return max(forward_limit(MAX_BATCH, h.dim),
                    PARTIAL_HEAD.size + partial_nbytes(MAX_BATCH, h.dim, self.hello.buffer_type))
 
 
@@ -239,7 +239,8 @@ class Worker:
                 self.log(f"{sum(a.nbytes for a in slices.values()) / 1e6:.0f} MB of slices {how} in "
                          f"{time.perf_counter() - started:.1f} s")
                 h, share = session.header, session.share
-                layers = NodeLayers(h, node_weights(h, slices, share), share, session.hello.max_seq_len)
+                layers = NodeLayers(h, node_weights(h, slices, share), share, session.hello.max_seq_len,
+                                    session.hello.slots)
                 engine = Engine(h, layers, WorkerExchange(chan, session, mesh, slices_exchange),
                                 session.hello.max_seq_len,
                                 self.nthreads)
@@ -292,7 +293,7 @@ class Worker:
                                 f"model ({hello.identity.short()}): copy the same file or start the worker without "
                                 "--model")
         # a local copy's row slices are mapped from the file (page cache); streamed ones are allocated
-        need = kv_cache_bytes(header, share, hello.max_seq_len)
+        need = hello.slots * kv_cache_bytes(header, share, hello.max_seq_len)
         need += node_weight_bytes(header, share) if self.identity is None else 0
         if need > (free := available_memory()):
             raise ProtocolError(f"node {hello.node_index}'s slice and cache need {need >> 20} MiB but this machine has "
@@ -381,21 +382,10 @@ class Worker:
             chan.settimeout(IO_TIMEOUT_S)
             if kind == Frame.BYE:
                 return
-            if len(payload) < FORWARD_HEAD.size:
-                raise ProtocolError("FORWARD frame too short")
-            pos, n, wanted = FORWARD_HEAD.unpack_from(payload)
-            logits = next((mode for mode, code in LOGITS_WANTED.items() if code == wanted), None)
-            if logits is None:
-                raise ProtocolError(f"FORWARD asks for logits of kind {wanted}: the peers are out of step")
-            if not 1 <= n <= MAX_BATCH or pos + n > s.hello.max_seq_len:
-                raise ProtocolError(f"FORWARD of {n} tokens at position {pos} is outside the batch limit {MAX_BATCH} "
-                                    f"or max_seq_len {s.hello.max_seq_len}")
-            x_bytes = payload[FORWARD_HEAD.size:]
-            if len(x_bytes) != n * h.dim * 4:
-                raise ProtocolError(f"FORWARD carries {len(x_bytes)} bytes, expected {n * h.dim * 4}")
-            x = np.frombuffer(x_bytes, dtype="<f4").reshape(n, h.dim).copy()
+            step = parse_forward(payload, h.dim, MAX_BATCH, s.hello.slots, s.hello.max_seq_len)
             with heartbeat.busy():
-                engine.run_layers(x, pos, logits=logits)  # the exchange sends the partials, then the logits
+                # the exchange sends the partials, then the logits
+                engine.run_layers(step.x, Places(step.positions, step.slots), logits=step.rows)
 
 
 def checked_model(path: Path) -> ModelIdentity:

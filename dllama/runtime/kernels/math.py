@@ -197,12 +197,14 @@ def _matmul_lanes_rows(w, block_bytes, xq, xd, xc, x_lanes, scale_table, out, r0
     x_lanes (token_lanes) in turn. Fewer than LANES_MIN_TOKENS go one at a time (matvec_q40_rows,
     matvec_q80_rows: the same bits; x_lanes is not read)."""
     T, nb = xd.shape
-    if T < LANES_MIN_TOKENS:
-        for t in range(T):
-            if block_bytes == Q40_BYTES:
-                matvec_q40_rows(w, xq[t], xd[t], xc[t], scale_table, out[t], r0, r1)
-            else:
-                matvec_q80_rows(w, xq[t], xd[t], xc[t], scale_table, out[t], r0, r1)
+    if T < LANES_MIN_TOKENS:  # ROWS_PER_TASK rows at a time, for every token while they are in the cache
+        for r in range(r0, r1, ROWS_PER_TASK):
+            r_end = min(r1, r + ROWS_PER_TASK)
+            for t in range(T):
+                if block_bytes == Q40_BYTES:
+                    matvec_q40_rows(w, xq[t], xd[t], xc[t], scale_table, out[t], r, r_end)
+                else:
+                    matvec_q80_rows(w, xq[t], xd[t], xc[t], scale_table, out[t], r, r_end)
         return
     n = nb * BLOCK_SIZE
     wq = np.empty(n, dtype=np.int8)

@@ -151,55 +151,69 @@ def _rotate(x, out, cos, sin, falcon):
 
 
 @njit(cache=True)
-def _op_rope_kv(op, pos, me, n_threads):
-    """Arrays q (T, H, hd), k, v (T, KVH, hd), k_cache, v_cache (S, KVH, hd), cos, sin (S, hd/2) f64: q
-    rotated in place, rotated k and v into the caches at pos.. (parameter 0: falcon). Split by heads."""
+def _op_rope_kv(op, me, n_threads):
+    """Arrays q (T, H, hd), k, v (T, KVH, hd), k_cache, v_cache (slots * S, KVH, hd), cos, sin (S, hd/2) f64,
+    positions, slots (T,) i8: q rotated in place, rotated k and v into token t's slot's rows of the caches
+    (slot * S + its position) (parameter 0: falcon, 1: S, the positions per slot). Split by heads."""
     q, k, v = _arg3(op, 0, np.float32), _arg3(op, 1, np.float32), _arg3(op, 2, np.float32)
     k_cache, v_cache = _arg3(op, 3, np.float32), _arg3(op, 4, np.float32)
     cos, sin = _arg2(op, 5, np.float64), _arg2(op, 6, np.float64)
+    positions, slots = _arg1(op, 7, np.int64), _arg1(op, 8, np.int64)
     T, H, _ = q.shape
     KVH = k.shape[1]
     task0, task1 = _share(T * (H + KVH), me, n_threads, 1)
     for task in range(task0, task1):
         t, j = task // (H + KVH), task % (H + KVH)
+        pos = positions[t]
         if j < H:
-            _rotate(q[t, j], q[t, j], cos[pos + t], sin[pos + t], op[2])
+            _rotate(q[t, j], q[t, j], cos[pos], sin[pos], op[2])
         else:
-            _rotate(k[t, j - H], k_cache[pos + t, j - H], cos[pos + t], sin[pos + t], op[2])
-            v_cache[pos + t, j - H] = v[t, j - H]
+            row = slots[t] * op[3] + pos
+            _rotate(k[t, j - H], k_cache[row, j - H], cos[pos], sin[pos], op[2])
+            v_cache[row, j - H] = v[t, j - H]
 
 
 @njit(cache=True)
-def _attend(op, pos, q, z, task0, task1):
-    """attention_tasks task0..task1, and the q80 of each head's output blocks when parameter 0."""
-    T, H, hd = q.shape
-    attention_tasks(q, _arg3(op, 1, np.float32), _arg3(op, 2, np.float32), pos, z, task0, task1)
+def _attend(op, q, z, t0, t1, h0, h1):
+    """Heads h0..h1 of tokens t0..t1, each token over its own slot's cache up to its own position
+    (attention_tasks), and the q80 of each head's output blocks when parameter 0."""
+    hd = q.shape[2]
+    k_cache, v_cache = _arg3(op, 1, np.float32), _arg3(op, 2, np.float32)
+    positions, slots = _arg1(op, 8, np.int64), _arg1(op, 9, np.int64)
+    S = op[3]
+    for t in range(t0, t1):
+        s0 = slots[t] * S
+        attention_tasks(q[t:t + 1], k_cache[s0:s0 + S], v_cache[s0:s0 + S], positions[t], z[t:t + 1], h0, h1)
     if op[2]:
         zq, zd, zc, z_lanes = _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32), _arg2(op, 7,
                                                                                                        np.float32)
         per_head = hd // BLOCK_SIZE
-        for task in range(task0, task1):
-            t, h = task // H, task % H
-            _quantize_blocks(z, zq, zd, zc, z_lanes, t, t + 1, h * per_head, (h + 1) * per_head)
+        for t in range(t0, t1):
+            _quantize_blocks(z, zq, zd, zc, z_lanes, t, t + 1, h0 * per_head, h1 * per_head)
 
 
 @njit(cache=True)
-def _op_attention(op, pos, me, n_threads):
-    """Arrays q (T, H, hd), k_cache, v_cache, z (T, H * hd), zq, zd, zc, z_lanes: attention_tasks, and the
-    q80 of each head's output blocks when parameter 0 (head_dim a multiple of 64). One token: split by
-    heads. Several: a later token attends to more positions, so the groups of TOKEN_LANES tokens (one
-    x_lanes row each, written by one thread) are dealt out back and forth (0, 1, 1, 0, ...), not in halves."""
+def _op_attention(op, me, n_threads):
+    """Arrays q (T, H, hd), k_cache, v_cache (slots * S, KVH, hd), z (T, H * hd), zq, zd, zc, z_lanes, positions,
+    slots (T,) i8: attention_tasks for each token in its slot's rows of the caches, and the q80 of each head's
+    output blocks when parameter 0 (head_dim a multiple of 64); parameter 1: S. Fewer tokens than the
+    batched kernels take in lanes (no x_lanes to write): split by (token, head). More: a later token of a
+    prompt attends to more positions, so the groups of TOKEN_LANES tokens (one x_lanes row each, written
+    by one thread) are dealt out back and forth (0, 1, 1, 0, ...), not in halves."""
     q, z = _arg3(op, 0, np.float32), _arg2(op, 3, np.float32)
     T, H, _ = q.shape
-    if T == 1:
-        task0, task1 = _share(H, me, n_threads, 1)
-        _attend(op, pos, q, z, task0, task1)
+    if T < LANES_MIN_TOKENS:
+        task0, task1 = _share(T * H, me, n_threads, 1)
+        for t in range(task0 // H, (task1 + H - 1) // H):
+            h0, h1 = max(task0 - t * H, 0), min(task1 - t * H, H)
+            if h1 > h0:
+                _attend(op, q, z, t, t + 1, h0, h1)
         return
     for group in range((T + TOKEN_LANES - 1) // TOKEN_LANES):
         turn = group % (2 * n_threads)
         if (turn if turn < n_threads else 2 * n_threads - 1 - turn) == me:
             t0 = group * TOKEN_LANES
-            _attend(op, pos, q, z, t0 * H, min(T, t0 + TOKEN_LANES) * H)
+            _attend(op, q, z, t0, min(T, t0 + TOKEN_LANES), 0, H)
 
 
 @njit(cache=True)
@@ -228,9 +242,9 @@ def _barrier(flags, me, n_threads, phase):
 
 @njit(cache=True)
 def run_program(ops, op0, op1, state, flags, phase, me, n_threads):
-    """Thread me's part of ops op0..op1 (state[0]: the position of the first token). `phase` is the
-    barrier count before this run, the same on every thread (dispatch.Team keeps it)."""
-    pos = state[0]
+    """Thread me's part of ops op0..op1 (each token's position and slot are arrays of the ops that read them;
+    state is unused). `phase` is the barrier count before this run, the same on every thread (dispatch.Team
+    keeps it)."""
     for i in range(op0, op1):
         op = ops[i]
         kind = op[0]
@@ -241,9 +255,9 @@ def run_program(ops, op0, op1, state, flags, phase, me, n_threads):
         elif kind == OP_FFN_UP:
             _op_ffn_up(op, me, n_threads)
         elif kind == OP_ROPE_KV:
-            _op_rope_kv(op, pos, me, n_threads)
+            _op_rope_kv(op, me, n_threads)
         elif kind == OP_ATTENTION:
-            _op_attention(op, pos, me, n_threads)
+            _op_attention(op, me, n_threads)
         elif kind == OP_QUANTIZE:
             _op_quantize(op, me, n_threads)
         if op[1] and n_threads > 1:

@@ -32,13 +32,15 @@ def __getattr__(name: str):
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_QUEUE = 16
+DEFAULT_MAX_PARALLEL = 4  # serve's default --parallel: what fits, at most this
 
 
 def run_server(engine, tokenizer, *, model_id: str, context_length: int, host: str = DEFAULT_HOST,
                port: int = DEFAULT_PORT, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                health_probe: Callable[[], str | None] | None = None, limits=None,
-               cors_origins: Sequence[str] = ()) -> None:
-    """Serves until interrupted. limits: a connections.ServeLimits (body size, timeouts, connections)."""
+               cors_origins: Sequence[str] = (), parallel: int = 1) -> None:
+    """Serves until interrupted. limits: a connections.ServeLimits (body size, timeouts, connections); parallel:
+    generations at once (an engine with as many KV cache slots)."""
     import uvicorn
 
     from dllama.runtime.serve.app import create_app
@@ -46,7 +48,8 @@ def run_server(engine, tokenizer, *, model_id: str, context_length: int, host: s
 
     limits = limits or ServeLimits()
     app = create_app(engine, tokenizer, model_id=model_id, context_length=context_length, max_queue=max_queue,
-                     api_key=api_key, health_probe=health_probe, limits=limits, cors_origins=cors_origins)
+                     api_key=api_key, health_probe=health_probe, limits=limits, cors_origins=cors_origins,
+                     parallel=parallel)
     config = uvicorn_config(app, host, port)
     sock = config.bind_socket()  # bound and listening before the log line, whose port is the OS's for --port 0
     sock.listen(socket.SOMAXCONN)

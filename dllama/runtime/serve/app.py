@@ -90,7 +90,8 @@ class OpenAIServer:
         self.connections = connections or ConnectionTable(limits.max_connections)
         self.metrics = ServerMetrics(queue_depth=lambda: scheduler.waiting, busy=lambda: float(scheduler.busy),
                                      up=lambda: float(self._down_reason() is None),
-                                     connections=lambda: len(self.connections.open))
+                                     connections=lambda: len(self.connections.open),
+                                     steps=lambda: float(runner.batcher.steps if runner.batcher else 0))
         self.ignored_fields: set[str] = set()    # unknown request fields already named in the log
         self._preparing: anyio.CapacityLimiter | None = None
         self.health_probe = health_probe    # returns why the engine is down, or None
@@ -119,7 +120,8 @@ class OpenAIServer:
     async def health(self, request: Request) -> Response:
         reason = self._down_reason()
         body = {"status": "down" if reason else "ok", "model": self.model_id, "busy": self.scheduler.busy,
-                "queued": self.scheduler.waiting, "max_queue": self.scheduler.max_queue}
+                "queued": self.scheduler.waiting, "max_queue": self.scheduler.max_queue,
+                "parallel": self.runner.slots, "generating": self.runner.active}
         if reason:
             body["error"] = reason
         if (workers := worker_states(self.runner.engine)) is not None:
@@ -342,7 +344,7 @@ class OpenAIServer:
         except self.faults as e:
             self.reconnect_error = str(e)
             return
-        self.runner.conversation.cached = []  # the rebuilt cluster's KV cache is empty
+        self.runner.forget_caches()  # the rebuilt cluster's KV cache is empty
         self.reconnect_error = None
         self.reconnects += 1
         self.down_reason = None
@@ -471,9 +473,12 @@ class RequestLog:
 
 def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_queue: int = 16,
                api_key: str | None = None, health_probe: Callable[[], str | None] | None = None,
-               limits: ServeLimits = ServeLimits(), cors_origins: Sequence[str] = ()) -> Starlette:
-    server = OpenAIServer(JobRunner(engine, tokenizer, context_length), Scheduler(max_queue), model_id, api_key,
-                          health_probe, limits)
+               limits: ServeLimits = ServeLimits(), cors_origins: Sequence[str] = (), parallel: int = 1) -> Starlette:
+    """`parallel`: generations at once, each in its own KV cache slot (an engine loaded with slots >= parallel)."""
+    if parallel > getattr(engine, "slots", 1):
+        raise ValueError(f"parallel {parallel} needs an engine with as many KV cache slots (Engine.load(slots=N))")
+    server = OpenAIServer(JobRunner(engine, tokenizer, context_length, parallel), Scheduler(max_queue, parallel),
+                          model_id, api_key, health_probe, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -482,6 +487,7 @@ def create_app(engine, tokenizer, *, model_id: str, context_length: int, max_que
         if watcher is not None:
             watcher.cancel()
         server.scheduler.shutdown()
+        server.runner.close()
 
     routes = [
         *page_routes(),  # the chat page at /

@@ -11,7 +11,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 class ServerMetrics:
     def __init__(self, queue_depth: Callable[[], float], busy: Callable[[], float], up: Callable[[], float],
-                 connections: Callable[[], float]):
+                 connections: Callable[[], float], steps: Callable[[], float] = lambda: 0.0):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("dllama_http_requests", "HTTP requests answered, by route and status code",
                                 ["route", "status"], registry=r)
@@ -31,6 +31,8 @@ class ServerMetrics:
         Gauge("dllama_model_up", "1 while the model can serve (in front of a cluster: every worker connected)",
               registry=r).set_function(up)
         Gauge("dllama_open_connections", "HTTP connections open", registry=r).set_function(connections)
+        Gauge("dllama_engine_steps", "passes over the weights that --parallel's generations shared so far (0 with "
+              "--parallel 1)", registry=r).set_function(steps)
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         route = path if path in ROUTES else "other"   # a stranger's paths must not grow the label set

@@ -1,8 +1,10 @@
-"""One generation at a time on an engine, reusing the KV cache across requests.
+"""Generations on an engine, reusing the KV cache across requests: one at a time, or one per KV cache slot.
 
-Runs synchronously in the server's single worker thread. The engine's KV cache holds the
-tokens of the previous request (its prompt and what it generated); a new request whose tokens
-start with the same ids only evaluates the rest (runtime/conversation.py).
+A job runs synchronously in one of the server's worker threads. With one slot the engine's KV cache
+holds the tokens of the previous request (its prompt and what it generated); a new request whose
+tokens start with the same ids only evaluates the rest (runtime/conversation.py). With N slots
+(serve --parallel N) each slot keeps its own conversation, a job takes the free slot whose cache
+shares the most of its prompt, and the jobs' forwards meet in one engine step (runtime/batching.py).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from dllama.errors import DllamaError
-from dllama.runtime.conversation import Conversation, PromptTooLong, StopReason
+from dllama.runtime.batching import StepBatcher, StepCancelled
+from dllama.runtime.conversation import Conversation, PromptTooLong, StopReason, reusable_prefix
 from dllama.runtime.engine import EngineError
 from dllama.runtime.generate import generate
 from dllama.runtime.sampler import Sampler, Sampling, TokenLogprob
@@ -109,19 +112,48 @@ class StopScanner:
         return 0
 
 
-class JobRunner:
-    """The engine, the tokenizer, and the conversation the engine's KV cache holds: one job at a time."""
+SLOT_SIMILARITY = 0.5  # share of a prompt a slot's cache must hold for the prompt to go there rather than the LRU
 
-    def __init__(self, engine: EngineLike, tokenizer: TokenizerLike, context_length: int):
+
+class JobRunner:
+    """The engine, the tokenizer, and the conversation each KV cache slot holds: a job per slot at a time
+    (slots > 1: an engine with Engine.load(slots=N), its steps shared through a StepBatcher)."""
+
+    def __init__(self, engine: EngineLike, tokenizer: TokenizerLike, context_length: int, slots: int = 1):
         self.engine = engine
         self.tokenizer = tokenizer
-        self.conversation = Conversation(context_length)
+        self.conversations = [Conversation(context_length) for _ in range(slots)]
         self.max_prompt_chars = prompt_char_limit(tokenizer, context_length)
-        self._lock = threading.Lock()    # belt and braces: the scheduler already serialises jobs
+        self.batcher = StepBatcher(engine) if slots > 1 else None
+        self._free = list(range(slots))  # least recently used first
+        self._lock = threading.Lock()
+
+    @property
+    def conversation(self) -> Conversation:
+        """Slot 0's (the only one without --parallel)."""
+        return self.conversations[0]
+
+    @property
+    def slots(self) -> int:
+        return len(self.conversations)
+
+    @property
+    def active(self) -> int:
+        """Slots generating now."""
+        return self.slots - len(self._free)
 
     @property
     def context_length(self) -> int:
         return self.conversation.capacity
+
+    def forget_caches(self) -> None:
+        """Every slot's KV cache is empty (a rebuilt cluster)."""
+        for conversation in self.conversations:
+            conversation.cached = []
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
 
     def prompt_ids(self, kind: str, messages: list[dict], prompt: str | list[int],
                    template_vars: dict | None = None) -> list[int]:
@@ -142,25 +174,53 @@ class JobRunner:
             raise PromptTooManyCharacters(n_chars, self.max_prompt_chars, self.context_length)
 
     def run(self, job: Job, cancelled: threading.Event, emit: Callable[[Piece], None]) -> Outcome:
-        """Generates for one job, calling emit(Piece) for each piece of text that is final."""
-        with self._lock:
-            return self._run(job, cancelled, emit)
+        """Generates for one job, calling emit(Piece) for each piece of text that is final. The caller (the
+        scheduler) runs at most `slots` jobs at once."""
+        slot = self._take_slot(job.prompt_ids)
+        try:
+            if self.batcher is None:
+                return self._run(job, cancelled, emit, self.engine, self.conversations[slot])
+            with self.batcher.active(slot):
+                return self._run(job, cancelled, emit, self.batcher.slot(slot, cancelled.is_set),
+                                 self.conversations[slot])
+        finally:
+            with self._lock:
+                self._free.append(slot)
 
-    def _run(self, job: Job, cancelled: threading.Event, emit: Callable[[Piece], None]) -> Outcome:
+    def _take_slot(self, prompt_ids: Sequence[int]) -> int:
+        """The free slot whose cache holds the longest start of the prompt, when that is at least
+        SLOT_SIMILARITY of it (the same conversation, as llama.cpp's server decides); else the least recently
+        used, so that a new conversation does not take the cache of one that may come back."""
+        with self._lock:
+            if not self._free:
+                raise EngineFailure(f"all {self.slots} slots are busy: the scheduler admitted one job too many")
+            best = max(self._free, key=lambda s: reusable_prefix(self.conversations[s].cached, prompt_ids))
+            if reusable_prefix(self.conversations[best].cached, prompt_ids) < SLOT_SIMILARITY * len(prompt_ids):
+                best = self._free[0]
+            self._free.remove(best)
+            return best
+
+    def _run(self, job: Job, cancelled: threading.Event, emit: Callable[[Piece], None], engine: EngineLike,
+             conversation: Conversation) -> Outcome:
         sampler = Sampler(job.sampling)
         clock = _Clock()
-        tokens = generate(_FailuresReported(self.engine), job.prompt_ids, job.max_tokens,
-                          eos_ids=self.tokenizer.eos_ids, cancel=cancelled.is_set, conversation=self.conversation,
+        tokens = generate(_FailuresReported(engine), job.prompt_ids, job.max_tokens,
+                          eos_ids=self.tokenizer.eos_ids, cancel=cancelled.is_set, conversation=conversation,
                           sampler=sampler, constraint=self.constraint(job.grammar))
         scanner = StopScanner(job.stop)
-        generated = self._relay_text(clock.timed(tokens), scanner, sampler, emit)
+        try:
+            generated = self._relay_text(clock.timed(tokens), scanner, sampler, emit)
+        except EngineFailure as e:
+            if not isinstance(e.__cause__, StepCancelled):
+                raise
+            generated = 0  # a prompt given up between two of its chunks: nothing was generated
         if scanner.stopped:
             finish = "stop"
         elif cancelled.is_set():
             finish = "cancelled"
         else:
-            finish = FINISH_REASONS[self.conversation.stop_reason]
-        return Outcome(finish, len(job.prompt_ids), generated, self.conversation.start_pos, clock.first_token_s,
+            finish = FINISH_REASONS[conversation.stop_reason]
+        return Outcome(finish, len(job.prompt_ids), generated, conversation.start_pos, clock.first_token_s,
                        clock.decode_s)
 
     def constraint(self, grammar: str | None) -> GrammarConstraint | None:

@@ -1,7 +1,9 @@
-"""One generation at a time, a bounded wait queue, and cancellation from the event loop.
+"""`slots` generations at a time (one without --parallel), a bounded wait queue, and cancellation from the
+event loop.
 
-The engine runs in a single worker thread; the event loop only waits for its turn and relays
-text. A request that finds the queue full is refused with 429 at once (docs/API.md).
+Each running job has a worker thread (the engine's steps are shared: runtime/batching.py); the event
+loop only waits for a turn and relays text. A request that finds the queue full is refused with 429
+at once (docs/API.md).
 """
 from __future__ import annotations
 
@@ -21,14 +23,16 @@ class Event:
 
 
 class Scheduler:
-    def __init__(self, max_queue: int):
+    def __init__(self, max_queue: int, slots: int = 1):
         self.max_queue = max_queue
+        self.slots = slots
         self.waiting = 0
-        self._turn = asyncio.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllama-engine")
+        self._turn = asyncio.Semaphore(slots)
+        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="dllama-engine")
 
     @property
     def busy(self) -> bool:
+        """Every slot is generating: a new request waits."""
         return self._turn.locked()
 
     async def acquire(self) -> None:
