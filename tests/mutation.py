@@ -1,0 +1,114 @@
+"""Mutation testing of the modules users' results depend on (docs/TESTING.md, "Mutation testing").
+
+    python tests/mutation.py sampler           # one module: mutmut over its file, its fast tests only
+    python tests/mutation.py --list            # the modules and the tests each one runs
+
+Each module runs in its own scratch folder (outside the clone, $DLLAMA_MUTATION_DIR or the temp dir):
+mutmut copies dllama/ and tests/ into <scratch>/mutants, rewrites the module's functions into
+trampolines with one mutant each, and runs the tests that reach a mutated function, one forked
+child per mutant with a CPU-time limit. The tests find ../shared from there through a link, as
+they do from a clone. Not part of .ci/run: a module takes minutes to an hour on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DIR = Path(tempfile.gettempdir()) / "dllama-mutation"
+
+# module -> (its files, the fast tests that exercise it: no cluster, serve or subprocess-heavy files)
+MODULES: dict[str, tuple[list[str], list[str]]] = {
+    "exchange": (["dllama/runtime/distributed/exchange.py"], ["tests/test_distributed_mesh.py"]),
+    "codecs": (["dllama/formats/codecs.py"], ["tests/test_formats.py"]),
+    "sampler": (["dllama/runtime/sampler.py"], ["tests/test_sampler.py", "tests/test_sampler_statistics.py"]),
+    "split": (["dllama/runtime/split.py"], ["tests/test_distributed.py"]),
+    "tokenizer": (["dllama/tokenizer/core.py", "dllama/tokenizer/faithful.py"], ["tests/test_tokenizer.py"]),
+    "checks": (["dllama/validate/checks.py"], ["tests/test_validate.py"]),
+    "model": (["dllama/runtime/model.py"], ["tests/test_runtime.py"]),
+}
+
+PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow"]
+
+
+def mutmut_config(files: list[str], tests: list[str]) -> str:
+    def toml_list(items: list[str]) -> str:
+        return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+    return "\n".join([
+        "[tool.mutmut]",
+        'source_paths = ["dllama"]',
+        f"only_mutate = {toml_list(files)}",
+        f"pytest_add_cli_args_test_selection = {toml_list(tests)}",
+        f"pytest_add_cli_args = {toml_list(PYTEST_ARGS)}",
+        "use_git_change_detection = false",
+        "",
+    ])
+
+
+def prepare(name: str, scratch_root: Path) -> Path:
+    files, tests = MODULES[name]
+    scratch = scratch_root / name
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    (scratch / "dllama").symlink_to(ROOT / "dllama")
+    (scratch / "tests").symlink_to(ROOT / "tests")
+    (scratch / "shared").symlink_to((ROOT.parent / "shared").resolve())  # conftest's ../shared from mutants/
+    (scratch / "pyproject.toml").write_text(mutmut_config(files, tests))
+    return scratch
+
+
+def run(name: str, scratch_root: Path) -> int:
+    scratch = prepare(name, scratch_root)
+    # mutmut puts mutants/ first on sys.path itself; with it on PYTHONPATH too its stats run records nothing
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = subprocess.call(["mutmut", "run", "--max-children", "1"], cwd=scratch, env=env)
+    subprocess.call(["mutmut", "export-cicd-stats"], cwd=scratch, env=env)
+    subprocess.call(["mutmut", "results"], cwd=scratch, env=env)
+    stats = scratch / "mutants" / "mutmut-cicd-stats.json"
+    if stats.exists():
+        print(name, stats.read_text())
+    return code
+
+
+def survivors(scratch: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    results = subprocess.run(["mutmut", "results"], cwd=scratch, env=env, capture_output=True, text=True).stdout
+    for line in results.splitlines():
+        name, _, status = line.strip().partition(": ")
+        if status in ("survived", "no tests"):
+            shown = subprocess.run(["mutmut", "show", name], cwd=scratch, env=env, capture_output=True, text=True)
+            diff = [d for d in shown.stdout.splitlines() if d.startswith(("-  ", "+  ", "- ", "+ ")) and d[:3] != "+++"
+                    and d[:3] != "---"]
+            print(f"== {name} ({status})", *diff, sep="\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=", ".join(MODULES))
+    parser.add_argument("--list", action="store_true", help="the modules, their files and tests")
+    parser.add_argument("--survivors", action="store_true", help="show each surviving mutant's diff of a past run")
+    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("DLLAMA_MUTATION_DIR", DEFAULT_DIR)))
+    args = parser.parse_args(argv)
+    if args.list or not args.modules:
+        for name, (files, tests) in MODULES.items():
+            print(f"{name}: {' '.join(files)}  <-  {' '.join(tests)}")
+        return 0
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module {unknown[0]!r}: one of {', '.join(MODULES)}")
+    if args.survivors:
+        for name in args.modules:
+            survivors(args.dir / name)
+        return 0
+    return max(run(name, args.dir) for name in args.modules)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
