@@ -25,7 +25,7 @@ DEFAULT_DIR = Path(tempfile.gettempdir()) / "dllama-mutation"
 
 # module -> (its files, the fast tests that exercise it: no cluster, serve or subprocess-heavy files)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
-    "exchange": (["dllama/runtime/distributed/exchange.py"], ["tests/test_distributed_mesh.py"]),
+    "exchange": (["dllama/runtime/distributed/exchange.py"], ["tests/test_exchange.py"]),
     "codecs": (["dllama/formats/codecs.py"], ["tests/test_formats.py"]),
     "sampler": (["dllama/runtime/sampler.py"], ["tests/test_sampler.py", "tests/test_sampler_statistics.py"]),
     "split": (["dllama/runtime/split.py"], ["tests/test_distributed.py"]),
