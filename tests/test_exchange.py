@@ -106,7 +106,7 @@ def test_sums_are_float32_frames_checked_for_their_step_and_size():
     payload = memoryview(head + bytes(data))
     assert np.array_equal(decode_sum(payload, 5, 1, 2, 32), total)
     for layer, seam in ((4, 1), (5, 0)):
-        with pytest.raises(ProtocolError, match="out of step"):
+        with pytest.raises(ProtocolError, match=f"at layer {layer} seam {seam}: the peers are out of step$"):
             decode_sum(payload, layer, seam, 2, 32)
     with pytest.raises(ProtocolError, match="does not hold 2 x 32"):
         decode_sum(payload[:-1], 5, 1, 2, 32)
@@ -119,15 +119,25 @@ def test_logits_go_back_as_f16_with_q80_buffers_and_f32_with_f32(buffer_type, dt
     assert bytes(data) == logits.astype(dtype).tobytes()
     decoded = decode_logits(memoryview(head + bytes(data)), 2, 50)
     assert decoded.dtype == np.float32 and np.array_equal(decoded, logits.astype(dtype).astype(np.float32))
-    with pytest.raises(ProtocolError, match="does not hold 2 x 50"):
+    with pytest.raises(ProtocolError, match="does not hold 2 x 50 values$"):
         decode_logits(memoryview(head + bytes(data)[:-1]), 2, 50)
+    none = decode_logits(memoryview(head), 0, 50)   # a batch that gathers no logits
+    assert none.shape == (0, 50)
 
 
 def test_a_logits_frame_of_an_unknown_kind_or_too_short_is_refused():
     with pytest.raises(ProtocolError, match="kind 7"):
         decode_logits(memoryview(LOGITS_HEAD.pack(7) + bytes(8)), 1, 2)
-    with pytest.raises(ProtocolError, match="too short"):
+    with pytest.raises(ProtocolError, match="^LOGITS frame too short$"):
         decode_logits(memoryview(b""), 1, 2)
+
+
+def test_whatever_float_type_a_caller_holds_the_wire_carries_float32():
+    values = partial(2, 32).astype(np.float64)
+    as_f32 = values.astype(np.float32).tobytes()
+    assert bytes(encode_partial(values, F32)) == as_f32
+    assert bytes(encode_sum(values, 0, 0)[1]) == as_f32
+    assert bytes(encode_logits(values, F32)[1]) == as_f32
 
 
 def test_a_failing_peer_is_named_with_its_cause():
@@ -180,6 +190,21 @@ def test_every_computing_node_gets_every_partial_and_a_coordinator_sends_none(si
     results = run_mesh(4, computing, wires, limit=size + PARTIAL_HEAD.size)
     for me in range(4):
         assert results[me] == wires
+
+
+def test_a_peer_that_closed_its_link_is_named_when_sending():
+    peers = mesh(3)
+    peers[2][0].close()
+    with pytest.raises(PeerFailed, match="node 2: ") as caught:
+        mesh_partials(0, memoryview(b"x" * 64), peers[0], [0, 1, 2], 3, 1, limit=64 + PARTIAL_HEAD.size)
+    assert caught.value.node == 2
+
+
+def test_a_peer_sending_another_kind_of_frame_is_refused():
+    peers = mesh(2)
+    peers[1][0].send_frame(Frame.SUM, PARTIAL_HEAD.pack(3, 1, 1), b"x")   # a valid partial's bytes, as a SUM
+    with pytest.raises(PeerFailed, match="node 1: .*SUM"):
+        mesh_partials(0, None, peers[0], [0, 1], 3, 1, limit=64)
 
 
 def test_a_peer_sending_another_nodes_partial_is_named():
