@@ -72,13 +72,26 @@ def prepare(name: str, scratch_root: Path) -> Path:
     return scratch
 
 
-def run(name: str, scratch_root: Path) -> int:
-    scratch = prepare(name, scratch_root)
+def mutmut_env() -> dict[str, str]:
     # mutmut puts mutants/ first on sys.path itself; with it on PYTHONPATH too its stats run records nothing
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = subprocess.call(["mutmut", "run", "--max-children", "1"], cwd=scratch, env=env)
-    subprocess.call(["mutmut", "export-cicd-stats"], cwd=scratch, env=env)
-    subprocess.call(["mutmut", "results"], cwd=scratch, env=env)
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def undetected(scratch: Path) -> list[str]:
+    """The mutants of a past run that no test detected."""
+    results = subprocess.run(["mutmut", "results"], cwd=scratch, env=mutmut_env(), capture_output=True,
+                             text=True).stdout
+    lines = (line.strip().partition(": ") for line in results.splitlines())
+    return [name for name, _, status in lines if status in ("survived", "no tests")]
+
+
+def run(name: str, scratch_root: Path) -> int:
+    """mutmut over the module from scratch (its record of which test reaches which function is made once per
+    run: a run kept from before would not run the tests written since)."""
+    scratch = prepare(name, scratch_root)
+    code = subprocess.call(["mutmut", "run", "--max-children", "1"], cwd=scratch, env=mutmut_env())
+    subprocess.call(["mutmut", "export-cicd-stats"], cwd=scratch, env=mutmut_env())
+    subprocess.call(["mutmut", "results"], cwd=scratch, env=mutmut_env())
     stats = scratch / "mutants" / "mutmut-cicd-stats.json"
     if stats.exists():
         print(name, stats.read_text())
@@ -86,15 +99,11 @@ def run(name: str, scratch_root: Path) -> int:
 
 
 def survivors(scratch: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    results = subprocess.run(["mutmut", "results"], cwd=scratch, env=env, capture_output=True, text=True).stdout
-    for line in results.splitlines():
-        name, _, status = line.strip().partition(": ")
-        if status in ("survived", "no tests"):
-            shown = subprocess.run(["mutmut", "show", name], cwd=scratch, env=env, capture_output=True, text=True)
-            diff = [d for d in shown.stdout.splitlines() if d.startswith(("-  ", "+  ", "- ", "+ ")) and d[:3] != "+++"
-                    and d[:3] != "---"]
-            print(f"== {name} ({status})", *diff, sep="\n")
+    """Each undetected mutant's name and its changed lines."""
+    for name in undetected(scratch):
+        shown = subprocess.run(["mutmut", "show", name], cwd=scratch, env=mutmut_env(), capture_output=True, text=True)
+        diff = [d for d in shown.stdout.splitlines() if d[:1] in "-+" and d[:3] not in ("---", "+++")]
+        print(f"== {name}", *diff, sep="\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -191,7 +191,8 @@ def test_fields_without_a_temperature_are_greedy():
 def test_infinite_or_nan_logits_are_refused_with_the_fix(temperature, bad):
     logits = random_logits(11)
     logits[17] = bad
-    with pytest.raises(sampler_module.NaNLogits, match="dllama-validate"):
+    with pytest.raises(sampler_module.NaNLogits, match=r"^the model computed NaN or infinite logits: its weights hold "
+                       r"inf or NaN values \(a corrupt \.m\?\); check it with dllama-validate and convert it again$"):
         Sampler(Sampling(temperature=temperature, seed=0))(logits)
 
 
@@ -199,6 +200,8 @@ def test_greedy_with_a_logit_bias_takes_the_argmax_of_the_adjusted_logits():
     logits = random_logits(12)
     assert int(np.argmax(logits)) != 400
     assert Sampler(Sampling(temperature=0.0, logit_bias={400: 50.0}))(logits) == 400
+    with pytest.raises(EngineError, match="^logit_bias bans every token of the vocabulary: ban fewer$"):
+        Sampler(Sampling(temperature=1.0, logit_bias={i: -100.0 for i in range(VOCAB)}))(logits)
 
 
 def test_low_temperatures_on_large_logits_do_not_overflow():
@@ -284,9 +287,30 @@ def test_top_p_on_a_large_vocabulary_finds_the_true_best_tokens():
     assert list(ids) == [2500]
 
 
+def test_top_p_sorts_only_the_best_512_when_they_reach_the_mass(monkeypatch):
+    sorted_sizes = []
+
+    class CountingNumpy:   # numpy, counting the lengths argsort sorts
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def argsort(self, a, *args, **kwargs):
+            sorted_sizes.append(np.size(a))
+            return np.argsort(a, *args, **kwargs)
+
+    logits = random_logits(4, n=50_000).astype(np.float64)
+    p = np.sort(softmax(logits))[::-1]
+    assert p[:512].sum() > 0.6
+    monkeypatch.setattr(sampler_module, "np", CountingNumpy())
+    Sampler(Sampling(top_p=0.6)).distribution(logits)
+    assert sorted_sizes == [sampler_module.TOP_P_PREFIX]
+
+
 def test_top_logprobs_give_exactly_the_n_best_in_order():
     logits = random_logits(15)
     lp = log_softmax(logits)
     for n in (0, 1, 2, 5, 20):
         top = sampler_module.token_logprob(logits, 0, n).top
         assert top == tuple((int(i), float(lp[i])) for i in np.argsort(-lp, kind="stable")[:n])
+    three = np.array([0.5, 2.0, 1.0])   # as many as the vocabulary holds
+    assert [t for t, _ in sampler_module.token_logprob(three, 0, 3).top] == [1, 2, 0]
