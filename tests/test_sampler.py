@@ -176,7 +176,7 @@ def test_settings_at_the_ends_of_their_range_are_accepted(fields):
 
 
 def test_a_sampling_and_its_fields_together_are_refused():
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(TypeError, match="^give a Sampling or its fields, not both$"):
         Sampler(Sampling(), temperature=1.0)
 
 
