@@ -21,8 +21,10 @@ def node_bytes(mf: ModelFile, share, name: str) -> np.ndarray:
     """What a worker is sent of tensor `name`: its runs, concatenated (as weights.py streams them)."""
     raw = mf.raw(name).reshape(-1)
     g = share.geometry(mf.layout[name].spec)
-    return np.concatenate([raw[g.first_byte + r * g.stride:g.first_byte + r * g.stride + g.run_bytes]
-                           for r in range(g.n_rows)])
+    assert g.first_byte + (g.n_rows - 1) * g.stride + g.run_bytes <= raw.size, "a run beyond the tensor"
+    runs = [raw[g.first_byte + r * g.stride:g.first_byte + r * g.stride + g.run_bytes] for r in range(g.n_rows)]
+    assert sum(len(run) for run in runs) == g.nbytes
+    return np.concatenate(runs)
 
 
 @pytest.mark.parametrize("model, quant, n_nodes", [   # where the reference runs: every count divides evenly
@@ -101,16 +103,30 @@ def test_a_column_slice_off_the_block_boundaries_is_refused():
 @pytest.mark.parametrize("n_nodes, weights, message", [
     (0, (), "0 nodes: a cluster has at least the root"),
     (2, (1.0,), "1 weights for 2 nodes: give one weight per node"),
-    (2, (1.0, 0.0), r"weights 1,0: every worker needs a positive weight"),
+    (2, (1.0, 0.0), r"^weights 1,0: every worker needs a positive weight \(only the root may compute nothing, with "
+                    r"--root-compute none\)$"),
     (2, (-1.0, 1.0), "every worker needs a positive weight"),
     (2, (float("nan"), 1.0), "every worker needs a positive weight"),
     (2, (float("inf"), 1.0), "every worker needs a positive weight"),
-    (1, (0.0,), "a root that computes nothing needs at least one worker"),
+    (1, (0.0,), "^a root that computes nothing needs at least one worker: add --workers$"),
 ])
 def test_impossible_weights_are_refused_with_the_fix(n_nodes, weights, message):
     h = conformance_model("tiny-llama", "f32").header
     with pytest.raises(SplitError, match=message):
         check_weights(h, n_nodes, weights)
+
+
+def test_a_split_keeps_the_weights_it_was_planned_with():
+    h = conformance_model("tiny-llama", "f32").header
+    assert (ClusterSplit.plan(h, 3).n_nodes, ClusterSplit.plan(h, 3).weights) == (3, (1.0, 1.0, 1.0))
+    assert ClusterSplit.plan(h, 2, weights=[3, 1]).weights == (3.0, 1.0)   # sent to the workers, printed by plan
+
+
+def test_one_kv_head_for_every_query_head_splits():
+    h = dataclasses.replace(conformance_model("tiny-llama", "f32").header, n_kv_heads=1)   # multi-query attention
+    nodes = ClusterSplit.plan(h, 2).nodes
+    assert [(s.heads, s.kv_heads, s.attention_layout) for s in nodes] == [((0, 2), (0, 1), (0, 2)),
+                                                                           ((2, 4), (0, 1), (0, 2))]
 
 
 def test_heads_that_are_not_a_multiple_of_the_kv_heads_are_refused():
