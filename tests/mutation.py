@@ -37,7 +37,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         "test_weights_options_are_read_or_refused_with_the_fix",
         "test_plan_command_prints_every_node_and_whether_it_fits",
         "test_proportional_shares_hand_out_every_unit_and_follow_the_weights")]),
-    "tokenizer": (["dllama/tokenizer/core.py", "dllama/tokenizer/faithful.py"], ["tests/test_tokenizer.py"]),
+    "tokenizer": (["dllama/tokenizer/core.py", "dllama/tokenizer/faithful.py"],
+                  ["tests/test_tokenizer.py", "tests/test_tokenizer_specials.py"]),
     "checks": (["dllama/validate/checks.py"], ["tests/test_validate.py"]),
     "model": (["dllama/runtime/model.py"], ["tests/test_runtime.py"]),
 }
