@@ -8,7 +8,7 @@ import json
 
 import pytest
 from conftest import CONFORMANCE, require_fixtures
-from tokenizer_helpers import training_texts
+from tokenizer_helpers import BOS, EOS, train_byte_level_bpe, train_sentencepiece, training_texts
 
 from dllama.formats import EmbeddedKind, EmbeddedSource, TokenizerFile
 from dllama.tokenizer import InexactTokenizerWarning, Tokenizer, TokenizerError
@@ -99,3 +99,54 @@ def test_errors_and_repr_name_the_file_and_the_mode(tmp_path):
                                                      "to embed it$"):
         rebuilt = Tokenizer.from_file(tf)
     assert repr(rebuilt).endswith("approximate)")
+
+
+@pytest.fixture(scope="module")
+def byte_level_folder(tmp_path_factory):
+    return train_byte_level_bpe(tmp_path_factory.mktemp("bl"))
+
+
+def with_post_processor(folder, single: str, out):
+    """The folder's tokenizer.json with a post-processor that writes `single` around a text."""
+    import shutil
+
+    from tokenizers import Tokenizer as HF
+    from tokenizers import processors
+
+    shutil.copytree(folder, out)
+    hf = HF.from_file(str(out / "tokenizer.json"))
+    specials = [(t, hf.token_to_id(t)) for t in (BOS, EOS) if t in single]
+    hf.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+    hf.save(str(out / "tokenizer.json"))
+    return hf, out
+
+
+def test_the_post_processors_bos_and_eos_win_over_the_t_files(byte_level_folder, tmp_path):
+    hf, folder = with_post_processor(byte_level_folder, f"{BOS} $A {EOS}", tmp_path / "both")
+    tf = convert_tokenizer(folder)
+    tf.bos_id, tf.eos_ids = 3, [4]   # what Hugging Face adds is the post-processor's, whatever the .t says
+    tok = Tokenizer.from_file(tf)
+    for text in ("hi there", "Hello world"):
+        assert tok.encode(text) == hf.encode(text).ids
+    assert tok.encode("hi", add_bos=False)[-1] != hf.token_to_id(EOS)   # an explicit add_bos: the text alone
+
+
+def test_add_eos_token_in_the_config_appends_the_eos(byte_level_folder, tmp_path):
+    import shutil
+
+    shutil.copytree(byte_level_folder, tmp_path / "eos")
+    (tmp_path / "eos" / "tokenizer_config.json").write_text(json.dumps({"add_eos_token": True, "eos_token": EOS}))
+    tok = Tokenizer.from_file(convert_tokenizer(tmp_path / "eos"))
+    assert tok.encode("hi there")[-1] == tok.eos_ids[0] and tok.encode("hi there")[:-1] == tok.encode("hi there",
+                                                                                                       add_bos=False)
+    sp_folder = train_sentencepiece(tmp_path / "sp_eos", "bpe", tokenizer_config={"add_eos_token": True})
+    sp_tok = Tokenizer.from_file(convert_tokenizer(sp_folder))
+    assert sp_tok.encode("hi there")[-1] == sp_tok.eos_ids[0]
+
+
+def test_an_embedded_tokenizer_that_cannot_load_is_named_with_the_fix():
+    tf = TokenizerFile(tokens=[b"a", b"b"], scores=[0.0, 0.0], bos_id=0, eos_ids=[1],
+                       embedded=[EmbeddedSource(EmbeddedKind.TOKENIZER_JSON, b"{not json")])
+    with pytest.raises(TokenizerError, match=r"^tokenizer file embeds a tokenizer that cannot be loaded \(.*\); "
+                                             "reconvert it with dllama-convert$"):
+        Tokenizer.from_file(tf)
