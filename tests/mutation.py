@@ -1,6 +1,8 @@
 """Mutation testing of the modules users' results depend on (docs/TESTING.md, "Mutation testing").
 
     python tests/mutation.py sampler           # one module: mutmut over its file, its fast tests only
+    python tests/mutation.py --score sampler   # a past run's score, its equivalent mutants taken out
+    python tests/mutation.py --survivors sampler   # a past run's undetected mutants, each with its changed lines
     python tests/mutation.py --list            # the modules and the tests each one runs
 
 Each module runs in its own scratch folder (outside the clone, $DLLAMA_MUTATION_DIR or the temp dir):
@@ -8,6 +10,10 @@ mutmut copies dllama/ and tests/ into <scratch>/mutants, rewrites the module's f
 trampolines with one mutant each, and runs the tests that reach a mutated function, one forked
 child per mutant with a CPU-time limit. The tests find ../shared from there through a link, as
 they do from a clone. Not part of .ci/run: a module takes minutes to an hour on 2 cores.
+
+The score is detected / (mutants - equivalent): a mutant is detected when a test failed on it, it ran
+out of CPU time (an endless loop) or it crashed the test process; the equivalent ones (the same
+behaviour for every input) are listed by hand in tests/mutation_equivalent.txt, each with its reason.
 """
 from __future__ import annotations
 
@@ -22,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = Path(tempfile.gettempdir()) / "dllama-mutation"
+EQUIVALENT = Path(__file__).resolve().parent / "mutation_equivalent.txt"
+DETECTED = {"killed", "timeout", "segfault"}
+UNDETECTED = {"survived", "no tests"}
 
 # module -> (its files, the fast tests that exercise it: no cluster, serve or subprocess-heavy files)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
@@ -78,12 +87,40 @@ def mutmut_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
+def statuses(scratch: Path) -> dict[str, str]:
+    """Every mutant of a past run and mutmut's verdict on it (killed, survived, timeout, ...)."""
+    results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=scratch, env=mutmut_env(),
+                             capture_output=True, text=True).stdout
+    lines = (line.strip().partition(": ") for line in results.splitlines())
+    return {name: status for name, _, status in lines if status}
+
+
 def undetected(scratch: Path) -> list[str]:
     """The mutants of a past run that no test detected."""
-    results = subprocess.run(["mutmut", "results"], cwd=scratch, env=mutmut_env(), capture_output=True,
-                             text=True).stdout
-    lines = (line.strip().partition(": ") for line in results.splitlines())
-    return [name for name, _, status in lines if status in ("survived", "no tests")]
+    return [name for name, status in statuses(scratch).items() if status in UNDETECTED]
+
+
+def equivalent_mutants(path: Path = EQUIVALENT) -> dict[str, str]:
+    """The hand-kept list: mutant name -> why it behaves as the original for every input."""
+    listed = {}
+    for line in path.read_text().splitlines():
+        name, _, reason = line.partition(" ")
+        if name and not name.startswith("#"):
+            listed[name] = reason.strip()
+    return listed
+
+
+def score(name: str, scratch: Path) -> dict[str, object]:
+    """The module's numbers: detected / (mutants - equivalent), and the listed equivalents a test kills
+    (the list is stale there: a mutant's number moves when its function changes)."""
+    found = statuses(scratch)
+    listed = {m for m in equivalent_mutants() if m in found}
+    equivalent = {m for m in listed if found[m] in UNDETECTED}
+    detected = sum(status in DETECTED for status in found.values())
+    scored = len(found) - len(equivalent)
+    return {"module": name, "mutants": len(found), "detected": detected, "equivalent": len(equivalent),
+            "undetected": scored - detected, "score": round(100 * detected / scored, 1) if scored else None,
+            "listed but detected": sorted(listed - equivalent)}
 
 
 def run(name: str, scratch_root: Path) -> int:
@@ -96,12 +133,16 @@ def run(name: str, scratch_root: Path) -> int:
     stats = scratch / "mutants" / "mutmut-cicd-stats.json"
     if stats.exists():
         print(name, stats.read_text())
+    print(json.dumps(score(name, scratch)))
     return code
 
 
 def survivors(scratch: Path) -> None:
-    """Each undetected mutant's name and its changed lines."""
+    """Each undetected mutant's name and its changed lines, but for the listed equivalent ones."""
+    equivalent = equivalent_mutants()
     for name in undetected(scratch):
+        if name in equivalent:
+            continue
         shown = subprocess.run(["mutmut", "show", name], cwd=scratch, env=mutmut_env(), capture_output=True, text=True)
         diff = [d for d in shown.stdout.splitlines() if d[:1] in "-+" and d[:3] not in ("---", "+++")]
         print(f"== {name}", *diff, sep="\n")
@@ -112,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", metavar="MODULE", help=", ".join(MODULES))
     parser.add_argument("--list", action="store_true", help="the modules, their files and tests")
     parser.add_argument("--survivors", action="store_true", help="show each surviving mutant's diff of a past run")
+    parser.add_argument("--score", action="store_true", help="a past run's score, equivalent mutants taken out")
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("DLLAMA_MUTATION_DIR", DEFAULT_DIR)))
     args = parser.parse_args(argv)
     if args.list or not args.modules:
@@ -124,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.survivors:
         for name in args.modules:
             survivors(args.dir / name)
+        return 0
+    if args.score:
+        for name in args.modules:
+            print(json.dumps(score(name, args.dir / name)))
         return 0
     return max(run(name, args.dir) for name in args.modules)
 

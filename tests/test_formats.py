@@ -1,6 +1,7 @@
 """The format module against the reference converter's bytes and against itself."""
 from __future__ import annotations
 
+import struct
 import warnings
 
 import numpy as np
@@ -25,6 +26,7 @@ from dllama.formats import (
     quantize_q80,
     tensor_nbytes,
 )
+from dllama.formats.codecs import _plain
 
 # magnitudes where the f16 block scale stays a normal number
 finite_blocks = arrays(np.float32, st.integers(1, 4).map(lambda n: (n, 32)),
@@ -145,7 +147,7 @@ def test_dequantizing_gives_flat_values_and_the_first_n(quantize, dequantize):
     x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     data = quantize(x)
     every = dequantize(data)
-    assert every.shape == (128,)
+    assert every.shape == (128,) and every.dtype == np.float32
     first = dequantize(data, 40)
     assert first.shape == (40,) and np.array_equal(first, every[:40])
 
@@ -166,3 +168,29 @@ def test_float_type_errors_name_the_problem():
         tensor_nbytes((2, 24), FloatType.Q40)
     with pytest.raises(FormatError, match="row length 40 is not a multiple of 32, so it cannot be block-quantized"):
         encode_tensor(np.ones((2, 3, 40), np.float32), FloatType.Q80)
+
+
+@pytest.mark.parametrize("ft", [FloatType.Q40, FloatType.Q80, FloatType.F16])
+def test_float64_values_are_encoded_as_their_float32_rounding(ft):
+    # each float64 value below rounds differently straight to the stored grid than through float32:
+    # q80 (d = 1): 0.5 + 1e-10 -> 1, its float32 0.5 -> 0 (half to even); q40 (d = -1): 8.5 - (0.5 + 1e-10)
+    # truncates to 7, 8.5 - 0.5 to 8; f16: 1 + 2**-11 + 2**-40 -> 1 + 2**-10, its float32 (a tie) -> 1
+    x = np.zeros(32)
+    x[0] = {FloatType.Q40: 8.0, FloatType.Q80: 127.0, FloatType.F16: 1 + 2**-11 + 2**-40}[ft]
+    x[1] = 0.5 + 1e-10
+    expected = encode_tensor(x.astype(np.float32), ft).tobytes()
+    assert encode_tensor(x, ft).tobytes() == expected
+    if ft != FloatType.F16:
+        assert (quantize_q40 if ft == FloatType.Q40 else quantize_q80)(x).tobytes() == expected
+
+
+@pytest.mark.parametrize("dtype, letter", [("<f4", "f"), ("<f2", "e")])
+def test_a_plain_codec_stores_flat_little_endian_values(dtype, letter):
+    # built here: the table's codecs are made at import, before a mutation run picks its mutant
+    encode, decode = _plain(dtype)
+    x = np.array([[1.5, -2.0], [0.25, 65504.0]], np.float32)
+    data = encode(x)
+    assert data.dtype == np.uint8 and data.shape == (4 * struct.calcsize(letter),)
+    assert data.tobytes() == struct.pack(f"<4{letter}", 1.5, -2.0, 0.25, 65504.0)
+    back = decode(data)
+    assert back.dtype == np.float32 and back.tolist() == [1.5, -2.0, 0.25, 65504.0]
