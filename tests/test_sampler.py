@@ -287,6 +287,19 @@ def test_top_p_on_a_large_vocabulary_finds_the_true_best_tokens():
     assert list(ids) == [2500]
 
 
+@pytest.mark.parametrize("n", [sampler_module.TOP_P_PREFIX, sampler_module.TOP_P_PREFIX + 1])
+def test_top_p_on_a_vocabulary_at_the_shortcuts_edge_is_the_full_sorts_nucleus(n):
+    logits = np.random.default_rng(n).standard_normal(n) * 0.3   # flat: every token's mass is sizeable
+    # the shortcut's prefix is then the whole vocabulary, or all of it but one token
+    p = softmax(logits)
+    order = np.argsort(-p, kind="stable")
+    mass = np.concatenate([[0.0], np.cumsum(p[order])])
+    for nucleus in (1, 40, n - 1):
+        top_p = float(mass[nucleus - 1] + mass[nucleus]) / 2   # between the mass of one token fewer and its own
+        ids, _ = Sampler(Sampling(top_p=top_p)).distribution(logits)
+        assert list(ids) == list(order[:nucleus])
+
+
 def test_top_p_sorts_only_the_best_512_when_they_reach_the_mass(monkeypatch):
     sorted_sizes = []
 
