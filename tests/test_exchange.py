@@ -20,11 +20,15 @@ from dllama.runtime.distributed.exchange import (
     encode_logits,
     encode_partial,
     encode_sum,
+    joined_columns,
     mesh_partials,
     parse_partial,
     partial_nbytes,
     relays_sums,
+    slice_owners,
+    slice_ranges,
     sum_partials,
+    wire_columns,
 )
 from dllama.runtime.distributed.protocol import (
     LOGITS_HEAD,
@@ -77,8 +81,10 @@ def test_a_partial_frame_names_its_sender_and_must_be_for_this_step():
     for layer, seam, computing in ((6, 1, [0, 2]), (7, 0, [0, 2]), (7, 1, [0, 1])):
         with pytest.raises(ProtocolError, match="out of step"):
             parse_partial(payload, layer, seam, computing)
-    with pytest.raises(ProtocolError, match="too short"):
+    with pytest.raises(ProtocolError, match="^PARTIAL frame too short$"):
         parse_partial(payload[:PARTIAL_HEAD.size - 1], 7, 1, [0, 2])
+    node, got = parse_partial(payload[:PARTIAL_HEAD.size], 7, 1, [0, 2])   # a header alone: its data is empty
+    assert node == 2 and len(got) == 0
 
 
 def test_partials_are_summed_in_float64_and_rounded_once():
@@ -212,3 +218,29 @@ def test_a_peer_sending_another_nodes_partial_is_named():
     peers[1][0].send_frame(Frame.PARTIAL, PARTIAL_HEAD.pack(3, 1, 2), b"x")   # node 1 claims node 2's partial
     with pytest.raises(PeerFailed, match="node 1: sent the partial of node 2"):
         mesh_partials(0, None, peers[0], [0, 1, 2], 3, 1, limit=64)
+
+
+# -- the slices exchange's parts (its threads over socket pairs: test_distributed_mesh.py)
+
+def test_the_computing_workers_sum_the_slices_and_the_root_only_when_it_computes_alone():
+    assert slice_owners([0, 1, 2]) == [1, 2]      # the root's link already carries FORWARD and LOGITS
+    assert slice_owners([1, 2, 3]) == [1, 2, 3]   # a coordinator root
+    assert slice_owners([0]) == [0]
+
+
+def test_slices_are_contiguous_whole_q80_blocks_or_any_f32_values():
+    assert slice_ranges(320, [1, 2, 3], Q80) == {1: (0, 96), 2: (96, 192), 3: (192, 320)}   # 10 blocks: 3, 3, 4
+    assert slice_ranges(10, [1, 2, 3], F32) == {1: (0, 3), 2: (3, 6), 3: (6, 10)}
+    assert slice_ranges(64, [1, 2, 3], Q80) == {1: (0, 32), 2: (32, 64)}   # 2 blocks: the third owner gets none
+
+
+@pytest.mark.parametrize("buffer_type", [Q80, F32])
+@pytest.mark.parametrize("n_tokens", [1, 2, 3])
+def test_a_slice_of_every_tokens_columns_is_their_own_encoding_and_slices_join_back(n_tokens, buffer_type):
+    x = partial(n_tokens, 128, seed=n_tokens)
+    wire = encode_partial(x, buffer_type)
+    cuts = [(0, 32), (32, 96), (96, 128)]
+    pieces = [wire_columns(wire, n_tokens, 128, first, stop) for first, stop in cuts]
+    for (first, stop), piece in zip(cuts, pieces):
+        assert bytes(piece) == bytes(encode_partial(x[:, first:stop], buffer_type)), (first, stop)
+    assert bytes(joined_columns(pieces, n_tokens)) == bytes(wire)
