@@ -3,6 +3,7 @@
     python tests/mutation.py sampler           # one module: mutmut over its file, its fast tests only
     python tests/mutation.py --score sampler   # a past run's score, its equivalent mutants taken out
     python tests/mutation.py --survivors sampler   # a past run's undetected mutants, each with its changed lines
+    python tests/mutation.py --sample 200 checks   # 200 of the module's mutants drawn at random (seed 0)
     python tests/mutation.py --list            # the modules and the tests each one runs
 
 Each module runs in its own scratch folder (outside the clone, $DLLAMA_MUTATION_DIR or the temp dir):
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -93,12 +96,13 @@ def mutmut_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def statuses(scratch: Path) -> dict[str, str]:
-    """Every mutant of a past run and mutmut's verdict on it (killed, survived, timeout, ...)."""
+def statuses(scratch: Path, checked: bool = True) -> dict[str, str]:
+    """Every mutant of a past run and mutmut's verdict on it (killed, survived, timeout, ...); those a
+    sampled run left alone are left out unless `checked` is False."""
     results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=scratch, env=mutmut_env(),
                              capture_output=True, text=True).stdout
     lines = (line.strip().partition(": ") for line in results.splitlines())
-    return {name: status for name, _, status in lines if status}
+    return {name: status for name, _, status in lines if status and not (checked and status == "not checked")}
 
 
 def undetected(scratch: Path) -> list[str]:
@@ -124,16 +128,38 @@ def score(name: str, scratch: Path) -> dict[str, object]:
     equivalent = {m for m in listed if found[m] in UNDETECTED}
     detected = sum(status in DETECTED for status in found.values())
     scored = len(found) - len(equivalent)
-    return {"module": name, "mutants": len(found), "detected": detected, "equivalent": len(equivalent),
-            "undetected": scored - detected, "score": round(100 * detected / scored, 1) if scored else None,
-            "listed but detected": sorted(listed - equivalent)}
+    numbers = {"module": name, "mutants": len(found), "detected": detected, "equivalent": len(equivalent),
+               "undetected": scored - detected, "score": round(100 * detected / scored, 1) if scored else None,
+               "listed but detected": sorted(listed - equivalent)}
+    every = len(statuses(scratch, checked=False))
+    if len(found) < every and scored:
+        numbers["sampled from"] = every
+        numbers["score 95% interval"] = [round(100 * b, 1) for b in wilson(detected, scored)]
+    return numbers
 
 
-def run(name: str, scratch_root: Path) -> int:
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson interval of a proportion k / n: what a sample of the mutants says of them all."""
+    centre, half = (k + z * z / 2) / (n + z * z), z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sample_of(scratch: Path, n: int, seed: int = 0) -> list[str]:
+    """n mutants of the module drawn at random: mutmut writes them all out first (a run filtered for a
+    name that does not exist generates the mutants and stops)."""
+    subprocess.run(["mutmut", "run", "--max-children", "1", "none.x_none__mutmut_0"], cwd=scratch,
+                   env=mutmut_env(), capture_output=True)
+    names = sorted(statuses(scratch, checked=False))
+    return sorted(random.Random(seed).sample(names, min(n, len(names))))
+
+
+def run(name: str, scratch_root: Path, sample: int | None = None) -> int:
     """mutmut over the module from scratch (its record of which test reaches which function is made once per
-    run: a run kept from before would not run the tests written since)."""
+    run: a run kept from before would not run the tests written since); `sample`: only that many of its
+    mutants, drawn at random."""
     scratch = prepare(name, scratch_root)
-    code = subprocess.call(["mutmut", "run", "--max-children", "1"], cwd=scratch, env=mutmut_env())
+    chosen = sample_of(scratch, sample) if sample else []
+    code = subprocess.call(["mutmut", "run", "--max-children", "1", *chosen], cwd=scratch, env=mutmut_env())
     subprocess.call(["mutmut", "export-cicd-stats"], cwd=scratch, env=mutmut_env())
     subprocess.call(["mutmut", "results"], cwd=scratch, env=mutmut_env())
     stats = scratch / "mutants" / "mutmut-cicd-stats.json"
@@ -160,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="the modules, their files and tests")
     parser.add_argument("--survivors", action="store_true", help="show each surviving mutant's diff of a past run")
     parser.add_argument("--score", action="store_true", help="a past run's score, equivalent mutants taken out")
+    parser.add_argument("--sample", type=int, metavar="N", help="run N of the module's mutants, drawn at random")
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("DLLAMA_MUTATION_DIR", DEFAULT_DIR)))
     args = parser.parse_args(argv)
     if args.list or not args.modules:
@@ -177,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.modules:
             print(json.dumps(score(name, args.dir / name)))
         return 0
-    return max(run(name, args.dir) for name in args.modules)
+    return max(run(name, args.dir, args.sample) for name in args.modules)
 
 
 if __name__ == "__main__":

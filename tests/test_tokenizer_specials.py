@@ -12,25 +12,28 @@ from tokenizer_helpers import BOS, EOS, train_byte_level_bpe, train_sentencepiec
 
 from dllama.formats import EmbeddedKind, EmbeddedSource, TokenizerFile
 from dllama.tokenizer import InexactTokenizerWarning, Tokenizer, TokenizerError
+from dllama.tokenizer.chat import ChatTemplateError
 from dllama.tokenizer.from_hf import convert_tokenizer
 
 
 @pytest.fixture(scope="module")
 def sp_with_user_symbols(tmp_path_factory):
     """A sentencepiece model (Llama 2's kind) with user-defined pieces that tokenizer_config.json
-    declares special in each of its two ways; "<tool>" is a prefix of "<tool>_call>"."""
+    declares special in each of its two ways ("<dec>" only in added_tokens_decoder, "<plain>" there
+    only as a bare string, which declares nothing); "<tool>" is a prefix of "<tool>_call>"."""
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(training_texts()), model_writer=model, vocab_size=1000, model_type="bpe",
         byte_fallback=True, hard_vocab_limit=False, character_coverage=0.98, normalization_rule_name="identity",
-        user_defined_symbols=["<tool>", "<tool>_call>", "<plain>"], num_threads=1, minloglevel=2)
+        user_defined_symbols=["<tool>", "<tool>_call>", "<plain>", "<dec>"], num_threads=1, minloglevel=2)
     folder = tmp_path_factory.mktemp("sp_user")
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     config = {"additional_special_tokens": ["<tool>", {"content": "<tool>_call>"}, "<not-a-piece>"],
-              "added_tokens_decoder": {"0": {"content": "<unk>"}, "7": {"content": ""}}}
+              "added_tokens_decoder": {"0": {"content": "<unk>"}, "7": {"content": ""}, "8": "<plain>",
+                                       "9": {"content": "<dec>"}}}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return Tokenizer.from_file(convert_tokenizer(folder)), sp
 
@@ -41,6 +44,8 @@ def test_config_declared_specials_are_split_out_longest_first(sp_with_user_symbo
     # transformers (legacy LlamaTokenizer): each text between specials is encoded on its own
     assert tok.encode("Hello<tool>_call>x<tool>y", add_bos=False) == \
         sp.encode("Hello") + [call] + sp.encode("x") + [tool] + sp.encode("y")
+    # added_tokens_decoder alone declares a special too
+    assert tok.encode("x<dec>y", add_bos=False) == sp.encode("x") + [sp.piece_to_id("<dec>")] + sp.encode("y")
     # a user-defined piece the config does not declare stays inside the text sentencepiece encodes
     assert tok.encode("a<plain>b", add_bos=False) == sp.encode("a<plain>b")
     # a declared text that is no piece of the model is plain text
@@ -75,6 +80,13 @@ def test_a_template_gets_the_configs_special_texts_and_the_callers_variables():
     assert tok.render_chat([], tools="T") == "<B>|<E>|<P>|<U>||T"
 
 
+def test_a_tokenizer_config_that_is_no_object_is_ignored():
+    tf = TokenizerFile(tokens=[b"<s>", b"</s>", b"a"], scores=[0.0] * 3, bos_id=0, eos_ids=[1],
+                       chat_template="{{ bos_token }}|{{ eos_token }}")
+    tf.embedded = [EmbeddedSource(EmbeddedKind.TOKENIZER_CONFIG, b'["<B>"]')]
+    assert Tokenizer.from_file(tf, mode="reference").render_chat([]) == "<s>|</s>"
+
+
 def test_without_config_a_template_gets_the_vocabularys_texts():
     tf = TokenizerFile(tokens=[b"<s>", b"\xff</s>", b"a"], scores=[0.0] * 3, bos_id=0, eos_ids=[1],
                        chat_template="{{ bos_token }}|{{ eos_token }}")
@@ -82,6 +94,12 @@ def test_without_config_a_template_gets_the_vocabularys_texts():
     assert tok.render_chat([]) == "<s>|\ufffd</s>"   # id 0 is a token too; bytes that are not utf-8 replaced
     tf.eos_ids = []
     assert Tokenizer.from_file(tf, mode="reference").render_chat([]) == "<s>|"
+    tf.bos_id = 3   # one past the vocabulary: no text
+    assert Tokenizer.from_file(tf, mode="reference").render_chat([]) == "|"
+    tf.chat_template = None
+    with pytest.raises(ChatTemplateError, match="^tokenizer file has no chat template; convert a model whose "
+                                                "tokenizer_config.json has chat_template, or send plain completions$"):
+        Tokenizer.from_file(tf, mode="reference").render_chat([])
 
 
 def test_errors_and_repr_name_the_file_and_the_mode(tmp_path):
@@ -129,6 +147,25 @@ def test_the_post_processors_bos_and_eos_win_over_the_t_files(byte_level_folder,
     for text in ("hi there", "Hello world"):
         assert tok.encode(text) == hf.encode(text).ids
     assert tok.encode("hi", add_bos=False)[-1] != hf.token_to_id(EOS)   # an explicit add_bos: the text alone
+    # decoding drops the bos the post-processor put first (not the .t's id 3), and writes the eos
+    assert tok.decode(tok.encode("hi there")) == hf.decode(hf.encode("hi there").ids[1:], skip_special_tokens=False)
+
+
+def test_a_post_processor_that_only_appends_an_eos_adds_no_bos(byte_level_folder, tmp_path):
+    hf, folder = with_post_processor(byte_level_folder, f"$A {EOS}", tmp_path / "eos_only")
+    tok = Tokenizer.from_file(convert_tokenizer(folder))
+    assert not tok.add_bos
+    for text in ("hi there", "Hello world"):
+        assert tok.encode(text) == hf.encode(text).ids and tok.encode(text)[-1] == hf.token_to_id(EOS)
+
+
+def test_a_t_file_without_eos_ids_still_tokenizes_like_its_tokenizer_json(byte_level_folder):
+    from tokenizers import Tokenizer as HF
+
+    tf = convert_tokenizer(byte_level_folder)
+    tf.eos_ids = []
+    hf = HF.from_file(str(byte_level_folder / "tokenizer.json"))
+    assert Tokenizer.from_file(tf).encode("hi there") == hf.encode("hi there").ids
 
 
 def test_add_eos_token_in_the_config_appends_the_eos(byte_level_folder, tmp_path):
@@ -144,9 +181,32 @@ def test_add_eos_token_in_the_config_appends_the_eos(byte_level_folder, tmp_path
     assert sp_tok.encode("hi there")[-1] == sp_tok.eos_ids[0]
 
 
-def test_an_embedded_tokenizer_that_cannot_load_is_named_with_the_fix():
+def test_an_embedded_tokenizer_that_cannot_load_is_named_with_the_fix(tmp_path):
     tf = TokenizerFile(tokens=[b"a", b"b"], scores=[0.0, 0.0], bos_id=0, eos_ids=[1],
                        embedded=[EmbeddedSource(EmbeddedKind.TOKENIZER_JSON, b"{not json")])
     with pytest.raises(TokenizerError, match=r"^tokenizer file embeds a tokenizer that cannot be loaded \(.*\); "
                                              "reconvert it with dllama-convert$"):
         Tokenizer.from_file(tf)
+    path = tmp_path / "broken.t"
+    path.write_bytes(tf.to_bytes())
+    with pytest.raises(TokenizerError, match=f"^{path} embeds a tokenizer that cannot be loaded"):
+        Tokenizer.load(path)
+
+
+def test_a_tokenizer_is_faithful_unless_told_otherwise():
+    tf = convert_tokenizer(require_fixtures(CONFORMANCE / "tiny-llama"))
+    tok = Tokenizer(tf)
+    assert tok.mode == "faithful" and tok.exact
+    assert tok.encode("Hello world") == Tokenizer(tf, "faithful").encode("Hello world")
+
+
+def test_reference_mode_adds_the_t_files_bos_and_decodes_and_streams_the_text():
+    tf = convert_tokenizer(require_fixtures(CONFORMANCE / "tiny-llama"))
+    assert tf.add_bos
+    tok = Tokenizer.from_file(tf, "reference")
+    text = "Hello world, ok?"
+    ids = tok.encode(text)
+    assert ids == [tf.bos_id] + tok.encode(text, add_bos=False)
+    assert tok.decode(ids) == text
+    stream = tok.stream_decoder()
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == text
