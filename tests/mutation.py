@@ -4,6 +4,7 @@
     python tests/mutation.py --score sampler   # a past run's score, its equivalent mutants taken out
     python tests/mutation.py --survivors sampler   # a past run's undetected mutants, each with its changed lines
     python tests/mutation.py --sample 200 checks   # 200 of the module's mutants drawn at random (seed 0)
+    python tests/mutation.py --recheck sampler     # a past run's undetected mutants against today's tests
     python tests/mutation.py --list            # the modules and the tests each one runs
 
 Each module runs in its own scratch folder (outside the clone, $DLLAMA_MUTATION_DIR or the temp dir):
@@ -58,9 +59,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow"]
-# a mutant that deadlocks the exchange's threads waits on sockets, using no CPU: mutmut's wall-clock limit,
-# (test time + 1 s) x this, ends it (15 by default: 20 s per hang, a hundred of them among the slices' mutants)
-TIMEOUT_MULTIPLIER = {"exchange": 5.0}
+# mutmut's wall-clock limit per mutant is (its tests' time + 1 s) x this (15 by default). A mutant that deadlocks
+# the exchange's threads waits on sockets, using no CPU: 5 ends each of the hundred such hangs in seconds, not 20.
+# model's and checks' tests spend seconds in fixtures (converting models) that the test time leaves out: on a busy
+# machine 15 marked unharmed mutants as timeouts (detected), so they get 50.
+TIMEOUT_MULTIPLIER = {"exchange": 5.0, "model": 50.0, "checks": 50.0}
 
 
 def mutmut_config(files: list[str], tests: list[str], timeout_multiplier: float = 15.0) -> str:
@@ -105,9 +108,18 @@ def statuses(scratch: Path, checked: bool = True) -> dict[str, str]:
     return {name: status for name, _, status in lines if status and not (checked and status == "not checked")}
 
 
+def verdicts(scratch: Path) -> dict[str, str]:
+    """statuses(), with the verdicts of --recheck on the tests written since the run."""
+    found = statuses(scratch)
+    rechecked = scratch / "rechecked.json"
+    if rechecked.exists():
+        found |= {m: v for m, v in json.loads(rechecked.read_text()).items() if m in found}
+    return found
+
+
 def undetected(scratch: Path) -> list[str]:
-    """The mutants of a past run that no test detected."""
-    return [name for name, status in statuses(scratch).items() if status in UNDETECTED]
+    """The mutants of a past run that no test detected (nor detects on a recheck)."""
+    return [name for name, status in verdicts(scratch).items() if status in UNDETECTED]
 
 
 def equivalent_mutants(path: Path = EQUIVALENT) -> dict[str, str]:
@@ -123,7 +135,7 @@ def equivalent_mutants(path: Path = EQUIVALENT) -> dict[str, str]:
 def score(name: str, scratch: Path) -> dict[str, object]:
     """The module's numbers: detected / (mutants - equivalent), and the listed equivalents a test kills
     (the list is stale there: a mutant's number moves when its function changes)."""
-    found = statuses(scratch)
+    found = verdicts(scratch)
     listed = {m for m in equivalent_mutants() if m in found}
     equivalent = {m for m in listed if found[m] in UNDETECTED}
     detected = sum(status in DETECTED for status in found.values())
@@ -169,6 +181,71 @@ def run(name: str, scratch_root: Path, sample: int | None = None) -> int:
     return code
 
 
+def apply_mutant(diff: str, clone: Path) -> None:
+    """Write `mutmut show`'s one-hunk diff into the clone's file. mutmut shows a method outside its class
+    (indented as a function, but for its docstring's lines), so the hunk's lines are matched without their
+    indentation, must match exactly once, and the added lines take the file's indentation."""
+    lines = diff.splitlines()
+    path = clone / next(line[4:] for line in lines if line.startswith("+++ "))
+    hunk = lines[next(i for i, line in enumerate(lines) if line.startswith("@@")) + 1:]
+    old = [line[1:] for line in hunk if line[:1] in (" ", "-")]
+    source = path.read_text().split("\n")
+    at = [i for i in range(len(source) - len(old) + 1)
+          if all(source[i + k].strip() == line.strip() for k, line in enumerate(old))]
+    if len(at) != 1:
+        raise SystemExit(f"cannot place this mutant in {path}:\n{diff}")
+
+    def indent(text: str) -> int:
+        return len(text) - len(text.lstrip())
+
+    out, k = [], at[0]
+    for line in hunk:
+        if line[:1] in (" ", "-"):
+            shift = indent(source[k]) - indent(line[1:])
+            if line[:1] == " ":
+                out.append(source[k])
+            k += 1
+        elif line[:1] == "+":
+            out.append(" " * shift + line[1:] if line[1:].strip() else "")
+    path.write_text("\n".join(source[:at[0]] + out + source[k:]))
+
+
+def recheck(name: str, scratch: Path) -> None:
+    """Each undetected mutant of a past run (but the listed equivalent ones) applied to a copy of the clone
+    and the module's tests run on it as they are now: what the tests written since the run kill, without
+    a run of the whole module. The verdicts go to <scratch>/rechecked.json, which --score reads."""
+    files, tests = MODULES[name]
+    names = [m for m in undetected(scratch) if m not in equivalent_mutants()]
+    rechecked = scratch / "rechecked.json"
+    found = json.loads(rechecked.read_text()) if rechecked.exists() else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        clone = Path(tmp) / "clone"
+        for folder in ("dllama", "tests"):
+            shutil.copytree(ROOT / folder, clone / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        (Path(tmp) / "shared").symlink_to((ROOT.parent / "shared").resolve())
+
+        def tests_run() -> str:
+            try:
+                code = subprocess.run([sys.executable, "-m", "pytest", *PYTEST_ARGS, *tests], cwd=clone,
+                                      env={**os.environ, "PYTHONPATH": str(clone)}, capture_output=True,
+                                      timeout=300).returncode
+            except subprocess.TimeoutExpired:
+                return "timeout"
+            return {0: "survived", 1: "killed"}.get(code, f"pytest exit code {code}")   # 1: a test failed
+
+        if tests_run() != "survived":
+            raise SystemExit(f"{name}'s tests do not pass on the unmutated copy: fix that first")
+        for mutant in names:
+            for f in files:
+                shutil.copyfile(ROOT / f, clone / f)
+            diff = subprocess.run(["mutmut", "show", mutant], cwd=scratch, env=mutmut_env(), capture_output=True,
+                                  text=True).stdout
+            apply_mutant(diff, clone)
+            found[mutant] = tests_run()
+            print(found[mutant], mutant)
+    rechecked.write_text(json.dumps(found, indent=1, ensure_ascii=False))
+
+
 def survivors(scratch: Path) -> None:
     """Each undetected mutant's name and its changed lines, but for the listed equivalent ones."""
     equivalent = equivalent_mutants()
@@ -186,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="the modules, their files and tests")
     parser.add_argument("--survivors", action="store_true", help="show each surviving mutant's diff of a past run")
     parser.add_argument("--score", action="store_true", help="a past run's score, equivalent mutants taken out")
+    parser.add_argument("--recheck", action="store_true", help="a past run's undetected mutants against "
+                        "today's tests")
     parser.add_argument("--sample", type=int, metavar="N", help="run N of the module's mutants, drawn at random")
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("DLLAMA_MUTATION_DIR", DEFAULT_DIR)))
     args = parser.parse_args(argv)
@@ -200,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.modules:
             survivors(args.dir / name)
         return 0
-    if args.score:
+    if args.recheck:
+        for name in args.modules:
+            recheck(name, args.dir / name)
+    if args.score or args.recheck:
         for name in args.modules:
             print(json.dumps(score(name, args.dir / name)))
         return 0
