@@ -3,7 +3,7 @@
     python tests/mutation.py sampler           # one module: mutmut over its file, its fast tests only
     python tests/mutation.py --score sampler   # a past run's score, its equivalent mutants taken out
     python tests/mutation.py --survivors sampler   # a past run's undetected mutants, each with its changed lines
-    python tests/mutation.py --sample 200 checks   # 200 of the module's mutants drawn at random (seed 0)
+    python tests/mutation.py --sample 200 model    # 200 of the module's mutants drawn at random (seed 0)
     python tests/mutation.py --recheck sampler     # a past run's undetected mutants against today's tests
     python tests/mutation.py --list            # the modules and the tests each one runs
 
@@ -109,12 +109,12 @@ def statuses(scratch: Path, checked: bool = True) -> dict[str, str]:
 
 
 def verdicts(scratch: Path) -> dict[str, str]:
-    """statuses(), with the verdicts of --recheck on the tests written since the run."""
-    found = statuses(scratch)
+    """statuses(), with the verdicts of --recheck on the tests written since the run (or of --sample)."""
+    found = statuses(scratch, checked=False)
     rechecked = scratch / "rechecked.json"
     if rechecked.exists():
         found |= {m: v for m, v in json.loads(rechecked.read_text()).items() if m in found}
-    return found
+    return {m: v for m, v in found.items() if v != "not checked"}
 
 
 def undetected(scratch: Path) -> list[str]:
@@ -165,13 +165,11 @@ def sample_of(scratch: Path, n: int, seed: int = 0) -> list[str]:
     return sorted(random.Random(seed).sample(names, min(n, len(names))))
 
 
-def run(name: str, scratch_root: Path, sample: int | None = None) -> int:
+def run(name: str, scratch_root: Path) -> int:
     """mutmut over the module from scratch (its record of which test reaches which function is made once per
-    run: a run kept from before would not run the tests written since); `sample`: only that many of its
-    mutants, drawn at random."""
+    run: a run kept from before would not run the tests written since)."""
     scratch = prepare(name, scratch_root)
-    chosen = sample_of(scratch, sample) if sample else []
-    code = subprocess.call(["mutmut", "run", "--max-children", "1", *chosen], cwd=scratch, env=mutmut_env())
+    code = subprocess.call(["mutmut", "run", "--max-children", "1"], cwd=scratch, env=mutmut_env())
     subprocess.call(["mutmut", "export-cicd-stats"], cwd=scratch, env=mutmut_env())
     subprocess.call(["mutmut", "results"], cwd=scratch, env=mutmut_env())
     stats = scratch / "mutants" / "mutmut-cicd-stats.json"
@@ -210,12 +208,21 @@ def apply_mutant(diff: str, clone: Path) -> None:
     path.write_text("\n".join(source[:at[0]] + out + source[k:]))
 
 
-def recheck(name: str, scratch: Path) -> None:
-    """Each undetected mutant of a past run (but the listed equivalent ones) applied to a copy of the clone
-    and the module's tests run on it as they are now: what the tests written since the run kill, without
-    a run of the whole module. The verdicts go to <scratch>/rechecked.json, which --score reads."""
+def run_sample(name: str, scratch_root: Path, n: int) -> None:
+    """n of the module's mutants drawn at random, each run as --recheck runs one: in a copy of the clone, by a
+    fresh pytest (model's tests hang in mutmut's forked children, which inherit the kernels' thread pool)."""
+    scratch = prepare(name, scratch_root)
+    recheck(name, scratch, sample_of(scratch, n))
+
+
+def recheck(name: str, scratch: Path, names: list[str] | None = None) -> None:
+    """Each undetected mutant of a past run (but the listed equivalent ones), or each of `names`, applied to
+    a copy of the clone and the module's tests run on it as they are now: what the tests written since the
+    run kill, without a run of the whole module. The verdicts go to <scratch>/rechecked.json, which --score
+    reads."""
     files, tests = MODULES[name]
-    names = [m for m in undetected(scratch) if m not in equivalent_mutants()]
+    if names is None:
+        names = [m for m in undetected(scratch) if m not in equivalent_mutants()]
     rechecked = scratch / "rechecked.json"
     found = json.loads(rechecked.read_text()) if rechecked.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,6 +238,8 @@ def recheck(name: str, scratch: Path) -> None:
                                       timeout=300).returncode
             except subprocess.TimeoutExpired:
                 return "timeout"
+            if code < 0:
+                return "segfault"   # killed by a signal: the mutant crashed the process (mutmut's word for it)
             return {0: "survived", 1: "killed"}.get(code, f"pytest exit code {code}")   # 1: a test failed
 
         if tests_run() != "survived":
@@ -286,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.modules:
             print(json.dumps(score(name, args.dir / name)))
         return 0
-    return max(run(name, args.dir, args.sample) for name in args.modules)
+    if args.sample:
+        for name in args.modules:
+            run_sample(name, args.dir, args.sample)
+            print(json.dumps(score(name, args.dir / name)))
+        return 0
+    return max(run(name, args.dir) for name in args.modules)
 
 
 if __name__ == "__main__":
