@@ -1,6 +1,9 @@
 """The format module against the reference converter's bytes and against itself."""
 from __future__ import annotations
 
+import struct
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,7 +24,9 @@ from dllama.formats import (
     parse_tokenizer,
     quantize_q40,
     quantize_q80,
+    tensor_nbytes,
 )
+from dllama.formats.codecs import _plain
 
 # magnitudes where the f16 block scale stays a normal number
 finite_blocks = arrays(np.float32, st.integers(1, 4).map(lambda n: (n, 32)),
@@ -108,3 +113,84 @@ def test_a_tokenizer_may_be_smaller_than_a_padded_embedding_but_never_larger():
     assert not padded_vocabulary(32000, 32000)       # equal is no padding
     assert not padded_vocabulary(32000, 32001)       # ids past the embedding
     assert not padded_vocabulary(128256, 32000)      # another model's tokenizer
+
+
+# -- the reference codecs byte for byte, and their edges (docs/TESTING.md, "Mutation testing")
+
+@pytest.mark.parametrize("quant", ["q40", "q80"])
+def test_reference_quantizers_write_the_reference_converters_bytes(conformance_dir, quant):
+    exact = ModelFile(conformance_dir / "expected_f32.m")
+    quantized = ModelFile(conformance_dir / f"expected_{quant}.m")
+    ft = FloatType.parse(quant)
+    names = [name for name, t in quantized.layout.items() if t.spec.float_type == ft]
+    assert len(names) > 5
+    for name in names:
+        assert encode_tensor(exact.tensor(name), ft).tobytes() == quantized.raw(name).tobytes(), name
+
+
+@pytest.mark.parametrize("quant, low, high", [("q40", -8, 7), ("q80", -127, 127)])
+def test_blocks_of_zeros_and_of_scale_one_round_trip_exactly(quant, low, high):
+    ft = FloatType.parse(quant)
+    x = np.zeros((2, 32), np.float32)
+    x[1] = np.random.default_rng(1).integers(low, high + 1, 32)
+    x[1, 0] = low                          # q40: d = -8 / -8, q80: d = 127 / 127: a scale of exactly 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # a zero block's scale must not warn "divide by zero"
+        data = encode_tensor(x, ft)
+    assert np.array_equal(decode_tensor(data, ft, x.shape), x)
+    if ft == FloatType.Q40:
+        assert data[2:18].tolist() == [0x88] * 16   # a zero block stores q = 8 (zero) in both nibbles
+
+
+@pytest.mark.parametrize("quantize, dequantize", [(quantize_q40, dequantize_q40), (quantize_q80, dequantize_q80)])
+def test_dequantizing_gives_flat_values_and_the_first_n(quantize, dequantize):
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    data = quantize(x)
+    every = dequantize(data)
+    assert every.shape == (128,) and every.dtype == np.float32
+    first = dequantize(data, 40)
+    assert first.shape == (40,) and np.array_equal(first, every[:40])
+
+
+def test_f16_tensors_of_any_length_decode():
+    x = np.array([1.5, -2.0, 0.25], np.float32)   # 6 bytes: not a whole number of 8-byte words
+    assert np.array_equal(decode_tensor(encode_tensor(x, FloatType.F16), FloatType.F16, (3,)), x)
+
+
+def test_float_type_errors_name_the_problem():
+    with pytest.raises(FormatError, match="unknown float type 'q50': use one of f32, f16, q40, q80"):
+        FloatType.parse("q50")
+    with pytest.raises(FormatError, match="cannot encode 9"):
+        encode_tensor(np.zeros(32, np.float32), 9)
+    with pytest.raises(FormatError, match="cannot decode 9"):
+        decode_tensor(np.zeros(34, np.uint8), 9, (32,))
+    with pytest.raises(FormatError, match="48 values do not fill whole q40 blocks of 32"):
+        tensor_nbytes((2, 24), FloatType.Q40)
+    with pytest.raises(FormatError, match="row length 40 is not a multiple of 32, so it cannot be block-quantized"):
+        encode_tensor(np.ones((2, 3, 40), np.float32), FloatType.Q80)
+
+
+@pytest.mark.parametrize("ft", [FloatType.Q40, FloatType.Q80, FloatType.F16])
+def test_float64_values_are_encoded_as_their_float32_rounding(ft):
+    # each float64 value below rounds differently straight to the stored grid than through float32:
+    # q80 (d = 1): 0.5 + 1e-10 -> 1, its float32 0.5 -> 0 (half to even); q40 (d = -1): 8.5 - (0.5 + 1e-10)
+    # truncates to 7, 8.5 - 0.5 to 8; f16: 1 + 2**-11 + 2**-40 -> 1 + 2**-10, its float32 (a tie) -> 1
+    x = np.zeros(32)
+    x[0] = {FloatType.Q40: 8.0, FloatType.Q80: 127.0, FloatType.F16: 1 + 2**-11 + 2**-40}[ft]
+    x[1] = 0.5 + 1e-10
+    expected = encode_tensor(x.astype(np.float32), ft).tobytes()
+    assert encode_tensor(x, ft).tobytes() == expected
+    if ft != FloatType.F16:
+        assert (quantize_q40 if ft == FloatType.Q40 else quantize_q80)(x).tobytes() == expected
+
+
+@pytest.mark.parametrize("dtype, letter", [("<f4", "f"), ("<f2", "e")])
+def test_a_plain_codec_stores_flat_little_endian_values(dtype, letter):
+    # built here: the table's codecs are made at import, before a mutation run picks its mutant
+    encode, decode = _plain(dtype)
+    x = np.array([[1.5, -2.0], [0.25, 65504.0]], np.float32)
+    data = encode(x)
+    assert data.dtype == np.uint8 and data.shape == (4 * struct.calcsize(letter),)
+    assert data.tobytes() == struct.pack(f"<4{letter}", 1.5, -2.0, 0.25, 65504.0)
+    back = decode(data)
+    assert back.dtype == np.float32 and back.tolist() == [1.5, -2.0, 0.25, 65504.0]

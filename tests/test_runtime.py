@@ -2,6 +2,7 @@
 quantized arithmetic (q40/q80), for llama, qwen3 and qwen3_moe (FORMAT.md §2, §3)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -236,12 +237,16 @@ def test_llama31_rope_scaling_matches_numpy_arithmetic(tmp_path, float_type):
     assert_matches_quantized_arithmetic(got, NumpyModel(path).logits(PROMPT))
 
 
-def test_llama31_frequencies_match_the_hugging_face_formula():
+# Llama 3.1's factors, and a low factor of 2 with a wavelength (32.5) between orig / low and orig * low
+@pytest.mark.parametrize("low, high, orig", [(1.0, 4.0, 16), (2.0, 6.0, 64)])
+def test_llama31_frequencies_match_the_hugging_face_formula(low, high, orig):
     from dllama.validate.reference import rope_frequencies as hf_frequencies
 
-    h = llama31_header(FloatType.F32)
-    config = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}
+    h = dataclasses.replace(llama31_header(FloatType.F32), rope_scaling_low_freq_factor=low,
+                            rope_scaling_high_freq_factor=high, rope_scaling_orig_max_seq_len=orig)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": low, "high_freq_factor": high,
+               "original_max_position_embeddings": orig}
+    config = {"rope_theta": 500000.0, "rope_scaling": scaling}
     ours = rope_frequencies(h)
     assert np.allclose(ours, hf_frequencies(config, h.head_dim), rtol=1e-12)
     assert not np.allclose(ours, 500000.0 ** (-np.arange(0, 16, 2) / 16))  # scaling did something

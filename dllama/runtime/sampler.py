@@ -198,7 +198,9 @@ def _nucleus(ids: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarr
     if probs.size > TOP_P_PREFIX:
         best = np.sort(np.argpartition(-probs, TOP_P_PREFIX - 1)[:TOP_P_PREFIX])
         prefix = best[np.argsort(-probs[best], kind="stable")]
-        if probs[prefix].sum() >= top_p:
+        # argpartition picks any of the tokens tied with the prefix's last one: the full sort then decides
+        no_tie_outside = np.count_nonzero(probs >= probs[prefix[-1]]) == TOP_P_PREFIX
+        if no_tie_outside and probs[prefix].sum() >= top_p:
             order = prefix
     if order is None:
         order = np.argsort(-probs, kind="stable")
