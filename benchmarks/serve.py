@@ -5,8 +5,9 @@
 
 Measures, on one machine: ms per generated token by generate() in-process vs through
 `dllama-run serve` (non-streamed and streamed, same greedy request), time to first streamed
-token, a follow-up prompt that extends the previous one, with and without the KV cache reuse, and a load test (requests
-from concurrent openai clients, latency percentiles, server RSS before and after). Results go
+token, a follow-up prompt that extends the previous one, with and without the KV cache reuse, a load test (requests
+from concurrent openai clients, latency percentiles, server RSS before and after), and /health's slowest answer
+while a 10 MB prompt is sent, parsed and refused (issue 28: <= 0.5 s). Results go
 to stdout as one JSON object; record them in docs/BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import httpx  # noqa: E402
 import openai  # noqa: E402
-from serve_helpers import ServerProcess  # noqa: E402
+from serve_helpers import HealthWatch, ServerProcess  # noqa: E402
 
 from dllama.runtime.engine import Engine  # noqa: E402
 from dllama.runtime.generate import generate  # noqa: E402
@@ -109,6 +111,24 @@ def load_test(server: ServerProcess, requests: int, clients: int, tokens: int) -
             **{f"{field}_after_mib": round(rss_after[field] / 2**20, 1) for field in RSS_FIELDS}}
 
 
+def health_during_big_prompts(server: ServerProcess, rounds: int) -> dict:
+    """/health asked again and again from a thread while a 10 MB chat prompt is posted and refused, `rounds` times:
+    the slowest answer of each round."""
+    big = json.dumps({"messages": [{"role": "user", "content": "many words " * 1_000_000}]}).encode()
+    slowest, answers = [], 0
+    for _ in range(rounds):
+        with HealthWatch(server.url) as watch:
+            while watch.answers == 0 and not watch.failures:
+                time.sleep(0.01)
+            status = httpx.post(server.url + "/v1/chat/completions", content=big, timeout=120).status_code
+        if watch.failures or status != 400:
+            raise RuntimeError(f"/health failed or the prompt was not refused ({status}): {watch.failures[:3]}")
+        slowest.append(watch.slowest)
+        answers += watch.answers
+    return {"big_prompt_bytes": len(big), "health_answers": answers,
+            "health_slowest_ms_per_round": [round(1000 * s, 1) for s in slowest]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=FIXTURE / "expected_f32.m")
@@ -119,6 +139,7 @@ def main() -> None:
     ap.add_argument("--nthreads", type=int)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--health-rounds", type=int, default=5, help="10 MB prompts sent while /health is timed")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = args.tokenizer
@@ -139,6 +160,7 @@ def main() -> None:
             results.update(api_ms_per_token(client, args.tokens))
             results.update(follow_up_turn(client, args.tokens))
             results.update(load_test(server, args.requests, args.clients, args.tokens))
+            results.update(health_during_big_prompts(server, args.health_rounds))
         finally:
             server.stop()
     print(json.dumps(results, indent=1))

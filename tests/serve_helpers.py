@@ -258,3 +258,36 @@ def common_prefix(a, b) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+class HealthWatch:
+    """Asks /health again and again from a thread; each answer must come within the bound, a hang detector
+    (10 s: a loaded 2-core box can pause any process for a second; the latency itself is printed, a
+    measurement, and test_tokenizing_runs_off_the_event_loop shows by a gate that the loop stays free)."""
+
+    def __init__(self, url: str, bound_s: float = 10.0):
+        self.url, self.bound_s = url, bound_s
+        self.answers = 0
+        self.slowest = 0.0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=self.bound_s) as client:
+            while not self.stop.is_set():
+                try:
+                    start = time.perf_counter()
+                    assert client.get(f"{self.url}/health").status_code == 200
+                    self.slowest = max(self.slowest, time.perf_counter() - start)
+                    self.answers += 1
+                except (httpx.HTTPError, AssertionError) as e:
+                    self.failures.append(repr(e))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)

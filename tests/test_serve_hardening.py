@@ -15,7 +15,7 @@ import httpx
 import pytest
 from conftest import CONFORMANCE, require_fixtures
 from prometheus_client.parser import text_string_to_metric_families
-from serve_helpers import LOOPBACK, ServerProcess, in_process_server, load_engine_and_tokenizer
+from serve_helpers import LOOPBACK, HealthWatch, ServerProcess, in_process_server, load_engine_and_tokenizer
 from typer.testing import CliRunner
 
 from dllama.cli.dllama_run import app as run_app
@@ -140,42 +140,10 @@ def read_until_closed(s: socket.socket, deadline_s: float) -> bytes:
     raise AssertionError(f"the server kept the connection open past {deadline_s} s")
 
 
-class HealthWatch:
-    """Asks /health again and again from a thread; each answer must come within the bound, a hang detector
-    (10 s: a loaded 2-core box can pause any process for a second; the latency itself is printed, a
-    measurement, and test_tokenizing_runs_off_the_event_loop shows by a gate that the loop stays free)."""
-
-    def __init__(self, url: str, bound_s: float = 10.0):
-        self.url, self.bound_s = url, bound_s
-        self.answers = 0
-        self.slowest = 0.0
-        self.failures: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=self.bound_s) as client:
-            while not self.stop.is_set():
-                try:
-                    start = time.perf_counter()
-                    assert client.get(f"{self.url}/health").status_code == 200
-                    self.slowest = max(self.slowest, time.perf_counter() - start)
-                    self.answers += 1
-                except (httpx.HTTPError, AssertionError) as e:
-                    self.failures.append(repr(e))
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(10)
-
-
 def test_a_10_mb_prompt_does_not_delay_health(tokenizer_path):
     """Issue 28's measurement on a real `dllama-run serve`: /health asked again and again while a 10 MB
-    prompt is sent, read, parsed and refused; none may hang (its 0.5 s is BENCHMARKS' to measure)."""
+    prompt is sent, read, parsed and refused; none may hang (its 0.5 s is measured by benchmarks/serve.py,
+    docs/BENCHMARKS.md)."""
     big = json.dumps({"messages": [{"role": "user", "content": "many words " * 1_000_000}]}).encode()
     assert len(big) > 10_000_000
     server = ServerProcess("--model", str(MODEL_DIR / "expected_f32.m"), "--tokenizer", str(tokenizer_path),
