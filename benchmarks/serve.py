@@ -67,7 +67,7 @@ def api_ms_per_token(client: openai.OpenAI, tokens: int) -> dict:
             "api_first_token_ms": round(1000 * first, 1)}
 
 
-def follow_up_turn(client: openai.OpenAI, tokens: int) -> dict:
+def follow_up_turn(client: openai.OpenAI, tokens: int, slots: int) -> dict:
     # completions rather than chat, so that tokenizers without a chat template work too
     first = PROMPT + " " + "and the story went on. " * 8
     answer = client.completions.create(model="m", prompt=first, max_tokens=tokens, temperature=0).choices[0].text
@@ -75,7 +75,8 @@ def follow_up_turn(client: openai.OpenAI, tokens: int) -> dict:
     start = time.perf_counter()
     warm = client.completions.create(model="m", prompt=follow_up, max_tokens=1, temperature=0)
     reused_ms = 1000 * (time.perf_counter() - start)
-    client.completions.create(model="m", prompt="something unrelated", max_tokens=1)  # evict the conversation
+    for i in range(slots):  # evict the conversation from every KV cache slot (serve --parallel)
+        client.completions.create(model="m", prompt=f"something unrelated {i}", max_tokens=1)
     start = time.perf_counter()
     client.completions.create(model="m", prompt=follow_up, max_tokens=1, temperature=0)
     fresh_ms = 1000 * (time.perf_counter() - start)
@@ -158,7 +159,8 @@ def main() -> None:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
             client.completions.create(model="m", prompt=PROMPT, max_tokens=4)  # warm up (kernels for this batch size)
             results.update(api_ms_per_token(client, args.tokens))
-            results.update(follow_up_turn(client, args.tokens))
+            slots = httpx.get(f"{server.url}/health").json().get("parallel", 1)
+            results.update(follow_up_turn(client, args.tokens, slots))
             results.update(load_test(server, args.requests, args.clients, args.tokens))
             results.update(health_during_big_prompts(server, args.health_rounds))
         finally:
