@@ -23,10 +23,20 @@ from dllama.tokenizer.from_hf import convert_tokenizer
 from dllama.validate import checks
 from dllama.validate.reference import ReferenceLogits, compute_reference
 from dllama.validate.report import Status
-from dllama.validate.validator import Options, validate
+from dllama.validate.validator import Options
+from dllama.validate.validator import validate as run_validate
 
 QUANTS = ("f32", "q80", "q40")
 FAST = Options(corpus_limit=60, max_tokens=16)
+DOCUMENTED_CHECKS = set(re.findall(r"`((?:model|tokenizer|logits)\.[a-z_]+)`",
+                                   (Path(__file__).parent.parent / "docs" / "VALIDATE.md").read_text()))
+
+
+def validate(*args, **kwargs):
+    """validator.validate, and every check it reports is one docs/VALIDATE.md describes, by that name."""
+    report = run_validate(*args, **kwargs)
+    assert {c.name for c in report.checks} <= DOCUMENTED_CHECKS, {c.name for c in report.checks} - DOCUMENTED_CHECKS
+    return report
 
 
 def fixture(name: str) -> Path:
@@ -393,3 +403,81 @@ def test_a_pass_without_the_original_names_what_did_not_run_and_proves_the_struc
     code, out, _ = run_cli(capsys, str(src / "expected_q40.m"), "-q", "--corpus-limit", "20", "--json")
     doc = json.loads(out)
     assert doc["structure_only"] is True and "logits.correctness" in doc["not_run"]
+
+
+# --------------------------------------------------------------------------------------------
+# The checks' results, called one by one: names (docs/VALIDATE.md), verdicts and the text a user reads
+
+def tiny_header():
+    from dllama.formats import read_model_header
+
+    return read_model_header(fixture("tiny-llama") / "expected_q40.m")
+
+
+def test_a_header_with_impossible_values_fails_naming_each():
+    from dllama.formats import HiddenAct
+
+    h = tiny_header()
+    r = checks.header_sanity(replace(h, dim=0, max_seq_len=-1, head_dim_value=15, version=1))
+    assert (r.name, r.status, r.measured, r.threshold) == ("model.header", Status.FAIL, "llama q40 2x0",
+                                                           "supported values")
+    assert r.reason == "version 1 (only 0 exists); dim is 0; max_seq_len is -1; head_dim 15 is odd, rope needs pairs"
+    # one head of odd size is still odd; no heads at all is named once (head_dim needs heads)
+    assert checks.header_problems(replace(h, n_heads=1, n_kv_heads=1, head_dim_value=15)) == \
+        ["head_dim 15 is odd, rope needs pairs"]
+    assert checks.header_problems(replace(h, n_heads=0, head_dim_value=0)) == ["n_heads is 0"]
+    gelu = checks.header_sanity(replace(h, hidden_act=HiddenAct.GELU, weights_float_type=FloatType.F16))
+    assert (gelu.name, gelu.status) == ("model.header", Status.WARN)
+    assert gelu.reason == ("neither dllama-run nor the reference C++ runtime runs f16 weights; reconvert to q40, q80 "
+                           "or f32; hidden_act gelu: both runtimes compute silu (FORMAT.md §2), so outputs will differ "
+                           "from the original")
+    assert checks.header_notes(h) == []   # q40, silu: nothing to say
+
+
+def test_a_header_against_its_config_names_every_difference_and_a_config_that_cannot_convert():
+    src = fixture("tiny-llama")
+    config = json.loads((src / "config.json").read_text())
+    h = tiny_header()
+    same = checks.header_vs_config(h, config)
+    assert (same.name, same.status, same.measured) == ("model.header_vs_config", Status.PASS, "all fields equal")
+    from dllama.formats import ArchType
+
+    differ = checks.header_vs_config(replace(h, n_layers=3, arch=ArchType.QWEN3), config)
+    assert (differ.name, differ.status, differ.measured) == ("model.header_vs_config", Status.FAIL, "2 field(s) differ")
+    assert differ.details["differences"] == {"arch": {"model": "qwen3", "config": "llama"},
+                                             "n_layers": {"model": "3", "config": "2"}}
+    broken = checks.header_vs_config(h, {"architectures": ["NoSuchForCausalLM"]})
+    assert (broken.name, broken.status, broken.measured, broken.threshold) == ("model.header_vs_config",
+                                                                               Status.FAIL, "-", "-")
+    assert broken.reason.startswith("the source config cannot be converted: ")
+
+
+def test_files_that_are_not_a_model_or_a_tokenizer_fail_their_first_check(tmp_path):
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00" * 64)
+    header, mf, results = checks.open_model(garbage)
+    assert header is None and mf is None
+    assert [(r.name, r.status, r.measured, r.threshold) for r in results] == [
+        ("model.header", Status.FAIL, "unreadable", "valid header"), ("model.file_size", Status.SKIP, "-", "-")]
+    assert results[0].reason.endswith("; reconvert with dllama-convert")
+    tf, result = checks.open_tokenizer(garbage)
+    assert tf is None and (result.name, result.status, result.measured, result.threshold) == (
+        "tokenizer.file", Status.FAIL, "malformed", "well-formed .t")
+    assert result.reason.endswith("; reconvert the tokenizer with dllama-convert")
+
+
+def test_a_chat_template_is_rendered_with_a_sample_conversation():
+    from dllama.tokenizer.chat import render_chat
+
+    def render_with(template):
+        return lambda messages: render_chat(template, messages, False, bos_token="<s>", eos_token="</s>")
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    ok = checks.chat_template(render_with(template), template)
+    assert (ok.name, ok.status, ok.measured) == ("tokenizer.chat_template", Status.PASS, "34 chars")
+    assert ok.details["sample"] == "<user>Hello<assistant>Hi!<user>Bye"
+    broken = "{{ raise_exception('no system role') }}"
+    bad = checks.chat_template(render_with(broken), broken)
+    assert (bad.name, bad.status, bad.measured, bad.threshold) == ("tokenizer.chat_template", Status.FAIL, "error",
+                                                                   "renders")
+    assert bad.reason.startswith("the chat template does not render: ") and "no system role" in bad.reason
