@@ -481,3 +481,29 @@ def test_a_chat_template_is_rendered_with_a_sample_conversation():
     assert (bad.name, bad.status, bad.measured, bad.threshold) == ("tokenizer.chat_template", Status.FAIL, "error",
                                                                    "renders")
     assert bad.reason.startswith("the chat template does not render: ") and "no system role" in bad.reason
+
+
+@pytest.mark.parametrize("quant, step", [("q40", 8), ("q80", 127)])
+def test_tensor_stats_of_quantized_tensors_are_their_block_scales(tmp_path, quant, step):
+    from dllama.formats import decode_tensor
+
+    src = fixture("tiny-llama") / f"expected_{quant}.m"
+    name = "layers.0.w1"
+
+    def zero_first_block(data: bytearray, mf: ModelFile) -> None:
+        at = mf.layout[name].offset
+        data[at:at + mf.layout[name].spec.nbytes // mf.layout[name].spec.shape[0]] = bytes(
+            mf.layout[name].spec.nbytes // mf.layout[name].spec.shape[0])   # its first row's blocks: d = 0
+
+    mf = ModelFile(write_model_with(tmp_path, src, zero_first_block))
+    spec = mf.layout[name].spec
+    raw = mf.raw(name).tobytes()
+    block = 2 + (16 if quant == "q40" else 32)
+    scales = np.frombuffer(b"".join(raw[i:i + 2] for i in range(0, len(raw), block)), "<f2").astype(np.float32)
+    stats = checks.tensor_stats(mf, name)
+    assert stats["quantized"] and stats["non_finite"] == 0 and not stats["all_zero"]
+    assert stats["zero_blocks"] == np.mean(scales == 0) == (spec.shape[1] // 32) / len(scales)
+    assert stats["mean_abs_scale"] == pytest.approx(float(np.abs(scales).mean()), rel=1e-6)
+    # the largest |value| of a block is step * |d| (FORMAT.md §1.2): the decoded tensor's own maximum
+    assert stats["abs_max"] == float(np.abs(decode_tensor(mf.raw(name), spec.float_type, spec.shape)).max())
+    assert stats["abs_max"] == float(np.abs(scales).max()) * step
