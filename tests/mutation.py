@@ -227,7 +227,7 @@ def recheck(name: str, scratch: Path, names: list[str] | None = None) -> None:
     found = json.loads(rechecked.read_text()) if rechecked.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "clone"
-        for folder in ("dllama", "tests"):
+        for folder in ("dllama", "tests", "docs"):   # docs: tests read what docs/VALIDATE.md names
             shutil.copytree(ROOT / folder, clone / folder, ignore=shutil.ignore_patterns("__pycache__"))
         (Path(tmp) / "shared").symlink_to((ROOT.parent / "shared").resolve())
 
