@@ -507,3 +507,13 @@ def test_tensor_stats_of_quantized_tensors_are_their_block_scales(tmp_path, quan
     # the largest |value| of a block is step * |d| (FORMAT.md §1.2): the decoded tensor's own maximum
     assert stats["abs_max"] == float(np.abs(decode_tensor(mf.raw(name), spec.float_type, spec.shape)).max())
     assert stats["abs_max"] == float(np.abs(scales).max()) * step
+
+
+def test_sampled_rows_are_the_first_64_and_a_spread_reaching_the_last():
+    layout = ModelFile(fixture("tiny-llama") / "expected_q40.m").layout
+    w1, norm = layout["layers.0.w1"].spec, layout["layers.0.attn_norm"].spec
+    assert w1.shape[0] > 2 * checks.SAMPLE_ROWS   # 192 rows: sampled
+    rows = checks.sample_rows(w1)
+    assert list(rows[:64]) == list(range(64)) and rows[-1] == w1.shape[0] - 1
+    assert len(rows) <= 2 * checks.SAMPLE_ROWS and list(rows) == sorted(set(rows))
+    assert list(checks.sample_rows(norm)) == [0]   # a vector is one row
