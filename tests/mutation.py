@@ -235,7 +235,7 @@ def recheck(name: str, scratch: Path, names: list[str] | None = None) -> None:
             try:
                 code = subprocess.run([sys.executable, "-m", "pytest", *PYTEST_ARGS, *tests], cwd=clone,
                                       env={**os.environ, "PYTHONPATH": str(clone)}, capture_output=True,
-                                      timeout=300).returncode
+                                      timeout=180).returncode
             except subprocess.TimeoutExpired:
                 return "timeout"
             if code < 0:
@@ -251,8 +251,8 @@ def recheck(name: str, scratch: Path, names: list[str] | None = None) -> None:
                                   text=True).stdout
             apply_mutant(diff, clone)
             found[mutant] = tests_run()
-            print(found[mutant], mutant)
-    rechecked.write_text(json.dumps(found, indent=1, ensure_ascii=False))
+            print(found[mutant], mutant, flush=True)
+            rechecked.write_text(json.dumps(found, indent=1, ensure_ascii=False))   # kept if the run is stopped
 
 
 def survivors(scratch: Path) -> None:
