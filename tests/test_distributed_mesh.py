@@ -102,7 +102,7 @@ def test_the_slices_exchange_gives_every_node_the_same_sum(n_nodes, n_tokens, co
         except Exception as e:  # reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=node, args=(i,)) for i in range(n_nodes)]
+    threads = [threading.Thread(target=node, args=(i,), daemon=True) for i in range(n_nodes)]
     for t in threads:
         t.start()
     for t in threads:

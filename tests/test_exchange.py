@@ -180,7 +180,7 @@ def run_mesh(n_nodes: int, computing: list[int], wires: dict[int, bytes], limit:
         except BaseException as e:   # reported by the test below
             errors.append((me, e))
 
-    threads = [threading.Thread(target=node, args=(me,)) for me in range(n_nodes)]
+    threads = [threading.Thread(target=node, args=(me,), daemon=True) for me in range(n_nodes)]
     for t in threads:
         t.start()
     for t in threads:
