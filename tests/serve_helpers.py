@@ -176,6 +176,28 @@ def start_worker(port: int = 0, attempts: int = 50) -> tuple[subprocess.Popen, i
     return proc, proc.port
 
 
+@contextmanager
+def served_cluster(model_dir: Path, tokenizer: Path, context: int, *options: str):
+    """`dllama-run serve` (f32 buffers) in front of a root and one `dllama-run worker` process on loopback, the
+    model's tokenizer converted with its HF tokenizer embedded into `tokenizer`: yields (server, worker)."""
+    from dllama.tokenizer.from_hf import convert_tokenizer
+
+    tokenizer.write_bytes(convert_tokenizer(model_dir).to_bytes())
+    worker, port = start_worker()
+    server = None
+    try:
+        server = ServerProcess("--model", str(model_dir / "expected_f32.m"), "--tokenizer", str(tokenizer),
+                               "--max-seq-len", str(context), "--workers", f"{LOOPBACK}:{port}",
+                               "--buffer-float-type", "f32", *options)
+        yield server, worker
+    finally:
+        if server is not None:
+            server.stop()
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+
+
 class RecordingEngine:
     """Wraps an engine: records each forward(ids, pos) call."""
 

@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 from conftest import CONFORMANCE, require_fixtures
 from distributed_helpers import loopback_workers
-from serve_helpers import LOOPBACK, ServerProcess, start_worker
+from serve_helpers import served_cluster, start_worker
 
 from dllama.runtime.batching import generate_many
 from dllama.runtime.distributed.root import DistributedEngine
 from dllama.runtime.generate import generate
-from dllama.tokenizer.from_hf import convert_tokenizer
 
 RNG = np.random.default_rng(2025)
 # a prompt read in two passes beside others' decoding (70 tokens), one of a single token, short answers and long
@@ -70,24 +69,11 @@ LONG = 60  # tokens of an answer beside a departing client's that would run ~170
 
 
 @pytest.fixture
-def served_cluster(tmp_path):
+def cluster_serving_4(tmp_path):
     """`dllama-run serve --parallel 4` in front of a root and one `dllama-run worker` process, f32 buffers."""
     require_fixtures(MODEL_DIR)
-    tokenizer = tmp_path / "tiny-llama.t"
-    tokenizer.write_bytes(convert_tokenizer(MODEL_DIR).to_bytes())
-    worker, port = start_worker()
-    server = None
-    try:
-        server = ServerProcess("--model", str(MODEL_DIR / "expected_f32.m"), "--tokenizer", str(tokenizer),
-                               "--max-seq-len", str(CONTEXT), "--workers", f"{LOOPBACK}:{port}",
-                               "--buffer-float-type", "f32", "--parallel", "4")
+    with served_cluster(MODEL_DIR, tmp_path / "tiny-llama.t", CONTEXT, "--parallel", "4") as (server, worker):
         yield server, worker
-    finally:
-        if server is not None:
-            server.stop()
-        if worker.poll() is None:
-            worker.kill()
-        worker.wait()
 
 
 def complete(url: str, prompt: str, max_tokens: int, results: dict, key) -> None:
@@ -118,8 +104,8 @@ def text(response: httpx.Response) -> str:
     return response.json()["choices"][0]["text"]
 
 
-def test_serve_parallel_on_a_cluster_answers_as_alone_and_frees_a_departed_clients_slot(served_cluster):
-    server, worker = served_cluster
+def test_serve_parallel_on_a_cluster_answers_as_alone_and_frees_a_departed_clients_slot(cluster_serving_4):
+    server, worker = cluster_serving_4
     alone: dict = {}
     for i, (p, n) in enumerate(zip(SERVE_PROMPTS + ["Why?"], SERVE_LIMITS + [LONG])):
         complete(server.url, p, n, alone, i)
@@ -157,8 +143,8 @@ def generating(server) -> int:
     return httpx.get(f"{server.url}/health").json()["generating"]
 
 
-def test_a_lost_worker_fails_every_active_request_with_503_and_serve_reconnects(served_cluster):
-    server, worker = served_cluster
+def test_a_lost_worker_fails_every_active_request_with_503_and_serve_reconnects(cluster_serving_4):
+    server, worker = cluster_serving_4
     first = text(httpx.post(f"{server.url}/v1/completions", timeout=60,
                             json={"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}))
     os.kill(worker.pid, signal.SIGSTOP)  # the requests' steps wait on it, surely in flight

@@ -11,10 +11,9 @@ import httpx
 import openai
 import pytest
 from conftest import CONFORMANCE, require_fixtures
-from serve_helpers import LOOPBACK, ServerProcess, load_engine_and_tokenizer, local_generation, start_worker
+from serve_helpers import LOOPBACK, load_engine_and_tokenizer, local_generation, served_cluster, start_worker
 
 from dllama.runtime.sampler import Sampling
-from dllama.tokenizer.from_hf import convert_tokenizer
 
 MODEL_DIR = CONFORMANCE / "tiny-llama"   # 2 kv heads: splits over 2 nodes
 MODEL = MODEL_DIR / "expected_f32.m"
@@ -25,19 +24,8 @@ CONTEXT = 256
 def cluster(tmp_path):
     require_fixtures(MODEL_DIR)
     tokenizer = tmp_path / "tiny-llama.t"
-    tokenizer.write_bytes(convert_tokenizer(MODEL_DIR).to_bytes())
-    worker, port = start_worker()
-    server = None
-    try:
-        server = ServerProcess("--model", str(MODEL), "--tokenizer", str(tokenizer), "--max-seq-len", str(CONTEXT),
-                               "--workers", f"{LOOPBACK}:{port}", "--buffer-float-type", "f32")
+    with served_cluster(MODEL_DIR, tokenizer, CONTEXT) as (server, worker):
         yield server, worker, tokenizer
-    finally:
-        if server is not None:
-            server.stop()
-        if worker.poll() is None:
-            worker.kill()
-        worker.wait()
 
 
 def test_two_node_cluster_answers_like_one_node(cluster):
