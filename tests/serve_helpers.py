@@ -176,6 +176,24 @@ def start_worker(port: int = 0, attempts: int = 50) -> tuple[subprocess.Popen, i
     return proc, proc.port
 
 
+def complete(url: str, prompt: str, max_tokens: int, results: dict, key) -> None:
+    """A greedy /v1/completions request; its response goes to results[key] (for threads)."""
+    results[key] = httpx.post(f"{url}/v1/completions", timeout=120,
+                              json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+
+
+def side_by_side(url: str, prompts, limits) -> dict:
+    """The prompts as concurrent requests, one thread each: {index: response}."""
+    results: dict = {}
+    threads = [threading.Thread(target=complete, args=(url, p, n, results, i))
+               for i, (p, n) in enumerate(zip(prompts, limits))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 @contextmanager
 def served_cluster(model_dir: Path, tokenizer: Path, context: int, *options: str):
     """`dllama-run serve` (f32 buffers) in front of a root and one `dllama-run worker` process on loopback, the

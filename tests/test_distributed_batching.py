@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import CONFORMANCE, require_fixtures
 from distributed_helpers import loopback_workers
-from serve_helpers import served_cluster, start_worker
+from serve_helpers import complete, served_cluster, side_by_side, start_worker
 
 from dllama.runtime.batching import generate_many
 from dllama.runtime.distributed.root import DistributedEngine
@@ -74,22 +74,6 @@ def cluster_serving_4(tmp_path):
     require_fixtures(MODEL_DIR)
     with served_cluster(MODEL_DIR, tmp_path / "tiny-llama.t", CONTEXT, "--parallel", "4") as (server, worker):
         yield server, worker
-
-
-def complete(url: str, prompt: str, max_tokens: int, results: dict, key) -> None:
-    results[key] = httpx.post(f"{url}/v1/completions", timeout=120,
-                              json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-
-
-def side_by_side(url: str, prompts, limits) -> dict:
-    results: dict = {}
-    threads = [threading.Thread(target=complete, args=(url, p, n, results, i))
-               for i, (p, n) in enumerate(zip(prompts, limits))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def wait_until(condition, what: str, seconds: float = 30.0) -> None:

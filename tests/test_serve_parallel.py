@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 from conftest import CONFORMANCE, require_fixtures
-from serve_helpers import in_process_server
+from serve_helpers import complete, in_process_server, side_by_side
 
 from dllama.runtime.engine import Engine
 from dllama.runtime.serve import create_app
@@ -61,12 +61,6 @@ def parallel_app(tokenizer, slots: int):
     return engine, create_app(engine, tokenizer, model_id="tiny-llama", context_length=CONTEXT, parallel=slots)
 
 
-def complete(url: str, prompt: str, max_tokens: int, results: dict, key) -> None:
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
-                   timeout=120)
-    results[key] = r.json()
-
-
 def answers_alone(tokenizer, prompts, max_tokens) -> list[str]:
     """Each request alone, one after another, on a server without --parallel."""
     app = create_app(Engine.load(MODEL_DIR / "expected_f32.m", max_seq_len=CONTEXT), tokenizer, model_id="tiny-llama",
@@ -75,24 +69,18 @@ def answers_alone(tokenizer, prompts, max_tokens) -> list[str]:
     with in_process_server(app) as url:
         for i, (p, n) in enumerate(zip(prompts, max_tokens)):
             complete(url, p, n, results, i)
-    return [results[i]["choices"][0]["text"] for i in range(len(prompts))]
+    return [results[i].json()["choices"][0]["text"] for i in range(len(prompts))]
 
 
 def test_parallel_answers_are_the_answers_alone(tokenizer):
     expected = answers_alone(tokenizer, PROMPTS, MAX_TOKENS)
     engine, app = parallel_app(tokenizer, 4)
-    results: dict = {}
     with in_process_server(app) as url:
         health = httpx.get(f"{url}/health").json()
         assert (health["parallel"], health["generating"]) == (4, 0)
-        threads = [threading.Thread(target=complete, args=(url, p, n, results, i))
-                   for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = side_by_side(url, PROMPTS, MAX_TOKENS)
         metrics = httpx.get(f"{url}/metrics").text.splitlines()
-    assert [results[i]["choices"][0]["text"] for i in range(len(PROMPTS))] == expected
+    assert [results[i].json()["choices"][0]["text"] for i in range(len(PROMPTS))] == expected
     assert f"dllama_engine_steps {float(len(engine.sizes))}" in metrics
     assert max(engine.sizes) > 1  # requests shared steps
     assert max(engine.sizes) <= 4
@@ -124,7 +112,7 @@ def test_a_client_that_leaves_frees_its_slot_at_once(tokenizer):
         wait_until(lambda: generating() < 2 or not other.is_alive(), "the departed client's slot stayed busy")
         assert other.is_alive(), "the departed client's slot stayed busy while the other request generated"
         other.join()
-    assert results["other"]["choices"][0]["text"] == expected
+    assert results["other"].json()["choices"][0]["text"] == expected
 
 
 def wait_until(condition, what: str, seconds: float = 60.0) -> None:
