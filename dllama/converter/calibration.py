@@ -200,7 +200,9 @@ def gather_statistics(checkpoint, sequences: list[list[int]], frozen: set[str] =
     folded = {m for f in by_input.values() for m in f.matrices}
     inputs: dict[str, np.ndarray] = {}
     rows: dict[str, np.ndarray] = {}
-    buffer = ReusedFloats()
+    from dllama.converter.convert import ReusedBuffer
+
+    buffer = ReusedBuffer()
 
     class Observed(ReferenceModel):
         def matmul_input(self, x: np.ndarray, feeds: str) -> np.ndarray:
@@ -226,8 +228,7 @@ def gather_statistics(checkpoint, sequences: list[list[int]], frozen: set[str] =
     def choose_scales() -> None:
         for feeds, x in inputs.items():
             f = by_input[feeds]
-            scales = best_channel_scale(x, stats.mean_square(feeds), [rows.pop(m) for m in f.matrices])
-            stats.scales[feeds] = scales
+            stats.scales[feeds] = best_channel_scale(x, stats.mean_square(feeds), [rows.pop(m) for m in f.matrices])
             stats.norms[f.norm] = feeds
         inputs.clear()
 
@@ -250,22 +251,9 @@ def gather_statistics(checkpoint, sequences: list[list[int]], frozen: set[str] =
     return stats
 
 
-class ReusedFloats:
-    """One growing float32 buffer."""
-
-    def __init__(self):
-        self._data = np.empty(0, np.float32)
-
-    def get(self, shape: tuple[int, int]) -> np.ndarray:
-        n = shape[0] * shape[1]
-        if self._data.size < n:
-            self._data = np.empty(n, np.float32)
-        return self._data[:n].reshape(shape)
-
-
-def _read_float32(checkpoint, name: str, buffer: ReusedFloats) -> np.ndarray:
-    """checkpoint.get(name), widened on every core into `buffer` for a safetensors bf16/f16/f32
-    matrix (numpy's widening is single-threaded, and the calibration reads every weight once more)."""
+def _read_float32(checkpoint, name: str, buffer) -> np.ndarray:
+    """checkpoint.get(name), widened on every core into `buffer` (a convert.ReusedBuffer) for a safetensors
+    bf16/f16/f32 matrix (numpy's widening is single-threaded, and the calibration reads every weight once more)."""
     from dllama.checkpoint import Checkpoint
     from dllama.converter import encoders
 
@@ -276,7 +264,7 @@ def _read_float32(checkpoint, name: str, buffer: ReusedFloats) -> np.ndarray:
     kind, stored = kinds[entry.dtype]
     rows, cols = entry.shape
     src = np.asarray(checkpoint.stored(name)).view(stored).reshape(rows, cols)
-    out = buffer.get((rows, cols))
+    out = buffer.get(rows * cols * 4).view(np.float32).reshape(rows, cols)
     encoders.encode_f32(src, kind, np.arange(rows), out.view(np.uint32))
     return out
 
