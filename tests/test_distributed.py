@@ -18,9 +18,9 @@ from distributed_helpers import (
 )
 
 from dllama.formats import FloatType, ModelFile, read_model_header
-from dllama.runtime.distributed.node_memory import memory_plan
+from dllama.runtime.distributed.node_memory import memory_plan, parallel_that_fits
 from dllama.runtime.distributed.root import DistributedEngine, WorkerError, parse_workers
-from dllama.runtime.engine import Engine
+from dllama.runtime.engine import PREFILL_BATCH, Engine
 from dllama.runtime.split import ClusterSplit, SplitError
 
 
@@ -251,6 +251,29 @@ def test_memory_plan_halves_weights_and_cache():
     assert root.weights == worker.weights == (one.weights - norms) // 2 + norms
     assert root.kv_cache == one.kv_cache // 2 == 2 * h.n_layers * 256 * h.kv_dim // 2 * 4
     assert root.mapped_only == h.vocab_size * h.dim * 4 and worker.mapped_only == 0
+
+
+def test_default_parallel_is_what_the_tightest_node_holds():
+    """serve's default --parallel on a cluster: the slots whose KV cache slices fit beside every node's share."""
+    h = read_model_header(require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m")
+    weights = (1.0, 3.0)  # node 1 holds more of the feed-forward rows: a different room for slots
+    plans = memory_plan(h, 2, 256, PREFILL_BATCH, weights)
+    share = [m.weights + m.buffers + m.runtime for m in plans]
+    slot = [m.kv_cache for m in plans]
+    assert share[0] != share[1]
+
+    def fits(free_0: int, free_1: int) -> int:
+        return parallel_that_fits(h, 256, [free_0, free_1], PREFILL_BATCH, 4, weights)
+
+    roomy = 2 * sum(share) + 100 * sum(slot)
+    assert fits(roomy, roomy) == 4                                      # at most `most`
+    assert fits(roomy, share[1] + 2 * slot[1] + slot[1] // 2) == 2      # the worker holds 2.5 slots
+    assert fits(share[0] + 3 * slot[0], roomy) == 3                     # the root holds 3 exactly
+    assert fits(share[0] + 3 * slot[0] - 1, share[1] + 4 * slot[1]) == 2
+    assert fits(roomy, share[1] - 1) == 1                               # always one: the engine says if it fails
+    one, = memory_plan(h, 1, 256, PREFILL_BATCH)  # one node: its whole KV cache per slot
+    assert parallel_that_fits(h, 256, [one.weights + one.buffers + one.runtime + 3 * one.kv_cache], PREFILL_BATCH,
+                              4) == 3
 
 
 def test_parse_workers():

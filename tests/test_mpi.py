@@ -139,7 +139,7 @@ def test_serve_under_mpiexec_answers_the_openai_client(tmp_path):
     tokenizer.write_bytes(convert_tokenizer(folder).to_bytes())
     proc = subprocess.Popen([*mpiexec_command(2), "dllama-run", "mpi", "serve", "--model", str(model), "--tokenizer",
                              str(tokenizer), "--max-seq-len", "256", "--buffer-float-type", "f32", "--nthreads", "1",
-                             "--parallel", "2", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env())
     log = LogWatcher(proc.stderr)
     try:
@@ -150,7 +150,7 @@ def test_serve_under_mpiexec_answers_the_openai_client(tmp_path):
         ids = tok.encode(tok.render_chat(messages), add_bos=False)
         single_node = tok.decode(local_generation(engine, tok, ids, 12, Sampling(temperature=0.0)))
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-        replies: list = []  # two at once, in the two KV cache slots (--parallel 2)
+        replies: list = []  # two at once, in two of the KV cache slots
         threads = [threading.Thread(target=lambda: replies.append(client.chat.completions.create(
             model="m", messages=messages, max_tokens=12, temperature=0))) for _ in range(2)]
         for t in threads:
@@ -158,7 +158,9 @@ def test_serve_under_mpiexec_answers_the_openai_client(tmp_path):
         for t in threads:
             t.join()
         assert [r.choices[0].message.content for r in replies] == [single_node] * 2
-        assert httpx.get(f"{url}/health").json()["parallel"] == 2
+        # no --parallel: what every rank's memory holds (KiBs of KV cache a slot: 4), agreed by the ranks
+        assert httpx.get(f"{url}/health").json()["parallel"] == 4
+        assert "4 conversations at once (--parallel 4, what every node's memory holds)" in log.text()
         proc.send_signal(signal.SIGINT)  # mpiexec passes it on; rank 0 stops the server and then the ranks
         proc.wait(20)
         log.join(10)

@@ -43,6 +43,13 @@ def test_two_node_cluster_answers_like_one_node(cluster):
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
 
+def test_a_clusters_default_parallel_is_what_every_nodes_memory_holds(cluster):
+    server, _, _ = cluster  # served without --parallel
+    assert httpx.get(f"{server.url}/health").json()["parallel"] == 4  # KiBs of KV cache a slot: any node holds 4
+    assert ("4 conversations at once (--parallel 4, what every node's memory holds): every node keeps a KV cache "
+            f"slice of {CONTEXT} positions for each") in server.stderr_text()
+
+
 def test_worker_lost_during_a_request_gives_503_and_health_down(cluster):
     server, worker, _ = cluster
     os.kill(worker.pid, signal.SIGSTOP)  # freeze the worker so the request is surely in flight
@@ -55,7 +62,7 @@ def test_worker_lost_during_a_request_gives_503_and_health_down(cluster):
     thread = threading.Thread(target=request)
     thread.start()
     deadline = time.monotonic() + 60
-    while not httpx.get(f"{server.url}/health", timeout=5).json()["busy"]:  # the root waits on the frozen worker
+    while not httpx.get(f"{server.url}/health", timeout=5).json()["generating"]:  # the root waits on the frozen worker
         assert time.monotonic() < deadline and thread.is_alive(), "the request never reached the engine"
     os.kill(worker.pid, signal.SIGKILL)
     thread.join(60)

@@ -55,9 +55,10 @@ def check_port(host: str, port: int) -> None:
 
 
 def load_model(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optional[int],
-               cluster: ClusterOptions = ClusterOptions(), slots: int = 1) -> LoadedModel:
+               cluster: ClusterOptions = ClusterOptions(), slots: Optional[int] = 1) -> LoadedModel:
     """Engine (one node, or the root of a cluster) + tokenizer, checked against each other; `slots`: sequences
-    the engine keeps a KV cache for (serve --parallel; on a cluster every node keeps its slice of each)."""
+    the engine keeps a KV cache for (serve --parallel; on a cluster every node keeps its slice of each; None: what
+    every node's free memory holds, a cluster's root decides as it connects)."""
     mpi_engine = None
     if cluster.workers == "@mpi":  # distributed.mpi.MPI_WORKERS (dllama-run mpi): ranks > 0 serve in here and exit
         from dllama.runtime.distributed.mpi import open_mpi_engine
@@ -76,7 +77,8 @@ def load_model(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optiona
     return LoadedModel(engine, tok)
 
 
-def _engine(model: Path, max_seq_len: int, nthreads: Optional[int], cluster: ClusterOptions, slots: int = 1) -> Engine:
+def _engine(model: Path, max_seq_len: int, nthreads: Optional[int], cluster: ClusterOptions,
+            slots: Optional[int] = 1) -> Engine:
     if cluster.workers:  # the same Engine interface, node 0 of a cluster
         from dllama.runtime.distributed.auth import load_cluster_key
         from dllama.runtime.distributed.root import DistributedEngine, parse_workers

@@ -12,8 +12,9 @@ import typer
 from dllama.cli import options
 from dllama.cli.edge import edge, fail, stop_quietly
 from dllama.cli.loading import ClusterOptions, check_port, load_model, model_files
+from dllama.runtime.distributed.node_memory import DEFAULT_MAX_PARALLEL
 from dllama.runtime.engine import DEFAULT_MAX_SEQ_LEN
-from dllama.runtime.serve import DEFAULT_HOST, DEFAULT_MAX_PARALLEL, DEFAULT_MAX_QUEUE, DEFAULT_PORT
+from dllama.runtime.serve import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT
 
 API_KEY_ENV = "DLLAMA_API_KEY"
 
@@ -35,8 +36,9 @@ def serve_command(
     max_queue: int = typer.Option(DEFAULT_MAX_QUEUE, min=0,
                                   help="requests that may wait while one generates; more get 429"),
     parallel: Optional[int] = typer.Option(None, min=1, help="conversations generated at once, each with its own KV "
-                                           f"cache (default: what this machine's memory holds, at most "
-                                           f"{DEFAULT_MAX_PARALLEL}; 1 on a cluster, which takes up to 64)"),
+                                           f"cache (default: what the memory of this machine, or of every node of "
+                                           f"a cluster, holds, at most {DEFAULT_MAX_PARALLEL}; a cluster takes up to "
+                                           "64)"),
     max_connections: int = typer.Option(256, min=1, help="open HTTP connections at most; a newcomer closes the "
                                         "one that has waited longest for its client"),
     request_timeout: float = typer.Option(30.0, min=0.1, help="seconds a client has to send a request's headers, "
@@ -70,45 +72,48 @@ def serve_command(
         loaded = load_model(files.model, files.tokenizer, max_seq_len, nthreads,
                             ClusterOptions(workers, buffer_float_type, weights, root_compute, cluster_key_file,
                                            exchange), slots)
+        if slots is None:  # a cluster's default: the root sized it from every node's free memory as it connected
+            slots = loaded.engine.slots
+            _say_parallel(slots, "what every node's memory holds", f"every node keeps a KV cache slice of "
+                          f"{loaded.engine.max_seq_len} positions for each (dllama-run plan --parallel {slots} shows "
+                          "each node's memory)")
         run_server(loaded.engine, loaded.tokenizer, model_id=files.name, context_length=loaded.engine.max_seq_len,
                    host=host, port=port, api_key=key, max_queue=max_queue, health_probe=worker_probe(loaded.engine),
                    limits=limits, cors_origins=cors_origin or (), parallel=slots)
 
 
-def _parallel(asked: Optional[int], model: Path, max_seq_len: int, workers: Optional[str]) -> int:
-    """--parallel, or what fits this machine's memory (at most DEFAULT_MAX_PARALLEL); said in the log either way."""
+def _parallel(asked: Optional[int], model: Path, max_seq_len: int, workers: Optional[str]) -> Optional[int]:
+    """--parallel, or what fits this machine's memory (at most DEFAULT_MAX_PARALLEL), said in the log; None for a
+    cluster's default, which the root sizes from every node's free memory when it connects (DistributedEngine)."""
     from dllama.formats import ModelFile
     from dllama.runtime.distributed.node_memory import kv_cache_bytes, parallel_that_fits
     from dllama.runtime.distributed.probe import available_memory
+    from dllama.runtime.distributed.protocol import MAX_SLOTS
     from dllama.runtime.engine import PREFILL_BATCH
     from dllama.runtime.model import whole_model_share
 
     header = ModelFile(model).header
     seq = min(max_seq_len, header.max_seq_len) if header.max_seq_len > 0 else max_seq_len
     if workers:
-        return _cluster_parallel(asked, seq)
-    slots = asked or parallel_that_fits(header, seq, available_memory(), PREFILL_BATCH, DEFAULT_MAX_PARALLEL)
+        if (asked or 1) > MAX_SLOTS:
+            fail(f"--parallel {asked}: a cluster serves at most {MAX_SLOTS} conversations at once")
+        if asked:
+            _say_parallel(asked, None, f"every node keeps a KV cache slice of {seq} positions for each (dllama-run "
+                          f"plan --parallel {asked} shows each node's memory)")
+        return asked
+    slots = asked or parallel_that_fits(header, seq, [available_memory()], PREFILL_BATCH, DEFAULT_MAX_PARALLEL)
     per_slot = kv_cache_bytes(header, whole_model_share(header), seq)
-    logging.getLogger("dllama.serve").info(
-        "%d conversation%s at once (--parallel %d%s): KV cache %d x %.0f MiB = %.0f MiB for %d positions each",
-        slots, "s" if slots > 1 else "", slots, "" if asked else ", what this machine's memory holds", slots,
-        per_slot / 2**20, slots * per_slot / 2**20, seq)
+    _say_parallel(slots, None if asked else "what this machine's memory holds",
+                  f"KV cache {slots} x {per_slot / 2**20:.0f} MiB = {slots * per_slot / 2**20:.0f} MiB for {seq} "
+                  "positions each")
     return slots
 
 
-def _cluster_parallel(asked: Optional[int], seq: int) -> int:
-    """A cluster's --parallel: 1 unless asked (each node keeps every conversation's slice of the KV cache, which
-    `dllama-run plan --parallel N` counts)."""
-    from dllama.runtime.distributed.protocol import MAX_SLOTS
-
-    if (asked or 1) > MAX_SLOTS:
-        fail(f"--parallel {asked}: a cluster serves at most {MAX_SLOTS} conversations at once")
-    slots = asked or 1
+def _say_parallel(slots: int, default: Optional[str], memory: str) -> None:
+    """The start-up line: how many conversations at once, where the number came from, what they take."""
     logging.getLogger("dllama.serve").info(
-        "%d conversation%s at once (--parallel %d%s): every node keeps a KV cache slice of %d positions for each "
-        "(dllama-run plan --parallel %d shows each node's memory)", slots, "s" if slots > 1 else "", slots,
-        "" if asked else ", a cluster's default", seq, slots)
-    return slots
+        "%d conversation%s at once (--parallel %d%s): %s", slots, "s" if slots > 1 else "", slots,
+        f", {default}" if default else "", memory)
 
 
 def _api_key(given: Optional[str], path: Optional[Path]) -> Optional[str]:

@@ -42,7 +42,7 @@ from dllama.runtime.distributed.exchange import (
     partial_nbytes,
     sum_partials,
 )
-from dllama.runtime.distributed.node_memory import shard_tensors
+from dllama.runtime.distributed.node_memory import DEFAULT_MAX_PARALLEL, parallel_that_fits, shard_tensors
 from dllama.runtime.distributed.probe import NodeInfo, node_info
 from dllama.runtime.distributed.protocol import BufferType, model_identity
 from dllama.runtime.distributed.root import (
@@ -55,7 +55,7 @@ from dllama.runtime.distributed.root import (
 )
 from dllama.runtime.distributed.slices import load_local_slices, read_slice_chunks
 from dllama.runtime.distributed.weights import node_weights
-from dllama.runtime.engine import Engine, EngineError
+from dllama.runtime.engine import PREFILL_BATCH, Engine, EngineError
 from dllama.runtime.model import NodeLayers, Places, logit_rows
 from dllama.runtime.split import ClusterSplit, NodeShare, SplitError
 
@@ -466,11 +466,12 @@ class RankSetup:
 
 
 def join_cluster(comm, model_path: Path, max_seq_len: int, nthreads: int | None, buffer_float_type: str | None,
-                 weights: str | None, root_compute: str, stream: bool = False, slots: int = 1) -> RankSetup:
+                 weights: str | None, root_compute: str, stream: bool = False, slots: int | None = 1) -> RankSetup:
     """Every rank: check its own model (with `stream`, only rank 0 has one), allgather the statuses,
-    agree on the split (or all refuse)."""
+    agree on the split (or all refuse) and, for `slots` None, on what every rank's free memory holds."""
     auto = isinstance(weights, str) and weights.strip().lower() == "auto"
-    status, model = local_status(comm, model_path, auto, nthreads, needs_model=comm.rank == 0 or not stream)
+    status, model = local_status(comm, model_path, auto or slots is None, nthreads,
+                                 needs_model=comm.rank == 0 or not stream)
     listener = None
     if comm.rank == 0:
         listener = socket.create_server(("0.0.0.0", 0))
@@ -483,6 +484,9 @@ def join_cluster(comm, model_path: Path, max_seq_len: int, nthreads: int | None,
     max_seq_len = min(max_seq_len, h.max_seq_len)
     if max_seq_len < 1:
         raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
+    if slots is None:  # the same on every rank: every rank has every status
+        slots = parallel_that_fits(h, max_seq_len, [s.info.available for s in statuses], PREFILL_BATCH,
+                                   DEFAULT_MAX_PARALLEL, split.weights)
     setup = RankSetup(comm, h, model, split, exchange_type(h, buffer_float_type), max_seq_len, statuses, stream,
                       listener=listener, slots=slots)
     if comm.rank != 0:
@@ -586,7 +590,8 @@ def serve_rank(setup: RankSetup, nthreads: int | None) -> None:
 
 def open_mpi_engine(model_path: Path, max_seq_len: int, nthreads: int | None, buffer_float_type: str | None = None,
                     weights: str | None = None, root_compute: str = "all",
-                    log: Callable[[str], None] | None = None, stream: bool | None = None, slots: int = 1) -> MpiEngine:
+                    log: Callable[[str], None] | None = None, stream: bool | None = None,
+                    slots: int | None = 1) -> MpiEngine:
     """On rank 0: the root's engine. On any other rank: serve until rank 0 stops, then exit the process
     (a worker has nothing to return to: the command line it shares with rank 0 is the root's).
     stream: rank 0 sends every rank its slices (default: `STREAM_WEIGHTS`, which --stream-weights sets)."""

@@ -6,6 +6,7 @@ module sums each node's share of it, and reads `--weights` / `--root-compute`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from dllama.formats import ModelHeader, TensorSpec, tensor_plan
 from dllama.runtime.distributed.protocol import WEIGHT_CHUNK
@@ -17,6 +18,7 @@ from dllama.runtime.split import ClusterSplit, NodeShare, SliceGeometry, SplitEr
 # (benchmarks/distributed.py, docs/BENCHMARKS.md). Where the compiled kernels cannot be built the
 # runtime runs numba's JIT kernels, and numba and LLVM add ~130 MiB.
 RUNTIME_BASE_BYTES = 42 * 1024 * 1024
+DEFAULT_MAX_PARALLEL = 4  # serve's default --parallel: what every node's memory holds, at most this
 # What the root's tokenizer holds per vocabulary entry (Hugging Face `tokenizers` with its merges,
 # plus the .t vocabulary): Llama 2's 32000 tokens ~25 MiB (measured, docs/BENCHMARKS.md).
 TOKENIZER_BYTES_PER_TOKEN = 800
@@ -125,12 +127,15 @@ def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1,
     ) for share in split.nodes]
 
 
-def parallel_that_fits(h: ModelHeader, max_seq_len: int, available: int, batch: int, most: int) -> int:
-    """How many sequences one node can serve at once (serve's default --parallel): each one's whole KV cache
-    beside the weights, the buffers of a `batch` and the runtime in `available` bytes; 1 to `most`."""
-    m = memory_plan(h, 1, max_seq_len, batch)[0]
-    room = available - (m.weights + m.buffers + m.runtime)
-    return max(1, min(most, room // max(m.kv_cache, 1)))
+def parallel_that_fits(h: ModelHeader, max_seq_len: int, available: Sequence[int], batch: int, most: int,
+                       weights: tuple[float, ...] | None = None) -> int:
+    """How many sequences a node, or every node of a cluster, can serve at once (serve's default --parallel):
+    each one's KV cache (a cluster node's slice of it) beside the node's weights, the buffers of a `batch` and the
+    runtime, in each node's `available` bytes (root first; one entry for one node); 1 to `most`."""
+    plans = memory_plan(h, len(available), max_seq_len, batch, weights)
+    fits = [(free - (m.weights + m.buffers + m.runtime)) // max(m.kv_cache, 1)
+            for m, free in zip(plans, available, strict=True)]
+    return max(1, min(most, *fits))
 
 
 def parse_size(text: str) -> int:

@@ -47,7 +47,7 @@ from dllama.runtime.distributed.exchange import (
     slices_sum,
     sum_partials,
 )
-from dllama.runtime.distributed.node_memory import cluster_weights
+from dllama.runtime.distributed.node_memory import DEFAULT_MAX_PARALLEL, cluster_weights, parallel_that_fits
 from dllama.runtime.distributed.probe import auto_weights, node_info
 from dllama.runtime.distributed.protocol import (
     CONNECT_TIMEOUT_S,
@@ -86,7 +86,7 @@ from dllama.runtime.distributed.protocol import (
 )
 from dllama.runtime.distributed.slices import load_local_slices, stream_slices
 from dllama.runtime.distributed.weights import node_weights
-from dllama.runtime.engine import Engine, EngineError, SlotRun, uses_q80_buffers
+from dllama.runtime.engine import PREFILL_BATCH, Engine, EngineError, SlotRun, uses_q80_buffers
 from dllama.runtime.model import NodeLayers, Places, logit_rows
 from dllama.runtime.split import ClusterSplit
 
@@ -378,13 +378,15 @@ class DistributedEngine(Engine):
     """The root of a cluster. `weights`: None (equal shares), one number per node (root first),
     "2,1,1", or "auto" (from each node's memory and speed, probed at connect time);
     `root_compute="none"`: the root holds no layer slices and only coordinates; `cluster_key`: the
-    key the workers were started with (auth.load_cluster_key), None for workers without one."""
+    key the workers were started with (auth.load_cluster_key), None for workers without one; `slots`: the
+    sequences every node keeps a KV cache (slice) for, None for what every node's free memory holds (probed
+    at connect time, at most node_memory.DEFAULT_MAX_PARALLEL)."""
 
     def __init__(self, model_path: str | os.PathLike, workers: list[tuple[str, int]], max_seq_len: int = 2048,
                  buffer_type: BufferType | str | None = None, nthreads: int | None = None,
                  log: Callable[[str], None] | None = None, weights: Sequence[float] | str | None = None,
                  root_compute: str = "all", cluster_key: bytes | None = None, exchange: str = "mesh",
-                 slots: int = 1):
+                 slots: int | None = 1):
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         dispatch.implementation()  # builds the compiled kernels on a first run, before workers wait for them
         model = ModelFile(model_path)
@@ -399,7 +401,7 @@ class DistributedEngine(Engine):
             raise EngineError(f"max_seq_len {max_seq_len} must be at least 1")
         if problem := dispatch.threads_problem(nthreads):
             raise EngineError(problem)
-        if not 1 <= slots <= MAX_SLOTS:
+        if slots is not None and not 1 <= slots <= MAX_SLOTS:
             raise EngineError(f"{slots} KV cache slots: a cluster keeps 1 to {MAX_SLOTS} (--parallel)")
         buffer_type = exchange_type(h, buffer_type)
         self.links = [WorkerLink(i + 1, addr) for i, addr in enumerate(workers)]
@@ -423,7 +425,7 @@ class DistributedEngine(Engine):
             self._connect_all(max_seq_len, nthreads, root_compute)
             share = self.split.nodes[0]
             weights_0 = node_weights(h, load_local_slices(model.path, h, share), share)
-            layers = NodeLayers(h, weights_0, share, max_seq_len, slots)
+            layers = NodeLayers(h, weights_0, share, max_seq_len, self.n_slots)
             self._wait_loaded()
         except BaseException:
             self.close()
@@ -477,9 +479,14 @@ class DistributedEngine(Engine):
     def _connect_all(self, max_seq_len: int, nthreads: int | None, root_compute: str) -> None:
         for link in self.links:
             open_link(link, self.cluster_key)
-        if self.auto_weights:
+        h = self.model_file.header
+        if self.auto_weights or self.n_slots is None:
             infos = [node_info(nthreads)] + [probe_link(link, self.log) for link in self.links]
-            self.split = ClusterSplit.plan(self.model_file.header, self.n_nodes, measured_weights(infos, root_compute))
+        if self.auto_weights:
+            self.split = ClusterSplit.plan(h, self.n_nodes, measured_weights(infos, root_compute))
+        if self.n_slots is None:
+            self.n_slots = parallel_that_fits(h, max_seq_len, [i.available for i in infos], PREFILL_BATCH,
+                                              DEFAULT_MAX_PARALLEL, self.split.weights)
         for share in self.split.nodes:
             self.log(f"node {share.node}: {share.describe()}")
         self._handshake_all(max_seq_len, opened=True)

@@ -32,7 +32,6 @@ def __getattr__(name: str):
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_QUEUE = 16
-DEFAULT_MAX_PARALLEL = 4  # serve's default --parallel: what fits, at most this
 
 
 def run_server(engine, tokenizer, *, model_id: str, context_length: int, host: str = DEFAULT_HOST,
