@@ -38,7 +38,8 @@ def ensure_checkpoint() -> Path:
 
     config = tinyllama_config()
     marker = CHECKPOINT / "config.json"
-    if marker.is_file() and json.loads(marker.read_text()) | {"torch_dtype": "bfloat16"} == config:
+    has_tokenizer = any((CHECKPOINT / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+    if marker.is_file() and json.loads(marker.read_text()) | {"torch_dtype": "bfloat16"} == config and has_tokenizer:
         return CHECKPOINT
     tokenizer = LLAMA2_TOKENIZER if LLAMA2_TOKENIZER.is_dir() else EXAMPLE_TOKENIZER
     print(f"building {CHECKPOINT} (once) ...", file=sys.stderr, flush=True)

@@ -26,25 +26,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
-CHECKPOINT = BENCH / "tinyllama-bf16"  # shared with benchmarks/convert.py (same config and seed)
 MODEL = BENCH / "decode" / "dllama_model_tinyllama_q40.m"  # what `dllama-convert --name tinyllama` writes
 
 
 def ensure_model() -> Path:
-    from dllama.converter.synthetic import tinyllama_config, write_checkpoint
-
     if MODEL.is_file():
         return MODEL
-    config = tinyllama_config()
-    marker = CHECKPOINT / "config.json"
-    if not (marker.is_file() and json.loads(marker.read_text()) | {"torch_dtype": "bfloat16"} == config):
-        print(f"building {CHECKPOINT} (once) ...", file=sys.stderr, flush=True)
-        write_checkpoint(CHECKPOINT, config, dtype="bf16", seed=0)
+    from convert import ensure_checkpoint  # benchmarks/convert.py's: the checkpoint with its tokenizer
+
+    checkpoint = ensure_checkpoint()
     print(f"converting to {MODEL} (once) ...", file=sys.stderr, flush=True)
     from dllama.converter.convert import convert
 
-    # random weights: no tokenizer needed
-    convert(CHECKPOINT, "q40", MODEL.parent, name="tinyllama", with_tokenizer=False)
+    # the default (error-aware) encoder calibrates on text, so the checkpoint carries Llama 2's tokenizer
+    convert(checkpoint, "q40", MODEL.parent, name="tinyllama", with_tokenizer=False)
     return MODEL
 
 
