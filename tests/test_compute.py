@@ -127,22 +127,24 @@ QUANTIZERS = {"q40": quantize_q40, "q80": quantize_q80}
 
 @pytest.mark.parametrize("quant", ["q40", "q80"])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("T", [2, 8, 17, 64])
+@pytest.mark.parametrize("T", [2, 3, 5, 8, 11, 12, 17, 64])
 @pytest.mark.parametrize("n", [160, 2048])
 def test_the_batched_kernels_give_each_tokens_one_token_bits(both, quant, threads, T, n):
     """Tokens side by side in the vector lanes (a group partly filled, odd block counts) or, for a
-    few tokens, one at a time: each token's row equals the one-token kernel's, bit for bit, and both
-    are the fixed lane order's sums (numpy float32)."""
+    few tokens, up to 4 sharing each unpacked row (2 rows x 4 tokens, an odd row and a group of 1-3
+    left over): each token's row equals the one-token kernel's, bit for bit, and both are the fixed
+    lane order's sums (numpy float32)."""
     _, compiled = both
     dispatch.set_threads(threads)
     rng = np.random.default_rng(T + n)
     _, xq, xd, xc = quantized_input(rng, T, n)
-    w = packed(QUANTIZERS[quant], rng, 70, n)
-    batched = np.full((T, 70), np.nan, np.float32)
+    rows = 71  # an odd row left at the end of the last task
+    w = packed(QUANTIZERS[quant], rng, rows, n)
+    batched = np.full((T, rows), np.nan, np.float32)
     getattr(compiled, f"matmul_{quant}")(w, xq, xd, xc, batched)
     assert np.array_equal(batched, lane_order_reference(*unpacked(quant, w, n), xq, xd))
     for t in range(T):
-        one = np.full((1, 70), np.nan, np.float32)
+        one = np.full((1, rows), np.nan, np.float32)
         if quant == "q40":
             compiled.matvec_q40(w, xq[t], xd[t], xc[t], one[0])
         else:

@@ -10,12 +10,23 @@ from dllama.formats import BLOCK_SIZE, Q40_BYTES, Q80_BYTES
 from dllama.runtime.kernels.ir import (
     LANES,
     LANES_MIN_TOKENS,
+    SHARED_TOKENS,
     TOKEN_LANES,
     X_BIAS,
     _head_scores,
     _packed_q80_row_lanes,
     _packed_row_lanes,
+    _q40_1tokens,
+    _q40_2tokens,
+    _q40_2x4tokens,
+    _q40_3tokens,
+    _q40_4tokens,
     _q40_block,
+    _q80_1tokens,
+    _q80_2tokens,
+    _q80_2x4tokens,
+    _q80_3tokens,
+    _q80_4tokens,
     _quantize_q80_block,
     _s8_block,
     _silu_gate8,
@@ -191,20 +202,72 @@ def matvec_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1):
 
 
 @njit(cache=True, inline="always")
+def _shared_tokens(w, block_bytes, r, xq, xd, xc, t0, n, scale_table, n_pairs, acc):
+    """acc[16j:+16] = row r's lanes for tokens t0..t0+n (n 1..4), each pair of the row unpacked once."""
+    if block_bytes == Q40_BYTES:
+        if n == 4:
+            _q40_4tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
+        elif n == 3:
+            _q40_3tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
+        elif n == 2:
+            _q40_2tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
+        else:
+            _q40_1tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
+    elif n == 4:
+        _q80_4tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
+    elif n == 3:
+        _q80_3tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
+    elif n == 2:
+        _q80_2tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
+    else:
+        _q80_1tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
+
+
+@njit(cache=True, inline="always")
+def _shared_rows(w, block_bytes, xq, xd, xc, scale_table, out, r0, r1):
+    """A few tokens (fewer than the lanes kernel takes), rows r0..r1: two rows times four tokens at a time
+    share their loads (_q40_2x4tokens), the rest one row times up to 4 tokens (_shared_tokens); every token
+    gets matvec_q40_rows' (matvec_q80_rows') bits."""
+    T, nb = xd.shape
+    acc = np.empty(2 * SHARED_TOKENS * LANES, dtype=np.float32)
+    for r in range(r0, r1, 2):
+        n_rows = min(2, r1 - r)
+        for t0 in range(0, T, SHARED_TOKENS):
+            n = min(SHARED_TOKENS, T - t0)
+            if n_rows == 2 and n == SHARED_TOKENS:
+                if block_bytes == Q40_BYTES:
+                    _q40_2x4tokens(w, r, xq, xc, xd, t0, scale_table, nb // 2, acc)
+                else:
+                    _q80_2x4tokens(w, r, xq, xc, xd, t0, scale_table, nb // 2, acc)
+            else:
+                for i in range(n_rows):
+                    _shared_tokens(w, block_bytes, r + i, xq, xd, xc, t0, n, scale_table, nb // 2,
+                                   acc[i * SHARED_TOKENS * LANES:])
+            for i in range(n_rows):
+                row = w[r + i]
+                for j in range(n):
+                    lanes = (i * SHARED_TOKENS + j) * LANES
+                    if nb % 2:
+                        t, b = t0 + j, nb - 1
+                        o = b * block_bytes
+                        s = _scale(row, o, scale_table) * xd[t, b]
+                        if block_bytes == Q40_BYTES:
+                            _q40_block(row, o + 2, 0, xq[t], b * BLOCK_SIZE, xc[t], b * 8, s, np.float32(0), acc,
+                                       lanes)
+                        else:
+                            _s8_block(row, o + 2, 0, xq[t], b * BLOCK_SIZE, xc[t], 0, s, np.float32(0), acc, lanes)
+                    out[t0 + j, r + i] = _lane_sum(acc, lanes)
+
+
+@njit(cache=True, inline="always")
 def _matmul_lanes_rows(w, block_bytes, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
     """T tokens, rows r0..r1 of q40 (block_bytes Q40_BYTES) or q80 weights: each row is unpacked once
     (int8 values, quad corrections, block scales) and multiplied by every group of TOKEN_LANES tokens of
     x_lanes (token_lanes) in turn. Fewer than LANES_MIN_TOKENS go one at a time (matvec_q40_rows,
     matvec_q80_rows: the same bits; x_lanes is not read)."""
     T, nb = xd.shape
-    if T < LANES_MIN_TOKENS:  # ROWS_PER_TASK rows at a time, for every token while they are in the cache
-        for r in range(r0, r1, ROWS_PER_TASK):
-            r_end = min(r1, r + ROWS_PER_TASK)
-            for t in range(T):
-                if block_bytes == Q40_BYTES:
-                    matvec_q40_rows(w, xq[t], xd[t], xc[t], scale_table, out[t], r, r_end)
-                else:
-                    matvec_q80_rows(w, xq[t], xd[t], xc[t], scale_table, out[t], r, r_end)
+    if T < LANES_MIN_TOKENS:
+        _shared_rows(w, block_bytes, xq, xd, xc, scale_table, out, r0, r1)
         return
     n = nb * BLOCK_SIZE
     wq = np.empty(n, dtype=np.int8)
@@ -460,3 +523,4 @@ def rmsnorm_token(x, weight, eps, out, squares):
     scale = np.sqrt(_pairwise_sum(squares, 0, n) / n + eps)
     for i in range(n):
         out[i] = np.float64(x[i]) / scale * weight[i]
+
