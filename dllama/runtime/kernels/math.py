@@ -263,8 +263,9 @@ def _shared_rows(w, block_bytes, xq, xd, xc, scale_table, out, r0, r1):
 def _matmul_lanes_rows(w, block_bytes, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
     """T tokens, rows r0..r1 of q40 (block_bytes Q40_BYTES) or q80 weights: each row is unpacked once
     (int8 values, quad corrections, block scales) and multiplied by every group of TOKEN_LANES tokens of
-    x_lanes (token_lanes) in turn. Fewer than LANES_MIN_TOKENS go one at a time (matvec_q40_rows,
-    matvec_q80_rows: the same bits; x_lanes is not read)."""
+    x_lanes (token_lanes) in turn. Fewer than LANES_MIN_TOKENS share each unpacked row up to 4 at a time
+    in the one-token kernel's order (_shared_rows: matvec_q40_rows' and matvec_q80_rows' bits; x_lanes is not
+    read)."""
     T, nb = xd.shape
     if T < LANES_MIN_TOKENS:
         _shared_rows(w, block_bytes, xq, xd, xc, scale_table, out, r0, r1)
