@@ -1,6 +1,7 @@
 """Single-node inference speed, memory and start-up on a TinyLlama-1.1B-shaped random q40 model.
 
     python benchmarks/decode.py [--threads 1,2] [--prompt-tokens 64] [--steps 32] [--max-seq-len 2048]
+    python benchmarks/decode.py --sequences 1,2,4,8 [--threads 2] [--pairs 3] [--compare-with ../other-checkout]
 
 Builds (once, under .bench/, ignored by git) a random bf16 TinyLlama-shaped checkpoint with
 dllama.converter.synthetic and converts it to q40 with `dllama-convert`, then runs each thread
@@ -12,6 +13,10 @@ of decode time spent inside the kernels. A warm-up child compiles or loads the k
 first. Targets: 2-core x86-64, 2 threads: >= 8.5 generated tokens/s (reference C++
 7.05), >= 75 prompt tokens/s (reference 72.6); peak RSS <= file + KV cache + 100 MB; start-up
 < 5 s with cached kernels.
+
+--sequences: decode steps of several sequences at once instead (Engine.step, one token per KV cache slot,
+what serve --parallel runs): the median ms of a step of N tokens and the tokens/s it gives, and its rate
+over one sequence's. --compare-with DIR runs the same child from another checkout in alternation (pairs).
 """
 from __future__ import annotations
 
@@ -83,6 +88,31 @@ def child(model: str, nthreads: int, prompt_tokens: int, steps: int, max_seq_len
     }
 
 
+def sequences_child(model: str, nthreads: int, sequences: list[int], steps: int, max_seq_len: int) -> dict:
+    """Median ms of an Engine.step of n decode tokens, one per KV cache slot, for each n of `sequences`."""
+    import numpy as np
+
+    from dllama.runtime.engine import Engine, SlotRun
+
+    engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads, slots=max(sequences))
+    prompt = 8
+    for slot in range(engine.slots):
+        engine.step([SlotRun(slot, [1 + slot] * prompt, 0, last_only=True)])
+    medians = {}
+    for n in sequences:
+        times = []
+        for i in range(steps + 2):  # two warm-up steps
+            runs = [SlotRun(slot, [3 + slot + i], prompt + i) for slot in range(n)]
+            a = time.perf_counter()
+            engine.step(runs)
+            times.append(time.perf_counter() - a)
+        medians[n] = 1000 * float(np.median(times[2:]))
+        engine.reset()
+        for slot in range(engine.slots):
+            engine.step([SlotRun(slot, [1 + slot] * prompt, 0, last_only=True)])
+    return {"nthreads": nthreads, "step_ms": medians}
+
+
 def _kernel_share(engine, dispatch, tensors, token: int, pos: int, steps: int) -> float:
     """Share of decode wall time inside the kernels (matmuls, quantization, attention, or the compiled programs
     that run them all)."""
@@ -118,9 +148,36 @@ def _kernel_share(engine, dispatch, tensors, token: int, pos: int, steps: int) -
 
 # --------------------------------------------------------------------------------------------
 
-def run_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True)
+def run_child(args: list[str], checkout: Path = ROOT) -> dict:
+    """This script's child, run with `checkout`'s dllama."""
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sequences(model: Path, a) -> None:
+    """--sequences: one row per run and checkout, each step size's ms and tok/s, and N sequences' rate over one's."""
+    threads = int(a.threads.split(",")[-1])
+    counts = [int(n) for n in a.sequences.split(",")]
+    checkouts = [ROOT] + ([a.compare_with.resolve()] if a.compare_with else [])
+    args = ["--model", str(model), "--sequences", a.sequences, "--steps", str(a.steps), "--nthreads", str(threads),
+            "--max-seq-len", "256"]
+    for checkout in checkouts:  # compile or load each checkout's kernels
+        run_child(args[:2] + ["--sequences", "1", "--steps", "1", "--nthreads", "1", "--max-seq-len", "64"], checkout)
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; model {model.name}, "
+          f"{threads} threads, median of {a.steps} steps", flush=True)
+    print("| run | checkout | " + " | ".join(f"{n} seq: ms/step (tok/s)" for n in counts) + " | "
+          + " | ".join(f"{n} over 1" for n in counts if n > 1) + " |")
+    print("|---|---|" + "---|" * (2 * len(counts) - (1 in counts)))
+    for run in range(a.pairs):
+        for checkout in checkouts:
+            ms = {int(n): v for n, v in run_child(args, checkout)["step_ms"].items()}
+            rate = {n: n * 1000 / ms[n] for n in counts}
+            cells = [f"{ms[n]:.1f} ({rate[n]:.1f})" for n in counts]
+            ratios = [f"{rate[n] / rate[1]:.2f}x" for n in counts if n > 1 and 1 in rate]
+            print(f"| {run + 1} | {checkout.name} | " + " | ".join(cells + ratios) + " |", flush=True)
+    print(f"load after the runs: {os.getloadavg()[0]:.2f}")
 
 
 def main() -> None:
@@ -132,13 +189,22 @@ def main() -> None:
     p.add_argument("--model", help="use this .m instead of building the TinyLlama-shaped one")
     p.add_argument("--kernels", default="auto", choices=["auto", "compiled", "jit"],
                    help="which kernels the runs use (DLLAMA_KERNELS, dllama/runtime/dispatch.py)")
+    p.add_argument("--sequences", help="decode steps of this many sequences at once instead, e.g. 1,2,4,8")
+    p.add_argument("--pairs", type=int, default=3, help="--sequences: runs (pairs with --compare-with)")
+    p.add_argument("--compare-with", type=Path, help="--sequences: another checkout, run in alternation")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--nthreads", type=int, default=1, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child and a.sequences:
+        counts = [int(n) for n in a.sequences.split(",")]
+        print(json.dumps(sequences_child(a.model, a.nthreads, counts, a.steps, a.max_seq_len)))
+        return
     if a.child:
         print(json.dumps(child(a.model, a.nthreads, a.prompt_tokens, a.steps, a.max_seq_len)))
         return
     model = Path(a.model) if a.model else ensure_model()
+    if a.sequences:
+        return sequences(model, a)
     os.environ["DLLAMA_KERNELS"] = a.kernels
     common = ["--model", str(model), "--prompt-tokens", str(a.prompt_tokens), "--max-seq-len", str(a.max_seq_len)]
     run_child(common + ["--steps", "2", "--nthreads", "1", "--prompt-tokens", "4"])  # compile / load kernels
