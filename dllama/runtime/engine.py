@@ -23,7 +23,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from dllama.errors import DllamaError
-from dllama.formats import FloatType, ModelFile, ModelHeader
+from dllama.formats import FileRows, FloatType, ModelFile, ModelHeader
 from dllama.runtime import dispatch
 from dllama.runtime.model import CompiledPass, NodeLayers, Places, load_node_weights, logit_rows, whole_model_share
 
@@ -107,7 +107,8 @@ def read_ahead_weights(model: ModelFile) -> None:
     waits for them and maps the pages. A first prompt then does not wait on the disk page by page for
     weights the machine paged out since the last run (up to 2x its time on a small model); one node maps
     all of them in its first forward anyway, so peak RSS does not change. The embedding is read a row
-    per token. Older kernels without POPULATE_READ keep the asynchronous read-ahead."""
+    per token, by pread (ModelFile.rows), not through the map. Older kernels without POPULATE_READ keep the
+    asynchronous read-ahead."""
     mapped = getattr(model.data, "_mmap", None)
     if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
         return
@@ -140,12 +141,15 @@ def rounds_partials_on_one_node(buffer_float_type: str | None) -> bool:
 
 class Engine:
     def __init__(self, header: ModelHeader, layers: NodeLayers, exchange: Exchange, max_seq_len: int,
-                 nthreads: int | None = None, embedding: np.ndarray | None = None, model: ModelFile | None = None):
-        """`embedding` (vocab, dim): on the node that looks up tokens; a worker runs `run_layers` only.
+                 nthreads: int | None = None, embedding: np.ndarray | FileRows | None = None,
+                 model: ModelFile | None = None):
+        """`embedding` (vocab, dim): on the node that looks up tokens (an array or the file's rows,
+        ModelFile.rows); a worker runs `run_layers` only.
         `model`: the file it was loaded from, if any."""
         dispatch.implementation()  # choose (on a first run, build) the kernels now, not inside the first forward
         self.header = header
-        self.embedding = None if embedding is None else embedding.view(np.ndarray)  # not np.memmap's slower lookups
+        # not np.memmap's slower lookups
+        self.embedding = embedding.view(np.ndarray) if isinstance(embedding, np.memmap) else embedding
         self.model = model
         self.layers = layers
         self.exchange = exchange
@@ -187,7 +191,7 @@ class Engine:
         share = whole_model_share(h)
         layers = NodeLayers(h, load_node_weights(model, share), share, max_seq_len, slots)
         engine = cls(h, layers, LocalExchange(quantize_partials), max_seq_len, nthreads,
-                     embedding=model.blocks("embedding"), model=model)
+                     embedding=model.rows("embedding"), model=model)
         layers.prepare_whole_pass(PREFILL_BATCH, quantize_partials)
         return engine
 

@@ -430,7 +430,7 @@ class DistributedEngine(Engine):
             raise
         # only looked-up rows of the memory-mapped embedding are ever read
         tcp = TcpExchange(self.split, self.links, buffer_type, self.uses_mesh, self.asks_slices)
-        super().__init__(h, layers, tcp, max_seq_len, nthreads, embedding=model.blocks("embedding"), model=model)
+        super().__init__(h, layers, tcp, max_seq_len, nthreads, embedding=model.rows("embedding"), model=model)
 
     @property
     def traffic(self) -> Traffic:
