@@ -17,9 +17,17 @@ from dllama.runtime.split import ClusterSplit, NodeShare, SliceGeometry, SplitEr
 # (benchmarks/distributed.py, docs/BENCHMARKS.md). Where the compiled kernels cannot be built the
 # runtime runs numba's JIT kernels, and numba and LLVM add ~130 MiB.
 RUNTIME_BASE_BYTES = 42 * 1024 * 1024
-# What the root's tokenizer holds per vocabulary entry (Hugging Face `tokenizers` with its merges,
-# plus the .t vocabulary): Llama 2's 32000 tokens ~25 MiB (measured, docs/BENCHMARKS.md).
-TOKENIZER_BYTES_PER_TOKEN = 800
+# The root's tokenizer (dllama-run loads it; `plan --serve` counts it): the `tokenizers` library and its
+# import (~7 MiB), then per vocabulary entry Hugging Face's vocabulary and merges and the .t's tokens and
+# scores, after start-up gives the parse's garbage back (engine.release_freed_heap). Measured: SmolLM2's
+# 49152 tokens +21.0 MiB, Llama 2's 32000 +14.4 MiB, ~450 bytes a token (docs/BENCHMARKS.md).
+TOKENIZER_LIBRARY_BYTES = 7 * 1024 * 1024
+TOKENIZER_BYTES_PER_TOKEN = 450
+# `dllama-run serve` beside the runtime: its HTTP stack imported (uvicorn, starlette, prometheus_client and
+# the pydantic models of the OpenAI API, ~17 MiB) and what serving takes while requests stream (their
+# threads, Python objects and allocator arenas: ~9 MiB at 4 to 8 concurrent clients), measured on SmolLM2
+# and the TinyLlama shape alike (docs/BENCHMARKS.md).
+SERVER_BYTES = 26 * 1024 * 1024
 KV_BYTES_PER_VALUE = 4  # f32 cache (FORMAT.md §3)
 # The root streams each worker its slices through a read buffer of up to 4 MiB, and column slices
 # through a row block and its columns (slices.stream_buffer_bytes): the allocator keeps those pages
@@ -70,10 +78,11 @@ class NodeMemory:
     buffers: int     # activations of one batch, exchange buffers, logits
     runtime: int     # interpreter, numpy, compiled kernels
     mapped_only: int # mapped but not resident (the root's embedding: only looked-up rows are read)
+    server: int = 0  # the root under `dllama-run serve`: its tokenizer and HTTP server (serving_bytes)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.buffers + self.runtime
+        return self.weights + self.kv_cache + self.buffers + self.runtime + self.server
 
 
 def node_weight_bytes(h: ModelHeader, share: NodeShare) -> int:
@@ -109,9 +118,19 @@ def streaming_bytes(h: ModelHeader, split: ClusterSplit) -> int:
     return min(largest, WEIGHT_CHUNK)
 
 
+def tokenizer_bytes(h: ModelHeader) -> int:
+    return TOKENIZER_LIBRARY_BYTES + TOKENIZER_BYTES_PER_TOKEN * h.vocab_size
+
+
+def serving_bytes(h: ModelHeader) -> int:
+    """What `dllama-run serve` adds to its root's runtime: the tokenizer and the HTTP server."""
+    return tokenizer_bytes(h) + SERVER_BYTES
+
+
 def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1,
-                weights: tuple[float, ...] | None = None, parallel: int = 1) -> list[NodeMemory]:
-    """Each node's memory; `parallel` sequences at once (serve --parallel) hold a KV cache each."""
+                weights: tuple[float, ...] | None = None, parallel: int = 1, serve: bool = False) -> list[NodeMemory]:
+    """Each node's memory; `parallel` sequences at once (serve --parallel) hold a KV cache each; `serve`: the
+    root runs `dllama-run serve` (its tokenizer and HTTP server count too)."""
     split = ClusterSplit.plan(h, n_nodes, weights)
     embedding = h.vocab_size * h.dim * 4
     return [NodeMemory(
@@ -122,14 +141,15 @@ def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1,
         buffers=buffer_bytes(h, split, share, max_seq_len, batch),
         runtime=RUNTIME_BASE_BYTES,
         mapped_only=embedding if share.node == 0 else 0,
+        server=serving_bytes(h) if serve and share.node == 0 else 0,
     ) for share in split.nodes]
 
 
 def parallel_that_fits(h: ModelHeader, max_seq_len: int, available: int, batch: int, most: int) -> int:
     """How many sequences one node can serve at once (serve's default --parallel): each one's whole KV cache
-    beside the weights, the buffers of a `batch` and the runtime in `available` bytes; 1 to `most`."""
-    m = memory_plan(h, 1, max_seq_len, batch)[0]
-    room = available - (m.weights + m.buffers + m.runtime)
+    beside the weights, the buffers of a `batch`, the runtime and the server in `available` bytes; 1 to `most`."""
+    m = memory_plan(h, 1, max_seq_len, batch, serve=True)[0]
+    room = available - (m.weights + m.buffers + m.runtime + m.server)
     return max(1, min(most, room // max(m.kv_cache, 1)))
 
 
