@@ -15,7 +15,7 @@ from serve_helpers import complete, in_process_server, side_by_side
 
 from dllama.formats import ModelFile
 from dllama.runtime.distributed.node_memory import serving_bytes
-from dllama.runtime.engine import Engine
+from dllama.runtime.engine import PREFILL_BATCH, Engine
 from dllama.runtime.serve import create_app
 from dllama.tokenizer import Tokenizer
 from dllama.tokenizer.from_hf import convert_tokenizer
@@ -156,9 +156,11 @@ def test_plan_counts_every_slots_kv_cache(nodes):
         assert triple["kv_cache"] == 3 * single["kv_cache"] > 0
         assert triple["total"] - single["total"] == 2 * single["kv_cache"]
     served = plan(3, "--serve")
-    root, *workers = served["per_node"]
-    assert root["server"] == serving_bytes(ModelFile(path).header) and root["total"] == three["per_node"][0]["total"] \
-        + root["server"]  # the root's tokenizer and HTTP server; the workers run neither
+    (root, *workers), plain_root, h = served["per_node"], three["per_node"][0], ModelFile(path).header
+    assert root["server"] == serving_bytes(h)  # the root's tokenizer and HTTP server; the workers run neither
+    fewer_logits = (PREFILL_BATCH - 3) * 4 * h.vocab_size  # a row of logits per slot, not one per token of a batch
+    assert plain_root["buffers"] - root["buffers"] == fewer_logits
+    assert root["total"] == plain_root["total"] - fewer_logits + root["server"]
     assert workers == three["per_node"][1:]
 
 

@@ -86,6 +86,29 @@ class LocalExchange:
         return logits_slice
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc malloc.h)
+# Blocks from 1 MiB up are mapped and unmapped; the heap keeps at most 1 MiB free at its top. At
+# glibc's own 128 KiB each step's logits and sampler temporaries were mapped anew: +7% CPU per token
+# (median of 6 paired rounds), against +4% at 1 MiB, inside the 0.92-1.05 of identical servers paired.
+LARGE_ALLOCATION = 1 << 20
+
+
+def keep_large_allocations_off_the_heap() -> None:
+    """Fix glibc's mmap and trim thresholds (LARGE_ALLOCATION), for the rest of the process.
+
+    glibc raises both to the size of each large block freed (up to 32 MiB and twice that), so the
+    tokenizer's parse and every step's temporaries (a vocabulary of floats per sequence) are served
+    from a heap that it then no longer trims: serve --parallel 4 on SmolLM2 held 82 MiB of heap
+    after 4 x 128 tokens, 71 MiB with fixed thresholds (peak RSS 205.6 -> 194.8 MiB). No-op
+    elsewhere."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION)
+        libc.mallopt(M_TRIM_THRESHOLD, LARGE_ALLOCATION)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def release_freed_heap() -> None:
     """Give the C heap that loading freed (parsing the tokenizer's JSON: ~9 MiB) back to the system.
 

@@ -93,7 +93,11 @@ def kv_cache_bytes(h: ModelHeader, share: NodeShare, max_seq_len: int) -> int:
     return 2 * h.n_layers * max_seq_len * share.n_kv_heads * h.head_dim * KV_BYTES_PER_VALUE
 
 
-def buffer_bytes(h: ModelHeader, split: ClusterSplit, share: NodeShare, max_seq_len: int, batch: int) -> int:
+def buffer_bytes(h: ModelHeader, split: ClusterSplit, share: NodeShare, max_seq_len: int, batch: int,
+                 logit_rows: int | None = None) -> int:
+    """Activations of a `batch`, and `logit_rows` rows of logits (default: one per token of the batch). dllama-run's
+    logits buffer is calloc'ed outside the heap (engine.keep_large_allocations_off_the_heap), so only the rows
+    written become resident: serve's root writes one per sequence that samples in a step, at most --parallel."""
     _, padded_heads = share.attention_layout
     ffn = share.ffn[1] - share.ffn[0]
     per_token = 4 * (
@@ -105,7 +109,8 @@ def buffer_bytes(h: ModelHeader, split: ClusterSplit, share: NodeShare, max_seq_
         + len(split.computing) * h.dim                         # the partials of every node
     )
     logits = 4 * (h.vocab_size if share.node == 0 else share.vocab[1] - share.vocab[0])
-    return batch * (per_token + logits) + (streaming_bytes(h, split) if share.node == 0 else 0)
+    rows = batch if logit_rows is None else min(batch, logit_rows)
+    return batch * per_token + rows * logits + (streaming_bytes(h, split) if share.node == 0 else 0)
 
 
 def streaming_bytes(h: ModelHeader, split: ClusterSplit) -> int:
@@ -138,7 +143,7 @@ def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1,
         share=share,
         weights=node_weight_bytes(h, share),
         kv_cache=parallel * kv_cache_bytes(h, share, max_seq_len),
-        buffers=buffer_bytes(h, split, share, max_seq_len, batch),
+        buffers=buffer_bytes(h, split, share, max_seq_len, batch, parallel if serve and share.node == 0 else None),
         runtime=RUNTIME_BASE_BYTES,
         mapped_only=embedding if share.node == 0 else 0,
         server=serving_bytes(h) if serve and share.node == 0 else 0,
