@@ -95,8 +95,7 @@ def plan_command(
         header = ModelFile(model).header  # the header checked against the file's real size
         seq = min(max_seq_len, header.max_seq_len)
         split_weights = _plan_weights(nodes, weights, root_compute, workers, cluster_key_file)
-        plan = memory_plan(header, nodes, seq, batch, weights=split_weights, parallel=parallel,
-                           serve=serve)
+        plan = memory_plan(header, nodes, seq, batch, weights=split_weights, parallel=parallel, serve=serve)
         limit = parse_size(ram) if ram else None
     rows = [{
         "node": m.node, "role": "root" if m.node == 0 else "worker", "share": m.share.describe(),
@@ -107,8 +106,7 @@ def plan_command(
     } for m in plan]
     if as_json:
         print(json.dumps({"model": str(model), "nodes": nodes, "max_seq_len": seq, "parallel": parallel, "serve": serve,
-                          "ram": limit,
-                          "weights": list(split_weights), "per_node": rows}))
+                          "ram": limit, "weights": list(split_weights), "per_node": rows}))
         return
     print(f"{model}: {nodes} node(s), max_seq_len {seq}" + (f" x {parallel} conversations" if parallel > 1 else "")
           + f", weights {','.join(f'{w:.3g}' for w in split_weights)}")

@@ -193,9 +193,9 @@ class FileRows:
         return self._read(np.asarray(index).reshape(-1))
 
     def _read(self, ids: np.ndarray) -> np.ndarray:
-        if ids.size and (int(ids.min()) < -self.shape[0] or int(ids.max()) >= self.shape[0]):
-            raise IndexError(f"row {int(ids.max()) if ids.max() >= 0 else int(ids.min())} is out of range for "
-                             f"{self.shape[0]} rows")
+        outside = ids[(ids < -self.shape[0]) | (ids >= self.shape[0])]
+        if outside.size:
+            raise IndexError(f"row {int(outside[0])} is out of range for {self.shape[0]} rows")
         out = np.empty((ids.size, self.shape[1]), self.dtype)
         for row, i in zip(out, ids.tolist()):
             os.preadv(self._fd, [row], self.offset + (i % self.shape[0]) * self.row_bytes)

@@ -20,13 +20,13 @@ RUNTIME_BASE_BYTES = 42 * 1024 * 1024
 # The root's tokenizer (dllama-run loads it; `plan --serve` counts it): the `tokenizers` library and its
 # import (~7 MiB), then per vocabulary entry Hugging Face's vocabulary and merges and the .t's tokens and
 # scores, after start-up gives the parse's garbage back (engine.release_freed_heap). Measured: SmolLM2's
-# 49152 tokens +21.0 MiB, Llama 2's 32000 +14.4 MiB, ~450 bytes a token (docs/BENCHMARKS.md).
+# 49152 tokens +21.0 MiB, Llama 2's 32000 +14.4 MiB, ~450 bytes a token (docs/BENCHMARKS-HISTORY.md).
 TOKENIZER_LIBRARY_BYTES = 7 * 1024 * 1024
 TOKENIZER_BYTES_PER_TOKEN = 450
 # `dllama-run serve` beside the runtime: its HTTP stack imported (uvicorn, starlette, prometheus_client and
 # the pydantic models of the OpenAI API, ~17 MiB) and what serving takes while requests stream (their
 # threads, Python objects and allocator arenas: ~9 MiB at 4 to 8 concurrent clients), measured on SmolLM2
-# and the TinyLlama shape alike (docs/BENCHMARKS.md).
+# and the TinyLlama shape alike (docs/BENCHMARKS-HISTORY.md, issue 25 must-hold 4).
 SERVER_BYTES = 26 * 1024 * 1024
 KV_BYTES_PER_VALUE = 4  # f32 cache (FORMAT.md §3)
 # The root streams each worker its slices through a read buffer of up to 4 MiB, and column slices
