@@ -11,7 +11,8 @@ server and client count: aggregate generated tokens/s (all tokens / the round's 
 first token p50 / p95, and the inter-token time p50 (the gaps between streamed chunks). The two
 servers run side by side and take turns, dllama first, for each client count (paired in one run);
 the best of `--rounds` rounds is kept. Then dllama's peak RSS (VmHWM) beside what `dllama-run plan
---parallel N` predicts and weights + N x one slot's KV cache + 60 MB. Run under `flock
+--parallel N --serve` predicts and weights + N x one slot's KV cache + 60 MB. `--no-llamacpp` runs dllama
+alone, on models it converts itself (own_files), where llama.cpp is not built. Run under `flock
 /tmp/dllama-bench.lock`: the machine is shared and only ratios within one run mean much.
 
     python benchmarks/serve_concurrency.py --netem 4 [--profile pi3] [--models tinyllama] ...   # as root
@@ -58,6 +59,27 @@ def pair(bin_dir: Path, model: str) -> tuple[Path, Path]:
     """(GGUF Q4_0, .m q40) holding the same blocks: vs_llamacpp.py's, made by it unless both are there."""
     gguf, m = BENCH / f"{model}-Q4_0.gguf", BENCH / f"dllama_model_{model}-q40_q40.m"
     return (gguf, m) if gguf.is_file() and m.is_file() else model_pair(bin_dir, model, "q40")
+
+
+def own_files(model: str) -> tuple[Path, Path]:
+    """(.m q40, .t) that dllama converts alone, for --no-llamacpp where llama.cpp is not built: the TinyLlama-shaped
+    checkpoint of benchmarks/decode.py with Llama 2's tokenizer (fixtures), or SmolLM2 from the sample GGUF
+    (its Q4_1 blocks re-encoded as q40). The same shapes and bytes per weight as the GGUF pair, other values."""
+    from decode import ensure_model
+
+    from dllama.converter.convert import convert
+    from dllama.samples import fetch
+
+    own = BENCH / "own"
+    if model == "tinyllama":
+        m, t = ensure_model(), own / "dllama_tokenizer_llama2.t"
+        source, quant = ROOT.parent / "shared" / "fixtures" / "tokenizers" / "llama2", None
+    else:
+        m, t = own / f"dllama_model_{model}_q40.m", own / f"dllama_tokenizer_{model}.t"
+        source, quant = fetch(quiet=True), "q40"
+    if not (m.is_file() and t.is_file()):
+        convert(source, quant, own, name="llama2" if quant is None else model)
+    return m, t
 
 
 def tokenizer_for(gguf: Path, model: str) -> Path:
@@ -132,7 +154,7 @@ def percentile(values: list[float], p: float) -> float:
 
 def plan_total(m: Path, seq: int, parallel: int) -> dict:
     out = subprocess.run(["dllama-run", "plan", "--model", str(m), "--nodes", "1", "--max-seq-len", str(seq),
-                          "--parallel", str(parallel), "--json"], capture_output=True, text=True, check=True)
+                          "--parallel", str(parallel), "--serve", "--json"], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)["per_node"][0]
 
 
@@ -244,7 +266,7 @@ def main() -> None:
         return client_rounds(args)
     from dllama.tokenizer import Tokenizer
 
-    bin_dir = llamacpp_bin()
+    bin_dir = None if args.no_llamacpp and not args.netem else llamacpp_bin()
     seq = 64 + args.tokens  # every prompt is under 64 tokens: the KV cache the runs fill
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {args.tokens} greedy tokens per request, "
           f"--parallel / -np {args.parallel}, {args.threads} threads, context {seq} per slot; best of {args.rounds}")
@@ -253,8 +275,12 @@ def main() -> None:
                                     for row in netem_cluster(args, bin_dir, model, seq)], args)
     results = []
     for model in args.models.split(","):
-        gguf, m = pair(bin_dir, model)
-        t = tokenizer_for(gguf, model)
+        if bin_dir is None:
+            gguf, (m, t) = None, own_files(model)
+        else:
+            gguf, m = pair(bin_dir, model)
+            t = tokenizer_for(gguf, model)
+        say(f"{model}: {m}, {t}")
         eos = Tokenizer.load(str(t)).eos_ids[0]
         ours = ServerProcess("--model", str(m), "--tokenizer", str(t), "--threads", str(args.threads), "--parallel",
                              str(args.parallel), "--max-seq-len", str(seq), "--max-queue", "64")
@@ -293,9 +319,10 @@ def main() -> None:
     for r in results:
         if "clients" not in r:
             continue
-        single = next(x["tok_s"] for x in results if x.get("clients") == 1 and x["model"] == r["model"]
-                      and x["server"] == r["server"])
-        print(f"| {r['model']} q40 | {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['tok_s'] / single:.2f} "
+        single = next((x["tok_s"] for x in results if x.get("clients") == 1 and x["model"] == r["model"]
+                       and x["server"] == r["server"]), None)  # None: --clients without 1
+        ratio = "-" if single is None else f"{r['tok_s'] / single:.2f}"
+        print(f"| {r['model']} q40 | {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {ratio} "
               f"| {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p95'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.0f} |")
     for r in results:
         if "peak_rss_mib" in r:

@@ -257,8 +257,9 @@ def test_default_parallel_is_what_the_tightest_node_holds():
     """serve's default --parallel on a cluster: the slots whose KV cache slices fit beside every node's share."""
     h = read_model_header(require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m")
     weights = (1.0, 3.0)  # node 1 holds more of the feed-forward rows: a different room for slots
-    plans = memory_plan(h, 2, 256, PREFILL_BATCH, weights)
-    share = [m.weights + m.buffers + m.runtime for m in plans]
+    plans = memory_plan(h, 2, 256, PREFILL_BATCH, weights, serve=True)  # the root also runs the server
+    share = [m.weights + m.buffers + m.runtime + m.server for m in plans]
+    assert plans[0].server > 0 == plans[1].server
     slot = [m.kv_cache for m in plans]
     assert share[0] != share[1]
 
@@ -271,9 +272,9 @@ def test_default_parallel_is_what_the_tightest_node_holds():
     assert fits(share[0] + 3 * slot[0], roomy) == 3                     # the root holds 3 exactly
     assert fits(share[0] + 3 * slot[0] - 1, share[1] + 4 * slot[1]) == 2
     assert fits(roomy, share[1] - 1) == 1                               # always one: the engine says if it fails
-    one, = memory_plan(h, 1, 256, PREFILL_BATCH)  # one node: its whole KV cache per slot
-    assert parallel_that_fits(h, 256, [one.weights + one.buffers + one.runtime + 3 * one.kv_cache], PREFILL_BATCH,
-                              4) == 3
+    one, = memory_plan(h, 1, 256, PREFILL_BATCH, serve=True)  # one node: its whole KV cache per slot
+    assert parallel_that_fits(h, 256, [one.weights + one.buffers + one.runtime + one.server + 3 * one.kv_cache],
+                              PREFILL_BATCH, 4) == 3
 
 
 def test_parse_workers():

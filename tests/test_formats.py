@@ -101,6 +101,20 @@ def test_truncated_model_file_is_refused(conformance_dir, tmp_path):
         ModelFile(tmp_path / "cut.m")
 
 
+def test_file_rows_read_the_rows_the_map_holds(conformance_dir):
+    model = ModelFile(conformance_dir / "expected_q40.m")
+    mapped, read = model.blocks("embedding"), model.rows("embedding")
+    assert len(read) == len(mapped)
+    assert np.array_equal(read[5], mapped[5]) and read[5].dtype == np.float32
+    for ids in ([7, 0, 7, len(mapped) - 1], np.array([[3, 2], [1, 9]]), []):
+        assert np.array_equal(read[ids], mapped[np.asarray(ids, dtype=np.int64).reshape(-1)])
+    assert np.array_equal(read[-1], mapped[-1])
+    with pytest.raises(IndexError, match="out of range"):
+        read[[1, len(mapped)]]
+    with pytest.raises(FormatError, match="only from float tensors"):
+        model.rows("layers.0.q")
+
+
 def test_tokenizer_file_round_trips(conformance_dir):
     data = (conformance_dir / "expected.t").read_bytes()
     tf = parse_tokenizer(data)

@@ -290,6 +290,29 @@ def test_a_prompts_last_logits_alone_equal_the_last_row_of_all(compiled):
     assert np.array_equal(engine.forward(PROMPT[:3], len(prompt)), fresh[-3:])  # the cache is whole
 
 
+def resident_pages(address: int, nbytes: int) -> int:
+    """Pages of this process's memory in [address, address + nbytes) that are mapped in (/proc/self/pagemap)."""
+    first, last = address // 4096, (address + nbytes - 1) // 4096
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first + 1) * 8), dtype="<u8")
+    return int(np.count_nonzero(entries >> np.uint64(63)))
+
+
+def test_looking_up_tokens_maps_no_page_of_the_embedding(tmp_path):
+    """Rows are read from the file (ModelFile.rows): through the map, Linux 6 maps the page cache's whole large
+    folio around a touched row, and a few hundred tokens made all of TinyLlama's embedding resident. (Mapping
+    the tensors beside it at load may map a few of its pages at either end.)"""
+    header = ModelFile(require_fixtures(CONFORMANCE / "tiny-llama") / "expected_q40.m").header
+    engine = Engine.load(write_random_model(tmp_path / "wide_vocab.m", dataclasses.replace(header, vocab_size=16384)))
+    embedding = engine.model.layout["embedding"]  # 4 MiB, 64 rows per page
+    start, nbytes = engine.model.data.ctypes.data + embedding.offset, embedding.spec.nbytes
+    before = resident_pages(start, nbytes)
+    engine.forward([1, 4000, 8000, 12000], 0)  # rows far from either end
+    engine.forward([16000], 4)
+    assert resident_pages(start, nbytes) == before < nbytes // 4096
+
+
 @pytest.mark.parametrize("logits", ["all", "last"])
 def test_a_whole_pass_longer_than_a_batch_gives_every_batchs_logits(logits):
     """CompiledPass.whole runs a longer input a batch at a time; each batch's logits are kept, not the

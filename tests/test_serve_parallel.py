@@ -13,7 +13,9 @@ import pytest
 from conftest import CONFORMANCE, require_fixtures
 from serve_helpers import complete, in_process_server, side_by_side
 
-from dllama.runtime.engine import Engine
+from dllama.formats import ModelFile
+from dllama.runtime.distributed.node_memory import serving_bytes
+from dllama.runtime.engine import PREFILL_BATCH, Engine
 from dllama.runtime.serve import create_app
 from dllama.tokenizer import Tokenizer
 from dllama.tokenizer.from_hf import convert_tokenizer
@@ -142,9 +144,10 @@ def test_each_slot_keeps_its_conversation(tokenizer):
 def test_plan_counts_every_slots_kv_cache(nodes):
     path = require_fixtures(MODEL_DIR) / "expected_f32.m"
 
-    def plan(parallel: int) -> dict:
+    def plan(parallel: int, *options: str) -> dict:
         out = subprocess.run(["dllama-run", "plan", "--model", str(path), "--nodes", str(nodes), "--max-seq-len", "128",
-                              "--parallel", str(parallel), "--json"], capture_output=True, text=True, check=True)
+                              "--parallel", str(parallel), "--json", *options], capture_output=True, text=True,
+                             check=True)
         return json.loads(out.stdout)
 
     one, three = plan(1), plan(3)
@@ -152,6 +155,48 @@ def test_plan_counts_every_slots_kv_cache(nodes):
     for single, triple in zip(one["per_node"], three["per_node"], strict=True):  # every node keeps each slot's slice
         assert triple["kv_cache"] == 3 * single["kv_cache"] > 0
         assert triple["total"] - single["total"] == 2 * single["kv_cache"]
+    served = plan(3, "--serve")
+    (root, *workers), plain_root, h = served["per_node"], three["per_node"][0], ModelFile(path).header
+    assert root["server"] == serving_bytes(h)  # the root's tokenizer and HTTP server; the workers run neither
+    fewer_logits = (PREFILL_BATCH - 3) * 4 * h.vocab_size  # a row of logits per slot, not one per token of a batch
+    assert plain_root["buffers"] - root["buffers"] == fewer_logits
+    assert root["total"] == plain_root["total"] - fewer_logits + root["server"]
+    assert workers == three["per_node"][1:]
+
+
+@pytest.mark.slow
+def test_plan_predicts_serves_peak_memory_within_10_percent(smollm2_files):
+    """Issue 25's must-hold 4, measured here: `dllama-run serve --parallel 2` on SmolLM2's q40 through two
+    concurrent generations that fill both KV caches (the end of sequence banned), its peak RSS against
+    `dllama-run plan --parallel 2 --serve`. Memory, not time: the machine's load does not move it."""
+    from serve_helpers import ServerProcess
+    from test_distributed_smollm2 import vm_hwm
+
+    context, model, tokenizer = 64, smollm2_files["q40"], smollm2_files["tokenizer"]
+    plan = subprocess.run(["dllama-run", "plan", "--model", str(model), "--nodes", "1", "--max-seq-len", str(context),
+                           "--parallel", "2", "--serve", "--json"], capture_output=True, text=True, check=True)
+    planned = json.loads(plan.stdout)["per_node"][0]["total"]
+    eos = Tokenizer.load(str(tokenizer)).eos_ids[0]
+    server = ServerProcess("--model", str(model), "--tokenizer", str(tokenizer), "--parallel", "2", "--max-seq-len",
+                           str(context))
+    try:
+        def fill(prompt: str, out: list) -> None:
+            out.append(httpx.post(f"{server.url}/v1/completions", timeout=300, json={
+                "prompt": prompt, "max_tokens": context, "temperature": 0, "logit_bias": {str(eos): -100}}).json())
+
+        answers: list = []
+        threads = [threading.Thread(target=fill, args=(p, answers)) for p in PROMPTS[:2]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        measured = vm_hwm(server.proc.pid)
+    finally:
+        server.stop()
+    assert [a["choices"][0]["finish_reason"] for a in answers] == ["length", "length"]
+    assert sum(a["usage"]["total_tokens"] for a in answers) >= 2 * (context - 1)  # both caches (nearly) full
+    assert abs(measured - planned) <= 0.1 * planned, f"serve peak {measured / 2**20:.1f} MiB, plan " \
+                                                     f"{planned / 2**20:.1f} MiB"
 
 
 def test_start_up_says_how_many_conversations_and_their_memory(tokenizer):

@@ -7,7 +7,7 @@ from typing import Optional
 
 from dllama.cli.edge import CliError, note
 from dllama.formats import padded_vocabulary
-from dllama.runtime.engine import Engine, release_freed_heap
+from dllama.runtime.engine import Engine, keep_large_allocations_off_the_heap, release_freed_heap
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ def load_model(model: Path, tokenizer: Path, max_seq_len: int, nthreads: Optiona
     """Engine (one node, or the root of a cluster) + tokenizer, checked against each other; `slots`: sequences
     the engine keeps a KV cache for (serve --parallel; on a cluster every node keeps its slice of each; None: what
     every node's free memory holds, a cluster's root decides as it connects)."""
+    keep_large_allocations_off_the_heap()
     mpi_engine = None
     if cluster.workers == "@mpi":  # distributed.mpi.MPI_WORKERS (dllama-run mpi): ranks > 0 serve in here and exit
         from dllama.runtime.distributed.mpi import open_mpi_engine

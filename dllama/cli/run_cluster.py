@@ -12,11 +12,12 @@ from dllama.cli.edge import CliError, edge, note
 from dllama.cli.loading import check_port, model_files
 from dllama.formats import ModelFile
 from dllama.runtime.distributed.node_memory import (
-    TOKENIZER_BYTES_PER_TOKEN,
+    SERVER_BYTES,
     SplitError,
     cluster_weights,
     memory_plan,
     parse_size,
+    tokenizer_bytes,
 )
 from dllama.runtime.distributed.protocol import DEFAULT_PORT
 from dllama.runtime.engine import PREFILL_BATCH
@@ -75,6 +76,8 @@ def plan_command(
     batch: int = typer.Option(PREFILL_BATCH, min=1, help="prompt tokens per forward batch the buffers are sized for "
                                                         f"(the runtime evaluates prompts {PREFILL_BATCH} at a time)"),
     parallel: int = typer.Option(1, min=1, help="conversations at once (serve --parallel): a KV cache each"),
+    serve: bool = typer.Option(False, "--serve", help="the root runs dllama-run serve: count its tokenizer and "
+                                                      "HTTP server too"),
     as_json: bool = options.AS_JSON,
     weights: Optional[str] = options.WEIGHTS,
     root_compute: str = options.ROOT_COMPUTE,
@@ -85,37 +88,43 @@ def plan_command(
     """Print each node's share and memory (weights, KV cache, buffers) for a split of MODEL over NODES.
 
     Example: dllama-run plan HuggingFaceTB/SmolLM2-135M-Instruct --nodes 3 --weights 2,1,1 --ram 1G
+    (add --serve --parallel 4 for the root of `dllama-run serve --parallel 4`)
     """
     with edge():
         model = model_files(source, model, None, quant, with_tokenizer=False).model
         header = ModelFile(model).header  # the header checked against the file's real size
         seq = min(max_seq_len, header.max_seq_len)
         split_weights = _plan_weights(nodes, weights, root_compute, workers, cluster_key_file)
-        plan = memory_plan(header, nodes, seq, batch, weights=split_weights, parallel=parallel)
+        plan = memory_plan(header, nodes, seq, batch, weights=split_weights, parallel=parallel, serve=serve)
         limit = parse_size(ram) if ram else None
     rows = [{
         "node": m.node, "role": "root" if m.node == 0 else "worker", "share": m.share.describe(),
         "heads": list(m.share.heads), "kv_heads": list(m.share.kv_heads), "ffn_rows": list(m.share.ffn),
         "vocab_rows": list(m.share.vocab), "weights": m.weights, "kv_cache": m.kv_cache,
-        "buffers": m.buffers, "runtime": m.runtime, "total": m.total, "mapped_only": m.mapped_only,
+        "buffers": m.buffers, "runtime": m.runtime, "server": m.server, "total": m.total, "mapped_only": m.mapped_only,
         "fits": None if limit is None else m.total <= limit,
     } for m in plan]
     if as_json:
-        print(json.dumps({"model": str(model), "nodes": nodes, "max_seq_len": seq, "parallel": parallel, "ram": limit,
-                          "weights": list(split_weights), "per_node": rows}))
+        print(json.dumps({"model": str(model), "nodes": nodes, "max_seq_len": seq, "parallel": parallel, "serve": serve,
+                          "ram": limit, "weights": list(split_weights), "per_node": rows}))
         return
     print(f"{model}: {nodes} node(s), max_seq_len {seq}" + (f" x {parallel} conversations" if parallel > 1 else "")
           + f", weights {','.join(f'{w:.3g}' for w in split_weights)}")
-    print(f"{'node':<10}{'weights':>14}{'kv cache':>14}{'buffers':>12}{'runtime':>12}{'total':>14}  fits")
+    server = f"{'server':>12}" if serve else ""
+    print(f"{'node':<10}{'weights':>14}{'kv cache':>14}{'buffers':>12}{'runtime':>12}{server}{'total':>14}  fits")
     for r in rows:
         fits = "-" if r["fits"] is None else ("yes" if r["fits"] else f"NO (> {_mib(limit)})")
         label = f"{r['node']} {r['role']}"
+        server = f"{_mib(r['server']):>12}" if serve else ""
         print(f"{label:<10}{_mib(r['weights']):>14}{_mib(r['kv_cache']):>14}{_mib(r['buffers']):>12}"
-              f"{_mib(r['runtime']):>12}{_mib(r['total']):>14}  {fits}")
+              f"{_mib(r['runtime']):>12}{server}{_mib(r['total']):>14}  {fits}")
     for r in rows:
         print(f"node {r['node']}: {r['share']}")
-    print(f"the root also maps the {_mib(plan[0].mapped_only)} embedding but reads only the rows of tokens it sees, "
-          f"and dllama-run's tokenizer adds ~{_mib(TOKENIZER_BYTES_PER_TOKEN * header.vocab_size)} to it")
+    print(f"the root's {_mib(plan[0].mapped_only)} embedding stays in the file: it reads the rows of the tokens it sees"
+          + (f"; its server column is serve's tokenizer ({_mib(tokenizer_bytes(header))}) and HTTP server "
+             f"({_mib(SERVER_BYTES)})" if serve else
+             f", and dllama-run's tokenizer adds ~{_mib(tokenizer_bytes(header))} to it (serve's HTTP server "
+             f"~{_mib(SERVER_BYTES)} more: --serve counts both)"))
     if limit is not None and not all(r["fits"] for r in rows):
         raise typer.Exit(2)
 

@@ -52,6 +52,7 @@ from dllama.formats.header import (
     read_model_header,
 )
 from dllama.formats.model_file import (
+    FileRows,
     ModelFile,
     Split,
     TensorLayout,
@@ -85,8 +86,8 @@ __all__ = [
     "REQUIRED_KEY_ORDER", "ArchType", "HeaderKey", "HiddenAct", "ModelHeader", "RopeType", "parse_model_header",
     "HEADER_LIMITS", "check_header_limits",
     "read_model_header",
-    "ModelFile", "Split", "TensorLayout", "TensorSpec", "model_file_size", "permute_rotary_rows", "tensor_layout",
-    "tensor_plan",
+    "FileRows", "ModelFile", "Split", "TensorLayout", "TensorSpec", "model_file_size", "permute_rotary_rows",
+    "tensor_layout", "tensor_plan",
     "EXTENSION_MAGIC", "EXTENSION_VERSION", "OLD_TOKENIZER_MAGIC", "TOKENIZER_MAGIC", "EmbeddedKind",
     "EmbeddedSource", "TokenizerFile", "TokKey", "padded_vocabulary", "parse_tokenizer", "read_tokenizer",
     "vocabulary_end",

@@ -540,7 +540,7 @@ class MpiEngine(Engine):
     def __init__(self, setup: RankSetup, nthreads: int | None, log: Callable[[str], None]):
         layers, exchange = rank_layers(setup)
         super().__init__(setup.header, layers, exchange, setup.max_seq_len, nthreads,
-                         embedding=setup.model.blocks("embedding"), model=setup.model)
+                         embedding=setup.model.rows("embedding"), model=setup.model)
         self.split, self.statuses = setup.split, setup.statuses
         for s, share in zip(setup.statuses, setup.split.nodes):
             log(f"{s.name}: {share.describe()}")

@@ -19,9 +19,17 @@ from dllama.runtime.split import ClusterSplit, NodeShare, SliceGeometry, SplitEr
 # runtime runs numba's JIT kernels, and numba and LLVM add ~130 MiB.
 RUNTIME_BASE_BYTES = 42 * 1024 * 1024
 DEFAULT_MAX_PARALLEL = 4  # serve's default --parallel: what every node's memory holds, at most this
-# What the root's tokenizer holds per vocabulary entry (Hugging Face `tokenizers` with its merges,
-# plus the .t vocabulary): Llama 2's 32000 tokens ~25 MiB (measured, docs/BENCHMARKS.md).
-TOKENIZER_BYTES_PER_TOKEN = 800
+# The root's tokenizer (dllama-run loads it; `plan --serve` counts it): the `tokenizers` library and its
+# import (~7 MiB), then per vocabulary entry Hugging Face's vocabulary and merges and the .t's tokens and
+# scores, after start-up gives the parse's garbage back (engine.release_freed_heap). Measured: SmolLM2's
+# 49152 tokens +21.0 MiB, Llama 2's 32000 +14.4 MiB, ~450 bytes a token (docs/BENCHMARKS-HISTORY.md).
+TOKENIZER_LIBRARY_BYTES = 7 * 1024 * 1024
+TOKENIZER_BYTES_PER_TOKEN = 450
+# `dllama-run serve` beside the runtime: its HTTP stack imported (uvicorn, starlette, prometheus_client and
+# the pydantic models of the OpenAI API, ~17 MiB) and what serving takes while requests stream (their
+# threads, Python objects and allocator arenas: ~9 MiB at 4 to 8 concurrent clients), measured on SmolLM2
+# and the TinyLlama shape alike (docs/BENCHMARKS-HISTORY.md, issue 25 must-hold 4).
+SERVER_BYTES = 26 * 1024 * 1024
 KV_BYTES_PER_VALUE = 4  # f32 cache (FORMAT.md §3)
 # The root streams each worker its slices through a read buffer of up to 4 MiB, and column slices
 # through a row block and its columns (slices.stream_buffer_bytes): the allocator keeps those pages
@@ -72,10 +80,11 @@ class NodeMemory:
     buffers: int     # activations of one batch, exchange buffers, logits
     runtime: int     # interpreter, numpy, compiled kernels
     mapped_only: int # mapped but not resident (the root's embedding: only looked-up rows are read)
+    server: int = 0  # the root under `dllama-run serve`: its tokenizer and HTTP server (serving_bytes)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.buffers + self.runtime
+        return self.weights + self.kv_cache + self.buffers + self.runtime + self.server
 
 
 def node_weight_bytes(h: ModelHeader, share: NodeShare) -> int:
@@ -86,7 +95,11 @@ def kv_cache_bytes(h: ModelHeader, share: NodeShare, max_seq_len: int) -> int:
     return 2 * h.n_layers * max_seq_len * share.n_kv_heads * h.head_dim * KV_BYTES_PER_VALUE
 
 
-def buffer_bytes(h: ModelHeader, split: ClusterSplit, share: NodeShare, max_seq_len: int, batch: int) -> int:
+def buffer_bytes(h: ModelHeader, split: ClusterSplit, share: NodeShare, max_seq_len: int, batch: int,
+                 logit_rows: int | None = None) -> int:
+    """Activations of a `batch`, and `logit_rows` rows of logits (default: one per token of the batch). dllama-run's
+    logits buffer is calloc'ed outside the heap (engine.keep_large_allocations_off_the_heap), so only the rows
+    written become resident: serve's root writes one per sequence that samples in a step, at most --parallel."""
     _, padded_heads = share.attention_layout
     ffn = share.ffn[1] - share.ffn[0]
     per_token = 4 * (
@@ -98,7 +111,8 @@ def buffer_bytes(h: ModelHeader, split: ClusterSplit, share: NodeShare, max_seq_
         + len(split.computing) * h.dim                         # the partials of every node
     )
     logits = 4 * (h.vocab_size if share.node == 0 else share.vocab[1] - share.vocab[0])
-    return batch * (per_token + logits) + (streaming_bytes(h, split) if share.node == 0 else 0)
+    rows = batch if logit_rows is None else min(batch, logit_rows)
+    return batch * per_token + rows * logits + (streaming_bytes(h, split) if share.node == 0 else 0)
 
 
 def streaming_bytes(h: ModelHeader, split: ClusterSplit) -> int:
@@ -111,9 +125,19 @@ def streaming_bytes(h: ModelHeader, split: ClusterSplit) -> int:
     return min(largest, WEIGHT_CHUNK)
 
 
+def tokenizer_bytes(h: ModelHeader) -> int:
+    return TOKENIZER_LIBRARY_BYTES + TOKENIZER_BYTES_PER_TOKEN * h.vocab_size
+
+
+def serving_bytes(h: ModelHeader) -> int:
+    """What `dllama-run serve` adds to its root's runtime: the tokenizer and the HTTP server."""
+    return tokenizer_bytes(h) + SERVER_BYTES
+
+
 def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1,
-                weights: tuple[float, ...] | None = None, parallel: int = 1) -> list[NodeMemory]:
-    """Each node's memory; `parallel` sequences at once (serve --parallel) hold a KV cache each."""
+                weights: tuple[float, ...] | None = None, parallel: int = 1, serve: bool = False) -> list[NodeMemory]:
+    """Each node's memory; `parallel` sequences at once (serve --parallel) hold a KV cache each; `serve`: the
+    root runs `dllama-run serve` (its tokenizer and HTTP server count too)."""
     split = ClusterSplit.plan(h, n_nodes, weights)
     embedding = h.vocab_size * h.dim * 4
     return [NodeMemory(
@@ -121,19 +145,21 @@ def memory_plan(h: ModelHeader, n_nodes: int, max_seq_len: int, batch: int = 1,
         share=share,
         weights=node_weight_bytes(h, share),
         kv_cache=parallel * kv_cache_bytes(h, share, max_seq_len),
-        buffers=buffer_bytes(h, split, share, max_seq_len, batch),
+        buffers=buffer_bytes(h, split, share, max_seq_len, batch, parallel if serve and share.node == 0 else None),
         runtime=RUNTIME_BASE_BYTES,
         mapped_only=embedding if share.node == 0 else 0,
+        server=serving_bytes(h) if serve and share.node == 0 else 0,
     ) for share in split.nodes]
 
 
 def parallel_that_fits(h: ModelHeader, max_seq_len: int, available: Sequence[int], batch: int, most: int,
                        weights: tuple[float, ...] | None = None) -> int:
     """How many sequences a node, or every node of a cluster, can serve at once (serve's default --parallel):
-    each one's KV cache (a cluster node's slice of it) beside the node's weights, the buffers of a `batch` and the
-    runtime, in each node's `available` bytes (root first; one entry for one node); 1 to `most`."""
-    plans = memory_plan(h, len(available), max_seq_len, batch, weights)
-    fits = [(free - (m.weights + m.buffers + m.runtime)) // max(m.kv_cache, 1)
+    each one's KV cache (a cluster node's slice of it) beside the node's weights, the buffers of a `batch`, the
+    runtime and (the root) the server, in each node's `available` bytes (root first; one entry for one node);
+    1 to `most`."""
+    plans = memory_plan(h, len(available), max_seq_len, batch, weights, serve=True)
+    fits = [(free - (m.weights + m.buffers + m.runtime + m.server)) // max(m.kv_cache, 1)
             for m, free in zip(plans, available, strict=True)]
     return max(1, min(most, *fits))
 

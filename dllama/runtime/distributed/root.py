@@ -430,9 +430,9 @@ class DistributedEngine(Engine):
         except BaseException:
             self.close()
             raise
-        # only looked-up rows of the memory-mapped embedding are ever read
+        # the embedding's rows are read from the file as tokens are looked up (ModelFile.rows)
         tcp = TcpExchange(self.split, self.links, buffer_type, self.uses_mesh, self.asks_slices)
-        super().__init__(h, layers, tcp, max_seq_len, nthreads, embedding=model.blocks("embedding"), model=model)
+        super().__init__(h, layers, tcp, max_seq_len, nthreads, embedding=model.rows("embedding"), model=model)
 
     @property
     def traffic(self) -> Traffic:
