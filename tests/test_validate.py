@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import CONFORMANCE, FIXTURES, require_fixtures
-from validate_helpers import swap_tensors, unpermute_qk
+from validate_helpers import fold_channels, permute_qk, swap_tensors, tensor_slice, unpermute_qk, write_checkpoint_with
 
 from dllama.checkpoint import Checkpoint
 from dllama.cli.dllama_validate import main
-from dllama.formats import FloatType, ModelFile, read_tokenizer
+from dllama.formats import FloatType, ModelFile, read_tokenizer, tensor_plan
 from dllama.tokenizer.from_hf import convert_tokenizer
 from dllama.validate import checks
 from dllama.validate.reference import ReferenceLogits, compute_reference
@@ -216,9 +216,17 @@ def test_padded_model_vocabulary_warns_but_one_token_fewer_fails():
     tf = read_tokenizer(fixture("tiny-llama") / "expected.t")
     header = ModelFile(fixture("tiny-llama") / "expected_q40.m").header
     padded = checks.vocab_sizes_equal(replace(header, vocab_size=tf.vocab_size + 128), tf)
-    assert padded.status == Status.WARN and "128 rows the tokenizer never produces" in padded.reason
+    assert (padded.name, padded.status, padded.measured, padded.threshold) == ("tokenizer.vocab_size", Status.WARN,
+                                                                               ".m 512, .t 384", "equal")
+    assert "128 rows the tokenizer never produces" in padded.reason
     one_fewer = checks.vocab_sizes_equal(replace(header, vocab_size=tf.vocab_size + 1), tf)
-    assert one_fewer.status == Status.FAIL and "one fewer" in one_fewer.reason
+    assert (one_fewer.name, one_fewer.status, one_fewer.threshold) == ("tokenizer.vocab_size", Status.FAIL, "equal")
+    assert "the .t has one fewer;" in one_fewer.reason
+    one_more = checks.vocab_sizes_equal(replace(header, vocab_size=tf.vocab_size - 1), tf)
+    assert one_more.status == Status.FAIL and "the .t has one more;" in one_more.reason
+    same = checks.vocab_sizes_equal(header, tf)
+    assert (same.name, same.status, same.measured, same.threshold) == ("tokenizer.vocab_size", Status.PASS,
+                                                                       ".m 384, .t 384", "equal")
 
 
 def test_bos_eos_swapped_is_caught(tmp_path):
@@ -259,9 +267,12 @@ def test_bf16_read_as_f16_is_named_against_the_checkpoint(tmp_path):
 
     src = fixture("tiny-llama")  # a bf16 checkpoint
     bad = write_with(tmp_path / "bf16_as_f16.m", src / "expected_f32.m", read_bf16_as_f16)
-    reasons = failing(validate(bad, src / "expected.t", hf=src, options=FAST))
-    assert "bf16 bytes read as f16" in reasons["model.tensors"]
-    assert "bf16 bytes read as f16" in reasons["model.weights_vs_checkpoint"]
+    report = validate(bad, src / "expected.t", hf=src, options=FAST)
+    assert "bf16 bytes read as f16" in failing(report)["model.tensors"]
+    problems = report.get("model.weights_vs_checkpoint").details["problems"]
+    for name in ("embedding", "layers.0.wo", "layers.1.w2"):   # tensors after no norm, compared as they are
+        assert any(p.startswith(f"{name} holds the original's bf16 bytes read as f16 (reconvert reading bf16) "
+                                "(relative error ") for p in problems), name
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,3 +528,203 @@ def test_sampled_rows_are_the_first_64_and_a_spread_reaching_the_last():
     assert list(rows[:64]) == list(range(64)) and rows[-1] == w1.shape[0] - 1
     assert len(rows) <= 2 * checks.SAMPLE_ROWS and list(rows) == sorted(set(rows))
     assert list(checks.sample_rows(norm)) == [0]   # a vector is one row
+
+
+def test_special_ids_that_differ_name_each_token_by_its_text_including_id_0():
+    tf = read_tokenizer(fixture("tiny-llama") / "expected.t")   # bos 382 "<s>", eos [383], id 0 "!"
+    expected_bos, expected_eos = tf.bos_id, list(tf.eos_ids)
+    tf.bos_id = 0
+    r = checks.special_ids(tf, expected_bos, expected_eos)
+    assert (r.name, r.status, r.measured, r.threshold) == ("tokenizer.special_ids", Status.FAIL, "bos 0, eos [383]",
+                                                           "bos 382, eos [383]")
+    assert r.reason == (f"bos/eos ids differ from the source's (bos 0 '!', expected 382 "
+                        f"{tf.tokens[382].decode()!r}); reconvert the tokenizer")
+    unchecked = checks.special_ids(tf, None, None)
+    assert (unchecked.name, unchecked.status, unchecked.measured, unchecked.threshold) == (
+        "tokenizer.special_ids", Status.PASS, "bos 0, eos [383]", "in range (no source to compare)")
+    tf.eos_ids = []
+    no_eos = checks.special_ids(tf, expected_bos, expected_eos)
+    assert (no_eos.name, no_eos.status, no_eos.measured, no_eos.threshold) == ("tokenizer.special_ids", Status.FAIL,
+                                                                               "bos 0, eos []", "eos present")
+    assert no_eos.reason == "the .t lists no eos token, so generation never stops; reconvert"
+
+
+def test_byte_fallback_needs_every_byte_only_when_the_source_falls_back_to_bytes():
+    tf = read_tokenizer(fixture("tiny-llama") / "expected.t")   # byte-level BPE: all 256 bytes are tokens
+    every = ("tokenizer.byte_fallback", Status.PASS, "0 literal <0xNN> pieces", "0")
+    for source_has_byte_fallback in (None, True, False):
+        r = checks.byte_fallback(tf, source_has_byte_fallback)
+        assert (r.name, r.status, r.measured, r.threshold) == every
+    tf.tokens[0], tf.tokens[1] = b"!!", b'""'   # the bytes "!" and '"' no longer have a token of their own
+    lost = checks.byte_fallback(tf, True)
+    assert (lost.name, lost.status, lost.measured, lost.threshold) == ("tokenizer.byte_fallback", Status.FAIL,
+                                                                      "2 of 256 bytes missing", "all 256 bytes")
+    assert lost.reason == ("the source tokenizer uses byte fallback but 2 byte values have no single-byte token; "
+                           "reconvert")
+    for source_has_byte_fallback in (None, False):   # no byte fallback to serve: a byte-level BPE needs none
+        r = checks.byte_fallback(tf, source_has_byte_fallback)
+        assert (r.name, r.status, r.measured, r.threshold) == every
+
+
+def test_a_tokenizer_against_its_source_lists_the_first_differing_tokens():
+    source = read_tokenizer(fixture("tiny-llama") / "expected.t")
+    same = checks.tokenizer_vs_source(source, source)
+    assert (same.name, same.status, same.measured, same.threshold) == ("tokenizer.vs_source", Status.PASS,
+                                                                       "384 tokens identical", "identical tokens")
+    tf = read_tokenizer(fixture("tiny-llama") / "expected.t")
+    for i in (5, 7, 9, 11):
+        tf.tokens[i] = b"<%d>" % i
+    differ = checks.tokenizer_vs_source(tf, source)
+    assert (differ.name, differ.status, differ.measured, differ.threshold) == ("tokenizer.vs_source", Status.FAIL,
+                                                                               "4 tokens differ", "identical tokens")
+    assert differ.reason.startswith("id 5: b'<5>' vs b'&', id 7: b'<7>' vs b'(', id 9: b'<9>' vs b'*': ")
+    assert differ.details["differing_ids"] == [5, 7, 9, 11]
+    tf.tokens.pop()
+    shorter = checks.tokenizer_vs_source(tf, source)
+    assert (shorter.name, shorter.status, shorter.measured, shorter.threshold) == (
+        "tokenizer.vs_source", Status.FAIL, "383 vs 384 tokens", "identical tokens")
+
+
+def test_more_than_three_broken_tensors_are_named_three_and_counted(tmp_path):
+    src = fixture("tiny-llama") / "expected_f32.m"
+
+    def zero(names):
+        def edit(data: bytearray, mf: ModelFile) -> None:
+            for name in names:
+                data[tensor_slice(mf, name)] = bytes(mf.layout[name].spec.nbytes)
+        return edit
+
+    three = checks.tensor_health(ModelFile(write_model_with(tmp_path, src, zero(["layers.0.q", "layers.0.k",
+                                                                                "layers.0.v"]))))
+    assert (three.name, three.status, three.measured) == ("model.tensors", Status.FAIL, "18/21 tensors healthy")
+    assert three.reason == ("layers.0.q is all zeros; layers.0.k is all zeros; layers.0.v is all zeros: the conversion "
+                            "wrote garbage; reconvert")
+    four = checks.tensor_health(ModelFile(write_model_with(tmp_path, src, zero(["layers.0.q", "layers.0.k",
+                                                                               "layers.0.v", "layers.1.w2"]))))
+    assert (four.status, four.measured) == (Status.FAIL, "17/21 tensors healthy")
+    assert four.reason == ("layers.0.q is all zeros; layers.0.k is all zeros; layers.0.v is all zeros ...: the "
+                           "conversion wrote garbage; reconvert")
+
+
+@pytest.mark.parametrize("quant", ["f32", "q40"])
+def test_tensor_stats_of_a_tensor_without_one_finite_value_are_zero_but_the_count(tmp_path, quant):
+    name = "layers.1.w2"
+
+    def nan_everywhere(data: bytearray, mf: ModelFile) -> None:
+        where = tensor_slice(mf, name)
+        if quant == "f32":
+            data[where] = np.full(mf.layout[name].spec.nbytes // 4, np.nan, "<f4").tobytes()
+        else:   # every block's f16 scale d NaN, its nibbles kept (FORMAT.md §1.2: 2 + 16 bytes a block)
+            blocks = np.frombuffer(bytes(data[where]), np.uint8).reshape(-1, 18).copy()
+            blocks[:, :2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
+            data[where] = blocks.tobytes()
+
+    mf = ModelFile(write_model_with(tmp_path, fixture("tiny-llama") / f"expected_{quant}.m", nan_everywhere))
+    spec = mf.layout[name].spec
+    count = spec.shape[0] * spec.shape[1] // (32 if quant == "q40" else 1)
+    stats = checks.tensor_stats(mf, name)
+    assert stats["non_finite"] == count and stats["abs_max"] == 0.0
+    if quant == "q40":
+        assert (stats["mean_abs_scale"], stats["zero_blocks"]) == (0.0, 0.0)
+    else:
+        assert (stats["mean"], stats["std"]) == (0.0, 0.0)
+    health = checks.tensor_health(mf)
+    what = "scales" if quant == "q40" else "values"
+    assert health.status == Status.FAIL and health.reason.startswith(f"{name} has {count} non-finite {what}: ")
+
+
+# --------------------------------------------------------------------------------------------
+# weights_vs_checkpoint: folded norms, q/k rows of an arch without the permute, a checkpoint short of a tensor
+
+def fold_first_layer_and_head(tmp_path: Path, scales: np.ndarray) -> ModelFile:
+    """tiny-llama's f32 file with layer 0's attention input and the head's folded by `scales`, as the
+    error-aware q40 encoder folds them (calibration.Fold); its FFN inputs and layer 1 left as they are."""
+    from validate_helpers import write_model_with as write_with
+
+    src = fixture("tiny-llama") / "expected_f32.m"
+    once = write_with(tmp_path / "fold1.m", src, fold_channels("layers.0.attn_norm", ("layers.0.q", "layers.0.k",
+                                                                                      "layers.0.v"), scales))
+    return ModelFile(write_with(tmp_path / "folded.m", once, fold_channels("norm", ("lm_head",), scales)))
+
+
+def test_norms_folded_into_the_matrices_after_them_are_checked_through_their_channel_scales(tmp_path):
+    scales = np.linspace(0.5, 2.0, 64, dtype=np.float32)   # one per channel of tiny-llama's dim
+    folded = fold_first_layer_and_head(tmp_path, scales)
+    ckpt, plan = Checkpoint(fixture("tiny-llama")), tensor_plan(folded.header)
+    found = checks.channel_scales(folded, ckpt, plan)
+    assert set(found) == {"layers.0.attn_norm", "norm"}
+    for recovered in found.values():
+        assert np.allclose(recovered, scales, rtol=1e-6, atol=0)
+    assert checks.channel_scales(ModelFile(fixture("tiny-llama") / "expected_f32.m"), ckpt, plan) == {}
+
+    calls = []
+    r = checks.weights_vs_checkpoint(folded, ckpt, progress=lambda done, total: calls.append((done, total)))
+    assert (r.name, r.status, r.threshold) == ("model.weights_vs_checkpoint", Status.PASS, "<= 1e-06 (f32)"), r.reason
+    # the folded norms are not compared themselves; every other tensor is, within f32's rounding
+    assert set(r.details["relative_errors"]) == {s.name for s in plan} - set(found)
+    assert max(r.details["relative_errors"].values()) <= 1e-6
+    assert calls == [(i + 1, len(plan)) for i, s in enumerate(plan) if s.name not in found]
+
+
+def test_a_folded_norm_whose_original_channel_is_zero_keeps_scale_1_there(tmp_path):
+    def zero_channel_3(tensors):
+        tensors["model.layers.0.input_layernorm.weight"][3] = 0
+
+    ckpt = Checkpoint(write_checkpoint_with(tmp_path / "hf", fixture("tiny-llama"), zero_channel_3))
+    scales = np.linspace(0.5, 2.0, 64, dtype=np.float32)
+    scales[3] = 1   # the stored weight is 0 too: 0 / s says nothing of s
+    folded = fold_first_layer_and_head(tmp_path, scales)
+    found = checks.channel_scales(folded, ckpt, tensor_plan(folded.header))
+    assert set(found) == {"layers.0.attn_norm", "norm"} and found["layers.0.attn_norm"][3] == 1
+
+
+def test_a_norm_of_the_wrong_sign_is_no_fold_and_is_named(tmp_path):
+    from validate_helpers import write_model_with as write_with
+
+    flipped = write_with(tmp_path / "flipped.m", fixture("tiny-llama") / "expected_f32.m",
+                         fold_channels("layers.0.ffn_norm", (), np.float32(-1)))
+    mf, ckpt = ModelFile(flipped), Checkpoint(fixture("tiny-llama"))
+    assert checks.channel_scales(mf, ckpt, tensor_plan(mf.header)) == {}
+    r = checks.weights_vs_checkpoint(mf, ckpt)
+    assert r.status == Status.FAIL and r.details["problems"] == [
+        "layers.0.ffn_norm differs from model.layers.0.post_attention_layernorm.weight (relative error 2)"]
+
+
+def test_qk_rows_permuted_for_an_arch_without_the_permute_are_named(tmp_path):
+    src = fixture("tiny-qwen3")   # 4 query heads, 2 kv heads
+    bad = ModelFile(write_model_with(tmp_path, src / "expected_f32.m", permute_qk))
+    r = checks.weights_vs_checkpoint(bad, Checkpoint(src))
+    assert r.status == Status.FAIL
+    assert [p.split(" (relative")[0] for p in r.details["problems"]] == [
+        f"layers.{i}.{m} has q/k rows permuted, but qwen3 must not be (FORMAT.md §1.3)" for i in (0, 1) for m in "qk"]
+
+
+def test_a_checkpoint_without_a_norm_or_with_a_tensor_of_another_shape_fails_naming_it(tmp_path):
+    def drop_norm_and_transpose_up(tensors):
+        del tensors["model.norm.weight"]
+        tensors["model.layers.1.mlp.up_proj.weight"] = np.ascontiguousarray(
+            tensors["model.layers.1.mlp.up_proj.weight"].T)
+
+    ckpt = Checkpoint(write_checkpoint_with(tmp_path / "hf", fixture("tiny-llama"), drop_norm_and_transpose_up))
+    r = checks.weights_vs_checkpoint(ModelFile(fixture("tiny-llama") / "expected_f32.m"), ckpt)
+    assert r.status == Status.FAIL and r.details["problems"] == [
+        "layers.1.w3 differs from model.layers.1.mlp.up_proj.weight (relative error inf)",
+        "model.norm.weight is missing from the checkpoint"]
+
+
+def test_bos_and_eos_of_the_embedded_config_are_looked_up_by_their_text():
+    from dllama.formats import EmbeddedKind
+
+    tf = convert_tokenizer(fixture("tiny-llama"))   # embeds its tokenizer_config: bos "<|bos|>", eos "<|eos|>"
+    assert checks.expected_special_ids_from_embedded(tf) == (382, [383])
+
+    def expected_with(config: dict, eos_ids=(383,)):
+        embedded = [replace(e, data=json.dumps(config).encode()) if e.kind == EmbeddedKind.TOKENIZER_CONFIG else e
+                    for e in tf.embedded]
+        return checks.expected_special_ids_from_embedded(replace(tf, embedded=embedded, eos_ids=list(eos_ids)))
+
+    assert expected_with({"bos_token": {"content": "<|bos|>"}, "eos_token": "<|eos|>"}) == (382, [383])
+    assert expected_with({"bos_token": "<|bos|>", "eos_token": "<|eos|>"}, eos_ids=(5, 383)) == (382, [5, 383])
+    assert expected_with({"bos_token": None, "eos_token": "<|eos|>"}) == (None, None)   # no bos: nothing to compare
+    assert expected_with({"bos_token": 382, "eos_token": "<|eos|>"}) == (None, None)    # not a text
+    assert expected_with({"bos_token": "<|bos|>", "eos_token": "<|not a token|>"}) == (None, None)
