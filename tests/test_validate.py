@@ -8,13 +8,22 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import CONFORMANCE, FIXTURES, require_fixtures
-from validate_helpers import fold_channels, permute_qk, swap_tensors, tensor_slice, unpermute_qk, write_checkpoint_with
+from validate_helpers import (
+    fold_channels,
+    permute_qk,
+    set_header,
+    swap_tensors,
+    tensor_slice,
+    unpermute_qk,
+    write_checkpoint_with,
+)
 
 from dllama.checkpoint import Checkpoint
 from dllama.cli.dllama_validate import main
@@ -438,7 +447,8 @@ def test_a_header_with_impossible_values_fails_naming_each():
         ["head_dim 15 is odd, rope needs pairs"]
     assert checks.header_problems(replace(h, n_heads=0, head_dim_value=0)) == ["n_heads is 0"]
     gelu = checks.header_sanity(replace(h, hidden_act=HiddenAct.GELU, weights_float_type=FloatType.F16))
-    assert (gelu.name, gelu.status) == ("model.header", Status.WARN)
+    assert (gelu.name, gelu.status, gelu.measured, gelu.threshold) == ("model.header", Status.WARN, "llama f16 2x64",
+                                                                       "supported values")
     assert gelu.reason == ("neither dllama-run nor the reference C++ runtime runs f16 weights; reconvert to q40, q80 "
                            "or f32; hidden_act gelu: both runtimes compute silu (FORMAT.md §2), so outputs will differ "
                            "from the original")
@@ -471,6 +481,20 @@ def test_files_that_are_not_a_model_or_a_tokenizer_fail_their_first_check(tmp_pa
     assert [(r.name, r.status, r.measured, r.threshold) for r in results] == [
         ("model.header", Status.FAIL, "unreadable", "valid header"), ("model.file_size", Status.SKIP, "-", "-")]
     assert results[0].reason.endswith("; reconvert with dllama-convert")
+    src = fixture("tiny-llama") / "expected_q40.m"
+    longer = tmp_path / "longer.m"
+    longer.write_bytes(src.read_bytes() + bytes(18))
+    header, mf, results = checks.open_model(longer)
+    assert header is not None and mf is None
+    assert [(r.name, r.status, r.measured, r.threshold, r.reason) for r in results[1:]] == [
+        ("model.file_size", Status.FAIL, f"{src.stat().st_size + 18} bytes", f"exactly {src.stat().st_size}",
+         "longer.m is longer than its header describes: trailing bytes or a header from another model")]
+    impossible = write_model_with(tmp_path, src, set_header(dim=21, hidden_dim=20))   # w1: 20 x 21 values
+    header, mf, results = checks.open_model(impossible)
+    assert header.dim == 21 and mf is None
+    assert [(r.name, r.status, r.measured, r.threshold, r.reason) for r in results[1:]] == [
+        ("model.file_size", Status.FAIL, "-", "-",
+         "the header describes impossible tensors: 420 values do not fill whole q40 blocks of 32")]
     tf, result = checks.open_tokenizer(garbage)
     assert tf is None and (result.name, result.status, result.measured, result.threshold) == (
         "tokenizer.file", Status.FAIL, "malformed", "well-formed .t")
@@ -492,6 +516,12 @@ def test_a_chat_template_is_rendered_with_a_sample_conversation():
     assert (bad.name, bad.status, bad.measured, bad.threshold) == ("tokenizer.chat_template", Status.FAIL, "error",
                                                                    "renders")
     assert bad.reason.startswith("the chat template does not render: ") and "no system role" in bad.reason
+    assert (ok.threshold, ok.reason) == ("renders", "")
+    none = checks.chat_template(render_with(""), None)
+    assert (none.name, none.status, none.measured, none.threshold) == ("tokenizer.chat_template", Status.WARN, "none",
+                                                                       "renders")
+    assert none.reason == ("the .t has no chat template: chat mode will need one (base models have none; fine for "
+                           "completion)")
 
 
 @pytest.mark.parametrize("quant, step", [("q40", 8), ("q80", 127)])
@@ -674,8 +704,21 @@ def test_a_folded_norm_whose_original_channel_is_zero_keeps_scale_1_there(tmp_pa
     scales = np.linspace(0.5, 2.0, 64, dtype=np.float32)
     scales[3] = 1   # the stored weight is 0 too: 0 / s says nothing of s
     folded = fold_first_layer_and_head(tmp_path, scales)
-    found = checks.channel_scales(folded, ckpt, tensor_plan(folded.header))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # 0 / 0 is no fold's business: no numpy warning reaches the user
+        found = checks.channel_scales(folded, ckpt, tensor_plan(folded.header))
     assert set(found) == {"layers.0.attn_norm", "norm"} and found["layers.0.attn_norm"][3] == 1
+
+
+def test_a_folded_norm_with_a_channel_zeroed_in_the_file_is_read_without_a_warning(tmp_path):
+    scales = np.linspace(0.5, 2.0, 64, dtype=np.float32)
+    folded = fold_first_layer_and_head(tmp_path, scales)
+    zeroed = write_model_with(tmp_path, folded.path, fold_channels("layers.0.attn_norm", (), np.float32(np.inf)))
+    mf = ModelFile(zeroed)   # the norm divided by inf: every channel 0 in the file, none in the original
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # x / 0 is computed, then masked: no numpy warning reaches the user
+        found = checks.channel_scales(mf, Checkpoint(fixture("tiny-llama")), tensor_plan(mf.header))
+    assert "layers.0.attn_norm" not in found and "norm" in found
 
 
 def test_a_norm_of_the_wrong_sign_is_no_fold_and_is_named(tmp_path):
@@ -701,15 +744,17 @@ def test_qk_rows_permuted_for_an_arch_without_the_permute_are_named(tmp_path):
 
 def test_a_checkpoint_without_a_norm_or_with_a_tensor_of_another_shape_fails_naming_it(tmp_path):
     def drop_norm_and_transpose_up(tensors):
-        del tensors["model.norm.weight"]
+        for name in ("model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"):   # the head has neither
+            del tensors[name]
         tensors["model.layers.1.mlp.up_proj.weight"] = np.ascontiguousarray(
             tensors["model.layers.1.mlp.up_proj.weight"].T)
 
     ckpt = Checkpoint(write_checkpoint_with(tmp_path / "hf", fixture("tiny-llama"), drop_norm_and_transpose_up))
     r = checks.weights_vs_checkpoint(ModelFile(fixture("tiny-llama") / "expected_f32.m"), ckpt)
     assert r.status == Status.FAIL and r.details["problems"] == [
+        "model.embed_tokens.weight is missing from the checkpoint",
         "layers.1.w3 differs from model.layers.1.mlp.up_proj.weight (relative error inf)",
-        "model.norm.weight is missing from the checkpoint"]
+        "model.norm.weight is missing from the checkpoint", "lm_head.weight is missing from the checkpoint"]
 
 
 def test_bos_and_eos_of_the_embedded_config_are_looked_up_by_their_text():
@@ -728,3 +773,17 @@ def test_bos_and_eos_of_the_embedded_config_are_looked_up_by_their_text():
     assert expected_with({"bos_token": None, "eos_token": "<|eos|>"}) == (None, None)   # no bos: nothing to compare
     assert expected_with({"bos_token": 382, "eos_token": "<|eos|>"}) == (None, None)    # not a text
     assert expected_with({"bos_token": "<|bos|>", "eos_token": "<|not a token|>"}) == (None, None)
+
+
+def test_bf16_read_as_f16_rounds_to_the_nearest_bf16_ties_to_even():
+    # float32 bits -> the bf16 a converter stores (round to nearest, ties to the even last bit), whose two
+    # bytes a converter reading them as f16 takes for an f16
+    bits = np.array([0x3F818000, 0x3F808000, 0x3F808001, 0x3F807FFF, 0xBF818000], np.uint32)
+    bf16 = np.array([0x3F82, 0x3F80, 0x3F81, 0x3F80, 0xBF82], np.uint16)
+    got = checks.bf16_read_as_f16(bits.view(np.float32))
+    assert got.dtype == np.float32 and np.array_equal(got, bf16.view(np.float16).astype(np.float32))
+
+
+def test_the_misread_bf16_fraction_counts_non_zero_values_only():
+    assert checks.misread_bf16_fraction(np.array([0.0, 0.0, 0.7, -1.5, 0.01, 2.0], np.float32)) == 0.5
+    assert checks.misread_bf16_fraction(np.zeros(8, np.float32)) == 0.0   # an all-zero embedding: nothing misread
