@@ -233,6 +233,12 @@ def test_padded_model_vocabulary_warns_but_one_token_fewer_fails():
     assert "the .t has one fewer;" in one_fewer.reason
     one_more = checks.vocab_sizes_equal(replace(header, vocab_size=tf.vocab_size - 1), tf)
     assert one_more.status == Status.FAIL and "the .t has one more;" in one_more.reason
+    five = checks.vocab_sizes_equal(replace(header, vocab_size=tf.vocab_size - 5), tf)
+    assert five.status == Status.FAIL and five.reason == ("the vocabularies differ by 5 tokens (padding or added "
+                                                          "tokens?); convert both from the same model folder")
+    other = checks.vocab_sizes_equal(replace(header, vocab_size=100), tf)   # 284 more than max(64, 100 // 50)
+    assert other.status == Status.FAIL and other.reason == ("this tokenizer belongs to another model; convert the "
+                                                            "tokenizer from the model's own folder")
     same = checks.vocab_sizes_equal(header, tf)
     assert (same.name, same.status, same.measured, same.threshold) == ("tokenizer.vocab_size", Status.PASS,
                                                                        ".m 384, .t 384", "equal")
@@ -279,6 +285,8 @@ def test_bf16_read_as_f16_is_named_against_the_checkpoint(tmp_path):
     report = validate(bad, src / "expected.t", hf=src, options=FAST)
     assert "bf16 bytes read as f16" in failing(report)["model.tensors"]
     problems = report.get("model.weights_vs_checkpoint").details["problems"]
+    assert len(problems) == 16 and report.get("model.weights_vs_checkpoint").reason.endswith(
+        "; and 12 more; reconvert with dllama-convert")   # the first four named, the rest counted
     for name in ("embedding", "layers.0.wo", "layers.1.w2"):   # tensors after no norm, compared as they are
         assert any(p.startswith(f"{name} holds the original's bf16 bytes read as f16 (reconvert reading bf16) "
                                 "(relative error ") for p in problems), name
@@ -626,7 +634,9 @@ def test_more_than_three_broken_tensors_are_named_three_and_counted(tmp_path):
 
     three = checks.tensor_health(ModelFile(write_model_with(tmp_path, src, zero(["layers.0.q", "layers.0.k",
                                                                                 "layers.0.v"]))))
-    assert (three.name, three.status, three.measured) == ("model.tensors", Status.FAIL, "18/21 tensors healthy")
+    assert (three.name, three.status, three.measured, three.threshold) == ("model.tensors", Status.FAIL,
+                                                                           "18/21 tensors healthy",
+                                                                           "all finite, none all-zero")
     assert three.reason == ("layers.0.q is all zeros; layers.0.k is all zeros; layers.0.v is all zeros: the conversion "
                             "wrote garbage; reconvert")
     four = checks.tensor_health(ModelFile(write_model_with(tmp_path, src, zero(["layers.0.q", "layers.0.k",
@@ -787,3 +797,11 @@ def test_bf16_read_as_f16_rounds_to_the_nearest_bf16_ties_to_even():
 def test_the_misread_bf16_fraction_counts_non_zero_values_only():
     assert checks.misread_bf16_fraction(np.array([0.0, 0.0, 0.7, -1.5, 0.01, 2.0], np.float32)) == 0.5
     assert checks.misread_bf16_fraction(np.zeros(8, np.float32)) == 0.0   # an all-zero embedding: nothing misread
+
+
+def test_relative_error_of_rows_against_an_all_zero_original():
+    w1 = Checkpoint(fixture("tiny-llama")).get("model.layers.0.mlp.gate_proj.weight")[:4]
+    zeros = np.zeros_like(w1)
+    assert checks.relative_error(zeros, zeros) == 0.0   # an all-zero original stored as such: exact
+    assert checks.relative_error(w1, zeros) == float("inf")   # anything else against it: no scale to be near
+    assert checks.relative_error(-w1, w1) == pytest.approx(2.0, rel=1e-12)
