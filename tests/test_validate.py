@@ -219,7 +219,7 @@ def test_vocab_differing_by_one_token_is_caught(tmp_path):
     assert "differ by one token" in failing(report)["tokenizer.vocab_size"]
 
 
-def test_padded_model_vocabulary_warns_but_one_token_fewer_fails():
+def test_vocabulary_sizes_pass_equal_warn_padded_and_fail_otherwise_naming_the_difference():
     # Qwen3 pads its embedding (151936 rows) beyond its 151669 tokens: the converter and runtime accept
     # that pair, so the validator must not fail it; one token fewer is still a lost token
     tf = read_tokenizer(fixture("tiny-llama") / "expected.t")
