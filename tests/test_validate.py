@@ -454,6 +454,7 @@ def test_a_header_with_impossible_values_fails_naming_each():
     assert checks.header_problems(replace(h, n_heads=1, n_kv_heads=1, head_dim_value=15)) == \
         ["head_dim 15 is odd, rope needs pairs"]
     assert checks.header_problems(replace(h, n_heads=0, head_dim_value=0)) == ["n_heads is 0"]
+    assert checks.header_problems(replace(h, rope_theta=0.0)) == ["rope_theta 0.0"]
     gelu = checks.header_sanity(replace(h, hidden_act=HiddenAct.GELU, weights_float_type=FloatType.F16))
     assert (gelu.name, gelu.status, gelu.measured, gelu.threshold) == ("model.header", Status.WARN, "llama f16 2x64",
                                                                        "supported values")
@@ -468,13 +469,18 @@ def test_a_header_against_its_config_names_every_difference_and_a_config_that_ca
     config = json.loads((src / "config.json").read_text())
     h = tiny_header()
     same = checks.header_vs_config(h, config)
-    assert (same.name, same.status, same.measured) == ("model.header_vs_config", Status.PASS, "all fields equal")
+    assert (same.name, same.status, same.measured, same.threshold) == ("model.header_vs_config", Status.PASS,
+                                                                       "all fields equal", "equal to config.json")
     from dllama.formats import ArchType
 
     differ = checks.header_vs_config(replace(h, n_layers=3, arch=ArchType.QWEN3), config)
     assert (differ.name, differ.status, differ.measured) == ("model.header_vs_config", Status.FAIL, "2 field(s) differ")
     assert differ.details["differences"] == {"arch": {"model": "qwen3", "config": "llama"},
                                              "n_layers": {"model": "3", "config": "2"}}
+    theta = checks.header_vs_config(replace(h, rope_theta=500000.0), config)
+    assert theta.reason == ("rope_theta is 500000.0 in the .m but 10000 per config.json (a transformers-5 config "
+                            "keeps it in rope_parameters, which the reference converter drops); reconvert with "
+                            "dllama-convert")
     broken = checks.header_vs_config(h, {"architectures": ["NoSuchForCausalLM"]})
     assert (broken.name, broken.status, broken.measured, broken.threshold) == ("model.header_vs_config",
                                                                                Status.FAIL, "-", "-")
@@ -525,6 +531,8 @@ def test_a_chat_template_is_rendered_with_a_sample_conversation():
                                                                    "renders")
     assert bad.reason.startswith("the chat template does not render: ") and "no system role" in bad.reason
     assert (ok.threshold, ok.reason) == ("renders", "")
+    long = "{% for m in messages %}" + "x" * 100 + "{{ m['content'] }}{% endfor %}"   # 311 chars rendered
+    assert checks.chat_template(render_with(long), long).details["sample"] == ("x" * 100 + "Hello" + "x" * 95)
     none = checks.chat_template(render_with(""), None)
     assert (none.name, none.status, none.measured, none.threshold) == ("tokenizer.chat_template", Status.WARN, "none",
                                                                        "renders")
@@ -593,6 +601,14 @@ def test_byte_fallback_needs_every_byte_only_when_the_source_falls_back_to_bytes
     for source_has_byte_fallback in (None, True, False):
         r = checks.byte_fallback(tf, source_has_byte_fallback)
         assert (r.name, r.status, r.measured, r.threshold) == every
+    literal = read_tokenizer(fixture("tiny-llama") / "expected.t")
+    literal.tokens[33] = b"<0x21>"
+    as_text = checks.byte_fallback(literal, None)
+    assert (as_text.name, as_text.status, as_text.measured, as_text.threshold) == (
+        "tokenizer.byte_fallback", Status.FAIL, "1 literal <0xNN> pieces", "0")
+    assert as_text.reason == ("byte-fallback pieces are stored as text (id 33 is b'<0x21>', not one byte): the "
+                              "tokenizer was converted without byte fallback, so characters outside the vocabulary "
+                              "would come out as '<0x..>' text; reconvert with dllama-convert")
     tf.tokens[0], tf.tokens[1] = b"!!", b'""'   # the bytes "!" and '"' no longer have a token of their own
     lost = checks.byte_fallback(tf, True)
     assert (lost.name, lost.status, lost.measured, lost.threshold) == ("tokenizer.byte_fallback", Status.FAIL,
@@ -805,3 +821,11 @@ def test_relative_error_of_rows_against_an_all_zero_original():
     assert checks.relative_error(zeros, zeros) == 0.0   # an all-zero original stored as such: exact
     assert checks.relative_error(w1, zeros) == float("inf")   # anything else against it: no scale to be near
     assert checks.relative_error(-w1, w1) == pytest.approx(2.0, rel=1e-12)
+
+
+def test_llama_qk_rows_left_unpermuted_are_named(tmp_path):
+    src = fixture("tiny-llama")
+    bad = ModelFile(write_model_with(tmp_path, src / "expected_f32.m", unpermute_qk))
+    r = checks.weights_vs_checkpoint(bad, Checkpoint(src))
+    assert [p.split(" (relative")[0] for p in r.details["problems"]] == [
+        f"layers.{i}.{m} has q/k rows NOT permuted for rotary pairs (FORMAT.md §1.3)" for i in (0, 1) for m in "qk"]
