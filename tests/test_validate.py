@@ -31,7 +31,7 @@ from dllama.formats import FloatType, ModelFile, read_tokenizer, tensor_plan
 from dllama.tokenizer.from_hf import convert_tokenizer
 from dllama.validate import checks
 from dllama.validate.reference import ReferenceLogits, compute_reference
-from dllama.validate.report import Status
+from dllama.validate.report import InputError, Status
 from dllama.validate.validator import Options
 from dllama.validate.validator import validate as run_validate
 
@@ -283,7 +283,9 @@ def test_bf16_read_as_f16_is_named_against_the_checkpoint(tmp_path):
     src = fixture("tiny-llama")  # a bf16 checkpoint
     bad = write_with(tmp_path / "bf16_as_f16.m", src / "expected_f32.m", read_bf16_as_f16)
     report = validate(bad, src / "expected.t", hf=src, options=FAST)
-    assert "bf16 bytes read as f16" in failing(report)["model.tensors"]
+    assert failing(report)["model.tensors"] == (
+        "the embedding looks like bf16 bytes read as f16 (100% of its values have 0.5 <= |x| < 2; a trained "
+        "embedding's are small): the converter read a bf16 checkpoint as f16: the conversion wrote garbage; reconvert")
     problems = report.get("model.weights_vs_checkpoint").details["problems"]
     assert len(problems) == 16 and report.get("model.weights_vs_checkpoint").reason.endswith(
         "; and 12 more; reconvert with dllama-convert")   # the first four named, the rest counted
@@ -495,7 +497,13 @@ def test_files_that_are_not_a_model_or_a_tokenizer_fail_their_first_check(tmp_pa
     assert [(r.name, r.status, r.measured, r.threshold) for r in results] == [
         ("model.header", Status.FAIL, "unreadable", "valid header"), ("model.file_size", Status.SKIP, "-", "-")]
     assert results[0].reason.endswith("; reconvert with dllama-convert")
+    assert results[1].reason == "the header could not be read"
     src = fixture("tiny-llama") / "expected_q40.m"
+    short = tmp_path / "short.m"
+    short.write_bytes(src.read_bytes()[:-18])
+    assert [(r.name, r.status, r.reason) for r in checks.open_model(short)[2][1:]] == [
+        ("model.file_size", Status.FAIL, "short.m is truncated (an interrupted copy or conversion?): copy or convert "
+                                         "it again")]
     longer = tmp_path / "longer.m"
     longer.write_bytes(src.read_bytes() + bytes(18))
     header, mf, results = checks.open_model(longer)
@@ -509,6 +517,13 @@ def test_files_that_are_not_a_model_or_a_tokenizer_fail_their_first_check(tmp_pa
     assert [(r.name, r.status, r.measured, r.threshold, r.reason) for r in results[1:]] == [
         ("model.file_size", Status.FAIL, "-", "-",
          "the header describes impossible tensors: 420 values do not fill whole q40 blocks of 32")]
+    with pytest.raises(InputError, match=r"^.*expected_q40\.m is not a distributed-llama \.t tokenizer \(wrong magic"):
+        checks.require_tokenizer_magic(src)
+    tf, result = checks.open_tokenizer(fixture("tiny-llama") / "expected.t")
+    assert (result.name, result.status, result.measured, result.threshold, result.details) == (
+        "tokenizer.file", Status.PASS, "384 tokens, 0 embedded", "well-formed .t", {"vocab_size": 384, "embedded": []})
+    converted = write_tokenizer(tmp_path, convert_tokenizer(fixture("tiny-llama")), "converted.t")
+    assert checks.open_tokenizer(converted)[1].details["embedded"] == ["tokenizer_json", "tokenizer_config"]
     tf, result = checks.open_tokenizer(garbage)
     assert tf is None and (result.name, result.status, result.measured, result.threshold) == (
         "tokenizer.file", Status.FAIL, "malformed", "well-formed .t")
@@ -648,6 +663,9 @@ def test_more_than_three_broken_tensors_are_named_three_and_counted(tmp_path):
                 data[tensor_slice(mf, name)] = bytes(mf.layout[name].spec.nbytes)
         return edit
 
+    healthy = checks.tensor_health(ModelFile(src))
+    assert (healthy.name, healthy.status, healthy.measured, healthy.threshold) == (
+        "model.tensors", Status.PASS, "21/21 tensors healthy", "all finite, none all-zero")
     three = checks.tensor_health(ModelFile(write_model_with(tmp_path, src, zero(["layers.0.q", "layers.0.k",
                                                                                 "layers.0.v"]))))
     assert (three.name, three.status, three.measured, three.threshold) == ("model.tensors", Status.FAIL,
