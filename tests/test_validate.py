@@ -847,3 +847,15 @@ def test_llama_qk_rows_left_unpermuted_are_named(tmp_path):
     r = checks.weights_vs_checkpoint(bad, Checkpoint(src))
     assert [p.split(" (relative")[0] for p in r.details["problems"]] == [
         f"layers.{i}.{m} has q/k rows NOT permuted for rotary pairs (FORMAT.md §1.3)" for i in (0, 1) for m in "qk"]
+
+
+def test_a_checkpoint_with_none_of_the_models_tensors_fails_naming_them_all(tmp_path):
+    def keep_none(tensors):
+        tensors.clear()
+        tensors["unrelated.weight"] = np.zeros(4, np.float32)
+
+    ckpt = Checkpoint(write_checkpoint_with(tmp_path / "hf", fixture("tiny-llama"), keep_none))
+    r = checks.weights_vs_checkpoint(ModelFile(fixture("tiny-llama") / "expected_q40.m"), ckpt)
+    assert (r.status, r.measured, r.threshold) == (Status.FAIL, "max rel err 0", "<= 0.2 (q40)")
+    assert len(r.details["problems"]) == 21 and r.details["relative_errors"] == {}
+    assert r.reason.endswith("; and 17 more; reconvert with dllama-convert")
