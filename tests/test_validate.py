@@ -457,6 +457,11 @@ def test_a_header_with_impossible_values_fails_naming_each():
         ["head_dim 15 is odd, rope needs pairs"]
     assert checks.header_problems(replace(h, n_heads=0, head_dim_value=0)) == ["n_heads is 0"]
     assert checks.header_problems(replace(h, rope_theta=0.0)) == ["rope_theta 0.0"]
+    assert checks.header_problems(replace(h, n_kv_heads=3)) == ["n_heads 4 is not a multiple of n_kv_heads 3"]
+    from dllama.formats import ArchType
+
+    assert checks.header_problems(replace(h, arch=ArchType.QWEN3_MOE, n_experts=0, n_active_experts=0)) == [
+        "qwen3_moe with 0 experts (a transformers-5 config read by the reference converter?)"]
     gelu = checks.header_sanity(replace(h, hidden_act=HiddenAct.GELU, weights_float_type=FloatType.F16))
     assert (gelu.name, gelu.status, gelu.measured, gelu.threshold) == ("model.header", Status.WARN, "llama f16 2x64",
                                                                        "supported values")
@@ -546,6 +551,11 @@ def test_a_chat_template_is_rendered_with_a_sample_conversation():
                                                                    "renders")
     assert bad.reason.startswith("the chat template does not render: ") and "no system role" in bad.reason
     assert (ok.threshold, ok.reason) == ("renders", "")
+    silent = "{% for m in messages %}<{{ m['role'] }}>{% endfor %}"   # the roles only, no content
+    empty = checks.chat_template(render_with(silent), silent)
+    assert (empty.name, empty.status, empty.measured, empty.threshold, empty.reason) == (
+        "tokenizer.chat_template", Status.FAIL, "23 chars", "renders the messages",
+        "the chat template rendered without the messages' text")
     long = "{% for m in messages %}" + "x" * 100 + "{{ m['content'] }}{% endfor %}"   # 311 chars rendered
     assert checks.chat_template(render_with(long), long).details["sample"] == ("x" * 100 + "Hello" + "x" * 95)
     none = checks.chat_template(render_with(""), None)
@@ -859,3 +869,15 @@ def test_a_checkpoint_with_none_of_the_models_tensors_fails_naming_them_all(tmp_
     assert (r.status, r.measured, r.threshold) == (Status.FAIL, "max rel err 0", "<= 0.2 (q40)")
     assert len(r.details["problems"]) == 21 and r.details["relative_errors"] == {}
     assert r.reason.endswith("; and 17 more; reconvert with dllama-convert")
+
+
+def test_a_tensor_swapped_with_an_unrelated_one_is_named_as_differing(tmp_path):
+    # diagnose looks for the swaps converters make, in one layer (w1/w3) or one role across layers;
+    # layers.0.w1 holding layers.1.w3 is neither, and is reported as differing, not guessed at
+    src = fixture("tiny-qwen3")
+    mf = ModelFile(write_model_with(tmp_path, src / "expected_q40.m", swap_tensors("layers.0.w1", "layers.1.w3")))
+    spec = mf.layout["layers.0.w1"].spec
+    rows = checks.sample_rows(spec)
+    stored = checks.stored_rows(mf, spec, rows)
+    assert checks.diagnose(mf, Checkpoint(src), spec, tensor_plan(mf.header), rows, stored) == (
+        "differs from model.layers.0.mlp.gate_proj.weight")
