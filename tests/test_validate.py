@@ -504,6 +504,11 @@ def test_files_that_are_not_a_model_or_a_tokenizer_fail_their_first_check(tmp_pa
     assert results[0].reason.endswith("; reconvert with dllama-convert")
     assert results[1].reason == "the header could not be read"
     src = fixture("tiny-llama") / "expected_q40.m"
+    header, mf, results = checks.open_model(src)
+    assert mf is not None and [(r.name, r.status, r.measured, r.threshold, r.details) for r in results] == [
+        ("model.header", Status.PASS, "llama q40 2x64", "supported values", {}),
+        ("model.file_size", Status.PASS, f"{src.stat().st_size} bytes", f"exactly {src.stat().st_size}",
+         {"size": src.stat().st_size})]
     short = tmp_path / "short.m"
     short.write_bytes(src.read_bytes()[:-18])
     assert [(r.name, r.status, r.reason) for r in checks.open_model(short)[2][1:]] == [
@@ -881,3 +886,16 @@ def test_a_tensor_swapped_with_an_unrelated_one_is_named_as_differing(tmp_path):
     stored = checks.stored_rows(mf, spec, rows)
     assert checks.diagnose(mf, Checkpoint(src), spec, tensor_plan(mf.header), rows, stored) == (
         "differs from model.layers.0.mlp.gate_proj.weight")
+
+
+def test_tensor_stats_of_a_float_tensor_are_its_values_statistics():
+    from dllama.formats import decode_tensor
+
+    mf = ModelFile(fixture("tiny-llama") / "expected_f32.m")
+    spec = mf.layout["layers.0.w2"].spec
+    values = decode_tensor(mf.raw("layers.0.w2"), spec.float_type, spec.shape)
+    stats = checks.tensor_stats(mf, "layers.0.w2")
+    assert (stats["quantized"], stats["non_finite"], stats["all_zero"]) == (False, 0, False)
+    assert stats["mean"] == pytest.approx(float(values.mean()), rel=1e-5, abs=1e-9)
+    assert stats["std"] == pytest.approx(float(values.std()), rel=1e-5) and stats["std"] > 0
+    assert stats["abs_max"] == float(np.abs(values).max())
