@@ -814,6 +814,8 @@ def test_a_checkpoint_without_a_norm_or_with_a_tensor_of_another_shape_fails_nam
         "model.embed_tokens.weight is missing from the checkpoint",
         "layers.1.w3 differs from model.layers.1.mlp.up_proj.weight (relative error inf)",
         "model.norm.weight is missing from the checkpoint", "lm_head.weight is missing from the checkpoint"]
+    # four problems: all named, none counted
+    assert r.reason.endswith("; lm_head.weight is missing from the checkpoint; reconvert with dllama-convert")
 
 
 def test_bos_and_eos_of_the_embedded_config_are_looked_up_by_their_text():
