@@ -4,6 +4,7 @@
     python tests/mutation.py --score sampler   # a past run's score, its equivalent mutants taken out
     python tests/mutation.py --survivors sampler   # a past run's undetected mutants, each with its changed lines
     python tests/mutation.py --sample 200 model    # 200 of the module's mutants drawn at random (seed 0)
+    python tests/mutation.py --sample 150 --seed 1 checks   # another, independent draw (its own scratch folder)
     python tests/mutation.py --recheck sampler     # a past run's undetected mutants against today's tests
     python tests/mutation.py --list            # the modules and the tests each one runs
 
@@ -208,11 +209,11 @@ def apply_mutant(diff: str, clone: Path) -> None:
     path.write_text("\n".join(source[:at[0]] + out + source[k:]))
 
 
-def run_sample(name: str, scratch_root: Path, n: int) -> None:
+def run_sample(name: str, scratch_root: Path, n: int, seed: int = 0) -> None:
     """n of the module's mutants drawn at random, each run as --recheck runs one: in a copy of the clone, by a
     fresh pytest (model's tests hang in mutmut's forked children, which inherit the kernels' thread pool)."""
     scratch = prepare(name, scratch_root)
-    recheck(name, scratch, sample_of(scratch, n))
+    recheck(name, scratch, sample_of(scratch, n, seed))
 
 
 def recheck(name: str, scratch: Path, names: list[str] | None = None) -> None:
@@ -275,8 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recheck", action="store_true", help="a past run's undetected mutants against "
                         "today's tests")
     parser.add_argument("--sample", type=int, metavar="N", help="run N of the module's mutants, drawn at random")
+    parser.add_argument("--seed", type=int, default=0, help="the --sample draw's seed: another seed, another "
+                        "sample, kept in <dir>/seed<N> beside seed 0's")
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("DLLAMA_MUTATION_DIR", DEFAULT_DIR)))
     args = parser.parse_args(argv)
+    if args.seed:   # --survivors, --recheck and --score with the same --seed read that sample's run
+        args.dir = args.dir / f"seed{args.seed}"
     if args.list or not args.modules:
         for name, (files, tests) in MODULES.items():
             print(f"{name}: {' '.join(files)}  <-  {' '.join(tests)}")
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.sample:
         for name in args.modules:
-            run_sample(name, args.dir, args.sample)
+            run_sample(name, args.dir, args.sample, args.seed)
             print(json.dumps(score(name, args.dir / name)))
         return 0
     return max(run(name, args.dir) for name in args.modules)

@@ -8,21 +8,30 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import CONFORMANCE, FIXTURES, require_fixtures
-from validate_helpers import swap_tensors, unpermute_qk
+from validate_helpers import (
+    fold_channels,
+    permute_qk,
+    set_header,
+    swap_tensors,
+    tensor_slice,
+    unpermute_qk,
+    write_checkpoint_with,
+)
 
 from dllama.checkpoint import Checkpoint
 from dllama.cli.dllama_validate import main
-from dllama.formats import FloatType, ModelFile, read_tokenizer
+from dllama.formats import FloatType, ModelFile, read_tokenizer, tensor_plan
 from dllama.tokenizer.from_hf import convert_tokenizer
 from dllama.validate import checks
 from dllama.validate.reference import ReferenceLogits, compute_reference
-from dllama.validate.report import Status
+from dllama.validate.report import InputError, Status
 from dllama.validate.validator import Options
 from dllama.validate.validator import validate as run_validate
 
@@ -210,15 +219,29 @@ def test_vocab_differing_by_one_token_is_caught(tmp_path):
     assert "differ by one token" in failing(report)["tokenizer.vocab_size"]
 
 
-def test_padded_model_vocabulary_warns_but_one_token_fewer_fails():
+def test_vocabulary_sizes_pass_equal_warn_padded_and_fail_otherwise_naming_the_difference():
     # Qwen3 pads its embedding (151936 rows) beyond its 151669 tokens: the converter and runtime accept
     # that pair, so the validator must not fail it; one token fewer is still a lost token
     tf = read_tokenizer(fixture("tiny-llama") / "expected.t")
     header = ModelFile(fixture("tiny-llama") / "expected_q40.m").header
     padded = checks.vocab_sizes_equal(replace(header, vocab_size=tf.vocab_size + 128), tf)
-    assert padded.status == Status.WARN and "128 rows the tokenizer never produces" in padded.reason
+    assert (padded.name, padded.status, padded.measured, padded.threshold) == ("tokenizer.vocab_size", Status.WARN,
+                                                                               ".m 512, .t 384", "equal")
+    assert "128 rows the tokenizer never produces" in padded.reason
     one_fewer = checks.vocab_sizes_equal(replace(header, vocab_size=tf.vocab_size + 1), tf)
-    assert one_fewer.status == Status.FAIL and "one fewer" in one_fewer.reason
+    assert (one_fewer.name, one_fewer.status, one_fewer.threshold) == ("tokenizer.vocab_size", Status.FAIL, "equal")
+    assert "the .t has one fewer;" in one_fewer.reason
+    one_more = checks.vocab_sizes_equal(replace(header, vocab_size=tf.vocab_size - 1), tf)
+    assert one_more.status == Status.FAIL and "the .t has one more;" in one_more.reason
+    five = checks.vocab_sizes_equal(replace(header, vocab_size=tf.vocab_size - 5), tf)
+    assert five.status == Status.FAIL and five.reason == ("the vocabularies differ by 5 tokens (padding or added "
+                                                          "tokens?); convert both from the same model folder")
+    other = checks.vocab_sizes_equal(replace(header, vocab_size=100), tf)   # 284 more than max(64, 100 // 50)
+    assert other.status == Status.FAIL and other.reason == ("this tokenizer belongs to another model; convert the "
+                                                            "tokenizer from the model's own folder")
+    same = checks.vocab_sizes_equal(header, tf)
+    assert (same.name, same.status, same.measured, same.threshold) == ("tokenizer.vocab_size", Status.PASS,
+                                                                       ".m 384, .t 384", "equal")
 
 
 def test_bos_eos_swapped_is_caught(tmp_path):
@@ -259,9 +282,16 @@ def test_bf16_read_as_f16_is_named_against_the_checkpoint(tmp_path):
 
     src = fixture("tiny-llama")  # a bf16 checkpoint
     bad = write_with(tmp_path / "bf16_as_f16.m", src / "expected_f32.m", read_bf16_as_f16)
-    reasons = failing(validate(bad, src / "expected.t", hf=src, options=FAST))
-    assert "bf16 bytes read as f16" in reasons["model.tensors"]
-    assert "bf16 bytes read as f16" in reasons["model.weights_vs_checkpoint"]
+    report = validate(bad, src / "expected.t", hf=src, options=FAST)
+    assert failing(report)["model.tensors"] == (
+        "the embedding looks like bf16 bytes read as f16 (100% of its values have 0.5 <= |x| < 2; a trained "
+        "embedding's are small): the converter read a bf16 checkpoint as f16: the conversion wrote garbage; reconvert")
+    problems = report.get("model.weights_vs_checkpoint").details["problems"]
+    assert len(problems) == 16 and report.get("model.weights_vs_checkpoint").reason.endswith(
+        "; and 12 more; reconvert with dllama-convert")   # the first four named, the rest counted
+    for name in ("embedding", "layers.0.wo", "layers.1.w2"):   # tensors after no norm, compared as they are
+        assert any(p.startswith(f"{name} holds the original's bf16 bytes read as f16 (reconvert reading bf16) "
+                                "(relative error ") for p in problems), name
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,8 +456,15 @@ def test_a_header_with_impossible_values_fails_naming_each():
     assert checks.header_problems(replace(h, n_heads=1, n_kv_heads=1, head_dim_value=15)) == \
         ["head_dim 15 is odd, rope needs pairs"]
     assert checks.header_problems(replace(h, n_heads=0, head_dim_value=0)) == ["n_heads is 0"]
+    assert checks.header_problems(replace(h, rope_theta=0.0)) == ["rope_theta 0.0"]
+    assert checks.header_problems(replace(h, n_kv_heads=3)) == ["n_heads 4 is not a multiple of n_kv_heads 3"]
+    from dllama.formats import ArchType
+
+    assert checks.header_problems(replace(h, arch=ArchType.QWEN3_MOE, n_experts=0, n_active_experts=0)) == [
+        "qwen3_moe with 0 experts (a transformers-5 config read by the reference converter?)"]
     gelu = checks.header_sanity(replace(h, hidden_act=HiddenAct.GELU, weights_float_type=FloatType.F16))
-    assert (gelu.name, gelu.status) == ("model.header", Status.WARN)
+    assert (gelu.name, gelu.status, gelu.measured, gelu.threshold) == ("model.header", Status.WARN, "llama f16 2x64",
+                                                                       "supported values")
     assert gelu.reason == ("neither dllama-run nor the reference C++ runtime runs f16 weights; reconvert to q40, q80 "
                            "or f32; hidden_act gelu: both runtimes compute silu (FORMAT.md §2), so outputs will differ "
                            "from the original")
@@ -439,13 +476,18 @@ def test_a_header_against_its_config_names_every_difference_and_a_config_that_ca
     config = json.loads((src / "config.json").read_text())
     h = tiny_header()
     same = checks.header_vs_config(h, config)
-    assert (same.name, same.status, same.measured) == ("model.header_vs_config", Status.PASS, "all fields equal")
+    assert (same.name, same.status, same.measured, same.threshold) == ("model.header_vs_config", Status.PASS,
+                                                                       "all fields equal", "equal to config.json")
     from dllama.formats import ArchType
 
     differ = checks.header_vs_config(replace(h, n_layers=3, arch=ArchType.QWEN3), config)
     assert (differ.name, differ.status, differ.measured) == ("model.header_vs_config", Status.FAIL, "2 field(s) differ")
     assert differ.details["differences"] == {"arch": {"model": "qwen3", "config": "llama"},
                                              "n_layers": {"model": "3", "config": "2"}}
+    theta = checks.header_vs_config(replace(h, rope_theta=500000.0), config)
+    assert theta.reason == ("rope_theta is 500000.0 in the .m but 10000 per config.json (a transformers-5 config "
+                            "keeps it in rope_parameters, which the reference converter drops); reconvert with "
+                            "dllama-convert")
     broken = checks.header_vs_config(h, {"architectures": ["NoSuchForCausalLM"]})
     assert (broken.name, broken.status, broken.measured, broken.threshold) == ("model.header_vs_config",
                                                                                Status.FAIL, "-", "-")
@@ -460,6 +502,38 @@ def test_files_that_are_not_a_model_or_a_tokenizer_fail_their_first_check(tmp_pa
     assert [(r.name, r.status, r.measured, r.threshold) for r in results] == [
         ("model.header", Status.FAIL, "unreadable", "valid header"), ("model.file_size", Status.SKIP, "-", "-")]
     assert results[0].reason.endswith("; reconvert with dllama-convert")
+    assert results[1].reason == "the header could not be read"
+    src = fixture("tiny-llama") / "expected_q40.m"
+    header, mf, results = checks.open_model(src)
+    assert mf is not None and [(r.name, r.status, r.measured, r.threshold, r.details) for r in results] == [
+        ("model.header", Status.PASS, "llama q40 2x64", "supported values", {}),
+        ("model.file_size", Status.PASS, f"{src.stat().st_size} bytes", f"exactly {src.stat().st_size}",
+         {"size": src.stat().st_size})]
+    short = tmp_path / "short.m"
+    short.write_bytes(src.read_bytes()[:-18])
+    assert [(r.name, r.status, r.reason) for r in checks.open_model(short)[2][1:]] == [
+        ("model.file_size", Status.FAIL, "short.m is truncated (an interrupted copy or conversion?): copy or convert "
+                                         "it again")]
+    longer = tmp_path / "longer.m"
+    longer.write_bytes(src.read_bytes() + bytes(18))
+    header, mf, results = checks.open_model(longer)
+    assert header is not None and mf is None
+    assert [(r.name, r.status, r.measured, r.threshold, r.reason) for r in results[1:]] == [
+        ("model.file_size", Status.FAIL, f"{src.stat().st_size + 18} bytes", f"exactly {src.stat().st_size}",
+         "longer.m is longer than its header describes: trailing bytes or a header from another model")]
+    impossible = write_model_with(tmp_path, src, set_header(dim=21, hidden_dim=20))   # w1: 20 x 21 values
+    header, mf, results = checks.open_model(impossible)
+    assert header.dim == 21 and mf is None
+    assert [(r.name, r.status, r.measured, r.threshold, r.reason) for r in results[1:]] == [
+        ("model.file_size", Status.FAIL, "-", "-",
+         "the header describes impossible tensors: 420 values do not fill whole q40 blocks of 32")]
+    with pytest.raises(InputError, match=r"^.*expected_q40\.m is not a distributed-llama \.t tokenizer \(wrong magic"):
+        checks.require_tokenizer_magic(src)
+    tf, result = checks.open_tokenizer(fixture("tiny-llama") / "expected.t")
+    assert (result.name, result.status, result.measured, result.threshold, result.details) == (
+        "tokenizer.file", Status.PASS, "384 tokens, 0 embedded", "well-formed .t", {"vocab_size": 384, "embedded": []})
+    converted = write_tokenizer(tmp_path, convert_tokenizer(fixture("tiny-llama")), "converted.t")
+    assert checks.open_tokenizer(converted)[1].details["embedded"] == ["tokenizer_json", "tokenizer_config"]
     tf, result = checks.open_tokenizer(garbage)
     assert tf is None and (result.name, result.status, result.measured, result.threshold) == (
         "tokenizer.file", Status.FAIL, "malformed", "well-formed .t")
@@ -481,6 +555,19 @@ def test_a_chat_template_is_rendered_with_a_sample_conversation():
     assert (bad.name, bad.status, bad.measured, bad.threshold) == ("tokenizer.chat_template", Status.FAIL, "error",
                                                                    "renders")
     assert bad.reason.startswith("the chat template does not render: ") and "no system role" in bad.reason
+    assert (ok.threshold, ok.reason) == ("renders", "")
+    silent = "{% for m in messages %}<{{ m['role'] }}>{% endfor %}"   # the roles only, no content
+    empty = checks.chat_template(render_with(silent), silent)
+    assert (empty.name, empty.status, empty.measured, empty.threshold, empty.reason) == (
+        "tokenizer.chat_template", Status.FAIL, "23 chars", "renders the messages",
+        "the chat template rendered without the messages' text")
+    long = "{% for m in messages %}" + "x" * 100 + "{{ m['content'] }}{% endfor %}"   # 311 chars rendered
+    assert checks.chat_template(render_with(long), long).details["sample"] == ("x" * 100 + "Hello" + "x" * 95)
+    none = checks.chat_template(render_with(""), None)
+    assert (none.name, none.status, none.measured, none.threshold) == ("tokenizer.chat_template", Status.WARN, "none",
+                                                                       "renders")
+    assert none.reason == ("the .t has no chat template: chat mode will need one (base models have none; fine for "
+                           "completion)")
 
 
 @pytest.mark.parametrize("quant, step", [("q40", 8), ("q80", 127)])
@@ -517,3 +604,300 @@ def test_sampled_rows_are_the_first_64_and_a_spread_reaching_the_last():
     assert list(rows[:64]) == list(range(64)) and rows[-1] == w1.shape[0] - 1
     assert len(rows) <= 2 * checks.SAMPLE_ROWS and list(rows) == sorted(set(rows))
     assert list(checks.sample_rows(norm)) == [0]   # a vector is one row
+
+
+def test_special_ids_that_differ_name_each_token_by_its_text_including_id_0():
+    tf = read_tokenizer(fixture("tiny-llama") / "expected.t")   # bos 382 "<s>", eos [383], id 0 "!"
+    expected_bos, expected_eos = tf.bos_id, list(tf.eos_ids)
+    tf.bos_id = 0
+    r = checks.special_ids(tf, expected_bos, expected_eos)
+    assert (r.name, r.status, r.measured, r.threshold) == ("tokenizer.special_ids", Status.FAIL, "bos 0, eos [383]",
+                                                           "bos 382, eos [383]")
+    assert r.reason == (f"bos/eos ids differ from the source's (bos 0 '!', expected 382 "
+                        f"{tf.tokens[382].decode()!r}); reconvert the tokenizer")
+    unchecked = checks.special_ids(tf, None, None)
+    assert (unchecked.name, unchecked.status, unchecked.measured, unchecked.threshold) == (
+        "tokenizer.special_ids", Status.PASS, "bos 0, eos [383]", "in range (no source to compare)")
+    tf.eos_ids = []
+    no_eos = checks.special_ids(tf, expected_bos, expected_eos)
+    assert (no_eos.name, no_eos.status, no_eos.measured, no_eos.threshold) == ("tokenizer.special_ids", Status.FAIL,
+                                                                               "bos 0, eos []", "eos present")
+    assert no_eos.reason == "the .t lists no eos token, so generation never stops; reconvert"
+
+
+def test_byte_fallback_needs_every_byte_only_when_the_source_falls_back_to_bytes():
+    tf = read_tokenizer(fixture("tiny-llama") / "expected.t")   # byte-level BPE: all 256 bytes are tokens
+    every = ("tokenizer.byte_fallback", Status.PASS, "0 literal <0xNN> pieces", "0")
+    for source_has_byte_fallback in (None, True, False):
+        r = checks.byte_fallback(tf, source_has_byte_fallback)
+        assert (r.name, r.status, r.measured, r.threshold) == every
+    literal = read_tokenizer(fixture("tiny-llama") / "expected.t")
+    literal.tokens[33] = b"<0x21>"
+    as_text = checks.byte_fallback(literal, None)
+    assert (as_text.name, as_text.status, as_text.measured, as_text.threshold) == (
+        "tokenizer.byte_fallback", Status.FAIL, "1 literal <0xNN> pieces", "0")
+    assert as_text.reason == ("byte-fallback pieces are stored as text (id 33 is b'<0x21>', not one byte): the "
+                              "tokenizer was converted without byte fallback, so characters outside the vocabulary "
+                              "would come out as '<0x..>' text; reconvert with dllama-convert")
+    tf.tokens[0], tf.tokens[1] = b"!!", b'""'   # the bytes "!" and '"' no longer have a token of their own
+    lost = checks.byte_fallback(tf, True)
+    assert (lost.name, lost.status, lost.measured, lost.threshold) == ("tokenizer.byte_fallback", Status.FAIL,
+                                                                      "2 of 256 bytes missing", "all 256 bytes")
+    assert lost.reason == ("the source tokenizer uses byte fallback but 2 byte values have no single-byte token; "
+                           "reconvert")
+    for source_has_byte_fallback in (None, False):   # no byte fallback to serve: a byte-level BPE needs none
+        r = checks.byte_fallback(tf, source_has_byte_fallback)
+        assert (r.name, r.status, r.measured, r.threshold) == every
+
+
+def test_a_tokenizer_against_its_source_lists_the_first_differing_tokens():
+    source = read_tokenizer(fixture("tiny-llama") / "expected.t")
+    same = checks.tokenizer_vs_source(source, source)
+    assert (same.name, same.status, same.measured, same.threshold) == ("tokenizer.vs_source", Status.PASS,
+                                                                       "384 tokens identical", "identical tokens")
+    tf = read_tokenizer(fixture("tiny-llama") / "expected.t")
+    for i in (5, 7, 9, 11):
+        tf.tokens[i] = b"<%d>" % i
+    differ = checks.tokenizer_vs_source(tf, source)
+    assert (differ.name, differ.status, differ.measured, differ.threshold) == ("tokenizer.vs_source", Status.FAIL,
+                                                                               "4 tokens differ", "identical tokens")
+    assert differ.reason.startswith("id 5: b'<5>' vs b'&', id 7: b'<7>' vs b'(', id 9: b'<9>' vs b'*': ")
+    assert differ.details["differing_ids"] == [5, 7, 9, 11]
+    tf.tokens.pop()
+    shorter = checks.tokenizer_vs_source(tf, source)
+    assert (shorter.name, shorter.status, shorter.measured, shorter.threshold) == (
+        "tokenizer.vs_source", Status.FAIL, "383 vs 384 tokens", "identical tokens")
+
+
+def test_more_than_three_broken_tensors_are_named_three_and_counted(tmp_path):
+    src = fixture("tiny-llama") / "expected_f32.m"
+
+    def zero(names):
+        def edit(data: bytearray, mf: ModelFile) -> None:
+            for name in names:
+                data[tensor_slice(mf, name)] = bytes(mf.layout[name].spec.nbytes)
+        return edit
+
+    healthy = checks.tensor_health(ModelFile(src))
+    assert (healthy.name, healthy.status, healthy.measured, healthy.threshold) == (
+        "model.tensors", Status.PASS, "21/21 tensors healthy", "all finite, none all-zero")
+    three = checks.tensor_health(ModelFile(write_model_with(tmp_path, src, zero(["layers.0.q", "layers.0.k",
+                                                                                "layers.0.v"]))))
+    assert (three.name, three.status, three.measured, three.threshold) == ("model.tensors", Status.FAIL,
+                                                                           "18/21 tensors healthy",
+                                                                           "all finite, none all-zero")
+    assert three.reason == ("layers.0.q is all zeros; layers.0.k is all zeros; layers.0.v is all zeros: the conversion "
+                            "wrote garbage; reconvert")
+    four = checks.tensor_health(ModelFile(write_model_with(tmp_path, src, zero(["layers.0.q", "layers.0.k",
+                                                                               "layers.0.v", "layers.1.w2"]))))
+    assert (four.status, four.measured) == (Status.FAIL, "17/21 tensors healthy")
+    assert four.reason == ("layers.0.q is all zeros; layers.0.k is all zeros; layers.0.v is all zeros ...: the "
+                           "conversion wrote garbage; reconvert")
+
+
+@pytest.mark.parametrize("quant", ["f32", "q40"])
+def test_tensor_stats_of_a_tensor_without_one_finite_value_are_zero_but_the_count(tmp_path, quant):
+    name = "layers.1.w2"
+
+    def nan_everywhere(data: bytearray, mf: ModelFile) -> None:
+        where = tensor_slice(mf, name)
+        if quant == "f32":
+            data[where] = np.full(mf.layout[name].spec.nbytes // 4, np.nan, "<f4").tobytes()
+        else:   # every block's f16 scale d NaN, its nibbles kept (FORMAT.md §1.2: 2 + 16 bytes a block)
+            blocks = np.frombuffer(bytes(data[where]), np.uint8).reshape(-1, 18).copy()
+            blocks[:, :2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
+            data[where] = blocks.tobytes()
+
+    mf = ModelFile(write_model_with(tmp_path, fixture("tiny-llama") / f"expected_{quant}.m", nan_everywhere))
+    spec = mf.layout[name].spec
+    count = spec.shape[0] * spec.shape[1] // (32 if quant == "q40" else 1)
+    stats = checks.tensor_stats(mf, name)
+    assert stats["non_finite"] == count and stats["abs_max"] == 0.0
+    if quant == "q40":
+        assert (stats["mean_abs_scale"], stats["zero_blocks"]) == (0.0, 0.0)
+    else:
+        assert (stats["mean"], stats["std"]) == (0.0, 0.0)
+    health = checks.tensor_health(mf)
+    what = "scales" if quant == "q40" else "values"
+    assert health.status == Status.FAIL and health.reason.startswith(f"{name} has {count} non-finite {what}: ")
+
+
+# --------------------------------------------------------------------------------------------
+# weights_vs_checkpoint: folded norms, q/k rows of an arch without the permute, a checkpoint short of a tensor
+
+def fold_first_layer_and_head(tmp_path: Path, scales: np.ndarray) -> ModelFile:
+    """tiny-llama's f32 file with layer 0's attention input and the head's folded by `scales`, as the
+    error-aware q40 encoder folds them (calibration.Fold); its FFN inputs and layer 1 left as they are."""
+    from validate_helpers import write_model_with as write_with
+
+    src = fixture("tiny-llama") / "expected_f32.m"
+    once = write_with(tmp_path / "fold1.m", src, fold_channels("layers.0.attn_norm", ("layers.0.q", "layers.0.k",
+                                                                                      "layers.0.v"), scales))
+    return ModelFile(write_with(tmp_path / "folded.m", once, fold_channels("norm", ("lm_head",), scales)))
+
+
+def test_norms_folded_into_the_matrices_after_them_are_checked_through_their_channel_scales(tmp_path):
+    scales = np.linspace(0.5, 2.0, 64, dtype=np.float32)   # one per channel of tiny-llama's dim
+    folded = fold_first_layer_and_head(tmp_path, scales)
+    ckpt, plan = Checkpoint(fixture("tiny-llama")), tensor_plan(folded.header)
+    found = checks.channel_scales(folded, ckpt, plan)
+    assert set(found) == {"layers.0.attn_norm", "norm"}
+    for recovered in found.values():
+        assert np.allclose(recovered, scales, rtol=1e-6, atol=0)
+    assert checks.channel_scales(ModelFile(fixture("tiny-llama") / "expected_f32.m"), ckpt, plan) == {}
+
+    calls = []
+    r = checks.weights_vs_checkpoint(folded, ckpt, progress=lambda done, total: calls.append((done, total)))
+    assert (r.name, r.status, r.threshold) == ("model.weights_vs_checkpoint", Status.PASS, "<= 1e-06 (f32)"), r.reason
+    # the folded norms are not compared themselves; every other tensor is, within f32's rounding
+    assert set(r.details["relative_errors"]) == {s.name for s in plan} - set(found)
+    assert max(r.details["relative_errors"].values()) <= 1e-6
+    assert calls == [(i + 1, len(plan)) for i, s in enumerate(plan) if s.name not in found]
+
+
+def test_a_folded_norm_whose_original_channel_is_zero_keeps_scale_1_there(tmp_path):
+    def zero_channel_3(tensors):
+        tensors["model.layers.0.input_layernorm.weight"][3] = 0
+
+    ckpt = Checkpoint(write_checkpoint_with(tmp_path / "hf", fixture("tiny-llama"), zero_channel_3))
+    scales = np.linspace(0.5, 2.0, 64, dtype=np.float32)
+    scales[3] = 1   # the stored weight is 0 too: 0 / s says nothing of s
+    folded = fold_first_layer_and_head(tmp_path, scales)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # 0 / 0 is no fold's business: no numpy warning reaches the user
+        found = checks.channel_scales(folded, ckpt, tensor_plan(folded.header))
+    assert set(found) == {"layers.0.attn_norm", "norm"} and found["layers.0.attn_norm"][3] == 1
+
+
+def test_a_folded_norm_with_a_channel_zeroed_in_the_file_is_read_without_a_warning(tmp_path):
+    scales = np.linspace(0.5, 2.0, 64, dtype=np.float32)
+    folded = fold_first_layer_and_head(tmp_path, scales)
+    zeroed = write_model_with(tmp_path, folded.path, fold_channels("layers.0.attn_norm", (), np.float32(np.inf)))
+    mf = ModelFile(zeroed)   # the norm divided by inf: every channel 0 in the file, none in the original
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # x / 0 is computed, then masked: no numpy warning reaches the user
+        found = checks.channel_scales(mf, Checkpoint(fixture("tiny-llama")), tensor_plan(mf.header))
+    assert "layers.0.attn_norm" not in found and "norm" in found
+
+
+def test_a_norm_of_the_wrong_sign_is_no_fold_and_is_named(tmp_path):
+    from validate_helpers import write_model_with as write_with
+
+    flipped = write_with(tmp_path / "flipped.m", fixture("tiny-llama") / "expected_f32.m",
+                         fold_channels("layers.0.ffn_norm", (), np.float32(-1)))
+    mf, ckpt = ModelFile(flipped), Checkpoint(fixture("tiny-llama"))
+    assert checks.channel_scales(mf, ckpt, tensor_plan(mf.header)) == {}
+    r = checks.weights_vs_checkpoint(mf, ckpt)
+    assert r.status == Status.FAIL and r.details["problems"] == [
+        "layers.0.ffn_norm differs from model.layers.0.post_attention_layernorm.weight (relative error 2)"]
+
+
+def test_qk_rows_permuted_for_an_arch_without_the_permute_are_named(tmp_path):
+    src = fixture("tiny-qwen3")   # 4 query heads, 2 kv heads
+    bad = ModelFile(write_model_with(tmp_path, src / "expected_f32.m", permute_qk))
+    r = checks.weights_vs_checkpoint(bad, Checkpoint(src))
+    assert r.status == Status.FAIL
+    assert [p.split(" (relative")[0] for p in r.details["problems"]] == [
+        f"layers.{i}.{m} has q/k rows permuted, but qwen3 must not be (FORMAT.md §1.3)" for i in (0, 1) for m in "qk"]
+
+
+def test_a_checkpoint_without_a_norm_or_with_a_tensor_of_another_shape_fails_naming_it(tmp_path):
+    def drop_norm_and_transpose_up(tensors):
+        for name in ("model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"):   # the head has neither
+            del tensors[name]
+        tensors["model.layers.1.mlp.up_proj.weight"] = np.ascontiguousarray(
+            tensors["model.layers.1.mlp.up_proj.weight"].T)
+
+    ckpt = Checkpoint(write_checkpoint_with(tmp_path / "hf", fixture("tiny-llama"), drop_norm_and_transpose_up))
+    r = checks.weights_vs_checkpoint(ModelFile(fixture("tiny-llama") / "expected_f32.m"), ckpt)
+    assert r.status == Status.FAIL and r.details["problems"] == [
+        "model.embed_tokens.weight is missing from the checkpoint",
+        "layers.1.w3 differs from model.layers.1.mlp.up_proj.weight (relative error inf)",
+        "model.norm.weight is missing from the checkpoint", "lm_head.weight is missing from the checkpoint"]
+    # four problems: all named, none counted
+    assert r.reason.endswith("; lm_head.weight is missing from the checkpoint; reconvert with dllama-convert")
+
+
+def test_bos_and_eos_of_the_embedded_config_are_looked_up_by_their_text():
+    from dllama.formats import EmbeddedKind
+
+    tf = convert_tokenizer(fixture("tiny-llama"))   # embeds its tokenizer_config: bos "<|bos|>", eos "<|eos|>"
+    assert checks.expected_special_ids_from_embedded(tf) == (382, [383])
+
+    def expected_with(config: dict, eos_ids=(383,)):
+        embedded = [replace(e, data=json.dumps(config).encode()) if e.kind == EmbeddedKind.TOKENIZER_CONFIG else e
+                    for e in tf.embedded]
+        return checks.expected_special_ids_from_embedded(replace(tf, embedded=embedded, eos_ids=list(eos_ids)))
+
+    assert expected_with({"bos_token": {"content": "<|bos|>"}, "eos_token": "<|eos|>"}) == (382, [383])
+    assert expected_with({"bos_token": "<|bos|>", "eos_token": "<|eos|>"}, eos_ids=(5, 383)) == (382, [5, 383])
+    assert expected_with({"bos_token": None, "eos_token": "<|eos|>"}) == (None, None)   # no bos: nothing to compare
+    assert expected_with({"bos_token": 382, "eos_token": "<|eos|>"}) == (None, None)    # not a text
+    assert expected_with({"bos_token": "<|bos|>", "eos_token": "<|not a token|>"}) == (None, None)
+
+
+def test_bf16_read_as_f16_rounds_to_the_nearest_bf16_ties_to_even():
+    # float32 bits -> the bf16 a converter stores (round to nearest, ties to the even last bit), whose two
+    # bytes a converter reading them as f16 takes for an f16
+    bits = np.array([0x3F818000, 0x3F808000, 0x3F808001, 0x3F807FFF, 0xBF818000], np.uint32)
+    bf16 = np.array([0x3F82, 0x3F80, 0x3F81, 0x3F80, 0xBF82], np.uint16)
+    got = checks.bf16_read_as_f16(bits.view(np.float32))
+    assert got.dtype == np.float32 and np.array_equal(got, bf16.view(np.float16).astype(np.float32))
+
+
+def test_the_misread_bf16_fraction_counts_non_zero_values_only():
+    assert checks.misread_bf16_fraction(np.array([0.0, 0.0, 0.7, -1.5, 0.01, 2.0], np.float32)) == 0.5
+    assert checks.misread_bf16_fraction(np.zeros(8, np.float32)) == 0.0   # an all-zero embedding: nothing misread
+
+
+def test_relative_error_of_rows_against_an_all_zero_original():
+    w1 = Checkpoint(fixture("tiny-llama")).get("model.layers.0.mlp.gate_proj.weight")[:4]
+    zeros = np.zeros_like(w1)
+    assert checks.relative_error(zeros, zeros) == 0.0   # an all-zero original stored as such: exact
+    assert checks.relative_error(w1, zeros) == float("inf")   # anything else against it: no scale to be near
+    assert checks.relative_error(-w1, w1) == pytest.approx(2.0, rel=1e-12)
+
+
+def test_llama_qk_rows_left_unpermuted_are_named(tmp_path):
+    src = fixture("tiny-llama")
+    bad = ModelFile(write_model_with(tmp_path, src / "expected_f32.m", unpermute_qk))
+    r = checks.weights_vs_checkpoint(bad, Checkpoint(src))
+    assert [p.split(" (relative")[0] for p in r.details["problems"]] == [
+        f"layers.{i}.{m} has q/k rows NOT permuted for rotary pairs (FORMAT.md §1.3)" for i in (0, 1) for m in "qk"]
+
+
+def test_a_checkpoint_with_none_of_the_models_tensors_fails_naming_them_all(tmp_path):
+    def keep_none(tensors):
+        tensors.clear()
+        tensors["unrelated.weight"] = np.zeros(4, np.float32)
+
+    ckpt = Checkpoint(write_checkpoint_with(tmp_path / "hf", fixture("tiny-llama"), keep_none))
+    r = checks.weights_vs_checkpoint(ModelFile(fixture("tiny-llama") / "expected_q40.m"), ckpt)
+    assert (r.status, r.measured, r.threshold) == (Status.FAIL, "max rel err 0", "<= 0.2 (q40)")
+    assert len(r.details["problems"]) == 21 and r.details["relative_errors"] == {}
+    assert r.reason.endswith("; and 17 more; reconvert with dllama-convert")
+
+
+def test_a_tensor_swapped_with_an_unrelated_one_is_named_as_differing(tmp_path):
+    # diagnose looks for the swaps converters make, in one layer (w1/w3) or one role across layers;
+    # layers.0.w1 holding layers.1.w3 is neither, and is reported as differing, not guessed at
+    src = fixture("tiny-qwen3")
+    mf = ModelFile(write_model_with(tmp_path, src / "expected_q40.m", swap_tensors("layers.0.w1", "layers.1.w3")))
+    spec = mf.layout["layers.0.w1"].spec
+    rows = checks.sample_rows(spec)
+    stored = checks.stored_rows(mf, spec, rows)
+    assert checks.diagnose(mf, Checkpoint(src), spec, tensor_plan(mf.header), rows, stored) == (
+        "differs from model.layers.0.mlp.gate_proj.weight")
+
+
+def test_tensor_stats_of_a_float_tensor_are_its_values_statistics():
+    from dllama.formats import decode_tensor
+
+    mf = ModelFile(fixture("tiny-llama") / "expected_f32.m")
+    spec = mf.layout["layers.0.w2"].spec
+    values = decode_tensor(mf.raw("layers.0.w2"), spec.float_type, spec.shape)
+    stats = checks.tensor_stats(mf, "layers.0.w2")
+    assert (stats["quantized"], stats["non_finite"], stats["all_zero"]) == (False, 0, False)
+    assert stats["mean"] == pytest.approx(float(values.mean()), rel=1e-5, abs=1e-9)
+    assert stats["std"] == pytest.approx(float(values.std()), rel=1e-5) and stats["std"] > 0
+    assert stats["abs_max"] == float(np.abs(values).max())

@@ -45,6 +45,19 @@ def unpermute_qk(data: bytearray, mf: ModelFile) -> None:
             data[tensor_slice(mf, name)] = rows[order].tobytes()
 
 
+def permute_qk(data: bytearray, mf: ModelFile) -> None:
+    """Apply FORMAT.md §1.3's permute to q/k rows of an arch that must not have it (a llama-only step
+    run on another arch), by moving whole stored rows."""
+    h = mf.header
+    for layer in range(h.n_layers):
+        for name, heads in ((f"layers.{layer}.q", h.n_heads), (f"layers.{layer}.k", h.n_kv_heads)):
+            spec = mf.layout[name].spec
+            rows = np.frombuffer(mf.raw(name), np.uint8).reshape(spec.shape[0], -1)
+            hd = spec.shape[0] // heads
+            order = np.arange(spec.shape[0]).reshape(heads, 2, hd // 2).swapaxes(1, 2).reshape(-1)
+            data[tensor_slice(mf, name)] = rows[order].tobytes()
+
+
 def set_header(**fields):
     def edit(data: bytearray, mf: ModelFile) -> None:
         header = replace(mf.header, **fields)
@@ -143,3 +156,34 @@ TOKENIZER_MUTATIONS = {
     "vocab off by one": add_one_token,
     "bos/eos swapped": swap_bos_eos,
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint and fold edits
+
+def write_checkpoint_with(folder: Path, source: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> Path:
+    """A float32 copy of a Hugging Face checkpoint folder (its values widened exactly), after
+    `edit(tensors)` changed, added or dropped tensors; config.json copied."""
+    from safetensors.numpy import save_file
+
+    from dllama.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(source)
+    tensors = {name: ckpt.get(name) for name in ckpt.entries}
+    edit(tensors)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_bytes((source / "config.json").read_bytes())
+    return folder
+
+
+def fold_channels(norm: str, matrices: tuple[str, ...], scales: np.ndarray):
+    """What the error-aware encoder does to a float32 `.m` (dllama.converter.calibration.Fold): the
+    matrices' input channels times `scales`, the RMSNorm weight before them divided by them."""
+    def edit(data: bytearray, mf: ModelFile) -> None:
+        for name in (norm, *matrices):
+            spec = mf.layout[name].spec
+            values = decode_tensor(mf.raw(name), spec.float_type, spec.shape)
+            folded = values / scales if name == norm else values * scales
+            data[tensor_slice(mf, name)] = encode_tensor(folded.astype(np.float32), spec.float_type).tobytes()
+    return edit
