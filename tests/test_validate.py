@@ -761,8 +761,11 @@ def test_a_folded_norm_whose_original_channel_is_zero_keeps_scale_1_there(tmp_pa
 
     ckpt = Checkpoint(write_checkpoint_with(tmp_path / "hf", fixture("tiny-llama"), zero_channel_3))
     scales = np.linspace(0.5, 2.0, 64, dtype=np.float32)
-    scales[3] = 1   # the stored weight is 0 too: 0 / s says nothing of s
-    folded = fold_first_layer_and_head(tmp_path, scales)
+    scales[3] = 1   # the stored weight is 0 too (below): 0 / s says nothing of s
+    zero_3 = np.ones(64, np.float32)
+    zero_3[3] = np.inf
+    once = fold_first_layer_and_head(tmp_path, scales)
+    folded = ModelFile(write_model_with(tmp_path, once.path, fold_channels("layers.0.attn_norm", (), zero_3)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # 0 / 0 is no fold's business: no numpy warning reaches the user
         found = checks.channel_scales(folded, ckpt, tensor_plan(folded.header))
@@ -778,6 +781,29 @@ def test_a_folded_norm_with_a_channel_zeroed_in_the_file_is_read_without_a_warni
         warnings.simplefilter("error")   # x / 0 is computed, then masked: no numpy warning reaches the user
         found = checks.channel_scales(mf, Checkpoint(fixture("tiny-llama")), tensor_plan(mf.header))
     assert "layers.0.attn_norm" not in found and "norm" in found
+
+
+def test_a_folded_norm_with_one_channel_zeroed_in_the_file_is_no_fold_and_is_named(tmp_path):
+    """A fold keeps zeros as zeros: with one channel zeroed in the file, the norm is compared as it is (a
+    scale of 1 there would hide it in a q40 file's tolerance, the matrices' column being ~|s - 1| / sqrt(dim)
+    off)."""
+    scales = np.linspace(0.5, 2.0, 64, dtype=np.float32)
+    folded = fold_first_layer_and_head(tmp_path, scales)
+    zero_5 = np.ones(64, np.float32)
+    zero_5[5] = np.inf   # the norm divided by inf at channel 5 only
+    mf = ModelFile(write_model_with(tmp_path, folded.path, fold_channels("layers.0.attn_norm", (), zero_5)))
+    ckpt = Checkpoint(fixture("tiny-llama"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(checks.channel_scales(mf, ckpt, tensor_plan(mf.header))) == {"norm"}
+    r = checks.weights_vs_checkpoint(mf, ckpt)
+    assert r.status == Status.FAIL
+    # the norm and the matrices after it, compared as they are: all four named
+    assert [p.split(" (relative")[0] for p in r.details["problems"]] == [
+        "layers.0.q differs from model.layers.0.self_attn.q_proj.weight",
+        "layers.0.k differs from model.layers.0.self_attn.k_proj.weight",
+        "layers.0.v differs from model.layers.0.self_attn.v_proj.weight",
+        "layers.0.attn_norm differs from model.layers.0.input_layernorm.weight"]
 
 
 def test_a_norm_of_the_wrong_sign_is_no_fold_and_is_named(tmp_path):

@@ -283,13 +283,16 @@ def norm_before(spec: TensorSpec) -> str | None:
 
 def channel_scales(mf: ModelFile, ckpt: Checkpoint, plan: list[TensorSpec]) -> dict[str, np.ndarray]:
     """Per folded norm (our name): the channel scales its matrices were stored with (1 where the
-    file's norm equals the original's, or either is 0); only norms that differ from the original."""
+    file's norm equals the original's, or both are 0); only norms that differ from the original. A fold
+    keeps zeros as zeros: a channel zero in one and not in the other is no fold, and is compared."""
     out = {}
     for spec in plan:
         if not (spec.name == "norm" or spec.name.endswith((".attn_norm", ".ffn_norm"))) or spec.hf_name not in ckpt:
             continue
         original = ckpt.get(spec.hf_name).astype(np.float32)
         stored = stored_rows(mf, spec, np.arange(1))[0]
+        if np.any((original == 0) != (stored == 0)):
+            continue  # a channel zeroed (or made up) in the file: its values are compared, and fail
         with np.errstate(divide="ignore", invalid="ignore"):
             s = np.where((original != 0) & (stored != 0), original / stored, np.float32(1)).astype(np.float32)
         if not np.all(np.isfinite(s)) or np.any(s <= 0):
