@@ -35,27 +35,25 @@ def write_model_with(out: Path, source: Path, edit: Callable[[bytearray, ModelFi
 
 def unpermute_qk(data: bytearray, mf: ModelFile) -> None:
     """Undo FORMAT.md §1.3's permute by moving whole stored rows (blocks run along columns)."""
-    h = mf.header
-    for layer in range(h.n_layers):
-        for name, heads in ((f"layers.{layer}.q", h.n_heads), (f"layers.{layer}.k", h.n_kv_heads)):
-            spec = mf.layout[name].spec
-            rows = np.frombuffer(mf.raw(name), np.uint8).reshape(spec.shape[0], -1)
-            hd = spec.shape[0] // heads
-            order = np.arange(spec.shape[0]).reshape(heads, hd // 2, 2).swapaxes(1, 2).reshape(-1)
-            data[tensor_slice(mf, name)] = rows[order].tobytes()
+    _reorder_qk_rows(data, mf, lambda heads, hd: (heads, hd // 2, 2))
 
 
 def permute_qk(data: bytearray, mf: ModelFile) -> None:
     """Apply FORMAT.md §1.3's permute to q/k rows of an arch that must not have it (a llama-only step
     run on another arch), by moving whole stored rows."""
+    _reorder_qk_rows(data, mf, lambda heads, hd: (heads, 2, hd // 2))
+
+
+def _reorder_qk_rows(data: bytearray, mf: ModelFile, shape_of) -> None:
+    """Every layer's q and k rows, each head's viewed as shape_of(heads, head_dim) and its last two axes
+    swapped: the permute one way or the other."""
     h = mf.header
     for layer in range(h.n_layers):
         for name, heads in ((f"layers.{layer}.q", h.n_heads), (f"layers.{layer}.k", h.n_kv_heads)):
             spec = mf.layout[name].spec
             rows = np.frombuffer(mf.raw(name), np.uint8).reshape(spec.shape[0], -1)
-            hd = spec.shape[0] // heads
-            order = np.arange(spec.shape[0]).reshape(heads, 2, hd // 2).swapaxes(1, 2).reshape(-1)
-            data[tensor_slice(mf, name)] = rows[order].tobytes()
+            order = np.arange(spec.shape[0]).reshape(shape_of(heads, spec.shape[0] // heads)).swapaxes(1, 2)
+            data[tensor_slice(mf, name)] = rows[order.reshape(-1)].tobytes()
 
 
 def set_header(**fields):
