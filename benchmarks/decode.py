@@ -96,10 +96,11 @@ def sequences_child(model: str, nthreads: int, sequences: list[int], steps: int,
 
     engine = Engine.load(model, max_seq_len=max_seq_len, nthreads=nthreads, slots=max(sequences))
     prompt = 8
-    for slot in range(engine.slots):
-        engine.step([SlotRun(slot, [1 + slot] * prompt, 0, last_only=True)])
     medians = {}
     for n in sequences:
+        engine.reset()
+        for slot in range(engine.slots):  # every slot holds its prompt, so each step decodes at the same depth
+            engine.step([SlotRun(slot, [1 + slot] * prompt, 0, last_only=True)])
         times = []
         for i in range(steps + 2):  # two warm-up steps
             runs = [SlotRun(slot, [3 + slot + i], prompt + i) for slot in range(n)]
@@ -107,9 +108,6 @@ def sequences_child(model: str, nthreads: int, sequences: list[int], steps: int,
             engine.step(runs)
             times.append(time.perf_counter() - a)
         medians[n] = 1000 * float(np.median(times[2:]))
-        engine.reset()
-        for slot in range(engine.slots):
-            engine.step([SlotRun(slot, [1 + slot] * prompt, 0, last_only=True)])
     return {"nthreads": nthreads, "step_ms": medians}
 
 
