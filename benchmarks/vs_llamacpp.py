@@ -11,7 +11,7 @@ same weights: a GGUF Q4_0 (Q8_0) file and the `.m` that `dllama-convert gguf` co
   (minutes on 2 cores; needs cmake and g++). Nothing of it enters the repository.
 - The GGUFs are made once under .bench/vsllama/ with llama-quantize --pure: SmolLM2-135M from its
   Q4_1 GGUF (python -m dllama.samples), and the TinyLlama-1.1B-shaped random checkpoint of
-  benchmarks/decode.py written as an F16 GGUF with the Llama 2 sentencepiece vocabulary (same size).
+  benchmarks/decode.py written as an F16 GGUF with the Llama 2 vocabulary (from the fixtures' tokenizer.json).
 - Each pair runs llama-bench (`-p P -n N -r 1`: prefill of P tokens, and N generated tokens after a
   prompt of P: `-d P` for the decode test) and our runtime (benchmarks/decode.py's child: a fresh
   process, P prompt tokens evaluated warm, then N greedy tokens), each a fresh process.
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 LLAMA_CPP_PYTHON = "0.3.36"
 TARGETS = ("llama-bench", "llama-quantize", "llama-server", "ggml-rpc-server")
 GGUF_TYPE = {"q40": "Q4_0", "q80": "Q8_0"}
-LLAMA2_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "tokenizers" / "llama2" / "tokenizer.model"
+LLAMA2_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "tokenizers" / "llama2" / "tokenizer.json"
 
 
 def say(message: str) -> None:
@@ -103,7 +103,7 @@ def tinyllama_source() -> Path:
     import numpy as np
     from decode import CHECKPOINT, ensure_model
     from gguf import GGUFReader, GGUFWriter
-    from gguf_helpers import _llama_cpp_tensors, add_model_metadata, write_sentencepiece_gguf
+    from gguf_helpers import _llama_cpp_tensors, add_model_metadata, write_llama_bpe_vocab_gguf
 
     from dllama.checkpoint import Checkpoint
 
@@ -113,7 +113,7 @@ def tinyllama_source() -> Path:
     ensure_model()  # builds the checkpoint once
     say(f"writing {target.name} (once) ...")
     BENCH.mkdir(parents=True, exist_ok=True)
-    vocab = write_sentencepiece_gguf(LLAMA2_TOKENIZER, BENCH / "llama2-vocab.gguf")
+    vocab = write_llama_bpe_vocab_gguf(LLAMA2_TOKENIZER, BENCH / "llama2-vocab.gguf")
 
     ckpt = Checkpoint(CHECKPOINT)
     c = ckpt.config

@@ -84,7 +84,6 @@ def write_sentencepiece_gguf(spm_model: Path, target: Path, add_bos: bool = True
     """A metadata-only llama GGUF whose tokenizer is a sentencepiece model, stored as llama.cpp's
     convert_hf_to_gguf.py stores one (`_set_vocab_sentencepiece`: pieces, scores, token types)."""
     import sentencepiece as spm
-    from gguf import GGUFWriter
 
     sp = spm.SentencePieceProcessor(model_file=str(spm_model))
     tokens, scores, types = [], [], []
@@ -93,6 +92,35 @@ def write_sentencepiece_gguf(spm_model: Path, target: Path, add_bos: bool = True
         scores.append(sp.get_score(i))
         types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
                      else 5 if sp.is_unused(i) else 1)
+    return _write_llama_vocab_gguf(target, tokens, scores, types, (sp.bos_id(), sp.eos_id(), sp.unk_id()), add_bos)
+
+
+def write_llama_bpe_vocab_gguf(tokenizer_json: Path, target: Path, add_bos: bool = True) -> Path:
+    """The same metadata-only GGUF from a sentencepiece-BPE tokenizer.json (Llama 2's, byte fallback), for
+    when the tokenizer.model it was made from is not at hand. llama.cpp's "llama" tokenizer merges the
+    adjacent pair whose joined piece scores highest; tokenizer.json ranks its merges instead, so a piece's
+    score is minus the rank of the first merge that makes it (pieces no merge makes score -1e9: never
+    preferred), which merges in the order Hugging Face does."""
+    import json
+
+    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(merges):
+        rank.setdefault("".join(merge.split(" ", 1) if isinstance(merge, str) else merge), i)
+    special = {t["content"]: t["id"] for t in spec["added_tokens"] if t.get("special")}
+    tokens = sorted(vocab, key=vocab.get)
+    scores = [0.0 if len(t) == 1 or t in special else -float(rank.get(t, 1e9)) for t in tokens]
+    types = [2 if t == "<unk>" else 3 if t in special else 6 if t.startswith("<0x") and len(t) == 6 else 1
+             for t in tokens]
+    return _write_llama_vocab_gguf(target, tokens, scores, types, (special["<s>"], special["</s>"], special["<unk>"]),
+                                   add_bos)
+
+
+def _write_llama_vocab_gguf(target: Path, tokens: list[str], scores: list[float], types: list[int],
+                            bos_eos_unk: tuple[int, int, int], add_bos: bool) -> Path:
+    from gguf import GGUFWriter
+
     writer = GGUFWriter(target, "llama")
     writer.add_block_count(1)
     writer.add_context_length(256)
@@ -104,9 +132,9 @@ def write_sentencepiece_gguf(spm_model: Path, target: Path, add_bos: bool = True
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    writer.add_bos_token_id(sp.bos_id())
-    writer.add_eos_token_id(sp.eos_id())
-    writer.add_unk_token_id(sp.unk_id())
+    writer.add_bos_token_id(bos_eos_unk[0])
+    writer.add_eos_token_id(bos_eos_unk[1])
+    writer.add_unk_token_id(bos_eos_unk[2])
     writer.add_add_bos_token(add_bos)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

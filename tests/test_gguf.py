@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, require_fixtures
 from gguf_helpers import hf_folder_from_gguf, write_gguf_like
 from typer.testing import CliRunner
 
@@ -390,6 +391,25 @@ def test_sentencepiece_gguf_tokenizes_like_the_tokenizer_model_it_came_from(tmp_
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     plain = [t for t in texts if "<" not in t]  # no special-token markup, which sentencepiece alone reads as text
     assert len(plain) > 500 and [ours.encode(t) for t in plain] == [[sp.bos_id()] + sp.encode(t) for t in plain]
+
+
+def test_llama2_vocabulary_written_from_its_tokenizer_json_tokenizes_like_hugging_face(tmp_path):
+    """benchmarks/vs_llamacpp.py gives llama.cpp and dllama the Llama 2 vocabulary through a GGUF written from
+    tokenizer.json (write_llama_bpe_vocab_gguf: scores from the merge ranks); both sides then tokenize the
+    benchmark's prompts as transformers does, so the two runtimes see the same token counts."""
+    from gguf_helpers import write_llama_bpe_vocab_gguf
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from dllama.converter.convert import convert
+    from dllama.tokenizer import Tokenizer
+    from dllama.tokenizer.corpus import corpus
+
+    tokenizer_json = require_fixtures(FIXTURES / "tokenizers" / "llama2") / "tokenizer.json"
+    gguf_file = write_llama_bpe_vocab_gguf(tokenizer_json, tmp_path / "llama2.gguf")
+    ours = Tokenizer.load(str(convert(gguf_file, None, tmp_path, name="llama2").plan.tokenizer_path))
+    theirs = HFTokenizer.from_file(str(tokenizer_json))
+    plain = [t for t in corpus() if "<" not in t]
+    assert len(plain) > 500 and [ours.encode(t) for t in plain] == [theirs.encode(t).ids for t in plain]
 
 
 # --------------------------------------------------------------------------------------------
