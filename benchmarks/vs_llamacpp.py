@@ -101,7 +101,7 @@ def smollm2_source() -> Path:
 def tinyllama_source() -> Path:
     """The TinyLlama-shaped random checkpoint of benchmarks/decode.py as an F16 GGUF with Llama 2's vocabulary."""
     import numpy as np
-    from decode import CHECKPOINT, ensure_model
+    from convert import ensure_checkpoint  # benchmarks/convert.py's, which benchmarks/decode.py converts
     from gguf import GGUFReader, GGUFWriter
     from gguf_helpers import _llama_cpp_tensors, add_model_metadata, write_llama_bpe_vocab_gguf
 
@@ -110,12 +110,12 @@ def tinyllama_source() -> Path:
     target = BENCH / "tinyllama-f16.gguf"
     if target.is_file():
         return target
-    ensure_model()  # builds the checkpoint once
+    checkpoint = ensure_checkpoint()  # built once
     say(f"writing {target.name} (once) ...")
     BENCH.mkdir(parents=True, exist_ok=True)
     vocab = write_llama_bpe_vocab_gguf(LLAMA2_TOKENIZER, BENCH / "llama2-vocab.gguf")
 
-    ckpt = Checkpoint(CHECKPOINT)
+    ckpt = Checkpoint(checkpoint)
     c = ckpt.config
     partial = target.with_suffix(".partial")
     writer = GGUFWriter(partial, "llama")
