@@ -1,6 +1,7 @@
 """Decode and prefill speed against llama.cpp on the same blocks, side by side.
 
     python benchmarks/vs_llamacpp.py [--threads 1,2] [--pairs 3] [--models smollm2,tinyllama] [--quants q40,q80]
+    python benchmarks/vs_llamacpp.py --nodes 2 [--pairs 3]      # the cluster row: 2 nodes on loopback
 
 What users would pick instead of dllama on one board is llama.cpp, so this compares the two on the
 same weights: a GGUF Q4_0 (Q8_0) file and the `.m` that `dllama-convert gguf` copies its blocks into
@@ -15,6 +16,11 @@ same weights: a GGUF Q4_0 (Q8_0) file and the `.m` that `dllama-convert gguf` co
 - Each pair runs llama-bench (`-p P -n N -r 1`: prefill of P tokens, and N generated tokens after a
   prompt of P: `-d P` for the decode test) and our runtime (benchmarks/decode.py's child: a fresh
   process, P prompt tokens evaluated warm, then N greedy tokens), each a fresh process.
+
+- `--nodes 2`: TinyLlama-shaped q40 on two processes of one thread each on 127.0.0.1: llama.cpp as a layer
+  pipeline (`ggml-rpc-server -t 1` holding half the layers, `llama-bench --rpc ... -ngl <half> -t 1`), dllama
+  as benchmarks/distributed.py runs it (a root and one `dllama-run worker`, tensor parallel), decode after
+  the same prompt depth.
 
 It prints, per model, quant and thread count, the medians and the median of the per-pair ratios
 dllama / llama.cpp (tokens/s: above 1 means dllama is faster), and the read limit of this machine
@@ -172,6 +178,69 @@ def run_dllama(m: Path, threads: int, prompt: int, generated: int) -> tuple[floa
     return r["prompt_tok_s"], r["gen_tok_s"]
 
 
+def wait_for_port(port: int, server: subprocess.Popen, seconds: float = 30) -> None:
+    """Until the server accepts a connection on 127.0.0.1:port (it prints nothing that says so)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"ggml-rpc-server did not listen on port {port} within {seconds:.0f} s")
+
+
+def run_llamacpp_rpc(bin_dir: Path, gguf: Path, layers: int, prompt: int, generated: int) -> float:
+    """Decode tok/s of llama-bench with half the layers on a local ggml-rpc-server (two 1-thread processes)."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the server (it takes no port 0)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, server)
+        out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "--rpc", f"127.0.0.1:{port}",
+                              "-ngl", str(layers // 2), "-t", "1", "-p", "0", "-n", str(generated), "-d", str(prompt),
+                              "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)[0]["avg_ts"]
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def run_dllama_cluster(m: Path, generated: int) -> float:
+    """Decode tok/s of a root and one worker, one thread each (benchmarks/distributed.py's measure)."""
+    import distributed
+
+    distributed.MODEL = m
+    args = argparse.Namespace(steps=generated, max_seq_len=len(distributed.PROMPT) + generated + 8,
+                              buffer_float_type=None)
+    return 1000 / distributed.measure("2", args)["ms_per_token"]
+
+
+def cluster_row(bin_dir: Path, pairs: int, generated: int) -> None:
+    from dllama.formats import ModelFile
+
+    gguf, m = model_pair(bin_dir, "tinyllama", "q40")
+    layers = ModelFile(m).header.n_layers
+    depth = len(__import__("distributed").PROMPT)
+    theirs, ours = [], []
+    for _ in range(pairs):
+        theirs.append(run_llamacpp_rpc(bin_dir, gguf, layers, depth, generated))
+        ours.append(run_dllama_cluster(m, generated))
+    ratio = statistics.median(o / t for o, t in zip(ours, theirs))
+    print("| model | nodes | measure | llama.cpp RPC tok/s | dllama tok/s | dllama / llama.cpp (median of pairs) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| tinyllama q40 | 2 on loopback, 1 thread each | decode {generated} after {depth} | "
+          f"{statistics.median(theirs):.1f} | {statistics.median(ours):.1f} | {ratio:.2f} |", flush=True)
+    print(f"pairs: llama.cpp {', '.join(f'{t:.1f}' for t in theirs)}; dllama {', '.join(f'{o:.1f}' for o in ours)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2")
@@ -180,10 +249,16 @@ def main() -> None:
     parser.add_argument("--quants", default="q40,q80")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill, and the decode's depth)")
     parser.add_argument("--generated", type=int, default=128)
+    parser.add_argument("--nodes", type=int, choices=[2], help="the cluster row instead: 2 nodes on loopback")
     args = parser.parse_args()
     from vs_reference import bytes_per_token, read_bandwidth
 
     bin_dir = llamacpp_bin()
+    if args.nodes:
+        print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} before the runs; {args.pairs} pairs")
+        cluster_row(bin_dir, args.pairs, args.generated)
+        print(f"load after the runs: {os.getloadavg()[0]:.2f}")
+        return
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} before the runs; {args.pairs} pairs per "
           f"row; prefill of {args.prompt} tokens; {args.generated} generated after it")
     print("| model | quant | threads | measure | llama.cpp tok/s | dllama tok/s | dllama / llama.cpp (median of pairs) "
