@@ -461,9 +461,9 @@ class RequestLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                finish()
+                finish()  # before the last bytes go: a client holding the whole answer finds its line logged
+            await send(message)
 
         try:
             await self.app(scope, receive, logged_send)
