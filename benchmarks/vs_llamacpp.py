@@ -224,11 +224,13 @@ def run_dllama_cluster(m: Path, generated: int) -> float:
 
 
 def cluster_row(bin_dir: Path, pairs: int, generated: int) -> None:
+    import distributed
+
     from dllama.formats import ModelFile
 
     gguf, m = model_pair(bin_dir, "tinyllama", "q40")
     layers = ModelFile(m).header.n_layers
-    depth = len(__import__("distributed").PROMPT)
+    depth = len(distributed.PROMPT)
     theirs, ours = [], []
     for _ in range(pairs):
         theirs.append(run_llamacpp_rpc(bin_dir, gguf, layers, depth, generated))
