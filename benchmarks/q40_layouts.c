@@ -27,6 +27,20 @@
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 static float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
+// A: the 64 values (0..15) of the block pair at b0 (two 18-byte q40 blocks), in order
+static inline __m512i pair_values(const uint8_t *b0) {
+    __m128i l0 = _mm_loadu_si128((const __m128i *)(b0 + 2)), l1 = _mm_loadu_si128((const __m128i *)(b0 + 20));
+    const __m128i m = _mm_set1_epi8(15);
+    __m256i v0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l0, 4), m), _mm_and_si128(l0, m));
+    __m256i v1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l1, 4), m), _mm_and_si128(l1, m));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
+}
+
+// A: [lo] * 8 + [hi] * 8, a block pair's two scales over its 16 lanes
+static inline __m512 halves(float lo, float hi) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(lo)), _mm256_set1_ps(hi), 1);
+}
+
 static void matvec_a(const uint8_t *w, long rows, const int8_t *x, const float *dx, const int32_t *xc, float *out) {
     #pragma omp parallel for schedule(static)
     for (long r = 0; r < rows; r++) {
@@ -34,13 +48,10 @@ static void matvec_a(const uint8_t *w, long rows, const int8_t *x, const float *
         __m512 acc = _mm512_setzero_ps();
         for (int p = 0; p < NB / 2; p++) {
             const uint8_t *b0 = row + p * 36, *b1 = b0 + 18;
-            __m128i l0 = _mm_loadu_si128((const __m128i *)(b0 + 2)), l1 = _mm_loadu_si128((const __m128i *)(b1 + 2));
-            __m256i v0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l0, 4), _mm_set1_epi8(15)), _mm_and_si128(l0, _mm_set1_epi8(15)));
-            __m256i v1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l1, 4), _mm_set1_epi8(15)), _mm_and_si128(l1, _mm_set1_epi8(15)));
-            __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
+            __m512i a = pair_values(b0);
             __m512i q = _mm512_dpbusd_epi32(_mm512_loadu_si512(xc + 16 * p), a, _mm512_loadu_si512(x + 64 * p));
-            __m512 ws = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(h2f(*(uint16_t *)b0))), _mm256_set1_ps(h2f(*(uint16_t *)b1)), 1);
-            __m512 xs = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(dx[2 * p])), _mm256_set1_ps(dx[2 * p + 1]), 1);
+            __m512 ws = halves(h2f(*(uint16_t *)b0), h2f(*(uint16_t *)b1));
+            __m512 xs = halves(dx[2 * p], dx[2 * p + 1]);
             acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(ws, xs)));
         }
         out[r] = _mm512_reduce_add_ps(acc);
@@ -79,14 +90,11 @@ static void matmul4_a(const uint8_t *w, long rows, const int8_t *x, const float 
         for (int t = 0; t < T4; t++) acc[t] = _mm512_setzero_ps();
         for (int p = 0; p < NB / 2; p++) {
             const uint8_t *b0 = row + p * 36, *b1 = b0 + 18;
-            __m128i l0 = _mm_loadu_si128((const __m128i *)(b0 + 2)), l1 = _mm_loadu_si128((const __m128i *)(b1 + 2));
-            __m256i v0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l0, 4), _mm_set1_epi8(15)), _mm_and_si128(l0, _mm_set1_epi8(15)));
-            __m256i v1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l1, 4), _mm_set1_epi8(15)), _mm_and_si128(l1, _mm_set1_epi8(15)));
-            __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
-            __m512 ws = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(h2f(*(uint16_t *)b0))), _mm256_set1_ps(h2f(*(uint16_t *)b1)), 1);
+            __m512i a = pair_values(b0);
+            __m512 ws = halves(h2f(*(uint16_t *)b0), h2f(*(uint16_t *)b1));
             for (int t = 0; t < T4; t++) {
                 __m512i q = _mm512_dpbusd_epi32(_mm512_loadu_si512(xc + t * (N / 4) + 16 * p), a, _mm512_loadu_si512(x + t * N + 64 * p));
-                __m512 xs = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(dx[t * NB + 2 * p])), _mm256_set1_ps(dx[t * NB + 2 * p + 1]), 1);
+                __m512 xs = halves(dx[t * NB + 2 * p], dx[t * NB + 2 * p + 1]);
                 acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(ws, xs)));
             }
         }
