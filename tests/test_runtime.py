@@ -30,7 +30,6 @@ from dllama.runtime.model import (
     rope_frequencies,
 )
 from dllama.runtime.split import ClusterSplit
-from dllama.runtime.tensors import Matrix
 
 
 def reference_logits(folder: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -414,7 +413,7 @@ def test_compiled_stretches_give_the_per_call_partials_bits():
     share = ClusterSplit.plan(h, 2).nodes[1]
     weights = load_node_weights(model, share)
     for lw in weights.layers:  # the column slices as a worker holds them: received, contiguous
-        lw.wo, lw.w2 = (Matrix(np.ascontiguousarray(m.data), m.float_type, m.shape) for m in (lw.wo, lw.w2))
+        lw.wo, lw.w2 = (dataclasses.replace(m, data=np.ascontiguousarray(m.data)) for m in (lw.wo, lw.w2))
     compiled, per_call = (NodeLayers(h, weights, share, 64) for _ in range(2))
     per_call._compiled = None
     partials = [[node.attention_block(0, x, 0), node.ffn_block(0, x), node.logits(x)] for node in (compiled, per_call)]

@@ -43,6 +43,7 @@ EXPORTS = {  # kernel in the kernels package -> its one signature in the compile
     "q80_roundtrip": "void(f4[:, ::1])",
     "q80_encode": "void(f4[:, ::1], u1[::1])",
     "q80_decode": "void(u1[::1], f4[:, ::1])",
+    "interleave_q40": "void(u1[:, :], u1[:, ::1])",
     "matvec_q40_rows": f"void({_W}, i1[::1], f4[::1], i4[::1], f4[::1], f4[::1], i8, i8)",
     "token_lanes": "void(i1[:, ::1], f4[:, ::1], f4[:, ::1])",
     "matmul_q40_rows": f"void({_W}, i1[:, ::1], f4[:, ::1], i4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1], i8, i8)",

@@ -25,6 +25,7 @@ from dllama.runtime.cpu import KERNEL_PATHS, lanes_min_tokens, token_lanes_shape
 # aarch64's numpy warns about the NaN patterns in the cast (x86's does not): they stay NaN
 with np.errstate(invalid="ignore"):
     F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+GROUP_ROWS = 16         # kernels.GROUP_ROWS: q40 rows interleaved together (interleave_q40)
 ROW_ALIGN = 16          # thread ranges of rows start on multiples of this (the JIT kernels' task size)
 MIN_WORK = 1 << 17      # multiply-adds below which a call stays on one thread (a hand-off costs ~30 us)
 
@@ -87,7 +88,21 @@ def q80_decode(wire, out) -> None:
     _backend().q80_decode(wire, out)
 
 
+def interleave_q40(w: np.ndarray) -> np.ndarray:
+    """q40 rows as the .m stores them (rows, row bytes) -> the q40 kernels' layout (kernels.interleave_q40), a
+    new (rows rounded up to GROUP_ROWS, row bytes) array: the q40 kernels take the row count from their output."""
+    out = np.empty((-(-w.shape[0] // GROUP_ROWS) * GROUP_ROWS, w.shape[1]), dtype=np.uint8)
+    interleave_q40_into(w, out)
+    return out
+
+
+def interleave_q40_into(w: np.ndarray, out: np.ndarray) -> None:
+    """interleave_q40 into out, (rows rounded up to GROUP_ROWS, row bytes) C-contiguous."""
+    _backend().interleave_q40(w, out)
+
+
 def matvec_q40(w, xq, xd, xc, out) -> None:
+    """w: interleave_q40's layout, as for matmul_q40."""
     _backend().matvec_q40(w, xq, xd, xc, out)
 
 
@@ -212,11 +227,14 @@ class JitKernels:
     def q80_decode(self, wire, out):
         self.k.q80_decode(wire, out)
 
+    def interleave_q40(self, w, out):
+        self.k.interleave_q40(w, out)
+
     def matvec_q40(self, w, xq, xd, xc, out):
         self.k.matvec_q40(w, xq, xd, xc, F16_TO_F32, out)
 
     def matmul_q40(self, w, xq, xd, xc, out):
-        self.k.matmul_q40(w, xq, xd, xc, _token_lanes(self.k, self.path, xq, xd), F16_TO_F32, out)
+        self.k.matmul_q40(w, xq, xd, xc, NO_LANES, F16_TO_F32, out)
 
     def matmul_q80(self, w, xq, xd, xc, out):
         self.k.matmul_q80(w, xq, xd, xc, _token_lanes(self.k, self.path, xq, xd), F16_TO_F32, out)
@@ -253,13 +271,16 @@ class CompiledKernels:
     def q80_decode(self, wire, out):
         self.m.q80_decode(wire, out)
 
+    def interleave_q40(self, w, out):
+        self.m.interleave_q40(w, out)
+
     def matvec_q40(self, w, xq, xd, xc, out):
-        self._split("matvec_q40_rows", "job_matvec_q40", (_rows(w), xq, xd, xc, F16_TO_F32, out), w.shape[0],
+        self._split("matvec_q40_rows", "job_matvec_q40", (_rows(w), xq, xd, xc, F16_TO_F32, out), out.shape[0],
                     work_per_item=xq.shape[0])
 
     def matmul_q40(self, w, xq, xd, xc, out):
-        args = (_rows(w), xq, xd, xc, _token_lanes(self.m, self.path, xq, xd), F16_TO_F32, out)
-        self._split("matmul_q40_rows", "job_matmul_q40", args, w.shape[0], work_per_item=xq.size)
+        args = (_rows(w), xq, xd, xc, NO_LANES, F16_TO_F32, out)
+        self._split("matmul_q40_rows", "job_matmul_q40", args, out.shape[1], work_per_item=xq.size)
 
     def matmul_q80(self, w, xq, xd, xc, out):
         args = (_rows(w), xq, xd, xc, _token_lanes(self.m, self.path, xq, xd), F16_TO_F32, out)
@@ -406,6 +427,9 @@ def _token_lanes(kernels, path: str, xq: np.ndarray, xd: np.ndarray) -> np.ndarr
     out = np.zeros((groups, width), dtype=np.float32)
     kernels.token_lanes(xq, xd, out)
     return out
+
+
+NO_LANES = np.zeros((0, 1), dtype=np.float32)  # matmul_q40's x_lanes: its kernels do not read token lanes
 
 
 def _rows(w: np.ndarray) -> np.ndarray:

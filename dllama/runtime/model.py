@@ -65,7 +65,13 @@ class NodeWeights:
 def assemble_node_weights(h: ModelHeader, matrix: Callable[[str], Matrix],
                           vector: Callable[[str], np.ndarray]) -> NodeWeights:
     """A node's weights by tensor name (FORMAT.md §1.3): `matrix(name)` gives its slice of a split
-    matrix, `vector(name)` a whole tensor (norms, moe gate)."""
+    matrix (made ready for the kernels here, Matrix.for_kernels), `vector(name)` a whole tensor (norms,
+    moe gate)."""
+    stored = matrix
+
+    def matrix(name: str) -> Matrix:
+        return stored(name).for_kernels()
+
     layers = []
     for layer in range(h.n_layers):
         p = f"layers.{layer}."
@@ -572,8 +578,9 @@ def tokens(buffers: tuple[np.ndarray, ...], T: int, first: int = 0) -> tuple[np.
 
 
 def weight_bytes(m: Matrix) -> np.ndarray:
-    """The rows as the programs take them: (rows, row bytes) uint8 whatever the float type."""
-    return m.data.view(np.uint8) if m.data.dtype != np.uint8 else m.data
+    """The rows as the programs take them: (rows, row bytes) uint8 whatever the float type, q40 interleaved."""
+    data = m.for_kernels().data
+    return data.view(np.uint8) if data.dtype != np.uint8 else data
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -2,10 +2,13 @@
 
 A `Matrix` is a zero-copy view of a `.m` tensor (or of a node's slice of it, FORMAT.md §3):
 quantized weights stay packed bytes, f32 weights a float view. Like the reference, q40 and q80
-weights meet q80-quantized activations (`QuantizedInput`) and f32 weights meet f32 ones.
+weights meet q80-quantized activations (`QuantizedInput`) and f32 weights meet f32 ones. The
+runtime's q40 matrices are copied once at load into the kernels' layout (`Matrix.for_kernels`:
+the same 18 bytes per row and block, 16 rows interleaved), and their file pages leave the process.
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +45,7 @@ class Matrix:
     data: np.ndarray
     float_type: FloatType
     shape: tuple[int, int]
+    interleaved: bool = False  # q40 rows in dispatch.interleave_q40's layout, padded to whole groups (for_kernels)
 
     @classmethod
     def from_file(cls, model: ModelFile, name: str) -> "Matrix":
@@ -59,11 +63,27 @@ class Matrix:
     def quantized(self) -> bool:
         return self.float_type != FloatType.F32
 
+    def for_kernels(self) -> "Matrix":
+        """The matrix as the kernels take it: q40 rows interleaved (dispatch.interleave_q40) into new memory,
+        INTERLEAVE_ROWS rows at a time, each chunk's file pages released once copied (release_pages), so a
+        mapped tensor is not held twice; other types as they are."""
+        if self.float_type != FloatType.Q40 or self.interleaved:
+            return self
+        rows = self.shape[0]
+        out = np.empty((_whole_groups(rows), self.data.shape[1]), dtype=np.uint8)
+        for r0 in range(0, rows, INTERLEAVE_ROWS):
+            r1 = min(rows, r0 + INTERLEAVE_ROWS)
+            dispatch.interleave_q40_into(self.data[r0:r1], out[r0:r0 + _whole_groups(r1 - r0)])
+            release_pages(self.data[r0:r1])
+        return Matrix(out, self.float_type, self.shape, interleaved=True)
+
     def row_slice(self, start: int, stop: int) -> "Matrix":
+        assert not self.interleaved, "slice a matrix as stored, then make it ready for the kernels"
         return Matrix(self.data[start:stop], self.float_type, (stop - start, self.shape[1]))
 
     def column_slice(self, start: int, stop: int) -> "Matrix":
         """Columns [start, stop) of every row: a strided view, no copy (FORMAT.md §3 wo/w2)."""
+        assert not self.interleaved, "slice a matrix as stored, then make it ready for the kernels"
         fmt = BLOCK_FORMATS[self.float_type]
         if self.quantized and (start % BLOCK_SIZE or stop % BLOCK_SIZE):
             raise FormatError(f"column slice [{start}, {stop}) does not fall on {BLOCK_SIZE}-value block boundaries")
@@ -87,9 +107,34 @@ class Matrix:
         T = x.xq.shape[0]
         out = np.empty((T, self.shape[0]), dtype=np.float32)
         if self.float_type == FloatType.Q40 and T == 1:
-            dispatch.matvec_q40(self.data, x.xq[0], x.xd[0], x.xc[0], out[0])
+            dispatch.matvec_q40(self.for_kernels().data, x.xq[0], x.xd[0], x.xc[0], out[0])
         elif self.float_type == FloatType.Q40:
-            dispatch.matmul_q40(self.data, x.xq, x.xd, x.xc, out)
+            dispatch.matmul_q40(self.for_kernels().data, x.xq, x.xd, x.xc, out)
         else:
             dispatch.matmul_q80(self.data, x.xq, x.xd, x.xc, out)
         return out
+
+
+INTERLEAVE_ROWS = 1024  # rows Matrix.for_kernels copies before releasing their file pages (whole groups)
+
+
+def _whole_groups(rows: int) -> int:
+    return -(-rows // dispatch.GROUP_ROWS) * dispatch.GROUP_ROWS
+
+
+def release_pages(a: np.ndarray) -> None:
+    """Drop the pages of a read-only file mapping that hold a's bytes from this process (MADV_DONTNEED; the
+    page cache keeps them): nothing for an array not backed by a mapping. Neighbours sharing an edge page
+    fault it back in if they read it."""
+    owner = a
+    while owner is not None and not isinstance(owner, mmap.mmap):
+        owner = getattr(owner, "base", None) if not isinstance(owner, memoryview) else owner.obj
+    if owner is None or owner.closed or a.size == 0:
+        return
+    start = a.__array_interface__["data"][0] - np.frombuffer(owner, dtype=np.uint8).__array_interface__["data"][0]
+    stop = start + sum((n - 1) * stride for n, stride in zip(a.shape, a.strides)) + a.itemsize
+    page = start - start % mmap.PAGESIZE
+    try:
+        owner.madvise(mmap.MADV_DONTNEED, page, min(len(owner), stop) - page)
+    except (OSError, ValueError):  # advice only
+        pass

@@ -10,7 +10,8 @@ from dllama.runtime.tensors import Matrix
 
 
 def node_weights(h: ModelHeader, slices: dict[str, np.ndarray], share: NodeShare) -> NodeWeights | None:
-    """None for a node that holds no slices (a coordinator root)."""
+    """None for a node that holds no slices (a coordinator root). A q40 slice is taken out of `slices`: its
+    copy in the kernels' layout (Matrix.for_kernels) replaces it, so the node does not hold both."""
     if not share.computes:
         return None
     specs = {s.name: s for s in tensor_plan(h)}
@@ -18,7 +19,7 @@ def node_weights(h: ModelHeader, slices: dict[str, np.ndarray], share: NodeShare
     def matrix(name: str) -> Matrix:
         spec = specs[name]
         shape = share.slice_shape(spec)
-        raw = slices[name]
+        raw = slices.pop(name) if spec.float_type == FloatType.Q40 else slices[name]
         data = raw.view("<f4").reshape(shape) if spec.float_type == FloatType.F32 else raw.reshape(shape[0], -1)
         return Matrix(data, spec.float_type, shape)
 

@@ -31,6 +31,7 @@ from dllama.runtime.kernels.ir import DOTPROD, KERNEL_PATH, VNNI512, kernel_path
 from dllama.runtime.kernels.math import (
                                           attention,
                                           attention_tasks,
+                                          interleave_q40,
                                           matmul_f32,
                                           matmul_f32_rows,
                                           matmul_q40,
@@ -69,7 +70,8 @@ from dllama.runtime.kernels.team import (
 
 __all__ = [
     "DOTPROD", "JOB_WORDS", "KERNEL_PATH", "NO_JOB", "OP_WORDS", "VNNI512", "attention", "attention_tasks",
-    "job_attention", "job_matmul_f32", "job_matmul_q40", "job_matmul_q80", "job_matvec_q40", "job_program",
+    "interleave_q40", "job_attention", "job_matmul_f32", "job_matmul_q40", "job_matmul_q80", "job_matvec_q40",
+    "job_program",
     "job_quantize", "job_silu_gate", "kernel_path_code", "matmul_f32", "matmul_f32_rows", "matmul_q40",
     "matmul_q40_rows", "matmul_q80", "matmul_q80_rows", "matvec_q40", "matvec_q40_rows", "publish", "q80_decode",
     "q80_encode", "q80_roundtrip",

@@ -12,7 +12,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from dllama.formats import Q40_BYTES, Q80_BYTES
+from dllama.formats import BLOCK_SIZE, Q40_BYTES, Q80_BYTES
 from dllama.runtime.cpu import KERNEL_PATHS, is_aarch64, lanes_min_tokens, token_lanes
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
@@ -119,55 +119,21 @@ def _accumulate(builder, acc_data, acc_offset, quads, scale):
                   ptr, align=4)
 
 
-def _nibbles(builder, packed16):
-    # byte j holds value j (low nibble) and value j + 16 (high nibble), FORMAT.md §1.2
-    lo = builder.and_(packed16, _const(_vec(_i8, 16), [15] * 16))
-    hi = builder.lshr(packed16, _const(_vec(_i8, 16), [4] * 16))
-    return builder.shuffle_vector(lo, hi, _const(_vec(_i32, 32), list(range(32))))
+@intrinsic
+def _s8_block(typingctx, w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off):
+    """acc[acc_off:+8] += f32(the quad sums of the 32 int8 values at w[w_off] (a q80 block) times x[x_off:])
+    * s0 (stride, xc, xc_off and s1 are not read: the one-token kernels' block at the end of an odd row)."""
+    sig = types.void(w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off)
 
+    def codegen(context, builder, sig, args):
+        w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off = args
+        a = _load(builder, _data(context, builder, sig.args[0], w), w_off, _vec(_i8, 32))
+        xv = _load(builder, _data(context, builder, sig.args[3], x), x_off, _vec(_i8, 32))
+        quads = _quad_sums(builder, a, xv, _const(_vec(_i32, 8), [0] * 8), a_unsigned=False)
+        _accumulate(builder, _data(context, builder, sig.args[9], acc), acc_off, quads, _splat_halves(builder, [s0]))
+        return context.get_dummy_value()
 
-def _block_kernel(kind: str, pair: bool):
-    """acc[acc_off:+8|16] += f32(quad sums of one or two blocks) * their scales.
-
-    kind "q40": packed q40 blocks at w[w_off] and w[w_off + stride] (u8 nibbles, the -8 comes
-    from init = xc, -8 * quad sums of x); "s8": int8 values (q80 blocks or pre-unpacked rows).
-    """
-    n = 64 if pair else 32
-
-    def typer(typingctx, w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off):
-        sig = types.void(w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off)
-
-        def codegen(context, builder, sig, args):
-            w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off = args
-            wd = _data(context, builder, sig.args[0], w)
-
-            def block(offset):
-                if kind == "q40":
-                    return _nibbles(builder, _load(builder, wd, offset, _vec(_i8, 16)))
-                return _load(builder, wd, offset, _vec(_i8, 32))
-
-            a = block(w_off)
-            if pair:
-                both = _const(_vec(_i32, 64), list(range(64)))
-                a = builder.shuffle_vector(a, block(builder.add(w_off, stride)), both)
-            xv = _load(builder, _data(context, builder, sig.args[3], x), x_off, _vec(_i8, n))
-            if kind == "q40":
-                init = _load(builder, _data(context, builder, sig.args[5], xc), xc_off, _vec(_i32, n // 4), align=4)
-            else:
-                init = _const(_vec(_i32, n // 4), [0] * (n // 4))
-            quads = _quad_sums(builder, a, xv, init, a_unsigned=kind == "q40")
-            _accumulate(builder, _data(context, builder, sig.args[9], acc), acc_off, quads,
-                        _splat_halves(builder, [s0, s1] if pair else [s0]))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    typer.__name__ = f"_{kind}_{'pair' if pair else 'block'}"
-    return intrinsic(typer)
-
-
-_q40_pair, _q40_block = _block_kernel("q40", True), _block_kernel("q40", False)
-_s8_pair, _s8_block = _block_kernel("s8", True), _block_kernel("s8", False)
+    return sig, codegen
 
 
 @intrinsic
@@ -211,35 +177,23 @@ def _splat(builder, value, n):
     return builder.shuffle_vector(v, v, _const(_vec(_i32, n), [0] * n))
 
 
-def _unpack_signed_kernel(kind: str):
-    """wq[wq_off:+32] = the block at w[w_off] as int8 values (q40: its 16 packed bytes, values -8..7; q80:
-    its 32 bytes as they are), and corr[corr_off:+8] = -X_BIAS * the sums of its 8 quads (what the biased
-    tokens add)."""
-    def typer(typingctx, w, w_off, wq, wq_off, corr, corr_off):
-        sig = types.void(w, w_off, wq, wq_off, corr, corr_off)
+@intrinsic
+def _unpack_q80_signed(typingctx, w, w_off, wq, wq_off, corr, corr_off):
+    """wq[wq_off:+32] = the q80 block's 32 int8 values at w[w_off], and corr[corr_off:+8] = -X_BIAS * the sums
+    of its 8 quads (what the biased tokens add)."""
+    sig = types.void(w, w_off, wq, wq_off, corr, corr_off)
 
-        def codegen(context, builder, sig, args):
-            w, w_off, wq, wq_off, corr, corr_off = args
-            w_d = _data(context, builder, sig.args[0], w)
-            if kind == "q40":
-                nibbles = _nibbles(builder, _load(builder, w_d, w_off, _vec(_i8, 16)))
-                values = builder.sub(nibbles, _const(_vec(_i8, 32), [8] * 32))
-            else:
-                values = _load(builder, w_d, w_off, _vec(_i8, 32))
-            ptr = builder.gep(_data(context, builder, sig.args[2], wq), [wq_off])
-            builder.store(values, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
-            ptr = builder.gep(_data(context, builder, sig.args[4], corr), [corr_off])
-            builder.store(_quad_sums_times(builder, values, -X_BIAS),
-                          builder.bitcast(ptr, _vec(_i32, 8).as_pointer()), align=4)
-            return context.get_dummy_value()
+    def codegen(context, builder, sig, args):
+        w, w_off, wq, wq_off, corr, corr_off = args
+        values = _load(builder, _data(context, builder, sig.args[0], w), w_off, _vec(_i8, 32))
+        ptr = builder.gep(_data(context, builder, sig.args[2], wq), [wq_off])
+        builder.store(values, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
+        ptr = builder.gep(_data(context, builder, sig.args[4], corr), [corr_off])
+        builder.store(_quad_sums_times(builder, values, -X_BIAS), builder.bitcast(ptr, _vec(_i32, 8).as_pointer()),
+                      align=4)
+        return context.get_dummy_value()
 
-        return sig, codegen
-
-    typer.__name__ = f"_unpack_{kind}_signed"
-    return intrinsic(typer)
-
-
-_unpack_q40_signed, _unpack_q80_signed = _unpack_signed_kernel("q40"), _unpack_signed_kernel("q80")
+    return sig, codegen
 
 
 @intrinsic
@@ -247,10 +201,11 @@ def _token_lanes_row(typingctx, wq, corr, dw, x_lanes, nb, out):
     """out[:TOKEN_LANES] = one row times TOKEN_LANES tokens, each token's 16 lanes summed in order.
 
     The row: wq (n,) int8 values, corr (n/4,) int32 and dw (nb,) float32 block scales
-    (_unpack_q40_signed). The tokens: x_lanes, one group of math.token_lanes: per quad g, the
+    (_unpack_q80_signed). The tokens: x_lanes, one group of math.token_lanes: per quad g, the
     tokens' 4 int8 values side by side (X_BIAS added), then per block b their scales d_x.
     Per block b, lane 8 * (b % 2) + k of every token += f32(quad k) * f32(d_w * d_x): the
-    operations of `_q40_pair` in its order, so every kernel gives the same bits.
+    one-token q80 kernel's operations in its order (_packed_rows_kernel), so every q80 kernel gives the
+    same bits.
     """
     sig = types.void(wq, corr, dw, x_lanes, nb, out)
 
@@ -313,19 +268,18 @@ def _store_lanes(builder, acc_data, lanes, lanes_ty):
         builder.store(builder.load(lane), ptr, align=4)
 
 
-def _packed_rows_kernel(n_rows: int, kind: str = "q40"):
-    """acc[16i:+16] = the lanes of packed row r0 + i (i < n_rows) times one token, pairs 0..n_pairs.
+def _packed_rows_kernel(n_rows: int):
+    """acc[16i:+16] = the lanes of q80 row r0 + i (i < n_rows) times one token, pairs 0..n_pairs.
 
     The one-token kernel's inner loop in IR, so the rows' lanes stay in registers and one load of the
     token's values serves n_rows rows: per block pair p, the quad sums of the row's two blocks times
     the token's 64 values, converted, times [d_w(2p) * d_x(2p)] * 8 + [d_w(2p+1) * d_x(2p+1)] * 8,
-    added: `_q40_pair`'s (`_s8_pair`'s) operations in its order. kind "q40": nibbles at bytes 36p + 2
-    and 36p + 20, init xc[16p:+16] (the -8 correction). "q80": int8 values at 68p + 2 and 68p + 36; on
+    added (_s8_block's operations in its order, per block). The int8 values at 68p + 2 and 68p + 36; on
     VNNI (unsigned times signed) they go in biased by +128 and init 16 * xc (-128 * the token's quad
     sums) takes the bias out again: the same exact integers as the signed products of the other paths.
     """
-    block_bytes = Q40_BYTES if kind == "q40" else Q80_BYTES
-    biased = kind == "q80" and VNNI512
+    block_bytes = Q80_BYTES
+    biased = VNNI512
 
     def typer(typingctx, w, r0, x, xc, xd, scale_table, n_pairs, acc):
         sig = types.void(w, r0, x, xc, xd, scale_table, n_pairs, acc)
@@ -346,24 +300,20 @@ def _packed_rows_kernel(n_rows: int, kind: str = "q40"):
                 return builder.load(builder.gep(table_d, [builder.zext(bits, _i64)]))
 
             def pair_values(base):
-                """The 64 values of the two blocks at w[base:]: q40 nibbles 0..15, q80 int8 (+128 when biased)."""
+                """The 64 int8 values of the two blocks at w[base:] (+128 when biased)."""
                 def at(offset, n):
                     return _load(builder, w_d, builder.add(base, _const(_i64, offset)), _vec(_i8, n))
 
-                if kind == "q40":
-                    lo, hi = _nibbles(builder, at(2, 16)), _nibbles(builder, at(2 + Q40_BYTES, 16))
-                else:
-                    lo, hi = at(2, 32), at(2 + Q80_BYTES, 32)
+                lo, hi = at(2, 32), at(2 + Q80_BYTES, 32)
                 a = builder.shuffle_vector(lo, hi, _const(_vec(_i32, 64), list(range(64))))
                 return builder.xor(a, _const(_vec(_i8, 64), [-128] * 64)) if biased else a
 
             with cgutils.for_range(builder, n_pairs) as loop:
                 p = loop.index
                 xv = _load(builder, x_d, builder.mul(p, _const(_i64, 64)), _vec(_i8, 64))
-                if kind == "q40" or biased:
+                if biased:
                     init = _load(builder, xc_d, builder.mul(p, _const(_i64, 16)), _vec(_i32, 16), align=4)
-                    if biased:
-                        init = builder.shl(init, _const(_vec(_i32, 16), [4] * 16))
+                    init = builder.shl(init, _const(_vec(_i32, 16), [4] * 16))
                 else:
                     init = _const(_vec(_i32, 16), [0] * 16)
                 b = builder.mul(p, _const(_i64, 2))
@@ -375,7 +325,7 @@ def _packed_rows_kernel(n_rows: int, kind: str = "q40"):
                 for i in range(n_rows):
                     base = builder.add(rows[i], o)
                     a = pair_values(base)
-                    quads = _quad_sums(builder, a, xv, init, a_unsigned=kind == "q40" or biased)
+                    quads = _quad_sums(builder, a, xv, init, a_unsigned=biased)
                     w_scale = _splat_halves(builder, [scale(base), scale(builder.add(base, _const(_i64, block_bytes)))])
                     term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
                     builder.store(builder.fadd(builder.load(lanes[i]), term), lanes[i])
@@ -384,11 +334,11 @@ def _packed_rows_kernel(n_rows: int, kind: str = "q40"):
 
         return sig, codegen
 
-    typer.__name__ = f"_packed_{kind}_{n_rows}rows"
+    typer.__name__ = f"_packed_q80_{n_rows}rows"
     return intrinsic(typer)
 
 
-def _packed_tokens_kernel(n_tokens: int, kind: str = "q40", n_rows: int = 1):
+def _packed_tokens_kernel(n_tokens: int, n_rows: int = 1):
     """acc[16(i * n_tokens + j):+16] = the lanes of packed row r + i (i < n_rows) times token t0 + j (j <
     n_tokens), pairs 0..n_pairs.
 
@@ -398,8 +348,8 @@ def _packed_tokens_kernel(n_tokens: int, kind: str = "q40", n_rows: int = 1):
     `_packed_rows_kernel`'s operations in its order, so every token's result has the one-token kernel's
     bits. xq (T, n) int8, xc (T, n/4) int32, xd (T, n/32) float32.
     """
-    block_bytes = Q40_BYTES if kind == "q40" else Q80_BYTES
-    biased = kind == "q80" and VNNI512
+    block_bytes = Q80_BYTES
+    biased = VNNI512
 
     def typer(typingctx, w, r, xq, xc, xd, t0, scale_table, n_pairs, acc):
         sig = types.void(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
@@ -435,12 +385,8 @@ def _packed_tokens_kernel(n_tokens: int, kind: str = "q40", n_rows: int = 1):
                 for row in rows:
                     o = builder.add(row, builder.mul(p, _const(_i64, 2 * block_bytes)))
                     _prefetch(builder, builder.gep(w_d, [builder.add(o, _const(_i64, PREFETCH_AHEAD))]))
-                    if kind == "q40":
-                        lo = _nibbles(builder, at(builder.add(o, _const(_i64, 2)), 16))
-                        hi = _nibbles(builder, at(builder.add(o, _const(_i64, 2 + Q40_BYTES)), 16))
-                    else:
-                        lo = at(builder.add(o, _const(_i64, 2)), 32)
-                        hi = at(builder.add(o, _const(_i64, 2 + Q80_BYTES)), 32)
+                    lo = at(builder.add(o, _const(_i64, 2)), 32)
+                    hi = at(builder.add(o, _const(_i64, 2 + Q80_BYTES)), 32)
                     a = builder.shuffle_vector(lo, hi, _const(_vec(_i32, 64), list(range(64))))
                     if biased:
                         a = builder.xor(a, _const(_vec(_i8, 64), [-128] * 64))
@@ -449,11 +395,10 @@ def _packed_tokens_kernel(n_tokens: int, kind: str = "q40", n_rows: int = 1):
                 for j, t in enumerate(tokens):
                     xv = _load(builder, xq_d, builder.add(builder.mul(t, n), builder.mul(p, _const(_i64, 64))),
                                _vec(_i8, 64))
-                    if kind == "q40" or biased:
+                    if biased:
                         c = builder.add(builder.mul(t, quads_per_token), builder.mul(p, _const(_i64, 16)))
                         init = _load(builder, xc_d, c, _vec(_i32, 16), align=4)
-                        if biased:
-                            init = builder.shl(init, _const(_vec(_i32, 16), [4] * 16))
+                        init = builder.shl(init, _const(_vec(_i32, 16), [4] * 16))
                     else:
                         init = _const(_vec(_i32, 16), [0] * 16)
                     d = builder.add(builder.mul(t, nb), b)
@@ -461,7 +406,7 @@ def _packed_tokens_kernel(n_tokens: int, kind: str = "q40", n_rows: int = 1):
                     x_scale = _splat_halves(builder, [builder.load(builder.gep(xd_d, [d])),
                                                       builder.load(builder.gep(xd_d, [d_next]))])
                     for i, (a, w_scale) in enumerate(row_values):
-                        quads = _quad_sums(builder, a, xv, init, a_unsigned=kind == "q40" or biased)
+                        quads = _quad_sums(builder, a, xv, init, a_unsigned=biased)
                         term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
                         lane = lanes[i][j]
                         builder.store(builder.fadd(builder.load(lane), term), lane)
@@ -470,21 +415,102 @@ def _packed_tokens_kernel(n_tokens: int, kind: str = "q40", n_rows: int = 1):
 
         return sig, codegen
 
-    typer.__name__ = f"_packed_{kind}_{n_rows}x{n_tokens}tokens"
+    typer.__name__ = f"_packed_q80_{n_rows}x{n_tokens}tokens"
     return intrinsic(typer)
 
 
 _i16 = ir.IntType(16)
 # one row at a time: 2 or 4 rows sharing each load of x measured 1.5-3x slower on Zen 4 (AVX-512)
-_packed_row_lanes = _packed_rows_kernel(1)
-_packed_q80_row_lanes = _packed_rows_kernel(1, "q80")
+_packed_q80_row_lanes = _packed_rows_kernel(1)
 # 1 to 4 tokens sharing each unpacked pair of a row (decode steps of a few sequences, serve --parallel)
-_q40_1tokens, _q40_2tokens, _q40_3tokens, _q40_4tokens = (_packed_tokens_kernel(n) for n in range(1, 5))
-_q80_1tokens, _q80_2tokens, _q80_3tokens, _q80_4tokens = (_packed_tokens_kernel(n, "q80") for n in range(1, 5))
+_q80_1tokens, _q80_2tokens, _q80_3tokens, _q80_4tokens = (_packed_tokens_kernel(n) for n in range(1, 5))
 SHARED_TOKENS = 4
 # two rows times four tokens: the tokens' loads serve both rows (12% faster than one row on Zen 4)
-_q40_2x4tokens = _packed_tokens_kernel(SHARED_TOKENS, "q40", 2)
-_q80_2x4tokens = _packed_tokens_kernel(SHARED_TOKENS, "q80", 2)
+_q80_2x4tokens = _packed_tokens_kernel(SHARED_TOKENS, 2)
+
+
+# q40 weights in groups of 16 rows (GROUP_ROWS, math.interleave_q40): per block b of a group, GROUP_BLOCK_BYTES
+# bytes: 4 runs of 64, run k holding each row's packed bytes 4k..4k+3 (row i at 4i: its values 4k..4k+3 in the
+# low nibbles, 16+4k.. in the high ones), then the 16 rows' f16 scales. The same 18 bytes per row and block
+# as the .m; rows sit in the vector lanes, so a block's 8 quads of all 16 rows are 8 vector products.
+GROUP_ROWS = 16
+GROUP_BLOCK_BYTES = GROUP_ROWS * Q40_BYTES
+F16C = "f16c" in _TARGET or is_aarch64()
+
+
+def _group_scales(builder, w_d, offset, table_d):
+    """The 16 rows' f16 scales at w[offset:] as float32 (exact): one vector conversion where the CPU has it."""
+    fty = _vec(_f32, GROUP_ROWS)
+    if F16C:
+        return builder.fpext(_load(builder, w_d, offset, _vec(ir.HalfType(), GROUP_ROWS), align=1), fty)
+    bits = _load(builder, w_d, offset, _vec(_i16, GROUP_ROWS), align=1)
+    v = ir.Constant(fty, ir.Undefined)
+    for i in range(GROUP_ROWS):
+        index = builder.zext(builder.extract_element(bits, _const(_i32, i)), _i64)
+        v = builder.insert_element(v, builder.load(builder.gep(table_d, [index])), _const(_i32, i))
+    return v
+
+
+def _q40_group_kernel(n_tokens: int):
+    """acc[16j:+16] = rows 16g..16g+15 of interleaved q40 weights times token t0 + j (j < n_tokens).
+
+    The order of sums every q40 kernel keeps: per block b, the exact integer sum of its 32 products
+    (-8 * the token's sum over the block, then its 8 quad products added on), converted, times
+    f32(d_w * d_x), added into the row's one float32 total, block after block from 0. Each block of the
+    group is loaded and unpacked once for the n_tokens tokens. xq (T, n) int8, xc (T, n/4) int32, xd (T, nb).
+    """
+    def typer(typingctx, w, g, xq, xc, xd, t0, scale_table, acc):
+        sig = types.void(w, g, xq, xc, xd, t0, scale_table, acc)
+
+        def codegen(context, builder, sig, args):
+            w, g, xq, xc, xd, t0, scale_table, acc = args
+            w_arr = context.make_array(sig.args[0])(context, builder, w)
+            row_bytes = builder.extract_value(w_arr.strides, 0)
+            w_d = w_arr.data
+            xq_arr = context.make_array(sig.args[2])(context, builder, xq)
+            n = builder.extract_value(xq_arr.shape, 1)
+            xq_d, xc_d, xd_d, table_d, acc_d = xq_arr.data, *(_data(context, builder, sig.args[i], v) for i, v in
+                                                               ((3, xc), (4, xd), (6, scale_table), (7, acc)))
+            nb = builder.udiv(n, _const(_i64, BLOCK_SIZE))
+            quads_per_token = builder.udiv(n, _const(_i64, 4))
+            base = builder.mul(g, builder.mul(row_bytes, _const(_i64, GROUP_ROWS)))
+            tokens = [builder.add(t0, _const(_i64, j)) for j in range(n_tokens)]
+            fty = _vec(_f32, GROUP_ROWS)
+            totals = [cgutils.alloca_once_value(builder, _const(fty, [0.0] * GROUP_ROWS)) for _ in tokens]
+            x_words = builder.bitcast(xq_d, _i32.as_pointer())
+            nibble_mask = _const(_vec(_i8, 64), [15] * 64)
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                o = builder.add(base, builder.mul(b, _const(_i64, GROUP_BLOCK_BYTES)))
+                _prefetch(builder, builder.gep(w_d, [builder.add(o, _const(_i64, PREFETCH_AHEAD))]))
+                runs = [_load(builder, w_d, builder.add(o, _const(_i64, 64 * k)), _vec(_i8, 64)) for k in range(4)]
+                quads = ([builder.and_(r, nibble_mask) for r in runs]
+                         + [builder.lshr(r, _const(_vec(_i8, 64), [4] * 64)) for r in runs])
+                d_w = _group_scales(builder, w_d, builder.add(o, _const(_i64, 256)), table_d)
+                for t, total in zip(tokens, totals):
+                    c = builder.add(builder.mul(t, quads_per_token), builder.mul(b, _const(_i64, 8)))
+                    xc8 = _load(builder, xc_d, c, _vec(_i32, 8), align=4)
+                    init = builder.call(_declare(builder, "llvm.vector.reduce.add.v8i32", _i32, _vec(_i32, 8)), [xc8])
+                    s = _splat(builder, init, GROUP_ROWS)
+                    for k, q in enumerate(quads):  # quad k: values 4k..4k+3 of the block
+                        x4 = builder.load(builder.gep(x_words, [builder.add(c, _const(_i64, k))]), align=1)
+                        xv = builder.bitcast(_splat(builder, x4, GROUP_ROWS), _vec(_i8, 64))
+                        s = _quad_sums(builder, q, xv, s, a_unsigned=True)
+                    x_d = builder.load(builder.gep(xd_d, [builder.add(builder.mul(t, nb), b)]))
+                    term = builder.fmul(builder.sitofp(s, fty), builder.fmul(d_w, _splat(builder, x_d, GROUP_ROWS)))
+                    builder.store(builder.fadd(builder.load(total), term), total)
+            _store_lanes(builder, acc_d, totals, fty)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = f"_q40_group_{n_tokens}tokens"
+    return intrinsic(typer)
+
+
+GROUP_TOKENS = 4  # tokens per pass over a group's blocks: each unpacked block serves up to 4
+_q40_group_1tokens, _q40_group_2tokens, _q40_group_3tokens, _q40_group_4tokens = (
+    _q40_group_kernel(n) for n in range(1, GROUP_TOKENS + 1))
 
 
 # Attention over a head's rows of the KV cache, in float64: 8 dims to a vector (LLVM splits them as the

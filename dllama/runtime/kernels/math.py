@@ -8,6 +8,9 @@ from numba import njit, prange
 from dllama.f16bits import f16_bits_to_f32_bits, f32_bits_to_f16_bits, round_to_f16
 from dllama.formats import BLOCK_SIZE, Q40_BYTES, Q80_BYTES
 from dllama.runtime.kernels.ir import (
+    GROUP_BLOCK_BYTES,
+    GROUP_ROWS,
+    GROUP_TOKENS,
     LANES,
     LANES_MIN_TOKENS,
     SHARED_TOKENS,
@@ -15,13 +18,10 @@ from dllama.runtime.kernels.ir import (
     X_BIAS,
     _head_scores,
     _packed_q80_row_lanes,
-    _packed_row_lanes,
-    _q40_1tokens,
-    _q40_2tokens,
-    _q40_2x4tokens,
-    _q40_3tokens,
-    _q40_4tokens,
-    _q40_block,
+    _q40_group_1tokens,
+    _q40_group_2tokens,
+    _q40_group_3tokens,
+    _q40_group_4tokens,
     _q80_1tokens,
     _q80_2tokens,
     _q80_2x4tokens,
@@ -32,7 +32,6 @@ from dllama.runtime.kernels.ir import (
     _silu_gate8,
     _softmax_scaled,
     _token_lanes_row,
-    _unpack_q40_signed,
     _unpack_q80_signed,
     _weighted_rows,
 )
@@ -144,20 +143,63 @@ def _lane_sum(acc, offset):
     return total
 
 
+@njit(cache=True, inline="always")
+def _q40_group_tokens(w, g, xq, xc, xd, t0, n, scale_table, acc):
+    """acc[16j:+16] = group g's 16 rows times tokens t0..t0+n (n 1..GROUP_TOKENS)."""
+    if n == 4:
+        _q40_group_4tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+    elif n == 3:
+        _q40_group_3tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+    elif n == 2:
+        _q40_group_2tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+    else:
+        _q40_group_1tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+
+
+@njit(cache=True, inline="always")
+def _q40_group_rows(w, xq, xd, xc, scale_table, out, r0, r1):
+    """out[:, r0:r1] for interleaved q40 weights (interleave_q40), tokens GROUP_TOKENS at a time past each
+    group of 16 rows (its blocks stay in cache between passes). w has whole groups (interleave_q40 pads the
+    last one): its padding rows are computed, not written."""
+    T = xq.shape[0]
+    acc = np.empty(GROUP_TOKENS * GROUP_ROWS, dtype=np.float32)
+    for g in range(r0 // GROUP_ROWS, (r1 + GROUP_ROWS - 1) // GROUP_ROWS):
+        first, last = max(r0, g * GROUP_ROWS), min(r1, (g + 1) * GROUP_ROWS)
+        for t0 in range(0, T, GROUP_TOKENS):
+            n = min(GROUP_TOKENS, T - t0)
+            _q40_group_tokens(w, g, xq, xc, xd, t0, n, scale_table, acc)
+            for j in range(n):
+                for r in range(first, last):
+                    out[t0 + j, r] = acc[j * GROUP_ROWS + r - g * GROUP_ROWS]
+
+
 @njit(cache=True)
 def matvec_q40_rows(w, xq, xd, xc, scale_table, out, r0, r1):
-    """One token, rows r0..r1: w (rows, nb * 18) uint8, xq (n,) int8, xd (nb,), xc (n/4,) -> out (rows,)."""
-    nb = xd.shape[0]
-    acc = np.empty(LANES, dtype=np.float32)
-    for r in range(r0, r1):
-        _packed_row_lanes(w, r, xq, xc, xd, scale_table, nb // 2, acc)
-        if nb % 2:
-            b = nb - 1
-            o = b * Q40_BYTES
-            row = w[r]
-            _q40_block(row, o + 2, 0, xq, b * BLOCK_SIZE, xc, b * 8, _scale(row, o, scale_table) * xd[b], np.float32(0),
-                       acc, 0)
-        out[r] = _lane_sum(acc, 0)
+    """One token, rows r0..r1: w interleaved q40 (interleave_q40), xq (n,) int8, xd (nb,), xc (n/4,) -> out (rows,)."""
+    _q40_group_rows(w, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), xc.reshape((1, xc.shape[0])),
+                    scale_table, out.reshape((1, out.shape[0])), r0, r1)
+
+
+@njit(cache=True)
+def interleave_q40(w, out):
+    """w (rows, nb * 18) q40 rows as the .m stores them (any strides) -> out (rows rounded up to 16, nb * 18),
+    C-contiguous, in groups of 16 rows (ir.GROUP_ROWS: per block 4 runs of the rows' packed bytes, then their
+    scales); rows past w's are zero."""
+    rows, row_bytes = w.shape
+    nb = row_bytes // Q40_BYTES
+    flat = out.reshape(out.size)
+    flat[rows // GROUP_ROWS * GROUP_ROWS * row_bytes:] = 0  # the last group's missing rows are zeros
+    for r in range(rows):
+        g, i = r // GROUP_ROWS, r % GROUP_ROWS
+        row = w[r]
+        for b in range(nb):
+            src = b * Q40_BYTES
+            dst = g * GROUP_ROWS * row_bytes + b * GROUP_BLOCK_BYTES
+            flat[dst + 256 + 2 * i] = row[src]
+            flat[dst + 257 + 2 * i] = row[src + 1]
+            for k in range(4):
+                for j in range(4):
+                    flat[dst + 64 * k + 4 * i + j] = row[src + 2 + 4 * k + j]
 
 
 @njit(cache=True, inline="always")
@@ -202,18 +244,9 @@ def matvec_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1):
 
 
 @njit(cache=True, inline="always")
-def _shared_tokens(w, block_bytes, r, xq, xd, xc, t0, n, scale_table, n_pairs, acc):
-    """acc[16j:+16] = row r's lanes for tokens t0..t0+n (n 1..4), each pair of the row unpacked once."""
-    if block_bytes == Q40_BYTES:
-        if n == 4:
-            _q40_4tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
-        elif n == 3:
-            _q40_3tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
-        elif n == 2:
-            _q40_2tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
-        else:
-            _q40_1tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
-    elif n == 4:
+def _shared_tokens(w, r, xq, xd, xc, t0, n, scale_table, n_pairs, acc):
+    """acc[16j:+16] = q80 row r's lanes for tokens t0..t0+n (n 1..4), each pair of the row unpacked once."""
+    if n == 4:
         _q80_4tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
     elif n == 3:
         _q80_3tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
@@ -224,10 +257,10 @@ def _shared_tokens(w, block_bytes, r, xq, xd, xc, t0, n, scale_table, n_pairs, a
 
 
 @njit(cache=True, inline="always")
-def _shared_rows(w, block_bytes, xq, xd, xc, scale_table, out, r0, r1):
-    """A few tokens (fewer than the lanes kernel takes), rows r0..r1: two rows times four tokens at a time
-    share their loads (_q40_2x4tokens), the rest one row times up to 4 tokens (_shared_tokens); every token
-    gets matvec_q40_rows' (matvec_q80_rows') bits."""
+def _shared_rows(w, xq, xd, xc, scale_table, out, r0, r1):
+    """q80 weights, a few tokens (fewer than the lanes kernel takes), rows r0..r1: two rows times four tokens
+    at a time share their loads (_q80_2x4tokens), the rest one row times up to 4 tokens (_shared_tokens);
+    every token gets matvec_q80_rows' bits."""
     T, nb = xd.shape
     acc = np.empty(2 * SHARED_TOKENS * LANES, dtype=np.float32)
     for r in range(r0, r1, 2):
@@ -235,40 +268,31 @@ def _shared_rows(w, block_bytes, xq, xd, xc, scale_table, out, r0, r1):
         for t0 in range(0, T, SHARED_TOKENS):
             n = min(SHARED_TOKENS, T - t0)
             if n_rows == 2 and n == SHARED_TOKENS:
-                if block_bytes == Q40_BYTES:
-                    _q40_2x4tokens(w, r, xq, xc, xd, t0, scale_table, nb // 2, acc)
-                else:
-                    _q80_2x4tokens(w, r, xq, xc, xd, t0, scale_table, nb // 2, acc)
+                _q80_2x4tokens(w, r, xq, xc, xd, t0, scale_table, nb // 2, acc)
             else:
                 for i in range(n_rows):
-                    _shared_tokens(w, block_bytes, r + i, xq, xd, xc, t0, n, scale_table, nb // 2,
-                                   acc[i * SHARED_TOKENS * LANES:])
+                    _shared_tokens(w, r + i, xq, xd, xc, t0, n, scale_table, nb // 2, acc[i * SHARED_TOKENS * LANES:])
             for i in range(n_rows):
                 row = w[r + i]
                 for j in range(n):
                     lanes = (i * SHARED_TOKENS + j) * LANES
                     if nb % 2:
                         t, b = t0 + j, nb - 1
-                        o = b * block_bytes
+                        o = b * Q80_BYTES
                         s = _scale(row, o, scale_table) * xd[t, b]
-                        if block_bytes == Q40_BYTES:
-                            _q40_block(row, o + 2, 0, xq[t], b * BLOCK_SIZE, xc[t], b * 8, s, np.float32(0), acc,
-                                       lanes)
-                        else:
-                            _s8_block(row, o + 2, 0, xq[t], b * BLOCK_SIZE, xc[t], 0, s, np.float32(0), acc, lanes)
+                        _s8_block(row, o + 2, 0, xq[t], b * BLOCK_SIZE, xc[t], 0, s, np.float32(0), acc, lanes)
                     out[t0 + j, r + i] = _lane_sum(acc, lanes)
 
 
 @njit(cache=True, inline="always")
-def _matmul_lanes_rows(w, block_bytes, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
-    """T tokens, rows r0..r1 of q40 (block_bytes Q40_BYTES) or q80 weights: each row is unpacked once
-    (int8 values, quad corrections, block scales) and multiplied by every group of TOKEN_LANES tokens of
-    x_lanes (token_lanes) in turn. Fewer than LANES_MIN_TOKENS share each unpacked row up to 4 at a time
-    in the one-token kernel's order (_shared_rows: matvec_q40_rows' and matvec_q80_rows' bits; x_lanes is not
-    read)."""
+def _matmul_lanes_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
+    """T tokens, rows r0..r1 of q80 weights: each row is unpacked once (int8 values, quad corrections, block
+    scales) and multiplied by every group of TOKEN_LANES tokens of x_lanes (token_lanes) in turn. Fewer than
+    LANES_MIN_TOKENS share each unpacked row up to 4 at a time in the one-token kernel's order (_shared_rows:
+    matvec_q80_rows' bits; x_lanes is not read)."""
     T, nb = xd.shape
     if T < LANES_MIN_TOKENS:
-        _shared_rows(w, block_bytes, xq, xd, xc, scale_table, out, r0, r1)
+        _shared_rows(w, xq, xd, xc, scale_table, out, r0, r1)
         return
     n = nb * BLOCK_SIZE
     wq = np.empty(n, dtype=np.int8)
@@ -278,12 +302,9 @@ def _matmul_lanes_rows(w, block_bytes, xq, xd, xc, x_lanes, scale_table, out, r0
     for r in range(r0, r1):
         row = w[r]
         for b in range(nb):
-            o = b * block_bytes
+            o = b * Q80_BYTES
             dw[b] = _scale(row, o, scale_table)
-            if block_bytes == Q40_BYTES:
-                _unpack_q40_signed(row, o + 2, wq, b * BLOCK_SIZE, corr, b * 8)
-            else:
-                _unpack_q80_signed(row, o + 2, wq, b * BLOCK_SIZE, corr, b * 8)
+            _unpack_q80_signed(row, o + 2, wq, b * BLOCK_SIZE, corr, b * 8)
         for group in range((T + TOKEN_LANES - 1) // TOKEN_LANES):
             _token_lanes_row(wq, corr, dw, x_lanes[group], nb, totals)
             t0 = group * TOKEN_LANES
@@ -293,29 +314,30 @@ def _matmul_lanes_rows(w, block_bytes, xq, xd, xc, x_lanes, scale_table, out, r0
 
 @njit(cache=True)
 def matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
-    """q40 weights (rows, nb * 18) x T tokens, rows r0..r1 (_matmul_lanes_rows)."""
-    _matmul_lanes_rows(w, Q40_BYTES, xq, xd, xc, x_lanes, scale_table, out, r0, r1)
+    """Interleaved q40 weights (interleave_q40) x T tokens, rows r0..r1: every token gets matvec_q40_rows'
+    bits (x_lanes is not read)."""
+    _q40_group_rows(w, xq, xd, xc, scale_table, out, r0, r1)
 
 
 @njit(cache=True)
 def matmul_q80_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
     """q80 weights (rows, nb * 34) x T tokens, rows r0..r1 (_matmul_lanes_rows): the q40 kernel's lanes,
     its order of sums and its bits for the same int8 products."""
-    _matmul_lanes_rows(w, Q80_BYTES, xq, xd, xc, x_lanes, scale_table, out, r0, r1)
+    _matmul_lanes_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1)
 
 
 # The numba-parallel forms: ROWS_PER_TASK rows per task, each through the serial kernel above.
 
 @njit(cache=True, parallel=True)
 def matvec_q40(w, xq, xd, xc, scale_table, out):
-    rows = w.shape[0]
+    rows = out.shape[0]  # w: interleave_q40's rows, padded
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         matvec_q40_rows(w, xq, xd, xc, scale_table, out, task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK))
 
 
 @njit(cache=True, parallel=True)
 def matmul_q40(w, xq, xd, xc, x_lanes, scale_table, out):
-    rows = w.shape[0]
+    rows = out.shape[1]
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, task * ROWS_PER_TASK,
                         min(rows, (task + 1) * ROWS_PER_TASK))

@@ -109,7 +109,7 @@ def _op_matmul(op, me, n_threads):
     rounded through q80 first when it is ADD_Q80 (engine.LocalExchange's q80 partials). Split by rows,
     whole q80 blocks each when rounding."""
     w, out = _arg2(op, 0, np.uint8), _arg2(op, 7, np.float32)
-    r0, r1 = _share(w.shape[0], me, n_threads, BLOCK_SIZE if op[3] == ADD_Q80 else 16)
+    r0, r1 = _share(out.shape[1], me, n_threads, BLOCK_SIZE if op[3] == ADD_Q80 else 16)  # w: q40 rows padded
     _matmul(op[2], w, _arg2(op, 1, np.int8), _arg2(op, 2, np.float32), _arg2(op, 3, np.int32),
             _arg2(op, 4, np.float32), _arg1(op, 5, np.float32), _arg2(op, 6, np.float32), out, r0, r1)
     if op[3]:
@@ -128,7 +128,7 @@ def _op_ffn_up(op, me, n_threads):
     w1, w3, h1, h3 = _arg2(op, 0, np.uint8), _arg2(op, 1, np.uint8), _arg2(op, 8, np.float32), _arg2(op, 9, np.float32)
     xq, xd, xc = _arg2(op, 2, np.int8), _arg2(op, 3, np.float32), _arg2(op, 4, np.int32)
     x_lanes, scale_table, xf = _arg2(op, 5, np.float32), _arg1(op, 6, np.float32), _arg2(op, 7, np.float32)
-    r0, r1 = _share(w1.shape[0], me, n_threads, 2 * BLOCK_SIZE)
+    r0, r1 = _share(h1.shape[1], me, n_threads, 2 * BLOCK_SIZE)
     _matmul(op[2], w1, xq, xd, xc, x_lanes, scale_table, xf, h1, r0, r1)
     _matmul(op[2], w3, xq, xd, xc, x_lanes, scale_table, xf, h3, r0, r1)
     for t in range(h1.shape[0]):
