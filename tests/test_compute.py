@@ -36,9 +36,12 @@ def quantized_input(rng, T: int, n: int):
 
 
 def packed(quantize, rng, rows: int, n: int) -> np.ndarray:
-    """Random rows as the .m stores them; q40 rows in the q40 kernels' layout (dispatch.interleave_q40)."""
-    w = quantize(rng.standard_normal((rows, n)).astype(np.float32)).reshape(rows, -1)
-    return dispatch.interleave_q40(w) if quantize is quantize_q40 else w
+    """Random rows in the kernels' layout (dispatch.interleave_q40, interleave_q80)."""
+    return interleaved(stored(quantize, rng, rows, n), quantize)
+
+
+def interleaved(w: np.ndarray, quantize) -> np.ndarray:
+    return dispatch.interleave_q40(w) if quantize is quantize_q40 else dispatch.interleave_q80(w)
 
 
 def stored(quantize, rng, rows: int, n: int) -> np.ndarray:
@@ -99,8 +102,8 @@ def test_the_q80_wire_kernels_give_the_formats_bytes_and_values(both):
 
 
 def block_order_reference(w_values, w_scales, xq, xd) -> np.ndarray:
-    """out (T, rows) as every q40 matmul sums it, in numpy float32 (no fused adds): per block b, in order,
-    total += f32(the block's exact integer sum of products) * f32(d_w * d_x)."""
+    """out (T, rows) as every q40 and q80 matmul sums it, in numpy float32 (no fused adds): per block b, in
+    order, total += f32(the block's exact integer sum of products) * f32(d_w * d_x)."""
     rows, n = w_values.shape
     T, nb = xd.shape
     sums = np.einsum("rbj,tbj->trb", w_values.reshape(rows, nb, 32).astype(np.int32),
@@ -109,24 +112,6 @@ def block_order_reference(w_values, w_scales, xq, xd) -> np.ndarray:
     total = np.zeros((T, rows), np.float32)
     for b in range(nb):
         total += sums[:, :, b] * scales[:, :, b]
-    return total
-
-
-def lane_order_reference(w_values, w_scales, xq, xd) -> np.ndarray:
-    """out (T, rows) as every q80 matmul sums it, in numpy float32 (no fused adds): per block b, lane
-    8 * (b % 2) + k += f32(the exact quad sum k) * f32(d_w * d_x); then the 16 lanes in order."""
-    rows, n = w_values.shape
-    T, nb = xd.shape
-    quads = np.einsum("rbkj,tbkj->trbk", w_values.reshape(rows, nb, 8, 4).astype(np.int32),
-                      xq.reshape(T, nb, 8, 4).astype(np.int32)).astype(np.float32)
-    scales = w_scales[None, :, :] * xd[:, None, :]  # (T, rows, nb) float32 products
-    lanes = np.zeros((T, rows, 16), np.float32)
-    for b in range(nb):
-        lo = 8 * (b % 2)
-        lanes[:, :, lo:lo + 8] += quads[:, :, b, :] * scales[:, :, b, None]
-    total = np.zeros((T, rows), np.float32)
-    for lane in range(16):
-        total += lanes[:, :, lane]
     return total
 
 
@@ -143,7 +128,6 @@ def unpacked(quant: str, w: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]
 
 
 QUANTIZERS = {"q40": quantize_q40, "q80": quantize_q80}
-ORDER_REFERENCES = {"q40": block_order_reference, "q80": lane_order_reference}
 
 
 @pytest.mark.parametrize("quant", ["q40", "q80"])
@@ -151,20 +135,17 @@ ORDER_REFERENCES = {"q40": block_order_reference, "q80": lane_order_reference}
 @pytest.mark.parametrize("T", [2, 3, 5, 8, 11, 12, 17, 64])
 @pytest.mark.parametrize("n", [160, 2048])
 def test_the_batched_kernels_give_each_tokens_one_token_bits(both, quant, threads, T, n):
-    """q80: tokens side by side in the vector lanes (a group partly filled, odd block counts) or, for a
-    few tokens, up to 4 sharing each unpacked row (2 rows x 4 tokens, an odd row and a group of 1-3
-    left over); q40: 16 rows interleaved, up to 4 tokens per pass (a group of rows partly filled): each
-    token's row equals the one-token kernel's, bit for bit, and both are their fixed order's sums (numpy
-    float32)."""
+    """16 rows interleaved, up to 4 tokens per pass (a group of rows and a pass of tokens partly filled, odd
+    block counts): each token's row equals the one-token kernel's, bit for bit, and both are the fixed
+    block order's sums (numpy float32)."""
     _, compiled = both
     dispatch.set_threads(threads)
     rng = np.random.default_rng(T + n)
     _, xq, xd, xc = quantized_input(rng, T, n)
     rows = 71  # an odd row left at the end of the last task
     w = stored(QUANTIZERS[quant], rng, rows, n)
-    reference = ORDER_REFERENCES[quant](*unpacked(quant, w, n), xq, xd)
-    if quant == "q40":
-        w = dispatch.interleave_q40(w)
+    reference = block_order_reference(*unpacked(quant, w, n), xq, xd)
+    w = interleaved(w, QUANTIZERS[quant])
     batched = np.full((T, rows), np.nan, np.float32)
     getattr(compiled, f"matmul_{quant}")(w, xq, xd, xc, batched)
     assert np.array_equal(batched, reference)
@@ -432,14 +413,14 @@ PORTABLE_RUN = """
 import sys, numpy as np
 from dllama.runtime import dispatch
 a = dict(np.load(sys.argv[1]))
-a["matmul_q40"] = dispatch.interleave_q40(a["matmul_q40"])
+a["matmul_q40"], a["matmul_q80"] = dispatch.interleave_q40(a["matmul_q40"]), dispatch.interleave_q80(a["matmul_q80"])
 out = {}
 for name in ("matmul_q40", "matmul_q80"):
     out[name] = np.empty((a["xq"].shape[0], a["rows"]), np.float32)
     getattr(dispatch, name)(a[name], a["xq"], a["xd"], a["xc"], out[name])
 out["matvec_q40"] = np.empty(out["matmul_q40"].shape[1], np.float32)
 dispatch.matvec_q40(a["matmul_q40"], a["xq"][0], a["xd"][0], a["xc"][0], out["matvec_q40"])
-out["matvec_q80"] = np.empty((1, a["matmul_q80"].shape[0]), np.float32)
+out["matvec_q80"] = np.empty((1, a["rows"]), np.float32)
 dispatch.matmul_q80(a["matmul_q80"], a["xq"][:1], a["xd"][:1], a["xc"][:1], out["matvec_q80"])
 assert dispatch.kernel_path() == "portable", dispatch.kernel_path()
 np.savez(sys.argv[2], **out)
@@ -458,8 +439,8 @@ def test_the_dot_product_path_gives_the_portable_paths_bits(both, tmp_path, T, r
     rng = np.random.default_rng(n + T)
     _, xq, xd, xc = quantized_input(rng, T, n)
     weights = {"matmul_q40": stored(quantize_q40, rng, rows, n), "matmul_q80": stored(quantize_q80, rng, rows, n)}
-    np.savez(tmp_path / "in.npz", xq=xq, xd=xd, xc=xc, rows=rows, **weights)  # each process interleaves q40
-    weights["matmul_q40"] = dispatch.interleave_q40(weights["matmul_q40"])
+    np.savez(tmp_path / "in.npz", xq=xq, xd=xd, xc=xc, rows=rows, **weights)  # each process interleaves
+    weights = {name: interleaved(w, QUANTIZERS[name[-3:]]) for name, w in weights.items()}
     env = dict(os.environ, DLLAMA_KERNELS="compiled", DLLAMA_NO_VNNI="1", DLLAMA_NO_DOTPROD="1",
                NUMBA_CACHE_DIR=str(tmp_path / "numba"))
     done = subprocess.run([sys.executable, "-c", PORTABLE_RUN, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],

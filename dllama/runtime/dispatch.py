@@ -19,13 +19,13 @@ import numpy as np
 
 from dllama.errors import DllamaError
 from dllama.formats import BLOCK_SIZE
-from dllama.runtime.cpu import KERNEL_PATHS, lanes_min_tokens, token_lanes_shape
+from dllama.runtime.cpu import KERNEL_PATHS
 
 # f16 bits -> float32, so kernels decode block scales with one lookup (numba has no CPU half);
 # aarch64's numpy warns about the NaN patterns in the cast (x86's does not): they stay NaN
 with np.errstate(invalid="ignore"):
     F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-GROUP_ROWS = 16         # kernels.GROUP_ROWS: q40 rows interleaved together (interleave_q40)
+GROUP_ROWS = 16         # kernels.GROUP_ROWS: q40/q80 rows interleaved together (interleave_q40)
 ROW_ALIGN = 16          # thread ranges of rows start on multiples of this (the JIT kernels' task size)
 MIN_WORK = 1 << 17      # multiply-adds below which a call stays on one thread (a hand-off costs ~30 us)
 
@@ -90,15 +90,25 @@ def q80_decode(wire, out) -> None:
 
 def interleave_q40(w: np.ndarray) -> np.ndarray:
     """q40 rows as the .m stores them (rows, row bytes) -> the q40 kernels' layout (kernels.interleave_q40), a
-    new (rows rounded up to GROUP_ROWS, row bytes) array: the q40 kernels take the row count from their output."""
+    new (rows rounded up to GROUP_ROWS, row bytes) array: the kernels take the row count from their output."""
+    return _interleaved(w, "q40")
+
+
+def interleave_q80(w: np.ndarray) -> np.ndarray:
+    """q80 rows as stored -> the q80 kernels' layout (kernels.interleave_q80), as interleave_q40."""
+    return _interleaved(w, "q80")
+
+
+def _interleaved(w: np.ndarray, quant: str) -> np.ndarray:
     out = np.empty((-(-w.shape[0] // GROUP_ROWS) * GROUP_ROWS, w.shape[1]), dtype=np.uint8)
-    interleave_q40_into(w, out)
+    interleave_into(w, out, quant)
     return out
 
 
-def interleave_q40_into(w: np.ndarray, out: np.ndarray) -> None:
-    """interleave_q40 into out, (rows rounded up to GROUP_ROWS, row bytes) C-contiguous."""
-    _backend().interleave_q40(w, out)
+def interleave_into(w: np.ndarray, out: np.ndarray, quant: str) -> None:
+    """interleave_q40 ("q40") or interleave_q80 ("q80") into out, (rows rounded up to GROUP_ROWS, row bytes)
+    C-contiguous."""
+    getattr(_backend(), "interleave_" + quant)(w, out)
 
 
 def matvec_q40(w, xq, xd, xc, out) -> None:
@@ -230,14 +240,17 @@ class JitKernels:
     def interleave_q40(self, w, out):
         self.k.interleave_q40(w, out)
 
+    def interleave_q80(self, w, out):
+        self.k.interleave_q80(w, out)
+
     def matvec_q40(self, w, xq, xd, xc, out):
         self.k.matvec_q40(w, xq, xd, xc, F16_TO_F32, out)
 
     def matmul_q40(self, w, xq, xd, xc, out):
-        self.k.matmul_q40(w, xq, xd, xc, NO_LANES, F16_TO_F32, out)
+        self.k.matmul_q40(w, xq, xd, xc, F16_TO_F32, out)
 
     def matmul_q80(self, w, xq, xd, xc, out):
-        self.k.matmul_q80(w, xq, xd, xc, _token_lanes(self.k, self.path, xq, xd), F16_TO_F32, out)
+        self.k.matmul_q80(w, xq, xd, xc, F16_TO_F32, out)
 
     def matmul_f32(self, w, x, out):
         self.k.matmul_f32(w, x, out)
@@ -274,17 +287,20 @@ class CompiledKernels:
     def interleave_q40(self, w, out):
         self.m.interleave_q40(w, out)
 
+    def interleave_q80(self, w, out):
+        self.m.interleave_q80(w, out)
+
     def matvec_q40(self, w, xq, xd, xc, out):
         self._split("matvec_q40_rows", "job_matvec_q40", (_rows(w), xq, xd, xc, F16_TO_F32, out), out.shape[0],
                     work_per_item=xq.shape[0])
 
     def matmul_q40(self, w, xq, xd, xc, out):
-        args = (_rows(w), xq, xd, xc, NO_LANES, F16_TO_F32, out)
+        args = (_rows(w), xq, xd, xc, F16_TO_F32, out)
         self._split("matmul_q40_rows", "job_matmul_q40", args, out.shape[1], work_per_item=xq.size)
 
     def matmul_q80(self, w, xq, xd, xc, out):
-        args = (_rows(w), xq, xd, xc, _token_lanes(self.m, self.path, xq, xd), F16_TO_F32, out)
-        self._split("matmul_q80_rows", "job_matmul_q80", args, w.shape[0], work_per_item=xq.size)
+        args = (_rows(w), xq, xd, xc, F16_TO_F32, out)
+        self._split("matmul_q80_rows", "job_matmul_q80", args, out.shape[1], work_per_item=xq.size)
 
     def matmul_f32(self, w, x, out):
         self._split("matmul_f32_rows", "job_matmul_f32", (_rows(w), x, out), w.shape[0], work_per_item=x.size)
@@ -416,20 +432,6 @@ class Team:
             with self.wake:
                 while int(self.job_number[0]) == seen:
                     self.wake.wait()
-
-
-def _token_lanes(kernels, path: str, xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
-    """The x_lanes argument of matmul_q40 and matmul_q80: the tokens in the batched kernels' layout
-    (kernels.token_lanes), none for fewer tokens than they take in lanes."""
-    groups, width = token_lanes_shape(path, *xq.shape)
-    if xq.shape[0] < lanes_min_tokens(path):
-        return np.zeros((0, width), dtype=np.float32)
-    out = np.zeros((groups, width), dtype=np.float32)
-    kernels.token_lanes(xq, xd, out)
-    return out
-
-
-NO_LANES = np.zeros((0, 1), dtype=np.float32)  # matmul_q40's x_lanes: its kernels do not read token lanes
 
 
 def _rows(w: np.ndarray) -> np.ndarray:

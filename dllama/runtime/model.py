@@ -19,7 +19,6 @@ import numpy as np
 
 from dllama.formats import FloatType, ModelFile, ModelHeader, RopeType, Split
 from dllama.runtime import dispatch
-from dllama.runtime.cpu import token_lanes_shape
 from dllama.runtime.split import ClusterSplit, NodeShare
 from dllama.runtime.tensors import Matrix
 
@@ -333,7 +332,7 @@ class NodeLayers:
 WEIGHT_KINDS = {FloatType.F32: dispatch.W_F32, FloatType.Q40: dispatch.W_Q40, FloatType.Q80: dispatch.W_Q80}
 MAX_BATCH = 64  # engine.PREFILL_BATCH: tokens per program run (a longer input runs in several)
 STEP_PROGRAMS = 24  # a step's programs kept (each a table of ~10 ops per layer); others are built again
-LM_HEAD_OUT = 7  # the out slot of an OP_MATMUL (kernels/program.py _op_matmul)
+LM_HEAD_OUT = 6  # the out slot of an OP_MATMUL (kernels/program.py _op_matmul)
 LOGITS_ROWS = {"all": lambda T: T, "last": lambda T: 1, "none": lambda T: 0}  # whole(logits=): rows computed
 
 
@@ -564,17 +563,13 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def q80_buffers(T: int, n: int) -> tuple[np.ndarray, ...]:
-    """xq, xd, xc (tensors.QuantizedInput) and the batched q40 kernel's x_lanes (kernels.token_lanes), for
-    T tokens of n values."""
-    return (np.zeros((T, n), np.int8), np.zeros((T, n // 32), np.float32), np.zeros((T, n // 4), np.int32),
-            np.zeros(token_lanes_shape(dispatch.kernel_path(), T, n), np.float32))
+    """xq, xd, xc (tensors.QuantizedInput) for T tokens of n values."""
+    return np.zeros((T, n), np.int8), np.zeros((T, n // 32), np.float32), np.zeros((T, n // 4), np.int32)
 
 
 def tokens(buffers: tuple[np.ndarray, ...], T: int, first: int = 0) -> tuple[np.ndarray, ...]:
-    """Tokens first..T of q80_buffers (x_lanes: the groups that hold T - first tokens from the start)."""
-    xq, xd, xc, x_lanes = buffers
-    groups = token_lanes_shape(dispatch.kernel_path(), T - first, xq.shape[1])[0]
-    return xq[first:T], xd[first:T], xc[first:T], x_lanes[:groups]
+    """Tokens first..T of q80_buffers."""
+    return tuple(a[first:T] for a in buffers)
 
 
 def weight_bytes(m: Matrix) -> np.ndarray:

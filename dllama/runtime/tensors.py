@@ -4,7 +4,7 @@ A `Matrix` is a zero-copy view of a `.m` tensor (or of a node's slice of it, FOR
 quantized weights stay packed bytes, f32 weights a float view. Like the reference, q40 and q80
 weights meet q80-quantized activations (`QuantizedInput`) and f32 weights meet f32 ones. The
 runtime's q40 matrices are copied once at load into the kernels' layout (`Matrix.for_kernels`:
-the same 18 bytes per row and block, 16 rows interleaved), and their file pages leave the process.
+the same bytes per row and block, 16 rows interleaved), and their file pages leave the process.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class Matrix:
     data: np.ndarray
     float_type: FloatType
     shape: tuple[int, int]
-    interleaved: bool = False  # q40 rows in dispatch.interleave_q40's layout, padded to whole groups (for_kernels)
+    interleaved: bool = False  # q40/q80 rows in dispatch.interleave_q40's layout, padded to whole groups (for_kernels)
 
     @classmethod
     def from_file(cls, model: ModelFile, name: str) -> "Matrix":
@@ -64,16 +64,17 @@ class Matrix:
         return self.float_type != FloatType.F32
 
     def for_kernels(self) -> "Matrix":
-        """The matrix as the kernels take it: q40 rows interleaved (dispatch.interleave_q40) into new memory,
-        INTERLEAVE_ROWS rows at a time, each chunk's file pages released once copied (release_pages), so a
-        mapped tensor is not held twice; other types as they are."""
-        if self.float_type != FloatType.Q40 or self.interleaved:
+        """The matrix as the kernels take it: q40 and q80 rows interleaved (dispatch.interleave_q40) into new
+        memory, INTERLEAVE_ROWS rows at a time, each chunk's file pages released once copied (release_pages), so
+        a mapped tensor is not held twice; f32 as it is."""
+        if not self.quantized or self.interleaved:
             return self
         rows = self.shape[0]
         out = np.empty((_whole_groups(rows), self.data.shape[1]), dtype=np.uint8)
         for r0 in range(0, rows, INTERLEAVE_ROWS):
             r1 = min(rows, r0 + INTERLEAVE_ROWS)
-            dispatch.interleave_q40_into(self.data[r0:r1], out[r0:r0 + _whole_groups(r1 - r0)])
+            quant = self.float_type.name.lower()
+            dispatch.interleave_into(self.data[r0:r1], out[r0:r0 + _whole_groups(r1 - r0)], quant)
             release_pages(self.data[r0:r1])
         return Matrix(out, self.float_type, self.shape, interleaved=True)
 
@@ -111,7 +112,7 @@ class Matrix:
         elif self.float_type == FloatType.Q40:
             dispatch.matmul_q40(self.for_kernels().data, x.xq, x.xd, x.xc, out)
         else:
-            dispatch.matmul_q80(self.data, x.xq, x.xd, x.xc, out)
+            dispatch.matmul_q80(self.for_kernels().data, x.xq, x.xd, x.xc, out)
         return out
 
 

@@ -6,13 +6,13 @@
 - program.py: layer programs, a stretch of the forward pass as one call over a table of ops.
 - team.py: the thread team's job table and helper loop (dispatch.Team).
 
-Quantized weights arrive as their stored bytes viewed as a 2-D uint8 array (rows, row_bytes),
-memory-mapped and never dequantized as a whole (FORMAT.md §1.2 block layouts). A column slice
-(wo, w2 under tensor parallelism, FORMAT.md §3) is a strided view of the same bytes.
+Quantized weights arrive as a 2-D uint8 array (rows, row_bytes) in groups of 16 rows: the stored
+blocks (FORMAT.md §1.2) reordered once at load (interleave_q40, interleave_q80, from a memory-mapped
+row slice or a strided column slice, FORMAT.md §3), never dequantized as a whole.
 Activations headed for a quantized matmul are q80: int8 values xq (T, n), float32 block scales
 xd (T, n/32) already rounded through f16 as the reference stores them, and xc (T, n/4).
 
-The inner block products are LLVM vector IR (`_block_kernel`, `_rows_lanes_kernel`): numba
+The inner block products are LLVM vector IR (`ir._group_kernel`): numba
 promotes int8/int32 arithmetic to int64, which stops LLVM from vectorising a plain loop. The IR
 is generic except the one instruction that sums 4 int8 products into an int32 lane, taken where
 the target CPU has it (KERNEL_PATH): AVX512-VNNI `vpdpbusd` on x86, `sdot` on ARM boards with
@@ -32,6 +32,7 @@ from dllama.runtime.kernels.math import (
                                           attention,
                                           attention_tasks,
                                           interleave_q40,
+                                          interleave_q80,
                                           matmul_f32,
                                           matmul_f32_rows,
                                           matmul_q40,
@@ -48,7 +49,6 @@ from dllama.runtime.kernels.math import (
                                           rmsnorm_token,
                                           silu_gate,
                                           silu_gate_rows,
-                                          token_lanes,
 )
 from dllama.runtime.kernels.program import OP_WORDS, run_program
 from dllama.runtime.kernels.team import (
@@ -70,11 +70,10 @@ from dllama.runtime.kernels.team import (
 
 __all__ = [
     "DOTPROD", "JOB_WORDS", "KERNEL_PATH", "NO_JOB", "OP_WORDS", "VNNI512", "attention", "attention_tasks",
-    "interleave_q40", "job_attention", "job_matmul_f32", "job_matmul_q40", "job_matmul_q80", "job_matvec_q40",
-    "job_program",
-    "job_quantize", "job_silu_gate", "kernel_path_code", "matmul_f32", "matmul_f32_rows", "matmul_q40",
-    "matmul_q40_rows", "matmul_q80", "matmul_q80_rows", "matvec_q40", "matvec_q40_rows", "publish", "q80_decode",
-    "q80_encode", "q80_roundtrip",
-    "quantize_q80", "quantize_q80_tasks", "rmsnorm_token", "run_program", "silu_gate", "silu_gate_rows",
-    "spin_until_all_equal", "spin_until_changed", "team_helper", "token_lanes",
+    "interleave_q40", "interleave_q80", "job_attention", "job_matmul_f32", "job_matmul_q40", "job_matmul_q80",
+    "job_matvec_q40", "job_program", "job_quantize", "job_silu_gate", "kernel_path_code", "matmul_f32",
+    "matmul_f32_rows", "matmul_q40", "matmul_q40_rows", "matmul_q80", "matmul_q80_rows", "matvec_q40",
+    "matvec_q40_rows", "publish", "q80_decode", "q80_encode", "q80_roundtrip", "quantize_q80", "quantize_q80_tasks",
+    "rmsnorm_token", "run_program", "silu_gate", "silu_gate_rows", "spin_until_all_equal", "spin_until_changed",
+    "team_helper",
 ]

@@ -13,10 +13,10 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from dllama.formats import BLOCK_SIZE, Q40_BYTES, Q80_BYTES
-from dllama.runtime.cpu import KERNEL_PATHS, is_aarch64, lanes_min_tokens, token_lanes
+from dllama.runtime.cpu import KERNEL_PATHS, is_aarch64
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
-LANES = 16  # float32 accumulator lanes per (row, token), see "Quantized matmuls" below
+LANES = 16  # float32 lanes: the f32 matmul's accumulators per (row, token), a q40/q80 group's rows
 
 
 def _target_features() -> set[str]:
@@ -102,40 +102,6 @@ def _sdot_quad_sums(builder, a, x, init):
     return sums[0]
 
 
-def _splat_halves(builder, values):
-    """[v0] * 16 (one value) or [v0] * 8 + [v1] * 8 (two): a block's scale over its 8 lanes."""
-    n = 8 * len(values)
-    v = ir.Constant(_vec(_f32, n), ir.Undefined)
-    for i, value in enumerate(values):
-        v = builder.insert_element(v, value, _const(_i32, i))
-    return builder.shuffle_vector(v, v, _const(_vec(_i32, n), [i // 8 for i in range(n)]))
-
-
-def _accumulate(builder, acc_data, acc_offset, quads, scale):
-    """acc[acc_offset:+n] += f32(quads) * scale."""
-    n = quads.type.count
-    ptr = builder.bitcast(builder.gep(acc_data, [acc_offset]), _vec(_f32, n).as_pointer())
-    builder.store(builder.fadd(builder.load(ptr, align=4), builder.fmul(builder.sitofp(quads, _vec(_f32, n)), scale)),
-                  ptr, align=4)
-
-
-@intrinsic
-def _s8_block(typingctx, w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off):
-    """acc[acc_off:+8] += f32(the quad sums of the 32 int8 values at w[w_off] (a q80 block) times x[x_off:])
-    * s0 (stride, xc, xc_off and s1 are not read: the one-token kernels' block at the end of an odd row)."""
-    sig = types.void(w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off)
-
-    def codegen(context, builder, sig, args):
-        w, w_off, stride, x, x_off, xc, xc_off, s0, s1, acc, acc_off = args
-        a = _load(builder, _data(context, builder, sig.args[0], w), w_off, _vec(_i8, 32))
-        xv = _load(builder, _data(context, builder, sig.args[3], x), x_off, _vec(_i8, 32))
-        quads = _quad_sums(builder, a, xv, _const(_vec(_i32, 8), [0] * 8), a_unsigned=False)
-        _accumulate(builder, _data(context, builder, sig.args[9], acc), acc_off, quads, _splat_halves(builder, [s0]))
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 @intrinsic
 def _quantize_q80_block(typingctx, x, x_off, xq, xc, xc_off):
     """The reference q80 quantizer on the 32 values x[x_off:] (FORMAT.md §1.2), as vectors: xq[x_off:+32] =
@@ -163,89 +129,14 @@ def _quantize_q80_block(typingctx, x, x_off, xq, xc, xc_off):
     return sig, codegen
 
 
-# The batched q40 kernel keeps tokens in the vector lanes: TOKEN_LANES tokens side by side, one
-# vector per accumulator lane of the block layout above, so one (d_w * d_x) vector serves a block's 8
-# quads and a row's weights are one broadcast per quad. On VNNI the tokens' int8 values are stored
-# biased by +128 (vpdpbusd multiplies unsigned by signed) and the row's quads carry the correction.
-TOKEN_LANES = token_lanes(KERNEL_PATH)
-LANES_MIN_TOKENS = lanes_min_tokens(KERNEL_PATH)
+# On VNNI the interleaved q80 weights are stored biased by +128 (vpdpbusd multiplies unsigned by signed)
+# and the token's block sum takes the bias out again (_group_kernel).
 X_BIAS = 128 if VNNI512 else 0
 
 
 def _splat(builder, value, n):
     v = builder.insert_element(ir.Constant(_vec(value.type, n), ir.Undefined), value, _const(_i32, 0))
     return builder.shuffle_vector(v, v, _const(_vec(_i32, n), [0] * n))
-
-
-@intrinsic
-def _unpack_q80_signed(typingctx, w, w_off, wq, wq_off, corr, corr_off):
-    """wq[wq_off:+32] = the q80 block's 32 int8 values at w[w_off], and corr[corr_off:+8] = -X_BIAS * the sums
-    of its 8 quads (what the biased tokens add)."""
-    sig = types.void(w, w_off, wq, wq_off, corr, corr_off)
-
-    def codegen(context, builder, sig, args):
-        w, w_off, wq, wq_off, corr, corr_off = args
-        values = _load(builder, _data(context, builder, sig.args[0], w), w_off, _vec(_i8, 32))
-        ptr = builder.gep(_data(context, builder, sig.args[2], wq), [wq_off])
-        builder.store(values, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
-        ptr = builder.gep(_data(context, builder, sig.args[4], corr), [corr_off])
-        builder.store(_quad_sums_times(builder, values, -X_BIAS), builder.bitcast(ptr, _vec(_i32, 8).as_pointer()),
-                      align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _token_lanes_row(typingctx, wq, corr, dw, x_lanes, nb, out):
-    """out[:TOKEN_LANES] = one row times TOKEN_LANES tokens, each token's 16 lanes summed in order.
-
-    The row: wq (n,) int8 values, corr (n/4,) int32 and dw (nb,) float32 block scales
-    (_unpack_q80_signed). The tokens: x_lanes, one group of math.token_lanes: per quad g, the
-    tokens' 4 int8 values side by side (X_BIAS added), then per block b their scales d_x.
-    Per block b, lane 8 * (b % 2) + k of every token += f32(quad k) * f32(d_w * d_x): the
-    one-token q80 kernel's operations in its order (_packed_rows_kernel), so every q80 kernel gives the
-    same bits.
-    """
-    sig = types.void(wq, corr, dw, x_lanes, nb, out)
-
-    def codegen(context, builder, sig, args):
-        wq, corr, dw, x_lanes, nb, out = args
-        w_d, c_d, dw_d, x_d, out_d = (_data(context, builder, sig.args[i], v) for i, v in
-                                      ((0, wq), (1, corr), (2, dw), (3, x_lanes), (5, out)))
-        n_tok = TOKEN_LANES
-        fty = _vec(_f32, n_tok)
-        x_bytes = builder.bitcast(x_d, _i8.as_pointer())
-        x_scales = builder.gep(x_d, [builder.mul(nb, _const(_i64, 8 * n_tok))])  # after nb * 8 quads of tokens
-        w_quads = builder.bitcast(w_d, _i32.as_pointer())
-        lanes = [cgutils.alloca_once_value(builder, _const(fty, [0.0] * n_tok)) for _ in range(LANES)]
-
-        def block(b, lane0):
-            scale = builder.fmul(_splat(builder, builder.load(builder.gep(dw_d, [b])), n_tok),
-                                 _load(builder, x_scales, builder.mul(b, _const(_i64, n_tok)), fty, align=4))
-            for k in range(8):
-                g = builder.add(builder.mul(b, _const(_i64, 8)), _const(_i64, k))
-                w4 = builder.bitcast(_splat(builder, builder.load(builder.gep(w_quads, [g])), n_tok),
-                                     _vec(_i8, 4 * n_tok))
-                init = _splat(builder, builder.load(builder.gep(c_d, [g])), n_tok)
-                xv = _load(builder, x_bytes, builder.mul(g, _const(_i64, 4 * n_tok)), _vec(_i8, 4 * n_tok))
-                quads = _quad_sums(builder, xv, w4, init, a_unsigned=X_BIAS != 0)
-                lane = lanes[lane0 + k]
-                builder.store(builder.fadd(builder.load(lane), builder.fmul(builder.sitofp(quads, fty), scale)), lane)
-
-        with cgutils.for_range(builder, builder.udiv(nb, _const(_i64, 2))) as loop:
-            b = builder.mul(loop.index, _const(_i64, 2))
-            block(b, 0)
-            block(builder.add(b, _const(_i64, 1)), 8)
-        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nb, _const(_i64, 2)), _const(_i64, 0))):
-            block(builder.sub(nb, _const(_i64, 1)), 0)
-        total = _const(fty, [0.0] * n_tok)
-        for lane in lanes:
-            total = builder.fadd(total, builder.load(lane))
-        builder.store(total, builder.bitcast(out_d, fty.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 # The one-token kernel asks for the weights this many bytes ahead of the block pair it reads (a few rows):
@@ -262,179 +153,21 @@ def _prefetch(builder, pointer):
 
 
 def _store_lanes(builder, acc_data, lanes, lanes_ty):
-    """Each row's accumulator lanes (kept in registers over the blocks) into acc[row * LANES:]."""
+    """Each token's 16 rows' totals (kept in registers over the blocks) into acc[token * LANES:]."""
     for i, lane in enumerate(lanes):
         ptr = builder.bitcast(builder.gep(acc_data, [_const(_i64, LANES * i)]), lanes_ty.as_pointer())
         builder.store(builder.load(lane), ptr, align=4)
 
 
-def _packed_rows_kernel(n_rows: int):
-    """acc[16i:+16] = the lanes of q80 row r0 + i (i < n_rows) times one token, pairs 0..n_pairs.
-
-    The one-token kernel's inner loop in IR, so the rows' lanes stay in registers and one load of the
-    token's values serves n_rows rows: per block pair p, the quad sums of the row's two blocks times
-    the token's 64 values, converted, times [d_w(2p) * d_x(2p)] * 8 + [d_w(2p+1) * d_x(2p+1)] * 8,
-    added (_s8_block's operations in its order, per block). The int8 values at 68p + 2 and 68p + 36; on
-    VNNI (unsigned times signed) they go in biased by +128 and init 16 * xc (-128 * the token's quad
-    sums) takes the bias out again: the same exact integers as the signed products of the other paths.
-    """
-    block_bytes = Q80_BYTES
-    biased = VNNI512
-
-    def typer(typingctx, w, r0, x, xc, xd, scale_table, n_pairs, acc):
-        sig = types.void(w, r0, x, xc, xd, scale_table, n_pairs, acc)
-
-        def codegen(context, builder, sig, args):
-            w, r0, x, xc, xd, scale_table, n_pairs, acc = args
-            w_arr = context.make_array(sig.args[0])(context, builder, w)
-            row_bytes = builder.extract_value(w_arr.strides, 0)
-            w_d = w_arr.data
-            x_d, xc_d, xd_d, table_d, acc_d = (_data(context, builder, sig.args[i], v) for i, v in
-                                               ((2, x), (3, xc), (4, xd), (5, scale_table), (7, acc)))
-            lanes_ty = _vec(_f32, LANES)
-            lanes = [cgutils.alloca_once_value(builder, _const(lanes_ty, [0.0] * LANES)) for _ in range(n_rows)]
-            rows = [builder.mul(builder.add(r0, _const(_i64, i)), row_bytes) for i in range(n_rows)]
-
-            def scale(offset):
-                bits = _load(builder, w_d, offset, _i16)
-                return builder.load(builder.gep(table_d, [builder.zext(bits, _i64)]))
-
-            def pair_values(base):
-                """The 64 int8 values of the two blocks at w[base:] (+128 when biased)."""
-                def at(offset, n):
-                    return _load(builder, w_d, builder.add(base, _const(_i64, offset)), _vec(_i8, n))
-
-                lo, hi = at(2, 32), at(2 + Q80_BYTES, 32)
-                a = builder.shuffle_vector(lo, hi, _const(_vec(_i32, 64), list(range(64))))
-                return builder.xor(a, _const(_vec(_i8, 64), [-128] * 64)) if biased else a
-
-            with cgutils.for_range(builder, n_pairs) as loop:
-                p = loop.index
-                xv = _load(builder, x_d, builder.mul(p, _const(_i64, 64)), _vec(_i8, 64))
-                if biased:
-                    init = _load(builder, xc_d, builder.mul(p, _const(_i64, 16)), _vec(_i32, 16), align=4)
-                    init = builder.shl(init, _const(_vec(_i32, 16), [4] * 16))
-                else:
-                    init = _const(_vec(_i32, 16), [0] * 16)
-                b = builder.mul(p, _const(_i64, 2))
-                x_scale = _splat_halves(builder, [builder.load(builder.gep(xd_d, [b])),
-                                                  builder.load(builder.gep(xd_d, [builder.add(b, _const(_i64, 1))]))])
-                o = builder.mul(p, _const(_i64, 2 * block_bytes))
-                ahead = builder.add(builder.add(rows[0], o), _const(_i64, PREFETCH_AHEAD))
-                _prefetch(builder, builder.gep(w_d, [ahead]))
-                for i in range(n_rows):
-                    base = builder.add(rows[i], o)
-                    a = pair_values(base)
-                    quads = _quad_sums(builder, a, xv, init, a_unsigned=biased)
-                    w_scale = _splat_halves(builder, [scale(base), scale(builder.add(base, _const(_i64, block_bytes)))])
-                    term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
-                    builder.store(builder.fadd(builder.load(lanes[i]), term), lanes[i])
-            _store_lanes(builder, acc_d, lanes, lanes_ty)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    typer.__name__ = f"_packed_q80_{n_rows}rows"
-    return intrinsic(typer)
-
-
-def _packed_tokens_kernel(n_tokens: int, n_rows: int = 1):
-    """acc[16(i * n_tokens + j):+16] = the lanes of packed row r + i (i < n_rows) times token t0 + j (j <
-    n_tokens), pairs 0..n_pairs.
-
-    The one-token kernel (_packed_rows_kernel(1)) for a few tokens at once: each block pair of a row is
-    loaded, unpacked and its scales read once, then multiplied by every token's 64 values (loaded once for
-    the n_rows rows), each (row, token)'s lanes kept in registers: per (row, token) exactly
-    `_packed_rows_kernel`'s operations in its order, so every token's result has the one-token kernel's
-    bits. xq (T, n) int8, xc (T, n/4) int32, xd (T, n/32) float32.
-    """
-    block_bytes = Q80_BYTES
-    biased = VNNI512
-
-    def typer(typingctx, w, r, xq, xc, xd, t0, scale_table, n_pairs, acc):
-        sig = types.void(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
-
-        def codegen(context, builder, sig, args):
-            w, r, xq, xc, xd, t0, scale_table, n_pairs, acc = args
-            w_arr = context.make_array(sig.args[0])(context, builder, w)
-            stride = builder.extract_value(w_arr.strides, 0)
-            rows = [builder.mul(builder.add(r, _const(_i64, i)), stride) for i in range(n_rows)]
-            w_d = w_arr.data
-            xq_arr = context.make_array(sig.args[2])(context, builder, xq)
-            n = builder.extract_value(xq_arr.shape, 1)
-            xq_d, xc_d, xd_d, table_d, acc_d = xq_arr.data, *(_data(context, builder, sig.args[i], v) for i, v in
-                                                               ((3, xc), (4, xd), (6, scale_table), (8, acc)))
-            nb = builder.udiv(n, _const(_i64, 32))
-            quads_per_token = builder.udiv(n, _const(_i64, 4))
-            tokens = [builder.add(t0, _const(_i64, j)) for j in range(n_tokens)]
-            lanes_ty = _vec(_f32, LANES)
-            lanes = [[cgutils.alloca_once_value(builder, _const(lanes_ty, [0.0] * LANES)) for _ in range(n_tokens)]
-                     for _ in range(n_rows)]
-
-            def scale(offset):
-                bits = _load(builder, w_d, offset, _i16)
-                return builder.load(builder.gep(table_d, [builder.zext(bits, _i64)]))
-
-            def at(offset, n_values):
-                return _load(builder, w_d, offset, _vec(_i8, n_values))
-
-            with cgutils.for_range(builder, n_pairs) as loop:
-                p = loop.index
-                b = builder.mul(p, _const(_i64, 2))
-                row_values = []
-                for row in rows:
-                    o = builder.add(row, builder.mul(p, _const(_i64, 2 * block_bytes)))
-                    _prefetch(builder, builder.gep(w_d, [builder.add(o, _const(_i64, PREFETCH_AHEAD))]))
-                    lo = at(builder.add(o, _const(_i64, 2)), 32)
-                    hi = at(builder.add(o, _const(_i64, 2 + Q80_BYTES)), 32)
-                    a = builder.shuffle_vector(lo, hi, _const(_vec(_i32, 64), list(range(64))))
-                    if biased:
-                        a = builder.xor(a, _const(_vec(_i8, 64), [-128] * 64))
-                    w_scale = _splat_halves(builder, [scale(o), scale(builder.add(o, _const(_i64, block_bytes)))])
-                    row_values.append((a, w_scale))
-                for j, t in enumerate(tokens):
-                    xv = _load(builder, xq_d, builder.add(builder.mul(t, n), builder.mul(p, _const(_i64, 64))),
-                               _vec(_i8, 64))
-                    if biased:
-                        c = builder.add(builder.mul(t, quads_per_token), builder.mul(p, _const(_i64, 16)))
-                        init = _load(builder, xc_d, c, _vec(_i32, 16), align=4)
-                        init = builder.shl(init, _const(_vec(_i32, 16), [4] * 16))
-                    else:
-                        init = _const(_vec(_i32, 16), [0] * 16)
-                    d = builder.add(builder.mul(t, nb), b)
-                    d_next = builder.add(d, _const(_i64, 1))
-                    x_scale = _splat_halves(builder, [builder.load(builder.gep(xd_d, [d])),
-                                                      builder.load(builder.gep(xd_d, [d_next]))])
-                    for i, (a, w_scale) in enumerate(row_values):
-                        quads = _quad_sums(builder, a, xv, init, a_unsigned=biased)
-                        term = builder.fmul(builder.sitofp(quads, lanes_ty), builder.fmul(w_scale, x_scale))
-                        lane = lanes[i][j]
-                        builder.store(builder.fadd(builder.load(lane), term), lane)
-            _store_lanes(builder, acc_d, [lane for row_lanes in lanes for lane in row_lanes], lanes_ty)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    typer.__name__ = f"_packed_q80_{n_rows}x{n_tokens}tokens"
-    return intrinsic(typer)
-
-
 _i16 = ir.IntType(16)
-# one row at a time: 2 or 4 rows sharing each load of x measured 1.5-3x slower on Zen 4 (AVX-512)
-_packed_q80_row_lanes = _packed_rows_kernel(1)
-# 1 to 4 tokens sharing each unpacked pair of a row (decode steps of a few sequences, serve --parallel)
-_q80_1tokens, _q80_2tokens, _q80_3tokens, _q80_4tokens = (_packed_tokens_kernel(n) for n in range(1, 5))
-SHARED_TOKENS = 4
-# two rows times four tokens: the tokens' loads serve both rows (12% faster than one row on Zen 4)
-_q80_2x4tokens = _packed_tokens_kernel(SHARED_TOKENS, 2)
-
-
-# q40 weights in groups of 16 rows (GROUP_ROWS, math.interleave_q40): per block b of a group, GROUP_BLOCK_BYTES
-# bytes: 4 runs of 64, run k holding each row's packed bytes 4k..4k+3 (row i at 4i: its values 4k..4k+3 in the
-# low nibbles, 16+4k.. in the high ones), then the 16 rows' f16 scales. The same 18 bytes per row and block
-# as the .m; rows sit in the vector lanes, so a block's 8 quads of all 16 rows are 8 vector products.
+# q40 and q80 weights in groups of 16 rows (GROUP_ROWS, math.interleave_q40 and interleave_q80): per block
+# b of a group, 16 times the block's bytes (GROUP_BLOCK_BYTES): runs of 64 bytes, run k holding each row's
+# stored bytes 4k..4k+3 (row i at 4i; q40: 4 runs, values 4k..4k+3 in the low nibbles and 16+4k.. in the
+# high ones; q80: 8 runs of int8 values, +128 on VNNI where vpdpbusd multiplies unsigned by signed), then
+# the 16 rows' f16 scales. The rows sit in the vector lanes, so a block's 8 quads of all 16 rows are 8
+# vector products.
 GROUP_ROWS = 16
-GROUP_BLOCK_BYTES = GROUP_ROWS * Q40_BYTES
+GROUP_BLOCK_BYTES = {"q40": GROUP_ROWS * Q40_BYTES, "q80": GROUP_ROWS * Q80_BYTES}
 F16C = "f16c" in _TARGET or is_aarch64()
 
 
@@ -451,14 +184,20 @@ def _group_scales(builder, w_d, offset, table_d):
     return v
 
 
-def _q40_group_kernel(n_tokens: int):
-    """acc[16j:+16] = rows 16g..16g+15 of interleaved q40 weights times token t0 + j (j < n_tokens).
+def _group_kernel(kind: str, n_tokens: int):
+    """acc[16j:+16] = rows 16g..16g+15 of interleaved q40 or q80 weights times token t0 + j (j < n_tokens).
 
-    The order of sums every q40 kernel keeps: per block b, the exact integer sum of its 32 products
-    (-8 * the token's sum over the block, then its 8 quad products added on), converted, times
-    f32(d_w * d_x), added into the row's one float32 total, block after block from 0. Each block of the
-    group is loaded and unpacked once for the n_tokens tokens. xq (T, n) int8, xc (T, n/4) int32, xd (T, nb).
+    The order of sums every q40 and q80 kernel keeps: per block b, the exact integer sum of its 32
+    products, converted, times f32(d_w * d_x), added into the row's one float32 total, block after block
+    from 0. The integer starts from the token's correction, summed over the block's 8 quads of xc (q40:
+    -8 * its values' sum for the nibbles' offset; q80 on VNNI: 16 times that, for the +128), and takes the
+    8 quad products on. Each block of the group is loaded and unpacked once for the n_tokens tokens.
+    xq (T, n) int8, xc (T, n/4) int32, xd (T, nb).
     """
+    block_bytes = GROUP_BLOCK_BYTES[kind]
+    unsigned = kind == "q40" or VNNI512
+    correction_shift = 0 if kind == "q40" else 4 if VNNI512 else None
+
     def typer(typingctx, w, g, xq, xc, xd, t0, scale_table, acc):
         sig = types.void(w, g, xq, xc, xd, t0, scale_table, acc)
 
@@ -478,24 +217,32 @@ def _q40_group_kernel(n_tokens: int):
             fty = _vec(_f32, GROUP_ROWS)
             totals = [cgutils.alloca_once_value(builder, _const(fty, [0.0] * GROUP_ROWS)) for _ in tokens]
             x_words = builder.bitcast(xq_d, _i32.as_pointer())
-            nibble_mask = _const(_vec(_i8, 64), [15] * 64)
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
-                o = builder.add(base, builder.mul(b, _const(_i64, GROUP_BLOCK_BYTES)))
+                o = builder.add(base, builder.mul(b, _const(_i64, block_bytes)))
                 _prefetch(builder, builder.gep(w_d, [builder.add(o, _const(_i64, PREFETCH_AHEAD))]))
-                runs = [_load(builder, w_d, builder.add(o, _const(_i64, 64 * k)), _vec(_i8, 64)) for k in range(4)]
-                quads = ([builder.and_(r, nibble_mask) for r in runs]
-                         + [builder.lshr(r, _const(_vec(_i8, 64), [4] * 64)) for r in runs])
-                d_w = _group_scales(builder, w_d, builder.add(o, _const(_i64, 256)), table_d)
+                runs = [_load(builder, w_d, builder.add(o, _const(_i64, 64 * k)), _vec(_i8, 64))
+                        for k in range(4 if kind == "q40" else 8)]
+                if kind == "q40":
+                    quads = ([builder.and_(r, _const(_vec(_i8, 64), [15] * 64)) for r in runs]
+                             + [builder.lshr(r, _const(_vec(_i8, 64), [4] * 64)) for r in runs])
+                else:
+                    quads = runs
+                d_w = _group_scales(builder, w_d, builder.add(o, _const(_i64, block_bytes - 2 * GROUP_ROWS)),
+                                    table_d)
                 for t, total in zip(tokens, totals):
                     c = builder.add(builder.mul(t, quads_per_token), builder.mul(b, _const(_i64, 8)))
-                    xc8 = _load(builder, xc_d, c, _vec(_i32, 8), align=4)
-                    init = builder.call(_declare(builder, "llvm.vector.reduce.add.v8i32", _i32, _vec(_i32, 8)), [xc8])
-                    s = _splat(builder, init, GROUP_ROWS)
+                    if correction_shift is None:
+                        s = _const(_vec(_i32, GROUP_ROWS), [0] * GROUP_ROWS)
+                    else:
+                        xc8 = _load(builder, xc_d, c, _vec(_i32, 8), align=4)
+                        init = builder.call(_declare(builder, "llvm.vector.reduce.add.v8i32", _i32, _vec(_i32, 8)),
+                                            [xc8])
+                        s = _splat(builder, builder.shl(init, _const(_i32, correction_shift)), GROUP_ROWS)
                     for k, q in enumerate(quads):  # quad k: values 4k..4k+3 of the block
                         x4 = builder.load(builder.gep(x_words, [builder.add(c, _const(_i64, k))]), align=1)
                         xv = builder.bitcast(_splat(builder, x4, GROUP_ROWS), _vec(_i8, 64))
-                        s = _quad_sums(builder, q, xv, s, a_unsigned=True)
+                        s = _quad_sums(builder, q, xv, s, a_unsigned=unsigned)
                     x_d = builder.load(builder.gep(xd_d, [builder.add(builder.mul(t, nb), b)]))
                     term = builder.fmul(builder.sitofp(s, fty), builder.fmul(d_w, _splat(builder, x_d, GROUP_ROWS)))
                     builder.store(builder.fadd(builder.load(total), term), total)
@@ -504,13 +251,15 @@ def _q40_group_kernel(n_tokens: int):
 
         return sig, codegen
 
-    typer.__name__ = f"_q40_group_{n_tokens}tokens"
+    typer.__name__ = f"_{kind}_group_{n_tokens}tokens"
     return intrinsic(typer)
 
 
 GROUP_TOKENS = 4  # tokens per pass over a group's blocks: each unpacked block serves up to 4
 _q40_group_1tokens, _q40_group_2tokens, _q40_group_3tokens, _q40_group_4tokens = (
-    _q40_group_kernel(n) for n in range(1, GROUP_TOKENS + 1))
+    _group_kernel("q40", n) for n in range(1, GROUP_TOKENS + 1))
+_q80_group_1tokens, _q80_group_2tokens, _q80_group_3tokens, _q80_group_4tokens = (
+    _group_kernel("q80", n) for n in range(1, GROUP_TOKENS + 1))
 
 
 # Attention over a head's rows of the KV cache, in float64: 8 dims to a vector (LLVM splits them as the

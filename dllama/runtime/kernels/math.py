@@ -8,31 +8,22 @@ from numba import njit, prange
 from dllama.f16bits import f16_bits_to_f32_bits, f32_bits_to_f16_bits, round_to_f16
 from dllama.formats import BLOCK_SIZE, Q40_BYTES, Q80_BYTES
 from dllama.runtime.kernels.ir import (
-    GROUP_BLOCK_BYTES,
     GROUP_ROWS,
     GROUP_TOKENS,
     LANES,
-    LANES_MIN_TOKENS,
-    SHARED_TOKENS,
-    TOKEN_LANES,
     X_BIAS,
     _head_scores,
-    _packed_q80_row_lanes,
     _q40_group_1tokens,
     _q40_group_2tokens,
     _q40_group_3tokens,
     _q40_group_4tokens,
-    _q80_1tokens,
-    _q80_2tokens,
-    _q80_2x4tokens,
-    _q80_3tokens,
-    _q80_4tokens,
+    _q80_group_1tokens,
+    _q80_group_2tokens,
+    _q80_group_3tokens,
+    _q80_group_4tokens,
     _quantize_q80_block,
-    _s8_block,
     _silu_gate8,
     _softmax_scaled,
-    _token_lanes_row,
-    _unpack_q80_signed,
     _weighted_rows,
 )
 
@@ -131,9 +122,8 @@ def q80_decode(wire, out):
 # Quantized matmuls: out (T, rows) = x (T, n) . w (rows, n)^T
 #
 # Every kernel computes the same numbers in the same order, so a batched prompt equals the
-# token-by-token result bit for bit: a block's 32 products form 8 exact integer quad sums;
-# each times f32(d_w * d_x) is added into 8 float32 lanes, even blocks into lanes 0-7 and odd
-# blocks into lanes 8-15, block after block; the 16 lanes are summed in order at the end.
+# token-by-token result bit for bit: per block, the exact integer sum of its 32 products, times
+# f32(d_w * d_x), added into the row's one float32 total, block after block (ir._group_kernel).
 
 @njit(cache=True, inline="always")
 def _lane_sum(acc, offset):
@@ -144,30 +134,39 @@ def _lane_sum(acc, offset):
 
 
 @njit(cache=True, inline="always")
-def _q40_group_tokens(w, g, xq, xc, xd, t0, n, scale_table, acc):
-    """acc[16j:+16] = group g's 16 rows times tokens t0..t0+n (n 1..GROUP_TOKENS)."""
-    if n == 4:
-        _q40_group_4tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+def _group_tokens(w, block_bytes, g, xq, xc, xd, t0, n, scale_table, acc):
+    """acc[16j:+16] = group g's 16 rows (q40 or q80 by block_bytes) times tokens t0..t0+n (n 1..GROUP_TOKENS)."""
+    if block_bytes == Q40_BYTES:
+        if n == 4:
+            _q40_group_4tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+        elif n == 3:
+            _q40_group_3tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+        elif n == 2:
+            _q40_group_2tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+        else:
+            _q40_group_1tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+    elif n == 4:
+        _q80_group_4tokens(w, g, xq, xc, xd, t0, scale_table, acc)
     elif n == 3:
-        _q40_group_3tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+        _q80_group_3tokens(w, g, xq, xc, xd, t0, scale_table, acc)
     elif n == 2:
-        _q40_group_2tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+        _q80_group_2tokens(w, g, xq, xc, xd, t0, scale_table, acc)
     else:
-        _q40_group_1tokens(w, g, xq, xc, xd, t0, scale_table, acc)
+        _q80_group_1tokens(w, g, xq, xc, xd, t0, scale_table, acc)
 
 
 @njit(cache=True, inline="always")
-def _q40_group_rows(w, xq, xd, xc, scale_table, out, r0, r1):
-    """out[:, r0:r1] for interleaved q40 weights (interleave_q40), tokens GROUP_TOKENS at a time past each
-    group of 16 rows (its blocks stay in cache between passes). w has whole groups (interleave_q40 pads the
-    last one): its padding rows are computed, not written."""
+def _group_rows(w, block_bytes, xq, xd, xc, scale_table, out, r0, r1):
+    """out[:, r0:r1] for interleaved weights (interleave_q40, interleave_q80), tokens GROUP_TOKENS at a time past
+    each group of 16 rows (its blocks stay in cache between passes). w has whole groups (the interleaving pads
+    the last one): its padding rows are computed, not written."""
     T = xq.shape[0]
     acc = np.empty(GROUP_TOKENS * GROUP_ROWS, dtype=np.float32)
     for g in range(r0 // GROUP_ROWS, (r1 + GROUP_ROWS - 1) // GROUP_ROWS):
         first, last = max(r0, g * GROUP_ROWS), min(r1, (g + 1) * GROUP_ROWS)
         for t0 in range(0, T, GROUP_TOKENS):
             n = min(GROUP_TOKENS, T - t0)
-            _q40_group_tokens(w, g, xq, xc, xd, t0, n, scale_table, acc)
+            _group_tokens(w, block_bytes, g, xq, xc, xd, t0, n, scale_table, acc)
             for j in range(n):
                 for r in range(first, last):
                     out[t0 + j, r] = acc[j * GROUP_ROWS + r - g * GROUP_ROWS]
@@ -176,154 +175,57 @@ def _q40_group_rows(w, xq, xd, xc, scale_table, out, r0, r1):
 @njit(cache=True)
 def matvec_q40_rows(w, xq, xd, xc, scale_table, out, r0, r1):
     """One token, rows r0..r1: w interleaved q40 (interleave_q40), xq (n,) int8, xd (nb,), xc (n/4,) -> out (rows,)."""
-    _q40_group_rows(w, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), xc.reshape((1, xc.shape[0])),
-                    scale_table, out.reshape((1, out.shape[0])), r0, r1)
+    _group_rows(w, Q40_BYTES, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])),
+                xc.reshape((1, xc.shape[0])), scale_table, out.reshape((1, out.shape[0])), r0, r1)
 
 
-@njit(cache=True)
-def interleave_q40(w, out):
-    """w (rows, nb * 18) q40 rows as the .m stores them (any strides) -> out (rows rounded up to 16, nb * 18),
-    C-contiguous, in groups of 16 rows (ir.GROUP_ROWS: per block 4 runs of the rows' packed bytes, then their
-    scales); rows past w's are zero."""
+@njit(cache=True, inline="always")
+def _interleave(w, out, block_bytes, bias):
+    """w (rows, nb * block_bytes) rows as the .m stores them (any strides) -> out (rows rounded up to 16, same
+    row bytes), C-contiguous, in groups of 16 rows (ir.GROUP_ROWS): per block the runs of the 16 rows' bytes
+    4k..4k+3 of the block's values (q80's int8 values plus `bias`), then their scales; missing rows are zero."""
     rows, row_bytes = w.shape
-    nb = row_bytes // Q40_BYTES
+    nb = row_bytes // block_bytes
+    value_bytes = block_bytes - 2
     flat = out.reshape(out.size)
-    flat[rows // GROUP_ROWS * GROUP_ROWS * row_bytes:] = 0  # the last group's missing rows are zeros
+    flat[rows // GROUP_ROWS * GROUP_ROWS * row_bytes:] = 0
     for r in range(rows):
         g, i = r // GROUP_ROWS, r % GROUP_ROWS
         row = w[r]
         for b in range(nb):
-            src = b * Q40_BYTES
-            dst = g * GROUP_ROWS * row_bytes + b * GROUP_BLOCK_BYTES
-            flat[dst + 256 + 2 * i] = row[src]
-            flat[dst + 257 + 2 * i] = row[src + 1]
-            for k in range(4):
+            src = b * block_bytes
+            dst = g * GROUP_ROWS * row_bytes + b * GROUP_ROWS * block_bytes
+            flat[dst + GROUP_ROWS * value_bytes + 2 * i] = row[src]
+            flat[dst + GROUP_ROWS * value_bytes + 2 * i + 1] = row[src + 1]
+            for k in range(value_bytes // 4):
                 for j in range(4):
-                    flat[dst + 64 * k + 4 * i + j] = row[src + 2 + 4 * k + j]
-
-
-@njit(cache=True, inline="always")
-def token_lanes_blocks(xq, xd, x_lanes, t, b0, b1):
-    """Token t's q80 blocks b0..b1 into x_lanes, the batched q40 kernel's layout (_token_lanes_row):
-    row t // TOKEN_LANES holds per quad g the 4 int8 values (plus X_BIAS) of each of its tokens j at
-    bytes 4 * (g * TOKEN_LANES + j), then per block b their scales d_x at words 8 * nb * TOKEN_LANES
-    + b * TOKEN_LANES + j."""
-    nb = xd.shape[1]
-    row = x_lanes[t // TOKEN_LANES]
-    j = t % TOKEN_LANES
-    x_bytes = row.view(np.uint8)
-    for g in range(8 * b0, 8 * b1):
-        for k in range(4):
-            x_bytes[4 * (g * TOKEN_LANES + j) + k] = np.uint8((np.int32(xq[t, 4 * g + k]) + X_BIAS) & 255)
-    scales = 8 * nb * TOKEN_LANES
-    for b in range(b0, b1):
-        row[scales + b * TOKEN_LANES + j] = xd[t, b]
+                    flat[dst + 64 * k + 4 * i + j] = np.uint8((np.int32(row[src + 2 + 4 * k + j]) + bias) & 255)
 
 
 @njit(cache=True)
-def token_lanes(xq, xd, x_lanes):
-    """Every token of xq (T, n), xd (T, nb) into x_lanes (cpu.token_lanes_shape)."""
-    for t in range(xq.shape[0]):
-        token_lanes_blocks(xq, xd, x_lanes, t, 0, xd.shape[1])
+def interleave_q40(w, out):
+    """q40 rows (rows, nb * 18) -> the q40 kernels' groups of 16 rows (_interleave)."""
+    _interleave(w, out, Q40_BYTES, 0)
 
 
 @njit(cache=True)
-def matvec_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1):
-    """One token, rows r0..r1: w (rows, nb * 34) uint8, xq (n,) int8, xd (nb,), xc (n/4,) -> out (rows,)."""
-    nb = xd.shape[0]
-    acc = np.empty(LANES, dtype=np.float32)
-    for r in range(r0, r1):
-        _packed_q80_row_lanes(w, r, xq, xc, xd, scale_table, nb // 2, acc)
-        if nb % 2:
-            b = nb - 1
-            o = b * Q80_BYTES
-            row = w[r]
-            _s8_block(row, o + 2, 0, xq, b * BLOCK_SIZE, xc, 0, _scale(row, o, scale_table) * xd[b], np.float32(0),
-                      acc, 0)
-        out[r] = _lane_sum(acc, 0)
-
-
-@njit(cache=True, inline="always")
-def _shared_tokens(w, r, xq, xd, xc, t0, n, scale_table, n_pairs, acc):
-    """acc[16j:+16] = q80 row r's lanes for tokens t0..t0+n (n 1..4), each pair of the row unpacked once."""
-    if n == 4:
-        _q80_4tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
-    elif n == 3:
-        _q80_3tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
-    elif n == 2:
-        _q80_2tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
-    else:
-        _q80_1tokens(w, r, xq, xc, xd, t0, scale_table, n_pairs, acc)
-
-
-@njit(cache=True, inline="always")
-def _shared_rows(w, xq, xd, xc, scale_table, out, r0, r1):
-    """q80 weights, a few tokens (fewer than the lanes kernel takes), rows r0..r1: two rows times four tokens
-    at a time share their loads (_q80_2x4tokens), the rest one row times up to 4 tokens (_shared_tokens);
-    every token gets matvec_q80_rows' bits."""
-    T, nb = xd.shape
-    acc = np.empty(2 * SHARED_TOKENS * LANES, dtype=np.float32)
-    for r in range(r0, r1, 2):
-        n_rows = min(2, r1 - r)
-        for t0 in range(0, T, SHARED_TOKENS):
-            n = min(SHARED_TOKENS, T - t0)
-            if n_rows == 2 and n == SHARED_TOKENS:
-                _q80_2x4tokens(w, r, xq, xc, xd, t0, scale_table, nb // 2, acc)
-            else:
-                for i in range(n_rows):
-                    _shared_tokens(w, r + i, xq, xd, xc, t0, n, scale_table, nb // 2, acc[i * SHARED_TOKENS * LANES:])
-            for i in range(n_rows):
-                row = w[r + i]
-                for j in range(n):
-                    lanes = (i * SHARED_TOKENS + j) * LANES
-                    if nb % 2:
-                        t, b = t0 + j, nb - 1
-                        o = b * Q80_BYTES
-                        s = _scale(row, o, scale_table) * xd[t, b]
-                        _s8_block(row, o + 2, 0, xq[t], b * BLOCK_SIZE, xc[t], 0, s, np.float32(0), acc, lanes)
-                    out[t0 + j, r + i] = _lane_sum(acc, lanes)
-
-
-@njit(cache=True, inline="always")
-def _matmul_lanes_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
-    """T tokens, rows r0..r1 of q80 weights: each row is unpacked once (int8 values, quad corrections, block
-    scales) and multiplied by every group of TOKEN_LANES tokens of x_lanes (token_lanes) in turn. Fewer than
-    LANES_MIN_TOKENS share each unpacked row up to 4 at a time in the one-token kernel's order (_shared_rows:
-    matvec_q80_rows' bits; x_lanes is not read)."""
-    T, nb = xd.shape
-    if T < LANES_MIN_TOKENS:
-        _shared_rows(w, xq, xd, xc, scale_table, out, r0, r1)
-        return
-    n = nb * BLOCK_SIZE
-    wq = np.empty(n, dtype=np.int8)
-    corr = np.empty(n // 4, dtype=np.int32)
-    dw = np.empty(nb, dtype=np.float32)
-    totals = np.empty(TOKEN_LANES, dtype=np.float32)
-    for r in range(r0, r1):
-        row = w[r]
-        for b in range(nb):
-            o = b * Q80_BYTES
-            dw[b] = _scale(row, o, scale_table)
-            _unpack_q80_signed(row, o + 2, wq, b * BLOCK_SIZE, corr, b * 8)
-        for group in range((T + TOKEN_LANES - 1) // TOKEN_LANES):
-            _token_lanes_row(wq, corr, dw, x_lanes[group], nb, totals)
-            t0 = group * TOKEN_LANES
-            for j in range(min(TOKEN_LANES, T - t0)):
-                out[t0 + j, r] = totals[j]
+def interleave_q80(w, out):
+    """q80 rows (rows, nb * 34) -> the q80 kernels' groups of 16 rows (_interleave; +128 on VNNI, ir.X_BIAS)."""
+    _interleave(w, out, Q80_BYTES, X_BIAS)
 
 
 @njit(cache=True)
-def matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
+def matmul_q40_rows(w, xq, xd, xc, scale_table, out, r0, r1):
     """Interleaved q40 weights (interleave_q40) x T tokens, rows r0..r1: every token gets matvec_q40_rows'
-    bits (x_lanes is not read)."""
-    _q40_group_rows(w, xq, xd, xc, scale_table, out, r0, r1)
+    bits."""
+    _group_rows(w, Q40_BYTES, xq, xd, xc, scale_table, out, r0, r1)
 
 
 @njit(cache=True)
-def matmul_q80_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1):
-    """q80 weights (rows, nb * 34) x T tokens, rows r0..r1 (_matmul_lanes_rows): the q40 kernel's lanes,
-    its order of sums and its bits for the same int8 products."""
-    _matmul_lanes_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1)
+def matmul_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1):
+    """Interleaved q80 weights (interleave_q80) x T tokens, rows r0..r1: every token gets matvec_q80_rows'
+    bits."""
+    _group_rows(w, Q80_BYTES, xq, xd, xc, scale_table, out, r0, r1)
 
 
 # The numba-parallel forms: ROWS_PER_TASK rows per task, each through the serial kernel above.
@@ -336,18 +238,18 @@ def matvec_q40(w, xq, xd, xc, scale_table, out):
 
 
 @njit(cache=True, parallel=True)
-def matmul_q40(w, xq, xd, xc, x_lanes, scale_table, out):
+def matmul_q40(w, xq, xd, xc, scale_table, out):
     rows = out.shape[1]
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, task * ROWS_PER_TASK,
+        matmul_q40_rows(w, xq, xd, xc, scale_table, out, task * ROWS_PER_TASK,
                         min(rows, (task + 1) * ROWS_PER_TASK))
 
 
 @njit(cache=True, parallel=True)
-def matmul_q80(w, xq, xd, xc, x_lanes, scale_table, out):
-    rows = w.shape[0]
+def matmul_q80(w, xq, xd, xc, scale_table, out):
+    rows = out.shape[1]
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        matmul_q80_rows(w, xq, xd, xc, x_lanes, scale_table, out, task * ROWS_PER_TASK,
+        matmul_q80_rows(w, xq, xd, xc, scale_table, out, task * ROWS_PER_TASK,
                         min(rows, (task + 1) * ROWS_PER_TASK))
 
 

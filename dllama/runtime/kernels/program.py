@@ -8,8 +8,6 @@ from numba import njit
 
 from dllama.formats import BLOCK_SIZE
 from dllama.runtime.kernels.ir import (
-    LANES_MIN_TOKENS,
-    TOKEN_LANES,
     _address,
     _arg1,
     _arg2,
@@ -24,13 +22,10 @@ from dllama.runtime.kernels.math import (
     matmul_f32_rows,
     matmul_q40_rows,
     matmul_q80_rows,
-    matvec_q40_rows,
-    matvec_q80_rows,
     q80_roundtrip_blocks,
     quantize_q80_tasks,
     rmsnorm_token,
     silu_gate_span,
-    token_lanes_blocks,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -59,61 +54,58 @@ def _share(n_items, me, n_threads, align):
     return start, min(n_items, start + step)
 
 
+ATTENTION_DEAL = 8  # tokens of a prompt _op_attention deals out to the threads at a time
+
+
 @njit(cache=True)
-def _quantize_blocks(x, xq, xd, xc, x_lanes, t0, t1, b0, b1):
-    """q80 of blocks b0..b1 of tokens t0..t1, also in the batched q40 kernel's layout (token_lanes_blocks)
-    when there are enough tokens for it to read them (LANES_MIN_TOKENS)."""
-    T, nb = xd.shape
+def _quantize_blocks(x, xq, xd, xc, t0, t1, b0, b1):
+    """q80 of blocks b0..b1 of tokens t0..t1."""
+    nb = xd.shape[1]
     for t in range(t0, t1):
         quantize_q80_tasks(x, xq, xd, xc, t * nb + b0, t * nb + b1)
-        if T >= LANES_MIN_TOKENS:
-            token_lanes_blocks(xq, xd, x_lanes, t, b0, b1)
 
 
 @njit(cache=True)
-def _matmul(kind, w, xq, xd, xc, x_lanes, scale_table, xf, out, r0, r1):
-    """Rows r0..r1 of out = x . w^T with w stored as `kind` (W_*); w is the uint8 view of the rows."""
+def _matmul(kind, w, xq, xd, xc, scale_table, xf, out, r0, r1):
+    """Rows r0..r1 of out = x . w^T with w stored as `kind` (W_*); w is the uint8 view of the rows (q40 and q80
+    interleaved, Matrix.for_kernels)."""
     if kind == W_F32:
         wf = numba.carray(_pointer(_address(w), np.float32), (w.shape[0], w.shape[1] // 4))
         matmul_f32_rows(wf, xf, out, r0, r1)
-    elif kind == W_Q40 and xq.shape[0] == 1:
-        matvec_q40_rows(w, xq[0], xd[0], xc[0], scale_table, out[0], r0, r1)
     elif kind == W_Q40:
-        matmul_q40_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1)
-    elif xq.shape[0] == 1:
-        matvec_q80_rows(w, xq[0], xd[0], xc[0], scale_table, out[0], r0, r1)
+        matmul_q40_rows(w, xq, xd, xc, scale_table, out, r0, r1)
     else:
-        matmul_q80_rows(w, xq, xd, xc, x_lanes, scale_table, out, r0, r1)
+        matmul_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1)
 
 
 @njit(cache=True)
 def _op_norm_q80(op, me, n_threads):
-    """Arrays x, weight, eps (1,) f64, y, xq, xd, xc, x_lanes, squares (n,) f64: y = rmsnorm(x), then q80
+    """Arrays x, weight, eps (1,) f64, y, xq, xd, xc, squares (n,) f64: y = rmsnorm(x), then q80
     (parameter 0: quantize). Split by tokens."""
     x, weight, y = _arg2(op, 0, np.float32), _arg1(op, 1, np.float32), _arg2(op, 3, np.float32)
     eps = _arg1(op, 2, np.float64)[0]
     n = x.shape[1]
-    squares = numba.carray(_pointer(_address(_arg1(op, 8, np.float64)) + 8 * n * me, np.float64), (n,))
-    t0, t1 = _share(x.shape[0], me, n_threads, TOKEN_LANES)  # each thread whole groups of x_lanes
+    squares = numba.carray(_pointer(_address(_arg1(op, 7, np.float64)) + 8 * n * me, np.float64), (n,))
+    t0, t1 = _share(x.shape[0], me, n_threads, 1)
     for t in range(t0, t1):
         rmsnorm_token(x[t], weight, eps, y[t], squares)
     if op[2]:
-        _quantize_blocks(y, _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32),
-                         _arg2(op, 7, np.float32), t0, t1, 0, n // BLOCK_SIZE)
+        _quantize_blocks(y, _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32), t0, t1, 0,
+                         n // BLOCK_SIZE)
 
 
 @njit(cache=True)
 def _op_matmul(op, me, n_threads):
-    """Arrays w (rows, row bytes) u8, xq, xd, xc, x_lanes, scale_table, xf, out, residual: out = x . w^T
+    """Arrays w (rows, row bytes) u8, xq, xd, xc, scale_table, xf, out, residual: out = x . w^T
     (parameter 0: W_*), and residual += out when parameter 1 is ADD (the residual add, fused), or out
     rounded through q80 first when it is ADD_Q80 (engine.LocalExchange's q80 partials). Split by rows,
     whole q80 blocks each when rounding."""
-    w, out = _arg2(op, 0, np.uint8), _arg2(op, 7, np.float32)
+    w, out = _arg2(op, 0, np.uint8), _arg2(op, 6, np.float32)
     r0, r1 = _share(out.shape[1], me, n_threads, BLOCK_SIZE if op[3] == ADD_Q80 else 16)  # w: q40 rows padded
     _matmul(op[2], w, _arg2(op, 1, np.int8), _arg2(op, 2, np.float32), _arg2(op, 3, np.int32),
-            _arg2(op, 4, np.float32), _arg1(op, 5, np.float32), _arg2(op, 6, np.float32), out, r0, r1)
+            _arg1(op, 4, np.float32), _arg2(op, 5, np.float32), out, r0, r1)
     if op[3]:
-        residual = _arg2(op, 8, np.float32)
+        residual = _arg2(op, 7, np.float32)
         for t in range(out.shape[0]):
             if op[3] == ADD_Q80:
                 q80_roundtrip_blocks(out, t, r0 // BLOCK_SIZE, r1 // BLOCK_SIZE)
@@ -123,20 +115,19 @@ def _op_matmul(op, me, n_threads):
 
 @njit(cache=True)
 def _op_ffn_up(op, me, n_threads):
-    """Arrays w1, w3, xq, xd, xc, x_lanes, scale_table, xf, h1, h3, hq, hd, hc, h_lanes: h1 = silu(x . w1^T)
+    """Arrays w1, w3, xq, xd, xc, scale_table, xf, h1, h3, hq, hd, hc: h1 = silu(x . w1^T)
     * (x . w3^T), then its q80 when the weights are quantized. Split by rows, whole block pairs each."""
-    w1, w3, h1, h3 = _arg2(op, 0, np.uint8), _arg2(op, 1, np.uint8), _arg2(op, 8, np.float32), _arg2(op, 9, np.float32)
+    w1, w3, h1, h3 = _arg2(op, 0, np.uint8), _arg2(op, 1, np.uint8), _arg2(op, 7, np.float32), _arg2(op, 8, np.float32)
     xq, xd, xc = _arg2(op, 2, np.int8), _arg2(op, 3, np.float32), _arg2(op, 4, np.int32)
-    x_lanes, scale_table, xf = _arg2(op, 5, np.float32), _arg1(op, 6, np.float32), _arg2(op, 7, np.float32)
+    scale_table, xf = _arg1(op, 5, np.float32), _arg2(op, 6, np.float32)
     r0, r1 = _share(h1.shape[1], me, n_threads, 2 * BLOCK_SIZE)
-    _matmul(op[2], w1, xq, xd, xc, x_lanes, scale_table, xf, h1, r0, r1)
-    _matmul(op[2], w3, xq, xd, xc, x_lanes, scale_table, xf, h3, r0, r1)
+    _matmul(op[2], w1, xq, xd, xc, scale_table, xf, h1, r0, r1)
+    _matmul(op[2], w3, xq, xd, xc, scale_table, xf, h3, r0, r1)
     for t in range(h1.shape[0]):
         silu_gate_span(h1[t], h3[t], h1[t], r0, r1)
     if op[2] != W_F32:
-        _quantize_blocks(h1, _arg2(op, 10, np.int8), _arg2(op, 11, np.float32), _arg2(op, 12, np.int32),
-                         _arg2(op, 13, np.float32), 0, h1.shape[0],
-                         r0 // BLOCK_SIZE, (r1 + BLOCK_SIZE - 1) // BLOCK_SIZE)
+        _quantize_blocks(h1, _arg2(op, 9, np.int8), _arg2(op, 10, np.float32), _arg2(op, 11, np.int32), 0,
+                         h1.shape[0], r0 // BLOCK_SIZE, (r1 + BLOCK_SIZE - 1) // BLOCK_SIZE)
 
 
 @njit(cache=True)
@@ -179,50 +170,48 @@ def _attend(op, q, z, t0, t1, h0, h1):
     (attention_tasks), and the q80 of each head's output blocks when parameter 0."""
     hd = q.shape[2]
     k_cache, v_cache = _arg3(op, 1, np.float32), _arg3(op, 2, np.float32)
-    positions, slots = _arg1(op, 8, np.int64), _arg1(op, 9, np.int64)
+    positions, slots = _arg1(op, 7, np.int64), _arg1(op, 8, np.int64)
     S = op[3]
     for t in range(t0, t1):
         s0 = slots[t] * S
         attention_tasks(q[t:t + 1], k_cache[s0:s0 + S], v_cache[s0:s0 + S], positions[t], z[t:t + 1], h0, h1)
     if op[2]:
-        zq, zd, zc, z_lanes = _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32), _arg2(op, 7,
-                                                                                                       np.float32)
+        zq, zd, zc = _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32)
         per_head = hd // BLOCK_SIZE
         for t in range(t0, t1):
-            _quantize_blocks(z, zq, zd, zc, z_lanes, t, t + 1, h0 * per_head, h1 * per_head)
+            _quantize_blocks(z, zq, zd, zc, t, t + 1, h0 * per_head, h1 * per_head)
 
 
 @njit(cache=True)
 def _op_attention(op, me, n_threads):
-    """Arrays q (T, H, hd), k_cache, v_cache (slots * S, KVH, hd), z (T, H * hd), zq, zd, zc, z_lanes, positions,
+    """Arrays q (T, H, hd), k_cache, v_cache (slots * S, KVH, hd), z (T, H * hd), zq, zd, zc, positions,
     slots (T,) i8: attention_tasks for each token in its slot's rows of the caches, and the q80 of each head's
-    output blocks when parameter 0 (head_dim a multiple of 64); parameter 1: S. Fewer tokens than the
-    batched kernels take in lanes (no x_lanes to write): split by (token, head). More: a later token of a
-    prompt attends to more positions, so the groups of TOKEN_LANES tokens (one x_lanes row each, written
-    by one thread) are dealt out back and forth (0, 1, 1, 0, ...), not in halves."""
+    output blocks when parameter 0 (head_dim a multiple of 64); parameter 1: S. A few tokens: split by
+    (token, head). More: a later token of a prompt attends to more positions, so groups of ATTENTION_DEAL
+    tokens are dealt out back and forth (0, 1, 1, 0, ...), not in halves."""
     q, z = _arg3(op, 0, np.float32), _arg2(op, 3, np.float32)
     T, H, _ = q.shape
-    if T < LANES_MIN_TOKENS:
+    if T < 2 * ATTENTION_DEAL:
         task0, task1 = _share(T * H, me, n_threads, 1)
         for t in range(task0 // H, (task1 + H - 1) // H):
             h0, h1 = max(task0 - t * H, 0), min(task1 - t * H, H)
             if h1 > h0:
                 _attend(op, q, z, t, t + 1, h0, h1)
         return
-    for group in range((T + TOKEN_LANES - 1) // TOKEN_LANES):
+    for group in range((T + ATTENTION_DEAL - 1) // ATTENTION_DEAL):
         turn = group % (2 * n_threads)
         if (turn if turn < n_threads else 2 * n_threads - 1 - turn) == me:
-            t0 = group * TOKEN_LANES
-            _attend(op, q, z, t0, min(T, t0 + TOKEN_LANES), 0, H)
+            t0 = group * ATTENTION_DEAL
+            _attend(op, q, z, t0, min(T, t0 + ATTENTION_DEAL), 0, H)
 
 
 @njit(cache=True)
 def _op_quantize(op, me, n_threads):
-    """Arrays x, xq, xd, xc, x_lanes: q80 of x (and its token lanes for several tokens). Split by block pairs."""
+    """Arrays x, xq, xd, xc: q80 of x. Split by block pairs."""
     xd = _arg2(op, 2, np.float32)
     b0, b1 = _share(xd.shape[1], me, n_threads, 2)
-    _quantize_blocks(_arg2(op, 0, np.float32), _arg2(op, 1, np.int8), xd, _arg2(op, 3, np.int32),
-                     _arg2(op, 4, np.float32), 0, xd.shape[0], b0, b1)
+    _quantize_blocks(_arg2(op, 0, np.float32), _arg2(op, 1, np.int8), xd, _arg2(op, 3, np.int32), 0, xd.shape[0],
+                     b0, b1)
 
 
 SPINS_BEFORE_YIELD = 1 << 14  # ~10 us of reads: longer waits are a preempted thread, not a slower one

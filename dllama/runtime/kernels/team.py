@@ -55,13 +55,13 @@ def job_matvec_q40(job, w, xq, xd, xc, scale_table, out, start, stop):
 
 
 @njit(cache=True)
-def job_matmul_q40(job, w, xq, xd, xc, x_lanes, scale_table, out, start, stop):
-    _describe(job, JOB_MATMUL_Q40, start, stop, 0, (w, xq, xd, xc, x_lanes, scale_table, out))
+def job_matmul_q40(job, w, xq, xd, xc, scale_table, out, start, stop):
+    _describe(job, JOB_MATMUL_Q40, start, stop, 0, (w, xq, xd, xc, scale_table, out))
 
 
 @njit(cache=True)
-def job_matmul_q80(job, w, xq, xd, xc, x_lanes, scale_table, out, start, stop):
-    _describe(job, JOB_MATMUL_Q80, start, stop, 0, (w, xq, xd, xc, x_lanes, scale_table, out))
+def job_matmul_q80(job, w, xq, xd, xc, scale_table, out, start, stop):
+    _describe(job, JOB_MATMUL_Q80, start, stop, 0, (w, xq, xd, xc, scale_table, out))
 
 
 @njit(cache=True)
@@ -97,12 +97,10 @@ def _run_job(job):
                         _arg1(job, 3, np.int32), _arg1(job, 4, np.float32), _arg1(job, 5, np.float32), start, stop)
     elif kind == JOB_MATMUL_Q40:
         matmul_q40_rows(_arg2(job, 0, np.uint8), _arg2(job, 1, np.int8), _arg2(job, 2, np.float32),
-                        _arg2(job, 3, np.int32), _arg2(job, 4, np.float32), _arg1(job, 5, np.float32),
-                        _arg2(job, 6, np.float32), start, stop)
+                        _arg2(job, 3, np.int32), _arg1(job, 4, np.float32), _arg2(job, 5, np.float32), start, stop)
     elif kind == JOB_MATMUL_Q80:
         matmul_q80_rows(_arg2(job, 0, np.uint8), _arg2(job, 1, np.int8), _arg2(job, 2, np.float32),
-                        _arg2(job, 3, np.int32), _arg2(job, 4, np.float32), _arg1(job, 5, np.float32),
-                        _arg2(job, 6, np.float32), start, stop)
+                        _arg2(job, 3, np.int32), _arg1(job, 4, np.float32), _arg2(job, 5, np.float32), start, stop)
     elif kind == JOB_SILU:
         silu_gate_rows(_arg2(job, 0, np.float32), _arg2(job, 1, np.float32), _arg2(job, 2, np.float32), start, stop)
     elif kind == JOB_MATMUL_F32:
