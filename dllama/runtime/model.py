@@ -20,7 +20,7 @@ import numpy as np
 from dllama.formats import FloatType, ModelFile, ModelHeader, RopeType, Split
 from dllama.runtime import dispatch
 from dllama.runtime.split import ClusterSplit, NodeShare
-from dllama.runtime.tensors import Matrix
+from dllama.runtime.tensors import Matrix, release_pages
 
 
 def whole_model_share(h: ModelHeader) -> NodeShare:
@@ -89,7 +89,9 @@ def assemble_node_weights(h: ModelHeader, matrix: Callable[[str], Matrix],
 
 
 def load_node_weights(model: ModelFile, share: NodeShare | None = None) -> NodeWeights:
-    """Zero-copy views of the node's slices of every tensor in the memory-mapped file."""
+    """The node's slices of every tensor in the memory-mapped file, copied for the kernels (Matrix.for_kernels;
+    f32 matrices stay views) and the vectors copied, so the map's pages can leave the process: a page read
+    through it later would map its neighbours (and its page cache folio) back in."""
     share = share or whole_model_share(model.header)
 
     def matrix(name: str) -> Matrix:
@@ -100,7 +102,10 @@ def load_node_weights(model: ModelFile, share: NodeShare | None = None) -> NodeW
             return whole
         return whole.row_slice(*span) if spec.split == Split.ROWS else whole.column_slice(*span)
 
-    return assemble_node_weights(model.header, matrix, model.blocks)
+    weights = assemble_node_weights(model.header, matrix, lambda name: np.array(model.blocks(name)))
+    if model.header.weights_float_type != FloatType.F32:
+        release_pages(model.data)
+    return weights
 
 
 # --------------------------------------------------------------------------------------------

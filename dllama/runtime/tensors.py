@@ -76,6 +76,7 @@ class Matrix:
             quant = self.float_type.name.lower()
             dispatch.interleave_into(self.data[r0:r1], out[r0:r0 + _whole_groups(r1 - r0)], quant)
             release_pages(self.data[r0:r1])
+        release_pages(self.data)  # and what the kernel mapped back around a released chunk as it read the next
         return Matrix(out, self.float_type, self.shape, interleaved=True)
 
     def row_slice(self, start: int, stop: int) -> "Matrix":
