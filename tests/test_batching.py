@@ -59,8 +59,9 @@ def test_greedy_tokens_are_the_same_beside_1_3_or_7_others(smollm2_q40, answers_
 
 
 def test_logits_are_bit_identical_in_any_batch(smollm2_q40):
-    """Decoding tokens beside 0..7 others (the one-token kernel below 8 tokens, the batched kernel's lanes
-    from 8 on) and beside a prompt's chunk: every row's logits equal the token's alone, bit for bit."""
+    """Decoding tokens beside 0..7 others (passes of 1 to 4 tokens over each group of rows, 5 and 6 tokens
+    split 4 + 1 and 4 + 2) and beside a prompt's chunk: every row's logits equal the token's alone, bit for
+    bit."""
     single = Engine.load(smollm2_q40, max_seq_len=128, nthreads=2)
     engine = Engine.load(smollm2_q40, max_seq_len=128, nthreads=2, slots=9)
     prompts = [PROMPTS[i][:8] + [i + 2] for i in range(9)]

@@ -377,7 +377,7 @@ def test_the_compiled_pass_gives_the_per_call_blocks_bits(float_type, threads):
     path = require_fixtures(CONFORMANCE / "tiny-llama") / f"expected_{float_type}.m"
     compiled, per_call = Engine.load(path, nthreads=threads), per_call_engine(path, nthreads=threads)
     assert compiled.layers.compiled() is not None
-    prompt = PROMPT * 4  # 48 tokens: three groups of the batched kernel's token lanes, dealt out to the threads
+    prompt = PROMPT * 4  # 48 tokens: six groups of attention's ATTENTION_DEAL tokens, dealt out to the threads
     for engine in (compiled, per_call):
         engine.out = [engine.forward(prompt, 0)]
         engine.out += [engine.forward([t], len(prompt) + i) for i, t in enumerate(PROMPT[:4])]

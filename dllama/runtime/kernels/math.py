@@ -223,8 +223,8 @@ def matmul_q40_rows(w, xq, xd, xc, scale_table, out, r0, r1):
 
 @njit(cache=True)
 def matmul_q80_rows(w, xq, xd, xc, scale_table, out, r0, r1):
-    """Interleaved q80 weights (interleave_q80) x T tokens, rows r0..r1: every token gets matvec_q80_rows'
-    bits."""
+    """Interleaved q80 weights (interleave_q80) x T tokens, rows r0..r1: a token's row has the same bits beside
+    any others (_group_rows)."""
     _group_rows(w, Q80_BYTES, xq, xd, xc, scale_table, out, r0, r1)
 
 
