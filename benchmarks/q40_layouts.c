@@ -3,12 +3,13 @@
 //     gcc -O3 -march=native -fopenmp benchmarks/q40_layouts.c -o /tmp/q40_layouts
 //     flock /tmp/dllama-bench.lock env OMP_NUM_THREADS=2 /tmp/q40_layouts [rows, default 262144: 302 MB]
 //
-//  A: dllama's kernels today (dllama/runtime/kernels/ir.py): rows as the .m stores them (18-byte blocks); per
+//  A: dllama's kernels until 2026-12-07 (the quad-lane order): rows as the .m stores them (18-byte blocks); per
 //     pair of blocks 16 float lanes of exact quad sums (vpdpbusd), each times f32(d_w * d_x), added; the lanes
 //     summed at the end. About 5 vector operations per row, token and 64 weights, plus the unpacking.
 //  B: 16 rows interleaved per block (as llama.cpp repacks Q4_0 at load), rows in the lanes: 8 vpdpbusd give
 //     the exact integer sum of each of 16 rows' blocks, then one convert, multiply and add per block for all
-//     16 rows. Another order of sums (other bits), the same bytes (288 per 16 rows and block).
+//     16 rows. Another order of sums (other bits), the same bytes (288 per 16 rows and block). dllama's kernels
+//     now (ir._group_kernel) are B, with the block's integer sum in two chains of 4 products.
 // Both on the same random weights and tokens, best of 7 runs each, beside a plain read of the weights (the
 // memory's limit). docs/BENCHMARKS-HISTORY.md ("The layout of q40 weights") has what it measured and why.
 #if !defined(__AVX512VNNI__) || !defined(__F16C__)

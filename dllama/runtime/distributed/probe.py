@@ -46,7 +46,7 @@ def q40_speed(nthreads: int | None = None) -> float:
     blocks = np.zeros(PROBE_ROWS * PROBE_COLS // BLOCK_SIZE, dtype=Q40_BLOCK)
     blocks["qs"] = rng.integers(0, 256, size=blocks["qs"].shape, dtype=np.uint8)
     blocks["d"] = np.float16(0.01)
-    w = Matrix(blocks.view(np.uint8).reshape(PROBE_ROWS, -1), FloatType.Q40, (PROBE_ROWS, PROBE_COLS))
+    w = Matrix(blocks.view(np.uint8).reshape(PROBE_ROWS, -1), FloatType.Q40, (PROBE_ROWS, PROBE_COLS)).for_kernels()
     x = QuantizedInput.of(rng.standard_normal((1, PROBE_COLS), dtype=np.float32))
     w @ x  # warm up
     runs, start = 0, time.perf_counter()
