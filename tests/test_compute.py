@@ -30,7 +30,7 @@ def both():
 
 def quantized_input(rng, T: int, n: int):
     x = (rng.standard_normal((T, n)) * rng.uniform(0.1, 3, size=(T, 1))).astype(np.float32)
-    xq, xd, xc = np.empty((T, n), np.int8), np.empty((T, n // 32), np.float32), np.empty((T, n // 4), np.int32)
+    xq, xd, xc = np.empty((T, n), np.int8), np.empty((T, n // 32), np.float32), np.empty((T, n // 32), np.int32)
     dispatch.JitKernels().quantize_q80(x, xq, xd, xc)
     return x, xq, xd, xc
 

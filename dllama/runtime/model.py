@@ -569,7 +569,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 def q80_buffers(T: int, n: int) -> tuple[np.ndarray, ...]:
     """xq, xd, xc (tensors.QuantizedInput) for T tokens of n values."""
-    return np.zeros((T, n), np.int8), np.zeros((T, n // 32), np.float32), np.zeros((T, n // 4), np.int32)
+    return np.zeros((T, n), np.int8), np.zeros((T, n // 32), np.float32), np.zeros((T, n // 32), np.int32)
 
 
 def tokens(buffers: tuple[np.ndarray, ...], T: int, first: int = 0) -> tuple[np.ndarray, ...]:

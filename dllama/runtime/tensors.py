@@ -25,7 +25,7 @@ class QuantizedInput:
 
     xq: np.ndarray  # (T, n) int8
     xd: np.ndarray  # (T, n/32) float32 block scales (f16-rounded)
-    xc: np.ndarray  # (T, n/4) int32: -8 * sums of 4 consecutive xq (dispatch.quantize_q80)
+    xc: np.ndarray  # (T, n/32) int32: -8 * each block's sum of xq (dispatch.quantize_q80)
 
     @classmethod
     def of(cls, x: np.ndarray) -> "QuantizedInput":
@@ -33,7 +33,7 @@ class QuantizedInput:
         T, n = x.shape
         xq = np.empty((T, n), dtype=np.int8)
         xd = np.empty((T, n // BLOCK_SIZE), dtype=np.float32)
-        xc = np.empty((T, n // 4), dtype=np.int32)
+        xc = np.empty((T, n // BLOCK_SIZE), dtype=np.int32)
         dispatch.quantize_q80(x, xq, xd, xc)
         return cls(xq, xd, xc)
 

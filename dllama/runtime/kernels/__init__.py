@@ -10,7 +10,8 @@ Quantized weights arrive as a 2-D uint8 array (rows, row_bytes) in groups of 16 
 blocks (FORMAT.md §1.2) reordered once at load (interleave_q40, interleave_q80, from a memory-mapped
 row slice or a strided column slice, FORMAT.md §3), never dequantized as a whole.
 Activations headed for a quantized matmul are q80: int8 values xq (T, n), float32 block scales
-xd (T, n/32) already rounded through f16 as the reference stores them, and xc (T, n/4).
+xd (T, n/32) already rounded through f16 as the reference stores them, and xc (T, n/32), -8 times
+each block's sum of xq.
 
 The inner block products are LLVM vector IR (`ir._group_kernel`): numba
 promotes int8/int32 arithmetic to int64, which stops LLVM from vectorising a plain loop. The IR

@@ -77,11 +77,11 @@ def _quad_sums(builder, a, x, init, a_unsigned: bool):
     return builder.add(init, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
 
 
-def _quad_sums_times(builder, values, factor: int):
-    """factor * the 8 quad sums of 32 int8 values, as an i32 vector."""
-    ones = _const(_vec(_i8, 32), [1] * 32)
-    sums = _quad_sums(builder, ones, values, _const(_vec(_i32, 8), [0] * 8), a_unsigned=True)
-    return builder.mul(sums, _const(_vec(_i32, 8), [factor] * 8))
+def _sum_times(builder, values, factor: int):
+    """factor * the sum of 32 int8 values, as an i32."""
+    wide = builder.sext(values, _vec(_i32, 32))
+    total = builder.call(_declare(builder, "llvm.vector.reduce.add.v32i32", _i32, _vec(_i32, 32)), [wide])
+    return builder.mul(total, _const(_i32, factor))
 
 
 def _sdot_quad_sums(builder, a, x, init):
@@ -105,7 +105,7 @@ def _sdot_quad_sums(builder, a, x, init):
 @intrinsic
 def _quantize_q80_block(typingctx, x, x_off, xq, xc, xc_off):
     """The reference q80 quantizer on the 32 values x[x_off:] (FORMAT.md §1.2), as vectors: xq[x_off:+32] =
-    rint(x * (1 / d)) and xc[xc_off:+8] = -8 * their quad sums; returns d = max|x| / 127 (unrounded)."""
+    rint(x * (1 / d)) and xc[xc_off] = -8 * their sum; returns d = max|x| / 127 (unrounded)."""
     sig = types.float32(x, x_off, xq, xc, xc_off)
 
     def codegen(context, builder, sig, args):
@@ -122,8 +122,7 @@ def _quantize_q80_block(typingctx, x, x_off, xq, xc, xc_off):
         q = builder.fptosi(rounded, _vec(_i8, 32))
         ptr = builder.gep(_data(context, builder, sig.args[2], xq), [x_off])
         builder.store(q, builder.bitcast(ptr, _vec(_i8, 32).as_pointer()), align=1)
-        ptr = builder.gep(_data(context, builder, sig.args[3], xc), [xc_off])
-        builder.store(_quad_sums_times(builder, q, -8), builder.bitcast(ptr, _vec(_i32, 8).as_pointer()), align=4)
+        builder.store(_sum_times(builder, q, -8), builder.gep(_data(context, builder, sig.args[3], xc), [xc_off]))
         return d
 
     return sig, codegen
@@ -189,10 +188,10 @@ def _group_kernel(kind: str, n_tokens: int):
 
     The order of sums every q40 and q80 kernel keeps: per block b, the exact integer sum of its 32
     products, converted, times f32(d_w * d_x), added into the row's one float32 total, block after block
-    from 0. The integer starts from the token's correction, summed over the block's 8 quads of xc (q40:
-    -8 * its values' sum for the nibbles' offset; q80 on VNNI: 16 times that, for the +128), and takes the
-    8 quad products on. Each block of the group is loaded and unpacked once for the n_tokens tokens.
-    xq (T, n) int8, xc (T, n/4) int32, xd (T, nb).
+    from 0. The integer starts from the token's correction for the block, xc (q40: -8 * its values' sum, for
+    the nibbles' offset; q80 on VNNI: 16 times that, for the +128), and takes the 8 quad products on, in
+    two chains of 4. Each block of the group is loaded and unpacked once for the n_tokens tokens.
+    xq (T, n) int8, xc (T, nb) int32, xd (T, nb).
     """
     block_bytes = GROUP_BLOCK_BYTES[kind]
     unsigned = kind == "q40" or VNNI512
@@ -232,12 +231,11 @@ def _group_kernel(kind: str, n_tokens: int):
                                     table_d)
                 for t, total in zip(tokens, totals):
                     c = builder.add(builder.mul(t, quads_per_token), builder.mul(b, _const(_i64, 8)))
+                    block = builder.add(builder.mul(t, nb), b)
                     if correction_shift is None:
                         s = _const(_vec(_i32, GROUP_ROWS), [0] * GROUP_ROWS)
                     else:
-                        xc8 = _load(builder, xc_d, c, _vec(_i32, 8), align=4)
-                        init = builder.call(_declare(builder, "llvm.vector.reduce.add.v8i32", _i32, _vec(_i32, 8)),
-                                            [xc8])
+                        init = builder.load(builder.gep(xc_d, [block]))
                         s = _splat(builder, builder.shl(init, _const(_i32, correction_shift)), GROUP_ROWS)
                     # two chains of 4 products (exact integers: the same sum), half the latency of one of 8
                     chains = [s, _const(_vec(_i32, GROUP_ROWS), [0] * GROUP_ROWS)]
@@ -246,7 +244,7 @@ def _group_kernel(kind: str, n_tokens: int):
                         xv = builder.bitcast(_splat(builder, x4, GROUP_ROWS), _vec(_i8, 64))
                         chains[k % 2] = _quad_sums(builder, q, xv, chains[k % 2], a_unsigned=unsigned)
                     s = builder.add(*chains)
-                    x_d = builder.load(builder.gep(xd_d, [builder.add(builder.mul(t, nb), b)]))
+                    x_d = builder.load(builder.gep(xd_d, [block]))
                     term = builder.fmul(builder.sitofp(s, fty), builder.fmul(d_w, _splat(builder, x_d, GROUP_ROWS)))
                     builder.store(builder.fadd(builder.load(total), term), total)
             _store_lanes(builder, acc_d, totals, fty)

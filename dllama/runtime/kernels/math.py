@@ -52,13 +52,13 @@ def _q80_scale(x, t, x0):
 @njit(cache=True)
 def quantize_q80_tasks(x, xq, xd, xc, task0, task1):
     """Blocks task0..task1 (numbered t * n/32 + b) of x (T, n) float32 -> xq (T, n) int8, xd (T, n/32)
-    float32 scales (f16-rounded) and xc (T, n/4) int32 = -8 * sums of 4 consecutive xq (the q40
-    nibble offset, folded out)."""
+    float32 scales (f16-rounded) and xc (T, nb) int32 = -8 * each block's sum of xq (the q40 nibble
+    offset, folded out)."""
     nb = x.shape[1] // BLOCK_SIZE
     for task in range(task0, task1):
         t = task // nb
         b = task % nb
-        xd[t, b] = round_to_f16(_quantize_q80_block(x[t], b * BLOCK_SIZE, xq[t], xc[t], b * 8))
+        xd[t, b] = round_to_f16(_quantize_q80_block(x[t], b * BLOCK_SIZE, xq[t], xc[t], b))
 
 
 @njit(cache=True, parallel=True)
@@ -174,7 +174,7 @@ def _group_rows(w, block_bytes, xq, xd, xc, scale_table, out, r0, r1):
 
 @njit(cache=True)
 def matvec_q40_rows(w, xq, xd, xc, scale_table, out, r0, r1):
-    """One token, rows r0..r1: w interleaved q40 (interleave_q40), xq (n,) int8, xd (nb,), xc (n/4,) -> out (rows,)."""
+    """One token, rows r0..r1: w interleaved q40 (interleave_q40), xq (n,) int8, xd (nb,), xc (nb,) -> out (rows,)."""
     _group_rows(w, Q40_BYTES, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])),
                 xc.reshape((1, xc.shape[0])), scale_table, out.reshape((1, out.shape[0])), r0, r1)
 
