@@ -100,9 +100,14 @@ def interleave_q80(w: np.ndarray) -> np.ndarray:
 
 
 def _interleaved(w: np.ndarray, quant: str) -> np.ndarray:
-    out = np.empty((-(-w.shape[0] // GROUP_ROWS) * GROUP_ROWS, w.shape[1]), dtype=np.uint8)
+    out = np.empty((whole_groups(w.shape[0]), w.shape[1]), dtype=np.uint8)
     interleave_into(w, out, quant)
     return out
+
+
+def whole_groups(rows: int) -> int:
+    """rows rounded up to whole groups of GROUP_ROWS: the rows an interleaved array holds."""
+    return -(-rows // GROUP_ROWS) * GROUP_ROWS
 
 
 def interleave_into(w: np.ndarray, out: np.ndarray, quant: str) -> None:

@@ -3,7 +3,7 @@
 A `Matrix` is a zero-copy view of a `.m` tensor (or of a node's slice of it, FORMAT.md §3):
 quantized weights stay packed bytes, f32 weights a float view. Like the reference, q40 and q80
 weights meet q80-quantized activations (`QuantizedInput`) and f32 weights meet f32 ones. The
-runtime's q40 matrices are copied once at load into the kernels' layout (`Matrix.for_kernels`:
+runtime's q40 and q80 matrices are copied once at load into the kernels' layout (`Matrix.for_kernels`:
 the same bytes per row and block, 16 rows interleaved), and their file pages leave the process.
 """
 from __future__ import annotations
@@ -69,12 +69,11 @@ class Matrix:
         a mapped tensor is not held twice; f32 as it is."""
         if not self.quantized or self.interleaved:
             return self
-        rows = self.shape[0]
-        out = np.empty((_whole_groups(rows), self.data.shape[1]), dtype=np.uint8)
+        rows, quant = self.shape[0], self.float_type.name.lower()
+        out = np.empty((dispatch.whole_groups(rows), self.data.shape[1]), dtype=np.uint8)
         for r0 in range(0, rows, INTERLEAVE_ROWS):
             r1 = min(rows, r0 + INTERLEAVE_ROWS)
-            quant = self.float_type.name.lower()
-            dispatch.interleave_into(self.data[r0:r1], out[r0:r0 + _whole_groups(r1 - r0)], quant)
+            dispatch.interleave_into(self.data[r0:r1], out[r0:r0 + dispatch.whole_groups(r1 - r0)], quant)
             release_pages(self.data[r0:r1])
         release_pages(self.data)  # and what the kernel mapped back around a released chunk as it read the next
         return Matrix(out, self.float_type, self.shape, interleaved=True)
@@ -108,20 +107,17 @@ class Matrix:
             x = QuantizedInput.of(x)
         T = x.xq.shape[0]
         out = np.empty((T, self.shape[0]), dtype=np.float32)
+        w = self.for_kernels().data  # a copy per call unless the matrix was made ready once (assemble_node_weights)
         if self.float_type == FloatType.Q40 and T == 1:
-            dispatch.matvec_q40(self.for_kernels().data, x.xq[0], x.xd[0], x.xc[0], out[0])
+            dispatch.matvec_q40(w, x.xq[0], x.xd[0], x.xc[0], out[0])
         elif self.float_type == FloatType.Q40:
-            dispatch.matmul_q40(self.for_kernels().data, x.xq, x.xd, x.xc, out)
+            dispatch.matmul_q40(w, x.xq, x.xd, x.xc, out)
         else:
-            dispatch.matmul_q80(self.for_kernels().data, x.xq, x.xd, x.xc, out)
+            dispatch.matmul_q80(w, x.xq, x.xd, x.xc, out)
         return out
 
 
 INTERLEAVE_ROWS = 1024  # rows Matrix.for_kernels copies before releasing their file pages (whole groups)
-
-
-def _whole_groups(rows: int) -> int:
-    return -(-rows // dispatch.GROUP_ROWS) * dispatch.GROUP_ROWS
 
 
 def release_pages(a: np.ndarray) -> None:

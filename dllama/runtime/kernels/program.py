@@ -101,7 +101,7 @@ def _op_matmul(op, me, n_threads):
     rounded through q80 first when it is ADD_Q80 (engine.LocalExchange's q80 partials). Split by rows,
     whole q80 blocks each when rounding."""
     w, out = _arg2(op, 0, np.uint8), _arg2(op, 6, np.float32)
-    r0, r1 = _share(out.shape[1], me, n_threads, BLOCK_SIZE if op[3] == ADD_Q80 else 16)  # w: q40 rows padded
+    r0, r1 = _share(out.shape[1], me, n_threads, BLOCK_SIZE if op[3] == ADD_Q80 else 16)  # w: q40/q80 rows padded
     _matmul(op[2], w, _arg2(op, 1, np.int8), _arg2(op, 2, np.float32), _arg2(op, 3, np.int32),
             _arg1(op, 4, np.float32), _arg2(op, 5, np.float32), out, r0, r1)
     if op[3]:
