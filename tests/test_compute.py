@@ -342,6 +342,7 @@ def test_the_team_and_the_kernels_agree_on_the_job_table():
     from dllama.runtime.kernels import program
 
     assert dispatch.JOB_WORDS == kernels.JOB_WORDS and kernels.NO_JOB == 0
+    assert dispatch.GROUP_ROWS == kernels.ir.GROUP_ROWS  # dispatch pads interleaved arrays to the kernels' groups
     assert 4 + 4 * 7 <= kernels.JOB_WORDS  # kind, range, scalar, then up to 7 arrays (address + 3 dims)
     ops = ("OP_WORDS", "OP_NORM_Q80", "OP_MATMUL", "OP_FFN_UP", "OP_ROPE_KV", "OP_ATTENTION", "OP_QUANTIZE",
            "W_F32", "W_Q40", "W_Q80", "BARRIER_STRIDE")
