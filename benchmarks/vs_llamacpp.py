@@ -24,7 +24,8 @@ same weights: a GGUF Q4_0 (Q8_0) file and the `.m` that `dllama-convert gguf` co
 
 It prints, per model, quant and thread count, the medians and the median of the per-pair ratios
 dllama / llama.cpp (tokens/s: above 1 means dllama is faster), and the read limit of this machine
-for each model (a multi-threaded read of a buffer the size of the weights). The machine is shared
+for each model (a multi-threaded read of a buffer the size of the weights, best of 5), measured before
+and after every pair, with each runtime's decode over the limit beside it (median of the pairs). The machine is shared
 and noisy: only ratios of paired runs in one session mean anything; run under
 `flock /tmp/dllama-bench.lock`.
 """
@@ -243,6 +244,24 @@ def cluster_row(bin_dir: Path, pairs: int, generated: int) -> None:
     print(f"pairs: llama.cpp {', '.join(f'{t:.1f}' for t in theirs)}; dllama {', '.join(f'{o:.1f}' for o in ours)}")
 
 
+def print_rows(model: str, quant: str, threads: int, theirs: list, ours: list, limits: list) -> None:
+    """A row per measure: medians, the median of the per-pair ratios, and each runtime's decode over the read limit
+    measured beside its pair (before and after it, averaged): the machine's memory is shared, and its read rate
+    moves from minute to minute as much as either runtime's does."""
+    for i, measure in enumerate(("prefill", "decode")):
+        ratio = statistics.median(o[i] / t[i] for o, t in zip(ours, theirs))
+        their_median, our_median = statistics.median(t[i] for t in theirs), statistics.median(o[i] for o in ours)
+        of_limit = "| - | - |"
+        if measure == "decode":
+            ours_of, theirs_of = (statistics.median(r[i] / limit for r, limit in zip(runs, limits))
+                                  for runs in (ours, theirs))
+            of_limit = f"| {ours_of:.2f} | {theirs_of:.2f} |"
+        print(f"| {model} | {quant} | {threads} | {measure} | {their_median:.1f} | {our_median:.1f} | {ratio:.2f} "
+              f"| {statistics.median(limits):.1f} {of_limit}", flush=True)
+    print("pairs (decode tok/s, llama.cpp / dllama / read limit): "
+          + "; ".join(f"{t[1]:.1f} / {o[1]:.1f} / {lim:.1f}" for t, o, lim in zip(theirs, ours, limits)), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2")
@@ -264,26 +283,22 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} before the runs; {args.pairs} pairs per "
           f"row; prefill of {args.prompt} tokens; {args.generated} generated after it")
     print("| model | quant | threads | measure | llama.cpp tok/s | dllama tok/s | dllama / llama.cpp (median of pairs) "
-          "| read limit tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| read limit tok/s | dllama / read limit | llama.cpp / read limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         for quant in args.quants.split(","):
             gguf, m = model_pair(bin_dir, model, quant)
+            per_token = bytes_per_token(m)
             run_dllama(m, 1, 8, 2)  # warm-up: kernels loaded, file in the page cache
             run_llamacpp(bin_dir, gguf, 1, 8, 2)
             for threads in [int(t) for t in args.threads.split(",")]:
-                theirs, ours = [], []
+                theirs, ours, limits = [], [], []
                 for _ in range(args.pairs):
+                    before = read_bandwidth(per_token, threads) * 1e9 / per_token
                     theirs.append(run_llamacpp(bin_dir, gguf, threads, args.prompt, args.generated))
                     ours.append(run_dllama(m, threads, args.prompt, args.generated))
-                per_token = bytes_per_token(m)
-                limit = read_bandwidth(per_token, threads) * 1e9 / per_token
-                for i, measure in enumerate(("prefill", "decode")):
-                    ratio = statistics.median(o[i] / t[i] for o, t in zip(ours, theirs))
-                    their_median, our_median = statistics.median(t[i] for t in theirs), statistics.median(
-                        o[i] for o in ours)
-                    print(f"| {model} | {quant} | {threads} | {measure} | {their_median:.1f} | {our_median:.1f} "
-                          f"| {ratio:.2f} | {limit:.1f} |", flush=True)
+                    limits.append((before + read_bandwidth(per_token, threads) * 1e9 / per_token) / 2)
+                print_rows(model, quant, threads, theirs, ours, limits)
     print(f"load after the runs: {os.getloadavg()[0]:.2f}; llama.cpp from llama-cpp-python=={LLAMA_CPP_PYTHON}'s "
           "vendored tree (cmake, GGML_NATIVE)")
 
