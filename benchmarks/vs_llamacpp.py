@@ -244,6 +244,13 @@ def cluster_row(bin_dir: Path, pairs: int, generated: int) -> None:
     print(f"pairs: llama.cpp {', '.join(f'{t:.1f}' for t in theirs)}; dllama {', '.join(f'{o:.1f}' for o in ours)}")
 
 
+def read_limit(per_token: int, threads: int) -> float:
+    """Tokens/s if a token cost only reading its `per_token` bytes at this machine's read rate now."""
+    from vs_reference import read_bandwidth
+
+    return read_bandwidth(per_token, threads) * 1e9 / per_token
+
+
 def print_rows(model: str, quant: str, threads: int, theirs: list, ours: list, limits: list) -> None:
     """A row per measure: medians, the median of the per-pair ratios, and each runtime's decode over the read limit
     measured beside its pair (before and after it, averaged): the machine's memory is shared, and its read rate
@@ -272,7 +279,7 @@ def main() -> None:
     parser.add_argument("--generated", type=int, default=128)
     parser.add_argument("--nodes", type=int, choices=[2], help="the cluster row instead: 2 nodes on loopback")
     args = parser.parse_args()
-    from vs_reference import bytes_per_token, read_bandwidth
+    from vs_reference import bytes_per_token
 
     bin_dir = llamacpp_bin()
     if args.nodes:
@@ -294,10 +301,10 @@ def main() -> None:
             for threads in [int(t) for t in args.threads.split(",")]:
                 theirs, ours, limits = [], [], []
                 for _ in range(args.pairs):
-                    before = read_bandwidth(per_token, threads) * 1e9 / per_token
+                    before = read_limit(per_token, threads)
                     theirs.append(run_llamacpp(bin_dir, gguf, threads, args.prompt, args.generated))
                     ours.append(run_dllama(m, threads, args.prompt, args.generated))
-                    limits.append((before + read_bandwidth(per_token, threads) * 1e9 / per_token) / 2)
+                    limits.append((before + read_limit(per_token, threads)) / 2)
                 print_rows(model, quant, threads, theirs, ours, limits)
     print(f"load after the runs: {os.getloadavg()[0]:.2f}; llama.cpp from llama-cpp-python=={LLAMA_CPP_PYTHON}'s "
           "vendored tree (cmake, GGML_NATIVE)")
