@@ -267,9 +267,11 @@ _q80_group_1tokens, _q80_group_2tokens, _q80_group_3tokens, _q80_group_4tokens =
     _group_kernel("q80", n) for n in range(1, GROUP_TOKENS + 1))
 
 
-# Attention over a head's rows of the KV cache, in float64: 8 dims to a vector (LLVM splits them as the
-# target needs), every sum in an order fixed here, so the bits are the same on every path and CPU. A
-# product of two float32 values is exact in float64: q . k is the same with or without fused adds.
+# Attention over a head's rows of the KV cache: q . k and the weighted sum of v as float32 fused multiply-adds
+# in 16 lanes (LLVM splits them as the target needs: 4 NEON registers), the softmax in float64, every sum in
+# an order fixed here, so the bits are the same on every path and CPU. Float64 throughout, as before
+# 2026-12-08, cost 4 vector conversions and twice the vectors per 16 values: the one-thread SmolLM2 decode,
+# where attention is a fifth of the time at a few hundred positions, ran ~9% slower.
 _f64 = ir.DoubleType()
 _F64X8 = _vec(_f64, 8)
 
@@ -300,18 +302,51 @@ def _sum_four(builder, accs):
     return halves(pairs, pairs, [0, 2, 4, 6], [1, 3, 5, 7])
 
 
+def _fma_f32(builder, a, b, c):
+    n = a.type.count
+    return builder.call(_declare(builder, f"llvm.fma.v{n}f32", _vec(_f32, n), *[_vec(_f32, n)] * 3), [a, b, c])
+
+
+def _lane_tree(builder, v):
+    """The sum of a float32 vector's lanes as a tree: its halves added lane by lane until one lane is left."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        v = builder.fadd(_pick(builder, v, v, list(range(n))), _pick(builder, v, v, list(range(n, 2 * n))))
+    return builder.extract_element(v, _const(_i32, 0))
+
+
+def _lane_trees_of_four(builder, accs):
+    """[_lane_tree(a) for a in accs] of four 16-lane vectors as one <4 x float>, each level of the four trees
+    in one vector: after a level, each row's partial sums sit side by side (rows in order)."""
+    a, b, c, d = accs
+    low, high = [*range(8), *range(16, 24)], [*range(8, 16), *range(24, 32)]
+    ab = builder.fadd(_pick(builder, a, b, low), _pick(builder, a, b, high))
+    cd = builder.fadd(_pick(builder, c, d, low), _pick(builder, c, d, high))
+    fours = builder.fadd(_pick(builder, ab, cd, [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27]),
+                         _pick(builder, ab, cd, [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31]))
+    twos = builder.fadd(_pick(builder, fours, fours, [0, 1, 4, 5, 8, 9, 12, 13]),
+                        _pick(builder, fours, fours, [2, 3, 6, 7, 10, 11, 14, 15]))
+    return builder.fadd(_pick(builder, twos, twos, [0, 2, 4, 6]), _pick(builder, twos, twos, [1, 3, 5, 7]))
+
+
 @intrinsic
 def _head_scores(typingctx, q, kc, base, stride, n, scores):
-    """scores[s] = q . kc.flat[base + s * stride:][:hd] in float64 for s < n (hd = len(q), a multiple of 8),
-    four rows at a time: scores needs n rounded up to 4 values (the rows past n repeat row n - 1)."""
+    """scores[s] = q . kc.flat[base + s * stride:][:hd] for s < n (hd = len(q), a multiple of 8), as float64
+    of a float32 sum in one order: 16 dims at a time by fused multiply-adds into 16 lanes (the last 8 dims,
+    where hd % 16, into 8 lanes of their own), then each vector's lanes as `_lane_tree`, the 8 lanes' sum
+    added last. Four rows at a time: scores needs n rounded up to 4 values (rows past n repeat row n - 1)."""
     sig = types.void(q, kc, base, stride, n, scores)
 
     def codegen(context, builder, sig, args):
         q, kc, base, stride, n, scores = args
         q_d, k_d, s_d = (_data(context, builder, sig.args[i], v) for i, v in ((0, q), (1, kc), (5, scores)))
         hd = builder.extract_value(context.make_array(sig.args[0])(context, builder, q).shape, 0)
+        wide = builder.udiv(hd, _const(_i64, 16))
+        tail = builder.icmp_unsigned("!=", builder.urem(hd, _const(_i64, 16)), _const(_i64, 0))
         last = builder.sub(n, _const(_i64, 1))
         four = builder.udiv(builder.add(n, _const(_i64, 3)), _const(_i64, 4))
+        f16x, f8x = _vec(_f32, 16), _vec(_f32, 8)
         with cgutils.for_range(builder, four) as rows:
             s0 = builder.mul(rows.index, _const(_i64, 4))
             starts = []
@@ -319,16 +354,26 @@ def _head_scores(typingctx, q, kc, base, stride, n, scores):
                 s = builder.add(s0, _const(_i64, j))
                 s = builder.select(builder.icmp_signed("<", s, n), s, last)
                 starts.append(builder.add(base, builder.mul(s, stride)))
-            accs = [cgutils.alloca_once_value(builder, _const(_F64X8, [0.0] * 8)) for _ in range(4)]
-            with cgutils.for_range(builder, builder.udiv(hd, _const(_i64, 8))) as dims:
-                i = builder.mul(dims.index, _const(_i64, 8))
-                qv = _f64x8(builder, q_d, i)
+            accs = [cgutils.alloca_once_value(builder, _const(f16x, [0.0] * 16)) for _ in range(4)]
+            with cgutils.for_range(builder, wide) as dims:
+                i = builder.mul(dims.index, _const(_i64, 16))
+                qv = _load(builder, q_d, i, f16x, align=4)
                 for start, acc in zip(starts, accs):
-                    k = _f64x8(builder, k_d, builder.add(start, i))
-                    builder.store(_fma(builder, qv, k, builder.load(acc)), acc)
-            total = _sum_four(builder, [builder.load(acc) for acc in accs])
+                    k = _load(builder, k_d, builder.add(start, i), f16x, align=4)
+                    builder.store(_fma_f32(builder, qv, k, builder.load(acc)), acc)
+            totals = cgutils.alloca_once_value(builder, _lane_trees_of_four(builder, [builder.load(a) for a in accs]))
+            with builder.if_then(tail):
+                i = builder.mul(wide, _const(_i64, 16))
+                qv = _load(builder, q_d, i, f8x, align=4)
+                parts = [_lane_tree(builder, _fma_f32(builder, qv, _load(builder, k_d, builder.add(start, i), f8x,
+                                                                          align=4), _const(f8x, [0.0] * 8)))
+                         for start in starts]
+                v = ir.Constant(_vec(_f32, 4), ir.Undefined)
+                for j, part in enumerate(parts):
+                    v = builder.insert_element(v, part, _const(_i32, j))
+                builder.store(builder.fadd(builder.load(totals), v), totals)
             ptr = builder.bitcast(builder.gep(s_d, [s0]), _vec(_f64, 4).as_pointer())
-            builder.store(total, ptr, align=8)
+            builder.store(builder.fpext(builder.load(totals), _vec(_f64, 4)), ptr, align=8)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -422,9 +467,9 @@ def _softmax_scaled(typingctx, scores, n, scale):
 
 @intrinsic
 def _weighted_rows(typingctx, a, vc, base, stride, n, out):
-    """out[:hd] = float32(the sum over s < n, in order, of a[s] * vc.flat[base + s * stride:][:hd]) by fused
-    multiply-adds in float64 (hd = len(out), a multiple of 8): 64 dims in registers per pass over the rows,
-    then 8 at a time."""
+    """out[:hd] = the sum over s < n, in order, of float32(a[s]) * vc.flat[base + s * stride:][:hd] by float32
+    fused multiply-adds (hd = len(out), a multiple of 8): 64 dims in registers per pass over the rows, then 16
+    at a time, then 8."""
     sig = types.void(a, vc, base, stride, n, out)
 
     def codegen(context, builder, sig, args):
@@ -432,27 +477,31 @@ def _weighted_rows(typingctx, a, vc, base, stride, n, out):
         a_d, v_d, o_d = (_data(context, builder, sig.args[i], v) for i, v in ((0, a), (1, vc), (5, out)))
         hd = builder.extract_value(context.make_array(sig.args[5])(context, builder, out).shape, 0)
 
-        def pass_over_rows(dim0, width):
-            accs = [cgutils.alloca_once_value(builder, _const(_F64X8, [0.0] * 8)) for _ in range(width)]
+        def pass_over_rows(dim0, width, lanes):
+            vty = _vec(_f32, lanes)
+            accs = [cgutils.alloca_once_value(builder, _const(vty, [0.0] * lanes)) for _ in range(width)]
             with cgutils.for_range(builder, n) as rows:
                 s = rows.index
-                weight = _splat(builder, builder.load(builder.gep(a_d, [s])), 8)
+                weight = _splat(builder, builder.fptrunc(builder.load(builder.gep(a_d, [s])), _f32), lanes)
                 row = builder.add(builder.add(base, builder.mul(s, stride)), dim0)
                 for k, acc in enumerate(accs):
-                    v = _f64x8(builder, v_d, builder.add(row, _const(_i64, 8 * k)))
-                    builder.store(_fma(builder, weight, v, builder.load(acc)), acc)
+                    v = _load(builder, v_d, builder.add(row, _const(_i64, lanes * k)), vty, align=4)
+                    builder.store(_fma_f32(builder, weight, v, builder.load(acc)), acc)
             for k, acc in enumerate(accs):
-                ptr = builder.gep(o_d, [builder.add(dim0, _const(_i64, 8 * k))])
-                builder.store(builder.fptrunc(builder.load(acc), _vec(_f32, 8)),
-                              builder.bitcast(ptr, _vec(_f32, 8).as_pointer()), align=4)
+                ptr = builder.gep(o_d, [builder.add(dim0, _const(_i64, lanes * k))])
+                builder.store(builder.load(acc), builder.bitcast(ptr, vty.as_pointer()), align=4)
+
+        def passes(count, dim0, width, lanes):
+            with cgutils.for_range(builder, count) as p:
+                pass_over_rows(builder.add(dim0, builder.mul(p.index, _const(_i64, width * lanes))), width, lanes)
 
         wide = builder.udiv(hd, _const(_i64, 64))
-        with cgutils.for_range(builder, wide) as passes:
-            pass_over_rows(builder.mul(passes.index, _const(_i64, 64)), 8)
-        narrow = builder.udiv(builder.urem(hd, _const(_i64, 64)), _const(_i64, 8))
-        with cgutils.for_range(builder, narrow) as passes:
-            dim0 = builder.add(builder.mul(wide, _const(_i64, 64)), builder.mul(passes.index, _const(_i64, 8)))
-            pass_over_rows(dim0, 1)
+        passes(wide, _const(_i64, 0), 4, 16)
+        done = builder.mul(wide, _const(_i64, 64))
+        sixteens = builder.udiv(builder.sub(hd, done), _const(_i64, 16))
+        passes(sixteens, done, 1, 16)
+        done = builder.add(done, builder.mul(sixteens, _const(_i64, 16)))
+        passes(builder.udiv(builder.sub(hd, done), _const(_i64, 8)), done, 1, 8)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -336,9 +336,9 @@ def attention_tasks(q, k_cache, v_cache, pos0, out, task0, task1):
     """Heads task0..task1 (numbered t * H + h) of q (T, H, hd), tokens at positions pos0..pos0+T-1;
     the caches (S, KVH, hd) already hold them.
 
-    out (T, H * hd): per head, softmax(q.k_t / sqrt(hd)) over t <= pos, times v. Sums run in
-    float64 so the float32 result does not depend on their order (see model.py); with hd a multiple
-    of 8 the dot products and the weighted sum of v run as vectors (ir._head_scores, ir._weighted_rows).
+    out (T, H * hd): per head, softmax(q.k_t / sqrt(hd)) over t <= pos, times v. With hd a multiple of 8
+    the dot products and the weighted sum of v are float32 vectors summed in one fixed order
+    (ir._head_scores, ir._weighted_rows), the softmax float64; other hd run scalar loops in float64.
     """
     T, H, hd = q.shape
     KVH = k_cache.shape[1]
