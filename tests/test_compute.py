@@ -165,7 +165,7 @@ def test_attention_silu_and_roundtrip_are_bit_identical(both, threads):
     rng = np.random.default_rng(7)
     T, H, KVH, hd, S, pos0 = 3, 8, 2, 32, 40, 29
     q = rng.standard_normal((T, H, hd)).astype(np.float32)
-    k, v = (rng.standard_normal((S, KVH, hd)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((KVH, S, hd)).astype(np.float32) for _ in range(2))  # caches: (kv heads, positions, hd)
     want, have = np.empty((T, H * hd), np.float32), np.full((T, H * hd), np.nan, np.float32)
     jit.attention(q, k, v, pos0, want)
     compiled.attention(q, k, v, pos0, have)
@@ -186,14 +186,14 @@ def float64_attention(q, k, v, pos0):
     """numpy's attention in float64, rounded once: what the kernels' scalar loops (head_dim not a multiple of
     8) promise, in another order."""
     T, H, hd = q.shape
-    group = H // k.shape[1]
+    group = H // k.shape[0]
     out = np.empty((T, H * hd), np.float32)
     for t in range(T):
         for h in range(H):
             n = pos0 + t + 1
-            scores = k[:n, h // group].astype(np.float64) @ q[t, h].astype(np.float64) / np.sqrt(hd)
+            scores = k[h // group, :n].astype(np.float64) @ q[t, h].astype(np.float64) / np.sqrt(hd)
             weights = np.exp(scores - scores.max())
-            out[t, h * hd:(h + 1) * hd] = weights / weights.sum() @ v[:n, h // group].astype(np.float64)
+            out[t, h * hd:(h + 1) * hd] = weights / weights.sum() @ v[h // group, :n].astype(np.float64)
     return out
 
 
@@ -217,11 +217,12 @@ def float32_order_attention(q, k, v, pos0):
     apart and added last), the softmax in float64, and each output dim the float32 fused multiply-adds of
     float32(weight) times v, row after row."""
     T, H, hd = q.shape
-    group, wide = H // k.shape[1], hd // 16 * 16
+    group, wide = H // k.shape[0], hd // 16 * 16
     out = np.empty((T, H * hd), np.float32)
     for t in range(T):
         for h in range(H):
-            n, keys, values = pos0 + t + 1, k[:pos0 + t + 1, h // group], v[:pos0 + t + 1, h // group]
+            n = pos0 + t + 1
+            keys, values = k[h // group, :n], v[h // group, :n]
             acc = np.zeros((n, 16), np.float32)
             for d in range(0, wide, 16):
                 acc = fma32(np.broadcast_to(q[t, h, d:d + 16], (n, 16)), keys[:, d:d + 16], acc)
@@ -256,7 +257,7 @@ def test_attention_is_the_promised_arithmetic(both, hd, sharpness):
     rng = np.random.default_rng(hd)
     T, H, KVH, S, pos0 = 5, 6, 2, 90, 70
     q = (rng.standard_normal((T, H, hd)) * sharpness).astype(np.float32)
-    k, v = (rng.standard_normal((S, KVH, hd)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((KVH, S, hd)).astype(np.float32) for _ in range(2))  # caches: (kv heads, positions, hd)
     have = np.full((T, H * hd), np.nan, np.float32)
     compiled.attention(q, k, v, pos0, have)
     if hd % 8:
@@ -265,7 +266,7 @@ def test_attention_is_the_promised_arithmetic(both, hd, sharpness):
     want = float32_order_attention(q, k, v, pos0)
     assert np.all(np.abs(have - want) <= 4 * np.spacing(np.abs(want)))
     assert np.mean(have == want) > 0.999
-    assert np.max(np.abs(have - float64_attention(q, k, v, pos0))) < 1e-5
+    assert np.max(np.abs(have - float64_attention(q, k, v, pos0))) < 2e-6 * sharpness  # float32 scores' error
 
 
 def test_silu_gate_is_the_float64_formula_rounded_once(both):

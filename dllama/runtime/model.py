@@ -210,7 +210,8 @@ class NodeLayers:
         self.has_vocab = share.vocab[1] > share.vocab[0]
         self.eps = h.norm_epsilon
         self.rope = Rope(h, max_seq_len)
-        cache_shape = (h.n_layers, slots * max_seq_len, self.kv_heads, h.head_dim)
+        # each kv head's positions side by side: attention reads one head's rows as one stream
+        cache_shape = (h.n_layers, slots, self.kv_heads, max_seq_len, h.head_dim)
         self.k_cache, self.v_cache = (lazy_zeros(cache_shape, np.float32) for _ in range(2))
         self._compiled: CompiledPass | None | bool = False  # False: not decided yet
 
@@ -273,10 +274,9 @@ class NodeLayers:
             k = rmsnorm(k, lw.k_norm, self.eps)
         z = np.empty((T, self.heads * hd), dtype=np.float32)
         for slot, p, r0, r1 in Places.of(pos, T).runs():  # in row order: a later run sees an earlier one's cache
-            rows = slice(slot * self.max_seq_len, (slot + 1) * self.max_seq_len)
-            k_cache, v_cache = self.k_cache[layer, rows], self.v_cache[layer, rows]
-            k_cache[p:p + r1 - r0] = self.rope(k[r0:r1], p)
-            v_cache[p:p + r1 - r0] = v[r0:r1]
+            k_cache, v_cache = self.k_cache[layer, slot], self.v_cache[layer, slot]  # (kv heads, positions, hd)
+            k_cache[:, p:p + r1 - r0] = self.rope(k[r0:r1], p).transpose(1, 0, 2)
+            v_cache[:, p:p + r1 - r0] = v[r0:r1].transpose(1, 0, 2)
             z[r0:r1] = self._attend(k_cache, v_cache, self.rope(q[r0:r1], p), p)
         return lw.wo @ lw.wo.prepare(z)
 
@@ -522,12 +522,14 @@ class CompiledPass:
             self._matmul(p, m, self.xq, self.y, T, out, barrier=last)
         q, k, v = (self._heads(a, T) for a in (self.q, self.k, self.v))
         places = self._rows(self.positions, 0, T), self._rows(self.slots, 0, T)
-        p.add(dispatch.OP_ROPE_KV, (q, k, v, n.k_cache[layer], n.v_cache[layer], n.rope.cos, n.rope.sin, *places),
-              (int(n.rope.falcon), n.max_seq_len))
+        k_cache, v_cache = (self._view(c, ("cache", layer), lambda c: c[layer].reshape(-1, *c.shape[3:]))
+                            for c in (n.k_cache, n.v_cache))  # (slots * kv heads, positions, hd)
+        p.add(dispatch.OP_ROPE_KV, (q, k, v, k_cache, v_cache, n.rope.cos, n.rope.sin, *places),
+              (int(n.rope.falcon), 0))
         fuse = self.quantized and hd % 64 == 0  # each head's output is whole q80 block pairs
         z = self._rows(self.z, 0, T)
-        p.add(dispatch.OP_ATTENTION, (q, n.k_cache[layer], n.v_cache[layer], z, *self._tokens(self.zq, T), *places),
-              (int(fuse), n.max_seq_len))
+        p.add(dispatch.OP_ATTENTION, (q, k_cache, v_cache, z, *self._tokens(self.zq, T), *places),
+              (int(fuse), n.kv_heads))
         if self.quantized and not fuse:
             p.add(dispatch.OP_QUANTIZE, (z, *self._tokens(self.zq, T)))
         self._matmul(p, lw.wo, self.zq, self.z, T, self.partial, add=add)

@@ -334,32 +334,32 @@ def silu_gate(a, b, out):
 @njit(cache=True)
 def attention_tasks(q, k_cache, v_cache, pos0, out, task0, task1):
     """Heads task0..task1 (numbered t * H + h) of q (T, H, hd), tokens at positions pos0..pos0+T-1;
-    the caches (S, KVH, hd) already hold them.
+    the caches (KVH, S, hd) already hold them.
 
     out (T, H * hd): per head, softmax(q.k_t / sqrt(hd)) over t <= pos, times v. With hd a multiple of 8
     the dot products and the weighted sum of v are float32 vectors summed in one fixed order
     (ir._head_scores, ir._weighted_rows), the softmax float64; other hd run scalar loops in float64.
     """
     T, H, hd = q.shape
-    KVH = k_cache.shape[1]
+    KVH, S = k_cache.shape[0], k_cache.shape[1]
     group = H // KVH
     inv_sqrt = 1.0 / np.sqrt(hd)
     scores = np.empty((pos0 + T + 7) // 8 * 8, dtype=np.float64)
     for task in range(task0, task1):
         t = task // H
         h = task % H
-        base = (h // group) * hd
+        base = (h // group) * S * hd
         n = pos0 + t + 1
         head_out = out[t, h * hd:(h + 1) * hd]
         if hd % 8 == 0:
-            _head_scores(q[t, h], k_cache, base, KVH * hd, n, scores)
+            _head_scores(q[t, h], k_cache, base, hd, n, scores)
         else:
-            _head_scores_scalar(q[t, h], k_cache, base, KVH * hd, n, scores)
+            _head_scores_scalar(q[t, h], k_cache, base, hd, n, scores)
         _softmax_scaled(scores, n, inv_sqrt)
         if hd % 8 == 0:
-            _weighted_rows(scores, v_cache, base, KVH * hd, n, head_out)
+            _weighted_rows(scores, v_cache, base, hd, n, head_out)
         else:
-            _weighted_rows_scalar(scores, v_cache, base, KVH * hd, n, head_out)
+            _weighted_rows_scalar(scores, v_cache, base, hd, n, head_out)
 
 
 @njit(cache=True)

@@ -143,9 +143,9 @@ def _rotate(x, out, cos, sin, falcon):
 
 @njit(cache=True)
 def _op_rope_kv(op, me, n_threads):
-    """Arrays q (T, H, hd), k, v (T, KVH, hd), k_cache, v_cache (slots * S, KVH, hd), cos, sin (S, hd/2) f64,
+    """Arrays q (T, H, hd), k, v (T, KVH, hd), k_cache, v_cache (slots * KVH, S, hd), cos, sin (S, hd/2) f64,
     positions, slots (T,) i8: q rotated in place, rotated k and v into token t's slot's rows of the caches
-    (slot * S + its position) (parameter 0: falcon, 1: S, the positions per slot). Split by heads."""
+    (slot * KVH + the kv head, its position) (parameter 0: falcon). Split by heads."""
     q, k, v = _arg3(op, 0, np.float32), _arg3(op, 1, np.float32), _arg3(op, 2, np.float32)
     k_cache, v_cache = _arg3(op, 3, np.float32), _arg3(op, 4, np.float32)
     cos, sin = _arg2(op, 5, np.float64), _arg2(op, 6, np.float64)
@@ -159,9 +159,9 @@ def _op_rope_kv(op, me, n_threads):
         if j < H:
             _rotate(q[t, j], q[t, j], cos[pos], sin[pos], op[2])
         else:
-            row = slots[t] * op[3] + pos
-            _rotate(k[t, j - H], k_cache[row, j - H], cos[pos], sin[pos], op[2])
-            v_cache[row, j - H] = v[t, j - H]
+            row = slots[t] * KVH + j - H
+            _rotate(k[t, j - H], k_cache[row, pos], cos[pos], sin[pos], op[2])
+            v_cache[row, pos] = v[t, j - H]
 
 
 @njit(cache=True)
@@ -171,10 +171,10 @@ def _attend(op, q, z, t0, t1, h0, h1):
     hd = q.shape[2]
     k_cache, v_cache = _arg3(op, 1, np.float32), _arg3(op, 2, np.float32)
     positions, slots = _arg1(op, 7, np.int64), _arg1(op, 8, np.int64)
-    S = op[3]
+    KVH = op[3]
     for t in range(t0, t1):
-        s0 = slots[t] * S
-        attention_tasks(q[t:t + 1], k_cache[s0:s0 + S], v_cache[s0:s0 + S], positions[t], z[t:t + 1], h0, h1)
+        s0 = slots[t] * KVH
+        attention_tasks(q[t:t + 1], k_cache[s0:s0 + KVH], v_cache[s0:s0 + KVH], positions[t], z[t:t + 1], h0, h1)
     if op[2]:
         zq, zd, zc = _arg2(op, 4, np.int8), _arg2(op, 5, np.float32), _arg2(op, 6, np.int32)
         per_head = hd // BLOCK_SIZE
@@ -184,9 +184,9 @@ def _attend(op, q, z, t0, t1, h0, h1):
 
 @njit(cache=True)
 def _op_attention(op, me, n_threads):
-    """Arrays q (T, H, hd), k_cache, v_cache (slots * S, KVH, hd), z (T, H * hd), zq, zd, zc, positions,
+    """Arrays q (T, H, hd), k_cache, v_cache (slots * KVH, S, hd), z (T, H * hd), zq, zd, zc, positions,
     slots (T,) i8: attention_tasks for each token in its slot's rows of the caches, and the q80 of each head's
-    output blocks when parameter 0 (head_dim a multiple of 64); parameter 1: S. A few tokens: split by
+    output blocks when parameter 0 (head_dim a multiple of 64); parameter 1: KVH. A few tokens: split by
     (token, head). More: a later token of a prompt attends to more positions, so groups of ATTENTION_DEAL
     tokens are dealt out back and forth (0, 1, 1, 0, ...), not in halves."""
     q, z = _arg3(op, 0, np.float32), _arg2(op, 3, np.float32)
