@@ -282,29 +282,14 @@ def _f64x8(builder, data, offset):
 
 
 def _fma(builder, a, b, c):
-    return builder.call(_declare(builder, "llvm.fma.v8f64", _F64X8, _F64X8, _F64X8, _F64X8), [a, b, c])
+    """a * b + c rounded once, lane by lane, for vectors of float32 or float64."""
+    t = a.type
+    name = f"llvm.fma.v{t.count}{'f64' if isinstance(t.element, ir.DoubleType) else 'f32'}"
+    return builder.call(_declare(builder, name, t, t, t, t), [a, b, c])
 
 
 def _pick(builder, a, b, lanes):
     return builder.shuffle_vector(a, b, _const(_vec(_i32, len(lanes)), lanes))
-
-
-def _sum_four(builder, accs):
-    """The lane sums of four <8 x double> as one <4 x double>, each ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
-    (l3 + l7))."""
-    def halves(a, b, low, high):
-        return builder.fadd(_pick(builder, a, b, low), _pick(builder, a, b, high))
-
-    a, b, c, d = accs
-    quarters = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-    ab, cd = halves(a, b, *quarters), halves(c, d, *quarters)
-    pairs = halves(ab, cd, [0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15])
-    return halves(pairs, pairs, [0, 2, 4, 6], [1, 3, 5, 7])
-
-
-def _fma_f32(builder, a, b, c):
-    n = a.type.count
-    return builder.call(_declare(builder, f"llvm.fma.v{n}f32", _vec(_f32, n), *[_vec(_f32, n)] * 3), [a, b, c])
 
 
 def _lane_tree(builder, v):
@@ -316,18 +301,20 @@ def _lane_tree(builder, v):
     return builder.extract_element(v, _const(_i32, 0))
 
 
-def _lane_trees_of_four(builder, accs):
-    """[_lane_tree(a) for a in accs] of four 16-lane vectors as one <4 x float>, each level of the four trees
-    in one vector: after a level, each row's partial sums sit side by side (rows in order)."""
-    a, b, c, d = accs
-    low, high = [*range(8), *range(16, 24)], [*range(8, 16), *range(24, 32)]
-    ab = builder.fadd(_pick(builder, a, b, low), _pick(builder, a, b, high))
-    cd = builder.fadd(_pick(builder, c, d, low), _pick(builder, c, d, high))
-    fours = builder.fadd(_pick(builder, ab, cd, [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27]),
-                         _pick(builder, ab, cd, [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31]))
-    twos = builder.fadd(_pick(builder, fours, fours, [0, 1, 4, 5, 8, 9, 12, 13]),
-                        _pick(builder, fours, fours, [2, 3, 6, 7, 10, 11, 14, 15]))
-    return builder.fadd(_pick(builder, twos, twos, [0, 2, 4, 6]), _pick(builder, twos, twos, [1, 3, 5, 7]))
+def _sum_four(builder, accs):
+    """[_lane_tree(a) for a in accs] of four vectors of n lanes (n a power of two) as one vector of 4, the four
+    trees' levels computed together: after a level, each vector's partial sums sit side by side (in order)."""
+    vectors, width = list(accs), accs[0].type.count
+    while width > 1:
+        half = width // 2
+        pairs = list(zip(vectors[::2], vectors[1::2])) or [(vectors[0], vectors[0])]
+        lanes = vectors[0].type.count * (2 if len(vectors) > 1 else 1)  # of x then y, where they differ
+        starts = range(0, lanes, width)
+        low = [start + i for start in starts for i in range(half)]
+        high = [start + half + i for start in starts for i in range(half)]
+        vectors = [builder.fadd(_pick(builder, x, y, low), _pick(builder, x, y, high)) for x, y in pairs]
+        width = half
+    return vectors[0]
 
 
 @intrinsic
@@ -360,18 +347,14 @@ def _head_scores(typingctx, q, kc, base, stride, n, scores):
                 qv = _load(builder, q_d, i, f16x, align=4)
                 for start, acc in zip(starts, accs):
                     k = _load(builder, k_d, builder.add(start, i), f16x, align=4)
-                    builder.store(_fma_f32(builder, qv, k, builder.load(acc)), acc)
-            totals = cgutils.alloca_once_value(builder, _lane_trees_of_four(builder, [builder.load(a) for a in accs]))
+                    builder.store(_fma(builder, qv, k, builder.load(acc)), acc)
+            totals = cgutils.alloca_once_value(builder, _sum_four(builder, [builder.load(a) for a in accs]))
             with builder.if_then(tail):
                 i = builder.mul(wide, _const(_i64, 16))
                 qv = _load(builder, q_d, i, f8x, align=4)
-                parts = [_lane_tree(builder, _fma_f32(builder, qv, _load(builder, k_d, builder.add(start, i), f8x,
-                                                                          align=4), _const(f8x, [0.0] * 8)))
-                         for start in starts]
-                v = ir.Constant(_vec(_f32, 4), ir.Undefined)
-                for j, part in enumerate(parts):
-                    v = builder.insert_element(v, part, _const(_i32, j))
-                builder.store(builder.fadd(builder.load(totals), v), totals)
+                parts = [_fma(builder, qv, _load(builder, k_d, builder.add(start, i), f8x, align=4),
+                              _const(f8x, [0.0] * 8)) for start in starts]
+                builder.store(builder.fadd(builder.load(totals), _sum_four(builder, parts)), totals)
             ptr = builder.bitcast(builder.gep(s_d, [s0]), _vec(_f64, 4).as_pointer())
             builder.store(builder.fpext(builder.load(totals), _vec(_f64, 4)), ptr, align=8)
         return context.get_dummy_value()
@@ -486,7 +469,7 @@ def _weighted_rows(typingctx, a, vc, base, stride, n, out):
                 row = builder.add(builder.add(base, builder.mul(s, stride)), dim0)
                 for k, acc in enumerate(accs):
                     v = _load(builder, v_d, builder.add(row, _const(_i64, lanes * k)), vty, align=4)
-                    builder.store(_fma_f32(builder, weight, v, builder.load(acc)), acc)
+                    builder.store(_fma(builder, weight, v, builder.load(acc)), acc)
             for k, acc in enumerate(accs):
                 ptr = builder.gep(o_d, [builder.add(dim0, _const(_i64, lanes * k))])
                 builder.store(builder.load(acc), builder.bitcast(ptr, vty.as_pointer()), align=4)
