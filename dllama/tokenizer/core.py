@@ -13,7 +13,7 @@ import warnings
 from typing import Iterable
 
 from dllama.errors import TokenizerError
-from dllama.formats import TokenizerFile, read_tokenizer
+from dllama.formats import EmbeddedKind, TokenizerFile, read_tokenizer
 from dllama.tokenizer.chat import ChatTemplateError, render_chat
 from dllama.tokenizer.cpp_tokenizer import ReferenceDecoder, ReferenceEncoder
 from dllama.tokenizer.faithful import (
@@ -59,7 +59,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, mode: str = "faithful") -> "Tokenizer":
-        return cls(read_tokenizer(path), mode, where=str(path))
+        tokenizer = cls(read_tokenizer(path), mode, where=str(path))
+        tokenizer._drop_parsed_json()
+        return tokenizer
 
     @classmethod
     def from_file(cls, tf: TokenizerFile, mode: str = "faithful") -> "Tokenizer":
@@ -78,6 +80,14 @@ class Tokenizer:
                                  f"be rebuilt into one ({e}); reconvert it with dllama-convert") from None
         backend.reconstructed = True
         return backend
+
+    def _drop_parsed_json(self) -> None:
+        """Let go of the embedded tokenizer.json's text once `tokenizers` has parsed it: nothing reads it again
+        (structured output asks the backend for its JSON), and it stayed beside the parsed tokenizer for the
+        life of the process (3.4 MiB for SmolLM2, on a root that serves from a 1 GB board). Only for a file
+        this Tokenizer read itself: a TokenizerFile handed to it stays whole."""
+        if isinstance(self._backend, HFTokenizersBackend) and not self._backend.reconstructed:
+            self.tf.embedded = [e for e in self.tf.embedded if e.kind != EmbeddedKind.TOKENIZER_JSON]
 
     # -- facts about the vocabulary
 

@@ -21,10 +21,11 @@ RUNTIME_BASE_BYTES = 42 * 1024 * 1024
 DEFAULT_MAX_PARALLEL = 4  # serve's default --parallel: what every node's memory holds, at most this
 # The root's tokenizer (dllama-run loads it; `plan --serve` counts it): the `tokenizers` library and its
 # import (~7 MiB), then per vocabulary entry Hugging Face's vocabulary and merges and the .t's tokens and
-# scores, after start-up gives the parse's garbage back (engine.release_freed_heap). Measured: SmolLM2's
-# 49152 tokens +21.0 MiB, Llama 2's 32000 +14.4 MiB, ~450 bytes a token (docs/BENCHMARKS-HISTORY.md).
+# scores, after start-up gives the parse's garbage back (engine.release_freed_heap) and Tokenizer.load lets
+# go of the tokenizer.json text. Measured: SmolLM2's 49152 tokens 24.2 MiB in all, TinyLlama's 32000
+# 20.7 MiB, ~380 bytes a token (docs/BENCHMARKS-HISTORY.md, "The root's tokenizer text").
 TOKENIZER_LIBRARY_BYTES = 7 * 1024 * 1024
-TOKENIZER_BYTES_PER_TOKEN = 450
+TOKENIZER_BYTES_PER_TOKEN = 380
 # `dllama-run serve` beside the runtime: its HTTP stack imported (uvicorn, starlette, prometheus_client and
 # the pydantic models of the OpenAI API, ~17 MiB) and what serving takes while requests stream (their
 # threads, Python objects and allocator arenas: ~9 MiB at 4 to 8 concurrent clients), measured on SmolLM2

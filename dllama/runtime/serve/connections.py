@@ -132,6 +132,6 @@ def uvicorn_config(app, host: str, port: int):
     import uvicorn
 
     limits: ServeLimits = app.state.limits
-    return uvicorn.Config(app, host=host, port=port, http=protocol_class(limits, app.state.connections),
+    return uvicorn.Config(app, host=host, port=port, http=protocol_class(limits, app.state.connections), ws="none",
                           log_level="error", access_log=False, timeout_keep_alive=limits.keep_alive_s,
                           h11_max_incomplete_event_size=limits.max_header_bytes, timeout_graceful_shutdown=5)
