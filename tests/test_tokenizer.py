@@ -406,3 +406,20 @@ def test_encode_chat_adds_no_second_bos(tiny_tok):
     ids = tiny_tok.encode_chat([{"role": "user", "content": "hi"}])
     assert ids[0] == tiny_tok.bos_id and ids.count(tiny_tok.bos_id) == 1
     assert tiny_tok.encode("user: hi\nassistant:", add_bos=True) == ids
+
+
+def test_load_lets_go_of_the_parsed_json_but_a_handed_file_stays_whole(trained, tmp_path):
+    """Tokenizer.load keeps no copy of the tokenizer.json text beside the parsed tokenizer (serve's memory);
+    structured output still gets the JSON (from the backend), and a TokenizerFile handed to from_file is not
+    changed, since its owner may still write it."""
+    from dllama.runtime.structured import GrammarVocabulary
+
+    tf = convert_tokenizer(train_byte_level_bpe(trained / "load", tokenizer_config={"add_bos_token": True}))
+    path = tmp_path / "t.t"
+    path.write_bytes(tf.to_bytes())
+    loaded = Tokenizer.load(path)
+    assert loaded.tf.embedded_source(EmbeddedKind.TOKENIZER_JSON) is None
+    assert loaded.tf.embedded_source(EmbeddedKind.TOKENIZER_CONFIG) == tf.embedded_source(EmbeddedKind.TOKENIZER_CONFIG)
+    assert loaded.encode("hello world") == Tokenizer.from_file(tf).encode("hello world")
+    assert tf.embedded_source(EmbeddedKind.TOKENIZER_JSON) is not None
+    assert GrammarVocabulary.of(loaded).vocab_size == loaded.vocab_size
