@@ -10,7 +10,10 @@ concurrent clients, each sends one streamed /v1/completions request at the same 
 server and client count: aggregate generated tokens/s (all tokens / the round's wall time), time to
 first token p50 / p95, and the inter-token time p50 (the gaps between streamed chunks). The two
 servers run side by side and take turns, dllama first, for each client count (paired in one run);
-the best of `--rounds` rounds is kept. Then dllama's peak RSS (VmHWM) beside what `dllama-run plan
+the best of `--rounds` rounds is kept. Beside each 1-client round, the rate at which a token could go if
+it cost only reading its weights (vs_llamacpp.py's read limit, measured before and after the round): one
+stream's decode is bound by memory, whose read rate on a shared machine moves from minute to minute, and
+with it the "x 1 client" column. Then dllama's peak RSS (VmHWM) beside what `dllama-run plan
 --parallel N --serve` predicts and weights + N x one slot's KV cache + 60 MB. `--no-llamacpp` runs dllama
 alone, on models it converts itself (own_files), where llama.cpp is not built. Run under `flock
 /tmp/dllama-bench.lock`: the machine is shared and only ratios within one run mean much.
@@ -42,7 +45,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from serve_helpers import LOOPBACK, ServerProcess, free_port, wait_for_health  # noqa: E402
-from vs_llamacpp import BENCH, llamacpp_bin, model_pair  # noqa: E402
+from vs_llamacpp import BENCH, llamacpp_bin, model_pair, read_limit  # noqa: E402
+from vs_reference import bytes_per_token  # noqa: E402
 
 PROMPTS = ["Once upon a time, in a small village by the sea, there lived", "The history of the Roman empire begins",
            "Here is a recipe for a simple bread:", "The three laws of motion say that",
@@ -281,6 +285,7 @@ def main() -> None:
             gguf, m = pair(bin_dir, model)
             t = tokenizer_for(gguf, model)
         say(f"{model}: {m}, {t}")
+        per_token = bytes_per_token(m)
         eos = Tokenizer.load(str(t)).eos_ids[0]
         ours = ServerProcess("--model", str(m), "--tokenizer", str(t), "--threads", str(args.threads), "--parallel",
                              str(args.parallel), "--max-seq-len", str(seq), "--max-queue", "64")
@@ -294,7 +299,10 @@ def main() -> None:
                 best: dict[str, dict] = {}
                 for _ in range(args.rounds):
                     for name, url in servers:
+                        limit = read_limit(per_token, args.threads) if clients == 1 else None
                         r = round_of(url, clients, args.tokens, eos)
+                        if limit is not None:  # the read rate beside a memory-bound round: before and after it
+                            r["read_limit"] = (limit + read_limit(per_token, args.threads)) / 2
                         if name not in best or r["tok_s"] > best[name]["tok_s"]:
                             best[name] = r
                 for name, r in best.items():
@@ -314,16 +322,17 @@ def main() -> None:
                         "peak_rss_parallel_1_mib": rss_one / MiB, "slot_kv_mib": one_slot / MiB})
         say(json.dumps(results[-1]))
     print("| model | server | clients | aggregate tok/s | x 1 client | TTFT p50 ms | TTFT p95 ms "
-          "| inter-token p50 ms |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| inter-token p50 ms | 1 client / read limit |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "clients" not in r:
             continue
         single = next((x["tok_s"] for x in results if x.get("clients") == 1 and x["model"] == r["model"]
                        and x["server"] == r["server"]), None)  # None: --clients without 1
         ratio = "-" if single is None else f"{r['tok_s'] / single:.2f}"
+        of_limit = f"{r['tok_s'] / r['read_limit']:.2f} of {r['read_limit']:.0f}" if "read_limit" in r else "-"
         print(f"| {r['model']} q40 | {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {ratio} "
-              f"| {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p95'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.0f} |")
+              f"| {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p95'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.0f} | {of_limit} |")
     for r in results:
         if "peak_rss_mib" in r:
             print(f"{r['model']}: dllama serve --parallel {args.parallel} peak RSS {r['peak_rss_mib']:.0f} MiB; plan "
