@@ -292,18 +292,10 @@ def _pick(builder, a, b, lanes):
     return builder.shuffle_vector(a, b, _const(_vec(_i32, len(lanes)), lanes))
 
 
-def _lane_tree(builder, v):
-    """The sum of a float32 vector's lanes as a tree: its halves added lane by lane until one lane is left."""
-    n = v.type.count
-    while n > 1:
-        n //= 2
-        v = builder.fadd(_pick(builder, v, v, list(range(n))), _pick(builder, v, v, list(range(n, 2 * n))))
-    return builder.extract_element(v, _const(_i32, 0))
-
-
 def _sum_four(builder, accs):
-    """[_lane_tree(a) for a in accs] of four vectors of n lanes (n a power of two) as one vector of 4, the four
-    trees' levels computed together: after a level, each vector's partial sums sit side by side (in order)."""
+    """Each of four vectors of n lanes (n a power of two) summed as a lane tree (its halves added lane by lane
+    until one lane is left), as one vector of 4: the four trees' levels computed together, each vector's partial
+    sums side by side (in order) after a level."""
     vectors, width = list(accs), accs[0].type.count
     while width > 1:
         half = width // 2
@@ -321,7 +313,7 @@ def _sum_four(builder, accs):
 def _head_scores(typingctx, q, kc, base, stride, n, scores):
     """scores[s] = q . kc.flat[base + s * stride:][:hd] for s < n (hd = len(q), a multiple of 8), as float64
     of a float32 sum in one order: 16 dims at a time by fused multiply-adds into 16 lanes (the last 8 dims,
-    where hd % 16, into 8 lanes of their own), then each vector's lanes as `_lane_tree`, the 8 lanes' sum
+    where hd % 16, into 8 lanes of their own), then each vector's lanes as a tree (`_sum_four`), the 8 lanes' sum
     added last. Four rows at a time: scores needs n rounded up to 4 values (rows past n repeat row n - 1)."""
     sig = types.void(q, kc, base, stride, n, scores)
 
