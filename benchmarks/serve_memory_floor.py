@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from serve_helpers import free_port  # noqa: E402
+
 ALLOWANCE_MIB = 60e6 / 2**20
 
 CHILD = r"""
@@ -55,14 +58,6 @@ threading.Thread(target=report, args=(port,), daemon=True).start()
 Server(uvicorn.Config(Starlette(routes=[Route("/", encode)]), host="127.0.0.1", port=port, log_level="error",
                       ws="none")).run()
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
