@@ -86,7 +86,7 @@ class Tokenizer:
         (structured output asks the backend for its JSON), and it stayed beside the parsed tokenizer for the
         life of the process (3.4 MiB for SmolLM2, on a root that serves from a 1 GB board). Only for a file
         this Tokenizer read itself: a TokenizerFile handed to it stays whole."""
-        if isinstance(self._backend, HFTokenizersBackend) and not self._backend.reconstructed:
+        if isinstance(self._backend, HFTokenizersBackend):
             self.tf.embedded = [e for e in self.tf.embedded if e.kind != EmbeddedKind.TOKENIZER_JSON]
 
     # -- facts about the vocabulary
