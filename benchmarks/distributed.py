@@ -230,8 +230,8 @@ class StubLayers:
     """model.NodeLayers with no arithmetic: each seam's partial is ready at once, so a run times only the
     exchange (what the network costs per token, apart from compute)."""
 
-    def __init__(self, h, weights, share, max_seq_len):
-        self.dim, self.share = h.dim, share
+    def __init__(self, h, weights, share, max_seq_len, slots=1):
+        self.dim, self.share, self.slots = h.dim, share, slots
         self.width = share.vocab[1] - share.vocab[0]
 
     def attention_block(self, layer, x, pos):
